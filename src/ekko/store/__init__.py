@@ -1,0 +1,34 @@
+"""Versioned, sharded embedding tables with an update cache (DESIGN.md §2–§3).
+
+Public names: ``Store`` (a node's tables, snapshots), ``Table`` (one table), ``KeyIndex``
+and ``shard_of`` (the key index and the shard hash every node shares), ``ReferenceTable``
+(the naive model tests compare against), result dataclasses and errors.
+"""
+
+from ekko.store.errors import (
+    BadRowsError,
+    SnapshotError,
+    StoreError,
+    TableConflictError,
+    UnknownTableError,
+)
+from ekko.store.index import KeyIndex, shard_of
+from ekko.store.reference import ReferenceTable
+from ekko.store.store import Store
+from ekko.store.table import Collected, Table, TableStats, warm
+
+__all__ = [
+    "BadRowsError",
+    "Collected",
+    "KeyIndex",
+    "ReferenceTable",
+    "SnapshotError",
+    "Store",
+    "StoreError",
+    "Table",
+    "TableConflictError",
+    "TableStats",
+    "UnknownTableError",
+    "shard_of",
+    "warm",
+]

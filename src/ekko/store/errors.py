@@ -1,0 +1,31 @@
+"""Errors raised by the store; each message names the table, file or array at fault."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of every store error, so callers can catch the store's failures as one kind."""
+
+
+class UnknownTableError(StoreError, KeyError):
+    """A table name the store does not hold; a KeyError too, so mapping-style code works."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"unknown table {self.name!r}"
+
+
+class TableConflictError(StoreError):
+    """A table was created again with a different spec; silently keeping either would let two
+    nodes shard or size the same table differently."""
+
+
+class SnapshotError(StoreError):
+    """A snapshot file is missing, truncated or corrupted; the store was not loaded."""
+
+
+class BadRowsError(StoreError, ValueError):
+    """Rows, cursors or indices of the wrong dtype, shape or range; nothing was changed."""

@@ -1,0 +1,197 @@
+"""Key → row-slot index: a numba open-addressing hash map from int64 keys to int64 slots.
+
+Slots are dense (0, 1, 2, … in order of first insertion), so a table can keep its rows in
+contiguous arrays and use the slot as the row number (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ekko.store._native import PREFETCH_DISTANCE, prefetch, shard_of_key, splitmix64
+from ekko.store._validate import check_keys as _check_keys
+from ekko.store.errors import BadRowsError
+
+_EMPTY = -1
+
+
+@njit(inline="always")
+def _bucket(key: np.int64, mask: np.uint64) -> np.intp:
+    return np.intp(splitmix64(np.uint64(key)) & mask)
+
+
+@njit(cache=True, nogil=True)
+def _lookup_kernel(table: np.ndarray, mask: np.uint64, keys: np.ndarray, out: np.ndarray) -> None:
+    # table is flat [2 * cap]: table[2h] = key, table[2h + 1] = slot (-1 when empty).
+    n = keys.shape[0]
+    for i in range(n):
+        if i + PREFETCH_DISTANCE < n:
+            prefetch(table, 2 * _bucket(keys[i + PREFETCH_DISTANCE], mask))
+        k = keys[i]
+        h = _bucket(k, mask)
+        while True:
+            s = table[2 * h + 1]
+            if s == _EMPTY:
+                out[i] = -1
+                break
+            if table[2 * h] == k:
+                out[i] = s
+                break
+            h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+
+
+@njit(cache=True, nogil=True)
+def _insert_kernel(
+    table: np.ndarray,
+    mask: np.uint64,
+    keys: np.ndarray,
+    out: np.ndarray,
+    start: np.int64,
+    size: np.int64,
+    limit: np.int64,
+) -> tuple[np.int64, np.int64]:
+    """Insert keys[start:] until done or the map holds ``limit`` entries; return (stop, size)."""
+    n = keys.shape[0]
+    for i in range(start, n):
+        if i + PREFETCH_DISTANCE < n:
+            prefetch(table, 2 * _bucket(keys[i + PREFETCH_DISTANCE], mask))
+        k = keys[i]
+        h = _bucket(k, mask)
+        while True:
+            s = table[2 * h + 1]
+            if s == _EMPTY:
+                if size >= limit:
+                    return i, size
+                table[2 * h] = k
+                table[2 * h + 1] = size
+                out[i] = size
+                size += 1
+                break
+            if table[2 * h] == k:
+                out[i] = s
+                break
+            h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+    return n, size
+
+
+@njit(cache=True, nogil=True)
+def _rehash_kernel(old: np.ndarray, new: np.ndarray, mask: np.uint64) -> None:
+    cap = old.shape[0] // 2
+    for j in range(cap):
+        s = old[2 * j + 1]
+        if s == _EMPTY:
+            continue
+        k = old[2 * j]
+        h = _bucket(k, mask)
+        while new[2 * h + 1] != _EMPTY:
+            h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+        new[2 * h] = k
+        new[2 * h + 1] = s
+
+
+@njit(cache=True, nogil=True)
+def _shard_kernel(keys: np.ndarray, num_shards: np.int64, out: np.ndarray) -> None:
+    for i in range(keys.shape[0]):
+        out[i] = shard_of_key(keys[i], num_shards)
+
+
+def shard_of(keys: np.ndarray, num_shards: int) -> np.ndarray:
+    """Shard of each key: splitmix64(key) % num_shards, the same on every node (int64[n])."""
+    if num_shards < 1:
+        raise BadRowsError(f"num_shards must be >= 1, got {num_shards}")
+    arr = _check_keys(keys)
+    out = np.empty(arr.shape[0], dtype=np.int64)
+    _shard_kernel(arr, np.int64(num_shards), out)
+    return out
+
+
+def _out_buffer(out: np.ndarray | None, n: int) -> np.ndarray:
+    if out is None:
+        return np.empty(n, dtype=np.int64)
+    if out.dtype != np.int64 or out.ndim != 1 or out.shape[0] < n:
+        raise BadRowsError(f"out must be int64 with >= {n} entries, got {out.dtype} {out.shape}")
+    return out[:n]
+
+
+def _capacity_for(entries: int) -> int:
+    cap = 16
+    while cap < 2 * entries:
+        cap *= 2
+    return cap
+
+
+class KeyIndex:
+    """Vectorised int64 → dense-slot map, because per-key Python dicts are far too slow for
+    tens of millions of feature ids (DESIGN.md §2).
+
+    Open addressing with linear probing, load kept at or below 50 %; keys are hashed with
+    splitmix64 so sequential or strided ids spread evenly. Not thread-safe: callers serialise
+    inserts with lookups. ``capacity`` is the number of keys to hold before the first rehash.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        cap = _capacity_for(max(int(capacity), 1))
+        self._table = np.full(2 * cap, _EMPTY, dtype=np.int64)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        """Number of buckets (the map holds at most half as many keys)."""
+        return self._table.shape[0] // 2
+
+    def _mask(self) -> np.uint64:
+        return np.uint64(self.capacity - 1)
+
+    def reserve(self, entries: int) -> None:
+        """Grow (rehash) now so that ``entries`` keys fit without a rehash later."""
+        if 2 * entries > self.capacity:
+            self._rehash(_capacity_for(entries))
+
+    def _rehash(self, cap: int) -> None:
+        new = np.full(2 * cap, _EMPTY, dtype=np.int64)
+        _rehash_kernel(self._table, new, np.uint64(cap - 1))
+        self._table = new
+
+    def lookup(self, keys: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Slot of each key (int64[n]); -1 where the key is absent. ``out``: optional int64
+        buffer of at least n entries to fill (saves page faults on a fresh array)."""
+        arr = _check_keys(keys)
+        out = _out_buffer(out, arr.shape[0])
+        _lookup_kernel(self._table, self._mask(), arr, out)
+        return out
+
+    def insert(self, keys: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Slot of each key, inserting absent ones; new keys get the next slots in order of
+        first appearance, duplicates in one call share a slot. ``out`` as in ``lookup``."""
+        arr = _check_keys(keys)
+        n = arr.shape[0]
+        out = _out_buffer(out, n)
+        start = 0
+        while True:
+            start, size = _insert_kernel(
+                self._table,
+                self._mask(),
+                arr,
+                out,
+                np.int64(start),
+                np.int64(self._size),
+                np.int64(self.capacity // 2),
+            )
+            self._size = int(size)
+            if start >= n:
+                return out
+            # Full at 50 %: double (at least), then resume where the kernel stopped.
+            self._rehash(_capacity_for(self._size + min(n - start, self._size + 1)))
+
+
+def warm() -> None:
+    """Compile (or load from cache) every index kernel, so first calls show no JIT pause."""
+    idx = KeyIndex(16)
+    keys = np.arange(40, dtype=np.int64)
+    idx.insert(keys)
+    idx.lookup(keys)
+    shard_of(keys, 4)

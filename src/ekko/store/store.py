@@ -1,0 +1,112 @@
+"""A node's tables: create them by spec, find them by name, snapshot and restore them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from ekko.protocol.messages import TableSpec
+from ekko.store.errors import (
+    SnapshotError,
+    StoreError,
+    TableConflictError,
+    UnknownTableError,
+)
+from ekko.store.snapshot import SnapshotData, SnapshotTable, read_snapshot, write_snapshot
+from ekko.store.table import Table
+
+_TABLE_ARRAYS = ("keys", "values", "versions", "wtimes", "lanes")
+
+
+class Store:
+    """Every table a node holds, plus the catalog version a puller checks to learn about new
+    tables (DESIGN.md §2). Creating a table is idempotent for the same spec, so source and
+    replicas can both create from a received catalog without coordinating."""
+
+    def __init__(self, *, origin: int = 0, cache_capacity: int = 4096) -> None:
+        self.origin = int(origin)
+        self.cache_capacity = int(cache_capacity)
+        self._tables: dict[str, Table] = {}
+        self._catalog_version = 0
+
+    @property
+    def tables(self) -> Mapping[str, Table]:
+        """Read-only view of the tables by name."""
+        return MappingProxyType(self._tables)
+
+    @property
+    def catalog_version(self) -> int:
+        """Bumped once for every table created."""
+        return self._catalog_version
+
+    def create_table(self, spec: TableSpec, *, initial_rows: int = 1024) -> Table:
+        """The table named ``spec.name``, created if absent. An existing table with another
+        spec raises ``TableConflictError`` naming both specs."""
+        existing = self._tables.get(spec.name)
+        if existing is not None:
+            if existing.spec != spec:
+                raise TableConflictError(
+                    f"table {spec.name!r} exists as {existing.spec}, cannot create it as {spec}"
+                )
+            return existing
+        table = Table(
+            spec,
+            origin=self.origin,
+            cache_capacity=self.cache_capacity,
+            initial_rows=initial_rows,
+        )
+        self._tables[spec.name] = table
+        self._catalog_version += 1
+        return table
+
+    def table(self, name: str) -> Table:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise UnknownTableError(name) from None
+
+    def specs(self) -> list[TableSpec]:
+        return [t.spec for t in self._tables.values()]
+
+    def digests(self) -> dict[str, int]:
+        """Content hash per table; equal on two nodes iff they hold the same rows."""
+        return {name: t.digest() for name, t in self._tables.items()}
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write every table's rows and sync counters to ``path`` atomically."""
+        tables = []
+        for t in self._tables.values():
+            rows = dict(zip(_TABLE_ARRAYS, t.all_rows(), strict=True))
+            rows.update(counter=t.counter, knowledge=t.knowledge, shard_version=t.shard_version)
+            tables.append(SnapshotTable(t.name, t.dim, t.num_shards, rows))
+        write_snapshot(Path(path), SnapshotData(self.origin, self._catalog_version, tables))
+
+    @classmethod
+    def load(cls, path: Path, *, cache_capacity: int = 4096) -> Store:
+        """A store restored from ``path``: same rows, versions, counters and knowledge. The
+        update caches start empty (dominator = counter), so old cursors take a full scan."""
+        data = read_snapshot(Path(path))
+        store = cls(origin=data.origin, cache_capacity=cache_capacity)
+        try:
+            for st in data.tables:
+                a = st.arrays
+                spec = TableSpec(st.name, st.dim, st.num_shards)
+                n = int(a["keys"].shape[0])
+                table = store.create_table(spec, initial_rows=max(n, 1024))
+                table.restore_rows(
+                    a["keys"],
+                    a["values"],
+                    a["versions"],
+                    a["wtimes"],
+                    a["lanes"],
+                    counter=a["counter"],
+                    knowledge=a["knowledge"],
+                    shard_version=a["shard_version"],
+                )
+        except (StoreError, KeyError) as exc:
+            raise SnapshotError(f"cannot load snapshot {path}: {exc}") from exc
+        store._catalog_version = data.catalog_version
+        return store

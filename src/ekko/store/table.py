@@ -1,0 +1,415 @@
+"""One versioned, sharded embedding table: rows in contiguous arrays, an update cache per
+shard, and the per-shard counters that sync needs (DESIGN.md §2–§3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ekko.protocol.messages import HIGH_LANE, LANES, TableSpec
+from ekko.store import _table_kernels as K
+from ekko.store._validate import (
+    check_cursors,
+    check_int64,
+    check_keys,
+    check_lanes,
+    check_scalar_index,
+    check_values,
+    check_versions,
+)
+from ekko.store.errors import BadRowsError
+from ekko.store.index import KeyIndex, shard_of
+
+NUM_LANES = len(LANES)
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Result of ``Table.collect``: slots of m cursors, concatenated.
+
+    Kept as flat arrays (not m small lists) so a pull over hundreds of shards costs a few
+    allocations. Cursor i owns ``slots[offsets[i]:offsets[i + 1]]``, sorted by version.
+    """
+
+    slots: np.ndarray  # int64 [total]
+    offsets: np.ndarray  # int64 [m + 1]
+    full_scan: np.ndarray  # bool [m]: answered by a full scan rather than the cache
+
+    def segment(self, i: int) -> np.ndarray:
+        """Slots of cursor ``i``."""
+        return self.slots[self.offsets[i] : self.offsets[i + 1]]
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """Counters a metrics exporter reads; frozen so a reader never sees a half-updated set."""
+
+    rows: int
+    capacity: int
+    cache_hits: int
+    full_scans: int
+    rows_written: int
+    rows_applied: int
+
+
+def _grown(arr: np.ndarray, used: int, cap: int) -> np.ndarray:
+    """``arr`` copied into a fresh array of ``cap`` rows, every page touched now (page faults
+    on this VM are expensive; better here than inside a hot kernel)."""
+    out = np.empty((cap, *arr.shape[1:]), dtype=arr.dtype)
+    out[:used] = arr[:used]
+    out[used:] = 0
+    return out
+
+
+class Table:
+    """A table's rows and sync state, because sync needs more than a key→value map: each row's
+    version, origin write time and lane, and per shard a counter, knowledge, a shard version
+    and a bounded update cache with its dominator (DESIGN.md §3).
+
+    Rows live table-wide in contiguous arrays indexed by slot (``KeyIndex``); a row's shard is
+    ``shard_of(key)``, so shards are logical. Not thread-safe: one writer at a time, and no
+    lookups while a write or apply may grow the arrays.
+    """
+
+    def __init__(
+        self,
+        spec: TableSpec,
+        *,
+        origin: int = 0,
+        cache_capacity: int = 4096,
+        initial_rows: int = 1024,
+    ) -> None:
+        if spec.dim < 1 or spec.num_shards < 1:
+            raise BadRowsError(f"table {spec.name!r}: dim and num_shards must be >= 1: {spec}")
+        if cache_capacity < 1:
+            raise BadRowsError(f"cache_capacity must be >= 1, got {cache_capacity}")
+        self._spec = spec
+        self.origin = int(origin)
+        cap = max(int(initial_rows), 16)
+        self._index = KeyIndex(cap)
+        self._cap = cap
+        self._keys = np.zeros(cap, dtype=np.int64)
+        self._values = np.zeros((cap, spec.dim), dtype=np.float32)
+        self._ver = np.zeros(cap, dtype=np.int64)
+        self._wtime = np.zeros(cap, dtype=np.int64)
+        self._lane = np.zeros(cap, dtype=np.uint8)
+        self._shard = np.zeros(cap, dtype=np.int32)
+        for a in (self._keys, self._values, self._ver, self._wtime, self._lane, self._shard):
+            a.fill(0)  # pre-touch
+        ns = spec.num_shards
+        self.counter = np.zeros(ns, dtype=np.int64)
+        self.shard_version = np.zeros(ns, dtype=np.int64)
+        self.knowledge = np.zeros((ns, NUM_LANES), dtype=np.int64)
+        self.dvv = np.zeros(ns, dtype=np.int64)
+        self._ring_slot = np.zeros((ns, cache_capacity), dtype=np.int64)
+        self._ring_ver = np.zeros((ns, cache_capacity), dtype=np.int64)
+        self._ring_pos = np.zeros(ns, dtype=np.int64)
+        self._ring_len = np.zeros(ns, dtype=np.int64)
+        self._scratch = np.zeros((4, 0), dtype=np.int64)
+        self._cache_hits = 0
+        self._full_scans = 0
+        self._rows_written = 0
+        self._rows_applied = 0
+
+    # -- shape -------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> TableSpec:
+        return self._spec
+
+    @property
+    def name(self) -> str:
+        return self._spec.name
+
+    @property
+    def dim(self) -> int:
+        return self._spec.dim
+
+    @property
+    def num_shards(self) -> int:
+        return self._spec.num_shards
+
+    @property
+    def rows(self) -> int:
+        return len(self._index)
+
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    @property
+    def cache_capacity(self) -> int:
+        return int(self._ring_slot.shape[1])
+
+    def reserve(self, rows: int) -> None:
+        """Grow row arrays and index now so ``rows`` rows fit without growing later."""
+        self._index.reserve(rows)
+        self._grow_to(rows)
+
+    def _grow_to(self, needed: int) -> None:
+        if needed <= self._cap:
+            return
+        cap = self._cap
+        while cap < needed:
+            cap *= 2
+        used = min(self.rows, self._cap)  # rows past the old capacity are new (still zero)
+        self._keys = _grown(self._keys, used, cap)
+        self._values = _grown(self._values, used, cap)
+        self._ver = _grown(self._ver, used, cap)
+        self._wtime = _grown(self._wtime, used, cap)
+        self._lane = _grown(self._lane, used, cap)
+        self._shard = _grown(self._shard, used, cap)
+        self._cap = cap
+
+    def _scratch_for(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Four reusable int64[n] buffers (already paged in, so hot calls take no faults)."""
+        if self._scratch.shape[1] < n:
+            self._scratch = np.zeros((4, max(n, 2 * self._scratch.shape[1])), dtype=np.int64)
+            self._scratch.fill(0)
+        sc = self._scratch
+        return sc[0, :n], sc[1, :n], sc[2, :n], sc[3, :n]
+
+    def _insert(self, keys: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int]:
+        """Slots of ``keys`` (new keys inserted) and the first new slot."""
+        first_new = self.rows
+        slots = self._index.insert(keys, out=out)
+        # New slots are [first_new, rows); they hold version 0 until a kernel stores them.
+        self._grow_to(self.rows)
+        return slots, first_new
+
+    def _ring_args(self) -> tuple[np.ndarray, ...]:
+        return self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self.dvv
+
+    def _table_args(self) -> tuple[np.ndarray, ...]:
+        return self._keys, self._values, self._ver, self._wtime, self._lane, self._shard
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def write(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        *,
+        now_ns: int,
+        lanes: np.ndarray | int = HIGH_LANE,
+    ) -> np.ndarray:
+        """Source write: row i gets version ``++counter[shard]`` in input order (a key repeated
+        in the batch: the last one wins). Returns the versions (int64[n])."""
+        k = check_keys(keys)
+        n = k.shape[0]
+        v = check_values(values, n, self.dim)
+        ln = check_lanes(lanes, n)
+        out = np.empty(n, dtype=np.int64)
+        if n == 0:
+            return out
+        sc_slot, sc_shard, _, _ = self._scratch_for(n)
+        slots, first_new = self._insert(k, sc_slot)
+        touched = np.zeros(self.num_shards, dtype=np.bool_)
+        K.write_rows(
+            slots, np.int64(first_new), k, v, ln, np.int64(now_ns), np.int64(self.num_shards),
+            *self._table_args(), self.counter, touched, *self._ring_args(), sc_shard, out,
+        )  # fmt: skip
+        self.shard_version[touched] += 1
+        # The origin holds everything it wrote, in both lanes.
+        self.knowledge[touched, :] = self.counter[touched, None]
+        self._rows_written += n
+        return out
+
+    def apply(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        versions: np.ndarray,
+        wtimes: np.ndarray,
+        lanes: np.ndarray | int,
+    ) -> int:
+        """Replica apply, last-version-wins: a row is stored only if its version beats the
+        stored one, so applying is idempotent and order-insensitive. Returns rows stored."""
+        k = check_keys(keys)
+        n = k.shape[0]
+        v = check_values(values, n, self.dim)
+        ver = check_versions(versions, n)
+        wt = check_int64(wtimes, n, "wtimes")
+        ln = check_lanes(lanes, n)
+        if n == 0:
+            return 0
+        sc_slot, sc_shard, sc_aslot, sc_aver = self._scratch_for(n)
+        slots, first_new = self._insert(k, sc_slot)
+        touched = np.zeros(self.num_shards, dtype=np.bool_)
+        applied = int(
+            K.apply_rows(
+                slots, np.int64(first_new), k, v, ver, wt, ln, np.int64(self.num_shards),
+                *self._table_args(), self.counter, touched, *self._ring_args(),
+                sc_shard, sc_aslot, sc_aver,
+            )
+        )  # fmt: skip
+        self.shard_version[touched] += 1
+        self._rows_applied += applied
+        return applied
+
+    def merge_knowledge(self, shard: int, lane: int, knowledge: int) -> None:
+        """Raise knowledge[shard, lane] to ``knowledge``; bumps the shard version if it moved."""
+        s = check_scalar_index(shard, self.num_shards, "shard")
+        ln = check_scalar_index(lane, NUM_LANES, "lane")
+        if knowledge > self.knowledge[s, ln]:
+            self.knowledge[s, ln] = knowledge
+            self.shard_version[s] += 1
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values float32[n, dim] zero where missing, versions int64[n] 0 where missing,
+        found bool[n])."""
+        k = check_keys(keys)
+        n = k.shape[0]
+        slots = self._index.lookup(k, out=self._scratch_for(n)[0])
+        values = np.empty((n, self.dim), dtype=np.float32)
+        versions = np.empty(n, dtype=np.int64)
+        found = np.empty(n, dtype=np.bool_)
+        K.gather_rows(slots, self._values, self._ver, values, versions, found)
+        return values, versions, found
+
+    def collect(
+        self,
+        shards: np.ndarray,
+        lanes: np.ndarray,
+        after: np.ndarray,
+        *,
+        use_cache: bool = True,
+    ) -> Collected:
+        """Slots of rows newer than each cursor (shard, lane, after), from the update cache when
+        the cursor covers the shard's dominator, else from one full scan (DESIGN.md §3)."""
+        s, ln, a = check_cursors(shards, lanes, after, self.num_shards)
+        cached = a >= self.dvv[s] if use_cache else np.zeros(s.shape[0], dtype=np.bool_)
+        slots, offsets = K.collect_rows(
+            s, ln, a, cached, np.int64(self.rows), self._ver, self._lane, self._shard,
+            self._ring_slot, self._ring_ver, self._ring_len, np.int64(self.num_shards),
+        )  # fmt: skip
+        hits = int(cached.sum())
+        self._cache_hits += hits
+        self._full_scans += int(s.shape[0]) - hits
+        return Collected(slots=slots, offsets=offsets, full_scan=~cached)
+
+    def rows_at(
+        self, slots: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of (keys, values, versions, wtimes, lanes) at ``slots``."""
+        sl = np.asarray(slots)
+        if sl.ndim != 1:
+            raise BadRowsError(f"slots must be 1-D, got shape {sl.shape}")
+        sl = check_int64(sl, sl.shape[0], "slots")
+        if sl.shape[0] and (int(sl.min()) < 0 or int(sl.max()) >= self.rows):
+            raise BadRowsError(f"slots must be in [0, {self.rows}), got [{sl.min()}, {sl.max()}]")
+        return (
+            self._keys[sl],
+            self._values[sl],
+            self._ver[sl],
+            self._wtime[sl],
+            self._lane[sl],
+        )
+
+    def all_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Views (not copies) of every row's (keys, values, versions, wtimes, lanes)."""
+        n = self.rows
+        return self._keys[:n], self._values[:n], self._ver[:n], self._wtime[:n], self._lane[:n]
+
+    def cache_entries(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, versions) in the shard's update cache, oldest first (copies)."""
+        s = check_scalar_index(shard, self.num_shards, "shard")
+        length = int(self._ring_len[s])
+        pos = int(self._ring_pos[s])
+        start = (pos - length) % self.cache_capacity
+        order = (start + np.arange(length)) % self.cache_capacity
+        return self._ring_slot[s, order].copy(), self._ring_ver[s, order].copy()
+
+    def digest(self) -> int:
+        """Order-independent 64-bit hash of every row's (key, version, value bits)."""
+        n = self.rows
+        words = self._values[:n].view(np.uint32)
+        return int(K.digest_rows(self._keys[:n], self._ver[:n], words))
+
+    def statistics(self) -> TableStats:
+        return TableStats(
+            rows=self.rows,
+            capacity=self._cap,
+            cache_hits=self._cache_hits,
+            full_scans=self._full_scans,
+            rows_written=self._rows_written,
+            rows_applied=self._rows_applied,
+        )
+
+    # -- snapshot restore --------------------------------------------------------------------
+
+    def restore_rows(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        versions: np.ndarray,
+        wtimes: np.ndarray,
+        lanes: np.ndarray,
+        *,
+        counter: np.ndarray,
+        knowledge: np.ndarray,
+        shard_version: np.ndarray,
+    ) -> None:
+        """Fill an empty table from a snapshot. The update cache starts empty, so the dominator
+        is set to the shard's highest version: cursors below it take the full-scan path."""
+        if self.rows:
+            raise BadRowsError(f"table {self.name!r}: restore_rows needs an empty table")
+        k = check_keys(keys)
+        n = k.shape[0]
+        v = check_values(values, n, self.dim)
+        ver = check_versions(versions, n)
+        wt = check_int64(wtimes, n, "wtimes")
+        ln = check_lanes(lanes, n)
+        ns = self.num_shards
+        cnt = check_int64(counter, ns, "counter")
+        sv = check_int64(shard_version, ns, "shard_version")
+        kn = np.asarray(knowledge)
+        if kn.shape != (ns, NUM_LANES) or kn.dtype.kind not in "iu":
+            raise BadRowsError(
+                f"knowledge must be integer ({ns}, {NUM_LANES}), got {kn.dtype} {kn.shape}"
+            )
+        shards = shard_of(k, ns)
+        top = np.zeros(ns, dtype=np.int64)
+        np.maximum.at(top, shards, ver)
+        if (top > cnt).any():
+            raise BadRowsError(f"table {self.name!r}: a row's version is above its counter")
+        index = KeyIndex(max(n, 16))
+        slots = index.insert(k)
+        if len(index) != n:
+            raise BadRowsError(f"table {self.name!r}: duplicate keys in restored rows")
+        self._index = index
+        self._grow_to(n)
+        self._keys[slots] = k
+        self._values[slots] = v
+        self._ver[slots] = ver
+        self._wtime[slots] = wt
+        self._lane[slots] = ln
+        self._shard[slots] = shards
+        self.counter[:] = cnt
+        self.knowledge[:] = kn
+        self.shard_version[:] = sv
+        self.dvv[:] = cnt
+        self._ring_pos[:] = 0
+        self._ring_len[:] = 0
+
+
+def warm() -> None:
+    """Compile (or load from the numba cache) every table kernel once, at start-up."""
+    from ekko.store import index
+
+    index.warm()
+    t = Table(TableSpec("_warm", 4, 2), cache_capacity=4, initial_rows=16)
+    keys = np.arange(10, dtype=np.int64)
+    vals = np.ones((10, 4), dtype=np.float32)
+    ver = t.write(keys, vals, now_ns=1)
+    t.apply(keys, vals, ver + 1, np.zeros(10, dtype=np.int64), 1)
+    t.lookup(keys)
+    t.collect(np.array([0, 1]), np.array([1, 1]), np.array([0, 12]))
+    t.collect(np.array([0, 1]), np.array([0, 0]), np.array([0, 0]), use_cache=False)
+    t.digest()

@@ -1,0 +1,96 @@
+"""KeyIndex and shard_of: the numba map against a dict, and the shard hash pinned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ekko.store import BadRowsError, KeyIndex, shard_of
+from ekko.store.reference import shard_of_key, splitmix64
+
+I64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+KEYS = st.one_of(st.integers(-50, 300), I64)
+OPS = st.lists(
+    st.tuples(st.sampled_from(["insert", "lookup"]), st.lists(KEYS, max_size=80)),
+    max_size=25,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=OPS, capacity=st.integers(1, 64))
+def test_index_matches_dict(ops: list[tuple[str, list[int]]], capacity: int) -> None:
+    """DESIGN.md §2 (key→row index): insert and lookup agree with a dict, through growth."""
+    idx = KeyIndex(capacity)
+    model: dict[int, int] = {}
+    for op, keys in ops:
+        arr = np.array(keys, dtype=np.int64)
+        if op == "insert":
+            got = idx.insert(arr)
+            want = [model.setdefault(k, len(model)) for k in keys]
+        else:
+            got = idx.lookup(arr)
+            want = [model.get(k, -1) for k in keys]
+        assert got.tolist() == want
+        assert len(idx) == len(model)
+        assert 2 * len(idx) <= idx.capacity
+
+
+def test_new_keys_get_slots_in_order_of_first_appearance() -> None:
+    idx = KeyIndex()
+    assert idx.insert(np.array([7, 3, 7, 9, 3], dtype=np.int64)).tolist() == [0, 1, 0, 2, 1]
+    assert idx.insert(np.array([9, 11], dtype=np.int64)).tolist() == [2, 3]
+    assert idx.lookup(np.array([11, 12, 7], dtype=np.int64)).tolist() == [3, -1, 0]
+
+
+def test_growth_keeps_every_key() -> None:
+    idx = KeyIndex(16)
+    keys = np.arange(100_000, dtype=np.int64) * 1_000_003 - 7
+    assert (idx.insert(keys) == np.arange(keys.size)).all()
+    assert (idx.lookup(keys) == np.arange(keys.size)).all()
+    assert 2 * len(idx) <= idx.capacity
+
+
+def test_out_buffer_is_filled() -> None:
+    idx = KeyIndex()
+    buf = np.full(10, -5, dtype=np.int64)
+    got = idx.insert(np.array([4, 5], dtype=np.int64), out=buf)
+    assert got.tolist() == [0, 1] and buf[:2].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint64, np.float64])
+def test_wrong_key_dtype_is_refused(dtype: type) -> None:
+    idx = KeyIndex()
+    with pytest.raises(BadRowsError, match=np.dtype(dtype).name):
+        idx.insert(np.arange(3).astype(dtype))
+    assert len(idx) == 0
+
+
+def test_splitmix64_is_the_standard_one() -> None:
+    # First outputs of the reference splitmix64 generator seeded with 0.
+    assert splitmix64(0) == 0xE220A8397B1DCDAF
+    assert splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+
+
+def test_shard_of_is_pinned() -> None:
+    """DESIGN.md §2: every store shards the same way, on every process and machine."""
+    keys = np.array([0, 1, -1, 2**62, -(2**63), 2**63 - 1, 123456789], dtype=np.int64)
+    want = [shard_of_key(int(k), 1000) for k in keys]
+    assert shard_of(keys, 1000).tolist() == want
+    assert shard_of(np.array([0], dtype=np.int64), 2**31).tolist() == [0xE220A8397B1DCDAF % 2**31]
+
+
+@settings(max_examples=100, deadline=None)
+@given(keys=st.lists(I64, max_size=50), num_shards=st.integers(1, 10_000))
+def test_shard_of_matches_python(keys: list[int], num_shards: int) -> None:
+    got = shard_of(np.array(keys, dtype=np.int64), num_shards)
+    assert got.dtype == np.int64
+    assert got.tolist() == [shard_of_key(k, num_shards) for k in keys]
+
+
+def test_shard_of_refuses_bad_input() -> None:
+    with pytest.raises(BadRowsError, match="float64"):
+        shard_of(np.zeros(2), 4)
+    with pytest.raises(BadRowsError, match="num_shards"):
+        shard_of(np.zeros(2, dtype=np.int64), 0)

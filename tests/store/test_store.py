@@ -1,0 +1,65 @@
+"""Store: the catalog of a node's tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ekko.protocol.messages import TableSpec
+from ekko.store import Store, StoreError, Table, TableConflictError, UnknownTableError
+
+
+def test_create_table_is_idempotent_for_the_same_spec() -> None:
+    store = Store(origin=3, cache_capacity=8)
+    spec = TableSpec("user", 8, 4)
+    t = store.create_table(spec)
+    assert isinstance(t, Table) and t.origin == 3 and t.cache_capacity == 8
+    assert store.create_table(spec) is t
+    assert store.catalog_version == 1
+    store.create_table(TableSpec("item", 4, 2))
+    assert store.catalog_version == 2
+    assert store.specs() == [spec, TableSpec("item", 4, 2)]
+    assert store.table("user") is t and set(store.tables) == {"user", "item"}
+
+
+def test_conflicting_spec_names_both_and_changes_nothing() -> None:
+    store = Store()
+    t = store.create_table(TableSpec("user", 8, 4))
+    t.write(np.array([1], dtype=np.int64), np.ones((1, 8)), now_ns=1)
+    before = store.digests()
+    with pytest.raises(TableConflictError) as info:
+        store.create_table(TableSpec("user", 16, 4))
+    msg = str(info.value)
+    assert "dim=8" in msg and "dim=16" in msg and "user" in msg
+    assert isinstance(info.value, StoreError)
+    assert store.digests() == before and store.catalog_version == 1
+    assert store.table("user") is t
+
+
+def test_unknown_table_is_a_key_error_naming_it() -> None:
+    store = Store()
+    with pytest.raises(UnknownTableError, match="'ghost'") as info:
+        store.table("ghost")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, StoreError)
+    with pytest.raises(KeyError):
+        store.table("ghost")
+
+
+def test_tables_view_is_read_only() -> None:
+    store = Store()
+    store.create_table(TableSpec("a", 2, 1))
+    with pytest.raises(TypeError):
+        store.tables["b"] = store.table("a")  # type: ignore[index]
+
+
+def test_digests_follow_content() -> None:
+    """DESIGN.md §3 (the convergence invariant): equal content, equal digests."""
+    a, b = Store(), Store(origin=1)
+    spec = TableSpec("t", 2, 2)
+    ta, tb = a.create_table(spec), b.create_table(spec)
+    keys = np.array([4, 5, 6], dtype=np.int64)
+    vals = np.arange(6, dtype=np.float32).reshape(3, 2)
+    vers = ta.write(keys, vals, now_ns=10)
+    assert a.digests() != b.digests()
+    tb.apply(keys, vals, vers, np.full(3, 10), 0)
+    assert a.digests() == b.digests()
