@@ -1,0 +1,44 @@
+"""asyncio transport for Ekko: framing, peer authentication, WAN emulation (DESIGN.md §1, §3).
+
+Public names are re-exported here; modules: ``errors``, ``framing`` and ``auth`` (sans-IO),
+``wan`` (delay/bandwidth math), ``connection`` (one interface over any byte stream),
+``transport`` (TCP ``connect``/``serve``), ``memory`` (in-memory pair for tests).
+"""
+
+from ekko.net.connection import ByteStream, Connection, ConnectionStats
+from ekko.net.errors import (
+    AuthError,
+    BrokenConnection,
+    ConnectionClosed,
+    FrameError,
+    LocalFrameError,
+    RemoteFrameError,
+    TransportError,
+)
+from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from ekko.net.memory import memory_pair
+from ekko.net.transport import Listener, ListenerStats, connect, serve
+from ekko.net.wan import WanLine, WanProfile
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "AuthError",
+    "BrokenConnection",
+    "ByteStream",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionStats",
+    "FrameDecoder",
+    "FrameError",
+    "Listener",
+    "ListenerStats",
+    "LocalFrameError",
+    "RemoteFrameError",
+    "TransportError",
+    "WanLine",
+    "WanProfile",
+    "connect",
+    "encode_frame",
+    "memory_pair",
+    "serve",
+]
