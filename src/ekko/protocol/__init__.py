@@ -1,0 +1,37 @@
+"""Sans-IO sync: messages in, messages and store writes out; no sockets, no clock."""
+
+from ekko.protocol.latency import LatencyHistogram
+from ekko.protocol.messages import (
+    HIGH_LANE,
+    LANES,
+    LOW_LANE,
+    PROTOCOL_VERSION,
+    Catalog,
+    CatalogRequest,
+    Chunk,
+    Cursor,
+    Error,
+    Message,
+    PullRequest,
+    PullResponse,
+    TableSpec,
+)
+from ekko.protocol.ready import Ready
+
+__all__ = [
+    "HIGH_LANE",
+    "LANES",
+    "LOW_LANE",
+    "PROTOCOL_VERSION",
+    "Catalog",
+    "CatalogRequest",
+    "Chunk",
+    "Cursor",
+    "Error",
+    "LatencyHistogram",
+    "Message",
+    "PullRequest",
+    "PullResponse",
+    "Ready",
+    "TableSpec",
+]

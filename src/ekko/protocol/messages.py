@@ -1,0 +1,113 @@
+"""Sync messages: the only things that cross a link between two Ekko nodes.
+
+Messages are plain msgspec structs tagged by type; arrays travel as numpy arrays and are
+serialised by ``ekko.net.framing`` as dtype + shape + raw buffer (never pickle). The protocol
+version is checked during the handshake; a peer with another major version is refused.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+HIGH_LANE = 0
+LOW_LANE = 1
+LANES = (HIGH_LANE, LOW_LANE)
+
+
+class TableSpec(msgspec.Struct, frozen=True, tag=True):
+    """Shape of one table: every store shards it the same way."""
+
+    name: str
+    dim: int
+    num_shards: int
+
+
+class Cursor(msgspec.Struct, frozen=True):
+    """What a puller holds of one (table, shard, lane): every row of that lane with a version
+    at or below ``knowledge``."""
+
+    table: str
+    shard: int
+    lane: int
+    knowledge: int
+
+
+class CatalogRequest(msgspec.Struct, frozen=True, tag=True):
+    req_id: int
+
+
+class Catalog(msgspec.Struct, frozen=True, tag=True):
+    req_id: int
+    version: int
+    tables: list[TableSpec]
+
+
+class PullRequest(msgspec.Struct, frozen=True, tag=True):
+    """Ask for rows newer than what the session already sent.
+
+    ``cursors`` (re)states the puller's knowledge: on the first pull of a session, and after a
+    gap. Without cursors the responder continues from what it already sent on this session.
+    ``wait_ms`` > 0 parks the pull at the responder until something moves (long-poll).
+    """
+
+    req_id: int
+    max_bytes: int
+    wait_ms: int = 0
+    cursors: list[Cursor] | None = None
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    """Rows of one (table, lane) for several shards, grouped by shard in ``shards`` order.
+
+    For shard ``shards[i]``: a puller holding every row of the lane with version <= ``bases[i]``
+    holds, after applying the ``counts[i]`` rows of its group, every row with version <=
+    ``knowledge[i]``. A puller whose knowledge is below ``bases[i]`` has a gap: it applies the
+    rows (apply is idempotent, last-version-wins) but cannot advance its knowledge.
+    """
+
+    table: str
+    lane: int
+    shards: np.ndarray  # int64 [m]
+    bases: np.ndarray  # int64 [m]
+    knowledge: np.ndarray  # int64 [m]
+    counts: np.ndarray  # int64 [m], rows per shard group
+    keys: np.ndarray  # int64 [n]
+    values: np.ndarray  # float32 [n, dim]
+    versions: np.ndarray  # int64 [n]
+    wtimes: np.ndarray  # int64 [n], origin wall clock (ns) of each write
+    origin: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            self.keys.nbytes + self.values.nbytes + self.versions.nbytes + self.wtimes.nbytes
+        )
+
+
+class PullResponse(msgspec.Struct, frozen=True, tag=True):
+    """Rows for one pull. ``tables`` carries the catalog when the session has not seen its
+    current version yet, so a puller learns a new table before its first chunk."""
+
+    req_id: int
+    catalog_version: int
+    chunks: list[Chunk]
+    more: bool = False
+    tables: list[TableSpec] | None = None
+
+
+class Error(msgspec.Struct, frozen=True, tag=True):
+    """The responder refused a request (unknown table, bad cursor): named, never silent."""
+
+    req_id: int
+    code: str
+    reason: str
+
+
+Message = CatalogRequest | Catalog | PullRequest | PullResponse | Error

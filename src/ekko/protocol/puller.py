@@ -1,0 +1,267 @@
+"""The pulling side of a sync link: keeps pulls in flight and applies what comes back.
+
+Sans-IO: ``start``/``receive``/``tick`` take the time and return ``Ready``. The puller writes
+rows into its store (an in-memory structure, like raft's ``Storage``) and advances knowledge
+only where a chunk's base is covered, so lost, duplicated and reordered responses never
+claim rows the store does not hold. Gaps are repaired by restating knowledge (a resync).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ekko.protocol.latency import LatencyHistogram
+from ekko.protocol.messages import (
+    LANES,
+    Catalog,
+    Chunk,
+    Cursor,
+    Error,
+    Message,
+    PullRequest,
+    PullResponse,
+)
+from ekko.protocol.ready import Ready
+from ekko.store import Store, Table
+
+LINK = "upstream"
+
+
+def merge_knowledge(table: Table, shards: np.ndarray, lane: int, knowledge: np.ndarray) -> None:
+    for s, k in zip(shards.tolist(), knowledge.tolist(), strict=True):
+        table.merge_knowledge(s, lane, k)
+
+
+@dataclass(frozen=True)
+class PullerConfig:
+    """How hard to pull. ``window`` pulls stay in flight so a long-polled change meets a
+    waiting pull at the responder; with ``wait_ms == 0`` it polls every ``poll_interval_ms``."""
+
+    max_bytes: int = 8 << 20
+    wait_ms: int = 1000
+    window: int = 16
+    poll_interval_ms: int = 100
+    request_timeout_ms: int = 5000
+    gap_timeout_ms: int = 200
+
+    def validate(self) -> PullerConfig:
+        for name in ("max_bytes", "window", "request_timeout_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PullerConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.wait_ms < 0 or self.poll_interval_ms < 0:
+            raise ValueError("PullerConfig.wait_ms and poll_interval_ms must be >= 0")
+        return self
+
+
+@dataclass(frozen=True)
+class PullerStats:
+    responses: int
+    rows_received: int
+    rows_applied: int
+    bytes_received: int
+    gaps: int
+    resyncs: int
+    timeouts: int
+    errors: int
+    in_flight: int
+
+
+@dataclass
+class _Pending:
+    """A chunk range that arrived before the range below it."""
+
+    base: int
+    knowledge: int
+    since: float
+
+
+@dataclass
+class _InFlight:
+    sent_at: float
+    deadline: float
+
+
+@dataclass
+class Puller:
+    """Pulls one upstream into ``store``. One instance per connection (session)."""
+
+    store: Store
+    config: PullerConfig = field(default_factory=PullerConfig)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def __post_init__(self) -> None:
+        self.config.validate()
+        self._next_id = 0
+        self._in_flight: dict[int, _InFlight] = {}
+        self._pending: dict[tuple[str, int, int], list[_Pending]] = {}
+        self._resync: set[tuple[str, int, int]] = set()
+        self._restate_all = True
+        self._next_poll: float | None = None
+        self._responses = self._rows_received = self._rows_applied = self._bytes = 0
+        self._gaps = self._resyncs = self._timeouts = self._errors = 0
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def start(self, now: float) -> Ready:
+        """A fresh session: restate all knowledge, then fill the window."""
+        self._restate_all = True
+        return self._fill(now)
+
+    def receive(self, msg: Message, now: float) -> Ready:
+        if isinstance(msg, PullResponse):
+            self._in_flight.pop(msg.req_id, None)
+            self._responses += 1
+            if msg.tables:
+                for spec in msg.tables:
+                    self.store.create_table(spec)
+            for chunk in msg.chunks:
+                self._apply(chunk, now)
+            ready = self._fill(now, immediate=msg.more)
+            return ready
+        if isinstance(msg, Catalog):
+            for spec in msg.tables:
+                self.store.create_table(spec)
+            return Ready(wake_at=self._wake_at())
+        if isinstance(msg, Error):
+            self._errors += 1
+            self._in_flight.pop(msg.req_id, None)
+            self._restate_all = True
+            return Ready(wake_at=self._wake_at(now + self.config.request_timeout_ms / 1000))
+        raise TypeError(f"puller cannot handle {type(msg).__name__}")
+
+    def tick(self, now: float) -> Ready:
+        lost = [rid for rid, f in self._in_flight.items() if f.deadline <= now]
+        for rid in lost:
+            del self._in_flight[rid]
+            self._timeouts += 1
+        if lost:
+            self._restate_all = True
+        gap_s = self.config.gap_timeout_ms / 1000
+        for key, pend in self._pending.items():
+            if pend and now - pend[0].since >= gap_s:
+                self._resync.add(key)
+        return self._fill(now)
+
+    def statistics(self) -> PullerStats:
+        return PullerStats(
+            responses=self._responses,
+            rows_received=self._rows_received,
+            rows_applied=self._rows_applied,
+            bytes_received=self._bytes,
+            gaps=self._gaps,
+            resyncs=self._resyncs,
+            timeouts=self._timeouts,
+            errors=self._errors,
+            in_flight=len(self._in_flight),
+        )
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _fill(self, now: float, *, immediate: bool = False) -> Ready:
+        ready = Ready()
+        polling = self.config.wait_ms == 0
+        if polling:
+            window = 1
+            if self._in_flight:
+                return Ready(wake_at=self._wake_at())
+            if not immediate and self._next_poll is not None and now < self._next_poll:
+                return Ready(wake_at=self._wake_at())
+        else:
+            window = self.config.window
+        while len(self._in_flight) < window:
+            ready.sends.append((LINK, self._request(now)))
+        if polling:
+            self._next_poll = now + self.config.poll_interval_ms / 1000
+        ready.wake_at = self._wake_at()
+        return ready
+
+    def _request(self, now: float) -> PullRequest:
+        self._next_id += 1
+        rid = self._next_id
+        cursors = None
+        if self._restate_all:
+            cursors = self._all_cursors()
+            self._restate_all = False
+            self._resync.clear()
+            self._pending.clear()
+        elif self._resync:
+            cursors = [
+                Cursor(t, s, lane, int(self.store.table(t).knowledge[s, lane]))
+                for (t, s, lane) in sorted(self._resync)
+            ]
+            for key in self._resync:
+                self._pending.pop(key, None)
+            self._resync.clear()
+        if cursors is not None:
+            self._resyncs += 1
+        wait = self.config.wait_ms
+        timeout = (wait + self.config.request_timeout_ms) / 1000
+        self._in_flight[rid] = _InFlight(now, now + timeout)
+        return PullRequest(rid, self.config.max_bytes, wait, cursors)
+
+    def _all_cursors(self) -> list[Cursor]:
+        out = []
+        for name, table in self.store.tables.items():
+            k = table.knowledge
+            for s in range(table.num_shards):
+                for lane in LANES:
+                    out.append(Cursor(name, s, lane, int(k[s, lane])))
+        return out
+
+    def _wake_at(self, extra: float | None = None) -> float | None:
+        times = [f.deadline for f in self._in_flight.values()]
+        if self._next_poll is not None and not self._in_flight:
+            times.append(self._next_poll)
+        for pend in self._pending.values():
+            if pend:
+                times.append(pend[0].since + self.config.gap_timeout_ms / 1000)
+        if extra is not None:
+            times.append(extra)
+        return min(times) if times else None
+
+    def _apply(self, chunk: Chunk, now: float) -> None:
+        table = self.store.table(chunk.table)
+        n = chunk.rows
+        if n:
+            lanes = np.full(n, chunk.lane, np.uint8)
+            self._rows_applied += table.apply(
+                chunk.keys, chunk.values, chunk.versions, chunk.wtimes, lanes
+            )
+            self._rows_received += n
+            self._bytes += chunk.nbytes
+            self.latency.record_ns(int(now * 1e9) - chunk.wtimes)
+        have = table.knowledge[chunk.shards, chunk.lane]
+        covered = chunk.bases <= have
+        if covered.any():
+            merge_knowledge(
+                table, chunk.shards[covered], chunk.lane, np.maximum(have, chunk.knowledge)[covered]
+            )
+        if covered.all():
+            if self._pending:
+                self._settle(chunk.table, chunk.lane, chunk.shards)
+            return
+        for i in np.flatnonzero(~covered):
+            key = (chunk.table, int(chunk.shards[i]), chunk.lane)
+            self._pending.setdefault(key, []).append(
+                _Pending(int(chunk.bases[i]), int(chunk.knowledge[i]), now)
+            )
+            self._gaps += 1
+        self._settle(chunk.table, chunk.lane, chunk.shards)
+
+    def _settle(self, table_name: str, lane: int, shards: np.ndarray) -> None:
+        """Ranges that waited for the one below them merge once it arrived."""
+        table = self.store.table(table_name)
+        for s in shards.tolist():
+            key = (table_name, s, lane)
+            pend = self._pending.get(key)
+            if not pend:
+                continue
+            pend.sort(key=lambda p: p.base)
+            k = int(table.knowledge[s, lane])
+            while pend and pend[0].base <= k:
+                k = max(k, pend.pop(0).knowledge)
+            table.merge_knowledge(s, lane, k)
+            if not pend:
+                del self._pending[key]
