@@ -1,0 +1,9 @@
+"""Public publisher API: wrap any torch model and stream its changed rows into Ekko.
+
+from ekko.torch import EmbeddingPublisher, PublisherConfig, MemorySink
+"""
+
+from ekko.train.publisher import EmbeddingPublisher, PublisherConfig, PublisherStatistics
+from ekko.train.sink import MemorySink, Sink
+
+__all__ = ["EmbeddingPublisher", "MemorySink", "PublisherConfig", "PublisherStatistics", "Sink"]
