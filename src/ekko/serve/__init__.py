@@ -1,0 +1,48 @@
+"""Inference HTTP API over a local replica, and feedback for online metrics (DESIGN.md §1, §6).
+
+Public names: ``InferenceService`` (predict / feedback / metrics of one model over a store),
+``build_services`` (one per configured model), ``serve_routes`` (the starlette routes a
+``serve = true`` node mounts), ``serve_metrics`` (its Prometheus collector), ``StoreSink``
+(the publisher's sink over a store), results, stats and errors.
+"""
+
+from ekko.serve.errors import ModelNotReady, ServeError, UnknownModel, UnknownVariant
+from ekko.serve.metrics import serve_metrics
+from ekko.serve.replica import ReplicaModel, dense_shapes
+from ekko.serve.routes import serve_routes
+from ekko.serve.schema import MAX_BATCH, RequestError, decode_feedback, decode_predict
+from ekko.serve.service import (
+    BASELINE,
+    ONLINE,
+    BadInput,
+    FeedbackResult,
+    InferenceService,
+    PredictResult,
+    ServeStats,
+    build_services,
+)
+from ekko.serve.store_sink import StoreSink
+
+__all__ = [
+    "BASELINE",
+    "MAX_BATCH",
+    "ONLINE",
+    "BadInput",
+    "FeedbackResult",
+    "InferenceService",
+    "ModelNotReady",
+    "PredictResult",
+    "ReplicaModel",
+    "RequestError",
+    "ServeError",
+    "ServeStats",
+    "StoreSink",
+    "UnknownModel",
+    "UnknownVariant",
+    "build_services",
+    "decode_feedback",
+    "decode_predict",
+    "dense_shapes",
+    "serve_metrics",
+    "serve_routes",
+]

@@ -1,0 +1,39 @@
+"""Errors of the inference API; each names the model and what is missing or wrong."""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of the serving errors, so the HTTP layer can map them as one kind."""
+
+
+class ModelNotReady(ServeError):
+    """The replica cannot serve the model yet (a dense table has not arrived): HTTP 503.
+
+    Why not a crash or zeros: a replica that is still syncing must say so and keep serving the
+    moment the rows land; predicting with an all-zero dense network would look healthy.
+    """
+
+
+class UnknownModel(ServeError, KeyError):
+    """A model name this node does not serve: HTTP 404."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown model {self.name!r} (served: {self.known})"
+
+
+class UnknownVariant(ServeError, KeyError):
+    """A variant name (``online``, ``baseline``) the service was not given."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown variant {self.name!r} (known: {self.known})"

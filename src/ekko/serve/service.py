@@ -1,0 +1,291 @@
+"""The inference service of one model on one node: predict, take feedback, report quality.
+
+No HTTP here (``ekko.serve.routes`` is a thin layer over it) and no clock: every call takes
+``now`` (monotonic seconds), so tests drive time. Predictions are served by a *variant*:
+``online`` reads the replica's live store; the guard adds ``baseline`` (a lagged store) with
+``add_variant`` and picks one per request. Quality is kept per variant, because the guard
+compares the two (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from ekko.guard.metrics import QualitySnapshot, WindowedQuality
+from ekko.node.config import ModelConfig
+from ekko.serve.errors import ModelNotReady, ServeError, UnknownVariant
+from ekko.serve.pending import PendingPredictions
+from ekko.serve.replica import ReplicaModel
+from ekko.store import Store
+
+ONLINE = "online"
+BASELINE = "baseline"
+
+
+class BadInput(ServeError, ValueError):
+    """Arrays of the wrong shape or values for this model; nothing was predicted or recorded."""
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """Predictions of one request: ``ids`` int64 [B] (unique, < 2**53, quote them back with
+    the label), ``ctr`` float32 [B], and the variant that served them."""
+
+    ids: np.ndarray
+    ctr: np.ndarray
+    variant: str
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """Labels joined to a prediction (``matched``) and labels whose id is not pending here
+    (``unknown``: never issued, evicted, already labelled, or repeated in the batch)."""
+
+    matched: int
+    unknown: int
+
+
+@dataclass(frozen=True)
+class ServeStats:
+    """Counters of one served model at monotonic time ``at``.
+
+    Why a frozen dataclass: the Prometheus exporter (``ekko.serve.metrics``) and the status
+    page read a consistent set, never the service's internals.
+    """
+
+    model: str
+    requests: int
+    rows_predicted: int
+    predict_seconds_total: float
+    not_ready: int
+    dense_loads: int
+    feedback_requests: int
+    feedback_matched: int
+    feedback_unknown: int
+    pending: int
+    evicted: int
+    predictions_by_variant: MappingProxyType[str, int]
+    at: float
+
+
+class _Variant:
+    """One servable copy of the model, its counters and its feedback quality."""
+
+    def __init__(self, name: str, replica: ReplicaModel, window_s: float) -> None:
+        self.name = name
+        self.replica = replica
+        self.quality = WindowedQuality(window_s)
+        self.predictions = 0
+
+
+def _jsonable(snap: QualitySnapshot) -> dict[str, Any]:
+    """A snapshot as JSON-safe values: NaN and inf (undefined, unbounded) become None."""
+    out: dict[str, Any] = {}
+    for key, value in asdict(snap).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+class InferenceService:
+    """Serves one DLRM from a node's store and scores it from feedback.
+
+    Why one object per model: the HTTP handlers, the guard and the Prometheus exporter all
+    need the same model state (replica, pending predictions, windowed quality); keeping it
+    here keeps the handlers thin and the logic testable without a server.
+
+    Not thread-safe: call it on the node's event loop, where rows are applied (``Table`` does
+    not allow lookups concurrent with a write).
+
+    Args:
+        store: the replica's store (read live by the ``online`` variant).
+        model: the served model's config (name and DLRM shape).
+        window_s: span of the sliding quality window.
+        max_pending: predictions remembered for feedback; the oldest are evicted first.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        model: ModelConfig,
+        *,
+        window_s: float = 60.0,
+        max_pending: int = 1_000_000,
+    ) -> None:
+        self.model = model
+        self.name = model.name
+        self.config = model.dlrm()
+        self.window_s = float(window_s)
+        self._pending = PendingPredictions(max_pending)
+        self._variants: dict[str, _Variant] = {}
+        self._variant_names: list[str] = []
+        self._requests = 0
+        self._rows = 0
+        self._predict_s = 0.0
+        self._not_ready = 0
+        self._feedback_requests = 0
+        self._matched = 0
+        self._unknown = 0
+        self.add_variant(ONLINE, store)
+
+    # -- variants ----------------------------------------------------------------------------
+
+    def add_variant(self, name: str, store: Store) -> None:
+        """Serve ``name`` from ``store`` too (the guard's baseline reads a lagged store)."""
+        if name in self._variants:
+            raise ValueError(f"model {self.name}: variant {name!r} exists already")
+        if len(self._variant_names) >= 255:
+            raise ValueError(f"model {self.name}: at most 255 variants")
+        replica = ReplicaModel(store, self.config, f"{self.name}/{name}")
+        self._variants[name] = _Variant(name, replica, self.window_s)
+        self._variant_names.append(name)
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self._variant_names)
+
+    def _variant(self, name: str) -> _Variant:
+        try:
+            return self._variants[name]
+        except KeyError:
+            raise UnknownVariant(name, self.variants) from None
+
+    def quality(self, variant: str = ONLINE) -> WindowedQuality:
+        """The variant's windowed quality (the guard's detector reads it)."""
+        return self._variant(variant).quality
+
+    # -- predict -----------------------------------------------------------------------------
+
+    def _check(self, dense: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.config
+        d = np.ascontiguousarray(dense, dtype=np.float32)
+        s = np.asarray(sparse)
+        if s.dtype.kind not in "iu":
+            raise BadInput(f"sparse: expected integer ids, got dtype {s.dtype}")
+        s = np.ascontiguousarray(s, dtype=np.int64)
+        if d.ndim != 2 or d.shape[1] != cfg.num_dense:
+            raise BadInput(f"dense: expected shape [B, {cfg.num_dense}], got {list(d.shape)}")
+        if s.ndim != 2 or s.shape[1] != cfg.num_sparse:
+            raise BadInput(f"sparse: expected shape [B, {cfg.num_sparse}], got {list(s.shape)}")
+        if d.shape[0] != s.shape[0]:
+            raise BadInput(f"dense has {d.shape[0]} events, sparse {s.shape[0]}")
+        if d.shape[0] == 0:
+            raise BadInput("empty batch: send at least one event")
+        if not np.isfinite(d).all():
+            raise BadInput("dense: NaN or infinite values (or beyond float32 range)")
+        return d, s
+
+    def predict(
+        self, dense: np.ndarray, sparse: np.ndarray, now: float, *, variant: str = ONLINE
+    ) -> PredictResult:
+        """CTR of each event from the variant's current rows; remembers them for feedback.
+
+        dense float32 [B, num_dense], sparse int64 [B, num_sparse] raw ids. Keys the replica
+        never saw read the store's zero row. Raises ``ModelNotReady`` until the dense tables
+        have arrived, ``BadInput`` for wrong shapes or values.
+        """
+        start = time.perf_counter()
+        v = self._variant(variant)
+        d, s = self._check(dense, sparse)
+        try:
+            ctr = np.asarray(v.replica.predict(d, s), dtype=np.float32)
+        except ModelNotReady:
+            self._not_ready += 1
+            raise
+        codes = np.full(ctr.shape[0], self._variant_names.index(variant), dtype=np.uint8)
+        ids = self._pending.add(ctr, codes)
+        v.predictions += int(ctr.shape[0])
+        self._requests += 1
+        self._rows += int(ctr.shape[0])
+        self._predict_s += time.perf_counter() - start
+        return PredictResult(ids=ids, ctr=ctr, variant=variant)
+
+    # -- feedback ----------------------------------------------------------------------------
+
+    def feedback(self, ids: np.ndarray, labels: np.ndarray, now: float) -> FeedbackResult:
+        """Join 0/1 labels to their predictions and fold them into each variant's quality."""
+        i = np.asarray(ids)
+        y = np.asarray(labels)
+        if i.dtype.kind not in "iu" or i.ndim != 1:
+            raise BadInput(f"ids: expected a 1-D integer array, got {i.dtype} {list(i.shape)}")
+        if y.shape != i.shape:
+            raise BadInput(f"labels: expected {i.shape[0]} labels (one per id), got {y.size}")
+        if y.size and not np.all((y == 0) | (y == 1)):
+            raise BadInput("labels: every label must be 0 or 1")
+        self._feedback_requests += 1
+        joined = self._pending.take(i.astype(np.int64, copy=False))
+        y_hit = y[joined.index].astype(np.int8)
+        for code, name in enumerate(self._variant_names):
+            mine = joined.variant == code
+            if mine.any():
+                self._variants[name].quality.update(joined.ctr[mine], y_hit[mine], now)
+        matched = int(joined.index.shape[0])
+        self._matched += matched
+        self._unknown += joined.unknown
+        return FeedbackResult(matched=matched, unknown=joined.unknown)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def metrics(self, now: float) -> dict[str, Any]:
+        """Windowed and lifetime quality per variant, plus serving and feedback counts."""
+        variants = {
+            name: {
+                "predictions": v.predictions,
+                "window": _jsonable(v.quality.compute(now)),
+                "lifetime": _jsonable(v.quality.lifetime(now)),
+            }
+            for name, v in self._variants.items()
+        }
+        return {
+            "model": self.name,
+            "window_s": self.window_s,
+            "predictions_served": self._rows,
+            "requests": self._requests,
+            "feedback": {
+                "matched": self._matched,
+                "unknown": self._unknown,
+                "pending": len(self._pending),
+                "evicted": self._pending.evicted,
+            },
+            "variants": variants,
+        }
+
+    def statistics(self) -> ServeStats:
+        return ServeStats(
+            model=self.name,
+            requests=self._requests,
+            rows_predicted=self._rows,
+            predict_seconds_total=self._predict_s,
+            not_ready=self._not_ready,
+            dense_loads=sum(v.replica.dense_loads for v in self._variants.values()),
+            feedback_requests=self._feedback_requests,
+            feedback_matched=self._matched,
+            feedback_unknown=self._unknown,
+            pending=len(self._pending),
+            evicted=self._pending.evicted,
+            predictions_by_variant=MappingProxyType(
+                {name: v.predictions for name, v in self._variants.items()}
+            ),
+            at=time.monotonic(),
+        )
+
+
+def build_services(
+    store: Store,
+    models: list[ModelConfig],
+    *,
+    window_s: float = 60.0,
+    max_pending: int = 1_000_000,
+) -> dict[str, InferenceService]:
+    """One service per configured model, by name: what a ``serve = true`` node mounts."""
+    return {
+        m.name: InferenceService(store, m, window_s=window_s, max_pending=max_pending)
+        for m in models
+    }

@@ -1,0 +1,57 @@
+"""The publisher's ``Sink`` over a ``Store``: how trained rows become versioned store writes.
+
+The source node runs the trainer (or a model bootstrap) with a ``StoreSink`` over its own
+store, so every published row gets a version and a write time and replicates like any other
+write. ``on_write`` lets the node wake parked long-poll pulls after each write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ekko.protocol.messages import TableSpec
+from ekko.store import Store
+
+WriteHook = Callable[[], None]
+"""``on_write()``: called after rows were written; the node passes ``notify_written``."""
+
+
+class StoreSink:
+    """Implements ``ekko.train.sink.Sink`` by writing into a ``Store``.
+
+    Why a class of its own: the publisher must not know about versions, origins or long-poll
+    wake-ups; the sink stamps each write with the wall-clock time (for update-latency
+    accounting, DESIGN.md §2) and tells the node the store moved.
+
+    Args:
+        store: the source store (the origin of versions).
+        on_write: optional hook called after every write, e.g. the node's ``notify_written``.
+        clock_ns: wall-clock nanoseconds for the write time (inject one in tests).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        on_write: WriteHook | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.store = store
+        self.on_write = on_write
+        self._clock_ns = clock_ns
+        self.rows_written = 0
+
+    def create_table(self, spec: TableSpec) -> None:
+        """Create ``spec.name`` (idempotent for the same spec; a conflicting spec raises
+        ``TableConflictError``)."""
+        self.store.create_table(spec)
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        """Write rows at the source; each gets a fresh version in its shard."""
+        self.store.table(table).write(keys, values, now_ns=self._clock_ns())
+        self.rows_written += len(keys)
+        if self.on_write is not None:
+            self.on_write()
