@@ -1,0 +1,257 @@
+"""The source-side update scheduler: one call per write batch decides lanes and deferral.
+
+Write path at the source (the node does this; the scheduler does no I/O and owns no table)::
+
+    old, _, existed = table.lookup(keys)
+    plan = scheduler.plan(table.name, keys, old, new, existed, now)
+    table.write(keys[plan.send_now_mask], new[plan.send_now_mask], now_ns=...,
+                lanes=plan.lanes[plan.send_now_mask])
+    ...
+    for r in scheduler.due(now):          # on a timer: scheduler.next_due()
+        store.table(r.table).write(r.keys, r.values, now_ns=..., lanes=r.lanes)
+
+``old`` must be what the table holds (the value replicas have or will get), not what the
+producer held before its step: with deferral, a held row is not in the table, so its next
+change is measured against what replicas last received and drift cannot accumulate unseen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE
+from ekko.schedule.deferral import Deferrer, Released
+from ekko.schedule.priority import (
+    DefaultPriority,
+    PriorityFunction,
+    PriorityInputs,
+    SignificanceTracker,
+    TrafficShares,
+    delta_norms,
+)
+from ekko.schedule.threshold import LaneSplitter, StreamingPercentile
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduler settings, validated on construction so a bad config fails at start-up, not
+    on the first write.
+
+    - ``enabled``: off → every row HIGH and sent now (the "no scheduler" baseline).
+    - ``percentile``: q; rows with priority at or above the running q-quantile go HIGH.
+    - ``freshness_boost``: p_u of a key the table did not hold.
+    - ``defer``: hold rows with p_g < ``defer_min_significance`` (existing keys only) for at
+      most ``max_staleness_s``; released rows are written in ``release_lane`` (HIGH by
+      default: they already waited as long as allowed).
+    - ``half_life_rows``: memory of the lane percentile; ``significance_half_life_rows``:
+      memory of the running mean |Δ| (longer, see ``SignificanceTracker``); ``sample_rows``:
+      rows sampled per batch for the mean; ``seed``: the sampling seed (same seed + same
+      inputs → same lanes).
+    - ``significance_scope``: normalise |Δ| per "table" or per "model".
+    """
+
+    enabled: bool = True
+    percentile: float = 0.9
+    freshness_boost: float = 10.0
+    defer: bool = False
+    defer_min_significance: float = 0.05
+    max_staleness_s: float = 5.0
+    release_lane: int = HIGH_LANE
+    half_life_rows: float = 200_000.0
+    significance_half_life_rows: float = 2_000_000.0
+    sample_rows: int = 4096
+    significance_scope: str = "table"
+    traffic_window_s: float = 60.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.percentile < 1:
+            raise ValueError(f"percentile must be in (0, 1), got {self.percentile}")
+        if not (self.freshness_boost >= 0 and math.isfinite(self.freshness_boost)):
+            raise ValueError(f"freshness_boost must be finite and >= 0, got {self.freshness_boost}")
+        if not (self.defer_min_significance >= 0 and math.isfinite(self.defer_min_significance)):
+            raise ValueError(
+                f"defer_min_significance must be finite and >= 0, got {self.defer_min_significance}"
+            )
+        if not (self.max_staleness_s >= 0 and math.isfinite(self.max_staleness_s)):
+            raise ValueError(f"max_staleness_s must be finite and >= 0, got {self.max_staleness_s}")
+        if self.release_lane not in LANES:
+            raise ValueError(f"release_lane must be one of {LANES}, got {self.release_lane}")
+        if not (self.half_life_rows > 0 and math.isfinite(self.half_life_rows)):
+            raise ValueError(f"half_life_rows must be finite and > 0, got {self.half_life_rows}")
+        if not (
+            self.significance_half_life_rows > 0 and math.isfinite(self.significance_half_life_rows)
+        ):
+            raise ValueError(
+                "significance_half_life_rows must be finite and > 0, got "
+                f"{self.significance_half_life_rows}"
+            )
+        if self.sample_rows < 1:
+            raise ValueError(f"sample_rows must be >= 1, got {self.sample_rows}")
+        if self.significance_scope not in ("table", "model"):
+            raise ValueError(
+                f"significance_scope must be 'table' or 'model', got {self.significance_scope!r}"
+            )
+        if not (self.traffic_window_s > 0 and math.isfinite(self.traffic_window_s)):
+            raise ValueError(
+                f"traffic_window_s must be finite and > 0, got {self.traffic_window_s}"
+            )
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What to do with one write batch: write rows ``send_now_mask`` now, row i in lane
+    ``lanes[i]`` (lanes of held rows are LOW and unused)."""
+
+    lanes: np.ndarray
+    send_now_mask: np.ndarray
+
+    @property
+    def rows_now(self) -> int:
+        return int(np.count_nonzero(self.send_now_mask))
+
+
+@dataclass(frozen=True)
+class ReleasedRows:
+    """Held rows due now: write ``values`` at ``keys`` of ``table`` in ``lanes``."""
+
+    table: str
+    keys: np.ndarray
+    values: np.ndarray
+    lanes: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """Counters (monotone) and gauges of the scheduler, for Prometheus."""
+
+    rows_planned: int
+    rows_high: int
+    rows_low: int
+    rows_deferred: int  # holds started (counter)
+    rows_released: int  # held rows released (counter)
+    rows_held: int  # held right now (gauge)
+    threshold: float
+    mean_delta: dict[str, float] = field(default_factory=dict)  # scope -> running mean |Δ|
+
+
+class UpdateScheduler:
+    """Decides, for each batch the source writes, which rows go in the high lane and which
+    are held back, because on a busy WAN link the changes that matter most must cross first
+    and tiny ones may wait and coalesce (DESIGN.md §4–§5). One per source node, called from
+    its (single) write path; not thread-safe.
+
+    ``priority_fn`` replaces the default ``(p_g + p_u) * p_m``; deferral still uses the
+    built-in significance tracker (p_g), which the scheduler keeps up to date either way.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig | None = None,
+        *,
+        traffic: TrafficShares | None = None,
+        priority_fn: PriorityFunction | None = None,
+    ) -> None:
+        self.config = cfg = config or SchedulerConfig()
+        self.traffic = traffic or TrafficShares(window_s=cfg.traffic_window_s)
+        self.significance = SignificanceTracker(
+            half_life_rows=cfg.significance_half_life_rows, sample=cfg.sample_rows, seed=cfg.seed
+        )
+        self.default_priority = DefaultPriority(
+            self.significance,
+            self.traffic,
+            cfg.freshness_boost,
+            scope="table" if cfg.significance_scope == "table" else "model",
+        )
+        self.priority_fn: PriorityFunction = priority_fn or self.default_priority
+        self.splitter = LaneSplitter(
+            StreamingPercentile(cfg.percentile, half_life_rows=cfg.half_life_rows),
+            self.priority_fn,
+        )
+        self.deferrer = Deferrer(cfg.defer_min_significance, cfg.max_staleness_s)
+        self._planned = 0
+        self._high = 0
+        self._low = 0
+
+    def plan(
+        self,
+        table: str,
+        keys: np.ndarray,
+        old_values: np.ndarray,
+        new_values: np.ndarray,
+        existed: np.ndarray,
+        now: float,
+    ) -> WritePlan:
+        """Plan one write batch of ``table``.
+
+        ``old_values``: what the table holds for each key (zeros where absent), ``existed``:
+        bool[n], whether it holds the key (``Table.lookup``'s ``found``). Rows outside
+        ``send_now_mask`` are held and come back from ``due``/``flush``; none is lost.
+        """
+        k = np.asarray(keys)
+        n = k.shape[0]
+        ex = np.asarray(existed, dtype=bool)
+        if ex.shape != (n,):
+            raise ValueError(f"existed must have shape ({n},), got {ex.shape}")
+        if not self.config.enabled:
+            self._planned += n
+            self._high += n
+            return WritePlan(np.full(n, HIGH_LANE, np.uint8), np.ones(n, dtype=bool))
+        new = np.asarray(new_values)
+        inputs = PriorityInputs(table, k, delta_norms(old_values, new), ~ex)
+        if self.config.defer:
+            p_g = self.default_priority.significance_of(inputs)
+            send = self.deferrer.split(table, k, p_g, now, values=new, eligible=ex)
+        else:
+            send = np.ones(n, dtype=bool)
+        lanes = np.full(n, LOW_LANE, np.uint8)
+        if send.all():
+            lanes = self.splitter.lanes(inputs, observe=False)
+        elif send.any():
+            lanes[send] = self.splitter.lanes(inputs.subset(send), observe=False)
+        # p_g's scale comes from every change, sent or held: observing only sent rows would
+        # raise the mean, defer more, raise it again.
+        self.priority_fn.observe(inputs)
+        if self.priority_fn is not self.default_priority:
+            self.default_priority.observe(inputs)
+        nh = int(np.count_nonzero(lanes[send] == HIGH_LANE))
+        self._planned += n
+        self._high += nh
+        self._low += int(np.count_nonzero(send)) - nh
+        return WritePlan(lanes, send)
+
+    def due(self, now: float) -> list[ReleasedRows]:
+        """Held rows whose staleness bound is reached at ``now``; write them."""
+        return [self._released(r) for r in self.deferrer.due(now)]
+
+    def flush(self) -> list[ReleasedRows]:
+        """Every held row (shutdown, or before turning deferral off)."""
+        return [self._released(r) for r in self.deferrer.flush()]
+
+    def next_due(self) -> float | None:
+        """When ``due`` should next be called (None: nothing held)."""
+        return self.deferrer.next_due()
+
+    def _released(self, r: Released) -> ReleasedRows:
+        assert r.values is not None  # plan() always hands the deferrer values
+        return ReleasedRows(
+            r.table, r.keys, r.values, np.full(len(r), self.config.release_lane, np.uint8)
+        )
+
+    def statistics(self) -> SchedulerStats:
+        return SchedulerStats(
+            rows_planned=self._planned,
+            rows_high=self._high,
+            rows_low=self._low,
+            rows_deferred=self.deferrer.rows_deferred,
+            rows_released=self.deferrer.rows_released,
+            rows_held=self.deferrer.held(),
+            threshold=self.splitter.threshold(),
+            mean_delta=self.significance.means(),
+        )
