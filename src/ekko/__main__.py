@@ -1,0 +1,3 @@
+from ekko.cli import app
+
+app()

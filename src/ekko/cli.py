@@ -1,0 +1,169 @@
+"""The ``ekko`` command: cluster set-up, nodes, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+app = typer.Typer(help="Ekko: fresh recommendation models in every data centre.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+console = Console(stderr=True)
+
+BENCHES = ("apply", "churn", "latency", "ablation", "train")
+
+
+def _floats(raw: str | None) -> list[float] | None:
+    if raw is None:
+        return None
+    try:
+        return [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {raw!r}") from exc
+
+
+def _tables(raw: str | None) -> list[tuple[str, int, int]] | None:
+    if raw is None:
+        return None
+    out = []
+    for item in raw.split(","):
+        try:
+            name, dim, shards = item.split(":")
+            out.append((name, int(dim), int(shards)))
+        except ValueError as exc:
+            raise typer.BadParameter(f"table {item!r}: expected NAME:DIM:SHARDS") from exc
+    return out
+
+
+@cluster_app.command("init")
+def cluster_init(
+    dcs: int = typer.Option(3, help="Inference data centres."),
+    replicas: int = typer.Option(2, help="Replicas per inference DC."),
+    wan_delay_ms: str = typer.Option("25,50,100", help="One-way WAN delay per DC (ms)."),
+    wan_mbit: float | None = typer.Option(None, help="WAN bandwidth cap per DC (Mbit/s)."),
+    tables: str | None = typer.Option(None, help="NAME:DIM:SHARDS,... (default emb:32:16)."),
+    serve: bool = typer.Option(False, help="Run the inference API on replicas."),
+    out: Path = typer.Option(Path("cluster.toml"), help="Where to write the config."),
+) -> None:
+    """Write a runnable local cluster: a training DC with the source, N inference DCs."""
+    from ekko.node.cluster_init import cluster_doc, write_cluster
+
+    doc = cluster_doc(dcs=dcs, replicas=replicas, wan_delay_ms=_floats(wan_delay_ms),
+                      wan_mbit=wan_mbit, tables=_tables(tables), serve=serve)
+    path = write_cluster(doc, out)
+    console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and its secret file")
+
+
+def _writer_options(rate: float | None, batch_ms: float, key_space: int) -> list[str]:
+    if rate is None:
+        return []
+    return ["--writer-rate", str(rate), "--writer-batch-ms", str(batch_ms),
+            "--writer-key-space", str(key_space)]
+
+
+@app.command()
+def node(
+    config: Path = typer.Option(..., help="Cluster config (TOML)."),
+    name: str = typer.Option(..., help="This node's name in the config."),
+    writer_rate: float | None = typer.Option(None, help="Synthetic rows/s written at the source."),
+    writer_batch_ms: float = typer.Option(10.0, help="Synthetic writer batch interval."),
+    writer_key_space: int = typer.Option(1_000_000, help="Synthetic writer key space."),
+    writer_prefill: int = typer.Option(0, help="Rows written once before the stream."),
+    writer_tables: str = typer.Option("", help="Comma-separated tables to write (default all)."),
+) -> None:
+    """Run one node of a cluster in the foreground."""
+    from ekko.node.config import ConfigError, load_config
+    from ekko.node.runner import run_node
+    from ekko.node.synthetic import SyntheticWriterConfig
+
+    try:
+        cfg = load_config(config)
+        cfg.node(name)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    writer = None
+    if writer_rate is not None:
+        writer = SyntheticWriterConfig(rate_rows_per_s=writer_rate,
+                                       batch_interval_ms=writer_batch_ms,
+                                       key_space=writer_key_space,
+                                       prefill=writer_prefill,
+                                       tables=tuple(t for t in writer_tables.split(",") if t))
+    run_node(cfg, name, config.resolve().parent, writer=writer)
+
+
+@app.command()
+def up(
+    config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (TOML)."),
+    writer_rate: float | None = typer.Option(None, help="Synthetic rows/s at the source."),
+    writer_batch_ms: float = typer.Option(10.0),
+    writer_key_space: int = typer.Option(1_000_000),
+    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
+    report_every: float = typer.Option(2.0, help="Seconds between status lines."),
+) -> None:
+    """Run every node of the cluster as subprocesses; Ctrl-C stops them cleanly."""
+    from ekko.node.launcher import LaunchError, LocalCluster
+    from ekko.node.live import watch
+
+    cluster = LocalCluster(config, writer_args=_writer_options(writer_rate, writer_batch_ms,
+                                                               writer_key_space))
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with console.status("starting nodes"):
+            cluster.start()
+        console.print(f"{len(cluster.procs)} nodes ready; Ctrl-C stops them")
+        summary = watch(cluster, stop, duration=duration, every=report_every, console=console)
+    except LaunchError as exc:
+        console.print(f"[red]{exc}[/red]")
+        cluster.stop_all()
+        raise typer.Exit(1) from exc
+    codes = cluster.stop_all()
+    _print_summary(summary)
+    bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
+    if bad:
+        console.print(f"[yellow]nodes exited uncleanly: {bad}[/yellow]")
+
+
+def _print_summary(summary: dict) -> None:
+    t = RichTable(title="update latency per DC (write at source → applied)")
+    for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "rows/s"):
+        t.add_column(col)
+    for row in summary.get("per_dc", []):
+        t.add_row(row["dc"], f"{row['one_way_delay_ms']:.0f}", f"{row['p50_ms']:.1f}",
+                  f"{row['p99_ms']:.1f}", f"{row['rows_per_s']:.0f}")
+    Console().print(t)
+
+
+@app.command()
+def bench(
+    name: str = typer.Argument(..., help=f"One of: {', '.join(BENCHES)}."),
+    out: Path | None = typer.Option(None, help="JSON output (PNG beside it)."),
+    quick: bool = typer.Option(False, help="A short run (< 60 s)."),
+    rate: float | None = typer.Option(None, help="Row updates/s (latency, ablation)."),
+) -> None:
+    """Run one benchmark; writes JSON and a PNG to bench/results/ (or --out)."""
+    if name not in BENCHES:
+        console.print(f"[red]unknown bench {name!r}[/red]; choose from {', '.join(BENCHES)}")
+        raise typer.Exit(2)
+    module = importlib.import_module(f"ekko.bench.{name}")
+    kwargs: dict = {"quick": quick, "out": out}
+    if rate is not None:
+        kwargs["rate"] = rate
+    result = module.run(**kwargs)
+    json.dump(result.get("summary", result), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,165 @@
+"""The admin HTTP API every node serves: status, row reads, writes at the source, metrics.
+
+Handlers are thin: parse and validate the request (a bad one is a 4xx naming the field),
+call the node, render JSON. Validation never touches the store before the whole request is
+known to be good.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ekko.node.core import NodeCore, NotSourceError
+from ekko.store import StoreError, UnknownTableError
+
+MAX_BODY_BYTES = 64 << 20
+
+
+class BadRequest(ValueError):
+    """A request that cannot be served as sent; the message names what is wrong."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", 413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+
+
+def parse_keys(raw: Any, field: str = "keys") -> np.ndarray:
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(f"{field}: expected a non-empty list of integers")
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in raw):
+        bad = next(k for k in raw if not isinstance(k, int) or isinstance(k, bool))
+        raise BadRequest(f"{field}: every key must be an integer (int64), got {bad!r}")
+    try:
+        return np.array(raw, dtype=np.int64)
+    except OverflowError as exc:
+        raise BadRequest(f"{field}: a key does not fit in int64") from exc
+
+
+def parse_rows(body: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(body, dict):
+        raise BadRequest('body: expected an object {"keys": [...], "values": [[...], ...]}')
+    unknown = sorted(set(body) - {"keys", "values"})
+    if unknown:
+        raise BadRequest(f"body: unknown fields {unknown}")
+    keys = parse_keys(body.get("keys"))
+    raw = body.get("values")
+    if not isinstance(raw, list) or len(raw) != len(keys):
+        got = len(raw) if isinstance(raw, list) else type(raw).__name__
+        raise BadRequest(f"values: expected a list of {len(keys)} rows (one per key), got {got}")
+    for i, row in enumerate(raw):
+        if not isinstance(row, list) or len(row) != dim:
+            got = len(row) if isinstance(row, list) else type(row).__name__
+            raise BadRequest(f"values[{i}]: expected {dim} numbers, got {got}")
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in row):
+            raise BadRequest(f"values[{i}]: every element must be a number")
+    values = np.array(raw, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise BadRequest("values: NaN or infinite values are not accepted")
+    return keys, values
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(fn: Handler) -> Handler:
+    """Map request and store errors to 4xx JSON with the reason; the server keeps serving."""
+
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except UnknownTableError as exc:
+            return JSONResponse({"error": str(exc).strip("'\"")}, status_code=404)
+        except NotSourceError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    return wrapper
+
+
+def admin_routes(
+    core: NodeCore,
+    registry: CollectorRegistry,
+    on_written: Callable[[], None],
+    extra_status: Callable[[], dict] | None = None,
+) -> list[Route]:
+    """Routes of the admin API; ``on_written`` wakes parked pulls after a write."""
+
+    @guarded
+    async def status(request: Request) -> Response:
+        doc = core.status()
+        if extra_status is not None:
+            doc.update(extra_status())
+        return JSONResponse(doc)
+
+    @guarded
+    async def get_rows(request: Request) -> Response:
+        table = core.store.table(request.path_params["table"])
+        raw = request.query_params.get("keys", "")
+        try:
+            keys = [int(k) for k in raw.split(",") if k.strip()]
+        except ValueError as exc:
+            raise BadRequest(f"keys: expected comma-separated integers, got {raw!r}") from exc
+        return JSONResponse(core.read_rows(table.name, parse_keys(keys)))
+
+    @guarded
+    async def post_rows(request: Request) -> Response:
+        if not core.is_source:
+            raise NotSourceError(
+                f"node {core.name!r} is a {core.role}; write to the source "
+                f"{core.config.source.name!r}"
+            )
+        table = core.store.table(request.path_params["table"])
+        keys, values = parse_rows(await read_json(request), table.dim)
+        versions = core.write(table.name, keys, values)
+        on_written()
+        return JSONResponse({"table": table.name, "versions": versions.tolist()})
+
+    async def latency(request: Request) -> Response:
+        return JSONResponse(core.latency.to_dict() | core.latency.summary())
+
+    async def reset_latency(request: Request) -> Response:
+        core.latency.reset()
+        return JSONResponse({"reset": True})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True, "node": core.name})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/v1/status", status),
+        Route("/v1/tables/{table}/rows", get_rows, methods=["GET"]),
+        Route("/v1/tables/{table}/rows", post_rows, methods=["POST"]),
+        Route("/v1/latency", latency),
+        Route("/v1/latency/reset", reset_latency, methods=["POST"]),
+        Route("/health", health),
+        Route("/metrics", metrics),
+    ]
+
+
+def admin_app(routes: list[Route]) -> Starlette:
+    return Starlette(routes=routes)

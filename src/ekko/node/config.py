@@ -1,0 +1,234 @@
+"""Cluster configuration (``cluster.toml``): data centres, nodes, tables, sync settings.
+
+Validated once, here, with errors naming the field; everything else reads the typed result.
+WAN links follow a backbone model: each inference DC has a one-way access delay and bandwidth
+to the backbone (the training DC's is zero), so the delay between two DCs is the sum of
+theirs and the bandwidth the smaller one.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ekko.net.wan import WanProfile
+from ekko.protocol.messages import TableSpec
+
+
+class ConfigError(ValueError):
+    """A cluster config that cannot run, with the field that is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterSection(_Strict):
+    name: str = "ekko"
+    secret_file: str = "cluster.secret"
+    data_dir: str = "data"
+
+
+class DcConfig(_Strict):
+    name: str
+    training: bool = False
+    wan_delay_ms: float = Field(0.0, ge=0)
+    wan_mbit: float | None = Field(None, gt=0)
+    upstream_dc: str | None = None  # relay tree: pull from this DC's leader instead
+
+
+class NodeConfig(_Strict):
+    name: str
+    dc: str
+    host: str = "127.0.0.1"
+    sync_port: int = Field(ge=0, le=65535)
+    admin_port: int = Field(ge=0, le=65535)
+    serve: bool = False
+
+
+class TableConfig(_Strict):
+    name: str
+    dim: int = Field(gt=0)
+    shards: int = Field(16, gt=0, le=4096)
+    initial_rows: int = Field(1024, gt=0)
+
+    def spec(self) -> TableSpec:
+        return TableSpec(self.name, self.dim, self.shards)
+
+
+class ModelConfig(_Strict):
+    """A served DLRM: its tables are ``emb_{i}`` and ``dense/{tensor}`` in the store."""
+
+    name: str = "ctr"
+    num_dense: int = Field(13, gt=0)
+    num_sparse: int = Field(26, gt=0)
+    embedding_dim: int = Field(16, gt=0)
+    rows_per_table: int = Field(100_000, gt=0)
+    bottom_mlp: tuple[int, ...] = (64, 16)
+    top_mlp: tuple[int, ...] = (64, 32, 1)
+    baseline_share: float = Field(0.005, ge=0, lt=1)
+    baseline_lag_s: float = Field(120.0, ge=0)
+
+    def dlrm(self):  # -> ekko.train.dlrm.DLRMConfig; imported lazily (torch is heavy)
+        from ekko.train.dlrm import DLRMConfig
+
+        return DLRMConfig(
+            num_dense=self.num_dense,
+            num_sparse=self.num_sparse,
+            embedding_dim=self.embedding_dim,
+            rows_per_table=self.rows_per_table,
+            bottom_mlp=self.bottom_mlp,
+            top_mlp=self.top_mlp,
+        )
+
+
+class SyncConfig(_Strict):
+    max_bytes: int = Field(8 << 20, gt=0)
+    wait_ms: int = Field(1000, ge=0)
+    window: int = Field(32, gt=0)
+    poll_interval_ms: int = Field(100, ge=0)
+    request_timeout_ms: int = Field(5000, gt=0)
+    cache_capacity: int = Field(16384, gt=0)
+    use_shard_version: bool = True
+    use_cache: bool = True
+    use_dc_leader: bool = True
+    compress: bool = False
+    snapshot_interval_s: float = Field(30.0, ge=0)
+    failover_probe_s: float = Field(2.0, gt=0)
+    connect_timeout_s: float = Field(1.0, gt=0)
+
+
+Role = Literal["source", "leader", "follower"]
+
+
+class ClusterConfig(_Strict):
+    cluster: ClusterSection = ClusterSection()
+    dcs: list[DcConfig]
+    nodes: list[NodeConfig]
+    tables: list[TableConfig] = []
+    models: list[ModelConfig] = []
+    sync: SyncConfig = SyncConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        dc_names = [d.name for d in self.dcs]
+        _unique("dcs[].name", dc_names)
+        _unique("nodes[].name", [n.name for n in self.nodes])
+        _unique("tables[].name", [t.name for t in self.tables])
+        _unique("models[].name", [m.name for m in self.models])
+        training = [d.name for d in self.dcs if d.training]
+        if len(training) != 1:
+            raise ValueError(f"dcs: exactly one DC must have training = true, got {training}")
+        for n in self.nodes:
+            if n.dc not in dc_names:
+                raise ValueError(f"nodes[{n.name}].dc: unknown DC {n.dc!r} (known: {dc_names})")
+        for d in self.dcs:
+            if d.upstream_dc is not None and d.upstream_dc not in dc_names:
+                raise ValueError(f"dcs[{d.name}].upstream_dc: unknown DC {d.upstream_dc!r}")
+            if not self.dc_nodes(d.name):
+                raise ValueError(f"dcs[{d.name}]: has no nodes")
+        self._check_relay_tree()
+        return self
+
+    def _check_relay_tree(self) -> None:
+        for d in self.dcs:
+            seen, cur = {d.name}, d
+            while cur.upstream_dc is not None:
+                if cur.upstream_dc in seen:
+                    raise ValueError(f"dcs[{d.name}].upstream_dc: relay cycle through {seen}")
+                seen.add(cur.upstream_dc)
+                cur = self.dc(cur.upstream_dc)
+
+    # -- topology -----------------------------------------------------------------------
+
+    def dc(self, name: str) -> DcConfig:
+        for d in self.dcs:
+            if d.name == name:
+                return d
+        raise ConfigError(f"unknown DC {name!r}")
+
+    def node(self, name: str) -> NodeConfig:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"unknown node {name!r} (known: {[n.name for n in self.nodes]})")
+
+    def dc_nodes(self, dc: str) -> list[NodeConfig]:
+        return [n for n in self.nodes if n.dc == dc]
+
+    @property
+    def training_dc(self) -> DcConfig:
+        return next(d for d in self.dcs if d.training)
+
+    @property
+    def source(self) -> NodeConfig:
+        return self.dc_nodes(self.training_dc.name)[0]
+
+    def role(self, name: str) -> Role:
+        node = self.node(name)
+        if node.name == self.source.name:
+            return "source"
+        first = self.dc_nodes(node.dc)[0]
+        return "leader" if first.name == node.name else "follower"
+
+    def upstreams(self, name: str) -> list[NodeConfig]:
+        """Where ``name`` pulls from, in failover order: DC peers ahead of it, then the WAN."""
+        node = self.node(name)
+        if self.role(name) == "source":
+            return []
+        peers = self.dc_nodes(node.dc)
+        ahead = peers[: peers.index(node)] if self.sync.use_dc_leader else []
+        if node.dc == self.training_dc.name:
+            return [*ahead[1:], self.source] if ahead else [self.source]
+        up_dc = self.dc(node.dc).upstream_dc
+        wan = [*self.dc_nodes(up_dc), self.source] if up_dc else [self.source]
+        return [*ahead, *wan]
+
+    def wan(self, a: str, b: str) -> WanProfile | None:
+        """The emulated link between nodes ``a`` and ``b`` (None inside one DC)."""
+        da, db = self.dc(self.node(a).dc), self.dc(self.node(b).dc)
+        if da.name == db.name:
+            return None
+        mbits = [m for m in (da.wan_mbit, db.wan_mbit) if m is not None]
+        return WanProfile(
+            delay_ms=da.wan_delay_ms + db.wan_delay_ms, mbit=min(mbits) if mbits else None
+        )
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"unknown model {name!r} (known: {[m.name for m in self.models]})")
+
+    def specs(self) -> list[TableSpec]:
+        return [t.spec() for t in self.tables]
+
+    def path(self, relative: str, base: Path) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else base / p
+
+
+def _unique(field: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{field}: duplicate names {dupes}")
+
+
+def load_config(path: Path) -> ClusterConfig:
+    """Read and validate ``path``; any problem is a ConfigError naming file and field."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc

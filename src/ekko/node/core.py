@@ -1,0 +1,150 @@
+"""One node's state without sockets: store, responder, role, writes, status.
+
+The asyncio runner (``ekko.node.runner``) adds the sockets, timers and HTTP around it; tests
+can drive a ``NodeCore`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ekko.node.config import ClusterConfig
+from ekko.protocol.latency import LatencyHistogram
+from ekko.protocol.puller import PullerConfig
+from ekko.protocol.responder import Responder, ResponderConfig
+from ekko.store import SnapshotError, Store
+
+log = logging.getLogger(__name__)
+
+
+class NotSourceError(RuntimeError):
+    """Writes are accepted only by the source node, the origin of versions."""
+
+
+@dataclass
+class LinkCounters:
+    """Rows and bytes pulled over one upstream link (peer name)."""
+
+    rows: int = 0
+    bytes: int = 0
+    responses: int = 0
+
+
+@dataclass
+class NodeCore:
+    """Store + protocol state of one node, by name, in a cluster config."""
+
+    config: ClusterConfig
+    name: str
+    base_dir: Path
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    links: dict[str, LinkCounters] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.node = self.config.node(self.name)
+        self.role = self.config.role(self.name)
+        self.dc = self.node.dc
+        self.origin = self.config.nodes.index(self.node)
+        self.data_dir = self.config.path(self.config.cluster.data_dir, self.base_dir) / self.name
+        self.snapshot_path = self.data_dir / "store.snapshot"
+        self.store = self._open_store()
+        s = self.config.sync
+        self.responder = Responder(
+            self.store,
+            ResponderConfig(
+                use_shard_version=s.use_shard_version,
+                use_cache=s.use_cache,
+                long_poll=s.wait_ms > 0,
+            ),
+        )
+        self.upstream_name: str | None = None
+        self.started_at = time.time()
+
+    def _open_store(self) -> Store:
+        cache = self.config.sync.cache_capacity
+        if self.role == "source" and self.snapshot_path.exists():
+            try:
+                store = Store.load(self.snapshot_path, cache_capacity=cache)
+                log.info("restored source store from %s", self.snapshot_path)
+            except SnapshotError as exc:
+                log.error("snapshot %s unusable (%s); starting empty", self.snapshot_path, exc)
+                store = Store(origin=self.origin, cache_capacity=cache)
+        else:
+            store = Store(origin=self.origin, cache_capacity=cache)
+        if self.role == "source":
+            for t in self.config.tables:
+                store.create_table(t.spec(), initial_rows=t.initial_rows)
+        return store
+
+    @property
+    def is_source(self) -> bool:
+        return self.role == "source"
+
+    def puller_config(self) -> PullerConfig:
+        s = self.config.sync
+        return PullerConfig(
+            max_bytes=s.max_bytes,
+            wait_ms=s.wait_ms,
+            window=s.window,
+            poll_interval_ms=s.poll_interval_ms,
+            request_timeout_ms=s.request_timeout_ms,
+        )
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Write rows at the source; raises on a replica, an unknown table or bad rows."""
+        if not self.is_source:
+            raise NotSourceError(
+                f"node {self.name!r} is a {self.role}; write to the source "
+                f"{self.config.source.name!r}"
+            )
+        return self.store.table(table).write(keys, values, now_ns=time.time_ns())
+
+    def save_snapshot(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store.save(self.snapshot_path)
+
+    def read_rows(self, table: str, keys: np.ndarray) -> dict:
+        values, versions, found = self.store.table(table).lookup(keys)
+        return {
+            "table": table,
+            "rows": [
+                {"key": int(k), "found": bool(f), "version": int(v), "value": val.tolist()}
+                if f
+                else {"key": int(k), "found": False}
+                for k, f, v, val in zip(keys, found, versions, values, strict=True)
+            ],
+        }
+
+    def status(self) -> dict:
+        tables = {}
+        for name, t in self.store.tables.items():
+            st = t.statistics()
+            tables[name] = {
+                "rows": t.rows,
+                "dim": t.dim,
+                "shards": t.num_shards,
+                "digest": f"{t.digest():016x}",
+                "knowledge": {
+                    "high": int(t.knowledge[:, 0].sum()),
+                    "low": int(t.knowledge[:, 1].sum()),
+                    "min_shard": int(t.knowledge.min()) if t.num_shards else 0,
+                },
+                "cache_hits": st.cache_hits,
+                "full_scans": st.full_scans,
+            }
+        return {
+            "node": self.name,
+            "dc": self.dc,
+            "role": self.role,
+            "upstream": self.upstream_name,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "catalog_version": self.store.catalog_version,
+            "tables": tables,
+            "latency": self.latency.summary(),
+            "links": {k: vars(v) for k, v in self.links.items()},
+        }

@@ -1,0 +1,144 @@
+"""Start, stop, kill and restart node processes of a local cluster (``ekko up``, tests, benches).
+
+Each node is a real ``ekko node`` subprocess; readiness is the node's ``EKKO-READY`` line on
+stdout, awaited with a deadline. stderr goes to ``data/<node>.log`` beside the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ekko.node.config import ClusterConfig, load_config
+from ekko.node.runner import READY_MARK
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """A node did not come up (it exited, or was not ready in time); names the node and log."""
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(READY_MARK):
+                self.ready.set()
+        self.ready.set()  # EOF: whoever waits must look at the exit code
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class LocalCluster:
+    """The processes of one cluster config on this machine."""
+
+    def __init__(self, config_path: Path, *, writer_args: list[str] | None = None) -> None:
+        self.config_path = Path(config_path).resolve()
+        self.config: ClusterConfig = load_config(self.config_path)
+        self.base_dir = self.config_path.parent
+        self.log_dir = self.config.path(self.config.cluster.data_dir, self.base_dir)
+        self.writer_args = writer_args or []
+        self.procs: dict[str, NodeProcess] = {}
+
+    def start(self, names: list[str] | None = None, timeout: float = 60.0) -> None:
+        names = names or [n.name for n in self.config.nodes]
+        for name in names:
+            self._spawn(name)
+        for name in names:
+            self.wait_ready(name, timeout)
+
+    def _spawn(self, name: str) -> NodeProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        cmd = [sys.executable, "-m", "ekko", "node", "--config", str(self.config_path),
+               "--name", name]
+        if name == self.config.source.name:
+            cmd += self.writer_args
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "ab") as err:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                start_new_session=True,
+            )
+        np_ = NodeProcess(name, proc, log_path)
+        threading.Thread(target=np_._read_stdout, daemon=True).start()
+        self.procs[name] = np_
+        return np_
+
+    def wait_ready(self, name: str, timeout: float = 60.0) -> None:
+        p = self.procs[name]
+        if not p.ready.wait(timeout) or not p.alive:
+            tail = p.log_path.read_text(errors="replace")[-2000:] if p.log_path.exists() else ""
+            raise LaunchError(
+                f"node {name} not ready after {timeout}s (exit code {p.proc.poll()}); "
+                f"log {p.log_path}:\n{tail}"
+            )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: no snapshot, no goodbye."""
+        p = self.procs[name]
+        p.proc.send_signal(signal.SIGKILL)
+        p.proc.wait(10)
+
+    def stop(self, name: str, timeout: float = 15.0) -> int:
+        p = self.procs[name]
+        if p.alive:
+            p.proc.send_signal(signal.SIGTERM)
+            try:
+                p.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("node %s ignored SIGTERM for %ss; killing", name, timeout)
+                p.proc.kill()
+                p.proc.wait(10)
+        return p.proc.returncode
+
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        if self.procs[name].alive:
+            self.stop(name)
+        self._spawn(name)
+        self.wait_ready(name, timeout)
+
+    def stop_all(self) -> dict[str, int]:
+        for p in self.procs.values():
+            if p.alive:
+                p.proc.send_signal(signal.SIGTERM)
+        return {name: self.stop(name) for name in list(self.procs)}
+
+    # -- admin API helpers --------------------------------------------------------------
+
+    def url(self, name: str, path: str) -> str:
+        n = self.config.node(name)
+        return f"http://{n.host}:{n.admin_port}{path}"
+
+    def get(self, name: str, path: str, timeout: float = 10.0) -> dict:
+        r = httpx.get(self.url(name, path), timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, name: str, path: str, body: object, timeout: float = 10.0) -> httpx.Response:
+        return httpx.post(self.url(name, path), content=json.dumps(body), timeout=timeout,
+                          headers={"content-type": "application/json"})
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()

@@ -1,0 +1,110 @@
+"""Prometheus export of a node's statistics, read at scrape time.
+
+Nothing on the sync hot path touches a Prometheus object: the collector turns the stats the
+node already keeps (store statistics, link counters, the latency histogram) into metric
+families when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import CollectorRegistry
+
+from ekko.node.core import NodeCore
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10)
+
+
+class NodeCollector:
+    """Yields a node's metrics; registered on the node's own registry."""
+
+    def __init__(self, core: NodeCore, extra: list | None = None) -> None:
+        self.core = core
+        self.extra = extra or []
+
+    def collect(self) -> Iterator[Metric]:
+        core = self.core
+        labels = {"node": core.name, "dc": core.dc, "role": core.role}
+        lk, lv = list(labels), list(labels.values())
+
+        h = core.latency
+        edges_s = h.edges_ms / 1000.0
+        cum = np.cumsum(h.counts)
+        buckets = []
+        for b in LATENCY_BUCKETS_S:
+            idx = int(np.searchsorted(edges_s, b, side="right")) - 1
+            buckets.append((str(b), float(cum[idx - 1]) if idx > 0 else 0.0))
+        buckets.append(("+Inf", float(h.count)))
+        hist = HistogramMetricFamily(
+            "ekko_update_latency_seconds",
+            "Write at the source to applied at this node",
+            labels=lk,
+        )
+        hist.add_metric(lv, buckets, h.total_ms / 1000.0)
+        yield hist
+
+        rows = CounterMetricFamily(
+            "ekko_pulled_rows", "Rows pulled per upstream link", labels=[*lk, "link"]
+        )
+        nbytes = CounterMetricFamily(
+            "ekko_pulled_bytes", "Row bytes pulled per upstream link", labels=[*lk, "link"]
+        )
+        for link, c in core.links.items():
+            rows.add_metric([*lv, link], c.rows)
+            nbytes.add_metric([*lv, link], c.bytes)
+        yield rows
+        yield nbytes
+
+        rs = core.responder.statistics()
+        yield _counter("ekko_served_rows", "Rows sent to pullers", lk, lv, rs.rows_sent)
+        yield _counter("ekko_served_bytes", "Row bytes sent to pullers", lk, lv, rs.bytes_sent)
+        yield _counter("ekko_pulls", "Pull requests answered or parked", lk, lv, rs.pulls)
+        yield _gauge("ekko_parked_pulls", "Long-polls waiting for a change", lk, lv, rs.parked)
+        yield _gauge("ekko_sessions", "Connected pullers", lk, lv, rs.sessions)
+
+        hits = CounterMetricFamily("ekko_cache_hits", "Pulls answered from the update cache",
+                                   labels=[*lk, "table"])
+        scans = CounterMetricFamily("ekko_full_scans", "Pulls answered by a full scan",
+                                    labels=[*lk, "table"])
+        tab_rows = GaugeMetricFamily("ekko_table_rows", "Rows held", labels=[*lk, "table"])
+        ratio = GaugeMetricFamily("ekko_cache_hit_ratio", "Cache hits / (hits + full scans)",
+                                  labels=[*lk, "table"])
+        for name, t in core.store.tables.items():
+            st = t.statistics()
+            hits.add_metric([*lv, name], st.cache_hits)
+            scans.add_metric([*lv, name], st.full_scans)
+            tab_rows.add_metric([*lv, name], st.rows)
+            total = st.cache_hits + st.full_scans
+            ratio.add_metric([*lv, name], st.cache_hits / total if total else 1.0)
+        yield hits
+        yield scans
+        yield tab_rows
+        yield ratio
+        for fn in self.extra:
+            yield from fn()
+
+
+def _counter(name: str, doc: str, lk: list[str], lv: list[str], value: float) -> Metric:
+    m = CounterMetricFamily(name, doc, labels=lk)
+    m.add_metric(lv, value)
+    return m
+
+
+def _gauge(name: str, doc: str, lk: list[str], lv: list[str], value: float) -> Metric:
+    m = GaugeMetricFamily(name, doc, labels=lk)
+    m.add_metric(lv, value)
+    return m
+
+
+def node_registry(core: NodeCore, extra: list | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(core, extra))
+    return registry

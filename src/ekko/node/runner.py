@@ -1,0 +1,372 @@
+"""One node process: a ``NodeCore`` driven by asyncio sockets, timers, signals and HTTP.
+
+The runner owns every piece of I/O: the sync listener (answering pullers through the
+responder), the upstream link (a puller with failover along the configured candidates),
+the admin/metrics HTTP server, periodic snapshots at the source, and a clean stop on
+SIGINT/SIGTERM. It prints one ``EKKO-READY`` line when it serves, so launchers and tests
+await readiness instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import uvicorn
+
+from ekko.net.errors import TransportError
+from ekko.net.transport import Connection, Listener, connect, serve
+from ekko.node.admin import admin_app, admin_routes
+from ekko.node.config import ClusterConfig, NodeConfig
+from ekko.node.core import LinkCounters, NodeCore
+from ekko.node.metrics import node_registry
+from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
+from ekko.protocol.messages import Message, PullResponse
+from ekko.protocol.puller import Puller
+from ekko.protocol.ready import Ready
+
+log = logging.getLogger(__name__)
+
+READY_MARK = "EKKO-READY"
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our event loop: the node, not uvicorn, owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Timer:
+    """One rescheduleable wake-up on the loop, at a wall-clock time from ``Ready.wake_at``."""
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self._fire = fire
+        self._handle: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+
+    def set(self, wake_at: float | None) -> None:
+        if wake_at is None or (self._at is not None and self._at <= wake_at and self._handle):
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._at = wake_at
+        self._handle = loop.call_at(loop.time() + max(0.0, wake_at - time.time()), self._run)
+
+    def _run(self) -> None:
+        self._handle = self._at = None
+        self._fire()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._at = None
+
+
+class Outbox:
+    """Messages for one connection, sent in order by one task (sends may wait on the WAN)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def put(self, msg: Message) -> None:
+        self.queue.put_nowait(msg)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self.conn.send(await self.queue.get())
+        except TransportError as exc:
+            log.info("send to %s stopped: %s", self.conn.peer, exc)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TransportError):
+            await self.task
+        with contextlib.suppress(TransportError, OSError):
+            await self.conn.close()
+
+
+class NodeRunner:
+    """Runs one node of ``config`` until stopped."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        name: str,
+        base_dir: Path,
+        *,
+        writer: SyntheticWriterConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.core = NodeCore(config, name, base_dir)
+        secret_path = config.path(config.cluster.secret_file, base_dir)
+        self.secret = secret_path.read_bytes().strip()
+        self.writer_config = writer
+        self.writer: SyntheticWriter | None = None
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._sessions: dict[int, Outbox] = {}
+        self._session_ids = itertools.count(1)
+        self._responder_timer = Timer(self._responder_tick)
+        self._tasks: list[asyncio.Task] = []
+        self._listener: Listener | None = None
+        self.extra_metrics: list = []
+        self.extra_status: Callable[[], dict] | None = None
+        self.extra_routes: list = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        node = self.core.node
+        self._listener = await serve(
+            node.host,
+            node.sync_port,
+            node=self.core.name,
+            secret=self.secret,
+            on_connection=self._serve_session,
+            wan_for=lambda peer: self._wan(peer),
+            compress=self.config.sync.compress,
+        )
+        registry = node_registry(self.core, self.extra_metrics)
+        routes = admin_routes(self.core, registry, self.notify_written, self._status_extra)
+        app = admin_app([*self.extra_routes, *routes])
+        server = EmbeddedServer(
+            uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        )
+        # Bound before serving: the port accepts (into the backlog) from the first moment.
+        admin_sock = socket.create_server((node.host, node.admin_port), reuse_port=False)
+        self._tasks.append(loop.create_task(server.serve(sockets=[admin_sock])))
+        upstream_ready = asyncio.Event()
+        if self.core.is_source:
+            upstream_ready.set()
+            if self.config.sync.snapshot_interval_s > 0:
+                self._tasks.append(loop.create_task(self._snapshots()))
+        else:
+            self._tasks.append(loop.create_task(self._upstream(upstream_ready)))
+        if self.writer_config is not None and self.core.is_source:
+            dims = {n: t.dim for n, t in self.core.store.tables.items()}
+            self.writer = SyntheticWriter(
+                self.writer_config, self.core.write, dims, self.notify_written
+            )
+            self.writer.start()
+        await self._wait_either(upstream_ready)
+        if not self._stop.is_set():
+            self.ready.set()
+            print(f"{READY_MARK} {json.dumps(self._ready_doc())}", flush=True)
+            log.info("node %s ready (%s in %s)", self.core.name, self.core.role, self.core.dc)
+        await self._stop.wait()
+        await self._shutdown(server)
+
+    def _ready_doc(self) -> dict:
+        n = self.core.node
+        return {"node": n.name, "role": self.core.role, "dc": n.dc,
+                "sync_port": self._listener.port if self._listener else n.sync_port,
+                "admin_port": n.admin_port}
+
+    async def _wait_either(self, event: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stop.wait())]
+        _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for p in pending:
+            p.cancel()
+
+    async def _shutdown(self, server: EmbeddedServer) -> None:
+        log.info("node %s stopping", self.core.name)
+        if self.writer is not None:
+            await self.writer.stop()
+        if self.core.is_source:
+            self.core.save_snapshot()
+            log.info("source snapshot saved to %s", self.core.snapshot_path)
+        self._responder_timer.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        for outbox in list(self._sessions.values()):
+            await outbox.close()
+        server.should_exit = True
+        for t in self._tasks:
+            if t.get_coro().__name__ != "serve":
+                t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _status_extra(self) -> dict:
+        doc: dict = {"ready": self.ready.is_set()}
+        if self.writer is not None:
+            doc["writer_rows"] = self.writer.rows_written
+        if self.extra_status is not None:
+            doc.update(self.extra_status())
+        return doc
+
+    def _wan(self, peer: str):
+        try:
+            return self.config.wan(self.core.name, peer)
+        except ValueError:
+            return None
+
+    # -- answering pullers ----------------------------------------------------------------
+
+    def notify_written(self) -> None:
+        """The store moved (a local write or applied rows): wake parked pulls."""
+        self._dispatch(self.core.responder.store_changed(time.time()))
+
+    def _dispatch(self, ready: Ready) -> None:
+        for sid, msg in ready.sends:
+            outbox = self._sessions.get(sid)
+            if outbox is not None:
+                outbox.put(msg)
+        self._responder_timer.set(ready.wake_at)
+
+    def _responder_tick(self) -> None:
+        self._dispatch(self.core.responder.tick(time.time()))
+
+    async def _serve_session(self, conn: Connection) -> None:
+        sid = next(self._session_ids)
+        self._sessions[sid] = outbox = Outbox(conn)
+        log.info("puller %s connected (session %d)", conn.peer, sid)
+        try:
+            while True:
+                msg = await conn.recv()
+                self._dispatch(self.core.responder.receive(sid, msg, time.time()))
+        except TransportError as exc:
+            log.info("puller %s session %d ended: %s", conn.peer, sid, exc)
+        finally:
+            self.core.responder.close_session(sid)
+            self._sessions.pop(sid, None)
+            await outbox.close()
+
+    # -- pulling from upstream ----------------------------------------------------------
+
+    async def _upstream(self, first_ready: asyncio.Event) -> None:
+        candidates = self.config.upstreams(self.core.name)
+        sync = self.config.sync
+        while not self._stop.is_set():
+            connected = False
+            for i, peer in enumerate(candidates):
+                conn = await self._try_connect(peer)
+                if conn is None:
+                    continue
+                connected = True
+                first_ready.set()
+                await self._pull_link(conn, peer, candidates[:i])
+                break
+            if not connected:
+                log.warning("no upstream of %s reachable; retrying", self.core.name)
+                await asyncio.sleep(sync.failover_probe_s / 4)
+
+    async def _try_connect(self, peer: NodeConfig) -> Connection | None:
+        try:
+            return await connect(
+                peer.host,
+                peer.sync_port,
+                node=self.core.name,
+                secret=self.secret,
+                wan=self._wan(peer.name),
+                compress=self.config.sync.compress,
+                timeout=self.config.sync.connect_timeout_s,
+            )
+        except (TimeoutError, OSError, TransportError) as exc:
+            log.info("upstream %s unreachable: %s", peer.name, exc)
+            return None
+
+    async def _pull_link(
+        self, conn: Connection, peer: NodeConfig, preferred: list[NodeConfig]
+    ) -> None:
+        """Pull from ``peer`` until the link breaks or a preferred upstream is back."""
+        self.core.upstream_name = peer.name
+        counters = self.core.links.setdefault(peer.name, LinkCounters())
+        log.info("%s pulling from %s", self.core.name, peer.name)
+        puller = Puller(self.core.store, self.core.puller_config(), self.core.latency)
+        outbox = Outbox(conn)
+        timer = Timer(lambda: handle(puller.tick(time.time())))
+
+        def handle(ready: Ready) -> None:
+            for _link, msg in ready.sends:
+                outbox.put(msg)
+            timer.set(ready.wake_at)
+
+        probe = (
+            asyncio.get_running_loop().create_task(self._probe(preferred)) if preferred else None
+        )
+        handle(puller.start(time.time()))
+        try:
+            while True:
+                recv = asyncio.ensure_future(conn.recv())
+                waits = {recv} | ({probe} if probe else set())
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if recv not in done:
+                    recv.cancel()
+                    log.info("%s returns to preferred upstream", self.core.name)
+                    return
+                msg = recv.result()
+                handle(puller.receive(msg, time.time()))
+                if isinstance(msg, PullResponse) and msg.chunks:
+                    counters.responses += 1
+                    counters.rows += sum(c.rows for c in msg.chunks)
+                    counters.bytes += sum(c.nbytes for c in msg.chunks)
+                    self.notify_written()
+        except TransportError as exc:
+            log.warning("%s lost upstream %s: %s", self.core.name, peer.name, exc)
+        finally:
+            timer.cancel()
+            if probe is not None:
+                probe.cancel()
+            self.core.upstream_name = None
+            await outbox.close()
+
+    async def _probe(self, preferred: list[NodeConfig]) -> None:
+        """Return once a preferred upstream accepts a connection again."""
+        while True:
+            await asyncio.sleep(self.config.sync.failover_probe_s)
+            for peer in preferred:
+                conn = await self._try_connect(peer)
+                if conn is not None:
+                    with contextlib.suppress(TransportError, OSError):
+                        await conn.close()
+                    return
+
+    # -- source snapshots ---------------------------------------------------------------
+
+    async def _snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sync.snapshot_interval_s)
+            try:
+                self.core.save_snapshot()
+            except OSError as exc:
+                log.error("snapshot failed (%s); the previous snapshot is kept", exc)
+
+
+def run_node(
+    config: ClusterConfig,
+    name: str,
+    base_dir: Path,
+    *,
+    writer: SyntheticWriterConfig | None = None,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+    )
+    from ekko.store import warm
+
+    warm()
+    asyncio.run(NodeRunner(config, name, base_dir, writer=writer).run())

@@ -1,0 +1,76 @@
+"""Cluster config: validated in one place, errors name the field; topology derived from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ekko.node.cluster_init import cluster_doc, write_cluster
+from ekko.node.config import ClusterConfig, ConfigError, load_config
+
+
+def _doc(**kw):
+    return cluster_doc(dcs=3, replicas=2, wan_delay_ms=[25, 50, 100], **kw)
+
+
+def test_generated_cluster_roundtrips_and_has_roles(tmp_path: Path):
+    path = write_cluster(_doc(wan_mbit=100), tmp_path / "cluster.toml")
+    cfg = load_config(path)
+    assert (tmp_path / "cluster.secret").stat().st_mode & 0o777 == 0o600
+    assert cfg.source.name == "source"
+    assert [cfg.role(n) for n in ("source", "dc1-r0", "dc1-r1")] == [
+        "source", "leader", "follower"]
+    ports = [p for n in cfg.nodes for p in (n.sync_port, n.admin_port)]
+    assert len(set(ports)) == len(ports)
+
+
+def test_upstreams_failover_order_and_wan_profiles():
+    cfg = ClusterConfig.model_validate(_doc(wan_mbit=100))
+    assert [n.name for n in cfg.upstreams("dc1-r0")] == ["source"]
+    assert [n.name for n in cfg.upstreams("dc1-r1")] == ["dc1-r0", "source"]
+    assert cfg.upstreams("source") == []
+    assert cfg.wan("dc3-r0", "source").delay_ms == 100
+    assert cfg.wan("dc1-r0", "dc3-r1").delay_ms == 125
+    assert cfg.wan("dc1-r0", "dc1-r1") is None
+    no_leader = ClusterConfig.model_validate(_doc(sync={"use_dc_leader": False}))
+    assert [n.name for n in no_leader.upstreams("dc1-r1")] == ["source"]
+
+
+def test_relay_tree_pulls_from_other_dc_leader():
+    doc = _doc()
+    doc["dcs"][3]["upstream_dc"] = "dc1"
+    cfg = ClusterConfig.model_validate(doc)
+    assert [n.name for n in cfg.upstreams("dc3-r0")] == ["dc1-r0", "dc1-r1", "source"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda d: d["nodes"][1].update(dc="mars"), "unknown DC 'mars'"),
+        (lambda d: d["nodes"].append(dict(d["nodes"][1])), "duplicate names"),
+        (lambda d: d["dcs"][1].update(training=True), "exactly one DC"),
+        (lambda d: d["tables"][0].update(dim=0), "tables.0.dim"),
+        (lambda d: d["sync"].update(windw=3), "windw"),
+        (lambda d: d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(
+            upstream_dc="dc1"), "relay cycle"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path: Path, mutate, needle):
+    doc = _doc()
+    mutate(doc)
+    path = tmp_path / "bad.toml"
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(doc))
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(path)
+
+
+def test_unparseable_and_missing_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
