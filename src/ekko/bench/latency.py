@@ -1,0 +1,74 @@
+"""``ekko bench latency``: write at the source → visible at every replica, per DC.
+
+3 inference DCs with one-way WAN delays 25/50/100 ms, 2 replicas each (leader + follower),
+a synthetic stream of 100 k row-updates/s (dim 32). Several measurement blocks; the figures
+are medians over blocks. The WAN delay is the floor; the bar is p99 <= delay + 25 ms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from ekko.bench.cluster_run import RunSpec, run_cluster
+from ekko.bench.report import median, write_result
+
+console = Console(stderr=True)
+
+
+def run(*, quick: bool = False, out: Path | None = None, rate: float = 100_000.0) -> dict:
+    blocks = 2 if quick else 4
+    spec = RunSpec(rate=rate, warm_s=4 if quick else 6, measure_s=6 if quick else 12)
+    runs = []
+    for b in range(blocks):
+        console.print(f"[latency] block {b + 1}/{blocks}: {rate:.0f} rows/s")
+        runs.append(run_cluster(spec, progress=_progress(b, blocks)))
+    per_dc = []
+    for i, first in enumerate(runs[0]["per_dc"]):
+        per_dc.append({
+            "dc": first["dc"],
+            "one_way_delay_ms": first["one_way_delay_ms"],
+            "p50_ms": median([r["per_dc"][i]["p50_ms"] for r in runs]),
+            "p99_ms": median([r["per_dc"][i]["p99_ms"] for r in runs]),
+            "followers_p99_ms": median([r["per_dc"][i]["followers_p99_ms"] for r in runs]),
+            "p99_ms_blocks": [r["per_dc"][i]["p99_ms"] for r in runs],
+        })
+    summary: dict[str, Any] = {
+        "rate_rows_per_s": median([r["rate_rows_per_s"] for r in runs]),
+        "per_dc": per_dc,
+        "p99_over_delay_ms_max": max(d["p99_ms"] - d["one_way_delay_ms"] for d in per_dc),
+        "bar_p99_le_delay_plus_25ms": all(
+            d["p99_ms"] <= d["one_way_delay_ms"] + 25 for d in per_dc
+        ),
+        "bar_followers_le_leader_plus_10ms": all(
+            d["followers_p99_ms"] <= d["p99_ms"] + 10 for d in per_dc
+        ),
+    }
+    inputs = {"spec": vars(spec) | {"sync": dict(spec.sync)}, "blocks": blocks, "quick": quick}
+    write_result("latency", inputs, summary, {"runs": runs}, out, lambda fig: _plot(fig, per_dc))
+    return {"summary": summary}
+
+
+def _progress(block: int, blocks: int):
+    def show(label: str, left: float) -> None:
+        console.print(f"  block {block + 1}/{blocks} {label}: {left:.0f}s left", end="\r")
+
+    return show
+
+
+def _plot(fig, per_dc: list[dict]) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(per_dc))
+    delay = [d["one_way_delay_ms"] for d in per_dc]
+    ax.bar(x - 0.2, [d["p50_ms"] for d in per_dc], 0.4, label="p50")
+    ax.bar(x + 0.2, [d["p99_ms"] for d in per_dc], 0.4, label="p99")
+    ax.scatter(x, delay, color="k", marker="_", s=900, label="one-way WAN delay", zorder=3)
+    ax.scatter(x, [v + 25 for v in delay], color="r", marker="_", s=900,
+               label="bar: delay + 25 ms", zorder=3)
+    ax.set_xticks(x, [f"{d['dc']} ({d['one_way_delay_ms']:.0f} ms)" for d in per_dc])
+    ax.set_ylabel("update latency, ms (write at source → applied at replica)")
+    ax.set_title("Ekko update latency per data centre")
+    ax.legend()
