@@ -48,6 +48,7 @@ def _deliver(chunks: list[Chunk]) -> Store:
     store = Store()
     store.create_table(SPEC)
     puller = Puller(store, PullerConfig(), LatencyHistogram())
+    puller.start(now=0.0)  # the session's restatement is sent; gaps are now held, not reset
     for i, c in enumerate(chunks):
         puller.receive(PullResponse(i, 0, [c]), now=0.0)
     return store

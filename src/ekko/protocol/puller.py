@@ -140,7 +140,7 @@ class Puller:
             self._restate_all = True
         gap_s = self.config.gap_timeout_ms / 1000
         for key, pend in self._pending.items():
-            if pend and now - pend[0].since >= gap_s:
+            if pend and now >= pend[0].since + gap_s:  # same sum as _wake_at: no float gap
                 self._resync.add(key)
         return self._fill(now)
 
@@ -214,9 +214,11 @@ class Puller:
         times = [f.deadline for f in self._in_flight.values()]
         if self._next_poll is not None and not self._in_flight:
             times.append(self._next_poll)
-        for pend in self._pending.values():
-            if pend:
-                times.append(pend[0].since + self.config.gap_timeout_ms / 1000)
+        if not self._restate_all:
+            # A gap already queued for resync waits for a free window slot, not for time.
+            for key, pend in self._pending.items():
+                if pend and key not in self._resync:
+                    times.append(pend[0].since + self.config.gap_timeout_ms / 1000)
         if extra is not None:
             times.append(extra)
         return min(times) if times else None
