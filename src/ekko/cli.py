@@ -19,7 +19,7 @@ cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=T
 app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
-BENCHES = ("apply", "churn", "latency", "ablation", "train")
+BENCHES = ("apply", "churn", "latency", "ablation", "serve")
 
 
 def _floats(raw: str | None) -> list[float] | None:
@@ -133,6 +133,22 @@ def up(
     bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
     if bad:
         console.print(f"[yellow]nodes exited uncleanly: {bad}[/yellow]")
+
+
+@app.command()
+def demo(
+    duration: float = typer.Option(30.0, help="Seconds to run."),
+    rate: float = typer.Option(20_000.0, help="Synthetic row updates/s at the source."),
+    workdir: Path = typer.Option(Path("data/demo"), help="Where the demo cluster lives."),
+) -> None:
+    """Live sync demo: a generated 3-DC cluster (WAN 25/50/100 ms) under a synthetic writer."""
+    from ekko.node.cluster_init import cluster_doc, write_cluster
+
+    doc = cluster_doc(dcs=3, replicas=2, wan_delay_ms=[25.0, 50.0, 100.0])
+    config = write_cluster(doc, workdir / "cluster.toml")
+    console.print(f"demo cluster: {config}; {rate:.0f} rows/s for {duration:.0f} s")
+    up(config=config, writer_rate=rate, writer_batch_ms=10.0, writer_key_space=1_000_000,
+       duration=duration, report_every=2.0)
 
 
 def _print_summary(summary: dict) -> None:
