@@ -62,10 +62,13 @@ class LatencyHistogram:
         h.total_ms = float(d["total_ms"])
         return h
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
+        """Count and quantiles; ``None`` (JSON null) rather than NaN while empty."""
+        if self.count == 0:
+            return {"count": 0, "p50_ms": None, "p99_ms": None, "mean_ms": None}
         return {
             "count": self.count,
             "p50_ms": self.quantile(0.5),
             "p99_ms": self.quantile(0.99),
-            "mean_ms": self.total_ms / self.count if self.count else float("nan"),
+            "mean_ms": self.total_ms / self.count,
         }
