@@ -109,3 +109,14 @@ def test_rows_api_reads_values_and_rejects_bad_input(make_cluster):
     metrics = __import__("httpx").get(cluster.url("dc1-r0", "/metrics")).text
     assert "ekko_update_latency_seconds_bucket" in metrics
     assert "ekko_pulled_rows_total" in metrics
+    source_metrics = __import__("httpx").get(cluster.url("source", "/metrics")).text
+    assert _knowledge(metrics) == _knowledge(source_metrics) > 0  # converged: zero lag
+
+
+def _knowledge(metrics_text: str) -> float:
+    import re
+
+    found = re.search(r'^ekko_knowledge_versions\{[^}]*table="emb"[^}]*\} (\S+)$', metrics_text,
+                      re.MULTILINE)
+    assert found, "ekko_knowledge_versions missing from /metrics"
+    return float(found.group(1))

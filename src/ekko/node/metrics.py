@@ -77,7 +77,14 @@ class NodeCollector:
         tab_rows = GaugeMetricFamily("ekko_table_rows", "Rows held", labels=[*lk, "table"])
         ratio = GaugeMetricFamily("ekko_cache_hit_ratio", "Cache hits / (hits + full scans)",
                                   labels=[*lk, "table"])
+        known = GaugeMetricFamily(
+            "ekko_knowledge_versions",
+            "Sum of per-shard knowledge; the source's value minus a replica's is its lag in "
+            "row versions",
+            labels=[*lk, "table"],
+        )
         for name, t in core.store.tables.items():
+            known.add_metric([*lv, name], float(t.knowledge.max(axis=1).sum()))
             st = t.statistics()
             hits.add_metric([*lv, name], st.cache_hits)
             scans.add_metric([*lv, name], st.full_scans)
@@ -88,6 +95,7 @@ class NodeCollector:
         yield scans
         yield tab_rows
         yield ratio
+        yield known
         for fn in self.extra:
             yield from fn()
 
