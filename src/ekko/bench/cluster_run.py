@@ -80,13 +80,18 @@ def _wait_caught_up(cluster: LocalCluster, prefill: int, progress, limit_s: floa
     names = [n for n in cluster.procs if n != "source"]
     while prefill and time.monotonic() - t0 < limit_s:
         behind = [n for n in names
-                  if cluster.get(n, "/v1/status", timeout=60)["tables"]["emb"]["rows"] < prefill]
+                  if _rows(cluster, n) < prefill]
         if not behind:
             break
         if progress is not None:
             progress(f"catch-up ({len(behind)} behind)", limit_s - (time.monotonic() - t0))
         time.sleep(0.5)
     return time.monotonic() - t0
+
+
+def _rows(cluster: LocalCluster, name: str) -> int:
+    tables = cluster.get(name, "/v1/status", timeout=60)["tables"]
+    return int(tables.get("emb", {}).get("rows", 0))  # absent until the first catalog
 
 
 def _cpu(p: psutil.Process) -> float:
