@@ -153,7 +153,7 @@ def demo(
 
 def _print_summary(summary: dict) -> None:
     t = RichTable(title="update latency per DC (write at source → applied)")
-    for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "rows/s"):
+    for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "WAN rows/s"):
         t.add_column(col)
     for row in summary.get("per_dc", []):
         t.add_row(row["dc"], f"{row['one_way_delay_ms']:.0f}", f"{row['p50_ms']:.1f}",

@@ -90,7 +90,7 @@ def watch(
                 rates[dc] = (total - last_rows.get(dc, 0)) / max(1e-9, now_t - last_t)
             last_rows, last_t = now_rows, now_t
             t = RichTable(title=f"ekko cluster · {time.monotonic() - started:.0f}s")
-            for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "followers p99", "rows/s"):
+            for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "followers p99", "WAN rows/s"):
                 t.add_column(col)
             for r in rows:
                 t.add_row(r["dc"], f"{r['one_way_delay_ms']:.0f}", f"{r['p50_ms']:.1f}",
