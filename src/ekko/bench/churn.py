@@ -10,7 +10,6 @@ unchanged. Medians over blocks.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -124,14 +123,3 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
     path = write_result("churn", inputs, summary, details, out, plot)
     return {"summary": summary, "details": details, "inputs": inputs, "path": str(path)}
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    print(run(quick=args.quick, out=args.out)["summary"])
-
-
-if __name__ == "__main__":
-    main()
