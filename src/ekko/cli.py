@@ -19,7 +19,8 @@ cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=T
 app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
-BENCHES = ("apply", "churn", "latency", "ablation", "serve")
+# "serve" (ekko/bench/serve.py) joins once the node runner mounts the inference API (#3).
+BENCHES = ("apply", "churn", "latency", "ablation")
 
 
 def _floats(raw: str | None) -> list[float] | None:
@@ -51,7 +52,7 @@ def cluster_init(
     wan_delay_ms: str = typer.Option("25,50,100", help="One-way WAN delay per DC (ms)."),
     wan_mbit: float | None = typer.Option(None, help="WAN bandwidth cap per DC (Mbit/s)."),
     tables: str | None = typer.Option(None, help="NAME:DIM:SHARDS,... (default emb:32:16)."),
-    serve: bool = typer.Option(False, help="Run the inference API on replicas."),
+    serve: bool = typer.Option(False, help="Mark replicas to serve (not yet mounted: issue #3)."),
     out: Path = typer.Option(Path("cluster.toml"), help="Where to write the config."),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
