@@ -127,9 +127,9 @@ def up(
         summary = watch(cluster, stop, duration=duration, every=report_every, console=console)
     except LaunchError as exc:
         console.print(f"[red]{exc}[/red]")
-        cluster.stop_all()
         raise typer.Exit(1) from exc
-    codes = cluster.stop_all()
+    finally:
+        codes = cluster.stop_all()  # whatever went wrong here, no node is left running
     _print_summary(summary)
     bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
     if bad:
@@ -138,18 +138,27 @@ def up(
 
 @app.command()
 def demo(
-    duration: float = typer.Option(30.0, help="Seconds to run."),
-    rate: float = typer.Option(20_000.0, help="Synthetic row updates/s at the source."),
+    duration: float = typer.Option(60.0, help="Seconds of online traffic."),
+    rate: float = typer.Option(1024.0, help="Events/s predicted, labelled and trained."),
+    checkpoint_every: float = typer.Option(60.0, help="Full-copy interval of the checkpoint "
+                                                      "replica (the no-Ekko comparison)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the result JSON here "
+                                                              "(PNG beside it)."),
     workdir: Path = typer.Option(Path("data/demo"), help="Where the demo cluster lives."),
 ) -> None:
-    """Live sync demo: a generated 3-DC cluster (WAN 25/50/100 ms) under a synthetic writer."""
-    from ekko.node.cluster_init import cluster_doc, write_cluster
+    """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica."""
+    from ekko.demo.run import DemoSpec, run_demo
+    from ekko.node.launcher import LaunchError
 
-    doc = cluster_doc(dcs=3, replicas=2, wan_delay_ms=[25.0, 50.0, 100.0])
-    config = write_cluster(doc, workdir / "cluster.toml")
-    console.print(f"demo cluster: {config}; {rate:.0f} rows/s for {duration:.0f} s")
-    up(config=config, writer_rate=rate, writer_batch_ms=10.0, writer_key_space=1_000_000,
-       duration=duration, report_every=2.0)
+    spec = DemoSpec(duration_s=duration, rate=rate, checkpoint_every_s=checkpoint_every)
+    try:
+        doc = run_demo(spec, workdir, json_path=json_out, console=console)
+    except (LaunchError, TimeoutError) as exc:
+        console.print(f"[red]demo failed: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    if json_out is None:
+        json.dump(doc["summary"], sys.stdout, indent=2)
+        sys.stdout.write("\n")
 
 
 def _print_summary(summary: dict) -> None:

@@ -23,7 +23,7 @@ equally often). Log loss, CTR and calibration are exact sums.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -81,6 +81,15 @@ class QualitySnapshot:
             "ctr": self.ctr,
         }
         return {metric_name(model, variant, k, window): v for k, v in values.items()}
+
+    def as_json(self) -> dict[str, float | int | None]:
+        """Every field, JSON-safe: NaN and inf (undefined, unbounded) become None."""
+        out: dict[str, float | int | None] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None
+            out[key] = value
+        return out
 
 
 class _Sums:

@@ -150,6 +150,15 @@ def admin_routes(
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    @guarded
+    async def snapshot(request: Request) -> Response:
+        if not core.is_source:
+            raise NotSourceError(
+                f"node {core.name!r} is a {core.role}; full copies come from the source "
+                f"{core.config.source.name!r}"
+            )
+        return Response(core.export_snapshot(), media_type="application/octet-stream")
+
     return [
         Route("/v1/status", status),
         Route("/v1/tables/{table}/rows", get_rows, methods=["GET"]),
@@ -158,6 +167,7 @@ def admin_routes(
         Route("/v1/latency/reset", reset_latency, methods=["POST"]),
         Route("/health", health),
         Route("/metrics", metrics),
+        Route("/v1/snapshot", snapshot, methods=["GET"]),
     ]
 
 

@@ -42,14 +42,20 @@ def cluster_doc(
     serve: bool = False,
     sync: dict[str, Any] | None = None,
     name: str = "ekko-local",
+    models: list[dict[str, Any]] | None = None,
+    checkpoint_every_s: float | None = None,
 ) -> dict[str, Any]:
-    """The TOML document of a training DC (one source) and ``dcs`` inference DCs."""
+    """The TOML document of a training DC (one source) and ``dcs`` inference DCs.
+
+    ``models``: ``[[models]]`` entries (served by replicas when ``serve``, trained at the
+    source). ``checkpoint_every_s``: add DC ``ckpt`` (WAN like the first DC) with one serving
+    replica refreshed only by a full copy of the source that often, the no-Ekko comparison."""
     if dcs < 1 or replicas < 1:
         raise ValueError(f"need dcs >= 1 and replicas >= 1, got dcs={dcs} replicas={replicas}")
     delays = list(wan_delay_ms or DEFAULT_DELAYS_MS)
     if len(delays) < dcs:
         delays = [delays[i % len(delays)] for i in range(dcs)]
-    ports = free_ports(2 * (1 + dcs * replicas))
+    ports = free_ports(2 * (2 + dcs * replicas))
     doc: dict[str, Any] = {
         "cluster": {"name": name, "secret_file": "cluster.secret", "data_dir": "data"},
         "dcs": [{"name": "train", "training": True}],
@@ -57,10 +63,14 @@ def cluster_doc(
             {"name": "source", "dc": "train", "sync_port": ports.pop(), "admin_port": ports.pop()}
         ],
         "tables": [
-            {"name": n, "dim": d, "shards": s} for n, d, s in (tables or [("emb", 32, 16)])
+            {"name": n, "dim": d, "shards": s} for n, d, s in (
+                tables if tables is not None else [] if models else [("emb", 32, 16)]
+            )
         ],
         "sync": sync or {},
     }
+    if models:
+        doc["models"] = models
     for i in range(dcs):
         dc: dict[str, Any] = {"name": f"dc{i + 1}", "wan_delay_ms": float(delays[i])}
         if wan_mbit is not None:
@@ -76,6 +86,16 @@ def cluster_doc(
                     "serve": serve,
                 }
             )
+    if checkpoint_every_s is not None:
+        dc = {"name": "ckpt", "wan_delay_ms": float(delays[0])}
+        if wan_mbit is not None:
+            dc["wan_mbit"] = float(wan_mbit)
+        doc["dcs"].append(dc)
+        doc["nodes"].append(
+            {"name": "ckpt-r0", "dc": "ckpt", "sync_port": ports.pop(), "admin_port": ports.pop(),
+             "serve": serve, "refresh": "checkpoint",
+             "checkpoint_interval_s": float(checkpoint_every_s)}
+        )
     ClusterConfig.model_validate(doc)
     return doc
 

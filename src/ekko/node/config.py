@@ -47,6 +47,10 @@ class NodeConfig(_Strict):
     sync_port: int = Field(ge=0, le=65535)
     admin_port: int = Field(ge=0, le=65535)
     serve: bool = False
+    # "sync": pull every change (Ekko). "checkpoint": no sync; load a full copy of the source
+    # every checkpoint_interval_s, as deployments without Ekko do (the demo's comparison).
+    refresh: Literal["sync", "checkpoint"] = "sync"
+    checkpoint_interval_s: float = Field(60.0, gt=0)
 
 
 class TableConfig(_Strict):
@@ -67,10 +71,15 @@ class ModelConfig(_Strict):
     num_sparse: int = Field(26, gt=0)
     embedding_dim: int = Field(16, gt=0)
     rows_per_table: int = Field(100_000, gt=0)
-    bottom_mlp: tuple[int, ...] = (64, 16)
+    bottom_mlp: tuple[int, ...] | None = None  # default (64, embedding_dim)
     top_mlp: tuple[int, ...] = (64, 32, 1)
     baseline_share: float = Field(0.005, ge=0, lt=1)
     baseline_lag_s: float = Field(120.0, ge=0)
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    sparse_lr: float = Field(0.01, gt=0)
+    dense_lr: float = Field(0.001, gt=0)
+    embedding_shards: int = Field(16, gt=0, le=4096)
+    dense_interval_s: float = Field(1.0, ge=0)
 
     def dlrm(self):  # -> ekko.train.dlrm.DLRMConfig; imported lazily (torch is heavy)
         from ekko.train.dlrm import DLRMConfig
@@ -80,9 +89,22 @@ class ModelConfig(_Strict):
             num_sparse=self.num_sparse,
             embedding_dim=self.embedding_dim,
             rows_per_table=self.rows_per_table,
-            bottom_mlp=self.bottom_mlp,
+            bottom_mlp=self.bottom_mlp or (64, self.embedding_dim),
             top_mlp=self.top_mlp,
         )
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelConfig:
+        if self.bottom_mlp is not None and (
+            not self.bottom_mlp or self.bottom_mlp[-1] != self.embedding_dim
+        ):
+            raise ValueError(
+                f"models[{self.name}].bottom_mlp must end with embedding_dim="
+                f"{self.embedding_dim}, got {list(self.bottom_mlp)}"
+            )
+        if not self.top_mlp or self.top_mlp[-1] != 1:
+            raise ValueError(f"models[{self.name}].top_mlp must end with 1 (one logit)")
+        return self
 
 
 class SyncConfig(_Strict):
@@ -101,7 +123,7 @@ class SyncConfig(_Strict):
     connect_timeout_s: float = Field(1.0, gt=0)
 
 
-Role = Literal["source", "leader", "follower"]
+Role = Literal["source", "leader", "follower", "checkpoint"]
 
 
 class ClusterConfig(_Strict):
@@ -128,7 +150,11 @@ class ClusterConfig(_Strict):
         for d in self.dcs:
             if d.upstream_dc is not None and d.upstream_dc not in dc_names:
                 raise ValueError(f"dcs[{d.name}].upstream_dc: unknown DC {d.upstream_dc!r}")
-            if not self.dc_nodes(d.name):
+            if not self.dc_nodes(d.name) and (d.training or d.upstream_dc is not None or any(
+                x.upstream_dc == d.name for x in self.dcs
+            )):
+                raise ValueError(f"dcs[{d.name}]: has no syncing nodes")
+            if not any(n.dc == d.name for n in self.nodes):
                 raise ValueError(f"dcs[{d.name}]: has no nodes")
         self._check_relay_tree()
         return self
@@ -157,7 +183,8 @@ class ClusterConfig(_Strict):
         raise ConfigError(f"unknown node {name!r} (known: {[n.name for n in self.nodes]})")
 
     def dc_nodes(self, dc: str) -> list[NodeConfig]:
-        return [n for n in self.nodes if n.dc == dc]
+        """The syncing nodes of ``dc`` in config order (checkpoint-refreshed ones excluded)."""
+        return [n for n in self.nodes if n.dc == dc and n.refresh == "sync"]
 
     @property
     def training_dc(self) -> DcConfig:
@@ -169,6 +196,8 @@ class ClusterConfig(_Strict):
 
     def role(self, name: str) -> Role:
         node = self.node(name)
+        if node.refresh == "checkpoint":
+            return "checkpoint"
         if node.name == self.source.name:
             return "source"
         first = self.dc_nodes(node.dc)[0]
@@ -177,7 +206,7 @@ class ClusterConfig(_Strict):
     def upstreams(self, name: str) -> list[NodeConfig]:
         """Where ``name`` pulls from, in failover order: DC peers ahead of it, then the WAN."""
         node = self.node(name)
-        if self.role(name) == "source":
+        if self.role(name) in ("source", "checkpoint"):
             return []
         peers = self.dc_nodes(node.dc)
         ahead = peers[: peers.index(node)] if self.sync.use_dc_leader else []

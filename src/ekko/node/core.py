@@ -53,8 +53,14 @@ class NodeCore:
         self.data_dir = self.config.path(self.config.cluster.data_dir, self.base_dir) / self.name
         self.snapshot_path = self.data_dir / "store.snapshot"
         self.store = self._open_store()
+        self.responder = self._responder()
+        self.upstream_name: str | None = None
+        self.started_at = time.time()
+        self.copied_at: float | None = None  # checkpoint replicas: write time of the copy
+
+    def _responder(self) -> Responder:
         s = self.config.sync
-        self.responder = Responder(
+        return Responder(
             self.store,
             ResponderConfig(
                 use_shard_version=s.use_shard_version,
@@ -62,8 +68,6 @@ class NodeCore:
                 long_poll=s.wait_ms > 0,
             ),
         )
-        self.upstream_name: str | None = None
-        self.started_at = time.time()
 
     def _open_store(self) -> Store:
         cache = self.config.sync.cache_capacity
@@ -108,6 +112,24 @@ class NodeCore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store.save(self.snapshot_path)
 
+    def export_snapshot(self) -> bytes:
+        """A full copy of the store as snapshot bytes (what a checkpoint replica loads)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "export.snapshot"
+        self.store.save(path)
+        return path.read_bytes()
+
+    def load_copy(self, data: bytes, copied_at: float) -> Store:
+        """Replace the store by a full copy (snapshot bytes); the old one stays on error."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "copy.snapshot"
+        path.write_bytes(data)
+        store = Store.load(path, cache_capacity=self.config.sync.cache_capacity)
+        self.store = store
+        self.responder = self._responder()
+        self.copied_at = copied_at
+        return store
+
     def read_rows(self, table: str, keys: np.ndarray) -> dict:
         values, versions, found = self.store.table(table).lookup(keys)
         return {
@@ -143,6 +165,7 @@ class NodeCore:
             "role": self.role,
             "upstream": self.upstream_name,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "copied_at": self.copied_at,
             "catalog_version": self.store.catalog_version,
             "tables": tables,
             "latency": self.latency.summary(),

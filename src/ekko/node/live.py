@@ -29,7 +29,7 @@ def per_dc(cluster: LocalCluster) -> list[dict]:
     cfg = cluster.config
     out = []
     for dc in cfg.dcs:
-        if dc.training:
+        if dc.training or not cfg.dc_nodes(dc.name):
             continue
         merged, followers = LatencyHistogram(), LatencyHistogram()
         for n in cfg.dc_nodes(dc.name):
@@ -52,7 +52,7 @@ def per_dc(cluster: LocalCluster) -> list[dict]:
 def _rows_total(cluster: LocalCluster) -> dict[str, int]:
     out = {}
     for dc in cluster.config.dcs:
-        if dc.training:
+        if dc.training or not cluster.config.dc_nodes(dc.name):
             continue
         leader = cluster.config.dc_nodes(dc.name)[0].name
         try:

@@ -21,18 +21,25 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from ekko.net.errors import TransportError
 from ekko.net.transport import Connection, Listener, connect, serve
+from ekko.net.wan import WanLine
 from ekko.node.admin import admin_app, admin_routes
 from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
 from ekko.node.metrics import node_registry
+from ekko.node.models import ModelHost
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
 from ekko.protocol.messages import Message, PullResponse
 from ekko.protocol.puller import Puller
 from ekko.protocol.ready import Ready
+from ekko.store import SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +134,8 @@ class NodeRunner:
         self.extra_metrics: list = []
         self.extra_status: Callable[[], dict] | None = None
         self.extra_routes: list = []
+        self.models = ModelHost(self.core, self.notify_written)
+        self._copy_now = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -148,9 +157,11 @@ class NodeRunner:
             wan_for=lambda peer: self._wan(peer),
             compress=self.config.sync.compress,
         )
-        registry = node_registry(self.core, self.extra_metrics)
+        registry = node_registry(self.core, [*self.extra_metrics, *self.models.collectors()])
         routes = admin_routes(self.core, registry, self.notify_written, self._status_extra)
-        app = admin_app([*self.extra_routes, *routes])
+        if self.core.role == "checkpoint":
+            routes.append(Route("/v1/checkpoint/refresh", self._refresh_now, methods=["POST"]))
+        app = admin_app([*self.extra_routes, *self.models.routes(), *routes])
         server = EmbeddedServer(
             uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         )
@@ -160,8 +171,12 @@ class NodeRunner:
         upstream_ready = asyncio.Event()
         if self.core.is_source:
             upstream_ready.set()
+            self.models.start_training(loop)
             if self.config.sync.snapshot_interval_s > 0:
                 self._tasks.append(loop.create_task(self._snapshots()))
+        elif self.core.role == "checkpoint":
+            upstream_ready.set()
+            self._tasks.append(loop.create_task(self._checkpoint_copies()))
         else:
             self._tasks.append(loop.create_task(self._upstream(upstream_ready)))
         if self.writer_config is not None and self.core.is_source:
@@ -194,6 +209,9 @@ class NodeRunner:
         log.info("node %s stopping", self.core.name)
         if self.writer is not None:
             await self.writer.stop()
+        if self.models.trainers:
+            await asyncio.to_thread(self.models.stop)
+            await asyncio.sleep(0.05)  # let the trainers' last writes land on this loop
         if self.core.is_source:
             self.core.save_snapshot()
             log.info("source snapshot saved to %s", self.core.snapshot_path)
@@ -212,6 +230,7 @@ class NodeRunner:
         doc: dict = {"ready": self.ready.is_set()}
         if self.writer is not None:
             doc["writer_rows"] = self.writer.rows_written
+        doc.update(self.models.status())
         if self.extra_status is not None:
             doc.update(self.extra_status())
         return doc
@@ -342,6 +361,47 @@ class NodeRunner:
                     with contextlib.suppress(TransportError, OSError):
                         await conn.close()
                     return
+
+    # -- checkpoint replicas -------------------------------------------------------------
+
+    async def _checkpoint_copies(self) -> None:
+        """Load a full copy of the source every ``checkpoint_interval_s``: the refresh of a
+        deployment without Ekko. The copy crosses the emulated WAN as one transfer (delay plus
+        size over bandwidth); a failed copy keeps the previous one."""
+        src = self.config.source
+        url = f"http://{src.host}:{src.admin_port}/v1/snapshot"
+        wan = self._wan(src.name)
+        counters = self.core.links.setdefault(src.name, LinkCounters())
+        interval = self.core.node.checkpoint_interval_s
+        async with httpx.AsyncClient(timeout=max(30.0, interval)) as client:
+            while True:
+                started = time.time()
+                try:
+                    resp = await client.get(url)
+                    resp.raise_for_status()
+                    data = resp.content
+                    if wan is not None:
+                        await asyncio.sleep(WanLine(wan).delivery_time(0.0, len(data)))
+                    store = self.core.load_copy(data, started)
+                    self.models.replace_store(store)
+                    counters.responses += 1
+                    counters.bytes += len(data)
+                    counters.rows += sum(t.rows for t in store.tables.values())
+                    self.notify_written()
+                    log.info("%s loaded a full copy (%d bytes) from %s", self.core.name,
+                             len(data), src.name)
+                except (httpx.HTTPError, SnapshotError, OSError) as exc:
+                    log.warning("%s: copy from %s failed (%s); keeping the previous copy",
+                                self.core.name, src.name, exc)
+                self._copy_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    wait = max(0.0, interval - (time.time() - started))
+                    await asyncio.wait_for(self._copy_now.wait(), wait)
+
+    async def _refresh_now(self, request: Request) -> Response:
+        """Operator action: take the next full copy now rather than at the interval."""
+        self._copy_now.set()
+        return JSONResponse({"node": self.core.name, "refresh": "requested"}, status_code=202)
 
     # -- source snapshots ---------------------------------------------------------------
 

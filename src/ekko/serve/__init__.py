@@ -10,7 +10,13 @@ from ekko.serve.errors import ModelNotReady, ServeError, UnknownModel, UnknownVa
 from ekko.serve.metrics import serve_metrics
 from ekko.serve.replica import ReplicaModel, dense_shapes
 from ekko.serve.routes import serve_routes
-from ekko.serve.schema import MAX_BATCH, RequestError, decode_feedback, decode_predict
+from ekko.serve.schema import (
+    MAX_BATCH,
+    RequestError,
+    decode_feedback,
+    decode_predict,
+    decode_train,
+)
 from ekko.serve.service import (
     BASELINE,
     ONLINE,
@@ -42,6 +48,7 @@ __all__ = [
     "build_services",
     "decode_feedback",
     "decode_predict",
+    "decode_train",
     "dense_shapes",
     "serve_metrics",
     "serve_routes",

@@ -37,6 +37,7 @@ class _PredictBody(msgspec.Struct, forbid_unknown_fields=True):
     events: list[_Event] | None = None
     dense: list[list[float]] | None = None
     sparse: list[list[Int64]] | None = None
+    labels: list[Int64] | None = None
 
 
 class _Label(msgspec.Struct, forbid_unknown_fields=True):
@@ -85,6 +86,37 @@ def decode_predict(
     """``{"events": [{"dense": [...], "sparse": [...]}, ...]}`` or columnar
     ``{"dense": [[...], ...], "sparse": [[...], ...]}`` -> (float32 [B, N], int64 [B, F])."""
     req: _PredictBody = _decode(_PREDICT, body, '{"events": [{"dense": [...], "sparse": [...]}]}')
+    if req.labels is not None:
+        raise RequestError("labels: predict takes no labels; send them to feedback")
+    return _events(req, num_dense, num_sparse, max_batch)
+
+
+def decode_train(
+    body: bytes, num_dense: int, num_sparse: int, max_batch: int = MAX_BATCH
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled events for the trainer: the columnar predict body plus ``"labels": [0|1, ...]``
+    (one per event) -> (float32 [B, N], int64 [B, F], float32 [B])."""
+    req: _PredictBody = _decode(
+        _PREDICT, body, '{"dense": [[...]], "sparse": [[...]], "labels": [0, 1, ...]}'
+    )
+    if req.labels is None:
+        raise RequestError("labels: missing; training needs one 0/1 label per event")
+    dense, sparse = _events(req, num_dense, num_sparse, max_batch)
+    if len(req.labels) != dense.shape[0]:
+        raise RequestError(
+            f"labels: expected {dense.shape[0]} labels (one per event), got {len(req.labels)}"
+        )
+    labels = np.array(req.labels, dtype=np.int64)
+    bad = (labels != 0) & (labels != 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RequestError(f"labels[{i}]: expected 0 or 1, got {int(labels[i])}")
+    return dense, sparse, labels.astype(np.float32)
+
+
+def _events(
+    req: _PredictBody, num_dense: int, num_sparse: int, max_batch: int
+) -> tuple[np.ndarray, np.ndarray]:
     columnar = req.dense is not None or req.sparse is not None
     if req.events is not None and columnar:
         raise RequestError('body: send either "events" or "dense" + "sparse", not both')

@@ -9,15 +9,14 @@ compares the two (DESIGN.md §6).
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from ekko.guard.metrics import QualitySnapshot, WindowedQuality
+from ekko.guard.metrics import WindowedQuality
 from ekko.node.config import ModelConfig
 from ekko.serve.errors import ModelNotReady, ServeError, UnknownVariant
 from ekko.serve.pending import PendingPredictions
@@ -84,16 +83,6 @@ class _Variant:
         self.predictions = 0
 
 
-def _jsonable(snap: QualitySnapshot) -> dict[str, Any]:
-    """A snapshot as JSON-safe values: NaN and inf (undefined, unbounded) become None."""
-    out: dict[str, Any] = {}
-    for key, value in asdict(snap).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
-
-
 class InferenceService:
     """Serves one DLRM from a node's store and scores it from feedback.
 
@@ -146,6 +135,13 @@ class InferenceService:
         replica = ReplicaModel(store, self.config, f"{self.name}/{name}")
         self._variants[name] = _Variant(name, replica, self.window_s)
         self._variant_names.append(name)
+
+    def replace_store(self, store: Store, variant: str = ONLINE) -> None:
+        """Serve ``variant`` from ``store`` from now on; its counters and quality carry on.
+
+        A checkpoint-refreshed replica swaps in each full copy it loads this way."""
+        v = self._variant(variant)
+        v.replica = ReplicaModel(store, self.config, f"{self.name}/{variant}")
 
     @property
     def variants(self) -> list[str]:
@@ -238,8 +234,8 @@ class InferenceService:
         variants = {
             name: {
                 "predictions": v.predictions,
-                "window": _jsonable(v.quality.compute(now)),
-                "lifetime": _jsonable(v.quality.lifetime(now)),
+                "window": v.quality.compute(now).as_json(),
+                "lifetime": v.quality.lifetime(now).as_json(),
             }
             for name, v in self._variants.items()
         }

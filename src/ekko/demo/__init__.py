@@ -1,0 +1,1 @@
+"""The one-command demo: online DLRM training served fresh in three data centres."""

@@ -1,0 +1,204 @@
+"""The online trainer as a service: labelled event batches in, published rows out.
+
+The source node runs one ``TrainingService`` per configured model. Batches arrive (over
+HTTP, ``ekko.train.routes``) into a bounded queue; one worker thread trains on them in order
+and the publisher hands each step's changed rows to a ``Sink``. The node passes a sink that
+moves the writes onto its event loop, so the store is only ever touched by one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ekko.guard.metrics import WindowedQuality
+from ekko.train.dlrm import DLRM, DLRMConfig
+from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
+from ekko.train.sink import Sink
+from ekko.train.streams import Events
+from ekko.train.trainer import OnlineTrainer, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainerBusy(RuntimeError):
+    """The training queue is full: the caller should retry later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class TrainingStats:
+    """Counters of one training service, read by the status page and Prometheus."""
+
+    model: str
+    batches: int
+    events: int
+    queued: int
+    refused: int
+    train_seconds: float
+    publish_seconds: float
+    rows_published: int
+    last_loss: float
+    failed: str | None
+
+
+class TrainingService:
+    """Trains one DLRM online on the batches it is given and publishes every step.
+
+    Why a worker thread and a queue: a training step takes milliseconds to tens of
+    milliseconds of torch work; run on the node's event loop it would stall sync and HTTP.
+    The queue is bounded so a producer faster than the trainer gets ``TrainerBusy`` instead
+    of unbounded memory and ever-growing update latency.
+
+    Args:
+        name: the model's name (for logs and metrics).
+        config: DLRM shape.
+        sink: receives the published rows (called from the worker thread).
+        trainer: optimizer and learning rates.
+        embedding_shards: shards per embedding table in the store.
+        dense_interval_s: dense tensors are published at most this often.
+        max_queue: batches waiting at most; more raise ``TrainerBusy``.
+        window_s: span of the trainer's own windowed quality (pre-update predictions).
+        clock: monotonic seconds, for the quality windows.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: DLRMConfig,
+        sink: Sink,
+        *,
+        trainer: TrainerConfig | None = None,
+        embedding_shards: int = 16,
+        dense_interval_s: float = 1.0,
+        max_queue: int = 64,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.model = DLRM(config)
+        self.publisher = EmbeddingPublisher(
+            self.model,
+            sink,
+            PublisherConfig(
+                table_names=self.model.table_names(),
+                embedding_shards=embedding_shards,
+                dense_interval_s=dense_interval_s,
+            ),
+        )
+        self.trainer = OnlineTrainer(self.model, trainer, self.publisher)
+        self.quality = WindowedQuality(window_s)
+        self._clock = clock
+        self._queue: queue.Queue[Events | None] = queue.Queue(max_queue)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._batches = self._events = self._refused = 0
+        self._train_s = self._publish_s = 0.0
+        self._last_loss = float("nan")
+        self._failed: str | None = None
+
+    def bootstrap(self) -> None:
+        """Create the model's tables and publish its dense tensors, before any training.
+
+        Embedding rows are published as training touches them; a replica serves an untouched
+        key from the store's default (zero) row, close to the trainer's small initial values.
+        """
+        self.publisher.flush()
+
+    def start(self) -> None:
+        torch.set_num_threads(1)
+        self._thread = threading.Thread(target=self._run, name=f"train-{self.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, events: Events) -> int:
+        """Queue a labelled batch; returns the queue depth. Raises ``TrainerBusy`` when full
+        and ``RuntimeError`` when the trainer has failed or stopped."""
+        if self._failed is not None:
+            raise RuntimeError(f"trainer of model {self.name} failed: {self._failed}")
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError(f"trainer of model {self.name} is not running")
+        try:
+            self._queue.put_nowait(events)
+        except queue.Full:
+            with self._lock:
+                self._refused += 1
+            raise TrainerBusy(
+                f"model {self.name}: {self._queue.maxsize} batches queued for training; "
+                f"retry shortly"
+            ) from None
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the queued batches, publish what is pending, stop the worker."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("trainer of %s did not stop within %.0f s", self.name, timeout)
+
+    def _run(self) -> None:
+        while True:
+            events = self._queue.get()
+            if events is None:
+                break
+            try:
+                result = self.trainer.step(events)
+            except Exception as exc:  # a failed step must be visible, not a silent dead thread
+                self._failed = f"{type(exc).__name__}: {exc}"
+                log.exception("trainer of %s failed; no further batches are trained", self.name)
+                return
+            with self._lock:
+                labels = events.labels.astype(np.int8)
+                self.quality.update(result.predictions, labels, self._clock())
+                self._batches += 1
+                self._events += len(events)
+                self._train_s += result.step_time_s
+                self._publish_s += result.publish_time_s
+                self._last_loss = result.loss
+        try:
+            self.publisher.flush()
+        except Exception:
+            log.exception("final publish of %s failed; its last step's rows are not written",
+                          self.name)
+
+    def reset_quality(self) -> None:
+        """Start the trainer's quality afresh (e.g. after a warm-up that should not count)."""
+        with self._lock:
+            self.quality = WindowedQuality(self.quality.window_s)
+
+    def statistics(self) -> TrainingStats:
+        with self._lock:
+            return TrainingStats(
+                model=self.name,
+                batches=self._batches,
+                events=self._events,
+                queued=self._queue.qsize(),
+                refused=self._refused,
+                train_seconds=self._train_s,
+                publish_seconds=self._publish_s,
+                rows_published=self.publisher.statistics().rows_published,
+                last_loss=self._last_loss,
+                failed=self._failed,
+            )
+
+    def report(self) -> dict[str, Any]:
+        """Counters and the trainer's own windowed/lifetime quality, JSON-ready."""
+        st = self.statistics()
+        now = self._clock()
+        doc: dict[str, Any] = dict(vars(st))
+        doc["publish_share"] = st.publish_seconds / st.train_seconds if st.train_seconds else None
+        with self._lock:
+            doc["window"] = self.quality.compute(now).as_json()
+            doc["lifetime"] = self.quality.lifetime(now).as_json()
+        if isinstance(doc["last_loss"], float) and doc["last_loss"] != doc["last_loss"]:
+            doc["last_loss"] = None
+        return doc

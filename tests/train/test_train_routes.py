@@ -1,0 +1,79 @@
+"""The trainer's HTTP API: labelled batches in (202), every bad body a 4xx naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+
+from ekko.train.routes import train_metrics, train_routes
+from ekko.train.service import TrainingService
+from ekko.train.sink import MemorySink
+from ekko.train.streams import SyntheticStream
+
+
+@pytest.fixture
+async def setup(small_model_config, small_stream_config):
+    svc = TrainingService("ctr", small_model_config, MemorySink())
+    svc.start()
+    app = Starlette(routes=train_routes({"ctr": svc}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as client:
+        yield client, svc, next(SyntheticStream(small_stream_config).batches(32))
+    svc.stop()
+
+
+def body(ev, **over) -> dict:
+    doc = {"dense": ev.dense.tolist(), "sparse": ev.sparse.tolist(),
+           "labels": ev.labels.astype(int).tolist()}
+    return doc | over
+
+
+async def test_batch_is_accepted_trained_and_reported(setup) -> None:
+    client, svc, ev = setup
+    r = await client.post("/v1/models/ctr/train", json=body(ev))
+    assert r.status_code == 202 and r.json()["model"] == "ctr"
+    svc.stop()
+    report = (await client.get("/v1/models/ctr/train")).json()
+    assert report["events"] == 32 and report["lifetime"]["count"] == 32
+    families = {m.name: m for m in train_metrics({"ctr": svc})()}
+    assert families["ekko_train_events"].samples[0].value == 32
+    r = await client.post("/v1/models/ctr/train/quality/reset")
+    assert r.status_code == 200
+    assert (await client.get("/v1/models/ctr/train")).json()["lifetime"]["count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "message"),
+    [
+        ({"labels": None}, 400, "labels: missing"),
+        ({"labels": [0, 1]}, 400, "labels: expected 32 labels (one per event), got 2"),
+        ({"labels": [2] * 32}, 400, "labels[0]: expected 0 or 1, got 2"),
+        ({"sparse": [[1.5] * 26] * 32}, 400, "sparse[0][0]"),
+        ({"dense": [[0.0] * 3] * 32}, 400, "dense[0]: expected 13 numbers, got 3"),
+        ({"extra": 1}, 400, "extra"),
+    ],
+)
+async def test_bad_train_body_is_a_4xx_naming_the_field(setup, change, status, message) -> None:
+    client, svc, ev = setup
+    doc = {k: v for k, v in body(ev, **change).items() if v is not None}
+    r = await client.post("/v1/models/ctr/train", content=json.dumps(doc))
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert svc.statistics().batches == 0 and svc.statistics().queued == 0
+
+
+async def test_not_json_unknown_model_and_predict_with_labels(setup) -> None:
+    client, _svc, ev = setup
+    r = await client.post("/v1/models/ctr/train", content=b"{nope")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = await client.post("/v1/models/other/train", json=body(ev))
+    assert r.status_code == 404 and "unknown model 'other'" in r.json()["error"]
+    from ekko.serve.schema import RequestError, decode_predict
+
+    with pytest.raises(RequestError, match="predict takes no labels"):
+        decode_predict(json.dumps(body(ev)).encode(), 13, 26)
+    assert np.isfinite(ev.dense).all()
