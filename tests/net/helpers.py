@@ -49,6 +49,13 @@ def _sample(t: mi.Type, name: str, i: int, rows: int, dim: int) -> Any:
         return None
     if isinstance(t, mi.ListType):
         return [_sample(t.item_type, name, i + k, rows, dim) for k in range(2)]
+    if isinstance(t, mi.DictType):
+        return {
+            _sample(t.key_type, name, i + k, rows, dim): _sample(
+                t.value_type, "values", i + k, rows, dim
+            )
+            for k in range(2)
+        }
     if isinstance(t, mi.UnionType):  # prefer the richest member (e.g. a list over None)
         members = [m for m in t.types if not isinstance(m, mi.NoneType)]
         return _sample(members[0], name, i, rows, dim)
@@ -91,6 +98,10 @@ def assert_same(a: Any, b: Any, path: str = "$") -> None:
         assert isinstance(b, list | tuple) and len(a) == len(b), path
         for k, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}[{k}]")
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
@@ -119,6 +130,8 @@ def strategy_for(t: mi.Type) -> st.SearchStrategy[Any]:
         return st.none()
     if isinstance(t, mi.ListType):
         return st.lists(strategy_for(t.item_type), max_size=3)
+    if isinstance(t, mi.DictType):
+        return st.dictionaries(strategy_for(t.key_type), strategy_for(t.value_type), max_size=3)
     if isinstance(t, mi.UnionType):
         return st.one_of([strategy_for(m) for m in t.types])
     if isinstance(t, mi.StructType):

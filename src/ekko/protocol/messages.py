@@ -100,6 +100,10 @@ class PullResponse(msgspec.Struct, frozen=True, tag=True):
     chunks: list[Chunk]
     more: bool = False
     tables: list[TableSpec] | None = None
+    # On a response with no rows: table -> int64 [shards, lanes], what the responder holds
+    # and believes this session has too. A puller that is behind it lost a response the
+    # responder counted as delivered (a dropped answer to a duplicated pull) and resyncs.
+    holds: dict[str, np.ndarray] | None = None
 
 
 class Error(msgspec.Struct, frozen=True, tag=True):

@@ -97,6 +97,7 @@ class Puller:
         self._in_flight: dict[int, _InFlight] = {}
         self._pending: dict[tuple[str, int, int], list[_Pending]] = {}
         self._resync: set[tuple[str, int, int]] = set()
+        self._behind = 0  # cursors resynced because an empty answer showed we lag
         self._restate_all = True
         self._next_poll: float | None = None
         self._responses = self._rows_received = self._rows_applied = self._bytes = 0
@@ -118,6 +119,8 @@ class Puller:
                     self.store.create_table(spec)
             for chunk in msg.chunks:
                 self._apply(chunk, now)
+            if msg.holds and not msg.chunks:
+                self._check_holds(msg.holds)
             ready = self._fill(now, immediate=msg.more)
             return ready
         if isinstance(msg, Catalog):
@@ -143,6 +146,19 @@ class Puller:
             if pend and now >= pend[0].since + gap_s:  # same sum as _wake_at: no float gap
                 self._resync.add(key)
         return self._fill(now)
+
+    def _check_holds(self, holds: dict[str, np.ndarray]) -> None:
+        """The upstream says it holds more than we do yet sent nothing: resync those
+        (table, shard, lane) by cursor (unless a held gap will cover them)."""
+        for name, theirs in holds.items():
+            table = self.store.tables.get(name)
+            if table is None or theirs.shape != table.knowledge.shape:
+                continue
+            for s, lane in np.argwhere(theirs > table.knowledge):
+                key = (name, int(s), int(lane))
+                if key not in self._pending:
+                    self._resync.add(key)
+                    self._behind += 1
 
     def statistics(self) -> PullerStats:
         return PullerStats(

@@ -198,7 +198,12 @@ class Responder:
         return None
 
     def _empty(self, sess: _Session, req: PullRequest) -> PullResponse:
-        return PullResponse(req.req_id, self.store.catalog_version, [], False, self._catalog(sess))
+        return PullResponse(
+            req.req_id, self.store.catalog_version, [], False, self._catalog(sess), self._holds()
+        )
+
+    def _holds(self) -> dict[str, np.ndarray]:
+        return {name: t.knowledge.copy() for name, t in self.store.tables.items()}
 
     def _catalog(self, sess: _Session) -> list | None:
         if sess.catalog_version == self.store.catalog_version:
@@ -239,7 +244,8 @@ class Responder:
         self._rows_sent += rows
         self._bytes_sent += sum(c.nbytes for c in chunks)
         return PullResponse(
-            req.req_id, self.store.catalog_version, chunks, more, self._catalog(sess)
+            req.req_id, self.store.catalog_version, chunks, more, self._catalog(sess),
+            None if chunks else self._holds(),
         )
 
     def _candidates(
