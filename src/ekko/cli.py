@@ -19,8 +19,7 @@ cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=T
 app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
-# "serve" (ekko/bench/serve.py) joins once the node runner mounts the inference API (#3).
-BENCHES = ("apply", "churn", "latency", "ablation")
+BENCHES = ("apply", "churn", "latency", "ablation", "serve", "rollback")
 
 
 def _floats(raw: str | None) -> list[float] | None:
@@ -52,14 +51,16 @@ def cluster_init(
     wan_delay_ms: str = typer.Option("25,50,100", help="One-way WAN delay per DC (ms)."),
     wan_mbit: float | None = typer.Option(None, help="WAN bandwidth cap per DC (Mbit/s)."),
     tables: str | None = typer.Option(None, help="NAME:DIM:SHARDS,... (default emb:32:16)."),
-    serve: bool = typer.Option(False, help="Mark replicas to serve (not yet mounted: issue #3)."),
+    serve: bool = typer.Option(False, help="Add a DLRM [[models]] entry ('ctr'): the source "
+                                           "trains it, every replica serves it."),
     out: Path = typer.Option(Path("cluster.toml"), help="Where to write the config."),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
     from ekko.node.cluster_init import cluster_doc, write_cluster
 
+    models = [{"name": "ctr"}] if serve else None
     doc = cluster_doc(dcs=dcs, replicas=replicas, wan_delay_ms=_floats(wan_delay_ms),
-                      wan_mbit=wan_mbit, tables=_tables(tables), serve=serve)
+                      wan_mbit=wan_mbit, tables=_tables(tables), serve=serve, models=models)
     path = write_cluster(doc, out)
     console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and its secret file")
 
@@ -145,12 +146,16 @@ def demo(
     json_out: Path | None = typer.Option(None, "--json", help="Write the result JSON here "
                                                               "(PNG beside it)."),
     workdir: Path = typer.Option(Path("data/demo"), help="Where the demo cluster lives."),
+    poison_at: float | None = typer.Option(None, help="Train on flipped labels from this "
+                                                      "second of the run (the guard's test)."),
+    poison_for: float = typer.Option(20.0, help="Seconds of poisoned training input."),
 ) -> None:
     """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica."""
     from ekko.demo.run import DemoSpec, run_demo
     from ekko.node.launcher import LaunchError
 
-    spec = DemoSpec(duration_s=duration, rate=rate, checkpoint_every_s=checkpoint_every)
+    spec = DemoSpec(duration_s=duration, rate=rate, checkpoint_every_s=checkpoint_every,
+                    poison_at_s=poison_at, poison_for_s=poison_for)
     try:
         doc = run_demo(spec, workdir, json_path=json_out, console=console)
     except (LaunchError, TimeoutError) as exc:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -60,6 +61,8 @@ class OnlineLoop:
         model: model name.
         rate: events per second offered (the loop falls behind if the cluster cannot keep up).
         in_flight: batches being predicted at once.
+        poison: ``poison(seconds since start) -> bool``: train on flipped labels then (the
+            guard's test: a label bug that the feedback, carrying true labels, exposes).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class OnlineLoop:
         model: str,
         rate: float,
         in_flight: int = 4,
+        poison: Callable[[float], bool] | None = None,
     ) -> None:
         self.client = client
         self.tracks = {name: ReplicaTrack(name, url) for name, url in replicas.items()}
@@ -77,6 +81,10 @@ class OnlineLoop:
         self.model = model
         self.rate = rate
         self.in_flight = in_flight
+        self.poison = poison
+        self.started = time.monotonic()
+        self.poisoned_events = 0
+        self.poison_started_at: float | None = None  # wall time of the first poisoned batch
         self.counters = LoopCounters()
 
     async def _predict(self, track: ReplicaTrack, body: bytes, labels: np.ndarray) -> None:
@@ -141,8 +149,14 @@ class OnlineLoop:
 
     async def _train_after(self, events: Events, predicted) -> None:
         await predicted
+        labels = events.labels.astype(np.int64)
+        if self.poison is not None and self.poison(time.monotonic() - self.started):
+            labels = 1 - labels  # a label bug upstream of the trainer; feedback stays true
+            if self.poison_started_at is None:
+                self.poison_started_at = time.time()
+            self.poisoned_events += len(labels)
         body = {"dense": events.dense.tolist(), "sparse": events.sparse.tolist(),
-                "labels": events.labels.astype(np.int64).tolist()}
+                "labels": labels.tolist()}
         await self._train(_JSON.encode(body), len(events))
         self.counters.batches += 1
         self.counters.events += len(events)
@@ -153,7 +167,7 @@ class OnlineLoop:
         Up to ``in_flight`` batches are being predicted at once (the replicas are remote;
         waiting for each round trip in turn would cap the rate), but each batch is trained
         only after its own predictions are in, and batches train in stream order."""
-        start = time.monotonic()
+        start = self.started = time.monotonic()
         offered = 0
         trains: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.in_flight)

@@ -47,16 +47,23 @@ class DemoSpec:
     embedding_dim: int = 8
     interval_s: float = 5.0  # AUC-over-time resolution
     warmup_events: int = 30_000  # trained before the run; then every replica gets a copy
+    guard: bool = True
+    baseline_lag_s: float = 20.0
+    poison_at_s: float | None = None  # train on flipped labels from then ...
+    poison_for_s: float = 20.0  # ... for this long
     ready_timeout_s: float = 120.0
     seed: int = 7
 
 
 def _cluster(spec: DemoSpec, workdir: Path) -> Path:
     model = {"name": MODEL, "rows_per_table": spec.rows_per_table,
-             "embedding_dim": spec.embedding_dim, "dense_interval_s": 1.0}
+             "embedding_dim": spec.embedding_dim, "dense_interval_s": 1.0,
+             "baseline_lag_s": spec.baseline_lag_s}
     doc = cluster_doc(dcs=len(spec.wan_delay_ms), replicas=1,
                       wan_delay_ms=list(spec.wan_delay_ms), serve=True, models=[model],
                       checkpoint_every_s=spec.checkpoint_every_s, sync={"snapshot_interval_s": 0})
+    if spec.guard:
+        doc["guard"] = {"enabled": True}
     return write_cluster(doc, workdir / "cluster.toml")
 
 
@@ -144,15 +151,23 @@ class Demo:
                 "copied_at": status.get("copied_at"),
             }
         trainer = await self._get(client, self.source, f"/v1/models/{MODEL}/train")
-        return {"t": now - self.started, "replicas": rows, "trainer": trainer,
+        snap = {"t": now - self.started, "replicas": rows, "trainer": trainer,
                 "loop": asdict(loop.counters)}
+        if self.spec.guard:
+            snap["guard"] = await self._get(client, self.source, f"/v1/models/{MODEL}/health")
+            for name in self.synced:
+                h = await self._get(client, name, f"/v1/models/{MODEL}/health")
+                rows[name]["guard"] = f"{h['state']}{' → baseline' if h['redirected'] else ''}"
+                rows[name]["guard_score"] = h["score"]
+                rows[name]["guard_doc"] = h
+        return snap
 
     def table(self, snap: dict[str, Any], loop: OnlineLoop) -> RichTable:
         cfg = self.cluster.config
         t = RichTable(title=f"ekko demo · {snap['t']:.0f}/{self.spec.duration_s:.0f} s · "
                             f"{loop.counters.events} events predicted → labelled → trained")
         for col in ("replica", "one-way ms", "update p50 ms", "update p99 ms", "rows/s",
-                    "WAN KB/s", "online AUC"):
+                    "WAN KB/s", "online AUC", "guard"):
             t.add_column(col, justify="right")
         for name, r in snap["replicas"].items():
             wan = cfg.wan(name, self.source)
@@ -165,11 +180,17 @@ class Demo:
                 p50, p99 = _ms(lat["p50_ms"]), _ms(lat["p99_ms"])
             t.add_row(f"{r['dc']}/{name}", f"{wan.delay_ms:.0f}" if wan else "-", p50, p99,
                       f"{r['rows_per_s']:.0f}", f"{r['wan_bytes_per_s'] / 1e3:.0f}",
-                      _auc(r["auc_window"]))
+                      _auc(r["auc_window"]),
+                      f"{r.get('guard', '-')} {r.get('guard_score', 0):.1f}"
+                      if "guard" in r else "-")
         tr = snap["trainer"]
+        g = snap.get("guard")
+        poisoned = loop.poisoned_events
         t.add_row("train/trainer", "-", "-", "-",
                   f"{tr['events'] / max(1e-9, snap['t']):.0f} ev/s", "-",
-                  _auc(tr["window"]["auc"]))
+                  _auc(tr["window"]["auc"]),
+                  (f"{g['state']}{' paused' if g['training_paused'] else ''}"
+                   f"{f' · {poisoned} poisoned' if poisoned else ''}") if g else "-")
         return t
 
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
@@ -180,8 +201,12 @@ class Demo:
                 await self.wait_servable(client)
             stream = SyntheticStream(StreamConfig(seed=spec.seed, events_per_s=spec.rate))
             batches = stream.batches(spec.batch)
+            poison = None
+            if spec.poison_at_s is not None:
+                at, until = spec.poison_at_s, spec.poison_at_s + spec.poison_for_s
+                poison = lambda t: at <= t < until  # noqa: E731
             loop = OnlineLoop(client, {n: self.url(n) for n in self.replicas},
-                              self.url(self.source), MODEL, spec.rate)
+                              self.url(self.source), MODEL, spec.rate, poison=poison)
             with self.console.status(f"warm-up: training on {spec.warmup_events} events"):
                 await self.warm_up(client, loop, batches)
             self.started = time.monotonic()
@@ -249,6 +274,10 @@ class Demo:
             "train_refused_batches": loop.counters.train_refused,
             "not_ready_predicts": {n: t.not_ready for n, t in loop.tracks.items()},
             "duration_s": elapsed,
+            "poisoned_events": loop.poisoned_events,
+            "poison_started_at": loop.poison_started_at,
+            "guard": final.get("guard"),
+            "replica_guards": {n: final["replicas"][n].get("guard_doc") for n in self.synced},
         }
 
 

@@ -123,6 +123,42 @@ class SyncConfig(_Strict):
     connect_timeout_s: float = Field(1.0, gt=0)
 
 
+class GuardSection(_Strict):
+    """The guard (DESIGN.md §6): baseline, detection, rollback. Per-model share and lag are
+    ``models[].baseline_share`` / ``baseline_lag_s``."""
+
+    enabled: bool = False
+    interval_s: float = Field(1.0, gt=0)
+    shadow_share: float = Field(0.3, ge=0, le=1)
+    min_samples: int = Field(100, gt=0)
+    warmup_intervals: int = Field(20, ge=3)
+    drift_allowance: float = Field(1.5, ge=0)  # CUSUM k, robust sigmas per interval
+    uncertain_threshold: float = Field(8.0, gt=0)
+    corrupted_threshold: float = Field(12.0, gt=0)
+    probation: int = Field(5, ge=1)
+    rollback_margin_s: float = Field(10.0, ge=0)
+    quarantine_s: float = Field(30.0, ge=0)  # training input dropped after a rollback
+    preimage_window_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GuardSection:
+        if self.corrupted_threshold <= self.uncertain_threshold:
+            raise ValueError("guard.corrupted_threshold must be > guard.uncertain_threshold")
+        return self
+
+    def detector(self):  # -> ekko.guard.detector.DetectorConfig
+        from ekko.guard.detector import DetectorConfig
+
+        return DetectorConfig(
+            uncertain_threshold=self.uncertain_threshold,
+            corrupted_threshold=self.corrupted_threshold,
+            min_samples=self.min_samples,
+            warmup_intervals=self.warmup_intervals,
+            k=self.drift_allowance,
+            reference_intervals=max(200, self.warmup_intervals),
+        )
+
+
 Role = Literal["source", "leader", "follower", "checkpoint"]
 
 
@@ -133,6 +169,7 @@ class ClusterConfig(_Strict):
     tables: list[TableConfig] = []
     models: list[ModelConfig] = []
     sync: SyncConfig = SyncConfig()
+    guard: GuardSection = GuardSection()
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:

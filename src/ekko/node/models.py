@@ -78,16 +78,69 @@ class ModelHost:
     to swap the served store when a checkpoint-refreshed replica loads a new copy.
     """
 
-    def __init__(self, core: NodeCore, on_write: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        core: NodeCore,
+        on_write: Callable[[], None],
+        send: Callable[[str, str, dict], None] | None = None,
+    ) -> None:
+        """``send(target, path, body)`` posts to another node's admin API (``target`` a node
+        name, or ``"*serving"`` for every serving replica); the runner supplies it."""
         self.core = core
         models = core.config.models
         self.services: dict = {}
         self.trainers: dict = {}
+        self.replica_guards: dict = {}
+        self.source_guards: dict = {}
+        self.lagged = None
+        self._send = send or (lambda target, path, body: None)
+        self.guard_log = None
+        guard = core.config.guard
         if models and core.node.serve:
             from ekko.serve import build_services
 
             self.services = build_services(core.store, list(models))
+            if guard.enabled and core.role != "checkpoint":
+                self._build_replica_guards()
         self._on_write = on_write
+
+    def _open_log(self):
+        from ekko.guard.log import TransitionLog
+
+        if self.guard_log is None:
+            self.core.data_dir.mkdir(parents=True, exist_ok=True)
+            self.guard_log = TransitionLog(self.core.data_dir / "guard.log")
+        return self.guard_log
+
+    def _build_replica_guards(self) -> None:
+        from ekko.guard.baseline import LaggedStore
+        from ekko.guard.replica_guard import ReplicaGuard
+
+        cfg = self.core.config
+        g = cfg.guard
+        self.lagged = LaggedStore(max(m.baseline_lag_s for m in cfg.models))
+        source = cfg.source.name
+        for name, svc in self.services.items():
+            def send(path: str, body: dict, _m: str = name) -> None:
+                self._send(source, f"/v1/models/{_m}/{path}", body)
+
+            self.replica_guards[name] = ReplicaGuard.build(
+                self.core.name, svc, self.lagged, g.detector(), g.probation,
+                self._open_log(), send, g.shadow_share,
+            )  # fmt: skip
+
+    def on_response(self, tables: tuple, chunks: tuple, now: float) -> None:
+        """A pulled response was applied to the online store: queue it for the baseline."""
+        if self.lagged is not None:
+            self.lagged.offer(tables, chunks, now)
+        for guard in self.replica_guards.values():
+            guard.poll()
+
+    def guard_tick(self, now_mono: float, now_wall: float) -> None:
+        for guard in self.replica_guards.values():
+            guard.tick(now_mono)
+        for guard in self.source_guards.values():
+            guard.tick(now_wall)
 
     def start_training(self, loop: asyncio.AbstractEventLoop) -> None:
         """At the source: one trainer per model, tables created and dense tensors published
@@ -102,7 +155,8 @@ class ModelHost:
         # the event loop (sync answers, HTTP) from waiting the default 5 ms behind it.
         sys.setswitchinterval(0.0005)
         store_sink = StoreSink(self.core.store)
-        for m in self.core.config.models:
+        cfg = self.core.config
+        for m in cfg.models:
             svc = TrainingService(
                 m.name,
                 m.dlrm(),
@@ -113,10 +167,32 @@ class ModelHost:
             )
             svc.bootstrap()  # on the loop thread, straight into the store
             self._on_write()
-            svc.publisher.sink = LoopSink(loop, store_sink, self._on_write)
+            sink: Sink = store_sink
+            if cfg.guard.enabled:
+                sink = self._source_guard(m.name, svc, store_sink)
+            svc.publisher.sink = LoopSink(loop, sink, self._on_write)
             svc.start()
             self.trainers[m.name] = svc
             log.info("trainer of model %s started", m.name)
+
+    def _source_guard(self, model: str, trainer, store_sink: Sink) -> Sink:
+        from ekko.guard.source_guard import PreimageSink, SourceGuard
+
+        cfg = self.core.config
+        g = cfg.guard
+        serving = [n.name for n in cfg.nodes if n.serve and n.refresh == "sync"]
+
+        def broadcast(path: str, body: dict) -> None:
+            for node in serving:
+                self._send(node, f"/v1/models/{model}/{path}", body)
+
+        guard = SourceGuard(
+            model, self.core.store, trainer, serving, broadcast, self._on_write,
+            self._open_log(), margin_s=g.rollback_margin_s, window_s=g.preimage_window_s,
+            probation=g.probation, quarantine_s=g.quarantine_s,
+        )  # fmt: skip
+        self.source_guards[model] = guard
+        return PreimageSink(store_sink, self.core.store, guard.preimages)
 
     def stop(self) -> None:
         for svc in self.trainers.values():
@@ -132,6 +208,13 @@ class ModelHost:
             from ekko.train.routes import train_routes
 
             routes += train_routes(self.trainers)
+        if self.core.config.guard.enabled and self.core.config.models:
+            from ekko.guard.routes import replica_guard_routes, source_guard_routes
+
+            if self.core.is_source:
+                routes += source_guard_routes(self.source_guards)
+            elif self.replica_guards:
+                routes += replica_guard_routes(self.replica_guards)
         return routes
 
     def collectors(self) -> list:
@@ -144,6 +227,10 @@ class ModelHost:
             from ekko.train.routes import train_metrics
 
             out.append(train_metrics(self.trainers))
+        if self.core.config.guard.enabled and self.core.config.models:
+            from ekko.guard.prometheus import guard_metrics
+
+            out.append(guard_metrics(self.replica_guards, self.source_guards))
         return out
 
     def status(self) -> dict:

@@ -134,7 +134,8 @@ class NodeRunner:
         self.extra_metrics: list = []
         self.extra_status: Callable[[], dict] | None = None
         self.extra_routes: list = []
-        self.models = ModelHost(self.core, self.notify_written)
+        self.models = ModelHost(self.core, self.notify_written, self._post)
+        self._http: httpx.AsyncClient | None = None
         self._copy_now = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -169,6 +170,9 @@ class NodeRunner:
         admin_sock = socket.create_server((node.host, node.admin_port), reuse_port=False)
         self._tasks.append(loop.create_task(server.serve(sockets=[admin_sock])))
         upstream_ready = asyncio.Event()
+        if self.config.guard.enabled and self.config.models:
+            self._http = httpx.AsyncClient(timeout=5.0)
+            self._tasks.append(loop.create_task(self._guard_loop()))
         if self.core.is_source:
             upstream_ready.set()
             self.models.start_training(loop)
@@ -221,6 +225,8 @@ class NodeRunner:
         for outbox in list(self._sessions.values()):
             await outbox.close()
         server.should_exit = True
+        if self._http is not None:
+            await self._http.aclose()
         for t in self._tasks:
             if t.get_coro().__name__ != "serve":
                 t.cancel()
@@ -285,7 +291,14 @@ class NodeRunner:
                     continue
                 connected = True
                 first_ready.set()
-                await self._pull_link(conn, peer, candidates[:i])
+                try:
+                    await self._pull_link(conn, peer, candidates[:i])
+                except Exception:  # a bug must not end pulling for good: log, reconnect
+                    log.exception("%s: pulling from %s failed; reconnecting", self.core.name,
+                                  peer.name)
+                    with contextlib.suppress(TransportError, OSError):
+                        await conn.close()
+                    await asyncio.sleep(0.5)
                 break
             if not connected:
                 log.warning("no upstream of %s reachable; retrying", self.core.name)
@@ -337,6 +350,8 @@ class NodeRunner:
                     return
                 msg = recv.result()
                 handle(puller.receive(msg, time.time()))
+                if isinstance(msg, PullResponse) and (msg.chunks or msg.tables):
+                    self.models.on_response(msg.tables, msg.chunks, time.monotonic())
                 if isinstance(msg, PullResponse) and msg.chunks:
                     counters.responses += 1
                     counters.rows += sum(c.rows for c in msg.chunks)
@@ -361,6 +376,47 @@ class NodeRunner:
                     with contextlib.suppress(TransportError, OSError):
                         await conn.close()
                     return
+
+    # -- guard ----------------------------------------------------------------------------
+
+    async def _guard_loop(self) -> None:
+        """Advance the baseline often; run the guard's evaluation every interval."""
+        interval = self.config.guard.interval_s
+        next_tick = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            if self.models.lagged is not None:
+                self.models.lagged.advance(now)
+            if now >= next_tick:
+                next_tick += interval
+                try:
+                    self.models.guard_tick(now, time.time())
+                except Exception:
+                    log.exception("guard tick failed; the guard keeps its previous state")
+
+    def _post(self, target: str, path: str, body: dict) -> None:
+        """Fire-and-forget POST to another node's admin API (guard messages), with retries."""
+        if self._http is None:
+            return
+        node = self.config.node(target)
+        url = f"http://{node.host}:{node.admin_port}{path}"
+        self._tasks.append(asyncio.get_running_loop().create_task(self._post_retry(url, body)))
+        self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _post_retry(self, url: str, body: dict) -> None:
+        assert self._http is not None
+        for attempt in range(5):
+            try:
+                r = await self._http.post(url, json=body)
+                if r.status_code < 500:
+                    if r.status_code >= 400:
+                        log.warning("guard message to %s refused: %s", url, r.text[:200])
+                    return
+            except httpx.HTTPError as exc:
+                log.info("guard message to %s failed (%s); retrying", url, exc)
+            await asyncio.sleep(0.2 * (attempt + 1))
+        log.error("guard message to %s dropped after 5 attempts", url)
 
     # -- checkpoint replicas -------------------------------------------------------------
 
@@ -426,6 +482,7 @@ def run_node(
         stream=sys.stderr,
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per guard message
     from ekko.store import warm
 
     warm()

@@ -33,6 +33,7 @@ class Joined:
     ctr: np.ndarray
     variant: np.ndarray
     unknown: int
+    shadow: np.ndarray  # float32 [m]: the baseline's shadow prediction, NaN where none
 
 
 class PendingPredictions:
@@ -50,6 +51,7 @@ class PendingPredictions:
         self._seq = np.full(self.capacity, _EMPTY, dtype=np.int64)
         self._ctr = np.zeros(self.capacity, dtype=np.float32)
         self._variant = np.zeros(self.capacity, dtype=np.uint8)
+        self._shadow = np.full(self.capacity, np.nan, dtype=np.float32)
         self._next = 0  # next sequence number
         first = prefix if prefix is not None else self._draw_prefix(None)
         self._prefixes: dict[int, int] = {first: 0}  # prefix -> epoch (the last two epochs)
@@ -72,9 +74,14 @@ class PendingPredictions:
     def issued(self) -> int:
         return self._next
 
-    def add(self, ctr: np.ndarray, variant: np.ndarray) -> np.ndarray:
-        """Remember predictions; returns their ids (int64 [n], unique, < 2**53)."""
+    def add(
+        self, ctr: np.ndarray, variant: np.ndarray, shadow: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Remember predictions (and optional shadow predictions of the baseline, NaN where
+        none); returns their ids (int64 [n], unique, < 2**53)."""
         n = int(ctr.shape[0])
+        if shadow is None:
+            shadow = np.full(n, np.nan, dtype=np.float32)
         ids = np.empty(n, dtype=np.int64)
         done = 0
         while done < n:  # a batch may straddle a counter wrap
@@ -82,7 +89,8 @@ class PendingPredictions:
             take = min(n - done, (1 << _COUNTER_BITS) - counter)
             seq = np.arange(self._next, self._next + take, dtype=np.int64)
             ids[done : done + take] = (self._prefix << _COUNTER_BITS) | (seq & _COUNTER_MASK)
-            self._store(seq, ctr[done : done + take], variant[done : done + take])
+            part = slice(done, done + take)
+            self._store(seq, ctr[part], variant[part], shadow[part])
             self._next += take
             done += take
             if self._next & _COUNTER_MASK == 0:
@@ -95,11 +103,13 @@ class PendingPredictions:
         self._prefixes = {p: e for p, e in self._prefixes.items() if e == epoch - 1}
         self._prefixes[self._prefix] = epoch
 
-    def _store(self, seq: np.ndarray, ctr: np.ndarray, variant: np.ndarray) -> None:
+    def _store(
+        self, seq: np.ndarray, ctr: np.ndarray, variant: np.ndarray, shadow: np.ndarray
+    ) -> None:
         if seq.shape[0] > self.capacity:  # only the newest fit
             self.evicted += int(seq.shape[0] - self.capacity)
             keep = slice(-self.capacity, None)
-            seq, ctr, variant = seq[keep], ctr[keep], variant[keep]
+            seq, ctr, variant, shadow = seq[keep], ctr[keep], variant[keep], shadow[keep]
         slots = seq % self.capacity
         overwritten = int((self._seq[slots] != _EMPTY).sum())
         self.evicted += overwritten
@@ -107,6 +117,7 @@ class PendingPredictions:
         self._seq[slots] = seq
         self._ctr[slots] = ctr
         self._variant[slots] = variant
+        self._shadow[slots] = shadow
 
     def take(self, ids: np.ndarray) -> Joined:
         """Join ids to their predictions and forget them (each id joins once)."""
@@ -125,7 +136,10 @@ class PendingPredictions:
         hit = once & (seq >= 0) & (self._seq[slots] == seq)
         index = np.flatnonzero(hit)
         hs = slots[index]
-        joined = Joined(index, self._ctr[hs].copy(), self._variant[hs].copy(), n - len(index))
+        joined = Joined(
+            index, self._ctr[hs].copy(), self._variant[hs].copy(), n - len(index),
+            self._shadow[hs].copy(),
+        )
         self._seq[hs] = _EMPTY
         self._live -= len(index)
         return joined

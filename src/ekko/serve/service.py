@@ -10,6 +10,7 @@ compares the two (DESIGN.md §6).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -122,7 +123,12 @@ class InferenceService:
         self._feedback_requests = 0
         self._matched = 0
         self._unknown = 0
+        self._split: tuple[Callable[[np.ndarray], np.ndarray], float] | None = None
         self.add_variant(ONLINE, store)
+
+    def set_split(self, route: Callable[[np.ndarray], np.ndarray], shadow_share: float) -> None:
+        """Serve through the guard's split from now on (see ``predict_guarded``)."""
+        self._split = (route, shadow_share)
 
     # -- variants ----------------------------------------------------------------------------
 
@@ -135,6 +141,10 @@ class InferenceService:
         replica = ReplicaModel(store, self.config, f"{self.name}/{name}")
         self._variants[name] = _Variant(name, replica, self.window_s)
         self._variant_names.append(name)
+
+    def replica_store(self, variant: str = ONLINE) -> Store:
+        """The store ``variant`` serves from."""
+        return self._variant(variant).replica.store
 
     def replace_store(self, store: Store, variant: str = ONLINE) -> None:
         """Serve ``variant`` from ``store`` from now on; its counters and quality carry on.
@@ -187,6 +197,8 @@ class InferenceService:
         never saw read the store's zero row. Raises ``ModelNotReady`` until the dense tables
         have arrived, ``BadInput`` for wrong shapes or values.
         """
+        if self._split is not None and variant == ONLINE:
+            return self.predict_guarded(dense, sparse, now, *self._split)
         start = time.perf_counter()
         v = self._variant(variant)
         d, s = self._check(dense, sparse)
@@ -201,6 +213,58 @@ class InferenceService:
         self._requests += 1
         self._rows += int(ctr.shape[0])
         self._predict_s += time.perf_counter() - start
+        return PredictResult(ids=ids, ctr=ctr, variant=variant)
+
+    def predict_guarded(
+        self,
+        dense: np.ndarray,
+        sparse: np.ndarray,
+        now: float,
+        route: Callable[[np.ndarray], np.ndarray],
+        shadow_share: float,
+    ) -> PredictResult:
+        """Predict with the guard's split: ``route(seq) -> bool [B]`` picks the events the
+        baseline serves. A ``shadow_share`` sample of events is also scored, unserved, by the
+        other variant, so the guard compares online and baseline on enough labels even when
+        the baseline serves well under 1 % of traffic (or, after a redirect, all of it).
+
+        Falls back to plain online serving while the baseline is not servable (its lagged
+        store has no model yet)."""
+        start = time.perf_counter()
+        d, s = self._check(dense, sparse)
+        n = d.shape[0]
+        to_base = np.asarray(route(self._pending.issued + np.arange(n, dtype=np.int64)), bool)
+        sampled = np.random.default_rng().random(n) < shadow_share
+        online, base = self._variants[ONLINE], self._variants[BASELINE]
+        run_base = to_base | sampled
+        full_base = np.full(n, np.nan, dtype=np.float32)
+        try:
+            if run_base.any():
+                full_base[run_base] = base.replica.predict(d[run_base], s[run_base])
+        except ModelNotReady:
+            to_base[:] = False
+            run_base[:] = False
+        run_online = ~to_base | sampled
+        full_online = np.full(n, np.nan, dtype=np.float32)
+        if run_online.any():
+            try:
+                full_online[run_online] = online.replica.predict(d[run_online], s[run_online])
+            except ModelNotReady:
+                self._not_ready += 1
+                raise
+        ctr = np.where(to_base, full_base, full_online).astype(np.float32)
+        shadow = np.where(to_base, full_online, full_base).astype(np.float32)
+        shadow[~sampled] = np.nan
+        codes = np.where(to_base, self._variant_names.index(BASELINE),
+                         self._variant_names.index(ONLINE)).astype(np.uint8)
+        ids = self._pending.add(ctr, codes, shadow)
+        n_base = int(to_base.sum())
+        base.predictions += n_base
+        online.predictions += n - n_base
+        self._requests += 1
+        self._rows += n
+        self._predict_s += time.perf_counter() - start
+        variant = BASELINE if n_base == n else ONLINE if n_base == 0 else "mixed"
         return PredictResult(ids=ids, ctr=ctr, variant=variant)
 
     # -- feedback ----------------------------------------------------------------------------
@@ -222,6 +286,13 @@ class InferenceService:
             mine = joined.variant == code
             if mine.any():
                 self._variants[name].quality.update(joined.ctr[mine], y_hit[mine], now)
+        if BASELINE in self._variants:  # shadow scores belong to the variant not served
+            base_code = self._variant_names.index(BASELINE)
+            for name, served_by_other in ((BASELINE, joined.variant != base_code),
+                                          (ONLINE, joined.variant == base_code)):
+                pick = served_by_other & np.isfinite(joined.shadow)
+                if pick.any():
+                    self._variants[name].quality.update(joined.shadow[pick], y_hit[pick], now)
         matched = int(joined.index.shape[0])
         self._matched += matched
         self._unknown += joined.unknown

@@ -259,6 +259,25 @@ class EmbeddingPublisher:
         self._publish_dense(everything=True)
         self._publish_s += time.perf_counter() - start
 
+    @torch.no_grad()
+    def load_rows(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        """The inverse of publishing: set rows of ``table`` in the model (a rollback writes
+        the restored values back into the trainer). Pending ids are dropped."""
+        for t in self._tables:
+            t.pending = []
+        for t in self._tables:
+            if t.name == table:
+                idx = torch.as_tensor(np.asarray(keys, np.int64))
+                vals = torch.as_tensor(np.asarray(values, np.float32))
+                t.module.weight.index_copy_(0, idx, vals.to(t.module.weight.dtype))
+                return
+        tensor = self._dense.get(table)
+        if tensor is None:
+            raise KeyError(f"table {table!r} is not published by this publisher")
+        if len(keys):
+            row = np.asarray(values, np.float32)[-1]
+            tensor.copy_(torch.as_tensor(row).reshape(tensor.shape).to(tensor.dtype))
+
     def close(self) -> None:
         """Remove the forward hooks; pending ids are dropped."""
         for handle in self._handles:

@@ -49,7 +49,9 @@ def train_routes(trainers: Mapping[str, TrainingService]) -> list[Route]:
             return json_response({"error": str(exc)}, 503, {"retry-after": "1"})
         except RuntimeError as exc:
             return json_response({"error": str(exc)}, 500)
-        return json_response({"model": svc.name, "queued": queued}, 202)
+        return json_response(
+            {"model": svc.name, "queued": queued, "quarantined": svc.paused is not None}, 202
+        )
 
     @guarded
     async def report(request: Request) -> Response:

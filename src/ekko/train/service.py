@@ -47,6 +47,8 @@ class TrainingStats:
     rows_published: int
     last_loss: float
     failed: str | None
+    paused: str | None
+    dropped_events: int
 
 
 class TrainingService:
@@ -100,6 +102,10 @@ class TrainingService:
         self._queue: queue.Queue[Events | None] = queue.Queue(max_queue)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._step_lock = threading.Lock()  # held for a whole step; a rollback waits on it
+        self._paused: str | None = None
+        self._trainer_config = trainer
+        self.dropped_events = 0
         self._batches = self._events = self._refused = 0
         self._train_s = self._publish_s = 0.0
         self._last_loss = float("nan")
@@ -125,6 +131,10 @@ class TrainingService:
             raise RuntimeError(f"trainer of model {self.name} failed: {self._failed}")
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError(f"trainer of model {self.name} is not running")
+        if self._paused is not None:  # quarantined input: accepted and discarded
+            with self._lock:
+                self.dropped_events += len(events)
+            return 0
         try:
             self._queue.put_nowait(events)
         except queue.Full:
@@ -151,7 +161,11 @@ class TrainingService:
             if events is None:
                 break
             try:
-                result = self.trainer.step(events)
+                with self._step_lock:
+                    if self._paused is not None:
+                        self.dropped_events += len(events)
+                        continue
+                    result = self.trainer.step(events)
             except Exception as exc:  # a failed step must be visible, not a silent dead thread
                 self._failed = f"{type(exc).__name__}: {exc}"
                 log.exception("trainer of %s failed; no further batches are trained", self.name)
@@ -169,6 +183,40 @@ class TrainingService:
         except Exception:
             log.exception("final publish of %s failed; its last step's rows are not written",
                           self.name)
+
+    def quarantine(self, why: str) -> int:
+        """Stop training: the queued input window is dropped (it is suspect), and batches
+        submitted until ``resume`` are accepted and discarded. Returns the events dropped
+        from the queue. Waits for a running step to finish."""
+        with self._step_lock:
+            self._paused = why
+            dropped = 0
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:  # a stop request: keep it for the worker
+                    self._queue.put_nowait(None)
+                    break
+                dropped += len(item)
+            self.dropped_events += dropped
+        return dropped
+
+    def load_rows(self, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Write restored values into the model (call while quarantined) and start the
+        optimizers afresh: their moments were shaped by the updates being undone."""
+        with self._step_lock:
+            for table, (keys, values) in rows.items():
+                self.publisher.load_rows(table, keys, values)
+            self.trainer = OnlineTrainer(self.model, self._trainer_config, self.publisher)
+
+    def resume(self) -> None:
+        self._paused = None
+
+    @property
+    def paused(self) -> str | None:
+        return self._paused
 
     def reset_quality(self) -> None:
         """Start the trainer's quality afresh (e.g. after a warm-up that should not count)."""
@@ -188,6 +236,8 @@ class TrainingService:
                 rows_published=self.publisher.statistics().rows_published,
                 last_loss=self._last_loss,
                 failed=self._failed,
+                paused=self._paused,
+                dropped_events=self.dropped_events,
             )
 
     def report(self) -> dict[str, Any]:

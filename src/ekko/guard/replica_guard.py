@@ -1,0 +1,233 @@
+"""The guard on a serving replica: compare online with baseline, redirect, report, recover.
+
+Every ``interval_s`` the replica takes one evaluation interval of feedback per variant, feeds
+the detector and the health state machine, and reports to the source. It acts locally at
+once on ``corrupted`` (all traffic to the baseline, the baseline frozen); the source decides
+the rollback for every DC and tells each replica when and to what point it rolled back. No
+I/O here: messages for the source go through ``send(path, body)``, which the node supplies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ekko.guard.baseline import LaggedStore
+from ekko.guard.detector import Detector, DetectorConfig, Verdict
+from ekko.guard.log import TransitionLog
+from ekko.guard.router import TrafficRouter
+from ekko.guard.state import Event, ModelHealth, State, Transition, event_for_level
+from ekko.serve.service import BASELINE, ONLINE, InferenceService
+from ekko.store import Store
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, dict[str, Any]], None]
+
+
+def covers(store: Store, watermark: dict[str, list[int]]) -> bool:
+    """Whether ``store`` holds every version up to ``watermark`` (table -> per-shard
+    counter at the source) in every lane."""
+    for table, counters in watermark.items():
+        t = store.tables.get(table)
+        if t is None:
+            return False
+        if not (t.knowledge.min(axis=1) >= np.asarray(counters, np.int64)).all():
+            return False
+    return True
+
+
+class ReplicaGuard:
+    """Guards one model served by one replica.
+
+    The baseline stays frozen from the redirect until the model is healthy again: while
+    recovering it is the known-good reference that a relapse is measured against.
+
+    Why the replica acts before the source answers: redirecting to the baseline is the one
+    step that protects users, and it needs nothing but the local verdict; the rollback needs
+    the source (it owns versions and pre-images) and reaches every DC by the same sync.
+
+    Args:
+        node: this replica's name (in reports).
+        service: the model's inference service (online + baseline variants).
+        lagged: the baseline's lagged store (shared by the node's models).
+        router: the traffic split (baseline share; all-to-baseline when redirected).
+        detector: the sequential test on online-minus-baseline quality.
+        health: the model's state machine on this replica.
+        log_: the node's durable transition log.
+        send: ``send(path, body)`` posts to the source's admin API.
+        shadow_share: share of online-served events also scored by the baseline.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        service: InferenceService,
+        lagged: LaggedStore,
+        router: TrafficRouter,
+        detector: Detector,
+        health: ModelHealth,
+        log_: TransitionLog | None,
+        send: Send,
+        shadow_share: float,
+    ) -> None:
+        self.node = node
+        self.service = service
+        self.model = service.name
+        self.lagged = lagged
+        self.router = router
+        self.detector = detector
+        self.health = health
+        self.log = log_
+        self.send = send
+        self.shadow_share = shadow_share
+        self.last_verdict: Verdict | None = None
+        self.restore_pending: dict[str, Any] | None = None
+        self.redirected_at: float | None = None
+        self.epoch = 0  # rollbacks announced to this replica; reports carry it
+        self.redirects: list[float] = []  # wall times traffic was moved to the baseline
+
+    @classmethod
+    def build(
+        cls,
+        node: str,
+        service: InferenceService,
+        lagged: LaggedStore,
+        detector_config: DetectorConfig,
+        probation: int,
+        log_: TransitionLog | None,
+        send: Send,
+        shadow_share: float,
+    ) -> ReplicaGuard:
+        service.add_variant(BASELINE, lagged.store)
+        guard = cls(
+            node, service, lagged, TrafficRouter(service.model.baseline_share),
+            Detector(detector_config), ModelHealth(service.name, probation), log_, send,
+            shadow_share,
+        )  # fmt: skip
+        service.set_split(guard.router.baseline_mask, shadow_share)
+        return guard
+
+    # -- the interval loop ------------------------------------------------------------------
+
+    def tick(self, now: float) -> Verdict:
+        """One evaluation interval: detect, move the state machine, act, report."""
+        online = self.service.quality(ONLINE).take_interval(now)
+        baseline = self.service.quality(BASELINE).take_interval(now)
+        verdict = self.detector.observe(online, baseline, now)
+        self.last_verdict = verdict
+        if not verdict.skipped:
+            metrics = {**online.as_metrics(self.model, ONLINE, "interval"),
+                       **baseline.as_metrics(self.model, BASELINE, "interval"),
+                       f"{self.model}.detector.score": verdict.score}
+            self._handle(event_for_level(verdict.level), now, verdict.reason, metrics)
+        self.poll()
+        self.send("guard/report", self.report_body())
+        return verdict
+
+    def poll(self) -> None:
+        """Cheap and frequent (after every applied response): has the rollback arrived?"""
+        if self.restore_pending is not None and covers(
+            self.service.replica_store(ONLINE), self.restore_pending["watermark"]
+        ):
+            self._restored()
+
+    def _handle(self, event: Event, now: float, why: str, metrics: dict[str, float]) -> None:
+        before = self.health.state
+        tr = self.health.handle(event, now, why, metrics)
+        if tr is None:
+            return
+        self._record(tr)
+        if tr.to_state is State.CORRUPTED:
+            self.redirect(f"detected here: {why}")
+        elif tr.to_state is State.HEALTHY and before is State.RECOVERING:
+            self.router.restore()
+            self.lagged.unfreeze()  # the healthy reference may move on again
+            self.redirected_at = None
+            log.info("model %s healthy again on %s: traffic back to online", self.model,
+                     self.node)
+
+    def _record(self, tr: Transition | dict[str, Any]) -> None:
+        doc = tr.to_dict() if isinstance(tr, Transition) else tr
+        doc = {**doc, "node": self.node}
+        log.warning("guard %s on %s: %s", self.model, self.node,
+                    {k: doc.get(k) for k in ("from", "to", "event", "why")})
+        if self.log is not None:
+            self.log.append(doc)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def redirect(self, why: str) -> None:
+        """All traffic to the baseline now; freeze the baseline so queued poison never
+        reaches it."""
+        if not self.router.redirected:
+            self.router.redirect_all_to_baseline()
+            self.redirected_at = time.time()
+            self.redirects.append(self.redirected_at)
+            self._record({"event": "redirect", "at": self.redirected_at, "why": why,
+                          "model": self.model})
+        self.lagged.freeze()
+        if self.health.state is not State.CORRUPTED:
+            tr = self.health.handle(Event.OPERATOR_ROLLBACK, time.monotonic(), why)
+            if tr is not None:
+                self._record(tr)
+
+    def rolled_back(self, healthy_wall: float, watermark: dict[str, list[int]]) -> None:
+        """The source wrote the healthy values back; drop queued rows written since the
+        healthy point and wait until the restore rows are all here."""
+        dropped = self.lagged.drop_written_after(int(healthy_wall * 1e9))
+        self.restore_pending = {"watermark": watermark, "since": time.time(),
+                                "healthy_wall": healthy_wall, "dropped": dropped}
+        if self.health.state is not State.CORRUPTED:
+            self.redirect("rollback announced by the source")
+        tr = self.health.handle(Event.ROLLBACK_DONE, time.monotonic(),
+                                f"source restored the state of {healthy_wall:.3f}")
+        if tr is not None:
+            self._record(tr)
+        self.epoch += 1
+        # A fresh detector: the online model is now about as old as the baseline, so the
+        # reference learned while online ran ahead of it no longer describes "healthy".
+        self.detector = Detector(self.detector.config)
+
+    def _restored(self) -> None:
+        pending, self.restore_pending = self.restore_pending, None
+        assert pending is not None
+        store = self.service.replica_store(ONLINE)
+        digests = {t: f"{store.table(t).digest():016x}" for t in pending["watermark"]}
+        self._record({"event": "restored", "at": time.time(), "model": self.model,
+                      "why": f"holds the rollback (dropped {pending['dropped']} queued rows "
+                             f"from the baseline)"})
+        self.send("guard/restored", {"node": self.node, "at": time.time(),
+                                     "digests": digests})
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def report_body(self) -> dict[str, Any]:
+        v = self.last_verdict
+        return {
+            "node": self.node,
+            "state": str(self.health.state),
+            "score": self.detector.score,
+            "level": self.detector.level,
+            "warmed_up": self.detector.warmed_up,
+            "reason": v.reason if v else None,
+            "epoch": self.epoch,
+            "at": time.time(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.report_body(),
+            "redirected": self.router.redirected,
+            "redirected_at": self.redirected_at,
+            "redirects": self.redirects[-20:],
+            "baseline": {"lag_s": self.lagged.lag_s, "frozen": self.lagged.frozen,
+                         "queued_rows": self.lagged.rows_queued,
+                         "applied_rows": self.lagged.rows_applied},
+            "restore_pending": self.restore_pending is not None,
+            "transitions": [t.to_dict() for t in self.health.history[-20:]],
+        }

@@ -1,0 +1,136 @@
+"""HTTP routes of the guard.
+
+On a serving replica::
+
+    GET  /v1/models/{model}/health              state, detector score, redirect, baseline lag
+    POST /v1/models/{model}/guard/redirect      (from the source) all traffic to the baseline
+    POST /v1/models/{model}/guard/rolled_back   (from the source) {"healthy_wall", "watermark"}
+
+At the source::
+
+    GET  /v1/models/{model}/health              state, every replica's state, incidents
+    POST /v1/models/{model}/rollback            operator: {"to": unix seconds?, "why": str?}
+    POST /v1/models/{model}/guard/report        (from replicas) periodic state
+    POST /v1/models/{model}/guard/restored      (from replicas) the rollback is applied here
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ekko.guard.errors import PreimageError
+from ekko.guard.replica_guard import ReplicaGuard
+from ekko.guard.source_guard import SourceGuard
+from ekko.serve.errors import UnknownModel
+from ekko.serve.routes import guarded, json_response, read_body
+from ekko.serve.schema import RequestError
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await read_body(request, 1 << 20)
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"body: not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise RequestError("body: expected a JSON object")
+    return doc
+
+
+def _number(doc: dict[str, Any], field: str, required: bool = False) -> float | None:
+    value = doc.get(field)
+    if value is None:
+        if required:
+            raise RequestError(f"{field}: missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(f"{field}: expected a number (unix seconds), got {value!r}")
+    return float(value)
+
+
+def _pick(guards: Mapping[str, Any], request: Request) -> Any:
+    name = request.path_params["model"]
+    g = guards.get(name)
+    if g is None:
+        raise UnknownModel(name, sorted(guards))
+    return g
+
+
+def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
+    @guarded
+    async def health(request: Request) -> Response:
+        return json_response(_pick(guards, request).status())
+
+    @guarded
+    async def redirect(request: Request) -> Response:
+        g = _pick(guards, request)
+        doc = await _json_object(request)
+        g.redirect(str(doc.get("why", "requested by the source")))
+        return json_response({"model": g.model, "redirected": True})
+
+    @guarded
+    async def rolled_back(request: Request) -> Response:
+        g = _pick(guards, request)
+        doc = await _json_object(request)
+        wall = _number(doc, "healthy_wall", required=True)
+        mark = doc.get("watermark")
+        if not isinstance(mark, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, int) for x in v) for v in mark.values()
+        ):
+            raise RequestError("watermark: expected {table: [per-shard version, ...]}")
+        g.rolled_back(wall, mark)
+        return json_response({"model": g.model, "restore_pending": True})
+
+    return [
+        Route("/v1/models/{model}/health", health, methods=["GET"]),
+        Route("/v1/models/{model}/guard/redirect", redirect, methods=["POST"]),
+        Route("/v1/models/{model}/guard/rolled_back", rolled_back, methods=["POST"]),
+    ]
+
+
+def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
+    @guarded
+    async def health(request: Request) -> Response:
+        return json_response(_pick(guards, request).status())
+
+    @guarded
+    async def rollback(request: Request) -> Response:
+        g = _pick(guards, request)
+        doc = await _json_object(request)
+        to = _number(doc, "to")
+        why = str(doc.get("why", "operator rollback"))
+        try:
+            incident = g.rollback(to, why)
+        except PreimageError as exc:
+            return json_response({"error": str(exc)}, 409)
+        return json_response({k: v for k, v in incident.items() if k != "restored"})
+
+    @guarded
+    async def report(request: Request) -> Response:
+        g = _pick(guards, request)
+        try:
+            g.report(await _json_object(request))
+        except (ValueError, PreimageError) as exc:
+            return json_response({"error": str(exc)}, 400)
+        return json_response({"ok": True})
+
+    @guarded
+    async def restored(request: Request) -> Response:
+        g = _pick(guards, request)
+        g.restored(await _json_object(request))
+        return json_response({"ok": True})
+
+    return [
+        Route("/v1/models/{model}/health", health, methods=["GET"]),
+        Route("/v1/models/{model}/rollback", rollback, methods=["POST"]),
+        Route("/v1/models/{model}/guard/report", report, methods=["POST"]),
+        Route("/v1/models/{model}/guard/restored", restored, methods=["POST"]),
+    ]

@@ -1,0 +1,268 @@
+"""The guard at the source: pre-images, the rollback decision, and recovery for every DC.
+
+Replicas detect; the source decides. On the first ``corrupted`` report (or an operator's
+rollback) it (1) tells every replica to serve from the baseline, (2) quarantines the trainer's
+input, (3) writes the last healthy values back as new versions, which the ordinary sync
+carries to every DC, and into the trainer's model, (4) resumes training once every replica
+holds the restored state, checking their digests against its own. No I/O here: messages to
+replicas go through ``broadcast(path, body)``, supplied by the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ekko.guard.errors import PreimageError
+from ekko.guard.log import TransitionLog
+from ekko.guard.preimages import PreimageLog
+from ekko.guard.state import Event, ModelHealth, State
+from ekko.protocol.messages import TableSpec
+from ekko.store import Store
+from ekko.train.sink import Sink
+
+log = logging.getLogger(__name__)
+
+Broadcast = Callable[[str, dict[str, Any]], None]
+
+
+class PreimageSink:
+    """A ``Sink`` that records each row's value before it is overwritten, then writes.
+
+    Why at the sink: every trained row reaches the store through it, so the pre-image log
+    sees exactly the writes a rollback may have to undo, and nothing else.
+    """
+
+    def __init__(self, sink: Sink, store: Store, preimages: PreimageLog,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.sink = sink
+        self.store = store
+        self.preimages = preimages
+        self._clock = clock
+
+    def create_table(self, spec: TableSpec) -> None:
+        self.sink.create_table(spec)
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        t = self.store.tables.get(table)
+        if t is not None:
+            old, versions, found = t.lookup(np.ascontiguousarray(keys, np.int64))
+            self.preimages.record(table, keys, old, versions, found, self._clock())
+        self.sink.write(table, keys, values)
+
+
+class SourceGuard:
+    """Rollback coordinator of one model at the source.
+
+    Args:
+        model: the model's name.
+        store: the source store.
+        trainer: the model's ``TrainingService`` (quarantine, load_rows, resume).
+        replicas: names of the replicas that serve the model (each must report restored).
+        broadcast: ``broadcast(path, body)`` posts to every replica's admin API.
+        on_write: wakes parked pulls after the restore writes.
+        log_: the node's durable transition log.
+        margin_s: roll back this far before the last moment every replica was healthy
+            (the detector needs a few intervals to notice a bad update).
+        window_s: how long pre-images are kept.
+        probation: normal rounds (every replica healthy) before recovered.
+        quarantine_s: training input is discarded this long after a rollback decision (the
+            window that poisoned the model may not have ended yet).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        store: Store,
+        trainer: Any,
+        replicas: list[str],
+        broadcast: Broadcast,
+        on_write: Callable[[], None],
+        log_: TransitionLog | None,
+        *,
+        margin_s: float = 10.0,
+        window_s: float = 600.0,
+        probation: int = 3,
+        quarantine_s: float = 30.0,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.trainer = trainer
+        self.replicas = list(replicas)
+        self.broadcast = broadcast
+        self.on_write = on_write
+        self.log = log_
+        self.margin_s = margin_s
+        self.quarantine_s = quarantine_s
+        self.resume_at: float | None = None
+        self.preimages = PreimageLog(window_s=window_s)
+        self.health = ModelHealth(model, probation)
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.last_all_healthy: float | None = None
+        self.incident: dict[str, Any] | None = None
+        self.incidents: list[dict[str, Any]] = []
+        self.rows_restored = 0
+
+    # -- periodic ---------------------------------------------------------------------------
+
+    def tick(self, now_wall: float) -> None:
+        """Mark a healthy checkpoint while every replica says healthy; move probation on."""
+        if self.resume_at is not None and self.incident is None and now_wall >= self.resume_at:
+            self.resume_at = None
+            if self.trainer is not None:
+                self.trainer.resume()
+            log.warning("guard %s: quarantine over; training resumes", self.model)
+        states = [self.reports.get(r, {}).get("state") for r in self.replicas]
+        all_healthy = all(s == "healthy" for s in states)
+        if self.health.state is State.HEALTHY and all_healthy:
+            self.preimages.mark_healthy(now_wall)
+            self.last_all_healthy = now_wall
+        elif self.health.state is State.RECOVERING and all_healthy and self.incident is None:
+            self._transition(Event.SCORE_NORMAL, "every replica healthy after the rollback")
+        elif self.health.state is State.UNCERTAIN and all_healthy:
+            self._transition(Event.SCORE_NORMAL, "every replica healthy")
+        elif self.health.state is State.HEALTHY and "uncertain" in states:
+            self._transition(Event.SCORE_HIGH, "a replica is uncertain")
+
+    def _transition(self, event: Event, why: str, metrics: dict[str, float] | None = None):
+        tr = self.health.handle(event, time.monotonic(), why, metrics)
+        if tr is not None:
+            doc = {**tr.to_dict(), "node": "source"}
+            log.warning("guard %s at source: %s -> %s (%s)", self.model, doc["from"],
+                        doc["to"], why)
+            if self.log is not None:
+                self.log.append(doc)
+        return tr
+
+    # -- reports from replicas --------------------------------------------------------------
+
+    def report(self, body: dict[str, Any]) -> None:
+        node = body.get("node")
+        if node not in self.replicas:
+            raise ValueError(f"node: {node!r} does not serve model {self.model}")
+        self.reports[node] = body
+        current = int(body.get("epoch", 0)) >= len(self.incidents)  # not about a past incident
+        if body.get("state") == "corrupted" and current and self.incident is None and (
+            self.health.state is not State.CORRUPTED
+        ):
+            self.rollback(None, f"{node} reports corrupted: {body.get('reason')}",
+                          detected_by=node, detected_at=float(body.get("at", time.time())))
+
+    def restored(self, body: dict[str, Any]) -> None:
+        node = body.get("node")
+        inc = self.incident
+        if inc is None or node not in self.replicas:
+            return
+        inc["restored"][node] = {"at": float(body.get("at", time.time())),
+                                 "digests": body.get("digests", {})}
+        if set(inc["restored"]) >= set(self.replicas):
+            self._complete(inc)
+
+    # -- rollback ---------------------------------------------------------------------------
+
+    def rollback(self, to_wall: float | None, why: str, *, detected_by: str = "operator",
+                 detected_at: float | None = None) -> dict[str, Any]:
+        """Redirect every replica, quarantine training, write the healthy values back."""
+        decided = time.time()
+        if self.incident is not None:
+            raise PreimageError(f"model {self.model}: a rollback is already in progress")
+        if to_wall is None:
+            base = self.last_all_healthy if self.last_all_healthy is not None else decided
+            to_wall = base - self.margin_s
+        earliest = self.preimages.earliest_restorable
+        if earliest is None or to_wall < earliest:
+            raise PreimageError(
+                f"model {self.model}: cannot roll back to {to_wall:.3f}; the earliest "
+                f"restorable point is {earliest}"
+            )
+        self.broadcast("guard/redirect", {"why": why, "at": decided})
+        dropped = self.trainer.quarantine(f"rollback: {why}") if self.trainer else 0
+        self._transition(Event.OPERATOR_ROLLBACK if detected_by == "operator"
+                         else Event.SCORE_CRITICAL, why)
+        start = time.perf_counter()
+        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        nbytes = 0
+        for table in self.preimages.tables():
+            if table not in self.store.tables:
+                continue
+            rs = self.preimages.restore_set(table, to_wall)
+            if rs.keys.size == 0:
+                continue
+            values = np.where(rs.existed[:, None], rs.values, 0.0).astype(np.float32)
+            self.store.table(table).write(rs.keys, values, now_ns=time.time_ns())
+            rows[table] = (rs.keys, values)
+            nbytes += rs.keys.nbytes + values.nbytes
+        checkpoint = self.preimages.restore_plan(
+            self.preimages.tables()[0], to_wall).checkpoint_at if rows else to_wall
+        self.preimages.rolled_back(to_wall)
+        write_s = time.perf_counter() - start
+        self.on_write()
+        if self.trainer is not None and rows:
+            self.trainer.load_rows(rows)
+        lost = sum(int((self.store.table(t).lookup(k)[0] != v).any(axis=1).sum())
+                   for t, (k, v) in rows.items())
+        watermark = {t: self.store.table(t).counter.tolist() for t in rows}
+        n_rows = sum(len(k) for k, _ in rows.values())
+        self.rows_restored += n_rows
+        inc = self.incident = {
+            "model": self.model, "why": why, "detected_by": detected_by,
+            "detected_at": detected_at, "decided_at": decided, "to_wall": to_wall,
+            "checkpoint_at": checkpoint, "rows_restored": n_rows, "bytes_restored": nbytes,
+            "write_s": write_s, "restore_mb_per_s": nbytes / 1e6 / max(write_s, 1e-9),
+            "events_dropped": dropped, "source_mismatches": lost,
+            "digests": {t: f"{self.store.table(t).digest():016x}" for t in rows},
+            "restored": {},
+        }
+        self._transition(Event.ROLLBACK_DONE, f"{n_rows} rows restored to {checkpoint:.3f}")
+        self.broadcast("guard/rolled_back", {"healthy_wall": checkpoint, "watermark": watermark})
+        if self.log is not None:
+            self.log.append({k: v for k, v in self.incident.items() if k != "restored"}
+                            | {"event": "rollback"})
+        if not self.replicas:
+            self._complete(inc)
+        return inc
+
+    def _complete(self, inc: dict[str, Any]) -> None:
+        """Every replica holds the restored state: compare digests, resume training."""
+        mismatched = {n: [t for t, d in r["digests"].items() if inc["digests"].get(t) != d]
+                      for n, r in inc["restored"].items()}
+        inc["replica_table_mismatches"] = {n: m for n, m in mismatched.items() if m}
+        inc["good_rows_lost"] = inc["source_mismatches"] + sum(
+            self.store.table(t).rows for m in mismatched.values() for t in m
+        )
+        times = [r["at"] for r in inc["restored"].values()]
+        inc["restore_all_replicas_s"] = (max(times) - inc["decided_at"]) if times else 0.0
+        inc["completed_at"] = time.time()
+        self.resume_at = inc["decided_at"] + self.quarantine_s
+        self.incidents.append(inc)
+        self.incident = None
+        if self.log is not None:
+            self.log.append({k: v for k, v in inc.items() if k != "restored"}
+                            | {"event": "restored_everywhere"})
+        log.warning("guard %s: rollback complete at every replica in %.2f s; good rows lost %d",
+                    self.model, inc["restore_all_replicas_s"], inc["good_rows_lost"])
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "state": str(self.health.state),
+            "replicas": {n: self.reports.get(n, {}).get("state") for n in self.replicas},
+            "training_paused": getattr(self.trainer, "paused", None),
+            "last_all_healthy": self.last_all_healthy,
+            "preimages": {"rows": self.preimages.rows,
+                          "earliest_restorable": self.preimages.earliest_restorable},
+            "rows_restored": self.rows_restored,
+            "incident": _public(self.incident),
+            "incidents": [_public(i) for i in self.incidents[-10:]],
+            "transitions": [t.to_dict() for t in self.health.history[-20:]],
+        }
+
+
+def _public(inc: dict[str, Any] | None) -> dict[str, Any] | None:
+    if inc is None:
+        return None
+    return {**inc, "restored": {n: r["at"] for n, r in inc["restored"].items()}}

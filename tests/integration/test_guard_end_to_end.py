@@ -1,0 +1,36 @@
+"""A label bug in the training input, across processes: detected, every DC redirected to the
+baseline, rolled back through the sync, traffic back on the online model once healthy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_poisoned_training_is_detected_redirected_rolled_back_and_recovered(tmp_path: Path):
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ekko", "demo", "--duration", "85", "--poison-at", "40",
+         "--poison-for", "10", "--json", str(out), "--workdir", str(tmp_path / "cluster")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    guard = summary["guard"]
+    start = summary["poison_started_at"]
+    assert summary["poisoned_events"] > 0 and start is not None
+    incidents = [i for i in guard["incidents"] if i["decided_at"] >= start]
+    assert incidents, f"no rollback after the poison: {guard['transitions']}"
+    first = incidents[0]
+    assert first["checkpoint_at"] < start  # rolled back to before the bad input
+    assert first["rows_restored"] > 0
+    assert first["good_rows_lost"] == 0 and first["replica_table_mismatches"] == {}
+    assert set(first["restored"]) == {"dc1-r0", "dc2-r0", "dc3-r0"}
+    for name, doc in summary["replica_guards"].items():
+        assert any(t >= first["decided_at"] - 1 for t in doc["redirects"]), name
+    # probation passed: traffic is back on the online model everywhere
+    assert guard["state"] == "healthy", guard["transitions"]
+    assert all(s == "healthy" for s in guard["replicas"].values()), guard["replicas"]
+    assert not any(doc["redirected"] for doc in summary["replica_guards"].values())
