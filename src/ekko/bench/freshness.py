@@ -1,0 +1,806 @@
+"""``ekko bench freshness``: online AUC and log loss of one model served under several update
+delays, side by side, on the synthetic stream and on MovieLens-100k.
+
+Design. One online trainer (``OnlineTrainer`` over a ``DLRM``) learns the stream one batch at
+a time; its ``EmbeddingPublisher`` writes exactly the changed rows (and the dense tensors,
+after every step) into a real source ``Store`` through ``StoreSink``. Every delay variant is a
+replica ``Store`` served by a ``ReplicaModel``:
+
+- ``in_process``: no replica; the trainer's own predictions, made before it learns the batch
+  (delay 0, the ceiling).
+- ``ekko``: the replica pulls from the source through the real sync protocol (``Responder`` +
+  ``Puller``, long-poll) over a simulated WAN link: each message takes 100 ms one way plus an
+  exponential jitter of mean 5 ms, in order per direction like a TCP connection (the README
+  measures p50 ~ delay + 5 ms, p99 ~ delay + 10-30 ms on real sockets). The source is woken
+  once per publish, after all its tables are written, as the node's ``LoopSink`` does. Pulls:
+  a window of 4 and a long-poll wait of 10 min (the node defaults to 32 and 1 s). A parked
+  pull is answered the moment the source moves, so the wait never adds latency; a 1 s wait
+  would only make the simulation replay MovieLens' idle hours as millions of empty polls.
+- fixed delays (``10s``, ``1min``, ``10min``): every published batch of rows (with the
+  versions the source gave it) reaches the replica exactly ``delay`` after it was written and
+  is applied there last-version-wins, as the sync protocol would.
+
+Everything runs on one simulated clock: stream time. The trainer learns a batch when its last
+event is over and publishes at that event's time. Before a batch is learned, every variant
+scores it from its replica: each event is scored by the replica's state *at the event's
+time*, so an update that lands in the middle of a batch (Ekko's 100 ms inside a 1 s batch)
+serves the events after it and not those before (a variant is re-run only at the moments its
+store changes). The labels then score every variant on the same events: AUC (exact, by
+ranks) and log loss over the run after a warm-up (longer than the largest delay, so every
+variant is in steady state), and a time series of AUC per interval for the plot.
+
+Replicas start from the source's snapshot of the initial model (``Store.save`` /
+``Store.load``), as a new replica would; the trainer's first publish writes every row
+(``EmbeddingPublisher.snapshot``) so a replica answers ids training has not touched yet.
+
+Time mapping. The synthetic stream runs at 1024 events per simulated second with 1024-event
+batches, so the trainer steps once per simulated second, for 45 simulated minutes (warm-up
+15 minutes). MovieLens-100k is replayed on its own timeline (delays in real seconds of its
+timestamps, 7 months, one event per ~3 minutes on average, but bursty: 57 % of consecutive
+ratings share a 10 s window), in batches of 64 events; a batch's span is whatever its
+timestamps say. ``--quick`` compresses the synthetic stream's time constants and its fixed
+delays by 10x (the WAN delay stays 100 ms) and replays a prefix of MovieLens with the real
+delays; the JSON says so.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ekko.bench.report import write_result
+from ekko.guard.metrics import WindowedQuality
+from ekko.protocol.messages import HIGH_LANE, Catalog, Message, PullResponse, TableSpec
+from ekko.protocol.puller import Puller, PullerConfig
+from ekko.protocol.ready import Ready
+from ekko.protocol.responder import Responder, ResponderConfig
+from ekko.serve.replica import ReplicaModel
+from ekko.serve.store_sink import StoreSink
+from ekko.store import Store
+from ekko.train.dlrm import DLRM, DLRMConfig
+from ekko.train.metrics import auc, log_loss
+from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
+from ekko.train.streams import Events, MovieLensStream, StreamConfig, SyntheticStream
+from ekko.train.trainer import OnlineTrainer, TrainerConfig
+
+console = Console(stderr=True)
+
+IN_PROCESS = "in_process"
+EKKO = "ekko"
+FIXED_DELAYS_S: tuple[tuple[str, float], ...] = (("10s", 10.0), ("1min", 60.0), ("10min", 600.0))
+AUC_BAR = 0.002
+
+_TIME_EPS_S = 1e-6
+
+BeforeChange = Callable[[float], None]
+"""``before_change(at)``: called just before a replica's store changes at simulated time ``at``
+(the caller scores the events that came before it)."""
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WanLink:
+    """One-way delay of a simulated WAN link: ``one_way_s`` plus Exp(``jitter_mean_s``) per
+    message. Each direction is one ordered stream (one TCP connection, as the nodes use): a
+    message never overtakes the one sent before it."""
+
+    one_way_s: float = 0.100
+    jitter_mean_s: float = 0.005
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FreshnessSetup:
+    """Everything that decides one stream's figures; recorded in the JSON.
+
+    Why one frozen record: the bench and the tests run the same code path (``run_stream``) on
+    different setups, and a result is only comparable with the inputs that made it.
+
+    ``stream`` is ``"synthetic"`` (``synthetic`` configures it; ``max_batches`` is required)
+    or ``"movielens"`` (``max_batches`` None replays all of it). ``fixed_delays_s`` are the
+    queue variants by name, in simulated seconds; ``warmup_s`` (simulated seconds from the
+    first event) is excluded from the AUC / log loss; ``series_s`` is the plot's interval.
+    """
+
+    stream: str
+    batch_size: int
+    max_batches: int | None
+    warmup_s: float
+    series_s: float
+    model: DLRMConfig
+    fixed_delays_s: tuple[tuple[str, float], ...] = FIXED_DELAYS_S
+    synthetic: StreamConfig | None = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wan: WanLink = field(default_factory=WanLink)
+    puller: PullerConfig = field(default_factory=lambda: PullerConfig(wait_ms=600_000, window=4))
+    responder: ResponderConfig = field(default_factory=lambda: ResponderConfig(max_wait_ms=600_000))
+    embedding_shards: int = 16
+
+    def __post_init__(self) -> None:
+        if self.stream not in ("synthetic", "movielens"):
+            raise ValueError(f"FreshnessSetup.stream must be synthetic or movielens: {self.stream}")
+        if self.stream == "synthetic" and self.max_batches is None:
+            raise ValueError("FreshnessSetup.max_batches is required for the synthetic stream")
+        names = [IN_PROCESS, EKKO, *(n for n, _ in self.fixed_delays_s)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"FreshnessSetup: duplicate variant names {names}")
+        if any(d < 0 for _, d in self.fixed_delays_s):
+            raise ValueError(f"FreshnessSetup.fixed_delays_s must be >= 0: {self.fixed_delays_s}")
+
+    @property
+    def variants(self) -> list[str]:
+        """Variant names in report order."""
+        return [IN_PROCESS, EKKO, *(n for n, _ in self.fixed_delays_s)]
+
+
+def default_setups(quick: bool = False) -> list[FreshnessSetup]:
+    """The bench's two setups (synthetic, MovieLens); ``quick`` compresses time by 10x."""
+    scale = 0.1 if quick else 1.0
+    base = StreamConfig(max_vocab=20_000, initial_items=10_000, events_per_s=1024.0)
+    synthetic = replace(
+        base,
+        new_items_per_s=base.new_items_per_s / scale,
+        hot_lifetime_s=base.hot_lifetime_s * scale,
+        drift_period_s=(base.drift_period_s[0] * scale, base.drift_period_s[1] * scale),
+        dense_period_s=base.dense_period_s * scale,
+    )
+    delays = tuple((name, d * scale) for name, d in FIXED_DELAYS_S)
+    duration_s, warmup_s = 2700.0 * scale, 900.0 * scale
+    # Item ids grow by new_items_per_s per item feature; keep them below rows_per_table.
+    items = synthetic.initial_items + synthetic.new_items_per_s * duration_s
+    syn_model = DLRMConfig(
+        num_dense=synthetic.num_dense,
+        num_sparse=synthetic.num_sparse,
+        embedding_dim=8,
+        rows_per_table=int(math.ceil(items * 1.05 / 1000) * 1000),
+        bottom_mlp=(32, 8),
+        top_mlp=(64, 32, 1),
+    )
+    batch = 1024
+    syn = FreshnessSetup(
+        stream="synthetic",
+        batch_size=batch,
+        max_batches=int(duration_s * synthetic.events_per_s / batch),
+        warmup_s=warmup_s,
+        series_s=60.0 * scale,
+        model=syn_model,
+        fixed_delays_s=delays,
+        synthetic=synthetic,
+    )
+    ml_batch = 64
+    ml = FreshnessSetup(
+        stream="movielens",
+        batch_size=ml_batch,
+        max_batches=30_000 // ml_batch if quick else None,
+        warmup_s=86_400.0 * (5 if quick else 20),
+        series_s=86_400.0 * (2 if quick else 7),
+        model=DLRMConfig(
+            num_dense=MovieLensStream.num_dense,
+            num_sparse=MovieLensStream.num_sparse,
+            embedding_dim=8,
+            rows_per_table=2048,  # user ids <= 943, item ids <= 1682, the rest < 32
+            bottom_mlp=(16, 8),
+            top_mlp=(32, 16, 1),
+        ),
+        fixed_delays_s=FIXED_DELAYS_S,  # its timeline is never compressed, even in quick
+    )
+    return [syn, ml]
+
+
+# -- replicas --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Published:
+    """One write at the source, as a delayed replica will receive it."""
+
+    due: float
+    table: str
+    keys: np.ndarray
+    values: np.ndarray
+    versions: np.ndarray
+    wtimes: np.ndarray
+
+
+class DelayedReplica:
+    """A replica store that receives every source write exactly ``delay_s`` after it.
+
+    Why a queue and not the protocol: a fixed delay of minutes is a property of a pipeline
+    (batching, periodic export), not of a link; the queue states it exactly. Rows keep the
+    versions the source gave them and are applied last-version-wins, as a pull would apply
+    them, so the replica converges to the source's state as of ``now - delay_s``.
+    """
+
+    def __init__(self, store: Store, delay_s: float) -> None:
+        self.store = store
+        self.delay_s = float(delay_s)
+        self._queue: deque[_Published] = deque()
+        self.rows_applied = 0
+
+    def offer(
+        self,
+        at: float,
+        table: str,
+        keys: np.ndarray,
+        values: np.ndarray,
+        versions: np.ndarray,
+        wtimes: np.ndarray,
+    ) -> None:
+        """A write at the source at simulated time ``at``."""
+        self._queue.append(_Published(at + self.delay_s, table, keys, values, versions, wtimes))
+
+    @property
+    def pending_writes(self) -> int:
+        """Source writes not applied yet."""
+        return len(self._queue)
+
+    def advance(self, t: float, before_change: BeforeChange) -> None:
+        """Apply every write due at or before ``t``, calling ``before_change(due)`` first."""
+        q = self._queue
+        while q and q[0].due <= t:
+            item = q.popleft()
+            before_change(item.due)
+            table = self.store.table(item.table)
+            self.rows_applied += table.apply(
+                item.keys, item.values, item.versions, item.wtimes, HIGH_LANE
+            )
+
+
+@dataclass(order=True)
+class _LinkEvent:
+    at: float
+    seq: int
+    kind: str = field(compare=False)  # "up" (to the source), "down" (to the replica), "tick"
+    msg: Any = field(compare=False, default=None)
+
+
+_SESSION = ("replica", 1)
+
+
+class SyncedReplica:
+    """A replica store kept by the real sync protocol over one simulated WAN link.
+
+    Why: the ``ekko`` variant must carry the latency Ekko really has, not an assumed one: a
+    ``Puller`` on the replica and a ``Responder`` on the source exchange the same messages the
+    nodes do (long-poll, windowed pulls, knowledge, catch-up), each delayed by the link. Only
+    the transport is simulated; the clock is the stream's.
+    """
+
+    def __init__(
+        self,
+        source: Store,
+        store: Store,
+        link: WanLink,
+        puller_config: PullerConfig,
+        now: float,
+        responder_config: ResponderConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.link = link
+        self.responder = Responder(source, responder_config)
+        self.puller = Puller(store, puller_config)
+        self.now = float(now)
+        self._rng = np.random.default_rng(link.seed)
+        self._events: list[_LinkEvent] = []
+        self._seq = itertools.count()
+        self._wake: dict[str, float] = {}
+        self._last_arrival = {"up": -math.inf, "down": -math.inf}
+        self.messages = 0
+        self._to_source(self.puller.start(self.now))
+
+    # -- driving -----------------------------------------------------------------------
+
+    def source_changed(self) -> None:
+        """The source store moved (a publish at ``self.now``): wake parked pulls."""
+        self._to_replica(self.responder.store_changed(self.now))
+
+    def advance(self, t: float, before_change: BeforeChange) -> None:
+        """Deliver every message and fire every timer up to ``t``; ``before_change(at)`` runs
+        before a response that carries rows, knowledge or tables is applied."""
+        while self._events and self._events[0].at <= t:
+            ev = heapq.heappop(self._events)
+            self.now = ev.at
+            if ev.kind == "down":
+                if _changes_store(ev.msg):
+                    before_change(ev.at)
+                self._to_source(self.puller.receive(ev.msg, self.now))
+            elif ev.kind == "up":
+                self._to_replica(self.responder.receive(_SESSION, ev.msg, self.now))
+            elif self._wake.get(ev.msg) == ev.at:
+                del self._wake[ev.msg]
+                if ev.msg == "puller":
+                    self._to_source(self.puller.tick(self.now))
+                else:
+                    self._to_replica(self.responder.tick(self.now))
+        self.now = max(self.now, float(t))
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _send(self, direction: str, msg: Message) -> None:
+        delay = self.link.one_way_s + float(self._rng.exponential(self.link.jitter_mean_s))
+        at = max(self.now + delay, self._last_arrival[direction])  # in order, like TCP
+        self._last_arrival[direction] = at
+        self.messages += 1
+        self._push(at, direction, msg)
+
+    def _push(self, at: float, kind: str, msg: Any) -> None:
+        heapq.heappush(self._events, _LinkEvent(at, next(self._seq), kind, msg))
+
+    def _to_source(self, ready: Ready) -> None:
+        for _link, msg in ready.sends:
+            self._send("up", msg)
+        self._timer("puller", ready.wake_at)
+
+    def _to_replica(self, ready: Ready) -> None:
+        for _session, msg in ready.sends:
+            self._send("down", msg)
+        self._timer("responder", ready.wake_at)
+
+    def _timer(self, role: str, at: float | None) -> None:
+        if at is None:
+            return
+        at = max(at, self.now)
+        pending = self._wake.get(role)
+        if pending is not None and self.now < pending <= at:
+            return  # an earlier tick is already due; it will re-arm the timer
+        self._wake[role] = at
+        self._push(at, "tick", role)
+
+
+def _changes_store(msg: Message) -> bool:
+    if isinstance(msg, PullResponse):
+        return bool(msg.chunks) or bool(msg.tables)
+    return isinstance(msg, Catalog)
+
+
+class _TapSink:
+    """``StoreSink`` plus a tap: each write, with the versions the source gave it, goes on to
+    the delayed replicas."""
+
+    def __init__(self, sink: StoreSink, clock: Callable[[], float]) -> None:
+        self.sink = sink
+        self.clock = clock
+        self.delayed: list[DelayedReplica] = []
+
+    def create_table(self, spec: TableSpec) -> None:
+        self.sink.create_table(spec)
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        self.sink.write(table, keys, values)
+        if self.delayed:
+            _vals, versions, _found = self.sink.store.table(table).lookup(keys)
+            wtimes = np.full(len(keys), _ns(self.clock()), np.int64)
+            for replica in self.delayed:
+                replica.offer(self.clock(), table, keys, values, versions, wtimes)
+
+
+def _ns(t: float) -> int:
+    return round(t * 1e9)
+
+
+# -- one stream ------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantResult:
+    """One variant's quality on one stream: after the warm-up, and per series interval."""
+
+    name: str
+    auc: float
+    log_loss: float
+    events: int
+    series: list[dict[str, float | None]]
+
+
+@dataclass
+class FreshnessRun:
+    """What ``run_stream`` measured, plus the stores (tests look inside them).
+
+    ``predictions[name]`` float32 [n] and ``labels`` [n] cover the events after the warm-up,
+    in stream order; ``times`` [n] are their simulated seconds from the first event.
+    """
+
+    setup: FreshnessSetup
+    variants: dict[str, VariantResult]
+    predictions: dict[str, np.ndarray]
+    labels: np.ndarray
+    times: np.ndarray
+    source: Store
+    replicas: dict[str, Store]
+    delayed: dict[str, DelayedReplica]
+    synced: SyncedReplica
+    ekko_latency: dict[str, Any]
+    ekko_messages: int
+    batches: int
+    events: int
+    stream_seconds: float
+    wall_s: float
+    stream_info: dict[str, Any] = field(default_factory=dict)
+
+
+class EventTimeScorer:
+    """Scores a batch from one replica, each event with the replica's state at its own time.
+
+    Why: a batch spans a simulated second (MovieLens: minutes to hours) while Ekko's updates
+    land 100 ms after a publish; scoring the whole batch with one state would charge Ekko a
+    full batch of staleness it does not have, or credit it with updates not yet landed. The
+    replica is advanced to the batch's last event; just before each change to its store the
+    events that came strictly before the change are scored, so the model runs once per
+    distinct state.
+
+    Args:
+        model: anything with ``predict(dense, sparse) -> float32 [n]`` over the replica store.
+        advance: ``advance(t, before_change)`` of a ``DelayedReplica`` or ``SyncedReplica``.
+    """
+
+    def __init__(self, model: Any, advance: Callable[[float, BeforeChange], None]) -> None:
+        self.model = model
+        self.advance = advance
+        self.predicts = 0
+
+    def score(self, events: Events, t: np.ndarray) -> np.ndarray:
+        """CTR float32 [n] for ``events``; ``t`` [n] their simulated times, ascending."""
+        n = len(t)
+        preds = np.empty(n, np.float32)
+        done = 0
+
+        def flush(at: float) -> None:
+            nonlocal done
+            # Events at `at` see the change (within _TIME_EPS_S: float sums of batch times).
+            hi = int(np.searchsorted(t, at - _TIME_EPS_S, side="left"))
+            if hi > done:
+                preds[done:hi] = self.model.predict(events.dense[done:hi], events.sparse[done:hi])
+                self.predicts += 1
+                done = hi
+
+        self.advance(float(t[-1]), flush)
+        flush(math.inf)
+        return preds
+
+
+def _open_stream(setup: FreshnessSetup) -> tuple[Iterator[Events], int, dict[str, Any]]:
+    if setup.stream == "synthetic":
+        stream = SyntheticStream(setup.synthetic)
+        total = int(setup.max_batches or 0)
+        dt = stream.time_per_batch(setup.batch_size)
+        # A batch is over one event spacing after its last event (when the next one starts).
+        info = {"time_per_batch_s": dt, "batch_end_after_last_event_s": dt / setup.batch_size}
+        return itertools.islice(stream.batches(setup.batch_size), total), total, info
+    ml = MovieLensStream()
+    total = math.ceil(len(ml) / setup.batch_size)
+    if setup.max_batches is not None:
+        total = min(total, setup.max_batches)
+    gaps = np.diff(ml.ts)
+    info = {
+        "events_total": len(ml),
+        "span_days": float((ml.ts[-1] - ml.ts[0]) / 86_400),
+        "median_gap_s": float(np.median(gaps)),
+        "mean_gap_s": float(np.mean(gaps)),
+        "share_of_gaps_le_10s": float(np.mean(gaps <= 10)),
+        "batch_end_after_last_event_s": 0.0,  # a batch is over at its last rating
+    }
+    return itertools.islice(ml.batches(setup.batch_size), total), total, info
+
+
+def run_stream(setup: FreshnessSetup, *, show_progress: bool = True) -> FreshnessRun:
+    """Train once over ``setup``'s stream and score every delay variant side by side."""
+    start_wall = time.perf_counter()
+    batches, total, stream_info = _open_stream(setup)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"stream {setup.stream} is empty")
+    t0 = float(first.ts[0])
+    end_pad = float(stream_info["batch_end_after_last_event_s"])
+    clock = [0.0]  # simulated seconds since the first event
+
+    model = DLRM(setup.model)
+    source = Store()
+    store_sink = StoreSink(source, clock_ns=lambda: _ns(clock[0]))
+    tap = _TapSink(store_sink, lambda: clock[0])
+    publisher = EmbeddingPublisher(
+        model,
+        tap,
+        PublisherConfig(
+            table_names=model.table_names(),
+            embedding_shards=setup.embedding_shards,
+            dense_interval_s=0.0,  # dense tensors after every step
+        ),
+        clock=lambda: clock[0],
+    )
+    publisher.snapshot()  # the initial model, every row: replicas start from it
+    trainer = OnlineTrainer(model, setup.trainer, publisher)
+
+    replicas: dict[str, Store] = {}
+    with tempfile.TemporaryDirectory(prefix="ekko-freshness-") as tmp:
+        snap = Path(tmp) / "source.snap"
+        source.save(snap)
+        for name in setup.variants[1:]:
+            replicas[name] = Store.load(snap)
+    synced = SyncedReplica(
+        source, replicas[EKKO], setup.wan, setup.puller, now=0.0, responder_config=setup.responder
+    )
+    delayed: dict[str, DelayedReplica] = {}
+    for name, delay in setup.fixed_delays_s:
+        delayed[name] = DelayedReplica(replicas[name], delay)
+        tap.delayed.append(delayed[name])
+    scorers = {
+        EKKO: EventTimeScorer(ReplicaModel(replicas[EKKO], setup.model, EKKO), synced.advance)
+    }
+    for name, rep in delayed.items():
+        scorers[name] = EventTimeScorer(
+            ReplicaModel(replicas[name], setup.model, name), rep.advance
+        )
+
+    series_q = {name: WindowedQuality(setup.series_s, buckets=1) for name in setup.variants}
+    series: dict[str, list[dict[str, float | None]]] = {name: [] for name in setup.variants}
+    next_cut = setup.series_s
+    kept_preds: dict[str, list[np.ndarray]] = {name: [] for name in setup.variants}
+    kept_labels: list[np.ndarray] = []
+    kept_times: list[np.ndarray] = []
+    events_seen = 0
+    n_batches = 0
+    t_last = 0.0
+
+    progress = Progress(
+        TextColumn(f"[freshness] {setup.stream}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} batches"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+    with progress:
+        task = progress.add_task("train", total=total, status="")
+        for events in itertools.chain([first], batches):
+            t = np.asarray(events.ts, np.float64) - t0
+            preds = {name: sc.score(events, t) for name, sc in scorers.items()}
+            # The batch is over and its labels are in: learn and publish now.
+            clock[0] = float(t[-1]) + end_pad
+            synced.advance(clock[0], _no_events)  # nothing left to score before the publish
+            preds[IN_PROCESS] = trainer.step(events).predictions
+            # One wake-up per publish, after all its tables were written, as the node's
+            # LoopSink drains a publish and then calls notify_written once.
+            synced.source_changed()
+            labels = events.labels
+            while t[-1] >= next_cut:
+                for name in setup.variants:
+                    snap_q = series_q[name].take_interval(next_cut)
+                    series[name].append(
+                        {
+                            "t_s": next_cut,
+                            "auc": _none(snap_q.auc),
+                            "log_loss": _none(snap_q.log_loss),
+                            "events": snap_q.count,
+                        }
+                    )
+                next_cut += setup.series_s
+            for name in setup.variants:
+                series_q[name].update(preds[name], labels, now=float(t[-1]))
+            keep = t >= setup.warmup_s
+            if keep.any():
+                for name in setup.variants:
+                    kept_preds[name].append(np.asarray(preds[name][keep], np.float32))
+                kept_labels.append(labels[keep])
+                kept_times.append(t[keep])
+            events_seen += len(t)
+            n_batches += 1
+            t_last = float(t[-1])
+            if n_batches % 50 == 0 or n_batches == total:
+                progress.update(task, completed=n_batches, status=_status(kept_preds, kept_labels))
+    publisher.close()
+
+    labels_all = np.concatenate(kept_labels) if kept_labels else np.empty(0, np.float32)
+    times_all = np.concatenate(kept_times) if kept_times else np.empty(0)
+    predictions = {
+        name: np.concatenate(p) if p else np.empty(0, np.float32) for name, p in kept_preds.items()
+    }
+    variants = {
+        name: VariantResult(
+            name=name,
+            auc=auc(labels_all, predictions[name]) if len(labels_all) else math.nan,
+            log_loss=log_loss(labels_all, predictions[name]) if len(labels_all) else math.nan,
+            events=len(labels_all),
+            series=series[name],
+        )
+        for name in setup.variants
+    }
+    stream_info["scorer_predict_calls"] = {name: sc.predicts for name, sc in scorers.items()}
+    return FreshnessRun(
+        setup=setup,
+        variants=variants,
+        predictions=predictions,
+        labels=labels_all,
+        times=times_all,
+        source=source,
+        replicas=replicas,
+        delayed=delayed,
+        synced=synced,
+        ekko_latency=synced.puller.latency.summary(),
+        ekko_messages=synced.messages,
+        batches=n_batches,
+        events=events_seen,
+        stream_seconds=t_last,
+        wall_s=time.perf_counter() - start_wall,
+        stream_info=stream_info,
+    )
+
+
+def _no_events(_at: float) -> None:
+    pass
+
+
+def _none(x: float) -> float | None:
+    return None if not math.isfinite(x) else float(x)
+
+
+def _status(kept_preds: dict[str, list[np.ndarray]], kept_labels: list[np.ndarray]) -> str:
+    """AUC of each variant over the last few kept batches (progress display only)."""
+    if not kept_labels:
+        return "warm-up"
+    y = np.concatenate(kept_labels[-50:])
+    parts = [f"{name} {auc(y, np.concatenate(p[-50:])):.4f}" for name, p in kept_preds.items()]
+    return " ".join(parts)
+
+
+# -- the bench -------------------------------------------------------------------------------
+
+
+def summarize(runs: dict[str, FreshnessRun]) -> dict[str, Any]:
+    """The bench's ``summary`` from one run per stream."""
+    auc_by = {s: {n: _none(v.auc) for n, v in r.variants.items()} for s, r in runs.items()}
+    ll_by = {s: {n: _none(v.log_loss) for n, v in r.variants.items()} for s, r in runs.items()}
+    diff_ip = {s: _diff(a.get(EKKO), a.get(IN_PROCESS)) for s, a in auc_by.items()}
+    syn = auc_by.get("synthetic", {})
+    ekko_1min = _diff(syn.get(EKKO), syn.get("1min"))
+    ekko_10min = _diff(syn.get(EKKO), syn.get("10min"))
+    within = [abs(d) <= AUC_BAR if d is not None else False for d in diff_ip.values()]
+    return {
+        "auc_by_delay": auc_by,
+        "logloss_by_delay": ll_by,
+        "ekko_minus_1min_auc": ekko_1min,
+        "ekko_minus_10min_auc": ekko_10min,
+        "ekko_minus_in_process_auc": diff_ip,
+        "ekko_update_latency_ms": {s: r.ekko_latency for s, r in runs.items()},
+        f"bar_ekko_within_{AUC_BAR}_of_in_process": bool(within) and all(within),
+        "bar_ekko_above_1min_and_10min_synthetic": (
+            ekko_1min is not None and ekko_10min is not None and ekko_1min > 0 and ekko_10min > 0
+        ),
+    }
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _block_diffs(run: FreshnessRun, a: str, b: str) -> dict[str, float | None]:
+    """AUC(a) - AUC(b) per series interval after the warm-up: mean and its standard error
+    (intervals as independent blocks), and the share of intervals where a wins."""
+    pairs = [
+        (x["auc"], y["auc"])
+        for x, y in zip(run.variants[a].series, run.variants[b].series, strict=True)
+        if x["t_s"] > run.setup.warmup_s and x["auc"] is not None and y["auc"] is not None
+    ]
+    if len(pairs) < 2:
+        return {"intervals": len(pairs), "mean": None, "se": None, "share_a_wins": None}
+    d = np.array([x - y for x, y in pairs])
+    return {
+        "intervals": len(d),
+        "mean": float(d.mean()),
+        "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+        "share_a_wins": float(np.mean(d > 0)),
+    }
+
+
+def run(*, quick: bool = False, out: Path | None = None) -> dict:
+    """Run both streams, write ``bench/results/freshness.json`` (or ``out``) and a PNG."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        setups = default_setups(quick)
+        runs = {s.stream: run_stream(s) for s in setups}
+    finally:
+        torch.set_num_threads(threads)
+    summary = summarize(runs)
+    for stream, r in runs.items():
+        console.print(
+            f"[freshness] {stream}: "
+            + ", ".join(f"{n} AUC {v.auc:.4f}" for n, v in r.variants.items())
+            + f" ({r.wall_s:.0f} s wall)"
+        )
+    inputs = {
+        "quick": quick,
+        "time_scale": 0.1 if quick else 1.0,
+        "note": (
+            "quick: the synthetic stream's time constants and its fixed delays are compressed "
+            "10x (10s/1min/10min are 1 s/6 s/60 s of stream time); the WAN delay stays 100 ms; "
+            "MovieLens is a prefix of its timeline with the real delays"
+            if quick
+            else "delays are in simulated stream seconds (MovieLens: its own timestamps)"
+        ),
+        "setups": {s.stream: _setup_json(s) for s in setups},
+    }
+    details = {
+        stream: {
+            "batches": r.batches,
+            "events": r.events,
+            "events_scored_after_warmup": len(r.labels),
+            "stream_seconds": r.stream_seconds,
+            "wall_s": r.wall_s,
+            "stream": r.stream_info,
+            "ekko_link_messages": r.ekko_messages,
+            "ekko_minus_1min_auc_by_interval": _block_diffs(r, EKKO, "1min"),
+            "ekko_minus_in_process_auc_by_interval": _block_diffs(r, EKKO, IN_PROCESS),
+            "replica_rows": {
+                n: sum(t.rows for t in s.tables.values()) for n, s in r.replicas.items()
+            },
+            "series": {n: v.series for n, v in r.variants.items()},
+        }
+        for stream, r in runs.items()
+    }
+    write_result("freshness", inputs, summary, details, out, lambda fig: _plot(fig, runs))
+    return {"summary": summary}
+
+
+def _setup_json(s: FreshnessSetup) -> dict[str, Any]:
+    d = asdict(s)
+    d["variants"] = s.variants
+    return d
+
+
+_COLORS = {
+    IN_PROCESS: "k",
+    EKKO: "tab:green",
+    "10s": "tab:blue",
+    "1min": "tab:orange",
+    "10min": "tab:red",
+}
+
+
+def _plot(fig: Figure, runs: dict[str, FreshnessRun]) -> None:
+    fig.set_size_inches(14, 5)
+    syn = runs.get("synthetic")
+    ax = fig.add_subplot(1, 3, 1)
+    if syn is not None:
+        for name, v in syn.variants.items():
+            xs = [p["t_s"] / 60 for p in v.series if p["auc"] is not None]
+            ys = [p["auc"] for p in v.series if p["auc"] is not None]
+            ax.plot(xs, ys, label=name, color=_COLORS.get(name), lw=1.2)
+        ax.axvline(syn.setup.warmup_s / 60, color="gray", ls=":", lw=1)
+        ax.set_xlabel("stream time, min (dotted: end of warm-up)")
+        ax.set_ylabel(f"AUC per {syn.setup.series_s:.0f} s")
+        ax.set_title("synthetic: online AUC over time")
+        ax.legend(fontsize=8)
+    for i, (stream, r) in enumerate(runs.items()):
+        ax = fig.add_subplot(1, 3, 2 + i)
+        names = list(r.variants)
+        vals = [r.variants[n].auc for n in names]
+        ax.bar(range(len(names)), vals, color=[_COLORS.get(n, "tab:gray") for n in names])
+        finite = [v for v in vals if math.isfinite(v)]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = max(hi - lo, 0.002)
+            ax.set_ylim(lo - pad, hi + 0.5 * pad)
+        for x, v in enumerate(vals):
+            ax.text(x, v, f"{v:.4f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_ylabel("AUC after warm-up")
+        ax.set_title(f"{stream}: AUC by update delay")
+    fig.suptitle("Freshness: one trainer, every replica scored on the same events")
