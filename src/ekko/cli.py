@@ -19,7 +19,7 @@ cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=T
 app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
-BENCHES = ("apply", "churn", "latency", "ablation", "serve", "rollback")
+BENCHES = ("apply", "churn", "latency", "ablation", "train", "serve", "freshness", "rollback")
 
 
 def _floats(raw: str | None) -> list[float] | None:

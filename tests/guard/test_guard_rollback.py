@@ -144,3 +144,22 @@ def test_lagged_store_follows_late_freezes_and_drops_rows_written_after_a_point(
     values, _, found = lagged.store.table("emb").lookup(np.array([1, 2, 3]))
     assert found.tolist() == [True, True, False]
     np.testing.assert_array_equal(values[1], [1.0, 1.0])
+
+
+def test_a_redirect_overtaken_by_its_rollback_is_ignored():
+    from ekko.guard.detector import DetectorConfig
+    from ekko.guard.replica_guard import ReplicaGuard
+    from ekko.guard.state import State
+    from ekko.node.config import ModelConfig
+    from ekko.serve import InferenceService
+
+    svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))
+    sent: list = []
+    guard = ReplicaGuard.build("r1", svc, LaggedStore(1.0), DetectorConfig(), 3, None,
+                               lambda p, b: sent.append((p, b)), 0.3)
+    guard.rolled_back(0.0, {})  # the rollback of incident 0 arrives first ...
+    assert guard.health.state is State.RECOVERING and guard.router.redirected
+    guard.redirect("late", epoch=0)  # ... then its redirect: stale, no new corruption
+    assert guard.health.state is State.RECOVERING
+    guard.redirect("next incident", epoch=1)
+    assert guard.health.state is State.CORRUPTED

@@ -161,9 +161,12 @@ class ReplicaGuard:
 
     # -- actions ----------------------------------------------------------------------------
 
-    def redirect(self, why: str) -> None:
+    def redirect(self, why: str, epoch: int | None = None) -> None:
         """All traffic to the baseline now; freeze the baseline so queued poison never
-        reaches it."""
+        reaches it. ``epoch``: the source's incident number; a redirect that arrives after
+        that incident's rollback (messages may overtake each other) is stale and ignored."""
+        if epoch is not None and epoch < self.epoch:
+            return
         if not self.router.redirected:
             self.router.redirect_all_to_baseline()
             self.redirected_at = time.time()

@@ -73,7 +73,9 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
     async def redirect(request: Request) -> Response:
         g = _pick(guards, request)
         doc = await _json_object(request)
-        g.redirect(str(doc.get("why", "requested by the source")))
+        epoch = _number(doc, "epoch")
+        g.redirect(str(doc.get("why", "requested by the source")),
+                   None if epoch is None else int(epoch))
         return json_response({"model": g.model, "redirected": True})
 
     @guarded

@@ -179,7 +179,7 @@ class SourceGuard:
                 f"model {self.model}: cannot roll back to {to_wall:.3f}; the earliest "
                 f"restorable point is {earliest}"
             )
-        self.broadcast("guard/redirect", {"why": why, "at": decided})
+        self.broadcast("guard/redirect", {"why": why, "at": decided, "epoch": len(self.incidents)})
         dropped = self.trainer.quarantine(f"rollback: {why}") if self.trainer else 0
         self._transition(Event.OPERATOR_ROLLBACK if detected_by == "operator"
                          else Event.SCORE_CRITICAL, why)

@@ -109,5 +109,14 @@ def write_cluster(doc: dict[str, Any], out: Path) -> Path:
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-    out.write_text(tomli_w.dumps(doc))
+    out.write_text(tomli_w.dumps(_without_none(doc)))
     return out
+
+
+def _without_none(x: Any) -> Any:
+    """TOML has no null: an unset optional field is simply left out."""
+    if isinstance(x, dict):
+        return {k: _without_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_without_none(v) for v in x]
+    return x
