@@ -27,8 +27,7 @@ from starlette.routing import Route
 from ekko.guard.errors import PreimageError
 from ekko.guard.replica_guard import ReplicaGuard
 from ekko.guard.source_guard import SourceGuard
-from ekko.serve.errors import UnknownModel
-from ekko.serve.routes import guarded, json_response, read_body
+from ekko.serve.routes import by_model, guarded, json_response, read_body
 from ekko.serve.schema import RequestError
 
 
@@ -56,22 +55,18 @@ def _number(doc: dict[str, Any], field: str, required: bool = False) -> float | 
     return float(value)
 
 
-def _pick(guards: Mapping[str, Any], request: Request) -> Any:
-    name = request.path_params["model"]
-    g = guards.get(name)
-    if g is None:
-        raise UnknownModel(name, sorted(guards))
-    return g
+def _health(guards: Mapping[str, ReplicaGuard | SourceGuard]) -> Route:
+    @guarded
+    async def health(request: Request) -> Response:
+        return json_response(by_model(guards, request).status())
+
+    return Route("/v1/models/{model}/health", health, methods=["GET"])
 
 
 def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
     @guarded
-    async def health(request: Request) -> Response:
-        return json_response(_pick(guards, request).status())
-
-    @guarded
     async def redirect(request: Request) -> Response:
-        g = _pick(guards, request)
+        g = by_model(guards, request)
         doc = await _json_object(request)
         epoch = _number(doc, "epoch")
         g.redirect(str(doc.get("why", "requested by the source")),
@@ -80,7 +75,7 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
 
     @guarded
     async def rolled_back(request: Request) -> Response:
-        g = _pick(guards, request)
+        g = by_model(guards, request)
         doc = await _json_object(request)
         wall = _number(doc, "healthy_wall", required=True)
         mark = doc.get("watermark")
@@ -92,7 +87,7 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
         return json_response({"model": g.model, "restore_pending": True})
 
     return [
-        Route("/v1/models/{model}/health", health, methods=["GET"]),
+        _health(guards),
         Route("/v1/models/{model}/guard/redirect", redirect, methods=["POST"]),
         Route("/v1/models/{model}/guard/rolled_back", rolled_back, methods=["POST"]),
     ]
@@ -100,12 +95,8 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
 
 def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
     @guarded
-    async def health(request: Request) -> Response:
-        return json_response(_pick(guards, request).status())
-
-    @guarded
     async def rollback(request: Request) -> Response:
-        g = _pick(guards, request)
+        g = by_model(guards, request)
         doc = await _json_object(request)
         to = _number(doc, "to")
         why = str(doc.get("why", "operator rollback"))
@@ -117,7 +108,7 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
 
     @guarded
     async def report(request: Request) -> Response:
-        g = _pick(guards, request)
+        g = by_model(guards, request)
         try:
             g.report(await _json_object(request))
         except (ValueError, PreimageError) as exc:
@@ -126,12 +117,12 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
 
     @guarded
     async def restored(request: Request) -> Response:
-        g = _pick(guards, request)
+        g = by_model(guards, request)
         g.restored(await _json_object(request))
         return json_response({"ok": True})
 
     return [
-        Route("/v1/models/{model}/health", health, methods=["GET"]),
+        _health(guards),
         Route("/v1/models/{model}/rollback", rollback, methods=["POST"]),
         Route("/v1/models/{model}/guard/report", report, methods=["POST"]),
         Route("/v1/models/{model}/guard/restored", restored, methods=["POST"]),

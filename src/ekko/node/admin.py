@@ -126,11 +126,7 @@ def admin_routes(
 
     @guarded
     async def post_rows(request: Request) -> Response:
-        if not core.is_source:
-            raise NotSourceError(
-                f"node {core.name!r} is a {core.role}; write to the source "
-                f"{core.config.source.name!r}"
-            )
+        core.require_source("write to")
         table = core.store.table(request.path_params["table"])
         keys, values = parse_rows(await read_json(request), table.dim)
         versions = core.write(table.name, keys, values)
@@ -152,11 +148,7 @@ def admin_routes(
 
     @guarded
     async def snapshot(request: Request) -> Response:
-        if not core.is_source:
-            raise NotSourceError(
-                f"node {core.name!r} is a {core.role}; full copies come from the source "
-                f"{core.config.source.name!r}"
-            )
+        core.require_source("full copies come from")
         return Response(core.export_snapshot(), media_type="application/octet-stream")
 
     return [

@@ -101,12 +101,16 @@ class NodeCore:
 
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Write rows at the source; raises on a replica, an unknown table or bad rows."""
+        self.require_source("write to")
+        return self.store.table(table).write(keys, values, now_ns=time.time_ns())
+
+    def require_source(self, what: str) -> None:
+        """Raise ``NotSourceError`` naming the source unless this node is it."""
         if not self.is_source:
             raise NotSourceError(
-                f"node {self.name!r} is a {self.role}; write to the source "
+                f"node {self.name!r} is a {self.role}; {what} the source "
                 f"{self.config.source.name!r}"
             )
-        return self.store.table(table).write(keys, values, now_ns=time.time_ns())
 
     def save_snapshot(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -39,6 +39,7 @@ from ekko.serve.schema import (
 from ekko.serve.service import BadInput, InferenceService
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -84,6 +85,15 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return body
 
 
+def by_model(objects: Mapping[str, T], request: Request) -> T:
+    """The object for the request's ``{model}`` path parameter; 404 (``UnknownModel``) if none."""
+    name = request.path_params["model"]
+    obj = objects.get(name)
+    if obj is None:
+        raise UnknownModel(name, sorted(objects))
+    return obj
+
+
 def serve_routes(
     services: Mapping[str, InferenceService],
     *,
@@ -94,11 +104,7 @@ def serve_routes(
     the services (the windowed metrics' time)."""
 
     def service(request: Request) -> InferenceService:
-        name = request.path_params["model"]
-        svc = services.get(name)
-        if svc is None:
-            raise UnknownModel(name, sorted(services))
-        return svc
+        return by_model(services, request)
 
     @guarded
     async def models(request: Request) -> Response:

@@ -18,8 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ekko.serve.errors import UnknownModel
-from ekko.serve.routes import guarded, json_response, read_body
+from ekko.serve.routes import by_model, guarded, json_response, read_body
 from ekko.serve.schema import MAX_BATCH, decode_train
 from ekko.train.service import TrainerBusy, TrainingService
 from ekko.train.streams import Events
@@ -29,11 +28,7 @@ def train_routes(trainers: Mapping[str, TrainingService]) -> list[Route]:
     """Routes for every trainer by model name."""
 
     def trainer(request: Request) -> TrainingService:
-        name = request.path_params["model"]
-        svc = trainers.get(name)
-        if svc is None:
-            raise UnknownModel(name, sorted(trainers))
-        return svc
+        return by_model(trainers, request)
 
     @guarded
     async def submit(request: Request) -> Response:
