@@ -163,3 +163,26 @@ def test_a_redirect_overtaken_by_its_rollback_is_ignored():
     assert guard.health.state is State.RECOVERING
     guard.redirect("next incident", epoch=1)
     assert guard.health.state is State.CORRUPTED
+
+
+def test_gate_acts_only_on_an_online_model_worse_than_the_baseline_twice():
+    from ekko.guard.detector import CORRUPTED, DetectorConfig, Verdict
+    from ekko.guard.metrics import QualitySnapshot
+    from ekko.guard.replica_guard import ReplicaGuard
+    from ekko.guard.state import Event
+    from ekko.node.config import ModelConfig
+    from ekko.serve import InferenceService
+
+    svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))
+    guard = ReplicaGuard.build("r1", svc, LaggedStore(1.0), DetectorConfig(), 3, None,
+                               lambda p, b: None, 0.3)
+    critical = Verdict(13.0, CORRUPTED, "corrupted", 5.0, 5.0, False, 0.0)
+
+    def snap(ll: float, auc: float) -> QualitySnapshot:
+        return QualitySnapshot(500, 100, auc, ll, 1.0, 0.2, 1.0, 0.0, 0.0)
+
+    better, worse_ = snap(0.50, 0.80), snap(0.70, 0.60)
+    base = snap(0.55, 0.75)
+    assert guard._gate(critical, better, base)[0] is Event.SCORE_NORMAL  # lead narrowed only
+    assert guard._gate(critical, worse_, base)[0] is Event.SCORE_HIGH  # worse once
+    assert guard._gate(critical, worse_, base)[0] is Event.SCORE_CRITICAL  # worse twice

@@ -10,6 +10,8 @@ redirect times.
 - ``detect_s``: poison start → the source's rollback decision (seconds of traffic).
 - ``redirect_s``: decision → the last replica serving from the baseline.
 - ``restore_all_replicas_s``: decision → the last replica holding every restored row.
+- ``false_alarms_clean`` / ``false_alarms_before_poison``: rollbacks decided in the clean
+  run, and in the poisoned run before the poison started.
 - ``good_rows_lost``: restored rows whose value at the source differs from its pre-image,
   plus the rows of any table whose digest at a replica differs from the source's right after
   the restore (training is quarantined meanwhile, so the digests must be equal).
@@ -64,8 +66,10 @@ def _summary(runs: dict[str, dict[str, Any]], spec: DemoSpec) -> dict[str, Any]:
     start = bad["poison_started_at"]
     first = next((i for i in incidents if start and i["decided_at"] >= start), None)
     max_delay = max(spec.wan_delay_ms) / 1000
+    early = [i for i in incidents if start is None or i["decided_at"] < start]
     out: dict[str, Any] = {
         "false_alarms_clean": len(_incidents(runs["clean"])),
+        "false_alarms_before_poison": len(early),
         "incidents_poisoned": len(incidents),
         "poisoned_events": bad["poisoned_events"],
     }
@@ -98,6 +102,7 @@ def _summary(runs: dict[str, dict[str, Any]], spec: DemoSpec) -> dict[str, Any]:
         out["detect_s"] <= BAR_DETECT_S
         and out["restore_all_replicas_s"] <= BAR_RESTORE_EXTRA_S + max_delay
         and out["false_alarms_clean"] == 0
+        and out["false_alarms_before_poison"] == 0
         and out["good_rows_lost"] == 0
     )
     return out

@@ -152,6 +152,9 @@ class PreimageLog:
         self.max_rows = int(max_rows)
         self.coalesce = Coalesce.KEEP_FIRST
         self._segments: list[_Segment] = []  # oldest first; segment i starts at checkpoint i
+        # An upper bound of ``rows`` kept per write, so the row cap is checked in O(1); the
+        # exact count (a sum over every segment and table) is taken only when it may bind.
+        self._rows_bound = 0
         self._dims: dict[str, tuple[int, np.dtype]] = {}
 
     # -- properties ---------------------------------------------------------------------------
@@ -232,6 +235,7 @@ class PreimageLog:
             chunks = seg.tables[table] = _Chunks(dim, dtype)
         first = coalesce_indices(k, Coalesce.KEEP_FIRST)
         chunks.add(k[first], v[first].astype(dtype, copy=True), ver[first], ex[first])
+        self._rows_bound += int(first.size)
         self._expire(float(now))
 
     def rolled_back(self, to_time: float) -> None:
@@ -244,6 +248,7 @@ class PreimageLog:
         i = self._index(to_time)
         del self._segments[i + 1 :]
         self._segments[i].tables.clear()
+        self._rows_bound = self.rows
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -301,9 +306,14 @@ class PreimageLog:
         drop = 0
         while drop < len(self._segments) - 1 and self._segments[drop].at < cutoff:
             drop += 1
+        for seg in self._segments[:drop]:
+            self._rows_bound -= seg.rows
         del self._segments[:drop]
         # Row cap: compact, then drop oldest checkpoints until under the cap.
-        if self.rows <= self.max_rows:
+        if self._rows_bound <= self.max_rows:
+            return
+        self._rows_bound = self.rows
+        if self._rows_bound <= self.max_rows:
             return
         for s in self._segments:
             for c in s.tables.values():
@@ -315,3 +325,4 @@ class PreimageLog:
             # Writes since the newest checkpoint alone exceed the cap: no restorable point
             # until the next mark_healthy.
             self._segments.clear()
+        self._rows_bound = self.rows

@@ -90,6 +90,7 @@ class ReplicaGuard:
         self.redirected_at: float | None = None
         self.epoch = 0  # rollbacks announced to this replica; reports carry it
         self.redirects: list[float] = []  # wall times traffic was moved to the baseline
+        self._worse_streak = 0  # consecutive intervals with online worse than the baseline
 
     @classmethod
     def build(
@@ -124,10 +125,32 @@ class ReplicaGuard:
             metrics = {**online.as_metrics(self.model, ONLINE, "interval"),
                        **baseline.as_metrics(self.model, BASELINE, "interval"),
                        f"{self.model}.detector.score": verdict.score}
-            self._handle(event_for_level(verdict.level), now, verdict.reason, metrics)
+            event, why = self._gate(verdict, online, baseline)
+            self._handle(event, now, why, metrics)
         self.poll()
         self.send("guard/report", self.report_body())
         return verdict
+
+    def _gate(self, verdict: Verdict, online, baseline) -> tuple[Event, str]:
+        """Act only on a model that is *worse than the baseline*, two intervals running.
+
+        The CUSUM watches the online-minus-baseline difference against its healthy history,
+        and that difference also moves when the online model's lead over the lagged baseline
+        merely narrows (the stream drifting more slowly, say); measured on the rollback
+        bench, that alone raised false alarms. An update hurts when the online model does
+        worse than the older one, so a high score while the online model still beats the
+        baseline is recorded but not acted on, and corruption needs it worse twice in a row.
+        """
+        worse = online.log_loss > baseline.log_loss or baseline.auc > online.auc
+        self._worse_streak = self._worse_streak + 1 if worse else 0
+        event = event_for_level(verdict.level)
+        if event is Event.SCORE_NORMAL:
+            return event, verdict.reason
+        if not worse:
+            return Event.SCORE_NORMAL, f"{verdict.reason}; online still beats the baseline"
+        if event is Event.SCORE_CRITICAL and self._worse_streak < 2:
+            return Event.SCORE_HIGH, f"{verdict.reason}; worse than the baseline once so far"
+        return event, verdict.reason
 
     def poll(self) -> None:
         """Cheap and frequent (after every applied response): has the rollback arrived?"""

@@ -97,7 +97,14 @@ class ModelHost:
         self.guard_log = None
         guard = core.config.guard
         if models and core.node.serve:
+            import torch
+
             from ekko.serve import build_services
+
+            # One intra-op thread: a node shares the machine with other nodes, and a
+            # predict batch is too small to gain from more; oversubscribed cores stall the
+            # event loop (and with it the sync) far more than they speed up the forward.
+            torch.set_num_threads(1)
 
             self.services = build_services(core.store, list(models))
             if guard.enabled and core.role != "checkpoint":
