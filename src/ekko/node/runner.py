@@ -167,7 +167,7 @@ class NodeRunner:
             uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         )
         # Bound before serving: the port accepts (into the backlog) from the first moment.
-        admin_sock = socket.create_server((node.host, node.admin_port), reuse_port=False)
+        admin_sock = _tcp_listener(node.host, node.admin_port)
         self._tasks.append(loop.create_task(server.serve(sockets=[admin_sock])))
         upstream_ready = asyncio.Event()
         if self.config.guard.enabled and self.config.models:
@@ -468,6 +468,21 @@ class NodeRunner:
                 self.core.save_snapshot()
             except OSError as exc:
                 log.error("snapshot failed (%s); the previous snapshot is kept", exc)
+
+
+def _tcp_listener(host: str, port: int) -> socket.socket:
+    """A listening socket whose accepted connections get TCP_NODELAY from asyncio.
+
+    asyncio sets TCP_NODELAY only on sockets whose ``proto`` is IPPROTO_TCP, and
+    ``socket.create_server`` leaves it 0; uvicorn then writes a response's head and body in
+    two sends, Nagle holds the body for the client's delayed ACK, and every request took
+    44 ms on an idle server (measured with ``ekko bench serve``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
 
 
 def run_node(
