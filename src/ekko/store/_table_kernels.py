@@ -31,12 +31,17 @@ def push_ring(
     ring_pos: np.ndarray,
     ring_len: np.ndarray,
     dvv: np.ndarray,
+    ring_order: np.ndarray,
 ) -> None:
     """Push ``count`` (shard, slot, version) entries, in order, into the per-shard rings.
 
     Same result as pushing one by one, but each shard's ring is written at most once per
     slot: entries that would fall out within this batch only fold into the dominator. Every
-    version that leaves a ring raises ``dvv`` (DESIGN.md §3)."""
+    version that leaves a ring raises ``dvv`` (DESIGN.md §3).
+
+    ``ring_order[s] = (last version pushed, pushes until sorted)``: a push below the last
+    one restarts the countdown at ``cap``; once it reaches 0 every entry in the ring is in
+    version order (always so at the source), and ``collect_rows`` binary-searches it."""
     ns = ring_slot.shape[0]
     cap = ring_slot.shape[1]
     k = np.zeros(ns, dtype=np.int64)
@@ -66,6 +71,11 @@ def push_ring(
     seen = np.zeros(ns, dtype=np.int64)
     for a in range(count):
         s = app_shard[a]
+        if app_ver[a] < ring_order[s, 0]:
+            ring_order[s, 1] = cap
+        elif ring_order[s, 1] > 0:
+            ring_order[s, 1] -= 1
+        ring_order[s, 0] = app_ver[a]
         if seen[s] < skip[s]:
             seen[s] += 1
             if app_ver[a] > dvv[s]:
@@ -121,6 +131,7 @@ def write_rows(
     ring_pos: np.ndarray,
     ring_len: np.ndarray,
     dvv: np.ndarray,
+    ring_order: np.ndarray,
     app_shard: np.ndarray,
     out_versions: np.ndarray,
 ) -> None:
@@ -147,7 +158,10 @@ def write_rows(
             t_values[slot, j] = values[i, j]
         app_shard[i] = s
         out_versions[i] = v
-    push_ring(app_shard, slots, out_versions, n, ring_slot, ring_ver, ring_pos, ring_len, dvv)
+    push_ring(
+        app_shard, slots, out_versions, n, ring_slot, ring_ver, ring_pos, ring_len, dvv,
+        ring_order,
+    )
 
 
 @njit(cache=True, nogil=True)
@@ -173,6 +187,7 @@ def apply_rows(
     ring_pos: np.ndarray,
     ring_len: np.ndarray,
     dvv: np.ndarray,
+    ring_order: np.ndarray,
     app_shard: np.ndarray,
     app_slot: np.ndarray,
     app_ver: np.ndarray,
@@ -207,7 +222,10 @@ def apply_rows(
         app_slot[applied] = slot
         app_ver[applied] = v
         applied += 1
-    push_ring(app_shard, app_slot, app_ver, applied, ring_slot, ring_ver, ring_pos, ring_len, dvv)
+    push_ring(
+        app_shard, app_slot, app_ver, applied, ring_slot, ring_ver, ring_pos, ring_len, dvv,
+        ring_order,
+    )
     return applied
 
 
@@ -273,7 +291,9 @@ def collect_rows(
     t_shard: np.ndarray,
     ring_slot: np.ndarray,
     ring_ver: np.ndarray,
+    ring_pos: np.ndarray,
     ring_len: np.ndarray,
+    ring_order: np.ndarray,
     num_shards: np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Slots of rows with shard == shards[c], lane == lanes[c], version > after[c] for every
@@ -296,7 +316,28 @@ def collect_rows(
         s = shards[c]
         lane = lanes[c]
         a = after[c]
-        for e in range(ring_len[s]):
+        cap = ring_ver.shape[1]
+        length = ring_len[s]
+        oldest = ring_pos[s] - length
+        if oldest < 0:
+            oldest += cap
+        first = 0
+        if ring_order[s, 1] == 0:  # sorted: skip the entries at or below the cursor
+            lo, hi = 0, length
+            while lo < hi:
+                mid = (lo + hi) // 2
+                e = oldest + mid
+                if e >= cap:
+                    e -= cap
+                if ring_ver[s, e] <= a:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            first = lo
+        for i in range(first, length):
+            e = oldest + i
+            if e >= cap:
+                e -= cap
             v = ring_ver[s, e]
             if v <= a:
                 continue

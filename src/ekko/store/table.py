@@ -109,6 +109,7 @@ class Table:
         self._ring_ver = np.zeros((ns, cache_capacity), dtype=np.int64)
         self._ring_pos = np.zeros(ns, dtype=np.int64)
         self._ring_len = np.zeros(ns, dtype=np.int64)
+        self._ring_order = np.zeros((ns, 2), dtype=np.int64)  # (last version, unsorted for)
         self._scratch = np.zeros((4, 0), dtype=np.int64)
         self._cache_hits = 0
         self._full_scans = 0
@@ -182,7 +183,10 @@ class Table:
         return slots, first_new
 
     def _ring_args(self) -> tuple[np.ndarray, ...]:
-        return self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self.dvv
+        return (
+            self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self.dvv,
+            self._ring_order,
+        )
 
     def _table_args(self) -> tuple[np.ndarray, ...]:
         return self._keys, self._values, self._ver, self._wtime, self._lane, self._shard
@@ -287,7 +291,8 @@ class Table:
         cached = a >= self.dvv[s] if use_cache else np.zeros(s.shape[0], dtype=np.bool_)
         slots, offsets = K.collect_rows(
             s, ln, a, cached, np.int64(self.rows), self._ver, self._lane, self._shard,
-            self._ring_slot, self._ring_ver, self._ring_len, np.int64(self.num_shards),
+            self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self._ring_order,
+            np.int64(self.num_shards),
         )  # fmt: skip
         hits = int(cached.sum())
         self._cache_hits += hits
@@ -397,6 +402,7 @@ class Table:
         self.dvv[:] = cnt
         self._ring_pos[:] = 0
         self._ring_len[:] = 0
+        self._ring_order[:] = 0
 
 
 def warm() -> None:
