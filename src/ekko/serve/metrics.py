@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -29,6 +29,16 @@ _COUNTERS = (
 _QUALITY = ("auc", "log_loss", "calibration", "ctr", "count")
 
 
+def model_counters(spec: Sequence[tuple[str, str, str]], stats: Sequence) -> Iterator[Metric]:
+    """One counter family per ``(attribute, metric name, help)`` of ``spec``, a sample per
+    model's statistics record (anything with ``.model`` and those attributes)."""
+    for attr, name, doc in spec:
+        m = CounterMetricFamily(name, doc, labels=["model"])
+        for st in stats:
+            m.add_metric([st.model], float(getattr(st, attr)))
+        yield m
+
+
 def serve_metrics(
     services: Mapping[str, InferenceService], clock: Callable[[], float] = time.monotonic
 ) -> Callable[[], Iterator[Metric]]:
@@ -36,11 +46,7 @@ def serve_metrics(
 
     def collect() -> Iterator[Metric]:
         stats = [svc.statistics() for svc in services.values()]
-        for attr, name, doc in _COUNTERS:
-            m = CounterMetricFamily(name, doc, labels=["model"])
-            for st in stats:
-                m.add_metric([st.model], float(getattr(st, attr)))
-            yield m
+        yield from model_counters(_COUNTERS, stats)
         pending = GaugeMetricFamily(
             "ekko_predictions_pending", "Awaiting a label", labels=["model"]
         )

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ekko.serve.metrics import model_counters
 from ekko.serve.routes import by_model, guarded, json_response, read_body
 from ekko.serve.schema import MAX_BATCH, decode_train
 from ekko.train.service import TrainerBusy, TrainingService
@@ -82,11 +83,7 @@ def train_metrics(
 
     def collect() -> Iterator[Metric]:
         stats = [t.statistics() for t in trainers.values()]
-        for attr, name, doc in _COUNTERS:
-            m = CounterMetricFamily(name, doc, labels=["model"])
-            for st in stats:
-                m.add_metric([st.model], float(getattr(st, attr)))
-            yield m
+        yield from model_counters(_COUNTERS, stats)
         queued = GaugeMetricFamily("ekko_train_queued", "Batches waiting", labels=["model"])
         auc = GaugeMetricFamily(
             "ekko_train_auc", "Trainer's AUC on pre-update predictions", labels=["model"]
