@@ -19,13 +19,13 @@ from ekko.bench import freshness
 from ekko.bench.freshness import (
     EKKO,
     IN_PROCESS,
-    DelayedReplica,
     EventTimeScorer,
     FreshnessRun,
     FreshnessSetup,
     run_stream,
     summarize,
 )
+from ekko.bench.freshness_replicas import DelayedReplica
 from ekko.protocol.messages import TableSpec
 from ekko.store import Store
 from ekko.train.dlrm import DLRMConfig
