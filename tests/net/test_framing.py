@@ -4,6 +4,7 @@ style). Any bytes, any split → messages or RemoteFrameError, nothing else."""
 from __future__ import annotations
 
 import struct
+import threading
 
 import msgspec
 import numpy as np
@@ -12,6 +13,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ekko.net import framing
 from ekko.net.errors import LocalFrameError, RemoteFrameError
 from ekko.net.framing import (
     ARRAY_EXT,
@@ -118,6 +120,43 @@ def test_compression_used_only_when_it_shrinks() -> None:
 def test_round_trip_generated_messages(msg: Message, compress: bool) -> None:
     (back,) = _decode_all(encode_frame(msg, compress=compress))
     assert_same(msg, back)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(msg=messages_strategy(PullResponse))
+def test_pull_response_bytes_equal_a_plain_encoding(msg: PullResponse) -> None:
+    """Chunks are encoded on their own (and reused) but the frame is byte for byte what a
+    peer encoding the whole PullResponse in one go would send."""
+    plain = msgspec.msgpack.Encoder(enc_hook=framing._enc_hook).encode(msg)
+    assert encode_frame(msg) == HEADER.pack(len(plain), 0) + plain
+
+
+def test_a_chunk_shared_by_several_responses_is_encoded_once(monkeypatch) -> None:
+    """The responder hands sessions in step the same Chunk object; its bytes are reused for
+    every frame that carries it, and each frame still decodes to its own response."""
+    encoded: list[str] = []
+    real = framing._ENCODER
+
+    class Counting:
+        def encode(self, obj: object) -> bytes:
+            encoded.append(type(obj).__name__)
+            return real.encode(obj)
+
+    monkeypatch.setattr(framing, "_local", threading.local())  # a cold cache
+    monkeypatch.setattr(framing, "_ENCODER", Counting())
+    shared, other = sample_chunk(rows=7, i=1), sample_chunk(rows=3, i=2)
+    frames = [
+        encode_frame(PullResponse(req_id, 3, [shared, other] if req_id == 1 else [shared]))
+        for req_id in (1, 2, 3)
+    ]
+    assert encoded.count("Chunk") == 2  # shared once, other once
+    for req_id, frame in zip((1, 2, 3), frames, strict=True):
+        (back,) = _decode_all(frame)
+        assert back.req_id == req_id
+        assert_same(back.chunks[0], shared)
+    # An equal but distinct chunk is encoded again (identity, not equality, is the key).
+    encode_frame(PullResponse(4, 3, [sample_chunk(rows=7, i=1)]))
+    assert encoded.count("Chunk") == 3
 
 
 # -- splits -------------------------------------------------------------------------------------

@@ -4,12 +4,15 @@ and input validation."""
 from __future__ import annotations
 
 import itertools
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ekko.store.index as index_mod
+import ekko.store.table as table_mod
 from ekko.protocol.messages import HIGH_LANE, LOW_LANE, TableSpec
 from ekko.store import BadRowsError, ReferenceTable, Table, shard_of
 
@@ -94,10 +97,19 @@ def assert_dvv_invariant(t: Table) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=OPS, cache_capacity=st.integers(1, 6))
-def test_table_matches_reference(ops: list[tuple], cache_capacity: int) -> None:
+@given(ops=OPS, cache_capacity=st.integers(1, 6), prefault=st.booleans())
+def test_table_matches_reference(ops: list[tuple], cache_capacity: int, prefault: bool) -> None:
     """DESIGN.md §2–§3: write, apply, collect and knowledge agree with the naive model, with a
-    tiny update cache so entries fall out and the dominator moves."""
+    tiny update cache so entries fall out and the dominator moves; with ``prefault`` every
+    growth goes through next-capacity arrays prepared ahead (the size floor lifted)."""
+    floor = 0 if prefault else 1 << 62
+    with patch.object(table_mod, "PREFAULT_MIN_BYTES", floor), patch.object(
+        index_mod, "PREFAULT_MIN_BYTES", floor
+    ):
+        _table_matches_reference(ops, cache_capacity)
+
+
+def _table_matches_reference(ops: list[tuple], cache_capacity: int) -> None:
     fast = Table(SPEC, cache_capacity=cache_capacity, initial_rows=4)
     ref = ReferenceTable(SPEC)
     for now, op in enumerate(ops, start=1):
@@ -286,11 +298,33 @@ def test_growth_keeps_rows() -> None:
 
 def test_full_scan_serves_several_cursors_on_one_shard() -> None:
     t = Table(TableSpec("t", 1, 1), cache_capacity=1)
-    t.write(np.arange(6, dtype=np.int64), np.zeros((6, 1)), now_ns=1)
-    got = t.collect(np.array([0, 0, 0]), np.array([0, 0, 1]), np.array([4, 1, 0]))
+    lanes = np.array([0, 0, 0, 0, 0, 1], dtype=np.uint8)
+    t.write(np.arange(6, dtype=np.int64), np.zeros((6, 1)), now_ns=1, lanes=lanes)
+    got = t.collect(np.array([0, 0, 0]), np.array([0, 0, 1]), np.array([3, 1, 0]))
     assert got.full_scan.tolist() == [True, True, True]
-    assert [got.segment(i).tolist() for i in range(3)] == [[4, 5], [1, 2, 3, 4, 5], []]
+    assert [got.segment(i).tolist() for i in range(3)] == [[3, 4], [1, 2, 3, 4], [5]]
     assert len(got) == 3
+
+
+def test_cursor_above_everything_its_lane_held_skips_the_scan() -> None:
+    """A cursor at or above the highest version its lane ever stored has nothing to collect,
+    so it is answered without a full scan even below the dominator; only with the cache on
+    (``use_cache=False`` is the ablation's always-scan baseline)."""
+    t = Table(TableSpec("t", 1, 1), cache_capacity=1)
+    lanes = np.array([1, 0, 0, 0], dtype=np.uint8)
+    t.write(np.arange(4, dtype=np.int64), np.zeros((4, 1)), now_ns=1, lanes=lanes)
+    assert t.lane_top.tolist() == [[4, 1]]
+    shards, ln = np.array([0, 0, 0]), np.array([1, 1, 0])
+    after = np.array([1, 0, 2])  # all below the dominator (cache of one entry)
+    got = t.collect(shards, ln, after)
+    assert got.full_scan.tolist() == [False, True, True]
+    assert [got.segment(i).tolist() for i in range(3)] == [[], [0], [2, 3]]
+    scanned = t.collect(shards, ln, after, use_cache=False)
+    assert scanned.full_scan.tolist() == [True, True, True]
+    assert scanned.slots.tolist() == got.slots.tolist()
+    # Every cursor empty: answered without the kernel at all.
+    none = t.collect(np.array([0, 0]), np.array([1, 0]), np.array([1, 4]))
+    assert none.offsets.tolist() == [0, 0, 0] and not none.full_scan.any()
 
 
 def test_rows_at_returns_copies() -> None:
@@ -399,3 +433,95 @@ def test_empty_batches() -> None:
     got = t.collect(empty, empty, empty)
     assert got.slots.shape == (0,) and got.offsets.tolist() == [0]
     assert t.digest() == 0 and t.shard_version.tolist() == [0, 0]
+
+
+# -- vectorised knowledge merge, lane bound, growth ---------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.lists(st.integers(0, 50), min_size=6, max_size=6),
+    merges=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 80)), max_size=8),
+    lane=LANE,
+)
+def test_merge_knowledge_many_equals_one_at_a_time(
+    start: list[int], merges: list[tuple[int, int]], lane: int
+) -> None:
+    """Merging a chunk's shards at once gives the knowledge and shard versions that merging
+    them one by one gives (duplicates included: the highest wins, one bump per shard)."""
+    one, many = Table(SPEC), Table(SPEC)
+    for t in (one, many):
+        t.knowledge[:] = np.array(start, dtype=np.int64).reshape(3, 2)
+    for s, k in merges:
+        one.merge_knowledge(s, lane, k)
+    arr = np.array(merges, dtype=np.int64).reshape(-1, 2)
+    before = many.knowledge[:, lane].copy()
+    moved = many.merge_knowledge_many(arr[:, 0], lane, arr[:, 1])
+    assert many.knowledge.tolist() == one.knowledge.tolist()
+    assert sorted(moved.tolist()) == np.flatnonzero(many.knowledge[:, lane] > before).tolist()
+    assert (many.shard_version[moved] == 1).all()
+    assert many.shard_version.sum() == len(moved)
+
+
+def test_merge_knowledge_many_refuses_bad_input() -> None:
+    t = Table(SPEC)
+    with pytest.raises(BadRowsError, match="shards"):
+        t.merge_knowledge_many(np.array([3]), HIGH_LANE, np.array([1]))
+    with pytest.raises(BadRowsError, match="lane"):
+        t.merge_knowledge_many(np.array([0]), 2, np.array([1]))
+    with pytest.raises(BadRowsError, match="knowledge"):
+        t.merge_knowledge_many(np.array([0, 1]), HIGH_LANE, np.array([1]))
+    assert t.knowledge.sum() == 0 and t.shard_version.sum() == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.one_of(write_op, apply_op), max_size=30))
+def test_lane_top_bounds_every_row_of_its_lane(ops: list[tuple]) -> None:
+    """``lane_top`` is an upper bound on the version of every row now in that lane, so a
+    cursor at or above it has nothing to collect (what ``collect`` relies on to skip)."""
+    t = Table(SPEC, cache_capacity=2)
+    for now, op in enumerate(ops, start=1):
+        run_op(t, op, now)
+    keys, _, versions, _, lanes = t.all_rows()
+    shards = shard_of(keys, t.num_shards)
+    assert (versions <= t.lane_top[shards, lanes.astype(np.int64)]).all()
+
+
+def test_versions_at_copies_and_checks_slots() -> None:
+    t = table()
+    versions = t.write(np.array([4, 5], dtype=np.int64), np.ones((2, 4)), now_ns=1)
+    got = t.versions_at(np.array([1, 0]))
+    assert got.tolist() == [versions[1], versions[0]]
+    got[:] = 0
+    assert t.versions_at(np.array([0])).tolist() == [versions[0]]
+    with pytest.raises(BadRowsError, match="slots"):
+        t.versions_at(np.array([2]))
+
+
+def _grow_by_writes(t: Table, keys: np.ndarray, batch: int) -> None:
+    for lo in range(0, len(keys), batch):
+        k = keys[lo : lo + batch]
+        t.write(k, np.repeat(k[:, None], t.dim, axis=1).astype(np.float32), now_ns=1)
+
+
+def test_growth_prefaults_the_next_capacity_and_keeps_every_row(monkeypatch) -> None:
+    """A table that grows on its own prepares the next capacity a slice per write (here from
+    the first doubling on: the size floor is lifted); rows, versions and the index come
+    through every doubling intact, the same as in a table sized up front."""
+    monkeypatch.setattr(table_mod, "PREFAULT_MIN_BYTES", 0)
+    monkeypatch.setattr(index_mod, "PREFAULT_MIN_BYTES", 0)
+    keys = (np.arange(6000, dtype=np.int64) * 7919) % 100_003
+    grown = Table(TableSpec("t", 4, 3), initial_rows=16, cache_capacity=64)
+    prepared = []
+    for lo in range(0, len(keys), 50):
+        _grow_by_writes(grown, keys[lo : lo + 50], 50)
+        prepared.append(grown._next is not None)
+    assert any(prepared)  # the next capacity was being faulted in ahead of need
+    sized = Table(TableSpec("t", 4, 3), initial_rows=16, cache_capacity=64)
+    sized.reserve(len(keys))
+    _grow_by_writes(sized, keys, 50)
+    assert sized._next is None  # reserved: no next capacity prepared
+    assert grown.digest() == sized.digest() and grown.rows == len(keys)
+    got, ver, found = grown.lookup(keys)
+    assert found.all() and (got[:, 0] == keys).all()
+    assert (ver == sized.lookup(keys)[1]).all()

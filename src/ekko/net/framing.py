@@ -32,7 +32,7 @@ import numpy as np
 import zstandard
 
 from ekko.net.errors import LocalFrameError, RemoteFrameError
-from ekko.protocol.messages import Message
+from ekko.protocol.messages import Chunk, Message, PullResponse, TableSpec
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Largest payload (before and after compression) a frame may carry."""
@@ -72,19 +72,62 @@ def _enc_hook(obj: Any) -> Any:
     raise _UnsupportedValue(f"cannot encode {type(obj).__name__}")
 
 
+# dtype -> (little-endian wire dtype, its str); ``dtype.name`` is a slow Python property and
+# this runs for every array of every chunk. Filled on first use of each allowed dtype.
+_WIRE_OF: dict[np.dtype[Any], tuple[np.dtype[Any], str]] = {}
+
+
+def _wire_of(dtype: np.dtype[Any]) -> tuple[np.dtype[Any], str]:
+    hit = _WIRE_OF.get(dtype)
+    if hit is None:
+        if dtype.kind == "O" or dtype.name not in ALLOWED_DTYPES:
+            raise _UnsupportedValue(f"array dtype {dtype} is not allowed on the wire")
+        wire = dtype.newbyteorder("<")
+        hit = _WIRE_OF[dtype] = (wire, wire.str)
+    return hit
+
+
 def _encode_array(arr: np.ndarray) -> msgspec.msgpack.Ext:
-    if arr.dtype.name not in ALLOWED_DTYPES or arr.dtype.kind == "O":
-        raise _UnsupportedValue(f"array dtype {arr.dtype} is not allowed on the wire")
-    wire = arr.dtype.newbyteorder("<")
-    arr = arr.astype(wire, order="C", copy=False)  # keeps 0-d arrays 0-d
-    header = msgspec.msgpack.encode((wire.str, arr.shape))
+    wire, wire_str = _wire_of(arr.dtype)
+    if arr.dtype != wire or not arr.flags.c_contiguous:
+        arr = arr.astype(wire, order="C", copy=False)  # keeps 0-d arrays 0-d
+    header = _ARRAY_HEADER_ENCODER.encode((wire_str, arr.shape))
     raw = memoryview(arr.reshape(-1)).cast("B")
     return msgspec.msgpack.Ext(
         ARRAY_EXT, b"".join((_ARRAY_HEADER_LEN.pack(len(header)), header, raw))
     )
 
 
+_ARRAY_HEADER_ENCODER = msgspec.msgpack.Encoder()
+
+
 _ARRAY_HEADER_DECODER = msgspec.msgpack.Decoder(tuple[str, tuple[int, ...]])
+
+
+_HEADERS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
+"""Validated array headers seen lately -> (dtype, shape, item count): a chunk's arrays repeat
+a few headers (same row count, dim, shard count), and parsing one costs more than the copy
+of a small array."""
+_HEADERS_MAX = 4096
+
+
+def _array_header(header: bytes) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    hit = _HEADERS.get(header)
+    if hit is not None:
+        return hit
+    try:
+        dtype_str, shape = _ARRAY_HEADER_DECODER.decode(header)
+    except msgspec.DecodeError as e:
+        raise _BadArray(f"bad array header: {e}") from e
+    dtype = _WIRE_DTYPES.get(dtype_str)
+    if dtype is None:
+        raise _BadArray(f"array dtype {dtype_str!r} is not allowed on the wire")
+    if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
+        raise _BadArray(f"bad array shape {shape}")
+    if len(_HEADERS) >= _HEADERS_MAX:
+        _HEADERS.clear()
+    hit = _HEADERS[header] = (dtype, shape, math.prod(shape))
+    return hit
 
 
 def _ext_hook(code: int, data: memoryview) -> Any:
@@ -96,24 +139,19 @@ def _ext_hook(code: int, data: memoryview) -> Any:
     start = _ARRAY_HEADER_LEN.size + hlen
     if start > len(data):
         raise _BadArray(f"array header length {hlen} exceeds ext size {len(data)}")
-    try:
-        dtype_str, shape = _ARRAY_HEADER_DECODER.decode(data[_ARRAY_HEADER_LEN.size : start])
-    except msgspec.DecodeError as e:
-        raise _BadArray(f"bad array header: {e}") from e
-    dtype = _WIRE_DTYPES.get(dtype_str)
-    if dtype is None:
-        raise _BadArray(f"array dtype {dtype_str!r} is not allowed on the wire")
-    if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
-        raise _BadArray(f"bad array shape {shape}")
-    nbytes = math.prod(shape) * dtype.itemsize
+    dtype, shape, count = _array_header(bytes(data[_ARRAY_HEADER_LEN.size : start]))
+    nbytes = count * dtype.itemsize
     if nbytes != len(data) - start:
         raise _BadArray(
-            f"array {dtype_str}{list(shape)} needs {nbytes} bytes, ext has {len(data) - start}"
+            f"array {dtype.str}{list(shape)} needs {nbytes} bytes, ext has {len(data) - start}"
         )
-    arr = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+    if len(shape) != 1:
+        arr = arr.reshape(shape)
     if not arr.flags.aligned:
         arr = arr.copy()
-    arr.flags.writeable = False
+    if arr.flags.writeable:
+        arr.flags.writeable = False
     return arr
 
 
@@ -124,6 +162,62 @@ def _dec_hook(typ: type, obj: Any) -> Any:
 
 
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+class _PullResponseWire(msgspec.Struct, frozen=True, tag="PullResponse", tag_field="type"):
+    """``PullResponse`` with its chunks already encoded: the same bytes on the wire (a test
+    holds them equal), so the peer decodes it as a ``PullResponse``."""
+
+    req_id: int
+    catalog_version: int
+    chunks: list[msgspec.Raw]
+    more: bool = False
+    tables: list[TableSpec] | None = None
+    holds: dict[str, np.ndarray] | None = None
+
+
+_CHUNK_CACHE_ENTRIES = 8
+_CHUNK_CACHE_BYTES = 32 << 20
+
+
+def _encoded_chunk(chunk: Chunk) -> msgspec.Raw:
+    """``chunk`` encoded, reusing the bytes when this very Chunk object was encoded lately.
+
+    The responder hands every session that pulls the same range at the same store state the
+    same (immutable) Chunk, e.g. each DC leader parked on the source's latest write; each of
+    those frames then costs a copy instead of an encode. Keyed by identity; the cache holds
+    the chunk itself, so an id is never reused while cached. Per thread, bounded in entries
+    and bytes."""
+    cache: dict[int, tuple[Chunk, bytes]] | None = getattr(_local, "chunks", None)
+    if cache is None:
+        cache = _local.chunks = {}
+        _local.chunk_bytes = 0
+    hit = cache.get(id(chunk))
+    if hit is not None and hit[0] is chunk:
+        return msgspec.Raw(hit[1])
+    data = _ENCODER.encode(chunk)
+    if len(data) <= _CHUNK_CACHE_BYTES:
+        while cache and (
+            len(cache) >= _CHUNK_CACHE_ENTRIES
+            or _local.chunk_bytes + len(data) > _CHUNK_CACHE_BYTES
+        ):
+            _local.chunk_bytes -= len(cache.pop(next(iter(cache)))[1])
+        cache[id(chunk)] = (chunk, data)
+        _local.chunk_bytes += len(data)
+    return msgspec.Raw(data)
+
+
+def _encode_payload(msg: msgspec.Struct) -> bytes:
+    if type(msg) is PullResponse and msg.chunks:
+        msg = _PullResponseWire(
+            msg.req_id,
+            msg.catalog_version,
+            [_encoded_chunk(c) for c in msg.chunks],
+            msg.more,
+            msg.tables,
+            msg.holds,
+        )
+    return _ENCODER.encode(msg)
 _DECODERS: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
 _local = threading.local()
 
@@ -165,7 +259,7 @@ def encode_frame(
     (the receiver's decompression limit is the same number).
     """
     try:
-        payload = _ENCODER.encode(msg)
+        payload = _encode_payload(msg)
     except (_UnsupportedValue, TypeError, ValueError, OverflowError) as e:
         raise LocalFrameError(f"cannot encode {type(msg).__name__}: {e}") from e
     limit = min(max_frame_bytes, _MAX_LENGTH_FIELD)
@@ -243,7 +337,8 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(buf) < end:
             return None
-        payload = bytes(buf[HEADER_SIZE:end])
+        with memoryview(buf) as view:  # one copy out of the buffer, not two
+            payload = bytes(view[HEADER_SIZE:end])
         del buf[:end]
         if flags & FLAG_ZSTD:
             payload = self._decompress(payload)

@@ -17,6 +17,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+_POOL_ROWS = 1 << 15
+
 
 @dataclass(frozen=True)
 class SyntheticWriterConfig:
@@ -53,6 +55,7 @@ class SyntheticWriter:
         self._dims = dims
         self._on_written = on_written
         self._rng = np.random.default_rng(config.seed)
+        self._pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.rows_written = 0
         self._task: asyncio.Task | None = None
 
@@ -70,8 +73,29 @@ class SyntheticWriter:
         ranks = self._rng.zipf(self.config.zipf_a, n)
         mixed = ranks.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps mod 2**64
         keys = (mixed % np.uint64(self.config.key_space)).astype(np.int64)
-        values = self._rng.standard_normal((n, self._dims[table]), dtype=np.float32)
-        return keys, values
+        return keys, self._values(table, n)
+
+    def _values(self, table: str, n: int) -> np.ndarray:
+        """n rows of N(0, 1) values, cheaply: ``a * cos t + b * sin t`` with ``a`` and ``b``
+        random windows of two pools of normal rows drawn once per table and ``t`` a fresh
+        random angle, so every row is N(0, 1) and no two batches repeat bytes. Drawing every
+        value anew cost the source about 0.3 ms per 1 000 rows of dim 32: as much CPU as the
+        store write and answering three replicas together."""
+        pools = self._pools.get(table)
+        if pools is None or len(pools[0]) < n:
+            rows = max(_POOL_ROWS, n)
+            dim = self._dims[table]
+            pools = (
+                self._rng.standard_normal((rows, dim), dtype=np.float32),
+                self._rng.standard_normal((rows, dim), dtype=np.float32),
+            )
+            self._pools[table] = pools
+        a, b = pools
+        i, j = (int(x) for x in self._rng.integers(0, len(a) - n + 1, 2))
+        t = self._rng.uniform(0.0, 2 * np.pi)
+        out = a[i : i + n] * np.float32(np.cos(t))
+        out += b[j : j + n] * np.float32(np.sin(t))
+        return out
 
     def _prefill(self, tables: list[str]) -> None:
         step = 100_000

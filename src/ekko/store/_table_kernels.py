@@ -126,6 +126,7 @@ def write_rows(
     t_shard: np.ndarray,
     counter: np.ndarray,
     touched: np.ndarray,
+    lane_top: np.ndarray,
     ring_slot: np.ndarray,
     ring_ver: np.ndarray,
     ring_pos: np.ndarray,
@@ -154,6 +155,8 @@ def write_rows(
         t_ver[slot] = v
         t_wtime[slot] = now_ns
         t_lane[slot] = lanes[i]
+        if v > lane_top[s, lanes[i]]:
+            lane_top[s, lanes[i]] = v
         for j in range(dim):
             t_values[slot, j] = values[i, j]
         app_shard[i] = s
@@ -182,6 +185,7 @@ def apply_rows(
     t_shard: np.ndarray,
     counter: np.ndarray,
     touched: np.ndarray,
+    lane_top: np.ndarray,
     ring_slot: np.ndarray,
     ring_ver: np.ndarray,
     ring_pos: np.ndarray,
@@ -216,6 +220,8 @@ def apply_rows(
         t_ver[slot] = v
         t_wtime[slot] = wtimes[i]
         t_lane[slot] = lanes[i]
+        if v > lane_top[s, lanes[i]]:
+            lane_top[s, lanes[i]] = v
         for j in range(dim):
             t_values[slot, j] = values[i, j]
         app_shard[applied] = s
@@ -270,6 +276,20 @@ def _sort_segment(out: np.ndarray, lo: np.int64, hi: np.int64, t_ver: np.ndarray
     """Sort out[lo:hi] (slots) by (version, slot) ascending."""
     if hi - lo < 2:
         return
+    # Usually already in order (a version-sorted ring read front to back, or one pass of a
+    # full scan over a table written in version order): check before paying for two sorts.
+    prev = t_ver[out[lo]]
+    prev_slot = out[lo]
+    ordered = True
+    for j in range(lo + 1, hi):
+        v = t_ver[out[j]]
+        if v < prev or (v == prev and out[j] < prev_slot):
+            ordered = False
+            break
+        prev = v
+        prev_slot = out[j]
+    if ordered:
+        return
     seg = np.sort(out[lo:hi])
     vers = np.empty(hi - lo, dtype=np.int64)
     for j in range(hi - lo):
@@ -303,26 +323,23 @@ def collect_rows(
     counts = np.zeros(m, dtype=np.int64)
 
     # Cache cursors: candidate entries from the ring, kept when still the row's current state.
+    # First pass: where each cursor's candidates start, so the buffers are sized by the
+    # candidates (a few hundred rows per pull) rather than by the rings (up to
+    # shards * cache_capacity: megabytes allocated and faulted in on every pull).
+    cap = ring_ver.shape[1]
+    firsts = np.zeros(m, dtype=np.int64)
     cache_total = 0
-    for c in range(m):
-        if use_cache[c]:
-            cache_total += ring_len[shards[c]]
-    cache_buf = np.empty(cache_total, dtype=np.int64)
-    cache_cur = np.empty(cache_total, dtype=np.int64)
-    nc = 0
     for c in range(m):
         if not use_cache[c]:
             continue
         s = shards[c]
-        lane = lanes[c]
-        a = after[c]
-        cap = ring_ver.shape[1]
         length = ring_len[s]
-        oldest = ring_pos[s] - length
-        if oldest < 0:
-            oldest += cap
         first = 0
         if ring_order[s, 1] == 0:  # sorted: skip the entries at or below the cursor
+            oldest = ring_pos[s] - length
+            if oldest < 0:
+                oldest += cap
+            a = after[c]
             lo, hi = 0, length
             while lo < hi:
                 mid = (lo + hi) // 2
@@ -334,6 +351,22 @@ def collect_rows(
                 else:
                     hi = mid
             first = lo
+        firsts[c] = first
+        cache_total += length - first
+    cache_buf = np.empty(cache_total, dtype=np.int64)
+    cache_cur = np.empty(cache_total, dtype=np.int64)
+    nc = 0
+    for c in range(m):
+        if not use_cache[c]:
+            continue
+        s = shards[c]
+        lane = lanes[c]
+        a = after[c]
+        length = ring_len[s]
+        oldest = ring_pos[s] - length
+        if oldest < 0:
+            oldest += cap
+        first = firsts[c]
         for i in range(first, length):
             e = oldest + i
             if e >= cap:

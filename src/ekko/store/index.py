@@ -14,6 +14,8 @@ from ekko.store._validate import check_keys as _check_keys
 from ekko.store.errors import BadRowsError
 
 _EMPTY = -1
+PREFAULT_MIN_BYTES = 4 << 20
+"""Bucket arrays below this size are simply allocated at the rehash."""
 
 
 @njit(inline="always")
@@ -134,6 +136,9 @@ class KeyIndex:
         cap = _capacity_for(max(int(capacity), 1))
         self._table = np.full(2 * cap, _EMPTY, dtype=np.int64)
         self._size = 0
+        self._next: np.ndarray | None = None  # see _prefault
+        self._next_done = 0
+        self._growing = False  # rehashed on the insert path: expect to rehash again
 
     def __len__(self) -> int:
         return self._size
@@ -150,11 +155,36 @@ class KeyIndex:
         """Grow (rehash) now so that ``entries`` keys fit without a rehash later."""
         if 2 * entries > self.capacity:
             self._rehash(_capacity_for(entries))
+        self._growing = False  # sized on purpose: no next capacity to prepare
+        self._next = None
 
     def _rehash(self, cap: int) -> None:
-        new = np.full(2 * cap, _EMPTY, dtype=np.int64)
+        new, self._next = self._next, None
+        if new is not None and new.shape[0] == 2 * cap:
+            new[self._next_done :] = _EMPTY
+        else:
+            new = np.full(2 * cap, _EMPTY, dtype=np.int64)
         _rehash_kernel(self._table, new, np.uint64(cap - 1))
         self._table = new
+
+    def _prefault(self) -> None:
+        """Prepare the next (doubled) bucket array a slice per insert, from a quarter full
+        on, so the rehash at half full finds it allocated, filled and faulted in: page faults
+        on this VM are slow and erratic, and one burst of them stalled every node at once
+        (see ``Table._prefault``). Done when the map is 7/16 full. Only once the map has
+        rehashed on its own: one sized by ``capacity`` or ``reserve`` is expected to fit."""
+        cap = self.capacity
+        quarter = cap // 4
+        if not self._growing or self._size <= quarter or 4 * cap * 8 < PREFAULT_MIN_BYTES:
+            return
+        if self._next is None:
+            self._next = np.empty(4 * cap, dtype=np.int64)
+            self._next_done = 0
+        n = self._next.shape[0]
+        target = min(n, -(-n * (self._size - quarter) // max(1, cap * 3 // 16)))
+        if target > self._next_done:
+            self._next[self._next_done : target] = _EMPTY
+            self._next_done = target
 
     def lookup(self, keys: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Slot of each key (int64[n]); -1 where the key is absent. ``out``: optional int64
@@ -183,9 +213,11 @@ class KeyIndex:
             )
             self._size = int(size)
             if start >= n:
+                self._prefault()
                 return out
             # Full at 50 %: double (at least), then resume where the kernel stopped.
             self._rehash(_capacity_for(self._size + min(n - start, self._size + 1)))
+            self._growing = True
 
 
 def warm() -> None:

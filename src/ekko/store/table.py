@@ -56,12 +56,26 @@ class TableStats:
     rows_applied: int
 
 
-def _grown(arr: np.ndarray, used: int, cap: int) -> np.ndarray:
-    """``arr`` copied into a fresh array of ``cap`` rows, every page touched now (page faults
-    on this VM are expensive; better here than inside a hot kernel)."""
-    out = np.empty((cap, *arr.shape[1:]), dtype=arr.dtype)
+PREFAULT_MIN_BYTES = 4 << 20
+"""Below this size the next capacity's arrays are simply allocated when needed."""
+
+
+def _grown(
+    arr: np.ndarray, used: int, cap: int, *, touch: bool, into: np.ndarray | None = None
+) -> np.ndarray:
+    """``arr``'s first ``used`` rows copied into a zeroed array of ``cap`` rows: ``into`` (the
+    already faulted-in array ``Table._prefault`` prepared) or a fresh one.
+
+    Page faults on this VM are expensive and erratic (first touch of 16 MiB measured 7 to
+    110 ms), and every node of a cluster grows at the same moment — replicas hold the same
+    rows as the source — so a doubling that faults everything at once stalled every event
+    loop together: the largest p99 spikes of ``ekko bench latency``. ``touch=True``
+    (``reserve``) still faults every page in now, so hot kernels take none later; on the
+    write/apply path rows beyond ``used`` are left to calloc's lazy zero pages."""
+    out = into if into is not None else np.zeros((cap, *arr.shape[1:]), dtype=arr.dtype)
     out[:used] = arr[:used]
-    out[used:] = 0
+    if touch:
+        out[used:] = 0
     return out
 
 
@@ -100,11 +114,18 @@ class Table:
         self._shard = np.zeros(cap, dtype=np.int32)
         for a in (self._keys, self._values, self._ver, self._wtime, self._lane, self._shard):
             a.fill(0)  # pre-touch
+        self._row_bytes = sum(a.itemsize * (a.size // cap) for a in self._table_args())
+        self._next: tuple[np.ndarray, ...] | None = None  # see _prefault
+        self._next_done = 0
+        self._growing = False  # grew on the write/apply path: expect to grow again
         ns = spec.num_shards
         self.counter = np.zeros(ns, dtype=np.int64)
         self.shard_version = np.zeros(ns, dtype=np.int64)
         self.knowledge = np.zeros((ns, NUM_LANES), dtype=np.int64)
         self.dvv = np.zeros(ns, dtype=np.int64)
+        # lane_top[shard, lane]: highest version ever stored in that lane (an upper bound on
+        # the lane's rows), so ``collect`` skips a cursor at or above it without looking.
+        self.lane_top = np.zeros((ns, NUM_LANES), dtype=np.int64)
         self._ring_slot = np.zeros((ns, cache_capacity), dtype=np.int64)
         self._ring_ver = np.zeros((ns, cache_capacity), dtype=np.int64)
         self._ring_pos = np.zeros(ns, dtype=np.int64)
@@ -149,22 +170,53 @@ class Table:
     def reserve(self, rows: int) -> None:
         """Grow row arrays and index now so ``rows`` rows fit without growing later."""
         self._index.reserve(rows)
-        self._grow_to(rows)
+        self._grow_to(rows, touch=True)
+        self._growing = False  # sized on purpose: no next capacity to prepare
+        self._next = None
 
-    def _grow_to(self, needed: int) -> None:
+    def _grow_to(self, needed: int, *, touch: bool = False) -> None:
         if needed <= self._cap:
             return
         cap = self._cap
         while cap < needed:
             cap *= 2
         used = min(self.rows, self._cap)  # rows past the old capacity are new (still zero)
-        self._keys = _grown(self._keys, used, cap)
-        self._values = _grown(self._values, used, cap)
-        self._ver = _grown(self._ver, used, cap)
-        self._wtime = _grown(self._wtime, used, cap)
-        self._lane = _grown(self._lane, used, cap)
-        self._shard = _grown(self._shard, used, cap)
+        nxt, self._next = self._next, None
+        into = nxt if nxt is not None and nxt[0].shape[0] == cap else (None,) * 6
+        self._keys = _grown(self._keys, used, cap, touch=touch, into=into[0])
+        self._values = _grown(self._values, used, cap, touch=touch, into=into[1])
+        self._ver = _grown(self._ver, used, cap, touch=touch, into=into[2])
+        self._wtime = _grown(self._wtime, used, cap, touch=touch, into=into[3])
+        self._lane = _grown(self._lane, used, cap, touch=touch, into=into[4])
+        self._shard = _grown(self._shard, used, cap, touch=touch, into=into[5])
         self._cap = cap
+        self._growing = not touch
+
+    def _prefault(self) -> None:
+        """Fault in the next capacity's arrays a slice per call, from half full on, so the
+        doubling finds them ready and only copies (no page faults in one burst).
+
+        The slices keep pace with the rows: the next arrays are fully faulted in when the
+        table is 7/8 full, about 5 rows of the next arrays per new row. Costs memory early
+        (the next capacity is resident before it is needed) for a flat write latency, so
+        only a table that already grew on its own does it; one sized up front by
+        ``initial_rows`` or ``reserve`` is expected to stay within that size."""
+        cap = self._cap
+        half = cap // 2
+        rows = self.rows
+        if not self._growing or rows <= half or 2 * cap * self._row_bytes < PREFAULT_MIN_BYTES:
+            return
+        nxt = self._next
+        if nxt is None:
+            nxt = self._next = tuple(
+                np.zeros((2 * cap, *a.shape[1:]), dtype=a.dtype) for a in self._table_args()
+            )
+            self._next_done = 0
+        target = min(2 * cap, -(-2 * cap * (rows - half) // max(1, cap * 3 // 8)))
+        if target > self._next_done:
+            for a in nxt:
+                a[self._next_done : target] = 0  # zero pages already; the write faults them in
+            self._next_done = target
 
     def _scratch_for(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Four reusable int64[n] buffers (already paged in, so hot calls take no faults)."""
@@ -180,6 +232,8 @@ class Table:
         slots = self._index.insert(keys, out=out)
         # New slots are [first_new, rows); they hold version 0 until a kernel stores them.
         self._grow_to(self.rows)
+        if self.rows > first_new:
+            self._prefault()
         return slots, first_new
 
     def _ring_args(self) -> tuple[np.ndarray, ...]:
@@ -215,7 +269,8 @@ class Table:
         touched = np.zeros(self.num_shards, dtype=np.bool_)
         K.write_rows(
             slots, np.int64(first_new), k, v, ln, np.int64(now_ns), np.int64(self.num_shards),
-            *self._table_args(), self.counter, touched, *self._ring_args(), sc_shard, out,
+            *self._table_args(), self.counter, touched, self.lane_top, *self._ring_args(),
+            sc_shard, out,
         )  # fmt: skip
         self.shard_version[touched] += 1
         # The origin holds everything it wrote, in both lanes.
@@ -247,7 +302,7 @@ class Table:
         applied = int(
             K.apply_rows(
                 slots, np.int64(first_new), k, v, ver, wt, ln, np.int64(self.num_shards),
-                *self._table_args(), self.counter, touched, *self._ring_args(),
+                *self._table_args(), self.counter, touched, self.lane_top, *self._ring_args(),
                 sc_shard, sc_aslot, sc_aver,
             )
         )  # fmt: skip
@@ -262,6 +317,35 @@ class Table:
         if knowledge > self.knowledge[s, ln]:
             self.knowledge[s, ln] = knowledge
             self.shard_version[s] += 1
+
+    def merge_knowledge_many(
+        self, shards: np.ndarray, lane: int, knowledge: np.ndarray
+    ) -> np.ndarray:
+        """``merge_knowledge`` for many shards of one lane at once (one numpy pass instead of
+        a Python call per shard). A shard listed twice takes the higher value. Returns the
+        shards whose knowledge moved (their shard version was bumped once each)."""
+        ln = check_scalar_index(lane, NUM_LANES, "lane")
+        s = np.asarray(shards)
+        if s.ndim != 1:
+            raise BadRowsError(f"shards must be 1-D, got shape {s.shape}")
+        s = check_int64(s, s.shape[0], "shards")
+        k = check_int64(knowledge, s.shape[0], "knowledge")
+        if s.shape[0] and (int(s.min()) < 0 or int(s.max()) >= self.num_shards):
+            raise BadRowsError(
+                f"shards must be in [0, {self.num_shards}), got [{s.min()}, {s.max()}]"
+            )
+        col = self.knowledge[:, ln]  # a view: updated in place
+        up = k > col[s]
+        if not up.any():
+            return s[:0]
+        s, k = s[up], k[up]
+        if s.shape[0] > 1 and not (s[1:] > s[:-1]).all():  # not strictly increasing
+            np.maximum.at(col, s, k)  # duplicates: the highest wins
+            s = np.unique(s)
+        else:
+            col[s] = k
+        self.shard_version[s] += 1
+        return s
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -288,27 +372,35 @@ class Table:
         """Slots of rows newer than each cursor (shard, lane, after), from the update cache when
         the cursor covers the shard's dominator, else from one full scan (DESIGN.md §3)."""
         s, ln, a = check_cursors(shards, lanes, after, self.num_shards)
-        cached = a >= self.dvv[s] if use_cache else np.zeros(s.shape[0], dtype=np.bool_)
+        m = s.shape[0]
+        if use_cache:
+            # A cursor at or above everything its lane ever held has nothing to collect:
+            # answer it from the (empty) cache walk rather than a full scan, and skip the
+            # kernel when every cursor is such (the low lane of a source writing only high).
+            nothing = self.lane_top[s, ln] <= a
+            cached = (a >= self.dvv[s]) | nothing
+        else:
+            nothing = np.zeros(m, dtype=np.bool_)
+            cached = nothing.copy()
+        hits = int(cached.sum())
+        self._cache_hits += hits
+        self._full_scans += m - hits
+        if m and nothing.all():
+            return Collected(
+                slots=np.zeros(0, np.int64), offsets=np.zeros(m + 1, np.int64), full_scan=~cached
+            )
         slots, offsets = K.collect_rows(
             s, ln, a, cached, np.int64(self.rows), self._ver, self._lane, self._shard,
             self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self._ring_order,
             np.int64(self.num_shards),
         )  # fmt: skip
-        hits = int(cached.sum())
-        self._cache_hits += hits
-        self._full_scans += int(s.shape[0]) - hits
         return Collected(slots=slots, offsets=offsets, full_scan=~cached)
 
     def rows_at(
         self, slots: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of (keys, values, versions, wtimes, lanes) at ``slots``."""
-        sl = np.asarray(slots)
-        if sl.ndim != 1:
-            raise BadRowsError(f"slots must be 1-D, got shape {sl.shape}")
-        sl = check_int64(sl, sl.shape[0], "slots")
-        if sl.shape[0] and (int(sl.min()) < 0 or int(sl.max()) >= self.rows):
-            raise BadRowsError(f"slots must be in [0, {self.rows}), got [{sl.min()}, {sl.max()}]")
+        sl = self._check_slots(slots)
         return (
             self._keys[sl],
             self._values[sl],
@@ -316,6 +408,21 @@ class Table:
             self._wtime[sl],
             self._lane[sl],
         )
+
+    def versions_at(self, slots: np.ndarray) -> np.ndarray:
+        """Copy of the versions at ``slots`` (what a responder filters and budgets on before
+        it gathers the rows it sends)."""
+        sl = self._check_slots(slots)
+        return self._ver[sl]
+
+    def _check_slots(self, slots: np.ndarray) -> np.ndarray:
+        sl = np.asarray(slots)
+        if sl.ndim != 1:
+            raise BadRowsError(f"slots must be 1-D, got shape {sl.shape}")
+        sl = check_int64(sl, sl.shape[0], "slots")
+        if sl.shape[0] and (int(sl.min()) < 0 or int(sl.max()) >= self.rows):
+            raise BadRowsError(f"slots must be in [0, {self.rows}), got [{sl.min()}, {sl.max()}]")
+        return sl
 
     def all_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Views (not copies) of every row's (keys, values, versions, wtimes, lanes)."""
@@ -397,6 +504,8 @@ class Table:
         self._lane[slots] = ln
         self._shard[slots] = shards
         self.counter[:] = cnt
+        self.lane_top[:] = 0
+        np.maximum.at(self.lane_top, (shards, ln.astype(np.int64)), ver)
         self.knowledge[:] = kn
         self.shard_version[:] = sv
         self.dvv[:] = cnt
