@@ -52,6 +52,8 @@ def test_relay_tree_pulls_from_other_dc_leader():
         (lambda d: d["dcs"][1].update(training=True), "exactly one DC"),
         (lambda d: d["tables"][0].update(dim=0), "tables.0.dim"),
         (lambda d: d["sync"].update(windw=3), "windw"),
+        (lambda d: d["sync"].update(wan_codec="int4"), "sync.wan_codec"),
+        (lambda d: d.update(scheduler={"percentile": 1.5}), "scheduler.percentile"),
         (lambda d: d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(
             upstream_dc="dc1"), "relay cycle"),
     ],
@@ -74,3 +76,13 @@ def test_unparseable_and_missing_files(tmp_path: Path):
     bad.write_text("[cluster\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_codec_per_link_kind_and_scheduler_from_config():
+    doc = _doc(sync={"wan_codec": "int8", "pace_wan": True})
+    doc["scheduler"] = {"enabled": True}
+    cfg = ClusterConfig.model_validate(doc)
+    assert cfg.sync.wan_codec == "int8" and cfg.sync.lan_codec is None
+    sched = cfg.scheduler.scheduler()
+    assert sched is not None and sched.config.percentile == 0.9
+    assert ClusterConfig.model_validate(_doc()).scheduler.scheduler() is None

@@ -121,6 +121,28 @@ class SyncConfig(_Strict):
     snapshot_interval_s: float = Field(30.0, ge=0)
     failover_probe_s: float = Field(2.0, gt=0)
     connect_timeout_s: float = Field(1.0, gt=0)
+    # Row codec per link kind (None: plain float32 arrays): lossy on the WAN, exact on the LAN.
+    wan_codec: Literal["fp32", "fp16", "int8"] | None = None
+    lan_codec: Literal["fp32", "fp16", "int8"] | None = None
+    pace_wan: bool = False  # pace each WAN session at its link's bandwidth (mbit)
+
+
+class SchedulerSection(_Strict):
+    """The source's update scheduler (DESIGN.md §4): lanes by priority, optional deferral."""
+
+    enabled: bool = False
+    percentile: float = Field(0.9, gt=0, lt=1)
+    freshness_boost: float = Field(10.0, ge=0)
+    defer: bool = False
+    defer_min_significance: float = Field(0.05, ge=0)
+    max_staleness_s: float = Field(5.0, ge=0)
+
+    def scheduler(self):  # -> ekko.schedule.UpdateScheduler | None
+        if not self.enabled:
+            return None
+        from ekko.schedule import SchedulerConfig, UpdateScheduler
+
+        return UpdateScheduler(SchedulerConfig(**self.model_dump()))
 
 
 class GuardSection(_Strict):
@@ -169,6 +191,7 @@ class ClusterConfig(_Strict):
     tables: list[TableConfig] = []
     models: list[ModelConfig] = []
     sync: SyncConfig = SyncConfig()
+    scheduler: SchedulerSection = SchedulerSection()
     guard: GuardSection = GuardSection()
 
     @model_validator(mode="after")

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ekko.net.wan import WanProfile
 from ekko.node.config import ClusterConfig
 from ekko.protocol.latency import LatencyHistogram
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
+from ekko.schedule.writer import ScheduledWriter
 from ekko.store import SnapshotError, Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class NodeCore:
         self.snapshot_path = self.data_dir / "store.snapshot"
         self.store = self._open_store()
         self.responder = self._responder()
+        self.writer = ScheduledWriter(
+            self.store, self.config.scheduler.scheduler() if self.role == "source" else None
+        )
         self.upstream_name: str | None = None
         self.started_at = time.time()
         self.copied_at: float | None = None  # checkpoint replicas: write time of the copy
@@ -89,9 +94,11 @@ class NodeCore:
     def is_source(self) -> bool:
         return self.role == "source"
 
-    def puller_config(self) -> PullerConfig:
+    def puller_config(self, wan: WanProfile | None = None) -> PullerConfig:
+        """How to pull over a link: ``wan`` is its profile (None: a LAN link)."""
         s = self.config.sync
         return PullerConfig(
+            codec=s.lan_codec if wan is None else s.wan_codec,
             max_bytes=s.max_bytes,
             wait_ms=s.wait_ms,
             window=s.window,
@@ -102,7 +109,7 @@ class NodeCore:
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Write rows at the source; raises on a replica, an unknown table or bad rows."""
         self.require_source("write to")
-        return self.store.table(table).write(keys, values, now_ns=time.time_ns())
+        return self.writer.write(table, keys, values, now=time.time(), now_ns=time.time_ns())
 
     def require_source(self, what: str) -> None:
         """Raise ``NotSourceError`` naming the source unless this node is it."""

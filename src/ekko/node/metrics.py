@@ -69,6 +69,8 @@ class NodeCollector:
         yield _counter("ekko_pulls", "Pull requests answered or parked", lk, lv, rs.pulls)
         yield _gauge("ekko_parked_pulls", "Long-polls waiting for a change", lk, lv, rs.parked)
         yield _gauge("ekko_sessions", "Connected pullers", lk, lv, rs.sessions)
+        yield _counter("ekko_shared_chunks", "Chunks reused from another session's same pull",
+                       lk, lv, rs.shared_chunks)
 
         hits = CounterMetricFamily("ekko_cache_hits", "Pulls answered from the update cache",
                                    labels=[*lk, "table"])

@@ -161,7 +161,7 @@ class ModelHost:
         # The trainer thread holds the GIL between torch calls; a short switch interval keeps
         # the event loop (sync answers, HTTP) from waiting the default 5 ms behind it.
         sys.setswitchinterval(0.0005)
-        store_sink = StoreSink(self.core.store)
+        store_sink = StoreSink(self.core.store, writer=self.core.writer)
         cfg = self.core.config
         for m in cfg.models:
             svc = TrainingService(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import signal
@@ -35,10 +34,10 @@ from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
 from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
+from ekko.node.sync_host import ResponderHost, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
-from ekko.protocol.messages import Message, PullResponse
+from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller
-from ekko.protocol.ready import Ready
 from ekko.store import SnapshotError
 
 log = logging.getLogger(__name__)
@@ -52,59 +51,6 @@ class EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-class Timer:
-    """One rescheduleable wake-up on the loop, at a wall-clock time from ``Ready.wake_at``."""
-
-    def __init__(self, fire: Callable[[], None]) -> None:
-        self._fire = fire
-        self._handle: asyncio.TimerHandle | None = None
-        self._at: float | None = None
-
-    def set(self, wake_at: float | None) -> None:
-        if wake_at is None or (self._at is not None and self._at <= wake_at and self._handle):
-            return
-        if self._handle is not None:
-            self._handle.cancel()
-        loop = asyncio.get_running_loop()
-        self._at = wake_at
-        self._handle = loop.call_at(loop.time() + max(0.0, wake_at - time.time()), self._run)
-
-    def _run(self) -> None:
-        self._handle = self._at = None
-        self._fire()
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle = self._at = None
-
-
-class Outbox:
-    """Messages for one connection, sent in order by one task (sends may wait on the WAN)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.queue: asyncio.Queue[Message] = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    def put(self, msg: Message) -> None:
-        self.queue.put_nowait(msg)
-
-    async def _run(self) -> None:
-        try:
-            while True:
-                await self.conn.send(await self.queue.get())
-        except TransportError as exc:
-            log.info("send to %s stopped: %s", self.conn.peer, exc)
-
-    async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TransportError):
-            await self.task
-        with contextlib.suppress(TransportError, OSError):
-            await self.conn.close()
 
 
 class NodeRunner:
@@ -126,9 +72,7 @@ class NodeRunner:
         self.writer: SyntheticWriter | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self._sessions: dict[int, Outbox] = {}
-        self._session_ids = itertools.count(1)
-        self._responder_timer = Timer(self._responder_tick)
+        self.sync = ResponderHost(self.core.responder, self._pace_for)
         self._tasks: list[asyncio.Task] = []
         self._listener: Listener | None = None
         self.extra_metrics: list = []
@@ -154,7 +98,7 @@ class NodeRunner:
             node.sync_port,
             node=self.core.name,
             secret=self.secret,
-            on_connection=self._serve_session,
+            on_connection=self.sync.serve_session,
             wan_for=lambda peer: self._wan(peer),
             compress=self.config.sync.compress,
         )
@@ -219,11 +163,9 @@ class NodeRunner:
         if self.core.is_source:
             self.core.save_snapshot()
             log.info("source snapshot saved to %s", self.core.snapshot_path)
-        self._responder_timer.cancel()
         if self._listener is not None:
             self._listener.close()
-        for outbox in list(self._sessions.values()):
-            await outbox.close()
+        await self.sync.close()
         server.should_exit = True
         if self._http is not None:
             await self._http.aclose()
@@ -251,32 +193,14 @@ class NodeRunner:
 
     def notify_written(self) -> None:
         """The store moved (a local write or applied rows): wake parked pulls."""
-        self._dispatch(self.core.responder.store_changed(time.time()))
+        self.sync.notify_written()
 
-    def _dispatch(self, ready: Ready) -> None:
-        for sid, msg in ready.sends:
-            outbox = self._sessions.get(sid)
-            if outbox is not None:
-                outbox.put(msg)
-        self._responder_timer.set(ready.wake_at)
-
-    def _responder_tick(self) -> None:
-        self._dispatch(self.core.responder.tick(time.time()))
-
-    async def _serve_session(self, conn: Connection) -> None:
-        sid = next(self._session_ids)
-        self._sessions[sid] = outbox = Outbox(conn)
-        log.info("puller %s connected (session %d)", conn.peer, sid)
-        try:
-            while True:
-                msg = await conn.recv()
-                self._dispatch(self.core.responder.receive(sid, msg, time.time()))
-        except TransportError as exc:
-            log.info("puller %s session %d ended: %s", conn.peer, sid, exc)
-        finally:
-            self.core.responder.close_session(sid)
-            self._sessions.pop(sid, None)
-            await outbox.close()
+    def _pace_for(self, peer: str) -> float | None:
+        """A WAN peer's session is paced at the link's bandwidth when the config says so."""
+        wan = self._wan(peer)
+        if not self.config.sync.pace_wan or wan is None or wan.mbit is None:
+            return None
+        return wan.mbit * 1e6 / 8
 
     # -- pulling from upstream ----------------------------------------------------------
 
@@ -326,45 +250,25 @@ class NodeRunner:
         self.core.upstream_name = peer.name
         counters = self.core.links.setdefault(peer.name, LinkCounters())
         log.info("%s pulling from %s", self.core.name, peer.name)
-        puller = Puller(self.core.store, self.core.puller_config(), self.core.latency)
-        outbox = Outbox(conn)
-        timer = Timer(lambda: handle(puller.tick(time.time())))
-
-        def handle(ready: Ready) -> None:
-            for _link, msg in ready.sends:
-                outbox.put(msg)
-            timer.set(ready.wake_at)
-
-        probe = (
-            asyncio.get_running_loop().create_task(self._probe(preferred)) if preferred else None
+        puller = Puller(
+            self.core.store, self.core.puller_config(self._wan(peer.name)), self.core.latency
         )
-        handle(puller.start(time.time()))
+
+        def on_response(msg: PullResponse) -> None:
+            if msg.chunks or msg.tables:
+                self.models.on_response(msg.tables, msg.chunks, time.monotonic())
+            if msg.chunks:
+                counters.responses += 1
+                counters.rows += sum(c.rows for c in msg.chunks)
+                counters.bytes += sum(c.nbytes for c in msg.chunks)
+                self.notify_written()
+
+        probe = self._probe(preferred) if preferred else None
         try:
-            while True:
-                recv = asyncio.ensure_future(conn.recv())
-                waits = {recv} | ({probe} if probe else set())
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if recv not in done:
-                    recv.cancel()
-                    log.info("%s returns to preferred upstream", self.core.name)
-                    return
-                msg = recv.result()
-                handle(puller.receive(msg, time.time()))
-                if isinstance(msg, PullResponse) and (msg.chunks or msg.tables):
-                    self.models.on_response(msg.tables, msg.chunks, time.monotonic())
-                if isinstance(msg, PullResponse) and msg.chunks:
-                    counters.responses += 1
-                    counters.rows += sum(c.rows for c in msg.chunks)
-                    counters.bytes += sum(c.nbytes for c in msg.chunks)
-                    self.notify_written()
-        except TransportError as exc:
-            log.warning("%s lost upstream %s: %s", self.core.name, peer.name, exc)
+            if await run_pull_link(conn, puller, on_response, probe):
+                log.info("%s returns to preferred upstream", self.core.name)
         finally:
-            timer.cancel()
-            if probe is not None:
-                probe.cancel()
             self.core.upstream_name = None
-            await outbox.close()
 
     async def _probe(self, preferred: list[NodeConfig]) -> None:
         """Return once a preferred upstream accepts a connection again."""
@@ -439,6 +343,7 @@ class NodeRunner:
                     if wan is not None:
                         await asyncio.sleep(WanLine(wan).delivery_time(0.0, len(data)))
                     store = self.core.load_copy(data, started)
+                    self.sync.responder = self.core.responder
                     self.models.replace_store(store)
                     counters.responses += 1
                     counters.bytes += len(data)

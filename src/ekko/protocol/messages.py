@@ -10,6 +10,8 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
+from ekko.codec.block import RowBlock
+
 PROTOCOL_VERSION = 1
 
 HIGH_LANE = 0
@@ -57,6 +59,10 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
     max_bytes: int
     wait_ms: int = 0
     cursors: list[Cursor] | None = None
+    # Row codec for this session's answers (``ekko.codec.CODECS``): rows then travel as one
+    # RowBlock per chunk (delta-coded keys, varint versions, zstd). None: plain arrays, the
+    # cheapest to produce, for LAN links.
+    codec: str | None = None
 
 
 class Chunk(msgspec.Struct, frozen=True):
@@ -79,16 +85,18 @@ class Chunk(msgspec.Struct, frozen=True):
     versions: np.ndarray  # int64 [n]
     wtimes: np.ndarray  # int64 [n], origin wall clock (ns) of each write
     origin: int = 0
+    # The rows encoded (the session asked for a codec): keys..wtimes are then empty and the
+    # puller decodes the block, sorted by key, before applying.
+    block: RowBlock | None = None
 
     @property
     def rows(self) -> int:
-        return len(self.keys)
+        return self.block.n if self.block is not None else len(self.keys)
 
     @property
     def nbytes(self) -> int:
-        return int(
-            self.keys.nbytes + self.values.nbytes + self.versions.nbytes + self.wtimes.nbytes
-        )
+        arrays = self.keys.nbytes + self.values.nbytes + self.versions.nbytes + self.wtimes.nbytes
+        return int(arrays + (self.block.nbytes if self.block is not None else 0))
 
 
 class PullResponse(msgspec.Struct, frozen=True, tag=True):

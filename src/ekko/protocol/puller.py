@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ekko.protocol.chunk_codec import check_codec, chunk_rows
 from ekko.protocol.latency import LatencyHistogram
 from ekko.protocol.messages import (
     LANES,
@@ -30,8 +31,7 @@ LINK = "upstream"
 
 
 def merge_knowledge(table: Table, shards: np.ndarray, lane: int, knowledge: np.ndarray) -> None:
-    for s, k in zip(shards.tolist(), knowledge.tolist(), strict=True):
-        table.merge_knowledge(s, lane, k)
+    table.merge_knowledge_many(shards, lane, knowledge)
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,10 @@ class PullerConfig:
     poll_interval_ms: int = 100
     request_timeout_ms: int = 5000
     gap_timeout_ms: int = 200
+    codec: str | None = None  # rows as a RowBlock with this codec (lossy on WAN, e.g. int8)
 
     def validate(self) -> PullerConfig:
+        check_codec(self.codec)
         for name in ("max_bytes", "window", "request_timeout_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PullerConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -215,7 +217,7 @@ class Puller:
         wait = self.config.wait_ms
         timeout = (wait + self.config.request_timeout_ms) / 1000
         self._in_flight[rid] = _InFlight(now, now + timeout)
-        return PullRequest(rid, self.config.max_bytes, wait, cursors)
+        return PullRequest(rid, self.config.max_bytes, wait, cursors, self.config.codec)
 
     def _all_cursors(self) -> list[Cursor]:
         out = []
@@ -243,13 +245,11 @@ class Puller:
         table = self.store.table(chunk.table)
         n = chunk.rows
         if n:
-            lanes = np.full(n, chunk.lane, np.uint8)
-            self._rows_applied += table.apply(
-                chunk.keys, chunk.values, chunk.versions, chunk.wtimes, lanes
-            )
+            keys, values, versions, wtimes = chunk_rows(chunk, table.dim)
+            self._rows_applied += table.apply(keys, values, versions, wtimes, chunk.lane)
             self._rows_received += n
             self._bytes += chunk.nbytes
-            self.latency.record_ns(int(now * 1e9) - chunk.wtimes)
+            self.latency.record_ns(int(now * 1e9) - wtimes)
         have = table.knowledge[chunk.shards, chunk.lane]
         covered = chunk.bases <= have
         if covered.any():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ekko.protocol.chunk_codec import check_codec, encode_chunk, row_bytes
 from ekko.protocol.messages import (
     LANES,
     Catalog,
@@ -25,9 +26,12 @@ from ekko.protocol.messages import (
     PullResponse,
 )
 from ekko.protocol.ready import Ready, SessionId
+from ekko.schedule.pacing import LinkPacer
 from ekko.store import Store, Table, UnknownTableError
 
 ROW_OVERHEAD_BYTES = 24  # key + version + wtime
+_MEMO_ENTRIES = 8
+_MEMO_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class ResponderStats:
     rows_sent: int
     bytes_sent: int
     sessions: int
+    shared_chunks: int = 0  # chunks answered from another session's identical pull
 
 
 @dataclass
@@ -63,6 +68,9 @@ class _Session:
     seen: dict[str, np.ndarray] = field(default_factory=dict)  # table -> int64 [S]
     catalog_version: int = -1
     parked: deque[_Parked] = field(default_factory=deque)
+    codec: str | None = None  # as the last pull asked
+    pacer: LinkPacer | None = None  # the session's link is paced at its bandwidth
+    paced_until: float | None = None  # rows wait for the pacer's tokens until then
 
     def state_for(self, table: Table) -> tuple[np.ndarray, np.ndarray]:
         sent = self.sent.get(table.name)
@@ -81,6 +89,14 @@ class Responder:
         self._sessions: dict[SessionId, _Session] = {}
         self._pulls = self._parked_total = self._expired = 0
         self._rows_sent = self._bytes_sent = 0
+        # Sessions in step (every DC leader parked on the source's latest write) ask for the
+        # same range at the same store state: answer it once and hand all of them the same
+        # Chunk object (the framing layer then encodes it once too). Keyed by the range, the
+        # budget and the shards' versions, which move with every change to a shard's rows or
+        # knowledge, so a hit is exactly what collecting again would give.
+        self._memo: dict[tuple, tuple[Table, Chunk | None, bool]] = {}
+        self._memo_bytes = 0
+        self._memo_hits = 0
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -102,6 +118,12 @@ class Responder:
             )
             return ready
         self._pulls += 1
+        try:
+            check_codec(msg.codec)
+        except ValueError as exc:
+            ready.sends.append((session, Error(msg.req_id, "bad_codec", str(exc))))
+            return ready
+        sess.codec = msg.codec
         if msg.cursors:
             err = self._restate(sess, msg)
             if err is not None:
@@ -109,8 +131,10 @@ class Responder:
                 return ready
         if sess.parked:
             self._park(sess, msg, now)
-            return self._drain(session, sess, now, ready)
-        response = self._answer(sess, msg, force=not self._may_wait(msg))
+            self._drain(session, sess, now, ready)
+            ready.wake_at = self._next_expiry()
+            return ready
+        response = self._answer(sess, msg, now, force=not self._may_wait(msg))
         if response is None:
             self._park(sess, msg, now)
         else:
@@ -127,10 +151,27 @@ class Responder:
         ready.wake_at = self._next_expiry()
         return ready
 
+    def pace(self, session: SessionId, rate_bytes_per_s: float | None, now: float) -> None:
+        """Pace ``session``'s answers at ``rate_bytes_per_s`` (its link's bandwidth), or stop
+        pacing it (None). A paced session's answers fit the tokens its link has earned, high
+        lane first; what does not fit waits at the source, where later writes coalesce it,
+        instead of queueing on the link ahead of the next high-lane row."""
+        sess = self._sessions.setdefault(session, _Session())
+        if rate_bytes_per_s is None:
+            sess.pacer = sess.paced_until = None
+        elif sess.pacer is None:
+            sess.pacer = LinkPacer(rate_bytes_per_s, now=now)
+        else:
+            sess.pacer.set_rate(rate_bytes_per_s, now)
+
     def tick(self, now: float) -> Ready:
-        """Answer parked pulls whose wait ran out with an empty response."""
+        """Answer parked pulls whose wait ran out with an empty response, and paced ones whose
+        link has earned tokens again."""
         ready = Ready()
         for sid, sess in self._sessions.items():
+            if sess.paced_until is not None and sess.paced_until <= now:
+                sess.paced_until = None
+                self._drain(sid, sess, now, ready)
             while sess.parked and sess.parked[0].expires_at <= now:
                 parked = sess.parked.popleft()
                 self._expired += 1
@@ -141,6 +182,14 @@ class Responder:
     def close_session(self, session: SessionId) -> None:
         self._sessions.pop(session, None)
 
+    def pacing(self) -> dict[SessionId, tuple[float, int]]:
+        """Paced sessions: (rate in bytes/s, bytes spent so far)."""
+        return {
+            sid: (s.pacer.rate, s.pacer.bytes_spent)
+            for sid, s in self._sessions.items()
+            if s.pacer is not None
+        }
+
     def statistics(self) -> ResponderStats:
         return ResponderStats(
             pulls=self._pulls,
@@ -149,6 +198,7 @@ class Responder:
             rows_sent=self._rows_sent,
             bytes_sent=self._bytes_sent,
             sessions=len(self._sessions),
+            shared_chunks=self._memo_hits,
         )
 
     # -- internals ----------------------------------------------------------------------
@@ -167,7 +217,7 @@ class Responder:
 
     def _drain(self, sid: SessionId, sess: _Session, now: float, ready: Ready) -> Ready:
         while sess.parked:
-            response = self._answer(sess, sess.parked[0].request, force=False)
+            response = self._answer(sess, sess.parked[0].request, now, force=False)
             if response is None:
                 break
             sess.parked.popleft()
@@ -176,6 +226,7 @@ class Responder:
 
     def _next_expiry(self) -> float | None:
         times = [s.parked[0].expires_at for s in self._sessions.values() if s.parked]
+        times += [s.paced_until for s in self._sessions.values() if s.paced_until is not None]
         return min(times) if times else None
 
     def _restate(self, sess: _Session, req: PullRequest) -> Error | None:
@@ -211,12 +262,25 @@ class Responder:
         sess.catalog_version = self.store.catalog_version
         return self.store.specs()
 
-    def _answer(self, sess: _Session, req: PullRequest, *, force: bool) -> PullResponse | None:
-        """Everything newer than what the session was sent, high lane first, within budget.
+    def _answer(
+        self, sess: _Session, req: PullRequest, now: float, *, force: bool
+    ) -> PullResponse | None:
+        """Everything newer than what the session was sent, high lane first, within budget
+        (the request's, and the link's tokens when paced).
 
-        Returns ``None`` when there is nothing new and the pull may wait.
+        Returns ``None`` when there is nothing new, or no tokens yet, and the pull may wait.
         """
+        if not force and self._unmoved(sess):
+            return None
         budget = max(0, req.max_bytes)
+        pacer = sess.pacer
+        if pacer is not None:
+            budget = pacer.budget(now, budget)
+            if budget == 0:
+                if not force:
+                    sess.paced_until = now + pacer.wait_hint(now, req.max_bytes)
+                    return None
+                return self._empty(sess, req)
         chunks: list[Chunk] = []
         more = False
         plans = [self._candidates(sess, t) for t in self.store.tables.values()]
@@ -227,7 +291,9 @@ class Responder:
                     continue
                 if more:
                     continue
-                chunk, truncated = self._collect(table, lane, lane_shards, sent, budget, not chunks)
+                chunk, truncated = self._collect(
+                    table, lane, lane_shards, sent, budget, not chunks, sess.codec
+                )
                 if truncated:
                     more = True
                 if chunk is None:
@@ -241,12 +307,26 @@ class Responder:
         if not chunks and not force:
             return None
         rows = sum(c.rows for c in chunks)
+        nbytes = sum(c.nbytes for c in chunks)
         self._rows_sent += rows
-        self._bytes_sent += sum(c.nbytes for c in chunks)
+        self._bytes_sent += nbytes
+        if pacer is not None:
+            pacer.spent(nbytes, now)
         return PullResponse(
             req.req_id, self.store.catalog_version, chunks, more, self._catalog(sess),
             None if chunks else self._holds(),
         )
+
+    def _unmoved(self, sess: _Session) -> bool:
+        """No shard moved since this session's last complete answer: nothing to send, and
+        the (frequent) pull that finds so parks at the cost of a comparison per table."""
+        if not self.config.use_shard_version:
+            return False
+        for name, table in self.store.tables.items():
+            seen = sess.seen.get(name)
+            if seen is None or not (seen == table.shard_version).all():
+                return False
+        return True
 
     def _candidates(
         self, sess: _Session, table: Table
@@ -267,13 +347,68 @@ class Responder:
         sent: np.ndarray,
         budget: int,
         first: bool,
+        codec: str | None,
     ) -> tuple[Chunk | None, bool]:
-        bases = sent[shards, lane].copy()
-        have = table.knowledge[shards, lane].copy()
+        bases = sent[shards, lane]  # fancy index: a copy
+        max_rows = budget // row_bytes(codec, table.dim, ROW_OVERHEAD_BYTES)
+        key = (
+            table.name, lane, max_rows, first, codec, shards.tobytes(), bases.tobytes(),
+            table.shard_version[shards].tobytes(),
+        )  # fmt: skip
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is table:
+            self._memo_hits += 1
+            return hit[1], hit[2]
+        chunk, truncated = self._collect_rows(table, lane, shards, bases, max_rows, first)
+        if chunk is not None and codec is not None:
+            chunk = encode_chunk(chunk, codec)
+        self._remember(key, (table, chunk, truncated))
+        return chunk, truncated
+
+    def _remember(self, key: tuple, entry: tuple[Table, Chunk | None, bool]) -> None:
+        size = entry[1].nbytes if entry[1] is not None else 0
+        if size > _MEMO_BYTES:
+            return
+        memo = self._memo
+        while memo and (len(memo) >= _MEMO_ENTRIES or self._memo_bytes + size > _MEMO_BYTES):
+            old = memo.pop(next(iter(memo)))  # oldest first (dicts keep insertion order)
+            self._memo_bytes -= old[1].nbytes if old[1] is not None else 0
+        memo[key] = entry
+        self._memo_bytes += size
+
+    def _collect_rows(
+        self,
+        table: Table,
+        lane: int,
+        shards: np.ndarray,
+        bases: np.ndarray,
+        max_rows: int,
+        first: bool,
+    ) -> tuple[Chunk | None, bool]:
+        have = table.knowledge[shards, lane]  # fancy index: a copy
         collected = table.collect(
             shards, np.full(shards.size, lane, np.int64), bases, use_cache=self.config.use_cache
         )
-        keys, values, versions, wtimes, _lanes = table.rows_at(collected.slots)
+        # Budget and filters work on slots and versions; only the rows that go out are
+        # gathered. (Gathering first cost a catch-up pull a copy of every row it did not
+        # send, and the truncated chunk's views pinned those copies while it waited to be
+        # sent: gigabytes at a source serving three replicas a 1 M-row table.)
+        slots = collected.slots
+        if slots.size == 0:  # knowledge only (e.g. a lane nobody writes): no row gathering
+            knowledge = np.maximum(have, bases)
+            moved = knowledge > bases
+            if not moved.any():
+                return None, False
+            empty = np.zeros(0, np.int64)
+            chunk = Chunk(
+                table=table.name, lane=lane, shards=shards[moved].astype(np.int64),
+                bases=bases[moved], knowledge=knowledge[moved],
+                counts=np.zeros(int(moved.sum()), np.int64), keys=empty,
+                values=np.zeros((0, table.dim), np.float32), versions=empty, wtimes=empty,
+                origin=self.store.origin,
+            )  # fmt: skip
+            return chunk, False
+        versions = table.versions_at(slots)
         counts = np.diff(collected.offsets)
         # A relay may hold rows above its own knowledge (a transfer still in progress); it
         # passes on only what its knowledge vouches for.
@@ -281,12 +416,10 @@ class Responder:
         if not keep.all():
             seg = np.repeat(np.arange(shards.size), counts)
             counts = np.bincount(seg[keep], minlength=shards.size).astype(np.int64)
-            keys, values, versions, wtimes = keys[keep], values[keep], versions[keep], wtimes[keep]
+            slots, versions = slots[keep], versions[keep]
         knowledge = np.maximum(have, bases)
-        row_bytes = ROW_OVERHEAD_BYTES + 4 * table.dim
-        max_rows = budget // row_bytes
         truncated = False
-        if len(keys) > max_rows:
+        if len(slots) > max_rows:
             max_rows = max(max_rows, 1 if first else 0)
             truncated = True
             ends = np.cumsum(counts)
@@ -306,8 +439,7 @@ class Responder:
                 counts = counts[:cut]
                 m = cut
             shards, bases, knowledge = shards[:m], bases[:m], knowledge[:m]
-            keys, values = keys[:max_rows], values[:max_rows]
-            versions, wtimes = versions[:max_rows], wtimes[:max_rows]
+            slots, versions = slots[:max_rows], versions[:max_rows]
         moved = (knowledge > bases) | (counts > 0)
         if not moved.any():
             return None, truncated
@@ -319,8 +451,8 @@ class Responder:
                 knowledge[moved],
                 counts[moved],
             )
-            keys, values = keys[keep_rows], values[keep_rows]
-            versions, wtimes = versions[keep_rows], wtimes[keep_rows]
+            slots, versions = slots[keep_rows], versions[keep_rows]
+        keys, values, versions, wtimes, _lanes = table.rows_at(slots)  # fresh, not views
         chunk = Chunk(
             table=table.name,
             lane=lane,

@@ -56,8 +56,10 @@ class SimNetwork:
         faults: Faults | None = None,
         puller_config: PullerConfig | None = None,
         responder_config: ResponderConfig | None = None,
+        pace_bytes_per_s: float | None = None,
     ) -> None:
         self.rng = random.Random(seed)
+        self.pace_bytes_per_s = pace_bytes_per_s  # every link paced at this rate, if set
         self.faults = faults or Faults()
         self.puller_config = puller_config or PullerConfig(wait_ms=200, window=4)
         self.responder_config = responder_config or ResponderConfig()
@@ -81,6 +83,9 @@ class SimNetwork:
     def _connect(self, node: SimNode) -> None:
         node.session += 1
         node.puller = Puller(node.store, self.puller_config)
+        if self.pace_bytes_per_s is not None:
+            upstream = self.nodes[node.upstream].responder
+            upstream.pace((node.name, node.session), self.pace_bytes_per_s, self.now)
         self._handle_puller(node, node.puller.start(self.now))
 
     # -- faults -------------------------------------------------------------------------
@@ -99,9 +104,9 @@ class SimNetwork:
 
     # -- driving ------------------------------------------------------------------------
 
-    def write(self, name: str, table: str, keys, values) -> None:
+    def write(self, name: str, table: str, keys, values, lanes=0) -> None:
         node = self.nodes[name]
-        node.store.table(table).write(keys, values, now_ns=int(self.now * 1e9))
+        node.store.table(table).write(keys, values, now_ns=int(self.now * 1e9), lanes=lanes)
         self._handle_responder(node, node.responder.store_changed(self.now))
 
     def run_until(self, t: float) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ekko.protocol.messages import TableSpec
+from ekko.schedule.writer import ScheduledWriter
 from ekko.store import Store
 
 WriteHook = Callable[[], None]
@@ -38,8 +39,10 @@ class StoreSink:
         *,
         on_write: WriteHook | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        writer: ScheduledWriter | None = None,
     ) -> None:
         self.store = store
+        self.writer = writer or ScheduledWriter(store)
         self.on_write = on_write
         self._clock_ns = clock_ns
         self.rows_written = 0
@@ -51,7 +54,8 @@ class StoreSink:
 
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
         """Write rows at the source; each gets a fresh version in its shard."""
-        self.store.table(table).write(keys, values, now_ns=self._clock_ns())
+        now_ns = self._clock_ns()
+        self.writer.write(table, keys, values, now=now_ns / 1e9, now_ns=now_ns)
         self.rows_written += len(keys)
         if self.on_write is not None:
             self.on_write()

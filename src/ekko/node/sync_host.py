@@ -1,0 +1,185 @@
+"""The asyncio side of the sans-IO sync protocol: serving pull sessions and running a pull
+link over ``ekko.net`` connections.
+
+Why apart from the runner: a node serves and pulls this way, and so does every bench that
+runs Ekko in one process (``ekko bench bandwidth``); one host keeps them the same protocol
+driver, with the same pacing and timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from ekko.net.errors import TransportError
+from ekko.net.transport import Connection
+from ekko.protocol.messages import Message, PullResponse
+from ekko.protocol.puller import Puller
+from ekko.protocol.ready import Ready
+from ekko.protocol.responder import Responder
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    """One rescheduleable wake-up on the loop, at a wall-clock time from ``Ready.wake_at``."""
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self._fire = fire
+        self._handle: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+
+    def set(self, wake_at: float | None) -> None:
+        if wake_at is None or (self._at is not None and self._at <= wake_at and self._handle):
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._at = wake_at
+        self._handle = loop.call_at(loop.time() + max(0.0, wake_at - time.time()), self._run)
+
+    def _run(self) -> None:
+        self._handle = self._at = None
+        self._fire()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._at = None
+
+
+class Outbox:
+    """Messages for one connection, sent in order by one task (sends may wait on the WAN)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def put(self, msg: Message) -> None:
+        self.queue.put_nowait(msg)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self.conn.send(await self.queue.get())
+        except TransportError as exc:
+            log.info("send to %s stopped: %s", self.conn.peer, exc)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TransportError):
+            await self.task
+        with contextlib.suppress(TransportError, OSError):
+            await self.conn.close()
+
+
+class ResponderHost:
+    """Serves every pull session of one responder: reads requests, sends answers in order,
+    wakes parked pulls when the store moves or a timer fires.
+
+    ``pace_for(peer)``: the bytes/s to pace a session from ``peer`` at (its WAN link's
+    bandwidth), or None for an unpaced link; ``set_rate`` changes it for connected peers.
+    """
+
+    def __init__(
+        self,
+        responder: Responder,
+        pace_for: Callable[[str], float | None] = lambda peer: None,
+    ) -> None:
+        self.responder = responder
+        self.pace_for = pace_for
+        self._sessions: dict[int, tuple[str, Outbox]] = {}
+        self._ids = itertools.count(1)
+        self._timer = Timer(self._tick)
+
+    def notify_written(self) -> None:
+        """The store moved (a local write or applied rows): wake parked pulls."""
+        self._dispatch(self.responder.store_changed(time.time()))
+
+    def set_rate(self, peer: str, rate_bytes_per_s: float | None) -> None:
+        """Pace ``peer``'s sessions at a new rate (its link's bandwidth changed)."""
+        now = time.time()
+        for sid, (name, _) in self._sessions.items():
+            if name == peer:
+                self.responder.pace(sid, rate_bytes_per_s, now)
+        self._dispatch(self.responder.tick(now))
+
+    async def serve_session(self, conn: Connection) -> None:
+        """Answer ``conn``'s pulls until it breaks."""
+        sid = next(self._ids)
+        outbox = Outbox(conn)
+        self._sessions[sid] = (conn.peer, outbox)
+        rate = self.pace_for(conn.peer)
+        if rate is not None:
+            self.responder.pace(sid, rate, time.time())
+        log.info("puller %s connected (session %d, paced at %s B/s)", conn.peer, sid, rate)
+        try:
+            while True:
+                msg = await conn.recv()
+                self._dispatch(self.responder.receive(sid, msg, time.time()))
+        except TransportError as exc:
+            log.info("puller %s session %d ended: %s", conn.peer, sid, exc)
+        finally:
+            self.responder.close_session(sid)
+            self._sessions.pop(sid, None)
+            await outbox.close()
+
+    async def close(self) -> None:
+        self._timer.cancel()
+        for _, outbox in list(self._sessions.values()):
+            await outbox.close()
+
+    def _dispatch(self, ready: Ready) -> None:
+        for sid, msg in ready.sends:
+            entry = self._sessions.get(sid)
+            if entry is not None:
+                entry[1].put(msg)
+        self._timer.set(ready.wake_at)
+
+    def _tick(self) -> None:
+        self._dispatch(self.responder.tick(time.time()))
+
+
+async def run_pull_link(
+    conn: Connection,
+    puller: Puller,
+    on_response: Callable[[PullResponse], None],
+    until: Awaitable[object] | None = None,
+) -> bool:
+    """Drive ``puller`` over ``conn`` until the link breaks (returns False) or ``until``
+    completes (returns True). ``on_response`` sees every response after it was applied."""
+    outbox = Outbox(conn)
+    timer = Timer(lambda: handle(puller.tick(time.time())))
+
+    def handle(ready: Ready) -> None:
+        for _link, msg in ready.sends:
+            outbox.put(msg)
+        timer.set(ready.wake_at)
+
+    stop = asyncio.ensure_future(until) if until is not None else None
+    handle(puller.start(time.time()))
+    try:
+        while True:
+            recv = asyncio.ensure_future(conn.recv())
+            waits = {recv} | ({stop} if stop is not None else set())
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if recv not in done:
+                recv.cancel()
+                return True
+            msg = recv.result()
+            handle(puller.receive(msg, time.time()))
+            if isinstance(msg, PullResponse):
+                on_response(msg)
+    except TransportError as exc:
+        log.warning("pull link to %s broke: %s", conn.peer, exc)
+        return False
+    finally:
+        timer.cancel()
+        if stop is not None:
+            stop.cancel()
+        await outbox.close()
