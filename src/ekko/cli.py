@@ -19,7 +19,10 @@ cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=T
 app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
-BENCHES = ("apply", "churn", "latency", "ablation", "train", "serve", "freshness", "rollback")
+BENCHES = (
+    "apply", "churn", "latency", "ablation", "train", "serve", "freshness", "rollback",
+    "bandwidth", "congestion",
+)
 
 
 def _floats(raw: str | None) -> list[float] | None:

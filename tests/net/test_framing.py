@@ -24,7 +24,7 @@ from ekko.net.framing import (
     encode_frame,
 )
 from ekko.net.handshake import Auth, Challenge, HandshakeMessage
-from ekko.protocol.messages import Catalog, Message, PullResponse
+from ekko.protocol.messages import Catalog, Chunk, Message, PullResponse
 
 from .helpers import (
     WIRE_DTYPES,
@@ -320,7 +320,7 @@ def _chunk_with_raw_keys(ext: msgspec.msgpack.Ext) -> bytes:
     obj = msgspec.msgpack.decode(
         good[HEADER_SIZE:], ext_hook=lambda c, d: msgspec.msgpack.Ext(c, bytes(d))
     )
-    obj["chunks"][0]["keys"] = ext
+    obj["chunks"][0][Chunk.__struct_fields__.index("keys")] = ext  # chunks are arrays
     return _raw_frame(msgspec.msgpack.encode(obj))
 
 

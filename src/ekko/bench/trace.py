@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ekko.protocol.messages import TableSpec
-from ekko.train.dlrm import DLRM, DLRMConfig
+from ekko.train.dlrm import DENSE_PREFIX, DLRM, DLRMConfig
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.streams import Events, StreamConfig, SyntheticStream
 from ekko.train.trainer import OnlineTrainer, TrainerConfig
@@ -100,6 +100,44 @@ class RecordingSink:
         self.values.append(v)
 
 
+class _TablesOnly:
+    """The warm-up's sink: tables reach the recording, rows do not (the warmed state is
+    snapshotted after); it notes which rows training touched."""
+
+    def __init__(self, sink: RecordingSink) -> None:
+        self._sink = sink
+        self.touched: dict[str, set[int]] = {}
+
+    def create_table(self, spec: TableSpec) -> None:
+        self._sink.create_table(spec)
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        self.touched.setdefault(table, set()).update(keys.tolist())
+
+
+class _TouchedOnly:
+    """The snapshot after a warm-up: embedding rows training touched, and dense tensors.
+
+    Why not every row: an id the warm-up never saw (a new user or item) has no row in a
+    production store until training first writes it; replicas serve zeros for it until then,
+    and its first write is a new key, which the scheduler sends first."""
+
+    def __init__(self, sink: RecordingSink, touched: dict[str, set[int]]) -> None:
+        self._sink = sink
+        self._touched = {t: np.fromiter(k, np.int64) for t, k in touched.items()}
+
+    def create_table(self, spec: TableSpec) -> None:
+        self._sink.create_table(spec)
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        if table.startswith(DENSE_PREFIX):
+            self._sink.write(table, keys, values)
+            return
+        keep = np.isin(keys, self._touched.get(table, np.zeros(0, np.int64)))
+        if keep.any():
+            self._sink.write(table, keys[keep], values[keep])
+
+
 def _default_stream(seed: int, model: DLRMConfig) -> StreamConfig:
     return StreamConfig(
         seed=seed,
@@ -122,12 +160,16 @@ def record_trace(
     trainer_config: TrainerConfig | None = None,
     embedding_shards: int = 16,
     dense_interval_s: float = 1.0,
+    warmup_steps: int = 0,
 ) -> Path:
     """Train ``model_config`` online for ``steps`` batches and save what it published.
 
     The stream defaults to a seeded synthetic stream shaped like the model (ids beyond
     ``rows_per_table`` are hashed into the table by the model). ``dense_interval_s`` is in
-    simulated seconds. Returns ``path`` (``.npz`` appended by numpy if missing).
+    simulated seconds. ``warmup_steps`` batches train the model first, unrecorded, so the
+    trace shows a model in steady online training rather than one learning from scratch;
+    the warmed model is the trace's initial state. Returns ``path`` (``.npz`` appended by
+    numpy if missing).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
@@ -154,9 +196,19 @@ def record_trace(
             clock=lambda: sink.t_sim,
         )
         trainer = OnlineTrainer(model, trainer_config, publisher)
-        publisher.snapshot()
+        batches = stream.batches(batch_size)
+        if warmup_steps > 0:
+            warm = _TablesOnly(sink)
+            publisher.sink = warm
+            for _, ev in zip(range(warmup_steps), batches, strict=False):
+                trainer.step(ev)
+            publisher.sink = _TouchedOnly(sink, warm.touched)
+            publisher.snapshot()
+            publisher.sink = sink
+        else:
+            publisher.snapshot()
         events: list[Events] = []
-        for step, ev in enumerate(stream.batches(batch_size)):
+        for step, ev in enumerate(batches):
             if step >= steps:
                 break
             sink.step = step
@@ -349,10 +401,13 @@ class Trace:
 
     # -- replay --------------------------------------------------------------------------------
 
-    async def replay(self, speed: float = 1.0) -> AsyncIterator[TraceBatch]:
+    async def replay(
+        self, speed: float = 1.0, on_step: Callable[[int], None] | None = None
+    ) -> AsyncIterator[TraceBatch]:
         """Yield the batches at their recorded times divided by ``speed`` (``math.inf``: as fast
         as possible), measured from the first iteration. A consumer that falls behind gets the
-        overdue batches at once, never skipped; the loop is yielded to between steps."""
+        overdue batches at once, never skipped; the loop is yielded to between steps.
+        ``on_step(step)`` runs when a step is due, before its first batch is yielded."""
         if speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         loop = asyncio.get_running_loop()
@@ -365,6 +420,8 @@ class Trace:
                 due = start + (0.0 if math.isinf(speed) else batch.t_sim / speed)
                 wait = due - loop.time()
                 await asyncio.sleep(max(wait, 0.0))
+                if on_step is not None:
+                    on_step(step)
             yield batch
 
 

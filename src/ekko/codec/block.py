@@ -33,7 +33,7 @@ _BIT = {name: 1 << i for i, name in enumerate(_FIELDS)}
 _VARINT_MAX = 10
 
 
-class RowBlock(msgspec.Struct, frozen=True):
+class RowBlock(msgspec.Struct, frozen=True, array_like=True):
     """Wire form of a chunk of rows (one table, shard and lane).
 
     Why a flat struct of bytes fields: it embeds in any msgspec sync message without copies,

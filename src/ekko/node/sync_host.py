@@ -129,6 +129,10 @@ class ResponderHost:
             self._sessions.pop(sid, None)
             await outbox.close()
 
+    def connections(self, peer: str) -> list[Connection]:
+        """The connections of ``peer``'s sessions (to change their WAN profile)."""
+        return [outbox.conn for name, outbox in self._sessions.values() if name == peer]
+
     async def close(self) -> None:
         self._timer.cancel()
         for _, outbox in list(self._sessions.values()):
@@ -162,6 +166,7 @@ async def run_pull_link(
         timer.set(ready.wake_at)
 
     stop = asyncio.ensure_future(until) if until is not None else None
+    recv: asyncio.Future[Message] | None = None
     handle(puller.start(time.time()))
     try:
         while True:
@@ -180,6 +185,7 @@ async def run_pull_link(
         return False
     finally:
         timer.cancel()
-        if stop is not None:
-            stop.cancel()
+        for fut in (stop, recv):
+            if fut is not None and not fut.done():
+                fut.cancel()
         await outbox.close()

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.codec import CODECS, CodecError, RowBlock, decode_block, encode_block
+from ekko.codec import (
+    CODECS,
+    CodecError,
+    RowBlock,
+    decode_block,
+    decode_ints,
+    encode_block,
+    encode_ints,
+)
 from ekko.codec.rows import FP16, INT8
-from ekko.protocol.messages import Chunk
+from ekko.protocol.messages import Chunk, ShardMeta
 
 BLOCK_ROW_OVERHEAD_BYTES = 6
 """What a row's key, version and write time cost in a block, about: delta-coded varints of
@@ -37,44 +45,87 @@ def row_bytes(codec: str | None, dim: int, plain_overhead: int) -> int:
 
 
 def encode_chunk(chunk: Chunk, codec: str) -> Chunk:
-    """``chunk`` with its rows moved into a block encoded with ``codec`` and zstd."""
-    if chunk.block is not None or chunk.rows == 0:
+    """``chunk`` with its rows moved into a block encoded with ``codec`` and zstd, and its
+    shard columns into varint columns (a knowledge-only chunk gets no block)."""
+    if chunk.meta is not None:
         return chunk
-    block = encode_block(
-        chunk.keys, chunk.values, chunk.versions, chunk.wtimes, codec=codec, compress=True
+    block = None
+    if chunk.rows:
+        block = encode_block(
+            chunk.keys, chunk.values, chunk.versions, chunk.wtimes, codec=codec, compress=True
+        )
+    meta = ShardMeta(
+        m=len(chunk.shards),
+        shards=encode_ints(chunk.shards),
+        bases=encode_ints(chunk.bases),
+        spans=encode_ints(chunk.knowledge - chunk.bases),
+        counts=encode_ints(chunk.counts),
     )
     empty = np.zeros(0, np.int64)
     return Chunk(
         table=chunk.table,
         lane=chunk.lane,
-        shards=chunk.shards,
-        bases=chunk.bases,
-        knowledge=chunk.knowledge,
-        counts=chunk.counts,
+        shards=empty,
+        bases=empty,
+        knowledge=empty,
+        counts=empty,
         keys=empty,
         values=np.zeros((0, chunk.values.shape[1]), np.float32),
         versions=empty,
         wtimes=empty,
         origin=chunk.origin,
         block=block,
+        meta=meta,
     )
 
 
-def chunk_rows(chunk: Chunk, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(keys, values, versions, wtimes) of ``chunk``, decoding its block if it has one.
+def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
+    """``chunk`` with plain arrays: its block and shard columns decoded (a plain chunk is
+    returned as is).
 
-    Raises :class:`~ekko.codec.CodecError` for a corrupted block, one whose width is not the
-    table's ``dim``, or one whose row count disagrees with the chunk's shard counts; nothing
-    is decoded into the store before this returns.
+    Raises :class:`~ekko.codec.CodecError` for a corrupted block or shard columns, a block
+    whose width is not the table's ``dim``, or one whose row count disagrees with the shard
+    counts; nothing reaches the store before this returns.
     """
     block: RowBlock | None = chunk.block
-    if block is None:
-        return chunk.keys, chunk.values, chunk.versions, chunk.wtimes
-    if block.dim != dim:
-        raise CodecError(f"block of table {chunk.table!r} has dim {block.dim}, table has {dim}")
-    if int(np.asarray(chunk.counts).sum()) != block.n:
+    meta = chunk.meta
+    if meta is None:
+        if block is not None:
+            raise CodecError(f"block chunk of table {chunk.table!r} without shard columns")
+        return chunk
+    if not isinstance(meta.m, int) or meta.m < 0:
+        raise CodecError(f"chunk of table {chunk.table!r}: bad shard count {meta.m!r}")
+    shards = decode_ints(meta.shards, meta.m)
+    bases = decode_ints(meta.bases, meta.m)
+    spans = decode_ints(meta.spans, meta.m)
+    counts = decode_ints(meta.counts, meta.m)
+    if (spans < 0).any() or (counts < 0).any():
+        raise CodecError(f"block chunk of table {chunk.table!r}: negative span or count")
+    rows = 0 if block is None else block.n
+    if int(counts.sum()) != rows:
         raise CodecError(
-            f"block of table {chunk.table!r} holds {block.n} rows, shard counts say "
-            f"{int(np.asarray(chunk.counts).sum())}"
+            f"chunk of table {chunk.table!r} holds {rows} rows, shard counts say "
+            f"{int(counts.sum())}"
         )
-    return decode_block(block)
+    if block is None:
+        empty = np.zeros(0, np.int64)
+        keys, values, versions, wtimes = empty, np.zeros((0, dim), np.float32), empty, empty
+    else:
+        if block.dim != dim:
+            raise CodecError(
+                f"block of table {chunk.table!r} has dim {block.dim}, table has {dim}"
+            )
+        keys, values, versions, wtimes = decode_block(block)
+    return Chunk(
+        table=chunk.table,
+        lane=chunk.lane,
+        shards=shards,
+        bases=bases,
+        knowledge=bases + spans,
+        counts=counts,
+        keys=keys,
+        values=values,
+        versions=versions,
+        wtimes=wtimes,
+        origin=chunk.origin,
+    )

@@ -65,7 +65,18 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
     codec: str | None = None
 
 
-class Chunk(msgspec.Struct, frozen=True):
+class ShardMeta(msgspec.Struct, frozen=True, array_like=True):
+    """A block chunk's per-shard columns (shards, bases, knowledge - bases, counts) as
+    varint columns (``ekko.codec.encode_ints``): a few bytes per shard instead of 32."""
+
+    m: int
+    shards: bytes
+    bases: bytes
+    spans: bytes
+    counts: bytes
+
+
+class Chunk(msgspec.Struct, frozen=True, array_like=True):
     """Rows of one (table, lane) for several shards, grouped by shard in ``shards`` order.
 
     For shard ``shards[i]``: a puller holding every row of the lane with version <= ``bases[i]``
@@ -88,6 +99,7 @@ class Chunk(msgspec.Struct, frozen=True):
     # The rows encoded (the session asked for a codec): keys..wtimes are then empty and the
     # puller decodes the block, sorted by key, before applying.
     block: RowBlock | None = None
+    meta: ShardMeta | None = None  # with a block: the shard columns, which are then empty
 
     @property
     def rows(self) -> int:
@@ -96,7 +108,12 @@ class Chunk(msgspec.Struct, frozen=True):
     @property
     def nbytes(self) -> int:
         arrays = self.keys.nbytes + self.values.nbytes + self.versions.nbytes + self.wtimes.nbytes
-        return int(arrays + (self.block.nbytes if self.block is not None else 0))
+        if self.block is not None:
+            arrays += self.block.nbytes
+        if self.meta is not None:
+            m = self.meta
+            arrays += len(m.shards) + len(m.bases) + len(m.spans) + len(m.counts)
+        return int(arrays)
 
 
 class PullResponse(msgspec.Struct, frozen=True, tag=True):

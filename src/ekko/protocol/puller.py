@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ekko.protocol.chunk_codec import check_codec, chunk_rows
+from ekko.protocol.chunk_codec import check_codec, decode_chunk
 from ekko.protocol.latency import LatencyHistogram
 from ekko.protocol.messages import (
     LANES,
@@ -243,13 +243,16 @@ class Puller:
 
     def _apply(self, chunk: Chunk, now: float) -> None:
         table = self.store.table(chunk.table)
+        wire_bytes = chunk.nbytes
+        chunk = decode_chunk(chunk, table.dim)
         n = chunk.rows
         if n:
-            keys, values, versions, wtimes = chunk_rows(chunk, table.dim)
-            self._rows_applied += table.apply(keys, values, versions, wtimes, chunk.lane)
+            self._rows_applied += table.apply(
+                chunk.keys, chunk.values, chunk.versions, chunk.wtimes, chunk.lane
+            )
             self._rows_received += n
-            self._bytes += chunk.nbytes
-            self.latency.record_ns(int(now * 1e9) - wtimes)
+            self._bytes += wire_bytes
+            self.latency.record_ns(int(now * 1e9) - chunk.wtimes)
         have = table.knowledge[chunk.shards, chunk.lane]
         covered = chunk.bases <= have
         if covered.any():

@@ -94,7 +94,7 @@ class Responder:
         # Chunk object (the framing layer then encodes it once too). Keyed by the range, the
         # budget and the shards' versions, which move with every change to a shard's rows or
         # knowledge, so a hit is exactly what collecting again would give.
-        self._memo: dict[tuple, tuple[Table, Chunk | None, bool]] = {}
+        self._memo: dict[tuple, tuple[Table, Chunk | None, Chunk | None, bool]] = {}
         self._memo_bytes = 0
         self._memo_hits = 0
 
@@ -291,15 +291,15 @@ class Responder:
                     continue
                 if more:
                     continue
-                chunk, truncated = self._collect(
+                chunk, wire, truncated = self._collect(
                     table, lane, lane_shards, sent, budget, not chunks, sess.codec
                 )
                 if truncated:
                     more = True
-                if chunk is None:
+                if chunk is None or wire is None:
                     continue
-                chunks.append(chunk)
-                budget -= chunk.nbytes
+                chunks.append(wire)
+                budget -= wire.nbytes
                 sent[chunk.shards, lane] = chunk.knowledge
         if not more:
             for table, _shards, _sent, seen in plans:
@@ -348,7 +348,8 @@ class Responder:
         budget: int,
         first: bool,
         codec: str | None,
-    ) -> tuple[Chunk | None, bool]:
+    ) -> tuple[Chunk | None, Chunk | None, bool]:
+        """(the chunk, its wire form under ``codec``, whether the budget truncated it)."""
         bases = sent[shards, lane]  # fancy index: a copy
         max_rows = budget // row_bytes(codec, table.dim, ROW_OVERHEAD_BYTES)
         key = (
@@ -358,14 +359,15 @@ class Responder:
         hit = self._memo.get(key)
         if hit is not None and hit[0] is table:
             self._memo_hits += 1
-            return hit[1], hit[2]
+            return hit[1], hit[2], hit[3]
         chunk, truncated = self._collect_rows(table, lane, shards, bases, max_rows, first)
-        if chunk is not None and codec is not None:
-            chunk = encode_chunk(chunk, codec)
-        self._remember(key, (table, chunk, truncated))
-        return chunk, truncated
+        wire = encode_chunk(chunk, codec) if chunk is not None and codec is not None else chunk
+        self._remember(key, (table, chunk, wire, truncated))
+        return chunk, wire, truncated
 
-    def _remember(self, key: tuple, entry: tuple[Table, Chunk | None, bool]) -> None:
+    def _remember(
+        self, key: tuple, entry: tuple[Table, Chunk | None, Chunk | None, bool]
+    ) -> None:
         size = entry[1].nbytes if entry[1] is not None else 0
         if size > _MEMO_BYTES:
             return

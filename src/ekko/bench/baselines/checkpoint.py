@@ -31,10 +31,12 @@ from ekko.bench.baselines.common import (
     default_topology,
     load_initial,
     make_replicas,
+    on_step,
     summarise,
     wait_replicas,
 )
 from ekko.bench.baselines.links import Link, close_links, open_links
+from ekko.bench.online_auc import OnlineAuc
 from ekko.bench.trace import Trace
 from ekko.store import Store
 
@@ -136,6 +138,7 @@ async def run_checkpoint(
     interval_s: float = 5.0,
     speed: float = 1.0,
     timeout_s: float = 600.0,
+    probe: OnlineAuc | None = None,
 ) -> BaselineResult:
     """Replay ``trace`` at ``speed`` into the source; broadcast a full checkpoint every
     ``interval_s`` wall seconds and once after the replay; wait until every replica applied
@@ -143,7 +146,7 @@ async def run_checkpoint(
     if interval_s <= 0:
         raise ValueError(f"interval_s must be > 0, got {interval_s}")
     topology = topology or default_topology()
-    replicas = make_replicas(trace, topology)
+    replicas = make_replicas(trace, topology, probe)
     source = Store()
     load_initial(source, trace)
     bc = _Broadcaster()
@@ -154,7 +157,7 @@ async def run_checkpoint(
     ticker = asyncio.create_task(_ticker(bc, source, interval_s))
     try:
         start = time.perf_counter()
-        async for batch in trace.replay(speed):
+        async for batch in trace.replay(speed, on_step(probe)):
             source.table(batch.table).write(batch.keys, batch.values, now_ns=time.time_ns())
         replay_s = time.perf_counter() - start
         ticker.cancel()
@@ -177,6 +180,7 @@ async def run_checkpoint(
         wan,
         duration,
         strict=False,
+        probe=probe,
         details={
             "interval_s": interval_s,
             "speed": speed,

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from ekko.bench.online_auc import OnlineAuc
 from ekko.bench.trace import Trace
 from ekko.net.connection import Connection
 from ekko.net.transport import TcpStream
@@ -177,9 +178,24 @@ def warm_kernels() -> None:
         table.write(keys, values, now_ns=1)
 
 
-def make_replicas(trace: Trace, topology: list[DataCentre]) -> list[Replica]:
+def make_replicas(
+    trace: Trace, topology: list[DataCentre], probe: OnlineAuc | None = None
+) -> list[Replica]:
+    """The replicas of every DC, loaded with the trace's initial state; ``probe`` scores
+    online AUC on the last replica of each DC (a follower, where a system relays)."""
     warm_kernels()
-    return [Replica(f"{dc.name}-r{i}", dc, trace) for dc in topology for i in range(dc.replicas)]
+    replicas = [
+        Replica(f"{dc.name}-r{i}", dc, trace) for dc in topology for i in range(dc.replicas)
+    ]
+    if probe is not None:
+        last = {r.dc.name: r for r in replicas}
+        probe.attach([r.store for r in last.values()])
+    return replicas
+
+
+def on_step(probe: OnlineAuc | None) -> Callable[[int], None] | None:
+    """The replay hook of ``probe`` (None without one)."""
+    return None if probe is None else probe.on_step
 
 
 async def wait_replicas(replicas: list[Replica], timeout_s: float) -> None:
@@ -241,6 +257,7 @@ class BaselineResult:
     wan_bytes_per_dc: dict[str, int] = field(default_factory=dict)
     latency_per_dc: dict[str, dict[str, float]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    auc: float | None = None  # online AUC on the replicas (see ekko.bench.online_auc)
 
     @property
     def fp32_ratio(self) -> float:
@@ -261,6 +278,7 @@ def summarise(
     *,
     strict: bool,
     details: dict[str, Any] | None = None,
+    probe: OnlineAuc | None = None,
 ) -> BaselineResult:
     """Merge per-replica figures into a :class:`BaselineResult`."""
     src_content = content_digest(source)
@@ -292,6 +310,7 @@ def summarise(
             for dc, h in per_dc_hist.items()
         },
         details=details or {},
+        auc=None if probe is None else probe.auc(),
     )
 
 

@@ -21,10 +21,12 @@ from ekko.bench.baselines.common import (
     default_topology,
     load_initial,
     make_replicas,
+    on_step,
     summarise,
     wait_replicas,
 )
 from ekko.bench.baselines.links import Link, close_links, open_links
+from ekko.bench.online_auc import OnlineAuc
 from ekko.bench.trace import Trace
 from ekko.store import Store
 
@@ -47,11 +49,12 @@ async def run_push(
     *,
     speed: float = 1.0,
     timeout_s: float = 300.0,
+    probe: OnlineAuc | None = None,
 ) -> BaselineResult:
     """Replay ``trace`` at ``speed``, pushing every batch to every replica; wait until every
     replica applied everything (at most ``timeout_s`` after the replay ends)."""
     topology = topology or default_topology()
-    replicas = make_replicas(trace, topology)
+    replicas = make_replicas(trace, topology, probe)
     source = Store()
     load_initial(source, trace)
     links = await open_links(replicas, _apply)
@@ -60,7 +63,7 @@ async def run_push(
     max_backlog = 0
     try:
         start = time.perf_counter()
-        async for batch in trace.replay(speed):
+        async for batch in trace.replay(speed, on_step(probe)):
             wtime = time.time_ns()
             source.table(batch.table).write(batch.keys, batch.values, now_ns=wtime)
             msg = UpdateBatch(batch.table, batch.keys, batch.values, wtime)
@@ -85,5 +88,6 @@ async def run_push(
         wan,
         duration,
         strict=True,
+        probe=probe,
         details={"replay_s": replay_s, "max_queued_batches": max_backlog, "speed": speed},
     )

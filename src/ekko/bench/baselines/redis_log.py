@@ -34,9 +34,11 @@ from ekko.bench.baselines.common import (
     default_topology,
     load_initial,
     make_replicas,
+    on_step,
     summarise,
     wait_replicas,
 )
+from ekko.bench.online_auc import OnlineAuc
 from ekko.bench.trace import Trace
 from ekko.net.relay import Relay, start_relay
 from ekko.store import Store
@@ -161,6 +163,7 @@ async def run_redis(
     count: int = 128,
     block_ms: int = 1000,
     timeout_s: float = 300.0,
+    probe: OnlineAuc | None = None,
 ) -> BaselineResult:
     """Replay ``trace`` at ``speed`` through a Redis Stream to every replica.
 
@@ -171,10 +174,10 @@ async def run_redis(
         async with redis_server() as server:
             return await run_redis(
                 trace, topology, speed=speed, redis_port=server.port, count=count,
-                block_ms=block_ms, timeout_s=timeout_s,
+                block_ms=block_ms, timeout_s=timeout_s, probe=probe,
             )  # fmt: skip
     topology = topology or default_topology()
-    replicas = make_replicas(trace, topology)
+    replicas = make_replicas(trace, topology, probe)
     source = Store()
     load_initial(source, trace)
     dims = {s.name: s.dim for s in trace.specs}
@@ -190,7 +193,7 @@ async def run_redis(
                 asyncio.create_task(_reader(r, relay.port, dims, count=count, block_ms=block_ms))
             )
         start = time.perf_counter()
-        async for batch in trace.replay(speed):
+        async for batch in trace.replay(speed, on_step(probe)):
             wtime = time.time_ns()
             source.table(batch.table).write(batch.keys, batch.values, now_ns=wtime)
             await producer.xadd(
@@ -226,6 +229,7 @@ async def run_redis(
         wan,
         duration,
         strict=True,
+        probe=probe,
         details={
             "speed": speed,
             "replay_s": replay_s,
