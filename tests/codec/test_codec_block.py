@@ -137,7 +137,7 @@ def test_shape_mismatch_rejected() -> None:
     with pytest.raises(CodecError):
         encode_block(keys, values[0], versions, wtimes, codec="fp32", compress=False)
     with pytest.raises(CodecError, match="unknown codec"):
-        encode_block(keys, values, versions, wtimes, codec="int4", compress=False)
+        encode_block(keys, values, versions, wtimes, codec="int3", compress=False)
 
 
 @pytest.mark.parametrize("dim", [16, 32])

@@ -67,46 +67,54 @@ def test_fp16_within_bound(x: np.ndarray) -> None:
     assert (_row_err(x, out) <= max_abs_error(x, "fp16")).all()
 
 
+AFFINE = pytest.mark.parametrize(("codec", "levels"), [("int8", 255), ("int4", 15)])
+
+
+@AFFINE
 @settings(max_examples=300, deadline=None)
-@given(matrices(F32_MAX))
-def test_int8_within_bound(x: np.ndarray) -> None:
-    out = _roundtrip(x, "int8")
+@given(x=matrices(F32_MAX))
+def test_int8_within_bound(codec: str, levels: int, x: np.ndarray) -> None:
+    out = _roundtrip(x, codec)
     err = _row_err(x, out)
-    assert (err <= max_abs_error(x, "int8")).all()
+    assert (err <= max_abs_error(x, codec)).all()
     const = (x == x[:, :1]).all(axis=1)
     assert (err[const] == 0).all()  # constant rows are exact
 
 
+@AFFINE
 @settings(max_examples=100, deadline=None)
-@given(matrices(1.0))
-def test_int8_bound_is_half_step(x: np.ndarray) -> None:
+@given(x=matrices(1.0))
+def test_int8_bound_is_half_step(codec: str, levels: int, x: np.ndarray) -> None:
     """For ordinary values the bound is (essentially) half the quantisation step."""
     span = (x.max(axis=1).astype(np.float64) - x.min(axis=1)) if x.size else np.zeros(0)
-    bound = max_abs_error(x, "int8")
-    assert (bound <= span / 510 * (1 + 1e-6) + 1e-6).all()
+    bound = max_abs_error(x, codec)
+    assert (bound <= span / (2 * levels) * (1 + 1e-6) + 1e-6).all()
 
 
-def test_int8_constant_rows_exact() -> None:
-    x = np.array([[3.25] * 8, [-1e30] * 8, [0.0] * 8, [1e-40] * 8], dtype=np.float32)
-    out = decode_rows(encode_rows(x, "int8"))
+@AFFINE
+def test_int8_constant_rows_exact(codec: str, levels: int) -> None:
+    x = np.array([[3.25] * 7, [-1e30] * 7, [0.0] * 7, [1e-40] * 7], dtype=np.float32)
+    out = decode_rows(encode_rows(x, codec))
     np.testing.assert_array_equal(out, x)
 
 
-def test_int8_extreme_span_stays_finite() -> None:
+@AFFINE
+def test_int8_extreme_span_stays_finite(codec: str, levels: int) -> None:
     x = np.array([[-F32_MAX, 0.0, F32_MAX, 1.0]], dtype=np.float32)
-    out = decode_rows(encode_rows(x, "int8"))
+    out = decode_rows(encode_rows(x, codec))
     assert np.isfinite(out).all()
-    assert (_row_err(x, out) <= max_abs_error(x, "int8")).all()
+    assert (_row_err(x, out) <= max_abs_error(x, codec)).all()
 
 
-def test_int8_rejects_nonfinite() -> None:
+@AFFINE
+def test_int8_rejects_nonfinite(codec: str, levels: int) -> None:
     for bad in (np.nan, np.inf, -np.inf):
         x = np.zeros((3, 4), dtype=np.float32)
         x[1, 2] = bad
         with pytest.raises(CodecError, match="NaN/inf"):
-            encode_rows(x, "int8")
+            encode_rows(x, codec)
         with pytest.raises(CodecError):
-            max_abs_error(x, "int8")
+            max_abs_error(x, codec)
 
 
 def test_fp16_out_of_range_falls_back_to_fp32() -> None:
@@ -130,7 +138,7 @@ def test_fp_codecs_carry_nonfinite() -> None:
 def test_sizes(codec: str) -> None:
     x = np.random.default_rng(0).normal(size=(10, 16)).astype(np.float32)
     enc = encode_rows(x, codec)
-    assert enc.nbytes == {"fp32": 640, "fp16": 320, "int8": 160 + 80}[codec]
+    assert enc.nbytes == {"fp32": 640, "fp16": 320, "int8": 160 + 80, "int4": 80 + 80}[codec]
 
 
 def test_empty_and_zero_dim() -> None:
@@ -164,7 +172,7 @@ def test_decode_rejects_length_mismatch(codec: str) -> None:
         msgspec.structs.replace(enc, n=-1),
         msgspec.structs.replace(enc, params=enc.params + b"\0" * 8),
     ]
-    if codec == "int8":
+    if codec in ("int8", "int4"):
         bad.append(msgspec.structs.replace(enc, params=enc.params[:-8]))
     for b in bad:
         with pytest.raises(CodecError, match="bad"):

@@ -52,7 +52,7 @@ def test_relay_tree_pulls_from_other_dc_leader():
         (lambda d: d["dcs"][1].update(training=True), "exactly one DC"),
         (lambda d: d["tables"][0].update(dim=0), "tables.0.dim"),
         (lambda d: d["sync"].update(windw=3), "windw"),
-        (lambda d: d["sync"].update(wan_codec="int4"), "sync.wan_codec"),
+        (lambda d: d["sync"].update(wan_codec="int3"), "sync.wan_codec"),
         (lambda d: d.update(scheduler={"percentile": 1.5}), "scheduler.percentile"),
         (lambda d: d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(
             upstream_dc="dc1"), "relay cycle"),

@@ -31,7 +31,12 @@ console = Console(stderr=True)
 MBIT = 8.0
 DROP_FACTOR = 0.1
 SETTINGS = {
-    "on": EkkoVariant("scheduler on", codec="int8", scheduler=SchedulerConfig(), pace=True),
+    "on": EkkoVariant(
+        "scheduler on", codec="int8", scheduler=SchedulerConfig(hot_keys=True), pace=True
+    ),
+    "paper": EkkoVariant(
+        "paper priority", codec="int8", scheduler=SchedulerConfig(), pace=True
+    ),
     "off": EkkoVariant("FIFO", codec="int8"),
 }
 
@@ -95,6 +100,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "off": m("off/congested", "new_key_p99_ms"),
         "uncongested": m("on/uncongested", "new_key_p99_ms"),
         "off_uncongested": m("off/uncongested", "new_key_p99_ms"),
+        "paper": m("paper/congested", "new_key_p99_ms"),
     }
     loss = {
         s: median([

@@ -36,7 +36,7 @@ from ekko.bench.trace import Trace
 from ekko.codec import max_abs_error
 from ekko.net.transport import Connection, Listener, connect, serve
 from ekko.net.wan import WanProfile
-from ekko.node.sync_host import ResponderHost, run_pull_link
+from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.responder import Responder
@@ -105,9 +105,14 @@ class NewKeyLatency:
                 self.pending[r][table] = (np.concatenate([have[0], keys]),
                                           np.concatenate([have[1], stamps]))
 
-    def check(self, replica: str, store: Store) -> None:
+    def check(self, replica: str, store: Store, tables: set[str]) -> None:
+        """``replica`` applied rows of ``tables``: time the pending new keys it now holds."""
         now = time.time_ns()
-        for table, (keys, stamps) in list(self.pending.get(replica, {}).items()):
+        pending = self.pending.get(replica, {})
+        for table in tables & pending.keys():
+            keys, stamps = pending[table]
+            if keys.size == 0:
+                continue
             _v, _ver, found = store.table(table).lookup(keys)
             if not found.any():
                 continue
@@ -157,10 +162,7 @@ async def run_ekko(
     profiles: dict[str, WanProfile] = {}  # WAN peer -> its link's current profile
 
     def pace_for(peer: str) -> float | None:
-        p = profiles.get(peer)
-        if not variant.pace or p is None or p.mbit is None:
-            return None
-        return p.mbit * 1e6 / 8
+        return pace_rate(profiles.get(peer)) if variant.pace else None
 
     src_host = ResponderHost(Responder(source), pace_for)
     src_listener = await serve(
@@ -275,7 +277,7 @@ def _on_response(n: _Node, new_keys: NewKeyLatency | None):
         if n.host is not None:
             n.host.notify_written()
         if new_keys is not None:
-            new_keys.check(n.replica.name, n.replica.store)
+            new_keys.check(n.replica.name, n.replica.store, {c.table for c in msg.chunks})
 
     return handle
 
@@ -299,7 +301,7 @@ async def _change_bandwidth(
         for conn in host.connections(n.replica.name):
             conn.set_wan(new)
         if pace:
-            host.set_rate(n.replica.name, new.mbit * 1e6 / 8)
+            host.set_rate(n.replica.name, pace_rate(new))
 
 
 async def _converged(source: Store, nodes: list[_Node], timeout_s: float) -> None:

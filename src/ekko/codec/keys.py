@@ -23,6 +23,7 @@ wrong value of the right shape: that cannot be caught without a checksum, which 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from ekko.codec.errors import CodecError
 
@@ -61,23 +62,61 @@ def _varint_lengths(z: np.ndarray) -> np.ndarray:
     return lens
 
 
+@njit(cache=True)
+def _encode_kernel(z: np.ndarray, out: np.ndarray) -> int:  # pragma: no cover - numba
+    pos = 0
+    for i in range(z.shape[0]):
+        v = z[i]
+        while v >= 0x80:
+            out[pos] = np.uint8((v & np.uint64(0x7F)) | np.uint64(0x80))
+            v = v >> np.uint64(7)
+            pos += 1
+        out[pos] = np.uint8(v)
+        pos += 1
+    return pos
+
+
+# _decode_kernel's answers: >= 0 is fine; the rest name what is wrong.
+_ERR_COUNT, _ERR_CANONICAL, _ERR_OVERFLOW, _ERR_TRAILING = -1, -2, -3, -4
+
+
+@njit(cache=True)
+def _decode_kernel(buf: np.ndarray, out: np.ndarray) -> int:  # pragma: no cover - numba
+    n = out.shape[0]
+    pos = 0
+    size = buf.shape[0]
+    for i in range(n):
+        v = np.uint64(0)
+        j = 0
+        while True:
+            if pos >= size:
+                return _ERR_COUNT
+            b = buf[pos]
+            pos += 1
+            if j == 9 and b > 1:
+                return _ERR_OVERFLOW
+            v |= np.uint64(b & 0x7F) << np.uint64(7 * j)
+            j += 1
+            if b < 0x80:
+                if j > 1 and b == 0:
+                    return _ERR_CANONICAL
+                break
+            if j == 10:
+                return _ERR_OVERFLOW
+        out[i] = v
+    if pos != size:
+        return _ERR_TRAILING
+    return 0
+
+
 def _varint_encode(z: np.ndarray, lens: np.ndarray | None = None) -> bytes:
-    """uint64 array -> concatenated LEB128 varints."""
+    """uint64 array -> concatenated LEB128 varints (``lens``, if known, sizes the buffer)."""
     if z.size == 0:
         return b""
-    if lens is None:
-        lens = _varint_lengths(z)
-    ends = np.cumsum(lens)
-    starts = ends - lens
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
-    for j in range(_MAX_VARINT):
-        sel = np.flatnonzero(lens > j)
-        if sel.size == 0:
-            break
-        byte = (z[sel] >> _U64(7 * j)) & _U64(0x7F)
-        cont = np.where(lens[sel] > j + 1, _U64(0x80), _U64(0))
-        out[starts[sel] + j] = (byte | cont).astype(np.uint8)
-    return out.tobytes()
+    cap = int(lens.sum()) if lens is not None else _MAX_VARINT * z.size
+    out = np.empty(cap, dtype=np.uint8)
+    used = _encode_kernel(np.ascontiguousarray(z, dtype=np.uint64), out)
+    return out[:used].tobytes()
 
 
 def _varint_decode(data: bytes | memoryview, n: int, what: str) -> np.ndarray:
@@ -91,26 +130,16 @@ def _varint_decode(data: bytes | memoryview, n: int, what: str) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     if buf.size < n:
         raise CodecError(f"{what}: truncated, {buf.size} bytes for {n} values")
-    ends = np.flatnonzero(buf < 0x80)  # last byte of each varint
-    if ends.size != n:
-        raise CodecError(f"{what}: bad length, found {ends.size} varints, expected {n}")
-    if ends[-1] != buf.size - 1:
-        raise CodecError(f"{what}: truncated varint or trailing bytes at the end")
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lens = ends - starts + 1
-    if lens.max() > _MAX_VARINT:
-        raise CodecError(f"{what}: varint longer than {_MAX_VARINT} bytes")
-    last = buf[ends]
-    if np.any((lens > 1) & (last == 0)):
+    z = np.empty(n, dtype=np.uint64)
+    err = _decode_kernel(buf, z)
+    if err == _ERR_COUNT:
+        raise CodecError(f"{what}: bad length, truncated varint before {n} values")
+    if err == _ERR_CANONICAL:
         raise CodecError(f"{what}: non-canonical varint (trailing zero byte)")
-    if np.any((lens == _MAX_VARINT) & (last > 1)):
-        raise CodecError(f"{what}: varint overflows 64 bits")
-    z = np.zeros(n, dtype=np.uint64)
-    for j in range(int(lens.max())):
-        sel = np.flatnonzero(lens > j)
-        z[sel] |= (buf[starts[sel] + j].astype(np.uint64) & _U64(0x7F)) << _U64(7 * j)
+    if err == _ERR_OVERFLOW:
+        raise CodecError(f"{what}: varint overflows 64 bits (longer than {_MAX_VARINT} bytes)")
+    if err == _ERR_TRAILING:
+        raise CodecError(f"{what}: bad length, trailing bytes after {n} values")
     return z
 
 

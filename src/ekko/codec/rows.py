@@ -1,4 +1,5 @@
-"""Row encodings for float32 matrices ``[n, dim]``: ``fp32``, ``fp16`` and row-wise ``int8``.
+"""Row encodings for float32 matrices ``[n, dim]``: ``fp32``, ``fp16``, row-wise ``int8`` and
+``int4``.
 
 Why three: fp32 is exact (dense parameters, debugging); fp16 halves the bytes with a relative
 error of at most 2**-11; int8 row-wise quarters them (plus 8 bytes of per-row parameters) with
@@ -20,6 +21,10 @@ Formats (little endian):
   ``params`` = float32 scale[n] followed by float32 offset[n]. Constant rows have ``scale = 0``
   and decode exactly. Rows holding NaN or inf are rejected with :class:`CodecError`.
 
+- ``int4``: as ``int8`` with 15 as the top code (``scale = (max - min) / 15``), two codes per
+  byte (low nibble first, a last odd code padded with 0): an eighth of fp32 plus the per-row
+  parameters, with an error of at most half its (17x coarser) step.
+
 ``decode_rows`` validates codec, shape and byte lengths exactly (and, for int8, that the
 parameters are finite and the scales non-negative); anything else raises :class:`CodecError`,
 so a truncated or corrupted message never yields a silently wrong shape.
@@ -35,7 +40,9 @@ from ekko.codec.errors import CodecError
 FP32 = "fp32"
 FP16 = "fp16"
 INT8 = "int8"
-CODECS: tuple[str, ...] = (FP32, FP16, INT8)
+INT4 = "int4"
+CODECS: tuple[str, ...] = (FP32, FP16, INT8, INT4)
+_LEVELS = {INT8: 255, INT4: 15}  # affine row-wise codecs: top code
 
 FP16_MAX = 65504.0
 _F4 = np.dtype("<f4")
@@ -85,20 +92,22 @@ def _check_codec(codec: str) -> None:
         raise CodecError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
 
 
-def _int8_params(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (scale, offset) as float32; rejects non-finite rows."""
+def _affine_params(x: np.ndarray, codec: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (scale, offset) as float32 of an affine row-wise codec; rejects non-finite
+    rows."""
+    levels = _LEVELS[codec]
     if x.size and not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise CodecError(f"int8 cannot encode NaN/inf: {bad.size} rows, first row {bad[0]}")
+        raise CodecError(f"{codec} cannot encode NaN/inf: {bad.size} rows, first row {bad[0]}")
     n = x.shape[0]
     if x.shape[1] == 0:
         return np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
     lo = x.min(axis=1)
     hi = x.max(axis=1)
     span = hi.astype(np.float64) - lo.astype(np.float64)
-    scale = (span / 255.0).astype(np.float32)
-    # Round the scale up where float32 rounding made it too small, so span / scale <= 255.
-    short = scale.astype(np.float64) * 255.0 < span
+    scale = (span / levels).astype(np.float32)
+    # Round the scale up where float32 rounding made it too small, so span / scale <= levels.
+    short = scale.astype(np.float64) * levels < span
     scale[short] = np.nextafter(scale[short], np.float32(np.inf))
     return scale, lo
 
@@ -119,12 +128,17 @@ def encode_rows(values: np.ndarray, codec: str) -> EncodedRows:
         if finite.size and float(finite.max()) > FP16_MAX:
             return EncodedRows(FP32, n, dim, x.astype(_F4, copy=False).tobytes())
         return EncodedRows(FP16, n, dim, x.astype(_F2).tobytes())
-    scale, offset = _int8_params(x)
+    scale, offset = _affine_params(x, codec)
     safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float64)
     codes = np.rint((x - offset[:, None].astype(np.float64)) / safe[:, None])
-    np.clip(codes, 0, 255, out=codes)
+    np.clip(codes, 0, _LEVELS[codec], out=codes)
     params = scale.astype(_F4).tobytes() + offset.astype(_F4).tobytes()
-    return EncodedRows(INT8, n, dim, codes.astype(_U1).tobytes(), params)
+    packed = codes.astype(_U1).ravel()
+    if codec == INT4:  # two codes per byte, low nibble first
+        if packed.size % 2:
+            packed = np.append(packed, np.uint8(0))
+        packed = packed[0::2] | (packed[1::2] << 4)
+    return EncodedRows(codec, n, dim, packed.tobytes(), params)
 
 
 def decode_rows(enc: EncodedRows) -> np.ndarray:
@@ -135,13 +149,13 @@ def decode_rows(enc: EncodedRows) -> np.ndarray:
     if not isinstance(n, int) or not isinstance(dim, int) or n < 0 or dim < 0:
         raise CodecError(f"bad shape n={n!r} dim={dim!r}")
     size = n * dim
-    width = {FP32: 4, FP16: 2, INT8: 1}[enc.codec]
-    if len(enc.payload) != size * width:
+    want = (size + 1) // 2 if enc.codec == INT4 else size * {FP32: 4, FP16: 2, INT8: 1}[enc.codec]
+    if len(enc.payload) != want:
         raise CodecError(
             f"bad payload length for {enc.codec} [{n}, {dim}]: "
-            f"{len(enc.payload)} bytes, expected {size * width}"
+            f"{len(enc.payload)} bytes, expected {want}"
         )
-    want_params = 8 * n if enc.codec == INT8 else 0
+    want_params = 8 * n if enc.codec in _LEVELS else 0
     if len(enc.params) != want_params:
         raise CodecError(
             f"bad params length for {enc.codec} with n={n}: "
@@ -154,8 +168,13 @@ def decode_rows(enc: EncodedRows) -> np.ndarray:
     p = np.frombuffer(enc.params, dtype=_F4)
     scale, offset = p[:n].astype(np.float64), p[n:].astype(np.float64)
     if not (np.isfinite(scale).all() and np.isfinite(offset).all()) or (scale < 0).any():
-        raise CodecError("corrupted int8 params: non-finite offset/scale or negative scale")
-    codes = np.frombuffer(enc.payload, dtype=_U1).reshape(n, dim)
+        raise CodecError(
+            f"corrupted {enc.codec} params: non-finite offset/scale or negative scale"
+        )
+    raw = np.frombuffer(enc.payload, dtype=_U1)
+    if enc.codec == INT4:
+        raw = np.stack([raw & 0x0F, raw >> 4], axis=1).ravel()[:size]
+    codes = raw.reshape(n, dim)
     out = offset[:, None] + codes * scale[:, None]
     # The top code may land a hair above max(row); near the float32 limit keep it finite.
     np.clip(out, -_F32_MAX, _F32_MAX, out=out)
@@ -177,5 +196,5 @@ def max_abs_error(values: np.ndarray, codec: str) -> np.ndarray:
     absmax = np.abs(x).max(axis=1).astype(np.float64) if dim else np.zeros(n, dtype=np.float64)
     if codec == FP16:
         return _FP16_REL * absmax + _FP16_FLOOR
-    scale, _ = _int8_params(x)
+    scale, _ = _affine_params(x, codec)
     return 0.5 * scale.astype(np.float64) + _F32_REL * absmax + _F32_FLOOR

@@ -122,8 +122,8 @@ class SyncConfig(_Strict):
     failover_probe_s: float = Field(2.0, gt=0)
     connect_timeout_s: float = Field(1.0, gt=0)
     # Row codec per link kind (None: plain float32 arrays): lossy on the WAN, exact on the LAN.
-    wan_codec: Literal["fp32", "fp16", "int8"] | None = None
-    lan_codec: Literal["fp32", "fp16", "int8"] | None = None
+    wan_codec: Literal["fp32", "fp16", "int8", "int4"] | None = None
+    lan_codec: Literal["fp32", "fp16", "int8", "int4"] | None = None
     pace_wan: bool = False  # pace each WAN session at its link's bandwidth (mbit)
 
 

@@ -34,7 +34,7 @@ from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
 from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
-from ekko.node.sync_host import ResponderHost, run_pull_link
+from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
 from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller
@@ -197,10 +197,7 @@ class NodeRunner:
 
     def _pace_for(self, peer: str) -> float | None:
         """A WAN peer's session is paced at the link's bandwidth when the config says so."""
-        wan = self._wan(peer)
-        if not self.config.sync.pace_wan or wan is None or wan.mbit is None:
-            return None
-        return wan.mbit * 1e6 / 8
+        return pace_rate(self._wan(peer)) if self.config.sync.pace_wan else None
 
     # -- pulling from upstream ----------------------------------------------------------
 

@@ -17,12 +17,25 @@ from collections.abc import Awaitable, Callable
 
 from ekko.net.errors import TransportError
 from ekko.net.transport import Connection
+from ekko.net.wan import WanProfile
 from ekko.protocol.messages import Message, PullResponse
 from ekko.protocol.puller import Puller
 from ekko.protocol.ready import Ready
 from ekko.protocol.responder import Responder
 
 log = logging.getLogger(__name__)
+
+PACE_HEADROOM = 0.9
+"""Share of a WAN link's bandwidth a paced session answers at. Below 1 so the link's queue
+drains: the pacer counts the rows' bytes, the link also carries frame headers and requests,
+and a queue that only grows delays every later high-lane row behind it."""
+
+
+def pace_rate(profile: WanProfile | None) -> float | None:
+    """Bytes/s to pace a session on a link with ``profile`` at (None: not paced)."""
+    if profile is None or profile.mbit is None:
+        return None
+    return PACE_HEADROOM * profile.mbit * 1e6 / 8
 
 
 class Timer:

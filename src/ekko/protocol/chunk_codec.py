@@ -9,16 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.codec import (
-    CODECS,
-    CodecError,
-    RowBlock,
-    decode_block,
-    decode_ints,
-    encode_block,
-    encode_ints,
-)
-from ekko.codec.rows import FP16, INT8
+from ekko.codec import CODECS, CodecError, RowBlock, decode_block, encode_block
+from ekko.codec.rows import FP16, INT4, INT8
 from ekko.protocol.messages import Chunk, ShardMeta
 
 BLOCK_ROW_OVERHEAD_BYTES = 6
@@ -39,6 +31,8 @@ def row_bytes(codec: str | None, dim: int, plain_overhead: int) -> int:
         return plain_overhead + 4 * dim
     if codec == INT8:
         return BLOCK_ROW_OVERHEAD_BYTES + dim + 8
+    if codec == INT4:
+        return BLOCK_ROW_OVERHEAD_BYTES + (dim + 1) // 2 + 8
     if codec == FP16:
         return BLOCK_ROW_OVERHEAD_BYTES + 2 * dim
     return BLOCK_ROW_OVERHEAD_BYTES + 4 * dim
@@ -55,11 +49,10 @@ def encode_chunk(chunk: Chunk, codec: str) -> Chunk:
             chunk.keys, chunk.values, chunk.versions, chunk.wtimes, codec=codec, compress=True
         )
     meta = ShardMeta(
-        m=len(chunk.shards),
-        shards=encode_ints(chunk.shards),
-        bases=encode_ints(chunk.bases),
-        spans=encode_ints(chunk.knowledge - chunk.bases),
-        counts=encode_ints(chunk.counts),
+        shards=chunk.shards.tolist(),
+        bases=chunk.bases.tolist(),
+        spans=(chunk.knowledge - chunk.bases).tolist(),
+        counts=chunk.counts.tolist(),
     )
     empty = np.zeros(0, np.int64)
     return Chunk(
@@ -93,12 +86,16 @@ def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
         if block is not None:
             raise CodecError(f"block chunk of table {chunk.table!r} without shard columns")
         return chunk
-    if not isinstance(meta.m, int) or meta.m < 0:
-        raise CodecError(f"chunk of table {chunk.table!r}: bad shard count {meta.m!r}")
-    shards = decode_ints(meta.shards, meta.m)
-    bases = decode_ints(meta.bases, meta.m)
-    spans = decode_ints(meta.spans, meta.m)
-    counts = decode_ints(meta.counts, meta.m)
+    m = len(meta.shards)
+    if not len(meta.bases) == len(meta.spans) == len(meta.counts) == m:
+        raise CodecError(f"chunk of table {chunk.table!r}: shard columns differ in length")
+    try:
+        shards, bases, spans, counts = (
+            np.array(col, dtype=np.int64)
+            for col in (meta.shards, meta.bases, meta.spans, meta.counts)
+        )
+    except OverflowError as exc:
+        raise CodecError(f"chunk of table {chunk.table!r}: shard column out of range") from exc
     if (spans < 0).any() or (counts < 0).any():
         raise CodecError(f"block chunk of table {chunk.table!r}: negative span or count")
     rows = 0 if block is None else block.n

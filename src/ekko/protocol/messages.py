@@ -67,13 +67,12 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
 
 class ShardMeta(msgspec.Struct, frozen=True, array_like=True):
     """A block chunk's per-shard columns (shards, bases, knowledge - bases, counts) as
-    varint columns (``ekko.codec.encode_ints``): a few bytes per shard instead of 32."""
+    msgpack integers: a few bytes per shard instead of 32 plus array headers."""
 
-    m: int
-    shards: bytes
-    bases: bytes
-    spans: bytes
-    counts: bytes
+    shards: list[int]
+    bases: list[int]
+    spans: list[int]
+    counts: list[int]
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True):
@@ -111,8 +110,7 @@ class Chunk(msgspec.Struct, frozen=True, array_like=True):
         if self.block is not None:
             arrays += self.block.nbytes
         if self.meta is not None:
-            m = self.meta
-            arrays += len(m.shards) + len(m.bases) + len(m.spans) + len(m.counts)
+            arrays += 8 * len(self.meta.shards)  # at most; msgpack ints are smaller
         return int(arrays)
 
 

@@ -71,6 +71,7 @@ class _Session:
     codec: str | None = None  # as the last pull asked
     pacer: LinkPacer | None = None  # the session's link is paced at its bandwidth
     paced_until: float | None = None  # rows wait for the pacer's tokens until then
+    turn: int = 0  # which table a truncated answer starts with, round robin
 
     def state_for(self, table: Table) -> tuple[np.ndarray, np.ndarray]:
         sent = self.sent.get(table.name)
@@ -284,6 +285,11 @@ class Responder:
         chunks: list[Chunk] = []
         more = False
         plans = [self._candidates(sess, t) for t in self.store.tables.values()]
+        if plans:
+            # A budget that runs out must not always favour the first tables: start each
+            # answer one table further on.
+            k = sess.turn % len(plans)
+            plans = plans[k:] + plans[:k]
         for lane in LANES:
             for table, shards, sent, _seen in plans:
                 lane_shards = shards[lane]
@@ -296,6 +302,7 @@ class Responder:
                 )
                 if truncated:
                     more = True
+                    sess.turn += 1
                 if chunk is None or wire is None:
                     continue
                 chunks.append(wire)

@@ -268,3 +268,59 @@ class DefaultPriority:
 
     def observe(self, inputs: PriorityInputs) -> None:
         self.significance.update(self.scope_of(inputs.table), inputs.delta_norm, inputs.is_new)
+
+
+class HotKeyPriority:
+    """Another priority function's value, weighted by how often each key was written lately:
+    ``p * (1 + heat)``, ``heat`` an exponentially decayed count of the key's writes.
+
+    Why: the paper's p_g ranks a change by its size against the table's mean, and an
+    adaptive optimizer makes the changes of hot rows small (their accumulated gradients are
+    large) — so the rows most predictions read rank lowest. At the source the trainer writes a
+    row when a batch used it, so the write rate of a key is its traffic: weighting by it keeps
+    the hot rows' (coalesced) updates ahead of rare ones on a busy link. Heat lives in a
+    fixed array per table indexed by key hash (collisions only add heat), decayed lazily.
+    """
+
+    def __init__(
+        self, base: PriorityFunction, *, half_life_rows: float = 200_000.0, slots: int = 1 << 20
+    ) -> None:
+        if not half_life_rows > 0:
+            raise ValueError(f"half_life_rows must be > 0, got {half_life_rows}")
+        if slots < 1 or slots & (slots - 1):
+            raise ValueError(f"slots must be a power of two, got {slots}")
+        self.base = base
+        self.half_life_rows = float(half_life_rows)
+        self._mask = np.uint64(slots - 1)
+        self._slots = slots
+        self._heat: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # table -> (heat, at)
+        self._clock = 0.0  # rows observed
+
+    def _slots_of(self, keys: np.ndarray) -> np.ndarray:
+        mixed = np.asarray(keys).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return (mixed & self._mask).astype(np.int64)
+
+    def _table(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        t = self._heat.get(table)
+        if t is None:
+            t = self._heat[table] = (np.zeros(self._slots), np.zeros(self._slots))
+        return t
+
+    def heat(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """Decayed write count of each key (0 for a key never written)."""
+        heat, at = self._table(table)
+        s = self._slots_of(keys)
+        return heat[s] * np.exp2(-(self._clock - at[s]) / self.half_life_rows)
+
+    def __call__(self, inputs: PriorityInputs) -> np.ndarray:
+        return self.base(inputs) * (1.0 + self.heat(inputs.table, inputs.keys))
+
+    def observe(self, inputs: PriorityInputs) -> None:
+        """Heat the batch's keys. The base is not observed here: ``UpdateScheduler`` keeps
+        its default priority (the usual base) up to date itself."""
+        heat, at = self._table(inputs.table)
+        s = self._slots_of(inputs.keys)
+        current = self.heat(inputs.table, inputs.keys)
+        heat[s] = current + 1.0
+        at[s] = self._clock
+        self._clock += len(s)

@@ -26,6 +26,7 @@ from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE
 from ekko.schedule.deferral import Deferrer, Released
 from ekko.schedule.priority import (
     DefaultPriority,
+    HotKeyPriority,
     PriorityFunction,
     PriorityInputs,
     SignificanceTracker,
@@ -66,6 +67,7 @@ class SchedulerConfig:
     significance_scope: str = "table"
     traffic_window_s: float = 60.0
     seed: int = 0
+    hot_keys: bool = False  # weight priorities by each key's recent write rate (HotKeyPriority)
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile < 1:
@@ -169,6 +171,8 @@ class UpdateScheduler:
             cfg.freshness_boost,
             scope="table" if cfg.significance_scope == "table" else "model",
         )
+        if priority_fn is None and cfg.hot_keys:
+            priority_fn = HotKeyPriority(self.default_priority, half_life_rows=cfg.half_life_rows)
         self.priority_fn: PriorityFunction = priority_fn or self.default_priority
         self.splitter = LaneSplitter(
             StreamingPercentile(cfg.percentile, half_life_rows=cfg.half_life_rows),
