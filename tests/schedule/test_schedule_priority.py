@@ -156,6 +156,8 @@ def test_hot_key_priority_ranks_often_written_keys_first_and_cools_down():
     base.observe(batch)
     p = hot(batch)
     assert p[0] > 5 * p[2] and p[1] > 5 * p[3]
+    fresh = hot(PriorityInputs("t", np.array([0, 9999]), np.ones(2), np.array([False, True])))
+    assert fresh[1] > fresh[0]  # a new key ranks as the hottest key, plus its freshness
     warm = hot.heat("t", hot_keys[:1])[0]
     hot.observe(PriorityInputs("t", np.arange(1000, 11_000), np.ones(10_000),
                                np.zeros(10_000, bool)))

@@ -30,6 +30,10 @@ from ekko.schedule.pacing import LinkPacer
 from ekko.store import Store, Table, UnknownTableError
 
 ROW_OVERHEAD_BYTES = 24  # key + version + wtime
+HOLDS_QUIET_S = 1.0
+"""An empty answer says what the responder holds (a few KB) only once the session has had no
+rows for this long: a session that gets rows sees any gap in their bases, and on a paced link
+those KB would crowd out the rows."""
 _MEMO_ENTRIES = 8
 _MEMO_BYTES = 32 << 20
 
@@ -72,6 +76,7 @@ class _Session:
     pacer: LinkPacer | None = None  # the session's link is paced at its bandwidth
     paced_until: float | None = None  # rows wait for the pacer's tokens until then
     turn: int = 0  # which table a truncated answer starts with, round robin
+    rows_at: float | None = None  # when the session was last answered with rows
 
     def state_for(self, table: Table) -> tuple[np.ndarray, np.ndarray]:
         sent = self.sent.get(table.name)
@@ -176,7 +181,7 @@ class Responder:
             while sess.parked and sess.parked[0].expires_at <= now:
                 parked = sess.parked.popleft()
                 self._expired += 1
-                ready.sends.append((sid, self._empty(sess, parked.request)))
+                ready.sends.append((sid, self._empty(sess, parked.request, now)))
         ready.wake_at = self._next_expiry()
         return ready
 
@@ -249,12 +254,15 @@ class Responder:
             return Error(req.req_id, "unknown_table", str(exc))
         return None
 
-    def _empty(self, sess: _Session, req: PullRequest) -> PullResponse:
+    def _empty(self, sess: _Session, req: PullRequest, now: float) -> PullResponse:
         return PullResponse(
-            req.req_id, self.store.catalog_version, [], False, self._catalog(sess), self._holds()
-        )
+            req.req_id, self.store.catalog_version, [], False, self._catalog(sess),
+            self._holds(sess, now),
+        )  # fmt: skip
 
-    def _holds(self) -> dict[str, np.ndarray]:
+    def _holds(self, sess: _Session, now: float) -> dict[str, np.ndarray] | None:
+        if sess.rows_at is not None and now - sess.rows_at < HOLDS_QUIET_S:
+            return None
         return {name: t.knowledge.copy() for name, t in self.store.tables.items()}
 
     def _catalog(self, sess: _Session) -> list | None:
@@ -281,7 +289,7 @@ class Responder:
                 if not force:
                     sess.paced_until = now + pacer.wait_hint(now, req.max_bytes)
                     return None
-                return self._empty(sess, req)
+                return self._empty(sess, req, now)
         chunks: list[Chunk] = []
         more = False
         plans = [self._candidates(sess, t) for t in self.store.tables.values()]
@@ -319,9 +327,11 @@ class Responder:
         self._bytes_sent += nbytes
         if pacer is not None:
             pacer.spent(nbytes, now)
+        if chunks:
+            sess.rows_at = now
         return PullResponse(
             req.req_id, self.store.catalog_version, chunks, more, self._catalog(sess),
-            None if chunks else self._holds(),
+            None if chunks else self._holds(sess, now),
         )
 
     def _unmoved(self, sess: _Session) -> bool:

@@ -278,8 +278,10 @@ class HotKeyPriority:
     adaptive optimizer makes the changes of hot rows small (their accumulated gradients are
     large) — so the rows most predictions read rank lowest. At the source the trainer writes a
     row when a batch used it, so the write rate of a key is its traffic: weighting by it keeps
-    the hot rows' (coalesced) updates ahead of rare ones on a busy link. Heat lives in a
-    fixed array per table indexed by key hash (collisions only add heat), decayed lazily.
+    the hot rows' (coalesced) updates ahead of rare ones on a busy link. A new key has no
+    heat yet but must still go first (no replica can serve it): it is weighted as the hottest
+    key seen lately. Heat lives in a fixed array per table indexed by key hash (collisions
+    only add heat), decayed lazily.
     """
 
     def __init__(
@@ -295,6 +297,8 @@ class HotKeyPriority:
         self._slots = slots
         self._heat: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # table -> (heat, at)
         self._clock = 0.0  # rows observed
+        self._peak = 0.0  # the highest heat lately, decayed like the rest
+        self._peak_at = 0.0
 
     def _slots_of(self, keys: np.ndarray) -> np.ndarray:
         mixed = np.asarray(keys).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -312,8 +316,14 @@ class HotKeyPriority:
         s = self._slots_of(keys)
         return heat[s] * np.exp2(-(self._clock - at[s]) / self.half_life_rows)
 
+    def peak(self) -> float:
+        """The highest heat lately (what a new key is weighted as)."""
+        return self._peak * 2.0 ** (-(self._clock - self._peak_at) / self.half_life_rows)
+
     def __call__(self, inputs: PriorityInputs) -> np.ndarray:
-        return self.base(inputs) * (1.0 + self.heat(inputs.table, inputs.keys))
+        heat = self.heat(inputs.table, inputs.keys)
+        heat = np.where(inputs.is_new, self.peak(), heat)
+        return self.base(inputs) * (1.0 + heat)
 
     def observe(self, inputs: PriorityInputs) -> None:
         """Heat the batch's keys. The base is not observed here: ``UpdateScheduler`` keeps
@@ -323,4 +333,6 @@ class HotKeyPriority:
         current = self.heat(inputs.table, inputs.keys)
         heat[s] = current + 1.0
         at[s] = self._clock
+        if s.size and current.max() + 1.0 > self.peak():
+            self._peak, self._peak_at = float(current.max()) + 1.0, self._clock
         self._clock += len(s)
