@@ -74,13 +74,15 @@ def run_cluster(spec: RunSpec, progress=None) -> dict[str, Any]:
 
 
 def _wait_caught_up(cluster: LocalCluster, prefill: int, progress, limit_s: float = 300) -> float:
-    """Seconds until every replica holds the prefilled rows: latency is measured in steady
-    state, not while replicas still copy the initial table."""
+    """Seconds until every replica holds every row the source held when the wait began (the
+    prefill and what the writer added since): latency is measured in steady state, not while
+    replicas still copy the initial table."""
     t0 = time.monotonic()
     names = [n for n in cluster.procs if n != "source"]
+    target = max(prefill, _rows(cluster, "source")) if prefill else 0
     while prefill and time.monotonic() - t0 < limit_s:
         behind = [n for n in names
-                  if _rows(cluster, n) < prefill]
+                  if _rows(cluster, n) < target]
         if not behind:
             break
         if progress is not None:

@@ -120,7 +120,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run(*, quick: bool = False, out: Path | None = None) -> dict:
-    steps, blocks = (120, 1) if quick else (240, 2)
+    steps, blocks = (120, 1) if quick else (240, 1)
     with tempfile.TemporaryDirectory(prefix="ekko-congestion-") as tmp:
         trace = bench_trace(Path(tmp) / "trace.npz", steps)
         window = _window(trace, quick)

@@ -46,10 +46,14 @@ class PullerConfig:
     request_timeout_ms: int = 5000
     gap_timeout_ms: int = 200
     codec: str | None = None  # rows as a RowBlock with this codec (lossy on WAN, e.g. int8)
+    # Bytes all pulls in flight may ask for together: each asks min(max_bytes, this / window).
+    # A window of full-size answers queued behind one another (a catch-up of a large table)
+    # would otherwise take longer to arrive than the request timeout.
+    max_bytes_in_flight: int = 32 << 20
 
     def validate(self) -> PullerConfig:
         check_codec(self.codec)
-        for name in ("max_bytes", "window", "request_timeout_ms"):
+        for name in ("max_bytes", "window", "request_timeout_ms", "max_bytes_in_flight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PullerConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.wait_ms < 0 or self.poll_interval_ms < 0:
@@ -116,6 +120,12 @@ class Puller:
         if isinstance(msg, PullResponse):
             self._in_flight.pop(msg.req_id, None)
             self._responses += 1
+            # The link delivers: pulls still in flight are queued behind this answer, not
+            # lost. Only a link silent for a whole timeout restates everything (resending a
+            # large table's worth while the first copy is still arriving starts a storm).
+            deadline = now + (self.config.wait_ms + self.config.request_timeout_ms) / 1000
+            for f in self._in_flight.values():
+                f.deadline = max(f.deadline, deadline)
             if msg.tables:
                 for spec in msg.tables:
                     self.store.create_table(spec)
@@ -189,13 +199,13 @@ class Puller:
         else:
             window = self.config.window
         while len(self._in_flight) < window:
-            ready.sends.append((LINK, self._request(now)))
+            ready.sends.append((LINK, self._request(now, window)))
         if polling:
             self._next_poll = now + self.config.poll_interval_ms / 1000
         ready.wake_at = self._wake_at()
         return ready
 
-    def _request(self, now: float) -> PullRequest:
+    def _request(self, now: float, window: int) -> PullRequest:
         self._next_id += 1
         rid = self._next_id
         cursors = None
@@ -217,7 +227,10 @@ class Puller:
         wait = self.config.wait_ms
         timeout = (wait + self.config.request_timeout_ms) / 1000
         self._in_flight[rid] = _InFlight(now, now + timeout)
-        return PullRequest(rid, self.config.max_bytes, wait, cursors, self.config.codec)
+        budget = min(
+            self.config.max_bytes, max(64 << 10, self.config.max_bytes_in_flight // window)
+        )
+        return PullRequest(rid, budget, wait, cursors, self.config.codec)
 
     def _all_cursors(self) -> list[Cursor]:
         out = []

@@ -261,9 +261,12 @@ class Responder:
         )  # fmt: skip
 
     def _holds(self, sess: _Session, now: float) -> dict[str, np.ndarray] | None:
+        """What this session was sent: a puller below it lost an answer. (Not what the store
+        holds: writes since the last answer are news, not a loss, and resyncing them would
+        send them twice.)"""
         if sess.rows_at is not None and now - sess.rows_at < HOLDS_QUIET_S:
             return None
-        return {name: t.knowledge.copy() for name, t in self.store.tables.items()}
+        return {name: sent.copy() for name, sent in sess.sent.items()}
 
     def _catalog(self, sess: _Session) -> list | None:
         if sess.catalog_version == self.store.catalog_version:
