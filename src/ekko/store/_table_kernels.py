@@ -299,6 +299,15 @@ def _sort_segment(out: np.ndarray, lo: np.int64, hi: np.int64, t_ver: np.ndarray
         out[lo + j] = seg[order[j]]
 
 
+@njit(inline="always")
+def _ring_oldest(ring_pos: np.ndarray, ring_len: np.ndarray, s: np.int64, cap: int) -> int:
+    """Ring position of shard ``s``'s oldest cached entry."""
+    oldest = ring_pos[s] - ring_len[s]
+    if oldest < 0:
+        oldest += cap
+    return oldest
+
+
 @njit(cache=True, nogil=True)
 def collect_rows(
     shards: np.ndarray,
@@ -336,9 +345,7 @@ def collect_rows(
         length = ring_len[s]
         first = 0
         if ring_order[s, 1] == 0:  # sorted: skip the entries at or below the cursor
-            oldest = ring_pos[s] - length
-            if oldest < 0:
-                oldest += cap
+            oldest = _ring_oldest(ring_pos, ring_len, s, cap)
             a = after[c]
             lo, hi = 0, length
             while lo < hi:
@@ -363,9 +370,7 @@ def collect_rows(
         lane = lanes[c]
         a = after[c]
         length = ring_len[s]
-        oldest = ring_pos[s] - length
-        if oldest < 0:
-            oldest += cap
+        oldest = _ring_oldest(ring_pos, ring_len, s, cap)
         first = firsts[c]
         for i in range(first, length):
             e = oldest + i
