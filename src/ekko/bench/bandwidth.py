@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from rich.console import Console
 
 from ekko.bench.baselines import (
@@ -171,6 +172,7 @@ def _plot(fig: Figure, summary: dict[str, Any]) -> None:
     ax = fig.add_subplot(1, 2, 1)
     ax.barh(names, mb, color=colors)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.invert_yaxis()
     ax.set_xlabel("WAN bytes (MB, log)")
     ax.set_title("WAN bytes on the same trace")
