@@ -26,7 +26,7 @@ lint: venv
 	$(BIN)/ruff format --check src tests
 
 bench: venv
-	for b in apply churn latency ablation train serve freshness rollback; do $(BIN)/ekko bench $$b || exit 1; done
+	for b in apply churn latency ablation train serve freshness rollback bandwidth congestion; do $(BIN)/ekko bench $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
