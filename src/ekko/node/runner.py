@@ -122,6 +122,8 @@ class NodeRunner:
             self.models.start_training(loop)
             if self.config.sync.snapshot_interval_s > 0:
                 self._tasks.append(loop.create_task(self._snapshots()))
+            if self.config.scheduler.enabled and self.config.scheduler.defer:
+                self._tasks.append(loop.create_task(self._release_held()))
         elif self.core.role == "checkpoint":
             upstream_ready.set()
             self._tasks.append(loop.create_task(self._checkpoint_copies()))
@@ -161,6 +163,9 @@ class NodeRunner:
             await asyncio.to_thread(self.models.stop)
             await asyncio.sleep(0.05)  # let the trainers' last writes land on this loop
         if self.core.is_source:
+            held = self.core.writer.flush(time.time_ns())
+            if held:
+                log.info("wrote %d held (deferred) rows before stopping", held)
             self.core.save_snapshot()
             log.info("source snapshot saved to %s", self.core.snapshot_path)
         if self._listener is not None:
@@ -362,6 +367,16 @@ class NodeRunner:
         return JSONResponse({"node": self.core.name, "refresh": "requested"}, status_code=202)
 
     # -- source snapshots ---------------------------------------------------------------
+
+    async def _release_held(self) -> None:
+        """Write deferred rows once their staleness bound is due (the scheduler holds them
+        out of the table until then), and wake the pullers."""
+        writer = self.core.writer
+        while True:
+            due = writer.next_due()
+            await asyncio.sleep(0.05 if due is None else min(0.05, max(0.0, due - time.time())))
+            if writer.release(time.time(), time.time_ns()):
+                self.notify_written()
 
     async def _snapshots(self) -> None:
         while True:

@@ -25,13 +25,9 @@ from ekko.protocol.messages import (
     PullResponse,
 )
 from ekko.protocol.ready import Ready
-from ekko.store import Store, Table
+from ekko.store import Store
 
 LINK = "upstream"
-
-
-def merge_knowledge(table: Table, shards: np.ndarray, lane: int, knowledge: np.ndarray) -> None:
-    table.merge_knowledge_many(shards, lane, knowledge)
 
 
 @dataclass(frozen=True)
@@ -269,9 +265,8 @@ class Puller:
         have = table.knowledge[chunk.shards, chunk.lane]
         covered = chunk.bases <= have
         if covered.any():
-            merge_knowledge(
-                table, chunk.shards[covered], chunk.lane, np.maximum(have, chunk.knowledge)[covered]
-            )
+            merged = np.maximum(have, chunk.knowledge)[covered]
+            table.merge_knowledge_many(chunk.shards[covered], chunk.lane, merged)
         if covered.all():
             if self._pending:
                 self._settle(chunk.table, chunk.lane, chunk.shards)

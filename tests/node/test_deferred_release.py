@@ -1,0 +1,36 @@
+"""A source with deferral on writes its held rows once their staleness bound is due, and
+writes what is still held before it stops (nothing deferred is lost)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+
+from ekko.node.cluster_init import cluster_doc, write_cluster
+from ekko.node.config import load_config
+from ekko.node.runner import NodeRunner
+
+
+async def test_held_rows_reach_the_table_within_the_staleness_bound(tmp_path: Path) -> None:
+    doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)], sync={"snapshot_interval_s": 0})
+    doc["scheduler"] = {"enabled": True, "defer": True, "defer_min_significance": 0.5,
+                        "max_staleness_s": 0.3}
+    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+    runner = NodeRunner(cfg, "source", tmp_path)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(runner.ready.wait(), 30)
+    keys = np.arange(200, dtype=np.int64)
+    for step in range(1, 30):  # large changes: the running mean |Δ|
+        runner.core.write("emb", keys, np.full((200, 4), float(step), np.float32))
+    tiny = np.full((200, 4), 29.0001, np.float32)
+    runner.core.write("emb", keys, tiny)
+    held = runner.core.writer.scheduler.statistics().rows_held
+    assert held > 0
+    await asyncio.sleep(1.0)
+    values, _, _ = runner.core.store.table("emb").lookup(keys)
+    np.testing.assert_array_equal(values, tiny)
+    assert runner.core.writer.scheduler.statistics().rows_held == 0
+    runner.stop()
+    await asyncio.wait_for(task, 30)
