@@ -96,12 +96,10 @@ def test_lossy_codec_error_is_one_quantisation_and_does_not_drift(codec):
 
 def _one_answer(codec: str) -> tuple[Store, PullResponse]:
     source = _store()
-    source.table("emb").write(
-        np.arange(10, dtype=np.int64), np.ones((10, 8), np.float32), now_ns=1
-    )
+    source.table("emb").write(np.arange(10, dtype=np.int64), np.ones((10, 8), np.float32), now_ns=1)
     responder = Responder(source)
     ready = responder.receive(1, PullRequest(1, 1 << 20, 0, None, codec), 0.0)
-    (_, response), = ready.sends
+    ((_, response),) = ready.sends
     assert isinstance(response, PullResponse) and response.chunks[0].block is not None
     return source, response
 
@@ -111,16 +109,21 @@ def test_corrupted_block_is_rejected_before_any_row_is_applied():
     chunk = response.chunks[0]
     block = chunk.block
     bad_values = bytes([block.values[0] ^ 0xFF]) + block.values[1:]
-    bad = type(chunk)(**{f: getattr(chunk, f) for f in chunk.__struct_fields__} | {
-        "block": type(block)(**{f: getattr(block, f) for f in block.__struct_fields__}
-                             | {"values": bad_values})
-    })
+    bad = type(chunk)(
+        **{f: getattr(chunk, f) for f in chunk.__struct_fields__}
+        | {
+            "block": type(block)(
+                **{f: getattr(block, f) for f in block.__struct_fields__} | {"values": bad_values}
+            )
+        }
+    )
     replica = _store()
     puller = Puller(replica, PullerConfig(codec="int8"))
     puller.start(0.0)
     with pytest.raises(CodecError, match="checksum"):
-        puller.receive(PullResponse(1, response.catalog_version, [bad], False,
-                                    response.tables), 0.0)
+        puller.receive(
+            PullResponse(1, response.catalog_version, [bad], False, response.tables), 0.0
+        )
     assert replica.table("emb").rows == 0
     assert (replica.table("emb").knowledge == 0).all()
 
@@ -128,7 +131,7 @@ def test_corrupted_block_is_rejected_before_any_row_is_applied():
 def test_unknown_codec_is_refused_by_name():
     source = _store()
     ready = Responder(source).receive(1, PullRequest(1, 1000, 0, None, "zip9"), 0.0)
-    (_, err), = ready.sends
+    ((_, err),) = ready.sends
     assert err.code == "bad_codec" and "zip9" in err.reason and "int8" in err.reason
     with pytest.raises(ValueError, match="unknown codec 'zip9'"):
         Puller(source, PullerConfig(codec="zip9"))
@@ -158,8 +161,12 @@ def test_paced_session_holds_its_rate_and_sends_high_lane_first():
         # Both lanes always have more to send than the link can carry.
         keys = rng.integers(0, 1_000_000, 400).astype(np.int64)
         lanes = (np.arange(400) % 10 != 0).astype(np.uint8)  # 10 % high
-        source.table("emb").write(keys, rng.standard_normal((400, 8)).astype(np.float32),
-                                  now_ns=int(now * 1e9), lanes=lanes)
+        source.table("emb").write(
+            keys,
+            rng.standard_normal((400, 8)).astype(np.float32),
+            now_ns=int(now * 1e9),
+            lanes=lanes,
+        )
         ready = responder.store_changed(now)
         if not pending:
             rid += 1
@@ -178,3 +185,67 @@ def test_paced_session_holds_its_rate_and_sends_high_lane_first():
     assert abs(measured - rate) <= 0.1 * rate, measured
     assert first_lane and all(lane == HIGH_LANE for lane in first_lane)
     assert LOW_LANE != HIGH_LANE
+
+
+def _paced_with_rows(max_unframed: int | None) -> tuple[Store, Responder]:
+    source = _store()
+    responder = Responder(source)
+    responder.pace(1, 50_000.0, 0.0, max_unframed=max_unframed)
+    keys = np.arange(40, dtype=np.int64)
+    source.table("emb").write(keys, np.ones((40, 8), np.float32), now_ns=1)
+    return source, responder
+
+
+def test_framed_charges_what_the_frame_carried_beyond_the_rows():
+    _, responder = _paced_with_rows(None)
+    ready = responder.receive(1, PullRequest(1, 1 << 20, 0, None, "fp32"), 0.0)
+    ((_, response),) = ready.sends
+    counted = sum(c.nbytes for c in response.chunks)
+    assert responder.pacing()[1][1] == counted
+    responder.framed(1, response, counted + 3_000, 0.0)
+    assert responder.pacing()[1][1] == counted + 3_000
+    responder.framed(1, response, counted - 500, 0.0)  # compressed: tokens given back
+    assert responder.pacing()[1][1] == counted + 2_500
+
+
+def test_one_answer_waits_to_be_framed_before_rows_are_chosen_for_the_next():
+    source, responder = _paced_with_rows(1)
+    first = responder.receive(1, PullRequest(1, 1 << 20, 1000, None, "fp32"), 0.0).sends
+    assert len(first) == 1 and first[0][1].chunks
+    # The next pull parks even though the store moves: the first answer is not framed yet.
+    assert not responder.receive(1, PullRequest(2, 1 << 20, 1000, None, "fp32"), 0.1).sends
+    source.table("emb").write(np.arange(5, dtype=np.int64), np.zeros((5, 8), np.float32),
+                              now_ns=2)  # fmt: skip
+    assert not responder.store_changed(0.2).sends
+    ready = responder.framed(1, first[0][1], 1_000, 0.5)
+    ((_, second),) = ready.sends
+    assert second.req_id == 2 and sum(c.rows for c in second.chunks) == 5
+    # A pull that may not wait is answered at once, without rows.
+    forced = responder.receive(1, PullRequest(3, 1 << 20, 0, None, "fp32"), 0.6).sends
+    assert forced[0][1].req_id == 3 and not forced[0][1].chunks
+
+
+def test_a_paced_answer_carrying_old_high_lane_rows_says_the_link_is_behind():
+    source = _store()
+    responder = Responder(source)  # target: high-lane rows sent within 100 ms
+    responder.pace(1, 10_000.0, 0.0)
+    keys = np.arange(2_000, dtype=np.int64)
+    source.table("emb").write(keys, np.ones((2_000, 8), np.float32), now_ns=0)  # all high
+    assert not responder.high_lane_behind()
+    ready = responder.receive(1, PullRequest(1, 1 << 20, 0, None, "fp32"), 0.05)
+    assert ready.sends[0][1].more and not responder.high_lane_behind()  # 50 ms old: in time
+    now, rid = 0.05, 1
+    while not responder.high_lane_behind():  # the link carries 10 kB/s: rows age
+        now += 0.1
+        rid += 1
+        responder.receive(1, PullRequest(rid, 1 << 20, 0, None, "fp32"), now)
+    assert 0.1 < now < 1.0
+    # Fresh rows only, once the backlog is gone: in time again.
+    while (
+        responder.receive(1, PullRequest(rid + 1, 1 << 20, 0, None, "fp32"), now).sends[0][1].chunks
+    ):
+        now += 1.0
+        rid += 1
+    source.table("emb").write(keys[:5], np.zeros((5, 8), np.float32), now_ns=int(now * 1e9))
+    responder.receive(1, PullRequest(rid + 2, 1 << 20, 0, None, "fp32"), now + 0.01)
+    assert not responder.high_lane_behind()

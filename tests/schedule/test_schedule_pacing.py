@@ -104,3 +104,24 @@ def test_budget_minimum_and_wait_hint() -> None:
     assert pacer.bytes_spent == 7_300
     with pytest.raises(ValueError):
         LinkPacer(10_000.0, burst_bytes=100, min_bytes=1000)
+
+
+def test_default_burst_follows_the_rate_and_an_explicit_one_stays() -> None:
+    pacer = LinkPacer(1_000_000.0, min_bytes=4096, now=0.0)
+    assert pacer.bucket.burst == 50_000.0  # 50 ms of the rate
+    pacer.set_rate(100_000.0, 0.0)
+    assert pacer.bucket.burst == 8192.0  # two answers of min_bytes, not 50 KB on a slow link
+    assert pacer.budget(0.0, 1 << 20) == 8192
+    fixed = LinkPacer(1_000_000.0, burst_bytes=20_000.0, now=0.0)
+    fixed.set_rate(100_000.0, 0.0)
+    assert fixed.bucket.burst == 20_000.0
+
+
+def test_correct_charges_extra_bytes_and_refunds_up_to_the_burst() -> None:
+    pacer = LinkPacer(10_000.0, burst_bytes=8192.0, min_bytes=1024, now=0.0)
+    pacer.spent(8192, 0.0)
+    pacer.correct(1000, 0.0)
+    assert pacer.bucket.available(0.0) == pytest.approx(-1000.0)
+    pacer.correct(-50_000, 0.0)
+    assert pacer.bucket.available(0.0) == 8192.0
+    assert pacer.bytes_spent == 8192 + 1000 - 50_000

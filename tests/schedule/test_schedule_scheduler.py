@@ -68,6 +68,7 @@ def test_config_is_validated() -> None:
         {"release_lane": 7},
         {"sample_rows": 0},
         {"significance_scope": "dc"},
+        {"min_high_share": 0.5},
     ):
         with pytest.raises(ValueError):
             SchedulerConfig(**bad)
@@ -232,3 +233,24 @@ def test_empty_batch() -> None:
     plan = sched.plan("t", np.zeros(0, np.int64), e, e, np.zeros(0, bool), now=0.0)
     assert plan.lanes.shape == (0,) and plan.send_now_mask.shape == (0,)
     assert sched.next_due() is None and sched.due(10.0) == []
+
+
+def test_a_link_behind_narrows_the_high_lane_and_new_keys_stay_high() -> None:
+    sched = UpdateScheduler(SchedulerConfig(percentile=0.8))
+    table = _table()
+    prod = Producer(3)
+    for i in range(30):  # a history for the percentile
+        _write_step(sched, table, *prod.batch(200), now=i * 0.1)
+    share = []
+    for i in range(30, 60):
+        sched.observe_links(True, i * 0.1)
+        keys, values = prod.batch(200, new=5)
+        plan = _write_step(sched, table, keys, values, now=i * 0.1)
+        assert (plan.lanes[-5:] == HIGH_LANE).all()  # the new keys
+        share.append(np.count_nonzero(plan.lanes[:-5] == HIGH_LANE) / 200)
+    assert sched.statistics().high_share == sched.config.min_high_share
+    assert np.mean(share[-10:]) < 0.05 < 0.15 < np.mean(share[:2])
+    for i in range(60, 160):  # the link keeps up again: back to 1 - q
+        sched.observe_links(False, i * 0.1)
+        _write_step(sched, table, *prod.batch(200), now=i * 0.1)
+    assert sched.statistics().high_share == pytest.approx(0.2)

@@ -102,8 +102,10 @@ class NewKeyLatency:
             if have is None:
                 self.pending[r][table] = (keys.copy(), stamps)
             else:
-                self.pending[r][table] = (np.concatenate([have[0], keys]),
-                                          np.concatenate([have[1], stamps]))
+                self.pending[r][table] = (
+                    np.concatenate([have[0], keys]),
+                    np.concatenate([have[1], stamps]),
+                )
 
     def check(self, replica: str, store: Store, tables: set[str]) -> None:
         """``replica`` applied rows of ``tables``: time the pending new keys it now holds."""
@@ -158,13 +160,13 @@ async def run_ekko(
     source = Store()
     load_initial(source, trace)
     scheduler = UpdateScheduler(variant.scheduler) if variant.scheduler is not None else None
-    writer = ScheduledWriter(source, scheduler)
     profiles: dict[str, WanProfile] = {}  # WAN peer -> its link's current profile
 
     def pace_for(peer: str) -> float | None:
         return pace_rate(profiles.get(peer)) if variant.pace else None
 
     src_host = ResponderHost(Responder(source), pace_for)
+    writer = ScheduledWriter(source, scheduler, src_host.responder.high_lane_behind)
     src_listener = await serve(
         HOST, 0, node="source", secret=secret, on_connection=src_host.serve_session,
         wan_for=lambda peer: profiles.get(peer),

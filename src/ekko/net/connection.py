@@ -159,14 +159,15 @@ class Connection:
         else:  # keep the line (and its queue) so order is preserved
             self._line.set_profile(profile if profile is not None else WanProfile())
 
-    async def send(self, msg: Message) -> None:
-        """Frame ``msg`` and write it (through the WAN delay line, if any).
+    async def send(self, msg: Message) -> int:
+        """Frame ``msg`` and write it (through the WAN delay line, if any); return the frame's
+        size in bytes (what the link carries for it).
 
         Returns once the frame is written, or, with a WAN profile, queued in the delay line
         (waiting while the line holds more than its byte limit). Raises
         :class:`~ekko.net.errors.LocalFrameError` for a message that cannot be framed.
         """
-        await self._send_struct(msg)
+        return await self._send_struct(msg)
 
     async def recv(self) -> Message:
         """The next message from the peer."""
@@ -213,7 +214,7 @@ class Connection:
             self._pump.cancel()
         self._stream.abort()
 
-    async def _send_struct(self, msg: msgspec.Struct) -> None:
+    async def _send_struct(self, msg: msgspec.Struct) -> int:
         self._check_send()
         frame = encode_frame(msg, compress=self._compress, max_frame_bytes=self._max_frame_bytes)
         if self._line is None:
@@ -222,6 +223,7 @@ class Connection:
                 await self._write(frame)
         else:
             await self._enqueue(frame)
+        return len(frame)
 
     async def _recv_struct(self) -> Any:
         async with self._recv_lock:

@@ -57,7 +57,9 @@ class NodeCore:
         self.store = self._open_store()
         self.responder = self._responder()
         self.writer = ScheduledWriter(
-            self.store, self.config.scheduler.scheduler() if self.role == "source" else None
+            self.store,
+            self.config.scheduler.scheduler() if self.role == "source" else None,
+            self.responder.high_lane_behind,
         )
         self.upstream_name: str | None = None
         self.started_at = time.time()

@@ -31,6 +31,11 @@ drains: the pacer counts the rows' bytes, the link also carries frame headers an
 and a queue that only grows delays every later high-lane row behind it."""
 
 
+MAX_UNFRAMED = 1
+"""Answers with rows a paced session may have waiting in its send queue: one, so what a
+stalled loop or a bandwidth drop finds queued is one answer, not a pile chosen earlier."""
+
+
 def pace_rate(profile: WanProfile | None) -> float | None:
     """Bytes/s to pace a session on a link with ``profile`` at (None: not paced)."""
     if profile is None or profile.mbit is None:
@@ -66,10 +71,14 @@ class Timer:
 
 
 class Outbox:
-    """Messages for one connection, sent in order by one task (sends may wait on the WAN)."""
+    """Messages for one connection, sent in order by one task (sends may wait on the WAN).
+    ``on_sent(msg, frame_bytes)`` sees each message once it is framed and queued."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(
+        self, conn: Connection, on_sent: Callable[[Message, int], None] | None = None
+    ) -> None:
         self.conn = conn
+        self.on_sent = on_sent
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -79,7 +88,10 @@ class Outbox:
     async def _run(self) -> None:
         try:
             while True:
-                await self.conn.send(await self.queue.get())
+                msg = await self.queue.get()
+                size = await self.conn.send(msg)
+                if self.on_sent is not None:
+                    self.on_sent(msg, size)
         except TransportError as exc:
             log.info("send to %s stopped: %s", self.conn.peer, exc)
 
@@ -119,17 +131,20 @@ class ResponderHost:
         now = time.time()
         for sid, (name, _) in self._sessions.items():
             if name == peer:
-                self.responder.pace(sid, rate_bytes_per_s, now)
+                self.responder.pace(sid, rate_bytes_per_s, now, max_unframed=MAX_UNFRAMED)
         self._dispatch(self.responder.tick(now))
 
     async def serve_session(self, conn: Connection) -> None:
         """Answer ``conn``'s pulls until it breaks."""
         sid = next(self._ids)
-        outbox = Outbox(conn)
+        outbox = Outbox(
+            conn,
+            lambda msg, size: self._dispatch(self.responder.framed(sid, msg, size, time.time())),
+        )
         self._sessions[sid] = (conn.peer, outbox)
         rate = self.pace_for(conn.peer)
         if rate is not None:
-            self.responder.pace(sid, rate, time.time())
+            self.responder.pace(sid, rate, time.time(), max_unframed=MAX_UNFRAMED)
         log.info("puller %s connected (session %d, paced at %s B/s)", conn.peer, sid, rate)
         try:
             while True:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ekko.protocol.chunk_codec import check_codec, encode_chunk, row_bytes
 from ekko.protocol.messages import (
+    HIGH_LANE,
     LANES,
     Catalog,
     CatalogRequest,
@@ -47,6 +48,9 @@ class ResponderConfig:
     long_poll: bool = True
     max_wait_ms: int = 30_000
     max_parked_per_session: int = 256
+    # A paced session is behind on its high lane when the oldest high-lane row an answer
+    # carries was written longer ago than this (``high_lane_behind``).
+    high_lane_target_ms: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class ResponderStats:
     bytes_sent: int
     sessions: int
     shared_chunks: int = 0  # chunks answered from another session's identical pull
+
+
+_NEVER = 2**63 - 1
 
 
 @dataclass
@@ -77,6 +84,9 @@ class _Session:
     paced_until: float | None = None  # rows wait for the pacer's tokens until then
     turn: int = 0  # which table a truncated answer starts with, round robin
     rows_at: float | None = None  # when the session was last answered with rows
+    high_behind: bool = False  # the last paced answer carried a high-lane row too old
+    max_unframed: int | None = None  # answers with rows the host may hold before framing
+    unframed: int = 0  # answers with rows handed out, not yet reported ``framed``
 
     def state_for(self, table: Table) -> tuple[np.ndarray, np.ndarray]:
         sent = self.sent.get(table.name)
@@ -157,18 +167,49 @@ class Responder:
         ready.wake_at = self._next_expiry()
         return ready
 
-    def pace(self, session: SessionId, rate_bytes_per_s: float | None, now: float) -> None:
+    def pace(
+        self,
+        session: SessionId,
+        rate_bytes_per_s: float | None,
+        now: float,
+        *,
+        max_unframed: int | None = None,
+    ) -> None:
         """Pace ``session``'s answers at ``rate_bytes_per_s`` (its link's bandwidth), or stop
         pacing it (None). A paced session's answers fit the tokens its link has earned, high
         lane first; what does not fit waits at the source, where later writes coalesce it,
-        instead of queueing on the link ahead of the next high-lane row."""
+        instead of queueing on the link ahead of the next high-lane row.
+
+        ``max_unframed``: a host that reports each message with ``framed`` may ask that at
+        most this many answers with rows wait to be framed: rows are then chosen when the
+        link can take them, not before a stalled send queue (one that a bandwidth drop
+        would otherwise hit whole)."""
         sess = self._sessions.setdefault(session, _Session())
+        sess.max_unframed = max_unframed if rate_bytes_per_s is not None else None
         if rate_bytes_per_s is None:
             sess.pacer = sess.paced_until = None
         elif sess.pacer is None:
             sess.pacer = LinkPacer(rate_bytes_per_s, now=now)
         else:
             sess.pacer.set_rate(rate_bytes_per_s, now)
+
+    def framed(self, session: SessionId, msg: Message, frame_bytes: int, now: float) -> Ready:
+        """``msg`` went to ``session`` as a frame of ``frame_bytes``: a paced session's tokens
+        are charged the difference to what its answer counted (headers, catalog, knowledge,
+        compression), so the pacer holds the link's real byte rate; a session held back by
+        ``max_unframed`` may be answered again."""
+        ready = Ready()
+        sess = self._sessions.get(session)
+        if sess is None or sess.pacer is None:
+            return ready
+        rows = isinstance(msg, PullResponse) and bool(msg.chunks)
+        counted = sum(c.nbytes for c in msg.chunks) if isinstance(msg, PullResponse) else 0
+        sess.pacer.correct(frame_bytes - counted, now)
+        if rows and sess.unframed > 0:
+            sess.unframed -= 1
+            self._drain(session, sess, now, ready)
+            ready.wake_at = self._next_expiry()
+        return ready
 
     def tick(self, now: float) -> Ready:
         """Answer parked pulls whose wait ran out with an empty response, and paced ones whose
@@ -195,6 +236,12 @@ class Responder:
             for sid, s in self._sessions.items()
             if s.pacer is not None
         }
+
+    def high_lane_behind(self) -> bool:
+        """Whether some paced session's last answer carried a high-lane row older than
+        ``high_lane_target_ms``: its link does not carry the high lane in time (the source's
+        scheduler then narrows it)."""
+        return any(s.high_behind for s in self._sessions.values())
 
     def statistics(self) -> ResponderStats:
         return ResponderStats(
@@ -284,6 +331,8 @@ class Responder:
         """
         if not force and self._unmoved(sess):
             return None
+        if sess.max_unframed is not None and sess.unframed >= sess.max_unframed:
+            return self._empty(sess, req, now) if force else None
         budget = max(0, req.max_bytes)
         pacer = sess.pacer
         if pacer is not None:
@@ -295,6 +344,7 @@ class Responder:
                 return self._empty(sess, req, now)
         chunks: list[Chunk] = []
         more = False
+        oldest = _NEVER  # write time (ns) of the oldest high-lane row in this answer
         plans = [self._candidates(sess, t) for t in self.store.tables.values()]
         if plans:
             # A budget that runs out must not always favour the first tables: start each
@@ -316,9 +366,14 @@ class Responder:
                     sess.turn += 1
                 if chunk is None or wire is None:
                     continue
+                if lane == HIGH_LANE and chunk.rows:
+                    oldest = min(oldest, int(chunk.wtimes.min()))
                 chunks.append(wire)
                 budget -= wire.nbytes
                 sent[chunk.shards, lane] = chunk.knowledge
+        if pacer is not None:
+            target = self.config.high_lane_target_ms / 1000.0
+            sess.high_behind = chunks != [] and now - oldest / 1e9 > target
         if not more:
             for table, _shards, _sent, seen in plans:
                 seen[:] = table.shard_version
@@ -332,8 +387,14 @@ class Responder:
             pacer.spent(nbytes, now)
         if chunks:
             sess.rows_at = now
+            if sess.max_unframed is not None:
+                sess.unframed += 1
         return PullResponse(
-            req.req_id, self.store.catalog_version, chunks, more, self._catalog(sess),
+            req.req_id,
+            self.store.catalog_version,
+            chunks,
+            more,
+            self._catalog(sess),
             None if chunks else self._holds(sess, now),
         )
 
@@ -385,9 +446,7 @@ class Responder:
         self._remember(key, (table, chunk, wire, truncated))
         return chunk, wire, truncated
 
-    def _remember(
-        self, key: tuple, entry: tuple[Table, Chunk | None, Chunk | None, bool]
-    ) -> None:
+    def _remember(self, key: tuple, entry: tuple[Table, Chunk | None, Chunk | None, bool]) -> None:
         size = entry[1].nbytes if entry[1] is not None else 0
         if size > _MEMO_BYTES:
             return

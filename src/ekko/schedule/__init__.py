@@ -4,6 +4,7 @@
   (p_m), ``DefaultPriority``, the pluggable ``PriorityFunction`` protocol;
 - ``threshold``: ``StreamingPercentile`` (running q-quantile), ``LaneSplitter``;
 - ``pacing``: ``TokenBucket``, ``LinkPacer`` (sizes pull answers on a link);
+- ``lane_share``: ``LaneShareController`` (narrows the high lane while a link is behind);
 - ``deferral``: ``Deferrer`` (holds insignificant changes up to a staleness bound);
 - ``scheduler``: ``UpdateScheduler`` for the source write path.
 
@@ -11,6 +12,7 @@ Everything is sans-IO and clock-free: time-dependent calls take ``now``.
 """
 
 from ekko.schedule.deferral import Deferrer, Released
+from ekko.schedule.lane_share import LaneShareController
 from ekko.schedule.pacing import LinkPacer, TokenBucket
 from ekko.schedule.priority import (
     DEFAULT_MODEL,
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DefaultPriority",
     "Deferrer",
+    "LaneShareController",
     "LaneSplitter",
     "LaneStats",
     "LinkPacer",

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 
 _EPS = 1e-9
+BURST_S = 0.05
+"""A pacer's default burst, in seconds of its rate: long enough to fill an answer, short
+enough that one answer does not hold the link for long."""
 
 
 def _check_rate(rate: float) -> float:
@@ -73,6 +76,13 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= n
 
+    def refund(self, n: float, now: float) -> None:
+        """Give back ``n`` tokens taken for bytes that were not sent (capped at the burst)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._refill(now)
+        self._tokens = min(self._burst, self._tokens + n)
+
     def time_until(self, n: float, now: float) -> float:
         """Seconds from ``now`` until ``n`` tokens are available; inf if ``n`` > burst."""
         self._refill(now)
@@ -122,12 +132,19 @@ class LinkPacer:
         rate = _check_rate(rate_bytes_per_s)
         if min_bytes < 1:
             raise ValueError(f"min_bytes must be >= 1, got {min_bytes}")
-        burst = float(burst_bytes) if burst_bytes is not None else max(rate * 0.05, 2.0 * min_bytes)
+        self._fixed_burst = burst_bytes is not None
+        burst = (
+            float(burst_bytes) if burst_bytes is not None else self._default_burst(rate, min_bytes)
+        )
         if burst < min_bytes:
             raise ValueError(f"burst_bytes ({burst}) must be >= min_bytes ({min_bytes})")
         self.min_bytes = int(min_bytes)
         self.bucket = TokenBucket(rate, burst, now=now)
         self._spent = 0
+
+    @staticmethod
+    def _default_burst(rate: float, min_bytes: int) -> float:
+        return max(rate * BURST_S, 2.0 * min_bytes)
 
     @property
     def rate(self) -> float:
@@ -150,6 +167,15 @@ class LinkPacer:
         self.bucket.consume(float(n), now)
         self._spent += int(n)
 
+    def correct(self, n: int, now: float) -> None:
+        """The link carried ``n`` bytes more (or, negative, fewer) than ``spent`` was told: an
+        answer's framing and compression, known only once it is framed."""
+        if n > 0:
+            self.bucket.consume(float(n), now)
+        elif n < 0:
+            self.bucket.refund(float(-n), now)
+        self._spent += int(n)
+
     def wait_hint(self, now: float, requested_max_bytes: int | None = None) -> float:
         """Seconds from ``now`` until ``budget`` would be nonzero (0.0 if it is now)."""
         floor = self.min_bytes
@@ -158,8 +184,12 @@ class LinkPacer:
         return self.bucket.time_until(floor, now)
 
     def set_rate(self, rate_bytes_per_s: float, now: float) -> None:
-        """The link's bandwidth changed (e.g. a congestion experiment): pace at the new rate."""
-        self.bucket.set_rate(rate_bytes_per_s, now)
+        """The link's bandwidth changed (e.g. a congestion experiment): pace at the new rate.
+        The default burst follows the rate: a burst sized for the old, faster link would put
+        one answer on the slow link that takes that much longer to leave it."""
+        rate = _check_rate(rate_bytes_per_s)
+        burst = None if self._fixed_burst else self._default_burst(rate, self.min_bytes)
+        self.bucket.set_rate(rate, now, burst_bytes=burst)
 
     @property
     def bytes_spent(self) -> int:

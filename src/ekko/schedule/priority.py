@@ -280,18 +280,26 @@ class HotKeyPriority:
     row when a batch used it, so the write rate of a key is its traffic: weighting by it keeps
     the hot rows' (coalesced) updates ahead of rare ones on a busy link. A new key has no
     heat yet but must still go first (no replica can serve it): it is weighted as the hottest
-    key seen lately. Heat lives in a fixed array per table indexed by key hash (collisions
-    only add heat), decayed lazily.
+    key seen lately. So are the rows of tables named with a prefix in ``read_by_all`` (the
+    model's dense tensors): every prediction reads them, however seldom they are written.
+    Heat lives in a fixed array per table indexed by key hash (collisions only add heat),
+    decayed lazily.
     """
 
     def __init__(
-        self, base: PriorityFunction, *, half_life_rows: float = 200_000.0, slots: int = 1 << 20
+        self,
+        base: PriorityFunction,
+        *,
+        half_life_rows: float = 200_000.0,
+        slots: int = 1 << 20,
+        read_by_all: tuple[str, ...] = (),
     ) -> None:
         if not half_life_rows > 0:
             raise ValueError(f"half_life_rows must be > 0, got {half_life_rows}")
         if slots < 1 or slots & (slots - 1):
             raise ValueError(f"slots must be a power of two, got {slots}")
         self.base = base
+        self.read_by_all = tuple(read_by_all)
         self.half_life_rows = float(half_life_rows)
         self._mask = np.uint64(slots - 1)
         self._slots = slots
@@ -321,8 +329,11 @@ class HotKeyPriority:
         return self._peak * 2.0 ** (-(self._clock - self._peak_at) / self.half_life_rows)
 
     def __call__(self, inputs: PriorityInputs) -> np.ndarray:
-        heat = self.heat(inputs.table, inputs.keys)
-        heat = np.where(inputs.is_new, self.peak(), heat)
+        if inputs.table.startswith(self.read_by_all) and self.read_by_all:
+            heat = np.full(len(inputs.keys), self.peak())
+        else:
+            heat = self.heat(inputs.table, inputs.keys)
+            heat = np.where(inputs.is_new, self.peak(), heat)
         return self.base(inputs) * (1.0 + heat)
 
     def observe(self, inputs: PriorityInputs) -> None:
