@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ekko.guard.baseline import LaggedStore
+from ekko.guard.replica_guard import covers
 from ekko.guard.source_guard import PreimageSink, SourceGuard
 from ekko.protocol.messages import Chunk, TableSpec
 from ekko.protocol.testing import SimNetwork
@@ -109,8 +110,11 @@ def test_rollback_reaches_a_replica_by_sync_and_it_reports_matching_digests():
     guard.report({"node": "r1", "state": "corrupted", "reason": "test", "epoch": 0})
     inc = guard.incident
     assert inc is not None and [p for p, _ in sent] == ["guard/redirect", "guard/rolled_back"]
+    mark = sent[-1][1]["watermark"]
+    assert np.asarray(mark["emb"]).shape == store.table("emb").knowledge.shape  # shard x lane
     converge(net)
     assert replica.table("emb").digest() == store.table("emb").digest() != poisoned
+    assert covers(replica, mark) and not covers(Store(), mark)
     guard.restored({"node": "r1", "at": inc["decided_at"] + 1,
                     "digests": {"emb": f"{replica.table('emb').digest():016x}"}})
     done = guard.incidents[-1]

@@ -224,28 +224,3 @@ def test_one_answer_waits_to_be_framed_before_rows_are_chosen_for_the_next():
     forced = responder.receive(1, PullRequest(3, 1 << 20, 0, None, "fp32"), 0.6).sends
     assert forced[0][1].req_id == 3 and not forced[0][1].chunks
 
-
-def test_a_paced_answer_carrying_old_high_lane_rows_says_the_link_is_behind():
-    source = _store()
-    responder = Responder(source)  # target: high-lane rows sent within 100 ms
-    responder.pace(1, 10_000.0, 0.0)
-    keys = np.arange(2_000, dtype=np.int64)
-    source.table("emb").write(keys, np.ones((2_000, 8), np.float32), now_ns=0)  # all high
-    assert not responder.high_lane_behind()
-    ready = responder.receive(1, PullRequest(1, 1 << 20, 0, None, "fp32"), 0.05)
-    assert ready.sends[0][1].more and not responder.high_lane_behind()  # 50 ms old: in time
-    now, rid = 0.05, 1
-    while not responder.high_lane_behind():  # the link carries 10 kB/s: rows age
-        now += 0.1
-        rid += 1
-        responder.receive(1, PullRequest(rid, 1 << 20, 0, None, "fp32"), now)
-    assert 0.1 < now < 1.0
-    # Fresh rows only, once the backlog is gone: in time again.
-    while (
-        responder.receive(1, PullRequest(rid + 1, 1 << 20, 0, None, "fp32"), now).sends[0][1].chunks
-    ):
-        now += 1.0
-        rid += 1
-    source.table("emb").write(keys[:5], np.zeros((5, 8), np.float32), now_ns=int(now * 1e9))
-    responder.receive(1, PullRequest(rid + 2, 1 << 20, 0, None, "fp32"), now + 0.01)
-    assert not responder.high_lane_behind()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE
+from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE
 from ekko.schedule import (
     DefaultPriority,
     LaneSplitter,
@@ -88,12 +88,12 @@ def test_new_keys_go_high_with_default_boost() -> None:
     b = _batch(rng, 5_000, new_frac=0.02)
     lanes = sp.lanes(b)
     assert b.is_new.sum() > 0
-    assert np.all(lanes[b.is_new] == HIGH_LANE)
+    assert np.all(lanes[b.is_new] == NEW_LANE)  # a lane of their own, first on the link
     # Without the boost, new keys are ranked by their change alone.
     sp0 = _splitter(0.9, boost=0.0)
     for _ in range(20):
         sp0.lanes(_batch(rng, 5_000, new_frac=0.01))
-    assert np.mean(sp0.lanes(b)[b.is_new] == HIGH_LANE) < 0.5
+    assert np.mean(sp0.lanes(b)[b.is_new] == NEW_LANE) < 0.5
 
 
 def test_first_batch_is_split_by_its_own_quantile() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, TableSpec
+from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.schedule.writer import ScheduledWriter
 from ekko.store import Store
@@ -38,7 +38,7 @@ def test_new_keys_go_high_and_small_changes_low():
     w.write("emb", new, rng.standard_normal((10, 4)).astype(np.float32), now=9.0, now_ns=20)
     t = store.table("emb")
     k, _v, _ver, _wt, lanes = t.all_rows()
-    assert (lanes[np.isin(k, new)] == HIGH_LANE).all()
+    assert (lanes[np.isin(k, new)] == NEW_LANE).all()
     assert (lanes[~np.isin(k, new)] == LOW_LANE).any()
 
 

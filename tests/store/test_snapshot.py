@@ -159,3 +159,20 @@ def test_inconsistent_content_is_refused(tmp_path: Path) -> None:
     write_snapshot(path, SnapshotData(0, 1, [SnapshotTable("t", 2, 1, arrays)]))
     with pytest.raises(SnapshotError, match="wtimes"):
         Store.load(path)
+
+
+def test_knowledge_from_before_the_new_key_lane_is_restored_with_nothing_in_it() -> None:
+    src = filled_store().table("user")
+    keys, values, versions, wtimes, lanes = src.all_rows()[:5]
+    two_lanes = src.knowledge[:, :2].copy()
+    back = Store(cache_capacity=4).create_table(TableSpec("user", 5, 3))
+    back.restore_rows(keys, values, versions, wtimes, lanes, counter=src.counter,
+                      knowledge=two_lanes, shard_version=src.shard_version)  # fmt: skip
+    assert back.knowledge[:, :2].tolist() == two_lanes.tolist()
+    assert (back.knowledge[:, 2] == 0).all()
+    back2 = Store(cache_capacity=4).create_table(TableSpec("user", 5, 3))
+    with pytest.raises(Exception, match="knowledge must be integer"):
+        back2.restore_rows(
+            keys, values, versions, wtimes, lanes, counter=src.counter,
+            knowledge=src.knowledge[:2], shard_version=src.shard_version,
+        )  # fmt: skip

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import ekko.store.index as index_mod
 import ekko.store.table as table_mod
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, TableSpec
+from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 from ekko.store import BadRowsError, ReferenceTable, Table, shard_of
 
 SPEC = TableSpec("emb", 3, 3)
@@ -103,8 +103,9 @@ def test_table_matches_reference(ops: list[tuple], cache_capacity: int, prefault
     tiny update cache so entries fall out and the dominator moves; with ``prefault`` every
     growth goes through next-capacity arrays prepared ahead (the size floor lifted)."""
     floor = 0 if prefault else 1 << 62
-    with patch.object(table_mod, "PREFAULT_MIN_BYTES", floor), patch.object(
-        index_mod, "PREFAULT_MIN_BYTES", floor
+    with (
+        patch.object(table_mod, "PREFAULT_MIN_BYTES", floor),
+        patch.object(index_mod, "PREFAULT_MIN_BYTES", floor),
     ):
         _table_matches_reference(ops, cache_capacity)
 
@@ -237,10 +238,18 @@ def test_write_assigns_versions_per_shard_in_order() -> None:
     np.testing.assert_array_equal(got_vals[0], vals[2])  # last one wins
     np.testing.assert_array_equal(got_vals[1], np.zeros(4))
     assert got_ver.tolist() == [versions[2], 0] and found.tolist() == [True, False]
-    assert t.knowledge.tolist() == [[c, c] for c in t.counter.tolist()]
+    # The origin's knowledge moves in the lane it wrote, and only there.
+    assert t.knowledge.tolist() == [[0, c, 0] for c in t.counter.tolist()]
     assert t.rows_at(np.array([0]))[3].tolist() == [42]
     assert t.rows_at(np.array([0]))[4].tolist() == [LOW_LANE]
-    assert t.statistics().rows_written == 4
+    t.write(np.array([5, 7], dtype=np.int64), vals[:2], now_ns=43,
+            lanes=np.array([HIGH_LANE, NEW_LANE], np.uint8))  # fmt: skip
+    s5, s7 = shard_of(np.array([5, 7], dtype=np.int64), 2).tolist()
+    assert (
+        t.knowledge[s5, HIGH_LANE] == t.counter[s5] and t.knowledge[s7, NEW_LANE] == t.counter[s7]
+    )
+    assert t.knowledge[:, LOW_LANE].tolist() == [int(versions[shards == s].max()) for s in (0, 1)]
+    assert t.statistics().rows_written == 6
 
 
 def test_promoted_replica_continues_numbering() -> None:
@@ -278,9 +287,9 @@ def test_apply_without_change_keeps_shard_version() -> None:
 def test_merge_knowledge_only_moves_up() -> None:
     t = table()
     t.merge_knowledge(1, LOW_LANE, 7)
-    assert t.knowledge[1].tolist() == [0, 7] and t.shard_version[1] == 1
+    assert t.knowledge[1].tolist() == [0, 7, 0] and t.shard_version[1] == 1
     t.merge_knowledge(1, LOW_LANE, 3)
-    assert t.knowledge[1].tolist() == [0, 7] and t.shard_version[1] == 1
+    assert t.knowledge[1].tolist() == [0, 7, 0] and t.shard_version[1] == 1
     with pytest.raises(BadRowsError, match="shard"):
         t.merge_knowledge(2, 0, 1)
 
@@ -313,7 +322,7 @@ def test_cursor_above_everything_its_lane_held_skips_the_scan() -> None:
     t = Table(TableSpec("t", 1, 1), cache_capacity=1)
     lanes = np.array([1, 0, 0, 0], dtype=np.uint8)
     t.write(np.arange(4, dtype=np.int64), np.zeros((4, 1)), now_ns=1, lanes=lanes)
-    assert t.lane_top.tolist() == [[4, 1]]
+    assert t.lane_top.tolist() == [[4, 1, 0]]
     shards, ln = np.array([0, 0, 0]), np.array([1, 1, 0])
     after = np.array([1, 0, 2])  # all below the dominator (cache of one entry)
     got = t.collect(shards, ln, after)
@@ -381,7 +390,7 @@ def loaded() -> Table:
             "float32",
         ),
         (
-            lambda t: t.write(np.array([3], dtype=np.int64), np.ones((1, 4)), now_ns=2, lanes=2),
+            lambda t: t.write(np.array([3], dtype=np.int64), np.ones((1, 4)), now_ns=2, lanes=3),
             "lane",
         ),
         (
@@ -451,7 +460,7 @@ def test_merge_knowledge_many_equals_one_at_a_time(
     them one by one gives (duplicates included: the highest wins, one bump per shard)."""
     one, many = Table(SPEC), Table(SPEC)
     for t in (one, many):
-        t.knowledge[:] = np.array(start, dtype=np.int64).reshape(3, 2)
+        t.knowledge[:, :2] = np.array(start, dtype=np.int64).reshape(3, 2)
     for s, k in merges:
         one.merge_knowledge(s, lane, k)
     arr = np.array(merges, dtype=np.int64).reshape(-1, 2)
@@ -468,7 +477,7 @@ def test_merge_knowledge_many_refuses_bad_input() -> None:
     with pytest.raises(BadRowsError, match="shards"):
         t.merge_knowledge_many(np.array([3]), HIGH_LANE, np.array([1]))
     with pytest.raises(BadRowsError, match="lane"):
-        t.merge_knowledge_many(np.array([0]), 2, np.array([1]))
+        t.merge_knowledge_many(np.array([0]), 3, np.array([1]))
     with pytest.raises(BadRowsError, match="knowledge"):
         t.merge_knowledge_many(np.array([0, 1]), HIGH_LANE, np.array([1]))
     assert t.knowledge.sum() == 0 and t.shard_version.sum() == 0

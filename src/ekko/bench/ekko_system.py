@@ -166,7 +166,7 @@ async def run_ekko(
         return pace_rate(profiles.get(peer)) if variant.pace else None
 
     src_host = ResponderHost(Responder(source), pace_for)
-    writer = ScheduledWriter(source, scheduler, src_host.responder.high_lane_behind)
+    writer = ScheduledWriter(source, scheduler)
     src_listener = await serve(
         HOST, 0, node="source", secret=secret, on_connection=src_host.serve_session,
         wan_for=lambda peer: profiles.get(peer),

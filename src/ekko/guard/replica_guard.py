@@ -29,14 +29,13 @@ log = logging.getLogger(__name__)
 Send = Callable[[str, dict[str, Any]], None]
 
 
-def covers(store: Store, watermark: dict[str, list[int]]) -> bool:
-    """Whether ``store`` holds every version up to ``watermark`` (table -> per-shard
-    counter at the source) in every lane."""
-    for table, counters in watermark.items():
+def covers(store: Store, watermark: dict[str, list[list[int]]]) -> bool:
+    """Whether ``store`` holds everything the source held at ``watermark`` (table -> the
+    source's knowledge, per shard and lane): a lane the source never wrote is at 0 there."""
+    for table, marks in watermark.items():
         t = store.tables.get(table)
-        if t is None:
-            return False
-        if not (t.knowledge.min(axis=1) >= np.asarray(counters, np.int64)).all():
+        m = np.asarray(marks, np.int64)
+        if t is None or m.shape != t.knowledge.shape or not (t.knowledge >= m).all():
             return False
     return True
 
@@ -202,7 +201,7 @@ class ReplicaGuard:
             if tr is not None:
                 self._record(tr)
 
-    def rolled_back(self, healthy_wall: float, watermark: dict[str, list[int]]) -> None:
+    def rolled_back(self, healthy_wall: float, watermark: dict[str, list[list[int]]]) -> None:
         """The source wrote the healthy values back; drop queued rows written since the
         healthy point and wait until the restore rows are all here."""
         dropped = self.lagged.drop_written_after(int(healthy_wall * 1e9))

@@ -80,9 +80,11 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
         wall = _number(doc, "healthy_wall", required=True)
         mark = doc.get("watermark")
         if not isinstance(mark, dict) or not all(
-            isinstance(v, list) and all(isinstance(x, int) for x in v) for v in mark.values()
+            isinstance(v, list)
+            and all(isinstance(s, list) and all(isinstance(x, int) for x in s) for s in v)
+            for v in mark.values()
         ):
-            raise RequestError("watermark: expected {table: [per-shard version, ...]}")
+            raise RequestError("watermark: expected {table: [[version per lane], ...per shard]}")
         g.rolled_back(wall, mark)
         return json_response({"model": g.model, "restore_pending": True})
 

@@ -205,7 +205,7 @@ class SourceGuard:
             self.trainer.load_rows(rows)
         lost = sum(int((self.store.table(t).lookup(k)[0] != v).any(axis=1).sum())
                    for t, (k, v) in rows.items())
-        watermark = {t: self.store.table(t).counter.tolist() for t in rows}
+        watermark = {t: self.store.table(t).knowledge.tolist() for t in rows}
         n_rows = sum(len(k) for k, _ in rows.values())
         self.rows_restored += n_rows
         inc = self.incident = {

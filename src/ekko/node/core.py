@@ -16,6 +16,7 @@ import numpy as np
 from ekko.net.wan import WanProfile
 from ekko.node.config import ClusterConfig
 from ekko.protocol.latency import LatencyHistogram
+from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.schedule.writer import ScheduledWriter
@@ -57,9 +58,7 @@ class NodeCore:
         self.store = self._open_store()
         self.responder = self._responder()
         self.writer = ScheduledWriter(
-            self.store,
-            self.config.scheduler.scheduler() if self.role == "source" else None,
-            self.responder.high_lane_behind,
+            self.store, self.config.scheduler.scheduler() if self.role == "source" else None
         )
         self.upstream_name: str | None = None
         self.started_at = time.time()
@@ -165,9 +164,11 @@ class NodeCore:
                 "shards": t.num_shards,
                 "digest": f"{t.digest():016x}",
                 "knowledge": {
-                    "high": int(t.knowledge[:, 0].sum()),
-                    "low": int(t.knowledge[:, 1].sum()),
-                    "min_shard": int(t.knowledge.min()) if t.num_shards else 0,
+                    "high": int(t.knowledge[:, HIGH_LANE].sum()),
+                    "low": int(t.knowledge[:, LOW_LANE].sum()),
+                    "new": int(t.knowledge[:, NEW_LANE].sum()),
+                    # the least-advanced shard, by the furthest of its lanes
+                    "min_shard": int(t.knowledge.max(axis=1).min()) if t.num_shards else 0,
                 },
                 "cache_hits": st.cache_hits,
                 "full_scans": st.full_scans,

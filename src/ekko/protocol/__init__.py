@@ -2,9 +2,11 @@
 
 from ekko.protocol.latency import LatencyHistogram
 from ekko.protocol.messages import (
+    DRAIN_ORDER,
     HIGH_LANE,
     LANES,
     LOW_LANE,
+    NEW_LANE,
     PROTOCOL_VERSION,
     Catalog,
     CatalogRequest,
@@ -19,9 +21,11 @@ from ekko.protocol.messages import (
 from ekko.protocol.ready import Ready
 
 __all__ = [
+    "DRAIN_ORDER",
     "HIGH_LANE",
     "LANES",
     "LOW_LANE",
+    "NEW_LANE",
     "PROTOCOL_VERSION",
     "Catalog",
     "CatalogRequest",

@@ -12,11 +12,13 @@ import numpy as np
 
 from ekko.codec.block import RowBlock
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a third lane, for new keys
 
 HIGH_LANE = 0
 LOW_LANE = 1
-LANES = (HIGH_LANE, LOW_LANE)
+NEW_LANE = 2  # keys no replica has seen: ahead of the high lane on a busy link
+LANES = (HIGH_LANE, LOW_LANE, NEW_LANE)
+DRAIN_ORDER = (NEW_LANE, HIGH_LANE, LOW_LANE)
 
 
 class TableSpec(msgspec.Struct, frozen=True, tag=True):

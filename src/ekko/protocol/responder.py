@@ -16,7 +16,7 @@ import numpy as np
 
 from ekko.protocol.chunk_codec import check_codec, encode_chunk, row_bytes
 from ekko.protocol.messages import (
-    HIGH_LANE,
+    DRAIN_ORDER,
     LANES,
     Catalog,
     CatalogRequest,
@@ -48,9 +48,6 @@ class ResponderConfig:
     long_poll: bool = True
     max_wait_ms: int = 30_000
     max_parked_per_session: int = 256
-    # A paced session is behind on its high lane when the oldest high-lane row an answer
-    # carries was written longer ago than this (``high_lane_behind``).
-    high_lane_target_ms: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -62,9 +59,6 @@ class ResponderStats:
     bytes_sent: int
     sessions: int
     shared_chunks: int = 0  # chunks answered from another session's identical pull
-
-
-_NEVER = 2**63 - 1
 
 
 @dataclass
@@ -84,7 +78,6 @@ class _Session:
     paced_until: float | None = None  # rows wait for the pacer's tokens until then
     turn: int = 0  # which table a truncated answer starts with, round robin
     rows_at: float | None = None  # when the session was last answered with rows
-    high_behind: bool = False  # the last paced answer carried a high-lane row too old
     max_unframed: int | None = None  # answers with rows the host may hold before framing
     unframed: int = 0  # answers with rows handed out, not yet reported ``framed``
 
@@ -237,12 +230,6 @@ class Responder:
             if s.pacer is not None
         }
 
-    def high_lane_behind(self) -> bool:
-        """Whether some paced session's last answer carried a high-lane row older than
-        ``high_lane_target_ms``: its link does not carry the high lane in time (the source's
-        scheduler then narrows it)."""
-        return any(s.high_behind for s in self._sessions.values())
-
     def statistics(self) -> ResponderStats:
         return ResponderStats(
             pulls=self._pulls,
@@ -344,14 +331,13 @@ class Responder:
                 return self._empty(sess, req, now)
         chunks: list[Chunk] = []
         more = False
-        oldest = _NEVER  # write time (ns) of the oldest high-lane row in this answer
         plans = [self._candidates(sess, t) for t in self.store.tables.values()]
         if plans:
             # A budget that runs out must not always favour the first tables: start each
             # answer one table further on.
             k = sess.turn % len(plans)
             plans = plans[k:] + plans[:k]
-        for lane in LANES:
+        for lane in DRAIN_ORDER:
             for table, shards, sent, _seen in plans:
                 lane_shards = shards[lane]
                 if lane_shards.size == 0:
@@ -366,14 +352,9 @@ class Responder:
                     sess.turn += 1
                 if chunk is None or wire is None:
                     continue
-                if lane == HIGH_LANE and chunk.rows:
-                    oldest = min(oldest, int(chunk.wtimes.min()))
                 chunks.append(wire)
                 budget -= wire.nbytes
                 sent[chunk.shards, lane] = chunk.knowledge
-        if pacer is not None:
-            target = self.config.high_lane_target_ms / 1000.0
-            sess.high_behind = chunks != [] and now - oldest / 1e9 > target
         if not more:
             for table, _shards, _sent, seen in plans:
                 seen[:] = table.shard_version

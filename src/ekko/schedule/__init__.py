@@ -4,7 +4,6 @@
   (p_m), ``DefaultPriority``, the pluggable ``PriorityFunction`` protocol;
 - ``threshold``: ``StreamingPercentile`` (running q-quantile), ``LaneSplitter``;
 - ``pacing``: ``TokenBucket``, ``LinkPacer`` (sizes pull answers on a link);
-- ``lane_share``: ``LaneShareController`` (narrows the high lane while a link is behind);
 - ``deferral``: ``Deferrer`` (holds insignificant changes up to a staleness bound);
 - ``scheduler``: ``UpdateScheduler`` for the source write path.
 
@@ -12,7 +11,6 @@ Everything is sans-IO and clock-free: time-dependent calls take ``now``.
 """
 
 from ekko.schedule.deferral import Deferrer, Released
-from ekko.schedule.lane_share import LaneShareController
 from ekko.schedule.pacing import LinkPacer, TokenBucket
 from ekko.schedule.priority import (
     DEFAULT_MODEL,
@@ -36,7 +34,6 @@ __all__ = [
     "DEFAULT_MODEL",
     "DefaultPriority",
     "Deferrer",
-    "LaneShareController",
     "LaneSplitter",
     "LaneStats",
     "LinkPacer",

@@ -24,7 +24,6 @@ import numpy as np
 
 from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE
 from ekko.schedule.deferral import Deferrer, Released
-from ekko.schedule.lane_share import LaneShareController
 from ekko.schedule.priority import (
     DefaultPriority,
     HotKeyPriority,
@@ -70,15 +69,10 @@ class SchedulerConfig:
     seed: int = 0
     hot_keys: bool = False  # weight priorities by each key's recent write rate (HotKeyPriority)
     read_by_all: tuple[str, ...] = ("dense/",)  # table prefixes every prediction reads (hot_keys)
-    min_high_share: float = 0.005  # the least share of rows a busy link shrinks the high lane to
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile < 1:
             raise ValueError(f"percentile must be in (0, 1), got {self.percentile}")
-        if not 0 < self.min_high_share <= 1 - self.percentile + 1e-9:
-            raise ValueError(
-                f"min_high_share must be in (0, 1 - percentile], got {self.min_high_share}"
-            )
         if not (self.freshness_boost >= 0 and math.isfinite(self.freshness_boost)):
             raise ValueError(f"freshness_boost must be finite and >= 0, got {self.freshness_boost}")
         if not (self.defer_min_significance >= 0 and math.isfinite(self.defer_min_significance)):
@@ -147,7 +141,6 @@ class SchedulerStats:
     rows_released: int  # held rows released (counter)
     rows_held: int  # held right now (gauge)
     threshold: float
-    high_share: float  # share of rows the high lane takes now (below 1 - q on a busy link)
     mean_delta: dict[str, float] = field(default_factory=dict)  # scope -> running mean |Δ|
 
 
@@ -190,8 +183,6 @@ class UpdateScheduler:
             StreamingPercentile(cfg.percentile, half_life_rows=cfg.half_life_rows),
             self.priority_fn,
         )
-        base = 1.0 - cfg.percentile
-        self.lane_share = LaneShareController(base, min_share=min(cfg.min_high_share, base))
         self.deferrer = Deferrer(cfg.defer_min_significance, cfg.max_staleness_s)
         self._planned = 0
         self._high = 0
@@ -238,16 +229,11 @@ class UpdateScheduler:
         self.priority_fn.observe(inputs)
         if self.priority_fn is not self.default_priority:
             self.default_priority.observe(inputs)
-        nh = int(np.count_nonzero(lanes[send] == HIGH_LANE))
+        nh = int(np.count_nonzero(lanes[send] != LOW_LANE))
         self._planned += n
         self._high += nh
         self._low += int(np.count_nonzero(send)) - nh
         return WritePlan(lanes, send)
-
-    def observe_links(self, behind: bool, now: float) -> None:
-        """Whether some paced link is behind on its high lane now (the source's responder
-        knows): the high lane's share shrinks while it is, and grows back after."""
-        self.splitter.high_share = self.lane_share.update(behind, now)
 
     def due(self, now: float) -> list[ReleasedRows]:
         """Held rows whose staleness bound is reached at ``now``; write them."""
@@ -276,6 +262,5 @@ class UpdateScheduler:
             rows_released=self.deferrer.rows_released,
             rows_held=self.deferrer.held(),
             threshold=self.splitter.threshold(),
-            high_share=self.splitter.high_share,
             mean_delta=self.significance.means(),
         )

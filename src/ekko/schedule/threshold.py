@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE
+from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE
 from ekko.schedule.priority import PriorityFunction, PriorityInputs
 
 
@@ -54,7 +54,7 @@ class StreamingPercentile:
         self._inner = math.ceil((math.log10(hi) - self._log_lo) * bins_per_decade)
         # bin 0: below lo; bins 1.._inner: log-spaced; bin _inner + 1: at or above hi
         self._counts = np.zeros(self._inner + 2, dtype=np.float64)
-        self._cached: tuple[float, float] | None = None  # (q, its quantile)
+        self._cached: float | None = None
         self._rows = 0
 
     @property
@@ -87,19 +87,17 @@ class StreamingPercentile:
         self._rows += n
         self._cached = None
 
-    def threshold(self, q: float | None = None) -> float:
-        """The current q-quantile (``q`` defaults to the one this tracks; any other is read
-        off the same histogram); 0.0 while empty. A quantile that falls among the values
+    def threshold(self) -> float:
+        """The current q-quantile; 0.0 while empty. A quantile that falls among the values
         below ``lo`` (mostly zeros) is reported as ``lo``: zero-priority rows never count as
         being at the threshold."""
-        q = self.q if q is None else float(q)
-        if self._cached is not None and self._cached[0] == q:
-            return self._cached[1]
+        if self._cached is not None:
+            return self._cached
         total = float(self._counts.sum())
         if total <= 0:
             return 0.0
         cum = np.cumsum(self._counts)
-        target = q * total
+        target = self.q * total
         i = int(np.searchsorted(cum, target, side="left"))
         i = min(i, self._counts.size - 1)
         if i == 0:
@@ -111,7 +109,7 @@ class StreamingPercentile:
             frac = (target - below) / float(self._counts[i]) if self._counts[i] > 0 else 0.0
             frac = min(max(frac, 0.0), 1.0)
             t = 10.0 ** (self._log_lo + (i - 1 + frac) / self.bins_per_decade)
-        self._cached = (q, t)
+        self._cached = t
         return t
 
 
@@ -146,15 +144,13 @@ class LaneSplitter:
     def __init__(self, percentile: StreamingPercentile, priority_fn: PriorityFunction) -> None:
         self.percentile = percentile
         self.priority_fn = priority_fn
-        self.high_share = 1.0 - percentile.q
-        """Share of rows the high lane takes: ``1 - q`` unless a busy link lowered it
-        (:class:`~ekko.schedule.lane_share.LaneShareController`)."""
         self._batches = 0
         self._high = 0
         self._low = 0
 
     def lanes(self, inputs: PriorityInputs, *, observe: bool = True) -> np.ndarray:
-        """uint8[n] lanes for ``inputs`` (HIGH_LANE where priority >= threshold).
+        """uint8[n] lanes for ``inputs``: HIGH_LANE where priority >= threshold (NEW_LANE
+        for a new key), LOW_LANE elsewhere.
 
         ``observe=False`` leaves the priority function's state alone (the caller observes a
         different set of rows, e.g. the scheduler observes deferred rows too).
@@ -165,16 +161,17 @@ class LaneSplitter:
             raise ValueError(f"priority function returned shape {prio.shape}, expected ({n},)")
         is_new = np.asarray(inputs.is_new, dtype=bool)
         ranked = prio[~is_new]
-        first = ranked.size and self.percentile.weight <= 0
-        if first:
+        if ranked.size and self.percentile.weight <= 0:
             self.percentile.update(ranked)
-        t, t_new = self.threshold(), self.percentile.threshold()
-        if not first:
+            t = self.percentile.threshold()
+        else:
+            t = self.percentile.threshold()
             self.percentile.update(ranked)
-        # A narrowed lane (a link behind) sheds existing rows; a new key keeps the rank the
-        # configured percentile gives it: it is what the scheduler promises to send first.
-        high = prio >= np.where(is_new, min(t, t_new), t)
+        high = prio >= t
         out = np.where(high, np.uint8(HIGH_LANE), np.uint8(LOW_LANE)).astype(np.uint8)
+        # A new key above the threshold gets a lane of its own that crosses first: no replica
+        # can serve it yet, and it must not wait behind a backlog of hot rows.
+        out[high & is_new] = NEW_LANE
         if observe:
             self.priority_fn.observe(inputs)
         nh = int(np.count_nonzero(high))
@@ -184,7 +181,7 @@ class LaneSplitter:
         return out
 
     def threshold(self) -> float:
-        return self.percentile.threshold(1.0 - self.high_share)
+        return self.percentile.threshold()
 
     def statistics(self) -> LaneStats:
-        return LaneStats(self._batches, self._high, self._low, self.threshold())
+        return LaneStats(self._batches, self._high, self._low, self.percentile.threshold())

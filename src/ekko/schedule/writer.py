@@ -7,8 +7,6 @@ rows on time; one writer keeps them from drifting apart.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from ekko.schedule.scheduler import UpdateScheduler
@@ -19,19 +17,11 @@ class ScheduledWriter:
     """Writes batches into ``store`` in the lanes ``scheduler`` chooses (all high without
     one). Held rows stay out of the table until ``release`` (call it at ``next_due``); the
     table keeps what replicas have or will get, so the next change is measured against that.
-    ``links_behind()``: whether some paced link is behind on its high lane (the source's
-    ``Responder.high_lane_behind``); each write tells the scheduler, which narrows the high
-    lane while it is. Not thread-safe: one per source write path."""
+    Not thread-safe: one per source write path."""
 
-    def __init__(
-        self,
-        store: Store,
-        scheduler: UpdateScheduler | None = None,
-        links_behind: Callable[[], bool] | None = None,
-    ) -> None:
+    def __init__(self, store: Store, scheduler: UpdateScheduler | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
-        self.links_behind = links_behind
 
     def write(
         self, table: str, keys: np.ndarray, values: np.ndarray, *, now: float, now_ns: int
@@ -44,8 +34,6 @@ class ScheduledWriter:
         keys = np.asarray(keys)
         values = np.asarray(values)
         old, _ver, found = t.lookup(keys)
-        if self.links_behind is not None:
-            self.scheduler.observe_links(self.links_behind(), now)
         plan = self.scheduler.plan(table, keys, old, values, found, now)
         send = plan.send_now_mask
         if send.all():

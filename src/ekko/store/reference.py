@@ -107,16 +107,17 @@ class ReferenceTable:
         v = check_values(values, k.shape[0], self.spec.dim)
         ln = check_lanes(lanes, k.shape[0])
         out = []
-        touched = set()
+        touched: dict[int, set[int]] = {}
         for i, key in enumerate(k.tolist()):
             s = shard_of_key(key, self.spec.num_shards)
             self.counter[s] += 1
             self._store(self._slot(key), v[i], self.counter[s], now_ns, int(ln[i]))
             out.append(self.counter[s])
-            touched.add(s)
-        for s in touched:
+            touched.setdefault(s, set()).add(int(ln[i]))
+        for s, lanes_written in touched.items():
             self.shard_version[s] += 1
-            self.knowledge[s] = [self.counter[s]] * len(LANES)
+            for lane in lanes_written:
+                self.knowledge[s][lane] = self.counter[s]
         return np.array(out, dtype=np.int64)
 
     def apply(

@@ -273,8 +273,16 @@ class Table:
             sc_shard, out,
         )  # fmt: skip
         self.shard_version[touched] += 1
-        # The origin holds everything it wrote, in both lanes.
-        self.knowledge[touched, :] = self.counter[touched, None]
+        # The origin holds everything it wrote: in each lane it wrote to, up to the shard's
+        # counter. A lane it did not write keeps its knowledge, so pulls carry no
+        # knowledge-only chunk for a lane with nothing new.
+        if (ln == ln[0]).all():
+            self.knowledge[touched, ln[0]] = self.counter[touched]
+        else:
+            shards = self._shard[slots[:n]]
+            for lane in np.unique(ln):
+                s = np.unique(shards[ln == lane])
+                self.knowledge[s, lane] = self.counter[s]
         self._rows_written += n
         return out
 
@@ -482,6 +490,9 @@ class Table:
         cnt = check_int64(counter, ns, "counter")
         sv = check_int64(shard_version, ns, "shard_version")
         kn = np.asarray(knowledge)
+        if kn.ndim == 2 and kn.shape[0] == ns and 0 < kn.shape[1] < NUM_LANES:
+            # A snapshot from before the new-key lane: it held nothing in the lanes it lacks.
+            kn = np.pad(kn, ((0, 0), (0, NUM_LANES - kn.shape[1])))
         if kn.shape != (ns, NUM_LANES) or kn.dtype.kind not in "iu":
             raise BadRowsError(
                 f"knowledge must be integer ({ns}, {NUM_LANES}), got {kn.dtype} {kn.shape}"
