@@ -223,4 +223,11 @@ def test_one_answer_waits_to_be_framed_before_rows_are_chosen_for_the_next():
     # A pull that may not wait is answered at once, without rows.
     forced = responder.receive(1, PullRequest(3, 1 << 20, 0, None, "fp32"), 0.6).sends
     assert forced[0][1].req_id == 3 and not forced[0][1].chunks
+    # Pacing switched off and on again while an answer was unframed: nothing stays held.
+    responder.pace(1, None, 0.7)
+    responder.pace(1, 50_000.0, 0.8, max_unframed=1)
+    source.table("emb").write(np.arange(3, dtype=np.int64), np.ones((3, 8), np.float32),
+                              now_ns=3)  # fmt: skip
+    again = responder.receive(1, PullRequest(4, 1 << 20, 1000, None, "fp32"), 0.9).sends
+    assert again and sum(c.rows for c in again[0][1].chunks) == 3
 

@@ -181,6 +181,7 @@ class Responder:
         sess.max_unframed = max_unframed if rate_bytes_per_s is not None else None
         if rate_bytes_per_s is None:
             sess.pacer = sess.paced_until = None
+            sess.unframed = 0
         elif sess.pacer is None:
             sess.pacer = LinkPacer(rate_bytes_per_s, now=now)
         else:
