@@ -164,3 +164,19 @@ def test_hot_key_priority_ranks_often_written_keys_first_and_cools_down():
     assert hot.heat("t", hot_keys[:1])[0] < warm / 100  # ten half-lives later
     with pytest.raises(ValueError, match="power of two"):
         HotKeyPriority(base, slots=1000)
+
+
+def test_rows_every_prediction_reads_rank_as_the_hottest_key():
+    from ekko.schedule.priority import DefaultPriority, HotKeyPriority, PriorityInputs
+
+    base = DefaultPriority(SignificanceTracker(half_life_rows=1e6, sample=64, seed=0),
+                           TrafficShares(window_s=60.0))
+    hot = HotKeyPriority(base, half_life_rows=1_000.0, slots=1 << 12, read_by_all=("dense/",))
+    for _ in range(20):
+        hot.observe(PriorityInputs("emb", np.arange(10), np.ones(10), np.zeros(10, bool)))
+    one = np.ones(1)
+    dense = hot(PriorityInputs("dense/top.0.weight", np.array([0]), one, np.zeros(1, bool)))
+    cold = hot(PriorityInputs("emb", np.array([500]), one, np.zeros(1, bool)))
+    hottest = hot(PriorityInputs("emb", np.array([0]), one, np.zeros(1, bool)))
+    assert dense[0] > 5 * cold[0]
+    assert dense[0] == pytest.approx(hottest[0], rel=0.1)

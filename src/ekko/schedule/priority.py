@@ -329,7 +329,7 @@ class HotKeyPriority:
         return self._peak * 2.0 ** (-(self._clock - self._peak_at) / self.half_life_rows)
 
     def __call__(self, inputs: PriorityInputs) -> np.ndarray:
-        if inputs.table.startswith(self.read_by_all) and self.read_by_all:
+        if inputs.table.startswith(self.read_by_all):
             heat = np.full(len(inputs.keys), self.peak())
         else:
             heat = self.heat(inputs.table, inputs.keys)
