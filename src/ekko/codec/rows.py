@@ -2,7 +2,7 @@
 ``int4``.
 
 Why three: fp32 is exact (dense parameters, debugging); fp16 halves the bytes with a relative
-error of at most 2**-11; int8 row-wise quarters them (plus 8 bytes of per-row parameters) with
+error of at most 2**-11; int8 row-wise quarters them (plus 4 or 8 bytes of per-row parameters) with
 an absolute error of at most half a quantisation step of the row. Sync is state-based, so a
 replica's row differs from the source's by one encoding's error only, never by an accumulating
 drift (see ``tests/codec/test_drift.py``).
@@ -20,7 +20,7 @@ Formats (little endian):
   scale)`` as uint8 0..255, decoded as ``offset + code * scale``. ``payload`` = uint8[n*dim],
   ``params`` = scale[n] followed by offset[n], as float16 (offset rounded down, scale up) when
   that widens no row's step by more than 1/32, else as float32 — the length says which; the
-  4 bytes saved per row are an eighth of an int4 row. Constant rows have ``scale = 0`` and
+  4 bytes saved per row are a sixth of an int4 row of dim 32. Constant rows have ``scale = 0`` and
   decode exactly. Rows holding NaN or inf are rejected with :class:`CodecError`.
 
 - ``int4``: as ``int8`` with 15 as the top code (``scale = (max - min) / 15``), two codes per
@@ -33,6 +33,8 @@ so a truncated or corrupted message never yields a silently wrong shape.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -96,8 +98,17 @@ def _check_codec(codec: str) -> None:
         raise CodecError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
 
 
-def _affine_params(x: np.ndarray, codec: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (scale, offset) as float32 of an affine row-wise codec; rejects non-finite
+class _AffineParams(NamedTuple):
+    scale: np.ndarray  # float32 [n], rounded up
+    offset: np.ndarray  # float32 [n], the row minimum
+    half_scale: np.ndarray  # float16 [n], rounded up from the float16 offset
+    half_offset: np.ndarray  # float16 [n], rounded down
+    half_fits: np.ndarray  # bool [n]: float16 widens the step by at most _HALF_SLACK
+
+
+def _affine_params(x: np.ndarray, codec: str) -> _AffineParams:
+    """Per-row scale and offset of an affine row-wise codec, in float32 and in float16 (the
+    offset rounded down and the scale up, so codes still span the row); rejects non-finite
     rows."""
     levels = _LEVELS[codec]
     if x.size and not np.isfinite(x).all():
@@ -105,39 +116,31 @@ def _affine_params(x: np.ndarray, codec: str) -> tuple[np.ndarray, np.ndarray]:
         raise CodecError(f"{codec} cannot encode NaN/inf: {bad.size} rows, first row {bad[0]}")
     n = x.shape[0]
     if x.shape[1] == 0:
-        return np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        z4, z2 = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=_F2)
+        return _AffineParams(z4, z4, z2, z2, np.ones(n, dtype=bool))
     lo = x.min(axis=1)
-    hi = x.max(axis=1)
-    span = hi.astype(np.float64) - lo.astype(np.float64)
-    scale = (span / levels).astype(np.float32)
-    # Round the scale up where float32 rounding made it too small, so span / scale <= levels.
-    short = scale.astype(np.float64) * levels < span
-    scale[short] = np.nextafter(scale[short], np.float32(np.inf))
-    return scale, lo
-
-
-def _half_params(
-    x: np.ndarray, codec: str, scale: np.ndarray, lo: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The (scale, offset) of an affine codec in float16, and per row whether they fit: the
-    offset rounded down and the scale up, so codes still span the row, and the step at most
-    ``_HALF_SLACK`` wider than with float32 parameters."""
-    levels = _LEVELS[codec]
+    hi = x.max(axis=1).astype(np.float64)
+    scale = _step_up(hi - lo.astype(np.float64), levels, np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         off = lo.astype(_F2)
         high = off.astype(np.float64) > lo
         off[high] = np.nextafter(off[high], np.float16(-np.inf))
-        hi = x.max(axis=1).astype(np.float64) if x.shape[1] else lo.astype(np.float64)
-        span = hi - off.astype(np.float64)
-        step = (span / levels).astype(_F2)
-        short = step.astype(np.float64) * levels < span
-        step[short] = np.nextafter(step[short], np.float16(np.inf))
+        step = _step_up(hi - off.astype(np.float64), levels, _F2)
         fits = (
             np.isfinite(off)
             & np.isfinite(step)
             & (step.astype(np.float64) <= scale.astype(np.float64) * (1.0 + _HALF_SLACK))
         )
-    return step, off, fits
+    return _AffineParams(scale, lo, step, off, fits)
+
+
+def _step_up(span: np.ndarray, levels: int, dtype: np.dtype | type) -> np.ndarray:
+    """``span / levels`` in ``dtype``, rounded up where rounding made it too small, so
+    ``span / step <= levels`` (no code ever clips)."""
+    step = (span / levels).astype(dtype)
+    short = step.astype(np.float64) * levels < span
+    step[short] = np.nextafter(step[short], step.dtype.type(np.inf))
+    return step
 
 
 def encode_rows(values: np.ndarray, codec: str) -> EncodedRows:
@@ -156,11 +159,10 @@ def encode_rows(values: np.ndarray, codec: str) -> EncodedRows:
         if finite.size and float(finite.max()) > FP16_MAX:
             return EncodedRows(FP32, n, dim, x.astype(_F4, copy=False).tobytes())
         return EncodedRows(FP16, n, dim, x.astype(_F2).tobytes())
-    scale, offset = _affine_params(x, codec)
-    half_scale, half_offset, fits = _half_params(x, codec, scale, offset)
-    param_dtype = _F4
-    if fits.all():
-        scale, offset, param_dtype = half_scale, half_offset, _F2
+    ap = _affine_params(x, codec)
+    scale, offset, param_dtype = ap.scale, ap.offset, _F4
+    if ap.half_fits.all():
+        scale, offset, param_dtype = ap.half_scale, ap.half_offset, _F2
     safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
     codes = np.rint((x - offset[:, None].astype(np.float64)) / safe[:, None])
     np.clip(codes, 0, _LEVELS[codec], out=codes)
@@ -226,7 +228,6 @@ def max_abs_error(values: np.ndarray, codec: str) -> np.ndarray:
     absmax = np.abs(x).max(axis=1).astype(np.float64) if dim else np.zeros(n, dtype=np.float64)
     if codec == FP16:
         return _FP16_REL * absmax + _FP16_FLOOR
-    scale, offset = _affine_params(x, codec)
-    half_scale, _, fits = _half_params(x, codec, scale, offset)
-    step = np.where(fits, half_scale.astype(np.float64), scale.astype(np.float64))
+    ap = _affine_params(x, codec)
+    step = np.where(ap.half_fits, ap.half_scale.astype(np.float64), ap.scale.astype(np.float64))
     return 0.5 * step + _F32_REL * absmax + _F32_FLOOR
