@@ -1,6 +1,8 @@
 """``ekko bench congestion``: the WAN drops to 10 % of its bandwidth for a stretch mid-run;
-Ekko with its scheduler (lanes by priority, paced links, high lane first) against the same
-sync in FIFO order (no lanes, no pacing: answers queue on the link in the order written).
+Ekko with its scheduler (lanes by priority, paced links, new-key then high lane first; rows
+ranked by drift since they last went high, weighted by write rate) against the paper's
+priority (each write by its own step, same lanes and pacing) and the same sync in FIFO order
+(no lanes, no pacing: answers queue on the link in the order written).
 
 Each setting also runs once without the drop, on the same trace: the congested run's new-key
 latency and online AUC over the stretch are compared with its own uncongested run, so what is
@@ -32,11 +34,12 @@ MBIT = 8.0
 DROP_FACTOR = 0.1
 SETTINGS = {
     "on": EkkoVariant(
-        "scheduler on", codec="int8", scheduler=SchedulerConfig(hot_keys=True), pace=True
+        "scheduler on",
+        codec="int8",
+        scheduler=SchedulerConfig(hot_keys=True, accumulate_drift=True),
+        pace=True,
     ),
-    "paper": EkkoVariant(
-        "paper priority", codec="int8", scheduler=SchedulerConfig(), pace=True
-    ),
+    "paper": EkkoVariant("paper priority", codec="int8", scheduler=SchedulerConfig(), pace=True),
     "off": EkkoVariant("FIFO", codec="int8"),
 }
 
@@ -120,7 +123,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run(*, quick: bool = False, out: Path | None = None) -> dict:
-    steps, blocks = (120, 1) if quick else (240, 1)
+    steps, blocks = (120, 1) if quick else (240, 2)
     with tempfile.TemporaryDirectory(prefix="ekko-congestion-") as tmp:
         trace = bench_trace(Path(tmp) / "trace.npz", steps)
         window = _window(trace, quick)
@@ -152,7 +155,10 @@ def _plot(fig: Figure, summary: dict[str, Any]) -> None:
     ax.legend()
     ax2 = fig.add_subplot(1, 2, 2)
     loss = summary["auc_loss_during_congestion"]
-    ax2.bar(["scheduler on", "FIFO"], [1e3 * loss["on"], 1e3 * loss["off"]],
-            color=["#1f77b4", "#d62728"])  # fmt: skip
+    ax2.bar(["scheduler on", "paper priority", "FIFO"],
+            [1e3 * loss["on"], 1e3 * loss["paper"], 1e3 * loss["off"]],
+            color=["#1f77b4", "#7f7f7f", "#d62728"])  # fmt: skip
+    ax2.axhline(0.5e3 * loss["off"], color="black", linestyle="--", label="bar: half of FIFO's")
+    ax2.legend(loc="upper left")
     ax2.set_ylabel("AUC lost during the drop (x 1e-3)")
     ax2.set_title(f"WAN at {DROP_FACTOR:.0%} of {MBIT:g} Mbit/s")

@@ -134,6 +134,8 @@ class SchedulerSection(_Strict):
     percentile: float = Field(0.9, gt=0, lt=1)
     freshness_boost: float = Field(10.0, ge=0)
     hot_keys: bool = False
+    read_by_all: tuple[str, ...] = ("dense/",)
+    accumulate_drift: bool = False
     defer: bool = False
     defer_min_significance: float = Field(0.05, ge=0)
     max_staleness_s: float = Field(5.0, ge=0)

@@ -5,12 +5,15 @@
 - ``threshold``: ``StreamingPercentile`` (running q-quantile), ``LaneSplitter``;
 - ``pacing``: ``TokenBucket``, ``LinkPacer`` (sizes pull answers on a link);
 - ``deferral``: ``Deferrer`` (holds insignificant changes up to a staleness bound);
+- ``drift``: ``DriftAccumulator`` (a row's drift since it last went in a first-drained lane);
+- ``key_slots``: ``KeySlots`` (per-key numbers in fixed memory, for heat and drift);
 - ``scheduler``: ``UpdateScheduler`` for the source write path.
 
 Everything is sans-IO and clock-free: time-dependent calls take ``now``.
 """
 
 from ekko.schedule.deferral import Deferrer, Released
+from ekko.schedule.drift import DriftAccumulator
 from ekko.schedule.pacing import LinkPacer, TokenBucket
 from ekko.schedule.priority import (
     DEFAULT_MODEL,
@@ -34,6 +37,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DefaultPriority",
     "Deferrer",
+    "DriftAccumulator",
     "LaneSplitter",
     "LaneStats",
     "LinkPacer",

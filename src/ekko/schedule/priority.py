@@ -22,6 +22,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from ekko.schedule.key_slots import KeySlots
+
 DEFAULT_MODEL = "default"
 
 # p_g of a row when the running mean |Δ| is zero (every change so far was a no-op): keeps the
@@ -296,32 +298,18 @@ class HotKeyPriority:
     ) -> None:
         if not half_life_rows > 0:
             raise ValueError(f"half_life_rows must be > 0, got {half_life_rows}")
-        if slots < 1 or slots & (slots - 1):
-            raise ValueError(f"slots must be a power of two, got {slots}")
         self.base = base
         self.read_by_all = tuple(read_by_all)
         self.half_life_rows = float(half_life_rows)
-        self._mask = np.uint64(slots - 1)
-        self._slots = slots
-        self._heat: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # table -> (heat, at)
+        self._heat = KeySlots(slots, 2)  # per table: heat, and the clock it was last set at
         self._clock = 0.0  # rows observed
         self._peak = 0.0  # the highest heat lately, decayed like the rest
         self._peak_at = 0.0
 
-    def _slots_of(self, keys: np.ndarray) -> np.ndarray:
-        mixed = np.asarray(keys).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        return (mixed & self._mask).astype(np.int64)
-
-    def _table(self, table: str) -> tuple[np.ndarray, np.ndarray]:
-        t = self._heat.get(table)
-        if t is None:
-            t = self._heat[table] = (np.zeros(self._slots), np.zeros(self._slots))
-        return t
-
     def heat(self, table: str, keys: np.ndarray) -> np.ndarray:
         """Decayed write count of each key (0 for a key never written)."""
-        heat, at = self._table(table)
-        s = self._slots_of(keys)
+        heat, at = self._heat.table(table)
+        s = self._heat.of(keys)
         return heat[s] * np.exp2(-(self._clock - at[s]) / self.half_life_rows)
 
     def peak(self) -> float:
@@ -339,8 +327,8 @@ class HotKeyPriority:
     def observe(self, inputs: PriorityInputs) -> None:
         """Heat the batch's keys. The base is not observed here: ``UpdateScheduler`` keeps
         its default priority (the usual base) up to date itself."""
-        heat, at = self._table(inputs.table)
-        s = self._slots_of(inputs.keys)
+        heat, at = self._heat.table(inputs.table)
+        s = self._heat.of(inputs.keys)
         current = self.heat(inputs.table, inputs.keys)
         heat[s] = current + 1.0
         at[s] = self._clock

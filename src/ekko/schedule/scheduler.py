@@ -24,6 +24,7 @@ import numpy as np
 
 from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE
 from ekko.schedule.deferral import Deferrer, Released
+from ekko.schedule.drift import DriftAccumulator
 from ekko.schedule.priority import (
     DefaultPriority,
     HotKeyPriority,
@@ -52,6 +53,10 @@ class SchedulerConfig:
       rows sampled per batch for the mean; ``seed``: the sampling seed (same seed + same
       inputs → same lanes).
     - ``significance_scope``: normalise |Δ| per "table" or per "model".
+    - ``hot_keys``: weight priorities by each key's recent write rate (``HotKeyPriority``);
+      ``read_by_all``: table prefixes every prediction reads, weighted as the hottest key.
+    - ``accumulate_drift``: rank a write by its row's drift since the row last went in a
+      first-drained lane, not by its own step (``DriftAccumulator``).
     """
 
     enabled: bool = True
@@ -67,8 +72,9 @@ class SchedulerConfig:
     significance_scope: str = "table"
     traffic_window_s: float = 60.0
     seed: int = 0
-    hot_keys: bool = False  # weight priorities by each key's recent write rate (HotKeyPriority)
-    read_by_all: tuple[str, ...] = ("dense/",)  # table prefixes every prediction reads (hot_keys)
+    hot_keys: bool = False
+    read_by_all: tuple[str, ...] = ("dense/",)
+    accumulate_drift: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile < 1:
@@ -184,6 +190,7 @@ class UpdateScheduler:
             self.priority_fn,
         )
         self.deferrer = Deferrer(cfg.defer_min_significance, cfg.max_staleness_s)
+        self.drift = DriftAccumulator() if cfg.accumulate_drift else None
         self._planned = 0
         self._high = 0
         self._low = 0
@@ -213,7 +220,9 @@ class UpdateScheduler:
             self._high += n
             return WritePlan(np.full(n, HIGH_LANE, np.uint8), np.ones(n, dtype=bool))
         new = np.asarray(new_values)
-        inputs = PriorityInputs(table, k, delta_norms(old_values, new), ~ex)
+        step = delta_norms(old_values, new)
+        moved = step if self.drift is None else np.where(ex, self.drift.drift(table, k, step), step)
+        inputs = PriorityInputs(table, k, moved, ~ex)
         if self.config.defer:
             p_g = self.default_priority.significance_of(inputs)
             send = self.deferrer.split(table, k, p_g, now, values=new, eligible=ex)
@@ -224,6 +233,8 @@ class UpdateScheduler:
             lanes = self.splitter.lanes(inputs, observe=False)
         elif send.any():
             lanes[send] = self.splitter.lanes(inputs.subset(send), observe=False)
+        if self.drift is not None:
+            self.drift.settle(table, k[send], step[send], lanes[send])
         # p_g's scale comes from every change, sent or held: observing only sent rows would
         # raise the mean, defer more, raise it again.
         self.priority_fn.observe(inputs)
@@ -249,9 +260,10 @@ class UpdateScheduler:
 
     def _released(self, r: Released) -> ReleasedRows:
         assert r.values is not None  # plan() always hands the deferrer values
-        return ReleasedRows(
-            r.table, r.keys, r.values, np.full(len(r), self.config.release_lane, np.uint8)
-        )
+        lanes = np.full(len(r), self.config.release_lane, np.uint8)
+        if self.drift is not None:
+            self.drift.settle(r.table, r.keys, np.zeros(len(r)), lanes)
+        return ReleasedRows(r.table, r.keys, r.values, lanes)
 
     def statistics(self) -> SchedulerStats:
         return SchedulerStats(
