@@ -106,7 +106,6 @@ def assert_same(a: Any, b: Any, path: str = "$") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-_I64 = st.integers(-(2**63), 2**63 - 1)
 _arrays = st.sampled_from(WIRE_DTYPES).flatmap(
     lambda dt: hnp.arrays(
         dtype=np.dtype(dt), shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=4)
@@ -116,8 +115,10 @@ _arrays = st.sampled_from(WIRE_DTYPES).flatmap(
 
 def strategy_for(t: mi.Type) -> st.SearchStrategy[Any]:
     """A hypothesis strategy for any msgspec type used by the messages."""
-    if isinstance(t, mi.IntType):
-        return _I64
+    if isinstance(t, mi.IntType):  # within the field's declared bounds (msgspec.Meta)
+        lo = t.ge if t.ge is not None else t.gt + 1 if t.gt is not None else -(2**63)
+        hi = t.le if t.le is not None else t.lt - 1 if t.lt is not None else 2**63 - 1
+        return st.integers(lo, hi)
     if isinstance(t, mi.StrType):
         return st.text(max_size=20)
     if isinstance(t, mi.BoolType):

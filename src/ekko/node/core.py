@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from ekko.protocol.latency import LatencyHistogram
 from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
+from ekko.protocol.traffic import TrafficTally
 from ekko.schedule.writer import ScheduledWriter
 from ekko.store import SnapshotError, Store
 
@@ -61,6 +64,9 @@ class NodeCore:
             self.store, self.config.scheduler.scheduler() if self.role == "source" else None
         )
         self.upstream_name: str | None = None
+        # Inference traffic owed upstream (a replica) and heard from pullers (any node).
+        self.traffic = TrafficTally()
+        self.traffic_reported: Counter[str] = Counter()
         self.started_at = time.time()
         self.copied_at: float | None = None  # checkpoint replicas: write time of the copy
 
@@ -119,6 +125,27 @@ class NodeCore:
                 f"node {self.name!r} is a {self.role}; {what} the source "
                 f"{self.config.source.name!r}"
             )
+
+    def report_traffic(self, peer: str, counts: Mapping[str, int]) -> None:
+        """``peer`` reported predictions per model: the source's scheduler weighs each
+        model's updates by its share (p_m); any other node passes the counts upstream with
+        its next pull."""
+        self.traffic_reported.update(counts)
+        if not self.is_source:
+            self.traffic.add(counts)
+            return
+        scheduler = self.writer.scheduler
+        if scheduler is not None:
+            now = time.time()
+            for model, n in counts.items():
+                scheduler.traffic.report(model, n, now)
+
+    def register_model_tables(self, model: str, tables: list[str]) -> None:
+        """At the source: ``tables`` belong to ``model``, whose traffic share weighs them."""
+        scheduler = self.writer.scheduler
+        if scheduler is not None:
+            for t in tables:
+                scheduler.traffic.register(t, model)
 
     def save_snapshot(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -184,4 +211,12 @@ class NodeCore:
             "tables": tables,
             "latency": self.latency.summary(),
             "links": {k: vars(v) for k, v in self.links.items()},
+            "traffic": self._traffic_status(),
         }
+
+    def _traffic_status(self) -> dict:
+        out: dict = {"reported": dict(self.traffic_reported)}
+        scheduler = self.writer.scheduler
+        if scheduler is not None:
+            out["shares"] = dict(scheduler.traffic.shares())
+        return out

@@ -69,16 +69,24 @@ class NodeCollector:
         yield _counter("ekko_pulls", "Pull requests answered or parked", lk, lv, rs.pulls)
         yield _gauge("ekko_parked_pulls", "Long-polls waiting for a change", lk, lv, rs.parked)
         yield _gauge("ekko_sessions", "Connected pullers", lk, lv, rs.sessions)
-        yield _counter("ekko_shared_chunks", "Chunks reused from another session's same pull",
-                       lk, lv, rs.shared_chunks)
+        yield _counter(
+            "ekko_shared_chunks",
+            "Chunks reused from another session's same pull",
+            lk,
+            lv,
+            rs.shared_chunks,
+        )
 
-        hits = CounterMetricFamily("ekko_cache_hits", "Pulls answered from the update cache",
-                                   labels=[*lk, "table"])
-        scans = CounterMetricFamily("ekko_full_scans", "Pulls answered by a full scan",
-                                    labels=[*lk, "table"])
+        hits = CounterMetricFamily(
+            "ekko_cache_hits", "Pulls answered from the update cache", labels=[*lk, "table"]
+        )
+        scans = CounterMetricFamily(
+            "ekko_full_scans", "Pulls answered by a full scan", labels=[*lk, "table"]
+        )
         tab_rows = GaugeMetricFamily("ekko_table_rows", "Rows held", labels=[*lk, "table"])
-        ratio = GaugeMetricFamily("ekko_cache_hit_ratio", "Cache hits / (hits + full scans)",
-                                  labels=[*lk, "table"])
+        ratio = GaugeMetricFamily(
+            "ekko_cache_hit_ratio", "Cache hits / (hits + full scans)", labels=[*lk, "table"]
+        )
         known = GaugeMetricFamily(
             "ekko_knowledge_versions",
             "Sum of per-shard knowledge; the source's value minus a replica's is its lag in "
@@ -98,6 +106,14 @@ class NodeCollector:
         yield tab_rows
         yield ratio
         yield known
+        reported = CounterMetricFamily(
+            "ekko_traffic_reported",
+            "Predictions per model reported by this node's pullers (own and downstream)",
+            labels=[*lk, "model"],
+        )
+        for model, n in core.traffic_reported.items():
+            reported.add_metric([*lv, model], n)
+        yield reported
         for fn in self.extra:
             yield from fn()
 

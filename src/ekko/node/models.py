@@ -107,9 +107,14 @@ class ModelHost:
             torch.set_num_threads(1)
 
             self.services = build_services(core.store, list(models))
+            core.traffic.served = self.predictions
             if guard.enabled and core.role != "checkpoint":
                 self._build_replica_guards()
         self._on_write = on_write
+
+    def predictions(self) -> dict[str, int]:
+        """Predictions served so far per model (cumulative), for the traffic report."""
+        return {name: svc.statistics().rows_predicted for name, svc in self.services.items()}
 
     def _open_log(self):
         from ekko.guard.log import TransitionLog
@@ -128,6 +133,7 @@ class ModelHost:
         self.lagged = LaggedStore(max(m.baseline_lag_s for m in cfg.models))
         source = cfg.source.name
         for name, svc in self.services.items():
+
             def send(path: str, body: dict, _m: str = name) -> None:
                 self._send(source, f"/v1/models/{_m}/{path}", body)
 
@@ -173,6 +179,8 @@ class ModelHost:
                 dense_interval_s=m.dense_interval_s,
             )
             svc.bootstrap()  # on the loop thread, straight into the store
+            pub = svc.publisher
+            self.core.register_model_tables(m.name, [*pub.table_names, *pub.dense_table_names])
             self._on_write()
             sink: Sink = store_sink
             if cfg.guard.enabled:

@@ -72,7 +72,7 @@ class NodeRunner:
         self.writer: SyntheticWriter | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self.sync = ResponderHost(self.core.responder, self._pace_for)
+        self.sync = ResponderHost(self.core.responder, self._pace_for, self.core.report_traffic)
         self._tasks: list[asyncio.Task] = []
         self._listener: Listener | None = None
         self.extra_metrics: list = []
@@ -145,9 +145,13 @@ class NodeRunner:
 
     def _ready_doc(self) -> dict:
         n = self.core.node
-        return {"node": n.name, "role": self.core.role, "dc": n.dc,
-                "sync_port": self._listener.port if self._listener else n.sync_port,
-                "admin_port": n.admin_port}
+        return {
+            "node": n.name,
+            "role": self.core.role,
+            "dc": n.dc,
+            "sync_port": self._listener.port if self._listener else n.sync_port,
+            "admin_port": n.admin_port,
+        }
 
     async def _wait_either(self, event: asyncio.Event) -> None:
         waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stop.wait())]
@@ -220,8 +224,9 @@ class NodeRunner:
                 try:
                     await self._pull_link(conn, peer, candidates[:i])
                 except Exception:  # a bug must not end pulling for good: log, reconnect
-                    log.exception("%s: pulling from %s failed; reconnecting", self.core.name,
-                                  peer.name)
+                    log.exception(
+                        "%s: pulling from %s failed; reconnecting", self.core.name, peer.name
+                    )
                     with contextlib.suppress(TransportError, OSError):
                         await conn.close()
                     await asyncio.sleep(0.5)
@@ -253,7 +258,10 @@ class NodeRunner:
         counters = self.core.links.setdefault(peer.name, LinkCounters())
         log.info("%s pulling from %s", self.core.name, peer.name)
         puller = Puller(
-            self.core.store, self.core.puller_config(self._wan(peer.name)), self.core.latency
+            self.core.store,
+            self.core.puller_config(self._wan(peer.name)),
+            self.core.latency,
+            self.core.traffic,
         )
 
         def on_response(msg: PullResponse) -> None:
@@ -351,11 +359,19 @@ class NodeRunner:
                     counters.bytes += len(data)
                     counters.rows += sum(t.rows for t in store.tables.values())
                     self.notify_written()
-                    log.info("%s loaded a full copy (%d bytes) from %s", self.core.name,
-                             len(data), src.name)
+                    log.info(
+                        "%s loaded a full copy (%d bytes) from %s",
+                        self.core.name,
+                        len(data),
+                        src.name,
+                    )
                 except (httpx.HTTPError, SnapshotError, OSError) as exc:
-                    log.warning("%s: copy from %s failed (%s); keeping the previous copy",
-                                self.core.name, src.name, exc)
+                    log.warning(
+                        "%s: copy from %s failed (%s); keeping the previous copy",
+                        self.core.name,
+                        src.name,
+                        exc,
+                    )
                 self._copy_now.clear()
                 with contextlib.suppress(TimeoutError):
                     wait = max(0.0, interval - (time.time() - started))

@@ -13,12 +13,12 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from ekko.net.errors import TransportError
 from ekko.net.transport import Connection
 from ekko.net.wan import WanProfile
-from ekko.protocol.messages import Message, PullResponse
+from ekko.protocol.messages import Message, PullRequest, PullResponse
 from ekko.protocol.puller import Puller
 from ekko.protocol.ready import Ready
 from ekko.protocol.responder import Responder
@@ -109,15 +109,18 @@ class ResponderHost:
 
     ``pace_for(peer)``: the bytes/s to pace a session from ``peer`` at (its WAN link's
     bandwidth), or None for an unpaced link; ``set_rate`` changes it for connected peers.
+    ``on_traffic(peer, counts)``: a pull carried an inference-traffic report.
     """
 
     def __init__(
         self,
         responder: Responder,
         pace_for: Callable[[str], float | None] = lambda peer: None,
+        on_traffic: Callable[[str, Mapping[str, int]], None] = lambda peer, counts: None,
     ) -> None:
         self.responder = responder
         self.pace_for = pace_for
+        self.on_traffic = on_traffic
         self._sessions: dict[int, tuple[str, Outbox]] = {}
         self._ids = itertools.count(1)
         self._timer = Timer(self._tick)
@@ -149,6 +152,8 @@ class ResponderHost:
         try:
             while True:
                 msg = await conn.recv()
+                if isinstance(msg, PullRequest) and msg.traffic:
+                    self.on_traffic(conn.peer, msg.traffic)
                 self._dispatch(self.responder.receive(sid, msg, time.time()))
         except TransportError as exc:
             log.info("puller %s session %d ended: %s", conn.peer, sid, exc)

@@ -19,6 +19,7 @@ from ekko.protocol.messages import (
     TableSpec,
 )
 from ekko.protocol.ready import Ready
+from ekko.protocol.traffic import TrafficTally
 
 __all__ = [
     "DRAIN_ORDER",
@@ -38,4 +39,5 @@ __all__ = [
     "PullResponse",
     "Ready",
     "TableSpec",
+    "TrafficTally",
 ]

@@ -7,6 +7,8 @@ version is checked during the handshake; a peer with another major version is re
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 import numpy as np
 
@@ -65,6 +67,9 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
     # RowBlock per chunk (delta-coded keys, varint versions, zstd). None: plain arrays, the
     # cheapest to produce, for LAN links.
     codec: str | None = None
+    # Predictions served per model since the puller's last report, its own and its pullers'
+    # (``TrafficTally``): what the source's p_m is made of.
+    traffic: dict[str, Annotated[int, msgspec.Meta(ge=0)]] | None = None
 
 
 class ShardMeta(msgspec.Struct, frozen=True, array_like=True):

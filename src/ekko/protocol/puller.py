@@ -25,6 +25,7 @@ from ekko.protocol.messages import (
     PullResponse,
 )
 from ekko.protocol.ready import Ready
+from ekko.protocol.traffic import TrafficTally
 from ekko.store import Store
 
 LINK = "upstream"
@@ -92,6 +93,7 @@ class Puller:
     store: Store
     config: PullerConfig = field(default_factory=PullerConfig)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    traffic: TrafficTally | None = None  # reported upstream on each request
 
     def __post_init__(self) -> None:
         self.config.validate()
@@ -226,7 +228,8 @@ class Puller:
         budget = min(
             self.config.max_bytes, max(64 << 10, self.config.max_bytes_in_flight // window)
         )
-        return PullRequest(rid, budget, wait, cursors, self.config.codec)
+        traffic = self.traffic.take() if self.traffic is not None else None
+        return PullRequest(rid, budget, wait, cursors, self.config.codec, traffic)
 
     def _all_cursors(self) -> list[Cursor]:
         out = []
