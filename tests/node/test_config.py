@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def test_relay_tree_pulls_from_other_dc_leader():
         (lambda d: d.update(scheduler={"percentile": 1.5}), "scheduler.percentile"),
         (lambda d: d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(
             upstream_dc="dc1"), "relay cycle"),
+        (lambda d: d.update(models=[{"name": "a", "table_namespace": "x/"},
+                                    {"name": "b", "table_namespace": "x/"}]),
+         "models ['a', 'b'] would write the same store tables (namespace 'x/')"),
+        (lambda d: d.update(models=[{"name": "a", "table_namespace": "a"}]),
+         "models.0.table_namespace"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path: Path, mutate, needle):
@@ -65,7 +71,7 @@ def test_bad_configs_name_the_problem(tmp_path: Path, mutate, needle):
     import tomli_w
 
     path.write_text(tomli_w.dumps(doc))
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(path)
 
 
@@ -86,3 +92,11 @@ def test_codec_per_link_kind_and_scheduler_from_config():
     sched = cfg.scheduler.scheduler()
     assert sched is not None and sched.config.percentile == 0.9
     assert ClusterConfig.model_validate(_doc()).scheduler.scheduler() is None
+
+
+def test_several_models_get_tables_of_their_own():
+    one = ClusterConfig.model_validate(_doc() | {"models": [{"name": "ctr"}]})
+    assert one.models[0].dlrm().table_namespace == ""  # a lone model keeps the plain names
+    doc = _doc() | {"models": [{"name": "ctr"}, {"name": "ads", "table_namespace": "m2/"}]}
+    two = ClusterConfig.model_validate(doc)
+    assert [m.dlrm().table_namespace for m in two.models] == ["ctr/", "m2/"]

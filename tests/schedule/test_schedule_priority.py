@@ -180,3 +180,6 @@ def test_rows_every_prediction_reads_rank_as_the_hottest_key():
     hottest = hot(PriorityInputs("emb", np.array([0]), one, np.zeros(1, bool)))
     assert dense[0] > 5 * cold[0]
     assert dense[0] == pytest.approx(hottest[0], rel=0.1)
+    # The same under a model's table namespace, and only there.
+    assert hot.reads_all("ctr/dense/top.0.weight") and hot.reads_all("dense/x")
+    assert not hot.reads_all("ctr/emb_0") and not hot.reads_all("ctr/densex")

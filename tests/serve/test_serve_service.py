@@ -9,9 +9,10 @@ import pytest
 import torch
 from serve_fixtures import SMALL_MODEL, random_events, service, train
 
-from ekko.serve import BadInput, ModelNotReady, UnknownVariant
+from ekko.serve import BadInput, InferenceService, ModelNotReady, StoreSink, UnknownVariant
 from ekko.store import Store
-from ekko.train.dlrm import DLRMServingModel, dense_table_name, embedding_table_name
+from ekko.torch import EmbeddingPublisher, PublisherConfig
+from ekko.train.dlrm import DLRM, DLRMServingModel, dense_table_name, embedding_table_name
 from ekko.train.metrics import auc, log_loss
 
 
@@ -217,3 +218,23 @@ def test_variants_are_scored_separately() -> None:
     assert m["online"]["window"]["count"] == 0
     assert m["baseline"]["predictions"] == m["online"]["predictions"] == 8
     assert math.isnan(svc.quality("online").compute(1.0).auc)
+
+
+def test_a_namespaced_model_serves_from_its_own_tables() -> None:
+    cfg = SMALL_MODEL.model_copy(update={"table_namespace": "ctr/"})
+    model = DLRM(cfg.dlrm())
+    store = Store()
+    pub = EmbeddingPublisher(
+        model,
+        StoreSink(store),
+        PublisherConfig(table_names=model.table_names(), dense_prefix="ctr/dense/"),
+    )
+    pub.snapshot()
+    assert store.tables and all(name.startswith("ctr/") for name in store.tables)
+    assert "ctr/emb_0" in store.tables and "ctr/dense/top.0.weight" in store.tables
+    svc = InferenceService(store, cfg)
+    dense, sparse = random_events(16)
+    model.eval()
+    with torch.no_grad():
+        want = torch.sigmoid(model(torch.from_numpy(dense), torch.from_numpy(sparse))).numpy()
+    np.testing.assert_allclose(svc.predict(dense, sparse, now=0.0).ctr, want.ravel(), atol=1e-5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -64,7 +64,9 @@ class TableConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A served DLRM: its tables are ``emb_{i}`` and ``dense/{tensor}`` in the store."""
+    """A served DLRM: its tables are ``emb_{i}`` and ``dense/{tensor}`` in the store, after
+    ``table_namespace`` — unset: none for a cluster's only model, ``{name}/`` for each of
+    several (so two models never write the same tables)."""
 
     name: str = "ctr"
     num_dense: int = Field(13, gt=0)
@@ -80,6 +82,7 @@ class ModelConfig(_Strict):
     dense_lr: float = Field(0.001, gt=0)
     embedding_shards: int = Field(16, gt=0, le=4096)
     dense_interval_s: float = Field(1.0, ge=0)
+    table_namespace: str | None = Field(None, pattern=r"^([^/]+/)*$")
 
     def dlrm(self):  # -> ekko.train.dlrm.DLRMConfig; imported lazily (torch is heavy)
         from ekko.train.dlrm import DLRMConfig
@@ -91,6 +94,7 @@ class ModelConfig(_Strict):
             rows_per_table=self.rows_per_table,
             bottom_mlp=self.bottom_mlp or (64, self.embedding_dim),
             top_mlp=self.top_mlp,
+            table_namespace=self.table_namespace or "",
         )
 
     @model_validator(mode="after")
@@ -197,6 +201,22 @@ class ClusterConfig(_Strict):
     scheduler: SchedulerSection = SchedulerSection()
     guard: GuardSection = GuardSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _namespace_models(cls, data: Any) -> Any:
+        """Several models share one store: give each unnamespaced one its own tables."""
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, list) or len(models) < 2:
+            return data
+        named = []
+        for m in models:
+            if isinstance(m, dict) and m.get("table_namespace") is None and "name" in m:
+                m = {**m, "table_namespace": f"{m['name']}/"}
+            elif isinstance(m, ModelConfig) and m.table_namespace is None:
+                m = m.model_copy(update={"table_namespace": f"{m.name}/"})
+            named.append(m)
+        return {**data, "models": named}
+
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
         dc_names = [d.name for d in self.dcs]
@@ -204,6 +224,13 @@ class ClusterConfig(_Strict):
         _unique("nodes[].name", [n.name for n in self.nodes])
         _unique("tables[].name", [t.name for t in self.tables])
         _unique("models[].name", [m.name for m in self.models])
+        spaces = [m.table_namespace or "" for m in self.models]
+        for ns in sorted({ns for ns in spaces if spaces.count(ns) > 1}):
+            clash = [m.name for m, x in zip(self.models, spaces, strict=True) if x == ns]
+            raise ValueError(
+                f"models[].table_namespace: models {clash} would write the same store tables "
+                f"(namespace {ns!r}); give each its own"
+            )
         training = [d.name for d in self.dcs if d.training]
         if len(training) != 1:
             raise ValueError(f"dcs: exactly one DC must have training = true, got {training}")

@@ -282,10 +282,10 @@ class HotKeyPriority:
     row when a batch used it, so the write rate of a key is its traffic: weighting by it keeps
     the hot rows' (coalesced) updates ahead of rare ones on a busy link. A new key has no
     heat yet but must still go first (no replica can serve it): it is weighted as the hottest
-    key seen lately. So are the rows of tables named with a prefix in ``read_by_all`` (the
-    model's dense tensors): every prediction reads them, however seldom they are written.
-    Heat lives in a fixed array per table indexed by key hash (collisions only add heat),
-    decayed lazily.
+    key seen lately. So are the rows of tables named with a prefix in ``read_by_all``, after
+    any model namespace (the model's dense tensors): every prediction reads them, however
+    seldom they are written. Heat lives in a fixed array per table indexed by key hash
+    (collisions only add heat), decayed lazily.
     """
 
     def __init__(
@@ -312,12 +312,17 @@ class HotKeyPriority:
         s = self._heat.of(keys)
         return heat[s] * np.exp2(-(self._clock - at[s]) / self.half_life_rows)
 
+    def reads_all(self, table: str) -> bool:
+        """Whether every prediction reads ``table``: its name, or the part after a model's
+        table namespace (``ctr/dense/...``), starts with a prefix in ``read_by_all``."""
+        return any(table.startswith(p) or f"/{p}" in table for p in self.read_by_all)
+
     def peak(self) -> float:
         """The highest heat lately (what a new key is weighted as)."""
         return self._peak * 2.0 ** (-(self._clock - self._peak_at) / self.half_life_rows)
 
     def __call__(self, inputs: PriorityInputs) -> np.ndarray:
-        if inputs.table.startswith(self.read_by_all):
+        if self.reads_all(inputs.table):
             heat = np.full(len(inputs.keys), self.peak())
         else:
             heat = self.heat(inputs.table, inputs.keys)

@@ -60,7 +60,7 @@ class ReplicaModel:
         self.config = config
         self.label = label
         self.shapes = dense_shapes(config)
-        self._dense_names = [dense_table_name(k) for k in self.shapes]
+        self._dense_names = [dense_table_name(k, config.table_namespace) for k in self.shapes]
         self._catalog = -1
         self._emb: list[Table | None] = []
         self._dense: list[Table] | None = None
@@ -78,7 +78,7 @@ class ReplicaModel:
         cfg = self.config
         emb: list[Table | None] = []
         for i in range(cfg.num_sparse):
-            t = tables.get(embedding_table_name(i))
+            t = tables.get(embedding_table_name(i, cfg.table_namespace))
             if t is not None and t.dim != cfg.embedding_dim:
                 raise ModelNotReady(
                     f"model {self.label}: table {t.name!r} has dim {t.dim}, the model expects "

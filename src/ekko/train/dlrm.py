@@ -27,14 +27,15 @@ Lookup = Callable[[str, np.ndarray], np.ndarray]
 DENSE_PREFIX = "dense/"
 
 
-def embedding_table_name(feature: int) -> str:
-    """Store table holding the rows of sparse feature ``feature``."""
-    return f"emb_{feature}"
+def embedding_table_name(feature: int, namespace: str = "") -> str:
+    """Store table holding the rows of sparse feature ``feature`` (``DLRMConfig.table_namespace``
+    first, when the store holds several models)."""
+    return f"{namespace}emb_{feature}"
 
 
-def dense_table_name(state_key: str) -> str:
+def dense_table_name(state_key: str, namespace: str = "") -> str:
     """Store table holding the dense tensor ``state_key`` of the model's state dict."""
-    return f"{DENSE_PREFIX}{state_key}"
+    return f"{namespace}{DENSE_PREFIX}{state_key}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class DLRMConfig:
 
     ``bottom_mlp[-1]`` must equal ``embedding_dim``: the bottom MLP's output joins the
     embeddings in the pairwise interaction. ``top_mlp[-1]`` must be 1 (one logit).
+    ``table_namespace`` starts every store table name of the model (``""``, or ending in
+    ``/``), so models sharing a store keep apart.
     """
 
     num_dense: int = 13
@@ -52,8 +55,14 @@ class DLRMConfig:
     bottom_mlp: tuple[int, ...] = (64, 16)
     top_mlp: tuple[int, ...] = (64, 32, 1)
     seed: int = 0
+    table_namespace: str = ""
 
     def __post_init__(self) -> None:
+        if self.table_namespace and not self.table_namespace.endswith("/"):
+            raise ValueError(
+                f"DLRMConfig.table_namespace must be empty or end with '/', "
+                f"got {self.table_namespace!r}"
+            )
         for field in ("num_dense", "num_sparse", "embedding_dim", "rows_per_table"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"DLRMConfig.{field} must be > 0, got {getattr(self, field)}")
@@ -213,7 +222,8 @@ class DLRM(_DLRMHead):
 
     def table_names(self) -> dict[str, str]:
         """Qualified module name -> store table name, for ``PublisherConfig.table_names``."""
-        return {f"sparse.embedding_bags.{name}": name for name in self.sparse.embedding_bags}
+        ns = self.config.table_namespace
+        return {f"sparse.embedding_bags.{name}": ns + name for name in self.sparse.embedding_bags}
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         """The dense tensors (MLP weights and biases) by state-dict key."""
@@ -250,7 +260,10 @@ class DLRMServingModel(_DLRMHead):
         own = self.state_dict()
         if state is None:
             state = {
-                key: self.lookup(dense_table_name(key), np.zeros(1, dtype=np.int64)) for key in own
+                key: self.lookup(
+                    dense_table_name(key, self.config.table_namespace), np.zeros(1, dtype=np.int64)
+                )
+                for key in own
             }
         loaded = {
             key: torch.as_tensor(np.asarray(state[key], dtype=np.float32)).reshape(t.shape)
@@ -264,7 +277,10 @@ class DLRMServingModel(_DLRMHead):
         cfg = self.config
         hashed = np.asarray(sparse, dtype=np.int64) % cfg.rows_per_table
         rows = [
-            np.asarray(self.lookup(embedding_table_name(i), hashed[:, i]), dtype=np.float32)
+            np.asarray(
+                self.lookup(embedding_table_name(i, cfg.table_namespace), hashed[:, i]),
+                dtype=np.float32,
+            )
             for i in range(cfg.num_sparse)
         ]
         embedded = torch.from_numpy(np.stack(rows, axis=1))  # [B, F, D]

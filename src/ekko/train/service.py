@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ekko.guard.metrics import WindowedQuality
-from ekko.train.dlrm import DLRM, DLRMConfig
+from ekko.train.dlrm import DLRM, DLRMConfig, dense_table_name
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.sink import Sink
 from ekko.train.streams import Events
@@ -92,6 +92,7 @@ class TrainingService:
             sink,
             PublisherConfig(
                 table_names=self.model.table_names(),
+                dense_prefix=dense_table_name("", config.table_namespace),
                 embedding_shards=embedding_shards,
                 dense_interval_s=dense_interval_s,
             ),
