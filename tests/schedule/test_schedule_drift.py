@@ -85,3 +85,25 @@ def test_a_row_of_small_steps_is_promoted_once_they_add_up() -> None:
     # The others still take ~10 % of the high lane, each in turn.
     high_share = np.mean([np.mean(ln[:1000] == HIGH_LANE) for ln in lanes[20:]])
     assert high_share == pytest.approx(0.1, abs=0.03)
+
+
+def test_a_held_row_released_in_the_high_lane_starts_its_drift_again() -> None:
+    cfg = SchedulerConfig(
+        accumulate_drift=True, defer=True, defer_min_significance=0.5, max_staleness_s=1.0
+    )
+    sched = UpdateScheduler(cfg)
+    assert sched.drift is not None
+    keys = np.arange(100, dtype=np.int64)
+    old = np.zeros((100, 4), np.float32)
+    new = np.ones((100, 4), np.float32)
+    sched.plan("t", keys, old, new, np.ones(100, bool), now=0.0)  # the usual |Δ| is 2
+    # Another key, with drift gathered in the low lane, still small: (0.3 + 0.02) / 2 < 0.5.
+    key = np.array([500], np.int64)
+    sched.drift.settle("t", key, np.array([0.3]), np.array([LOW_LANE], np.uint8))
+    tiny = np.full((1, 4), 0.01, np.float32)
+    plan = sched.plan("t", key, np.zeros((1, 4), np.float32), tiny, np.ones(1, bool), now=0.5)
+    assert not plan.send_now_mask[0]  # held: not written, its drift unchanged
+    assert sched.drift.drift("t", key, np.zeros(1))[0] == pytest.approx(0.3)
+    (released,) = sched.due(2.0)
+    assert released.keys.tolist() == [500] and released.lanes.tolist() == [HIGH_LANE]
+    assert sched.drift.drift("t", key, np.zeros(1))[0] == 0.0

@@ -56,7 +56,8 @@ class SchedulerConfig:
     - ``hot_keys``: weight priorities by each key's recent write rate (``HotKeyPriority``);
       ``read_by_all``: table prefixes every prediction reads, weighted as the hottest key.
     - ``accumulate_drift``: rank a write by its row's drift since the row last went in a
-      first-drained lane, not by its own step (``DriftAccumulator``).
+      first-drained lane, not by its own step (``DriftAccumulator``); deferral then holds a
+      row only while that drift, not just the step, is insignificant.
     """
 
     enabled: bool = True
