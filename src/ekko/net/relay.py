@@ -18,8 +18,8 @@ import collections
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 
+from ekko.net.server import TaskServer
 from ekko.net.wan import WanLine, WanProfile
 
 log = logging.getLogger("ekko.net.relay")
@@ -107,7 +107,7 @@ class _Direction:
             self._relay._count(self._field, len(data))
 
 
-class Relay:
+class Relay(TaskServer):
     """A listening WAN relay in front of one TCP target.
 
     Why an object: a bench owns it for a run (``close`` ends every relayed connection),
@@ -118,20 +118,12 @@ class Relay:
     def __init__(
         self, target_host: str, target_port: int, wan: WanProfile, queue_limit: int
     ) -> None:
+        super().__init__()
         self.target = (target_host, target_port)
         self._lines = (WanLine(wan), WanLine(wan))  # client→server, server→client
         self._queue_limit = queue_limit
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._counts = {"bytes_client_to_server": 0, "bytes_server_to_client": 0, "connections": 0}
-
-    @property
-    def port(self) -> int:
-        """The bound listening port."""
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        self._counts = {"bytes_client_to_server": 0, "bytes_server_to_client": 0}
 
     @property
     def wan(self) -> WanProfile:
@@ -139,7 +131,7 @@ class Relay:
 
     @property
     def stats(self) -> RelayStats:
-        return RelayStats(**self._counts, active=len(self._tasks))
+        return RelayStats(**self._counts, connections=self._accepted, active=len(self._tasks))
 
     def set_wan(self, wan: WanProfile) -> None:
         """Change delay and bandwidth, both directions, for bytes read from now on."""
@@ -148,15 +140,6 @@ class Relay:
 
     def _count(self, field: str, n: int) -> None:
         self._counts[field] += n
-
-    async def _start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._accept, host, port)
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._counts["connections"] += 1
-        task = asyncio.create_task(self._handle(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         self._writers.add(c_writer)
@@ -202,28 +185,9 @@ class Relay:
 
     def close(self) -> None:
         """Stop accepting and drop every relayed connection (bytes in flight are lost)."""
-        if self._server is not None:
-            self._server.close()
-        for task in self._tasks:
-            task.cancel()
+        super().close()
         for w in self._writers:
             w.transport.abort()
-
-    async def wait_closed(self) -> None:
-        if self._server is not None:
-            await self._server.wait_closed()
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def aclose(self) -> None:
-        self.close()
-        await self.wait_closed()
-
-    async def __aenter__(self) -> Relay:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 def _clean(tasks: list[asyncio.Task[None]]) -> bool:

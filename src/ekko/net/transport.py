@@ -14,7 +14,6 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ekko.net.auth import ClientHandshake, ServerHandshake
 from ekko.net.connection import DEFAULT_WAN_QUEUE_BYTES, Connection
@@ -26,6 +25,7 @@ from ekko.net.errors import (
 )
 from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES
 from ekko.net.handshake import HandshakeMessage
+from ekko.net.server import TaskServer
 from ekko.net.wan import WanProfile
 from ekko.protocol.messages import Message
 
@@ -162,7 +162,7 @@ class ListenerStats:
     active: int = 0
 
 
-class Listener:
+class Listener(TaskServer):
     """A TCP server accepting authenticated ekko connections.
 
     Why an object rather than a bare ``asyncio.Server``: it owns the per-connection tasks (so
@@ -183,6 +183,7 @@ class Listener:
     ) -> None:
         if not secret:
             raise ValueError("secret must be non-empty bytes")
+        super().__init__()
         self._node = node
         self._secret = secret
         self._on_connection = on_connection
@@ -191,52 +192,11 @@ class Listener:
         self._max_frame_bytes = max_frame_bytes
         self._handshake_timeout = handshake_timeout
         self._wan_queue_bytes = wan_queue_bytes
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._counts = {"accepted": 0, "authenticated": 0, "auth_failures": 0, "handler_errors": 0}
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (the real one when asked for port 0)."""
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        self._counts = {"authenticated": 0, "auth_failures": 0, "handler_errors": 0}
 
     @property
     def stats(self) -> ListenerStats:
-        return ListenerStats(**self._counts, active=len(self._tasks))
-
-    def close(self) -> None:
-        """Stop accepting and end every connection's handler task."""
-        if self._server is not None:
-            self._server.close()
-        for task in self._tasks:
-            task.cancel()
-
-    async def wait_closed(self) -> None:
-        """Wait until the listening socket and every handler task are gone."""
-        if self._server is not None:
-            await self._server.wait_closed()
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def __aenter__(self) -> Listener:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-        await self.wait_closed()
-
-    async def _start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._accept, host, port)
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback spawning our own task: ``close`` may cancel it without asyncio's
-        # stream callback logging the cancellation as an error.
-        self._counts["accepted"] += 1
-        task = asyncio.create_task(self._handle(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return ListenerStats(**self._counts, accepted=self._accepted, active=len(self._tasks))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = TcpStream(reader, writer)
