@@ -13,15 +13,26 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
-app = typer.Typer(help="Ekko: fresh recommendation models in every data centre.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Ekko: fresh recommendation models in every data centre.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
 BENCHES = (
-    "apply", "churn", "latency", "ablation", "train", "serve", "freshness", "rollback",
-    "bandwidth", "congestion",
+    "apply",
+    "churn",
+    "latency",
+    "ablation",
+    "train",
+    "serve",
+    "freshness",
+    "rollback",
+    "bandwidth",
+    "congestion",
 )
 
 
@@ -54,16 +65,25 @@ def cluster_init(
     wan_delay_ms: str = typer.Option("25,50,100", help="One-way WAN delay per DC (ms)."),
     wan_mbit: float | None = typer.Option(None, help="WAN bandwidth cap per DC (Mbit/s)."),
     tables: str | None = typer.Option(None, help="NAME:DIM:SHARDS,... (default emb:32:16)."),
-    serve: bool = typer.Option(False, help="Add a DLRM [[models]] entry ('ctr'): the source "
-                                           "trains it, every replica serves it."),
+    serve: bool = typer.Option(
+        False,
+        help="Add a DLRM [[models]] entry ('ctr'): the source trains it, every replica serves it.",
+    ),
     out: Path = typer.Option(Path("cluster.toml"), help="Where to write the config."),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
     from ekko.node.cluster_init import cluster_doc, write_cluster
 
     models = [{"name": "ctr"}] if serve else None
-    doc = cluster_doc(dcs=dcs, replicas=replicas, wan_delay_ms=_floats(wan_delay_ms),
-                      wan_mbit=wan_mbit, tables=_tables(tables), serve=serve, models=models)
+    doc = cluster_doc(
+        dcs=dcs,
+        replicas=replicas,
+        wan_delay_ms=_floats(wan_delay_ms),
+        wan_mbit=wan_mbit,
+        tables=_tables(tables),
+        serve=serve,
+        models=models,
+    )
     path = write_cluster(doc, out)
     console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and its secret file")
 
@@ -71,8 +91,14 @@ def cluster_init(
 def _writer_options(rate: float | None, batch_ms: float, key_space: int) -> list[str]:
     if rate is None:
         return []
-    return ["--writer-rate", str(rate), "--writer-batch-ms", str(batch_ms),
-            "--writer-key-space", str(key_space)]
+    return [
+        "--writer-rate",
+        str(rate),
+        "--writer-batch-ms",
+        str(batch_ms),
+        "--writer-key-space",
+        str(key_space),
+    ]
 
 
 @app.command()
@@ -98,11 +124,13 @@ def node(
         raise typer.Exit(2) from exc
     writer = None
     if writer_rate is not None:
-        writer = SyntheticWriterConfig(rate_rows_per_s=writer_rate,
-                                       batch_interval_ms=writer_batch_ms,
-                                       key_space=writer_key_space,
-                                       prefill=writer_prefill,
-                                       tables=tuple(t for t in writer_tables.split(",") if t))
+        writer = SyntheticWriterConfig(
+            rate_rows_per_s=writer_rate,
+            batch_interval_ms=writer_batch_ms,
+            key_space=writer_key_space,
+            prefill=writer_prefill,
+            tables=tuple(t for t in writer_tables.split(",") if t),
+        )
     run_node(cfg, name, config.resolve().parent, writer=writer)
 
 
@@ -119,8 +147,9 @@ def up(
     from ekko.node.launcher import LaunchError, LocalCluster
     from ekko.node.live import watch
 
-    cluster = LocalCluster(config, writer_args=_writer_options(writer_rate, writer_batch_ms,
-                                                               writer_key_space))
+    cluster = LocalCluster(
+        config, writer_args=_writer_options(writer_rate, writer_batch_ms, writer_key_space)
+    )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -144,21 +173,29 @@ def up(
 def demo(
     duration: float = typer.Option(60.0, help="Seconds of online traffic."),
     rate: float = typer.Option(1024.0, help="Events/s predicted, labelled and trained."),
-    checkpoint_every: float = typer.Option(60.0, help="Full-copy interval of the checkpoint "
-                                                      "replica (the no-Ekko comparison)."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the result JSON here "
-                                                              "(PNG beside it)."),
+    checkpoint_every: float = typer.Option(
+        60.0, help="Full-copy interval of the checkpoint replica (the no-Ekko comparison)."
+    ),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Write the result JSON here (PNG beside it)."
+    ),
     workdir: Path = typer.Option(Path("data/demo"), help="Where the demo cluster lives."),
-    poison_at: float | None = typer.Option(None, help="Train on flipped labels from this "
-                                                      "second of the run (the guard's test)."),
+    poison_at: float | None = typer.Option(
+        None, help="Train on flipped labels from this second of the run (the guard's test)."
+    ),
     poison_for: float = typer.Option(20.0, help="Seconds of poisoned training input."),
 ) -> None:
     """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica."""
     from ekko.demo.run import DemoSpec, run_demo
     from ekko.node.launcher import LaunchError
 
-    spec = DemoSpec(duration_s=duration, rate=rate, checkpoint_every_s=checkpoint_every,
-                    poison_at_s=poison_at, poison_for_s=poison_for)
+    spec = DemoSpec(
+        duration_s=duration,
+        rate=rate,
+        checkpoint_every_s=checkpoint_every,
+        poison_at_s=poison_at,
+        poison_for_s=poison_for,
+    )
     try:
         doc = run_demo(spec, workdir, json_path=json_out, console=console)
     except (LaunchError, TimeoutError) as exc:
@@ -174,8 +211,13 @@ def _print_summary(summary: dict) -> None:
     for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "WAN rows/s"):
         t.add_column(col)
     for row in summary.get("per_dc", []):
-        t.add_row(row["dc"], f"{row['one_way_delay_ms']:.0f}", f"{row['p50_ms']:.1f}",
-                  f"{row['p99_ms']:.1f}", f"{row['rows_per_s']:.0f}")
+        t.add_row(
+            row["dc"],
+            f"{row['one_way_delay_ms']:.0f}",
+            f"{row['p50_ms']:.1f}",
+            f"{row['p99_ms']:.1f}",
+            f"{row['rows_per_s']:.0f}",
+        )
     Console().print(t)
 
 

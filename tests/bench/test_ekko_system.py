@@ -35,9 +35,12 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> Trace:
     [
         EkkoVariant("direct", relay=False),
         EkkoVariant("lanes paced fp32", codec="fp32", scheduler=SchedulerConfig(), pace=True),
-        EkkoVariant("coalesced deferral", coalesce_ms=50, codec="fp32",
-                    scheduler=SchedulerConfig(defer=True, defer_min_significance=0.5,
-                                              max_staleness_s=0.2)),
+        EkkoVariant(
+            "coalesced deferral",
+            coalesce_ms=50,
+            codec="fp32",
+            scheduler=SchedulerConfig(defer=True, defer_min_significance=0.5, max_staleness_s=0.2),
+        ),
     ],
     ids=lambda v: v.name,
 )
@@ -66,9 +69,7 @@ async def test_relay_and_int8_cut_wan_bytes_within_the_codec_error(trace: Trace)
 def warm_trace(tmp_path_factory: pytest.TempPathFactory) -> Trace:
     """After a short warm-up only touched rows are in the initial state: the rest are new."""
     path = tmp_path_factory.mktemp("ekko-warm") / "tiny"
-    return load_trace(
-        record_trace(30, 256, seed=13, path=path, model_config=TINY, warmup_steps=3)
-    )
+    return load_trace(record_trace(30, 256, seed=13, path=path, model_config=TINY, warmup_steps=3))
 
 
 async def test_bandwidth_drop_reaches_links_and_new_keys_are_timed(warm_trace: Trace) -> None:
@@ -78,8 +79,15 @@ async def test_bandwidth_drop_reaches_links_and_new_keys_are_timed(warm_trace: T
     variant = EkkoVariant("paced", codec="int8", scheduler=SchedulerConfig(), pace=True)
     new_keys = NewKeyLatency()
     topology = default_topology((5.0, 10.0), mbit=2.0, replicas=2)
-    r = await run_ekko(trace, topology, variant, speed=4.0, new_keys=new_keys, timeout_s=120,
-                       changes=[BandwidthChange(0.2, 0.1), BandwidthChange(0.6, 1.0)])
+    r = await run_ekko(
+        trace,
+        topology,
+        variant,
+        speed=4.0,
+        new_keys=new_keys,
+        timeout_s=120,
+        changes=[BandwidthChange(0.2, 0.1), BandwidthChange(0.6, 1.0)],
+    )
     assert r.details["within_codec_error"]
     assert new_keys.latency_ms and not math.isnan(new_keys.p99_ms())
     assert all(p.size == 0 for tables in new_keys.pending.values() for p, _ in tables.values())

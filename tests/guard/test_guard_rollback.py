@@ -45,8 +45,17 @@ def setup(replicas: list[str]):
     store = Store(origin=0)
     sent: list[tuple[str, dict]] = []
     trainer = FakeTrainer()
-    guard = SourceGuard("ctr", store, trainer, replicas, lambda p, b: sent.append((p, b)),
-                        lambda: None, None, margin_s=0.0, quarantine_s=0.0)
+    guard = SourceGuard(
+        "ctr",
+        store,
+        trainer,
+        replicas,
+        lambda p, b: sent.append((p, b)),
+        lambda: None,
+        None,
+        margin_s=0.0,
+        quarantine_s=0.0,
+    )
     sink = PreimageSink(StoreSink(store), store, guard.preimages, clock=lambda: clock[0])
     sink.create_table(TableSpec("emb", DIM, 4))
     return store, guard, sink, trainer, sent
@@ -115,8 +124,13 @@ def test_rollback_reaches_a_replica_by_sync_and_it_reports_matching_digests():
     converge(net)
     assert replica.table("emb").digest() == store.table("emb").digest() != poisoned
     assert covers(replica, mark) and not covers(Store(), mark)
-    guard.restored({"node": "r1", "at": inc["decided_at"] + 1,
-                    "digests": {"emb": f"{replica.table('emb').digest():016x}"}})
+    guard.restored(
+        {
+            "node": "r1",
+            "at": inc["decided_at"] + 1,
+            "digests": {"emb": f"{replica.table('emb').digest():016x}"},
+        }
+    )
     done = guard.incidents[-1]
     assert done["good_rows_lost"] == 0 and done["replica_table_mismatches"] == {}
     assert guard.incident is None
@@ -128,9 +142,18 @@ def test_rollback_reaches_a_replica_by_sync_and_it_reports_matching_digests():
 def _chunk(keys, value: float, versions, wtime_ns: int) -> Chunk:
     n = len(keys)
     e = np.empty(0, np.int64)
-    return Chunk("emb", 0, e, e, e, e, np.array(keys, np.int64),
-                 np.full((n, 2), value, np.float32), np.array(versions, np.int64),
-                 np.full(n, wtime_ns, np.int64))
+    return Chunk(
+        "emb",
+        0,
+        e,
+        e,
+        e,
+        e,
+        np.array(keys, np.int64),
+        np.full((n, 2), value, np.float32),
+        np.array(versions, np.int64),
+        np.full(n, wtime_ns, np.int64),
+    )
 
 
 def test_lagged_store_follows_late_freezes_and_drops_rows_written_after_a_point():
@@ -159,8 +182,16 @@ def test_a_redirect_overtaken_by_its_rollback_is_ignored():
 
     svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))
     sent: list = []
-    guard = ReplicaGuard.build("r1", svc, LaggedStore(1.0), DetectorConfig(), 3, None,
-                               lambda p, b: sent.append((p, b)), 0.3)
+    guard = ReplicaGuard.build(
+        "r1",
+        svc,
+        LaggedStore(1.0),
+        DetectorConfig(),
+        3,
+        None,
+        lambda p, b: sent.append((p, b)),
+        0.3,
+    )
     guard.rolled_back(0.0, {})  # the rollback of incident 0 arrives first ...
     assert guard.health.state is State.RECOVERING and guard.router.redirected
     guard.redirect("late", epoch=0)  # ... then its redirect: stale, no new corruption
@@ -178,8 +209,9 @@ def test_gate_acts_only_on_an_online_model_worse_than_the_baseline_twice():
     from ekko.serve import InferenceService
 
     svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))
-    guard = ReplicaGuard.build("r1", svc, LaggedStore(1.0), DetectorConfig(), 3, None,
-                               lambda p, b: None, 0.3)
+    guard = ReplicaGuard.build(
+        "r1", svc, LaggedStore(1.0), DetectorConfig(), 3, None, lambda p, b: None, 0.3
+    )
     critical = Verdict(13.0, CORRUPTED, "corrupted", 5.0, 5.0, False, 0.0)
 
     def snap(ll: float, auc: float) -> QualitySnapshot:

@@ -46,7 +46,10 @@ def _wait_converged(cluster, deadline_s: float = 60.0) -> dict[str, dict[str, st
 
 def test_writes_survive_follower_and_leader_kills(make_cluster):
     cluster = make_cluster(
-        dcs=3, replicas=2, wan_delay_ms=[10, 20, 40], tables=[("emb", DIM, 8)],
+        dcs=3,
+        replicas=2,
+        wan_delay_ms=[10, 20, 40],
+        tables=[("emb", DIM, 8)],
         sync={"failover_probe_s": 0.5, "snapshot_interval_s": 0},
     )
     cluster.start()
@@ -78,8 +81,9 @@ def test_writes_survive_follower_and_leader_kills(make_cluster):
 def test_rows_api_reads_values_and_rejects_bad_input(make_cluster):
     cluster = make_cluster(dcs=1, replicas=1, wan_delay_ms=[5], tables=[("emb", 4, 4)])
     cluster.start()
-    r = cluster.post("source", "/v1/tables/emb/rows",
-                     {"keys": [1, 2], "values": [[1, 2, 3, 4], [5, 6, 7, 8]]})
+    r = cluster.post(
+        "source", "/v1/tables/emb/rows", {"keys": [1, 2], "values": [[1, 2, 3, 4], [5, 6, 7, 8]]}
+    )
     assert r.status_code == 200 and len(r.json()["versions"]) == 2
     before = _digests(cluster, "source")
     bad = [
@@ -116,7 +120,8 @@ def test_rows_api_reads_values_and_rejects_bad_input(make_cluster):
 def _knowledge(metrics_text: str) -> float:
     import re
 
-    found = re.search(r'^ekko_knowledge_versions\{[^}]*table="emb"[^}]*\} (\S+)$', metrics_text,
-                      re.MULTILINE)
+    found = re.search(
+        r'^ekko_knowledge_versions\{[^}]*table="emb"[^}]*\} (\S+)$', metrics_text, re.MULTILINE
+    )
     assert found, "ekko_knowledge_versions missing from /metrics"
     return float(found.group(1))

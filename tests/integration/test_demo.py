@@ -11,9 +11,21 @@ from pathlib import Path
 def test_demo_serves_fresh_models_in_every_dc(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "ekko", "demo", "--duration", "10", "--json", str(out),
-         "--workdir", str(tmp_path / "cluster")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ekko",
+            "demo",
+            "--duration",
+            "10",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "cluster"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())

@@ -12,9 +12,25 @@ from pathlib import Path
 def test_poisoned_training_is_detected_redirected_rolled_back_and_recovered(tmp_path: Path):
     out = tmp_path / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "ekko", "demo", "--duration", "85", "--poison-at", "40",
-         "--poison-for", "10", "--json", str(out), "--workdir", str(tmp_path / "cluster")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "ekko",
+            "demo",
+            "--duration",
+            "85",
+            "--poison-at",
+            "40",
+            "--poison-for",
+            "10",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "cluster"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]

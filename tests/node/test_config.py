@@ -20,8 +20,7 @@ def test_generated_cluster_roundtrips_and_has_roles(tmp_path: Path):
     cfg = load_config(path)
     assert (tmp_path / "cluster.secret").stat().st_mode & 0o777 == 0o600
     assert cfg.source.name == "source"
-    assert [cfg.role(n) for n in ("source", "dc1-r0", "dc1-r1")] == [
-        "source", "leader", "follower"]
+    assert [cfg.role(n) for n in ("source", "dc1-r0", "dc1-r1")] == ["source", "leader", "follower"]
     ports = [p for n in cfg.nodes for p in (n.sync_port, n.admin_port)]
     assert len(set(ports)) == len(ports)
 
@@ -55,13 +54,25 @@ def test_relay_tree_pulls_from_other_dc_leader():
         (lambda d: d["sync"].update(windw=3), "windw"),
         (lambda d: d["sync"].update(wan_codec="int3"), "sync.wan_codec"),
         (lambda d: d.update(scheduler={"percentile": 1.5}), "scheduler.percentile"),
-        (lambda d: d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(
-            upstream_dc="dc1"), "relay cycle"),
-        (lambda d: d.update(models=[{"name": "a", "table_namespace": "x/"},
-                                    {"name": "b", "table_namespace": "x/"}]),
-         "models ['a', 'b'] would write the same store tables (namespace 'x/')"),
-        (lambda d: d.update(models=[{"name": "a", "table_namespace": "a"}]),
-         "models.0.table_namespace"),
+        (
+            lambda d: (
+                d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(upstream_dc="dc1")
+            ),
+            "relay cycle",
+        ),
+        (
+            lambda d: d.update(
+                models=[
+                    {"name": "a", "table_namespace": "x/"},
+                    {"name": "b", "table_namespace": "x/"},
+                ]
+            ),
+            "models ['a', 'b'] would write the same store tables (namespace 'x/')",
+        ),
+        (
+            lambda d: d.update(models=[{"name": "a", "table_namespace": "a"}]),
+            "models.0.table_namespace",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path: Path, mutate, needle):

@@ -15,8 +15,12 @@ from ekko.node.runner import NodeRunner
 
 async def test_held_rows_reach_the_table_within_the_staleness_bound(tmp_path: Path) -> None:
     doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)], sync={"snapshot_interval_s": 0})
-    doc["scheduler"] = {"enabled": True, "defer": True, "defer_min_significance": 0.5,
-                        "max_staleness_s": 0.3}
+    doc["scheduler"] = {
+        "enabled": True,
+        "defer": True,
+        "defer_min_significance": 0.5,
+        "max_staleness_s": 0.3,
+    }
     cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
     runner = NodeRunner(cfg, "source", tmp_path)
     task = asyncio.create_task(runner.run())

@@ -46,8 +46,9 @@ async def test_loop_sink_applies_writes_on_the_loop_thread_in_order() -> None:
 
 
 def test_checkpoint_replica_has_its_own_role_and_no_upstream() -> None:
-    doc = cluster_doc(dcs=2, replicas=1, serve=True, models=[{"name": "ctr"}],
-                      checkpoint_every_s=30)
+    doc = cluster_doc(
+        dcs=2, replicas=1, serve=True, models=[{"name": "ctr"}], checkpoint_every_s=30
+    )
     cfg = ClusterConfig.model_validate(doc)
     assert cfg.role("ckpt-r0") == "checkpoint"
     assert cfg.upstreams("ckpt-r0") == []

@@ -230,4 +230,3 @@ def test_one_answer_waits_to_be_framed_before_rows_are_chosen_for_the_next():
                               now_ns=3)  # fmt: skip
     again = responder.receive(1, PullRequest(4, 1 << 20, 1000, None, "fp32"), 0.9).sends
     assert again and sum(c.rows for c in again[0][1].chunks) == 3
-

@@ -37,7 +37,7 @@ def _first_pull(req_id: int = 1, max_bytes: int = 1 << 20, wait_ms: int = 0) -> 
 def test_first_pull_returns_every_row_and_catalog():
     store = _source()
     r = Responder(store)
-    (sid, resp), = r.receive("a", _first_pull(), 0.0).sends
+    ((sid, resp),) = r.receive("a", _first_pull(), 0.0).sends
     assert isinstance(resp, PullResponse) and sid == "a"
     assert sum(c.rows for c in resp.chunks) == 10
     assert [t.name for t in resp.tables] == ["emb"]
@@ -51,7 +51,7 @@ def test_session_does_not_resend_and_long_poll_parks_until_write():
     ready = r.receive("a", PullRequest(2, 1 << 20, 500), 0.1)
     assert ready.sends == [] and ready.wake_at == 0.6
     store.table("emb").write(np.array([3], np.int64), np.zeros((1, 4), np.float32), now_ns=2)
-    (_, resp), = r.store_changed(0.2).sends
+    ((_, resp),) = r.store_changed(0.2).sends
     assert resp.req_id == 2
     assert [c.keys.tolist() for c in resp.chunks if c.rows] == [[3]]
     # The low lane carries no rows but its knowledge moves with the shard's version counter.
@@ -64,7 +64,7 @@ def test_parked_pull_expires_empty():
     r.receive("a", _first_pull(), 0.0)
     r.receive("a", PullRequest(2, 1 << 20, 100), 0.0)
     assert r.tick(0.05).sends == []
-    (_, resp), = r.tick(0.1).sends
+    ((_, resp),) = r.tick(0.1).sends
     assert resp.req_id == 2 and resp.chunks == []
 
 
@@ -72,7 +72,7 @@ def test_budget_truncates_with_more_and_prefix_knowledge():
     store = _source(rows=50)
     r = Responder(store)
     row_bytes = 24 + 16
-    (_, resp), = r.receive("a", _first_pull(max_bytes=10 * row_bytes), 0.0).sends
+    ((_, resp),) = r.receive("a", _first_pull(max_bytes=10 * row_bytes), 0.0).sends
     assert resp.more
     assert sum(c.rows for c in resp.chunks) == 10
     c = resp.chunks[0]
@@ -82,13 +82,13 @@ def test_budget_truncates_with_more_and_prefix_knowledge():
 
 def test_unknown_table_cursor_is_a_named_error():
     r = Responder(_source())
-    (_, err), = r.receive("a", PullRequest(7, 100, 0, [Cursor("nope", 0, 0, 0)]), 0.0).sends
+    ((_, err),) = r.receive("a", PullRequest(7, 100, 0, [Cursor("nope", 0, 0, 0)]), 0.0).sends
     assert isinstance(err, Error) and err.code == "unknown_table" and "nope" in err.reason
 
 
 def test_catalog_request():
     r = Responder(_source())
-    (_, cat), = r.receive("a", CatalogRequest(5), 0.0).sends
+    ((_, cat),) = r.receive("a", CatalogRequest(5), 0.0).sends
     assert isinstance(cat, Catalog) and cat.tables == [TableSpec("emb", 4, 2)]
 
 
@@ -125,22 +125,28 @@ class _NoMemo(Responder):
 
 def _same_response(a: PullResponse, b: PullResponse) -> None:
     assert (a.req_id, a.more, a.tables, a.catalog_version) == (
-        b.req_id, b.more, b.tables, b.catalog_version,
+        b.req_id,
+        b.more,
+        b.tables,
+        b.catalog_version,
     )
     assert len(a.chunks) == len(b.chunks)
     for x, y in zip(a.chunks, b.chunks, strict=True):
         assert (x.table, x.lane, x.origin) == (y.table, y.lane, y.origin)
-        for f in ("shards", "bases", "knowledge", "counts", "keys", "values", "versions",
-                  "wtimes"):
+        for f in ("shards", "bases", "knowledge", "counts", "keys", "values", "versions", "wtimes"):
             np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
     assert (a.holds is None) == (b.holds is None)
 
 
 STEP = st.one_of(
-    st.tuples(st.just("write"), st.lists(st.integers(0, 40), min_size=1, max_size=12),
-              st.sampled_from([HIGH_LANE, LOW_LANE])),
-    st.tuples(st.just("pull"), st.sampled_from("abc"), st.sampled_from([40, 200, 1 << 20]),
-              st.booleans()),
+    st.tuples(
+        st.just("write"),
+        st.lists(st.integers(0, 40), min_size=1, max_size=12),
+        st.sampled_from([HIGH_LANE, LOW_LANE]),
+    ),
+    st.tuples(
+        st.just("pull"), st.sampled_from("abc"), st.sampled_from([40, 200, 1 << 20]), st.booleans()
+    ),
     st.tuples(st.just("changed")),
 )
 
@@ -184,7 +190,7 @@ def test_truncated_chunk_holds_only_the_rows_it_sends():
     store = _source(rows=5000)
     r = Responder(store)
     row_bytes = 24 + 16
-    (_, resp), = r.receive("a", _first_pull(max_bytes=100 * row_bytes), 0.0).sends
+    ((_, resp),) = r.receive("a", _first_pull(max_bytes=100 * row_bytes), 0.0).sends
     assert resp.more and sum(c.rows for c in resp.chunks) == 100
     for c in resp.chunks:
         for arr in (c.keys, c.values, c.versions, c.wtimes):

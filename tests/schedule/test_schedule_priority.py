@@ -144,23 +144,23 @@ def test_default_priority_model_scope_shares_one_mean() -> None:
 def test_hot_key_priority_ranks_often_written_keys_first_and_cools_down():
     from ekko.schedule.priority import DefaultPriority, HotKeyPriority, PriorityInputs
 
-    base = DefaultPriority(SignificanceTracker(half_life_rows=1e6, sample=64, seed=0),
-                           TrafficShares(window_s=60.0))
+    base = DefaultPriority(
+        SignificanceTracker(half_life_rows=1e6, sample=64, seed=0), TrafficShares(window_s=60.0)
+    )
     hot = HotKeyPriority(base, half_life_rows=1_000.0, slots=1 << 12)
     hot_keys = np.arange(10, dtype=np.int64)
     for _ in range(20):
         hot.observe(PriorityInputs("t", hot_keys, np.ones(10), np.zeros(10, bool)))
-    batch = PriorityInputs(
-        "t", np.array([0, 1, 500, 501]), np.ones(4), np.zeros(4, bool)
-    )
+    batch = PriorityInputs("t", np.array([0, 1, 500, 501]), np.ones(4), np.zeros(4, bool))
     base.observe(batch)
     p = hot(batch)
     assert p[0] > 5 * p[2] and p[1] > 5 * p[3]
     fresh = hot(PriorityInputs("t", np.array([0, 9999]), np.ones(2), np.array([False, True])))
     assert fresh[1] > fresh[0]  # a new key ranks as the hottest key, plus its freshness
     warm = hot.heat("t", hot_keys[:1])[0]
-    hot.observe(PriorityInputs("t", np.arange(1000, 11_000), np.ones(10_000),
-                               np.zeros(10_000, bool)))
+    hot.observe(
+        PriorityInputs("t", np.arange(1000, 11_000), np.ones(10_000), np.zeros(10_000, bool))
+    )
     assert hot.heat("t", hot_keys[:1])[0] < warm / 100  # ten half-lives later
     with pytest.raises(ValueError, match="power of two"):
         HotKeyPriority(base, slots=1000)
@@ -169,8 +169,9 @@ def test_hot_key_priority_ranks_often_written_keys_first_and_cools_down():
 def test_rows_every_prediction_reads_rank_as_the_hottest_key():
     from ekko.schedule.priority import DefaultPriority, HotKeyPriority, PriorityInputs
 
-    base = DefaultPriority(SignificanceTracker(half_life_rows=1e6, sample=64, seed=0),
-                           TrafficShares(window_s=60.0))
+    base = DefaultPriority(
+        SignificanceTracker(half_life_rows=1e6, sample=64, seed=0), TrafficShares(window_s=60.0)
+    )
     hot = HotKeyPriority(base, half_life_rows=1_000.0, slots=1 << 12, read_by_all=("dense/",))
     for _ in range(20):
         hot.observe(PriorityInputs("emb", np.arange(10), np.ones(10), np.zeros(10, bool)))

@@ -232,4 +232,3 @@ def test_empty_batch() -> None:
     plan = sched.plan("t", np.zeros(0, np.int64), e, e, np.zeros(0, bool), now=0.0)
     assert plan.lanes.shape == (0,) and plan.send_now_mask.shape == (0,)
     assert sched.next_due() is None and sched.due(10.0) == []
-

@@ -20,15 +20,19 @@ async def setup(small_model_config, small_stream_config):
     svc = TrainingService("ctr", small_model_config, MemorySink())
     svc.start()
     app = Starlette(routes=train_routes({"ctr": svc}))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
         yield client, svc, next(SyntheticStream(small_stream_config).batches(32))
     svc.stop()
 
 
 def body(ev, **over) -> dict:
-    doc = {"dense": ev.dense.tolist(), "sparse": ev.sparse.tolist(),
-           "labels": ev.labels.astype(int).tolist()}
+    doc = {
+        "dense": ev.dense.tolist(),
+        "sparse": ev.sparse.tolist(),
+        "labels": ev.labels.astype(int).tolist(),
+    }
     return doc | over
 
 

@@ -47,8 +47,9 @@ def test_full_queue_refuses_with_trainer_busy(small_model_config, small_stream_c
     svc.stop()
 
 
-def test_failed_step_is_reported_and_refuses_further_batches(small_model_config,
-                                                            small_stream_config):
+def test_failed_step_is_reported_and_refuses_further_batches(
+    small_model_config, small_stream_config
+):
     svc = TrainingService("ctr", small_model_config, MemorySink())
     svc.start()
     good = _batches(small_stream_config, 1)[0]

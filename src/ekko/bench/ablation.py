@@ -19,10 +19,14 @@ console = Console(stderr=True)
 
 POLL = (("wait_ms", 0), ("poll_interval_ms", 100))
 STEPS: list[tuple[str, tuple]] = [
-    ("full scan", (("use_shard_version", False), ("use_cache", False),
-                   ("use_dc_leader", False), *POLL)),
-    ("+shard version", (("use_shard_version", True), ("use_cache", False),
-                        ("use_dc_leader", False), *POLL)),
+    (
+        "full scan",
+        (("use_shard_version", False), ("use_cache", False), ("use_dc_leader", False), *POLL),
+    ),
+    (
+        "+shard version",
+        (("use_shard_version", True), ("use_cache", False), ("use_dc_leader", False), *POLL),
+    ),
     ("+update cache", (("use_cache", True), ("use_dc_leader", False), *POLL)),
     ("+DC leader", (("use_dc_leader", True), *POLL)),
     ("+long-poll", (("use_dc_leader", True), ("wait_ms", 1000), ("window", 32))),
@@ -31,8 +35,13 @@ STEPS: list[tuple[str, tuple]] = [
 
 def run(*, quick: bool = False, out: Path | None = None, rate: float = 20_000.0) -> dict:
     blocks = 1 if quick else 2
-    base = RunSpec(rate=rate, prefill=200_000 if quick else 1_000_000, key_space=2_000_000,
-                   warm_s=3 if quick else 5, measure_s=4 if quick else 8)
+    base = RunSpec(
+        rate=rate,
+        prefill=200_000 if quick else 1_000_000,
+        key_space=2_000_000,
+        warm_s=3 if quick else 5,
+        measure_s=4 if quick else 8,
+    )
     results: dict[str, list[dict]] = {name: [] for name, _ in STEPS}
     for b in range(blocks):
         order = STEPS if b % 2 == 0 else list(reversed(STEPS))
@@ -42,18 +51,23 @@ def run(*, quick: bool = False, out: Path | None = None, rate: float = 20_000.0)
     steps = []
     for name, _ in STEPS:
         runs = results[name]
-        steps.append({
-            "name": name,
-            "p50_ms": median([_worst(r, "p50_ms") for r in runs]),
-            "p99_ms": median([_worst(r, "p99_ms") for r in runs]),
-            "source_cpu_s": median([r["source_cpu_s"] for r in runs]),
-            "source_cpu_share": median([r["source_cpu_s"] / r["measure_s"] for r in runs]),
-        })
+        steps.append(
+            {
+                "name": name,
+                "p50_ms": median([_worst(r, "p50_ms") for r in runs]),
+                "p99_ms": median([_worst(r, "p99_ms") for r in runs]),
+                "source_cpu_s": median([r["source_cpu_s"] for r in runs]),
+                "source_cpu_share": median([r["source_cpu_s"] / r["measure_s"] for r in runs]),
+            }
+        )
     summary = {"steps": steps, "rate_rows_per_s": rate}
-    inputs = {"spec": vars(base) | {"sync": {}}, "steps": [dict(s) for _, s in STEPS],
-              "blocks": blocks, "quick": quick}
-    write_result("ablation", inputs, summary, {"runs": results}, out,
-                 lambda fig: _plot(fig, steps))
+    inputs = {
+        "spec": vars(base) | {"sync": {}},
+        "steps": [dict(s) for _, s in STEPS],
+        "blocks": blocks,
+        "quick": quick,
+    }
+    write_result("ablation", inputs, summary, {"runs": results}, out, lambda fig: _plot(fig, steps))
     return {"summary": summary}
 
 

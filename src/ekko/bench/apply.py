@@ -152,4 +152,3 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
 
     path = write_result("apply", inputs, summary, details, out, plot)
     return {"summary": summary, "details": details, "inputs": inputs, "path": str(path)}
-

@@ -122,4 +122,3 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
 
     path = write_result("churn", inputs, summary, details, out, plot)
     return {"summary": summary, "details": details, "inputs": inputs, "path": str(path)}
-

@@ -38,13 +38,21 @@ class RunSpec:
 def run_cluster(spec: RunSpec, progress=None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ekko-bench-") as tmp:
         doc = cluster_doc(
-            dcs=spec.dcs, replicas=spec.replicas, wan_delay_ms=list(spec.wan_delay_ms),
+            dcs=spec.dcs,
+            replicas=spec.replicas,
+            wan_delay_ms=list(spec.wan_delay_ms),
             tables=[("emb", spec.dim, spec.shards)],
             sync={"snapshot_interval_s": 0, **dict(spec.sync)},
         )
         path = write_cluster(doc, Path(tmp) / "cluster.toml")
-        writer = ["--writer-rate", str(spec.rate), "--writer-batch-ms", str(spec.batch_ms),
-                  "--writer-key-space", str(spec.key_space)]
+        writer = [
+            "--writer-rate",
+            str(spec.rate),
+            "--writer-batch-ms",
+            str(spec.batch_ms),
+            "--writer-key-space",
+            str(spec.key_space),
+        ]
         if spec.prefill:
             writer += ["--writer-prefill", str(spec.prefill)]
         cluster = LocalCluster(path, writer_args=writer)
@@ -81,8 +89,7 @@ def _wait_caught_up(cluster: LocalCluster, prefill: int, progress, limit_s: floa
     names = [n for n in cluster.procs if n != "source"]
     target = max(prefill, _rows(cluster, "source")) if prefill else 0
     while prefill and time.monotonic() - t0 < limit_s:
-        behind = [n for n in names
-                  if _rows(cluster, n) < target]
+        behind = [n for n in names if _rows(cluster, n) < target]
         if not behind:
             break
         if progress is not None:

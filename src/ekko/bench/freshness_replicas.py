@@ -29,7 +29,6 @@ BeforeChange = Callable[[float], None]
 (the caller scores the events that came before it)."""
 
 
-
 @dataclass(frozen=True)
 class WanLink:
     """One-way delay of a simulated WAN link: ``one_way_s`` plus Exp(``jitter_mean_s``) per
@@ -39,7 +38,6 @@ class WanLink:
     one_way_s: float = 0.100
     jitter_mean_s: float = 0.005
     seed: int = 0
-
 
 
 # -- replicas --------------------------------------------------------------------------------
@@ -231,5 +229,3 @@ class TapSink:
 
 def ns_of(t: float) -> int:
     return round(t * 1e9)
-
-

@@ -28,14 +28,16 @@ def run(*, quick: bool = False, out: Path | None = None, rate: float = 100_000.0
         runs.append(run_cluster(spec, progress=_progress(b, blocks)))
     per_dc = []
     for i, first in enumerate(runs[0]["per_dc"]):
-        per_dc.append({
-            "dc": first["dc"],
-            "one_way_delay_ms": first["one_way_delay_ms"],
-            "p50_ms": median([r["per_dc"][i]["p50_ms"] for r in runs]),
-            "p99_ms": median([r["per_dc"][i]["p99_ms"] for r in runs]),
-            "followers_p99_ms": median([r["per_dc"][i]["followers_p99_ms"] for r in runs]),
-            "p99_ms_blocks": [r["per_dc"][i]["p99_ms"] for r in runs],
-        })
+        per_dc.append(
+            {
+                "dc": first["dc"],
+                "one_way_delay_ms": first["one_way_delay_ms"],
+                "p50_ms": median([r["per_dc"][i]["p50_ms"] for r in runs]),
+                "p99_ms": median([r["per_dc"][i]["p99_ms"] for r in runs]),
+                "followers_p99_ms": median([r["per_dc"][i]["followers_p99_ms"] for r in runs]),
+                "p99_ms_blocks": [r["per_dc"][i]["p99_ms"] for r in runs],
+            }
+        )
     summary: dict[str, Any] = {
         "rate_rows_per_s": median([r["rate_rows_per_s"] for r in runs]),
         "per_dc": per_dc,
@@ -66,8 +68,15 @@ def _plot(fig, per_dc: list[dict]) -> None:
     ax.bar(x - 0.2, [d["p50_ms"] for d in per_dc], 0.4, label="p50")
     ax.bar(x + 0.2, [d["p99_ms"] for d in per_dc], 0.4, label="p99")
     ax.scatter(x, delay, color="k", marker="_", s=900, label="one-way WAN delay", zorder=3)
-    ax.scatter(x, [v + 25 for v in delay], color="r", marker="_", s=900,
-               label="bar: delay + 25 ms", zorder=3)
+    ax.scatter(
+        x,
+        [v + 25 for v in delay],
+        color="r",
+        marker="_",
+        s=900,
+        label="bar: delay + 25 ms",
+        zorder=3,
+    )
     ax.set_xticks(x, [f"{d['dc']} ({d['one_way_delay_ms']:.0f} ms)" for d in per_dc])
     ax.set_ylabel("update latency, ms (write at source → applied at replica)")
     ax.set_title("Ekko update latency per data centre")

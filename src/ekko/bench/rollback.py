@@ -45,12 +45,14 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ekko-rollback-") as tmp:
         for name, s in (("clean", replace(spec, poison_at_s=None)), ("poisoned", spec)):
             console.print(f"[rollback] {name} run: {s.duration_s:.0f} s")
-            runs[name] = run_demo(s, Path(tmp) / name, json_path=Path(tmp) / f"{name}.json",
-                                  console=console)
+            runs[name] = run_demo(
+                s, Path(tmp) / name, json_path=Path(tmp) / f"{name}.json", console=console
+            )
     summary = _summary(runs, spec)
     inputs = {"spec": vars(spec) | {"wan_delay_ms": list(spec.wan_delay_ms)}, "quick": quick}
-    details = {name: {"summary": r["summary"], "timeline": r["timeline"]}
-               for name, r in runs.items()}
+    details = {
+        name: {"summary": r["summary"], "timeline": r["timeline"]} for name, r in runs.items()
+    }
     write_result("rollback", inputs, summary, details, out, lambda fig: _plot(fig, runs))
     return {"summary": summary}
 
@@ -74,15 +76,21 @@ def _summary(runs: dict[str, dict[str, Any]], spec: DemoSpec) -> dict[str, Any]:
         "poisoned_events": bad["poisoned_events"],
     }
     if first is None:
-        out.update(detect_s=None, redirect_s=None, restore_all_replicas_s=None,
-                   good_rows_lost=None, bar_met=False)
+        out.update(
+            detect_s=None,
+            redirect_s=None,
+            restore_all_replicas_s=None,
+            good_rows_lost=None,
+            bar_met=False,
+        )
         return out
     redirects = []
     for doc in (bad.get("replica_guards") or {}).values():
         times = [t for t in (doc or {}).get("redirects", []) if t >= first["decided_at"] - 5]
         redirects.append(min(times) if times else None)
-    redirect_s = (max(redirects) - first["decided_at"]
-                  if redirects and None not in redirects else None)
+    redirect_s = (
+        max(redirects) - first["decided_at"] if redirects and None not in redirects else None
+    )
     out.update(
         detect_s=first["decided_at"] - start,
         detected_by=first["detected_by"],
@@ -91,7 +99,8 @@ def _summary(runs: dict[str, dict[str, Any]], spec: DemoSpec) -> dict[str, Any]:
         rollback_to_s_before_poison=start - first["checkpoint_at"],
         rows_restored=first["rows_restored"],
         restore_mb_per_s_at_source=first["restore_mb_per_s"],
-        restore_mb_per_s_end_to_end=first["bytes_restored"] / 1e6
+        restore_mb_per_s_end_to_end=first["bytes_restored"]
+        / 1e6
         / max(first["restore_all_replicas_s"], 1e-9),
         good_rows_lost=sum(i.get("good_rows_lost", 0) for i in incidents),
         auc_clean=[d["auc"] for d in clean["per_dc"]],
@@ -115,17 +124,31 @@ def _plot(fig, runs: dict[str, dict[str, Any]]) -> None:
         replica = next((k for k in (tl[0]["auc"] if tl else {}) if k.startswith("dc1")), None)
         if replica is None:
             continue
-        ax.plot([p["t"] for p in tl], [p["auc"][replica] for p in tl], style,
-                label=f"{name}: {replica} (served traffic)")
+        ax.plot(
+            [p["t"] for p in tl],
+            [p["auc"][replica] for p in tl],
+            style,
+            label=f"{name}: {replica} (served traffic)",
+        )
         ck = next((k for k in tl[0]["auc"] if k.startswith("ckpt")), None)
         if name == "poisoned" and ck:
-            ax.plot([p["t"] for p in tl], [p["auc"][ck] for p in tl], "k--", alpha=0.5,
-                    label="poisoned: checkpoint replica (no guard)")
+            ax.plot(
+                [p["t"] for p in tl],
+                [p["auc"][ck] for p in tl],
+                "k--",
+                alpha=0.5,
+                label="poisoned: checkpoint replica (no guard)",
+            )
     bad = runs["poisoned"]["summary"]
     spec = runs["poisoned"]["spec"]
     if spec["poison_at_s"] is not None:
-        ax.axvspan(spec["poison_at_s"], spec["poison_at_s"] + spec["poison_for_s"],
-                   color="r", alpha=0.1, label="flipped training labels")
+        ax.axvspan(
+            spec["poison_at_s"],
+            spec["poison_at_s"] + spec["poison_for_s"],
+            color="r",
+            alpha=0.1,
+            label="flipped training labels",
+        )
     start = bad.get("poison_started_at")
     for inc in _incidents(runs["poisoned"]):
         if start:

@@ -39,8 +39,14 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
             r["publisher_share"] <= BAR_SHARE for r in results.values()
         ),
     }
-    write_result("train", {"steps": steps, "quick": quick}, summary, results, out,
-                 lambda fig: _plot(fig, results))
+    write_result(
+        "train",
+        {"steps": steps, "quick": quick},
+        summary,
+        results,
+        out,
+        lambda fig: _plot(fig, results),
+    )
     return {"summary": summary}
 
 

@@ -138,14 +138,15 @@ class OnlineLoop:
 
     async def train_only(self, events: Events) -> None:
         """Warm-up: train on a batch without predicting it (no quality is recorded)."""
-        body = {"dense": events.dense.tolist(), "sparse": events.sparse.tolist(),
-                "labels": events.labels.astype(np.int64).tolist()}
+        body = {
+            "dense": events.dense.tolist(),
+            "sparse": events.sparse.tolist(),
+            "labels": events.labels.astype(np.int64).tolist(),
+        }
         await self._train(_JSON.encode(body), len(events))
 
     async def _predict_all(self, events: Events, body: bytes) -> None:
-        await asyncio.gather(
-            *(self._predict(t, body, events.labels) for t in self.tracks.values())
-        )
+        await asyncio.gather(*(self._predict(t, body, events.labels) for t in self.tracks.values()))
 
     async def _train_after(self, events: Events, predicted) -> None:
         await predicted
@@ -155,8 +156,11 @@ class OnlineLoop:
             if self.poison_started_at is None:
                 self.poison_started_at = time.time()
             self.poisoned_events += len(labels)
-        body = {"dense": events.dense.tolist(), "sparse": events.sparse.tolist(),
-                "labels": labels.tolist()}
+        body = {
+            "dense": events.dense.tolist(),
+            "sparse": events.sparse.tolist(),
+            "labels": labels.tolist(),
+        }
         await self._train(_JSON.encode(body), len(events))
         self.counters.batches += 1
         self.counters.events += len(events)

@@ -56,12 +56,22 @@ class DemoSpec:
 
 
 def _cluster(spec: DemoSpec, workdir: Path) -> Path:
-    model = {"name": MODEL, "rows_per_table": spec.rows_per_table,
-             "embedding_dim": spec.embedding_dim, "dense_interval_s": 1.0,
-             "baseline_lag_s": spec.baseline_lag_s}
-    doc = cluster_doc(dcs=len(spec.wan_delay_ms), replicas=1,
-                      wan_delay_ms=list(spec.wan_delay_ms), serve=True, models=[model],
-                      checkpoint_every_s=spec.checkpoint_every_s, sync={"snapshot_interval_s": 0})
+    model = {
+        "name": MODEL,
+        "rows_per_table": spec.rows_per_table,
+        "embedding_dim": spec.embedding_dim,
+        "dense_interval_s": 1.0,
+        "baseline_lag_s": spec.baseline_lag_s,
+    }
+    doc = cluster_doc(
+        dcs=len(spec.wan_delay_ms),
+        replicas=1,
+        wan_delay_ms=list(spec.wan_delay_ms),
+        serve=True,
+        models=[model],
+        checkpoint_every_s=spec.checkpoint_every_s,
+        sync={"snapshot_interval_s": 0},
+    )
     if spec.guard:
         doc["guard"] = {"enabled": True}
     return write_cluster(doc, workdir / "cluster.toml")
@@ -151,8 +161,12 @@ class Demo:
                 "copied_at": status.get("copied_at"),
             }
         trainer = await self._get(client, self.source, f"/v1/models/{MODEL}/train")
-        snap = {"t": now - self.started, "replicas": rows, "trainer": trainer,
-                "loop": asdict(loop.counters)}
+        snap = {
+            "t": now - self.started,
+            "replicas": rows,
+            "trainer": trainer,
+            "loop": asdict(loop.counters),
+        }
         if self.spec.guard:
             snap["guard"] = await self._get(client, self.source, f"/v1/models/{MODEL}/health")
             for name in self.synced:
@@ -164,10 +178,20 @@ class Demo:
 
     def table(self, snap: dict[str, Any], loop: OnlineLoop) -> RichTable:
         cfg = self.cluster.config
-        t = RichTable(title=f"ekko demo · {snap['t']:.0f}/{self.spec.duration_s:.0f} s · "
-                            f"{loop.counters.events} events predicted → labelled → trained")
-        for col in ("replica", "one-way ms", "update p50 ms", "update p99 ms", "rows/s",
-                    "WAN KB/s", "online AUC", "guard"):
+        t = RichTable(
+            title=f"ekko demo · {snap['t']:.0f}/{self.spec.duration_s:.0f} s · "
+            f"{loop.counters.events} events predicted → labelled → trained"
+        )
+        for col in (
+            "replica",
+            "one-way ms",
+            "update p50 ms",
+            "update p99 ms",
+            "rows/s",
+            "WAN KB/s",
+            "online AUC",
+            "guard",
+        ):
             t.add_column(col, justify="right")
         for name, r in snap["replicas"].items():
             wan = cfg.wan(name, self.source)
@@ -178,19 +202,34 @@ class Demo:
                 p99 = f"every {cfg.node(name).checkpoint_interval_s:.0f} s"
             else:
                 p50, p99 = _ms(lat["p50_ms"]), _ms(lat["p99_ms"])
-            t.add_row(f"{r['dc']}/{name}", f"{wan.delay_ms:.0f}" if wan else "-", p50, p99,
-                      f"{r['rows_per_s']:.0f}", f"{r['wan_bytes_per_s'] / 1e3:.0f}",
-                      _auc(r["auc_window"]),
-                      f"{r.get('guard', '-')} {r.get('guard_score', 0):.1f}"
-                      if "guard" in r else "-")
+            t.add_row(
+                f"{r['dc']}/{name}",
+                f"{wan.delay_ms:.0f}" if wan else "-",
+                p50,
+                p99,
+                f"{r['rows_per_s']:.0f}",
+                f"{r['wan_bytes_per_s'] / 1e3:.0f}",
+                _auc(r["auc_window"]),
+                f"{r.get('guard', '-')} {r.get('guard_score', 0):.1f}" if "guard" in r else "-",
+            )
         tr = snap["trainer"]
         g = snap.get("guard")
         poisoned = loop.poisoned_events
-        t.add_row("train/trainer", "-", "-", "-",
-                  f"{tr['events'] / max(1e-9, snap['t']):.0f} ev/s", "-",
-                  _auc(tr["window"]["auc"]),
-                  (f"{g['state']}{' paused' if g['training_paused'] else ''}"
-                   f"{f' · {poisoned} poisoned' if poisoned else ''}") if g else "-")
+        t.add_row(
+            "train/trainer",
+            "-",
+            "-",
+            "-",
+            f"{tr['events'] / max(1e-9, snap['t']):.0f} ev/s",
+            "-",
+            _auc(tr["window"]["auc"]),
+            (
+                f"{g['state']}{' paused' if g['training_paused'] else ''}"
+                f"{f' · {poisoned} poisoned' if poisoned else ''}"
+            )
+            if g
+            else "-",
+        )
         return t
 
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
@@ -205,8 +244,14 @@ class Demo:
             if spec.poison_at_s is not None:
                 at, until = spec.poison_at_s, spec.poison_at_s + spec.poison_for_s
                 poison = lambda t: at <= t < until  # noqa: E731
-            loop = OnlineLoop(client, {n: self.url(n) for n in self.replicas},
-                              self.url(self.source), MODEL, spec.rate, poison=poison)
+            loop = OnlineLoop(
+                client,
+                {n: self.url(n) for n in self.replicas},
+                self.url(self.source),
+                MODEL,
+                spec.rate,
+                poison=poison,
+            )
             with self.console.status(f"warm-up: training on {spec.warmup_events} events"):
                 await self.warm_up(client, loop, batches)
             self.started = time.monotonic()
@@ -243,8 +288,9 @@ class Demo:
         point["trainer_auc_window"] = snap["trainer"]["window"]["auc"]
         self.timeline.append(point)
 
-    def _summary(self, final: dict[str, Any], loop: OnlineLoop,
-                 hists: dict[str, LatencyHistogram]) -> dict[str, Any]:
+    def _summary(
+        self, final: dict[str, Any], loop: OnlineLoop, hists: dict[str, LatencyHistogram]
+    ) -> dict[str, Any]:
         cfg = self.cluster.config
         elapsed = max(1e-9, final["t"])
         per_dc = []
@@ -252,15 +298,18 @@ class Demo:
             r = final["replicas"][name]
             wan = cfg.wan(name, self.source)
             h = hists[name]
-            per_dc.append({
-                "dc": r["dc"], "replica": name,
-                "one_way_delay_ms": wan.delay_ms if wan else 0.0,
-                "update_p50_ms": _num(h.quantile(0.5)),
-                "update_p99_ms": _num(h.quantile(0.99)),
-                "rows_applied": h.count,
-                "wan_bytes_per_s": r["wan_bytes"] / elapsed,
-                "auc": r["auc_lifetime"],
-            })
+            per_dc.append(
+                {
+                    "dc": r["dc"],
+                    "replica": name,
+                    "one_way_delay_ms": wan.delay_ms if wan else 0.0,
+                    "update_p50_ms": _num(h.quantile(0.5)),
+                    "update_p99_ms": _num(h.quantile(0.99)),
+                    "rows_applied": h.count,
+                    "wan_bytes_per_s": r["wan_bytes"] / elapsed,
+                    "auc": r["auc_lifetime"],
+                }
+            )
         ck = [final["replicas"][n] for n in self.checkpoint]
         trainer = final["trainer"]
         return {
@@ -298,16 +347,28 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     for col in ("replica", "one-way ms", "update p50 ms", "update p99 ms", "WAN KB/s", "AUC"):
         t.add_column(col, justify="right")
     for d in summary["per_dc"]:
-        t.add_row(f"{d['dc']}/{d['replica']}", f"{d['one_way_delay_ms']:.0f}",
-                  _ms(d["update_p50_ms"]), _ms(d["update_p99_ms"]),
-                  f"{d['wan_bytes_per_s'] / 1e3:.0f}", _auc(d["auc"]))
-    t.add_row("checkpoint replica", "-", "full copy", "-",
-              f"{(summary['checkpoint_wan_bytes_per_s'] or 0) / 1e3:.0f}",
-              _auc(summary["checkpoint_auc"]))
+        t.add_row(
+            f"{d['dc']}/{d['replica']}",
+            f"{d['one_way_delay_ms']:.0f}",
+            _ms(d["update_p50_ms"]),
+            _ms(d["update_p99_ms"]),
+            f"{d['wan_bytes_per_s'] / 1e3:.0f}",
+            _auc(d["auc"]),
+        )
+    t.add_row(
+        "checkpoint replica",
+        "-",
+        "full copy",
+        "-",
+        f"{(summary['checkpoint_wan_bytes_per_s'] or 0) / 1e3:.0f}",
+        _auc(summary["checkpoint_auc"]),
+    )
     t.add_row("trainer (pre-update)", "-", "-", "-", "-", _auc(summary["trainer_auc"]))
     console.print(t)
-    console.print(f"{summary['events']} events at {summary['events_per_s']:.0f}/s; "
-                  f"publisher share of step time {summary['trainer_publish_share'] or 0:.1%}")
+    console.print(
+        f"{summary['events']} events at {summary['events_per_s']:.0f}/s; "
+        f"publisher share of step time {summary['trainer_publish_share'] or 0:.1%}"
+    )
 
 
 def run_demo(
@@ -332,8 +393,13 @@ def run_demo(
     finally:
         codes = cluster.stop_all()
     bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
-    doc = {"name": "demo", "spec": asdict(spec), "summary": summary,
-           "timeline": demo.timeline, "node_exit_codes": codes}
+    doc = {
+        "name": "demo",
+        "spec": asdict(spec),
+        "summary": summary,
+        "timeline": demo.timeline,
+        "node_exit_codes": codes,
+    }
     out_json = json_path or workdir / "demo.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(doc, indent=2))

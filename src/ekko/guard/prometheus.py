@@ -18,23 +18,26 @@ def guard_metrics(
 
     def collect() -> Iterator[Metric]:
         state = GaugeMetricFamily(
-            "ekko_guard_state", "Model health: 0 healthy, 1 uncertain, 2 corrupted, "
-            "3 recovering", labels=["model"])
+            "ekko_guard_state",
+            "Model health: 0 healthy, 1 uncertain, 2 corrupted, 3 recovering",
+            labels=["model"],
+        )
         transitions = CounterMetricFamily(
-            "ekko_guard_transitions", "Health transitions", labels=["model"])
+            "ekko_guard_transitions", "Health transitions", labels=["model"]
+        )
         for name, g in [*replica_guards.items(), *source_guards.items()]:
             state.add_metric([name], STATE_CODES[g.health.state])
             transitions.add_metric([name], len(g.health.history))
         yield state
         yield transitions
         if replica_guards:
-            score = GaugeMetricFamily("ekko_guard_score", "Detector CUSUM score",
-                                      labels=["model"])
+            score = GaugeMetricFamily("ekko_guard_score", "Detector CUSUM score", labels=["model"])
             redirected = GaugeMetricFamily(
-                "ekko_guard_redirected", "1 while all traffic is on the baseline",
-                labels=["model"])
-            lag = GaugeMetricFamily("ekko_baseline_queued_rows",
-                                    "Rows waiting to reach the baseline", labels=["model"])
+                "ekko_guard_redirected", "1 while all traffic is on the baseline", labels=["model"]
+            )
+            lag = GaugeMetricFamily(
+                "ekko_baseline_queued_rows", "Rows waiting to reach the baseline", labels=["model"]
+            )
             for name, g in replica_guards.items():
                 score.add_metric([name], g.detector.score)
                 redirected.add_metric([name], float(g.router.redirected))
@@ -43,12 +46,13 @@ def guard_metrics(
             yield redirected
             yield lag
         if source_guards:
-            rollbacks = CounterMetricFamily("ekko_guard_rollbacks", "Rollbacks completed",
-                                            labels=["model"])
-            rows = CounterMetricFamily("ekko_guard_rows_restored", "Rows written back",
-                                       labels=["model"])
-            pre = GaugeMetricFamily("ekko_guard_preimage_rows", "Pre-images held",
-                                    labels=["model"])
+            rollbacks = CounterMetricFamily(
+                "ekko_guard_rollbacks", "Rollbacks completed", labels=["model"]
+            )
+            rows = CounterMetricFamily(
+                "ekko_guard_rows_restored", "Rows written back", labels=["model"]
+            )
+            pre = GaugeMetricFamily("ekko_guard_preimage_rows", "Pre-images held", labels=["model"])
             for name, g in source_guards.items():
                 rollbacks.add_metric([name], len(g.incidents))
                 rows.add_metric([name], g.rows_restored)

@@ -121,9 +121,11 @@ class ReplicaGuard:
         verdict = self.detector.observe(online, baseline, now)
         self.last_verdict = verdict
         if not verdict.skipped:
-            metrics = {**online.as_metrics(self.model, ONLINE, "interval"),
-                       **baseline.as_metrics(self.model, BASELINE, "interval"),
-                       f"{self.model}.detector.score": verdict.score}
+            metrics = {
+                **online.as_metrics(self.model, ONLINE, "interval"),
+                **baseline.as_metrics(self.model, BASELINE, "interval"),
+                f"{self.model}.detector.score": verdict.score,
+            }
             event, why = self._gate(verdict, online, baseline)
             self._handle(event, now, why, metrics)
         self.poll()
@@ -170,14 +172,17 @@ class ReplicaGuard:
             self.router.restore()
             self.lagged.unfreeze()  # the healthy reference may move on again
             self.redirected_at = None
-            log.info("model %s healthy again on %s: traffic back to online", self.model,
-                     self.node)
+            log.info("model %s healthy again on %s: traffic back to online", self.model, self.node)
 
     def _record(self, tr: Transition | dict[str, Any]) -> None:
         doc = tr.to_dict() if isinstance(tr, Transition) else tr
         doc = {**doc, "node": self.node}
-        log.warning("guard %s on %s: %s", self.model, self.node,
-                    {k: doc.get(k) for k in ("from", "to", "event", "why")})
+        log.warning(
+            "guard %s on %s: %s",
+            self.model,
+            self.node,
+            {k: doc.get(k) for k in ("from", "to", "event", "why")},
+        )
         if self.log is not None:
             self.log.append(doc)
 
@@ -193,8 +198,9 @@ class ReplicaGuard:
             self.router.redirect_all_to_baseline()
             self.redirected_at = time.time()
             self.redirects.append(self.redirected_at)
-            self._record({"event": "redirect", "at": self.redirected_at, "why": why,
-                          "model": self.model})
+            self._record(
+                {"event": "redirect", "at": self.redirected_at, "why": why, "model": self.model}
+            )
         self.lagged.freeze()
         if self.health.state is not State.CORRUPTED:
             tr = self.health.handle(Event.OPERATOR_ROLLBACK, time.monotonic(), why)
@@ -205,12 +211,19 @@ class ReplicaGuard:
         """The source wrote the healthy values back; drop queued rows written since the
         healthy point and wait until the restore rows are all here."""
         dropped = self.lagged.drop_written_after(int(healthy_wall * 1e9))
-        self.restore_pending = {"watermark": watermark, "since": time.time(),
-                                "healthy_wall": healthy_wall, "dropped": dropped}
+        self.restore_pending = {
+            "watermark": watermark,
+            "since": time.time(),
+            "healthy_wall": healthy_wall,
+            "dropped": dropped,
+        }
         if self.health.state is not State.CORRUPTED:
             self.redirect("rollback announced by the source")
-        tr = self.health.handle(Event.ROLLBACK_DONE, time.monotonic(),
-                                f"source restored the state of {healthy_wall:.3f}")
+        tr = self.health.handle(
+            Event.ROLLBACK_DONE,
+            time.monotonic(),
+            f"source restored the state of {healthy_wall:.3f}",
+        )
         if tr is not None:
             self._record(tr)
         self.epoch += 1
@@ -223,11 +236,16 @@ class ReplicaGuard:
         assert pending is not None
         store = self.service.replica_store(ONLINE)
         digests = {t: f"{store.table(t).digest():016x}" for t in pending["watermark"]}
-        self._record({"event": "restored", "at": time.time(), "model": self.model,
-                      "why": f"holds the rollback (dropped {pending['dropped']} queued rows "
-                             f"from the baseline)"})
-        self.send("guard/restored", {"node": self.node, "at": time.time(),
-                                     "digests": digests})
+        self._record(
+            {
+                "event": "restored",
+                "at": time.time(),
+                "model": self.model,
+                "why": f"holds the rollback (dropped {pending['dropped']} queued rows "
+                f"from the baseline)",
+            }
+        )
+        self.send("guard/restored", {"node": self.node, "at": time.time(), "digests": digests})
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -250,9 +268,12 @@ class ReplicaGuard:
             "redirected": self.router.redirected,
             "redirected_at": self.redirected_at,
             "redirects": self.redirects[-20:],
-            "baseline": {"lag_s": self.lagged.lag_s, "frozen": self.lagged.frozen,
-                         "queued_rows": self.lagged.rows_queued,
-                         "applied_rows": self.lagged.rows_applied},
+            "baseline": {
+                "lag_s": self.lagged.lag_s,
+                "frozen": self.lagged.frozen,
+                "queued_rows": self.lagged.rows_queued,
+                "applied_rows": self.lagged.rows_applied,
+            },
             "restore_pending": self.restore_pending is not None,
             "transitions": [t.to_dict() for t in self.health.history[-20:]],
         }

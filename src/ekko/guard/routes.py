@@ -69,8 +69,9 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
         g = by_model(guards, request)
         doc = await _json_object(request)
         epoch = _number(doc, "epoch")
-        g.redirect(str(doc.get("why", "requested by the source")),
-                   None if epoch is None else int(epoch))
+        g.redirect(
+            str(doc.get("why", "requested by the source")), None if epoch is None else int(epoch)
+        )
         return json_response({"model": g.model, "redirected": True})
 
     @guarded

@@ -37,8 +37,13 @@ class PreimageSink:
     sees exactly the writes a rollback may have to undo, and nothing else.
     """
 
-    def __init__(self, sink: Sink, store: Store, preimages: PreimageLog,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        store: Store,
+        preimages: PreimageLog,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.sink = sink
         self.store = store
         self.preimages = preimages
@@ -132,8 +137,9 @@ class SourceGuard:
         tr = self.health.handle(event, time.monotonic(), why, metrics)
         if tr is not None:
             doc = {**tr.to_dict(), "node": "source"}
-            log.warning("guard %s at source: %s -> %s (%s)", self.model, doc["from"],
-                        doc["to"], why)
+            log.warning(
+                "guard %s at source: %s -> %s (%s)", self.model, doc["from"], doc["to"], why
+            )
             if self.log is not None:
                 self.log.append(doc)
         return tr
@@ -146,26 +152,41 @@ class SourceGuard:
             raise ValueError(f"node: {node!r} does not serve model {self.model}")
         self.reports[node] = body
         current = int(body.get("epoch", 0)) >= len(self.incidents)  # not about a past incident
-        if body.get("state") == "corrupted" and current and self.incident is None and (
-            self.health.state is not State.CORRUPTED
+        if (
+            body.get("state") == "corrupted"
+            and current
+            and self.incident is None
+            and (self.health.state is not State.CORRUPTED)
         ):
-            self.rollback(None, f"{node} reports corrupted: {body.get('reason')}",
-                          detected_by=node, detected_at=float(body.get("at", time.time())))
+            self.rollback(
+                None,
+                f"{node} reports corrupted: {body.get('reason')}",
+                detected_by=node,
+                detected_at=float(body.get("at", time.time())),
+            )
 
     def restored(self, body: dict[str, Any]) -> None:
         node = body.get("node")
         inc = self.incident
         if inc is None or node not in self.replicas:
             return
-        inc["restored"][node] = {"at": float(body.get("at", time.time())),
-                                 "digests": body.get("digests", {})}
+        inc["restored"][node] = {
+            "at": float(body.get("at", time.time())),
+            "digests": body.get("digests", {}),
+        }
         if set(inc["restored"]) >= set(self.replicas):
             self._complete(inc)
 
     # -- rollback ---------------------------------------------------------------------------
 
-    def rollback(self, to_wall: float | None, why: str, *, detected_by: str = "operator",
-                 detected_at: float | None = None) -> dict[str, Any]:
+    def rollback(
+        self,
+        to_wall: float | None,
+        why: str,
+        *,
+        detected_by: str = "operator",
+        detected_at: float | None = None,
+    ) -> dict[str, Any]:
         """Redirect every replica, quarantine training, write the healthy values back."""
         decided = time.time()
         if self.incident is not None:
@@ -181,8 +202,9 @@ class SourceGuard:
             )
         self.broadcast("guard/redirect", {"why": why, "at": decided, "epoch": len(self.incidents)})
         dropped = self.trainer.quarantine(f"rollback: {why}") if self.trainer else 0
-        self._transition(Event.OPERATOR_ROLLBACK if detected_by == "operator"
-                         else Event.SCORE_CRITICAL, why)
+        self._transition(
+            Event.OPERATOR_ROLLBACK if detected_by == "operator" else Event.SCORE_CRITICAL, why
+        )
         start = time.perf_counter()
         rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         nbytes = 0
@@ -196,40 +218,56 @@ class SourceGuard:
             self.store.table(table).write(rs.keys, values, now_ns=time.time_ns())
             rows[table] = (rs.keys, values)
             nbytes += rs.keys.nbytes + values.nbytes
-        checkpoint = self.preimages.restore_plan(
-            self.preimages.tables()[0], to_wall).checkpoint_at if rows else to_wall
+        checkpoint = (
+            self.preimages.restore_plan(self.preimages.tables()[0], to_wall).checkpoint_at
+            if rows
+            else to_wall
+        )
         self.preimages.rolled_back(to_wall)
         write_s = time.perf_counter() - start
         self.on_write()
         if self.trainer is not None and rows:
             self.trainer.load_rows(rows)
-        lost = sum(int((self.store.table(t).lookup(k)[0] != v).any(axis=1).sum())
-                   for t, (k, v) in rows.items())
+        lost = sum(
+            int((self.store.table(t).lookup(k)[0] != v).any(axis=1).sum())
+            for t, (k, v) in rows.items()
+        )
         watermark = {t: self.store.table(t).knowledge.tolist() for t in rows}
         n_rows = sum(len(k) for k, _ in rows.values())
         self.rows_restored += n_rows
         inc = self.incident = {
-            "model": self.model, "why": why, "detected_by": detected_by,
-            "detected_at": detected_at, "decided_at": decided, "to_wall": to_wall,
-            "checkpoint_at": checkpoint, "rows_restored": n_rows, "bytes_restored": nbytes,
-            "write_s": write_s, "restore_mb_per_s": nbytes / 1e6 / max(write_s, 1e-9),
-            "events_dropped": dropped, "source_mismatches": lost,
+            "model": self.model,
+            "why": why,
+            "detected_by": detected_by,
+            "detected_at": detected_at,
+            "decided_at": decided,
+            "to_wall": to_wall,
+            "checkpoint_at": checkpoint,
+            "rows_restored": n_rows,
+            "bytes_restored": nbytes,
+            "write_s": write_s,
+            "restore_mb_per_s": nbytes / 1e6 / max(write_s, 1e-9),
+            "events_dropped": dropped,
+            "source_mismatches": lost,
             "digests": {t: f"{self.store.table(t).digest():016x}" for t in rows},
             "restored": {},
         }
         self._transition(Event.ROLLBACK_DONE, f"{n_rows} rows restored to {checkpoint:.3f}")
         self.broadcast("guard/rolled_back", {"healthy_wall": checkpoint, "watermark": watermark})
         if self.log is not None:
-            self.log.append({k: v for k, v in self.incident.items() if k != "restored"}
-                            | {"event": "rollback"})
+            self.log.append(
+                {k: v for k, v in self.incident.items() if k != "restored"} | {"event": "rollback"}
+            )
         if not self.replicas:
             self._complete(inc)
         return inc
 
     def _complete(self, inc: dict[str, Any]) -> None:
         """Every replica holds the restored state: compare digests, resume training."""
-        mismatched = {n: [t for t, d in r["digests"].items() if inc["digests"].get(t) != d]
-                      for n, r in inc["restored"].items()}
+        mismatched = {
+            n: [t for t, d in r["digests"].items() if inc["digests"].get(t) != d]
+            for n, r in inc["restored"].items()
+        }
         inc["replica_table_mismatches"] = {n: m for n, m in mismatched.items() if m}
         inc["good_rows_lost"] = inc["source_mismatches"] + sum(
             self.store.table(t).rows for m in mismatched.values() for t in m
@@ -241,10 +279,15 @@ class SourceGuard:
         self.incidents.append(inc)
         self.incident = None
         if self.log is not None:
-            self.log.append({k: v for k, v in inc.items() if k != "restored"}
-                            | {"event": "restored_everywhere"})
-        log.warning("guard %s: rollback complete at every replica in %.2f s; good rows lost %d",
-                    self.model, inc["restore_all_replicas_s"], inc["good_rows_lost"])
+            self.log.append(
+                {k: v for k, v in inc.items() if k != "restored"} | {"event": "restored_everywhere"}
+            )
+        log.warning(
+            "guard %s: rollback complete at every replica in %.2f s; good rows lost %d",
+            self.model,
+            inc["restore_all_replicas_s"],
+            inc["good_rows_lost"],
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -253,8 +296,10 @@ class SourceGuard:
             "replicas": {n: self.reports.get(n, {}).get("state") for n in self.replicas},
             "training_paused": getattr(self.trainer, "paused", None),
             "last_all_healthy": self.last_all_healthy,
-            "preimages": {"rows": self.preimages.rows,
-                          "earliest_restorable": self.preimages.earliest_restorable},
+            "preimages": {
+                "rows": self.preimages.rows,
+                "earliest_restorable": self.preimages.earliest_restorable,
+            },
             "rows_restored": self.rows_restored,
             "incident": _public(self.incident),
             "incidents": [_public(i) for i in self.incidents[-10:]],

@@ -218,6 +218,8 @@ def _encode_payload(msg: msgspec.Struct) -> bytes:
             msg.holds,
         )
     return _ENCODER.encode(msg)
+
+
 _DECODERS: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
 _local = threading.local()
 

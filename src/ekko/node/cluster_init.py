@@ -63,9 +63,8 @@ def cluster_doc(
             {"name": "source", "dc": "train", "sync_port": ports.pop(), "admin_port": ports.pop()}
         ],
         "tables": [
-            {"name": n, "dim": d, "shards": s} for n, d, s in (
-                tables if tables is not None else [] if models else [("emb", 32, 16)]
-            )
+            {"name": n, "dim": d, "shards": s}
+            for n, d, s in (tables if tables is not None else [] if models else [("emb", 32, 16)])
         ],
         "sync": sync or {},
     }
@@ -92,9 +91,15 @@ def cluster_doc(
             dc["wan_mbit"] = float(wan_mbit)
         doc["dcs"].append(dc)
         doc["nodes"].append(
-            {"name": "ckpt-r0", "dc": "ckpt", "sync_port": ports.pop(), "admin_port": ports.pop(),
-             "serve": serve, "refresh": "checkpoint",
-             "checkpoint_interval_s": float(checkpoint_every_s)}
+            {
+                "name": "ckpt-r0",
+                "dc": "ckpt",
+                "sync_port": ports.pop(),
+                "admin_port": ports.pop(),
+                "serve": serve,
+                "refresh": "checkpoint",
+                "checkpoint_interval_s": float(checkpoint_every_s),
+            }
         )
     ClusterConfig.model_validate(doc)
     return doc

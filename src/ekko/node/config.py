@@ -240,9 +240,11 @@ class ClusterConfig(_Strict):
         for d in self.dcs:
             if d.upstream_dc is not None and d.upstream_dc not in dc_names:
                 raise ValueError(f"dcs[{d.name}].upstream_dc: unknown DC {d.upstream_dc!r}")
-            if not self.dc_nodes(d.name) and (d.training or d.upstream_dc is not None or any(
-                x.upstream_dc == d.name for x in self.dcs
-            )):
+            if not self.dc_nodes(d.name) and (
+                d.training
+                or d.upstream_dc is not None
+                or any(x.upstream_dc == d.name for x in self.dcs)
+            ):
                 raise ValueError(f"dcs[{d.name}]: has no syncing nodes")
             if not any(n.dc == d.name for n in self.nodes):
                 raise ValueError(f"dcs[{d.name}]: has no nodes")

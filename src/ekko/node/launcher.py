@@ -68,14 +68,26 @@ class LocalCluster:
     def _spawn(self, name: str) -> NodeProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "ekko", "node", "--config", str(self.config_path),
-               "--name", name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ekko",
+            "node",
+            "--config",
+            str(self.config_path),
+            "--name",
+            name,
+        ]
         if name == self.config.source.name:
             cmd += self.writer_args
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log_path, "ab") as err:
             proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
                 start_new_session=True,
             )
         np_ = NodeProcess(name, proc, log_path)
@@ -134,8 +146,12 @@ class LocalCluster:
         return r.json()
 
     def post(self, name: str, path: str, body: object, timeout: float = 10.0) -> httpx.Response:
-        return httpx.post(self.url(name, path), content=json.dumps(body), timeout=timeout,
-                          headers={"content-type": "application/json"})
+        return httpx.post(
+            self.url(name, path),
+            content=json.dumps(body),
+            timeout=timeout,
+            headers={"content-type": "application/json"},
+        )
 
     def __enter__(self) -> LocalCluster:
         return self

@@ -38,14 +38,16 @@ def per_dc(cluster: LocalCluster) -> list[dict]:
             if cfg.role(n.name) == "follower":
                 followers.merge(h)
         wan = cfg.wan(cfg.dc_nodes(dc.name)[0].name, cfg.source.name)
-        out.append({
-            "dc": dc.name,
-            "one_way_delay_ms": wan.delay_ms if wan else 0.0,
-            "p50_ms": merged.quantile(0.5),
-            "p99_ms": merged.quantile(0.99),
-            "followers_p99_ms": followers.quantile(0.99),
-            "rows": merged.count,
-        })
+        out.append(
+            {
+                "dc": dc.name,
+                "one_way_delay_ms": wan.delay_ms if wan else 0.0,
+                "p50_ms": merged.quantile(0.5),
+                "p99_ms": merged.quantile(0.99),
+                "followers_p99_ms": followers.quantile(0.99),
+                "rows": merged.count,
+            }
+        )
     return out
 
 
@@ -93,9 +95,14 @@ def watch(
             for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "followers p99", "WAN rows/s"):
                 t.add_column(col)
             for r in rows:
-                t.add_row(r["dc"], f"{r['one_way_delay_ms']:.0f}", f"{r['p50_ms']:.1f}",
-                          f"{r['p99_ms']:.1f}", f"{r['followers_p99_ms']:.1f}",
-                          f"{rates.get(r['dc'], 0):.0f}")
+                t.add_row(
+                    r["dc"],
+                    f"{r['one_way_delay_ms']:.0f}",
+                    f"{r['p50_ms']:.1f}",
+                    f"{r['p99_ms']:.1f}",
+                    f"{r['followers_p99_ms']:.1f}",
+                    f"{rates.get(r['dc'], 0):.0f}",
+                )
             live.update(t)
     for r in rows:
         r["rows_per_s"] = rates.get(r["dc"], 0.0)

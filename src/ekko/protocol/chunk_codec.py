@@ -109,9 +109,7 @@ def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
         keys, values, versions, wtimes = empty, np.zeros((0, dim), np.float32), empty, empty
     else:
         if block.dim != dim:
-            raise CodecError(
-                f"block of table {chunk.table!r} has dim {block.dim}, table has {dim}"
-            )
+            raise CodecError(f"block of table {chunk.table!r} has dim {block.dim}, table has {dim}")
         keys, values, versions, wtimes = decode_block(block)
     return Chunk(
         table=chunk.table,

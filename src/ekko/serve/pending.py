@@ -137,7 +137,10 @@ class PendingPredictions:
         index = np.flatnonzero(hit)
         hs = slots[index]
         joined = Joined(
-            index, self._ctr[hs].copy(), self._variant[hs].copy(), n - len(index),
+            index,
+            self._ctr[hs].copy(),
+            self._variant[hs].copy(),
+            n - len(index),
             self._shadow[hs].copy(),
         )
         self._seq[hs] = _EMPTY

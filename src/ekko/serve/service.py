@@ -255,8 +255,9 @@ class InferenceService:
         ctr = np.where(to_base, full_base, full_online).astype(np.float32)
         shadow = np.where(to_base, full_online, full_base).astype(np.float32)
         shadow[~sampled] = np.nan
-        codes = np.where(to_base, self._variant_names.index(BASELINE),
-                         self._variant_names.index(ONLINE)).astype(np.uint8)
+        codes = np.where(
+            to_base, self._variant_names.index(BASELINE), self._variant_names.index(ONLINE)
+        ).astype(np.uint8)
         ids = self._pending.add(ctr, codes, shadow)
         n_base = int(to_base.sum())
         base.predictions += n_base
@@ -288,8 +289,10 @@ class InferenceService:
                 self._variants[name].quality.update(joined.ctr[mine], y_hit[mine], now)
         if BASELINE in self._variants:  # shadow scores belong to the variant not served
             base_code = self._variant_names.index(BASELINE)
-            for name, served_by_other in ((BASELINE, joined.variant != base_code),
-                                          (ONLINE, joined.variant == base_code)):
+            for name, served_by_other in (
+                (BASELINE, joined.variant != base_code),
+                (ONLINE, joined.variant == base_code),
+            ):
                 pick = served_by_other & np.isfinite(joined.shadow)
                 if pick.any():
                     self._variants[name].quality.update(joined.shadow[pick], y_hit[pick], now)

@@ -162,7 +162,15 @@ def write_rows(
         app_shard[i] = s
         out_versions[i] = v
     push_ring(
-        app_shard, slots, out_versions, n, ring_slot, ring_ver, ring_pos, ring_len, dvv,
+        app_shard,
+        slots,
+        out_versions,
+        n,
+        ring_slot,
+        ring_ver,
+        ring_pos,
+        ring_len,
+        dvv,
         ring_order,
     )
 
@@ -229,7 +237,15 @@ def apply_rows(
         app_ver[applied] = v
         applied += 1
     push_ring(
-        app_shard, app_slot, app_ver, applied, ring_slot, ring_ver, ring_pos, ring_len, dvv,
+        app_shard,
+        app_slot,
+        app_ver,
+        applied,
+        ring_slot,
+        ring_ver,
+        ring_pos,
+        ring_len,
+        dvv,
         ring_order,
     )
     return applied

@@ -238,7 +238,11 @@ class Table:
 
     def _ring_args(self) -> tuple[np.ndarray, ...]:
         return (
-            self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self.dvv,
+            self._ring_slot,
+            self._ring_ver,
+            self._ring_pos,
+            self._ring_len,
+            self.dvv,
             self._ring_order,
         )
 

@@ -182,8 +182,9 @@ class TrainingService:
         try:
             self.publisher.flush()
         except Exception:
-            log.exception("final publish of %s failed; its last step's rows are not written",
-                          self.name)
+            log.exception(
+                "final publish of %s failed; its last step's rows are not written", self.name
+            )
 
     def quarantine(self, why: str) -> int:
         """Stop training: the queued input window is dropped (it is suspect), and batches
