@@ -170,6 +170,41 @@ def up(
 
 
 @app.command()
+def rollback(
+    model: str = typer.Argument(..., help="The model to roll back."),
+    config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (TOML)."),
+    to: float | None = typer.Option(None, help="Unix time to restore (default: guard's choice)."),
+    why: str = typer.Option("operator rollback", help="Recorded with the incident."),
+) -> None:
+    """Roll MODEL back at the source, signed with the cluster secret (the route refuses
+    unsigned requests)."""
+    import httpx
+
+    from ekko.node.config import ConfigError, load_config
+    from ekko.node.signed_requests import signed_json
+
+    try:
+        cfg = load_config(config)
+        secret = cfg.path(cfg.cluster.secret_file, config.resolve().parent).read_bytes().strip()
+    except (ConfigError, OSError) as exc:
+        console.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    src = cfg.source
+    path = f"/v1/models/{model}/rollback"
+    doc: dict = {"why": why} | ({"to": to} if to is not None else {})
+    content, headers = signed_json(secret, path, doc)
+    try:
+        r = httpx.post(f"http://{src.host}:{src.admin_port}{path}", content=content,
+                       headers=headers, timeout=30.0)  # fmt: skip
+    except httpx.HTTPError as exc:
+        console.print(f"[red]source {src.name} unreachable:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    print(r.text)
+    if r.status_code >= 400:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     duration: float = typer.Option(60.0, help="Seconds of online traffic."),
     rate: float = typer.Option(1024.0, help="Events/s predicted, labelled and trained."),

@@ -15,11 +15,13 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ekko.node.core import NodeCore, NotSourceError
+from ekko.node.signed_requests import RequireSignature
 from ekko.store import StoreError, UnknownTableError
 
 MAX_BODY_BYTES = 64 << 20
@@ -163,5 +165,8 @@ def admin_routes(
     ]
 
 
-def admin_app(routes: list[Route]) -> Starlette:
-    return Starlette(routes=routes)
+def admin_app(routes: list[Route], secret: bytes | None = None) -> Starlette:
+    """The admin API; with the cluster ``secret``, guard messages and rollbacks must be signed
+    (``ekko.node.signed_requests``)."""
+    middleware = [Middleware(RequireSignature, secret=secret)] if secret else []
+    return Starlette(routes=routes, middleware=middleware)

@@ -34,6 +34,7 @@ from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
 from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
+from ekko.node.signed_requests import signed_json
 from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
 from ekko.protocol.messages import PullResponse
@@ -106,7 +107,7 @@ class NodeRunner:
         routes = admin_routes(self.core, registry, self.notify_written, self._status_extra)
         if self.core.role == "checkpoint":
             routes.append(Route("/v1/checkpoint/refresh", self._refresh_now, methods=["POST"]))
-        app = admin_app([*self.extra_routes, *self.models.routes(), *routes])
+        app = admin_app([*self.extra_routes, *self.models.routes(), *routes], self.secret)
         server = EmbeddedServer(
             uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         )
@@ -315,14 +316,16 @@ class NodeRunner:
             return
         node = self.config.node(target)
         url = f"http://{node.host}:{node.admin_port}{path}"
-        self._tasks.append(asyncio.get_running_loop().create_task(self._post_retry(url, body)))
+        task = self._post_retry(url, path, body)
+        self._tasks.append(asyncio.get_running_loop().create_task(task))
         self._tasks = [t for t in self._tasks if not t.done()]
 
-    async def _post_retry(self, url: str, body: dict) -> None:
+    async def _post_retry(self, url: str, path: str, body: dict) -> None:
         assert self._http is not None
         for attempt in range(5):
             try:
-                r = await self._http.post(url, json=body)
+                content, headers = signed_json(self.secret, path, body)
+                r = await self._http.post(url, content=content, headers=headers)
                 if r.status_code < 500:
                     if r.status_code >= 400:
                         log.warning("guard message to %s refused: %s", url, r.text[:200])
