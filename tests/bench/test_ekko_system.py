@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from ekko.bench.baselines import default_topology, run_push
-from ekko.bench.ekko_system import BandwidthChange, EkkoVariant, NewKeyLatency, run_ekko
+from ekko.bench.ekko_system import (
+    BandwidthChange,
+    EkkoVariant,
+    NewKeyLatency,
+    run_ekko,
+    warm_scheduler,
+)
 from ekko.bench.online_auc import OnlineAuc
 from ekko.bench.trace import Trace, load_trace, record_trace
-from ekko.schedule import SchedulerConfig
+from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.train.dlrm import DLRMConfig
 
 torch.set_num_threads(1)
@@ -35,6 +42,13 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> Trace:
     [
         EkkoVariant("direct", relay=False),
         EkkoVariant("lanes paced fp32", codec="fp32", scheduler=SchedulerConfig(), pace=True),
+        EkkoVariant(
+            "warmed drift lanes",
+            codec="fp32",
+            scheduler=SchedulerConfig(percentile=0.8, hot_keys=True, accumulate_drift=True),
+            warm_passes=1,
+            pace=True,
+        ),
         EkkoVariant(
             "coalesced deferral",
             coalesce_ms=50,
@@ -91,3 +105,15 @@ async def test_bandwidth_drop_reaches_links_and_new_keys_are_timed(warm_trace: T
     assert r.details["within_codec_error"]
     assert new_keys.latency_ms and not math.isnan(new_keys.p99_ms())
     assert all(p.size == 0 for tables in new_keys.pending.values() for p, _ in tables.values())
+
+
+def test_warming_plans_the_trace_and_leaves_no_drift(trace: Trace) -> None:
+    sched = UpdateScheduler(SchedulerConfig(hot_keys=True, accumulate_drift=True))
+    warm_scheduler(sched, trace, 2)
+    assert sched.statistics().rows_planned == 2 * trace.rows
+    assert sched.statistics().threshold > 0
+    assert sched.drift is not None
+    for b in trace.batches:
+        assert not sched.drift.drift(b.table, b.keys, np.zeros(len(b.keys))).any()
+    with pytest.raises(ValueError, match="deferring scheduler cannot be warmed"):
+        warm_scheduler(UpdateScheduler(SchedulerConfig(defer=True)), trace, 1)

@@ -247,6 +247,12 @@ class UpdateScheduler:
         self._low += int(np.count_nonzero(send)) - nh
         return WritePlan(lanes, send)
 
+    def replicas_in_sync(self) -> None:
+        """Every replica holds the source's rows now (a bootstrap, a full copy): no row has
+        drifted from what they hold."""
+        if self.drift is not None:
+            self.drift = DriftAccumulator()
+
     def due(self, now: float) -> list[ReleasedRows]:
         """Held rows whose staleness bound is reached at ``now``; write them."""
         return [self._released(r) for r in self.deferrer.due(now)]
