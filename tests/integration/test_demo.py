@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from demo_cli import run_demo
 
 
 def test_demo_serves_fresh_models_in_every_dc(tmp_path: Path) -> None:
-    out = tmp_path / "demo.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ekko",
-            "demo",
-            "--duration",
-            "10",
-            "--json",
-            str(out),
-            "--workdir",
-            str(tmp_path / "cluster"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    doc = run_demo(tmp_path, "--duration", "10", timeout=300)
     summary = doc["summary"]
     assert [d["dc"] for d in summary["per_dc"]] == ["dc1", "dc2", "dc3"]
     trainer = summary["trainer_auc"]

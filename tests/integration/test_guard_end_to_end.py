@@ -3,37 +3,15 @@ baseline, rolled back through the sync, traffic back on the online model once he
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from demo_cli import run_demo
 
 
 def test_poisoned_training_is_detected_redirected_rolled_back_and_recovered(tmp_path: Path):
-    out = tmp_path / "demo.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ekko",
-            "demo",
-            "--duration",
-            "85",
-            "--poison-at",
-            "40",
-            "--poison-for",
-            "10",
-            "--json",
-            str(out),
-            "--workdir",
-            str(tmp_path / "cluster"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(out.read_text())["summary"]
+    args = ("--duration", "85", "--poison-at", "40", "--poison-for", "10")
+    doc = run_demo(tmp_path, *args, timeout=600)
+    summary = doc["summary"]
     guard = summary["guard"]
     start = summary["poison_started_at"]
     assert summary["poisoned_events"] > 0 and start is not None
