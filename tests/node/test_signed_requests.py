@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from starlette.routing import Route
 
 from ekko.node.admin import admin_app
 from ekko.node.signed_requests import (
+    MAX_SIGNED_BODY,
     SIGNATURE_HEADER,
     SignatureError,
     sign_request,
@@ -65,6 +67,12 @@ async def test_guard_routes_refuse_unsigned_requests_and_get_signed_bodies_intac
         content, headers = signed_json(SECRET, PATH, {"state": "healthy"})
         r = await client.post(PATH, content=content, headers=headers)
         assert r.status_code == 200 and r.json() == {"got": content.decode()}
+        odd = f"t={int(time.time())},mac=".encode() + b"\xe9"
+        r = await client.post(PATH, content=b"{}", headers={SIGNATURE_HEADER: odd})
+        # A non-ASCII MAC is refused as not matching, not a server error.
+        assert r.status_code == 401 and "does not match" in r.json()["error"]
+        r = await client.post(PATH, content=b"x" * (MAX_SIGNED_BODY + 1), headers=headers)
+        assert r.status_code == 413 and "body over" in r.json()["error"]
         # Serving routes stay open to the application's servers.
         r = await client.post("/v1/models/ctr/predict", content=b"{}")
         assert r.json() == {"got": "{}"}

@@ -23,6 +23,7 @@ from typing import Any
 
 SIGNATURE_HEADER = "x-ekko-signature"
 MAX_SKEW_S = 60.0
+MAX_SIGNED_BODY = 1 << 20  # guard messages and rollbacks are small
 _LABEL = b"ekko-admin-v1"
 
 # Node-to-node guard messages and the operator's rollback.
@@ -90,7 +91,8 @@ def verify_request(
         raise SignatureError(
             f"signature is dated {-age:.0f} s ahead of this node's clock (limit {max_skew_s:.0f} s)"
         )
-    if not hmac.compare_digest(mac, _mac(secret, t, method, path, body)):
+    expected = _mac(secret, t, method, path, body).encode()
+    if not hmac.compare_digest(mac.encode("utf-8", "replace"), expected):
         raise SignatureError("signature does not match the request (wrong secret, or altered)")
 
 
@@ -114,12 +116,17 @@ class RequireSignature:
         ):
             await self.app(scope, receive, send)
             return
-        chunks = []
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
                 return  # the client went away
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_SIGNED_BODY:
+                await _refuse(send, 413, f"body over {MAX_SIGNED_BODY} bytes on a signed route")
+                return
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
@@ -127,14 +134,7 @@ class RequireSignature:
         try:
             verify_request(self.secret, "POST", scope["path"], body, headers.get(SIGNATURE_HEADER))
         except SignatureError as exc:
-            payload = json.dumps({"error": str(exc)}).encode()
-            await send({
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())],
-            })  # fmt: skip
-            await send({"type": "http.response.body", "body": payload})
+            await _refuse(send, 401, str(exc))
             return
         replayed = False
 
@@ -146,3 +146,14 @@ class RequireSignature:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _refuse(send: Send, status: int, why: str) -> None:
+    payload = json.dumps({"error": why}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode())],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": payload})
