@@ -18,8 +18,9 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SIGNATURE_HEADER = "x-ekko-signature"
 MAX_SKEW_S = 60.0
@@ -28,12 +29,6 @@ _LABEL = b"ekko-admin-v1"
 
 # Node-to-node guard messages and the operator's rollback.
 SIGNED_PATHS = re.compile(r"^/v1/models/[^/]+/(guard/[^/]+|rollback)$")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class SignatureError(ValueError):
@@ -101,7 +96,7 @@ class RequireSignature:
     it is answered 401 with the reason and never reaches the app. The body is read once to
     check it and handed to the app unchanged."""
 
-    def __init__(self, app: App, secret: bytes, paths: re.Pattern[str] = SIGNED_PATHS) -> None:
+    def __init__(self, app: ASGIApp, secret: bytes, paths: re.Pattern[str] = SIGNED_PATHS) -> None:
         if not secret:
             raise ValueError("secret must be non-empty bytes")
         self.app = app
