@@ -110,6 +110,11 @@ def node(
     writer_key_space: int = typer.Option(1_000_000, help="Synthetic writer key space."),
     writer_prefill: int = typer.Option(0, help="Rows written once before the stream."),
     writer_tables: str = typer.Option("", help="Comma-separated tables to write (default all)."),
+    rebuild: bool = typer.Option(
+        False,
+        help="Source only: set its snapshot and log aside and rebuild from the replicas "
+        "(after a corrupt file, or to say its data dir is lost).",
+    ),
 ) -> None:
     """Run one node of a cluster in the foreground."""
     from ekko.node.config import ConfigError, load_config
@@ -131,7 +136,7 @@ def node(
             prefill=writer_prefill,
             tables=tuple(t for t in writer_tables.split(",") if t),
         )
-    run_node(cfg, name, config.resolve().parent, writer=writer)
+    run_node(cfg, name, config.resolve().parent, writer=writer, rebuild=rebuild)
 
 
 @app.command()

@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ekko.node.core import NodeCore, NotSourceError
+from ekko.node.core import NodeCore, NotReadyError, NotSourceError
 from ekko.node.signed_requests import RequireSignature
-from ekko.store import StoreError, UnknownTableError
+from ekko.store import StoreError, UnknownTableError, WalError
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -95,6 +95,10 @@ def guarded(fn: Handler) -> Handler:
             return JSONResponse({"error": str(exc).strip("'\"")}, status_code=404)
         except NotSourceError as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
+        except NotReadyError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        except WalError as exc:  # the write is in the store but not durable: not acknowledged
+            return JSONResponse({"error": f"write not durable: {exc}"}, status_code=503)
         except StoreError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 
@@ -133,6 +137,7 @@ def admin_routes(
         keys, values = parse_rows(await read_json(request), table.dim)
         versions = core.write(table.name, keys, values)
         on_written()
+        await core.wait_durable()  # acknowledged = on disk (one fsync per group commit)
         return JSONResponse({"table": table.name, "versions": versions.tolist()})
 
     async def latency(request: Request) -> Response:

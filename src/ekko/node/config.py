@@ -131,6 +131,17 @@ class SyncConfig(_Strict):
     pace_wan: bool = False  # pace each WAN session at its link's bandwidth (mbit)
 
 
+class DurabilitySection(_Strict):
+    """The source's write-ahead log and restart recovery (README "Durability")."""
+
+    # Log every source write; an HTTP write is answered once its group commit is fsynced.
+    wal: bool = True
+    wal_window_ms: float = Field(3.0, ge=0, le=1000)  # one fsync per window, for every write in it
+    # On restart the source pulls what it lacks from the replicas before it accepts writes;
+    # it waits this long for each replica that does not answer.
+    recovery_timeout_s: float = Field(5.0, gt=0)
+
+
 class SchedulerSection(_Strict):
     """The source's update scheduler (DESIGN.md §4): lanes by priority, optional deferral."""
 
@@ -198,6 +209,7 @@ class ClusterConfig(_Strict):
     tables: list[TableConfig] = []
     models: list[ModelConfig] = []
     sync: SyncConfig = SyncConfig()
+    durability: DurabilitySection = DurabilitySection()
     scheduler: SchedulerSection = SchedulerSection()
     guard: GuardSection = GuardSection()
 

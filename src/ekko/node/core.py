@@ -23,13 +23,19 @@ from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.protocol.traffic import TrafficTally
 from ekko.schedule.writer import ScheduledWriter
-from ekko.store import SnapshotError, Store
+from ekko.store import Store
+from ekko.store.journal import StoreJournal, open_durable
 
 log = logging.getLogger(__name__)
 
 
 class NotSourceError(RuntimeError):
     """Writes are accepted only by the source node, the origin of versions."""
+
+
+class NotReadyError(RuntimeError):
+    """The source cannot take writes yet (it is rebuilding from replicas); the message says
+    why. Answered 503 so a client retries."""
 
 
 @dataclass
@@ -50,6 +56,9 @@ class NodeCore:
     base_dir: Path
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     links: dict[str, LinkCounters] = field(default_factory=dict)
+    # Start the source from the replicas, setting its data files aside (a corrupt snapshot
+    # or log, or a data dir known to be lost).
+    rebuild: bool = False
 
     def __post_init__(self) -> None:
         self.node = self.config.node(self.name)
@@ -58,6 +67,11 @@ class NodeCore:
         self.origin = self.config.nodes.index(self.node)
         self.data_dir = self.config.path(self.config.cluster.data_dir, self.base_dir) / self.name
         self.snapshot_path = self.data_dir / "store.snapshot"
+        self.wal_dir = self.data_dir / "wal"
+        self.journal: StoreJournal | None = None
+        # Why writes are refused (None: accepted). A source recovers before it takes any.
+        self.not_ready: str | None = "recovering" if self.role == "source" else None
+        self.restored_rows = 0  # rows the source found in its own snapshot and log
         self.store = self._open_store()
         self.responder = self._responder()
         self.writer = ScheduledWriter(
@@ -82,20 +96,44 @@ class NodeCore:
         )
 
     def _open_store(self) -> Store:
+        """At the source: the snapshot plus the write-ahead log, checked (a corrupt file
+        raises ``SnapshotError``/``WalError`` naming it: never a silent empty start)."""
         cache = self.config.sync.cache_capacity
-        if self.role == "source" and self.snapshot_path.exists():
-            try:
-                store = Store.load(self.snapshot_path, cache_capacity=cache)
-                log.info("restored source store from %s", self.snapshot_path)
-            except SnapshotError as exc:
-                log.error("snapshot %s unusable (%s); starting empty", self.snapshot_path, exc)
-                store = Store(origin=self.origin, cache_capacity=cache)
+        if self.role != "source":
+            return Store(origin=self.origin, cache_capacity=cache)
+        if self.rebuild:
+            self._set_aside()
+        d = self.config.durability
+        if d.wal:
+            store, self.journal, _ = open_durable(
+                self.snapshot_path,
+                self.wal_dir,
+                origin=self.origin,
+                cache_capacity=cache,
+                window_s=d.wal_window_ms / 1000,
+            )
+        elif self.snapshot_path.exists():
+            store = Store.load(self.snapshot_path, cache_capacity=cache)
         else:
             store = Store(origin=self.origin, cache_capacity=cache)
-        if self.role == "source":
-            for t in self.config.tables:
-                store.create_table(t.spec(), initial_rows=t.initial_rows)
+        self.restored_rows = sum(t.rows for t in store.tables.values())
+        if self.restored_rows or store.lineage:
+            log.info(
+                "restored %d rows (lineage %x) from %s", self.restored_rows, store.lineage,
+                self.data_dir,
+            )  # fmt: skip
+        for t in self.config.tables:
+            store.create_table(t.spec(), initial_rows=t.initial_rows)
         return store
+
+    def _set_aside(self) -> None:
+        """Rename the source's snapshot and log so a rebuild starts empty, keeping them."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for p in (self.snapshot_path, self.wal_dir):
+            if p.exists():
+                aside = p.with_name(f"{p.name}.set-aside-{stamp}")
+                p.rename(aside)
+                log.warning("rebuild from replicas: %s set aside as %s", p, aside)
 
     @property
     def is_source(self) -> bool:
@@ -114,9 +152,17 @@ class NodeCore:
         )
 
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """Write rows at the source; raises on a replica, an unknown table or bad rows."""
+        """Write rows at the source; raises on a replica, an unknown table or bad rows, and
+        ``NotReadyError`` while the source recovers. Durable once ``wait_durable`` returns."""
         self.require_source("write to")
+        if self.not_ready is not None:
+            raise NotReadyError(f"source {self.name!r} takes no writes yet: {self.not_ready}")
         return self.writer.write(table, keys, values, now=time.time(), now_ns=time.time_ns())
+
+    async def wait_durable(self) -> None:
+        """Return once every write so far is on disk (at once without a write-ahead log)."""
+        if self.journal is not None:
+            await self.journal.wait_durable()
 
     def require_source(self, what: str) -> None:
         """Raise ``NotSourceError`` naming the source unless this node is it."""
@@ -148,8 +194,18 @@ class NodeCore:
                 scheduler.traffic.register(t, model)
 
     def save_snapshot(self) -> None:
+        """Snapshot the store; with a write-ahead log, drop the records it covers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store.save(self.snapshot_path)
+        if self.journal is not None:
+            self.journal.checkpoint(self.snapshot_path)
+        else:
+            self.store.save(self.snapshot_path)
+
+    def close(self) -> None:
+        """Flush and close the write-ahead log (after the last snapshot)."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     def export_snapshot(self) -> bytes:
         """A full copy of the store as snapshot bytes (what a checkpoint replica loads)."""

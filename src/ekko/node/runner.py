@@ -39,7 +39,8 @@ from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
 from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller
-from ekko.store import SnapshotError
+from ekko.protocol.recovery import new_lineage
+from ekko.store import SnapshotError, WalError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ class NodeRunner:
         base_dir: Path,
         *,
         writer: SyntheticWriterConfig | None = None,
+        rebuild: bool = False,
     ) -> None:
         self.config = config
-        self.core = NodeCore(config, name, base_dir)
+        self.core = NodeCore(config, name, base_dir, rebuild=rebuild)
         secret_path = config.path(config.cluster.secret_file, base_dir)
         self.secret = secret_path.read_bytes().strip()
         self.writer_config = writer
@@ -94,15 +96,6 @@ class NodeRunner:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         node = self.core.node
-        self._listener = await serve(
-            node.host,
-            node.sync_port,
-            node=self.core.name,
-            secret=self.secret,
-            on_connection=self.sync.serve_session,
-            wan_for=lambda peer: self._wan(peer),
-            compress=self.config.sync.compress,
-        )
         registry = node_registry(self.core, [*self.extra_metrics, *self.models.collectors()])
         routes = admin_routes(self.core, registry, self.notify_written, self._status_extra)
         if self.core.role == "checkpoint":
@@ -114,6 +107,18 @@ class NodeRunner:
         # Bound before serving: the port accepts (into the backlog) from the first moment.
         admin_sock = _tcp_listener(node.host, node.admin_port)
         self._tasks.append(loop.create_task(server.serve(sockets=[admin_sock])))
+        if self.core.is_source:
+            # Writes answer 503 until the source holds everything it acknowledged.
+            await self._recover()
+        self._listener = await serve(
+            node.host,
+            node.sync_port,
+            node=self.core.name,
+            secret=self.secret,
+            on_connection=self.sync.serve_session,
+            wan_for=lambda peer: self._wan(peer),
+            compress=self.config.sync.compress,
+        )
         upstream_ready = asyncio.Event()
         if self.config.guard.enabled and self.config.models:
             self._http = httpx.AsyncClient(timeout=5.0)
@@ -172,6 +177,7 @@ class NodeRunner:
             if held:
                 log.info("wrote %d held (deferred) rows before stopping", held)
             self.core.save_snapshot()
+            self.core.close()
             log.info("source snapshot saved to %s", self.core.snapshot_path)
         if self._listener is not None:
             self._listener.close()
@@ -385,7 +391,16 @@ class NodeRunner:
         self._copy_now.set()
         return JSONResponse({"node": self.core.name, "refresh": "requested"}, status_code=202)
 
-    # -- source snapshots ---------------------------------------------------------------
+    # -- source snapshots and recovery ---------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Take writes only once the store is durable under its lineage."""
+        core = self.core
+        core.not_ready = "recovering: rebuilding from the write-ahead log and replicas"
+        if core.store.lineage == 0:
+            core.store.lineage = new_lineage()
+        core.save_snapshot()  # the lineage and whatever was recovered are durable first
+        core.not_ready = None
 
     async def _release_held(self) -> None:
         """Write deferred rows once their staleness bound is due (the scheduler holds them
@@ -427,6 +442,7 @@ def run_node(
     base_dir: Path,
     *,
     writer: SyntheticWriterConfig | None = None,
+    rebuild: bool = False,
 ) -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -437,4 +453,14 @@ def run_node(
     from ekko.store import warm
 
     warm()
-    asyncio.run(NodeRunner(config, name, base_dir, writer=writer).run())
+    try:
+        runner = NodeRunner(config, name, base_dir, writer=writer, rebuild=rebuild)
+    except (SnapshotError, WalError) as exc:
+        log.error(
+            "%s refuses to start: %s. Nothing was changed; to rebuild this source from its "
+            "replicas (setting these files aside), start it with --rebuild.",
+            name,
+            exc,
+        )
+        raise SystemExit(3) from exc
+    asyncio.run(runner.run())

@@ -11,6 +11,7 @@ from ekko.store.errors import (
     StoreError,
     TableConflictError,
     UnknownTableError,
+    WalError,
 )
 from ekko.store.index import KeyIndex, shard_of
 from ekko.store.reference import ReferenceTable
@@ -29,6 +30,7 @@ __all__ = [
     "TableConflictError",
     "TableStats",
     "UnknownTableError",
+    "WalError",
     "shard_of",
     "warm",
 ]

@@ -27,5 +27,10 @@ class SnapshotError(StoreError):
     """A snapshot file is missing, truncated or corrupted; the store was not loaded."""
 
 
+class WalError(StoreError):
+    """A write-ahead log file is corrupt (not just a torn tail) or the log cannot write; the
+    message names the file and offset. A node refuses to start on it rather than lose rows."""
+
+
 class BadRowsError(StoreError, ValueError):
     """Rows, cursors or indices of the wrong dtype, shape or range; nothing was changed."""

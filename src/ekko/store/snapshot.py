@@ -49,6 +49,8 @@ class SnapshotData:
     origin: int
     catalog_version: int
     tables: list[SnapshotTable]
+    lineage: int = 0  # the source history the rows belong to (``Store.lineage``)
+    wal_seq: int = 0  # the last write-ahead log record the rows include
 
 
 def _crc(arr: np.ndarray) -> int:
@@ -76,7 +78,13 @@ def write_snapshot(path: Path, data: SnapshotData) -> None:
             {"name": t.name, "dim": t.dim, "num_shards": t.num_shards, "arrays": metas}
         )
     header = json.dumps(
-        {"origin": data.origin, "catalog_version": data.catalog_version, "tables": tables_meta}
+        {
+            "origin": data.origin,
+            "catalog_version": data.catalog_version,
+            "lineage": data.lineage,
+            "wal_seq": data.wal_seq,
+            "tables": tables_meta,
+        }
     ).encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -148,7 +156,13 @@ def read_snapshot(path: Path) -> SnapshotData:
                 tables.append(t)
             if f.read(len(TRAILER) + 1) != TRAILER:
                 raise ValueError("missing trailer or trailing garbage")
-            return SnapshotData(int(header["origin"]), int(header["catalog_version"]), tables)
+            return SnapshotData(
+                int(header["origin"]),
+                int(header["catalog_version"]),
+                tables,
+                int(header.get("lineage", 0)),
+                int(header.get("wal_seq", 0)),
+            )
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:

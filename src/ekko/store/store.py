@@ -14,7 +14,7 @@ from ekko.store.errors import (
     UnknownTableError,
 )
 from ekko.store.snapshot import SnapshotData, SnapshotTable, read_snapshot, write_snapshot
-from ekko.store.table import Table
+from ekko.store.table import Table, WriteHook
 
 _TABLE_ARRAYS = ("keys", "values", "versions", "wtimes", "lanes")
 
@@ -29,6 +29,12 @@ class Store:
         self.cache_capacity = int(cache_capacity)
         self._tables: dict[str, Table] = {}
         self._catalog_version = 0
+        # Which history of the source the rows belong to (0: none yet). A source that cannot
+        # prove it holds everything any replica holds starts a new lineage; a replica that
+        # meets another lineage upstream rebuilds from it (``ekko.protocol.puller``).
+        self.lineage = 0
+        self.snapshot_wal_seq = 0  # the log position the snapshot this store came from covers
+        self._on_write: WriteHook | None = None
 
     @property
     def tables(self) -> Mapping[str, Table]:
@@ -56,9 +62,25 @@ class Store:
             cache_capacity=self.cache_capacity,
             initial_rows=initial_rows,
         )
+        table.on_write = self._on_write
         self._tables[spec.name] = table
         self._catalog_version += 1
         return table
+
+    def set_write_hook(self, hook: WriteHook | None) -> None:
+        """Call ``hook`` after every source write to any table (the write-ahead journal)."""
+        self._on_write = hook
+        for t in self._tables.values():
+            t.on_write = hook
+
+    def replace_with(self, other: Store) -> None:
+        """Hold exactly ``other``'s tables and lineage from now on (a replica rebuilt from a
+        new lineage). The catalog version moves past both, so pullers relearn the tables."""
+        self._tables = dict(other._tables)
+        for t in self._tables.values():
+            t.on_write = self._on_write
+        self._catalog_version = max(self._catalog_version, other._catalog_version) + 1
+        self.lineage = other.lineage
 
     def table(self, name: str) -> Table:
         try:
@@ -75,14 +97,16 @@ class Store:
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def save(self, path: Path) -> None:
-        """Write every table's rows and sync counters to ``path`` atomically."""
+    def save(self, path: Path, *, wal_seq: int = 0) -> None:
+        """Write every table's rows and sync counters to ``path`` atomically; ``wal_seq`` is
+        the last write-ahead log record the rows include."""
         tables = []
         for t in self._tables.values():
             rows = dict(zip(_TABLE_ARRAYS, t.all_rows(), strict=True))
             rows.update(counter=t.counter, knowledge=t.knowledge, shard_version=t.shard_version)
             tables.append(SnapshotTable(t.name, t.dim, t.num_shards, rows))
-        write_snapshot(Path(path), SnapshotData(self.origin, self._catalog_version, tables))
+        data = SnapshotData(self.origin, self._catalog_version, tables, self.lineage, wal_seq)
+        write_snapshot(Path(path), data)
 
     @classmethod
     def load(cls, path: Path, *, cache_capacity: int = 4096) -> Store:
@@ -109,4 +133,6 @@ class Store:
         except (StoreError, KeyError) as exc:
             raise SnapshotError(f"cannot load snapshot {path}: {exc}") from exc
         store._catalog_version = data.catalog_version
+        store.lineage = data.lineage
+        store.snapshot_wal_seq = data.wal_seq
         return store

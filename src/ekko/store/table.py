@@ -3,6 +3,7 @@ shard, and the per-shard counters that sync needs (DESIGN.md §2–§3)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,9 @@ from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, shard_of
 
 NUM_LANES = len(LANES)
+
+WriteHook = Callable[["Table", np.ndarray, np.ndarray, np.ndarray, int, np.ndarray], None]
+"""Called after every source write with (table, keys, values, versions, now_ns, lanes)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ class Table:
         self._full_scans = 0
         self._rows_written = 0
         self._rows_applied = 0
+        # The store's write-ahead journal, if any: sees every source write of this table.
+        self.on_write: WriteHook | None = None
 
     # -- shape -------------------------------------------------------------------------------
 
@@ -277,18 +283,57 @@ class Table:
             sc_shard, out,
         )  # fmt: skip
         self.shard_version[touched] += 1
-        # The origin holds everything it wrote: in each lane it wrote to, up to the shard's
-        # counter. A lane it did not write keeps its knowledge, so pulls carry no
-        # knowledge-only chunk for a lane with nothing new.
-        if (ln == ln[0]).all():
-            self.knowledge[touched, ln[0]] = self.counter[touched]
-        else:
-            shards = self._shard[slots[:n]]
-            for lane in np.unique(ln):
-                s = np.unique(shards[ln == lane])
-                self.knowledge[s, lane] = self.counter[s]
+        self._origin_knowledge(touched, self.counter, slots[:n], ln, replay=False)
         self._rows_written += n
+        if self.on_write is not None:
+            self.on_write(self, k, v, out, int(now_ns), ln)
         return out
+
+    def _origin_knowledge(
+        self,
+        touched: np.ndarray,
+        top: np.ndarray,
+        slots: np.ndarray,
+        ln: np.ndarray,
+        *,
+        replay: bool,
+    ) -> None:
+        """The origin holds everything it wrote: in each lane it wrote to, up to ``top`` (the
+        shard's counter after the write). A lane it did not write keeps its knowledge, so
+        pulls carry no knowledge-only chunk for a lane with nothing new. A replay only
+        raises knowledge, so replaying an older record again changes nothing."""
+        lanes = [int(ln[0])] if (ln == ln[0]).all() else np.unique(ln).tolist()
+        shards = None if len(lanes) == 1 else self._shard[slots]
+        for lane in lanes:
+            s = touched if shards is None else np.unique(shards[ln == lane])
+            new = top[s]
+            if replay:
+                new = np.maximum(self.knowledge[s, lane], new)
+            self.knowledge[s, lane] = new
+
+    def replay(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        versions: np.ndarray,
+        wtimes: np.ndarray,
+        lanes: np.ndarray,
+    ) -> int:
+        """Redo a logged source write at its origin: the rows with their logged versions, and
+        the origin's knowledge as ``write`` left it. Idempotent, like ``apply``."""
+        applied = self.apply(keys, values, versions, wtimes, lanes)
+        k = check_keys(keys)
+        if k.shape[0]:
+            shards = shard_of(k, self.num_shards)
+            touched = np.zeros(self.num_shards, dtype=np.bool_)
+            touched[shards] = True
+            top = np.zeros(self.num_shards, dtype=np.int64)  # the counter right after it
+            np.maximum.at(top, shards, check_versions(versions, k.shape[0]))
+            slots = self._index.lookup(k, out=np.empty(k.shape[0], dtype=np.int64))
+            ln = check_lanes(lanes, k.shape[0])
+            self._origin_knowledge(touched, top, slots, ln, replay=True)
+            self.shard_version[touched] += 1
+        return applied
 
     def apply(
         self,

@@ -1,0 +1,379 @@
+"""A write-ahead log of opaque records: group-committed, checksummed, truncated by snapshots.
+
+Layout: a directory of segments ``<first seq, 20 digits>.wal``, each::
+
+    b"EKKOWAL1" | u32 format | u64 first seq | u32 crc32 of the three fields
+    then records: u32 payload length | u32 crc32(seq, payload) | u64 seq | payload
+
+Sequence numbers are consecutive across segments. ``append`` only buffers; one thread writes
+what was appended during a short window and fsyncs once for all of it (group commit), so a
+caller that must not answer before its record is durable waits for ``durable_seq`` to reach
+its seq (``wait_durable`` on an event loop, ``sync`` from a thread) and the fsync never runs
+on the loop. A snapshot covering seq S calls ``rotate(S)``: later records go to a new segment
+and the older ones are deleted.
+
+On open, a record cut short at the end of the last segment (a crash mid-append) is truncated
+with a warning naming the file and offset; any other fault — a bad checksum with records after
+it, a bad header, a gap in the sequence — raises ``WalError`` naming the file and offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ekko.store.errors import WalError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"EKKOWAL1"
+FORMAT = 1
+SUFFIX = ".wal"
+_HEADER = struct.Struct("<8sIQI")
+_RECORD = struct.Struct("<IIQ")
+_SEQ = struct.Struct("<Q")
+MAX_RECORD = 1 << 30
+
+
+@dataclass(frozen=True)
+class WalRecord:
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class WalStats:
+    """What the log did; metrics and the group-commit tests read it."""
+
+    appended: int
+    durable_seq: int
+    fsyncs: int
+    bytes_written: int
+
+
+def _record_crc(seq: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
+
+
+def encode_record(seq: int, payload: bytes) -> bytes:
+    return _RECORD.pack(len(payload), _record_crc(seq, payload), seq) + payload
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SUFFIX}"
+
+
+def _segments(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_segment(path: Path, *, last: bool, expect: int | None) -> tuple[list[WalRecord], int]:
+    """Records of one segment and the byte length of its valid part. A torn tail of the last
+    segment ends the valid part; any other fault raises ``WalError``."""
+    data = path.read_bytes()
+    if len(data) < _HEADER.size:
+        if last:
+            return [], -1  # created but its header never reached the disk
+        raise WalError(f"write-ahead log {path}: header truncated ({len(data)} bytes)")
+    magic, fmt, first, crc = _HEADER.unpack_from(data)
+    if magic != MAGIC or fmt != FORMAT or zlib.crc32(data[: _HEADER.size - 4]) != crc:
+        raise WalError(f"write-ahead log {path}: bad header (magic {magic!r}, format {fmt})")
+    if first != int(path.stem):
+        raise WalError(f"write-ahead log {path}: header says first seq {first}")
+    if expect is not None and first != expect:
+        raise WalError(f"write-ahead log {path}: starts at seq {first}, expected {expect}")
+    records: list[WalRecord] = []
+    off, seq_next = _HEADER.size, first
+    while off < len(data):
+        end = off + _RECORD.size
+        length, crc, seq = _RECORD.unpack_from(data, off) if end <= len(data) else (0, 0, 0)
+        torn = end > len(data) or length > MAX_RECORD or end + length > len(data)
+        if not torn:
+            payload = data[end : end + length]
+            if _record_crc(seq, payload) != crc:
+                if last and end + length == len(data):
+                    torn = True  # the final record, partly written
+                else:
+                    raise WalError(
+                        f"write-ahead log {path}: record at offset {off} fails its checksum "
+                        "and records follow it (corrupt, not a torn tail)"
+                    )
+            elif seq != seq_next:
+                raise WalError(
+                    f"write-ahead log {path}: record at offset {off} has seq {seq}, "
+                    f"expected {seq_next}"
+                )
+        if torn:
+            if not last:
+                raise WalError(f"write-ahead log {path}: truncated record at offset {off}")
+            return records, off
+        records.append(WalRecord(seq, payload))
+        seq_next += 1
+        off = end + length
+    return records, off
+
+
+def read_log(directory: Path, after_seq: int) -> tuple[list[WalRecord], int]:
+    """Verified records with seq > ``after_seq`` and the last seq in the log (``after_seq``
+    when empty). Truncates a torn tail in place (logged); raises ``WalError`` otherwise."""
+    directory = Path(directory)
+    segs = _segments(directory) if directory.exists() else []
+    out: list[WalRecord] = []
+    last_seq = after_seq
+    expect: int | None = None
+    for i, path in enumerate(segs):
+        is_last = i == len(segs) - 1
+        records, valid = _read_segment(path, last=is_last, expect=expect)
+        if is_last and valid < path.stat().st_size:
+            if valid < 0:
+                log.warning("write-ahead log %s: no complete header; removing it", path)
+                path.unlink()
+            else:
+                log.warning(
+                    "write-ahead log %s: torn tail at offset %d (%d bytes) truncated",
+                    path,
+                    valid,
+                    path.stat().st_size - valid,
+                )
+                os.truncate(path, valid)
+        first = int(path.stem)
+        expect = first + len(records)
+        for r in records:
+            if r.seq > after_seq:
+                out.append(r)
+        if records:
+            last_seq = max(last_seq, records[-1].seq)
+    if out and out[0].seq != after_seq + 1:
+        raise WalError(
+            f"write-ahead log {directory}: the snapshot covers seq {after_seq} but the log "
+            f"resumes at seq {out[0].seq} (records missing)"
+        )
+    return out, last_seq
+
+
+class WriteAheadLog:
+    """Append-only, group-committed log (see the module docstring for why and how).
+
+    ``append`` is cheap and may be called from one thread at a time (the event loop); the
+    writer thread owns the file. A failed write or fsync poisons the log: waiters and later
+    appends raise ``WalError`` rather than report a write durable that is not.
+    """
+
+    def __init__(self, directory: Path, *, last_seq: int = 0, window_s: float = 0.003) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.window_s = float(window_s)
+        self._cond = threading.Condition()
+        self._buf: list[bytes | int] = []  # encoded records; an int asks to rotate after it
+        self._next_seq = last_seq + 1
+        self._durable = last_seq
+        self._appended = self._fsyncs = self._bytes = 0
+        self._failed: BaseException | None = None
+        self._closing = False
+        self._rotations = 0  # asked for, not yet done
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._file = self._open_segment(self._next_seq)
+        self._thread = threading.Thread(target=self._run, name="ekko-wal", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(
+        cls, directory: Path, *, after_seq: int = 0, window_s: float = 0.003
+    ) -> tuple[WriteAheadLog, list[WalRecord]]:
+        """The log in ``directory`` continued after its last record, and the records newer
+        than ``after_seq`` (what the latest snapshot covers) to replay."""
+        records, last = read_log(directory, after_seq)
+        if last < after_seq:  # every segment is older than the snapshot: all covered
+            for p in _segments(Path(directory)):
+                p.unlink()
+            last = after_seq
+        return cls(directory, last_seq=last, window_s=window_s), records
+
+    # -- appending ----------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the latest appended record (durable or not)."""
+        return self._next_seq - 1
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable
+
+    def append(self, payload: bytes) -> int:
+        """Buffer a record; returns its seq. Durable once ``durable_seq`` reaches it."""
+        with self._cond:
+            self._check()
+            seq = self._next_seq
+            self._next_seq += 1
+            self._buf.append(encode_record(seq, payload))
+            self._appended += 1
+            self._cond.notify()
+        return seq
+
+    def rotate(self, covered_seq: int) -> None:
+        """A durable snapshot covers every record up to ``covered_seq``: later records go to a
+        new segment and the covered segments are deleted."""
+        with self._cond:
+            self._check()
+            if covered_seq != self._next_seq - 1:
+                raise WalError(
+                    f"write-ahead log {self.directory}: rotate({covered_seq}) but the last "
+                    f"record is {self._next_seq - 1}; the snapshot must cover them all"
+                )
+            self._buf.append(covered_seq)
+            self._rotations += 1
+            self._cond.notify()
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once record ``seq`` is on disk (raises ``WalError`` if it never will be)."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            self._check()
+            if self._durable >= seq:
+                return
+            fut = loop.create_future()
+            self._waiters.append((seq, loop, fut))
+        await fut
+
+    def sync(self, seq: int | None = None, timeout: float | None = None) -> None:
+        """Block until record ``seq`` (default: the latest) is on disk and rotations asked
+        for so far are done."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._next_seq - 1 if seq is None else seq
+            while self._durable < target or self._rotations:
+                self._check()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"record {target} not durable within {timeout} s")
+                self._cond.wait(left)
+
+    def statistics(self) -> WalStats:
+        with self._cond:
+            return WalStats(self._appended, self._durable, self._fsyncs, self._bytes)
+
+    def close(self) -> None:
+        """Write and fsync what is buffered, then stop the writer thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        self._file.close()
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise WalError(f"write-ahead log {self.directory} failed: {self._failed}")
+        if self._closing:
+            raise WalError(f"write-ahead log {self.directory} is closed")
+
+    def _open_segment(self, first_seq: int):
+        path = self.directory / _segment_name(first_seq)
+        f = open(path, "ab")  # noqa: SIM115 - owned by the writer thread until close
+        if f.tell() == 0:
+            head = _HEADER.pack(MAGIC, FORMAT, first_seq, 0)[:-4]
+            f.write(head + struct.pack("<I", zlib.crc32(head)))
+            f.flush()
+            os.fsync(f.fileno())
+            _fsync_dir(self.directory)
+        return f
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._closing:
+                    self._cond.wait()
+                if not self._buf and self._closing:
+                    return
+            if self.window_s > 0 and not self._closing:
+                time.sleep(self.window_s)  # let the records of this window join the fsync
+            with self._cond:
+                batch, self._buf = self._buf, []
+                top = self._next_seq - 1  # every record appended so far is in ``batch``
+            try:
+                self._write(batch)
+            except BaseException as exc:  # a log that cannot write must say so, loudly
+                log.exception("write-ahead log %s: write failed", self.directory)
+                with self._cond:
+                    self._failed = exc
+                    self._cond.notify_all()
+                    waiters, self._waiters = self._waiters, []
+                for _seq, loop, fut in waiters:
+                    with contextlib.suppress(RuntimeError):
+                        err = WalError(f"write-ahead log {self.directory} failed: {exc}")
+                        loop.call_soon_threadsafe(_fail, fut, err)
+                return
+            self._settle(top)
+
+    def _write(self, batch: list[bytes | int]) -> None:
+        chunk: list[bytes] = []
+        for item in batch:
+            if isinstance(item, bytes):
+                chunk.append(item)
+                continue
+            self._flush(chunk)
+            chunk = []
+            self._switch(item)
+        self._flush(chunk)
+
+    def _flush(self, chunk: list[bytes]) -> None:
+        if not chunk:
+            return
+        data = b"".join(chunk)
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        with self._cond:
+            self._fsyncs += 1
+            self._bytes += len(data)
+
+    def _switch(self, covered_seq: int) -> None:
+        old = self._file
+        self._file = self._open_segment(covered_seq + 1)
+        old.close()
+        keep = self._file.name
+        for p in _segments(self.directory):
+            if str(p) != keep:
+                p.unlink()
+        _fsync_dir(self.directory)
+        with self._cond:
+            self._rotations -= 1
+            self._cond.notify_all()
+
+    def _settle(self, top: int) -> None:
+        with self._cond:
+            self._durable = max(self._durable, top)
+            self._cond.notify_all()
+            ready = [w for w in self._waiters if w[0] <= self._durable]
+            self._waiters = [w for w in self._waiters if w[0] > self._durable]
+        for _seq, loop, fut in ready:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_done, fut)
+
+
+def _done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

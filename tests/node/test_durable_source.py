@@ -1,0 +1,111 @@
+"""The source's durability contract (issue 13 §2): an acknowledged write survives a crash
+(no snapshot taken), counters resume above every version issued, and a corrupt data file is
+refused by name instead of silently starting empty."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from ekko.node.cluster_init import cluster_doc, write_cluster
+from ekko.node.config import ClusterConfig, load_config
+from ekko.node.core import NodeCore, NotReadyError
+from ekko.node.runner import NodeRunner
+from ekko.store import SnapshotError, WalError
+
+
+def _config(tmp_path: Path, **durability) -> ClusterConfig:
+    doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 4)], sync={"snapshot_interval_s": 0})
+    if durability:
+        doc["durability"] = durability
+    return load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+
+
+def _crash_after_writes(cfg: ClusterConfig, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Write at a source and wait for durability, then drop it without a snapshot or close
+    (what SIGKILL leaves on disk)."""
+    core = NodeCore(cfg, "source", tmp_path)
+    core.not_ready = None
+    keys = np.arange(100, dtype=np.int64)
+    versions = np.zeros(0, dtype=np.int64)
+    for step in range(5):
+        versions = core.write("emb", keys, np.full((100, 4), step, np.float32))
+    asyncio.run(core.wait_durable())
+    assert core.journal is not None
+    core.journal.wal.close()  # stop the writer thread; nothing else is flushed or saved
+    return keys, versions
+
+
+def test_acknowledged_writes_survive_a_crash_without_snapshot(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    keys, versions = _crash_after_writes(cfg, tmp_path)
+    assert not (tmp_path / "data" / "source" / "store.snapshot").exists()
+    again = NodeCore(cfg, "source", tmp_path)
+    values, got, found = again.store.table("emb").lookup(keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, versions)
+    np.testing.assert_array_equal(values, np.full((100, 4), 4, np.float32))
+    again.not_ready = None
+    newer = again.write("emb", keys[:10], np.ones((10, 4), np.float32))
+    assert (newer > versions[:10]).all(), "a restarted source reissued versions"
+    again.close()
+
+
+def test_writes_refused_while_recovering(tmp_path: Path) -> None:
+    core = NodeCore(_config(tmp_path), "source", tmp_path)
+    with pytest.raises(NotReadyError, match="takes no writes yet: recovering"):
+        core.write("emb", np.array([1]), np.ones((1, 4), np.float32))
+    core.close()
+
+
+def test_corrupt_snapshot_refused_then_rebuild_sets_it_aside(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    core = NodeCore(cfg, "source", tmp_path)
+    core.not_ready = None
+    core.write("emb", np.array([1, 2]), np.ones((2, 4), np.float32))
+    core.save_snapshot()
+    core.close()
+    snap = tmp_path / "data" / "source" / "store.snapshot"
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    snap.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match=str(snap)):
+        NodeCore(cfg, "source", tmp_path)
+    rebuilt = NodeCore(cfg, "source", tmp_path, rebuild=True)
+    assert rebuilt.store.table("emb").rows == 0
+    assert list(snap.parent.glob("store.snapshot.set-aside-*"))
+    rebuilt.close()
+
+
+def test_corrupt_log_record_refused_by_name(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    _crash_after_writes(cfg, tmp_path)
+    seg = sorted((tmp_path / "data" / "source" / "wal").glob("*.wal"))[-1]
+    data = bytearray(seg.read_bytes())
+    data[100] ^= 0xFF  # inside the first record, four more follow
+    seg.write_bytes(bytes(data))
+    with pytest.raises(WalError, match=seg.name):
+        NodeCore(cfg, "source", tmp_path)
+
+
+async def test_http_write_answered_after_fsync_and_503_while_recovering(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, wal_window_ms=2.0)
+    runner = NodeRunner(cfg, "source", tmp_path)
+    port = runner.core.node.admin_port
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(runner.ready.wait(), 30)
+    wal = runner.core.journal.wal
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        body = {"keys": [1, 2, 3], "values": [[1.0] * 4] * 3}
+        r = await client.post("/v1/tables/emb/rows", json=body)
+        assert r.status_code == 200, r.text
+        assert wal.durable_seq == wal.last_seq  # answered only once its record was fsynced
+        runner.core.not_ready = "recovering: test"
+        r = await client.post("/v1/tables/emb/rows", json=body)
+        assert r.status_code == 503 and "recovering" in r.json()["error"]
+    runner.stop()
+    await asyncio.wait_for(task, 30)
