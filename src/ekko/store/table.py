@@ -10,6 +10,7 @@ import numpy as np
 
 from ekko.protocol.messages import HIGH_LANE, LANES, TableSpec
 from ekko.store import _table_kernels as K
+from ekko.store._collect_kernel import collect_rows
 from ekko.store._validate import (
     check_cursors,
     check_int64,
@@ -446,7 +447,7 @@ class Table:
             return Collected(
                 slots=np.zeros(0, np.int64), offsets=np.zeros(m + 1, np.int64), full_scan=~cached
             )
-        slots, offsets = K.collect_rows(
+        slots, offsets = collect_rows(
             s, ln, a, cached, np.int64(self.rows), self._ver, self._lane, self._shard,
             self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self._ring_order,
             np.int64(self.num_shards),
