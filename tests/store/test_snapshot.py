@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import LOW_LANE, TableSpec
+from ekko.protocol.messages import LANES, LOW_LANE, NEW_LANE, TableSpec
 from ekko.store import SnapshotError, Store, shard_of
 
 
@@ -17,7 +17,7 @@ def filled_store() -> Store:
     rng = np.random.default_rng(1)
     for step in range(5):
         keys = rng.integers(-1000, 1000, 200).astype(np.int64)
-        user.write(keys, rng.standard_normal((200, 5)), now_ns=step, lanes=step % 2)
+        user.write(keys, rng.standard_normal((200, 5)), now_ns=step, lanes=LANES[step % len(LANES)])
     user.merge_knowledge(0, LOW_LANE, 10**6)
     item = store.create_table(TableSpec("item", 2, 1))
     item.apply(
@@ -71,12 +71,13 @@ def test_restored_pulls_fall_back_to_full_scan(tmp_path: Path) -> None:
     store.save(tmp_path / "s")
     back = Store.load(tmp_path / "s", cache_capacity=4)
     t, orig = back.table("user"), store.table("user")
-    shards = np.array([0, 1, 2, 0])
-    lanes = np.array([0, 1, 0, 1])
-    after = np.array([0, 5, int(t.counter[2]), 0])
+    shards = np.array([0, 1, 2, 0, 2])
+    lanes = np.array([0, 1, 0, 1, NEW_LANE])
+    after = np.array([0, 5, int(t.counter[2]), 0, 0])
     got = t.collect(shards, lanes, after)
     want = orig.collect(shards, lanes, after, use_cache=False)
-    assert got.full_scan.tolist() == [True, True, False, True]
+    assert got.full_scan.tolist() == [True, True, False, True, True]
+    assert got.segment(4).size  # the last shard's new-key lane holds rows
     assert got.offsets.tolist() == want.offsets.tolist()
     assert got.slots.tolist() == want.slots.tolist()
     assert got.segment(2).size == 0

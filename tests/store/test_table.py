@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 import ekko.store.index as index_mod
 import ekko.store.table as table_mod
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
+from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 from ekko.store import BadRowsError, ReferenceTable, Table, shard_of
 
 SPEC = TableSpec("emb", 3, 3)
 KEY = st.one_of(st.integers(-6, 30), st.sampled_from([-(2**63), 2**63 - 1, 2**40]))
-LANE = st.sampled_from([HIGH_LANE, LOW_LANE])
+LANE = st.sampled_from(LANES)
 
 
 def value_of(key: int, version: int, dim: int = SPEC.dim) -> np.ndarray:
@@ -151,7 +151,7 @@ def apply_batch(t: Table, batch: list[tuple[int, int, int]]) -> int:
     vers = [v for _, v, _ in batch]
     # Under one origin a (key, version) has one value and one lane; make the lane a function
     # of them too so any order ends in identical rows.
-    lanes = [(k + v) % 2 for k, v, _ in batch]
+    lanes = [LANES[(k + v) % len(LANES)] for k, v, _ in batch]
     return t.apply(
         np.array(keys, dtype=np.int64),
         values_for(keys, vers),
@@ -208,7 +208,7 @@ def test_collect_cache_equals_full_scan(ops: list, cursors: list, cap: int) -> N
         run_op(t, op, now)
     args = collect_args(cursors)
     # Also cursors exactly at the dominator, which must use the cache.
-    dvv_cursors = collect_args([(s, ln, int(t.dvv[s])) for s in range(3) for ln in (0, 1)])
+    dvv_cursors = collect_args([(s, ln, int(t.dvv[s])) for s in range(3) for ln in LANES])
     for a in (args, dvv_cursors):
         cached = t.collect(*a)
         scanned = t.collect(*a, use_cache=False)
@@ -449,7 +449,7 @@ def test_empty_batches() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    start=st.lists(st.integers(0, 50), min_size=6, max_size=6),
+    start=st.lists(st.integers(0, 50), min_size=3 * len(LANES), max_size=3 * len(LANES)),
     merges=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 80)), max_size=8),
     lane=LANE,
 )
@@ -460,7 +460,7 @@ def test_merge_knowledge_many_equals_one_at_a_time(
     them one by one gives (duplicates included: the highest wins, one bump per shard)."""
     one, many = Table(SPEC), Table(SPEC)
     for t in (one, many):
-        t.knowledge[:, :2] = np.array(start, dtype=np.int64).reshape(3, 2)
+        t.knowledge[:] = np.array(start, dtype=np.int64).reshape(3, len(LANES))
     for s, k in merges:
         one.merge_knowledge(s, lane, k)
     arr = np.array(merges, dtype=np.int64).reshape(-1, 2)

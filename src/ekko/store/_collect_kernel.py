@@ -63,10 +63,14 @@ def collect_rows(
     ring_len: np.ndarray,
     ring_order: np.ndarray,
     num_shards: np.int64,
+    num_lanes: np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Slots of rows with shard == shards[c], lane == lanes[c], version > after[c] for every
     cursor c, each segment sorted by version. Cursors with use_cache[c] scan the shard's ring;
-    the rest share one pass over the whole table. Returns (slots, offsets[m + 1])."""
+    the rest share one pass over the whole table. Returns (slots, offsets[m + 1]).
+
+    ``num_lanes`` is ``len(LANES)``: every lane in ``lanes`` and ``t_lane`` is below it (the
+    caller validates), and the chain heads are sized by it, never by a literal."""
     m = shards.shape[0]
     counts = np.zeros(m, dtype=np.int64)
 
@@ -126,7 +130,7 @@ def collect_rows(
                 counts[c] += 1
 
     # Full-scan cursors: one pass; head/nxt chain cursors that share (shard, lane).
-    head = np.full((num_shards, 2), -1, dtype=np.int64)
+    head = np.full((num_shards, num_lanes), -1, dtype=np.int64)
     nxt = np.full(m, -1, dtype=np.int64)
     any_scan = False
     for c in range(m):

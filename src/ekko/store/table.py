@@ -450,7 +450,7 @@ class Table:
         slots, offsets = collect_rows(
             s, ln, a, cached, np.int64(self.rows), self._ver, self._lane, self._shard,
             self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self._ring_order,
-            np.int64(self.num_shards),
+            np.int64(self.num_shards), np.int64(NUM_LANES),
         )  # fmt: skip
         return Collected(slots=slots, offsets=offsets, full_scan=~cached)
 
@@ -587,5 +587,6 @@ def warm() -> None:
     t.apply(keys, vals, ver + 1, np.zeros(10, dtype=np.int64), 1)
     t.lookup(keys)
     t.collect(np.array([0, 1]), np.array([1, 1]), np.array([0, 12]))
-    t.collect(np.array([0, 1]), np.array([0, 0]), np.array([0, 0]), use_cache=False)
+    every = np.repeat(np.arange(2), NUM_LANES), np.tile(np.array(LANES), 2)
+    t.collect(*every, np.zeros(2 * NUM_LANES, np.int64), use_cache=False)
     t.digest()
