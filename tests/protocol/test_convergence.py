@@ -6,10 +6,10 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.messages import TableSpec
+from ekko.protocol.messages import LANES, TableSpec
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import ResponderConfig
-from ekko.protocol.testing import Faults, SimNetwork
+from ekko.protocol.testing import Faults, SimNetwork, rows_by_key
 from ekko.store import Store
 
 SPECS = [TableSpec("emb", 4, 4), TableSpec("dense", 6, 1)]
@@ -37,7 +37,8 @@ def _write_randomly(net: SimNetwork, rng: np.random.Generator, rounds: int, key_
         n = int(rng.integers(1, 20))
         keys = rng.integers(0, key_space, n).astype(np.int64)
         values = rng.standard_normal((n, spec.dim)).astype(np.float32)
-        net.write("source", spec.name, keys, values)
+        lanes = np.array(LANES, np.uint8)[rng.integers(0, len(LANES), n)]
+        net.write("source", spec.name, keys, values, lanes=lanes)
         net.run_for(float(rng.uniform(0.0, 0.05)))
 
 
@@ -50,6 +51,8 @@ def _assert_converged(net: SimNetwork, replicas: list[str]) -> None:
             assert rep_t.rows == src_t.rows, (name, spec.name)
             assert rep_t.digest() == src_t.digest(), (name, spec.name)
             assert (rep_t.knowledge == src_t.knowledge).all(), (name, spec.name)
+            for got, want in zip(rows_by_key(rep_t), rows_by_key(src_t), strict=True):
+                np.testing.assert_array_equal(got, want, err_msg=f"{name} {spec.name}")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ekko.protocol.latency import LatencyHistogram
-from ekko.protocol.messages import Chunk, PullResponse, TableSpec
+from ekko.protocol.messages import LANES, Chunk, PullResponse, TableSpec
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.store import Store
 
 SPEC = TableSpec("t", 2, 1)
 
 
-def _chunks(cuts: list[int], n: int) -> list[Chunk]:
+def _chunks(cuts: list[int], n: int, lane: int) -> list[Chunk]:
     bounds = [0, *sorted(set(cuts)), n]
     out = []
     for lo, hi in itertools.pairwise(bounds):
@@ -30,7 +30,7 @@ def _chunks(cuts: list[int], n: int) -> list[Chunk]:
         out.append(
             Chunk(
                 table="t",
-                lane=0,
+                lane=lane,
                 shards=np.array([0], np.int64),
                 bases=np.array([lo], np.int64),
                 knowledge=np.array([hi], np.int64),
@@ -58,14 +58,16 @@ def _deliver(chunks: list[Chunk]) -> Store:
 @given(
     n=st.integers(1, 40),
     cuts=st.lists(st.integers(1, 39), max_size=8),
+    lane=st.sampled_from(LANES),
     data=st.data(),
 )
-def test_any_order_any_duplicates_same_result(n, cuts, data):
-    chunks = _chunks([c for c in cuts if c < n], n)
+def test_any_order_any_duplicates_same_result(n, cuts, lane, data):
+    chunks = _chunks([c for c in cuts if c < n], n, lane)
     reference = _deliver(chunks)
     shuffled = data.draw(st.permutations(chunks))
     dupes = data.draw(st.lists(st.sampled_from(chunks), max_size=5))
     got = _deliver(list(shuffled) + dupes)
     t_ref, t_got = reference.table("t"), got.table("t")
-    assert int(t_got.knowledge[0, 0]) == n == int(t_ref.knowledge[0, 0])
+    assert int(t_got.knowledge[0, lane]) == n == int(t_ref.knowledge[0, lane])
+    assert t_got.knowledge.sum() == n  # no other lane moved
     assert t_got.digest() == t_ref.digest()

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from ekko.codec import CodecError, max_abs_error
 from ekko.protocol.chunk_codec import encode_chunk
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, PullRequest, PullResponse, TableSpec
+from ekko.protocol.messages import (
+    HIGH_LANE,
+    LANES,
+    LOW_LANE,
+    PullRequest,
+    PullResponse,
+    TableSpec,
+)
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.responder import Responder
 from ekko.protocol.testing import Faults, SimNetwork
@@ -39,7 +46,7 @@ def _write(net: SimNetwork, rng: np.random.Generator, rounds: int) -> None:
         n = int(rng.integers(1, 30))
         keys = rng.integers(0, 80, n).astype(np.int64)
         values = (rng.standard_normal((n, spec.dim)) * 3).astype(np.float32)
-        lanes = rng.integers(0, 2, n).astype(np.uint8)
+        lanes = np.array(LANES, np.uint8)[rng.integers(0, len(LANES), n)]
         net.write("source", spec.name, keys, values, lanes=lanes)
         net.run_for(float(rng.uniform(0.0, 0.05)))
 

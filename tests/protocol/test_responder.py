@@ -7,8 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ekko.protocol.messages import (
-    HIGH_LANE,
-    LOW_LANE,
+    LANES,
     Catalog,
     CatalogRequest,
     Cursor,
@@ -30,7 +29,7 @@ def _source(rows: int = 10) -> Store:
 
 
 def _first_pull(req_id: int = 1, max_bytes: int = 1 << 20, wait_ms: int = 0) -> PullRequest:
-    cursors = [Cursor("emb", s, lane, 0) for s in range(2) for lane in (HIGH_LANE, LOW_LANE)]
+    cursors = [Cursor("emb", s, lane, 0) for s in range(2) for lane in LANES]
     return PullRequest(req_id, max_bytes, wait_ms, cursors)
 
 
@@ -142,7 +141,7 @@ STEP = st.one_of(
     st.tuples(
         st.just("write"),
         st.lists(st.integers(0, 40), min_size=1, max_size=12),
-        st.sampled_from([HIGH_LANE, LOW_LANE]),
+        st.sampled_from(LANES),
     ),
     st.tuples(
         st.just("pull"), st.sampled_from("abc"), st.sampled_from([40, 200, 1 << 20]), st.booleans()

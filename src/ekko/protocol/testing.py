@@ -13,11 +13,13 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ekko.protocol.messages import Message
 from ekko.protocol.puller import LINK, Puller, PullerConfig
 from ekko.protocol.ready import Ready
 from ekko.protocol.responder import Responder, ResponderConfig
-from ekko.store import Store
+from ekko.store import Store, Table
 
 
 @dataclass
@@ -189,4 +191,13 @@ class SimNetwork:
             self._handle_puller(node, node.puller.tick(self.now))
 
 
-__all__ = ["LINK", "Faults", "SimNetwork", "SimNode"]
+def rows_by_key(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Copies of every row's (keys, values, versions, wtimes, lanes), sorted by key: what a
+    replica must hold row for row. ``Table.digest`` covers keys, versions and values but not
+    lanes, so only this shows a row stored in the wrong lane."""
+    keys, values, versions, wtimes, lanes = table.all_rows()
+    order = np.argsort(keys, kind="stable")
+    return keys[order], values[order], versions[order], wtimes[order], lanes[order]
+
+
+__all__ = ["LINK", "Faults", "SimNetwork", "SimNode", "rows_by_key"]
