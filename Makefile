@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-boundscheck lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,20 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/ekko demo
 
+# numba does not check array bounds: the store and protocol tests run once more with checks
+# on, in a fresh kernel cache (kernels cached without checks would be reused otherwise), so
+# an out-of-bounds index fails a test instead of corrupting memory.
+BOUNDSCHECK_TESTS := tests/store tests/protocol
+
 test: venv
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-boundscheck
+
+test-boundscheck: venv
+	cache=$$(mktemp -d) && NUMBA_BOUNDSCHECK=1 NUMBA_CACHE_DIR=$$cache \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider $(BOUNDSCHECK_TESTS); \
+	  rc=$$?; rm -rf "$$cache"; exit $$rc
 
 lint: venv
 	$(BIN)/ruff check src tests
