@@ -117,7 +117,19 @@ BAD_PREDICTS: list[tuple[str, Any, int, str]] = [
         "beyond float32",
         {"events": [_bad_event(dense=[0.0, 0.0, 1e39] + [0.0] * (ND - 3))]},
         400,
-        "events[0].dense[2]: not a finite float32",
+        "events[0].dense[2]: 1e+39 is outside [-64, 64]",
+    ),
+    (
+        "finite float32 far outside the feature range",
+        {"events": [_bad_event(dense=[0.0, 3e38] + [0.0] * (ND - 2))]},
+        400,
+        "events[0].dense[1]: 3e+38 is outside [-64, 64]",
+    ),
+    (
+        "columnar just below the range",
+        {"dense": [[0.0] * ND, [0.0] * (ND - 1) + [-64.5]], "sparse": [[1] * NS] * 2},
+        400,
+        f"dense[1][{ND - 1}]: -64.5 is outside [-64, 64]",
     ),
     (
         "beyond float64",

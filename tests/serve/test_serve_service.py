@@ -130,7 +130,10 @@ def test_bad_shapes_are_refused_naming_the_array() -> None:
     with pytest.raises(BadInput, match="empty batch"):
         svc.predict(dense[:0], sparse[:0], 0.0)
     dense[1, 2] = np.inf
-    with pytest.raises(BadInput, match="NaN or infinite"):
+    with pytest.raises(BadInput, match=r"dense\[1\]\[2\]: inf is NaN, infinite or outside"):
+        svc.predict(dense, sparse, 0.0)
+    dense[1, 2] = 3e38  # finite in float32, far outside the model's dense range
+    with pytest.raises(BadInput, match=r"dense\[1\]\[2\]: 3.* outside \[-64, 64\]"):
         svc.predict(dense, sparse, 0.0)
     with pytest.raises(UnknownVariant):
         svc.predict(dense, sparse, 0.0, variant="baseline")

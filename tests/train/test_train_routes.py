@@ -59,6 +59,12 @@ async def test_batch_is_accepted_trained_and_reported(setup) -> None:
         ({"sparse": [[1.5] * 26] * 32}, 400, "sparse[0][0]"),
         ({"dense": [[0.0] * 3] * 32}, 400, "dense[0]: expected 13 numbers, got 3"),
         ({"extra": 1}, 400, "extra"),
+        (
+            {"dense": [[0.5] * 13] * 31 + [[0.5] * 12 + [3e38]]},
+            400,
+            "dense[31][12]: 3e+38 is outside [-64, 64], the model's dense feature range",
+        ),
+        ({"dense": [[float(-65)] * 13] * 32}, 400, "dense[0][0]: -65.0 is outside [-64, 64]"),
     ],
 )
 async def test_bad_train_body_is_a_4xx_naming_the_field(setup, change, status, message) -> None:
@@ -79,5 +85,5 @@ async def test_not_json_unknown_model_and_predict_with_labels(setup) -> None:
     from ekko.serve.schema import RequestError, decode_predict
 
     with pytest.raises(RequestError, match="predict takes no labels"):
-        decode_predict(json.dumps(body(ev)).encode(), 13, 26)
+        decode_predict(json.dumps(body(ev)).encode(), 13, 26, dense_limit=64.0)
     assert np.isfinite(ev.dense).all()

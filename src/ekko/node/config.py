@@ -83,6 +83,7 @@ class ModelConfig(_Strict):
     embedding_shards: int = Field(16, gt=0, le=4096)
     dense_interval_s: float = Field(1.0, ge=0)
     table_namespace: str | None = Field(None, pattern=r"^([^/]+/)*$")
+    dense_limit: float = Field(64.0, gt=0, lt=1e30)  # |dense feature| accepted (DLRMConfig)
 
     def dlrm(self):  # -> ekko.train.dlrm.DLRMConfig; imported lazily (torch is heavy)
         from ekko.train.dlrm import DLRMConfig
@@ -95,6 +96,7 @@ class ModelConfig(_Strict):
             bottom_mlp=self.bottom_mlp or (64, self.embedding_dim),
             top_mlp=self.top_mlp,
             table_namespace=self.table_namespace or "",
+            dense_limit=self.dense_limit,
         )
 
     @model_validator(mode="after")

@@ -122,7 +122,11 @@ def serve_routes(
         svc = service(request)
         cfg = svc.config
         dense, sparse = decode_predict(
-            await read_body(request), cfg.num_dense, cfg.num_sparse, max_batch
+            await read_body(request),
+            cfg.num_dense,
+            cfg.num_sparse,
+            max_batch,
+            dense_limit=cfg.dense_limit,
         )
         result = svc.predict(dense, sparse, clock())
         preds = [

@@ -80,28 +80,53 @@ def _rows(rows: list[list[Any]], width: int, field: str, kind: str) -> None:
             raise RequestError(field.format(i=i) + f": expected {width} {kind}, got {len(row)}")
 
 
+def dense_out_of_range(dense: np.ndarray, limit: float) -> tuple[int, int] | None:
+    """(row, column) of the first dense value that is NaN, infinite or beyond ``±limit``
+    (``DLRMConfig.dense_limit``), or None when every value is acceptable."""
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(dense) <= limit)  # NaN compares False: refused too
+    if not bad.any():
+        return None
+    i, j = (int(x) for x in np.argwhere(bad)[0])
+    return i, j
+
+
 def decode_predict(
-    body: bytes, num_dense: int, num_sparse: int, max_batch: int = MAX_BATCH
+    body: bytes,
+    num_dense: int,
+    num_sparse: int,
+    max_batch: int = MAX_BATCH,
+    *,
+    dense_limit: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``{"events": [{"dense": [...], "sparse": [...]}, ...]}`` or columnar
-    ``{"dense": [[...], ...], "sparse": [[...], ...]}`` -> (float32 [B, N], int64 [B, F])."""
+    ``{"dense": [[...], ...], "sparse": [[...], ...]}`` -> (float32 [B, N], int64 [B, F]).
+
+    Every dense value must lie in ``[-dense_limit, dense_limit]``; sparse ids may be any
+    int64 (the model hashes them into its tables)."""
     req: _PredictBody = _decode(_PREDICT, body, '{"events": [{"dense": [...], "sparse": [...]}]}')
     if req.labels is not None:
         raise RequestError("labels: predict takes no labels; send them to feedback")
-    return _events(req, num_dense, num_sparse, max_batch)
+    return _events(req, num_dense, num_sparse, max_batch, dense_limit)
 
 
 def decode_train(
-    body: bytes, num_dense: int, num_sparse: int, max_batch: int = MAX_BATCH
+    body: bytes,
+    num_dense: int,
+    num_sparse: int,
+    max_batch: int = MAX_BATCH,
+    *,
+    dense_limit: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labelled events for the trainer: the columnar predict body plus ``"labels": [0|1, ...]``
-    (one per event) -> (float32 [B, N], int64 [B, F], float32 [B])."""
+    (one per event) -> (float32 [B, N], int64 [B, F], float32 [B]). Dense values as in
+    ``decode_predict``."""
     req: _PredictBody = _decode(
         _PREDICT, body, '{"dense": [[...]], "sparse": [[...]], "labels": [0, 1, ...]}'
     )
     if req.labels is None:
         raise RequestError("labels: missing; training needs one 0/1 label per event")
-    dense, sparse = _events(req, num_dense, num_sparse, max_batch)
+    dense, sparse = _events(req, num_dense, num_sparse, max_batch, dense_limit)
     if len(req.labels) != dense.shape[0]:
         raise RequestError(
             f"labels: expected {dense.shape[0]} labels (one per event), got {len(req.labels)}"
@@ -115,7 +140,7 @@ def decode_train(
 
 
 def _events(
-    req: _PredictBody, num_dense: int, num_sparse: int, max_batch: int
+    req: _PredictBody, num_dense: int, num_sparse: int, max_batch: int, dense_limit: float
 ) -> tuple[np.ndarray, np.ndarray]:
     columnar = req.dense is not None or req.sparse is not None
     if req.events is not None and columnar:
@@ -151,11 +176,13 @@ def _events(
             dense = np.array(req.dense, dtype=np.float32)
         sparse = np.array(req.sparse, dtype=np.int64)
         dense_field = "dense[{i}][{j}]"
-    bad = ~np.isfinite(dense)
-    if bad.any():
-        i, j = (int(x) for x in np.argwhere(bad)[0])
+    at = dense_out_of_range(dense, dense_limit)
+    if at is not None:
+        i, j = at
+        value = req.events[i].dense[j] if req.events is not None else req.dense[i][j]
         raise RequestError(
-            dense_field.format(i=i, j=j) + ": not a finite float32 (too large in magnitude)"
+            dense_field.format(i=i, j=j) + f": {value!r} is outside [-{dense_limit:g}, "
+            f"{dense_limit:g}], the model's dense feature range (log-transformed counts)"
         )
     return dense, sparse
 

@@ -22,6 +22,7 @@ from ekko.node.config import ModelConfig
 from ekko.serve.errors import ModelNotReady, ServeError, UnknownVariant
 from ekko.serve.pending import PendingPredictions
 from ekko.serve.replica import ReplicaModel
+from ekko.serve.schema import dense_out_of_range
 from ekko.store import Store
 
 ONLINE = "online"
@@ -184,8 +185,12 @@ class InferenceService:
             raise BadInput(f"dense has {d.shape[0]} events, sparse {s.shape[0]}")
         if d.shape[0] == 0:
             raise BadInput("empty batch: send at least one event")
-        if not np.isfinite(d).all():
-            raise BadInput("dense: NaN or infinite values (or beyond float32 range)")
+        at = dense_out_of_range(d, cfg.dense_limit)
+        if at is not None:
+            raise BadInput(
+                f"dense[{at[0]}][{at[1]}]: {float(d[at])!r} is NaN, infinite or outside "
+                f"[-{cfg.dense_limit:g}, {cfg.dense_limit:g}]"
+            )
         return d, s
 
     def predict(

@@ -46,6 +46,12 @@ class DLRMConfig:
     embeddings in the pairwise interaction. ``top_mlp[-1]`` must be 1 (one logit).
     ``table_namespace`` starts every store table name of the model (``""``, or ending in
     ``/``), so models sharing a store keep apart.
+
+    ``dense_limit`` bounds every dense feature a request may carry: ``|x| <= dense_limit``.
+    Dense features are log-transformed counts (``log1p`` of a count in the synthetic and
+    Criteo-shaped streams, ``log1p`` counts and a rate in [0, 1] for MovieLens), and
+    ``log1p(2**63)`` is 43.7, so 64 holds any of them with room for other monotone scalings;
+    a value far outside (e.g. 3e38, still a finite float32) overflows the bottom MLP.
     """
 
     num_dense: int = 13
@@ -56,12 +62,18 @@ class DLRMConfig:
     top_mlp: tuple[int, ...] = (64, 32, 1)
     seed: int = 0
     table_namespace: str = ""
+    dense_limit: float = 64.0
 
     def __post_init__(self) -> None:
         if self.table_namespace and not self.table_namespace.endswith("/"):
             raise ValueError(
                 f"DLRMConfig.table_namespace must be empty or end with '/', "
                 f"got {self.table_namespace!r}"
+            )
+        if not 0 < self.dense_limit < 1e30:
+            raise ValueError(
+                f"DLRMConfig.dense_limit must be a positive finite bound (< 1e30), "
+                f"got {self.dense_limit}"
             )
         for field in ("num_dense", "num_sparse", "embedding_dim", "rows_per_table"):
             if getattr(self, field) <= 0:

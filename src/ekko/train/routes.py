@@ -36,7 +36,11 @@ def train_routes(trainers: Mapping[str, TrainingService]) -> list[Route]:
         svc = trainer(request)
         cfg = svc.config
         dense, sparse, labels = decode_train(
-            await read_body(request), cfg.num_dense, cfg.num_sparse, MAX_BATCH
+            await read_body(request),
+            cfg.num_dense,
+            cfg.num_sparse,
+            MAX_BATCH,
+            dense_limit=cfg.dense_limit,
         )
         events = Events(dense, sparse, labels, np.zeros(len(labels), dtype=np.float64))
         try:
