@@ -241,6 +241,12 @@ class EmbeddingPublisher:
         self._publishes += 1
         self._publish_s += time.perf_counter() - start
 
+    def discard(self) -> None:
+        """Forget the ids looked up since the last publish: the step that looked them up was
+        undone, so those rows hold the values already published."""
+        for t in self._tables:
+            t.pending = []
+
     def flush(self) -> None:
         """Write pending rows and every changed dense tensor now, whatever the interval."""
         start = time.perf_counter()

@@ -4,7 +4,8 @@ Routes::
 
     POST /v1/models/{model}/train   {"dense": [[..]], "sparse": [[..]], "labels": [0|1, ..]}
                                     -> 202 {"queued": n}; 503 + Retry-After when the queue is full
-    GET  /v1/models/{model}/train   counters, publisher share, the trainer's own online quality
+    GET  /v1/models/{model}/train   counters, publisher share, the trainer's own online quality,
+                                    ``failed`` (why the trainer died) and ``rejected_steps``
     POST /v1/models/{model}/train/quality/reset   start the trainer's quality afresh
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -47,8 +48,8 @@ def train_routes(trainers: Mapping[str, TrainingService]) -> list[Route]:
             queued = svc.submit(events)
         except TrainerBusy as exc:
             return json_response({"error": str(exc)}, 503, {"retry-after": "1"})
-        except RuntimeError as exc:
-            return json_response({"error": str(exc)}, 500)
+        except RuntimeError as exc:  # the trainer died (GET .../train says why) or stopped
+            return json_response({"error": str(exc)}, 503)
         return json_response(
             {"model": svc.name, "queued": queued, "quarantined": svc.paused is not None}, 202
         )
@@ -97,7 +98,21 @@ def train_metrics(
             value = svc.report()["window"]["auc"]
             if value is not None:
                 auc.add_metric([st.model], float(value))
+        rejected = CounterMetricFamily(
+            "ekko_train_steps_rejected",
+            "Training steps undone because they would make the model non-finite",
+            labels=["model", "reason"],
+        )
+        failed = GaugeMetricFamily(
+            "ekko_train_failed", "1 when the trainer's worker thread has died", labels=["model"]
+        )
+        for st in stats:
+            for reason, n in st.rejected_steps.items():
+                rejected.add_metric([st.model, reason], float(n))
+            failed.add_metric([st.model], float(st.failed is not None))
         yield queued
         yield auc
+        yield rejected
+        yield failed
 
     return collect

@@ -24,7 +24,7 @@ from ekko.train.dlrm import DLRM, DLRMConfig, dense_table_name
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.sink import Sink
 from ekko.train.streams import Events
-from ekko.train.trainer import OnlineTrainer, TrainerConfig
+from ekko.train.trainer import REJECT_REASONS, OnlineTrainer, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class TrainingStats:
     failed: str | None
     paused: str | None
     dropped_events: int
+    rejected_steps: dict[str, int]  # steps undone (model kept finite), by REJECT_REASONS key
 
 
 class TrainingService:
@@ -111,6 +112,8 @@ class TrainingService:
         self._train_s = self._publish_s = 0.0
         self._last_loss = float("nan")
         self._failed: str | None = None
+        self._stopping = False
+        self._rejected = dict.fromkeys(REJECT_REASONS, 0)
 
     def bootstrap(self) -> None:
         """Create the model's tables and publish its dense tensors, before any training.
@@ -125,10 +128,19 @@ class TrainingService:
         self._thread = threading.Thread(target=self._run, name=f"train-{self.name}", daemon=True)
         self._thread.start()
 
+    @property
+    def failed(self) -> str | None:
+        """Why the worker thread is gone (the exception, or that it exited unasked), else None."""
+        thread = self._thread
+        gone = thread is not None and not thread.is_alive() and not self._stopping
+        if self._failed is None and gone:
+            self._failed = "the worker thread exited without being stopped"
+        return self._failed
+
     def submit(self, events: Events) -> int:
         """Queue a labelled batch; returns the queue depth. Raises ``TrainerBusy`` when full
         and ``RuntimeError`` when the trainer has failed or stopped."""
-        if self._failed is not None:
+        if self.failed is not None:
             raise RuntimeError(f"trainer of model {self.name} failed: {self._failed}")
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError(f"trainer of model {self.name} is not running")
@@ -151,40 +163,57 @@ class TrainingService:
         """Finish the queued batches, publish what is pending, stop the worker."""
         if self._thread is None:
             return
+        self._stopping = True
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("trainer of %s did not stop within %.0f s", self.name, timeout)
 
     def _run(self) -> None:
-        while True:
-            events = self._queue.get()
-            if events is None:
-                break
-            try:
-                with self._step_lock:
-                    if self._paused is not None:
-                        self.dropped_events += len(events)
-                        continue
-                    result = self.trainer.step(events)
-            except Exception as exc:  # a failed step must be visible, not a silent dead thread
-                self._failed = f"{type(exc).__name__}: {exc}"
-                log.exception("trainer of %s failed; no further batches are trained", self.name)
-                return
-            with self._lock:
-                labels = events.labels.astype(np.int8)
-                self.quality.update(result.predictions, labels, self._clock())
-                self._batches += 1
-                self._events += len(events)
-                self._train_s += result.step_time_s
-                self._publish_s += result.publish_time_s
-                self._last_loss = result.loss
+        try:
+            self._train_batches()
+        except BaseException as exc:  # a dead trainer must be visible, never a silent thread
+            self._failed = f"{type(exc).__name__}: {exc}"
+            log.exception("trainer of %s failed; no further batches are trained", self.name)
+            return
         try:
             self.publisher.flush()
         except Exception:
             log.exception(
                 "final publish of %s failed; its last step's rows are not written", self.name
             )
+
+    def _train_batches(self) -> None:
+        while True:
+            events = self._queue.get()
+            if events is None:
+                return
+            with self._step_lock:
+                if self._paused is not None:
+                    self.dropped_events += len(events)
+                    continue
+                result = self.trainer.step(events)
+            if result.rejected is not None:
+                log.warning(
+                    "model %s: training step on %d events rejected (%s: %s, loss %s); the "
+                    "model and optimizer are as before it and nothing was published",
+                    self.name, len(events), result.rejected,
+                    REJECT_REASONS[result.rejected], result.loss,
+                )  # fmt: skip
+            with self._lock:
+                # Pre-update predictions are finite unless the forward pass overflowed, a
+                # rejected step; the quality window only takes probabilities.
+                finite = np.isfinite(result.predictions)
+                labels = events.labels.astype(np.int8)
+                self.quality.update(result.predictions[finite], labels[finite], self._clock())
+                if result.rejected is not None:
+                    self._rejected[result.rejected] += 1
+                    continue
+                self._batches += 1
+                self._events += len(events)
+                self._train_s += result.step_time_s
+                self._publish_s += result.publish_time_s
+                self._last_loss = result.loss
 
     def quarantine(self, why: str) -> int:
         """Stop training: the queued input window is dropped (it is suspect), and batches
@@ -237,9 +266,10 @@ class TrainingService:
                 publish_seconds=self._publish_s,
                 rows_published=self.publisher.statistics().rows_published,
                 last_loss=self._last_loss,
-                failed=self._failed,
+                failed=self.failed,
                 paused=self._paused,
                 dropped_events=self.dropped_events,
+                rejected_steps=dict(self._rejected),
             )
 
     def report(self) -> dict[str, Any]:
