@@ -6,7 +6,7 @@ Public names: ``InferenceService`` (predict / feedback / metrics of one model ov
 (the publisher's sink over a store), results, stats and errors.
 """
 
-from ekko.serve.errors import ModelNotReady, ServeError, UnknownModel, UnknownVariant
+from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownModel, UnknownVariant
 from ekko.serve.metrics import serve_metrics
 from ekko.serve.replica import ReplicaModel, dense_shapes
 from ekko.serve.routes import serve_routes
@@ -37,6 +37,7 @@ __all__ = [
     "FeedbackResult",
     "InferenceService",
     "ModelNotReady",
+    "NonFiniteRows",
     "PredictResult",
     "ReplicaModel",
     "RequestError",

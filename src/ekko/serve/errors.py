@@ -15,6 +15,16 @@ class ModelNotReady(ServeError):
     """
 
 
+class NonFiniteRows(ModelNotReady):
+    """The replica holds a NaN or infinite value the model would read (or the forward pass
+    overflowed): HTTP 503 naming the table, never a ``null`` prediction.
+
+    Why refuse rather than serve: a non-finite row makes the prediction NaN, which JSON shows
+    as ``null`` and which no feedback can be scored against; the replica serves again as soon
+    as a finite version of the row arrives.
+    """
+
+
 class UnknownModel(ServeError, KeyError):
     """A model name this node does not serve: HTTP 404."""
 

@@ -21,6 +21,11 @@ _COUNTERS = (
     ("rows_predicted", "ekko_predict_rows", "Events predicted"),
     ("predict_seconds_total", "ekko_predict_seconds", "Seconds spent in predict"),
     ("not_ready", "ekko_predict_not_ready", "Predict requests refused: model not synced yet"),
+    (
+        "nonfinite",
+        "ekko_predict_nonfinite",
+        "Predict requests refused (503): the replica holds a NaN or infinite row",
+    ),
     ("dense_loads", "ekko_dense_loads", "Dense weight (re)loads from the store"),
     ("feedback_matched", "ekko_feedback_matched", "Labels joined to a prediction"),
     ("feedback_unknown", "ekko_feedback_unknown", "Labels for unknown or evicted ids"),

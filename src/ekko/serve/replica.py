@@ -8,9 +8,11 @@ versions moved; the check is a handful of integer sums per request.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from ekko.serve.errors import ModelNotReady
+from ekko.serve.errors import ModelNotReady, NonFiniteRows
 from ekko.store import Store, Table
 from ekko.train.dlrm import (
     DenseArch,
@@ -22,6 +24,12 @@ from ekko.train.dlrm import (
 )
 
 _KEY0 = np.zeros(1, dtype=np.int64)
+log = logging.getLogger(__name__)
+
+
+def _finite(values: np.ndarray) -> bool:
+    # A float64 sum is non-finite exactly when an element is: one pass, no temporary mask.
+    return bool(np.isfinite(values.sum(dtype=np.float64)))
 
 
 def dense_shapes(config: DLRMConfig) -> dict[str, tuple[int, ...]]:
@@ -67,6 +75,18 @@ class ReplicaModel:
         self._dense_stamp = -1
         self._model: DLRMServingModel | None = None
         self.dense_loads = 0
+        self._reported: set[str] = set()  # tables whose non-finite rows were logged once
+
+    def _refuse(self, table: str, what: str) -> NonFiniteRows:
+        """The 503 for ``what`` (the bad values, naming ``table``); logged once per table."""
+        message = (
+            f"model {self.label}: {what}; predictions that read it are refused until a "
+            f"finite version arrives"
+        )
+        if table not in self._reported:
+            self._reported.add(table)
+            log.warning("%s", message)
+        return NonFiniteRows(message)
 
     # -- table handles -----------------------------------------------------------------------
 
@@ -120,6 +140,8 @@ class ReplicaModel:
                 raise ModelNotReady(
                     f"model {self.label}: dense table {t.name!r} has no row yet (still syncing)"
                 )
+            if not _finite(values[0]):
+                raise self._refuse(t.name, f"NaN or infinite dense weights in table {t.name!r}")
             state[key] = values[0]
         return state
 
@@ -129,7 +151,12 @@ class ReplicaModel:
         t = self._emb[feature]
         if t is None:
             return np.zeros((len(ids), self.config.embedding_dim), dtype=np.float32)
-        return t.lookup(np.ascontiguousarray(ids, dtype=np.int64))[0]
+        keys = np.ascontiguousarray(ids, dtype=np.int64)
+        rows = t.lookup(keys)[0]
+        if not _finite(rows):
+            bad = int(keys[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
+            raise self._refuse(t.name, f"NaN or infinite row of key {bad} in table {t.name!r}")
+        return rows
 
     def ensure_ready(self) -> DLRMServingModel:
         """The serving model with dense weights as of the store's current rows."""
@@ -147,5 +174,14 @@ class ReplicaModel:
         return self._model
 
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        """dense float32 [B, N], sparse int64 [B, F] raw ids -> CTR float32 [B]."""
-        return self.ensure_ready().predict(dense, sparse)
+        """dense float32 [B, N], sparse int64 [B, F] raw ids -> CTR float32 [B], every one
+        finite: ``NonFiniteRows`` (503) instead when a row read is not, or the forward pass
+        overflowed on finite but huge weights."""
+        ctr = self.ensure_ready().predict(dense, sparse)
+        if not _finite(ctr):
+            prefix = dense_table_name("", self.config.table_namespace)
+            raise self._refuse(
+                prefix,
+                f"the forward pass overflowed: finite but huge weights in the {prefix!r} tables",
+            )
+        return ctr

@@ -19,7 +19,7 @@ import numpy as np
 
 from ekko.guard.metrics import WindowedQuality
 from ekko.node.config import ModelConfig
-from ekko.serve.errors import ModelNotReady, ServeError, UnknownVariant
+from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownVariant
 from ekko.serve.pending import PendingPredictions
 from ekko.serve.replica import ReplicaModel
 from ekko.serve.schema import dense_out_of_range
@@ -65,6 +65,7 @@ class ServeStats:
     rows_predicted: int
     predict_seconds_total: float
     not_ready: int
+    nonfinite: int
     dense_loads: int
     feedback_requests: int
     feedback_matched: int
@@ -121,6 +122,7 @@ class InferenceService:
         self._rows = 0
         self._predict_s = 0.0
         self._not_ready = 0
+        self._nonfinite = 0
         self._feedback_requests = 0
         self._matched = 0
         self._unknown = 0
@@ -209,8 +211,8 @@ class InferenceService:
         d, s = self._check(dense, sparse)
         try:
             ctr = np.asarray(v.replica.predict(d, s), dtype=np.float32)
-        except ModelNotReady:
-            self._not_ready += 1
+        except ModelNotReady as exc:
+            self._count_refusal(exc)
             raise
         codes = np.full(ctr.shape[0], self._variant_names.index(variant), dtype=np.uint8)
         ids = self._pending.add(ctr, codes)
@@ -219,6 +221,12 @@ class InferenceService:
         self._rows += int(ctr.shape[0])
         self._predict_s += time.perf_counter() - start
         return PredictResult(ids=ids, ctr=ctr, variant=variant)
+
+    def _count_refusal(self, exc: ModelNotReady) -> None:
+        if isinstance(exc, NonFiniteRows):
+            self._nonfinite += 1
+        else:
+            self._not_ready += 1
 
     def predict_guarded(
         self,
@@ -254,8 +262,8 @@ class InferenceService:
         if run_online.any():
             try:
                 full_online[run_online] = online.replica.predict(d[run_online], s[run_online])
-            except ModelNotReady:
-                self._not_ready += 1
+            except ModelNotReady as exc:
+                self._count_refusal(exc)
                 raise
         ctr = np.where(to_base, full_base, full_online).astype(np.float32)
         shadow = np.where(to_base, full_online, full_base).astype(np.float32)
@@ -288,8 +296,9 @@ class InferenceService:
         self._feedback_requests += 1
         joined = self._pending.take(i.astype(np.int64, copy=False))
         y_hit = y[joined.index].astype(np.int8)
+        served = np.isfinite(joined.ctr)  # always, as predict refuses non-finite scores
         for code, name in enumerate(self._variant_names):
-            mine = joined.variant == code
+            mine = (joined.variant == code) & served
             if mine.any():
                 self._variants[name].quality.update(joined.ctr[mine], y_hit[mine], now)
         if BASELINE in self._variants:  # shadow scores belong to the variant not served
@@ -339,6 +348,7 @@ class InferenceService:
             rows_predicted=self._rows,
             predict_seconds_total=self._predict_s,
             not_ready=self._not_ready,
+            nonfinite=self._nonfinite,
             dense_loads=sum(v.replica.dense_loads for v in self._variants.values()),
             feedback_requests=self._feedback_requests,
             feedback_matched=self._matched,
