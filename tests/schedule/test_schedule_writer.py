@@ -59,3 +59,20 @@ def test_deferred_rows_are_held_then_released_within_the_bound():
     assert w.release(3.5, 4) == held
     values, _, _ = t.lookup(keys)
     np.testing.assert_array_equal(values, tiny)
+
+
+def test_non_finite_rows_are_refused_before_anything_is_written_or_held():
+    import pytest
+
+    from ekko.store import BadRowsError
+
+    for scheduler in (None, UpdateScheduler(SchedulerConfig(percentile=0.5))):
+        store = _store()
+        w = ScheduledWriter(store, scheduler)
+        w.write("emb", np.arange(4), np.ones((4, 4), np.float32), now=0.0, now_ns=1)
+        bad = np.full((4, 4), 1.0 + 1e-4, np.float32)
+        bad[2, 1] = np.nan
+        with pytest.raises(BadRowsError, match=r"table 'emb': values\[2\] holds NaN or inf"):
+            w.write("emb", np.arange(4), bad, now=1.0, now_ns=2)
+        assert w.flush(3) == 0  # nothing of the refused batch was held either
+        np.testing.assert_array_equal(store.table("emb").lookup(np.arange(4))[0], 1.0)

@@ -2,9 +2,11 @@
 
 Public names: ``Store`` (a node's tables, snapshots), ``Table`` (one table), ``KeyIndex``
 and ``shard_of`` (the key index and the shard hash every node shares), ``ReferenceTable``
-(the naive model tests compare against), result dataclasses and errors.
+(the naive model tests compare against), ``check_finite_values`` (what a source write must
+satisfy, for writers that plan before they write), result dataclasses and errors.
 """
 
+from ekko.store._validate import check_finite_values
 from ekko.store.errors import (
     BadRowsError,
     SnapshotError,
@@ -31,6 +33,7 @@ __all__ = [
     "TableStats",
     "UnknownTableError",
     "WalError",
+    "check_finite_values",
     "shard_of",
     "warm",
 ]

@@ -30,6 +30,17 @@ def check_values(values: np.ndarray, n: int, dim: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def check_finite_values(values: np.ndarray, table: str) -> None:
+    """Refuse a source write holding NaN or inf: once versioned it would reach every replica
+    and every prediction reading it. Names the first bad row."""
+    v = np.asarray(values)
+    if v.size and not np.isfinite(v.sum(dtype=np.float64)):  # non-finite iff an element is
+        row = int(np.flatnonzero(~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1))[0])
+        raise BadRowsError(
+            f"table {table!r}: values[{row}] holds NaN or inf; a source write must be finite"
+        )
+
+
 def check_int64(arr: np.ndarray, n: int, name: str) -> np.ndarray:
     """1-D int64 of length n (any integer dtype is accepted and widened)."""
     a = np.asarray(arr)

@@ -12,6 +12,7 @@ import numpy as np
 from ekko.protocol.messages import HIGH_LANE, LANES, TableSpec
 from ekko.store._validate import (
     check_cursors,
+    check_finite_values,
     check_int64,
     check_keys,
     check_lanes,
@@ -105,6 +106,7 @@ class ReferenceTable:
     ) -> np.ndarray:
         k = check_keys(keys)
         v = check_values(values, k.shape[0], self.spec.dim)
+        check_finite_values(v, self.spec.name)
         ln = check_lanes(lanes, k.shape[0])
         out = []
         touched: dict[int, set[int]] = {}

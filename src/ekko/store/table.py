@@ -13,6 +13,7 @@ from ekko.store import _table_kernels as K
 from ekko.store._collect_kernel import collect_rows
 from ekko.store._validate import (
     check_cursors,
+    check_finite_values,
     check_int64,
     check_keys,
     check_lanes,
@@ -271,6 +272,7 @@ class Table:
         k = check_keys(keys)
         n = k.shape[0]
         v = check_values(values, n, self.dim)
+        check_finite_values(v, self.name)
         ln = check_lanes(lanes, n)
         out = np.empty(n, dtype=np.int64)
         if n == 0:
