@@ -213,6 +213,15 @@ class ModelHost:
         for svc in self.trainers.values():
             svc.stop()
 
+    def down(self) -> dict[str, str]:
+        """Trainers whose worker thread died, as ``trainer/{model}`` -> the exception: what
+        ``/ready`` names beside the node's supervised tasks."""
+        return {
+            f"trainer/{name}": svc.failed
+            for name, svc in self.trainers.items()
+            if svc.failed is not None
+        }
+
     def routes(self) -> list:
         routes: list = []
         if self.services:
