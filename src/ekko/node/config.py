@@ -141,7 +141,7 @@ class DurabilitySection(_Strict):
     wal_window_ms: float = Field(3.0, ge=0, le=1000)  # one fsync per window, for every write in it
     # On restart the source pulls what it lacks from the replicas before it accepts writes;
     # it waits this long for each replica that does not answer.
-    recovery_timeout_s: float = Field(5.0, gt=0)
+    recovery_timeout_s: float = Field(20.0, gt=0)
 
 
 class SchedulerSection(_Strict):

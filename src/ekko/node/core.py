@@ -264,6 +264,8 @@ class NodeCore:
             "uptime_s": round(time.time() - self.started_at, 3),
             "copied_at": self.copied_at,
             "catalog_version": self.store.catalog_version,
+            "lineage": f"{self.store.lineage:x}",
+            "accepting_writes": self.not_ready is None if self.is_source else None,
             "tables": tables,
             "latency": self.latency.summary(),
             "links": {k: vars(v) for k, v in self.links.items()},

@@ -34,12 +34,13 @@ from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
 from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
+from ekko.node.recover import recover_source
 from ekko.node.signed_requests import signed_json
 from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
 from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller
-from ekko.protocol.recovery import new_lineage
+from ekko.protocol.recovery import RecoveryResult
 from ekko.store import SnapshotError, WalError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class NodeRunner:
         self.models = ModelHost(self.core, self.notify_written, self._post)
         self._http: httpx.AsyncClient | None = None
         self._copy_now = asyncio.Event()
+        self.recovery: RecoveryResult | None = None
+        self._lineage = self.core.store.lineage
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -212,8 +215,11 @@ class NodeRunner:
         self.sync.notify_written()
 
     def _pace_for(self, peer: str) -> float | None:
-        """A WAN peer's session is paced at the link's bandwidth when the config says so."""
-        return pace_rate(self._wan(peer)) if self.config.sync.pace_wan else None
+        """A WAN peer's session is paced at the link's bandwidth when the config says so.
+        Never the source's: it pulls from a replica only to recover, and waits for that."""
+        if not self.config.sync.pace_wan or peer == self.config.source.name:
+            return None
+        return pace_rate(self._wan(peer))
 
     # -- pulling from upstream ----------------------------------------------------------
 
@@ -272,6 +278,10 @@ class NodeRunner:
         )
 
         def on_response(msg: PullResponse) -> None:
+            if self.core.store.lineage != self._lineage:
+                self._rebuilt(puller)
+            if puller.rebuilding:
+                return  # rows for the store being rebuilt, not the one served
             if msg.chunks or msg.tables:
                 self.models.on_response(msg.tables, msg.chunks, time.monotonic())
             if msg.chunks:
@@ -286,6 +296,18 @@ class NodeRunner:
                 log.info("%s returns to preferred upstream", self.core.name)
         finally:
             self.core.upstream_name = None
+
+    def _rebuilt(self, puller: Puller) -> None:
+        """The puller replaced the store's tables with the upstream lineage's: serve them."""
+        log.warning(
+            "%s rebuilt its store from lineage %x (was %x): rows the source lacks are gone",
+            self.core.name,
+            self.core.store.lineage,
+            self._lineage,
+        )
+        self._lineage = self.core.store.lineage
+        self.models.replace_store(self.core.store)
+        self.notify_written()
 
     async def _probe(self, preferred: list[NodeConfig]) -> None:
         """Return once a preferred upstream accepts a connection again."""
@@ -394,13 +416,9 @@ class NodeRunner:
     # -- source snapshots and recovery ---------------------------------------------------
 
     async def _recover(self) -> None:
-        """Take writes only once the store is durable under its lineage."""
-        core = self.core
-        core.not_ready = "recovering: rebuilding from the write-ahead log and replicas"
-        if core.store.lineage == 0:
-            core.store.lineage = new_lineage()
-        core.save_snapshot()  # the lineage and whatever was recovered are durable first
-        core.not_ready = None
+        """Before the source takes a write: pull what the replicas hold beyond its snapshot
+        and log, then make that durable under its lineage (``ekko.node.recover``)."""
+        self.recovery = await recover_source(self.core, self._try_connect)
 
     async def _release_held(self) -> None:
         """Write deferred rows once their staleness bound is due (the scheduler holds them

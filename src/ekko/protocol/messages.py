@@ -70,6 +70,12 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
     # Predictions served per model since the puller's last report, its own and its pullers'
     # (``TrafficTally``): what the source's p_m is made of.
     traffic: dict[str, Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    # The puller holds nothing of the responder's lineage (it is rebuilding): forget what
+    # this session was sent and answer from nothing.
+    reset: bool = False
+    # A restarting source recovering from this replica: every row above the cursors, also
+    # rows above the replica's knowledge (a transfer in progress) — it takes all it can get.
+    absorb: bool = False
 
 
 class ShardMeta(msgspec.Struct, frozen=True, array_like=True):
@@ -134,6 +140,9 @@ class PullResponse(msgspec.Struct, frozen=True, tag=True):
     # and believes this session has too. A puller that is behind it lost a response the
     # responder counted as delivered (a dropped answer to a duplicated pull) and resyncs.
     holds: dict[str, np.ndarray] | None = None
+    # The source history the responder's rows belong to (``Store.lineage``; 0: none yet).
+    # A puller holding another lineage rebuilds from this one (``ekko.protocol.puller``).
+    lineage: int = 0
 
 
 class Error(msgspec.Struct, frozen=True, tag=True):

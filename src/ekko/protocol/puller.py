@@ -4,6 +4,13 @@ Sans-IO: ``start``/``receive``/``tick`` take the time and return ``Ready``. The 
 rows into its store (an in-memory structure, like raft's ``Storage``) and advances knowledge
 only where a chunk's base is covered, so lost, duplicated and reordered responses never
 claim rows the store does not hold. Gaps are repaired by restating knowledge (a resync).
+
+Every answer names the responder's lineage (the source history its rows belong to). A
+puller whose store holds another lineage cannot merge by version — the same version may be
+another row — so it rebuilds: pulls everything into a fresh store from nothing and, once the
+responder has nothing more for it, puts that store's tables in place of its own (rows the
+new lineage lacks are gone, exactly). ``absorb`` pullers (a restarting source pulling from
+its replicas) never rebuild: they take rows of their own lineage and refuse any other.
 """
 
 from __future__ import annotations
@@ -94,9 +101,17 @@ class Puller:
     config: PullerConfig = field(default_factory=PullerConfig)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     traffic: TrafficTally | None = None  # reported upstream on each request
+    absorb: bool = False  # a source recovering from a replica: never rebuild, refuse others
 
     def __post_init__(self) -> None:
         self.config.validate()
+        self._staging: Store | None = None  # rebuilding from another lineage into this
+        self._staging_from = 0  # the first request of the rebuild
+        self._reset_pending = False  # until the upstream answered a request with ``reset``
+        self._first_req = 1
+        self.caught_up = False  # an answer said the responder has nothing more for us
+        self.refused_lineage: int | None = None  # absorb: the upstream's other lineage
+        self.rebuilds = 0  # stores replaced by another lineage's
         self._next_id = 0
         self._in_flight: dict[int, _InFlight] = {}
         self._pending: dict[tuple[str, int, int], list[_Pending]] = {}
@@ -112,7 +127,18 @@ class Puller:
     def start(self, now: float) -> Ready:
         """A fresh session: restate all knowledge, then fill the window."""
         self._restate_all = True
+        self._first_req = self._next_id + 1
+        self.caught_up = False
         return self._fill(now)
+
+    @property
+    def rebuilding(self) -> bool:
+        """Pulling another lineage into a fresh store, not yet in place."""
+        return self._staging is not None
+
+    @property
+    def _into(self) -> Store:
+        return self._staging if self._staging is not None else self.store
 
     def receive(self, msg: Message, now: float) -> Ready:
         if isinstance(msg, PullResponse):
@@ -124,18 +150,28 @@ class Puller:
             deadline = now + (self.config.wait_ms + self.config.request_timeout_ms) / 1000
             for f in self._in_flight.values():
                 f.deadline = max(f.deadline, deadline)
+            if self._staging is not None and msg.req_id < self._staging_from:
+                return self._fill(now)  # asked before the rebuild: resent from nothing
+            if self._staging is not None and self._reset_pending:
+                self._reset_pending = False  # the upstream forgot; the window opens again
+            if not self._same_lineage(msg.lineage):
+                if self.absorb:
+                    return Ready()
+                return self._fill(now, immediate=True)
             if msg.tables:
                 for spec in msg.tables:
-                    self.store.create_table(spec)
+                    self._into.create_table(spec)
             for chunk in msg.chunks:
                 self._apply(chunk, now)
             if msg.holds and not msg.chunks:
                 self._check_holds(msg.holds)
+            if not msg.more and not self._pending:
+                self._settled(msg.req_id)
             ready = self._fill(now, immediate=msg.more)
             return ready
         if isinstance(msg, Catalog):
             for spec in msg.tables:
-                self.store.create_table(spec)
+                self._into.create_table(spec)
             return Ready(wake_at=self._wake_at())
         if isinstance(msg, Error):
             self._errors += 1
@@ -157,11 +193,45 @@ class Puller:
                 self._resync.add(key)
         return self._fill(now)
 
+    def _same_lineage(self, lineage: int) -> bool:
+        """Whether rows of ``lineage`` may be merged into what we hold; if not, start a
+        rebuild (or, absorbing, refuse the upstream)."""
+        into = self._into
+        if lineage == 0 or lineage == into.lineage:
+            return True  # 0: an upstream that has not learnt a lineage holds no rows
+        if into.lineage == 0 and not any(t.rows for t in into.tables.values()):
+            into.lineage = lineage  # nothing held yet: adopt
+            return True
+        if self.absorb:
+            self.refused_lineage = lineage
+            self.caught_up = True
+            return False
+        self._staging = Store(origin=self.store.origin, cache_capacity=self.store.cache_capacity)
+        self._staging.lineage = lineage
+        self._staging_from = self._next_id + 1
+        self._reset_pending = True
+        self._restate_all = True
+        self._in_flight.clear()  # their answers are ignored: everything comes again
+        self._pending.clear()
+        self._resync.clear()
+        return False
+
+    def _settled(self, req_id: int) -> None:
+        """The responder had nothing more for this session when it answered ``req_id``."""
+        if self._staging is not None:
+            if req_id >= self._staging_from:
+                self.store.replace_with(self._staging)
+                self._staging = None
+                self.rebuilds += 1
+            return
+        if req_id >= self._first_req:
+            self.caught_up = True
+
     def _check_holds(self, holds: dict[str, np.ndarray]) -> None:
         """The upstream says it holds more than we do yet sent nothing: resync those
         (table, shard, lane) by cursor (unless a held gap will cover them)."""
         for name, theirs in holds.items():
-            table = self.store.tables.get(name)
+            table = self._into.tables.get(name)
             if table is None or theirs.shape != table.knowledge.shape:
                 continue
             for s, lane in np.argwhere(theirs > table.knowledge):
@@ -196,6 +266,14 @@ class Puller:
                 return Ready(wake_at=self._wake_at())
         else:
             window = self.config.window
+        if self._reset_pending:
+            # One request until the upstream has forgotten this session: a later one could
+            # overtake it and be answered against what the old store held.
+            if any(rid >= self._staging_from for rid in self._in_flight):
+                return Ready(wake_at=self._wake_at())
+            ready.sends.append((LINK, self._request(now, window)))
+            ready.wake_at = self._wake_at()
+            return ready
         while len(self._in_flight) < window:
             ready.sends.append((LINK, self._request(now, window)))
         if polling:
@@ -214,7 +292,7 @@ class Puller:
             self._pending.clear()
         elif self._resync:
             cursors = [
-                Cursor(t, s, lane, int(self.store.table(t).knowledge[s, lane]))
+                Cursor(t, s, lane, int(self._into.table(t).knowledge[s, lane]))
                 for (t, s, lane) in sorted(self._resync)
             ]
             for key in self._resync:
@@ -229,11 +307,14 @@ class Puller:
             self.config.max_bytes, max(64 << 10, self.config.max_bytes_in_flight // window)
         )
         traffic = self.traffic.take() if self.traffic is not None else None
-        return PullRequest(rid, budget, wait, cursors, self.config.codec, traffic)
+        reset = self._reset_pending
+        return PullRequest(
+            rid, budget, wait, cursors, self.config.codec, traffic, reset, self.absorb
+        )
 
     def _all_cursors(self) -> list[Cursor]:
         out = []
-        for name, table in self.store.tables.items():
+        for name, table in self._into.tables.items():
             k = table.knowledge
             for s in range(table.num_shards):
                 for lane in LANES:
@@ -254,7 +335,7 @@ class Puller:
         return min(times) if times else None
 
     def _apply(self, chunk: Chunk, now: float) -> None:
-        table = self.store.table(chunk.table)
+        table = self._into.table(chunk.table)
         wire_bytes = chunk.nbytes
         chunk = decode_chunk(chunk, table.dim)
         n = chunk.rows
@@ -284,7 +365,7 @@ class Puller:
 
     def _settle(self, table_name: str, lane: int, shards: np.ndarray) -> None:
         """Ranges that waited for the one below them merge once it arrived."""
-        table = self.store.table(table_name)
+        table = self._into.table(table_name)
         for s in shards.tolist():
             key = (table_name, s, lane)
             pend = self._pending.get(key)

@@ -80,6 +80,13 @@ class _Session:
     rows_at: float | None = None  # when the session was last answered with rows
     max_unframed: int | None = None  # answers with rows the host may hold before framing
     unframed: int = 0  # answers with rows handed out, not yet reported ``framed``
+    absorb: bool = False  # a recovering source: rows above our knowledge go too
+
+    def forget(self) -> None:
+        """The puller holds nothing this session was sent: start from nothing."""
+        self.sent.clear()
+        self.seen.clear()
+        self.catalog_version = -1
 
     def state_for(self, table: Table) -> tuple[np.ndarray, np.ndarray]:
         sent = self.sent.get(table.name)
@@ -106,11 +113,13 @@ class Responder:
         self._memo: dict[tuple, tuple[Table, Chunk | None, Chunk | None, bool]] = {}
         self._memo_bytes = 0
         self._memo_hits = 0
+        self._lineage = store.lineage
 
     # -- inputs -------------------------------------------------------------------------
 
     def receive(self, session: SessionId, msg: Message, now: float) -> Ready:
         """Handle one message from ``session``."""
+        self._check_lineage()
         sess = self._sessions.setdefault(session, _Session())
         ready = Ready()
         if isinstance(msg, CatalogRequest):
@@ -133,6 +142,10 @@ class Responder:
             ready.sends.append((session, Error(msg.req_id, "bad_codec", str(exc))))
             return ready
         sess.codec = msg.codec
+        sess.absorb = msg.absorb
+        if msg.reset:
+            sess.forget()
+            sess.parked.clear()  # asked against what the puller no longer holds
         if msg.cursors:
             err = self._restate(sess, msg)
             if err is not None:
@@ -153,6 +166,7 @@ class Responder:
 
     def store_changed(self, now: float) -> Ready:
         """The store moved: answer the oldest parked pull of every session that has news."""
+        self._check_lineage()
         ready = Ready()
         for sid, sess in self._sessions.items():
             if sess.parked:
@@ -219,6 +233,17 @@ class Responder:
                 ready.sends.append((sid, self._empty(sess, parked.request, now)))
         ready.wake_at = self._next_expiry()
         return ready
+
+    def _check_lineage(self) -> None:
+        """The store was rebuilt under another lineage: what sessions were sent (and the
+        memo of answers) describes rows it no longer holds. Forget it; each puller learns the
+        new lineage from its next answer and rebuilds."""
+        if self.store.lineage != self._lineage:
+            self._lineage = self.store.lineage
+            for sess in self._sessions.values():
+                sess.forget()
+            self._memo.clear()
+            self._memo_bytes = 0
 
     def close_session(self, session: SessionId) -> None:
         self._sessions.pop(session, None)
@@ -292,7 +317,7 @@ class Responder:
     def _empty(self, sess: _Session, req: PullRequest, now: float) -> PullResponse:
         return PullResponse(
             req.req_id, self.store.catalog_version, [], False, self._catalog(sess),
-            self._holds(sess, now),
+            self._holds(sess, now), self.store.lineage,
         )  # fmt: skip
 
     def _holds(self, sess: _Session, now: float) -> dict[str, np.ndarray] | None:
@@ -333,6 +358,7 @@ class Responder:
         chunks: list[Chunk] = []
         more = False
         plans = [self._candidates(sess, t) for t in self.store.tables.values()]
+        absorb = sess.absorb
         if plans:
             # A budget that runs out must not always favour the first tables: start each
             # answer one table further on.
@@ -346,7 +372,7 @@ class Responder:
                 if more:
                     continue
                 chunk, wire, truncated = self._collect(
-                    table, lane, lane_shards, sent, budget, not chunks, sess.codec
+                    table, lane, lane_shards, sent, budget, not chunks, sess.codec, absorb
                 )
                 if truncated:
                     more = True
@@ -378,6 +404,7 @@ class Responder:
             more,
             self._catalog(sess),
             None if chunks else self._holds(sess, now),
+            self.store.lineage,
         )
 
     def _unmoved(self, sess: _Session) -> bool:
@@ -397,7 +424,7 @@ class Responder:
         sent, seen = sess.state_for(table)
         if self.config.use_shard_version:
             moved = table.shard_version != seen
-            wanted = moved[:, None] & (table.knowledge > sent)
+            wanted = moved[:, None] & (_vouched(table, sess.absorb) > sent)
         else:
             wanted = np.ones_like(sent, dtype=bool)
         return table, [np.flatnonzero(wanted[:, lane]) for lane in LANES], sent, seen
@@ -411,19 +438,20 @@ class Responder:
         budget: int,
         first: bool,
         codec: str | None,
+        absorb: bool = False,
     ) -> tuple[Chunk | None, Chunk | None, bool]:
         """(the chunk, its wire form under ``codec``, whether the budget truncated it)."""
         bases = sent[shards, lane]  # fancy index: a copy
         max_rows = budget // row_bytes(codec, table.dim, ROW_OVERHEAD_BYTES)
         key = (
             table.name, lane, max_rows, first, codec, shards.tobytes(), bases.tobytes(),
-            table.shard_version[shards].tobytes(),
+            table.shard_version[shards].tobytes(), absorb,
         )  # fmt: skip
         hit = self._memo.get(key)
         if hit is not None and hit[0] is table:
             self._memo_hits += 1
             return hit[1], hit[2], hit[3]
-        chunk, truncated = self._collect_rows(table, lane, shards, bases, max_rows, first)
+        chunk, truncated = self._collect_rows(table, lane, shards, bases, max_rows, first, absorb)
         wire = encode_chunk(chunk, codec) if chunk is not None and codec is not None else chunk
         self._remember(key, (table, chunk, wire, truncated))
         return chunk, wire, truncated
@@ -447,8 +475,9 @@ class Responder:
         bases: np.ndarray,
         max_rows: int,
         first: bool,
+        absorb: bool = False,
     ) -> tuple[Chunk | None, bool]:
-        have = table.knowledge[shards, lane]  # fancy index: a copy
+        have = _vouched(table, absorb)[shards, lane]  # fancy index: a copy
         collected = table.collect(
             shards, np.full(shards.size, lane, np.int64), bases, use_cache=self.config.use_cache
         )
@@ -530,3 +559,9 @@ class Responder:
             origin=self.store.origin,
         )
         return chunk, truncated
+
+
+def _vouched(table: Table, absorb: bool) -> np.ndarray:
+    """What a session may be sent up to, per (shard, lane): the table's knowledge, or for a
+    recovering source every version the lane ever stored (``lane_top``)."""
+    return np.maximum(table.knowledge, table.lane_top) if absorb else table.knowledge

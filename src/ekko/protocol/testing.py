@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ekko.protocol.messages import Message
+from ekko.protocol.messages import Catalog, Error, Message, PullResponse
 from ekko.protocol.puller import LINK, Puller, PullerConfig
 from ekko.protocol.ready import Ready
+from ekko.protocol.recovery import RecoveryResult, SourceRecovery
 from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.store import Store, Table
+
+RECOVERY = -1  # the session tag of a restarting source's pulls from a replica
+_ANSWERS = (PullResponse, Catalog, Error)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class SimNetwork:
         self._events: list[_Event] = []
         self._seq = itertools.count()
         self._wakes: dict[str, float] = {}
+        self._recovering: dict[tuple[str, str], Puller] = {}  # (source, replica) -> puller
         self.messages_sent = self.messages_dropped = 0
 
     # -- building -----------------------------------------------------------------------
@@ -103,6 +108,43 @@ class SimNetwork:
     def heal_link(self, name: str) -> None:
         self.cut.discard(name)
         self._connect(self.nodes[name])
+
+    def restart_source(
+        self,
+        name: str,
+        store: Store,
+        *,
+        unreachable: frozenset[str] = frozenset(),
+        timeout: float = 30.0,
+    ) -> RecoveryResult:
+        """Restart node ``name`` (the source) on ``store`` — what its data dir kept, or an
+        empty store — and run its recovery: pull from every replica but ``unreachable``,
+        then decide the lineage. Links from its pullers break and reconnect after."""
+        node = self.nodes[name]
+        downstream = [n.name for n in self.nodes.values() if n.upstream == name]
+        for d in downstream:
+            if d not in self.cut:
+                self.cut_link(d)
+        node.store = store
+        node.responder = Responder(store, self.responder_config)
+        recovery = SourceRecovery(store, [n for n in self.nodes if n != name])
+        for r, puller in recovery.pullers.items():
+            if r in unreachable:
+                recovery.give_up(r, "unreachable")
+                continue
+            self._recovering[(name, r)] = puller
+            self._handle_recovery(name, r, puller.start(self.now))
+        end = self.now + timeout
+        while not recovery.done() and self.now < end:
+            self.run_for(0.01)
+        for r in recovery.pullers:
+            if self._recovering.pop((name, r), None) is not None:
+                self.nodes[r].responder.close_session((name, RECOVERY))
+        result = recovery.finish()
+        for d in downstream:
+            if d not in unreachable:
+                self.heal_link(d)
+        return result
 
     # -- driving ------------------------------------------------------------------------
 
@@ -141,6 +183,9 @@ class SimNetwork:
             self._schedule(self.now + delay, "deliver", src, dst, session, msg)
 
     def _on_deliver(self, src: str, dst: str, session: int, msg: Message) -> None:
+        if session == RECOVERY:
+            self._deliver_recovery(src, dst, msg)
+            return
         # Puller → responder messages are tagged with the puller's session; responses too.
         if dst in self.nodes and self.nodes[dst].upstream == src:
             node = self.nodes[dst]  # a response to a puller
@@ -153,6 +198,20 @@ class SimNetwork:
                 return
             node = self.nodes[dst]
             self._handle_responder(node, node.responder.receive((src, session), msg, self.now))
+
+    def _deliver_recovery(self, src: str, dst: str, msg: Message) -> None:
+        if isinstance(msg, _ANSWERS):
+            puller = self._recovering.get((dst, src))
+            if puller is not None:
+                self._handle_recovery(dst, src, puller.receive(msg, self.now))
+        elif (src, dst) in self._recovering:
+            node = self.nodes[dst]
+            self._handle_responder(node, node.responder.receive((src, RECOVERY), msg, self.now))
+
+    def _handle_recovery(self, source: str, replica: str, ready: Ready) -> None:
+        for _link, msg in ready.sends:
+            self._send(source, replica, RECOVERY, msg, reliable=False)
+        self._wake(source, f"recover:{replica}", ready.wake_at)
 
     def _handle_puller(self, node: SimNode, ready: Ready) -> None:
         for _link, msg in ready.sends:
@@ -185,7 +244,12 @@ class SimNetwork:
             return
         self._wakes.pop(key, None)
         node = self.nodes[name]
-        if role == "responder":
+        if role.startswith("recover:"):
+            replica = role.split(":", 1)[1]
+            puller = self._recovering.get((name, replica))
+            if puller is not None:
+                self._handle_recovery(name, replica, puller.tick(self.now))
+        elif role == "responder":
             self._handle_responder(node, node.responder.tick(self.now))
         elif node.puller is not None:
             self._handle_puller(node, node.puller.tick(self.now))

@@ -407,6 +407,13 @@ class Table:
         self.shard_version[s] += 1
         return s
 
+    def complete_origin(self) -> None:
+        """At a source that recovered: it holds every row of every version up to its
+        counters (what it lacks was superseded, or never reached anyone), in every lane."""
+        before = self.knowledge.copy()
+        np.maximum(self.knowledge, self.counter[:, None], out=self.knowledge)
+        self.shard_version[(self.knowledge != before).any(axis=1)] += 1
+
     # -- reads -------------------------------------------------------------------------------
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

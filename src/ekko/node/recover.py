@@ -1,0 +1,81 @@
+"""The asyncio side of a restarting source's recovery (the protocol is sans-IO in
+``ekko.protocol.recovery``): connect to every replica, pull until each has nothing more or
+the timeout passes, decide the lineage, and make the result durable before any write."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from ekko.net.errors import TransportError
+from ekko.net.transport import Connection
+from ekko.node.config import NodeConfig
+from ekko.node.core import NodeCore
+from ekko.node.sync_host import run_pull_link
+from ekko.protocol.messages import PullResponse
+from ekko.protocol.recovery import RecoveryResult, SourceRecovery
+
+log = logging.getLogger(__name__)
+
+NOT_REPLICAS = ("source", "checkpoint")  # nodes a restarting source does not recover from
+
+Connect = Callable[[NodeConfig], Awaitable[Connection | None]]
+
+
+async def recover_source(core: NodeCore, connect: Connect) -> RecoveryResult:
+    """Recover ``core`` (the source) from every replica in its config; writes are refused
+    (``core.not_ready``) until the recovered store and its lineage are in a snapshot."""
+    config = core.config
+    core.not_ready = "recovering: pulling what the replicas hold beyond its own data"
+    replicas = [n.name for n in config.nodes if config.role(n.name) not in NOT_REPLICAS]
+    recovery = SourceRecovery(core.store, replicas)
+    started = time.monotonic()
+    timeout = config.durability.recovery_timeout_s
+    await asyncio.gather(
+        *(_absorb(recovery, config.node(name), connect, timeout) for name in replicas)
+    )
+    result = recovery.finish()
+    log.info(
+        "%s recovered in %.2f s: %d rows from replicas %s; lineage %x %s%s",
+        core.name,
+        time.monotonic() - started,
+        result.rows_absorbed,
+        result.absorbed,
+        result.lineage,
+        "kept" if result.kept_lineage else "new (replicas rebuild from this source)",
+        f"; without {recovery.reasons}" if recovery.reasons else "",
+    )
+    core.save_snapshot()  # the lineage and whatever was recovered are durable first
+    core.not_ready = None
+    return result
+
+
+async def _absorb(
+    recovery: SourceRecovery, peer: NodeConfig, connect: Connect, timeout: float
+) -> None:
+    """Pull everything ``peer`` holds beyond the source's knowledge, within ``timeout``."""
+    conn = await connect(peer)
+    if conn is None:
+        recovery.give_up(peer.name, "unreachable")
+        return
+    puller = recovery.pullers[peer.name]
+    done = asyncio.Event()
+
+    def on_response(msg: PullResponse) -> None:
+        if puller.caught_up:
+            done.set()
+
+    try:
+        await asyncio.wait_for(run_pull_link(conn, puller, on_response, done.wait()), timeout)
+    except TimeoutError:
+        pass
+    finally:
+        with contextlib.suppress(TransportError, OSError):
+            await conn.close()
+    if not puller.caught_up:
+        recovery.give_up(peer.name, f"not caught up within {timeout} s")
+    elif puller.refused_lineage is not None:
+        recovery.reasons[peer.name] = f"holds lineage {puller.refused_lineage:x}"
