@@ -5,7 +5,8 @@ the cache").
 
 Each block changes 10 k rows at the source, then times the cache path and the full-scan path
 on the same cursors (order alternating per block), plus a control that repeats the cache path
-unchanged. Medians over blocks.
+unchanged. Medians over blocks. Rows are spread over every lane in ``LANES`` and each round
+checks that both paths return the same rows, with rows in every lane.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from ekko.protocol.messages import LANES, TableSpec
 from ekko.store import Table, warm
 
 PATHS = ("cache", "full_scan", "cache_control")
+
+
+def _lanes_of(keys: np.ndarray) -> np.ndarray:
+    """Each row's lane, a function of its key: every lane in ``LANES`` holds a third."""
+    return np.asarray(LANES, np.uint8)[keys % len(LANES)]
 
 
 def _pull_round(table: Table, cursors: tuple[np.ndarray, ...], use_cache: bool) -> tuple:
@@ -51,20 +57,21 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
         vals = rng.standard_normal((min(size, 1_000_000), dim), dtype=np.float32)
         for i in range(0, size, vals.shape[0]):
             k = keys[i : i + vals.shape[0]]
-            t.write(k, vals[: k.size], now_ns=0, lanes=(k % 5 == 0).astype(np.uint8))
+            t.write(k, vals[: k.size], now_ns=0, lanes=_lanes_of(k))
         tables[size], keys_of[size] = t, keys
 
     shards = np.repeat(np.arange(num_shards), len(LANES))
     lanes = np.tile(np.array(LANES), num_shards)
     per: dict[int, dict[str, list[float]]] = {s: {p: [] for p in PATHS} for s in sizes}
     found: dict[int, list[int]] = {s: [] for s in sizes}
+    per_lane: dict[int, list[list[int]]] = {s: [] for s in sizes}
     change_vals = rng.standard_normal((churn, dim), dtype=np.float32)
     for b in range(blocks + 1):  # block 0 is a warm-up, not recorded
         for size in sizes:
             t = tables[size]
             cursors = (shards, lanes, t.counter[shards].copy())
             changed = keys_of[size][rng.choice(size, churn, replace=False)]
-            t.write(changed, change_vals, now_ns=b, lanes=(changed % 5 == 0).astype(np.uint8))
+            t.write(changed, change_vals, now_ns=b, lanes=_lanes_of(changed))
             order = PATHS if b % 2 == 0 else PATHS[::-1]
             results = {}
             for path in order:
@@ -79,8 +86,12 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
             assert np.array_equal(cache.offsets, scan.offsets)
             assert np.array_equal(cache.slots, scan.slots)
             assert int(cache.offsets[-1]) == churn
+            counts = np.diff(cache.offsets)
+            lane_rows = [int(counts[lanes == ln].sum()) for ln in LANES]
+            assert min(lane_rows) > 0, f"a lane returned no rows: {lane_rows}"
             if b:
                 found[size].append(int(cache.offsets[-1]))
+                per_lane[size].append(lane_rows)
 
     med = {s: {p: median(per[s][p]) for p in PATHS} for s in sizes}
     small, large = sizes[0], sizes[-1]
@@ -98,10 +109,12 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
         "quick": quick, "sizes": sizes, "blocks": blocks, "dim": dim,
         "num_shards": num_shards, "cursors_per_round": int(shards.size),
         "changed_rows_per_round": churn, "cache_capacity": cache_capacity, "seed": seed,
+        "lanes": list(LANES),
     }  # fmt: skip
     details = {
         "seconds": {str(s): per[s] for s in sizes},
         "rows_returned": {str(s): found[s] for s in sizes},
+        "rows_returned_per_lane": {str(s): per_lane[s] for s in sizes},
         "statistics": {str(s): tables[s].statistics().__dict__ for s in sizes},
     }
 
