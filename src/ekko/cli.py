@@ -267,6 +267,9 @@ def bench(
     out: Path | None = typer.Option(None, help="JSON output (PNG beside it)."),
     quick: bool = typer.Option(False, help="A short run (< 60 s)."),
     rate: float | None = typer.Option(None, help="Row updates/s (latency, ablation)."),
+    wal: str | None = typer.Option(
+        None, help="The source's write-ahead log: on, off or both (apply, latency)."
+    ),
 ) -> None:
     """Run one benchmark; writes JSON and a PNG to bench/results/ (or --out)."""
     if name not in BENCHES:
@@ -276,6 +279,8 @@ def bench(
     kwargs: dict = {"quick": quick, "out": out}
     if rate is not None:
         kwargs["rate"] = rate
+    if wal is not None:
+        kwargs["wal"] = wal
     result = module.run(**kwargs)
     json.dump(result.get("summary", result), sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -6,10 +6,17 @@ the summary takes medians over blocks; ``lookup_control`` repeats the lookup pha
 so its ratio to ``lookup`` shows the noise of the machine (DESIGN.md §8). Rates use wall time;
 thread CPU time rates are reported beside them (the machine is shared, CPU time discounts
 time the process was not scheduled).
+
+The source's side, alternated in the same blocks: ``write`` is ``Table.write`` (new versions)
+without a write-ahead log, ``write_wal`` with the store journalled (the write path's cost:
+the batch is encoded and buffered, the fsync runs on the log's thread), and
+``write_wal_durable`` until the batch is fsynced (what acknowledging it costs). ``--wal off``
+drops the logged phases, ``--wal on`` the unlogged one.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +26,17 @@ from matplotlib.figure import Figure
 
 from ekko.bench.report import median, write_result
 from ekko.protocol.messages import TableSpec
-from ekko.store import Table, warm
+from ekko.store import Store, Table, warm
+from ekko.store.journal import StoreJournal
+from ekko.store.wal import WriteAheadLog
 
 BAR = 10_000_000
 PHASES = ("apply_existing", "apply_mixed", "apply_new", "lookup", "lookup_control")
+WRITE_PHASES = {
+    "both": ("write", "write_wal", "write_wal_durable"),
+    "on": ("write_wal", "write_wal_durable"),
+    "off": ("write",),
+}
 
 
 def _timed(fn: Any) -> tuple[float, float, Any]:
@@ -31,9 +45,12 @@ def _timed(fn: Any) -> tuple[float, float, Any]:
     return time.perf_counter() - w0, time.thread_time() - c0, out
 
 
-def run(*, quick: bool = False, out: Path | None = None) -> dict:
+def run(*, quick: bool = False, out: Path | None = None, wal: str = "both") -> dict:
     """Run the bench, write JSON + PNG (``out`` or bench/results/apply.json), return the doc
     summary and details."""
+    if wal not in WRITE_PHASES:
+        raise ValueError(f"wal must be one of {sorted(WRITE_PHASES)}, got {wal!r}")
+    phases = PHASES + WRITE_PHASES[wal]
     dim, batch = 32, 1_000_000
     prefill = 2_000_000 if quick else 10_000_000
     blocks = 4 if quick else 7
@@ -68,6 +85,31 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
         table.apply(k, values[: k.size], next_versions()[: k.size], wtimes[: k.size], 0)
     prefill_s = time.perf_counter() - t0
 
+    # The source's table: its own store, journalled into a temporary log for write_wal.
+    source = Store(cache_capacity=16_384)
+    src = source.create_table(TableSpec("bench_src", dim, num_shards), initial_rows=2 * batch)
+    src.reserve(2 * batch)
+    src_keys = existing[: 2 * batch].copy()
+    for i in range(0, src_keys.size, batch):
+        src.write(src_keys[i : i + batch], values, now_ns=1)
+    wal_dir = tempfile.TemporaryDirectory(prefix="ekko-bench-wal-")
+    log = WriteAheadLog(Path(wal_dir.name), window_s=0.003)
+    source.set_write_hook(None)
+    fsyncs: list[int] = []
+
+    def source_write(logged: bool, durable: bool) -> int:
+        keys = src_keys[rng.integers(0, src_keys.size, batch)]
+        if logged:
+            StoreJournal(source, log)  # attaches itself as the store's write hook
+        else:
+            source.set_write_hook(None)
+        before = log.statistics().fsyncs
+        src.write(keys, values, now_ns=2, lanes=lanes)
+        if durable:
+            log.sync(timeout=120)
+            fsyncs.append(log.statistics().fsyncs - before)
+        return batch
+
     fresh_pos = [0]
 
     def take_fresh(n: int) -> np.ndarray:
@@ -85,6 +127,14 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
         return old
 
     def one(phase: str) -> tuple[float, float, int]:
+        if phase.startswith("write"):
+            log.sync(timeout=120)  # the previous logged batch is not this one's cost
+            log.rotate(log.last_seq)  # the bench keeps no snapshot: bound the disk it uses
+            log.sync(timeout=120)
+            wall, cpu, n = _timed(
+                lambda: source_write(phase != "write", phase == "write_wal_durable")
+            )
+            return wall, cpu, n
         keys = batch_keys(phase)
         if phase.startswith("apply"):
             ver = next_versions()
@@ -97,9 +147,11 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
 
     one("apply_existing")  # warm-up: page in scratch and output memory
     one("lookup")
-    per_phase: dict[str, list[dict[str, float]]] = {p: [] for p in PHASES}
+    for p in WRITE_PHASES[wal]:
+        one(p)
+    per_phase: dict[str, list[dict[str, float]]] = {p: [] for p in phases}
     for b in range(blocks):
-        order = PHASES if b % 2 == 0 else PHASES[::-1]
+        order = phases if b % 2 == 0 else phases[::-1]
         for phase in order:
             wall, cpu, n = one(phase)
             per_phase[phase].append(
@@ -107,15 +159,24 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
                  "rows_per_s_cpu": n / cpu if cpu > 0 else float("nan")}
             )  # fmt: skip
 
+    log.close()
+    wal_dir.cleanup()
     med = {p: median([r["rows_per_s"] for r in rs]) for p, rs in per_phase.items()}
     med_cpu = {p: median([r["rows_per_s_cpu"] for r in rs]) for p, rs in per_phase.items()}
+    writes: dict[str, Any] = {}
+    if "write" in med and "write_wal" in med:
+        writes["write_wal_cost_ratio"] = med["write"] / med["write_wal"]
+        writes["write_wal_durable_cost_ratio"] = med["write"] / med["write_wal_durable"]
+    if fsyncs:
+        writes["fsyncs_per_durable_batch_median"] = median([float(f) for f in fsyncs])
     apply_phases = [p for p in PHASES if p.startswith("apply")]
     summary = {
         # Worst of the three key mixes: the bar must hold for each.
         "apply_rows_per_s_per_core": min(med[p] for p in apply_phases),
         "lookup_rows_per_s_per_core": med["lookup"],
-        **{f"{p}_rows_per_s": med[p] for p in PHASES},
-        **{f"{p}_rows_per_s_cpu": med_cpu[p] for p in PHASES},
+        **{f"{p}_rows_per_s": med[p] for p in phases},
+        **{f"{p}_rows_per_s_cpu": med_cpu[p] for p in phases},
+        **writes,
         "lookup_control_ratio": med["lookup_control"] / med["lookup"],
         "bar_rows_per_s": BAR,
         "meets_bar": min(med[p] for p in (*apply_phases, "lookup")) >= BAR,
@@ -123,7 +184,8 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
     inputs = {
         "quick": quick, "dim": dim, "batch_rows": batch, "prefill_rows": prefill,
         "blocks": blocks, "num_shards": num_shards, "cache_capacity": 16_384,
-        "seed": seed, "phases": list(PHASES), "new_key_share_mixed": 0.5,
+        "seed": seed, "phases": list(phases), "new_key_share_mixed": 0.5, "wal": wal,
+        "wal_window_ms": 3.0, "source_rows": int(src.rows),
     }  # fmt: skip
     details = {
         "per_phase": per_phase,
@@ -134,7 +196,7 @@ def run(*, quick: bool = False, out: Path | None = None) -> dict:
 
     def plot(fig: Figure) -> None:
         ax = fig.add_subplot(1, 1, 1)
-        for p in PHASES:
+        for p in phases:
             ax.plot(
                 [r["block"] for r in per_phase[p]],
                 [r["rows_per_s"] / 1e6 for r in per_phase[p]],

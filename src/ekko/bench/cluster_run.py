@@ -33,6 +33,7 @@ class RunSpec:
     warm_s: float = 5.0
     measure_s: float = 10.0
     sync: tuple[tuple[str, Any], ...] = ()
+    durability: tuple[tuple[str, Any], ...] = ()  # the source's [durability] (wal on/off)
 
 
 def run_cluster(spec: RunSpec, progress=None) -> dict[str, Any]:
@@ -44,6 +45,8 @@ def run_cluster(spec: RunSpec, progress=None) -> dict[str, Any]:
             tables=[("emb", spec.dim, spec.shards)],
             sync={"snapshot_interval_s": 0, **dict(spec.sync)},
         )
+        if spec.durability:
+            doc["durability"] = dict(spec.durability)
         path = write_cluster(doc, Path(tmp) / "cluster.toml")
         writer = [
             "--writer-rate",

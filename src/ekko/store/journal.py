@@ -47,23 +47,25 @@ def encode_batch(
     versions: np.ndarray,
     now_ns: int,
     lanes: np.ndarray,
-) -> bytes:
+) -> bytearray:
+    """The record of one write: header, name, then keys, versions, lanes, values — copied
+    once into one buffer (the caller may reuse its arrays)."""
     name = spec.name.encode()
     n = int(keys.shape[0])
     head = _BATCH.pack(_KIND_WRITE, len(name), spec.dim, spec.num_shards, n, now_ns)
-    return b"".join(
-        (
-            head,
-            name,
-            np.ascontiguousarray(keys, dtype="<i8").tobytes(),
-            np.ascontiguousarray(versions, dtype="<i8").tobytes(),
-            np.ascontiguousarray(lanes, dtype=np.uint8).tobytes(),
-            np.ascontiguousarray(values, dtype="<f4").tobytes(),
-        )
-    )
+    out = bytearray(len(head) + len(name) + n * (8 + 8 + 1 + 4 * spec.dim))
+    out[: len(head)] = head
+    off = len(head)
+    out[off : off + len(name)] = name
+    off += len(name)
+    for arr, dtype in ((keys, "<i8"), (versions, "<i8"), (lanes, "u1"), (values, "<f4")):
+        dst = np.frombuffer(out, dtype=dtype, count=arr.size, offset=off)
+        np.copyto(dst, np.asarray(arr).reshape(-1), casting="same_kind")
+        off += dst.nbytes
+    return out
 
 
-def decode_batch(payload: bytes) -> Batch:
+def decode_batch(payload: bytes | bytearray) -> Batch:
     """The batch in a record; ``ValueError`` if its layout is inconsistent."""
     if len(payload) < _BATCH.size:
         raise ValueError(f"record of {len(payload)} bytes is shorter than a batch header")

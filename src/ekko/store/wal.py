@@ -59,12 +59,12 @@ class WalStats:
     bytes_written: int
 
 
-def _record_crc(seq: int, payload: bytes | memoryview) -> int:
+def _record_crc(seq: int, payload: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
 
 
-def encode_record(seq: int, payload: bytes) -> bytes:
-    return _RECORD.pack(len(payload), _record_crc(seq, payload), seq) + payload
+def encode_record(seq: int, payload: bytes | bytearray) -> bytes:
+    return _RECORD.pack(len(payload), _record_crc(seq, payload), seq) + bytes(payload)
 
 
 def _segment_name(first_seq: int) -> str:
@@ -180,7 +180,8 @@ class WriteAheadLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.window_s = float(window_s)
         self._cond = threading.Condition()
-        self._buf: list[bytes | int] = []  # encoded records; an int asks to rotate after it
+        # (seq, payload) records to write; an int asks to rotate after the records before it
+        self._buf: list[tuple[int, bytes | bytearray] | int] = []
         self._next_seq = last_seq + 1
         self._durable = last_seq
         self._appended = self._fsyncs = self._bytes = 0
@@ -216,13 +217,15 @@ class WriteAheadLog:
     def durable_seq(self) -> int:
         return self._durable
 
-    def append(self, payload: bytes) -> int:
-        """Buffer a record; returns its seq. Durable once ``durable_seq`` reaches it."""
+    def append(self, payload: bytes | bytearray) -> int:
+        """Buffer a record (the log owns ``payload`` from now on: do not change it); returns
+        its seq. Durable once ``durable_seq`` reaches it. The checksum and the write happen
+        on the log's thread."""
         with self._cond:
             self._check()
             seq = self._next_seq
             self._next_seq += 1
-            self._buf.append(encode_record(seq, payload))
+            self._buf.append((seq, payload))
             self._appended += 1
             self._cond.notify()
         return seq
@@ -323,10 +326,10 @@ class WriteAheadLog:
                 return
             self._settle(top)
 
-    def _write(self, batch: list[bytes | int]) -> None:
-        chunk: list[bytes] = []
+    def _write(self, batch: list[tuple[int, bytes | bytearray] | int]) -> None:
+        chunk: list[tuple[int, bytes | bytearray]] = []
         for item in batch:
-            if isinstance(item, bytes):
+            if isinstance(item, tuple):
                 chunk.append(item)
                 continue
             self._flush(chunk)
@@ -334,16 +337,20 @@ class WriteAheadLog:
             self._switch(item)
         self._flush(chunk)
 
-    def _flush(self, chunk: list[bytes]) -> None:
+    def _flush(self, chunk: list[tuple[int, bytes | bytearray]]) -> None:
         if not chunk:
             return
-        data = b"".join(chunk)
-        self._file.write(data)
+        n = 0
+        for seq, payload in chunk:
+            # zlib releases the GIL on large buffers: the event loop runs meanwhile.
+            self._file.write(_RECORD.pack(len(payload), _record_crc(seq, payload), seq))
+            self._file.write(payload)
+            n += _RECORD.size + len(payload)
         self._file.flush()
         os.fsync(self._file.fileno())
         with self._cond:
             self._fsyncs += 1
-            self._bytes += len(data)
+            self._bytes += n
 
     def _switch(self, covered_seq: int) -> None:
         old = self._file
