@@ -174,6 +174,7 @@ class _PullResponseWire(msgspec.Struct, frozen=True, tag="PullResponse", tag_fie
     more: bool = False
     tables: list[TableSpec] | None = None
     holds: dict[str, np.ndarray] | None = None
+    lineage: int = 0
 
 
 _CHUNK_CACHE_ENTRIES = 8
@@ -216,6 +217,7 @@ def _encode_payload(msg: msgspec.Struct) -> bytes:
             msg.more,
             msg.tables,
             msg.holds,
+            msg.lineage,
         )
     return _ENCODER.encode(msg)
 

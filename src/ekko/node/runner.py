@@ -277,9 +277,13 @@ class NodeRunner:
             self.core.traffic,
         )
 
+        rebuilds = [0]
+
         def on_response(msg: PullResponse) -> None:
-            if self.core.store.lineage != self._lineage:
-                self._rebuilt(puller)
+            if puller.rebuilds != rebuilds[0]:
+                rebuilds[0] = puller.rebuilds
+                self._rebuilt()
+            self._lineage = self.core.store.lineage  # adopted by an empty store, or rebuilt
             if puller.rebuilding:
                 return  # rows for the store being rebuilt, not the one served
             if msg.chunks or msg.tables:
@@ -297,7 +301,7 @@ class NodeRunner:
         finally:
             self.core.upstream_name = None
 
-    def _rebuilt(self, puller: Puller) -> None:
+    def _rebuilt(self) -> None:
         """The puller replaced the store's tables with the upstream lineage's: serve them."""
         log.warning(
             "%s rebuilt its store from lineage %x (was %x): rows the source lacks are gone",
@@ -305,7 +309,6 @@ class NodeRunner:
             self.core.store.lineage,
             self._lineage,
         )
-        self._lineage = self.core.store.lineage
         self.models.replace_store(self.core.store)
         self.notify_written()
 

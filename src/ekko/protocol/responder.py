@@ -299,6 +299,8 @@ class Responder:
         """A puller restates its knowledge (new session or after a gap): believe it."""
         try:
             for c in req.cursors or ():
+                if req.absorb and c.table not in self.store.tables:
+                    continue  # a recovering source's table we hold nothing of
                 table = self.store.table(c.table)
                 sent, seen = sess.state_for(table)
                 if not (0 <= c.shard < table.num_shards) or c.lane not in LANES:
