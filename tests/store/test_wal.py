@@ -292,3 +292,24 @@ def test_snapshot_plus_log_equals_the_store(tmp_path_factory, batches, cut: int)
     again, j2, _ = _open(d)
     assert _state(again) == want
     j2.close()
+
+
+def test_a_failed_fsync_is_never_reported_durable(tmp_path: Path, monkeypatch) -> None:
+    log = WriteAheadLog(tmp_path, window_s=0.0)
+
+    def broken(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wal_mod.os, "fsync", broken)
+
+    async def main() -> None:
+        seq = log.append(b"row")
+        with pytest.raises(WalError, match="No space left"):
+            await asyncio.wait_for(log.wait_durable(seq), 10)
+        assert log.durable_seq < seq
+
+    asyncio.run(main())
+    with pytest.raises(WalError, match="failed"):
+        log.append(b"next")
+    with pytest.raises(WalError):
+        log.sync(timeout=5)
