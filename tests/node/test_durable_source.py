@@ -109,3 +109,27 @@ async def test_http_write_answered_after_fsync_and_503_while_recovering(tmp_path
         assert r.status_code == 503 and "recovering" in r.json()["error"]
     runner.stop()
     await asyncio.wait_for(task, 30)
+
+
+def test_a_failed_log_refuses_writes_and_shows_in_metrics(tmp_path: Path, monkeypatch) -> None:
+    from prometheus_client import generate_latest
+
+    from ekko.node.metrics import node_registry
+    from ekko.store import wal as wal_mod
+
+    core = NodeCore(_config(tmp_path), "source", tmp_path)
+    core.not_ready = None
+
+    def broken(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wal_mod.os, "fsync", broken)
+    core.write("emb", np.array([1]), np.ones((1, 4), np.float32))
+    with pytest.raises(WalError, match="No space left"):
+        asyncio.run(core.wait_durable())  # the admin route answers this 503: not acknowledged
+    with pytest.raises(NotReadyError, match="write-ahead log failed"):
+        core.write("emb", np.array([2]), np.ones((1, 4), np.float32))
+    assert core.store.table("emb").rows == 1  # the refused write changed nothing
+    text = generate_latest(node_registry(core)).decode()
+    assert 'ekko_wal_failed{dc="train",node="source",role="source"} 1.0' in text
+    assert core.status()["wal"]["appended"] == 1

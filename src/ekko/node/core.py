@@ -157,6 +157,11 @@ class NodeCore:
         self.require_source("write to")
         if self.not_ready is not None:
             raise NotReadyError(f"source {self.name!r} takes no writes yet: {self.not_ready}")
+        if self.journal is not None and self.journal.wal.failed is not None:
+            raise NotReadyError(
+                f"source {self.name!r} takes no writes: its write-ahead log failed "
+                f"({self.journal.wal.failed})"
+            )
         return self.writer.write(table, keys, values, now=time.time(), now_ns=time.time_ns())
 
     async def wait_durable(self) -> None:
@@ -266,6 +271,7 @@ class NodeCore:
             "catalog_version": self.store.catalog_version,
             "lineage": f"{self.store.lineage:x}",
             "accepting_writes": self.not_ready is None if self.is_source else None,
+            "wal": vars(self.journal.wal.statistics()) if self.journal is not None else None,
             "tables": tables,
             "latency": self.latency.summary(),
             "links": {k: vars(v) for k, v in self.links.items()},

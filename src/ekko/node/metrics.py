@@ -114,6 +114,19 @@ class NodeCollector:
         for model, n in core.traffic_reported.items():
             reported.add_metric([*lv, model], n)
         yield reported
+        if core.is_source:
+            accepting = core.not_ready is None
+            yield _gauge(
+                "ekko_accepting_writes", "1 once the source takes writes", lk, lv, accepting
+            )
+        if core.journal is not None:
+            ws = core.journal.wal.statistics()
+            yield _counter("ekko_wal_records", "Records appended to the log", lk, lv, ws.appended)
+            yield _counter("ekko_wal_fsyncs", "Group commits (one fsync each)", lk, lv, ws.fsyncs)
+            yield _counter("ekko_wal_bytes", "Bytes written to the log", lk, lv, ws.bytes_written)
+            yield _gauge("ekko_wal_durable_seq", "Last record on disk", lk, lv, ws.durable_seq)
+            failed = core.journal.wal.failed is not None
+            yield _gauge("ekko_wal_failed", "1 once the log cannot write", lk, lv, failed)
         for fn in self.extra:
             yield from fn()
 

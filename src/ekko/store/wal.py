@@ -217,6 +217,11 @@ class WriteAheadLog:
     def durable_seq(self) -> int:
         return self._durable
 
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the log stopped writing (None while it works)."""
+        return self._failed
+
     def append(self, payload: bytes | bytearray) -> int:
         """Buffer a record (the log owns ``payload`` from now on: do not change it); returns
         its seq. Durable once ``durable_seq`` reaches it. The checksum and the write happen
