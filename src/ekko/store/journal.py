@@ -47,16 +47,16 @@ def encode_batch(
     versions: np.ndarray,
     now_ns: int,
     lanes: np.ndarray,
-) -> bytearray:
-    """The record of one write: header, name, then keys, versions, lanes, values — copied
-    once into one buffer (the caller may reuse its arrays)."""
+) -> np.ndarray:
+    """The record of one write (uint8 buffer): header, name, then keys, versions, lanes,
+    values — copied once (the caller may reuse its arrays), into memory not zeroed first."""
     name = spec.name.encode()
     n = int(keys.shape[0])
     head = _BATCH.pack(_KIND_WRITE, len(name), spec.dim, spec.num_shards, n, now_ns)
-    out = bytearray(len(head) + len(name) + n * (8 + 8 + 1 + 4 * spec.dim))
-    out[: len(head)] = head
+    out = np.empty(len(head) + len(name) + n * (8 + 8 + 1 + 4 * spec.dim), dtype=np.uint8)
+    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
     off = len(head)
-    out[off : off + len(name)] = name
+    out[off : off + len(name)] = np.frombuffer(name, dtype=np.uint8)
     off += len(name)
     for arr, dtype in ((keys, "<i8"), (versions, "<i8"), (lanes, "u1"), (values, "<f4")):
         dst = np.frombuffer(out, dtype=dtype, count=arr.size, offset=off)
@@ -65,8 +65,9 @@ def encode_batch(
     return out
 
 
-def decode_batch(payload: bytes | bytearray) -> Batch:
+def decode_batch(payload: bytes | bytearray | np.ndarray) -> Batch:
     """The batch in a record; ``ValueError`` if its layout is inconsistent."""
+    payload = memoryview(payload).cast("B")
     if len(payload) < _BATCH.size:
         raise ValueError(f"record of {len(payload)} bytes is shorter than a batch header")
     kind, nlen, dim, shards, n, now_ns = _BATCH.unpack_from(payload)
@@ -76,7 +77,7 @@ def decode_batch(payload: bytes | bytearray) -> Batch:
     if len(payload) != want:
         raise ValueError(f"record is {len(payload)} bytes, its header says {want}")
     off = _BATCH.size
-    name = payload[off : off + nlen].decode()
+    name = bytes(payload[off : off + nlen]).decode()
     off += nlen
 
     def take(dtype: str, count: int) -> np.ndarray:

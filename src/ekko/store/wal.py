@@ -30,6 +30,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ekko.store.errors import WalError
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,11 @@ class WalStats:
     bytes_written: int
 
 
-def _record_crc(seq: int, payload: bytes | bytearray | memoryview) -> int:
+def _record_crc(seq: int, payload: bytes | bytearray | np.ndarray | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
 
 
-def encode_record(seq: int, payload: bytes | bytearray) -> bytes:
+def encode_record(seq: int, payload: bytes | bytearray | np.ndarray) -> bytes:
     return _RECORD.pack(len(payload), _record_crc(seq, payload), seq) + bytes(payload)
 
 
@@ -181,7 +183,7 @@ class WriteAheadLog:
         self.window_s = float(window_s)
         self._cond = threading.Condition()
         # (seq, payload) records to write; an int asks to rotate after the records before it
-        self._buf: list[tuple[int, bytes | bytearray] | int] = []
+        self._buf: list[tuple[int, bytes | bytearray | np.ndarray] | int] = []
         self._next_seq = last_seq + 1
         self._durable = last_seq
         self._appended = self._fsyncs = self._bytes = 0
@@ -222,7 +224,7 @@ class WriteAheadLog:
         """Why the log stopped writing (None while it works)."""
         return self._failed
 
-    def append(self, payload: bytes | bytearray) -> int:
+    def append(self, payload: bytes | bytearray | np.ndarray) -> int:
         """Buffer a record (the log owns ``payload`` from now on: do not change it); returns
         its seq. Durable once ``durable_seq`` reaches it. The checksum and the write happen
         on the log's thread."""
@@ -331,8 +333,8 @@ class WriteAheadLog:
                 return
             self._settle(top)
 
-    def _write(self, batch: list[tuple[int, bytes | bytearray] | int]) -> None:
-        chunk: list[tuple[int, bytes | bytearray]] = []
+    def _write(self, batch: list[tuple[int, bytes | bytearray | np.ndarray] | int]) -> None:
+        chunk: list[tuple[int, bytes | bytearray | np.ndarray]] = []
         for item in batch:
             if isinstance(item, tuple):
                 chunk.append(item)
@@ -342,7 +344,7 @@ class WriteAheadLog:
             self._switch(item)
         self._flush(chunk)
 
-    def _flush(self, chunk: list[tuple[int, bytes | bytearray]]) -> None:
+    def _flush(self, chunk: list[tuple[int, bytes | bytearray | np.ndarray]]) -> None:
         if not chunk:
             return
         n = 0
