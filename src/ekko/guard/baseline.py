@@ -58,7 +58,17 @@ class LaggedStore:
     def offer(
         self, tables: Sequence[TableSpec] | None, chunks: Sequence[Chunk], now: float
     ) -> None:
-        """Queue one pulled response (its new tables and row chunks), arrived at ``now``."""
+        """Queue one pulled response (its new tables and row chunks), arrived at ``now``.
+
+        ``chunks`` are the rows as the online store applied them, in plain arrays (the
+        puller's ``on_applied``); a chunk still holding a codec block is refused here, at
+        once, rather than failing ``lag_s`` later in ``advance``."""
+        for c in chunks:
+            if c.block is not None or c.meta is not None:
+                raise ValueError(
+                    f"LaggedStore.offer: chunk of table {c.table!r} is still codec-encoded; "
+                    f"offer the decoded rows the puller applied"
+                )
         tables = tuple(tables or ())
         if not tables and not any(c.rows for c in chunks):
             return

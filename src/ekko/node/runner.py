@@ -36,6 +36,7 @@ from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
 from ekko.node.signed_requests import signed_json
+from ekko.node.supervisor import Supervisor
 from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
 from ekko.protocol.messages import PullResponse
@@ -77,7 +78,7 @@ class NodeRunner:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self.sync = ResponderHost(self.core.responder, self._pace_for, self.core.report_traffic)
-        self._tasks: list[asyncio.Task] = []
+        self.supervisor = Supervisor()
         self._listener: Listener | None = None
         self.extra_metrics: list = []
         self.extra_status: Callable[[], dict] | None = None
@@ -99,8 +100,10 @@ class NodeRunner:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         node = self.core.node
-        registry = node_registry(self.core, [*self.extra_metrics, *self.models.collectors()])
+        collectors = [*self.extra_metrics, *self.models.collectors(), self.supervisor.collect]
+        registry = node_registry(self.core, collectors)
         routes = admin_routes(self.core, registry, self.notify_written, self._status_extra)
+        routes.append(Route("/ready", self._ready_route))
         if self.core.role == "checkpoint":
             routes.append(Route("/v1/checkpoint/refresh", self._refresh_now, methods=["POST"]))
         app = admin_app([*self.extra_routes, *self.models.routes(), *routes], self.secret)
@@ -109,7 +112,8 @@ class NodeRunner:
         )
         # Bound before serving: the port accepts (into the backlog) from the first moment.
         admin_sock = _tcp_listener(node.host, node.admin_port)
-        self._tasks.append(loop.create_task(server.serve(sockets=[admin_sock])))
+        sup = self.supervisor
+        sup.start("admin_server", lambda: server.serve(sockets=[admin_sock]))
         if self.core.is_source:
             # Writes answer 503 until the source holds everything it acknowledged.
             await self._recover()
@@ -125,19 +129,19 @@ class NodeRunner:
         upstream_ready = asyncio.Event()
         if self.config.guard.enabled and self.config.models:
             self._http = httpx.AsyncClient(timeout=5.0)
-            self._tasks.append(loop.create_task(self._guard_loop()))
+            sup.start("guard", self._guard_loop)
         if self.core.is_source:
             upstream_ready.set()
             self.models.start_training(loop)
             if self.config.sync.snapshot_interval_s > 0:
-                self._tasks.append(loop.create_task(self._snapshots()))
+                sup.start("snapshots", self._snapshots)
             if self.config.scheduler.enabled and self.config.scheduler.defer:
-                self._tasks.append(loop.create_task(self._release_held()))
+                sup.start("release_held", self._release_held)
         elif self.core.role == "checkpoint":
             upstream_ready.set()
-            self._tasks.append(loop.create_task(self._checkpoint_copies()))
+            sup.start("checkpoint_copies", self._checkpoint_copies)
         else:
-            self._tasks.append(loop.create_task(self._upstream(upstream_ready)))
+            sup.start("upstream", lambda: self._upstream(upstream_ready))
         if self.writer_config is not None and self.core.is_source:
             dims = {n: t.dim for n, t in self.core.store.tables.items()}
             self.writer = SyntheticWriter(
@@ -188,19 +192,25 @@ class NodeRunner:
         server.should_exit = True
         if self._http is not None:
             await self._http.aclose()
-        for t in self._tasks:
-            if t.get_coro().__name__ != "serve":
-                t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.stop(keep=("admin_server",))
 
     def _status_extra(self) -> dict:
-        doc: dict = {"ready": self.ready.is_set()}
+        doc: dict = {"ready": self.ready.is_set(), "tasks": self.supervisor.status()}
         if self.writer is not None:
             doc["writer_rows"] = self.writer.rows_written
         doc.update(self.models.status())
         if self.extra_status is not None:
             doc.update(self.extra_status())
         return doc
+
+    async def _ready_route(self, request: Request) -> Response:
+        """200 once the node serves and every background task runs; 503 naming what is not."""
+        down = self.supervisor.down()
+        ok = self.ready.is_set() and not down and not self._stop.is_set()
+        doc = {"ready": ok, "node": self.core.name, "down": down}
+        if not self.ready.is_set():
+            doc["why"] = "starting"
+        return JSONResponse(doc, status_code=200 if ok else 503)
 
     def _wan(self, peer: str):
         try:
@@ -236,13 +246,9 @@ class NodeRunner:
                 first_ready.set()
                 try:
                     await self._pull_link(conn, peer, candidates[:i])
-                except Exception:  # a bug must not end pulling for good: log, reconnect
-                    log.exception(
-                        "%s: pulling from %s failed; reconnecting", self.core.name, peer.name
-                    )
+                finally:  # a bug raises on to the supervisor (logged, counted, restarted)
                     with contextlib.suppress(TransportError, OSError):
                         await conn.close()
-                    await asyncio.sleep(0.5)
                 break
             if not connected:
                 log.warning("no upstream of %s reachable; retrying", self.core.name)
@@ -275,6 +281,9 @@ class NodeRunner:
             self.core.puller_config(self._wan(peer.name)),
             self.core.latency,
             self.core.traffic,
+            on_applied=lambda tables, chunks: self.models.on_applied(
+                tables, chunks, time.monotonic()
+            ),
         )
 
         rebuilds = [0]
@@ -286,8 +295,6 @@ class NodeRunner:
             self._lineage = self.core.store.lineage  # adopted by an empty store, or rebuilt
             if puller.rebuilding:
                 return  # rows for the store being rebuilt, not the one served
-            if msg.chunks or msg.tables:
-                self.models.on_response(msg.tables, msg.chunks, time.monotonic())
             if msg.chunks:
                 counters.responses += 1
                 counters.rows += sum(c.rows for c in msg.chunks)
@@ -336,10 +343,7 @@ class NodeRunner:
                 self.models.lagged.advance(now)
             if now >= next_tick:
                 next_tick += interval
-                try:
-                    self.models.guard_tick(now, time.time())
-                except Exception:
-                    log.exception("guard tick failed; the guard keeps its previous state")
+                self.models.guard_tick(now, time.time())
 
     def _post(self, target: str, path: str, body: dict) -> None:
         """Fire-and-forget POST to another node's admin API (guard messages), with retries."""
@@ -347,9 +351,7 @@ class NodeRunner:
             return
         node = self.config.node(target)
         url = f"http://{node.host}:{node.admin_port}{path}"
-        task = self._post_retry(url, path, body)
-        self._tasks.append(asyncio.get_running_loop().create_task(task))
-        self._tasks = [t for t in self._tasks if not t.done()]
+        self.supervisor.spawn("guard_message", self._post_retry(url, path, body))
 
     async def _post_retry(self, url: str, path: str, body: dict) -> None:
         assert self._http is not None

@@ -208,6 +208,8 @@ async def run_pull_link(
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if recv not in done:
                 recv.cancel()
+                assert stop is not None
+                stop.result()  # a failed ``until`` (the failover probe) raises to the caller
                 return True
             msg = recv.result()
             handle(puller.receive(msg, time.time()))

@@ -15,6 +15,7 @@ its replicas) never rebuild: they take rows of their own lineage and refuse any 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,12 +31,17 @@ from ekko.protocol.messages import (
     Message,
     PullRequest,
     PullResponse,
+    TableSpec,
 )
 from ekko.protocol.ready import Ready
 from ekko.protocol.traffic import TrafficTally
 from ekko.store import Store
 
 LINK = "upstream"
+
+Applied = Callable[[tuple[TableSpec, ...], list[Chunk]], None]
+"""``on_applied(new tables, chunks)``: one response's rows as the store applied them, in
+plain arrays (a codec block decoded once, here), for whoever follows this store's updates."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class Puller:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     traffic: TrafficTally | None = None  # reported upstream on each request
     absorb: bool = False  # a source recovering from a replica: never rebuild, refuse others
+    on_applied: Applied | None = None  # sees each response's decoded rows after they applied
 
     def __post_init__(self) -> None:
         self.config.validate()
@@ -161,8 +168,10 @@ class Puller:
             if msg.tables:
                 for spec in msg.tables:
                     self._into.create_table(spec)
-            for chunk in msg.chunks:
-                self._apply(chunk, now)
+            serving = self._staging is None  # rows for the served store, not one rebuilt
+            applied = [self._apply(chunk, now) for chunk in msg.chunks]
+            if self.on_applied is not None and serving and (msg.tables or applied):
+                self.on_applied(tuple(msg.tables or ()), [c for c in applied if c.rows])
             if msg.holds and not msg.chunks:
                 self._check_holds(msg.holds)
             if not msg.more and not self._pending:
@@ -172,6 +181,8 @@ class Puller:
         if isinstance(msg, Catalog):
             for spec in msg.tables:
                 self._into.create_table(spec)
+            if self.on_applied is not None and msg.tables and self._staging is None:
+                self.on_applied(tuple(msg.tables), [])
             return Ready(wake_at=self._wake_at())
         if isinstance(msg, Error):
             self._errors += 1
@@ -334,7 +345,8 @@ class Puller:
             times.append(extra)
         return min(times) if times else None
 
-    def _apply(self, chunk: Chunk, now: float) -> None:
+    def _apply(self, chunk: Chunk, now: float) -> Chunk:
+        """Apply one chunk (decoded first); returns it decoded."""
         table = self._into.table(chunk.table)
         wire_bytes = chunk.nbytes
         chunk = decode_chunk(chunk, table.dim)
@@ -354,7 +366,7 @@ class Puller:
         if covered.all():
             if self._pending:
                 self._settle(chunk.table, chunk.lane, chunk.shards)
-            return
+            return chunk
         for i in np.flatnonzero(~covered):
             key = (chunk.table, int(chunk.shards[i]), chunk.lane)
             self._pending.setdefault(key, []).append(
@@ -362,6 +374,7 @@ class Puller:
             )
             self._gaps += 1
         self._settle(chunk.table, chunk.lane, chunk.shards)
+        return chunk
 
     def _settle(self, table_name: str, lane: int, shards: np.ndarray) -> None:
         """Ranges that waited for the one below them merge once it arrived."""
