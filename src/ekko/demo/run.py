@@ -171,8 +171,7 @@ class Demo:
             snap["guard"] = await self._get(client, self.source, f"/v1/models/{MODEL}/health")
             for name in self.synced:
                 h = await self._get(client, name, f"/v1/models/{MODEL}/health")
-                rows[name]["guard"] = f"{h['state']}{' → baseline' if h['redirected'] else ''}"
-                rows[name]["guard_score"] = h["score"]
+                rows[name]["guard"] = guard_cell(h)
                 rows[name]["guard_doc"] = h
         return snap
 
@@ -210,7 +209,7 @@ class Demo:
                 f"{r['rows_per_s']:.0f}",
                 f"{r['wan_bytes_per_s'] / 1e3:.0f}",
                 _auc(r["auc_window"]),
-                f"{r.get('guard', '-')} {r.get('guard_score', 0):.1f}" if "guard" in r else "-",
+                r.get("guard", "-"),
             )
         tr = snap["trainer"]
         g = snap.get("guard")
@@ -328,6 +327,15 @@ class Demo:
             "guard": final.get("guard"),
             "replica_guards": {n: final["replicas"][n].get("guard_doc") for n in self.synced},
         }
+
+
+def guard_cell(health: dict[str, Any]) -> str:
+    """The demo's guard column for one replica: its state, and its score only when it can
+    judge ("healthy 0.0" from a guard that has no samples or is warming up misled)."""
+    cell = f"{health['state']}{' → baseline' if health['redirected'] else ''}"
+    if health.get("judging") == "judging":
+        return f"{cell} {health['score']:.1f}"
+    return f"{cell} · {health.get('judgement', 'cannot judge')}"
 
 
 def _num(x: float) -> float | None:

@@ -25,6 +25,17 @@ score of 6.2. Detection: a large sustained drop moves the score by ``z_clip - k`
 interval, so uncertain after 2 intervals and corrupted after 3. A modest drop (predictions
 biased by +1 logit) took a median of 18 intervals and was missed within 300 in 5 of 20 runs:
 with < 1 % of traffic on the baseline, the baseline's sampling noise bounds the sensitivity.
+
+The floor: the CUSUM needs ``warmup_intervals`` of healthy history before it can judge, and
+a model poisoned in that first minute would teach the reference that "much worse than the
+baseline" is normal. So, from the first interval, every interval is also compared with the
+baseline in absolute terms: the online AUC below the baseline's by more than
+``floor_auc_drop`` *and* by more than ``floor_z`` standard errors (Hanley-McNeil, from each
+variant's positives and negatives), with the online log loss worse too, is a breach;
+``floor_intervals`` breaches in a row are ``corrupted`` whatever the CUSUM says, and a breached
+interval never enters the reference. A flipped-label poison drops AUC from ~0.8 to ~0.3: tens
+of standard errors at the demo's traffic; a clean interval breaching 4 standard errors twice
+in a row is a ~1e-9 event.
 """
 
 from __future__ import annotations
@@ -64,6 +75,9 @@ class DetectorConfig:
     min_scale_log_loss: float = 1e-4  # floor of the log-loss difference scale
     min_scale_auc: float = 1e-4  # floor of the AUC difference scale
     learn_below: float = 0.5  # reference learns only while score < this x uncertain_threshold
+    floor_auc_drop: float = 0.05  # online AUC this far below the baseline's is a breach ...
+    floor_z: float = 4.0  # ... if also this many standard errors of the difference
+    floor_intervals: int = 2  # breaches in a row that make the level corrupted
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,7 +88,10 @@ class DetectorConfig:
                 f"DetectorConfig.{field} must be {rule}, got {getattr(self, field)!r}"
             )
 
-        for field in ("uncertain_threshold", "z_clip", "min_scale_log_loss", "min_scale_auc"):
+        for field in (
+            "uncertain_threshold", "z_clip", "min_scale_log_loss", "min_scale_auc",
+            "floor_auc_drop", "floor_z",
+        ):  # fmt: skip
             value = getattr(self, field)
             if not (math.isfinite(value) and value > 0):
                 raise bad(field, "a finite number > 0")
@@ -91,6 +108,8 @@ class DetectorConfig:
             raise bad("z_clip", "> k (otherwise the score can never rise)")
         if self.min_samples < 1:
             raise bad("min_samples", ">= 1")
+        if self.floor_intervals < 1:
+            raise bad("floor_intervals", ">= 1")
         if self.warmup_intervals < 3:
             raise bad("warmup_intervals", ">= 3 (a MAD needs a few points)")
         if self.reference_intervals < self.warmup_intervals:
@@ -152,6 +171,7 @@ class Detector:
         self._s_auc = 0.0
         self._seen = 0  # intervals with enough samples
         self._level: Level = HEALTHY
+        self._breaches = 0  # consecutive intervals below the floor
 
     @property
     def level(self) -> Level:
@@ -165,11 +185,17 @@ class Detector:
     def warmed_up(self) -> bool:
         return self._seen >= self.config.warmup_intervals
 
+    @property
+    def warmup_progress(self) -> tuple[int, int]:
+        """(intervals judged so far, intervals the CUSUM needs before it scores)."""
+        return min(self._seen, self.config.warmup_intervals), self.config.warmup_intervals
+
     def reset(self) -> None:
         """Clear the CUSUM sums (after a rollback); the healthy reference is kept."""
         self._s_ll = 0.0
         self._s_auc = 0.0
         self._level = HEALTHY
+        self._breaches = 0
 
     def observe(self, online: QualitySnapshot, baseline: QualitySnapshot, now: float) -> Verdict:
         """Score one evaluation interval; returns the level after it."""
@@ -191,13 +217,21 @@ class Detector:
         d_auc = baseline.auc - online.auc  # NaN if either window is single-class
         has_auc = math.isfinite(d_auc)
         self._seen += 1
+        floor = self._floor(online, baseline, d_ll, d_auc)
+        self._breaches = self._breaches + 1 if floor else 0
+        below_floor = self._breaches >= c.floor_intervals
         if not self.warmed_up:
-            self._learn(d_ll, d_auc if has_auc else None)
+            if not floor:
+                self._learn(d_ll, d_auc if has_auc else None)
+            level: Level = CORRUPTED if below_floor else HEALTHY
+            self._level = level
+            head = f"warmup {self._seen}/{c.warmup_intervals}"
+            if floor:
+                head = f"{level}: {floor} ({self._breaches} in a row; {head})"
             return Verdict(
                 0.0,
-                HEALTHY,
-                f"warmup {self._seen}/{c.warmup_intervals}: "
-                + self._numbers(online, baseline, d_ll, d_auc),
+                level,
+                f"{head}: " + self._numbers(online, baseline, d_ll, d_auc),
                 math.nan,
                 math.nan,
                 False,
@@ -214,21 +248,37 @@ class Detector:
         if math.isfinite(z_auc):
             self._s_auc = max(0.0, self._s_auc + z_auc - c.k)
         score = self.score
-        if score >= c.corrupted_threshold:
-            level: Level = CORRUPTED
+        if score >= c.corrupted_threshold or below_floor:
+            level = CORRUPTED
         elif score >= c.uncertain_threshold:
             level = UNCERTAIN
         else:
             level = HEALTHY
         self._level = level
-        if score < c.learn_below * c.uncertain_threshold:
+        if score < c.learn_below * c.uncertain_threshold and not floor:
             self._learn(d_ll, d_auc if has_auc else None)
         reason = (
             f"{level}: score {score:.2f} (cusum log_loss {self._s_ll:.2f}, "
             f"auc {self._s_auc:.2f}; z log_loss {z_ll:+.2f}, auc {z_auc:+.2f}); "
+            + (f"{floor} ({self._breaches} in a row); " if floor else "")
             + self._numbers(online, baseline, d_ll, d_auc)
         )
         return Verdict(score, level, reason, z_ll, z_auc, False, now)
+
+    def _floor(
+        self, online: QualitySnapshot, baseline: QualitySnapshot, d_ll: float, d_auc: float
+    ) -> str:
+        """Why this interval is below the absolute floor, or "" if it is not."""
+        c = self.config
+        if not (math.isfinite(d_auc) and d_ll > 0):
+            return ""
+        se = math.hypot(auc_standard_error(online), auc_standard_error(baseline))
+        if d_auc > c.floor_auc_drop and d_auc > c.floor_z * se:
+            return (
+                f"below the floor: online AUC {d_auc:.4f} under the baseline's "
+                f"(> {c.floor_auc_drop:g} and {d_auc / max(se, 1e-12):.1f} standard errors)"
+            )
+        return ""
 
     def _learn(self, d_ll: float, d_auc: float | None) -> None:
         self._ref_ll.add(d_ll)
@@ -241,6 +291,20 @@ class Detector:
     ) -> str:
         return (
             f"log_loss online {online.log_loss:.5f} baseline {baseline.log_loss:.5f} "
-            f"(diff {d_ll:+.5f}); auc online {online.auc:.4f} baseline {baseline.auc:.4f} "
-            f"(diff {d_auc:+.4f}); n online {online.count} baseline {baseline.count}"
+            f"(online - baseline {d_ll:+.5f}); auc online {online.auc:.4f} baseline "
+            f"{baseline.auc:.4f} (online - baseline {-d_auc:+.4f}); "
+            f"n online {online.count} baseline {baseline.count}"
         )
+
+
+def auc_standard_error(s: QualitySnapshot) -> float:
+    """Hanley-McNeil standard error of ``s.auc`` from its positives and negatives (inf when
+    the AUC is undefined)."""
+    a, n_pos = s.auc, s.positives
+    n_neg = s.count - n_pos
+    if not math.isfinite(a) or n_pos < 1 or n_neg < 1:
+        return math.inf
+    q1 = a / (2 - a)
+    q2 = 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return math.sqrt(max(var, 0.0))

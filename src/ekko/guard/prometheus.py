@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ekko.guard.replica_guard import JUDGING, NO_SAMPLES, WARMING_UP
 from ekko.guard.state import State
 
 STATE_CODES = {State.HEALTHY: 0, State.UNCERTAIN: 1, State.CORRUPTED: 2, State.RECOVERING: 3}
@@ -38,13 +39,27 @@ def guard_metrics(
             lag = GaugeMetricFamily(
                 "ekko_baseline_queued_rows", "Rows waiting to reach the baseline", labels=["model"]
             )
+            applied = CounterMetricFamily(
+                "ekko_baseline_applied_rows", "Rows applied to the baseline", labels=["model"]
+            )
+            judging = GaugeMetricFamily(
+                "ekko_guard_judging",
+                "1 for what the guard can do now: no_samples (cannot judge), warming_up (only "
+                "the absolute floor judges) or judging",
+                labels=["model", "judging"],
+            )
             for name, g in replica_guards.items():
                 score.add_metric([name], g.detector.score)
                 redirected.add_metric([name], float(g.router.redirected))
                 lag.add_metric([name], g.lagged.rows_queued)
+                applied.add_metric([name], g.lagged.rows_applied)
+                for j in (NO_SAMPLES, WARMING_UP, JUDGING):
+                    judging.add_metric([name, j], float(g.judging == j))
             yield score
             yield redirected
             yield lag
+            yield applied
+            yield judging
         if source_guards:
             rollbacks = CounterMetricFamily(
                 "ekko_guard_rollbacks", "Rollbacks completed", labels=["model"]

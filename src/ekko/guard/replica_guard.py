@@ -10,7 +10,9 @@ I/O here: messages for the source go through ``send(path, body)``, which the nod
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,11 @@ from ekko.store import Store
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, dict[str, Any]], None]
+
+NO_SAMPLES = "no_samples"
+WARMING_UP = "warming_up"
+JUDGING = "judging"
+_BLIND_AFTER = 3  # skipped intervals in a row after which the guard says it has no samples
 
 
 def covers(store: Store, watermark: dict[str, list[list[int]]]) -> bool:
@@ -60,6 +67,9 @@ class ReplicaGuard:
         log_: the node's durable transition log.
         send: ``send(path, body)`` posts to the source's admin API.
         shadow_share: share of online-served events also scored by the baseline.
+        recovery_tolerance: after a rollback, the online AUC must come back to within this
+            of its level before the incident (or of the frozen baseline's, when there was no
+            judged interval before it) before probation can end.
     """
 
     def __init__(
@@ -73,6 +83,7 @@ class ReplicaGuard:
         log_: TransitionLog | None,
         send: Send,
         shadow_share: float,
+        recovery_tolerance: float = 0.02,
     ) -> None:
         self.node = node
         self.service = service
@@ -90,6 +101,12 @@ class ReplicaGuard:
         self.epoch = 0  # rollbacks announced to this replica; reports carry it
         self.redirects: list[float] = []  # wall times traffic was moved to the baseline
         self._worse_streak = 0  # consecutive intervals with online worse than the baseline
+        self.recovery_tolerance = recovery_tolerance
+        self._skipped = 0  # consecutive intervals without enough samples to judge
+        self._judged = 0  # intervals judged so far
+        self._online_auc: deque[tuple[float, float]] = deque(maxlen=600)  # (wall, AUC)
+        self.recovery: dict[str, Any] | None = None  # the post-rollback check
+        self.last_why = ""  # what the last judged interval made of the verdict
 
     @classmethod
     def build(
@@ -102,12 +119,13 @@ class ReplicaGuard:
         log_: TransitionLog | None,
         send: Send,
         shadow_share: float,
+        recovery_tolerance: float = 0.02,
     ) -> ReplicaGuard:
         service.add_variant(BASELINE, lagged.store)
         guard = cls(
             node, service, lagged, TrafficRouter(service.model.baseline_share),
             Detector(detector_config), ModelHealth(service.name, probation), log_, send,
-            shadow_share,
+            shadow_share, recovery_tolerance,
         )  # fmt: skip
         service.set_split(guard.router.baseline_mask, shadow_share)
         return guard
@@ -120,13 +138,20 @@ class ReplicaGuard:
         baseline = self.service.quality(BASELINE).take_interval(now)
         verdict = self.detector.observe(online, baseline, now)
         self.last_verdict = verdict
+        self._skipped = self._skipped + 1 if verdict.skipped else 0
         if not verdict.skipped:
+            self._judged += 1
+            if math.isfinite(online.auc):
+                self._online_auc.append((time.time(), online.auc))
             metrics = {
                 **online.as_metrics(self.model, ONLINE, "interval"),
                 **baseline.as_metrics(self.model, BASELINE, "interval"),
                 f"{self.model}.detector.score": verdict.score,
             }
             event, why = self._gate(verdict, online, baseline)
+            if self.health.state is State.RECOVERING:
+                event, why = self._check_recovery(event, why, online, baseline)
+            self.last_why = why
             self._handle(event, now, why, metrics)
         self.poll()
         self.send("guard/report", self.report_body())
@@ -153,6 +178,39 @@ class ReplicaGuard:
             return Event.SCORE_HIGH, f"{verdict.reason}; worse than the baseline once so far"
         return event, verdict.reason
 
+    def _check_recovery(self, event: Event, why: str, online, baseline) -> tuple[Event, str]:
+        """After a rollback, probation ends only once quality is back: the online AUC (mean
+        of the last ``probation`` judged intervals since the restore arrived) within
+        ``recovery_tolerance`` of its level before the incident. Until then a normal verdict
+        counts as high (the model stays recovering, traffic on the baseline) and says why."""
+        rec = self.recovery
+        if rec is None or self.restore_pending is not None or event is not Event.SCORE_NORMAL:
+            return event, why
+        n = self.health.probation
+        if math.isfinite(online.auc):
+            rec["online"].append(online.auc)
+            rec["baseline"].append(baseline.auc if math.isfinite(baseline.auc) else math.nan)
+        recent = rec["online"][-n:]
+        if not recent:
+            return Event.SCORE_HIGH, "post-rollback check: no online AUC yet"
+        have = sum(recent) / len(recent)
+        if rec["pre_incident_auc"] is not None:
+            want, what = rec["pre_incident_auc"], "its level before the incident"
+        else:
+            base = [b for b in rec["baseline"][-n:] if math.isfinite(b)]
+            if not base:
+                return Event.SCORE_HIGH, "post-rollback check: no baseline AUC yet"
+            want, what = sum(base) / len(base), "the frozen baseline's"
+        rec["online_auc"] = have
+        rec["ok"] = have >= want - self.recovery_tolerance
+        rec["why"] = (
+            f"post-rollback check: online AUC {have:.4f} (mean of {len(recent)} intervals) vs "
+            f"{want:.4f}, {what} (tolerance {self.recovery_tolerance:g})"
+        )
+        if not rec["ok"]:
+            return Event.SCORE_HIGH, f"{rec['why']}: quality has not returned"
+        return event, f"{why}; {rec['why']}: ok"
+
     def poll(self) -> None:
         """Cheap and frequent (after every applied response): has the rollback arrived?"""
         if self.restore_pending is not None and covers(
@@ -166,6 +224,8 @@ class ReplicaGuard:
         if tr is None:
             return
         self._record(tr)
+        if tr.to_state is State.HEALTHY and self.recovery is not None:
+            self.recovery["ok"] = True
         if tr.to_state is State.CORRUPTED:
             self.redirect(f"detected here: {why}")
         elif tr.to_state is State.HEALTHY and before is State.RECOVERING:
@@ -188,10 +248,11 @@ class ReplicaGuard:
 
     # -- actions ----------------------------------------------------------------------------
 
-    def redirect(self, why: str, epoch: int | None = None) -> None:
+    def redirect(self, why: str, epoch: int | None = None, *, automatic: bool = True) -> None:
         """All traffic to the baseline now; freeze the baseline so queued poison never
         reaches it. ``epoch``: the source's incident number; a redirect that arrives after
-        that incident's rollback (messages may overtake each other) is stale and ignored."""
+        that incident's rollback (messages may overtake each other) is stale and ignored.
+        ``automatic``: a detector's decision (False: an operator's rollback)."""
         if epoch is not None and epoch < self.epoch:
             return
         if not self.router.redirected:
@@ -203,11 +264,18 @@ class ReplicaGuard:
             )
         self.lagged.freeze()
         if self.health.state is not State.CORRUPTED:
-            tr = self.health.handle(Event.OPERATOR_ROLLBACK, time.monotonic(), why)
+            event = Event.AUTOMATIC_ROLLBACK if automatic else Event.OPERATOR_ROLLBACK
+            tr = self.health.handle(event, time.monotonic(), why)
             if tr is not None:
                 self._record(tr)
 
-    def rolled_back(self, healthy_wall: float, watermark: dict[str, list[list[int]]]) -> None:
+    def rolled_back(
+        self,
+        healthy_wall: float,
+        watermark: dict[str, list[list[int]]],
+        *,
+        automatic: bool = True,
+    ) -> None:
         """The source wrote the healthy values back; drop queued rows written since the
         healthy point and wait until the restore rows are all here."""
         dropped = self.lagged.drop_written_after(int(healthy_wall * 1e9))
@@ -218,7 +286,7 @@ class ReplicaGuard:
             "dropped": dropped,
         }
         if self.health.state is not State.CORRUPTED:
-            self.redirect("rollback announced by the source")
+            self.redirect("rollback announced by the source", automatic=automatic)
         tr = self.health.handle(
             Event.ROLLBACK_DONE,
             time.monotonic(),
@@ -230,6 +298,15 @@ class ReplicaGuard:
         # A fresh detector: the online model is now about as old as the baseline, so the
         # reference learned while online ran ahead of it no longer describes "healthy".
         self.detector = Detector(self.detector.config)
+        before = [a for at, a in self._online_auc if at <= healthy_wall][-30:]
+        self.recovery = {
+            "pre_incident_auc": float(np.median(before)) if before else None,
+            "online": [],
+            "baseline": [],
+            "online_auc": None,
+            "ok": None,
+            "why": "post-rollback check: waiting for the restore",
+        }
 
     def _restored(self) -> None:
         pending, self.restore_pending = self.restore_pending, None
@@ -249,15 +326,37 @@ class ReplicaGuard:
 
     # -- reading ----------------------------------------------------------------------------
 
+    @property
+    def judging(self) -> str:
+        """Whether this guard can judge the model: ``no_samples`` (no interval with enough
+        feedback in either variant lately), ``warming_up`` (only the absolute floor judges
+        until the CUSUM has its reference) or ``judging``."""
+        if self._judged == 0 or self._skipped >= _BLIND_AFTER:
+            return NO_SAMPLES
+        return JUDGING if self.detector.warmed_up else WARMING_UP
+
+    def judgement(self) -> str:
+        """``judging`` for humans: "no samples", "warming up 5/20" or "judging"."""
+        j = self.judging
+        if j == NO_SAMPLES:
+            return "no samples"
+        if j == WARMING_UP:
+            done, need = self.detector.warmup_progress
+            return f"warming up {done}/{need}"
+        return "judging"
+
     def report_body(self) -> dict[str, Any]:
         v = self.last_verdict
         return {
             "node": self.node,
             "state": str(self.health.state),
+            "judging": self.judging,
+            "judgement": self.judgement(),
             "score": self.detector.score,
             "level": self.detector.level,
             "warmed_up": self.detector.warmed_up,
             "reason": v.reason if v else None,
+            "why": self.last_why,
             "epoch": self.epoch,
             "at": time.time(),
         }
@@ -275,5 +374,8 @@ class ReplicaGuard:
                 "applied_rows": self.lagged.rows_applied,
             },
             "restore_pending": self.restore_pending is not None,
+            "recovery": None
+            if self.recovery is None
+            else {k: v for k, v in self.recovery.items() if k not in ("online", "baseline")},
             "transitions": [t.to_dict() for t in self.health.history[-20:]],
         }

@@ -55,6 +55,13 @@ def _number(doc: dict[str, Any], field: str, required: bool = False) -> float | 
     return float(value)
 
 
+def _flag(doc: dict[str, Any], field: str, default: bool) -> bool:
+    value = doc.get(field, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"{field}: expected true or false, got {value!r}")
+    return value
+
+
 def _health(guards: Mapping[str, ReplicaGuard | SourceGuard]) -> Route:
     @guarded
     async def health(request: Request) -> Response:
@@ -70,7 +77,9 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
         doc = await _json_object(request)
         epoch = _number(doc, "epoch")
         g.redirect(
-            str(doc.get("why", "requested by the source")), None if epoch is None else int(epoch)
+            str(doc.get("why", "requested by the source")),
+            None if epoch is None else int(epoch),
+            automatic=_flag(doc, "automatic", False),
         )
         return json_response({"model": g.model, "redirected": True})
 
@@ -86,7 +95,7 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
             for v in mark.values()
         ):
             raise RequestError("watermark: expected {table: [[version per lane], ...per shard]}")
-        g.rolled_back(wall, mark)
+        g.rolled_back(wall, mark, automatic=_flag(doc, "automatic", False))
         return json_response({"model": g.model, "restore_pending": True})
 
     return [

@@ -77,6 +77,9 @@ class SourceGuard:
         probation: normal rounds (every replica healthy) before recovered.
         quarantine_s: training input is discarded this long after a rollback decision (the
             window that poisoned the model may not have ended yet).
+        report_max_age_s: a replica's report older than this (by the source's clock, from
+            its arrival) is stale; a stale or missing report counts as not healthy.
+        clock: wall seconds (a fake clock in tests).
     """
 
     def __init__(
@@ -93,6 +96,8 @@ class SourceGuard:
         window_s: float = 600.0,
         probation: int = 3,
         quarantine_s: float = 30.0,
+        report_max_age_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.model = model
         self.store = store
@@ -111,6 +116,9 @@ class SourceGuard:
         self.incident: dict[str, Any] | None = None
         self.incidents: list[dict[str, Any]] = []
         self.rows_restored = 0
+        self.report_max_age_s = report_max_age_s
+        self._clock = clock
+        self.flush_writes: Callable[[], None] | None = None  # the trainer's queued writes
 
     # -- periodic ---------------------------------------------------------------------------
 
@@ -121,7 +129,7 @@ class SourceGuard:
             if self.trainer is not None:
                 self.trainer.resume()
             log.warning("guard %s: quarantine over; training resumes", self.model)
-        states = [self.reports.get(r, {}).get("state") for r in self.replicas]
+        states = list(self.replica_states(now_wall).values())
         all_healthy = all(s == "healthy" for s in states)
         if self.health.state is State.HEALTHY and all_healthy:
             self.preimages.mark_healthy(now_wall)
@@ -132,6 +140,23 @@ class SourceGuard:
             self._transition(Event.SCORE_NORMAL, "every replica healthy")
         elif self.health.state is State.HEALTHY and "uncertain" in states:
             self._transition(Event.SCORE_HIGH, "a replica is uncertain")
+
+    def replica_states(self, now_wall: float) -> dict[str, str]:
+        """Each replica's state as the source may rely on it: its reported state if the
+        report is fresh and the replica could judge; otherwise ``missing``, ``stale`` or
+        ``no_samples`` (none of which is healthy)."""
+        out: dict[str, str] = {}
+        for r in self.replicas:
+            rep = self.reports.get(r)
+            if rep is None:
+                out[r] = "missing"
+            elif now_wall - rep["received_at"] > self.report_max_age_s:
+                out[r] = "stale"
+            elif rep.get("judging") == "no_samples":
+                out[r] = "no_samples"
+            else:
+                out[r] = str(rep.get("state"))
+        return out
 
     def _transition(self, event: Event, why: str, metrics: dict[str, float] | None = None):
         tr = self.health.handle(event, time.monotonic(), why, metrics)
@@ -150,7 +175,7 @@ class SourceGuard:
         node = body.get("node")
         if node not in self.replicas:
             raise ValueError(f"node: {node!r} does not serve model {self.model}")
-        self.reports[node] = body
+        self.reports[node] = {**body, "received_at": self._clock()}
         current = int(body.get("epoch", 0)) >= len(self.incidents)  # not about a past incident
         if (
             body.get("state") == "corrupted"
@@ -160,7 +185,7 @@ class SourceGuard:
         ):
             self.rollback(
                 None,
-                f"{node} reports corrupted: {body.get('reason')}",
+                f"automatic rollback: {node} reports corrupted: {body.get('reason')}",
                 detected_by=node,
                 detected_at=float(body.get("at", time.time())),
             )
@@ -189,6 +214,7 @@ class SourceGuard:
     ) -> dict[str, Any]:
         """Redirect every replica, quarantine training, write the healthy values back."""
         decided = time.time()
+        automatic = detected_by != "operator"
         if self.incident is not None:
             raise PreimageError(f"model {self.model}: a rollback is already in progress")
         if to_wall is None:
@@ -200,11 +226,17 @@ class SourceGuard:
                 f"model {self.model}: cannot roll back to {to_wall:.3f}; the earliest "
                 f"restorable point is {earliest}"
             )
-        self.broadcast("guard/redirect", {"why": why, "at": decided, "epoch": len(self.incidents)})
-        dropped = self.trainer.quarantine(f"rollback: {why}") if self.trainer else 0
-        self._transition(
-            Event.OPERATOR_ROLLBACK if detected_by == "operator" else Event.SCORE_CRITICAL, why
+        self.broadcast(
+            "guard/redirect",
+            {"why": why, "at": decided, "epoch": len(self.incidents), "automatic": automatic},
         )
+        dropped = self.trainer.quarantine(f"rollback: {why}") if self.trainer else 0
+        if self.flush_writes is not None:
+            # Steps published before the quarantine may still wait to reach the store; they
+            # land now, recorded as pre-images, so the restore below undoes them too (landing
+            # after it, they overwrote restored rows with poisoned values for good).
+            self.flush_writes()
+        self._transition(Event.AUTOMATIC_ROLLBACK if automatic else Event.OPERATOR_ROLLBACK, why)
         start = time.perf_counter()
         rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         nbytes = 0
@@ -239,6 +271,7 @@ class SourceGuard:
             "model": self.model,
             "why": why,
             "detected_by": detected_by,
+            "automatic": automatic,
             "detected_at": detected_at,
             "decided_at": decided,
             "to_wall": to_wall,
@@ -253,7 +286,10 @@ class SourceGuard:
             "restored": {},
         }
         self._transition(Event.ROLLBACK_DONE, f"{n_rows} rows restored to {checkpoint:.3f}")
-        self.broadcast("guard/rolled_back", {"healthy_wall": checkpoint, "watermark": watermark})
+        self.broadcast(
+            "guard/rolled_back",
+            {"healthy_wall": checkpoint, "watermark": watermark, "automatic": automatic},
+        )
         if self.log is not None:
             self.log.append(
                 {k: v for k, v in self.incident.items() if k != "restored"} | {"event": "rollback"}
@@ -290,10 +326,19 @@ class SourceGuard:
         )
 
     def status(self) -> dict[str, Any]:
+        now = self._clock()
         return {
             "model": self.model,
             "state": str(self.health.state),
-            "replicas": {n: self.reports.get(n, {}).get("state") for n in self.replicas},
+            "replicas": self.replica_states(now),
+            "reports": {
+                n: {
+                    "state": r.get("state"),
+                    "judgement": r.get("judgement"),
+                    "age_s": now - r["received_at"],
+                }
+                for n, r in self.reports.items()
+            },
             "training_paused": getattr(self.trainer, "paused", None),
             "last_all_healthy": self.last_all_healthy,
             "preimages": {

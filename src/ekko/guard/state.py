@@ -39,6 +39,7 @@ class Event(StrEnum):
     SCORE_HIGH = "score_high"
     SCORE_CRITICAL = "score_critical"
     OPERATOR_ROLLBACK = "operator_rollback"
+    AUTOMATIC_ROLLBACK = "automatic_rollback"  # the source rolls back on a replica's verdict
     ROLLBACK_DONE = "rollback_done"
     RECOVERED = "recovered"
 
@@ -46,28 +47,33 @@ class Event(StrEnum):
 _H, _U, _C, _R = State.HEALTHY, State.UNCERTAIN, State.CORRUPTED, State.RECOVERING
 _N, _HI, _CR = Event.SCORE_NORMAL, Event.SCORE_HIGH, Event.SCORE_CRITICAL
 _OP, _DONE, _REC = Event.OPERATOR_ROLLBACK, Event.ROLLBACK_DONE, Event.RECOVERED
+_AUTO = Event.AUTOMATIC_ROLLBACK
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (_H, _N): _H,
     (_H, _HI): _U,
     (_H, _CR): _C,
     (_H, _OP): _C,
+    (_H, _AUTO): _C,
     (_U, _N): _H,
     (_U, _HI): _U,
     (_U, _CR): _C,
     (_U, _OP): _C,
+    (_U, _AUTO): _C,
     # While corrupted, traffic is on the baseline and the rollback runs; verdicts about the
     # (known bad) online model change nothing.
     (_C, _N): _C,
     (_C, _HI): _C,
     (_C, _CR): _C,
     (_C, _OP): _C,
+    (_C, _AUTO): _C,
     (_C, _DONE): _R,
     # After the rollback: on probation. A critical score means the restored state is bad too.
     (_R, _N): _R,
     (_R, _HI): _R,
     (_R, _CR): _C,
     (_R, _OP): _C,
+    (_R, _AUTO): _C,
     (_R, _REC): _H,
 }
 

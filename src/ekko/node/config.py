@@ -181,6 +181,13 @@ class GuardSection(_Strict):
     rollback_margin_s: float = Field(10.0, ge=0)
     quarantine_s: float = Field(30.0, ge=0)  # training input dropped after a rollback
     preimage_window_s: float = Field(600.0, gt=0)
+    # from the first interval: online AUC this far (and floor_z standard errors) under the
+    # baseline's, log loss worse too, two intervals running, is corrupted (no warm-up needed)
+    floor_auc_drop: float = Field(0.05, gt=0)
+    floor_z: float = Field(4.0, gt=0)
+    # after a rollback: online AUC this far under its level before the incident keeps the
+    # model recovering (traffic stays on the baseline) and says so
+    recovery_auc_tolerance: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> GuardSection:
@@ -198,6 +205,8 @@ class GuardSection(_Strict):
             warmup_intervals=self.warmup_intervals,
             k=self.drift_allowance,
             reference_intervals=max(200, self.warmup_intervals),
+            floor_auc_drop=self.floor_auc_drop,
+            floor_z=self.floor_z,
         )
 
 

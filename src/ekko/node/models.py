@@ -56,6 +56,10 @@ class LoopSink:
         except RuntimeError:  # the loop is closed: the node is gone
             log.warning("event loop closed; trainer writes to the store were dropped")
 
+    def drain(self) -> None:
+        """Perform the queued writes now (on the loop's thread: the caller's)."""
+        self._drain()
+
     def _drain(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
@@ -139,11 +143,12 @@ class ModelHost:
 
             self.replica_guards[name] = ReplicaGuard.build(
                 self.core.name, svc, self.lagged, g.detector(), g.probation,
-                self._open_log(), send, g.shadow_share,
+                self._open_log(), send, g.shadow_share, g.recovery_auc_tolerance,
             )  # fmt: skip
 
-    def on_response(self, tables: tuple, chunks: tuple, now: float) -> None:
-        """A pulled response was applied to the online store: queue it for the baseline."""
+    def on_applied(self, tables: tuple, chunks: list, now: float) -> None:
+        """A pulled response was applied to the online store: queue the rows as applied
+        (decoded, whatever the link's codec) for the baseline."""
         if self.lagged is not None:
             self.lagged.offer(tables, chunks, now)
         for guard in self.replica_guards.values():
@@ -185,7 +190,10 @@ class ModelHost:
             sink: Sink = store_sink
             if cfg.guard.enabled:
                 sink = self._source_guard(m.name, svc, store_sink)
-            svc.publisher.sink = LoopSink(loop, sink, self._on_write)
+            loop_sink = LoopSink(loop, sink, self._on_write)
+            svc.publisher.sink = loop_sink
+            if m.name in self.source_guards:
+                self.source_guards[m.name].flush_writes = loop_sink.drain
             svc.start()
             self.trainers[m.name] = svc
             log.info("trainer of model %s started", m.name)
@@ -205,6 +213,7 @@ class ModelHost:
             model, self.core.store, trainer, serving, broadcast, self._on_write,
             self._open_log(), margin_s=g.rollback_margin_s, window_s=g.preimage_window_s,
             probation=g.probation, quarantine_s=g.quarantine_s,
+            report_max_age_s=max(3.0, 5 * g.interval_s),
         )  # fmt: skip
         self.source_guards[model] = guard
         return PreimageSink(store_sink, self.core.store, guard.preimages)
