@@ -107,12 +107,12 @@ class _Clock:
         return self.now
 
 
-def _source(replicas: list[str], clock: _Clock):
+def _source(replicas: list[str], clock: _Clock, margin_s: float = 0.0):
     store = Store(origin=0)
     sent: list[tuple[str, dict]] = []
     guard = SourceGuard(
         "ctr", store, None, replicas, lambda p, b: sent.append((p, b)), lambda: None, None,
-        margin_s=0.0, quarantine_s=0.0, report_max_age_s=5.0, clock=clock,
+        margin_s=margin_s, quarantine_s=0.0, report_max_age_s=5.0, clock=clock,
     )  # fmt: skip
     sink = PreimageSink(StoreSink(store), store, guard.preimages, clock=clock)
     sink.create_table(TableSpec("emb", DIM, 4))
@@ -180,3 +180,41 @@ def test_trainer_writes_still_queued_at_the_rollback_are_undone_too():
     drain()  # the loop's own drain, after the rollback, finds nothing left
     values, _, _ = store.table("emb").lookup(np.arange(4))
     np.testing.assert_array_equal(values, np.ones((4, DIM)))
+
+
+def test_a_poison_soon_after_the_first_healthy_point_rolls_back_to_it():
+    """The margin (10 s) reached past the oldest checkpoint when the poison came in the first
+    minute: the automatic rollback was refused and the source stayed "healthy"."""
+    clock = _Clock()
+    store, guard, sink, _sent = _source(["r1"], clock, margin_s=10.0)
+    sink.write("emb", np.arange(4), np.ones((4, DIM)))
+    guard.report({"node": "r1", "state": "healthy", "judging": "warming_up"})
+    guard.tick(clock.now)
+    first = clock.now
+    clock.now += 3.0
+    sink.write("emb", np.arange(4), np.full((4, DIM), 5.0))
+    guard.report({"node": "r1", "state": "corrupted", "reason": "floor", "epoch": 0})
+    assert guard.incident is not None and guard.incident["to_wall"] == first
+    values, _, _ = store.table("emb").lookup(np.arange(4))
+    np.testing.assert_array_equal(values, np.ones((4, DIM)))
+
+
+def test_a_rollback_without_any_healthy_point_leaves_the_source_corrupted_saying_why():
+    clock = _Clock()
+    _store, guard, _sink, _sent = _source(["r1"], clock, margin_s=10.0)
+    guard.report({"node": "r1", "state": "corrupted", "reason": "floor", "epoch": 0})
+    status = guard.status()
+    assert status["state"] == "corrupted" and "cannot roll back" in status["rollback_error"]
+
+
+def test_the_demo_guard_column_shows_what_the_guard_can_judge():
+    from ekko.demo.run import guard_cell
+
+    base = {"state": "healthy", "redirected": False, "score": 0.0}
+    assert guard_cell({**base, "judging": "warming_up", "judgement": "warming up 3/20"}) == (
+        "healthy · warming up 3/20"
+    )
+    assert guard_cell({**base, "judging": "no_samples", "judgement": "no samples"}) == (
+        "healthy · no samples"
+    )
+    assert guard_cell({**base, "judging": "judging", "score": 2.5}) == "healthy 2.5"

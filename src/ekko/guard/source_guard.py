@@ -119,6 +119,7 @@ class SourceGuard:
         self.report_max_age_s = report_max_age_s
         self._clock = clock
         self.flush_writes: Callable[[], None] | None = None  # the trainer's queued writes
+        self.rollback_error: str | None = None  # why the last automatic rollback failed
 
     # -- periodic ---------------------------------------------------------------------------
 
@@ -183,12 +184,17 @@ class SourceGuard:
             and self.incident is None
             and (self.health.state is not State.CORRUPTED)
         ):
-            self.rollback(
-                None,
-                f"automatic rollback: {node} reports corrupted: {body.get('reason')}",
-                detected_by=node,
-                detected_at=float(body.get("at", time.time())),
-            )
+            why = f"automatic rollback: {node} reports corrupted: {body.get('reason')}"
+            try:
+                self.rollback(
+                    None, why, detected_by=node, detected_at=float(body.get("at", time.time()))
+                )
+            except PreimageError as exc:
+                # No healthy point to return to: say so at the source (corrupted, with the
+                # reason) instead of staying "healthy" while every replica is redirected.
+                self.rollback_error = str(exc)
+                log.error("guard %s: %s; cannot roll back: %s", self.model, why, exc)
+                self._transition(Event.AUTOMATIC_ROLLBACK, f"{why}; cannot roll back: {exc}")
 
     def restored(self, body: dict[str, Any]) -> None:
         node = body.get("node")
@@ -217,10 +223,14 @@ class SourceGuard:
         automatic = detected_by != "operator"
         if self.incident is not None:
             raise PreimageError(f"model {self.model}: a rollback is already in progress")
+        earliest = self.preimages.earliest_restorable
         if to_wall is None:
             base = self.last_all_healthy if self.last_all_healthy is not None else decided
+            # The margin must not reach past the oldest healthy checkpoint (a poison in the
+            # first minute): that checkpoint is then the best healthy point there is.
             to_wall = base - self.margin_s
-        earliest = self.preimages.earliest_restorable
+            if earliest is not None and self.last_all_healthy is not None:
+                to_wall = max(to_wall, earliest)
         if earliest is None or to_wall < earliest:
             raise PreimageError(
                 f"model {self.model}: cannot roll back to {to_wall:.3f}; the earliest "
@@ -346,6 +356,7 @@ class SourceGuard:
                 "earliest_restorable": self.preimages.earliest_restorable,
             },
             "rows_restored": self.rows_restored,
+            "rollback_error": self.rollback_error,
             "incident": _public(self.incident),
             "incidents": [_public(i) for i in self.incidents[-10:]],
             "transitions": [t.to_dict() for t in self.health.history[-20:]],
