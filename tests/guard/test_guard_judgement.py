@@ -80,7 +80,8 @@ def test_after_a_rollback_the_model_stays_recovering_until_its_quality_is_back()
         _interval(guard, t, 1.3, seed=100 + i)
     assert guard.health.state is State.RECOVERING, guard.health.history[-1].why
     status = guard.status()
-    assert status["recovery"]["ok"] is False and status["redirected"]
+    assert status["recovery"]["ok"] is False
+    assert not status["redirected"]  # the restored model serves; the check goes on
     assert "quality has not returned" in status["why"]
     assert status["recovery"]["online_auc"] < status["recovery"]["pre_incident_auc"] - 0.02
     for i in range(6):  # quality is back: probation can end

@@ -32,7 +32,8 @@ def test_a_poison_at_15_s_is_detected_and_rolled_back_automatically(tmp_path: Pa
         events = {t["event"] for t in h["transitions"]}
         assert "operator_rollback" not in events, (name, events)
         if h["state"] == "recovering":  # quality not back yet: the guard says so
-            assert h["redirected"] and h["recovery"]["ok"] is not True, h["recovery"]
+            assert h["recovery"]["ok"] is not True, h["recovery"]
+            assert "quality has not returned" in h["why"] or not h["recovery"]["online_auc"]
         else:
             assert h["state"] == "healthy" and h["recovery"]["ok"] is True, h["recovery"]
     # while the poisoned model was being replaced, users were served by the baseline: no

@@ -24,7 +24,14 @@ def test_poisoned_training_is_detected_redirected_rolled_back_and_recovered(tmp_
     assert set(first["restored"]) == {"dc1-r0", "dc2-r0", "dc3-r0"}
     for name, doc in summary["replica_guards"].items():
         assert any(t >= first["decided_at"] - 1 for t in doc["redirects"]), name
-    # probation passed: traffic is back on the online model everywhere
-    assert guard["state"] == "healthy", guard["transitions"]
-    assert all(s == "healthy" for s in guard["replicas"].values()), guard["replicas"]
+    # traffic is back on the (restored) online model everywhere; a replica is healthy only
+    # once its post-rollback check passed, otherwise it still says quality has not returned
+    # (training stays quarantined for 30 s after the decision while the stream drifts)
     assert not any(doc["redirected"] for doc in summary["replica_guards"].values())
+    for name, doc in summary["replica_guards"].items():
+        assert doc["state"] in ("healthy", "recovering"), (name, doc["state"])
+        if doc["state"] == "healthy":
+            assert doc["recovery"]["ok"] is True, (name, doc["recovery"])
+        else:
+            assert doc["recovery"]["why"].startswith("post-rollback check"), doc["recovery"]
+    assert guard["state"] in ("healthy", "recovering"), guard["transitions"]

@@ -51,7 +51,10 @@ class ReplicaGuard:
     """Guards one model served by one replica.
 
     The baseline stays frozen from the redirect until the model is healthy again: while
-    recovering it is the known-good reference that a relapse is measured against.
+    recovering it is the known-good reference that a relapse is measured against. Traffic
+    returns to the online model as soon as the restore is here (the restored state is the
+    healthy checkpoint, fresher than the frozen baseline: measured in the demo, the baseline
+    served 0.69-0.70 AUC while the restored model scored 0.73-0.79); a relapse redirects again.
 
     Why the replica acts before the source answers: redirecting to the baseline is the one
     step that protects users, and it needs nothing but the local verdict; the rollback needs
@@ -311,6 +314,7 @@ class ReplicaGuard:
     def _restored(self) -> None:
         pending, self.restore_pending = self.restore_pending, None
         assert pending is not None
+        self.router.restore()
         store = self.service.replica_store(ONLINE)
         digests = {t: f"{store.table(t).digest():016x}" for t in pending["watermark"]}
         self._record(

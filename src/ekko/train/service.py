@@ -106,7 +106,6 @@ class TrainingService:
         self._lock = threading.Lock()
         self._step_lock = threading.Lock()  # held for a whole step; a rollback waits on it
         self._paused: str | None = None
-        self._trainer_config = trainer
         self.dropped_events = 0
         self._batches = self._events = self._refused = 0
         self._train_s = self._publish_s = 0.0
@@ -235,12 +234,13 @@ class TrainingService:
         return dropped
 
     def load_rows(self, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Write restored values into the model (call while quarantined) and start the
-        optimizers afresh: their moments were shaped by the updates being undone."""
+        """Write restored values into the model (call while quarantined) and drop the
+        optimizers' momentum, which points where the undone updates went (their second
+        moments and step counts stay: see ``OnlineTrainer.forget_momentum``)."""
         with self._step_lock:
             for table, (keys, values) in rows.items():
                 self.publisher.load_rows(table, keys, values)
-            self.trainer = OnlineTrainer(self.model, self._trainer_config, self.publisher)
+            self.trainer.forget_momentum()
 
     def resume(self) -> None:
         self._paused = None

@@ -190,6 +190,19 @@ class OnlineTrainer:
                 torch.optim.Adagrad([g for g in groups if g["params"]], lr=cfg.dense_lr)
             )
 
+    @torch.no_grad()
+    def forget_momentum(self) -> None:
+        """Zero the optimizers' first moments, keep everything else (second moments, step
+        counts, Adagrad sums). After a rollback the momentum points where the undone updates
+        went; a fresh optimizer instead restarts Adam's bias correction, whose first steps
+        move every touched weight by a full learning rate (measured: the demo's replicas
+        took longer to return to their pre-poison AUC)."""
+        for opt in self.optimizers:
+            for state in opt.state.values():
+                m = state.get("exp_avg")
+                if isinstance(m, torch.Tensor):
+                    m.zero_()
+
     def step(self, events: Events) -> StepResult:
         """Predict ``events`` with the current model, learn their labels, publish.
 
