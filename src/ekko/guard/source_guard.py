@@ -144,8 +144,10 @@ class SourceGuard:
 
     def replica_states(self, now_wall: float) -> dict[str, str]:
         """Each replica's state as the source may rely on it: its reported state if the
-        report is fresh and the replica could judge; otherwise ``missing``, ``stale`` or
-        ``no_samples`` (none of which is healthy)."""
+        report is fresh, otherwise ``missing`` or ``stale`` (neither is healthy). A replica
+        without samples still counts with its state (it could not see a poison either way;
+        the source's ``reports`` show its ``judgement``): otherwise a model nobody queries
+        yet would never get a healthy point to roll back to."""
         out: dict[str, str] = {}
         for r in self.replicas:
             rep = self.reports.get(r)
@@ -153,8 +155,6 @@ class SourceGuard:
                 out[r] = "missing"
             elif now_wall - rep["received_at"] > self.report_max_age_s:
                 out[r] = "stale"
-            elif rep.get("judging") == "no_samples":
-                out[r] = "no_samples"
             else:
                 out[r] = str(rep.get("state"))
         return out
