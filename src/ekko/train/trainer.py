@@ -124,15 +124,14 @@ class _PreStep:
 
     def changed_finite(self) -> bool:
         """Whether every value the step could have changed is finite now."""
+        values: list[torch.Tensor] = []
         for opt, p, _saved in self.states:
             idx = self.rows.get(p)
-            values = [self._part(p.data, p, idx)]
+            values.append(self._part(p.data, p, idx))
             for v in opt.state.get(p, {}).values():
                 if isinstance(v, torch.Tensor) and v.is_floating_point():
                     values.append(self._part(v, p, idx))
-            if not _all_finite(values):
-                return False
-        return True
+        return _all_finite(values)
 
     @torch.no_grad()
     def restore(self) -> None:
