@@ -204,8 +204,9 @@ class NodeRunner:
         return doc
 
     async def _ready_route(self, request: Request) -> Response:
-        """200 once the node serves and every background task runs; 503 naming what is not."""
-        down = self.supervisor.down()
+        """200 once the node serves and every background task runs; 503 naming what is not
+        (a supervised task, or a model's trainer thread: ``trainer/{model}``)."""
+        down = {**self.supervisor.down(), **self.models.down()}
         ok = self.ready.is_set() and not down and not self._stop.is_set()
         doc = {"ready": ok, "node": self.core.name, "down": down}
         if not self.ready.is_set():
