@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 import pytest
+import zstandard
 
+from ekko.net import framing
 from ekko.net.auth import ClientHandshake
 from ekko.net.connection import Connection
 from ekko.net.errors import (
@@ -403,6 +405,58 @@ async def test_unauthenticated_peer_receives_nothing_but_the_challenge() -> None
             Challenge
         ]
         assert listener.stats.auth_failures == 2 and listener.stats.authenticated == 0
+
+
+async def test_before_authentication_frames_are_small_and_never_decompressed(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 §4: a 1.9 KB frame declaring 60 MB of zstd was decompressed, and a 59 MB
+    frame buffered, before the peer proved anything."""
+    caplog.set_level(logging.WARNING, logger="ekko.net")
+    decompressed: list[int] = []
+    real = framing._decompressor
+    monkeypatch.setattr(framing, "_decompressor", lambda: decompressed.append(1) or real())
+    bomb = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(bytes(60 << 20))
+    assert len(bomb) < 4096 and zstandard.frame_content_size(bomb) == 60 << 20
+    async with await _echo_listener() as listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(framing.HEADER.pack(len(bomb), framing.FLAG_ZSTD) + bomb)
+        await _read_to_eof(reader)
+        writer.close()
+        assert "compressed frame before authentication" in caplog.text, caplog.text
+        # A 59 MB frame is refused from its 5-byte header: the listener hangs up before a
+        # byte of the payload is sent.
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(framing.HEADER.pack(59 << 20, 0))
+        await _read_to_eof(reader)
+        writer.close()
+        assert f"frame length {59 << 20} above the limit 4096" in caplog.text, caplog.text
+        assert decompressed == [] and listener.stats.auth_failures == 2
+        # Authenticated peers still get the full limit, compressed.
+        async with await connect(
+            "127.0.0.1", listener.port, node="good", secret=SECRET, compress=True
+        ) as conn:
+            big = Error(1, "x", "y" * 100_000)
+            await conn.send(big)
+            assert await _recv_n(conn, 1) == [big]
+        assert decompressed
+
+
+async def test_handshakes_in_progress_are_capped() -> None:
+    listener = await serve(
+        "127.0.0.1", 0, node="server", secret=SECRET, on_connection=lambda c: asyncio.sleep(0),
+        handshake_timeout=TIMEOUT, max_pending=2,
+    )  # fmt: skip
+    async with listener:
+        held = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(2)]
+        for reader, _ in held:  # each got its challenge and holds a handshake slot
+            assert (await reader.readexactly(5))[4] == 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        assert await _read_to_eof(reader) == b""  # dropped unanswered
+        writer.close()
+        assert listener.stats.auth_failures == 1
+        for _, w in held:
+            w.close()
 
 
 async def test_listener_binds_port_zero_and_serves_several_clients() -> None:

@@ -23,11 +23,18 @@ from ekko.net.errors import (
     RemoteFrameError,
     TransportError,
 )
-from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from ekko.net.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HANDSHAKE_MAX_FRAME_BYTES,
+    FrameDecoder,
+    encode_frame,
+)
+from ekko.net.handshake import Auth, AuthOk, Challenge, HandshakeMessage
 from ekko.net.wan import WanLine, WanProfile
 from ekko.protocol.messages import Message
 
 log = logging.getLogger("ekko.net")
+_HANDSHAKE_TYPES = (Challenge, Auth, AuthOk)
 
 DEFAULT_WAN_QUEUE_BYTES = 16 * 1024 * 1024
 """Bytes a WAN delay line may hold before ``send`` waits. It bounds memory and, with the
@@ -101,6 +108,8 @@ class Connection:
         self._compress = compress
         self._max_frame_bytes = max_frame_bytes
         self._decoder = FrameDecoder(message_type=message_type, max_frame_bytes=max_frame_bytes)
+        if message_type is HandshakeMessage:  # unauthenticated: small frames, never zstd
+            self._decoder.set_limits(HANDSHAKE_MAX_FRAME_BYTES, allow_compressed=False)
         self._close_timeout = close_timeout
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
@@ -203,7 +212,9 @@ class Connection:
     # -- internals shared with the handshake -----------------------------------------------
 
     def _set_message_type(self, message_type: Any, peer: str) -> None:
+        """The peer is authenticated: decode ``message_type`` with the full frame limit."""
         self._decoder.message_type = message_type
+        self._decoder.set_limits(self._max_frame_bytes, allow_compressed=True)
         self._peer = peer
 
     def _abort(self) -> None:
@@ -216,7 +227,8 @@ class Connection:
 
     async def _send_struct(self, msg: msgspec.Struct) -> int:
         self._check_send()
-        frame = encode_frame(msg, compress=self._compress, max_frame_bytes=self._max_frame_bytes)
+        compress = self._compress and not isinstance(msg, _HANDSHAKE_TYPES)
+        frame = encode_frame(msg, compress=compress, max_frame_bytes=self._max_frame_bytes)
         if self._line is None:
             async with self._send_lock:
                 self._check_send()

@@ -36,6 +36,10 @@ from ekko.protocol.messages import Chunk, Message, PullResponse, TableSpec
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Largest payload (before and after compression) a frame may carry."""
+HANDSHAKE_MAX_FRAME_BYTES = 4096
+"""Largest frame before the peer is authenticated (handshake messages are ~150 bytes); such
+frames are never compressed, so an unauthenticated peer can make us neither buffer nor
+decompress more than this."""
 
 HEADER = struct.Struct(">IB")
 HEADER_SIZE = HEADER.size  # 5
@@ -293,11 +297,19 @@ class FrameDecoder:
         *,
         message_type: Any = Message,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        allow_compressed: bool = True,
     ) -> None:
         self._buf = bytearray()
         self._max = max_frame_bytes
+        self._allow_compressed = allow_compressed
         self._error: RemoteFrameError | None = None
         self.message_type = message_type
+
+    def set_limits(self, max_frame_bytes: int, allow_compressed: bool) -> None:
+        """Change the frame limit and whether compressed frames are accepted, from the next
+        frame on (the transport widens them once the peer is authenticated)."""
+        self._max = max_frame_bytes
+        self._allow_compressed = allow_compressed
 
     @property
     def message_type(self) -> Any:
@@ -336,6 +348,8 @@ class FrameDecoder:
         length, flags = HEADER.unpack_from(buf, 0)
         if flags & ~_KNOWN_FLAGS:
             self._fail(f"unknown frame flags 0x{flags:02x}")
+        if flags & FLAG_ZSTD and not self._allow_compressed:
+            self._fail("compressed frame before authentication")
         if length > self._max:
             self._fail(f"frame length {length} above the limit {self._max}")
         end = HEADER_SIZE + length

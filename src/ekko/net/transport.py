@@ -180,6 +180,7 @@ class Listener(TaskServer):
         max_frame_bytes: int,
         handshake_timeout: float,
         wan_queue_bytes: int,
+        max_pending: int,
     ) -> None:
         if not secret:
             raise ValueError("secret must be non-empty bytes")
@@ -192,6 +193,8 @@ class Listener(TaskServer):
         self._max_frame_bytes = max_frame_bytes
         self._handshake_timeout = handshake_timeout
         self._wan_queue_bytes = wan_queue_bytes
+        self._max_pending = max_pending
+        self._pending = 0  # connections still in the handshake
         self._counts = {"authenticated": 0, "auth_failures": 0, "handler_errors": 0}
 
     @property
@@ -200,6 +203,11 @@ class Listener(TaskServer):
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = TcpStream(reader, writer)
+        if self._pending >= self._max_pending:
+            self._counts["auth_failures"] += 1
+            log.warning("refusing %s: %d handshakes pending", stream.address, self._pending)
+            stream.abort()
+            return
         conn = Connection(
             stream,
             peer=f"unauthenticated {stream.address}",
@@ -209,6 +217,7 @@ class Listener(TaskServer):
             message_type=HandshakeMessage,
         )
         try:
+            self._pending += 1
             try:
                 async with asyncio.timeout(self._handshake_timeout):
                     hs = ServerHandshake(node=self._node, secret=self._secret)
@@ -219,6 +228,8 @@ class Listener(TaskServer):
                 log.warning("refusing %s: %s", stream.address, reason)
                 conn._abort()
                 return
+            finally:
+                self._pending -= 1
             self._counts["authenticated"] += 1
             conn.set_wan(self._wan_for(peer))
             try:
@@ -244,12 +255,15 @@ async def serve(
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     handshake_timeout: float = 5.0,
     wan_queue_bytes: int = DEFAULT_WAN_QUEUE_BYTES,
+    max_pending: int = 64,
 ) -> Listener:
     """Listen on ``host:port`` (0 = any free port, see ``Listener.port``).
 
     Each accepted peer must complete the handshake within ``handshake_timeout``; then
     ``on_connection(conn)`` runs in its own task and the connection is closed when it returns.
     ``wan_for(peer_name)`` gives the WAN profile for frames this side sends to that peer.
+    At most ``max_pending`` peers may be in the handshake at once; more are dropped unanswered
+    (before authentication a frame is at most ``HANDSHAKE_MAX_FRAME_BYTES``, never zstd).
     """
     listener = Listener(
         node=node,
@@ -260,6 +274,7 @@ async def serve(
         max_frame_bytes=max_frame_bytes,
         handshake_timeout=handshake_timeout,
         wan_queue_bytes=wan_queue_bytes,
+        max_pending=max_pending,
     )
     await listener._start(host, port)
     return listener
