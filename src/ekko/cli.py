@@ -181,8 +181,8 @@ def rollback(
     to: float | None = typer.Option(None, help="Unix time to restore (default: guard's choice)."),
     why: str = typer.Option("operator rollback", help="Recorded with the incident."),
 ) -> None:
-    """Roll MODEL back at the source, signed with the cluster secret (the route refuses
-    unsigned requests)."""
+    """Roll MODEL back at the source, signed as ``operator`` with a key derived from the
+    cluster secret (the route refuses anything else)."""
     import httpx
 
     from ekko.node.config import ConfigError, load_config
@@ -197,7 +197,7 @@ def rollback(
     src = cfg.source
     path = f"/v1/models/{model}/rollback"
     doc: dict = {"why": why} | ({"to": to} if to is not None else {})
-    content, headers = signed_json(secret, path, doc)
+    content, headers = signed_json(secret, path, doc, role="operator")
     try:
         r = httpx.post(f"http://{src.host}:{src.admin_port}{path}", content=content,
                        headers=headers, timeout=30.0)  # fmt: skip

@@ -99,7 +99,9 @@ def test_rows_api_reads_values_and_rejects_bad_input(make_cluster):
         assert needle in resp.json()["error"], (needle, resp.text)
     import httpx
 
-    resp = httpx.post(cluster.url("source", "/v1/tables/emb/rows"), content=b"{not json")
+    resp = httpx.post(
+        cluster.url("source", "/v1/tables/emb/rows"), content=b"{not json", auth=cluster.auth
+    )
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]
     resp = cluster.post("dc1-r0", "/v1/tables/emb/rows", {"keys": [3], "values": [[0] * 4]})
     assert resp.status_code == 409 and "source" in resp.json()["error"]

@@ -227,6 +227,7 @@ def _wait_serving(
                 content=body,
                 timeout=5.0,
                 headers={"content-type": "application/json"},
+                auth=cluster.auth,
             )
             if r.status_code == 200:
                 return time.monotonic() - start

@@ -74,6 +74,7 @@ def _cluster(spec: DemoSpec, workdir: Path) -> Path:
     )
     if spec.guard:
         doc["guard"] = {"enabled": True}
+    doc["http"] = {"refresh_min_interval_s": 1.0}  # the warm-up asks for one copy at once
     return write_cluster(doc, workdir / "cluster.toml")
 
 
@@ -234,7 +235,7 @@ class Demo:
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
         spec = self.spec
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-        async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=30.0, limits=limits, auth=self.cluster.auth) as client:
             with self.console.status("waiting for every replica to hold the model"):
                 await self.wait_servable(client)
             stream = SyntheticStream(StreamConfig(seed=spec.seed, events_per_s=spec.rate))

@@ -16,7 +16,6 @@ At the source::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,18 +26,15 @@ from starlette.routing import Route
 from ekko.guard.errors import PreimageError
 from ekko.guard.replica_guard import ReplicaGuard
 from ekko.guard.source_guard import SourceGuard
+from ekko.httpkit import RequestError, parse_json
 from ekko.serve.routes import by_model, guarded, json_response, read_body
-from ekko.serve.schema import RequestError
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
     raw = await read_body(request, 1 << 20)
     if not raw:
         return {}
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"body: not valid JSON: {exc}") from exc
+    doc = parse_json(raw)
     if not isinstance(doc, dict):
         raise RequestError("body: expected a JSON object")
     return doc

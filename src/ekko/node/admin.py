@@ -7,8 +7,8 @@ known to be good.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable
+import reprlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,29 +20,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ekko.httpkit import MAX_BODY_BYTES, RequestError, guarded_by, offload, parse_json, read_body
+from ekko.node.access import AccessPolicy, RequireRole
 from ekko.node.core import NodeCore, NotReadyError, NotSourceError
-from ekko.node.signed_requests import RequireSignature
 from ekko.store import StoreError, UnknownTableError, WalError
 
-MAX_BODY_BYTES = 64 << 20
+BadRequest = RequestError  # the name this module's callers and tests know
 
-
-class BadRequest(ValueError):
-    """A request that cannot be served as sent; the message names what is wrong."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-async def read_json(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise BadRequest(f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", 413)
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+guarded = guarded_by({
+    UnknownTableError: 404,
+    NotSourceError: 409,
+    NotReadyError: 503,
+    WalError: (503, "write not durable: "),  # in the store but not durable: not acknowledged
+    StoreError: 400,
+})  # fmt: skip
+"""Request and store errors as 4xx/503 JSON with the reason; the server keeps serving."""
 
 
 def parse_keys(raw: Any, field: str = "keys") -> np.ndarray:
@@ -50,7 +42,7 @@ def parse_keys(raw: Any, field: str = "keys") -> np.ndarray:
         raise BadRequest(f"{field}: expected a non-empty list of integers")
     if not all(isinstance(k, int) and not isinstance(k, bool) for k in raw):
         bad = next(k for k in raw if not isinstance(k, int) or isinstance(k, bool))
-        raise BadRequest(f"{field}: every key must be an integer (int64), got {bad!r}")
+        raise BadRequest(f"{field}: every key must be an integer (int64), got {reprlib.repr(bad)}")
     try:
         return np.array(raw, dtype=np.int64)
     except OverflowError as exc:
@@ -80,29 +72,9 @@ def parse_rows(body: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return keys, values
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-def guarded(fn: Handler) -> Handler:
-    """Map request and store errors to 4xx JSON with the reason; the server keeps serving."""
-
-    async def wrapper(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except BadRequest as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        except UnknownTableError as exc:
-            return JSONResponse({"error": str(exc).strip("'\"")}, status_code=404)
-        except NotSourceError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
-        except NotReadyError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
-        except WalError as exc:  # the write is in the store but not durable: not acknowledged
-            return JSONResponse({"error": f"write not durable: {exc}"}, status_code=503)
-        except StoreError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-
-    return wrapper
+def parse_write(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row write's body, parsed and validated (run off the loop when large)."""
+    return parse_rows(parse_json(body), dim)
 
 
 def admin_routes(
@@ -110,6 +82,7 @@ def admin_routes(
     registry: CollectorRegistry,
     on_written: Callable[[], None],
     extra_status: Callable[[], dict] | None = None,
+    max_body: int = MAX_BODY_BYTES,
 ) -> list[Route]:
     """Routes of the admin API; ``on_written`` wakes parked pulls after a write."""
 
@@ -127,14 +100,16 @@ def admin_routes(
         try:
             keys = [int(k) for k in raw.split(",") if k.strip()]
         except ValueError as exc:
-            raise BadRequest(f"keys: expected comma-separated integers, got {raw!r}") from exc
+            raise BadRequest(
+                f"keys: expected comma-separated integers, got {reprlib.repr(raw)}"
+            ) from exc
         return JSONResponse(core.read_rows(table.name, parse_keys(keys)))
 
     @guarded
     async def post_rows(request: Request) -> Response:
         core.require_source("write to")
         table = core.store.table(request.path_params["table"])
-        keys, values = parse_rows(await read_json(request), table.dim)
+        keys, values = await offload(parse_write, await read_body(request, max_body), table.dim)
         versions = core.write(table.name, keys, values)
         on_written()
         await core.wait_durable()  # acknowledged = on disk (one fsync per group commit)
@@ -170,8 +145,8 @@ def admin_routes(
     ]
 
 
-def admin_app(routes: list[Route], secret: bytes | None = None) -> Starlette:
-    """The admin API; with the cluster ``secret``, guard messages and rollbacks must be signed
-    (``ekko.node.signed_requests``)."""
-    middleware = [Middleware(RequireSignature, secret=secret)] if secret else []
+def admin_app(routes: list[Route], secret: bytes, policy: AccessPolicy | None = None) -> Starlette:
+    """The admin API behind ``RequireRole``: each route needs the credential ``policy`` names
+    (``ekko.node.access``), signed with a key derived from the cluster ``secret``."""
+    middleware = [Middleware(RequireRole, secret=secret, policy=policy or AccessPolicy())]
     return Starlette(routes=routes, middleware=middleware)

@@ -210,6 +210,18 @@ class GuardSection(_Strict):
         )
 
 
+class HttpSection(_Strict):
+    """Every node's HTTP port: who may call without a credential, and its limits
+    (``ekko.node.access``, ``ekko.node.http_server``)."""
+
+    serve_open: bool = True  # predict, feedback and the model list need no credential
+    max_body_bytes: int = Field(16 << 20, gt=0, le=1 << 30)
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive in this
+    idle_timeout_s: float = Field(5.0, gt=0)  # keep-alive connections idle longer are closed
+    max_connections: int = Field(512, gt=0)  # more open connections are answered 503
+    refresh_min_interval_s: float = Field(10.0, ge=0)  # checkpoint refreshes coalesce within
+
+
 Role = Literal["source", "leader", "follower", "checkpoint"]
 
 
@@ -223,6 +235,7 @@ class ClusterConfig(_Strict):
     durability: DurabilitySection = DurabilitySection()
     scheduler: SchedulerSection = SchedulerSection()
     guard: GuardSection = GuardSection()
+    http: HttpSection = HttpSection()
 
     @model_validator(mode="before")
     @classmethod

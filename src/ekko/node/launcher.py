@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from ekko.node.access import ClusterAuth
 from ekko.node.config import ClusterConfig, load_config
 from ekko.node.runner import READY_MARK
 
@@ -57,6 +58,9 @@ class LocalCluster:
         self.log_dir = self.config.path(self.config.cluster.data_dir, self.base_dir)
         self.writer_args = writer_args or []
         self.procs: dict[str, NodeProcess] = {}
+        secret_path = self.config.path(self.config.cluster.secret_file, self.base_dir)
+        self.secret = secret_path.read_bytes().strip()
+        self.auth = ClusterAuth(self.secret)  # signs with the least role a route needs
 
     def start(self, names: list[str] | None = None, timeout: float = 60.0) -> None:
         names = names or [n.name for n in self.config.nodes]
@@ -141,7 +145,7 @@ class LocalCluster:
         return f"http://{n.host}:{n.admin_port}{path}"
 
     def get(self, name: str, path: str, timeout: float = 10.0) -> dict:
-        r = httpx.get(self.url(name, path), timeout=timeout)
+        r = httpx.get(self.url(name, path), timeout=timeout, auth=self.auth)
         r.raise_for_status()
         return r.json()
 
@@ -151,6 +155,7 @@ class LocalCluster:
             content=json.dumps(body),
             timeout=timeout,
             headers={"content-type": "application/json"},
+            auth=self.auth,
         )
 
     def __enter__(self) -> LocalCluster:

@@ -17,11 +17,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -29,13 +28,15 @@ from starlette.routing import Route
 from ekko.net.errors import TransportError
 from ekko.net.transport import Connection, Listener, connect, serve
 from ekko.net.wan import WanLine
+from ekko.node.access import AccessPolicy
 from ekko.node.admin import admin_app, admin_routes
 from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
+from ekko.node.http_server import EmbeddedServer, http_server
 from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
-from ekko.node.signed_requests import signed_json
+from ekko.node.signed_requests import auth_headers, signed_json
 from ekko.node.supervisor import Supervisor
 from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
@@ -47,14 +48,6 @@ from ekko.store import SnapshotError, WalError
 log = logging.getLogger(__name__)
 
 READY_MARK = "EKKO-READY"
-
-
-class EmbeddedServer(uvicorn.Server):
-    """uvicorn inside our event loop: the node, not uvicorn, owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class NodeRunner:
@@ -88,6 +81,7 @@ class NodeRunner:
         self._copy_now = asyncio.Event()
         self.recovery: RecoveryResult | None = None
         self._lineage = self.core.store.lineage
+        self._copy_started = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -102,13 +96,20 @@ class NodeRunner:
         node = self.core.node
         collectors = [*self.extra_metrics, *self.models.collectors(), self.supervisor.collect]
         registry = node_registry(self.core, collectors)
-        routes = admin_routes(self.core, registry, self.notify_written, self._status_extra)
+        web = self.config.http
+        routes = admin_routes(
+            self.core, registry, self.notify_written, self._status_extra, web.max_body_bytes
+        )
         routes.append(Route("/ready", self._ready_route))
         if self.core.role == "checkpoint":
             routes.append(Route("/v1/checkpoint/refresh", self._refresh_now, methods=["POST"]))
-        app = admin_app([*self.extra_routes, *self.models.routes(), *routes], self.secret)
-        server = EmbeddedServer(
-            uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        policy = AccessPolicy(serve_open=web.serve_open, max_body=web.max_body_bytes)
+        app = admin_app([*self.extra_routes, *self.models.routes(), *routes], self.secret, policy)
+        server = http_server(
+            app,
+            header_timeout_s=web.header_timeout_s,
+            idle_timeout_s=web.idle_timeout_s,
+            max_connections=web.max_connections,
         )
         # Bound before serving: the port accepts (into the backlog) from the first moment.
         admin_sock = _tcp_listener(node.host, node.admin_port)
@@ -382,9 +383,11 @@ class NodeRunner:
         interval = self.core.node.checkpoint_interval_s
         async with httpx.AsyncClient(timeout=max(30.0, interval)) as client:
             while True:
-                started = time.time()
+                started = self._copy_started = time.time()
+                self._copy_now.clear()  # a request from here on asks for a later copy
                 try:
-                    resp = await client.get(url)
+                    headers = auth_headers(self.secret, "node", "GET", "/v1/snapshot")
+                    resp = await client.get(url, headers=headers)
                     resp.raise_for_status()
                     data = resp.content
                     if wan is not None:
@@ -409,15 +412,25 @@ class NodeRunner:
                         src.name,
                         exc,
                     )
-                self._copy_now.clear()
                 with contextlib.suppress(TimeoutError):
                     wait = max(0.0, interval - (time.time() - started))
                     await asyncio.wait_for(self._copy_now.wait(), wait)
+                # Copies start at least refresh_min_interval_s apart: a flood of refresh
+                # requests coalesces into one copy per spacing, not one copy each.
+                spacing = self.config.http.refresh_min_interval_s - (time.time() - started)
+                if spacing > 0:
+                    await asyncio.sleep(spacing)
 
     async def _refresh_now(self, request: Request) -> Response:
-        """Operator action: take the next full copy now rather than at the interval."""
+        """Operator action: take the next full copy now rather than at the interval (no
+        sooner than ``[http] refresh_min_interval_s`` after the last one started)."""
         self._copy_now.set()
-        return JSONResponse({"node": self.core.name, "refresh": "requested"}, status_code=202)
+        spacing = self.config.http.refresh_min_interval_s
+        due = max(0.0, self._copy_started + spacing - time.time())
+        return JSONResponse(
+            {"node": self.core.name, "refresh": "requested", "starts_in_s": round(due, 3)},
+            status_code=202,
+        )
 
     # -- source snapshots and recovery ---------------------------------------------------
 

@@ -20,69 +20,22 @@ Routes::
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ekko.httpkit import guarded_by, json_response, offload, read_body
 from ekko.serve.errors import ModelNotReady, UnknownModel, UnknownVariant
-from ekko.serve.schema import (
-    MAX_BATCH,
-    MAX_BODY_BYTES,
-    RequestError,
-    decode_feedback,
-    decode_predict,
-)
+from ekko.serve.schema import MAX_BATCH, decode_feedback, decode_predict
 from ekko.serve.service import BadInput, InferenceService
 
-Handler = Callable[[Request], Awaitable[Response]]
 T = TypeVar("T")
-_ENCODER = msgspec.json.Encoder()
 
-
-def json_response(
-    doc: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> Response:
-    return Response(
-        _ENCODER.encode(doc), status_code=status, headers=headers, media_type="application/json"
-    )
-
-
-def _error(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
-    return json_response({"error": message}, status, headers)
-
-
-def guarded(fn: Handler) -> Handler:
-    """Map request and serving errors to a status with the reason; the server keeps serving."""
-
-    async def wrapper(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except RequestError as exc:
-            return _error(str(exc), exc.status)
-        except (UnknownModel, UnknownVariant) as exc:
-            return _error(str(exc), 404)
-        except ModelNotReady as exc:
-            return _error(str(exc), 503, {"retry-after": "1"})
-        except BadInput as exc:
-            return _error(str(exc), 400)
-
-    return wrapper
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused with 413 (before reading, if the length is declared) when
-    over ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"body: {declared} bytes; the limit is {limit}", status=413)
-    body = await request.body()
-    if len(body) > limit:
-        raise RequestError(f"body: {len(body)} bytes; the limit is {limit}", status=413)
-    return body
+guarded = guarded_by({UnknownModel: 404, UnknownVariant: 404, ModelNotReady: 503, BadInput: 400})
+"""Serving errors as statuses: unknown model or variant 404, not synced yet 503, bad input 400."""
 
 
 def by_model(objects: Mapping[str, T], request: Request) -> T:
@@ -121,7 +74,8 @@ def serve_routes(
     async def predict(request: Request) -> Response:
         svc = service(request)
         cfg = svc.config
-        dense, sparse = decode_predict(
+        dense, sparse = await offload(
+            decode_predict,
             await read_body(request),
             cfg.num_dense,
             cfg.num_sparse,
@@ -138,7 +92,7 @@ def serve_routes(
     @guarded
     async def feedback(request: Request) -> Response:
         svc = service(request)
-        ids, labels = decode_feedback(await read_body(request), max_batch)
+        ids, labels = await offload(decode_feedback, await read_body(request), max_batch)
         result = svc.feedback(ids, labels, clock())
         return json_response(
             {"model": svc.name, "matched": result.matched, "unknown": result.unknown}

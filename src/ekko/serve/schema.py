@@ -12,20 +12,15 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
+from ekko.httpkit import MAX_BODY_BYTES, RequestError
+
 MAX_BATCH = 4096
 """Events per predict request (or labels per feedback request); more is HTTP 413."""
 
-MAX_BODY_BYTES = 16 << 20
+__all__ = ["MAX_BATCH", "MAX_BODY_BYTES", "RequestError", "decode_feedback", "decode_predict",
+           "decode_train"]  # fmt: skip
 
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as sent (HTTP ``status``); the message names the field."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Event(msgspec.Struct, forbid_unknown_fields=True):

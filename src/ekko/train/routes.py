@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ekko.httpkit import offload
 from ekko.serve.metrics import model_counters
 from ekko.serve.routes import by_model, guarded, json_response, read_body
 from ekko.serve.schema import MAX_BATCH, decode_train
@@ -36,7 +37,8 @@ def train_routes(trainers: Mapping[str, TrainingService]) -> list[Route]:
     async def submit(request: Request) -> Response:
         svc = trainer(request)
         cfg = svc.config
-        dense, sparse, labels = decode_train(
+        dense, sparse, labels = await offload(
+            decode_train,
             await read_body(request),
             cfg.num_dense,
             cfg.num_sparse,

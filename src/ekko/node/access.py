@@ -1,0 +1,204 @@
+"""Who may call which route of a node's HTTP API, and the middleware that enforces it.
+
+Why a table in one place: a route added anywhere (admin, serving, training, guard) is covered
+by the same rule set, and one not listed needs ``operator`` — a new route is closed until
+someone decides otherwise. Credentials are signed requests (``ekko.node.signed_requests``).
+
+=========================================  ==============================================
+route                                      roles accepted
+=========================================  ==============================================
+GET /health, /metrics, /ready              open
+GET /v1/models, POST .../predict           open with ``[http] serve_open`` (default),
+POST .../feedback                          else reader+ / writer+
+GET /v1/status, /v1/latency                reader, writer, operator
+GET /v1/tables/{t}/rows                    reader, writer, operator
+GET /v1/models/{m}/health|metrics|train    reader, writer, operator
+POST /v1/tables/{t}/rows                   writer, operator
+POST /v1/models/{m}/train                  writer, operator
+POST /v1/latency/reset                     operator
+POST /v1/checkpoint/refresh                operator
+POST /v1/models/{m}/rollback               operator
+POST /v1/models/{m}/train/quality/reset    operator
+GET /v1/snapshot                           operator, node
+POST /v1/models/{m}/guard/*                node
+anything else                              operator
+=========================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import httpx
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ekko.httpkit import MAX_BODY_BYTES, OFFLOAD_BYTES, RequestError, receive_body
+from ekko.node.signed_requests import (
+    ROLES,
+    SIGNATURE_HEADER,
+    NonceCache,
+    SignatureError,
+    auth_headers,
+    parse_credential,
+    verify_credential,
+)
+
+READ = frozenset({"reader", "writer", "operator"})
+WRITE = frozenset({"writer", "operator"})
+OPERATE = frozenset({"operator"})
+NODE = frozenset({"node"})
+_SERVING = "serving"  # placeholder: open, or READ/WRITE when serving is closed
+
+_M = r"/v1/models/[^/]+"
+_RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
+    ("GET", r"/health", None),
+    ("GET", r"/metrics", None),
+    ("GET", r"/ready", None),
+    ("GET", r"/v1/status", READ),
+    ("GET", r"/v1/latency", READ),
+    ("POST", r"/v1/latency/reset", OPERATE),
+    ("GET", r"/v1/tables/[^/]+/rows", READ),
+    ("POST", r"/v1/tables/[^/]+/rows", WRITE),
+    ("DELETE", r"/v1/tables/[^/]+/rows", WRITE),
+    ("GET", r"/v1/snapshot", OPERATE | NODE),
+    ("POST", r"/v1/checkpoint/refresh", OPERATE),
+    ("GET", r"/v1/models", _SERVING),
+    ("POST", _M + r"/predict", _SERVING),
+    ("POST", _M + r"/feedback", _SERVING),
+    ("GET", _M + r"/(health|metrics|train)", READ),
+    ("POST", _M + r"/train", WRITE),
+    ("POST", _M + r"/train/quality/reset", OPERATE),
+    ("POST", _M + r"/rollback", OPERATE),
+    ("POST", _M + r"/guard/[^/]+", NODE),
+)
+_COMPILED = tuple((m, re.compile(p + r"\Z"), roles) for m, p, roles in _RULES)
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Which roles each route accepts (``None``: open). ``serve_open`` leaves predict,
+    feedback and the model list open to the application's servers; closed, predict needs
+    a reader and feedback (it moves the guard's quality figures) a writer."""
+
+    serve_open: bool = True
+    max_body: int = MAX_BODY_BYTES
+
+    def required(self, method: str, path: str) -> frozenset[str] | None:
+        method = "GET" if method == "HEAD" else method
+        for m, pattern, roles in _COMPILED:
+            if m == method and pattern.match(path):
+                if roles != _SERVING:
+                    return roles  # type: ignore[return-value]
+                if self.serve_open:
+                    return None
+                return WRITE if path.endswith("/feedback") else READ
+        return OPERATE
+
+
+def least_role(method: str, path: str, policy: AccessPolicy | None = None) -> str | None:
+    """The least powerful role ``policy`` accepts for this route (None: open)."""
+    need = (policy or AccessPolicy()).required(method, path.partition("?")[0])
+    return None if need is None else next(r for r in ROLES if r in need)
+
+
+class ClusterAuth(httpx.Auth):
+    """httpx auth for clients holding the cluster secret (CLI, demo, benches, tests): each
+    request is signed with the least role its route accepts, so no caller names roles.
+
+    Why not one operator credential for everything: a request then proves no more than it
+    needs, and a client bug that reaches the wrong route is refused rather than obeyed."""
+
+    requires_request_body = True
+
+    def __init__(self, secret: bytes, policy: AccessPolicy | None = None) -> None:
+        self.secret = secret
+        self.policy = policy or AccessPolicy(serve_open=False)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        query = request.url.query.decode("latin-1")
+        target = f"{request.url.path}?{query}" if query else request.url.path
+        role = least_role(request.method, target, self.policy)
+        if role is not None:
+            request.headers.update(
+                auth_headers(self.secret, role, request.method, target, request.content)
+            )
+        yield request
+
+
+class RequireRole:
+    """ASGI middleware: a request to a route that needs a role must carry a credential for
+    one of the roles ``policy`` accepts there, or it is answered (401 missing/invalid/replayed,
+    403 wrong role, 413/408 body) with the reason and never reaches the app. The role is
+    checked before the body is read; the body is read once, bounded, to check the MAC, and
+    handed to the app unchanged."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        secret: bytes,
+        policy: AccessPolicy | None = None,
+        nonces: NonceCache | None = None,
+    ) -> None:
+        if not secret:
+            raise ValueError("secret must be non-empty bytes")
+        self.app = app
+        self.secret = secret
+        self.policy = policy or AccessPolicy()
+        self.nonces = nonces or NonceCache()
+        self.refused: dict[int, int] = {}  # by status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        need = self.policy.required(method, path)
+        if need is None:
+            await self.app(scope, receive, send)
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = f"{path}?{query}" if query else path
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            cred = parse_credential(headers.get(SIGNATURE_HEADER), f"{method} {path}")
+        except SignatureError as exc:
+            return await self._refuse(scope, receive, send, 401, str(exc))
+        if cred.role not in need:
+            why = f"role {cred.role} may not {method} {path} (needs {' or '.join(sorted(need))})"
+            return await self._refuse(scope, receive, send, 403, why)
+        try:
+            body = await receive_body(receive, headers, self.policy.max_body)
+        except RequestError as exc:
+            return await self._refuse(scope, receive, send, exc.status, str(exc))
+        if body is None:
+            return  # the client went away
+        args = (self.secret, cred, method, target, body)
+        try:
+            if len(body) > OFFLOAD_BYTES:
+                await asyncio.to_thread(verify_credential, *args)
+            else:
+                verify_credential(*args)
+            self.nonces.add(cred.nonce, time.time())
+        except SignatureError as exc:
+            return await self._refuse(scope, receive, send, 401, str(exc))
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, status: int, why: str
+    ) -> None:
+        self.refused[status] = self.refused.get(status, 0) + 1
+        await JSONResponse({"error": why}, status_code=status)(scope, receive, send)
