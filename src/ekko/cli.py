@@ -88,6 +88,72 @@ def cluster_init(
     console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and its secret file")
 
 
+@cluster_app.command("keys")
+def cluster_keys(
+    config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (TOML)."),
+    out: Path = typer.Option(Path("keys"), help="Directory for <role>.key files (0600)."),
+    roles: str = typer.Option("reader,writer,operator", help="Comma-separated roles."),
+) -> None:
+    """Write one key per role, derived from the cluster secret, to hand out apart from it
+    (a writer's key cannot sign as operator). Use one with ``ekko sign --key FILE``."""
+    import os
+
+    from ekko.node.signed_requests import role_key
+
+    secret = _secret(config)
+    out.mkdir(parents=True, exist_ok=True)
+    for role in (r.strip() for r in roles.split(",") if r.strip()):
+        try:
+            key = role_key(secret, role)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        path = out / f"{role}.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+        console.print(f"wrote {path}")
+
+
+def _secret(config: Path) -> bytes:
+    from ekko.node.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+        return cfg.path(cfg.cluster.secret_file, config.resolve().parent).read_bytes().strip()
+    except (ConfigError, OSError) as exc:
+        console.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def sign(
+    method: str = typer.Argument(..., help="HTTP method, e.g. GET."),
+    path: str = typer.Argument(..., help="Path with its query as sent, e.g. /v1/status."),
+    role: str | None = typer.Option(None, help="Role to sign as (default: least needed)."),
+    data: Path | None = typer.Option(None, help="File holding the exact body to send."),
+    key: Path | None = typer.Option(None, help="A role key file (ekko cluster keys)."),
+    config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (its secret)."),
+) -> None:
+    """Print one request's credential header, for curl: ``curl -H "$(ekko sign GET
+    /v1/status)" http://HOST:PORT/v1/status``. Each header is good once, for 60 s."""
+    from ekko.node.access import least_role
+    from ekko.node.signed_requests import role_headers, role_key
+
+    body = data.read_bytes() if data is not None else b""
+    role = role or least_role(method.upper(), path)
+    if role is None:
+        console.print(f"{method} {path} is open: no credential needed")
+        raise typer.Exit(0)
+    try:
+        k = bytes.fromhex(key.read_text().strip()) if key else role_key(_secret(config), role)
+        headers = role_headers(k, role, method.upper(), path, body)
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]cannot sign:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    for name, value in headers.items():
+        print(f"{name}: {value}")
+
+
 def _writer_options(rate: float | None, batch_ms: float, key_space: int) -> list[str]:
     if rate is None:
         return []
