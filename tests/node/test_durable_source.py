@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from ekko.node.access import ClusterAuth
 from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import ClusterConfig, load_config
 from ekko.node.core import NodeCore, NotReadyError
@@ -99,7 +100,8 @@ async def test_http_write_answered_after_fsync_and_503_while_recovering(tmp_path
     task = asyncio.create_task(runner.run())
     await asyncio.wait_for(runner.ready.wait(), 30)
     wal = runner.core.journal.wal
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+    auth = ClusterAuth(runner.secret)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", auth=auth) as client:
         body = {"keys": [1, 2, 3], "values": [[1.0] * 4] * 3}
         r = await client.post("/v1/tables/emb/rows", json=body)
         assert r.status_code == 200, r.text
