@@ -29,6 +29,7 @@ class Writer(threading.Thread):
     def __init__(self, cluster, index: int, stop: threading.Event, paused: threading.Event):
         super().__init__(daemon=True)
         self.url = cluster.url("source", "/v1/tables/emb/rows")
+        self.auth = cluster.auth
         self.rng = np.random.default_rng(100 + index)
         self.base = index * KEYS_PER_WRITER
         self.stop, self.paused = stop, paused
@@ -38,7 +39,7 @@ class Writer(threading.Thread):
         self.idle = threading.Event()
 
     def run(self) -> None:
-        with httpx.Client(timeout=5.0) as client:
+        with httpx.Client(timeout=5.0, auth=self.auth) as client:
             while not self.stop.is_set():
                 if self.paused.is_set():
                     self.idle.set()
