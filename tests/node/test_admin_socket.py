@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from ekko.node.runner import _tcp_listener
+from ekko.node.http_server import tcp_listener
 
 
 async def test_accepted_admin_connections_have_nodelay() -> None:
-    listener = _tcp_listener("127.0.0.1", 0)
+    listener = tcp_listener("127.0.0.1", 0)
     port = listener.getsockname()[1]
     seen: asyncio.Queue[int] = asyncio.Queue()
 

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from ekko.node.access import AccessPolicy
 from ekko.node.admin import admin_app, admin_routes
 from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
-from ekko.node.http_server import EmbeddedServer, http_server
+from ekko.node.http_server import EmbeddedServer, http_server, tcp_listener
 from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
@@ -112,7 +111,7 @@ class NodeRunner:
             max_connections=web.max_connections,
         )
         # Bound before serving: the port accepts (into the backlog) from the first moment.
-        admin_sock = _tcp_listener(node.host, node.admin_port)
+        admin_sock = tcp_listener(node.host, node.admin_port)
         sup = self.supervisor
         sup.start("admin_server", lambda: server.serve(sockets=[admin_sock]))
         if self.core.is_source:
@@ -456,21 +455,6 @@ class NodeRunner:
                 self.core.save_snapshot()
             except OSError as exc:
                 log.error("snapshot failed (%s); the previous snapshot is kept", exc)
-
-
-def _tcp_listener(host: str, port: int) -> socket.socket:
-    """A listening socket whose accepted connections get TCP_NODELAY from asyncio.
-
-    asyncio sets TCP_NODELAY only on sockets whose ``proto`` is IPPROTO_TCP, and
-    ``socket.create_server`` leaves it 0; uvicorn then writes a response's head and body in
-    two sends, Nagle holds the body for the client's delayed ACK, and every request took
-    44 ms on an idle server (measured with ``ekko bench serve``)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    return sock
 
 
 def run_node(
