@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ekko.node.access import ClusterAuth
 from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import load_config
 from ekko.node.runner import NodeRunner
@@ -35,7 +36,8 @@ async def test_a_dead_trainer_makes_ready_503_naming_it(
         "labels": batch.labels.astype(int).tolist(),
     }
     node = cfg.node("source")
-    async with httpx.AsyncClient(base_url=f"http://{node.host}:{node.admin_port}") as client:
+    base = f"http://{node.host}:{node.admin_port}"
+    async with httpx.AsyncClient(base_url=base, auth=ClusterAuth(runner.secret)) as client:
         assert (await client.get("/ready")).status_code == 200
 
         def broken(events: object) -> None:
