@@ -26,13 +26,13 @@ class Writer(threading.Thread):
     is unknown (the source died under it) is sent again until it is acknowledged, so the
     last acknowledged value of a key is also the last value sent for it."""
 
-    def __init__(self, cluster, index: int, stop: threading.Event, paused: threading.Event):
+    def __init__(self, cluster, index: int, stop: threading.Event, running: threading.Event):
         super().__init__(daemon=True)
         self.url = cluster.url("source", "/v1/tables/emb/rows")
         self.auth = cluster.auth
         self.rng = np.random.default_rng(100 + index)
         self.base = index * KEYS_PER_WRITER
-        self.stop, self.paused = stop, paused
+        self.stop, self.running = stop, running  # running: clear to pause the writers
         self.acked: dict[int, list[float]] = {}
         self.acked_at: dict[int, float] = {}
         self.acks = self.refused = 0
@@ -41,9 +41,9 @@ class Writer(threading.Thread):
     def run(self) -> None:
         with httpx.Client(timeout=5.0, auth=self.auth) as client:
             while not self.stop.is_set():
-                if self.paused.is_set():
+                if not self.running.is_set():
                     self.idle.set()
-                    time.sleep(0.01)  # a test writer waiting to be resumed
+                    self.running.wait()
                     continue
                 self.idle.clear()
                 keys = (self.base + self.rng.integers(0, KEYS_PER_WRITER, BATCH)).tolist()
@@ -106,8 +106,9 @@ def test_source_sigkill_mid_writes_loses_nothing_acknowledged(make_cluster):
         sync={"snapshot_interval_s": 1.0, "failover_probe_s": 0.5, "cache_capacity": 256},
     )
     cluster.start()
-    stop, paused = threading.Event(), threading.Event()
-    writers = [Writer(cluster, i, stop, paused) for i in range(WRITERS)]
+    stop, running = threading.Event(), threading.Event()
+    running.set()
+    writers = [Writer(cluster, i, stop, running) for i in range(WRITERS)]
     for w in writers:
         w.start()
     try:
@@ -121,12 +122,12 @@ def test_source_sigkill_mid_writes_loses_nothing_acknowledged(make_cluster):
         # the lost disk), so the writers pause until every replica has caught up, resume,
         # and the kill follows; keys acknowledged after the resume are checked only if
         # written again after the restart.
-        paused.set()
+        running.clear()
         for w in writers:
             assert w.idle.wait(10)
         got = _wait_converged(cluster, 30)
         assert len({str(d) for d in got.values()}) == 1, got
-        paused.clear()
+        running.set()
         resumed = time.monotonic()
         _run_writers_for(0.3)
         cluster.kill("source")
@@ -136,6 +137,7 @@ def test_source_sigkill_mid_writes_loses_nothing_acknowledged(make_cluster):
         _run_writers_for(2.0)
     finally:
         stop.set()
+        running.set()
         for w in writers:
             w.join(15)
     acked: dict[int, list[float]] = {}
