@@ -313,3 +313,28 @@ def test_a_failed_fsync_is_never_reported_durable(tmp_path: Path, monkeypatch) -
         log.append(b"next")
     with pytest.raises(WalError):
         log.sync(timeout=5)
+
+
+def test_records_nobody_waits_for_share_one_fsync(tmp_path: Path) -> None:
+    """The trainer's writes are not waited for: they wait up to ``lazy_s`` and then go
+    together; a waiter arriving commits them at once (one fsync for all)."""
+    log = WriteAheadLog(tmp_path, window_s=0.0, lazy_s=30.0)
+    for i in range(50):
+        log.append(bytes([i]) * 100)
+    assert log.statistics().fsyncs == 0
+    log.sync(timeout=10)  # well before lazy_s: the waiter makes it urgent
+    stats = log.statistics()
+    log.close()
+    assert stats.durable_seq == 50 and stats.fsyncs == 1
+
+
+def test_unwaited_records_become_durable_within_lazy_s(tmp_path: Path) -> None:
+    import time
+
+    log = WriteAheadLog(tmp_path, window_s=0.0, lazy_s=0.05)
+    seq = log.append(b"trainer step")
+    deadline = time.monotonic() + 5.0
+    while log.durable_seq < seq and time.monotonic() < deadline:
+        time.sleep(0.005)  # polling another thread's progress, bounded by the deadline
+    assert log.durable_seq == seq
+    log.close()

@@ -138,7 +138,10 @@ class DurabilitySection(_Strict):
 
     # Log every source write; an HTTP write is answered once its group commit is fsynced.
     wal: bool = True
-    wal_window_ms: float = Field(3.0, ge=0, le=1000)  # one fsync per window, for every write in it
+    # One fsync per window for every write in it, once a write waits (an HTTP write does)...
+    wal_window_ms: float = Field(3.0, ge=0, le=1000)
+    # ...while writes nobody waits for (the trainer's) are fsynced at most this late.
+    wal_lazy_ms: float = Field(50.0, ge=0, le=10_000)
     # On restart the source pulls what it lacks from the replicas before it accepts writes;
     # it waits this long for each replica that does not answer.
     recovery_timeout_s: float = Field(20.0, gt=0)

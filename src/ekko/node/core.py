@@ -111,6 +111,7 @@ class NodeCore:
                 origin=self.origin,
                 cache_capacity=cache,
                 window_s=d.wal_window_ms / 1000,
+                lazy_s=d.wal_lazy_ms / 1000,
             )
         elif self.snapshot_path.exists():
             store = Store.load(self.snapshot_path, cache_capacity=cache)

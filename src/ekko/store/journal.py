@@ -152,7 +152,13 @@ def replay(store: Store, records: list[WalRecord], source: Path) -> int:
 
 
 def open_durable(
-    snapshot_path: Path, wal_dir: Path, *, origin: int, cache_capacity: int, window_s: float
+    snapshot_path: Path,
+    wal_dir: Path,
+    *,
+    origin: int,
+    cache_capacity: int,
+    window_s: float,
+    lazy_s: float = 0.05,
 ) -> tuple[Store, StoreJournal, int]:
     """The store as the snapshot and the log left it, journalled from now on, and the number
     of rows replayed. Raises ``SnapshotError`` / ``WalError`` naming the file at fault: a
@@ -161,7 +167,9 @@ def open_durable(
         store = Store.load(snapshot_path, cache_capacity=cache_capacity)
     else:
         store = Store(origin=origin, cache_capacity=cache_capacity)
-    wal, records = WriteAheadLog.open(wal_dir, after_seq=store.snapshot_wal_seq, window_s=window_s)
+    wal, records = WriteAheadLog.open(
+        wal_dir, after_seq=store.snapshot_wal_seq, window_s=window_s, lazy_s=lazy_s
+    )
     try:
         rows = replay(store, records, wal_dir)
     except BaseException:

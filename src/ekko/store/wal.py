@@ -9,8 +9,11 @@ Sequence numbers are consecutive across segments. ``append`` only buffers; one t
 what was appended during a short window and fsyncs once for all of it (group commit), so a
 caller that must not answer before its record is durable waits for ``durable_seq`` to reach
 its seq (``wait_durable`` on an event loop, ``sync`` from a thread) and the fsync never runs
-on the loop. A snapshot covering seq S calls ``rotate(S)``: later records go to a new segment
-and the older ones are deleted.
+on the loop. The window is ``window_s`` once someone waits; records nobody waits for (the
+trainer's writes) are committed at the latest ``lazy_s`` after the first of them, so a
+stream of unacknowledged writes costs a few fsyncs a second, not one per write. A snapshot
+covering seq S calls ``rotate(S)``: later records go to a new segment and the older ones
+are deleted.
 
 On open, a record cut short at the end of the last segment (a crash mid-append) is truncated
 with a warning naming the file and offset; any other fault — a bad checksum with records after
@@ -177,10 +180,20 @@ class WriteAheadLog:
     appends raise ``WalError`` rather than report a write durable that is not.
     """
 
-    def __init__(self, directory: Path, *, last_seq: int = 0, window_s: float = 0.003) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        last_seq: int = 0,
+        window_s: float = 0.003,
+        lazy_s: float = 0.05,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.window_s = float(window_s)
+        self.lazy_s = max(float(lazy_s), self.window_s)
+        self._buffered_at = 0.0  # when the oldest buffered record was appended
+        self._syncing = 0  # threads blocked in ``sync``
         self._cond = threading.Condition()
         # (seq, payload) records to write; an int asks to rotate after the records before it
         self._buf: list[tuple[int, bytes | bytearray | np.ndarray] | int] = []
@@ -197,7 +210,12 @@ class WriteAheadLog:
 
     @classmethod
     def open(
-        cls, directory: Path, *, after_seq: int = 0, window_s: float = 0.003
+        cls,
+        directory: Path,
+        *,
+        after_seq: int = 0,
+        window_s: float = 0.003,
+        lazy_s: float = 0.05,
     ) -> tuple[WriteAheadLog, list[WalRecord]]:
         """The log in ``directory`` continued after its last record, and the records newer
         than ``after_seq`` (what the latest snapshot covers) to replay."""
@@ -206,7 +224,7 @@ class WriteAheadLog:
             for p in _segments(Path(directory)):
                 p.unlink()
             last = after_seq
-        return cls(directory, last_seq=last, window_s=window_s), records
+        return cls(directory, last_seq=last, window_s=window_s, lazy_s=lazy_s), records
 
     # -- appending ----------------------------------------------------------------------
 
@@ -232,6 +250,8 @@ class WriteAheadLog:
             self._check()
             seq = self._next_seq
             self._next_seq += 1
+            if not self._buf:
+                self._buffered_at = time.monotonic()
             self._buf.append((seq, payload))
             self._appended += 1
             self._cond.notify()
@@ -260,6 +280,7 @@ class WriteAheadLog:
                 return
             fut = loop.create_future()
             self._waiters.append((seq, loop, fut))
+            self._cond.notify_all()  # someone waits now: commit at the end of the window
         await fut
 
     def sync(self, seq: int | None = None, timeout: float | None = None) -> None:
@@ -268,12 +289,17 @@ class WriteAheadLog:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             target = self._next_seq - 1 if seq is None else seq
-            while self._durable < target or self._rotations:
-                self._check()
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"record {target} not durable within {timeout} s")
-                self._cond.wait(left)
+            self._syncing += 1
+            self._cond.notify_all()
+            try:
+                while self._durable < target or self._rotations:
+                    self._check()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"record {target} not durable within {timeout} s")
+                    self._cond.wait(left)
+            finally:
+                self._syncing -= 1
 
     def statistics(self) -> WalStats:
         with self._cond:
@@ -313,7 +339,15 @@ class WriteAheadLog:
                     self._cond.wait()
                 if not self._buf and self._closing:
                     return
-            if self.window_s > 0 and not self._closing:
+                # Nobody waits for these records yet: hold them up to ``lazy_s``.
+                due = self._buffered_at + self.lazy_s
+                while not (self._waiters or self._syncing or self._closing):
+                    left = due - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                urgent = bool(self._waiters or self._syncing) and not self._closing
+            if urgent and self.window_s > 0:
                 time.sleep(self.window_s)  # let the records of this window join the fsync
             with self._cond:
                 batch, self._buf = self._buf, []
