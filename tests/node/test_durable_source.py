@@ -135,3 +135,4 @@ def test_a_failed_log_refuses_writes_and_shows_in_metrics(tmp_path: Path, monkey
     text = generate_latest(node_registry(core)).decode()
     assert 'ekko_wal_failed{dc="train",node="source",role="source"} 1.0' in text
     assert core.status()["wal"]["appended"] == 1
+    assert "No space left" in core.down()["wal"]  # /ready answers 503 naming it

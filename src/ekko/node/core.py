@@ -165,6 +165,12 @@ class NodeCore:
             )
         return self.writer.write(table, keys, values, now=time.time(), now_ns=time.time_ns())
 
+    def down(self) -> dict[str, str]:
+        """What of the node's own machinery stopped working (for ``/ready``)."""
+        if self.journal is not None and self.journal.wal.failed is not None:
+            return {"wal": f"write-ahead log failed: {self.journal.wal.failed}"}
+        return {}
+
     async def wait_durable(self) -> None:
         """Return once every write so far is on disk (at once without a write-ahead log)."""
         if self.journal is not None:

@@ -206,11 +206,11 @@ class NodeRunner:
     async def _ready_route(self, request: Request) -> Response:
         """200 once the node serves and every background task runs; 503 naming what is not
         (a supervised task, or a model's trainer thread: ``trainer/{model}``)."""
-        down = {**self.supervisor.down(), **self.models.down()}
+        down = {**self.supervisor.down(), **self.models.down(), **self.core.down()}
         ok = self.ready.is_set() and not down and not self._stop.is_set()
         doc = {"ready": ok, "node": self.core.name, "down": down}
         if not self.ready.is_set():
-            doc["why"] = "starting"
+            doc["why"] = self.core.not_ready or "starting"
         return JSONResponse(doc, status_code=200 if ok else 503)
 
     def _wan(self, peer: str):
