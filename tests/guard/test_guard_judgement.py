@@ -68,8 +68,11 @@ def test_after_a_rollback_the_model_stays_recovering_until_its_quality_is_back()
     for i in range(8):  # healthy, online well ahead of the baseline
         t += 1.0
         _interval(guard, t, 2.0, seed=i)
-    pre = [a for _, a in guard._online_auc]
-    healthy_wall = time.time() + 1.0
+    pre = [a for _, a in guard._healthy_auc]
+    assert len(pre) == 8
+    # restored to a checkpoint older than anything this replica judged (a poison in the
+    # first minute): the level before the incident still comes from its healthy intervals
+    healthy_wall = time.time() - 3600.0
     guard.redirect("test poison", epoch=0, automatic=True)
     guard.rolled_back(healthy_wall, {}, automatic=True)
     guard.poll()  # the (empty) restore is here

@@ -107,7 +107,9 @@ class ReplicaGuard:
         self.recovery_tolerance = recovery_tolerance
         self._skipped = 0  # consecutive intervals without enough samples to judge
         self._judged = 0  # intervals judged so far
-        self._online_auc: deque[tuple[float, float]] = deque(maxlen=600)  # (wall, AUC)
+        # (wall, AUC) of intervals judged normal while healthy: the level a rollback must
+        # bring the model back to
+        self._healthy_auc: deque[tuple[float, float]] = deque(maxlen=600)
         self.recovery: dict[str, Any] | None = None  # the post-rollback check
         self.last_why = ""  # what the last judged interval made of the verdict
 
@@ -144,8 +146,6 @@ class ReplicaGuard:
         self._skipped = self._skipped + 1 if verdict.skipped else 0
         if not verdict.skipped:
             self._judged += 1
-            if math.isfinite(online.auc):
-                self._online_auc.append((time.time(), online.auc))
             metrics = {
                 **online.as_metrics(self.model, ONLINE, "interval"),
                 **baseline.as_metrics(self.model, BASELINE, "interval"),
@@ -155,6 +155,12 @@ class ReplicaGuard:
             if self.health.state is State.RECOVERING:
                 event, why = self._check_recovery(event, why, online, baseline)
             self.last_why = why
+            if (
+                event is Event.SCORE_NORMAL
+                and self.health.state is State.HEALTHY
+                and math.isfinite(online.auc)
+            ):
+                self._healthy_auc.append((time.time(), online.auc))
             self._handle(event, now, why, metrics)
         self.poll()
         self.send("guard/report", self.report_body())
@@ -301,7 +307,12 @@ class ReplicaGuard:
         # A fresh detector: the online model is now about as old as the baseline, so the
         # reference learned while online ran ahead of it no longer describes "healthy".
         self.detector = Detector(self.detector.config)
-        before = [a for at, a in self._online_auc if at <= healthy_wall][-30:]
+        # The level before the incident: the last intervals judged normal before traffic
+        # left the online model (not only before the restored checkpoint: a poison in the
+        # first minute comes before the replica judged anything), median against the few
+        # of them the poison may already have touched.
+        until = self.redirected_at if self.redirected_at is not None else time.time()
+        before = [a for at, a in self._healthy_auc if at <= until][-30:]
         self.recovery = {
             "pre_incident_auc": float(np.median(before)) if before else None,
             "online": [],
