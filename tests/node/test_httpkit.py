@@ -1,0 +1,53 @@
+"""The shared HTTP toolkit: bodies bounded in size and time, JSON refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ekko.httpkit import RequestError, parse_json, receive_body
+from ekko.node.admin import parse_write
+
+
+async def test_a_body_that_stops_arriving_is_408() -> None:
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client never sends the rest
+        raise AssertionError
+
+    with pytest.raises(RequestError, match="not received within") as err:
+        await receive_body(receive, {}, limit=100, timeout=0.05)
+    assert err.value.status == 408
+
+
+async def test_a_chunked_body_is_cut_as_it_passes_the_limit() -> None:
+    sent = 0
+
+    async def receive() -> dict:
+        nonlocal sent
+        sent += 1
+        return {"type": "http.request", "body": b"x" * 40, "more_body": True}
+
+    with pytest.raises(RequestError, match="over 100 bytes") as err:
+        await receive_body(receive, {}, limit=100)
+    assert err.value.status == 413 and sent == 3  # never read past the limit
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "body: JSON nested too deeply"),
+        (b'{"keys": [' + b"9" * 5000 + b'], "values": [[0]]}', "a 5000-digit number"),
+        (b'{"keys": [1], "values": [[' + b"9" * 5000 + b"]]}", "values[0]: every element"),
+        (b'{"keys": [' + b"9" * 20 + b'], "values": [[0]]}', "keys: a key does not fit"),
+        (b"\xff\xfe", "body: not valid JSON"),
+    ],
+)
+def test_malformed_write_bodies_name_the_problem(body: bytes, needle: str) -> None:
+    with pytest.raises(RequestError, match=needle.replace("[", r"\[")) as err:
+        parse_write(body, 1)
+    assert err.value.status == 400
+
+
+def test_ints_keep_their_value_up_to_int64_width() -> None:
+    assert parse_json(b"[-9223372036854775808, 9223372036854775807]") == [-(2**63), 2**63 - 1]
