@@ -70,6 +70,10 @@ def test_after_a_rollback_the_model_stays_recovering_until_its_quality_is_back()
         _interval(guard, t, 2.0, seed=i)
     pre = [a for _, a in guard._healthy_auc]
     assert len(pre) == 8
+    for i in range(3):  # a poison's first intervals: online behind the baseline, not yet
+        t += 1.0  # below the floor; they must not lower the level to return to
+        _interval(guard, t, 0.8, seed=50 + i)
+    assert len(guard._healthy_auc) == 8  # (the detector may already have flagged them)
     # restored to a checkpoint older than anything this replica judged (a poison in the
     # first minute): the level before the incident still comes from its healthy intervals
     healthy_wall = time.time() - 3600.0

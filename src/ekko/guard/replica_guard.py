@@ -107,8 +107,8 @@ class ReplicaGuard:
         self.recovery_tolerance = recovery_tolerance
         self._skipped = 0  # consecutive intervals without enough samples to judge
         self._judged = 0  # intervals judged so far
-        # (wall, AUC) of intervals judged normal while healthy: the level a rollback must
-        # bring the model back to
+        # (wall, AUC) of intervals judged normal while healthy with online ahead of the
+        # baseline: the level a rollback must bring the model back to
         self._healthy_auc: deque[tuple[float, float]] = deque(maxlen=600)
         self.recovery: dict[str, Any] | None = None  # the post-rollback check
         self.last_why = ""  # what the last judged interval made of the verdict
@@ -158,6 +158,7 @@ class ReplicaGuard:
             if (
                 event is Event.SCORE_NORMAL
                 and self.health.state is State.HEALTHY
+                and self._worse_streak == 0  # online beat the baseline: not a poison's ramp
                 and math.isfinite(online.auc)
             ):
                 self._healthy_auc.append((time.time(), online.auc))
@@ -307,10 +308,11 @@ class ReplicaGuard:
         # A fresh detector: the online model is now about as old as the baseline, so the
         # reference learned while online ran ahead of it no longer describes "healthy".
         self.detector = Detector(self.detector.config)
-        # The level before the incident: the last intervals judged normal before traffic
-        # left the online model (not only before the restored checkpoint: a poison in the
-        # first minute comes before the replica judged anything), median against the few
-        # of them the poison may already have touched.
+        # The level before the incident: the last intervals judged normal, online ahead of
+        # the baseline, before traffic left the online model (not only before the restored
+        # checkpoint: a poison in the first minute comes before the replica judged anything).
+        # Without the "ahead" condition the poison's first intervals, not yet below the
+        # floor, pulled the median from 0.80 to 0.73-0.76 in the 90 s demo.
         until = self.redirected_at if self.redirected_at is not None else time.time()
         before = [a for at, a in self._healthy_auc if at <= until][-30:]
         self.recovery = {
