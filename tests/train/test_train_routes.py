@@ -87,3 +87,21 @@ async def test_not_json_unknown_model_and_predict_with_labels(setup) -> None:
     with pytest.raises(RequestError, match="predict takes no labels"):
         decode_predict(json.dumps(body(ev)).encode(), 13, 26, dense_limit=64.0)
     assert np.isfinite(ev.dense).all()
+
+
+async def test_a_trainer_not_started_yet_answers_503_with_the_reason(small_stream_config) -> None:
+    """A restarting source starts its trainers once recovered (they resume from the store);
+    until then the train route says why (503, retry), not that the model is unknown (404)."""
+    trainers: dict[str, TrainingService] = {}
+    why = "recovering: pulling what the replicas hold beyond its own data"
+    pending = {"ctr": why}
+    app = Starlette(routes=train_routes(trainers, pending.get))
+    ev = next(SyntheticStream(small_stream_config).batches(8))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        r = await client.post("/v1/models/ctr/train", json=body(ev))
+        assert r.status_code == 503 and why in r.json()["error"], r.text
+        assert (await client.get("/v1/models/ctr/train")).status_code == 503
+        r = await client.post("/v1/models/other/train", json=body(ev))
+        assert r.status_code == 404 and "unknown model 'other'" in r.json()["error"], r.text

@@ -161,10 +161,17 @@ class ModelHost:
             guard.tick(now_wall)
 
     def start_training(self, loop: asyncio.AbstractEventLoop) -> None:
-        """At the source: one trainer per model, tables created and dense tensors published
-        before the node reports ready."""
+        """At the source, once it holds everything it acknowledged (after recovery): one
+        trainer per model, resumed from the model's rows in the store, or with its tables
+        created and seed dense tensors published when the store holds none, before the node
+        reports ready."""
         if not self.core.is_source or not self.core.config.models:
             return
+        if self.core.not_ready is not None:
+            raise RuntimeError(
+                f"trainers start once the source is ready, not while {self.core.not_ready}: "
+                f"they resume from the store"
+            )
         from ekko.serve import StoreSink
         from ekko.train.service import TrainingService
         from ekko.train.trainer import TrainerConfig
@@ -183,7 +190,7 @@ class ModelHost:
                 embedding_shards=m.embedding_shards,
                 dense_interval_s=m.dense_interval_s,
             )
-            svc.bootstrap()  # on the loop thread, straight into the store
+            svc.bootstrap(store_sink.stored)  # on the loop thread, straight into the store
             pub = svc.publisher
             self.core.register_model_tables(m.name, [*pub.table_names, *pub.dense_table_names])
             self._on_write()
@@ -240,7 +247,7 @@ class ModelHost:
         if self.trainers or (self.core.is_source and self.core.config.models):
             from ekko.train.routes import train_routes
 
-            routes += train_routes(self.trainers)
+            routes += train_routes(self.trainers, self._trainer_pending)
         if self.core.config.guard.enabled and self.core.config.models:
             from ekko.guard.routes import replica_guard_routes, source_guard_routes
 
@@ -249,6 +256,13 @@ class ModelHost:
             elif self.replica_guards:
                 routes += replica_guard_routes(self.replica_guards)
         return routes
+
+    def _trainer_pending(self, model: str) -> str | None:
+        """Why a configured model's trainer is not running yet (the source recovers), else
+        None: the train route answers 503 with it rather than 404."""
+        if model in self.trainers or model not in {m.name for m in self.core.config.models}:
+            return None
+        return self.core.not_ready or "starting"
 
     def collectors(self) -> list:
         out: list = []

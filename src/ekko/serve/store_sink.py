@@ -59,3 +59,12 @@ class StoreSink:
         self.rows_written += len(keys)
         if self.on_write is not None:
             self.on_write()
+
+    def stored(self, table: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Copies of every (key, value) the store holds of ``table``, None when it holds none:
+        what a trainer restarted over this store resumes from (``TrainingService.bootstrap``)."""
+        t = self.store.tables.get(table)
+        if t is None or t.rows == 0:
+            return None
+        keys, values, *_ = t.all_rows()
+        return keys.copy(), values.copy()

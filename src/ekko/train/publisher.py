@@ -266,23 +266,48 @@ class EmbeddingPublisher:
         self._publish_s += time.perf_counter() - start
 
     @torch.no_grad()
-    def load_rows(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        """The inverse of publishing: set rows of ``table`` in the model (a rollback writes
-        the restored values back into the trainer). Pending ids are dropped."""
+    def load_rows(self, table: str, keys: np.ndarray, values: np.ndarray) -> int:
+        """The inverse of publishing: set rows of ``table`` in the model to values the store
+        holds (a rollback's restored rows, a restarted source's whole store). Pending ids are
+        dropped, and a loaded dense tensor counts as published (the store holds it).
+
+        Keys outside the embedding table (written by hand: the model hashes every id into
+        it, so it never reads them) are skipped; returns how many. Rows of the wrong width
+        (the model's shape changed since they were written) raise ``ValueError``."""
         for t in self._tables:
             t.pending = []
+        keys = np.asarray(keys, np.int64)
+        values = np.asarray(values, np.float32)
         for t in self._tables:
             if t.name == table:
-                idx = torch.as_tensor(np.asarray(keys, np.int64))
-                vals = torch.as_tensor(np.asarray(values, np.float32))
-                t.module.weight.index_copy_(0, idx, vals.to(t.module.weight.dtype))
-                return
+                weight = t.module.weight
+                if values.shape != (len(keys), weight.shape[1]):
+                    raise ValueError(
+                        f"table {table!r}: rows of shape {values.shape} for {len(keys)} keys; "
+                        f"the model's rows have width {weight.shape[1]} (its shape differs "
+                        f"from the model that wrote them)"
+                    )
+                inside = (keys >= 0) & (keys < weight.shape[0])
+                idx = torch.as_tensor(keys[inside])
+                vals = torch.as_tensor(values[inside]).to(weight.dtype)
+                weight.index_copy_(0, idx, vals)
+                return int((~inside).sum())
         tensor = self._dense.get(table)
         if tensor is None:
             raise KeyError(f"table {table!r} is not published by this publisher")
-        if len(keys):
-            row = np.asarray(values, np.float32)[-1]
-            tensor.copy_(torch.as_tensor(row).reshape(tensor.shape).to(tensor.dtype))
+        at_zero = np.flatnonzero(keys == 0)  # a dense tensor is the row of key 0
+        if at_zero.size == 0:
+            return len(keys)
+        row = values[at_zero[-1]]
+        if row.size != tensor.numel():
+            raise ValueError(
+                f"table {table!r}: a row of {row.size} values for a tensor of shape "
+                f"{tuple(tensor.shape)} ({tensor.numel()} values): the model's shape differs "
+                f"from the model that wrote it"
+            )
+        tensor.copy_(torch.as_tensor(row).reshape(tensor.shape).to(tensor.dtype))
+        self._dense_seen[table] = (id(tensor), tensor._version)
+        return len(keys) - 1
 
     def close(self) -> None:
         """Remove the forward hooks; pending ids are dropped."""

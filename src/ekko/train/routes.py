@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ekko.httpkit import offload
+from ekko.serve.errors import ModelNotReady
 from ekko.serve.metrics import model_counters
 from ekko.serve.routes import by_model, guarded, json_response, read_body
 from ekko.serve.schema import MAX_BATCH, decode_train
@@ -27,10 +28,17 @@ from ekko.train.service import TrainerBusy, TrainingService
 from ekko.train.streams import Events
 
 
-def train_routes(trainers: Mapping[str, TrainingService]) -> list[Route]:
-    """Routes for every trainer by model name."""
+def train_routes(
+    trainers: Mapping[str, TrainingService],
+    pending: Callable[[str], str | None] = lambda model: None,
+) -> list[Route]:
+    """Routes for every trainer by model name. ``pending(model)`` says why a model's trainer
+    is not running yet (the source recovers), answered 503 rather than 404."""
 
     def trainer(request: Request) -> TrainingService:
+        why = pending(request.path_params["model"])
+        if why is not None:
+            raise ModelNotReady(f"model {request.path_params['model']}: trainer not started: {why}")
         return by_model(trainers, request)
 
     @guarded

@@ -28,6 +28,10 @@ from ekko.train.trainer import REJECT_REASONS, OnlineTrainer, TrainerConfig
 
 log = logging.getLogger(__name__)
 
+StoredRows = Callable[[str], tuple[np.ndarray, np.ndarray] | None]
+"""``stored(table) -> (keys int64 [n], values float32 [n, dim])``: every row a store holds
+of ``table``, or None when it holds none."""
+
 
 class TrainerBusy(RuntimeError):
     """The training queue is full: the caller should retry later (HTTP 503)."""
@@ -114,13 +118,31 @@ class TrainingService:
         self._stopping = False
         self._rejected = dict.fromkeys(REJECT_REASONS, 0)
 
-    def bootstrap(self) -> None:
-        """Create the model's tables and publish its dense tensors, before any training.
+    def bootstrap(self, stored: StoredRows | None = None) -> int:
+        """Resume from the rows the store holds for this model, else start from the seed:
+        before any training, create the model's tables and publish what the store lacks.
 
-        Embedding rows are published as training touches them; a replica serves an untouched
-        key from the store's default (zero) row, close to the trainer's small initial values.
+        ``stored(table)`` gives every (keys, values) the store holds of ``table``, or None
+        when it has none. A restarted source's store (restored from its snapshot and log, or
+        rebuilt from the replicas) holds the trained model: those rows are loaded into the
+        model the way a rollback loads restored rows, and only the dense tensors the store
+        lacks are published, so seed weights never overwrite trained ones. The optimizer
+        state is not in the store: it starts afresh. Embedding rows the store lacks keep
+        their seed values (training has not touched them; a replica serves its default row
+        for them) and are published as training touches them. Returns the rows loaded.
         """
+        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        pub = self.publisher
+        for table in (*pub.table_names, *pub.dense_table_names):
+            got = stored(table) if stored is not None else None
+            if got is not None and len(got[0]):
+                rows[table] = got
+        if rows:
+            self.load_rows(rows)
+            n = sum(len(keys) for keys, _ in rows.values())
+            log.info("model %s resumes from %d rows of %d tables", self.name, n, len(rows))
         self.publisher.flush()
+        return sum(len(keys) for keys, _ in rows.values())
 
     def start(self) -> None:
         torch.set_num_threads(1)
@@ -234,13 +256,22 @@ class TrainingService:
         return dropped
 
     def load_rows(self, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Write restored values into the model (call while quarantined) and drop the
-        optimizers' momentum, which points where the undone updates went (their second
-        moments and step counts stay: see ``OnlineTrainer.forget_momentum``)."""
+        """Write values the store holds into the model (a rollback's restored rows, while
+        quarantined; a restarted source's store, before training) and drop the optimizers'
+        momentum, which points where the undone updates went (their second moments and step
+        counts stay: see ``OnlineTrainer.forget_momentum``)."""
         with self._step_lock:
-            for table, (keys, values) in rows.items():
-                self.publisher.load_rows(table, keys, values)
+            skipped = {
+                table: n
+                for table, (keys, values) in rows.items()
+                if (n := self.publisher.load_rows(table, keys, values))
+            }
             self.trainer.forget_momentum()
+        if skipped:
+            log.warning(
+                "model %s: rows the model has no place for were not loaded (keys outside an "
+                "embedding table, or other than 0 in a dense one): %s", self.name, skipped,
+            )  # fmt: skip
 
     def resume(self) -> None:
         self._paused = None
