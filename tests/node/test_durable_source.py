@@ -16,7 +16,7 @@ from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import ClusterConfig, load_config
 from ekko.node.core import NodeCore, NotReadyError
 from ekko.node.runner import NodeRunner
-from ekko.store import SnapshotError, WalError
+from ekko.store import SnapshotError, WalError, wal_format
 
 
 def _config(tmp_path: Path, **durability) -> ClusterConfig:
@@ -82,15 +82,25 @@ def test_corrupt_snapshot_refused_then_rebuild_sets_it_aside(tmp_path: Path) -> 
     rebuilt.close()
 
 
-def test_corrupt_log_record_refused_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("byte", "flip"),
+    [(100, 0xFF), (wal_format._HEADER.size + 3, 0x10)],
+    ids=["payload", "length-past-the-end"],
+)
+def test_corrupt_log_record_refused_by_name(tmp_path: Path, byte: int, flip: int) -> None:
+    """A damaged record with records after it stops the source, naming file and offset, and
+    changes nothing; a flipped length bit (pointing past the end) once passed as a torn tail
+    and the source started empty."""
     cfg = _config(tmp_path)
     _crash_after_writes(cfg, tmp_path)
-    seg = sorted((tmp_path / "data" / "source" / "wal").glob("*.wal"))[-1]
+    wal_dir = tmp_path / "data" / "source" / "wal"
+    seg = sorted(wal_dir.glob("*.wal"))[-1]
     data = bytearray(seg.read_bytes())
-    data[100] ^= 0xFF  # inside the first record, four more follow
+    data[byte] ^= flip  # inside the first record, four more follow
     seg.write_bytes(bytes(data))
-    with pytest.raises(WalError, match=seg.name):
+    with pytest.raises(WalError, match=rf"{seg.name}.*offset {wal_format._HEADER.size}"):
         NodeCore(cfg, "source", tmp_path)
+    assert seg.read_bytes() == bytes(data) and not list(wal_dir.glob("*.torn"))
 
 
 async def test_http_write_answered_after_fsync_and_503_while_recovering(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def test_torn_tail_truncated_with_warning(tmp_path: Path, caplog) -> None:
     assert [r.payload for r in records] == payloads[:4]
     msg = caplog.text
     assert seg.name in msg and "torn tail at offset" in msg
-    offset = size - (len(payloads[4]) + 16)
+    offset = size - (len(payloads[4]) + wal_mod._RECORD.size)
     assert f"offset {offset}" in msg
     assert seg.stat().st_size == offset
     assert log.append(b"after") == 5  # the lost record's seq is issued again: it never counted
@@ -126,7 +126,9 @@ def test_corrupt_middle_record_refused_by_name(tmp_path: Path) -> None:
     _fill(tmp_path, 5)
     seg = _segments(tmp_path)[-1]
     data = bytearray(seg.read_bytes())
-    data[wal_mod._HEADER.size + 16 + 2] ^= 0x01  # inside the first record's payload
+    data[wal_mod._HEADER.size + wal_mod._RECORD.size + 2] ^= (
+        0x01  # inside the first record's payload
+    )
     seg.write_bytes(bytes(data))
     with pytest.raises(WalError, match=rf"{seg.name}.*offset {wal_mod._HEADER.size}.*checksum"):
         read_log(tmp_path, 0)
@@ -338,3 +340,86 @@ def test_unwaited_records_become_durable_within_lazy_s(tmp_path: Path) -> None:
         time.sleep(0.005)  # polling another thread's progress, bounded by the deadline
     assert log.durable_seq == seq
     log.close()
+
+
+_DAMAGE_PAYLOADS = [bytes([i]) * (5 + 37 * i % 200) for i in range(12)]
+
+
+def _damage_base(tmp: Path) -> tuple[bytes, list[int]]:
+    """A real segment of 12 records and the offset where each record starts."""
+    log = WriteAheadLog(tmp, window_s=0.0)
+    for p in _DAMAGE_PAYLOADS:
+        log.append(p)
+    log.sync(timeout=10)
+    log.close()
+    data = _segments(tmp)[0].read_bytes()
+    starts, off = [], wal_mod._HEADER.size
+    for p in _DAMAGE_PAYLOADS:
+        starts.append(off)
+        off += wal_mod._RECORD.size + len(p)
+    assert off == len(data)
+    return data, starts
+
+
+def _check_damage(tmp_path_factory, damaged: bytes) -> int | None:
+    """Open a log whose only segment is ``damaged``. Either it refuses naming the file and
+    an offset and changes nothing, or it replays a prefix of the records and keeps the cut
+    bytes in a ``.torn`` file. Returns how many records it replayed (None: refused)."""
+    d = tmp_path_factory.mktemp("damaged")
+    seg = d / wal_mod._segment_name(1)
+    seg.write_bytes(damaged)
+    try:
+        records, _ = read_log(d, 0)
+    except WalError as exc:
+        assert seg.name in str(exc) and "offset" in str(exc)
+        assert seg.read_bytes() == damaged and not list(d.glob("*.torn"))
+        return None
+    assert [r.payload for r in records] == _DAMAGE_PAYLOADS[: len(records)]
+    kept = seg.read_bytes() if seg.exists() else b""
+    torn = list(d.glob("*.torn"))
+    if len(kept) < len(damaged):
+        assert len(torn) == 1 and kept + torn[0].read_bytes() == damaged
+    return len(records)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_a_flipped_byte_never_loses_a_record_followed_by_valid_ones(tmp_path_factory, data):
+    """issue 13 §2 (walfix): a flipped bit in a record's length once passed as a torn tail and
+    the whole log after it was truncated. Any single flipped byte is either refused by name
+    or, only inside the final record, a torn tail."""
+    base, starts = _damage_base(tmp_path_factory.mktemp("base"))
+    pos = data.draw(st.integers(0, len(base) - 1), label="pos")
+    damaged = bytearray(base)
+    damaged[pos] ^= data.draw(st.integers(1, 255), label="xor")
+    hit = sum(1 for s in starts if s <= pos) - 1  # the damaged record (-1: segment header)
+    replayed = _check_damage(tmp_path_factory, bytes(damaged))
+    if replayed is not None:
+        # Accepted only as a torn tail: the damage is in the last record, all before it kept.
+        assert hit == len(_DAMAGE_PAYLOADS) - 1 and replayed == hit
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_a_log_cut_anywhere_replays_every_complete_record(tmp_path_factory, data):
+    base, starts = _damage_base(tmp_path_factory.mktemp("base"))
+    cut = data.draw(st.integers(0, len(base) - 1), label="cut")
+    complete = sum(
+        1
+        for s, p in zip(starts, _DAMAGE_PAYLOADS, strict=True)
+        if s + wal_mod._RECORD.size + len(p) <= cut
+    )
+    assert _check_damage(tmp_path_factory, base[:cut]) == complete
+
+
+def test_a_flipped_length_bit_is_refused_not_truncated(tmp_path: Path) -> None:
+    """The attacker's repro: byte 3 of the first record's length XOR 0x10 makes the length
+    point past the end of the file; records follow, so it is corruption, not a torn tail."""
+    _fill(tmp_path, 50)
+    seg = _segments(tmp_path)[-1]
+    data = bytearray(seg.read_bytes())
+    data[wal_mod._HEADER.size + 3] ^= 0x10
+    seg.write_bytes(bytes(data))
+    with pytest.raises(WalError, match=rf"{seg.name}.*offset {wal_mod._HEADER.size}.*follows"):
+        WriteAheadLog.open(tmp_path)
+    assert seg.read_bytes() == bytes(data)

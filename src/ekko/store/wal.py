@@ -1,10 +1,6 @@
 """A write-ahead log of opaque records: group-committed, checksummed, truncated by snapshots.
 
-Layout: a directory of segments ``<first seq, 20 digits>.wal``, each::
-
-    b"EKKOWAL1" | u32 format | u64 first seq | u32 crc32 of the three fields
-    then records: u32 payload length | u32 crc32(seq, payload) | u64 seq | payload
-
+The format and its verified reading (torn tail vs corruption) are in ``ekko.store.wal_format``.
 Sequence numbers are consecutive across segments. ``append`` only buffers; one thread writes
 what was appended during a short window and fsyncs once for all of it (group commit), so a
 caller that must not answer before its record is durable waits for ``durable_seq`` to reach
@@ -14,10 +10,6 @@ trainer's writes) are committed at the latest ``lazy_s`` after the first of them
 stream of unacknowledged writes costs a few fsyncs a second, not one per write. A snapshot
 covering seq S calls ``rotate(S)``: later records go to a new segment and the older ones
 are deleted.
-
-On open, a record cut short at the end of the last segment (a crash mid-append) is truncated
-with a warning naming the file and offset; any other fault — a bad checksum with records after
-it, a bad header, a gap in the sequence — raises ``WalError`` naming the file and offset.
 """
 
 from __future__ import annotations
@@ -36,22 +28,24 @@ from pathlib import Path
 import numpy as np
 
 from ekko.store.errors import WalError
+from ekko.store.wal_format import (  # noqa: F401 - re-exported: the log's public names
+    _HEADER,
+    _RECORD,
+    FORMAT,
+    MAGIC,
+    MAX_RECORD,
+    SUFFIX,
+    TORN_SUFFIX,
+    WalRecord,
+    _fsync_dir,
+    _record_header,
+    _segment_name,
+    _segments,
+    encode_record,
+    read_log,
+)
 
 log = logging.getLogger(__name__)
-
-MAGIC = b"EKKOWAL1"
-FORMAT = 1
-SUFFIX = ".wal"
-_HEADER = struct.Struct("<8sIQI")
-_RECORD = struct.Struct("<IIQ")
-_SEQ = struct.Struct("<Q")
-MAX_RECORD = 1 << 30
-
-
-@dataclass(frozen=True)
-class WalRecord:
-    seq: int
-    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -62,114 +56,6 @@ class WalStats:
     durable_seq: int
     fsyncs: int
     bytes_written: int
-
-
-def _record_crc(seq: int, payload: bytes | bytearray | np.ndarray | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
-
-
-def encode_record(seq: int, payload: bytes | bytearray | np.ndarray) -> bytes:
-    return _RECORD.pack(len(payload), _record_crc(seq, payload), seq) + bytes(payload)
-
-
-def _segment_name(first_seq: int) -> str:
-    return f"{first_seq:020d}{SUFFIX}"
-
-
-def _segments(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_segment(path: Path, *, last: bool, expect: int | None) -> tuple[list[WalRecord], int]:
-    """Records of one segment and the byte length of its valid part. A torn tail of the last
-    segment ends the valid part; any other fault raises ``WalError``."""
-    data = path.read_bytes()
-    if len(data) < _HEADER.size:
-        if last:
-            return [], -1  # created but its header never reached the disk
-        raise WalError(f"write-ahead log {path}: header truncated ({len(data)} bytes)")
-    magic, fmt, first, crc = _HEADER.unpack_from(data)
-    if magic != MAGIC or fmt != FORMAT or zlib.crc32(data[: _HEADER.size - 4]) != crc:
-        raise WalError(f"write-ahead log {path}: bad header (magic {magic!r}, format {fmt})")
-    if first != int(path.stem):
-        raise WalError(f"write-ahead log {path}: header says first seq {first}")
-    if expect is not None and first != expect:
-        raise WalError(f"write-ahead log {path}: starts at seq {first}, expected {expect}")
-    records: list[WalRecord] = []
-    off, seq_next = _HEADER.size, first
-    while off < len(data):
-        end = off + _RECORD.size
-        length, crc, seq = _RECORD.unpack_from(data, off) if end <= len(data) else (0, 0, 0)
-        torn = end > len(data) or length > MAX_RECORD or end + length > len(data)
-        if not torn:
-            payload = data[end : end + length]
-            if _record_crc(seq, payload) != crc:
-                if last and end + length == len(data):
-                    torn = True  # the final record, partly written
-                else:
-                    raise WalError(
-                        f"write-ahead log {path}: record at offset {off} fails its checksum "
-                        "and records follow it (corrupt, not a torn tail)"
-                    )
-            elif seq != seq_next:
-                raise WalError(
-                    f"write-ahead log {path}: record at offset {off} has seq {seq}, "
-                    f"expected {seq_next}"
-                )
-        if torn:
-            if not last:
-                raise WalError(f"write-ahead log {path}: truncated record at offset {off}")
-            return records, off
-        records.append(WalRecord(seq, payload))
-        seq_next += 1
-        off = end + length
-    return records, off
-
-
-def read_log(directory: Path, after_seq: int) -> tuple[list[WalRecord], int]:
-    """Verified records with seq > ``after_seq`` and the last seq in the log (``after_seq``
-    when empty). Truncates a torn tail in place (logged); raises ``WalError`` otherwise."""
-    directory = Path(directory)
-    segs = _segments(directory) if directory.exists() else []
-    out: list[WalRecord] = []
-    last_seq = after_seq
-    expect: int | None = None
-    for i, path in enumerate(segs):
-        is_last = i == len(segs) - 1
-        records, valid = _read_segment(path, last=is_last, expect=expect)
-        if is_last and valid < path.stat().st_size:
-            if valid < 0:
-                log.warning("write-ahead log %s: no complete header; removing it", path)
-                path.unlink()
-            else:
-                log.warning(
-                    "write-ahead log %s: torn tail at offset %d (%d bytes) truncated",
-                    path,
-                    valid,
-                    path.stat().st_size - valid,
-                )
-                os.truncate(path, valid)
-        first = int(path.stem)
-        expect = first + len(records)
-        for r in records:
-            if r.seq > after_seq:
-                out.append(r)
-        if records:
-            last_seq = max(last_seq, records[-1].seq)
-    if out and out[0].seq != after_seq + 1:
-        raise WalError(
-            f"write-ahead log {directory}: the snapshot covers seq {after_seq} but the log "
-            f"resumes at seq {out[0].seq} (records missing)"
-        )
-    return out, last_seq
 
 
 class WriteAheadLog:
@@ -384,7 +270,7 @@ class WriteAheadLog:
         n = 0
         for seq, payload in chunk:
             # zlib releases the GIL on large buffers: the event loop runs meanwhile.
-            self._file.write(_RECORD.pack(len(payload), _record_crc(seq, payload), seq))
+            self._file.write(_record_header(seq, payload))
             self._file.write(payload)
             n += _RECORD.size + len(payload)
         self._file.flush()
