@@ -128,17 +128,30 @@ def _secret(config: Path) -> bytes:
 @app.command()
 def sign(
     method: str = typer.Argument(..., help="HTTP method, e.g. GET."),
-    path: str = typer.Argument(..., help="Path with its query as sent, e.g. /v1/status."),
+    url: str = typer.Argument(
+        ..., help="The full URL as sent, e.g. http://HOST:PORT/v1/status (it names the node)."
+    ),
     role: str | None = typer.Option(None, help="Role to sign as (default: least needed)."),
     data: Path | None = typer.Option(None, help="File holding the exact body to send."),
     key: Path | None = typer.Option(None, help="A role key file (ekko cluster keys)."),
     config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (its secret)."),
 ) -> None:
     """Print one request's credential header, for curl: ``curl -H "$(ekko sign GET
-    /v1/status)" http://HOST:PORT/v1/status``. Each header is good once, for 60 s."""
-    from ekko.node.access import AccessPolicy, least_role
-    from ekko.node.signed_requests import role_headers, role_key
+    http://HOST:PORT/v1/status)" http://HOST:PORT/v1/status``. Each header is good once, for
+    60 s, at that node only."""
+    import httpx
 
+    from ekko.node.access import AccessPolicy, least_role
+    from ekko.node.signed_requests import host_of, role_headers, role_key
+
+    try:
+        u = httpx.URL(url)
+        if not u.host:
+            raise ValueError("no host")
+    except (httpx.InvalidURL, ValueError) as exc:
+        console.print(f"[red]give the full URL (http://HOST:PORT/path), got {url!r}:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    path = u.raw_path.decode("ascii")
     body = data.read_bytes() if data is not None else b""
     # As if serving were closed: a header is harmless where a route is open.
     role = role or least_role(method.upper(), path, AccessPolicy(serve_open=False))
@@ -147,7 +160,7 @@ def sign(
         raise typer.Exit(0)
     try:
         k = bytes.fromhex(key.read_text().strip()) if key else role_key(_secret(config), role)
-        headers = role_headers(k, role, method.upper(), path, body)
+        headers = role_headers(k, role, method.upper(), path, body, host=host_of(url))
     except (OSError, ValueError) as exc:
         console.print(f"[red]cannot sign:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -252,8 +265,8 @@ def rollback(
     cluster secret (the route refuses anything else)."""
     import httpx
 
+    from ekko.node.access import ClusterAuth
     from ekko.node.config import ConfigError, load_config
-    from ekko.node.signed_requests import signed_json
 
     try:
         cfg = load_config(config)
@@ -264,10 +277,9 @@ def rollback(
     src = cfg.source
     path = f"/v1/models/{model}/rollback"
     doc: dict = {"why": why} | ({"to": to} if to is not None else {})
-    content, headers = signed_json(secret, path, doc, role="operator")
     try:
-        r = httpx.post(f"http://{src.host}:{src.admin_port}{path}", content=content,
-                       headers=headers, timeout=30.0)  # fmt: skip
+        r = httpx.post(f"http://{src.host}:{src.admin_port}{path}", json=doc,
+                       auth=ClusterAuth(secret), timeout=30.0)  # fmt: skip
     except httpx.HTTPError as exc:
         console.print(f"[red]source {src.name} unreachable:[/red] {exc}")
         raise typer.Exit(1) from exc

@@ -43,12 +43,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         yield c
 
 
-def _signed(cluster: LocalCluster, role: str, method: str, path: str, body: bytes = b"") -> dict:
+def _signed(
+    cluster: LocalCluster,
+    role: str,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    node: str = "source",
+) -> dict:
+    """Headers signing one request to ``node`` (the source unless named)."""
     try:
-        from ekko.node.signed_requests import auth_headers
+        from ekko.node.signed_requests import auth_headers, host_of
     except ImportError:  # the code before credentials: unsigned, so these tests show its faults
         return {}
-    return auth_headers(cluster.secret, role, method, path, body)
+    host = host_of(cluster.url(node, path))
+    return auth_headers(cluster.secret, role, method, path, body, host=host)
 
 
 def test_every_door_needs_its_credential(cluster: LocalCluster) -> None:

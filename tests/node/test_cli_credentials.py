@@ -36,9 +36,9 @@ async def test_signed_from_the_shell_and_a_role_key_file(tmp_path: Path) -> None
     body = tmp_path / "body.json"
     body.write_bytes(b'{"keys": [1]}')
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-        r = await c.get("/v1/status", headers=sign("GET", "/v1/status"))
+        r = await c.get("/v1/status", headers=sign("GET", "http://t/v1/status"))
         assert r.status_code == 200, r.text
-        h = sign("POST", "/v1/tables/emb/rows", "--data", str(body))
+        h = sign("POST", "http://t/v1/tables/emb/rows", "--data", str(body))
         assert "role=writer" in h["x-ekko-signature"]
         r = await c.post("/v1/tables/emb/rows", content=body.read_bytes(), headers=h)
         assert r.status_code == 200 and r.json() == {"body": '{"keys": [1]}'}
@@ -50,9 +50,9 @@ async def test_signed_from_the_shell_and_a_role_key_file(tmp_path: Path) -> None
             "operator.key", "reader.key", "writer.key"]  # fmt: skip
         assert (tmp_path / "k" / "writer.key").stat().st_mode & 0o077 == 0
         writer = str(tmp_path / "k" / "writer.key")
-        h = sign("GET", "/v1/snapshot", "--role", "writer", "--key", writer)
+        h = sign("GET", "http://t/v1/snapshot", "--role", "writer", "--key", writer)
         r = await c.get("/v1/snapshot", headers=h)
         assert r.status_code == 403  # a writer's key signs as writer only
-        h = sign("GET", "/v1/snapshot", "--role", "operator", "--key", writer)
+        h = sign("GET", "http://t/v1/snapshot", "--role", "operator", "--key", writer)
         r = await c.get("/v1/snapshot", headers=h)
         assert r.status_code == 401 and "does not match" in r.json()["error"]

@@ -14,9 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ekko.node.access import AccessPolicy, ClusterAuth, least_role
+from ekko.node import signed_requests as sr
+from ekko.node.access import AccessPolicy, ClusterAuth, is_own_host, least_role
 from ekko.node.admin import admin_app
 from ekko.node.signed_requests import (
+    RESIGN_HEADER,
     ROLES,
     SIGNATURE_HEADER,
     NonceCache,
@@ -60,9 +62,12 @@ ROUTES: list[tuple[str, str, frozenset[str] | None]] = [
 
 
 def test_a_signature_verifies_only_the_request_it_signs() -> None:
-    hdr = role_headers(role_key(SECRET, "node"), "node", "POST", PATH, b'{"a":1}', now=1000.0)
+    key = role_key(SECRET, "node")
+    hdr = role_headers(key, "node", "POST", PATH, b'{"a":1}', now=1000.0, host="a:80")
     cred = parse_credential(hdr[SIGNATURE_HEADER], PATH)
-    verify_credential(SECRET, cred, "POST", PATH, b'{"a":1}', now=1010.0)
+    verify_credential(SECRET, cred, "POST", PATH, b'{"a":1}', now=1010.0, host="a:80")
+    with pytest.raises(SignatureError, match="does not match"):  # signed for another node
+        verify_credential(SECRET, cred, "POST", PATH, b'{"a":1}', now=1010.0, host="b:80")
     cases = [
         (SECRET, cred, "POST", PATH, b'{"a":2}', 1010.0, "does not match"),  # altered body
         (SECRET, cred, "POST", "/v1/models/ctr/rollback", b'{"a":1}', 1010.0, "does not match"),
@@ -73,7 +78,7 @@ def test_a_signature_verifies_only_the_request_it_signs() -> None:
     ]
     for secret, c, method, path, body, now, why in cases:
         with pytest.raises(SignatureError, match=re.escape(why)):
-            verify_credential(secret, c, method, path, body, now=now)
+            verify_credential(secret, c, method, path, body, now=now, host="a:80")
     for header, why in [
         (None, f"missing {SIGNATURE_HEADER}"),
         ("t=x,mac=00", "malformed"),
@@ -87,13 +92,13 @@ def test_a_signature_verifies_only_the_request_it_signs() -> None:
 @given(have=st.sampled_from(ROLES), claim=st.sampled_from(ROLES))
 def test_a_role_key_signs_only_as_its_own_role(have: str, claim: str) -> None:
     """Holding one role's key (handed out by the operator) gives no other role."""
-    hdr = role_headers(role_key(SECRET, have), claim, "POST", PATH, b"{}")
+    hdr = role_headers(role_key(SECRET, have), claim, "POST", PATH, b"{}", host="a")
     cred = parse_credential(hdr[SIGNATURE_HEADER], PATH)
     if have == claim:
-        verify_credential(SECRET, cred, "POST", PATH, b"{}")
+        verify_credential(SECRET, cred, "POST", PATH, b"{}", host="a")
     else:
         with pytest.raises(SignatureError, match="does not match"):
-            verify_credential(SECRET, cred, "POST", PATH, b"{}")
+            verify_credential(SECRET, cred, "POST", PATH, b"{}", host="a")
 
 
 def test_nonce_cache_refuses_a_replay_within_its_window_only() -> None:
@@ -131,9 +136,10 @@ async def test_every_route_accepts_exactly_its_roles(
     route: tuple[str, str, frozenset[str] | None], role: str | None
 ) -> None:
     method, path, need = route
-    headers = {} if role is None else auth_headers(SECRET, role, method, path, b"")
+    app = _app()
+    headers = {} if role is None else auth_headers(SECRET, role, method, path, b"", host="test")
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=_app()), base_url="http://test"
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
     ) as c:
         r = await c.request(method, path, headers=headers)
     if need is None or role in need:
@@ -148,12 +154,12 @@ async def test_every_route_accepts_exactly_its_roles(
 async def test_signed_bodies_arrive_intact_and_a_replay_is_refused(
     client: httpx.AsyncClient,
 ) -> None:
-    content, headers = signed_json(SECRET, PATH, {"state": "healthy"})
+    content, headers = signed_json(SECRET, "http://test" + PATH, {"state": "healthy"})
     r = await client.post(PATH, content=content, headers=headers)
     assert r.status_code == 200 and r.json() == {"got": content.decode()}
     r = await client.post(PATH, content=content, headers=headers)
     assert r.status_code == 401 and "replayed" in r.json()["error"]
-    content, headers = signed_json(b"not-the-secret", PATH, {"state": "healthy"})
+    content, headers = signed_json(b"not-the-secret", "http://test" + PATH, {"state": "healthy"})
     r = await client.post(PATH, content=content, headers=headers)
     assert r.status_code == 401 and "does not match" in r.json()["error"]
     odd = f"role=node,t={int(time.time())},nonce=ab,mac=".encode() + b"\xe9"
@@ -161,7 +167,7 @@ async def test_signed_bodies_arrive_intact_and_a_replay_is_refused(
     # A non-ASCII MAC is refused as not matching, not a server error.
     assert r.status_code == 401 and "does not match" in r.json()["error"]
     # The query string is signed: a reader's signature for one key does not read another.
-    h = auth_headers(SECRET, "reader", "GET", "/v1/tables/emb/rows?keys=1")
+    h = auth_headers(SECRET, "reader", "GET", "/v1/tables/emb/rows?keys=1", host="test")
     r = await client.get("/v1/tables/emb/rows?keys=2", headers=h)
     assert r.status_code == 401 and "does not match" in r.json()["error"]
 
@@ -182,7 +188,7 @@ async def test_bodies_over_the_limit_are_refused_before_reading() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         path = "/v1/tables/emb/rows"
         body = b"x" * 5000
-        h = auth_headers(SECRET, "writer", "POST", path, body)
+        h = auth_headers(SECRET, "writer", "POST", path, body, host="test")
         r = await c.post(path, content=body, headers=h)
         assert r.status_code == 413 and "5000 bytes; the limit is 1000" in r.json()["error"]
         assert received == []  # refused from content-length, nothing read
@@ -206,7 +212,7 @@ async def test_serving_is_open_or_closed_by_config(serve_open: bool) -> None:
         for path in ("/v1/models/ctr/predict", "/v1/models/ctr/feedback"):
             r = await c.post(path, content=b"{}")
             assert r.status_code == (200 if serve_open else 401), r.text
-        h = auth_headers(SECRET, "reader", "POST", "/v1/models/ctr/feedback", b"{}")
+        h = auth_headers(SECRET, "reader", "POST", "/v1/models/ctr/feedback", b"{}", host="test")
         r = await c.post("/v1/models/ctr/feedback", content=b"{}", headers=h)
         assert r.status_code == (200 if serve_open else 403)
     async with httpx.AsyncClient(
@@ -224,3 +230,89 @@ def test_least_role_is_the_weakest_accepted() -> None:
     assert least_role("POST", "/v1/models/x/guard/report") == "node"
     assert least_role("GET", "/health") is None
     assert least_role("GET", "/v1/tables/emb/rows?keys=1") == "reader"
+
+
+async def test_a_signature_names_its_node_and_another_node_refuses_it() -> None:
+    """A header captured at one node is worthless at another: the MAC covers the Host, and a
+    node accepts only a Host that is its own."""
+    app = _app()
+    body = b'{"keys": [1]}'
+    path = "/v1/tables/emb/rows"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as c:
+        for signed_for, sent_host, why in [
+            ("a", None, "does not match"),  # sent as is to b: the MAC names a
+            ("a", "a", "not this node"),  # Host rewritten to match the MAC: not b's
+            ("b:81", "b:81", "not this node"),  # b on another port is another node
+        ]:
+            h = auth_headers(SECRET, "writer", "POST", path, body, host=signed_for)
+            if sent_host is not None:
+                h["host"] = sent_host
+            r = await c.post(path, content=body, headers=h)
+            assert r.status_code == 401 and why in r.json()["error"], (signed_for, r.text)
+        h = auth_headers(SECRET, "writer", "POST", path, body, host="b")
+        assert (await c.post(path, content=body, headers=h)).status_code == 200
+
+
+def test_own_host_is_the_address_reached_or_an_advertised_name() -> None:
+    server = ("127.0.0.1", 8080)
+    names = frozenset({"node-a.example:8080", "node-a"})
+    for host, own in [
+        ("127.0.0.1:8080", True),
+        ("localhost:8080", True),  # loopback
+        ("127.0.0.1:8081", False),
+        ("127.0.0.2:8080", False),
+        ("node-a.example:8080", True),
+        ("NODE-A.example:8080", True),
+        ("node-a.example:9090", False),
+        ("node-a:8080", True),
+        ("node-b:8080", False),
+        ("", False),
+        ("127.0.0.1:x", False),
+    ]:
+        assert is_own_host(host, server, names) is own, host
+    assert is_own_host("[::1]:8080", ("::1", 8080), frozenset())
+    assert not is_own_host("[::1]:8080", ("10.0.0.5", 8080), frozenset())
+    assert not is_own_host("localhost:8080", ("10.0.0.5", 8080), frozenset())
+
+
+async def test_a_request_signed_before_the_node_started_is_refused_then_signed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The nonce cache lives in memory: after a restart it cannot know what the previous
+    process accepted, so a node refuses any signature dated before its start (marked
+    ``RESIGN_HEADER``), and ``ClusterAuth`` signs again."""
+    body = b'{"keys": [1]}'
+    path = "/v1/tables/emb/rows"
+    old = auth_headers(SECRET, "writer", "POST", path, body, host="test")
+    first = _app()  # the node before the restart
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=first), base_url="http://test"
+    ) as c:
+        assert (await c.post(path, content=body, headers=old)).status_code == 200
+        assert (await c.post(path, content=body, headers=old)).status_code == 401
+    clock = [time.time() + 5.0]  # the node restarts 5 s later (a fake clock)
+    monkeypatch.setattr(sr.time, "time", lambda: clock[0])
+    restarted = _app()
+    sent: list[str] = []
+
+    async def counting(scope, receive, send):
+        hdrs = dict(scope["headers"])
+        sent.append(hdrs[SIGNATURE_HEADER.encode()].decode())
+        await restarted(scope, receive, send)
+        clock[0] = restart_at  # after the first answer the client's clock has caught up
+
+    restart_at = clock[0]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=counting), base_url="http://test"
+    ) as c:
+        r = await c.post(path, content=body, headers=old)
+        assert r.status_code == 401 and "before this node started" in r.json()["error"]
+        assert r.headers[RESIGN_HEADER] == "1"
+        # A client that signs 1 s before the node started (a clock behind, or a request
+        # signed while the node restarted) is refused once, signs again and is served.
+        clock[0] = restart_at - 1.0
+        sent.clear()
+        c.auth = ClusterAuth(SECRET)
+        r = await c.post(path, content=body)
+        assert r.status_code == 200, r.text
+        assert len(sent) == 2 and sent[0] != sent[1]

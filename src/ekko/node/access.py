@@ -28,6 +28,7 @@ anything else                              operator
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import time
 from collections.abc import Generator
@@ -39,10 +40,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ekko.httpkit import MAX_BODY_BYTES, OFFLOAD_BYTES, RequestError, receive_body
 from ekko.node.signed_requests import (
+    RESIGN_HEADER,
     ROLES,
     SIGNATURE_HEADER,
     NonceCache,
     SignatureError,
+    SignedBeforeStart,
     auth_headers,
     parse_credential,
     verify_credential,
@@ -123,11 +126,18 @@ class ClusterAuth(httpx.Auth):
         query = request.url.query.decode("latin-1")
         target = f"{request.url.path}?{query}" if query else request.url.path
         role = least_role(request.method, target, self.policy)
-        if role is not None:
+        if role is None:
+            yield request
+            return
+        for _ in range(3):  # a node that started after we signed asks for a fresh signature
+            host = request.headers["host"]
+            body = request.content
             request.headers.update(
-                auth_headers(self.secret, role, request.method, target, request.content)
+                auth_headers(self.secret, role, request.method, target, body, host=host)
             )
-        yield request
+            response = yield request
+            if response.status_code != 401 or RESIGN_HEADER not in response.headers:
+                return
 
 
 class RequireRole:
@@ -143,13 +153,15 @@ class RequireRole:
         secret: bytes,
         policy: AccessPolicy | None = None,
         nonces: NonceCache | None = None,
+        names: frozenset[str] = frozenset(),
     ) -> None:
         if not secret:
             raise ValueError("secret must be non-empty bytes")
         self.app = app
         self.secret = secret
         self.policy = policy or AccessPolicy()
-        self.nonces = nonces or NonceCache()
+        self.nonces = nonces if nonces is not None else NonceCache()  # an empty one is falsy
+        self.names = frozenset(n.lower() for n in names)
         self.refused: dict[int, int] = {}  # by status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -177,13 +189,19 @@ class RequireRole:
             return await self._refuse(scope, receive, send, exc.status, str(exc))
         if body is None:
             return  # the client went away
+        host = headers.get("host", "")
+        if not is_own_host(host, scope.get("server"), self.names):
+            why = f"request signed for host {host[:100]!r}, which is not this node"
+            return await self._refuse(scope, receive, send, 401, why)
         args = (self.secret, cred, method, target, body)
         try:
             if len(body) > OFFLOAD_BYTES:
-                await asyncio.to_thread(verify_credential, *args)
+                await asyncio.to_thread(verify_credential, *args, host=host)
             else:
-                verify_credential(*args)
-            self.nonces.add(cred.nonce, time.time())
+                verify_credential(*args, host=host)
+            self.nonces.add(cred.nonce, time.time(), signed_at=cred.t)
+        except SignedBeforeStart as exc:
+            return await self._refuse(scope, receive, send, 401, str(exc), resign=True)
         except SignatureError as exc:
             return await self._refuse(scope, receive, send, 401, str(exc))
         replayed = False
@@ -198,7 +216,50 @@ class RequireRole:
         await self.app(scope, replay, send)
 
     async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, status: int, why: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        status: int,
+        why: str,
+        resign: bool = False,
     ) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1
-        await JSONResponse({"error": why}, status_code=status)(scope, receive, send)
+        headers = {RESIGN_HEADER: "1"} if resign else None
+        await JSONResponse({"error": why}, status_code=status, headers=headers)(
+            scope, receive, send
+        )
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    name, sep, port = host.rpartition(":") if not host.endswith("]") else ("", "", "")
+    if not sep:
+        name, port = host, ""
+    name = name.strip("[]").lower()
+    try:
+        return name, int(port) if port else None
+    except ValueError:
+        return name, -1
+
+
+def is_own_host(host: str, server: tuple[str, int] | None, names: frozenset[str]) -> bool:
+    """Whether a request's ``Host`` names this node: the address and port the connection
+    reached (``server``; ``localhost`` too when that is a loopback address), or one of
+    ``names`` (``[http] names``: DNS names or proxied ``host:port`` the node is reached by)."""
+    if not host:
+        return False
+    name, port = _split_host(host)
+    if host.lower() in names or (port is None and name in names):
+        return True
+    if server is None:
+        return False
+    s_host, s_port = server[0].lower(), server[1] or 80  # ASGI test transports give None
+    if (port if port is not None else 80) != s_port:
+        return False
+    if name == s_host or name in names:
+        return True
+    try:
+        loopback = ipaddress.ip_address(s_host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    return loopback and name == "localhost"

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from ekko.httpkit import MAX_BODY_BYTES, RequestError, guarded_by, offload, parse_json, read_body
 from ekko.node.access import AccessPolicy, RequireRole
 from ekko.node.core import NodeCore, NotReadyError, NotSourceError
+from ekko.node.signed_requests import NonceCache
 from ekko.store import StoreError, UnknownTableError, WalError
 
 BadRequest = RequestError  # the name this module's callers and tests know
@@ -145,8 +146,18 @@ def admin_routes(
     ]
 
 
-def admin_app(routes: list[Route], secret: bytes, policy: AccessPolicy | None = None) -> Starlette:
+def admin_app(
+    routes: list[Route],
+    secret: bytes,
+    policy: AccessPolicy | None = None,
+    names: frozenset[str] = frozenset(),
+) -> Starlette:
     """The admin API behind ``RequireRole``: each route needs the credential ``policy`` names
-    (``ekko.node.access``), signed with a key derived from the cluster ``secret``."""
-    middleware = [Middleware(RequireRole, secret=secret, policy=policy or AccessPolicy())]
+    (``ekko.node.access``), signed with a key derived from the cluster ``secret`` for this
+    node (the address a connection reached, or one of ``names``: its advertised host:port)."""
+    policy = policy or AccessPolicy()
+    # Created now, not at the first request (Starlette builds middleware lazily): signatures
+    # are accepted from the node's start on.
+    nonces = NonceCache()
+    middleware = [Middleware(RequireRole, secret=secret, policy=policy, nonces=nonces, names=names)]
     return Starlette(routes=routes, middleware=middleware)

@@ -35,7 +35,7 @@ from ekko.node.http_server import EmbeddedServer, http_server, tcp_listener
 from ekko.node.metrics import node_registry
 from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
-from ekko.node.signed_requests import auth_headers, signed_json
+from ekko.node.signed_requests import auth_headers, host_of, needs_resign, signed_json
 from ekko.node.supervisor import Supervisor
 from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
@@ -103,7 +103,9 @@ class NodeRunner:
         if self.core.role == "checkpoint":
             routes.append(Route("/v1/checkpoint/refresh", self._refresh_now, methods=["POST"]))
         policy = AccessPolicy(serve_open=web.serve_open, max_body=web.max_body_bytes)
-        app = admin_app([*self.extra_routes, *self.models.routes(), *routes], self.secret, policy)
+        advertised = frozenset({f"{node.host}:{node.admin_port}"})
+        all_routes = [*self.extra_routes, *self.models.routes(), *routes]
+        app = admin_app(all_routes, self.secret, policy, names=advertised)
         server = http_server(
             app,
             header_timeout_s=web.header_timeout_s,
@@ -358,8 +360,10 @@ class NodeRunner:
         assert self._http is not None
         for attempt in range(5):
             try:
-                content, headers = signed_json(self.secret, path, body)
+                content, headers = signed_json(self.secret, url, body)
                 r = await self._http.post(url, content=content, headers=headers)
+                if needs_resign(r):
+                    continue  # the target started after we signed: sign again
                 if r.status_code < 500:
                     if r.status_code >= 400:
                         log.warning("guard message to %s refused: %s", url, r.text[:200])
@@ -385,8 +389,13 @@ class NodeRunner:
                 started = self._copy_started = time.time()
                 self._copy_now.clear()  # a request from here on asks for a later copy
                 try:
-                    headers = auth_headers(self.secret, "node", "GET", "/v1/snapshot")
-                    resp = await client.get(url, headers=headers)
+                    for _ in range(2):  # again if the source started after we signed
+                        headers = auth_headers(
+                            self.secret, "node", "GET", "/v1/snapshot", host=host_of(url)
+                        )
+                        resp = await client.get(url, headers=headers)
+                        if not needs_resign(resp):
+                            break
                     resp.raise_for_status()
                     data = resp.content
                     if wan is not None:
