@@ -6,6 +6,8 @@ every field when ``ekko.protocol.messages`` grows.
 
 from __future__ import annotations
 
+import socket
+import threading
 import typing
 from typing import Any
 
@@ -144,3 +146,32 @@ def strategy_for(t: mi.Type) -> st.SearchStrategy[Any]:
 
 def messages_strategy(union: Any = Message) -> st.SearchStrategy[Any]:
     return strategy_for(mi.type_info(union))
+
+
+def flood_idle_connections(
+    port: int, sockets: int, stop: threading.Event, opened: list[int]
+) -> None:
+    """Keep ``sockets`` idle connections open to ``port``, reopening each as soon as it is
+    dropped; they never answer the challenge (an attacker without the secret)."""
+    live: list[socket.socket] = []
+    try:
+        while not stop.is_set():
+            while len(live) < sockets:
+                s = socket.create_connection(("127.0.0.1", port))
+                s.setblocking(False)
+                live.append(s)
+                opened[0] += 1
+            for s in list(live):
+                try:
+                    data = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    s.close()
+                    live.remove(s)
+            stop.wait(0.001)
+    finally:
+        for s in live:
+            s.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from ekko.net.transport import Listener, connect, serve
 from ekko.net.wan import WanProfile
 from ekko.protocol.messages import Catalog, CatalogRequest, Error, Message, PullResponse
 
-from .helpers import assert_same, every_message, sample_chunk
+from .helpers import assert_same, every_message, flood_idle_connections, sample_chunk
 
 SECRET = b"s3cret"
 WAN = WanProfile(delay_ms=30.0, mbit=200.0)
@@ -442,21 +443,69 @@ async def test_before_authentication_frames_are_small_and_never_decompressed(
         assert decompressed
 
 
-async def test_handshakes_in_progress_are_capped() -> None:
+async def test_a_full_handshake_queue_evicts_its_oldest(caplog: pytest.LogCaptureFixture) -> None:
+    """Pending handshakes are capped, but a newcomer evicts the oldest rather than being
+    refused: idle sockets cannot lock a peer out of the port."""
     listener = await serve(
         "127.0.0.1", 0, node="server", secret=SECRET, on_connection=lambda c: asyncio.sleep(0),
-        handshake_timeout=TIMEOUT, max_pending=2,
+        handshake_timeout=TIMEOUT, reply_timeout=TIMEOUT, max_pending=2,
     )  # fmt: skip
     async with listener:
-        held = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(2)]
-        for reader, _ in held:  # each got its challenge and holds a handshake slot
-            assert (await reader.readexactly(5))[4] == 0
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        assert await _read_to_eof(reader) == b""  # dropped unanswered
-        writer.close()
-        assert listener.stats.auth_failures == 1
+        held = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            assert (await reader.readexactly(5))[4] == 0  # its challenge: a handshake slot
+            held.append((reader, writer))
+        await _read_to_eof(held[0][0])  # the oldest was dropped for the third (EOF, no timeout)
+        assert listener.stats.evicted == 1
+        assert "evicting the oldest pending handshake" in caplog.text
+        # A real peer gets through a full queue, evicting the (now) oldest idle socket.
+        async with await connect("127.0.0.1", listener.port, node="peer", secret=SECRET):
+            pass
+        await _read_to_eof(held[1][0])
+        assert listener.stats.evicted == 2 and listener.stats.authenticated == 1
         for _, w in held:
             w.close()
+
+
+async def test_a_silent_peer_is_dropped_after_the_reply_timeout() -> None:
+    listener = await serve(
+        "127.0.0.1", 0, node="server", secret=SECRET, on_connection=lambda c: asyncio.sleep(0),
+        handshake_timeout=TIMEOUT, reply_timeout=0.2,
+    )  # fmt: skip
+    async with listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        async with asyncio.timeout(TIMEOUT / 4):  # well before the handshake timeout
+            await _read_to_eof(reader)
+        writer.close()
+        assert listener.stats.auth_failures == 1
+
+
+async def test_a_peer_connects_through_a_flood_of_idle_connections() -> None:
+    """Issue 13 §4 (the sync port): 64 idle sockets reopened as soon as dropped used to take
+    every handshake slot, and a real replica was aborted until the flood stopped."""
+    listener = await serve(
+        "127.0.0.1", 0, node="server", secret=SECRET, on_connection=lambda c: asyncio.sleep(0)
+    )
+    async with listener:
+        stop, opened = threading.Event(), [0]
+        flood = threading.Thread(
+            target=flood_idle_connections, args=(listener.port, 80, stop, opened)
+        )
+        flood.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + TIMEOUT
+            while opened[0] < 200:  # the slots are full and the flood keeps reopening
+                assert asyncio.get_running_loop().time() < deadline, opened
+                await asyncio.sleep(0.01)
+            for k in range(10):
+                async with asyncio.timeout(5.0):
+                    conn = await connect("127.0.0.1", listener.port, node=f"peer{k}", secret=SECRET)
+                await conn.close()
+        finally:
+            stop.set()
+            await asyncio.to_thread(flood.join)
+        assert listener.stats.authenticated == 10 and listener.stats.evicted > 0
 
 
 async def test_listener_binds_port_zero_and_serves_several_clients() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -75,12 +76,23 @@ class TcpStream:
 
 async def _client_handshake(conn: Connection, hs: ClientHandshake) -> None:
     try:
-        await conn._send_struct(hs.receive_challenge(await conn._recv_struct()))
+        challenge = await conn._recv_struct()
+    except BrokenConnection as e:
+        raise BrokenConnection(
+            f"server closed the connection before the handshake completed ({e.reason}), "
+            "before its challenge: not an ekko node, or it is shedding pending handshakes"
+        ) from e
+    except RemoteFrameError as e:
+        raise AuthError(f"server sent an invalid handshake frame: {e.reason}") from e
+    try:
+        await conn._send_struct(hs.receive_challenge(challenge))
         hs.receive_ok(await conn._recv_struct())
     except BrokenConnection as e:
+        # Refused after our proof, or evicted while it was on its way: both close unanswered.
         raise AuthError(
-            f"server closed the connection during the handshake ({e.reason}): "
-            "wrong secret, protocol version mismatch, or not an ekko node"
+            f"server closed the connection before the handshake completed ({e.reason}): "
+            "wrong secret or protocol version mismatch, or it evicted this pending handshake "
+            "(see its log: 'evicting')"
         ) from e
     except RemoteFrameError as e:
         raise AuthError(f"server sent an invalid handshake frame: {e.reason}") from e
@@ -88,10 +100,13 @@ async def _client_handshake(conn: Connection, hs: ClientHandshake) -> None:
     conn._set_message_type(Message, hs.peer)
 
 
-async def _server_handshake(conn: Connection, hs: ServerHandshake) -> str:
+async def _server_handshake(conn: Connection, hs: ServerHandshake, reply_timeout: float) -> str:
     await conn._send_struct(hs.start())
     try:
-        msg = await conn._recv_struct()
+        async with asyncio.timeout(reply_timeout):
+            msg = await conn._recv_struct()
+    except TimeoutError:
+        raise AuthError(f"no reply to the challenge within {reply_timeout} s") from None
     except BrokenConnection as e:
         raise AuthError(f"client closed the connection during the handshake ({e.reason})") from e
     except RemoteFrameError as e:
@@ -157,7 +172,8 @@ class ListenerStats:
 
     accepted: int = 0
     authenticated: int = 0
-    auth_failures: int = 0
+    auth_failures: int = 0  # refused: failed, malformed or too slow handshakes (incl. evicted)
+    evicted: int = 0  # pending handshakes dropped to admit a newer connection
     handler_errors: int = 0
     active: int = 0
 
@@ -167,6 +183,12 @@ class Listener(TaskServer):
 
     Why an object rather than a bare ``asyncio.Server``: it owns the per-connection tasks (so
     ``close`` ends them), exposes the bound ``port`` (port 0 works) and counts refusals.
+
+    Pending handshakes are bounded (``max_pending``). When all slots are taken, the OLDEST
+    pending one is evicted rather than the newcomer refused: a real peer answers the challenge
+    within a round trip, so idle connections, however many and however often reopened, can
+    only push each other out, never lock a peer out of the port. A reply to the challenge must
+    arrive within ``reply_timeout``; the whole handshake within ``handshake_timeout``.
     """
 
     def __init__(
@@ -181,6 +203,7 @@ class Listener(TaskServer):
         handshake_timeout: float,
         wan_queue_bytes: int,
         max_pending: int,
+        reply_timeout: float,
     ) -> None:
         if not secret:
             raise ValueError("secret must be non-empty bytes")
@@ -193,21 +216,35 @@ class Listener(TaskServer):
         self._max_frame_bytes = max_frame_bytes
         self._handshake_timeout = handshake_timeout
         self._wan_queue_bytes = wan_queue_bytes
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self._max_pending = max_pending
-        self._pending = 0  # connections still in the handshake
-        self._counts = {"authenticated": 0, "auth_failures": 0, "handler_errors": 0}
+        self._reply_timeout = reply_timeout
+        # Connections still in the handshake, oldest first, with when they arrived.
+        self._pending: dict[Connection, float] = {}
+        self._evicted: set[Connection] = set()
+        self._counts = {"authenticated": 0, "auth_failures": 0, "evicted": 0, "handler_errors": 0}
 
     @property
     def stats(self) -> ListenerStats:
         return ListenerStats(**self._counts, accepted=self._accepted, active=len(self._tasks))
 
+    def _evict_oldest(self, newcomer: str) -> None:
+        conn, since = next(iter(self._pending.items()))
+        del self._pending[conn]
+        self._evicted.add(conn)
+        self._counts["evicted"] += 1
+        log.warning(
+            "evicting the oldest pending handshake (%s, %.2f s without completing) to admit %s: "
+            "%d handshakes pending (max_pending)",
+            conn.peer, time.monotonic() - since, newcomer, self._max_pending,
+        )  # fmt: skip
+        conn._abort()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = TcpStream(reader, writer)
-        if self._pending >= self._max_pending:
-            self._counts["auth_failures"] += 1
-            log.warning("refusing %s: %d handshakes pending", stream.address, self._pending)
-            stream.abort()
-            return
+        if len(self._pending) >= self._max_pending:
+            self._evict_oldest(stream.address)
         conn = Connection(
             stream,
             peer=f"unauthenticated {stream.address}",
@@ -217,19 +254,22 @@ class Listener(TaskServer):
             message_type=HandshakeMessage,
         )
         try:
-            self._pending += 1
+            self._pending[conn] = time.monotonic()
             try:
                 async with asyncio.timeout(self._handshake_timeout):
                     hs = ServerHandshake(node=self._node, secret=self._secret)
-                    peer = await _server_handshake(conn, hs)
+                    peer = await _server_handshake(conn, hs, self._reply_timeout)
             except (TransportError, TimeoutError) as e:
                 self._counts["auth_failures"] += 1
+                if conn in self._evicted:
+                    return  # logged and counted when evicted
                 reason = "handshake timed out" if isinstance(e, TimeoutError) else str(e)
                 log.warning("refusing %s: %s", stream.address, reason)
                 conn._abort()
                 return
             finally:
-                self._pending -= 1
+                self._pending.pop(conn, None)
+                self._evicted.discard(conn)
             self._counts["authenticated"] += 1
             conn.set_wan(self._wan_for(peer))
             try:
@@ -256,14 +296,16 @@ async def serve(
     handshake_timeout: float = 5.0,
     wan_queue_bytes: int = DEFAULT_WAN_QUEUE_BYTES,
     max_pending: int = 64,
+    reply_timeout: float = 1.0,
 ) -> Listener:
     """Listen on ``host:port`` (0 = any free port, see ``Listener.port``).
 
     Each accepted peer must complete the handshake within ``handshake_timeout``; then
     ``on_connection(conn)`` runs in its own task and the connection is closed when it returns.
     ``wan_for(peer_name)`` gives the WAN profile for frames this side sends to that peer.
-    At most ``max_pending`` peers may be in the handshake at once; more are dropped unanswered
-    (before authentication a frame is at most ``HANDSHAKE_MAX_FRAME_BYTES``, never zstd).
+    At most ``max_pending`` peers may be in the handshake at once; a newcomer evicts the
+    oldest, and a peer must answer the challenge within ``reply_timeout`` (before
+    authentication a frame is at most ``HANDSHAKE_MAX_FRAME_BYTES``, never zstd).
     """
     listener = Listener(
         node=node,
@@ -275,6 +317,7 @@ async def serve(
         handshake_timeout=handshake_timeout,
         wan_queue_bytes=wan_queue_bytes,
         max_pending=max_pending,
+        reply_timeout=reply_timeout,
     )
     await listener._start(host, port)
     return listener

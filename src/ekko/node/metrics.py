@@ -7,7 +7,7 @@ families when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from prometheus_client.core import (
@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from ekko.net.transport import ListenerStats
 from ekko.node.core import NodeCore
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10)
@@ -141,6 +142,30 @@ def _gauge(name: str, doc: str, lk: list[str], lv: list[str], value: float) -> M
     m = GaugeMetricFamily(name, doc, labels=lk)
     m.add_metric(lv, value)
     return m
+
+
+def sync_port_metrics(
+    node: str, stats: Callable[[], ListenerStats | None]
+) -> Callable[[], Iterator[Metric]]:
+    """A collector of the sync listener's handshake outcomes (refused and evicted peers are
+    counted, never silent)."""
+
+    def collect() -> Iterator[Metric]:
+        s = stats()
+        if s is None:
+            return
+        m = CounterMetricFamily(
+            "ekko_sync_handshakes",
+            "Sync-port handshakes by outcome (refused includes evicted: a pending handshake "
+            "dropped to admit a newer connection when max_pending were waiting)",
+            labels=["node", "outcome"],
+        )
+        m.add_metric([node, "authenticated"], s.authenticated)
+        m.add_metric([node, "refused"], s.auth_failures)
+        m.add_metric([node, "evicted"], s.evicted)
+        yield m
+
+    return collect
 
 
 def node_registry(core: NodeCore, extra: list | None = None) -> CollectorRegistry:

@@ -32,7 +32,7 @@ from ekko.node.admin import admin_app, admin_routes
 from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import LinkCounters, NodeCore
 from ekko.node.http_server import EmbeddedServer, http_server, tcp_listener
-from ekko.node.metrics import node_registry
+from ekko.node.metrics import node_registry, sync_port_metrics
 from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
 from ekko.node.signed_requests import auth_headers, host_of, needs_resign, signed_json
@@ -93,7 +93,9 @@ class NodeRunner:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         node = self.core.node
+        listener = lambda: self._listener and self._listener.stats  # noqa: E731
         collectors = [*self.extra_metrics, *self.models.collectors(), self.supervisor.collect]
+        collectors.append(sync_port_metrics(self.core.name, listener))
         registry = node_registry(self.core, collectors)
         web = self.config.http
         routes = admin_routes(
