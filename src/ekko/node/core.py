@@ -78,6 +78,7 @@ class NodeCore:
             self.store, self.config.scheduler.scheduler() if self.role == "source" else None
         )
         self.upstream_name: str | None = None
+        self.rebuilds = 0  # whole-store rebuilds from a new upstream lineage (a full copy)
         # Inference traffic owed upstream (a replica) and heard from pullers (any node).
         self.traffic = TrafficTally()
         self.traffic_reported: Counter[str] = Counter()
@@ -277,6 +278,7 @@ class NodeCore:
             "copied_at": self.copied_at,
             "catalog_version": self.store.catalog_version,
             "lineage": f"{self.store.lineage:x}",
+            "rebuilds": self.rebuilds,
             "accepting_writes": self.not_ready is None if self.is_source else None,
             "wal": vars(self.journal.wal.statistics()) if self.journal is not None else None,
             "tables": tables,

@@ -115,6 +115,9 @@ class NodeCollector:
         for model, n in core.traffic_reported.items():
             reported.add_metric([*lv, model], n)
         yield reported
+        yield _counter(
+            "ekko_store_rebuilds", "Whole-store rebuilds from a new lineage", lk, lv, core.rebuilds
+        )
         if core.is_source:
             accepting = core.not_ready is None
             yield _gauge(

@@ -53,15 +53,41 @@ async def recover_source(core: NodeCore, connect: Connect) -> RecoveryResult:
     return result
 
 
+RETRY_FIRST_S = 0.1  # a replica down at restart is tried again after this, doubling
+RETRY_MAX_S = 1.0
+
+
 async def _absorb(
     recovery: SourceRecovery, peer: NodeConfig, connect: Connect, timeout: float
 ) -> None:
-    """Pull everything ``peer`` holds beyond the source's knowledge, within ``timeout``."""
-    conn = await connect(peer)
-    if conn is None:
-        recovery.give_up(peer.name, "unreachable")
-        return
+    """Pull everything ``peer`` holds beyond the source's knowledge, within ``timeout``. A
+    replica that is down (or whose link breaks) is tried again with backoff until then: one
+    missed replica means a new lineage, and every replica then rebuilds its whole store."""
+    deadline = time.monotonic() + timeout
+    delay = RETRY_FIRST_S
+    reached = False
+    while True:
+        conn = await connect(peer)
+        if conn is not None:
+            reached = True
+            if await _pull(recovery, peer.name, conn, deadline - time.monotonic()):
+                break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            why = "not caught up" if reached else "unreachable"
+            recovery.give_up(peer.name, f"{why} within {timeout} s")
+            return
+        await asyncio.sleep(min(delay, left))
+        delay = min(2 * delay, RETRY_MAX_S)
+        recovery.reconnect(peer.name)
     puller = recovery.pullers[peer.name]
+    if puller.refused_lineage is not None:
+        recovery.reasons[peer.name] = f"holds lineage {puller.refused_lineage:x}"
+
+
+async def _pull(recovery: SourceRecovery, name: str, conn: Connection, left: float) -> bool:
+    """One link's pulls; True once ``name`` has nothing more (False: broke or timed out)."""
+    puller = recovery.pullers[name]
     done = asyncio.Event()
 
     def on_response(msg: PullResponse) -> None:
@@ -69,13 +95,12 @@ async def _absorb(
             done.set()
 
     try:
-        await asyncio.wait_for(run_pull_link(conn, puller, on_response, done.wait()), timeout)
-    except TimeoutError:
-        pass
+        await asyncio.wait_for(
+            run_pull_link(conn, puller, on_response, done.wait()), max(left, 0.0)
+        )
+    except (TimeoutError, TransportError, OSError) as exc:
+        log.info("recovery pull from %s stopped: %r", name, exc)
     finally:
         with contextlib.suppress(TransportError, OSError):
             await conn.close()
-    if not puller.caught_up:
-        recovery.give_up(peer.name, f"not caught up within {timeout} s")
-    elif puller.refused_lineage is not None:
-        recovery.reasons[peer.name] = f"holds lineage {puller.refused_lineage:x}"
+    return puller.caught_up

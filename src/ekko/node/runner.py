@@ -315,6 +315,7 @@ class NodeRunner:
 
     def _rebuilt(self) -> None:
         """The puller replaced the store's tables with the upstream lineage's: serve them."""
+        self.core.rebuilds += 1
         log.warning(
             "%s rebuilt its store from lineage %x (was %x): rows the source lacks are gone",
             self.core.name,

@@ -58,6 +58,11 @@ class SourceRecovery:
     def _rows(self) -> int:
         return sum(t.rows for t in self.store.tables.values())
 
+    def reconnect(self, replica: str) -> None:
+        """A fresh puller for a new link to ``replica`` (the old link broke or never came up);
+        what was absorbed stays in the store, so it resumes from there."""
+        self.pullers[replica] = Puller(self.store, self.config, absorb=True)
+
     def give_up(self, replica: str, reason: str) -> None:
         """``replica`` cannot be reached (or timed out): recover without it."""
         self.failed.add(replica)
