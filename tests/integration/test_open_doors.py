@@ -265,3 +265,19 @@ def test_hostile_frames_on_the_sync_port(cluster: LocalCluster) -> None:
     log = Path(cluster.procs["source"].log_path).read_text(errors="replace")
     assert "compressed frame before authentication" in log
     assert f"frame length {59 << 20} above the limit 4096" in log
+
+
+def test_a_finite_but_absurd_row_is_refused_naming_table_row_and_column(
+    cluster: LocalCluster,
+) -> None:
+    """A writer's 3e38 in a model's embedding table used to spread to every replica and
+    saturate every prediction at 1.0; the write boundary refuses it (the table's max_abs)."""
+    path = "/v1/tables/emb_0/rows"
+    before = cluster.get("source", f"{path}?keys=3,4")["rows"]
+    row = [0.0] * MODEL["embedding_dim"]
+    body = json.dumps({"keys": [3, 4], "values": [row, [*row[:5], 3e38, *row[6:]]]}).encode()
+    r = httpx.post(cluster.url("source", path), content=body,
+                   headers=_signed(cluster, "writer", "POST", path, body), timeout=10)  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert "table 'emb_0': values[1][5] is 3.00000001e+38, beyond ±10000" in r.json()["error"]
+    assert cluster.get("source", f"{path}?keys=3,4")["rows"] == before  # nothing written

@@ -72,7 +72,7 @@ def test_non_finite_rows_are_refused_before_anything_is_written_or_held():
         w.write("emb", np.arange(4), np.ones((4, 4), np.float32), now=0.0, now_ns=1)
         bad = np.full((4, 4), 1.0 + 1e-4, np.float32)
         bad[2, 1] = np.nan
-        with pytest.raises(BadRowsError, match=r"table 'emb': values\[2\] holds NaN or inf"):
+        with pytest.raises(BadRowsError, match=r"table 'emb': values\[2\]\[1\] is NaN or inf"):
             w.write("emb", np.arange(4), bad, now=1.0, now_ns=2)
         assert w.flush(3) == 0  # nothing of the refused batch was held either
         np.testing.assert_array_equal(store.table("emb").lookup(np.arange(4))[0], 1.0)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ekko.net.wan import WanProfile
 from ekko.protocol.messages import TableSpec
+from ekko.store._validate import DEFAULT_MAX_ABS
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,7 @@ class TableConfig(_Strict):
     dim: int = Field(gt=0)
     shards: int = Field(16, gt=0, le=4096)
     initial_rows: int = Field(1024, gt=0)
+    max_abs: float = Field(DEFAULT_MAX_ABS, gt=0, lt=1e30)  # |value| a source write may hold
 
     def spec(self) -> TableSpec:
         return TableSpec(self.name, self.dim, self.shards)
@@ -84,6 +86,8 @@ class ModelConfig(_Strict):
     dense_interval_s: float = Field(1.0, ge=0)
     table_namespace: str | None = Field(None, pattern=r"^([^/]+/)*$")
     dense_limit: float = Field(64.0, gt=0, lt=1e30)  # |dense feature| accepted (DLRMConfig)
+    # |value| a write to any of the model's tables (embedding rows, dense tensors) may hold.
+    max_abs: float = Field(DEFAULT_MAX_ABS, gt=0, lt=1e30)
 
     def dlrm(self):  # -> ekko.train.dlrm.DLRMConfig; imported lazily (torch is heavy)
         from ekko.train.dlrm import DLRMConfig

@@ -125,7 +125,7 @@ class NodeCore:
                 self.data_dir,
             )  # fmt: skip
         for t in self.config.tables:
-            store.create_table(t.spec(), initial_rows=t.initial_rows)
+            store.create_table(t.spec(), initial_rows=t.initial_rows).max_abs = t.max_abs
         return store
 
     def _set_aside(self) -> None:

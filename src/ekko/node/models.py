@@ -192,7 +192,10 @@ class ModelHost:
             )
             svc.bootstrap(store_sink.stored)  # on the loop thread, straight into the store
             pub = svc.publisher
-            self.core.register_model_tables(m.name, [*pub.table_names, *pub.dense_table_names])
+            names = [*pub.table_names, *pub.dense_table_names]
+            for name in names:
+                self.core.store.table(name).max_abs = m.max_abs
+            self.core.register_model_tables(m.name, names)
             self._on_write()
             sink: Sink = store_sink
             if cfg.guard.enabled:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ekko.schedule.scheduler import UpdateScheduler
-from ekko.store import Store, check_finite_values
+from ekko.store import Store, check_write_values
 
 
 class ScheduledWriter:
@@ -33,7 +33,7 @@ class ScheduledWriter:
             return t.write(keys, values, now_ns=now_ns)
         keys = np.asarray(keys)
         values = np.asarray(values)
-        check_finite_values(values, table)  # before the scheduler holds any of them
+        check_write_values(values, table, t.max_abs)  # before the scheduler holds any
         old, _ver, found = t.lookup(keys)
         plan = self.scheduler.plan(table, keys, old, values, found, now)
         send = plan.send_now_mask

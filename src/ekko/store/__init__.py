@@ -2,11 +2,11 @@
 
 Public names: ``Store`` (a node's tables, snapshots), ``Table`` (one table), ``KeyIndex``
 and ``shard_of`` (the key index and the shard hash every node shares), ``ReferenceTable``
-(the naive model tests compare against), ``check_finite_values`` (what a source write must
+(the naive model tests compare against), ``check_write_values`` (what a source write must
 satisfy, for writers that plan before they write), result dataclasses and errors.
 """
 
-from ekko.store._validate import check_finite_values
+from ekko.store._validate import DEFAULT_MAX_ABS, check_write_values
 from ekko.store.errors import (
     BadRowsError,
     SnapshotError,
@@ -21,6 +21,7 @@ from ekko.store.store import Store
 from ekko.store.table import Collected, Table, TableStats, warm
 
 __all__ = [
+    "DEFAULT_MAX_ABS",
     "BadRowsError",
     "Collected",
     "KeyIndex",
@@ -33,7 +34,7 @@ __all__ = [
     "TableStats",
     "UnknownTableError",
     "WalError",
-    "check_finite_values",
+    "check_write_values",
     "shard_of",
     "warm",
 ]

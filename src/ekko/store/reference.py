@@ -11,14 +11,15 @@ import numpy as np
 
 from ekko.protocol.messages import HIGH_LANE, LANES, TableSpec
 from ekko.store._validate import (
+    DEFAULT_MAX_ABS,
     check_cursors,
-    check_finite_values,
     check_int64,
     check_keys,
     check_lanes,
     check_scalar_index,
     check_values,
     check_versions,
+    check_write_values,
 )
 from ekko.store.errors import BadRowsError
 from ekko.store.table import Collected
@@ -65,6 +66,7 @@ class ReferenceTable:
     def __init__(self, spec: TableSpec, *, origin: int = 0) -> None:
         self.spec = spec
         self.origin = origin
+        self.max_abs = DEFAULT_MAX_ABS
         ns = spec.num_shards
         self.slot_of: dict[int, int] = {}
         self.keys: list[int] = []
@@ -106,7 +108,7 @@ class ReferenceTable:
     ) -> np.ndarray:
         k = check_keys(keys)
         v = check_values(values, k.shape[0], self.spec.dim)
-        check_finite_values(v, self.spec.name)
+        check_write_values(v, self.spec.name, self.max_abs)
         ln = check_lanes(lanes, k.shape[0])
         out = []
         touched: dict[int, set[int]] = {}

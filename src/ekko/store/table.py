@@ -12,14 +12,15 @@ from ekko.protocol.messages import HIGH_LANE, LANES, TableSpec
 from ekko.store import _table_kernels as K
 from ekko.store._collect_kernel import collect_rows
 from ekko.store._validate import (
+    DEFAULT_MAX_ABS,
     check_cursors,
-    check_finite_values,
     check_int64,
     check_keys,
     check_lanes,
     check_scalar_index,
     check_values,
     check_versions,
+    check_write_values,
 )
 from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, shard_of
@@ -109,6 +110,8 @@ class Table:
             raise BadRowsError(f"cache_capacity must be >= 1, got {cache_capacity}")
         self._spec = spec
         self.origin = int(origin)
+        # The source's write bound (config, not shape: not synced or persisted; replicas apply).
+        self.max_abs = DEFAULT_MAX_ABS
         cap = max(int(initial_rows), 16)
         self._index = KeyIndex(cap)
         self._cap = cap
@@ -272,7 +275,7 @@ class Table:
         k = check_keys(keys)
         n = k.shape[0]
         v = check_values(values, n, self.dim)
-        check_finite_values(v, self.name)
+        check_write_values(v, self.name, self.max_abs)
         ln = check_lanes(lanes, n)
         out = np.empty(n, dtype=np.int64)
         if n == 0:
