@@ -137,7 +137,7 @@ async def test_wrong_secret_over_tcp_fails_both_sides(caplog: pytest.LogCaptureF
     handled: list[str] = []
     caplog.set_level(logging.WARNING, logger="ekko.net")
     async with await _eager_server(handled) as listener:
-        with pytest.raises(AuthError, match="closed the connection during the handshake"):
+        with pytest.raises(AuthError, match="closed the connection before the handshake completed"):
             await connect("127.0.0.1", listener.port, node="dc1", secret=b"wrong")
         # the server side failed too (it counts and logs before it closes, so this is settled
         # once the client saw the close), and the handler never ran
