@@ -23,7 +23,8 @@ LANE = st.sampled_from(LANES)
 
 def value_of(key: int, version: int, dim: int = SPEC.dim) -> np.ndarray:
     """A value that is a function of (key, version), as under one origin."""
-    return np.array([key % 1000, version, key * 0.5 + version][:dim], dtype=np.float32)
+    # Within the default max_abs (1e4) for any int64 key and the versions these tests reach.
+    return np.array([key % 1000, version, (key % 9973) * 0.5 + version][:dim], dtype=np.float32)
 
 
 def values_for(keys: list[int], versions: list[int]) -> np.ndarray:
@@ -508,6 +509,7 @@ def test_versions_at_copies_and_checks_slots() -> None:
 
 
 def _grow_by_writes(t: Table, keys: np.ndarray, batch: int) -> None:
+    t.max_abs = np.inf  # each row holds its key (up to 1e5), to be checked after growth
     for lo in range(0, len(keys), batch):
         k = keys[lo : lo + batch]
         t.write(k, np.repeat(k[:, None], t.dim, axis=1).astype(np.float32), now_ns=1)
