@@ -43,7 +43,11 @@ def _signed(cluster: LocalCluster, node: str, role: str, method: str, path: str,
 
 
 def _value(cluster: LocalCluster, node: str) -> list[float] | None:
-    row = cluster.get(node, f"{PATH}?keys=42")["rows"][0]
+    r = httpx.get(cluster.url(node, f"{PATH}?keys=42"), auth=cluster.auth, timeout=10)
+    if r.status_code == 404:  # a replica before it has the catalog
+        return None
+    r.raise_for_status()
+    row = r.json()["rows"][0]
     return row["value"] if row["found"] else None
 
 

@@ -45,7 +45,12 @@ def test_a_replica_restarts_and_syncs_through_a_flood_of_idle_connections(
         cluster.restart("dc1-r0", timeout=READY_WITHIN_S)
         r = cluster.post("source", "/v1/tables/emb/rows", {"keys": [5], "values": [[1.0] * 4]})
         assert r.status_code == 200, r.text
-        while not cluster.get("dc1-r0", "/v1/tables/emb/rows?keys=5")["rows"][0]["found"]:
+        url = cluster.url("dc1-r0", "/v1/tables/emb/rows?keys=5")
+        while True:  # 404 until the replica has the catalog, then found once the row arrives
+            r = httpx.get(url, auth=cluster.auth, timeout=10)
+            if r.status_code == 200 and r.json()["rows"][0]["found"]:
+                break
+            assert r.status_code in (200, 404), r.text
             assert time.monotonic() - started < READY_WITHIN_S, "the write never arrived"
             time.sleep(0.05)
         metrics = httpx.get(cluster.url("source", "/metrics"), timeout=10).text
