@@ -7,10 +7,9 @@ digests equal the source's.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
+from cluster_checks import digests, wait_converged
 
 pytestmark = pytest.mark.integration
 
@@ -27,21 +26,6 @@ def _write(cluster, rng, n_batches: int, batch: int) -> int:
         assert len(r.json()["versions"]) == batch
         written += batch
     return written
-
-
-def _digests(cluster, name: str) -> dict[str, str]:
-    return {t: v["digest"] for t, v in cluster.get(name, "/v1/status")["tables"].items()}
-
-
-def _wait_converged(cluster, deadline_s: float = 60.0) -> dict[str, dict[str, str]]:
-    names = [n.name for n in cluster.config.nodes]
-    end = time.monotonic() + deadline_s
-    while True:
-        want = _digests(cluster, "source")
-        got = {n: _digests(cluster, n) for n in names}
-        if all(d == want for d in got.values()) or time.monotonic() > end:
-            return got
-        time.sleep(0.25)  # polling other processes' state over HTTP; bounded by the deadline
 
 
 def test_writes_survive_follower_and_leader_kills(make_cluster):
@@ -68,10 +52,10 @@ def test_writes_survive_follower_and_leader_kills(make_cluster):
     written += _write(cluster, rng, 20, 500)
     assert written >= 40_000
 
-    got = _wait_converged(cluster)
-    want = _digests(cluster, "source")
-    for name, digests in got.items():
-        assert digests == want, f"{name} diverged from the source"
+    got = wait_converged(cluster)
+    want = digests(cluster, "source")
+    for name, held in got.items():
+        assert held == want, f"{name} diverged from the source"
     src = cluster.get("source", "/v1/status")["tables"]["emb"]
     assert src["rows"] > 10_000
     # Follower back behind its leader (failover returns), leaders on the WAN.
@@ -85,7 +69,7 @@ def test_rows_api_reads_values_and_rejects_bad_input(make_cluster):
         "source", "/v1/tables/emb/rows", {"keys": [1, 2], "values": [[1, 2, 3, 4], [5, 6, 7, 8]]}
     )
     assert r.status_code == 200 and len(r.json()["versions"]) == 2
-    before = _digests(cluster, "source")
+    before = digests(cluster, "source")
     bad = [
         ("/v1/tables/emb/rows", {"keys": [1], "values": [[1, 2, 3]]}, 400, "values[0]"),
         ("/v1/tables/emb/rows", {"keys": [1.5], "values": [[1, 2, 3, 4]]}, 400, "integer"),
@@ -105,9 +89,9 @@ def test_rows_api_reads_values_and_rejects_bad_input(make_cluster):
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]
     resp = cluster.post("dc1-r0", "/v1/tables/emb/rows", {"keys": [3], "values": [[0] * 4]})
     assert resp.status_code == 409 and "source" in resp.json()["error"]
-    assert _digests(cluster, "source") == before
+    assert digests(cluster, "source") == before
 
-    got = _wait_converged(cluster, 20)
+    got = wait_converged(cluster, 20)
     assert got["dc1-r0"] == before
     rows = cluster.get("dc1-r0", "/v1/tables/emb/rows?keys=1,2,99")["rows"]
     assert rows[0]["value"] == [1, 2, 3, 4] and rows[0]["version"] >= 1

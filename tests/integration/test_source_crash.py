@@ -12,6 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from cluster_checks import wait_converged
 
 pytestmark = pytest.mark.integration
 
@@ -68,21 +69,6 @@ class Writer(threading.Thread):
             time.sleep(0.02)  # the source is down or recovering: retry the same rows
 
 
-def _digests(cluster, name: str) -> dict[str, str]:
-    return {t: v["digest"] for t, v in cluster.get(name, "/v1/status")["tables"].items()}
-
-
-def _wait_converged(cluster, deadline_s: float) -> dict[str, dict[str, str]]:
-    names = [n.name for n in cluster.config.nodes]
-    end = time.monotonic() + deadline_s
-    while True:
-        want = _digests(cluster, "source")
-        got = {n: _digests(cluster, n) for n in names}
-        if all(d == want for d in got.values()) or time.monotonic() > end:
-            return got
-        time.sleep(0.2)  # polling other processes over HTTP, bounded by the deadline
-
-
 def _read(cluster, name: str, keys: list[int]) -> dict[int, list[float] | None]:
     out: dict[int, list[float] | None] = {}
     for i in range(0, len(keys), 400):
@@ -125,7 +111,7 @@ def test_source_sigkill_mid_writes_loses_nothing_acknowledged(make_cluster):
         running.clear()
         for w in writers:
             assert w.idle.wait(10)
-        got = _wait_converged(cluster, 30)
+        got = wait_converged(cluster, 30)
         assert len({str(d) for d in got.values()}) == 1, got
         running.set()
         resumed = time.monotonic()
@@ -147,7 +133,7 @@ def test_source_sigkill_mid_writes_loses_nothing_acknowledged(make_cluster):
         at_risk |= {k for k, t in w.acked_at.items() if resumed <= t <= killed}
     assert sum(w.acks for w in writers) > 100 and sum(w.refused for w in writers) > 0
 
-    got = _wait_converged(cluster, 40)
+    got = wait_converged(cluster, 40)
     want = got["source"]
     for name, digests in got.items():
         assert digests == want, f"{name} diverged from the source: {got}"

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from cluster_checks import wait_converged
 
 pytestmark = pytest.mark.integration
 
@@ -17,16 +18,6 @@ DIM = 4
 
 def _status(cluster, name: str) -> dict:
     return cluster.get(name, "/v1/status")
-
-
-def _wait_converged(cluster, deadline_s: float) -> dict[str, dict[str, str]]:
-    names = [n.name for n in cluster.config.nodes]
-    end = time.monotonic() + deadline_s
-    while True:
-        got = {n: {t: v["digest"] for t, v in _status(cluster, n)["tables"].items()} for n in names}
-        if len({str(d) for d in got.values()}) == 1 or time.monotonic() > end:
-            return got
-        time.sleep(0.2)  # polling other processes over HTTP, bounded by the deadline
 
 
 def _wait_log(cluster, name: str, start: int, text: str, deadline_s: float) -> str:
@@ -58,7 +49,7 @@ def test_a_replica_back_within_the_timeout_keeps_the_lineage(make_cluster):
     rng = np.random.default_rng(7)
     for _ in range(20):
         _write(cluster, rng, 50)
-    got = _wait_converged(cluster, 30)
+    got = wait_converged(cluster, 30)
     assert len({str(d) for d in got.values()}) == 1, got
     lineage = _status(cluster, "source")["lineage"]
     replicas = [n.name for n in cluster.config.nodes if n.name != cluster.config.source.name]
@@ -78,7 +69,7 @@ def test_a_replica_back_within_the_timeout_keeps_the_lineage(make_cluster):
 
     for _ in range(5):
         _write(cluster, rng, 50)
-    got = _wait_converged(cluster, 30)
+    got = wait_converged(cluster, 30)
     assert len({str(d) for d in got.values()}) == 1, got
     for name in [n.name for n in cluster.config.nodes]:
         st = _status(cluster, name)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import math
 import shutil
 import threading
-import time
-from collections.abc import Callable
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from cluster_checks import until
 
 from ekko.node.launcher import LocalCluster
 from ekko.train.dlrm import DLRM
@@ -34,16 +33,6 @@ pytestmark = pytest.mark.integration
 MODEL = {"name": "ctr", "rows_per_table": 1000, "embedding_dim": 8, "dense_interval_s": 0.0}
 REPLICAS = ("dc1-r0", "dc2-r0")
 STREAM = StreamConfig(seed=5, max_vocab=1000, initial_items=500)
-
-
-def _until(what: str, check: Callable[[], object], deadline_s: float = 30.0) -> object:
-    end = time.monotonic() + deadline_s
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.1)  # other processes are working; bounded by the deadline
 
 
 def _body(batch: Events, labels: bool = True) -> dict:
@@ -122,14 +111,14 @@ def _train_report(cluster: LocalCluster) -> dict:
 def _settled(cluster: LocalCluster, trained: int) -> dict[str, str]:
     """Wait until the trainer has trained ``trained`` batches and every replica holds the
     source's model; its digests."""
-    _until(f"{trained} batches trained", lambda: _train_report(cluster)["batches"] >= trained)
+    until(f"{trained} batches trained", lambda: _train_report(cluster)["batches"] >= trained)
     want = _model_digests(cluster, "source")
     _replicas_hold(cluster, want)
     return want
 
 
 def _replicas_hold(cluster: LocalCluster, want: dict[str, str]) -> None:
-    _until("replicas converged", lambda: all(_model_digests(cluster, r) == want for r in REPLICAS))
+    until("replicas converged", lambda: all(_model_digests(cluster, r) == want for r in REPLICAS))
 
 
 def _predict(cluster: LocalCluster, name: str, batch: Events) -> np.ndarray:
@@ -150,7 +139,7 @@ def test_restarted_source_keeps_training_its_model(make_cluster):
     feeder.start()
     life_started = 0  # batches the feeder had sent when this source process started
     try:
-        _until("60 batches trained", lambda: _train_report(cluster)["batches"] >= 60)
+        until("60 batches trained", lambda: _train_report(cluster)["batches"] >= 60)
         for wipe in (False, True):
             feeder.pause()
             before = _settled(cluster, feeder.sent - life_started)
@@ -173,7 +162,7 @@ def test_restarted_source_keeps_training_its_model(make_cluster):
                 np.testing.assert_array_equal(_predict(cluster, r, held_out), preds[r])
 
             feeder.paused.clear()  # training goes on from there, and replicas follow
-            _until("30 batches trained", lambda: _train_report(cluster)["batches"] >= 30)
+            until("30 batches trained", lambda: _train_report(cluster)["batches"] >= 30)
             feeder.pause()
             _settled(cluster, feeder.sent - life_started)
             report = _train_report(cluster)

@@ -9,12 +9,11 @@ while ``GET /train`` said ``"failed": null``."""
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
+from cluster_checks import until
 
 from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.launcher import LocalCluster
@@ -22,16 +21,6 @@ from ekko.train.streams import StreamConfig, SyntheticStream
 
 MODEL = {"name": "ctr", "rows_per_table": 1000, "embedding_dim": 8, "dense_interval_s": 0.0}
 REPLICAS = ("dc1-r0", "dc2-r0")
-
-
-def _until(what: str, check: Callable[[], object], deadline_s: float = 60.0) -> object:
-    end = time.monotonic() + deadline_s
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.2)  # other processes are working; bounded by the deadline
 
 
 def _body(batch, labels: bool = True) -> dict:
@@ -72,12 +61,12 @@ def test_huge_dense_value_is_refused_and_every_replica_keeps_finite_predictions(
             r = cluster.post("source", "/v1/models/ctr/train", _body(next(batches)))
             assert r.status_code == 202, r.text
 
-        report = _until(
+        report = until(
             "six batches trained",
             lambda: (d := cluster.get("source", "/v1/models/ctr/train"))["batches"] == 6 and d,
         )
         assert report["failed"] is None and sum(report["rejected_steps"].values()) == 0
-        _until("replicas converged with the source", lambda: _converged(cluster))
+        until("replicas converged with the source", lambda: _converged(cluster))
 
         probe = next(batches)
         for name in REPLICAS:
