@@ -76,7 +76,9 @@ def test_rows_api_reads_values_and_rejects_bad_input(make_cluster):
         ("/v1/tables/emb/rows", {"keys": [1, 2], "values": [[1, 2, 3, 4]]}, 400, "2 rows"),
         ("/v1/tables/nope/rows", {"keys": [1], "values": [[1, 2, 3, 4]]}, 404, "nope"),
         ("/v1/tables/emb/rows", [1, 2], 400, "object"),
-    ]
+        ("/v1/tables/emb/rows", {"keys": [1], "values": [[1, float("nan"), 3, 4]]}, 400,
+         "values[0][1] is NaN or inf"),
+    ]  # fmt: skip
     for path, body, code, needle in bad:
         resp = cluster.post("source", path, body)
         assert resp.status_code == code, (body, resp.text)
