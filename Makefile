@@ -24,6 +24,7 @@ BOUNDSCHECK_TESTS := tests/store tests/protocol
 
 test: venv
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory test-boundscheck
 
@@ -34,6 +35,7 @@ test-boundscheck: venv
 
 lint: venv
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check src tests
 
 bench: venv

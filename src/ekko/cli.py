@@ -72,7 +72,7 @@ def cluster_init(
     out: Path = typer.Option(Path("cluster.toml"), help="Where to write the config."),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
-    from ekko.node.cluster_init import cluster_doc, write_cluster
+    from ekko.ops.cluster_init import cluster_doc, write_cluster
 
     models = [{"name": "ctr"}] if serve else None
     doc = cluster_doc(
@@ -229,8 +229,8 @@ def up(
     report_every: float = typer.Option(2.0, help="Seconds between status lines."),
 ) -> None:
     """Run every node of the cluster as subprocesses; Ctrl-C stops them cleanly."""
-    from ekko.node.launcher import LaunchError, LocalCluster
-    from ekko.node.live import watch
+    from ekko.ops.launcher import LaunchError, LocalCluster
+    from ekko.ops.live import watch
 
     cluster = LocalCluster(
         config, writer_args=_writer_options(writer_rate, writer_batch_ms, writer_key_space)
@@ -306,7 +306,7 @@ def demo(
 ) -> None:
     """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica."""
     from ekko.demo.run import DemoSpec, run_demo
-    from ekko.node.launcher import LaunchError
+    from ekko.ops.launcher import LaunchError
 
     spec = DemoSpec(
         duration_s=duration,

@@ -3,7 +3,8 @@
 from ekko.torch import EmbeddingPublisher, PublisherConfig, MemorySink
 """
 
+from ekko.store.spec import Sink
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig, PublisherStatistics
-from ekko.train.sink import MemorySink, Sink
+from ekko.train.sink import MemorySink
 
 __all__ = ["EmbeddingPublisher", "MemorySink", "PublisherConfig", "PublisherStatistics", "Sink"]

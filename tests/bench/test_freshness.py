@@ -26,8 +26,8 @@ from ekko.bench.freshness import (
     summarize,
 )
 from ekko.bench.freshness_replicas import DelayedReplica
-from ekko.protocol.messages import TableSpec
 from ekko.store import Store
+from ekko.store.spec import TableSpec
 from ekko.train.dlrm import DLRMConfig
 from ekko.train.streams import Events, StreamConfig
 

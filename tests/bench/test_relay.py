@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ekko.net.relay import Relay, start_relay
+from ekko.bench.relay import Relay, start_relay
 from ekko.net.wan import WanProfile
 
 HOST = "127.0.0.1"

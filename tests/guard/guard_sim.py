@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekko.guard.detector import Detector, DetectorConfig, Verdict
-from ekko.guard.metrics import WindowedQuality
+from ekko.quality.windowed import WindowedQuality
 
 
 @dataclass

@@ -14,10 +14,11 @@ import pytest
 from ekko.codec import CODECS
 from ekko.guard.baseline import LaggedStore
 from ekko.protocol.chunk_codec import encode_chunk
-from ekko.protocol.messages import LANES, Chunk, PullResponse, TableSpec
+from ekko.protocol.messages import Chunk, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.responder import Responder
 from ekko.store import Store
+from ekko.store.spec import LANES, TableSpec
 
 SPECS = (TableSpec("emb", 8, 4), TableSpec("dense", 5, 1))
 

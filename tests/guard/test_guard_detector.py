@@ -10,7 +10,7 @@ from guard_sim import simulate
 
 from ekko.guard.detector import Detector, DetectorConfig
 from ekko.guard.errors import GuardConfigError
-from ekko.guard.metrics import QualitySnapshot
+from ekko.quality.windowed import QualitySnapshot
 
 
 def snap(count: int, log_loss: float, auc: float, now: float = 0.0) -> QualitySnapshot:

@@ -15,10 +15,10 @@ from ekko.guard.replica_guard import ReplicaGuard
 from ekko.guard.source_guard import PreimageSink, SourceGuard
 from ekko.guard.state import State
 from ekko.node.config import ModelConfig
-from ekko.protocol.messages import TableSpec
 from ekko.serve import InferenceService, StoreSink
 from ekko.serve.service import BASELINE, ONLINE
 from ekko.store import Store
+from ekko.store.spec import TableSpec
 
 DIM = 4
 

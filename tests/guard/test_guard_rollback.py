@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 from ekko.guard.baseline import LaggedStore
 from ekko.guard.replica_guard import covers
 from ekko.guard.source_guard import PreimageSink, SourceGuard
-from ekko.protocol.messages import Chunk, TableSpec
+from ekko.protocol.messages import Chunk
 from ekko.protocol.testing import SimNetwork
 from ekko.serve import StoreSink
 from ekko.store import Store
+from ekko.store.spec import TableSpec
 
 DIM = 4
 
@@ -202,10 +203,10 @@ def test_a_redirect_overtaken_by_its_rollback_is_ignored():
 
 def test_gate_acts_only_on_an_online_model_worse_than_the_baseline_twice():
     from ekko.guard.detector import CORRUPTED, DetectorConfig, Verdict
-    from ekko.guard.metrics import QualitySnapshot
     from ekko.guard.replica_guard import ReplicaGuard
     from ekko.guard.state import Event
     from ekko.node.config import ModelConfig
+    from ekko.quality.windowed import QualitySnapshot
     from ekko.serve import InferenceService
 
     svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ekko.node.launcher import LocalCluster
+from ekko.ops.launcher import LocalCluster
 
 T = TypeVar("T")
 

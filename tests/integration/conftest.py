@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 from ekko.train.streams import StreamConfig, SyntheticStream
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ import psutil
 import pytest
 import zstandard
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 
 MODEL = {"name": "ctr", "rows_per_table": 1000, "embedding_dim": 8, "dense_interval_s": 1.0}
 HEADER_TIMEOUT_S = 10.0  # [http] defaults

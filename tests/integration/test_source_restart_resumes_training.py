@@ -23,9 +23,9 @@ import pytest
 import torch
 from cluster_checks import until
 
-from ekko.node.launcher import LocalCluster
+from ekko.ops.launcher import LocalCluster
+from ekko.quality.offline import auc
 from ekko.train.dlrm import DLRM
-from ekko.train.metrics import auc
 from ekko.train.streams import Events, StreamConfig, SyntheticStream
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 
 MODELS = [
     {"name": name, "rows_per_table": 1000, "embedding_dim": 8, "dense_interval_s": 1.0}

@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 from cluster_checks import until
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 from ekko.train.streams import StreamConfig, SyntheticStream
 
 MODEL = {"name": "ctr", "rows_per_table": 1000, "embedding_dim": 8, "dense_interval_s": 0.0}

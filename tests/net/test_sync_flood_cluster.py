@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 
 from .helpers import flood_idle_connections
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ekko.cli import app as cli
 from ekko.node.admin import admin_app
-from ekko.node.cluster_init import cluster_doc, write_cluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
 
 
 async def _ok(request: Request) -> Response:

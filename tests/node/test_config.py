@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import ClusterConfig, ConfigError, load_config
+from ekko.ops.cluster_init import cluster_doc, write_cluster
 
 
 def _doc(**kw):

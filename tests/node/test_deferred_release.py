@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import load_config
 from ekko.node.runner import NodeRunner
+from ekko.ops.cluster_init import cluster_doc, write_cluster
 
 
 async def test_held_rows_reach_the_table_within_the_staleness_bound(tmp_path: Path) -> None:

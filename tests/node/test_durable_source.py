@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from ekko.node.access import ClusterAuth
-from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import ClusterConfig, load_config
 from ekko.node.core import NodeCore, NotReadyError
 from ekko.node.runner import NodeRunner
+from ekko.ops.cluster_init import cluster_doc, write_cluster
 from ekko.store import SnapshotError, WalError, wal_format
 
 

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from ekko.node.cluster_init import cluster_doc
 from ekko.node.config import ClusterConfig, ModelConfig
 from ekko.node.models import LoopSink
-from ekko.protocol.messages import TableSpec
+from ekko.ops.cluster_init import cluster_doc
+from ekko.store.spec import TableSpec
 from ekko.train.sink import MemorySink
 
 

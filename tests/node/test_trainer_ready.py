@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from ekko.node.access import ClusterAuth
-from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import load_config
 from ekko.node.runner import NodeRunner
+from ekko.ops.cluster_init import cluster_doc, write_cluster
 from ekko.train.streams import StreamConfig, SyntheticStream
 
 MODEL = {"name": "ctr", "rows_per_table": 500, "embedding_dim": 8}

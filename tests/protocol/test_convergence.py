@@ -6,11 +6,11 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.messages import LANES, TableSpec
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import ResponderConfig
 from ekko.protocol.testing import Faults, SimNetwork, rows_by_key
 from ekko.store import Store
+from ekko.store.spec import LANES, TableSpec
 
 SPECS = [TableSpec("emb", 4, 4), TableSpec("dense", 6, 1)]
 

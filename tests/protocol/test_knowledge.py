@@ -12,10 +12,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.latency import LatencyHistogram
-from ekko.protocol.messages import LANES, Chunk, PullResponse, TableSpec
+from ekko.protocol.messages import Chunk, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
+from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
+from ekko.store.spec import LANES, TableSpec
 
 SPEC = TableSpec("t", 2, 1)
 

@@ -10,18 +10,12 @@ from hypothesis import strategies as st
 
 from ekko.codec import CodecError, max_abs_error
 from ekko.protocol.chunk_codec import encode_chunk
-from ekko.protocol.messages import (
-    HIGH_LANE,
-    LANES,
-    LOW_LANE,
-    PullRequest,
-    PullResponse,
-    TableSpec,
-)
+from ekko.protocol.messages import PullRequest, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.responder import Responder
 from ekko.protocol.testing import Faults, SimNetwork
 from ekko.store import Store
+from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, TableSpec
 
 SPECS = [TableSpec("emb", 8, 4), TableSpec("dense", 5, 1)]
 

@@ -6,18 +6,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.messages import (
-    LANES,
-    Catalog,
-    CatalogRequest,
-    Cursor,
-    Error,
-    PullRequest,
-    PullResponse,
-    TableSpec,
-)
+from ekko.protocol.messages import Catalog, CatalogRequest, Cursor, Error, PullRequest, PullResponse
 from ekko.protocol.responder import Responder
 from ekko.store import Store
+from ekko.store.spec import LANES, TableSpec
 
 
 def _source(rows: int = 10) -> Store:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import LANES, TableSpec
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.testing import Faults, SimNetwork
 from ekko.store import Store, shard_of
+from ekko.store.spec import LANES, TableSpec
 
 SPEC = TableSpec("emb", 4, 8)
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE, NEW_LANE
 from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.schedule.drift import DriftAccumulator
 from ekko.schedule.key_slots import KeySlots
+from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, NEW_LANE
 
 _write = st.tuples(
     st.integers(0, 40),  # key

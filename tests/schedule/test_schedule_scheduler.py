@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 from ekko.schedule import PriorityInputs, SchedulerConfig, UpdateScheduler
 from ekko.store import Table
+from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 
 DIM = 4
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE
 from ekko.schedule import (
     DefaultPriority,
     LaneSplitter,
@@ -14,6 +13,7 @@ from ekko.schedule import (
     StreamingPercentile,
     TrafficShares,
 )
+from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
 
 
 def _splitter(q: float = 0.9, half_life: float = 100_000, boost: float = 10.0) -> LaneSplitter:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.schedule.writer import ScheduledWriter
 from ekko.store import Store
+from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
 
 def _store() -> Store:

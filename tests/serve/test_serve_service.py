@@ -9,11 +9,11 @@ import pytest
 import torch
 from serve_fixtures import SMALL_MODEL, random_events, service, train
 
+from ekko.quality.offline import auc, log_loss
 from ekko.serve import BadInput, InferenceService, ModelNotReady, StoreSink, UnknownVariant
 from ekko.store import Store
 from ekko.torch import EmbeddingPublisher, PublisherConfig
 from ekko.train.dlrm import DLRM, DLRMServingModel, dense_table_name, embedding_table_name
-from ekko.train.metrics import auc, log_loss
 
 
 def test_predictions_match_the_trained_model() -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import TableSpec
 from ekko.serve import StoreSink
 from ekko.store import Store, TableConflictError
-from ekko.train.sink import Sink
+from ekko.store.spec import Sink, TableSpec
 
 
 def test_writes_versioned_rows_and_calls_the_hook() -> None:

@@ -13,8 +13,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.messages import LANES, TableSpec
 from ekko.store import Table, shard_of
+from ekko.store.spec import LANES, TableSpec
 
 LANE = st.sampled_from(LANES)
 KEY = st.one_of(st.integers(-40, 200), st.sampled_from([-(2**63), 2**63 - 1, 2**40]))

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import LANES, TableSpec
 from ekko.store import DEFAULT_MAX_ABS, BadRowsError, ReferenceTable, Table
+from ekko.store.spec import LANES, TableSpec
 
 SPEC = TableSpec("emb", 3, 3)
 

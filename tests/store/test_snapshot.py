@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import LANES, LOW_LANE, NEW_LANE, TableSpec
 from ekko.store import SnapshotError, Store, shard_of
+from ekko.store.spec import LANES, LOW_LANE, NEW_LANE, TableSpec
 
 
 def filled_store() -> Store:

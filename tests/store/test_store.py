@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import TableSpec
 from ekko.store import Store, StoreError, Table, TableConflictError, UnknownTableError
+from ekko.store.spec import TableSpec
 
 
 def test_create_table_is_idempotent_for_the_same_spec() -> None:

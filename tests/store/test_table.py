@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import ekko.store.index as index_mod
 import ekko.store.table as table_mod
-from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 from ekko.store import BadRowsError, ReferenceTable, Table, shard_of
+from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 
 SPEC = TableSpec("emb", 3, 3)
 KEY = st.one_of(st.integers(-6, 30), st.sampled_from([-(2**63), 2**63 - 1, 2**40]))

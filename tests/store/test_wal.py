@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.protocol.messages import LANES, TableSpec
 from ekko.store import SnapshotError, Store, WalError
 from ekko.store import wal as wal_mod
 from ekko.store.journal import StoreJournal, decode_batch, encode_batch, open_durable
+from ekko.store.spec import LANES, TableSpec
 from ekko.store.wal import WriteAheadLog, read_log
 
 

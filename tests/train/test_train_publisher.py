@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ekko.protocol.messages import TableSpec
+from ekko.store.spec import TableSpec
 from ekko.torch import EmbeddingPublisher, MemorySink, PublisherConfig
 from ekko.train.dlrm import DLRM, DLRMConfig
 from ekko.train.streams import StreamConfig, SyntheticStream

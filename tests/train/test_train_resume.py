@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.protocol.messages import TableSpec
 from ekko.serve import StoreSink
 from ekko.store import Store
+from ekko.store.spec import TableSpec
 from ekko.train.dlrm import dense_table_name, embedding_table_name
 from ekko.train.service import TrainingService
 from ekko.train.streams import SyntheticStream

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from ekko.quality.offline import auc
 from ekko.train.dlrm import DLRM, DLRMConfig
-from ekko.train.metrics import auc
 from ekko.train.streams import StreamConfig, SyntheticStream
 from ekko.train.trainer import OnlineTrainer, TrainerConfig
 

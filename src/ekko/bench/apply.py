@@ -25,9 +25,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ekko.bench.report import median, write_result
-from ekko.protocol.messages import TableSpec
 from ekko.store import Store, Table, warm
 from ekko.store.journal import StoreJournal
+from ekko.store.spec import TableSpec
 from ekko.store.wal import WriteAheadLog
 
 BAR = 10_000_000

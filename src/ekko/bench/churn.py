@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ekko.bench.report import median, write_result
-from ekko.protocol.messages import LANES, TableSpec
 from ekko.store import Table, warm
+from ekko.store.spec import LANES, TableSpec
 
 PATHS = ("cache", "full_scan", "cache_control")
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import psutil
 
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
-from ekko.node.live import per_dc, reset_latency
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
+from ekko.ops.live import per_dc, reset_latency
 
 
 @dataclass(frozen=True)

@@ -69,14 +69,14 @@ from ekko.bench.freshness_replicas import (
     ns_of,
 )
 from ekko.bench.report import write_result
-from ekko.guard.metrics import WindowedQuality
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import ResponderConfig
+from ekko.quality.offline import auc, log_loss
+from ekko.quality.windowed import WindowedQuality
 from ekko.serve.replica import ReplicaModel
 from ekko.serve.store_sink import StoreSink
 from ekko.store import Store
 from ekko.train.dlrm import DLRM, DLRMConfig
-from ekko.train.metrics import auc, log_loss
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.streams import Events, MovieLensStream, StreamConfig, SyntheticStream
 from ekko.train.trainer import OnlineTrainer, TrainerConfig

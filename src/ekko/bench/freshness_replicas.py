@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, Catalog, Message, PullResponse, TableSpec
+from ekko.protocol.messages import Catalog, Message, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.ready import Ready
 from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.serve.store_sink import StoreSink
 from ekko.store import Store
+from ekko.store.spec import HIGH_LANE, TableSpec
 
 BeforeChange = Callable[[float], None]
 """``before_change(at)``: called just before a replica's store changes at simulated time ``at``

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from ekko.bench.trace import Trace
+from ekko.quality.offline import auc
 from ekko.serve.replica import ReplicaModel
 from ekko.store import Store
 from ekko.train.dlrm import DLRMConfig
-from ekko.train.metrics import auc
 
 
 class OnlineAuc:

@@ -38,9 +38,9 @@ from matplotlib.figure import Figure
 from rich.console import Console
 
 from ekko.bench.report import median, write_result
-from ekko.node.cluster_init import cluster_doc, write_cluster
 from ekko.node.config import ModelConfig
-from ekko.node.launcher import LocalCluster
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 
 console = Console(stderr=True)
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ekko.protocol.messages import TableSpec
+from ekko.store.spec import TableSpec
 from ekko.train.dlrm import DENSE_PREFIX, DLRM, DLRMConfig
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.streams import Events, StreamConfig, SyntheticStream

@@ -1,7 +1,7 @@
 """``ekko bench train``: events/s trained and the publisher's share of step time.
 
 Two identical online trainers on the synthetic stream, one publishing every step into a
-sink that only counts, one not, in alternated blocks (``ekko.train.throughput.measure``);
+sink that only counts, one not, in alternated blocks (``ekko.bench.train_throughput.measure``);
 the default DLRM (26 tables x 100 k rows, dim 16) and the demo's (dim 8) side by side.
 Bar (issue #3): publisher overhead <= 15 % of the step time.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 
 from ekko.bench.report import write_result
+from ekko.bench.train_throughput import measure
 from ekko.train.dlrm import DLRMConfig
-from ekko.train.throughput import measure
 
 console = Console(stderr=True)
 BAR_SHARE = 0.15

@@ -19,7 +19,7 @@ import httpx
 import msgspec
 import numpy as np
 
-from ekko.guard.metrics import WindowedQuality
+from ekko.quality.windowed import WindowedQuality
 from ekko.train.streams import Events
 
 log = logging.getLogger(__name__)

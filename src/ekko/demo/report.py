@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ekko.node.config import ClusterConfig
-from ekko.protocol.latency import LatencyHistogram
+from ekko.quality.latency import LatencyHistogram
 
 
 def write_png(

@@ -26,9 +26,9 @@ from rich.table import Table as RichTable
 
 from ekko.demo.loop import OnlineLoop
 from ekko.demo.report import write_png
-from ekko.node.cluster_init import cluster_doc, write_cluster
-from ekko.node.launcher import LocalCluster
-from ekko.protocol.latency import LatencyHistogram
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
+from ekko.quality.latency import LatencyHistogram
 from ekko.train.streams import StreamConfig, SyntheticStream
 
 MODEL = "ctr"

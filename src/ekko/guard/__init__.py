@@ -8,7 +8,6 @@ time-dependent call takes ``now`` (monotonic seconds) so callers and tests own t
 from ekko.guard.detector import Detector, DetectorConfig, Verdict
 from ekko.guard.errors import GuardConfigError, GuardStateError, PreimageError, TransitionLogError
 from ekko.guard.log import TransitionLog
-from ekko.guard.metrics import QualitySnapshot, WindowedQuality, metric_name
 from ekko.guard.preimages import Coalesce, PreimageLog, RestorePlan, RestoreSet
 from ekko.guard.router import TrafficRouter, Variant
 from ekko.guard.state import TRANSITIONS, Event, ModelHealth, State, Transition, event_for_level
@@ -24,7 +23,6 @@ __all__ = [
     "ModelHealth",
     "PreimageError",
     "PreimageLog",
-    "QualitySnapshot",
     "RestorePlan",
     "RestoreSet",
     "State",
@@ -34,7 +32,5 @@ __all__ = [
     "TransitionLogError",
     "Variant",
     "Verdict",
-    "WindowedQuality",
     "event_for_level",
-    "metric_name",
 ]

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ekko.protocol.messages import Chunk, TableSpec
+from ekko.protocol.messages import Chunk
 from ekko.store import Store
+from ekko.store.spec import TableSpec
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import Literal
 import numpy as np
 
 from ekko.guard.errors import GuardConfigError
-from ekko.guard.metrics import QualitySnapshot
+from ekko.quality.windowed import QualitySnapshot
 
 Level = Literal["healthy", "uncertain", "corrupted"]
 HEALTHY: Level = "healthy"

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from ekko.guard.errors import PreimageError
 from ekko.guard.replica_guard import ReplicaGuard
 from ekko.guard.source_guard import SourceGuard
-from ekko.httpkit import RequestError, parse_json
+from ekko.net.httpkit import RequestError, parse_json
 from ekko.serve.routes import by_model, guarded, json_response, read_body
 
 

@@ -21,9 +21,8 @@ from ekko.guard.errors import PreimageError
 from ekko.guard.log import TransitionLog
 from ekko.guard.preimages import PreimageLog
 from ekko.guard.state import Event, ModelHealth, State
-from ekko.protocol.messages import TableSpec
 from ekko.store import Store
-from ekko.train.sink import Sink
+from ekko.store.spec import Sink, TableSpec
 
 log = logging.getLogger(__name__)
 

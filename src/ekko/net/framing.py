@@ -32,7 +32,8 @@ import numpy as np
 import zstandard
 
 from ekko.net.errors import LocalFrameError, RemoteFrameError
-from ekko.protocol.messages import Chunk, Message, PullResponse, TableSpec
+from ekko.protocol.messages import Chunk, Message, PullResponse
+from ekko.store.spec import TableSpec
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Largest payload (before and after compression) a frame may carry."""

@@ -38,7 +38,7 @@ import httpx
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ekko.httpkit import MAX_BODY_BYTES, OFFLOAD_BYTES, RequestError, receive_body
+from ekko.net.httpkit import MAX_BODY_BYTES, OFFLOAD_BYTES, RequestError, receive_body
 from ekko.node.signed_requests import (
     RESIGN_HEADER,
     ROLES,

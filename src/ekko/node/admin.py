@@ -20,7 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ekko.httpkit import MAX_BODY_BYTES, RequestError, guarded_by, offload, parse_json, read_body
+from ekko.net.httpkit import (
+    MAX_BODY_BYTES,
+    RequestError,
+    guarded_by,
+    offload,
+    parse_json,
+    read_body,
+)
 from ekko.node.access import AccessPolicy, RequireRole
 from ekko.node.core import NodeCore, NotReadyError, NotSourceError
 from ekko.node.signed_requests import NonceCache

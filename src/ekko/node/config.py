@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ekko.net.wan import WanProfile
-from ekko.protocol.messages import TableSpec
 from ekko.store._validate import DEFAULT_MAX_ABS
+from ekko.store.spec import TableSpec
 
 
 class ConfigError(ValueError):

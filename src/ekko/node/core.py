@@ -17,14 +17,14 @@ import numpy as np
 
 from ekko.net.wan import WanProfile
 from ekko.node.config import ClusterConfig
-from ekko.protocol.latency import LatencyHistogram
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.protocol.traffic import TrafficTally
+from ekko.quality.latency import LatencyHistogram
 from ekko.schedule.writer import ScheduledWriter
 from ekko.store import Store
 from ekko.store.journal import StoreJournal, open_durable
+from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
 
 log = logging.getLogger(__name__)
 

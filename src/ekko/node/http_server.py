@@ -7,7 +7,7 @@ timer, so a client sending a header byte a second is held for as long as it like
 connection just opened, or a response was sent), the next request's headers must be complete
 within ``header_timeout_s`` or the connection is closed; a body the handler never read, still
 trickling in after its response, counts as no request. Bodies a handler reads are bounded in
-size and time there (``ekko.httpkit``).
+size and time there (``ekko.net.httpkit``).
 """
 
 from __future__ import annotations

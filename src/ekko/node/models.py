@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from ekko.node.core import NodeCore
-from ekko.protocol.messages import TableSpec
 from ekko.store import Store
-from ekko.train.sink import Sink
+from ekko.store.spec import Sink, TableSpec
 
 log = logging.getLogger(__name__)
 

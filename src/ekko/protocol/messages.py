@@ -13,22 +13,11 @@ import msgspec
 import numpy as np
 
 from ekko.codec.block import RowBlock
+from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
 PROTOCOL_VERSION = 2  # 2: a third lane, for new keys
 
-HIGH_LANE = 0
-LOW_LANE = 1
-NEW_LANE = 2  # keys no replica has seen: ahead of the high lane on a busy link
-LANES = (HIGH_LANE, LOW_LANE, NEW_LANE)
 DRAIN_ORDER = (NEW_LANE, HIGH_LANE, LOW_LANE)
-
-
-class TableSpec(msgspec.Struct, frozen=True, tag=True):
-    """Shape of one table: every store shards it the same way."""
-
-    name: str
-    dim: int
-    num_shards: int
 
 
 class Cursor(msgspec.Struct, frozen=True):

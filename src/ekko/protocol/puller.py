@@ -21,21 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekko.protocol.chunk_codec import check_codec, decode_chunk
-from ekko.protocol.latency import LatencyHistogram
-from ekko.protocol.messages import (
-    LANES,
-    Catalog,
-    Chunk,
-    Cursor,
-    Error,
-    Message,
-    PullRequest,
-    PullResponse,
-    TableSpec,
-)
+from ekko.protocol.messages import Catalog, Chunk, Cursor, Error, Message, PullRequest, PullResponse
 from ekko.protocol.ready import Ready
 from ekko.protocol.traffic import TrafficTally
+from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
+from ekko.store.spec import LANES, TableSpec
 
 LINK = "upstream"
 

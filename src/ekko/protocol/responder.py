@@ -17,7 +17,6 @@ import numpy as np
 from ekko.protocol.chunk_codec import check_codec, encode_chunk, row_bytes
 from ekko.protocol.messages import (
     DRAIN_ORDER,
-    LANES,
     Catalog,
     CatalogRequest,
     Chunk,
@@ -29,6 +28,7 @@ from ekko.protocol.messages import (
 from ekko.protocol.ready import Ready, SessionId
 from ekko.schedule.pacing import LinkPacer
 from ekko.store import Store, Table, UnknownTableError
+from ekko.store.spec import LANES
 
 ROW_OVERHEAD_BYTES = 24  # key + version + wtime
 HOLDS_QUIET_S = 1.0

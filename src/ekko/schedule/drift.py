@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.protocol.messages import LOW_LANE
 from ekko.schedule.key_slots import KeySlots
+from ekko.store.spec import LOW_LANE
 
 
 class DriftAccumulator:

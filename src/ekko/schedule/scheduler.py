@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, LANES, LOW_LANE
 from ekko.schedule.deferral import Deferrer, Released
 from ekko.schedule.drift import DriftAccumulator
 from ekko.schedule.priority import (
@@ -35,6 +34,7 @@ from ekko.schedule.priority import (
     delta_norms,
 )
 from ekko.schedule.threshold import LaneSplitter, StreamingPercentile
+from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE
 
 
 @dataclass(frozen=True)

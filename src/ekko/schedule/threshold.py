@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, LOW_LANE, NEW_LANE
 from ekko.schedule.priority import PriorityFunction, PriorityInputs
+from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
 
 
 class StreamingPercentile:

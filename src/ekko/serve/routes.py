@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ekko.httpkit import guarded_by, json_response, offload, read_body
+from ekko.net.httpkit import guarded_by, json_response, offload, read_body
 from ekko.serve.errors import ModelNotReady, UnknownModel, UnknownVariant
 from ekko.serve.schema import MAX_BATCH, decode_feedback, decode_predict
 from ekko.serve.service import BadInput, InferenceService

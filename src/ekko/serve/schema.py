@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
-from ekko.httpkit import MAX_BODY_BYTES, RequestError
+from ekko.net.httpkit import MAX_BODY_BYTES, RequestError
 
 MAX_BATCH = 4096
 """Events per predict request (or labels per feedback request); more is HTTP 413."""

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ekko.guard.metrics import WindowedQuality
 from ekko.node.config import ModelConfig
+from ekko.quality.windowed import WindowedQuality
 from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownVariant
 from ekko.serve.pending import PendingPredictions
 from ekko.serve.replica import ReplicaModel

@@ -12,16 +12,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ekko.protocol.messages import TableSpec
 from ekko.schedule.writer import ScheduledWriter
 from ekko.store import Store
+from ekko.store.spec import TableSpec
 
 WriteHook = Callable[[], None]
 """``on_write()``: called after rows were written; the node passes ``notify_written``."""
 
 
 class StoreSink:
-    """Implements ``ekko.train.sink.Sink`` by writing into a ``Store``.
+    """Implements ``ekko.store.spec.Sink`` by writing into a ``Store``.
 
     Why a class of its own: the publisher must not know about versions, origins or long-poll
     wake-ups; the sink stamps each write with the wall-clock time (for update-latency

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.protocol.messages import LANES
 from ekko.store.errors import BadRowsError
+from ekko.store.spec import LANES
 
 
 def check_keys(keys: np.ndarray) -> np.ndarray:

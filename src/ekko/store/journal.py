@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ekko.protocol.messages import TableSpec
 from ekko.store.errors import StoreError, WalError
+from ekko.store.spec import TableSpec
 from ekko.store.store import Store
 from ekko.store.table import Table
 from ekko.store.wal import WalRecord, WriteAheadLog

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, LANES, TableSpec
 from ekko.store._validate import (
     DEFAULT_MAX_ABS,
     check_cursors,
@@ -22,6 +21,7 @@ from ekko.store._validate import (
     check_write_values,
 )
 from ekko.store.errors import BadRowsError
+from ekko.store.spec import HIGH_LANE, LANES, TableSpec
 from ekko.store.table import Collected
 
 _M64 = (1 << 64) - 1

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from ekko.protocol.messages import TableSpec
 from ekko.store.errors import (
     SnapshotError,
     StoreError,
@@ -14,6 +13,7 @@ from ekko.store.errors import (
     UnknownTableError,
 )
 from ekko.store.snapshot import SnapshotData, SnapshotTable, read_snapshot, write_snapshot
+from ekko.store.spec import TableSpec
 from ekko.store.table import Table, WriteHook
 
 _TABLE_ARRAYS = ("keys", "values", "versions", "wtimes", "lanes")

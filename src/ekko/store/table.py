@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ekko.protocol.messages import HIGH_LANE, LANES, TableSpec
 from ekko.store import _table_kernels as K
 from ekko.store._collect_kernel import collect_rows
 from ekko.store._validate import (
@@ -24,6 +23,7 @@ from ekko.store._validate import (
 )
 from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, shard_of
+from ekko.store.spec import HIGH_LANE, LANES, TableSpec
 
 NUM_LANES = len(LANES)
 

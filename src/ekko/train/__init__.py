@@ -2,7 +2,7 @@
 
 from ekko.train.dlrm import DLRM, DLRMConfig, DLRMServingModel
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig, PublisherStatistics
-from ekko.train.sink import MemorySink, Sink
+from ekko.train.sink import MemorySink
 from ekko.train.streams import Events, MovieLensStream, StreamConfig, SyntheticStream
 from ekko.train.trainer import OnlineTrainer, StepResult, TrainerConfig
 
@@ -17,7 +17,6 @@ __all__ = [
     "OnlineTrainer",
     "PublisherConfig",
     "PublisherStatistics",
-    "Sink",
     "StepResult",
     "StreamConfig",
     "SyntheticStream",

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ekko.protocol.messages import TableSpec
-from ekko.train.sink import Sink
+from ekko.store.spec import Sink, TableSpec
 
 EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 

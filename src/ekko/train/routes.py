@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ekko.httpkit import offload
+from ekko.net.httpkit import offload
 from ekko.serve.errors import ModelNotReady
 from ekko.serve.metrics import model_counters
 from ekko.serve.routes import by_model, guarded, json_response, read_body

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ekko.guard.metrics import WindowedQuality
+from ekko.quality.windowed import WindowedQuality
+from ekko.store.spec import Sink
 from ekko.train.dlrm import DLRM, DLRMConfig, dense_table_name
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
-from ekko.train.sink import Sink
 from ekko.train.streams import Events
 from ekko.train.trainer import REJECT_REASONS, OnlineTrainer, TrainerConfig
 

@@ -1,26 +1,10 @@
-"""Where the publisher hands rows off: a narrow protocol plus an in-memory reference sink."""
+"""An in-memory reference ``Sink`` (the protocol itself is ``ekko.store.spec.Sink``)."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import numpy as np
 
-from ekko.protocol.messages import TableSpec
-
-
-@runtime_checkable
-class Sink(Protocol):
-    """Receiver of published rows (the source store, or a test double).
-
-    ``create_table`` is called once per table before its first ``write``. ``write`` receives
-    unique int64 keys [n] and float32 values [n, dim]; the arrays are fresh copies the sink
-    may keep without copying again.
-    """
-
-    def create_table(self, spec: TableSpec) -> None: ...
-
-    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None: ...
+from ekko.store.spec import TableSpec
 
 
 class MemorySink:

@@ -8,7 +8,7 @@ stamp from its clock after applying the rows.
 WAN bytes are counted where they cross an emulated WAN link, in both directions: for
 ``ekko.net`` connections, the source-side :class:`~ekko.net.connection.Connection` stats of
 links whose ``WanProfile`` is set; for Redis, the counters of each replica's
-:mod:`ekko.net.relay`.
+:mod:`ekko.bench.relay`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from ekko.bench.trace import Trace
 from ekko.net.connection import Connection
 from ekko.net.transport import TcpStream
 from ekko.net.wan import WanProfile
-from ekko.protocol.latency import LatencyHistogram
-from ekko.protocol.messages import TableSpec
+from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
+from ekko.store.spec import TableSpec
 from ekko.store.table import warm
 
 HOST = "127.0.0.1"

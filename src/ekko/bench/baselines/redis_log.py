@@ -2,7 +2,7 @@
 Stream; every replica tails the stream with ``XREAD BLOCK`` and applies each entry in order.
 
 The broker (a real ``redis-server`` on loopback) sits in the training DC: the source reaches it
-directly; each replica reaches it through its own :mod:`ekko.net.relay` carrying its DC's
+directly; each replica reaches it through its own :mod:`ekko.bench.relay` carrying its DC's
 ``WanProfile`` in both directions, and the relay's counters are the WAN bytes (replies with
 the entries, plus the replica's XREAD commands). Entries hold the table name, keys
 (int64 bytes), values (float32 bytes) and the source's write stamp; the stream is not trimmed
@@ -39,8 +39,8 @@ from ekko.bench.baselines.common import (
     wait_replicas,
 )
 from ekko.bench.online_auc import OnlineAuc
+from ekko.bench.relay import Relay, start_relay
 from ekko.bench.trace import Trace
-from ekko.net.relay import Relay, start_relay
 from ekko.store import Store
 
 STREAM = b"ekko:updates"

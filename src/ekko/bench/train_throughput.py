@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ekko.protocol.messages import TableSpec
+from ekko.store.spec import TableSpec
 from ekko.train.dlrm import DLRM, DLRMConfig
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.streams import StreamConfig, SyntheticStream

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ekko.train.metrics import auc, log_loss
+from ekko.quality.offline import auc, log_loss
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:

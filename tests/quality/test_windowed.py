@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ekko.guard.errors import GuardConfigError
-from ekko.guard.metrics import LIFETIME, WINDOW, QualitySnapshot, WindowedQuality, metric_name
+from ekko.quality.errors import QualityConfigError
+from ekko.quality.windowed import LIFETIME, WINDOW, QualitySnapshot, WindowedQuality, metric_name
 
 
 def exact_auc(preds: np.ndarray, labels: np.ndarray) -> float:
@@ -139,7 +139,7 @@ def test_take_interval_is_non_overlapping() -> None:
 
 def test_metric_names_come_from_one_composer() -> None:
     assert metric_name("ctr", "online", "auc", WINDOW) == "ctr.online.auc.window"
-    with pytest.raises(GuardConfigError, match="variant"):
+    with pytest.raises(QualityConfigError, match="variant"):
         metric_name("ctr", "on.line", "auc", WINDOW)
     wq = WindowedQuality(30.0)
     wq.update(np.array([0.2, 0.7]), np.array([0, 1]), now=0.0)
@@ -169,7 +169,7 @@ def test_snapshot_is_frozen() -> None:
     ],
 )
 def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
-    with pytest.raises(GuardConfigError, match=field):
+    with pytest.raises(QualityConfigError, match=field):
         WindowedQuality(**kwargs)
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ekko.guard.errors import GuardConfigError
+from ekko.quality.errors import QualityConfigError
 
 WINDOW = "window"
 LIFETIME = "lifetime"
@@ -45,7 +45,7 @@ def metric_name(model: str, variant: str, metric: str, window: str) -> str:
         ("window", window),
     ):
         if not value or "." in value:
-            raise GuardConfigError(
+            raise QualityConfigError(
                 f"metric_name: {field} must be non-empty without '.', got {value!r}"
             )
     return f"{model}.{variant}.{metric}.{window}"
@@ -157,11 +157,11 @@ class WindowedQuality:
 
     def __init__(self, window_s: float, buckets: int = 60, bins: int = 1000) -> None:
         if not window_s > 0 or not math.isfinite(window_s):
-            raise GuardConfigError(f"WindowedQuality.window_s must be > 0, got {window_s!r}")
+            raise QualityConfigError(f"WindowedQuality.window_s must be > 0, got {window_s!r}")
         if buckets < 1:
-            raise GuardConfigError(f"WindowedQuality.buckets must be >= 1, got {buckets!r}")
+            raise QualityConfigError(f"WindowedQuality.buckets must be >= 1, got {buckets!r}")
         if bins < 2:
-            raise GuardConfigError(f"WindowedQuality.bins must be >= 2, got {bins!r}")
+            raise QualityConfigError(f"WindowedQuality.bins must be >= 2, got {bins!r}")
         self.window_s = float(window_s)
         self.buckets = int(buckets)
         self.bins = int(bins)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ekko.httpkit import RequestError, parse_json, receive_body
+from ekko.net.httpkit import RequestError, parse_json, receive_body
 from ekko.node.admin import parse_write
 
 

@@ -1,4 +1,4 @@
-"""Tiny offline metrics for the training loop (windowed online metrics live in ekko.guard)."""
+"""Tiny offline metrics for the training loop (windowed online metrics: ekko.quality.windowed)."""
 
 from __future__ import annotations
 

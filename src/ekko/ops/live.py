@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table as RichTable
 
-from ekko.node.launcher import LocalCluster
-from ekko.protocol.latency import LatencyHistogram
+from ekko.ops.launcher import LocalCluster
+from ekko.quality.latency import LatencyHistogram
 
 
 def node_latency(cluster: LocalCluster, name: str) -> LatencyHistogram:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ekko.net.server import TaskServer
 from ekko.net.wan import WanLine, WanProfile
 
-log = logging.getLogger("ekko.net.relay")
+log = logging.getLogger("ekko.bench.relay")
 
 _CHUNK = 64 * 1024
 DEFAULT_RELAY_QUEUE_BYTES = 16 * 1024 * 1024

@@ -1,0 +1,1 @@
+"""Operator tools: write a cluster config, run a cluster on one machine, watch it live."""
