@@ -6,7 +6,6 @@ from ekko.bench.train_throughput import measure
 from ekko.train.dlrm import DLRMConfig
 from ekko.train.streams import StreamConfig
 
-
 SMALL_STREAM = StreamConfig(seed=3, max_vocab=5_000, initial_items=2_000)
 SMALL_MODEL = DLRMConfig(rows_per_table=4_000, embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16, 1))
 

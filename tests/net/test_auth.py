@@ -13,6 +13,7 @@ from ekko.net.errors import AuthError
 from ekko.net.framing import FrameDecoder, encode_frame
 from ekko.net.handshake import Auth, AuthOk, Challenge, HandshakeMessage
 from ekko.net.transport import connect, serve
+from ekko.node.sync_host import SYNC_SCHEMA
 from ekko.protocol.messages import PROTOCOL_VERSION, CatalogRequest
 
 SECRET = b"cluster-secret"
@@ -22,8 +23,8 @@ def _pair(
     server_secret: bytes = SECRET, client_secret: bytes = SECRET
 ) -> tuple[ServerHandshake, ClientHandshake]:
     return (
-        ServerHandshake(node="src", secret=server_secret),
-        ClientHandshake(node="dc1-leader", secret=client_secret),
+        ServerHandshake(node="src", secret=server_secret, protocol_version=PROTOCOL_VERSION),
+        ClientHandshake(node="dc1-leader", secret=client_secret, protocol_version=PROTOCOL_VERSION),
     )
 
 
@@ -67,19 +68,21 @@ def test_mac_binds_node_name_and_nonces() -> None:
     forged = Auth(node="someone-else", nonce=auth.nonce, mac=auth.mac, protocol_version=1)
     with pytest.raises(AuthError):
         server.receive_auth(forged)
-    other_server = ServerHandshake(node="src", secret=SECRET)  # another connection's challenge
+    other_server = ServerHandshake(
+        node="src", secret=SECRET, protocol_version=PROTOCOL_VERSION
+    )  # another connection's challenge
     with pytest.raises(AuthError):
         other_server.receive_auth(auth)
 
 
 def test_version_mismatch_names_both_versions_on_either_side() -> None:
     server = ServerHandshake(node="src", secret=SECRET, protocol_version=PROTOCOL_VERSION + 1)
-    client = ClientHandshake(node="c", secret=SECRET)
+    client = ClientHandshake(node="c", secret=SECRET, protocol_version=PROTOCOL_VERSION)
     with pytest.raises(
         AuthError, match=rf"peer speaks {PROTOCOL_VERSION + 1}.*we speak {PROTOCOL_VERSION}"
     ):
         client.receive_challenge(server.start())
-    server = ServerHandshake(node="src", secret=SECRET)
+    server = ServerHandshake(node="src", secret=SECRET, protocol_version=PROTOCOL_VERSION)
     old = ClientHandshake(node="c", secret=SECRET, protocol_version=PROTOCOL_VERSION + 5)
     auth = old.receive_challenge(
         Challenge(nonce=b"s" * NONCE_BYTES, protocol_version=PROTOCOL_VERSION + 5, node="x")
@@ -119,13 +122,17 @@ async def _eager_server(handled: list[str]):
         handled.append(conn.peer)
         await conn.send(CatalogRequest(req_id=1))  # a data message the moment it is allowed
 
-    return await serve("127.0.0.1", 0, node="src", secret=SECRET, on_connection=on_connection)
+    return await serve(
+        "127.0.0.1", 0, node="src", secret=SECRET, schema=SYNC_SCHEMA, on_connection=on_connection
+    )
 
 
 async def test_good_secret_over_tcp() -> None:
     handled: list[str] = []
     async with await _eager_server(handled) as listener:
-        conn = await connect("127.0.0.1", listener.port, node="dc1", secret=SECRET)
+        conn = await connect(
+            "127.0.0.1", listener.port, node="dc1", secret=SECRET, schema=SYNC_SCHEMA
+        )
         async with conn:
             assert conn.peer == "src"
             assert await conn.recv() == CatalogRequest(req_id=1)
@@ -138,7 +145,9 @@ async def test_wrong_secret_over_tcp_fails_both_sides(caplog: pytest.LogCaptureF
     caplog.set_level(logging.WARNING, logger="ekko.net")
     async with await _eager_server(handled) as listener:
         with pytest.raises(AuthError, match="closed the connection before the handshake completed"):
-            await connect("127.0.0.1", listener.port, node="dc1", secret=b"wrong")
+            await connect(
+                "127.0.0.1", listener.port, node="dc1", secret=b"wrong", schema=SYNC_SCHEMA
+            )
         # the server side failed too (it counts and logs before it closes, so this is settled
         # once the client saw the close), and the handler never ran
         assert listener.stats.auth_failures == 1 and listener.stats.authenticated == 0
@@ -156,7 +165,9 @@ async def test_wrong_secret_server_sends_nothing_but_the_challenge() -> None:
                 pass
         (challenge,) = got
         assert isinstance(challenge, Challenge)
-        client = ClientHandshake(node="intruder", secret=b"wrong")
+        client = ClientHandshake(
+            node="intruder", secret=b"wrong", protocol_version=PROTOCOL_VERSION
+        )
         writer.write(encode_frame(client.receive_challenge(challenge)))
         rest = await _read_until_eof(reader)
         writer.close()

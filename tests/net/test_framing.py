@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ekko.net import framing
+from ekko.net.arrays import enc_hook
 from ekko.net.errors import LocalFrameError, RemoteFrameError
 from ekko.net.framing import (
     ARRAY_EXT,
@@ -24,7 +25,7 @@ from ekko.net.framing import (
     encode_frame,
 )
 from ekko.net.handshake import Auth, Challenge, HandshakeMessage
-from ekko.protocol.messages import Catalog, Chunk, Message, PullResponse
+from ekko.protocol.messages import SHARED_PARTS, Catalog, Chunk, Message, PullResponse
 
 from .helpers import (
     WIRE_DTYPES,
@@ -41,11 +42,11 @@ def _raw_frame(payload: bytes, flags: int = 0) -> bytes:
 
 
 def _decode_all(data: bytes, **kw: object) -> list[object]:
-    return FrameDecoder(**kw).feed(data)  # type: ignore[arg-type]
+    return FrameDecoder(**{"message_type": Message, **kw}).feed(data)  # type: ignore[arg-type]
 
 
 def _feed_split(data: bytes, cuts: list[int]) -> list[object]:
-    dec = FrameDecoder()
+    dec = FrameDecoder(message_type=Message)
     out: list[object] = []
     last = 0
     for cut in [*sorted(set(cuts)), len(data)]:
@@ -127,7 +128,8 @@ def test_round_trip_generated_messages(msg: Message, compress: bool) -> None:
 def test_pull_response_bytes_equal_a_plain_encoding(msg: PullResponse) -> None:
     """Chunks are encoded on their own (and reused) but the frame is byte for byte what a
     peer encoding the whole PullResponse in one go would send."""
-    plain = msgspec.msgpack.Encoder(enc_hook=framing._enc_hook).encode(msg)
+    plain = msgspec.msgpack.Encoder(enc_hook=enc_hook).encode(msg)
+    assert encode_frame(msg, encode_once=SHARED_PARTS) == HEADER.pack(len(plain), 0) + plain
     assert encode_frame(msg) == HEADER.pack(len(plain), 0) + plain
 
 
@@ -146,7 +148,10 @@ def test_a_chunk_shared_by_several_responses_is_encoded_once(monkeypatch) -> Non
     monkeypatch.setattr(framing, "_ENCODER", Counting())
     shared, other = sample_chunk(rows=7, i=1), sample_chunk(rows=3, i=2)
     frames = [
-        encode_frame(PullResponse(req_id, 3, [shared, other] if req_id == 1 else [shared]))
+        encode_frame(
+            PullResponse(req_id, 3, [shared, other] if req_id == 1 else [shared]),
+            encode_once=SHARED_PARTS,
+        )
         for req_id in (1, 2, 3)
     ]
     assert encoded.count("Chunk") == 2  # shared once, other once
@@ -155,8 +160,11 @@ def test_a_chunk_shared_by_several_responses_is_encoded_once(monkeypatch) -> Non
         assert back.req_id == req_id
         assert_same(back.chunks[0], shared)
     # An equal but distinct chunk is encoded again (identity, not equality, is the key).
-    encode_frame(PullResponse(4, 3, [sample_chunk(rows=7, i=1)]))
+    encode_frame(PullResponse(4, 3, [sample_chunk(rows=7, i=1)]), encode_once=SHARED_PARTS)
     assert encoded.count("Chunk") == 3
+    # Without encode_once (a schema naming no shared parts) nothing is reused.
+    encode_frame(PullResponse(5, 3, [shared]))
+    assert encoded.count("Chunk") == 3 and encoded[-1] == "PullResponse"
 
 
 # -- splits -------------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ def test_whole_buffer_equals_byte_at_a_time() -> None:
     msgs = every_message()
     data = b"".join(encode_frame(m, compress=k % 2 == 0) for k, m in enumerate(msgs))
     whole = _decode_all(data)
-    dec = FrameDecoder()
+    dec = FrameDecoder(message_type=Message)
     one_by_one = [m for i in range(len(data)) for m in dec.feed(data[i : i + 1])]
     assert len(whole) == len(msgs)
     assert_same(whole, msgs)
@@ -204,7 +212,7 @@ def test_handshake_message_is_refused_by_a_data_decoder() -> None:
 
 
 def _only_messages_or_remote_error(data: bytes, cuts: list[int], max_frame_bytes: int) -> None:
-    dec = FrameDecoder(max_frame_bytes=max_frame_bytes)
+    dec = FrameDecoder(message_type=Message, max_frame_bytes=max_frame_bytes)
     last = 0
     try:
         for cut in [*sorted(set(cuts)), len(data)]:
@@ -255,7 +263,7 @@ def test_random_payload_in_a_valid_header(payload: bytes, flags: int) -> None:
 
 
 def test_decoder_stays_in_error() -> None:
-    dec = FrameDecoder()
+    dec = FrameDecoder(message_type=Message)
     with pytest.raises(RemoteFrameError, match="flags") as first:
         dec.feed(b"\x00\x00\x00\x01\x80x")
     with pytest.raises(RemoteFrameError, match="flags") as again:
@@ -279,20 +287,22 @@ def test_oversize_frame_is_a_local_error_on_encode() -> None:
 def test_oversize_frame_is_a_remote_error_on_decode_from_the_header_alone() -> None:
     frame = encode_frame(PullResponse(1, 1, [sample_chunk(rows=1000, dim=16)]))
     with pytest.raises(RemoteFrameError, match="above the limit"):
-        FrameDecoder(max_frame_bytes=10_000).feed(frame[:HEADER_SIZE])
+        FrameDecoder(message_type=Message, max_frame_bytes=10_000).feed(frame[:HEADER_SIZE])
 
 
 def test_decompression_bomb_is_refused() -> None:
     bomb = zstandard.ZstdCompressor(level=1).compress(b"\x00" * 1_000_000)
     assert len(bomb) < 1000
     with pytest.raises(RemoteFrameError, match="declares"):
-        FrameDecoder(max_frame_bytes=100_000).feed(_raw_frame(bomb, FLAG_ZSTD))
+        FrameDecoder(message_type=Message, max_frame_bytes=100_000).feed(
+            _raw_frame(bomb, FLAG_ZSTD)
+        )
 
 
 def test_zstd_without_content_size_is_refused() -> None:
     body = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x81" * 100)
     with pytest.raises(RemoteFrameError, match="content size"):
-        FrameDecoder().feed(_raw_frame(body, FLAG_ZSTD))
+        FrameDecoder(message_type=Message).feed(_raw_frame(body, FLAG_ZSTD))
 
 
 def test_zstd_lying_about_its_size_is_refused() -> None:
@@ -303,12 +313,12 @@ def test_zstd_lying_about_its_size_is_refused() -> None:
     assert fhd & 0xC0 == 0 and fhd & 0x20  # single segment, 1-byte content size
     body[5] = len(payload)
     with pytest.raises(RemoteFrameError, match="zstd"):
-        FrameDecoder().feed(_raw_frame(bytes(body), FLAG_ZSTD))
+        FrameDecoder(message_type=Message).feed(_raw_frame(bytes(body), FLAG_ZSTD))
 
 
 def test_bad_zstd_is_refused() -> None:
     with pytest.raises(RemoteFrameError, match="zstd"):
-        FrameDecoder().feed(_raw_frame(b"not zstd at all", FLAG_ZSTD))
+        FrameDecoder(message_type=Message).feed(_raw_frame(b"not zstd at all", FLAG_ZSTD))
 
 
 # -- arrays ---------------------------------------------------------------------------------------
@@ -366,3 +376,53 @@ def test_unsupported_arrays_are_a_local_error(bad: np.ndarray) -> None:
 def test_unencodable_value_is_a_local_error() -> None:
     with pytest.raises(LocalFrameError):
         encode_frame(Catalog(1, 1, [object()]))  # type: ignore[list-item]
+
+
+# -- any typed message ------------------------------------------------------------------------
+
+
+class _Part(msgspec.Struct, frozen=True, array_like=True):
+    name: str
+    data: np.ndarray
+
+
+class _Batch(msgspec.Struct, frozen=True, tag="batch", tag_field="kind", rename="camel",
+             omit_defaults=True):  # fmt: skip
+    batch_id: int
+    parts: list[_Part]
+    note_text: str = ""
+    extra_parts: list[_Part] = msgspec.field(default_factory=list)
+    weights: np.ndarray | None = None
+
+
+def test_any_typed_message_with_shared_parts_is_its_plain_encoding() -> None:
+    """Framing knows no protocol class: a message type it never saw, with renamed fields,
+    omitted defaults and two shared-part lists, frames to the bytes of its plain encoding and
+    decodes back; its shared parts are encoded once."""
+    part = _Part("p", np.arange(6, dtype=np.float32).reshape(2, 3))
+    plain_enc = msgspec.msgpack.Encoder(enc_hook=enc_hook)
+    for msg in (
+        _Batch(1, [part, part]),
+        _Batch(2, [part], note_text="n", extra_parts=[_Part("q", np.zeros(2, np.int64))]),
+        _Batch(3, [], weights=np.ones(4, np.float16)),
+    ):
+        plain = plain_enc.encode(msg)
+        frame = encode_frame(msg, encode_once=(_Part,))
+        assert frame == HEADER.pack(len(plain), 0) + plain
+        (back,) = _decode_all(frame, message_type=_Batch)
+        assert_same(back, msg)
+
+
+def test_a_message_with_no_shared_part_field_is_encoded_whole(monkeypatch) -> None:
+    encoded: list[str] = []
+    real = framing._ENCODER
+
+    class Counting:
+        def encode(self, obj: object) -> bytes:
+            encoded.append(type(obj).__name__)
+            return real.encode(obj)
+
+    monkeypatch.setattr(framing, "_ENCODER", Counting())
+    encode_frame(Catalog(1, 1, []), encode_once=SHARED_PARTS)
+    encode_frame(_Batch(1, [_Part("p", np.zeros(1, np.int8))]), encode_once=SHARED_PARTS)
+    assert encoded == ["Catalog", "_Batch"]

@@ -29,7 +29,15 @@ from ekko.net.handshake import Challenge, HandshakeMessage
 from ekko.net.memory import memory_pair
 from ekko.net.transport import Listener, connect, serve
 from ekko.net.wan import WanProfile
-from ekko.protocol.messages import Catalog, CatalogRequest, Error, Message, PullResponse
+from ekko.node.sync_host import SYNC_SCHEMA
+from ekko.protocol.messages import (
+    PROTOCOL_VERSION,
+    Catalog,
+    CatalogRequest,
+    Error,
+    Message,
+    PullResponse,
+)
 
 from .helpers import assert_same, every_message, flood_idle_connections, sample_chunk
 
@@ -60,12 +68,19 @@ async def _tcp_pair(
         0,
         node="server",
         secret=SECRET,
+        schema=SYNC_SCHEMA,
         on_connection=on_connection,
         wan_for=lambda peer: wan if peer == "client" else None,
         compress=compress,
     )
     a = await connect(
-        "127.0.0.1", listener.port, node="client", secret=SECRET, wan=wan, compress=compress
+        "127.0.0.1",
+        listener.port,
+        node="client",
+        secret=SECRET,
+        schema=SYNC_SCHEMA,
+        wan=wan,
+        compress=compress,
     )
     async with asyncio.timeout(TIMEOUT):
         b = await accepted.get()
@@ -80,9 +95,9 @@ async def _tcp_pair(
 
 
 async def _memory_pair(
-    wan: WanProfile | None, compress: bool = False
+    wan: WanProfile | None, compress: bool = False, schema=SYNC_SCHEMA
 ) -> tuple[Pair, Callable[[], Awaitable[None]]]:
-    a, b = memory_pair(wan, names=("server", "client"), compress=compress)
+    a, b = memory_pair(wan, names=("server", "client"), compress=compress, schema=SYNC_SCHEMA)
 
     async def cleanup() -> None:
         await a.close()
@@ -267,7 +282,7 @@ async def test_wan_delivery_is_never_earlier_than_the_delay(wan_pair: Pair) -> N
 
 async def test_bandwidth_lower_bound_and_order() -> None:
     wan = WanProfile(delay_ms=5, mbit=20)
-    a, b = memory_pair(wan)
+    a, b = memory_pair(wan, schema=SYNC_SCHEMA)
     loop = asyncio.get_running_loop()
     msgs = [PullResponse(k, 1, [sample_chunk(rows=500, dim=8, i=k)]) for k in range(6)]
     t0 = loop.time()
@@ -283,7 +298,7 @@ async def test_bandwidth_lower_bound_and_order() -> None:
 
 async def test_wan_queue_applies_backpressure() -> None:
     limit = 100_000
-    a, b = memory_pair(WanProfile(delay_ms=1, mbit=50), wan_queue_bytes=limit)
+    a, b = memory_pair(WanProfile(delay_ms=1, mbit=50), wan_queue_bytes=limit, schema=SYNC_SCHEMA)
     msg = PullResponse(1, 1, [sample_chunk(rows=700, dim=8)])  # ~40 KB frames
     size = len(encode_frame(msg))
     seen: list[int] = []
@@ -302,7 +317,7 @@ async def test_wan_queue_applies_backpressure() -> None:
 
 
 async def test_set_wan_at_runtime_keeps_order() -> None:
-    a, b = memory_pair(WanProfile(delay_ms=40))
+    a, b = memory_pair(WanProfile(delay_ms=40), schema=SYNC_SCHEMA)
     await a.send(CatalogRequest(1))
     a.set_wan(None)  # frames behind the delayed one must not overtake it
     await a.send(CatalogRequest(2))
@@ -344,6 +359,7 @@ async def _echo_listener(handshake_timeout: float = 5.0) -> Listener:
         0,
         node="server",
         secret=SECRET,
+        schema=SYNC_SCHEMA,
         on_connection=echo,
         handshake_timeout=handshake_timeout,
     )
@@ -368,7 +384,9 @@ async def test_garbage_peer_is_dropped_and_the_listener_keeps_serving(
         ]
         assert "refusing" in caplog.text and "unknown frame flags" in caplog.text, caplog.text
         assert listener.stats.auth_failures == 1
-        async with await connect("127.0.0.1", listener.port, node="good", secret=SECRET) as conn:
+        async with await connect(
+            "127.0.0.1", listener.port, node="good", secret=SECRET, schema=SYNC_SCHEMA
+        ) as conn:
             await conn.send(Error(1, "x", "still serving"))
             assert await _recv_n(conn, 1) == [Error(1, "x", "still serving")]
 
@@ -378,13 +396,17 @@ async def test_authenticated_peer_sending_garbage_is_dropped(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ekko.net")
     async with await _echo_listener() as listener:
-        bad = await connect("127.0.0.1", listener.port, node="bad", secret=SECRET)
+        bad = await connect(
+            "127.0.0.1", listener.port, node="bad", secret=SECRET, schema=SYNC_SCHEMA
+        )
         await bad._stream.send_all(b"\x00\x00\x00\x01\x04x")  # unknown flag bit
         with pytest.raises(BrokenConnection):
             await _recv_n(bad, 1)
         assert "closing connection to bad: bad frame: unknown frame flags" in caplog.text
         await bad.close()
-        async with await connect("127.0.0.1", listener.port, node="good", secret=SECRET) as conn:
+        async with await connect(
+            "127.0.0.1", listener.port, node="good", secret=SECRET, schema=SYNC_SCHEMA
+        ) as conn:
             await conn.send(CatalogRequest(3))
             assert await _recv_n(conn, 1) == [CatalogRequest(3)]
 
@@ -435,7 +457,12 @@ async def test_before_authentication_frames_are_small_and_never_decompressed(
         assert decompressed == [] and listener.stats.auth_failures == 2
         # Authenticated peers still get the full limit, compressed.
         async with await connect(
-            "127.0.0.1", listener.port, node="good", secret=SECRET, compress=True
+            "127.0.0.1",
+            listener.port,
+            node="good",
+            secret=SECRET,
+            schema=SYNC_SCHEMA,
+            compress=True,
         ) as conn:
             big = Error(1, "x", "y" * 100_000)
             await conn.send(big)
@@ -447,7 +474,8 @@ async def test_a_full_handshake_queue_evicts_its_oldest(caplog: pytest.LogCaptur
     """Pending handshakes are capped, but a newcomer evicts the oldest rather than being
     refused: idle sockets cannot lock a peer out of the port."""
     listener = await serve(
-        "127.0.0.1", 0, node="server", secret=SECRET, on_connection=lambda c: asyncio.sleep(0),
+        "127.0.0.1", 0, node="server", secret=SECRET, schema=SYNC_SCHEMA,
+        on_connection=lambda c: asyncio.sleep(0),
         handshake_timeout=TIMEOUT, reply_timeout=TIMEOUT, max_pending=2,
     )  # fmt: skip
     async with listener:
@@ -460,7 +488,9 @@ async def test_a_full_handshake_queue_evicts_its_oldest(caplog: pytest.LogCaptur
         assert listener.stats.evicted == 1
         assert "evicting the oldest pending handshake" in caplog.text
         # A real peer gets through a full queue, evicting the (now) oldest idle socket.
-        async with await connect("127.0.0.1", listener.port, node="peer", secret=SECRET):
+        async with await connect(
+            "127.0.0.1", listener.port, node="peer", secret=SECRET, schema=SYNC_SCHEMA
+        ):
             pass
         await _read_to_eof(held[1][0])
         assert listener.stats.evicted == 2 and listener.stats.authenticated == 1
@@ -470,7 +500,8 @@ async def test_a_full_handshake_queue_evicts_its_oldest(caplog: pytest.LogCaptur
 
 async def test_a_silent_peer_is_dropped_after_the_reply_timeout() -> None:
     listener = await serve(
-        "127.0.0.1", 0, node="server", secret=SECRET, on_connection=lambda c: asyncio.sleep(0),
+        "127.0.0.1", 0, node="server", secret=SECRET, schema=SYNC_SCHEMA,
+        on_connection=lambda c: asyncio.sleep(0),
         handshake_timeout=TIMEOUT, reply_timeout=0.2,
     )  # fmt: skip
     async with listener:
@@ -485,7 +516,12 @@ async def test_a_peer_connects_through_a_flood_of_idle_connections() -> None:
     """Issue 13 §4 (the sync port): 64 idle sockets reopened as soon as dropped used to take
     every handshake slot, and a real replica was aborted until the flood stopped."""
     listener = await serve(
-        "127.0.0.1", 0, node="server", secret=SECRET, on_connection=lambda c: asyncio.sleep(0)
+        "127.0.0.1",
+        0,
+        node="server",
+        secret=SECRET,
+        schema=SYNC_SCHEMA,
+        on_connection=lambda c: asyncio.sleep(0),
     )
     async with listener:
         stop, opened = threading.Event(), [0]
@@ -500,7 +536,13 @@ async def test_a_peer_connects_through_a_flood_of_idle_connections() -> None:
                 await asyncio.sleep(0.01)
             for k in range(10):
                 async with asyncio.timeout(5.0):
-                    conn = await connect("127.0.0.1", listener.port, node=f"peer{k}", secret=SECRET)
+                    conn = await connect(
+                        "127.0.0.1",
+                        listener.port,
+                        node=f"peer{k}",
+                        secret=SECRET,
+                        schema=SYNC_SCHEMA,
+                    )
                 await conn.close()
         finally:
             stop.set()
@@ -512,7 +554,10 @@ async def test_listener_binds_port_zero_and_serves_several_clients() -> None:
     async with await _echo_listener() as listener:
         assert listener.port > 0
         conns = [
-            await connect("127.0.0.1", listener.port, node=f"c{k}", secret=SECRET) for k in range(3)
+            await connect(
+                "127.0.0.1", listener.port, node=f"c{k}", secret=SECRET, schema=SYNC_SCHEMA
+            )
+            for k in range(3)
         ]
         for k, conn in enumerate(conns):
             await conn.send(CatalogRequest(k))
@@ -524,7 +569,7 @@ async def test_listener_binds_port_zero_and_serves_several_clients() -> None:
 
 async def test_listener_close_ends_connections() -> None:
     listener = await _echo_listener()
-    conn = await connect("127.0.0.1", listener.port, node="c", secret=SECRET)
+    conn = await connect("127.0.0.1", listener.port, node="c", secret=SECRET, schema=SYNC_SCHEMA)
     await conn.send(CatalogRequest(1))
     await _recv_n(conn, 1)
     listener.close()
@@ -541,7 +586,7 @@ async def test_connect_refused_is_broken_connection() -> None:
     listener.close()
     await listener.wait_closed()
     with pytest.raises(BrokenConnection, match="cannot connect"):
-        await connect("127.0.0.1", port, node="c", secret=SECRET)
+        await connect("127.0.0.1", port, node="c", secret=SECRET, schema=SYNC_SCHEMA)
 
 
 async def test_client_rejects_a_server_that_is_not_ekko() -> None:
@@ -554,7 +599,7 @@ async def test_client_rejects_a_server_that_is_not_ekko() -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         with pytest.raises(AuthError, match="invalid handshake frame"):
-            await connect("127.0.0.1", port, node="c", secret=SECRET)
+            await connect("127.0.0.1", port, node="c", secret=SECRET, schema=SYNC_SCHEMA)
     finally:
         server.close()
         await server.wait_closed()
@@ -565,7 +610,7 @@ async def test_client_handshake_sans_io_is_what_connect_runs() -> None:
     async with await _echo_listener() as listener:
         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
         dec = FrameDecoder(message_type=HandshakeMessage)
-        hs = ClientHandshake(node="manual", secret=SECRET)
+        hs = ClientHandshake(node="manual", secret=SECRET, protocol_version=PROTOCOL_VERSION)
         async with asyncio.timeout(TIMEOUT):
             while not (msgs := dec.feed(await reader.read(4096))):
                 pass

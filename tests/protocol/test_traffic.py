@@ -7,7 +7,7 @@ import pytest
 
 from ekko.net.errors import RemoteFrameError
 from ekko.net.framing import FrameDecoder, encode_frame
-from ekko.protocol import PullRequest, TrafficTally
+from ekko.protocol import Message, PullRequest, TrafficTally
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.store import Store
 
@@ -47,6 +47,8 @@ def test_puller_carries_the_report_on_its_next_request() -> None:
 def test_a_negative_count_on_the_wire_is_a_named_frame_error() -> None:
     frame = encode_frame(PullRequest(1, 1 << 20, traffic={"ctr": -5}))
     with pytest.raises(RemoteFrameError, match="traffic"):
-        FrameDecoder().feed(frame)
-    (ok,) = FrameDecoder().feed(encode_frame(PullRequest(1, 1 << 20, traffic={"ctr": 5})))
+        FrameDecoder(message_type=Message).feed(frame)
+    (ok,) = FrameDecoder(message_type=Message).feed(
+        encode_frame(PullRequest(1, 1 << 20, traffic={"ctr": 5}))
+    )
     assert ok.traffic == {"ctr": 5}

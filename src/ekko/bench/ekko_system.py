@@ -36,7 +36,7 @@ from ekko.bench.trace import Trace
 from ekko.codec import max_abs_error
 from ekko.net.transport import Connection, Listener, connect, serve
 from ekko.net.wan import WanProfile
-from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
+from ekko.node.sync_host import SYNC_SCHEMA, ResponderHost, pace_rate, run_pull_link
 from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.responder import Responder
@@ -174,7 +174,8 @@ async def run_ekko(
     src_host = ResponderHost(Responder(source), pace_for)
     writer = ScheduledWriter(source, scheduler)
     src_listener = await serve(
-        HOST, 0, node="source", secret=secret, on_connection=src_host.serve_session,
+        HOST, 0, node="source", secret=secret, schema=SYNC_SCHEMA,
+        on_connection=src_host.serve_session,
         wan_for=lambda peer: profiles.get(peer),
     )  # fmt: skip
     nodes: list[_Node] = []
@@ -194,7 +195,9 @@ async def run_ekko(
                 port, wan = src_listener.port, profiles.get(n.replica.name)
             else:
                 port, wan = await _leader_port(dc_leader, secret), None
-            n.conn = await connect(HOST, port, node=n.replica.name, secret=secret, wan=wan)
+            n.conn = await connect(
+                HOST, port, node=n.replica.name, secret=secret, schema=SYNC_SCHEMA, wan=wan
+            )
             n.puller = Puller(n.replica.store, variant.puller(n.wan), n.replica.latency)
             tasks.append(asyncio.create_task(
                 run_pull_link(n.conn, n.puller, _on_response(n, new_keys))
@@ -298,7 +301,7 @@ async def _leader_port(leader: _Node, secret: bytes) -> int:
     if leader.listener is None:
         leader.host = ResponderHost(Responder(leader.replica.store))
         leader.listener = await serve(
-            HOST, 0, node=leader.replica.name, secret=secret,
+            HOST, 0, node=leader.replica.name, secret=secret, schema=SYNC_SCHEMA,
             on_connection=leader.host.serve_session,
         )  # fmt: skip
     return leader.listener.port

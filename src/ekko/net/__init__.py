@@ -1,6 +1,7 @@
 """asyncio transport for Ekko: framing, peer authentication, WAN emulation (DESIGN.md §1, §3).
 
-Public names are re-exported here; modules: ``errors``, ``framing`` and ``auth`` (sans-IO),
+Public names are re-exported here; modules: ``errors``, ``arrays``, ``framing`` and ``auth``
+(sans-IO),
 ``wan`` (delay/bandwidth math), ``connection`` (one interface over any byte stream),
 ``transport`` (TCP ``connect``/``serve``), ``memory`` (in-memory pair for tests).
 """
@@ -15,7 +16,7 @@ from ekko.net.errors import (
     RemoteFrameError,
     TransportError,
 )
-from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, WireSchema, encode_frame
 from ekko.net.memory import memory_pair
 from ekko.net.transport import Listener, ListenerStats, connect, serve
 from ekko.net.wan import WanLine, WanProfile
@@ -37,6 +38,7 @@ __all__ = [
     "TransportError",
     "WanLine",
     "WanProfile",
+    "WireSchema",
     "connect",
     "encode_frame",
     "memory_pair",

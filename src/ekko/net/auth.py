@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from typing import ClassVar
 
 from ekko.net.errors import AuthError
 from ekko.net.handshake import Auth, AuthOk, Challenge
-from ekko.protocol.messages import PROTOCOL_VERSION
 
 NONCE_BYTES = 32
 MAX_NODE_NAME_BYTES = 255
@@ -57,7 +57,26 @@ def _check_secret(secret: bytes) -> None:
         raise ValueError("secret must be non-empty bytes")
 
 
-class ServerHandshake:
+class _Handshake:
+    """What both sides hold: our node name, the secret, the protocol version we speak (the
+    caller's: the transport knows no protocol) and our nonce."""
+
+    def __init__(
+        self, *, node: str, secret: bytes, protocol_version: int, nonce: bytes | None = None
+    ) -> None:
+        _check_secret(secret)
+        self._name = _check_node_name(node)
+        self._node = node
+        self._secret = secret
+        self._version = protocol_version
+        self._nonce = secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce
+        _check_nonce(self._nonce, self._side)
+        self.peer: str | None = None
+
+    _side: ClassVar[str]
+
+
+class ServerHandshake(_Handshake):
     """The accepting side's handshake state.
 
     Why sans-IO: the transport drives it over any byte stream, and tests drive it directly with
@@ -65,22 +84,7 @@ class ServerHandshake:
     returned AuthOk; ``peer`` is then the authenticated client name.
     """
 
-    def __init__(
-        self,
-        *,
-        node: str,
-        secret: bytes,
-        protocol_version: int = PROTOCOL_VERSION,
-        nonce: bytes | None = None,
-    ) -> None:
-        _check_secret(secret)
-        _check_node_name(node)
-        self._node = node
-        self._secret = secret
-        self._version = protocol_version
-        self._nonce = secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce
-        _check_nonce(self._nonce, "server")
-        self.peer: str | None = None
+    _side = "server"
 
     def start(self) -> Challenge:
         """The first (and, until the client proves itself, only) message the server sends."""
@@ -100,7 +104,7 @@ class ServerHandshake:
         return AuthOk(mac=_mac(self._secret, _SERVER_LABEL, msg.nonce, self._nonce))
 
 
-class ClientHandshake:
+class ClientHandshake(_Handshake):
     """The connecting side's handshake state.
 
     Why: the client must also check the server holds the secret (mutual authentication), or a
@@ -108,24 +112,9 @@ class ClientHandshake:
     Auth; ``receive_ok(msg)`` → authenticated; ``peer`` is the server's node name.
     """
 
-    def __init__(
-        self,
-        *,
-        node: str,
-        secret: bytes,
-        protocol_version: int = PROTOCOL_VERSION,
-        nonce: bytes | None = None,
-    ) -> None:
-        _check_secret(secret)
-        self._name = _check_node_name(node)
-        self._node = node
-        self._secret = secret
-        self._version = protocol_version
-        self._nonce = secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce
-        _check_nonce(self._nonce, "client")
-        self._server_nonce: bytes | None = None
-        self.peer: str | None = None
-        self.authenticated = False
+    _side = "client"
+    _server_nonce: bytes | None = None
+    authenticated = False
 
     def receive_challenge(self, msg: object) -> Auth:
         """Answer the server's Challenge. Raises AuthError on a version mismatch."""

@@ -27,11 +27,11 @@ from ekko.net.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     HANDSHAKE_MAX_FRAME_BYTES,
     FrameDecoder,
+    WireSchema,
     encode_frame,
 )
 from ekko.net.handshake import Auth, AuthOk, Challenge, HandshakeMessage
 from ekko.net.wan import WanLine, WanProfile
-from ekko.protocol.messages import Message
 
 log = logging.getLogger("ekko.net")
 _HANDSHAKE_TYPES = (Challenge, Auth, AuthOk)
@@ -100,15 +100,20 @@ class Connection:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         wan: WanProfile | None = None,
         wan_queue_bytes: int = DEFAULT_WAN_QUEUE_BYTES,
-        message_type: Any = Message,
+        schema: WireSchema,
+        handshake: bool = False,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         self._stream = stream
         self._peer = peer
         self._compress = compress
         self._max_frame_bytes = max_frame_bytes
-        self._decoder = FrameDecoder(message_type=message_type, max_frame_bytes=max_frame_bytes)
-        if message_type is HandshakeMessage:  # unauthenticated: small frames, never zstd
+        self._schema = schema
+        self._decoder = FrameDecoder(
+            message_type=schema.message_type, max_frame_bytes=max_frame_bytes
+        )
+        if handshake:  # unauthenticated: handshake messages only, small frames, never zstd
+            self._decoder.message_type = HandshakeMessage
             self._decoder.set_limits(HANDSHAKE_MAX_FRAME_BYTES, allow_compressed=False)
         self._close_timeout = close_timeout
         self._send_lock = asyncio.Lock()
@@ -168,7 +173,12 @@ class Connection:
         else:  # keep the line (and its queue) so order is preserved
             self._line.set_profile(profile if profile is not None else WanProfile())
 
-    async def send(self, msg: Message) -> int:
+    @property
+    def schema(self) -> WireSchema:
+        """What this connection speaks once authenticated."""
+        return self._schema
+
+    async def send(self, msg: msgspec.Struct) -> int:
         """Frame ``msg`` and write it (through the WAN delay line, if any); return the frame's
         size in bytes (what the link carries for it).
 
@@ -178,10 +188,9 @@ class Connection:
         """
         return await self._send_struct(msg)
 
-    async def recv(self) -> Message:
-        """The next message from the peer."""
-        msg: Message = await self._recv_struct()
-        return msg
+    async def recv(self) -> Any:
+        """The next message from the peer (an instance of ``schema.message_type``)."""
+        return await self._recv_struct()
 
     async def close(self) -> None:
         """Close our side. Frames already accepted by ``send`` are still delivered (a WAN line
@@ -211,9 +220,9 @@ class Connection:
 
     # -- internals shared with the handshake -----------------------------------------------
 
-    def _set_message_type(self, message_type: Any, peer: str) -> None:
-        """The peer is authenticated: decode ``message_type`` with the full frame limit."""
-        self._decoder.message_type = message_type
+    def _authenticated(self, peer: str) -> None:
+        """The peer is authenticated: decode the schema's messages with the full frame limit."""
+        self._decoder.message_type = self._schema.message_type
         self._decoder.set_limits(self._max_frame_bytes, allow_compressed=True)
         self._peer = peer
 
@@ -228,7 +237,12 @@ class Connection:
     async def _send_struct(self, msg: msgspec.Struct) -> int:
         self._check_send()
         compress = self._compress and not isinstance(msg, _HANDSHAKE_TYPES)
-        frame = encode_frame(msg, compress=compress, max_frame_bytes=self._max_frame_bytes)
+        frame = encode_frame(
+            msg,
+            compress=compress,
+            max_frame_bytes=self._max_frame_bytes,
+            encode_once=self._schema.encode_once,
+        )
         if self._line is None:
             async with self._send_lock:
                 self._check_send()

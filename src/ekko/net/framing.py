@@ -6,14 +6,10 @@ Frame layout::
     flags   u8               bit 0: payload is a zstd frame; other bits must be 0
     payload                  msgpack of one tagged msgspec struct
 
-numpy arrays inside a message travel as a msgpack Ext (code :data:`ARRAY_EXT`) whose data is
-``u16 big-endian header length | msgpack [dtype str, shape] | raw C-contiguous buffer`` (the
-vLLM v1 ``serial_utils`` idea: dtype + shape + bytes, never pickle). Only the dtypes in
-:data:`ALLOWED_DTYPES` cross the wire, little-endian.
-
-Decoded arrays are read-only: they are zero-copy views into the received payload when it is
-aligned for their dtype, otherwise aligned copies (also marked read-only, so every decoded
-array behaves the same).
+numpy arrays inside a message travel as dtype + shape + raw buffer (:mod:`ekko.net.arrays`).
+The transport knows no protocol: the caller names what a connection speaks in a
+:class:`WireSchema` (message type, version, and the immutable parts a sender shares between
+frames, which are encoded once and reused — same bytes on the wire).
 
 :class:`FrameDecoder` keeps the h11 invariant: any bytes, split anywhere, give messages or a
 :class:`~ekko.net.errors.RemoteFrameError`, never another exception; after an error it stays in
@@ -22,18 +18,24 @@ error.
 
 from __future__ import annotations
 
-import math
 import struct
 import threading
-from typing import Any, NoReturn
+import typing
+from dataclasses import dataclass
+from typing import Any, NamedTuple, NoReturn
 
 import msgspec
-import numpy as np
 import zstandard
 
+from ekko.net.arrays import (
+    ALLOWED_DTYPES,
+    ARRAY_EXT,
+    UnsupportedValue,
+    dec_hook,
+    enc_hook,
+    ext_hook,
+)
 from ekko.net.errors import LocalFrameError, RemoteFrameError
-from ekko.protocol.messages import Chunk, Message, PullResponse
-from ekko.store.spec import TableSpec
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Largest payload (before and after compression) a frame may carry."""
@@ -47,194 +49,141 @@ HEADER_SIZE = HEADER.size  # 5
 FLAG_ZSTD = 0x01
 _KNOWN_FLAGS = FLAG_ZSTD
 _MAX_LENGTH_FIELD = 2**32 - 1
-
-ARRAY_EXT = 1
-ALLOWED_DTYPES: frozenset[str] = frozenset(
-    {"int64", "int32", "uint8", "uint16", "uint32", "float32", "float16", "int8", "float64"}
-)
-_WIRE_DTYPES: dict[str, np.dtype[Any]] = {
-    np.dtype(name).newbyteorder("<").str: np.dtype(name).newbyteorder("<")
-    for name in ALLOWED_DTYPES
-}
-_ARRAY_HEADER_LEN = struct.Struct(">H")
-_MAX_NDIM = 32
 _ZSTD_LEVEL = 1
+__all__ = [  # ARRAY_EXT and ALLOWED_DTYPES: the array wire form, re-exported
+    "ALLOWED_DTYPES",
+    "ARRAY_EXT",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "FLAG_ZSTD",
+    "HANDSHAKE_MAX_FRAME_BYTES",
+    "HEADER",
+    "HEADER_SIZE",
+    "FrameDecoder",
+    "WireSchema",
+    "encode_frame",
+]
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=enc_hook)
 
 
-class _BadArray(ValueError):
-    """An array ext from the wire failed validation (becomes a RemoteFrameError)."""
+@dataclass(frozen=True)
+class WireSchema:
+    """What a connection speaks once its peer is authenticated.
+
+    Why the caller passes it: the transport frames any msgspec-typed message and must not know
+    the sync protocol's classes. ``message_type`` is what each frame decodes to (usually a
+    tagged union), ``version`` what the handshake checks, and ``encode_once`` the struct types
+    whose instances a sender hands unchanged to several frames (the responder's chunks, one per
+    store state and range, to every session in step): a message field typed ``list[T]`` with
+    ``T`` among them is encoded item by item, reusing an item's bytes when that very object was
+    encoded lately — the frame is byte for byte the plain encoding. Such instances must be
+    immutable (frozen structs holding arrays nobody writes to).
+    """
+
+    message_type: Any
+    version: int = 0
+    encode_once: tuple[type[msgspec.Struct], ...] = ()
 
 
-class _UnsupportedValue(TypeError):
-    """A value we were asked to encode has no wire form (becomes a LocalFrameError)."""
+_ONCE_ENTRIES = 8
+_ONCE_BYTES = 32 << 20
+_local = threading.local()
 
 
-def _enc_hook(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return _encode_array(obj)
-    if isinstance(obj, np.generic) and obj.dtype.name in ALLOWED_DTYPES:
-        return obj.item()
-    raise _UnsupportedValue(f"cannot encode {type(obj).__name__}")
+def _encoded_once(obj: msgspec.Struct) -> msgspec.Raw:
+    """``obj`` encoded, reusing the bytes when this very object was encoded lately.
 
-
-# dtype -> (little-endian wire dtype, its str); ``dtype.name`` is a slow Python property and
-# this runs for every array of every chunk. Filled on first use of each allowed dtype.
-_WIRE_OF: dict[np.dtype[Any], tuple[np.dtype[Any], str]] = {}
-
-
-def _wire_of(dtype: np.dtype[Any]) -> tuple[np.dtype[Any], str]:
-    hit = _WIRE_OF.get(dtype)
-    if hit is None:
-        if dtype.kind == "O" or dtype.name not in ALLOWED_DTYPES:
-            raise _UnsupportedValue(f"array dtype {dtype} is not allowed on the wire")
-        wire = dtype.newbyteorder("<")
-        hit = _WIRE_OF[dtype] = (wire, wire.str)
-    return hit
-
-
-def _encode_array(arr: np.ndarray) -> msgspec.msgpack.Ext:
-    wire, wire_str = _wire_of(arr.dtype)
-    if arr.dtype != wire or not arr.flags.c_contiguous:
-        arr = arr.astype(wire, order="C", copy=False)  # keeps 0-d arrays 0-d
-    header = _ARRAY_HEADER_ENCODER.encode((wire_str, arr.shape))
-    raw = memoryview(arr.reshape(-1)).cast("B")
-    return msgspec.msgpack.Ext(
-        ARRAY_EXT, b"".join((_ARRAY_HEADER_LEN.pack(len(header)), header, raw))
-    )
-
-
-_ARRAY_HEADER_ENCODER = msgspec.msgpack.Encoder()
-
-
-_ARRAY_HEADER_DECODER = msgspec.msgpack.Decoder(tuple[str, tuple[int, ...]])
-
-
-_HEADERS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
-"""Validated array headers seen lately -> (dtype, shape, item count): a chunk's arrays repeat
-a few headers (same row count, dim, shard count), and parsing one costs more than the copy
-of a small array."""
-_HEADERS_MAX = 4096
-
-
-def _array_header(header: bytes) -> tuple[np.dtype[Any], tuple[int, ...], int]:
-    hit = _HEADERS.get(header)
-    if hit is not None:
-        return hit
-    try:
-        dtype_str, shape = _ARRAY_HEADER_DECODER.decode(header)
-    except msgspec.DecodeError as e:
-        raise _BadArray(f"bad array header: {e}") from e
-    dtype = _WIRE_DTYPES.get(dtype_str)
-    if dtype is None:
-        raise _BadArray(f"array dtype {dtype_str!r} is not allowed on the wire")
-    if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
-        raise _BadArray(f"bad array shape {shape}")
-    if len(_HEADERS) >= _HEADERS_MAX:
-        _HEADERS.clear()
-    hit = _HEADERS[header] = (dtype, shape, math.prod(shape))
-    return hit
-
-
-def _ext_hook(code: int, data: memoryview) -> Any:
-    if code != ARRAY_EXT:
-        raise _BadArray(f"unknown msgpack ext code {code}")
-    if len(data) < _ARRAY_HEADER_LEN.size:
-        raise _BadArray("array ext shorter than its header length")
-    (hlen,) = _ARRAY_HEADER_LEN.unpack_from(data, 0)
-    start = _ARRAY_HEADER_LEN.size + hlen
-    if start > len(data):
-        raise _BadArray(f"array header length {hlen} exceeds ext size {len(data)}")
-    dtype, shape, count = _array_header(bytes(data[_ARRAY_HEADER_LEN.size : start]))
-    nbytes = count * dtype.itemsize
-    if nbytes != len(data) - start:
-        raise _BadArray(
-            f"array {dtype.str}{list(shape)} needs {nbytes} bytes, ext has {len(data) - start}"
-        )
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
-    if len(shape) != 1:
-        arr = arr.reshape(shape)
-    if not arr.flags.aligned:
-        arr = arr.copy()
-    if arr.flags.writeable:
-        arr.flags.writeable = False
-    return arr
-
-
-def _dec_hook(typ: type, obj: Any) -> Any:
-    if typ is np.ndarray and isinstance(obj, np.ndarray):
-        return obj
-    raise _BadArray(f"expected {getattr(typ, '__name__', typ)}, got {type(obj).__name__}")
-
-
-_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-
-
-class _PullResponseWire(msgspec.Struct, frozen=True, tag="PullResponse", tag_field="type"):
-    """``PullResponse`` with its chunks already encoded: the same bytes on the wire (a test
-    holds them equal), so the peer decodes it as a ``PullResponse``."""
-
-    req_id: int
-    catalog_version: int
-    chunks: list[msgspec.Raw]
-    more: bool = False
-    tables: list[TableSpec] | None = None
-    holds: dict[str, np.ndarray] | None = None
-    lineage: int = 0
-
-
-_CHUNK_CACHE_ENTRIES = 8
-_CHUNK_CACHE_BYTES = 32 << 20
-
-
-def _encoded_chunk(chunk: Chunk) -> msgspec.Raw:
-    """``chunk`` encoded, reusing the bytes when this very Chunk object was encoded lately.
-
-    The responder hands every session that pulls the same range at the same store state the
-    same (immutable) Chunk, e.g. each DC leader parked on the source's latest write; each of
-    those frames then costs a copy instead of an encode. Keyed by identity; the cache holds
-    the chunk itself, so an id is never reused while cached. Per thread, bounded in entries
-    and bytes."""
-    cache: dict[int, tuple[Chunk, bytes]] | None = getattr(_local, "chunks", None)
+    Keyed by identity; the cache holds the object itself, so an id is never reused while
+    cached. Per thread, bounded in entries and bytes."""
+    cache: dict[int, tuple[Any, bytes]] | None = getattr(_local, "once", None)
     if cache is None:
-        cache = _local.chunks = {}
-        _local.chunk_bytes = 0
-    hit = cache.get(id(chunk))
-    if hit is not None and hit[0] is chunk:
+        cache = _local.once = {}
+        _local.once_bytes = 0
+    hit = cache.get(id(obj))
+    if hit is not None and hit[0] is obj:
         return msgspec.Raw(hit[1])
-    data = _ENCODER.encode(chunk)
-    if len(data) <= _CHUNK_CACHE_BYTES:
+    data = _ENCODER.encode(obj)
+    if len(data) <= _ONCE_BYTES:
         while cache and (
-            len(cache) >= _CHUNK_CACHE_ENTRIES
-            or _local.chunk_bytes + len(data) > _CHUNK_CACHE_BYTES
+            len(cache) >= _ONCE_ENTRIES or _local.once_bytes + len(data) > _ONCE_BYTES
         ):
-            _local.chunk_bytes -= len(cache.pop(next(iter(cache)))[1])
-        cache[id(chunk)] = (chunk, data)
-        _local.chunk_bytes += len(data)
+            _local.once_bytes -= len(cache.pop(next(iter(cache)))[1])
+        cache[id(obj)] = (obj, data)
+        _local.once_bytes += len(data)
     return msgspec.Raw(data)
 
 
-def _encode_payload(msg: msgspec.Struct) -> bytes:
-    if type(msg) is PullResponse and msg.chunks:
-        msg = _PullResponseWire(
-            msg.req_id,
-            msg.catalog_version,
-            [_encoded_chunk(c) for c in msg.chunks],
-            msg.more,
-            msg.tables,
-            msg.holds,
-            msg.lineage,
+class _Twin(NamedTuple):
+    """A message type's wire twin: same name, tag, field names and defaults (so the same
+    bytes), with the shared-part lists typed as already-encoded ``Raw``."""
+
+    cls: Any
+    names: tuple[str, ...]
+    shared: frozenset[str]
+
+
+_TWINS: dict[tuple[type, tuple[type, ...]], _Twin | None] = {}
+
+
+def _twin_of(cls: type, once: tuple[type, ...]) -> _Twin | None:
+    key = (cls, once)
+    if key in _TWINS:
+        return _TWINS[key]
+    twin = None
+    if isinstance(cls, type) and issubclass(cls, msgspec.Struct):
+        fields = msgspec.structs.fields(cls)
+        shared = frozenset(
+            f.name
+            for f in fields
+            if typing.get_origin(f.type) is list and typing.get_args(f.type)[0] in once
         )
-    return _ENCODER.encode(msg)
+        if shared:
+            twin = _Twin(_define_twin(cls, fields, shared), tuple(f.name for f in fields), shared)
+    _TWINS[key] = twin
+    return twin
+
+
+def _define_twin(cls: type, fields: Any, shared: frozenset[str]) -> Any:
+    spec: list[Any] = []
+    for f in fields:
+        typ = list[msgspec.Raw] if f.name in shared else Any
+        if f.default is not msgspec.NODEFAULT:
+            spec.append((f.name, typ, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            spec.append((f.name, typ, msgspec.field(default_factory=f.default_factory)))
+        else:
+            spec.append((f.name, typ))
+    config = cls.__struct_config__  # type: ignore[attr-defined]
+    return msgspec.defstruct(
+        cls.__name__,
+        spec,
+        kw_only=True,
+        tag=config.tag,
+        tag_field=config.tag_field,
+        rename={f.name: f.encode_name for f in fields},
+        omit_defaults=config.omit_defaults,
+        array_like=config.array_like,
+    )
+
+
+def _encode_payload(msg: msgspec.Struct, once: tuple[type, ...]) -> bytes:
+    twin = _twin_of(type(msg), once) if once else None
+    if twin is None:
+        return _ENCODER.encode(msg)
+    values = {
+        name: [_encoded_once(item) for item in value] if name in twin.shared else value
+        for name, value in zip(twin.names, msgspec.structs.astuple(msg), strict=True)
+    }
+    return _ENCODER.encode(twin.cls(**values))
 
 
 _DECODERS: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
-_local = threading.local()
 
 
 def _decoder_for(message_type: Any) -> msgspec.msgpack.Decoder[Any]:
     dec = _DECODERS.get(message_type)
     if dec is None:
-        dec = msgspec.msgpack.Decoder(message_type, ext_hook=_ext_hook, dec_hook=_dec_hook)
+        dec = msgspec.msgpack.Decoder(message_type, ext_hook=ext_hook, dec_hook=dec_hook)
         _DECODERS[message_type] = dec
     return dec
 
@@ -260,16 +209,18 @@ def encode_frame(
     *,
     compress: bool = False,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    encode_once: tuple[type[msgspec.Struct], ...] = (),
 ) -> bytes:
-    """Frame one message. ``compress`` uses zstd level 1, kept only when it shrinks the payload.
+    """Frame one message. ``compress`` uses zstd level 1, kept only when it shrinks the payload;
+    ``encode_once`` as in :class:`WireSchema`.
 
     Raises :class:`LocalFrameError` if the message holds a value with no wire form (an object
     or non-whitelisted array) or its payload, before compression, exceeds ``max_frame_bytes``
     (the receiver's decompression limit is the same number).
     """
     try:
-        payload = _encode_payload(msg)
-    except (_UnsupportedValue, TypeError, ValueError, OverflowError) as e:
+        payload = _encode_payload(msg, encode_once)
+    except (UnsupportedValue, TypeError, ValueError, OverflowError) as e:
         raise LocalFrameError(f"cannot encode {type(msg).__name__}: {e}") from e
     limit = min(max_frame_bytes, _MAX_LENGTH_FIELD)
     if len(payload) > limit:
@@ -296,7 +247,7 @@ class FrameDecoder:
     def __init__(
         self,
         *,
-        message_type: Any = Message,
+        message_type: Any,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         allow_compressed: bool = True,
     ) -> None:

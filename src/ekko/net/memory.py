@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from ekko.net.connection import DEFAULT_WAN_QUEUE_BYTES, Connection
-from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES
+from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, WireSchema
 from ekko.net.wan import WanProfile
 
 DEFAULT_PIPE_BYTES = 1024 * 1024
@@ -94,6 +94,7 @@ class MemoryStream:
 def memory_pair(
     wan: WanProfile | None = None,
     *,
+    schema: WireSchema,
     names: tuple[str, str] = ("a", "b"),
     compress: bool = False,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
@@ -107,20 +108,16 @@ def memory_pair(
     check in one process).
     """
     a_to_b, b_to_a = _Pipe(buffer_bytes), _Pipe(buffer_bytes)
-    a = Connection(
-        MemoryStream(a_to_b, b_to_a),
-        peer=names[1],
-        compress=compress,
-        max_frame_bytes=max_frame_bytes,
-        wan=wan,
-        wan_queue_bytes=wan_queue_bytes,
-    )
-    b = Connection(
-        MemoryStream(b_to_a, a_to_b),
-        peer=names[0],
-        compress=compress,
-        max_frame_bytes=max_frame_bytes,
-        wan=wan,
-        wan_queue_bytes=wan_queue_bytes,
+    a, b = (
+        Connection(
+            MemoryStream(out, into),
+            peer=peer,
+            compress=compress,
+            max_frame_bytes=max_frame_bytes,
+            wan=wan,
+            wan_queue_bytes=wan_queue_bytes,
+            schema=schema,
+        )
+        for out, into, peer in ((a_to_b, b_to_a, names[1]), (b_to_a, a_to_b, names[0]))
     )
     return a, b

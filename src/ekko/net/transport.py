@@ -24,11 +24,9 @@ from ekko.net.errors import (
     RemoteFrameError,
     TransportError,
 )
-from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES
-from ekko.net.handshake import HandshakeMessage
+from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, WireSchema
 from ekko.net.server import TaskServer
 from ekko.net.wan import WanProfile
-from ekko.protocol.messages import Message
 
 log = logging.getLogger("ekko.net")
 
@@ -97,7 +95,7 @@ async def _client_handshake(conn: Connection, hs: ClientHandshake) -> None:
     except RemoteFrameError as e:
         raise AuthError(f"server sent an invalid handshake frame: {e.reason}") from e
     assert hs.peer is not None
-    conn._set_message_type(Message, hs.peer)
+    conn._authenticated(hs.peer)
 
 
 async def _server_handshake(conn: Connection, hs: ServerHandshake, reply_timeout: float) -> str:
@@ -114,7 +112,7 @@ async def _server_handshake(conn: Connection, hs: ServerHandshake, reply_timeout
     ok = hs.receive_auth(msg)
     assert hs.peer is not None
     # Switch before sending AuthOk: the client may answer with data at once.
-    conn._set_message_type(Message, hs.peer)
+    conn._authenticated(hs.peer)
     await conn._send_struct(ok)
     return hs.peer
 
@@ -125,19 +123,21 @@ async def connect(
     *,
     node: str,
     secret: bytes,
+    schema: WireSchema,
     wan: WanProfile | None = None,
     compress: bool = False,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     timeout: float = 5.0,
     wan_queue_bytes: int = DEFAULT_WAN_QUEUE_BYTES,
 ) -> Connection:
-    """Open a TCP connection to an ekko listener and authenticate both ways.
+    """Open a TCP connection to an ekko listener and authenticate both ways; then it speaks
+    ``schema`` (whose version the handshake checks).
 
     ``timeout`` bounds connecting and the handshake together. Raises
     :class:`~ekko.net.errors.AuthError` (wrong secret, version mismatch, not an ekko peer) or
     :class:`~ekko.net.errors.BrokenConnection` (refused, unreachable, timed out).
     """
-    hs = ClientHandshake(node=node, secret=secret)
+    hs = ClientHandshake(node=node, secret=secret, protocol_version=schema.version)
     conn: Connection | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -151,7 +151,8 @@ async def connect(
                 compress=compress,
                 max_frame_bytes=max_frame_bytes,
                 wan_queue_bytes=wan_queue_bytes,
-                message_type=HandshakeMessage,
+                schema=schema,
+                handshake=True,
             )
             await _client_handshake(conn, hs)
     except TimeoutError as e:
@@ -196,6 +197,7 @@ class Listener(TaskServer):
         *,
         node: str,
         secret: bytes,
+        schema: WireSchema,
         on_connection: Callable[[Connection], Awaitable[None]],
         wan_for: Callable[[str], WanProfile | None],
         compress: bool,
@@ -210,6 +212,7 @@ class Listener(TaskServer):
         super().__init__()
         self._node = node
         self._secret = secret
+        self._schema = schema
         self._on_connection = on_connection
         self._wan_for = wan_for
         self._compress = compress
@@ -251,13 +254,16 @@ class Listener(TaskServer):
             compress=self._compress,
             max_frame_bytes=self._max_frame_bytes,
             wan_queue_bytes=self._wan_queue_bytes,
-            message_type=HandshakeMessage,
+            schema=self._schema,
+            handshake=True,
         )
         try:
             self._pending[conn] = time.monotonic()
             try:
                 async with asyncio.timeout(self._handshake_timeout):
-                    hs = ServerHandshake(node=self._node, secret=self._secret)
+                    hs = ServerHandshake(
+                        node=self._node, secret=self._secret, protocol_version=self._schema.version
+                    )
                     peer = await _server_handshake(conn, hs, self._reply_timeout)
             except (TransportError, TimeoutError) as e:
                 self._counts["auth_failures"] += 1
@@ -289,6 +295,7 @@ async def serve(
     *,
     node: str,
     secret: bytes,
+    schema: WireSchema,
     on_connection: Callable[[Connection], Awaitable[None]],
     wan_for: Callable[[str], WanProfile | None] = lambda peer: None,
     compress: bool = False,
@@ -298,7 +305,8 @@ async def serve(
     max_pending: int = 64,
     reply_timeout: float = 1.0,
 ) -> Listener:
-    """Listen on ``host:port`` (0 = any free port, see ``Listener.port``).
+    """Listen on ``host:port`` (0 = any free port, see ``Listener.port``); authenticated peers
+    speak ``schema`` (whose version the handshake checks).
 
     Each accepted peer must complete the handshake within ``handshake_timeout``; then
     ``on_connection(conn)`` runs in its own task and the connection is closed when it returns.
@@ -310,6 +318,7 @@ async def serve(
     listener = Listener(
         node=node,
         secret=secret,
+        schema=schema,
         on_connection=on_connection,
         wan_for=wan_for,
         compress=compress,

@@ -37,7 +37,7 @@ from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
 from ekko.node.signed_requests import auth_headers, host_of, needs_resign, signed_json
 from ekko.node.supervisor import Supervisor
-from ekko.node.sync_host import ResponderHost, pace_rate, run_pull_link
+from ekko.node.sync_host import SYNC_SCHEMA, ResponderHost, pace_rate, run_pull_link
 from ekko.node.synthetic import SyntheticWriter, SyntheticWriterConfig
 from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller
@@ -126,6 +126,7 @@ class NodeRunner:
             node.sync_port,
             node=self.core.name,
             secret=self.secret,
+            schema=SYNC_SCHEMA,
             on_connection=self.sync.serve_session,
             wan_for=lambda peer: self._wan(peer),
             compress=self.config.sync.compress,
@@ -266,6 +267,7 @@ class NodeRunner:
                 peer.sync_port,
                 node=self.core.name,
                 secret=self.secret,
+                schema=SYNC_SCHEMA,
                 wan=self._wan(peer.name),
                 compress=self.config.sync.compress,
                 timeout=self.config.sync.connect_timeout_s,

@@ -16,14 +16,25 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from ekko.net.errors import TransportError
+from ekko.net.framing import WireSchema
 from ekko.net.transport import Connection
 from ekko.net.wan import WanProfile
-from ekko.protocol.messages import Message, PullRequest, PullResponse
+from ekko.protocol.messages import (
+    PROTOCOL_VERSION,
+    SHARED_PARTS,
+    Message,
+    PullRequest,
+    PullResponse,
+)
 from ekko.protocol.puller import Puller
 from ekko.protocol.ready import Ready
 from ekko.protocol.responder import Responder
 
 log = logging.getLogger(__name__)
+
+SYNC_SCHEMA = WireSchema(Message, PROTOCOL_VERSION, encode_once=SHARED_PARTS)
+"""What sync connections speak once authenticated: the protocol's messages at its version,
+each shared chunk encoded once however many sessions it is sent to."""
 
 PACE_HEADROOM = 0.9
 """Share of a WAN link's bandwidth a paced session answers at. Below 1 so the link's queue

@@ -1,8 +1,9 @@
 """Sync messages: the only things that cross a link between two Ekko nodes.
 
 Messages are plain msgspec structs tagged by type; arrays travel as numpy arrays and are
-serialised by ``ekko.net.framing`` as dtype + shape + raw buffer (never pickle). The protocol
-version is checked during the handshake; a peer with another major version is refused.
+serialised by ``ekko.net`` as dtype + shape + raw buffer (never pickle). The protocol version
+is checked during the handshake (the node hands it, with :data:`Message`, to the transport);
+a peer with another major version is refused.
 """
 
 from __future__ import annotations
@@ -143,3 +144,8 @@ class Error(msgspec.Struct, frozen=True, tag=True):
 
 
 Message = CatalogRequest | Catalog | PullRequest | PullResponse | Error
+
+SHARED_PARTS: tuple[type[msgspec.Struct], ...] = (Chunk,)
+"""Parts the responder hands unchanged to several sessions (one Chunk per store state and
+range, to every session in step): a transport may encode each object once and reuse the bytes
+(``ekko.net.framing.WireSchema.encode_once``)."""

@@ -26,6 +26,7 @@ import numpy as np
 from ekko.bench.online_auc import OnlineAuc
 from ekko.bench.trace import Trace
 from ekko.net.connection import Connection
+from ekko.net.framing import WireSchema
 from ekko.net.transport import TcpStream
 from ekko.net.wan import WanProfile
 from ekko.quality.latency import LatencyHistogram
@@ -65,6 +66,7 @@ class End(msgspec.Struct, frozen=True, tag=True):
 
 
 BaselineMessage = UpdateBatch | CheckpointPart | End
+BASELINE_SCHEMA = WireSchema(BaselineMessage)
 
 
 async def open_link(
@@ -74,7 +76,7 @@ async def open_link(
     to what this side sends. No ekko handshake: the baselines are not ekko peers."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, port)
-    return Connection(TcpStream(reader, writer), peer=peer, wan=wan, message_type=BaselineMessage)
+    return Connection(TcpStream(reader, writer), peer=peer, wan=wan, schema=BASELINE_SCHEMA)
 
 
 async def serve_links(
@@ -85,7 +87,7 @@ async def serve_links(
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = TcpStream(reader, writer)
-        conn = Connection(stream, peer=stream.address, message_type=BaselineMessage)
+        conn = Connection(stream, peer=stream.address, schema=BASELINE_SCHEMA)
         try:
             await on_connection(conn)
         finally:
