@@ -1,7 +1,8 @@
 """The baseline follows the rows the replica applied, whatever the link's codec (issue 13 §3).
 
 A real ``Responder`` answers a real ``Puller`` (sans-IO, messages handed over directly); the
-puller's ``on_applied`` feeds the ``LaggedStore`` as the node does. Before the fix the node
+rows the puller reports in ``Ready.applied`` (the one apply port) reach the ``LaggedStore``
+through the node's ``ApplyFanout``, as in a node. Before the fix the node
 queued the raw wire chunks: with a codec their rows sit in a block (empty ``keys``), and
 ``advance`` raised, killing the guard task, while ``drop_written_after`` dropped nothing.
 """
@@ -13,10 +14,13 @@ import pytest
 
 from ekko.codec import CODECS
 from ekko.guard.baseline import LaggedStore
+from ekko.node.apply_port import ApplyFanout
 from ekko.protocol.chunk_codec import encode_chunk
 from ekko.protocol.messages import Chunk, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
+from ekko.protocol.ready import Applied, Ready
 from ekko.protocol.responder import Responder
+from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
 from ekko.store.spec import LANES, TableSpec
 
@@ -43,16 +47,28 @@ def _source(rng: np.random.Generator) -> tuple[Store, int]:
     return store, middle
 
 
-def _sync(source: Store, puller: Puller) -> None:
+def _port(lagged: LaggedStore) -> ApplyFanout:
+    """The node's apply port with the baseline as its follower (arrivals at time 0)."""
+    return ApplyFanout(LatencyHistogram(), [lambda a: lagged.offer(a, now=0.0)], lambda: None)
+
+
+def _sync(source: Store, puller: Puller, port: ApplyFanout) -> None:
+    """Pull ``source`` to the end; every step's ``Ready.applied`` goes through ``port``."""
     responder = Responder(source)
     now = 0.0
-    outbox = list(puller.start(now).sends)
+
+    def step(ready: Ready) -> list:
+        if ready.applied is not None:
+            port(ready.applied)
+        return list(ready.sends)
+
+    outbox = step(puller.start(now))
     for _ in range(500):
         if not outbox:
             break
         _, req = outbox.pop(0)
         for _, resp in responder.receive("s", req, now).sends:
-            outbox.extend(puller.receive(resp, now).sends)
+            outbox.extend(step(puller.receive(resp, now)))
         now += 0.01
         # with wait_ms 0 the puller polls; stop once it holds everything
         if all(
@@ -62,7 +78,7 @@ def _sync(source: Store, puller: Puller) -> None:
         ):
             break
         if not outbox:
-            outbox = list(puller.tick(now + 1.0).sends)
+            outbox = step(puller.tick(now + 1.0))
 
 
 @pytest.mark.parametrize("codec", [None, *CODECS])
@@ -72,11 +88,9 @@ def test_baseline_applies_exactly_what_the_replica_applied_for_every_codec(codec
     lagged = LaggedStore(lag_s=5.0)
     replica = Store(cache_capacity=64)
     puller = Puller(
-        replica,
-        PullerConfig(wait_ms=0, poll_interval_ms=0, max_bytes=4_000, codec=codec),
-        on_applied=lambda tables, chunks: lagged.offer(tables, chunks, now=0.0),
+        replica, PullerConfig(wait_ms=0, poll_interval_ms=0, max_bytes=4_000, codec=codec)
     )
-    _sync(source, puller)
+    _sync(source, puller, _port(lagged))
     for spec in SPECS:
         assert (replica.table(spec.name).knowledge >= source.table(spec.name).knowledge).all()
     assert lagged.rows_queued > 0
@@ -100,9 +114,8 @@ def test_rows_written_after_the_healthy_point_are_dropped_for_every_codec(codec)
     puller = Puller(
         Store(cache_capacity=64),
         PullerConfig(wait_ms=0, poll_interval_ms=0, max_bytes=4_000, codec=codec),
-        on_applied=lambda tables, chunks: lagged.offer(tables, chunks, now=0.0),
     )
-    _sync(source, puller)
+    _sync(source, puller, _port(lagged))
     queued = lagged.rows_queued
     # every row version the source holds was queued once; those written after ``middle``
     # (their write time travels with the row, through the codec block) must all go
@@ -134,23 +147,60 @@ def test_a_chunk_still_in_its_codec_block_is_refused_at_offer():
     wire = encode_chunk(plain, CODECS[-1])
     lagged = LaggedStore(lag_s=0.0)
     with pytest.raises(ValueError, match="codec-encoded"):
-        lagged.offer(SPECS, [wire], now=0.0)
+        lagged.offer(Applied(SPECS, (wire,), 0.0), now=0.0)
     assert lagged.rows_queued == 0
 
 
-def test_a_response_is_seen_once_decoded_by_on_applied():
-    seen: list[tuple[tuple, list[Chunk]]] = []
+def test_a_response_is_reported_once_decoded_in_ready_applied():
     store = Store()
     store.create_table(SPECS[0])
-    puller = Puller(store, on_applied=lambda t, c: seen.append((t, c)))
+    puller = Puller(store)
     puller.start(0.0)
     keys = np.arange(3, dtype=np.int64)
     plain = Chunk(
         "emb", 0, np.array([0]), np.array([0]), np.array([3]), np.array([3]), keys,
         np.ones((3, 8), np.float32), keys + 1, np.full(3, 9, np.int64),
     )  # fmt: skip
-    puller.receive(PullResponse(1, 0, [encode_chunk(plain, "int4")]), 0.0)
-    assert len(seen) == 1
-    (chunk,) = seen[0][1]
+    ready = puller.receive(PullResponse(1, 0, [encode_chunk(plain, "int4")]), 2.5)
+    assert ready.applied is not None and ready.applied.at == 2.5
+    (chunk,) = ready.applied.chunks
     assert chunk.block is None and chunk.keys.tolist() == [0, 1, 2]
     assert chunk.wtimes.tolist() == [9, 9, 9]
+    # an empty long-poll answer applies nothing and reports nothing
+    assert puller.receive(PullResponse(2, 0, []), 3.0).applied is None
+
+
+def _baseline_rows(codec: str | None) -> dict[str, tuple[np.ndarray, ...]]:
+    source, _ = _source(np.random.default_rng(23))
+    lagged = LaggedStore(lag_s=0.0)
+    puller = Puller(
+        Store(cache_capacity=64),
+        PullerConfig(wait_ms=0, poll_interval_ms=0, max_bytes=4_000, codec=codec),
+        latency=None,
+    )
+    port = _port(lagged)
+    _sync(source, puller, port)
+    lagged.advance(0.0)
+    assert port.latency.count == lagged.rows_applied > 0  # one measure per applied row
+    out = {}
+    for spec in SPECS:
+        keys, values, versions, wtimes, _lanes = lagged.store.table(spec.name).all_rows()
+        order = np.argsort(keys)
+        out[spec.name] = (keys[order], versions[order], wtimes[order], values[order])
+    return out
+
+
+STEP = {"fp32": 0.0, "fp16": 1e-3, "int8": 1 / 127, "int4": 1 / 7}
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_codec_link_and_a_plain_link_give_the_baseline_the_same_rows(codec):
+    plain, coded = _baseline_rows(None), _baseline_rows(codec)
+    for name, (keys, versions, wtimes, values) in plain.items():
+        c_keys, c_versions, c_wtimes, c_values = coded[name]
+        np.testing.assert_array_equal(c_keys, keys)
+        np.testing.assert_array_equal(c_versions, versions)
+        np.testing.assert_array_equal(c_wtimes, wtimes)
+        # the values as the codec carries them: within one quantisation step of each row
+        step = np.abs(values).max(axis=1, keepdims=True) * STEP[codec]
+        assert (np.abs(c_values - values) <= step + 1e-6).all()

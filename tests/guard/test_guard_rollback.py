@@ -11,6 +11,7 @@ from ekko.guard.baseline import LaggedStore
 from ekko.guard.replica_guard import covers
 from ekko.guard.source_guard import PreimageSink, SourceGuard
 from ekko.protocol.messages import Chunk
+from ekko.protocol.ready import Applied
 from ekko.protocol.testing import SimNetwork
 from ekko.serve import StoreSink
 from ekko.store import Store
@@ -160,8 +161,8 @@ def _chunk(keys, value: float, versions, wtime_ns: int) -> Chunk:
 def test_lagged_store_follows_late_freezes_and_drops_rows_written_after_a_point():
     lagged = LaggedStore(lag_s=5.0)
     spec = (TableSpec("emb", 2, 2),)
-    lagged.offer(spec, [_chunk([1, 2], 1.0, [1, 1], 1_000)], now=0.0)
-    lagged.offer(None, [_chunk([2, 3], 2.0, [2, 1], 2_000)], now=1.0)
+    lagged.offer(Applied(spec, (_chunk([1, 2], 1.0, [1, 1], 1_000),), 0.0), now=0.0)
+    lagged.offer(Applied((), (_chunk([2, 3], 2.0, [2, 1], 2_000),), 1.0), now=1.0)
     assert lagged.advance(4.9) == 0 and "emb" not in lagged.store.tables
     assert lagged.advance(5.0) == 2
     lagged.freeze()

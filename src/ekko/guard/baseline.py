@@ -1,7 +1,8 @@
 """The baseline model's store: the replica's own updates, applied ``lag_s`` late.
 
-A replica already receives every update; the baseline is the same stream delayed. Each pulled
-response's chunks are queued with their arrival time and applied to a second ``Store`` once
+A replica already receives every update; the baseline is the same stream delayed. The rows
+each pulled response applied (the puller's ``Ready.applied``, the one apply port) are queued
+with their arrival time and applied to a second ``Store`` once
 they are ``lag_s`` old, so the baseline is the online state of ``lag_s`` ago without any
 extra WAN traffic. Apply is last-version-wins, so a rollback's restore rows (new versions of
 old values) supersede the poisoned rows in the baseline too.
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ekko.protocol.messages import Chunk
+from ekko.protocol.ready import Applied
 from ekko.store import Store
 from ekko.store.spec import TableSpec
 
@@ -56,21 +57,18 @@ class LaggedStore:
         self.rows_dropped = 0
         self.applied_until = float("-inf")  # arrival time of the newest applied response
 
-    def offer(
-        self, tables: Sequence[TableSpec] | None, chunks: Sequence[Chunk], now: float
-    ) -> None:
-        """Queue one pulled response (its new tables and row chunks), arrived at ``now``.
-
-        ``chunks`` are the rows as the online store applied them, in plain arrays (the
-        puller's ``on_applied``); a chunk still holding a codec block is refused here, at
-        once, rather than failing ``lag_s`` later in ``advance``."""
+    def offer(self, applied: Applied, now: float) -> None:
+        """Queue the rows one pulled response applied (its new tables and row chunks, in
+        plain arrays: the puller's ``Ready.applied``), arrived at ``now`` (this store's
+        clock). A chunk still holding a codec block is refused here, at once, rather than
+        failing ``lag_s`` later in ``advance``."""
+        tables, chunks = applied.tables, applied.chunks
         for c in chunks:
             if c.block is not None or c.meta is not None:
                 raise ValueError(
                     f"LaggedStore.offer: chunk of table {c.table!r} is still codec-encoded; "
                     f"offer the decoded rows the puller applied"
                 )
-        tables = tuple(tables or ())
         if not tables and not any(c.rows for c in chunks):
             return
         self._queue.append(_Arrival(now, tables, tuple(c for c in chunks if c.rows)))

@@ -17,6 +17,7 @@ import numpy as np
 
 from ekko.net.wan import WanProfile
 from ekko.node.config import ClusterConfig
+from ekko.node.links import PullLinks
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.protocol.traffic import TrafficTally
@@ -39,15 +40,6 @@ class NotReadyError(RuntimeError):
 
 
 @dataclass
-class LinkCounters:
-    """Rows and bytes pulled over one upstream link (peer name)."""
-
-    rows: int = 0
-    bytes: int = 0
-    responses: int = 0
-
-
-@dataclass
 class NodeCore:
     """Store + protocol state of one node, by name, in a cluster config."""
 
@@ -55,7 +47,7 @@ class NodeCore:
     name: str
     base_dir: Path
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-    links: dict[str, LinkCounters] = field(default_factory=dict)
+    links: PullLinks = field(default_factory=PullLinks)  # what was pulled, per upstream
     # Start the source from the replicas, setting its data files aside (a corrupt snapshot
     # or log, or a data dir known to be lost).
     rebuild: bool = False
@@ -283,7 +275,7 @@ class NodeCore:
             "wal": vars(self.journal.wal.statistics()) if self.journal is not None else None,
             "tables": tables,
             "latency": self.latency.summary(),
-            "links": {k: vars(v) for k, v in self.links.items()},
+            "links": self.links.as_json(),
             "traffic": self._traffic_status(),
         }
 

@@ -58,9 +58,9 @@ class NodeCollector:
         nbytes = CounterMetricFamily(
             "ekko_pulled_bytes", "Row bytes pulled per upstream link", labels=[*lk, "link"]
         )
-        for link, c in core.links.items():
-            rows.add_metric([*lv, link], c.rows)
-            nbytes.add_metric([*lv, link], c.bytes)
+        for link, c in core.links.statistics().items():
+            rows.add_metric([*lv, link], c.rows_received)
+            nbytes.add_metric([*lv, link], c.bytes_received)
         yield rows
         yield nbytes
 

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from ekko.node.core import NodeCore
+from ekko.protocol.ready import Applied
 from ekko.store import Store
+from ekko.store.clock import SYSTEM_CLOCK, Clock
 from ekko.store.spec import Sink, TableSpec
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,12 @@ class ModelHost:
         core: NodeCore,
         on_write: Callable[[], None],
         send: Callable[[str, str, dict], None] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """``send(target, path, body)`` posts to another node's admin API (``target`` a node
         name, or ``"*serving"`` for every serving replica); the runner supplies it."""
         self.core = core
+        self.clock = clock
         models = core.config.models
         self.services: dict = {}
         self.trainers: dict = {}
@@ -145,11 +149,11 @@ class ModelHost:
                 self._open_log(), send, g.shadow_share, g.recovery_auc_tolerance,
             )  # fmt: skip
 
-    def on_applied(self, tables: tuple, chunks: list, now: float) -> None:
-        """A pulled response was applied to the online store: queue the rows as applied
-        (decoded, whatever the link's codec) for the baseline."""
+    def follow(self, applied: Applied) -> None:
+        """A pulled response was applied to the online store (the apply port): queue its
+        rows for the baseline."""
         if self.lagged is not None:
-            self.lagged.offer(tables, chunks, now)
+            self.lagged.offer(applied, self.clock.mono())
         for guard in self.replica_guards.values():
             guard.poll()
 

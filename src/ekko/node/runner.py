@@ -29,8 +29,9 @@ from ekko.net.transport import Connection, Listener, connect, serve
 from ekko.net.wan import WanLine
 from ekko.node.access import AccessPolicy
 from ekko.node.admin import admin_app, admin_routes
+from ekko.node.apply_port import ApplyFanout
 from ekko.node.config import ClusterConfig, NodeConfig
-from ekko.node.core import LinkCounters, NodeCore
+from ekko.node.core import NodeCore
 from ekko.node.http_server import EmbeddedServer, http_server, tcp_listener
 from ekko.node.metrics import node_registry, sync_port_metrics
 from ekko.node.models import ModelHost
@@ -76,6 +77,7 @@ class NodeRunner:
         self.extra_status: Callable[[], dict] | None = None
         self.extra_routes: list = []
         self.models = ModelHost(self.core, self.notify_written, self._post)
+        self.apply = ApplyFanout(self.core.latency, [self.models.follow], self.notify_written)
         self._http: httpx.AsyncClient | None = None
         self._copy_now = asyncio.Event()
         self.recovery: RecoveryResult | None = None
@@ -281,17 +283,14 @@ class NodeRunner:
     ) -> None:
         """Pull from ``peer`` until the link breaks or a preferred upstream is back."""
         self.core.upstream_name = peer.name
-        counters = self.core.links.setdefault(peer.name, LinkCounters())
         log.info("%s pulling from %s", self.core.name, peer.name)
         puller = Puller(
             self.core.store,
             self.core.puller_config(self._wan(peer.name)),
-            self.core.latency,
-            self.core.traffic,
-            on_applied=lambda tables, chunks: self.models.on_applied(
-                tables, chunks, time.monotonic()
-            ),
+            latency=None,  # measured by the apply port
+            traffic=self.core.traffic,
         )
+        self.core.links.attach(peer.name, puller)
 
         rebuilds = [0]
 
@@ -300,20 +299,14 @@ class NodeRunner:
                 rebuilds[0] = puller.rebuilds
                 self._rebuilt()
             self._lineage = self.core.store.lineage  # adopted by an empty store, or rebuilt
-            if puller.rebuilding:
-                return  # rows for the store being rebuilt, not the one served
-            if msg.chunks:
-                counters.responses += 1
-                counters.rows += sum(c.rows for c in msg.chunks)
-                counters.bytes += sum(c.nbytes for c in msg.chunks)
-                self.notify_written()
 
         probe = self._probe(preferred) if preferred else None
         try:
-            if await run_pull_link(conn, puller, on_response, probe):
+            if await run_pull_link(conn, puller, on_response, probe, self.apply):
                 log.info("%s returns to preferred upstream", self.core.name)
         finally:
             self.core.upstream_name = None
+            self.core.links.detach(peer.name)
 
     def _rebuilt(self) -> None:
         """The puller replaced the store's tables with the upstream lineage's: serve them."""
@@ -387,7 +380,6 @@ class NodeRunner:
         src = self.config.source
         url = f"http://{src.host}:{src.admin_port}/v1/snapshot"
         wan = self._wan(src.name)
-        counters = self.core.links.setdefault(src.name, LinkCounters())
         interval = self.core.node.checkpoint_interval_s
         async with httpx.AsyncClient(timeout=max(30.0, interval)) as client:
             while True:
@@ -408,9 +400,8 @@ class NodeRunner:
                     store = self.core.load_copy(data, started)
                     self.sync.responder = self.core.responder
                     self.models.replace_store(store)
-                    counters.responses += 1
-                    counters.bytes += len(data)
-                    counters.rows += sum(t.rows for t in store.tables.values())
+                    rows = sum(t.rows for t in store.tables.values())
+                    self.core.links.count_copy(src.name, rows, len(data))
                     self.notify_written()
                     log.info(
                         "%s loaded a full copy (%d bytes) from %s",

@@ -27,7 +27,7 @@ from ekko.protocol.messages import (
     PullResponse,
 )
 from ekko.protocol.puller import Puller
-from ekko.protocol.ready import Ready
+from ekko.protocol.ready import Applied, Ready
 from ekko.protocol.responder import Responder
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,11 @@ async def run_pull_link(
     puller: Puller,
     on_response: Callable[[PullResponse], None],
     until: Awaitable[object] | None = None,
+    on_applied: Callable[[Applied], None] | None = None,
 ) -> bool:
     """Drive ``puller`` over ``conn`` until the link breaks (returns False) or ``until``
-    completes (returns True). ``on_response`` sees every response after it was applied."""
+    completes (returns True). ``on_applied`` sees the rows each step applied (the puller's
+    ``Ready.applied``); ``on_response`` then sees every response."""
     outbox = Outbox(conn)
     timer = Timer(lambda: handle(puller.tick(time.time())))
 
@@ -208,6 +210,8 @@ async def run_pull_link(
         for _link, msg in ready.sends:
             outbox.put(msg)
         timer.set(ready.wake_at)
+        if ready.applied is not None and on_applied is not None:
+            on_applied(ready.applied)
 
     stop = asyncio.ensure_future(until) if until is not None else None
     recv: asyncio.Future[Message] | None = None

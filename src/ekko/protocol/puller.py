@@ -15,24 +15,19 @@ its replicas) never rebuild: they take rows of their own lineage and refuse any 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ekko.protocol.chunk_codec import check_codec, decode_chunk
 from ekko.protocol.messages import Catalog, Chunk, Cursor, Error, Message, PullRequest, PullResponse
-from ekko.protocol.ready import Ready
+from ekko.protocol.ready import Applied, Ready
 from ekko.protocol.traffic import TrafficTally
 from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
-from ekko.store.spec import LANES, TableSpec
+from ekko.store.spec import LANES
 
 LINK = "upstream"
-
-Applied = Callable[[tuple[TableSpec, ...], list[Chunk]], None]
-"""``on_applied(new tables, chunks)``: one response's rows as the store applied them, in
-plain arrays (a codec block decoded once, here), for whoever follows this store's updates."""
 
 
 @dataclass(frozen=True)
@@ -96,10 +91,11 @@ class Puller:
 
     store: Store
     config: PullerConfig = field(default_factory=PullerConfig)
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # Write-to-apply latency of the rows applied here (None: the driver measures it from
+    # ``Ready.applied``, as a node does).
+    latency: LatencyHistogram | None = field(default_factory=LatencyHistogram)
     traffic: TrafficTally | None = None  # reported upstream on each request
     absorb: bool = False  # a source recovering from a replica: never rebuild, refuse others
-    on_applied: Applied | None = None  # sees each response's decoded rows after they applied
 
     def __post_init__(self) -> None:
         self.config.validate()
@@ -160,21 +156,22 @@ class Puller:
                 for spec in msg.tables:
                     self._into.create_table(spec)
             serving = self._staging is None  # rows for the served store, not one rebuilt
-            applied = [self._apply(chunk, now) for chunk in msg.chunks]
-            if self.on_applied is not None and serving and (msg.tables or applied):
-                self.on_applied(tuple(msg.tables or ()), [c for c in applied if c.rows])
+            applied = tuple(self._apply(chunk, now) for chunk in msg.chunks)
             if msg.holds and not msg.chunks:
                 self._check_holds(msg.holds)
             if not msg.more and not self._pending:
                 self._settled(msg.req_id)
             ready = self._fill(now, immediate=msg.more)
+            if serving and (msg.tables or applied):
+                ready.applied = Applied(tuple(msg.tables or ()), applied, now)
             return ready
         if isinstance(msg, Catalog):
             for spec in msg.tables:
                 self._into.create_table(spec)
-            if self.on_applied is not None and msg.tables and self._staging is None:
-                self.on_applied(tuple(msg.tables), [])
-            return Ready(wake_at=self._wake_at())
+            ready = Ready(wake_at=self._wake_at())
+            if msg.tables and self._staging is None:
+                ready.applied = Applied(tuple(msg.tables), (), now)
+            return ready
         if isinstance(msg, Error):
             self._errors += 1
             self._in_flight.pop(msg.req_id, None)
@@ -348,7 +345,8 @@ class Puller:
             )
             self._rows_received += n
             self._bytes += wire_bytes
-            self.latency.record_ns(int(now * 1e9) - chunk.wtimes)
+            if self.latency is not None:
+                self.latency.record_ns(int(now * 1e9) - chunk.wtimes)
         have = table.knowledge[chunk.shards, chunk.lane]
         covered = chunk.bases <= have
         if covered.any():

@@ -5,21 +5,52 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from ekko.protocol.messages import Message
+from ekko.protocol.messages import Chunk, Message
+from ekko.store.spec import TableSpec
 
 SessionId = Hashable
 
 
+@dataclass(frozen=True)
+class Applied:
+    """Rows a puller applied to the store it serves from, in one step: the tables it learned
+    and each chunk it applied in plain arrays (keys, values, versions, write times; a codec
+    block decoded once, by the puller; a chunk may carry knowledge only), received at
+    ``at``.
+
+    Why in ``Ready``: it is the one way pulled rows leave the puller (raft's
+    ``CommittedEntries``). Whoever follows the replica's updates (the guard's baseline, the
+    latency histogram, parked pulls downstream) reads them here, whatever the link codec.
+    Rows pulled into a store being rebuilt from another lineage are not reported: they are
+    not served until the rebuild completes.
+    """
+
+    tables: tuple[TableSpec, ...]
+    chunks: tuple[Chunk, ...]
+    at: float
+
+    @property
+    def rows(self) -> int:
+        return sum(c.rows for c in self.chunks)
+
+
 @dataclass
 class Ready:
-    """Messages to send, in order, and when to call ``tick`` next (``None``: no timer)."""
+    """Messages to send, in order, when to call ``tick`` next (``None``: no timer), and the
+    rows this step applied (``None``: none)."""
 
     sends: list[tuple[SessionId, Message]] = field(default_factory=list)
     wake_at: float | None = None
+    applied: Applied | None = None
 
     def extend(self, other: Ready) -> Ready:
         self.sends.extend(other.sends)
         self.wake_at = _earliest(self.wake_at, other.wake_at)
+        if other.applied is not None:
+            a = self.applied
+            self.applied = other.applied if a is None else Applied(
+                a.tables + other.applied.tables, a.chunks + other.applied.chunks, a.at
+            )  # fmt: skip
         return self
 
 
