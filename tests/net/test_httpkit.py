@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ekko.net.httpkit import RequestError, parse_json, receive_body
+from ekko.net.httpkit import RequestError, bounded_receive, parse_json, receive_body
 from ekko.node.admin import parse_write
 
 
@@ -16,7 +16,7 @@ async def test_a_body_that_stops_arriving_is_408() -> None:
         raise AssertionError
 
     with pytest.raises(RequestError, match="not received within") as err:
-        await receive_body(receive, {}, limit=100, timeout=0.05)
+        await receive_body(bounded_receive(receive, {}, 100), timeout=0.05)
     assert err.value.status == 408
 
 
@@ -29,7 +29,7 @@ async def test_a_chunked_body_is_cut_as_it_passes_the_limit() -> None:
         return {"type": "http.request", "body": b"x" * 40, "more_body": True}
 
     with pytest.raises(RequestError, match="over 100 bytes") as err:
-        await receive_body(receive, {}, limit=100)
+        await receive_body(bounded_receive(receive, {}, 100))
     assert err.value.status == 413 and sent == 3  # never read past the limit
 
 

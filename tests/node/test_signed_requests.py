@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ekko.net.httpkit import MAX_BODY_BYTES, BodyRoute
 from ekko.node import signed_requests as sr
 from ekko.node.access import AccessPolicy, ClusterAuth, is_own_host, least_role
 from ekko.node.admin import admin_app
@@ -118,8 +119,14 @@ async def _echo(request: Request) -> Response:
     return JSONResponse({"got": (await request.body()).decode()})
 
 
-def _app(policy: AccessPolicy | None = None):
-    routes = [Route(path, _echo, methods=[method]) for method, path, _ in ROUTES]
+def _app(policy: AccessPolicy | None = None, max_body: int = MAX_BODY_BYTES):
+    """Every route echoing its body; those that take one (POST) declare ``max_body``."""
+    routes = [
+        BodyRoute(path, _echo, max_body=max_body)
+        if method == "POST"
+        else Route(path, _echo, methods=[method])
+        for method, path, _ in ROUTES
+    ]
     return admin_app(routes, SECRET, policy)
 
 
@@ -173,7 +180,7 @@ async def test_signed_bodies_arrive_intact_and_a_replay_is_refused(
 
 
 async def test_bodies_over_the_limit_are_refused_before_reading() -> None:
-    app = _app(AccessPolicy(max_body=1000))
+    app = _app(max_body=1000)
     received: list[int] = []
 
     async def counting_receive_app(scope, receive, send):  # counts what the app reads
@@ -283,8 +290,8 @@ async def test_a_request_signed_before_the_node_started_is_refused_then_signed_a
     ``RESIGN_HEADER``), and ``ClusterAuth`` signs again."""
     body = b'{"keys": [1]}'
     path = "/v1/tables/emb/rows"
+    first = _app()  # the node before the restart (started before the request is signed)
     old = auth_headers(SECRET, "writer", "POST", path, body, host="test")
-    first = _app()  # the node before the restart
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=first), base_url="http://test"
     ) as c:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from serve_fixtures import SMALL_MODEL, random_events, service, train
 from starlette.applications import Starlette
 
+from ekko.net.httpkit import bounded_app
 from ekko.serve import serve_routes
 from ekko.train.routes import train_routes
 from ekko.train.service import TrainingService
@@ -109,8 +110,8 @@ def app() -> Iterator[Starlette]:
     trained = train(steps=1)
     trainer = TrainingService("ctr", SMALL_MODEL.dlrm(), MemorySink(), max_queue=10_000)
     trainer.start()
-    yield Starlette(
-        routes=[*serve_routes({"ctr": service(trained.store)}), *train_routes({"ctr": trainer})]
+    yield bounded_app(
+        [*serve_routes({"ctr": service(trained.store)}), *train_routes({"ctr": trainer})]
     )
     trainer.stop()
     assert trainer.statistics().failed is None

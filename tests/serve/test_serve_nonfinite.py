@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 from serve_fixtures import SMALL_MODEL, random_events, service, train
-from starlette.applications import Starlette
 
+from ekko.net.httpkit import bounded_app
 from ekko.serve import NonFiniteRows, serve_routes
 from ekko.serve.metrics import serve_metrics
 from ekko.store import Store
@@ -28,7 +28,7 @@ def _samples(svc) -> dict[str, float]:
 
 
 def _client(svc) -> httpx.AsyncClient:
-    app = Starlette(routes=serve_routes({"ctr": svc}))
+    app = bounded_app(serve_routes({"ctr": svc}))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
 

@@ -12,6 +12,7 @@ import pytest
 from serve_fixtures import SMALL_MODEL, random_events, train
 from starlette.applications import Starlette
 
+from ekko.net.httpkit import bounded_app
 from ekko.serve import build_services, serve_routes
 from ekko.store import Store
 
@@ -31,7 +32,7 @@ def asgi_client(app: Starlette) -> httpx.AsyncClient:
 @pytest.fixture
 async def client(trained_store: Store) -> AsyncIterator[httpx.AsyncClient]:
     services = build_services(trained_store, [SMALL_MODEL])
-    async with asgi_client(Starlette(routes=serve_routes(services, max_batch=MAX_BATCH))) as c:
+    async with asgi_client(bounded_app(serve_routes(services, max_batch=MAX_BATCH))) as c:
         yield c
 
 
@@ -250,9 +251,28 @@ async def test_oversized_body_is_413_before_reading(client: httpx.AsyncClient) -
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
 
+async def test_a_body_without_a_length_is_cut_at_the_routes_limit(trained_store: Store) -> None:
+    services = build_services(trained_store, [SMALL_MODEL])
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(100):
+            sent += 1
+            yield b" " * 100
+
+    async with asgi_client(bounded_app(serve_routes(services, max_body=1000))) as c:
+        for path in (PREDICT, FEEDBACK):
+            sent = 0
+            r = await c.post(path, content=chunks())
+            assert r.status_code == 413, r.text
+            assert r.json()["error"] == "body: over 1000 bytes; the limit is 1000"
+            assert sent <= 12  # read no further than the limit (and what was in flight)
+
+
 async def test_replica_without_dense_tables_is_503_with_the_reason() -> None:
     services = build_services(Store(), [SMALL_MODEL])
-    async with asgi_client(Starlette(routes=serve_routes(services))) as c:
+    async with asgi_client(bounded_app(serve_routes(services))) as c:
         r = await post(c, PREDICT, {"events": events(1)})
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"

@@ -7,9 +7,10 @@ import json
 import httpx
 import numpy as np
 import pytest
-from starlette.applications import Starlette
 
-from ekko.train.routes import train_metrics, train_routes
+from ekko.net.httpkit import bounded_app
+from ekko.node.model_metrics import train_metrics
+from ekko.train.routes import train_routes
 from ekko.train.service import TrainingService
 from ekko.train.sink import MemorySink
 from ekko.train.streams import SyntheticStream
@@ -19,7 +20,7 @@ from ekko.train.streams import SyntheticStream
 async def setup(small_model_config, small_stream_config):
     svc = TrainingService("ctr", small_model_config, MemorySink())
     svc.start()
-    app = Starlette(routes=train_routes({"ctr": svc}))
+    app = bounded_app(train_routes({"ctr": svc}))
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://t"
     ) as client:
@@ -95,7 +96,7 @@ async def test_a_trainer_not_started_yet_answers_503_with_the_reason(small_strea
     trainers: dict[str, TrainingService] = {}
     why = "recovering: pulling what the replicas hold beyond its own data"
     pending = {"ctr": why}
-    app = Starlette(routes=train_routes(trainers, pending.get))
+    app = bounded_app(train_routes(trainers, pending.get))
     ev = next(SyntheticStream(small_stream_config).batches(8))
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://t"

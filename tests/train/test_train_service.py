@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from ekko.node.model_metrics import train_metrics
 from ekko.train.dlrm import embedding_table_name
-from ekko.train.routes import train_metrics
 from ekko.train.service import TrainerBusy, TrainingService
 from ekko.train.sink import MemorySink
 from ekko.train.streams import Events, SyntheticStream

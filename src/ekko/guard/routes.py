@@ -16,7 +16,7 @@ At the source::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -26,12 +26,24 @@ from starlette.routing import Route
 from ekko.guard.errors import PreimageError
 from ekko.guard.replica_guard import ReplicaGuard
 from ekko.guard.source_guard import SourceGuard
-from ekko.net.httpkit import RequestError, parse_json
-from ekko.serve.routes import by_model, guarded, json_response, read_body
+from ekko.net.httpkit import (
+    CONTROL_BODY_BYTES,
+    BodyRoute,
+    RequestError,
+    by_model,
+    json_response,
+    parse_json,
+    read_body,
+)
+from ekko.serve.routes import guarded
+
+
+def _post(path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Route:
+    return BodyRoute(path, endpoint, max_body=CONTROL_BODY_BYTES)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await read_body(request, 1 << 20)
+    raw = await read_body(request)
     if not raw:
         return {}
     doc = parse_json(raw)
@@ -96,8 +108,8 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
 
     return [
         _health(guards),
-        Route("/v1/models/{model}/guard/redirect", redirect, methods=["POST"]),
-        Route("/v1/models/{model}/guard/rolled_back", rolled_back, methods=["POST"]),
+        _post("/v1/models/{model}/guard/redirect", redirect),
+        _post("/v1/models/{model}/guard/rolled_back", rolled_back),
     ]
 
 
@@ -131,7 +143,7 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
 
     return [
         _health(guards),
-        Route("/v1/models/{model}/rollback", rollback, methods=["POST"]),
-        Route("/v1/models/{model}/guard/report", report, methods=["POST"]),
-        Route("/v1/models/{model}/guard/restored", restored, methods=["POST"]),
+        _post("/v1/models/{model}/rollback", rollback),
+        _post("/v1/models/{model}/guard/report", report),
+        _post("/v1/models/{model}/guard/restored", restored),
     ]

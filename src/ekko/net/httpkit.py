@@ -1,27 +1,37 @@
 """The HTTP toolkit every node route shares: errors as 4xx JSON, bounded bodies, safe JSON.
 
 Admin, serving, training and guard routes all go through here, so a body is read the same
-way everywhere (refused from ``content-length`` before reading, counted while streaming,
-bounded in time) and a malformed one is always a 4xx naming the problem, never a 500 or a
-stalled event loop.
+way everywhere and a malformed one is always a 4xx naming the problem, never a 500 or a
+stalled event loop. A route declares its body limit once (``BodyRoute``; a route that
+declares none takes ``CONTROL_BODY_BYTES``); ``BodyLimit``, the outermost layer of the app
+(``bounded_app``), bounds whatever reads the body (the signature check in front of the
+routes, or the handler): one over the limit is refused from ``content-length`` before a
+byte of it is read, and one without a length is cut as the count passes the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgspec
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 16 << 20
-"""Default body limit of a route (a row write of ~100 k rows of dim 16 fits)."""
+"""Body limit of a data route (a row write of ~100 k rows of dim 16 fits; ``[http]
+max_body_bytes`` sets the rows route's)."""
+CONTROL_BODY_BYTES = 1 << 20
+"""Body limit of a route that declares none: reads, control and guard messages."""
 BODY_TIMEOUT_S = 30.0
 """A body must arrive within this long once the headers are in (a slow drip is refused)."""
 OFFLOAD_BYTES = 256 << 10
@@ -36,6 +46,18 @@ class RequestError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class UnknownModel(RequestError, KeyError):
+    """A model name this node does not serve (or train, or guard): HTTP 404."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown model {name!r} (served: {known})", 404)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class OversizedInt(str):
@@ -61,9 +83,9 @@ def error_response(message: str, status: int, headers: Mapping[str, str] | None 
 def guarded_by(
     errors: Mapping[type[BaseException], int | tuple[int, str]],
 ) -> Callable[[Handler], Handler]:
-    """A decorator mapping ``RequestError`` and each of ``errors`` (the first that matches,
-    in order) to its status with the reason, after the prefix if one is given (503 also says
-    ``retry-after``); the server keeps serving."""
+    """A decorator mapping ``RequestError`` (its own status) and each of ``errors`` (the
+    first that matches, in order) to its status with the reason, after the prefix if one is
+    given (503 also says ``retry-after``); the server keeps serving."""
     kinds = tuple(errors)
     table = {t: (v, "") if isinstance(v, int) else v for t, v in errors.items()}
 
@@ -72,7 +94,8 @@ def guarded_by(
             try:
                 return await fn(request)
             except RequestError as exc:
-                return error_response(str(exc), exc.status)
+                headers = {"retry-after": "1"} if exc.status == 503 else None
+                return error_response(str(exc), exc.status, headers)
             except kinds as exc:
                 status, prefix = next(v for t, v in table.items() if isinstance(exc, t))
                 headers = {"retry-after": "1"} if status == 503 else None
@@ -84,6 +107,45 @@ def guarded_by(
     return guarded
 
 
+def by_model(objects: Mapping[str, T], request: Request) -> T:
+    """The object for the request's ``{model}`` path parameter; 404 (``UnknownModel``) if none."""
+    name = request.path_params["model"]
+    obj = objects.get(name)
+    if obj is None:
+        raise UnknownModel(name, sorted(objects))
+    return obj
+
+
+class BodyRoute(Route):
+    """A route that takes a body, with its limit declared beside its path.
+
+    Why on the route: ``BodyLimit`` checks it before anything reads the body (the signature
+    check in front of the routes reads it too), so the route table is the one place a limit
+    is said, and a route added later cannot forget one (it gets ``CONTROL_BODY_BYTES``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        endpoint: Callable[..., Any],
+        *,
+        methods: Collection[str] = ("POST",),
+        max_body: int,
+    ) -> None:
+        super().__init__(path, endpoint, methods=list(methods))
+        self.max_body = max_body
+
+
+def body_limit(routes: Sequence[BaseRoute], scope: Scope, default: int) -> int:
+    """The declared limit of the route ``scope`` goes to (``default`` if it declares none
+    or none matches)."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return route.max_body if isinstance(route, BodyRoute) else default
+    return default
+
+
 def check_declared_length(headers: Mapping[str, str], limit: int) -> None:
     """``RequestError`` 413 when ``content-length`` already says the body is over ``limit``."""
     declared = headers.get("content-length")
@@ -91,18 +153,75 @@ def check_declared_length(headers: Mapping[str, str], limit: int) -> None:
         raise RequestError(f"body: {declared} bytes; the limit is {limit}", status=413)
 
 
-async def receive_body(
-    receive: Receive,
-    headers: Mapping[str, str],
-    limit: int = MAX_BODY_BYTES,
-    timeout: float = BODY_TIMEOUT_S,
-) -> bytes | None:
-    """The body from ASGI ``receive``, or None if the client went away. ``RequestError``
-    413 when over ``limit`` bytes (before reading, if the length is declared; as soon as the
-    count passes it, if chunked), 408 if it takes longer than ``timeout`` to arrive."""
-    check_declared_length(headers, limit)
-    chunks: list[bytes] = []
+def bounded_receive(receive: Receive, headers: Mapping[str, str], limit: int) -> Receive:
+    """``receive`` bounded to ``limit`` body bytes: its first call raises ``RequestError``
+    413 when ``content-length`` declares more (before reading any of it), and any call once
+    the count passes ``limit`` (a body sent without a length, never read past the limit).
+
+    The check waits for the first read so that a request refused for another reason first
+    (a missing credential: 401) is answered as that, still without reading its body."""
     size = 0
+    checked = False
+
+    async def bounded() -> Message:
+        nonlocal size, checked
+        if not checked:
+            check_declared_length(headers, limit)
+            checked = True
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise RequestError(f"body: over {limit} bytes; the limit is {limit}", 413)
+        return message
+
+    return bounded
+
+
+class BodyLimit:
+    """ASGI middleware bounding every request's body by its route's declared limit (see the
+    module docstring); outermost, so nothing in front of a handler reads past it."""
+
+    def __init__(
+        self, app: ASGIApp, routes: Sequence[BaseRoute], default: int = CONTROL_BODY_BYTES
+    ) -> None:
+        self.app = app
+        self.routes = routes
+        self.default = default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = body_limit(self.routes, scope, self.default)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive(receive, headers, limit), watched)
+        except RequestError as exc:  # a reader that did not answer it itself
+            if started:
+                raise
+            await error_response(str(exc), exc.status)(scope, receive, send)
+
+
+def bounded_app(routes: Sequence[BaseRoute], middleware: Sequence[Middleware] = ()) -> Starlette:
+    """A Starlette app over ``routes`` with ``BodyLimit`` outermost, then ``middleware``."""
+    return Starlette(
+        routes=list(routes), middleware=[Middleware(BodyLimit, routes=routes), *middleware]
+    )
+
+
+async def receive_body(receive: Receive, timeout: float = BODY_TIMEOUT_S) -> bytes | None:
+    """The body from ASGI ``receive``, or None if the client went away; ``RequestError``
+    408 if it takes longer than ``timeout`` to arrive (its size is bounded by ``BodyLimit``
+    in front)."""
+    chunks: list[bytes] = []
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -110,18 +229,15 @@ async def receive_body(
                 if message["type"] != "http.request":
                     return None
                 chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > limit:
-                    raise RequestError(f"body: over {limit} bytes; the limit is {limit}", 413)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
     except TimeoutError:
         raise RequestError(f"body: not received within {timeout:.0f} s", 408) from None
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body(request: Request) -> bytes:
     """The request body, bounded as ``receive_body`` says."""
-    body = await receive_body(request.receive, request.headers, limit)
+    body = await receive_body(request.receive)
     if body is None:
         raise RequestError("body: the client disconnected while sending it")
     return body
@@ -142,14 +258,6 @@ def parse_json(body: bytes) -> Any:
         raise RequestError(f"body: not valid JSON: {exc}") from exc
     except ValueError as exc:  # any other literal json refuses to convert
         raise RequestError(f"body: not valid JSON: {exc}") from exc
-
-
-async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
-    """The body parsed as JSON, large bodies in a worker thread so the loop keeps serving."""
-    body = await read_body(request, limit)
-    if len(body) > OFFLOAD_BYTES:
-        return await asyncio.to_thread(parse_json, body)
-    return parse_json(body)
 
 
 async def offload(fn: Callable[..., Any], body: bytes, *args: Any, **kwargs: Any) -> Any:

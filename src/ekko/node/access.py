@@ -38,7 +38,7 @@ import httpx
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ekko.net.httpkit import MAX_BODY_BYTES, OFFLOAD_BYTES, RequestError, receive_body
+from ekko.net.httpkit import OFFLOAD_BYTES, RequestError, receive_body
 from ekko.node.signed_requests import (
     RESIGN_HEADER,
     ROLES,
@@ -89,7 +89,6 @@ class AccessPolicy:
     a reader and feedback (it moves the guard's quality figures) a writer."""
 
     serve_open: bool = True
-    max_body: int = MAX_BODY_BYTES
 
     def required(self, method: str, path: str) -> frozenset[str] | None:
         method = "GET" if method == "HEAD" else method
@@ -144,8 +143,8 @@ class RequireRole:
     """ASGI middleware: a request to a route that needs a role must carry a credential for
     one of the roles ``policy`` accepts there, or it is answered (401 missing/invalid/replayed,
     403 wrong role, 413/408 body) with the reason and never reaches the app. The role is
-    checked before the body is read; the body is read once, bounded, to check the MAC, and
-    handed to the app unchanged."""
+    checked before the body is read; the body is read once to check the MAC (bounded by its
+    route's limit: ``BodyLimit`` in front) and handed to the app unchanged."""
 
     def __init__(
         self,
@@ -184,7 +183,7 @@ class RequireRole:
             why = f"role {cred.role} may not {method} {path} (needs {' or '.join(sorted(need))})"
             return await self._refuse(scope, receive, send, 403, why)
         try:
-            body = await receive_body(receive, headers, self.policy.max_body)
+            body = await receive_body(receive)
         except RequestError as exc:
             return await self._refuse(scope, receive, send, exc.status, str(exc))
         if body is None:

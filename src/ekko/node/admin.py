@@ -22,7 +22,9 @@ from starlette.routing import Route
 
 from ekko.net.httpkit import (
     MAX_BODY_BYTES,
+    BodyRoute,
     RequestError,
+    bounded_app,
     guarded_by,
     offload,
     parse_json,
@@ -90,7 +92,8 @@ def admin_routes(
     extra_status: Callable[[], dict] | None = None,
     max_body: int = MAX_BODY_BYTES,
 ) -> list[Route]:
-    """Routes of the admin API; ``on_written`` wakes parked pulls after a write."""
+    """Routes of the admin API; ``on_written`` wakes parked pulls after a write; a row
+    write's body is at most ``max_body`` bytes."""
 
     @guarded
     async def status(request: Request) -> Response:
@@ -115,7 +118,7 @@ def admin_routes(
     async def post_rows(request: Request) -> Response:
         core.require_source("write to")
         table = core.store.table(request.path_params["table"])
-        keys, values = await offload(parse_write, await read_body(request, max_body), table.dim)
+        keys, values = await offload(parse_write, await read_body(request), table.dim)
         versions = core.write(table.name, keys, values)
         on_written()
         await core.wait_durable()  # acknowledged = on disk (one fsync per group commit)
@@ -142,7 +145,7 @@ def admin_routes(
     return [
         Route("/v1/status", status),
         Route("/v1/tables/{table}/rows", get_rows, methods=["GET"]),
-        Route("/v1/tables/{table}/rows", post_rows, methods=["POST"]),
+        BodyRoute("/v1/tables/{table}/rows", post_rows, max_body=max_body),
         Route("/v1/latency", latency),
         Route("/v1/latency/reset", reset_latency, methods=["POST"]),
         Route("/health", health),
@@ -157,12 +160,14 @@ def admin_app(
     policy: AccessPolicy | None = None,
     names: frozenset[str] = frozenset(),
 ) -> Starlette:
-    """The admin API behind ``RequireRole``: each route needs the credential ``policy`` names
-    (``ekko.node.access``), signed with a key derived from the cluster ``secret`` for this
-    node (the address a connection reached, or one of ``names``: its advertised host:port)."""
+    """The node's HTTP app: every body bounded by its route's declared limit
+    (``ekko.net.httpkit.BodyLimit``), then ``RequireRole``: each route needs the credential
+    ``policy`` names (``ekko.node.access``), signed with a key derived from the cluster
+    ``secret`` for this node (the address a connection reached, or one of ``names``: its
+    advertised host:port)."""
     policy = policy or AccessPolicy()
     # Created now, not at the first request (Starlette builds middleware lazily): signatures
     # are accepted from the node's start on.
     nonces = NonceCache()
     middleware = [Middleware(RequireRole, secret=secret, policy=policy, nonces=nonces, names=names)]
-    return Starlette(routes=routes, middleware=middleware)
+    return bounded_app(routes, middleware)

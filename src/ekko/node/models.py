@@ -244,16 +244,17 @@ class ModelHost:
             if svc.failed is not None
         }
 
-    def routes(self) -> list:
+    def routes(self, max_body: int) -> list:
+        """The models' routes; predict, feedback and train bodies up to ``max_body`` bytes."""
         routes: list = []
         if self.services:
             from ekko.serve import serve_routes
 
-            routes += serve_routes(self.services)
+            routes += serve_routes(self.services, max_body=max_body)
         if self.trainers or (self.core.is_source and self.core.config.models):
             from ekko.train.routes import train_routes
 
-            routes += train_routes(self.trainers, self._trainer_pending)
+            routes += train_routes(self.trainers, self._trainer_pending, max_body)
         if self.core.config.guard.enabled and self.core.config.models:
             from ekko.guard.routes import replica_guard_routes, source_guard_routes
 
@@ -277,7 +278,7 @@ class ModelHost:
 
             out.append(serve_metrics(self.services))
         if self.core.is_source and self.core.config.models:
-            from ekko.train.routes import train_metrics
+            from ekko.node.model_metrics import train_metrics
 
             out.append(train_metrics(self.trainers))
         if self.core.config.guard.enabled and self.core.config.models:

@@ -106,9 +106,9 @@ class NodeRunner:
         routes.append(Route("/ready", self._ready_route))
         if self.core.role == "checkpoint":
             routes.append(Route("/v1/checkpoint/refresh", self._refresh_now, methods=["POST"]))
-        policy = AccessPolicy(serve_open=web.serve_open, max_body=web.max_body_bytes)
+        policy = AccessPolicy(serve_open=web.serve_open)
         advertised = frozenset({f"{node.host}:{node.admin_port}"})
-        all_routes = [*self.extra_routes, *self.models.routes(), *routes]
+        all_routes = [*self.extra_routes, *self.models.routes(web.max_body_bytes), *routes]
         app = admin_app(all_routes, self.secret, policy, names=advertised)
         server = http_server(
             app,

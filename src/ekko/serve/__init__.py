@@ -10,13 +10,7 @@ from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownM
 from ekko.serve.metrics import serve_metrics
 from ekko.serve.replica import ReplicaModel, dense_shapes
 from ekko.serve.routes import serve_routes
-from ekko.serve.schema import (
-    MAX_BATCH,
-    RequestError,
-    decode_feedback,
-    decode_predict,
-    decode_train,
-)
+from ekko.serve.schema import MAX_BATCH, RequestError, decode_feedback, decode_predict
 from ekko.serve.service import (
     BASELINE,
     ONLINE,
@@ -28,6 +22,7 @@ from ekko.serve.service import (
     build_services,
 )
 from ekko.serve.store_sink import StoreSink
+from ekko.train.schema import decode_train
 
 __all__ = [
     "BASELINE",

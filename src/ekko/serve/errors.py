@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ekko.net.httpkit import UnknownModel
+
+__all__ = ["ModelNotReady", "NonFiniteRows", "ServeError", "UnknownModel", "UnknownVariant"]
+
 
 class ServeError(Exception):
     """Base of the serving errors, so the HTTP layer can map them as one kind."""
@@ -23,18 +27,6 @@ class NonFiniteRows(ModelNotReady):
     as ``null`` and which no feedback can be scored against; the replica serves again as soon
     as a finite version of the row arrives.
     """
-
-
-class UnknownModel(ServeError, KeyError):
-    """A model name this node does not serve: HTTP 404."""
-
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(name)
-        self.name = name
-        self.known = known
-
-    def __str__(self) -> str:
-        return f"unknown model {self.name!r} (served: {self.known})"
 
 
 class UnknownVariant(ServeError, KeyError):

@@ -21,40 +21,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ekko.net.httpkit import guarded_by, json_response, offload, read_body
-from ekko.serve.errors import ModelNotReady, UnknownModel, UnknownVariant
+from ekko.net.httpkit import (
+    MAX_BODY_BYTES,
+    BodyRoute,
+    by_model,
+    guarded_by,
+    json_response,
+    offload,
+    read_body,
+)
+from ekko.serve.errors import ModelNotReady, UnknownVariant
 from ekko.serve.schema import MAX_BATCH, decode_feedback, decode_predict
 from ekko.serve.service import BadInput, InferenceService
 
-T = TypeVar("T")
-
-guarded = guarded_by({UnknownModel: 404, UnknownVariant: 404, ModelNotReady: 503, BadInput: 400})
-"""Serving errors as statuses: unknown model or variant 404, not synced yet 503, bad input 400."""
-
-
-def by_model(objects: Mapping[str, T], request: Request) -> T:
-    """The object for the request's ``{model}`` path parameter; 404 (``UnknownModel``) if none."""
-    name = request.path_params["model"]
-    obj = objects.get(name)
-    if obj is None:
-        raise UnknownModel(name, sorted(objects))
-    return obj
+guarded = guarded_by({UnknownVariant: 404, ModelNotReady: 503, BadInput: 400})
+"""Serving errors as statuses: unknown variant 404, not synced yet 503, bad input 400 (an
+unknown model is the toolkit's ``UnknownModel``, 404)."""
 
 
 def serve_routes(
     services: Mapping[str, InferenceService],
     *,
     max_batch: int = MAX_BATCH,
+    max_body: int = MAX_BODY_BYTES,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[Route]:
-    """Routes for every service by model name; ``clock`` is the monotonic ``now`` passed to
-    the services (the windowed metrics' time)."""
+    """Routes for every service by model name; predict and feedback take bodies up to
+    ``max_body`` bytes; ``clock`` is the monotonic ``now`` passed to the services (the
+    windowed metrics' time)."""
 
     def service(request: Request) -> InferenceService:
         return by_model(services, request)
@@ -104,7 +103,7 @@ def serve_routes(
 
     return [
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model}/predict", predict, methods=["POST"]),
-        Route("/v1/models/{model}/feedback", feedback, methods=["POST"]),
+        BodyRoute("/v1/models/{model}/predict", predict, max_body=max_body),
+        BodyRoute("/v1/models/{model}/feedback", feedback, max_body=max_body),
         Route("/v1/models/{model}/metrics", metrics, methods=["GET"]),
     ]

@@ -1,4 +1,4 @@
-"""HTTP routes and Prometheus export of the source's online trainers.
+"""HTTP routes of the source's online trainers (exported to Prometheus by ``ekko.node``).
 
 Routes::
 
@@ -11,34 +11,45 @@ Routes::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ekko.net.httpkit import offload
-from ekko.serve.errors import ModelNotReady
-from ekko.serve.metrics import model_counters
-from ekko.serve.routes import by_model, guarded, json_response, read_body
-from ekko.serve.schema import MAX_BATCH, decode_train
+from ekko.net.httpkit import (
+    MAX_BODY_BYTES,
+    BodyRoute,
+    RequestError,
+    by_model,
+    guarded_by,
+    json_response,
+    offload,
+    read_body,
+)
+from ekko.train.schema import MAX_BATCH, decode_train
 from ekko.train.service import TrainerBusy, TrainingService
 from ekko.train.streams import Events
+
+guarded = guarded_by({})
+"""Request errors (their own status: unknown model 404, not started 503, bad body 4xx)."""
 
 
 def train_routes(
     trainers: Mapping[str, TrainingService],
     pending: Callable[[str], str | None] = lambda model: None,
+    max_body: int = MAX_BODY_BYTES,
 ) -> list[Route]:
-    """Routes for every trainer by model name. ``pending(model)`` says why a model's trainer
-    is not running yet (the source recovers), answered 503 rather than 404."""
+    """Routes for every trainer by model name; a batch is at most ``max_body`` bytes.
+    ``pending(model)`` says why a model's trainer is not running yet (the source recovers),
+    answered 503 rather than 404."""
 
     def trainer(request: Request) -> TrainingService:
-        why = pending(request.path_params["model"])
+        model = request.path_params["model"]
+        why = pending(model)
         if why is not None:
-            raise ModelNotReady(f"model {request.path_params['model']}: trainer not started: {why}")
+            raise RequestError(f"model {model}: trainer not started: {why}", 503)
         return by_model(trainers, request)
 
     @guarded
@@ -76,53 +87,6 @@ def train_routes(
 
     return [
         Route("/v1/models/{model}/train/quality/reset", reset_quality, methods=["POST"]),
-        Route("/v1/models/{model}/train", submit, methods=["POST"]),
+        BodyRoute("/v1/models/{model}/train", submit, max_body=max_body),
         Route("/v1/models/{model}/train", report, methods=["GET"]),
     ]
-
-
-_COUNTERS = (
-    ("batches", "ekko_train_batches", "Batches trained"),
-    ("events", "ekko_train_events", "Events trained"),
-    ("refused", "ekko_train_refused", "Batches refused: training queue full"),
-    ("train_seconds", "ekko_train_seconds", "Seconds in training steps (publish included)"),
-    ("publish_seconds", "ekko_train_publish_seconds", "Seconds publishing rows"),
-    ("rows_published", "ekko_train_rows_published", "Embedding rows written to the store"),
-)
-
-
-def train_metrics(
-    trainers: Mapping[str, TrainingService],
-) -> Callable[[], Iterator[Metric]]:
-    """A scrape-time collector over the trainers."""
-
-    def collect() -> Iterator[Metric]:
-        stats = [t.statistics() for t in trainers.values()]
-        yield from model_counters(_COUNTERS, stats)
-        queued = GaugeMetricFamily("ekko_train_queued", "Batches waiting", labels=["model"])
-        auc = GaugeMetricFamily(
-            "ekko_train_auc", "Trainer's AUC on pre-update predictions", labels=["model"]
-        )
-        for st, svc in zip(stats, trainers.values(), strict=True):
-            queued.add_metric([st.model], float(st.queued))
-            value = svc.report()["window"]["auc"]
-            if value is not None:
-                auc.add_metric([st.model], float(value))
-        rejected = CounterMetricFamily(
-            "ekko_train_steps_rejected",
-            "Training steps undone because they would make the model non-finite",
-            labels=["model", "reason"],
-        )
-        failed = GaugeMetricFamily(
-            "ekko_train_failed", "1 when the trainer's worker thread has died", labels=["model"]
-        )
-        for st in stats:
-            for reason, n in st.rejected_steps.items():
-                rejected.add_metric([st.model, reason], float(n))
-            failed.add_metric([st.model], float(st.failed is not None))
-        yield queued
-        yield auc
-        yield rejected
-        yield failed
-
-    return collect
