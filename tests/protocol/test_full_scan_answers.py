@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from ekko.codec import CODECS, max_abs_error
 from ekko.protocol.chunk_codec import decode_chunk, row_bytes
+from ekko.protocol.chunk_collector import ROW_OVERHEAD_BYTES
 from ekko.protocol.messages import Chunk, Cursor, PullRequest, PullResponse
 from ekko.protocol.puller import PullerConfig
-from ekko.protocol.responder import ROW_OVERHEAD_BYTES, Responder, ResponderConfig
+from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.protocol.testing import Faults, SimNetwork, rows_by_key
 from ekko.store import Store, Table, shard_of
 from ekko.store.spec import LANES, TableSpec

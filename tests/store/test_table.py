@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ekko.store.index as index_mod
-import ekko.store.table as table_mod
+import ekko.store.row_arrays as row_arrays_mod
 from ekko.store import BadRowsError, ReferenceTable, Table, shard_of
 from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 
@@ -105,7 +105,7 @@ def test_table_matches_reference(ops: list[tuple], cache_capacity: int, prefault
     growth goes through next-capacity arrays prepared ahead (the size floor lifted)."""
     floor = 0 if prefault else 1 << 62
     with (
-        patch.object(table_mod, "PREFAULT_MIN_BYTES", floor),
+        patch.object(row_arrays_mod, "PREFAULT_MIN_BYTES", floor),
         patch.object(index_mod, "PREFAULT_MIN_BYTES", floor),
     ):
         _table_matches_reference(ops, cache_capacity)
@@ -285,27 +285,6 @@ def test_apply_without_change_keeps_shard_version() -> None:
     assert t.shard_version.tolist() == before.tolist()
 
 
-def test_merge_knowledge_only_moves_up() -> None:
-    t = table()
-    t.merge_knowledge(1, LOW_LANE, 7)
-    assert t.knowledge[1].tolist() == [0, 7, 0] and t.shard_version[1] == 1
-    t.merge_knowledge(1, LOW_LANE, 3)
-    assert t.knowledge[1].tolist() == [0, 7, 0] and t.shard_version[1] == 1
-    with pytest.raises(BadRowsError, match="shard"):
-        t.merge_knowledge(2, 0, 1)
-
-
-def test_growth_keeps_rows() -> None:
-    t = table(initial_rows=16, cache_capacity=8)
-    keys = np.arange(5000, dtype=np.int64) * 31
-    vals = np.repeat(keys[:, None], 4, axis=1).astype(np.float32)
-    t.write(keys[:10], vals[:10], now_ns=1)
-    t.apply(keys, vals, np.full(5000, 10**6), np.zeros(5000, dtype=np.int64), 1)
-    got, ver, found = t.lookup(keys)
-    assert found.all() and (got == vals).all() and (ver == 10**6).all()
-    assert t.statistics().capacity >= 5000
-
-
 def test_full_scan_serves_several_cursors_on_one_shard() -> None:
     t = Table(TableSpec("t", 1, 1), cache_capacity=1)
     lanes = np.array([0, 0, 0, 0, 0, 1], dtype=np.uint8)
@@ -445,43 +424,7 @@ def test_empty_batches() -> None:
     assert t.digest() == 0 and t.shard_version.tolist() == [0, 0]
 
 
-# -- vectorised knowledge merge, lane bound, growth ---------------------------------------------
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    start=st.lists(st.integers(0, 50), min_size=3 * len(LANES), max_size=3 * len(LANES)),
-    merges=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 80)), max_size=8),
-    lane=LANE,
-)
-def test_merge_knowledge_many_equals_one_at_a_time(
-    start: list[int], merges: list[tuple[int, int]], lane: int
-) -> None:
-    """Merging a chunk's shards at once gives the knowledge and shard versions that merging
-    them one by one gives (duplicates included: the highest wins, one bump per shard)."""
-    one, many = Table(SPEC), Table(SPEC)
-    for t in (one, many):
-        t.knowledge[:] = np.array(start, dtype=np.int64).reshape(3, len(LANES))
-    for s, k in merges:
-        one.merge_knowledge(s, lane, k)
-    arr = np.array(merges, dtype=np.int64).reshape(-1, 2)
-    before = many.knowledge[:, lane].copy()
-    moved = many.merge_knowledge_many(arr[:, 0], lane, arr[:, 1])
-    assert many.knowledge.tolist() == one.knowledge.tolist()
-    assert sorted(moved.tolist()) == np.flatnonzero(many.knowledge[:, lane] > before).tolist()
-    assert (many.shard_version[moved] == 1).all()
-    assert many.shard_version.sum() == len(moved)
-
-
-def test_merge_knowledge_many_refuses_bad_input() -> None:
-    t = Table(SPEC)
-    with pytest.raises(BadRowsError, match="shards"):
-        t.merge_knowledge_many(np.array([3]), HIGH_LANE, np.array([1]))
-    with pytest.raises(BadRowsError, match="lane"):
-        t.merge_knowledge_many(np.array([0]), 3, np.array([1]))
-    with pytest.raises(BadRowsError, match="knowledge"):
-        t.merge_knowledge_many(np.array([0, 1]), HIGH_LANE, np.array([1]))
-    assert t.knowledge.sum() == 0 and t.shard_version.sum() == 0
+# -- lane bound --------------------------------------------------------------------------------
 
 
 @settings(max_examples=100, deadline=None)
@@ -506,33 +449,3 @@ def test_versions_at_copies_and_checks_slots() -> None:
     assert t.versions_at(np.array([0])).tolist() == [versions[0]]
     with pytest.raises(BadRowsError, match="slots"):
         t.versions_at(np.array([2]))
-
-
-def _grow_by_writes(t: Table, keys: np.ndarray, batch: int) -> None:
-    t.max_abs = np.inf  # each row holds its key (up to 1e5), to be checked after growth
-    for lo in range(0, len(keys), batch):
-        k = keys[lo : lo + batch]
-        t.write(k, np.repeat(k[:, None], t.dim, axis=1).astype(np.float32), now_ns=1)
-
-
-def test_growth_prefaults_the_next_capacity_and_keeps_every_row(monkeypatch) -> None:
-    """A table that grows on its own prepares the next capacity a slice per write (here from
-    the first doubling on: the size floor is lifted); rows, versions and the index come
-    through every doubling intact, the same as in a table sized up front."""
-    monkeypatch.setattr(table_mod, "PREFAULT_MIN_BYTES", 0)
-    monkeypatch.setattr(index_mod, "PREFAULT_MIN_BYTES", 0)
-    keys = (np.arange(6000, dtype=np.int64) * 7919) % 100_003
-    grown = Table(TableSpec("t", 4, 3), initial_rows=16, cache_capacity=64)
-    prepared = []
-    for lo in range(0, len(keys), 50):
-        _grow_by_writes(grown, keys[lo : lo + 50], 50)
-        prepared.append(grown._next is not None)
-    assert any(prepared)  # the next capacity was being faulted in ahead of need
-    sized = Table(TableSpec("t", 4, 3), initial_rows=16, cache_capacity=64)
-    sized.reserve(len(keys))
-    _grow_by_writes(sized, keys, 50)
-    assert sized._next is None  # reserved: no next capacity prepared
-    assert grown.digest() == sized.digest() and grown.rows == len(keys)
-    got, ver, found = grown.lookup(keys)
-    assert found.all() and (got[:, 0] == keys).all()
-    assert (ver == sized.lookup(keys)[1]).all()

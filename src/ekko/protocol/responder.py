@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ekko.protocol.chunk_codec import check_codec, encode_chunk, row_bytes
+from ekko.protocol.chunk_codec import check_codec
+from ekko.protocol.chunk_collector import ChunkCollector, vouched
 from ekko.protocol.messages import (
     DRAIN_ORDER,
     Catalog,
@@ -30,13 +31,10 @@ from ekko.schedule.pacing import LinkPacer
 from ekko.store import Store, Table, UnknownTableError
 from ekko.store.spec import LANES
 
-ROW_OVERHEAD_BYTES = 24  # key + version + wtime
 HOLDS_QUIET_S = 1.0
 """An empty answer says what the responder holds (a few KB) only once the session has had no
 rows for this long: a session that gets rows sees any gap in their bases, and on a paced link
 those KB would crowd out the rows."""
-_MEMO_ENTRIES = 8
-_MEMO_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -105,14 +103,7 @@ class Responder:
         self._sessions: dict[SessionId, _Session] = {}
         self._pulls = self._parked_total = self._expired = 0
         self._rows_sent = self._bytes_sent = 0
-        # Sessions in step (every DC leader parked on the source's latest write) ask for the
-        # same range at the same store state: answer it once and hand all of them the same
-        # Chunk object (the framing layer then encodes it once too). Keyed by the range, the
-        # budget and the shards' versions, which move with every change to a shard's rows or
-        # knowledge, so a hit is exactly what collecting again would give.
-        self._memo: dict[tuple, tuple[Table, Chunk | None, Chunk | None, bool]] = {}
-        self._memo_bytes = 0
-        self._memo_hits = 0
+        self._chunks = ChunkCollector(store, use_cache=self.config.use_cache)
         self._lineage = store.lineage
 
     # -- inputs -------------------------------------------------------------------------
@@ -242,8 +233,7 @@ class Responder:
             self._lineage = self.store.lineage
             for sess in self._sessions.values():
                 sess.forget()
-            self._memo.clear()
-            self._memo_bytes = 0
+            self._chunks.forget()
 
     def close_session(self, session: SessionId) -> None:
         self._sessions.pop(session, None)
@@ -264,7 +254,7 @@ class Responder:
             rows_sent=self._rows_sent,
             bytes_sent=self._bytes_sent,
             sessions=len(self._sessions),
-            shared_chunks=self._memo_hits,
+            shared_chunks=self._chunks.hits,
         )
 
     # -- internals ----------------------------------------------------------------------
@@ -373,7 +363,7 @@ class Responder:
                     continue
                 if more:
                     continue
-                chunk, wire, truncated = self._collect(
+                chunk, wire, truncated = self._chunks.collect(
                     table, lane, lane_shards, sent, budget, not chunks, sess.codec, absorb
                 )
                 if truncated:
@@ -426,144 +416,7 @@ class Responder:
         sent, seen = sess.state_for(table)
         if self.config.use_shard_version:
             moved = table.shard_version != seen
-            wanted = moved[:, None] & (_vouched(table, sess.absorb) > sent)
+            wanted = moved[:, None] & (vouched(table, sess.absorb) > sent)
         else:
             wanted = np.ones_like(sent, dtype=bool)
         return table, [np.flatnonzero(wanted[:, lane]) for lane in LANES], sent, seen
-
-    def _collect(
-        self,
-        table: Table,
-        lane: int,
-        shards: np.ndarray,
-        sent: np.ndarray,
-        budget: int,
-        first: bool,
-        codec: str | None,
-        absorb: bool = False,
-    ) -> tuple[Chunk | None, Chunk | None, bool]:
-        """(the chunk, its wire form under ``codec``, whether the budget truncated it)."""
-        bases = sent[shards, lane]  # fancy index: a copy
-        max_rows = budget // row_bytes(codec, table.dim, ROW_OVERHEAD_BYTES)
-        key = (
-            table.name, lane, max_rows, first, codec, shards.tobytes(), bases.tobytes(),
-            table.shard_version[shards].tobytes(), absorb,
-        )  # fmt: skip
-        hit = self._memo.get(key)
-        if hit is not None and hit[0] is table:
-            self._memo_hits += 1
-            return hit[1], hit[2], hit[3]
-        chunk, truncated = self._collect_rows(table, lane, shards, bases, max_rows, first, absorb)
-        wire = encode_chunk(chunk, codec) if chunk is not None and codec is not None else chunk
-        self._remember(key, (table, chunk, wire, truncated))
-        return chunk, wire, truncated
-
-    def _remember(self, key: tuple, entry: tuple[Table, Chunk | None, Chunk | None, bool]) -> None:
-        size = entry[1].nbytes if entry[1] is not None else 0
-        if size > _MEMO_BYTES:
-            return
-        memo = self._memo
-        while memo and (len(memo) >= _MEMO_ENTRIES or self._memo_bytes + size > _MEMO_BYTES):
-            old = memo.pop(next(iter(memo)))  # oldest first (dicts keep insertion order)
-            self._memo_bytes -= old[1].nbytes if old[1] is not None else 0
-        memo[key] = entry
-        self._memo_bytes += size
-
-    def _collect_rows(
-        self,
-        table: Table,
-        lane: int,
-        shards: np.ndarray,
-        bases: np.ndarray,
-        max_rows: int,
-        first: bool,
-        absorb: bool = False,
-    ) -> tuple[Chunk | None, bool]:
-        have = _vouched(table, absorb)[shards, lane]  # fancy index: a copy
-        collected = table.collect(
-            shards, np.full(shards.size, lane, np.int64), bases, use_cache=self.config.use_cache
-        )
-        # Budget and filters work on slots and versions; only the rows that go out are
-        # gathered. (Gathering first cost a catch-up pull a copy of every row it did not
-        # send, and the truncated chunk's views pinned those copies while it waited to be
-        # sent: gigabytes at a source serving three replicas a 1 M-row table.)
-        slots = collected.slots
-        if slots.size == 0:  # knowledge only (e.g. a lane nobody writes): no row gathering
-            knowledge = np.maximum(have, bases)
-            moved = knowledge > bases
-            if not moved.any():
-                return None, False
-            empty = np.zeros(0, np.int64)
-            chunk = Chunk(
-                table=table.name, lane=lane, shards=shards[moved].astype(np.int64),
-                bases=bases[moved], knowledge=knowledge[moved],
-                counts=np.zeros(int(moved.sum()), np.int64), keys=empty,
-                values=np.zeros((0, table.dim), np.float32), versions=empty, wtimes=empty,
-                origin=self.store.origin,
-            )  # fmt: skip
-            return chunk, False
-        versions = table.versions_at(slots)
-        counts = np.diff(collected.offsets)
-        # A relay may hold rows above its own knowledge (a transfer still in progress); it
-        # passes on only what its knowledge vouches for.
-        keep = versions <= np.repeat(have, counts)
-        if not keep.all():
-            seg = np.repeat(np.arange(shards.size), counts)
-            counts = np.bincount(seg[keep], minlength=shards.size).astype(np.int64)
-            slots, versions = slots[keep], versions[keep]
-        knowledge = np.maximum(have, bases)
-        truncated = False
-        if len(slots) > max_rows:
-            max_rows = max(max_rows, 1 if first else 0)
-            truncated = True
-            ends = np.cumsum(counts)
-            cut = int(np.searchsorted(ends, max_rows, side="left"))  # shard holding the cut
-            if max_rows == 0:
-                return None, True
-            starts = ends - counts
-            taken = max_rows - int(starts[cut])
-            # Shards before ``cut`` go whole; shard ``cut`` goes up to its last sent row.
-            last = int(starts[cut]) + taken - 1
-            if taken > 0:
-                knowledge[cut] = versions[last]
-                counts = counts[: cut + 1].copy()
-                counts[cut] = taken
-                m = cut + 1
-            else:
-                counts = counts[:cut]
-                m = cut
-            shards, bases, knowledge = shards[:m], bases[:m], knowledge[:m]
-            slots, versions = slots[:max_rows], versions[:max_rows]
-        moved = (knowledge > bases) | (counts > 0)
-        if not moved.any():
-            return None, truncated
-        if not moved.all():
-            keep_rows = np.repeat(moved, counts)
-            shards, bases, knowledge, counts = (
-                shards[moved],
-                bases[moved],
-                knowledge[moved],
-                counts[moved],
-            )
-            slots, versions = slots[keep_rows], versions[keep_rows]
-        keys, values, versions, wtimes, _lanes = table.rows_at(slots)  # fresh, not views
-        chunk = Chunk(
-            table=table.name,
-            lane=lane,
-            shards=shards.astype(np.int64),
-            bases=bases,
-            knowledge=knowledge,
-            counts=counts.astype(np.int64),
-            keys=keys,
-            values=values,
-            versions=versions,
-            wtimes=wtimes,
-            origin=self.store.origin,
-        )
-        return chunk, truncated
-
-
-def _vouched(table: Table, absorb: bool) -> np.ndarray:
-    """What a session may be sent up to, per (shard, lane): the table's knowledge, or for a
-    recovering source every version the lane ever stored (``lane_top``)."""
-    return np.maximum(table.knowledge, table.lane_top) if absorb else table.knowledge

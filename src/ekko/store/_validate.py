@@ -116,3 +116,24 @@ def check_scalar_index(value: int, bound: int, name: str) -> int:
     if not isinstance(value, (int, np.integer)) or not 0 <= int(value) < bound:
         raise BadRowsError(f"{name} must be an int in [0, {bound}), got {value!r}")
     return int(value)
+
+
+def check_rows(
+    keys: np.ndarray,
+    values: np.ndarray,
+    versions: np.ndarray,
+    wtimes: np.ndarray,
+    lanes: np.ndarray | int,
+    dim: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows as they are applied, replayed or restored: (keys, values, versions, wtimes,
+    lanes), each checked against the keys' count."""
+    k = check_keys(keys)
+    n = k.shape[0]
+    return (
+        k,
+        check_values(values, n, dim),
+        check_versions(versions, n),
+        check_int64(wtimes, n, "wtimes"),
+        check_lanes(lanes, n),
+    )

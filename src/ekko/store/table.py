@@ -16,13 +16,15 @@ from ekko.store._validate import (
     check_int64,
     check_keys,
     check_lanes,
+    check_rows,
     check_scalar_index,
     check_values,
-    check_versions,
     check_write_values,
 )
 from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, shard_of
+from ekko.store.knowledge import after_origin_write, complete_to, merge_many
+from ekko.store.row_arrays import RowArrays, check_slots
 from ekko.store.spec import HIGH_LANE, LANES, TableSpec
 
 NUM_LANES = len(LANES)
@@ -63,29 +65,6 @@ class TableStats:
     rows_applied: int
 
 
-PREFAULT_MIN_BYTES = 4 << 20
-"""Below this size the next capacity's arrays are simply allocated when needed."""
-
-
-def _grown(
-    arr: np.ndarray, used: int, cap: int, *, touch: bool, into: np.ndarray | None = None
-) -> np.ndarray:
-    """``arr``'s first ``used`` rows copied into a zeroed array of ``cap`` rows: ``into`` (the
-    already faulted-in array ``Table._prefault`` prepared) or a fresh one.
-
-    Page faults on this VM are expensive and erratic (first touch of 16 MiB measured 7 to
-    110 ms), and every node of a cluster grows at the same moment — replicas hold the same
-    rows as the source — so a doubling that faults everything at once stalled every event
-    loop together: the largest p99 spikes of ``ekko bench latency``. ``touch=True``
-    (``reserve``) still faults every page in now, so hot kernels take none later; on the
-    write/apply path rows beyond ``used`` are left to calloc's lazy zero pages."""
-    out = into if into is not None else np.zeros((cap, *arr.shape[1:]), dtype=arr.dtype)
-    out[:used] = arr[:used]
-    if touch:
-        out[used:] = 0
-    return out
-
-
 class Table:
     """A table's rows and sync state, because sync needs more than a key→value map: each row's
     version, origin write time and lane, and per shard a counter, knowledge, a shard version
@@ -114,19 +93,7 @@ class Table:
         self.max_abs = DEFAULT_MAX_ABS
         cap = max(int(initial_rows), 16)
         self._index = KeyIndex(cap)
-        self._cap = cap
-        self._keys = np.zeros(cap, dtype=np.int64)
-        self._values = np.zeros((cap, spec.dim), dtype=np.float32)
-        self._ver = np.zeros(cap, dtype=np.int64)
-        self._wtime = np.zeros(cap, dtype=np.int64)
-        self._lane = np.zeros(cap, dtype=np.uint8)
-        self._shard = np.zeros(cap, dtype=np.int32)
-        for a in (self._keys, self._values, self._ver, self._wtime, self._lane, self._shard):
-            a.fill(0)  # pre-touch
-        self._row_bytes = sum(a.itemsize * (a.size // cap) for a in self._table_args())
-        self._next: tuple[np.ndarray, ...] | None = None  # see _prefault
-        self._next_done = 0
-        self._growing = False  # grew on the write/apply path: expect to grow again
+        self._rows = RowArrays(cap, spec.dim)
         ns = spec.num_shards
         self.counter = np.zeros(ns, dtype=np.int64)
         self.shard_version = np.zeros(ns, dtype=np.int64)
@@ -172,7 +139,7 @@ class Table:
 
     @property
     def capacity(self) -> int:
-        return self._cap
+        return self._rows.cap
 
     @property
     def cache_capacity(self) -> int:
@@ -181,53 +148,7 @@ class Table:
     def reserve(self, rows: int) -> None:
         """Grow row arrays and index now so ``rows`` rows fit without growing later."""
         self._index.reserve(rows)
-        self._grow_to(rows, touch=True)
-        self._growing = False  # sized on purpose: no next capacity to prepare
-        self._next = None
-
-    def _grow_to(self, needed: int, *, touch: bool = False) -> None:
-        if needed <= self._cap:
-            return
-        cap = self._cap
-        while cap < needed:
-            cap *= 2
-        used = min(self.rows, self._cap)  # rows past the old capacity are new (still zero)
-        nxt, self._next = self._next, None
-        into = nxt if nxt is not None and nxt[0].shape[0] == cap else (None,) * 6
-        self._keys = _grown(self._keys, used, cap, touch=touch, into=into[0])
-        self._values = _grown(self._values, used, cap, touch=touch, into=into[1])
-        self._ver = _grown(self._ver, used, cap, touch=touch, into=into[2])
-        self._wtime = _grown(self._wtime, used, cap, touch=touch, into=into[3])
-        self._lane = _grown(self._lane, used, cap, touch=touch, into=into[4])
-        self._shard = _grown(self._shard, used, cap, touch=touch, into=into[5])
-        self._cap = cap
-        self._growing = not touch
-
-    def _prefault(self) -> None:
-        """Fault in the next capacity's arrays a slice per call, from half full on, so the
-        doubling finds them ready and only copies (no page faults in one burst).
-
-        The slices keep pace with the rows: the next arrays are fully faulted in when the
-        table is 7/8 full, about 5 rows of the next arrays per new row. Costs memory early
-        (the next capacity is resident before it is needed) for a flat write latency, so
-        only a table that already grew on its own does it; one sized up front by
-        ``initial_rows`` or ``reserve`` is expected to stay within that size."""
-        cap = self._cap
-        half = cap // 2
-        rows = self.rows
-        if not self._growing or rows <= half or 2 * cap * self._row_bytes < PREFAULT_MIN_BYTES:
-            return
-        nxt = self._next
-        if nxt is None:
-            nxt = self._next = tuple(
-                np.zeros((2 * cap, *a.shape[1:]), dtype=a.dtype) for a in self._table_args()
-            )
-            self._next_done = 0
-        target = min(2 * cap, -(-2 * cap * (rows - half) // max(1, cap * 3 // 8)))
-        if target > self._next_done:
-            for a in nxt:
-                a[self._next_done : target] = 0  # zero pages already; the write faults them in
-            self._next_done = target
+        self._rows.reserve(rows, self.rows)
 
     def _scratch_for(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Four reusable int64[n] buffers (already paged in, so hot calls take no faults)."""
@@ -242,9 +163,9 @@ class Table:
         first_new = self.rows
         slots = self._index.insert(keys, out=out)
         # New slots are [first_new, rows); they hold version 0 until a kernel stores them.
-        self._grow_to(self.rows)
+        self._rows.grow_to(self.rows, first_new)
         if self.rows > first_new:
-            self._prefault()
+            self._rows.prefault(self.rows)
         return slots, first_new
 
     def _ring_args(self) -> tuple[np.ndarray, ...]:
@@ -256,9 +177,6 @@ class Table:
             self.dvv,
             self._ring_order,
         )
-
-    def _table_args(self) -> tuple[np.ndarray, ...]:
-        return self._keys, self._values, self._ver, self._wtime, self._lane, self._shard
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -285,37 +203,18 @@ class Table:
         touched = np.zeros(self.num_shards, dtype=np.bool_)
         K.write_rows(
             slots, np.int64(first_new), k, v, ln, np.int64(now_ns), np.int64(self.num_shards),
-            *self._table_args(), self.counter, touched, self.lane_top, *self._ring_args(),
+            *self._rows.columns(), self.counter, touched, self.lane_top, *self._ring_args(),
             sc_shard, out,
         )  # fmt: skip
         self.shard_version[touched] += 1
-        self._origin_knowledge(touched, self.counter, slots[:n], ln, replay=False)
+        after_origin_write(
+            self.knowledge, touched, self.counter, lambda: self._rows.shards[slots[:n]], ln,
+            replay=False,
+        )  # fmt: skip
         self._rows_written += n
         if self.on_write is not None:
             self.on_write(self, k, v, out, int(now_ns), ln)
         return out
-
-    def _origin_knowledge(
-        self,
-        touched: np.ndarray,
-        top: np.ndarray,
-        slots: np.ndarray,
-        ln: np.ndarray,
-        *,
-        replay: bool,
-    ) -> None:
-        """The origin holds everything it wrote: in each lane it wrote to, up to ``top`` (the
-        shard's counter after the write). A lane it did not write keeps its knowledge, so
-        pulls carry no knowledge-only chunk for a lane with nothing new. A replay only
-        raises knowledge, so replaying an older record again changes nothing."""
-        lanes = [int(ln[0])] if (ln == ln[0]).all() else np.unique(ln).tolist()
-        shards = None if len(lanes) == 1 else self._shard[slots]
-        for lane in lanes:
-            s = touched if shards is None else np.unique(shards[ln == lane])
-            new = top[s]
-            if replay:
-                new = np.maximum(self.knowledge[s, lane], new)
-            self.knowledge[s, lane] = new
 
     def replay(
         self,
@@ -328,16 +227,14 @@ class Table:
         """Redo a logged source write at its origin: the rows with their logged versions, and
         the origin's knowledge as ``write`` left it. Idempotent, like ``apply``."""
         applied = self.apply(keys, values, versions, wtimes, lanes)
-        k = check_keys(keys)
+        k, _, ver, _, ln = check_rows(keys, values, versions, wtimes, lanes, self.dim)
         if k.shape[0]:
             shards = shard_of(k, self.num_shards)
             touched = np.zeros(self.num_shards, dtype=np.bool_)
             touched[shards] = True
             top = np.zeros(self.num_shards, dtype=np.int64)  # the counter right after it
-            np.maximum.at(top, shards, check_versions(versions, k.shape[0]))
-            slots = self._index.lookup(k, out=np.empty(k.shape[0], dtype=np.int64))
-            ln = check_lanes(lanes, k.shape[0])
-            self._origin_knowledge(touched, top, slots, ln, replay=True)
+            np.maximum.at(top, shards, ver)
+            after_origin_write(self.knowledge, touched, top, lambda: shards, ln, replay=True)
             self.shard_version[touched] += 1
         return applied
 
@@ -351,12 +248,8 @@ class Table:
     ) -> int:
         """Replica apply, last-version-wins: a row is stored only if its version beats the
         stored one, so applying is idempotent and order-insensitive. Returns rows stored."""
-        k = check_keys(keys)
+        k, v, ver, wt, ln = check_rows(keys, values, versions, wtimes, lanes, self.dim)
         n = k.shape[0]
-        v = check_values(values, n, self.dim)
-        ver = check_versions(versions, n)
-        wt = check_int64(wtimes, n, "wtimes")
-        ln = check_lanes(lanes, n)
         if n == 0:
             return 0
         sc_slot, sc_shard, sc_aslot, sc_aver = self._scratch_for(n)
@@ -365,7 +258,7 @@ class Table:
         applied = int(
             K.apply_rows(
                 slots, np.int64(first_new), k, v, ver, wt, ln, np.int64(self.num_shards),
-                *self._table_args(), self.counter, touched, self.lane_top, *self._ring_args(),
+                *self._rows.columns(), self.counter, touched, self.lane_top, *self._ring_args(),
                 sc_shard, sc_aslot, sc_aver,
             )
         )  # fmt: skip
@@ -388,34 +281,12 @@ class Table:
         a Python call per shard). A shard listed twice takes the higher value. Returns the
         shards whose knowledge moved (their shard version was bumped once each)."""
         ln = check_scalar_index(lane, NUM_LANES, "lane")
-        s = np.asarray(shards)
-        if s.ndim != 1:
-            raise BadRowsError(f"shards must be 1-D, got shape {s.shape}")
-        s = check_int64(s, s.shape[0], "shards")
-        k = check_int64(knowledge, s.shape[0], "knowledge")
-        if s.shape[0] and (int(s.min()) < 0 or int(s.max()) >= self.num_shards):
-            raise BadRowsError(
-                f"shards must be in [0, {self.num_shards}), got [{s.min()}, {s.max()}]"
-            )
-        col = self.knowledge[:, ln]  # a view: updated in place
-        up = k > col[s]
-        if not up.any():
-            return s[:0]
-        s, k = s[up], k[up]
-        if s.shape[0] > 1 and not (s[1:] > s[:-1]).all():  # not strictly increasing
-            np.maximum.at(col, s, k)  # duplicates: the highest wins
-            s = np.unique(s)
-        else:
-            col[s] = k
-        self.shard_version[s] += 1
-        return s
+        return merge_many(self.knowledge, self.shard_version, shards, ln, knowledge)
 
     def complete_origin(self) -> None:
         """At a source that recovered: it holds every row of every version up to its
         counters (what it lacks was superseded, or never reached anyone), in every lane."""
-        before = self.knowledge.copy()
-        np.maximum(self.knowledge, self.counter[:, None], out=self.knowledge)
-        self.shard_version[(self.knowledge != before).any(axis=1)] += 1
+        complete_to(self.knowledge, self.counter, self.shard_version)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -428,7 +299,7 @@ class Table:
         values = np.empty((n, self.dim), dtype=np.float32)
         versions = np.empty(n, dtype=np.int64)
         found = np.empty(n, dtype=np.bool_)
-        K.gather_rows(slots, self._values, self._ver, values, versions, found)
+        K.gather_rows(slots, self._rows.values, self._rows.versions, values, versions, found)
         return values, versions, found
 
     def collect(
@@ -460,7 +331,8 @@ class Table:
                 slots=np.zeros(0, np.int64), offsets=np.zeros(m + 1, np.int64), full_scan=~cached
             )
         slots, offsets = collect_rows(
-            s, ln, a, cached, np.int64(self.rows), self._ver, self._lane, self._shard,
+            s, ln, a, cached, np.int64(self.rows), self._rows.versions, self._rows.lanes,
+            self._rows.shards,
             self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self._ring_order,
             np.int64(self.num_shards), np.int64(NUM_LANES),
         )  # fmt: skip
@@ -470,34 +342,16 @@ class Table:
         self, slots: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of (keys, values, versions, wtimes, lanes) at ``slots``."""
-        sl = self._check_slots(slots)
-        return (
-            self._keys[sl],
-            self._values[sl],
-            self._ver[sl],
-            self._wtime[sl],
-            self._lane[sl],
-        )
+        return self._rows.rows_at(slots, self.rows)
 
     def versions_at(self, slots: np.ndarray) -> np.ndarray:
         """Copy of the versions at ``slots`` (what a responder filters and budgets on before
         it gathers the rows it sends)."""
-        sl = self._check_slots(slots)
-        return self._ver[sl]
-
-    def _check_slots(self, slots: np.ndarray) -> np.ndarray:
-        sl = np.asarray(slots)
-        if sl.ndim != 1:
-            raise BadRowsError(f"slots must be 1-D, got shape {sl.shape}")
-        sl = check_int64(sl, sl.shape[0], "slots")
-        if sl.shape[0] and (int(sl.min()) < 0 or int(sl.max()) >= self.rows):
-            raise BadRowsError(f"slots must be in [0, {self.rows}), got [{sl.min()}, {sl.max()}]")
-        return sl
+        return self._rows.versions[check_slots(slots, self.rows)]
 
     def all_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Views (not copies) of every row's (keys, values, versions, wtimes, lanes)."""
-        n = self.rows
-        return self._keys[:n], self._values[:n], self._ver[:n], self._wtime[:n], self._lane[:n]
+        return self._rows.view(self.rows)
 
     def cache_entries(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(slots, versions) in the shard's update cache, oldest first (copies)."""
@@ -510,14 +364,13 @@ class Table:
 
     def digest(self) -> int:
         """Order-independent 64-bit hash of every row's (key, version, value bits)."""
-        n = self.rows
-        words = self._values[:n].view(np.uint32)
-        return int(K.digest_rows(self._keys[:n], self._ver[:n], words))
+        keys, values, versions, _, _ = self._rows.view(self.rows)
+        return int(K.digest_rows(keys, versions, values.view(np.uint32)))
 
     def statistics(self) -> TableStats:
         return TableStats(
             rows=self.rows,
-            capacity=self._cap,
+            capacity=self._rows.cap,
             cache_hits=self._cache_hits,
             full_scans=self._full_scans,
             rows_written=self._rows_written,
@@ -542,12 +395,8 @@ class Table:
         is set to the shard's highest version: cursors below it take the full-scan path."""
         if self.rows:
             raise BadRowsError(f"table {self.name!r}: restore_rows needs an empty table")
-        k = check_keys(keys)
+        k, v, ver, wt, ln = check_rows(keys, values, versions, wtimes, lanes, self.dim)
         n = k.shape[0]
-        v = check_values(values, n, self.dim)
-        ver = check_versions(versions, n)
-        wt = check_int64(wtimes, n, "wtimes")
-        ln = check_lanes(lanes, n)
         ns = self.num_shards
         cnt = check_int64(counter, ns, "counter")
         sv = check_int64(shard_version, ns, "shard_version")
@@ -569,13 +418,9 @@ class Table:
         if len(index) != n:
             raise BadRowsError(f"table {self.name!r}: duplicate keys in restored rows")
         self._index = index
-        self._grow_to(n)
-        self._keys[slots] = k
-        self._values[slots] = v
-        self._ver[slots] = ver
-        self._wtime[slots] = wt
-        self._lane[slots] = ln
-        self._shard[slots] = shards
+        self._rows.grow_to(n, 0)
+        for column, rows in zip(self._rows.columns(), (k, v, ver, wt, ln, shards), strict=True):
+            column[slots] = rows
         self.counter[:] = cnt
         self.lane_top[:] = 0
         np.maximum.at(self.lane_top, (shards, ln.astype(np.int64)), ver)
