@@ -36,8 +36,10 @@ async def server() -> AsyncIterator[tuple[EmbeddedServer, int, Starlette]]:
     srv = http_server(app, header_timeout_s=HEAD_S, idle_timeout_s=IDLE_S, max_connections=3)
     sock = socket.create_server(("127.0.0.1", 0))
     task = asyncio.create_task(srv.serve(sockets=[sock]))
+    deadline = time.monotonic() + 10
     while not srv.started:
-        await asyncio.sleep(0.01)
+        assert time.monotonic() < deadline, "the server never started"
+        await asyncio.sleep(0.01)  # uvicorn sets a flag, no event; bounded by the deadline
     yield srv, sock.getsockname()[1], app
     srv.should_exit = True
     await task

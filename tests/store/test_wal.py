@@ -64,10 +64,11 @@ def test_group_commit_one_fsync_per_window(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_wait_durable_returns_only_after_fsync(tmp_path: Path, monkeypatch) -> None:
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
     real = wal_mod.os.fsync
 
     def slow_fsync(fd: int) -> None:
+        entered.set()
         release.wait(10)
         real(fd)
 
@@ -77,9 +78,11 @@ def test_wait_durable_returns_only_after_fsync(tmp_path: Path, monkeypatch) -> N
     async def main() -> None:
         seq = log.append(b"row")
         waiter = asyncio.ensure_future(log.wait_durable(seq))
-        await asyncio.sleep(0)
-        done, _ = await asyncio.wait([waiter], timeout=0.3)
-        assert not done, "acknowledged before the fsync returned"
+        # The log's thread is inside the fsync (it waits for us): nothing can be durable yet,
+        # whatever the timing; anything the loop has to run for the waiter runs meanwhile.
+        assert await asyncio.to_thread(entered.wait, 10)
+        await asyncio.wait([waiter], timeout=0)
+        assert not waiter.done(), "acknowledged before the fsync returned"
         assert log.durable_seq < seq
         release.set()
         await asyncio.wait_for(waiter, 10)
