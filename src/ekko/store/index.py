@@ -23,6 +23,15 @@ def _bucket(key: np.int64, mask: np.uint64) -> np.intp:
     return np.intp(splitmix64(np.uint64(key)) & mask)
 
 
+@njit(inline="always")
+def _probe(table: np.ndarray, mask: np.uint64, key: np.int64) -> np.intp:
+    """The bucket holding ``key``, or the empty bucket where it would go (linear probing)."""
+    h = _bucket(key, mask)
+    while table[2 * h + 1] != _EMPTY and table[2 * h] != key:
+        h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+    return h
+
+
 @njit(cache=True, nogil=True)
 def _lookup_kernel(table: np.ndarray, mask: np.uint64, keys: np.ndarray, out: np.ndarray) -> None:
     # table is flat [2 * cap]: table[2h] = key, table[2h + 1] = slot (-1 when empty).
@@ -30,17 +39,7 @@ def _lookup_kernel(table: np.ndarray, mask: np.uint64, keys: np.ndarray, out: np
     for i in range(n):
         if i + PREFETCH_DISTANCE < n:
             prefetch(table, 2 * _bucket(keys[i + PREFETCH_DISTANCE], mask))
-        k = keys[i]
-        h = _bucket(k, mask)
-        while True:
-            s = table[2 * h + 1]
-            if s == _EMPTY:
-                out[i] = -1
-                break
-            if table[2 * h] == k:
-                out[i] = s
-                break
-            h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+        out[i] = table[2 * _probe(table, mask, keys[i]) + 1]  # -1 (_EMPTY): absent
 
 
 @njit(cache=True, nogil=True)
@@ -59,21 +58,16 @@ def _insert_kernel(
         if i + PREFETCH_DISTANCE < n:
             prefetch(table, 2 * _bucket(keys[i + PREFETCH_DISTANCE], mask))
         k = keys[i]
-        h = _bucket(k, mask)
-        while True:
-            s = table[2 * h + 1]
-            if s == _EMPTY:
-                if size >= limit:
-                    return i, size
-                table[2 * h] = k
-                table[2 * h + 1] = size
-                out[i] = size
-                size += 1
-                break
-            if table[2 * h] == k:
-                out[i] = s
-                break
-            h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+        h = _probe(table, mask, k)
+        s = table[2 * h + 1]
+        if s == _EMPTY:
+            if size >= limit:
+                return i, size
+            table[2 * h] = k
+            table[2 * h + 1] = size
+            s = size
+            size += 1
+        out[i] = s
     return n, size
 
 
@@ -85,9 +79,7 @@ def _rehash_kernel(old: np.ndarray, new: np.ndarray, mask: np.uint64) -> None:
         if s == _EMPTY:
             continue
         k = old[2 * j]
-        h = _bucket(k, mask)
-        while new[2 * h + 1] != _EMPTY:
-            h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+        h = _probe(new, mask, k)  # keys are unique: this is an empty bucket
         new[2 * h] = k
         new[2 * h + 1] = s
 
