@@ -24,7 +24,9 @@ DIM = 4
 
 
 def _replica(probation: int = 3, warmup: int = 5) -> ReplicaGuard:
-    svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))
+    svc = InferenceService(
+        Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100).served()
+    )
     return ReplicaGuard.build(
         "r1", svc, LaggedStore(1.0), DetectorConfig(warmup_intervals=warmup, min_samples=100),
         probation, None, lambda p, b: None, 0.3, 0.02,

@@ -182,7 +182,9 @@ def test_a_redirect_overtaken_by_its_rollback_is_ignored():
     from ekko.node.config import ModelConfig
     from ekko.serve import InferenceService
 
-    svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))
+    svc = InferenceService(
+        Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100).served()
+    )
     sent: list = []
     guard = ReplicaGuard.build(
         "r1",
@@ -210,7 +212,9 @@ def test_gate_acts_only_on_an_online_model_worse_than_the_baseline_twice():
     from ekko.quality.windowed import QualitySnapshot
     from ekko.serve import InferenceService
 
-    svc = InferenceService(Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100))
+    svc = InferenceService(
+        Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100).served()
+    )
     guard = ReplicaGuard.build(
         "r1", svc, LaggedStore(1.0), DetectorConfig(), 3, None, lambda p, b: None, 0.3
     )

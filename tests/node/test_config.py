@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ekko.node.config import ClusterConfig, ConfigError, load_config
+from ekko.node.config import ClusterConfig, ConfigError, SchedulerSection, load_config
 from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.schedule import SchedulerConfig
 
 
 def _doc(**kw):
@@ -54,6 +55,15 @@ def test_relay_tree_pulls_from_other_dc_leader():
         (lambda d: d["sync"].update(windw=3), "windw"),
         (lambda d: d["sync"].update(wan_codec="int3"), "sync.wan_codec"),
         (lambda d: d.update(scheduler={"percentile": 1.5}), "scheduler.percentile"),
+        (
+            lambda d: d.update(scheduler={"max_staleness_s": float("inf")}),
+            "scheduler.max_staleness_s",
+        ),
+        (
+            lambda d: d.update(scheduler={"significance_scope": "dc"}),
+            "scheduler.significance_scope",
+        ),
+        (lambda d: d.update(scheduler={"release_lane": 7}), "scheduler.release_lane"),
         (
             lambda d: (
                 d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(upstream_dc="dc1")
@@ -103,6 +113,29 @@ def test_codec_per_link_kind_and_scheduler_from_config():
     sched = cfg.scheduler.scheduler()
     assert sched is not None and sched.config.percentile == 0.9
     assert ClusterConfig.model_validate(_doc()).scheduler.scheduler() is None
+
+
+def test_the_scheduler_section_is_the_schedulers_own_config_checked_once():
+    """``[scheduler]`` validates into ``SchedulerConfig`` itself: ``build`` hands it over as
+    it is (no copy to check again), with every field the library has."""
+    doc = _doc()
+    doc["scheduler"] = {"enabled": True, "percentile": 0.75, "defer": True, "seed": 3}
+    section = ClusterConfig.model_validate(doc).scheduler
+    built = section.build()
+    assert isinstance(built, SchedulerConfig) and built is section
+    assert (built.percentile, built.defer, built.seed) == (0.75, True, 3)
+    assert SchedulerConfig().enabled and not SchedulerSection().enabled  # off unless asked
+    assert SchedulerSection().build() is None
+
+
+def test_a_served_model_gets_the_shape_share_and_listing_of_its_config():
+    cfg = ClusterConfig.model_validate(
+        _doc() | {"models": [{"name": "ctr", "baseline_share": 0.01}]}
+    )
+    served = cfg.models[0].served()
+    assert served.name == "ctr" and served.baseline_share == 0.01
+    assert served.dlrm == cfg.models[0].dlrm()
+    assert served.listing == cfg.models[0].model_dump()  # what GET /v1/models showed before
 
 
 def test_several_models_get_tables_of_their_own():

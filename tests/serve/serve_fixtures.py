@@ -55,7 +55,7 @@ def train(steps: int = 4, *, snapshot: bool = True, batch: int = 128) -> Trained
 
 
 def service(store: Store, **kwargs: object) -> InferenceService:
-    return InferenceService(store, SMALL_MODEL, **kwargs)  # type: ignore[arg-type]
+    return InferenceService(store, SMALL_MODEL.served(), **kwargs)  # type: ignore[arg-type]
 
 
 def random_events(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

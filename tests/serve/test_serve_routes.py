@@ -31,7 +31,7 @@ def asgi_client(app: Starlette) -> httpx.AsyncClient:
 
 @pytest.fixture
 async def client(trained_store: Store) -> AsyncIterator[httpx.AsyncClient]:
-    services = build_services(trained_store, [SMALL_MODEL])
+    services = build_services(trained_store, [SMALL_MODEL.served()])
     async with asgi_client(bounded_app(serve_routes(services, max_batch=MAX_BATCH))) as c:
         yield c
 
@@ -252,7 +252,7 @@ async def test_oversized_body_is_413_before_reading(client: httpx.AsyncClient) -
 
 
 async def test_a_body_without_a_length_is_cut_at_the_routes_limit(trained_store: Store) -> None:
-    services = build_services(trained_store, [SMALL_MODEL])
+    services = build_services(trained_store, [SMALL_MODEL.served()])
     sent = 0
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -271,7 +271,7 @@ async def test_a_body_without_a_length_is_cut_at_the_routes_limit(trained_store:
 
 
 async def test_replica_without_dense_tables_is_503_with_the_reason() -> None:
-    services = build_services(Store(), [SMALL_MODEL])
+    services = build_services(Store(), [SMALL_MODEL.served()])
     async with asgi_client(bounded_app(serve_routes(services))) as c:
         r = await post(c, PREDICT, {"events": events(1)})
         assert r.status_code == 503

@@ -235,7 +235,7 @@ def test_a_namespaced_model_serves_from_its_own_tables() -> None:
     pub.snapshot()
     assert store.tables and all(name.startswith("ctr/") for name in store.tables)
     assert "ctr/emb_0" in store.tables and "ctr/dense/top.0.weight" in store.tables
-    svc = InferenceService(store, cfg)
+    svc = InferenceService(store, cfg.served())
     dense, sparse = random_events(16)
     model.eval()
     with torch.no_grad():

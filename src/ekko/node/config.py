@@ -14,9 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ekko.codec import CODECS
 from ekko.net.wan import WanProfile
+from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.store._validate import DEFAULT_MAX_ABS
 from ekko.store.spec import TableSpec
+
+RowCodec = Literal[CODECS]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -103,6 +107,12 @@ class ModelConfig(_Strict):
             dense_limit=self.dense_limit,
         )
 
+    def served(self):  # -> ekko.serve.ServedModel; imported lazily (torch is heavy)
+        """What a serving node needs of this model."""
+        from ekko.serve import ServedModel
+
+        return ServedModel(self.name, self.dlrm(), self.baseline_share, self.model_dump())
+
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
         if self.bottom_mlp is not None and (
@@ -132,8 +142,8 @@ class SyncConfig(_Strict):
     failover_probe_s: float = Field(2.0, gt=0)
     connect_timeout_s: float = Field(1.0, gt=0)
     # Row codec per link kind (None: plain float32 arrays): lossy on the WAN, exact on the LAN.
-    wan_codec: Literal["fp32", "fp16", "int8", "int4"] | None = None
-    lan_codec: Literal["fp32", "fp16", "int8", "int4"] | None = None
+    wan_codec: RowCodec | None = None
+    lan_codec: RowCodec | None = None
     pace_wan: bool = False  # pace each WAN session at its link's bandwidth (mbit)
 
 
@@ -151,25 +161,19 @@ class DurabilitySection(_Strict):
     recovery_timeout_s: float = Field(20.0, gt=0)
 
 
-class SchedulerSection(_Strict):
-    """The source's update scheduler (DESIGN.md §4): lanes by priority, optional deferral."""
+class SchedulerSection(SchedulerConfig):
+    """The source's update scheduler (DESIGN.md §4): lanes by priority, optional deferral.
+    The library's ``SchedulerConfig`` itself (its fields, its checks), off by default."""
 
     enabled: bool = False
-    percentile: float = Field(0.9, gt=0, lt=1)
-    freshness_boost: float = Field(10.0, ge=0)
-    hot_keys: bool = False
-    read_by_all: tuple[str, ...] = ("dense/",)
-    accumulate_drift: bool = False
-    defer: bool = False
-    defer_min_significance: float = Field(0.05, ge=0)
-    max_staleness_s: float = Field(5.0, ge=0)
 
-    def scheduler(self):  # -> ekko.schedule.UpdateScheduler | None
-        if not self.enabled:
-            return None
-        from ekko.schedule import SchedulerConfig, UpdateScheduler
+    def build(self) -> SchedulerConfig | None:
+        """The scheduler's config, already valid (None when the scheduler is off)."""
+        return self if self.enabled else None
 
-        return UpdateScheduler(SchedulerConfig(**self.model_dump()))
+    def scheduler(self) -> UpdateScheduler | None:
+        config = self.build()
+        return None if config is None else UpdateScheduler(config)
 
 
 class GuardSection(_Strict):

@@ -113,7 +113,7 @@ class ModelHost:
             # event loop (and with it the sync) far more than they speed up the forward.
             torch.set_num_threads(1)
 
-            self.services = build_services(core.store, list(models))
+            self.services = build_services(core.store, [m.served() for m in models])
             core.traffic.served = self.predictions
             if guard.enabled and core.role != "checkpoint":
                 self._build_replica_guards()

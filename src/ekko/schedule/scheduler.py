@@ -17,10 +17,11 @@ change is measured against what replicas last received and drift cannot accumula
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from ekko.schedule.deferral import Deferrer, Released
 from ekko.schedule.drift import DriftAccumulator
@@ -36,11 +37,17 @@ from ekko.schedule.priority import (
 from ekko.schedule.threshold import LaneSplitter, StreamingPercentile
 from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE
 
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Scheduler settings, validated on construction so a bad config fails at start-up, not
-    on the first write.
+
+class SchedulerConfig(BaseModel):
+    """Scheduler settings, validated once, on construction, each refusal naming the field.
+
+    Why a pydantic model: the node's ``[scheduler]`` section *is* this model (with
+    ``enabled`` off by default), so the rules are said once, here, and a bad config fails
+    at start-up with the field's name, not on the first write; code building one directly
+    (benches, tests) gets the same checks.
 
     - ``enabled``: off → every row HIGH and sent now (the "no scheduler" baseline).
     - ``percentile``: q; rows with priority at or above the running q-quantile go HIGH.
@@ -60,55 +67,24 @@ class SchedulerConfig:
       row only while that drift, not just the step, is insignificant.
     """
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     enabled: bool = True
-    percentile: float = 0.9
-    freshness_boost: float = 10.0
+    percentile: float = Field(0.9, gt=0, lt=1)
+    freshness_boost: NonNegative = 10.0
     defer: bool = False
-    defer_min_significance: float = 0.05
-    max_staleness_s: float = 5.0
-    release_lane: int = HIGH_LANE
-    half_life_rows: float = 200_000.0
-    significance_half_life_rows: float = 2_000_000.0
-    sample_rows: int = 4096
-    significance_scope: str = "table"
-    traffic_window_s: float = 60.0
+    defer_min_significance: NonNegative = 0.05
+    max_staleness_s: NonNegative = 5.0
+    release_lane: Literal[LANES] = HIGH_LANE  # type: ignore[valid-type]
+    half_life_rows: Positive = 200_000.0
+    significance_half_life_rows: Positive = 2_000_000.0
+    sample_rows: int = Field(4096, ge=1)
+    significance_scope: Literal["table", "model"] = "table"
+    traffic_window_s: Positive = 60.0
     seed: int = 0
     hot_keys: bool = False
     read_by_all: tuple[str, ...] = ("dense/",)
     accumulate_drift: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 < self.percentile < 1:
-            raise ValueError(f"percentile must be in (0, 1), got {self.percentile}")
-        if not (self.freshness_boost >= 0 and math.isfinite(self.freshness_boost)):
-            raise ValueError(f"freshness_boost must be finite and >= 0, got {self.freshness_boost}")
-        if not (self.defer_min_significance >= 0 and math.isfinite(self.defer_min_significance)):
-            raise ValueError(
-                f"defer_min_significance must be finite and >= 0, got {self.defer_min_significance}"
-            )
-        if not (self.max_staleness_s >= 0 and math.isfinite(self.max_staleness_s)):
-            raise ValueError(f"max_staleness_s must be finite and >= 0, got {self.max_staleness_s}")
-        if self.release_lane not in LANES:
-            raise ValueError(f"release_lane must be one of {LANES}, got {self.release_lane}")
-        if not (self.half_life_rows > 0 and math.isfinite(self.half_life_rows)):
-            raise ValueError(f"half_life_rows must be finite and > 0, got {self.half_life_rows}")
-        if not (
-            self.significance_half_life_rows > 0 and math.isfinite(self.significance_half_life_rows)
-        ):
-            raise ValueError(
-                "significance_half_life_rows must be finite and > 0, got "
-                f"{self.significance_half_life_rows}"
-            )
-        if self.sample_rows < 1:
-            raise ValueError(f"sample_rows must be >= 1, got {self.sample_rows}")
-        if self.significance_scope not in ("table", "model"):
-            raise ValueError(
-                f"significance_scope must be 'table' or 'model', got {self.significance_scope!r}"
-            )
-        if not (self.traffic_window_s > 0 and math.isfinite(self.traffic_window_s)):
-            raise ValueError(
-                f"traffic_window_s must be finite and > 0, got {self.traffic_window_s}"
-            )
 
 
 @dataclass(frozen=True)

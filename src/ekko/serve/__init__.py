@@ -18,6 +18,7 @@ from ekko.serve.service import (
     FeedbackResult,
     InferenceService,
     PredictResult,
+    ServedModel,
     ServeStats,
     build_services,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "RequestError",
     "ServeError",
     "ServeStats",
+    "ServedModel",
     "StoreSink",
     "UnknownModel",
     "UnknownVariant",

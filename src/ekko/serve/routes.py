@@ -63,7 +63,7 @@ def serve_routes(
         return json_response(
             {
                 "models": [
-                    {"name": name, "variants": svc.variants, **svc.model.model_dump()}
+                    {"name": name, "variants": svc.variants, **svc.model.listing}
                     for name, svc in services.items()
                 ]
             }

@@ -10,20 +10,20 @@ compares the two (DESIGN.md §6).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from ekko.node.config import ModelConfig
 from ekko.quality.windowed import WindowedQuality
 from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownVariant
 from ekko.serve.pending import PendingPredictions
 from ekko.serve.replica import ReplicaModel
 from ekko.serve.schema import dense_out_of_range
 from ekko.store import Store
+from ekko.train.dlrm import DLRMConfig
 
 ONLINE = "online"
 BASELINE = "baseline"
@@ -31,6 +31,20 @@ BASELINE = "baseline"
 
 class BadInput(ServeError, ValueError):
     """Arrays of the wrong shape or values for this model; nothing was predicted or recorded."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What serving needs of a configured model: its name, its network's shape, the share
+    of traffic the guard's baseline gets, and what ``GET /v1/models`` lists about it.
+
+    Why not the node's ``ModelConfig``: serve sits below the node; the node validates the
+    config and hands this over (``ModelConfig.served()``)."""
+
+    name: str
+    dlrm: DLRMConfig
+    baseline_share: float = 0.005
+    listing: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,7 @@ class FeedbackResult:
 class ServeStats:
     """Counters of one served model at monotonic time ``at``.
 
-    Why a frozen dataclass: the Prometheus exporter (``ekko.serve.metrics``) and the status
+    Why a frozen dataclass: the Prometheus exporter (``ekko.node``) and the status
     page read a consistent set, never the service's internals.
     """
 
@@ -106,14 +120,14 @@ class InferenceService:
     def __init__(
         self,
         store: Store,
-        model: ModelConfig,
+        model: ServedModel,
         *,
         window_s: float = 60.0,
         max_pending: int = 1_000_000,
     ) -> None:
         self.model = model
         self.name = model.name
-        self.config = model.dlrm()
+        self.config = model.dlrm
         self.window_s = float(window_s)
         self._pending = PendingPredictions(max_pending)
         self._variants: dict[str, _Variant] = {}
@@ -364,7 +378,7 @@ class InferenceService:
 
 def build_services(
     store: Store,
-    models: list[ModelConfig],
+    models: list[ServedModel],
     *,
     window_s: float = 60.0,
     max_pending: int = 1_000_000,
