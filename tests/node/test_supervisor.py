@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from ekko.node.metrics import task_metrics
 from ekko.node.supervisor import Supervisor
 
 
@@ -45,7 +46,7 @@ def _metrics(sup: Supervisor) -> str:
 
     class C:
         def collect(self):
-            return sup.collect()
+            return task_metrics(sup)()
 
     reg.register(C())
     return generate_latest(reg).decode()

@@ -202,11 +202,11 @@ def test_framed_charges_what_the_frame_carried_beyond_the_rows():
     ready = responder.receive(1, PullRequest(1, 1 << 20, 0, None, "fp32"), 0.0)
     ((_, response),) = ready.sends
     counted = sum(c.nbytes for c in response.chunks)
-    assert responder.pacing()[1][1] == counted
+    assert responder.pacing(0.0)[1].bytes_sent == counted
     responder.framed(1, response, counted + 3_000, 0.0)
-    assert responder.pacing()[1][1] == counted + 3_000
+    assert responder.pacing(0.0)[1].bytes_sent == counted + 3_000
     responder.framed(1, response, counted - 500, 0.0)  # compressed: tokens given back
-    assert responder.pacing()[1][1] == counted + 2_500
+    assert responder.pacing(0.0)[1].bytes_sent == counted + 2_500
 
 
 def test_one_answer_waits_to_be_framed_before_rows_are_chosen_for_the_next():

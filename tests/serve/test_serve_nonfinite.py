@@ -10,8 +10,8 @@ import pytest
 from serve_fixtures import SMALL_MODEL, random_events, service, train
 
 from ekko.net.httpkit import bounded_app
+from ekko.node.model_metrics import serve_metrics
 from ekko.serve import NonFiniteRows, serve_routes
-from ekko.serve.metrics import serve_metrics
 from ekko.store import Store
 from ekko.train.dlrm import dense_table_name, embedding_table_name
 

@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 from serve_fixtures import random_events, service, train
 
-from ekko.serve import serve_metrics
+from ekko.node.model_metrics import serve_metrics
 
 
 class _Adapter:

@@ -39,7 +39,7 @@ class PullLinks:
         """The live puller of ``peer`` ended: keep its counts."""
         puller = self._live.pop(peer, None)
         if puller is not None:
-            ended = replace(puller.statistics(), in_flight=0)
+            ended = replace(puller.statistics(), in_flight=0, pending_chunks=0)
             self._ended[peer] = _plus(self._ended.get(peer, _ZERO), ended)
 
     def count_copy(self, peer: str, rows: int, nbytes: int) -> None:

@@ -1,13 +1,18 @@
-"""Prometheus export of a node's statistics, read at scrape time.
+"""Prometheus export of a node, read at scrape time: the one exporter.
 
-Nothing on the sync hot path touches a Prometheus object: the collector turns the stats the
-node already keeps (store statistics, link counters, the latency histogram) into metric
-families when ``/metrics`` is scraped.
+Nothing on the sync or write path touches a Prometheus object: each part keeps its own
+counts and hands them out as a frozen record (``statistics()``: tables, responder, pullers
+per link, the scheduler, each paced session's pacer, the write-ahead log, the supervised
+tasks), and the collectors here turn those records into metric families when ``/metrics`` is
+scraped. The models a node hosts (serving, training, guards) are exported the same way by
+``ekko.node.model_metrics``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 from prometheus_client.core import (
@@ -20,6 +25,13 @@ from prometheus_client.registry import CollectorRegistry
 
 from ekko.net.transport import ListenerStats
 from ekko.node.core import NodeCore
+from ekko.node.supervisor import Supervisor
+from ekko.protocol.puller import PullerStats
+from ekko.schedule.pacing import PacerStats
+from ekko.schedule.scheduler import SchedulerStats
+from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
+
+LANE_NAMES = {HIGH_LANE: "high", LOW_LANE: "low", NEW_LANE: "new"}
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10)
 
@@ -27,9 +39,13 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3
 class NodeCollector:
     """Yields a node's metrics; registered on the node's own registry."""
 
-    def __init__(self, core: NodeCore, extra: list | None = None) -> None:
+    def __init__(
+        self, core: NodeCore, extra: list | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        """``clock``: the wall clock the responder's pacers run on (for their tokens now)."""
         self.core = core
         self.extra = extra or []
+        self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
         core = self.core
@@ -58,11 +74,13 @@ class NodeCollector:
         nbytes = CounterMetricFamily(
             "ekko_pulled_bytes", "Row bytes pulled per upstream link", labels=[*lk, "link"]
         )
-        for link, c in core.links.statistics().items():
+        links = core.links.statistics()
+        for link, c in links.items():
             rows.add_metric([*lv, link], c.rows_received)
             nbytes.add_metric([*lv, link], c.bytes_received)
         yield rows
         yield nbytes
+        yield from _puller_families(links, lk, lv)
 
         rs = core.responder.statistics()
         yield _counter("ekko_served_rows", "Rows sent to pullers", lk, lv, rs.rows_sent)
@@ -77,6 +95,10 @@ class NodeCollector:
             lv,
             rs.shared_chunks,
         )
+        yield from _pacing_families(core.responder.pacing(self.clock()), lk, lv)
+        scheduler = core.writer.scheduler
+        if scheduler is not None:
+            yield from _scheduler_families(scheduler.statistics(), lk, lv)
 
         hits = CounterMetricFamily(
             "ekko_cache_hits", "Pulls answered from the update cache", labels=[*lk, "table"]
@@ -135,6 +157,69 @@ class NodeCollector:
             yield from fn()
 
 
+def _per(
+    kind: type[Metric], name: str, doc: str, lk: list[str], lv: list[str], label: str,
+    values: Mapping[str, float],
+) -> Metric:  # fmt: skip
+    m = kind(name, doc, labels=[*lk, label])
+    for key, value in values.items():
+        m.add_metric([*lv, key], float(value))
+    return m
+
+
+def _puller_families(
+    links: Mapping[str, PullerStats], lk: list[str], lv: list[str]
+) -> Iterator[Metric]:
+    def each(attr: str) -> dict[str, float]:
+        return {link: getattr(st, attr) for link, st in links.items()}
+
+    yield _per(GaugeMetricFamily, "ekko_puller_pending_chunks",
+               "Chunk ranges held until the range below them arrives, per upstream link",
+               lk, lv, "link", each("pending_chunks"))  # fmt: skip
+    yield _per(CounterMetricFamily, "ekko_puller_resyncs",
+               "Cursors restated because the upstream's memory of a session disagreed",
+               lk, lv, "link", each("resyncs"))  # fmt: skip
+    yield _per(CounterMetricFamily, "ekko_puller_gaps",
+               "Chunk ranges that arrived ahead of a missing one", lk, lv, "link",
+               each("gaps"))  # fmt: skip
+    yield _per(CounterMetricFamily, "ekko_puller_timeouts",
+               "Pulls that got no answer in time", lk, lv, "link", each("timeouts"))  # fmt: skip
+
+
+def _pacing_families(
+    pacers: Mapping[int, PacerStats], lk: list[str], lv: list[str]
+) -> Iterator[Metric]:
+    """Per paced session (the id the log names when the puller connects)."""
+    by = {str(sid): st for sid, st in pacers.items()}
+    yield _per(GaugeMetricFamily, "ekko_pacer_rate_bytes",
+               "Bytes/s a paced session is answered at", lk, lv, "session",
+               {k: st.rate_bytes_per_s for k, st in by.items()})  # fmt: skip
+    yield _per(GaugeMetricFamily, "ekko_pacer_tokens_bytes",
+               "Bytes a paced session's link may carry now (negative: sent ahead of its rate)",
+               lk, lv, "session", {k: st.tokens for k, st in by.items()})  # fmt: skip
+    yield _per(GaugeMetricFamily, "ekko_pacer_queued_bytes",
+               "Bytes sent ahead of a paced link's rate, still queued on it (about)",
+               lk, lv, "session", {k: st.queued_bytes for k, st in by.items()})  # fmt: skip
+    yield _per(CounterMetricFamily, "ekko_pacer_sent_bytes",
+               "Bytes a paced session's answers put on its link", lk, lv, "session",
+               {k: st.bytes_sent for k, st in by.items()})  # fmt: skip
+
+
+def _scheduler_families(st: SchedulerStats, lk: list[str], lv: list[str]) -> Iterator[Metric]:
+    lanes = {LANE_NAMES[lane]: n for lane, n in enumerate(st.rows_by_lane)}
+    yield _per(CounterMetricFamily, "ekko_scheduler_rows",
+               "Rows the source wrote, by the lane the scheduler put them in (released held "
+               "rows included)", lk, lv, "lane", lanes)  # fmt: skip
+    if math.isfinite(st.threshold):
+        yield _gauge("ekko_scheduler_threshold", "Priority at which a row goes in the high lane",
+                     lk, lv, st.threshold)  # fmt: skip
+    yield _gauge("ekko_scheduler_deferred_rows", "Rows held back by deferral now", lk, lv,
+                 st.rows_held)  # fmt: skip
+    yield _counter("ekko_scheduler_deferrals", "Rows deferral started holding", lk, lv,
+                   st.rows_deferred)  # fmt: skip
+    yield _counter("ekko_scheduler_released", "Held rows released", lk, lv, st.rows_released)
+
+
 def _counter(name: str, doc: str, lk: list[str], lv: list[str], value: float) -> Metric:
     m = CounterMetricFamily(name, doc, labels=lk)
     m.add_metric(lv, value)
@@ -145,6 +230,25 @@ def _gauge(name: str, doc: str, lk: list[str], lv: list[str], value: float) -> M
     m = GaugeMetricFamily(name, doc, labels=lk)
     m.add_metric(lv, value)
     return m
+
+
+def task_metrics(supervisor: Supervisor) -> Callable[[], Iterator[Metric]]:
+    """``ekko_task_restarts_total``, ``ekko_task_failures_total`` and ``ekko_task_up`` of
+    the node's supervised background tasks."""
+
+    def collect() -> Iterator[Metric]:
+        stats = supervisor.statistics()
+        yield _per(CounterMetricFamily, "ekko_task_restarts",
+                   "Restarts of a background task after it failed", [], [], "task",
+                   {n: s.restarts for n, s in stats.items()})  # fmt: skip
+        yield _per(CounterMetricFamily, "ekko_task_failures",
+                   "Exceptions raised by a background task", [], [], "task",
+                   {n: s.failures for n, s in stats.items()})  # fmt: skip
+        yield _per(GaugeMetricFamily, "ekko_task_up",
+                   "1 while a background task runs, 0 while it waits to restart", [], [],
+                   "task", {n: s.up for n, s in stats.items()})  # fmt: skip
+
+    return collect
 
 
 def sync_port_metrics(

@@ -1,13 +1,94 @@
-"""Prometheus export of the source's trainers, read at scrape time from their statistics."""
+"""Prometheus export of the models a node hosts, read at scrape time from their records.
+
+Inference services (``ServeStats`` and the windowed quality per variant), trainers
+(``TrainingStats``) and guards (``ekko.guard.stats``): nothing on the predict, train or
+guard path touches a Prometheus object. ``ModelHost.collectors`` hands these to the node's
+registry beside ``ekko.node.metrics``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ekko.serve.metrics import model_counters
+from ekko.guard.replica_guard import JUDGING, NO_SAMPLES, WARMING_UP
+from ekko.guard.state import State
+from ekko.guard.stats import replica_statistics, source_statistics
+from ekko.serve.service import InferenceService
 from ekko.train.service import TrainingService
+
+STATE_CODES = {State.HEALTHY: 0, State.UNCERTAIN: 1, State.CORRUPTED: 2, State.RECOVERING: 3}
+
+
+_SERVE_COUNTERS = (
+    ("requests", "ekko_predict_requests", "Predict requests served"),
+    ("rows_predicted", "ekko_predict_rows", "Events predicted"),
+    ("predict_seconds_total", "ekko_predict_seconds", "Seconds spent in predict"),
+    ("not_ready", "ekko_predict_not_ready", "Predict requests refused: model not synced yet"),
+    (
+        "nonfinite",
+        "ekko_predict_nonfinite",
+        "Predict requests refused (503): the replica holds a NaN or infinite row",
+    ),
+    ("dense_loads", "ekko_dense_loads", "Dense weight (re)loads from the store"),
+    ("feedback_matched", "ekko_feedback_matched", "Labels joined to a prediction"),
+    ("feedback_unknown", "ekko_feedback_unknown", "Labels for unknown or evicted ids"),
+    ("evicted", "ekko_predictions_evicted", "Predictions evicted before their label"),
+)
+_QUALITY = ("auc", "log_loss", "calibration", "ctr", "count")
+
+
+def model_counters(spec: Sequence[tuple[str, str, str]], stats: Sequence) -> Iterator[Metric]:
+    """One counter family per ``(attribute, metric name, help)`` of ``spec``, a sample per
+    model's statistics record (anything with ``.model`` and those attributes)."""
+    for attr, name, doc in spec:
+        m = CounterMetricFamily(name, doc, labels=["model"])
+        for st in stats:
+            m.add_metric([st.model], float(getattr(st, attr)))
+        yield m
+
+
+def serve_metrics(
+    services: Mapping[str, InferenceService], clock: Callable[[], float] = time.monotonic
+) -> Callable[[], Iterator[Metric]]:
+    """A scrape-time collector function over ``services``."""
+
+    def collect() -> Iterator[Metric]:
+        stats = [svc.statistics() for svc in services.values()]
+        yield from model_counters(_SERVE_COUNTERS, stats)
+        pending = GaugeMetricFamily(
+            "ekko_predictions_pending", "Awaiting a label", labels=["model"]
+        )
+        for st in stats:
+            pending.add_metric([st.model], float(st.pending))
+        yield pending
+        now = clock()
+        families = {
+            q: GaugeMetricFamily(
+                f"ekko_quality_{q}",
+                f"Online {q} from feedback",
+                labels=["model", "variant", "window"],
+            )
+            for q in _QUALITY
+        }
+        for svc in services.values():
+            for variant in svc.variants:
+                quality = svc.quality(variant)
+                for window, snap in (
+                    ("window", quality.compute(now)),
+                    ("lifetime", quality.lifetime(now)),
+                ):
+                    for q, fam in families.items():
+                        value = float(getattr(snap, q))
+                        if math.isfinite(value):
+                            fam.add_metric([svc.name, variant, window], value)
+        yield from families.values()
+
+    return collect
+
 
 _TRAIN_COUNTERS = (
     ("batches", "ekko_train_batches", "Batches trained"),
@@ -52,5 +133,74 @@ def train_metrics(
         yield auc
         yield rejected
         yield failed
+
+    return collect
+
+
+def guard_metrics(
+    replica_guards: Mapping[str, object], source_guards: Mapping[str, object]
+) -> Callable[[], Iterator[Metric]]:
+    """``ekko_guard_*`` families for the guards of one node (replica or source)."""
+
+    def collect() -> Iterator[Metric]:
+        replicas = [replica_statistics(n, g) for n, g in replica_guards.items()]  # type: ignore[arg-type]
+        sources = [source_statistics(n, g) for n, g in source_guards.items()]  # type: ignore[arg-type]
+        state = GaugeMetricFamily(
+            "ekko_guard_state",
+            "Model health: 0 healthy, 1 uncertain, 2 corrupted, 3 recovering",
+            labels=["model"],
+        )
+        transitions = CounterMetricFamily(
+            "ekko_guard_transitions", "Health transitions", labels=["model"]
+        )
+        for st in [*replicas, *sources]:
+            state.add_metric([st.model], STATE_CODES[st.state])
+            transitions.add_metric([st.model], st.transitions)
+        yield state
+        yield transitions
+        if replicas:
+            score = GaugeMetricFamily("ekko_guard_score", "Detector CUSUM score", labels=["model"])
+            redirected = GaugeMetricFamily(
+                "ekko_guard_redirected", "1 while all traffic is on the baseline", labels=["model"]
+            )
+            lag = GaugeMetricFamily(
+                "ekko_baseline_queued_rows", "Rows waiting to reach the baseline", labels=["model"]
+            )
+            applied = CounterMetricFamily(
+                "ekko_baseline_applied_rows", "Rows applied to the baseline", labels=["model"]
+            )
+            judging = GaugeMetricFamily(
+                "ekko_guard_judging",
+                "1 for what the guard can do now: no_samples (cannot judge), warming_up (only "
+                "the absolute floor judges) or judging",
+                labels=["model", "judging"],
+            )
+            for st in replicas:
+                score.add_metric([st.model], st.score)
+                redirected.add_metric([st.model], float(st.redirected))
+                lag.add_metric([st.model], st.baseline_queued_rows)
+                applied.add_metric([st.model], st.baseline_applied_rows)
+                for j in (NO_SAMPLES, WARMING_UP, JUDGING):
+                    judging.add_metric([st.model, j], float(st.judging == j))
+            yield score
+            yield redirected
+            yield lag
+            yield applied
+            yield judging
+        if sources:
+            rollbacks = CounterMetricFamily(
+                "ekko_guard_rollbacks", "Rollbacks completed", labels=["model"]
+            )
+            rows = CounterMetricFamily(
+                "ekko_guard_rows_restored", "Rows written back", labels=["model"]
+            )
+            pre = GaugeMetricFamily("ekko_guard_preimage_rows", "Pre-images held", labels=["model"])
+            for st in sources:
+                rollbacks.add_metric([st.model], st.rollbacks)
+                rows.add_metric([st.model], st.rows_restored)
+                pre.add_metric([st.model], st.preimage_rows)
+            yield rollbacks
+            yield rows
+            yield pre
 
     return collect

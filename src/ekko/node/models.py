@@ -274,7 +274,7 @@ class ModelHost:
     def collectors(self) -> list:
         out: list = []
         if self.services:
-            from ekko.serve import serve_metrics
+            from ekko.node.model_metrics import serve_metrics
 
             out.append(serve_metrics(self.services))
         if self.core.is_source and self.core.config.models:
@@ -282,7 +282,7 @@ class ModelHost:
 
             out.append(train_metrics(self.trainers))
         if self.core.config.guard.enabled and self.core.config.models:
-            from ekko.guard.prometheus import guard_metrics
+            from ekko.node.model_metrics import guard_metrics
 
             out.append(guard_metrics(self.replica_guards, self.source_guards))
         return out

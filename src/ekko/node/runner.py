@@ -33,7 +33,7 @@ from ekko.node.apply_port import ApplyFanout
 from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import NodeCore
 from ekko.node.http_server import EmbeddedServer, http_server, tcp_listener
-from ekko.node.metrics import node_registry, sync_port_metrics
+from ekko.node.metrics import node_registry, sync_port_metrics, task_metrics
 from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
 from ekko.node.signed_requests import auth_headers, host_of, needs_resign, signed_json
@@ -96,7 +96,7 @@ class NodeRunner:
                 loop.add_signal_handler(sig, self.stop)
         node = self.core.node
         listener = lambda: self._listener and self._listener.stats  # noqa: E731
-        collectors = [*self.extra_metrics, *self.models.collectors(), self.supervisor.collect]
+        collectors = [*self.extra_metrics, *self.models.collectors(), task_metrics(self.supervisor)]
         collectors.append(sync_port_metrics(self.core.name, listener))
         registry = node_registry(self.core, collectors)
         web = self.config.http

@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +45,15 @@ class TaskState:
             "last_error": self.last_error,
             "last_failed_at": self.last_failed_at,
         }
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """One task's counts at a moment, for the exporter (``ekko.node.metrics``)."""
+
+    up: bool
+    restarts: int
+    failures: int
 
 
 class Supervisor:
@@ -155,25 +162,8 @@ class Supervisor:
     def status(self) -> dict[str, dict[str, object]]:
         return {n: s.as_json() for n, s in self.tasks.items()}
 
-    def collect(self) -> Iterator[Metric]:
-        """``ekko_task_restarts_total``, ``ekko_task_failures_total`` and ``ekko_task_up``."""
-        restarts = CounterMetricFamily(
-            "ekko_task_restarts", "Restarts of a background task after it failed", labels=["task"]
-        )
-        failures = CounterMetricFamily(
-            "ekko_task_failures", "Exceptions raised by a background task", labels=["task"]
-        )
-        up = GaugeMetricFamily(
-            "ekko_task_up", "1 while a background task runs, 0 while it waits to restart",
-            labels=["task"],
-        )  # fmt: skip
-        for name, s in self.tasks.items():
-            restarts.add_metric([name], s.restarts)
-            failures.add_metric([name], s.failures)
-            up.add_metric([name], float(s.up))
-        yield restarts
-        yield failures
-        yield up
+    def statistics(self) -> dict[str, TaskStats]:
+        return {n: TaskStats(s.up, s.restarts, s.failures) for n, s in self.tasks.items()}
 
     # -- stopping -----------------------------------------------------------------------
 

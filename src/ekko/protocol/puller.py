@@ -68,6 +68,7 @@ class PullerStats:
     timeouts: int
     errors: int
     in_flight: int
+    pending_chunks: int = 0  # chunk ranges held until the range below them arrives
 
 
 @dataclass
@@ -250,6 +251,7 @@ class Puller:
             timeouts=self._timeouts,
             errors=self._errors,
             in_flight=len(self._in_flight),
+            pending_chunks=sum(len(p) for p in self._pending.values()),
         )
 
     # -- internals ----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ekko.protocol.messages import (
     PullResponse,
 )
 from ekko.protocol.ready import Ready, SessionId
-from ekko.schedule.pacing import LinkPacer
+from ekko.schedule.pacing import LinkPacer, PacerStats
 from ekko.store import Store, Table, UnknownTableError
 from ekko.store.spec import LANES
 
@@ -238,12 +238,12 @@ class Responder:
     def close_session(self, session: SessionId) -> None:
         self._sessions.pop(session, None)
 
-    def pacing(self) -> dict[SessionId, tuple[float, int]]:
-        """Paced sessions: (rate in bytes/s, bytes spent so far)."""
+    def pacing(self, now: float) -> dict[SessionId, PacerStats]:
+        """Each paced session's pacer at ``now``."""
         return {
-            sid: (s.pacer.rate, s.pacer.bytes_spent)
-            for sid, s in self._sessions.items()
-            if s.pacer is not None
+            sid: sess.pacer.statistics(now)
+            for sid, sess in self._sessions.items()
+            if sess.pacer is not None
         }
 
     def statistics(self) -> ResponderStats:

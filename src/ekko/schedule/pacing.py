@@ -9,6 +9,7 @@ sent next is always chosen *now*, from the high lane first.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 _EPS = 1e-9
 BURST_S = 0.05
@@ -107,6 +108,16 @@ class TokenBucket:
             self._tokens = min(self._tokens, self._burst)
 
 
+@dataclass(frozen=True)
+class PacerStats:
+    """A paced link at one moment, for the exporter."""
+
+    rate_bytes_per_s: float
+    tokens: float  # bytes the link may carry now (negative: sent ahead of its rate)
+    queued_bytes: float  # bytes sent ahead of the rate: still queued on the link, about
+    bytes_sent: int  # counter
+
+
 class LinkPacer:
     """Sizes pull answers on one link so the link carries ``rate_bytes_per_s`` and no more,
     because the responder should delay an answer (and keep choosing high-lane rows first)
@@ -194,3 +205,7 @@ class LinkPacer:
     @property
     def bytes_spent(self) -> int:
         return self._spent
+
+    def statistics(self, now: float) -> PacerStats:
+        tokens = self.bucket.available(now)
+        return PacerStats(self.rate, tokens, max(0.0, -tokens), self._spent)

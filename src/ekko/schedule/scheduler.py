@@ -118,13 +118,14 @@ class SchedulerStats:
     """Counters (monotone) and gauges of the scheduler, for Prometheus."""
 
     rows_planned: int
-    rows_high: int
+    rows_high: int  # written now in the high or the new-key lane
     rows_low: int
     rows_deferred: int  # holds started (counter)
     rows_released: int  # held rows released (counter)
     rows_held: int  # held right now (gauge)
     threshold: float
     mean_delta: dict[str, float] = field(default_factory=dict)  # scope -> running mean |Δ|
+    rows_by_lane: tuple[int, ...] = (0,) * len(LANES)  # written now (released too), by lane
 
 
 class UpdateScheduler:
@@ -171,6 +172,7 @@ class UpdateScheduler:
         self._planned = 0
         self._high = 0
         self._low = 0
+        self._by_lane = np.zeros(len(LANES), np.int64)
 
     def plan(
         self,
@@ -195,6 +197,7 @@ class UpdateScheduler:
         if not self.config.enabled:
             self._planned += n
             self._high += n
+            self._by_lane[HIGH_LANE] += n
             return WritePlan(np.full(n, HIGH_LANE, np.uint8), np.ones(n, dtype=bool))
         new = np.asarray(new_values)
         step = delta_norms(old_values, new)
@@ -221,6 +224,7 @@ class UpdateScheduler:
         self._planned += n
         self._high += nh
         self._low += int(np.count_nonzero(send)) - nh
+        self._by_lane += np.bincount(lanes[send], minlength=len(LANES))
         return WritePlan(lanes, send)
 
     def replicas_in_sync(self) -> None:
@@ -244,6 +248,7 @@ class UpdateScheduler:
     def _released(self, r: Released) -> ReleasedRows:
         assert r.values is not None  # plan() always hands the deferrer values
         lanes = np.full(len(r), self.config.release_lane, np.uint8)
+        self._by_lane[self.config.release_lane] += len(r)
         if self.drift is not None:
             self.drift.settle(r.table, r.keys, np.zeros(len(r)), lanes)
         return ReleasedRows(r.table, r.keys, r.values, lanes)
@@ -258,4 +263,5 @@ class UpdateScheduler:
             rows_held=self.deferrer.held(),
             threshold=self.splitter.threshold(),
             mean_delta=self.significance.means(),
+            rows_by_lane=tuple(int(n) for n in self._by_lane),
         )

@@ -2,12 +2,11 @@
 
 Public names: ``InferenceService`` (predict / feedback / metrics of one model over a store),
 ``build_services`` (one per configured model), ``serve_routes`` (the starlette routes a
-``serve = true`` node mounts), ``serve_metrics`` (its Prometheus collector), ``StoreSink``
+``serve = true`` node mounts), ``StoreSink``
 (the publisher's sink over a store), results, stats and errors.
 """
 
 from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownModel, UnknownVariant
-from ekko.serve.metrics import serve_metrics
 from ekko.serve.replica import ReplicaModel, dense_shapes
 from ekko.serve.routes import serve_routes
 from ekko.serve.schema import MAX_BATCH, RequestError, decode_feedback, decode_predict
@@ -48,6 +47,5 @@ __all__ = [
     "decode_predict",
     "decode_train",
     "dense_shapes",
-    "serve_metrics",
     "serve_routes",
 ]
