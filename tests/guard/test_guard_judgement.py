@@ -229,3 +229,29 @@ def test_the_demo_guard_column_shows_what_the_guard_can_judge():
         "healthy · no samples"
     )
     assert guard_cell({**base, "judging": "judging", "score": 2.5}) == "healthy 2.5"
+
+
+def test_the_exporter_reads_each_guard_from_its_record():
+    """``ekko_guard_*`` keep their names and labels; the values are the guards' records."""
+    from ekko.guard.stats import replica_statistics, source_statistics
+    from ekko.node.model_metrics import guard_metrics
+
+    replica = _replica(warmup=5)
+    replica.tick(1.0)
+    _store, source, _sink, _sent = _source(["r1"], _Clock())
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in guard_metrics({"ctr": replica}, {"src": source})()
+        for s in fam.samples
+    }
+    rec = replica_statistics("ctr", replica)
+    assert rec.judging == "no_samples" and rec.state == State.HEALTHY
+    assert samples[("ekko_guard_state", (("model", "ctr"),))] == 0
+    assert samples[("ekko_guard_judging", (("judging", "no_samples"), ("model", "ctr")))] == 1
+    assert samples[("ekko_guard_judging", (("judging", "judging"), ("model", "ctr")))] == 0
+    assert samples[("ekko_guard_redirected", (("model", "ctr"),))] == 0
+    assert samples[("ekko_baseline_queued_rows", (("model", "ctr"),))] == 0
+    src = source_statistics("src", source)
+    assert samples[("ekko_guard_preimage_rows", (("model", "src"),))] == src.preimage_rows
+    assert samples[("ekko_guard_state", (("model", "src"),))] == 0
+    assert samples[("ekko_guard_rollbacks_total", (("model", "src"),))] == 0

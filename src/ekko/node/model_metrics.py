@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ekko.guard.replica_guard import JUDGING, NO_SAMPLES, WARMING_UP
+from ekko.guard.replica_guard import JUDGING, NO_SAMPLES, WARMING_UP, ReplicaGuard
+from ekko.guard.source_guard import SourceGuard
 from ekko.guard.state import State
 from ekko.guard.stats import replica_statistics, source_statistics
 from ekko.serve.service import InferenceService
@@ -138,13 +139,13 @@ def train_metrics(
 
 
 def guard_metrics(
-    replica_guards: Mapping[str, object], source_guards: Mapping[str, object]
+    replica_guards: Mapping[str, ReplicaGuard], source_guards: Mapping[str, SourceGuard]
 ) -> Callable[[], Iterator[Metric]]:
     """``ekko_guard_*`` families for the guards of one node (replica or source)."""
 
     def collect() -> Iterator[Metric]:
-        replicas = [replica_statistics(n, g) for n, g in replica_guards.items()]  # type: ignore[arg-type]
-        sources = [source_statistics(n, g) for n, g in source_guards.items()]  # type: ignore[arg-type]
+        replicas = [replica_statistics(n, g) for n, g in replica_guards.items()]
+        sources = [source_statistics(n, g) for n, g in source_guards.items()]
         state = GaugeMetricFamily(
             "ekko_guard_state",
             "Model health: 0 healthy, 1 uncertain, 2 corrupted, 3 recovering",
