@@ -112,79 +112,15 @@ def _prefetch_row(
 
 
 @njit(cache=True, nogil=True)
-def write_rows(
-    slots: np.ndarray,
-    first_new: np.int64,
-    keys: np.ndarray,
-    values: np.ndarray,
-    lanes: np.ndarray,
-    now_ns: np.int64,
-    num_shards: np.int64,
-    t_keys: np.ndarray,
-    t_values: np.ndarray,
-    t_ver: np.ndarray,
-    t_wtime: np.ndarray,
-    t_lane: np.ndarray,
-    t_shard: np.ndarray,
-    counter: np.ndarray,
-    touched: np.ndarray,
-    lane_top: np.ndarray,
-    ring_slot: np.ndarray,
-    ring_ver: np.ndarray,
-    ring_pos: np.ndarray,
-    ring_len: np.ndarray,
-    dvv: np.ndarray,
-    ring_order: np.ndarray,
-    app_shard: np.ndarray,
-    out_versions: np.ndarray,
-) -> None:
-    """Source write: every row gets ``++counter[shard]`` in input order and is stored."""
-    n = keys.shape[0]
-    dim = t_values.shape[1]
-    flat = t_values.reshape(-1)
-    for i in range(n):
-        if i + PREFETCH_DISTANCE < n:
-            _prefetch_row(slots[i + PREFETCH_DISTANCE], flat, dim, t_ver, t_wtime, t_lane)
-        slot = slots[i]
-        k = keys[i]
-        s = shard_of_key(k, num_shards)
-        if slot >= first_new:
-            t_keys[slot] = k
-            t_shard[slot] = s
-        v = counter[s] + 1
-        counter[s] = v
-        touched[s] = True
-        t_ver[slot] = v
-        t_wtime[slot] = now_ns
-        t_lane[slot] = lanes[i]
-        if v > lane_top[s, lanes[i]]:
-            lane_top[s, lanes[i]] = v
-        for j in range(dim):
-            t_values[slot, j] = values[i, j]
-        app_shard[i] = s
-        out_versions[i] = v
-    push_ring(
-        app_shard,
-        slots,
-        out_versions,
-        n,
-        ring_slot,
-        ring_ver,
-        ring_pos,
-        ring_len,
-        dvv,
-        ring_order,
-    )
-
-
-@njit(cache=True, nogil=True)
-def apply_rows(
+def store_rows(
+    source: bool,
     slots: np.ndarray,
     first_new: np.int64,
     keys: np.ndarray,
     values: np.ndarray,
     versions: np.ndarray,
     wtimes: np.ndarray,
+    now_ns: np.int64,
     lanes: np.ndarray,
     num_shards: np.int64,
     t_keys: np.ndarray,
@@ -206,8 +142,13 @@ def apply_rows(
     app_slot: np.ndarray,
     app_ver: np.ndarray,
 ) -> np.int64:
-    """Replica apply, last-version-wins: store row i only if its version beats the stored
-    one (slots >= first_new are new and hold version 0). Returns the number stored."""
+    """Store a batch and push what it stored into the update rings; returns rows stored.
+
+    ``source``: a source write, every row gets ``++counter[shard]`` in input order and the
+    write time ``now_ns`` (``versions`` and ``wtimes`` are not read). Otherwise a replica
+    apply, last-version-wins: row i is stored with ``versions[i]``, ``wtimes[i]`` only if it
+    beats the stored version (slots >= first_new are new and hold version 0). ``app_*``
+    receive the stored rows' (shard, slot, version) in order (at a source: every row's)."""
     n = keys.shape[0]
     dim = t_values.shape[1]
     flat = t_values.reshape(-1)
@@ -216,19 +157,26 @@ def apply_rows(
         if i + PREFETCH_DISTANCE < n:
             _prefetch_row(slots[i + PREFETCH_DISTANCE], flat, dim, t_ver, t_wtime, t_lane)
         slot = slots[i]
-        v = versions[i]
-        if v <= t_ver[slot]:
-            continue
         k = keys[i]
-        s = shard_of_key(k, num_shards)
+        if source:
+            s = shard_of_key(k, num_shards)
+            v = counter[s] + 1
+            counter[s] = v
+            wt = now_ns
+        else:
+            v = versions[i]
+            if v <= t_ver[slot]:
+                continue
+            s = shard_of_key(k, num_shards)
+            if v > counter[s]:
+                counter[s] = v
+            wt = wtimes[i]
         if slot >= first_new:
             t_keys[slot] = k
             t_shard[slot] = s
-        if v > counter[s]:
-            counter[s] = v
         touched[s] = True
         t_ver[slot] = v
-        t_wtime[slot] = wtimes[i]
+        t_wtime[slot] = wt
         t_lane[slot] = lanes[i]
         if v > lane_top[s, lanes[i]]:
             lane_top[s, lanes[i]] = v

@@ -28,6 +28,7 @@ from ekko.store.row_arrays import RowArrays, check_slots
 from ekko.store.spec import HIGH_LANE, LANES, TableSpec
 
 NUM_LANES = len(LANES)
+_NO_INTS = np.zeros(0, dtype=np.int64)  # a source write's versions and wtimes: not read
 
 WriteHook = Callable[["Table", np.ndarray, np.ndarray, np.ndarray, int, np.ndarray], None]
 """Called after every source write with (table, keys, values, versions, now_ns, lanes)."""
@@ -198,13 +199,13 @@ class Table:
         out = np.empty(n, dtype=np.int64)
         if n == 0:
             return out
-        sc_slot, sc_shard, _, _ = self._scratch_for(n)
+        sc_slot, sc_shard, sc_aslot, _ = self._scratch_for(n)
         slots, first_new = self._insert(k, sc_slot)
         touched = np.zeros(self.num_shards, dtype=np.bool_)
-        K.write_rows(
-            slots, np.int64(first_new), k, v, ln, np.int64(now_ns), np.int64(self.num_shards),
-            *self._rows.columns(), self.counter, touched, self.lane_top, *self._ring_args(),
-            sc_shard, out,
+        K.store_rows(
+            True, slots, np.int64(first_new), k, v, _NO_INTS, _NO_INTS, np.int64(now_ns), ln,
+            np.int64(self.num_shards), *self._rows.columns(), self.counter, touched,
+            self.lane_top, *self._ring_args(), sc_shard, sc_aslot, out,
         )  # fmt: skip
         self.shard_version[touched] += 1
         after_origin_write(
@@ -256,10 +257,10 @@ class Table:
         slots, first_new = self._insert(k, sc_slot)
         touched = np.zeros(self.num_shards, dtype=np.bool_)
         applied = int(
-            K.apply_rows(
-                slots, np.int64(first_new), k, v, ver, wt, ln, np.int64(self.num_shards),
-                *self._rows.columns(), self.counter, touched, self.lane_top, *self._ring_args(),
-                sc_shard, sc_aslot, sc_aver,
+            K.store_rows(
+                False, slots, np.int64(first_new), k, v, ver, wt, np.int64(0), ln,
+                np.int64(self.num_shards), *self._rows.columns(), self.counter, touched,
+                self.lane_top, *self._ring_args(), sc_shard, sc_aslot, sc_aver,
             )
         )  # fmt: skip
         self.shard_version[touched] += 1
