@@ -12,12 +12,14 @@ import pytest
 from ekko.guard.baseline import LaggedStore
 from ekko.guard.detector import DetectorConfig
 from ekko.guard.replica_guard import ReplicaGuard
-from ekko.guard.source_guard import PreimageSink, SourceGuard
+from ekko.guard.source_guard import SourceGuard
 from ekko.guard.state import State
 from ekko.node.config import ModelConfig
-from ekko.serve import InferenceService, StoreSink
+from ekko.schedule import WritePort
+from ekko.serve import InferenceService
 from ekko.serve.service import BASELINE, ONLINE
 from ekko.store import Store
+from ekko.store.clock import FakeClock
 from ekko.store.spec import TableSpec
 
 DIM = 4
@@ -109,57 +111,49 @@ def test_a_redirect_from_an_automatic_rollback_is_logged_as_automatic():
     assert other.health.history[-1].event == "operator_rollback"
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _source(replicas: list[str], clock: _Clock, margin_s: float = 0.0):
+def _source(replicas: list[str], clock: FakeClock, margin_s: float = 0.0):
     store = Store(origin=0)
     sent: list[tuple[str, dict]] = []
+    sink = WritePort(store, clock=clock)
     guard = SourceGuard(
-        "ctr", store, None, replicas, lambda p, b: sent.append((p, b)), lambda: None, None,
+        "ctr", sink, ["emb"], None, replicas, lambda p, b: sent.append((p, b)), None,
         margin_s=margin_s, quarantine_s=0.0, report_max_age_s=5.0, clock=clock,
     )  # fmt: skip
-    sink = PreimageSink(StoreSink(store), store, guard.preimages, clock=clock)
     sink.create_table(TableSpec("emb", DIM, 4))
     return store, guard, sink, sent
 
 
 def test_the_source_counts_missing_and_stale_reports_as_not_healthy():
-    clock = _Clock()
+    clock = FakeClock(wall=1000.0)
     _store, guard, _sink, _sent = _source(["r1", "r2"], clock)
     guard.report({"node": "r1", "state": "healthy", "judging": "judging"})
-    guard.tick(clock.now)
+    guard.tick(clock.wall())
     assert guard.last_all_healthy is None  # r2 never reported
     assert guard.status()["replicas"] == {"r1": "healthy", "r2": "missing"}
     guard.report({"node": "r2", "state": "healthy", "judging": "no_samples",
                   "judgement": "no samples"})  # fmt: skip
-    guard.tick(clock.now)
-    assert guard.last_all_healthy == clock.now
+    guard.tick(clock.wall())
+    assert guard.last_all_healthy == clock.wall()
     assert guard.status()["reports"]["r2"]["judgement"] == "no samples"
-    marked = clock.now
-    clock.now += 10.0  # r1 and r2 go silent
+    marked = clock.wall()
+    clock.advance(10.0)  # r1 and r2 go silent
     guard.report({"node": "r2", "state": "healthy", "judging": "judging"})
-    guard.tick(clock.now)
+    guard.tick(clock.wall())
     assert guard.last_all_healthy == marked  # r1's report is stale: no new healthy point
     assert guard.status()["replicas"] == {"r1": "stale", "r2": "healthy"}
     guard.report({"node": "r1", "state": "healthy", "judging": "judging"})
-    guard.tick(clock.now)
-    assert guard.last_all_healthy == clock.now  # fresh again
+    guard.tick(clock.wall())
+    assert guard.last_all_healthy == clock.wall()  # fresh again
 
 
 def test_an_automatic_rollback_says_so_with_the_detectors_reason():
-    clock = _Clock()
+    clock = FakeClock(wall=1000.0)
     _store, guard, sink, sent = _source(["r1"], clock)
     rng = np.random.default_rng(0)
     sink.write("emb", np.arange(10), rng.normal(size=(10, DIM)))
     guard.report({"node": "r1", "state": "healthy", "judging": "judging"})
-    guard.tick(clock.now)
-    clock.now += 1.0
+    guard.tick(clock.wall())
+    clock.advance(1.0)
     sink.write("emb", np.arange(5), rng.normal(size=(5, DIM)))
     reason = "corrupted: below the floor (online - baseline -0.3500)"
     guard.report({"node": "r1", "state": "corrupted", "reason": reason, "epoch": 0})
@@ -174,12 +168,12 @@ def test_an_automatic_rollback_says_so_with_the_detectors_reason():
 def test_trainer_writes_still_queued_at_the_rollback_are_undone_too():
     """A step published just before the quarantine waits in the node's loop queue; before
     the fix it landed after the restore and left poisoned rows in the store for good."""
-    clock = _Clock()
+    clock = FakeClock(wall=1000.0)
     store, guard, sink, _sent = _source([], clock)
     sink.write("emb", np.arange(4), np.ones((4, DIM)))
-    guard.preimages.mark_healthy(clock.now)
-    healthy = clock.now
-    clock.now += 1.0
+    guard.preimages.mark_healthy(clock.wall())
+    healthy = clock.wall()
+    clock.advance(1.0)
     queued = [(np.arange(2), np.full((2, DIM), 9.0))]  # poisoned, not yet on the loop
 
     def drain() -> None:
@@ -196,13 +190,13 @@ def test_trainer_writes_still_queued_at_the_rollback_are_undone_too():
 def test_a_poison_soon_after_the_first_healthy_point_rolls_back_to_it():
     """The margin (10 s) reached past the oldest checkpoint when the poison came in the first
     minute: the automatic rollback was refused and the source stayed "healthy"."""
-    clock = _Clock()
+    clock = FakeClock(wall=1000.0)
     store, guard, sink, _sent = _source(["r1"], clock, margin_s=10.0)
     sink.write("emb", np.arange(4), np.ones((4, DIM)))
     guard.report({"node": "r1", "state": "healthy", "judging": "warming_up"})
-    guard.tick(clock.now)
-    first = clock.now
-    clock.now += 3.0
+    guard.tick(clock.wall())
+    first = clock.wall()
+    clock.advance(3.0)
     sink.write("emb", np.arange(4), np.full((4, DIM), 5.0))
     guard.report({"node": "r1", "state": "corrupted", "reason": "floor", "epoch": 0})
     assert guard.incident is not None and guard.incident["to_wall"] == first
@@ -211,7 +205,7 @@ def test_a_poison_soon_after_the_first_healthy_point_rolls_back_to_it():
 
 
 def test_a_rollback_without_any_healthy_point_leaves_the_source_corrupted_saying_why():
-    clock = _Clock()
+    clock = FakeClock(wall=1000.0)
     _store, guard, _sink, _sent = _source(["r1"], clock, margin_s=10.0)
     guard.report({"node": "r1", "state": "corrupted", "reason": "floor", "epoch": 0})
     status = guard.status()
@@ -238,7 +232,7 @@ def test_the_exporter_reads_each_guard_from_its_record():
 
     replica = _replica(warmup=5)
     replica.tick(1.0)
-    _store, source, _sink, _sent = _source(["r1"], _Clock())
+    _store, source, _sink, _sent = _source(["r1"], FakeClock(wall=1000.0))
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for fam in guard_metrics({"ctr": replica}, {"src": source})()

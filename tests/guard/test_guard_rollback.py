@@ -9,12 +9,13 @@ from hypothesis import strategies as st
 
 from ekko.guard.baseline import LaggedStore
 from ekko.guard.replica_guard import covers
-from ekko.guard.source_guard import PreimageSink, SourceGuard
+from ekko.guard.source_guard import SourceGuard
 from ekko.protocol.messages import Chunk
 from ekko.protocol.ready import Applied
 from ekko.protocol.testing import SimNetwork
-from ekko.serve import StoreSink
+from ekko.schedule import WritePort
 from ekko.store import Store
+from ekko.store.clock import FakeClock
 from ekko.store.spec import TableSpec
 
 DIM = 4
@@ -43,46 +44,46 @@ class FakeTrainer:
         self.paused = None
 
 
-def setup(replicas: list[str]):
+def setup(replicas: list[str], clock: FakeClock):
     store = Store(origin=0)
     sent: list[tuple[str, dict]] = []
     trainer = FakeTrainer()
+    sink = WritePort(store, clock=clock)
     guard = SourceGuard(
         "ctr",
-        store,
+        sink,
+        ["emb"],
         trainer,
         replicas,
         lambda p, b: sent.append((p, b)),
-        lambda: None,
         None,
         margin_s=0.0,
         quarantine_s=0.0,
+        clock=clock,
     )
-    sink = PreimageSink(StoreSink(store), store, guard.preimages, clock=lambda: clock[0])
     sink.create_table(TableSpec("emb", DIM, 4))
     return store, guard, sink, trainer, sent
 
 
-clock = [0.0]
 keys_st = st.lists(st.integers(0, 40), min_size=1, max_size=15)
 
 
 @settings(max_examples=25, deadline=None)
 @given(before=st.lists(keys_st, max_size=5), after=st.lists(keys_st, min_size=1, max_size=5))
 def test_rollback_restores_exactly_the_rows_changed_since_the_healthy_point(before, after):
-    clock[0] = 0.0
-    store, guard, sink, trainer, _sent = setup([])
+    clock = FakeClock(wall=0.0)
+    store, guard, sink, trainer, _sent = setup([], clock)
     rng = np.random.default_rng(0)
 
     def write(keys):
-        clock[0] += 1.0
+        clock.advance(1.0)
         sink.write("emb", np.array(keys, np.int64), rng.normal(size=(len(keys), DIM)))
 
     for keys in before:
         write(keys)
-    clock[0] += 1.0
-    guard.preimages.mark_healthy(clock[0])
-    healthy_at = clock[0]
+    clock.advance(1.0)
+    guard.preimages.mark_healthy(clock.wall())
+    healthy_at = clock.wall()
     table = store.table("emb")
     snapshot = {int(k): v.copy() for k, v in zip(*table.all_rows()[:2], strict=True)}
     for keys in after:
@@ -103,18 +104,18 @@ def test_rollback_restores_exactly_the_rows_changed_since_the_healthy_point(befo
 
 
 def test_rollback_reaches_a_replica_by_sync_and_it_reports_matching_digests():
-    clock[0] = 0.0
-    store, guard, sink, _trainer, sent = setup(["r1"])
+    clock = FakeClock(wall=0.0)
+    store, guard, sink, _trainer, sent = setup(["r1"], clock)
     replica = Store(origin=1)
     net = SimNetwork(seed=1)
     net.add_node("src", store)
     net.add_node("r1", replica, upstream="src")
     rng = np.random.default_rng(1)
     sink.write("emb", np.arange(100), rng.normal(size=(100, DIM)))
-    clock[0] = 10.0
+    clock.advance(10.0)
     guard.preimages.mark_healthy(10.0)
     guard.report({"node": "r1", "state": "healthy", "epoch": 0})
-    clock[0] = 20.0
+    clock.advance(10.0)
     sink.write("emb", np.arange(50, 150), rng.normal(size=(100, DIM)))
     converge(net)
     poisoned = replica.table("emb").digest()
@@ -228,3 +229,49 @@ def test_gate_acts_only_on_an_online_model_worse_than_the_baseline_twice():
     assert guard._gate(critical, better, base)[0] is Event.SCORE_NORMAL  # lead narrowed only
     assert guard._gate(critical, worse_, base)[0] is Event.SCORE_HIGH  # worse once
     assert guard._gate(critical, worse_, base)[0] is Event.SCORE_CRITICAL  # worse twice
+
+
+def test_a_deferring_source_rolled_back_never_releases_pre_rollback_rows_over_restored_ones():
+    """Issue 14: the rollback wrote the table directly, so rows the scheduler held from the
+    poisoned interval were released over the restored values once their bound was due, and
+    drift from that interval stayed with the restored keys. (On the old path this test fails
+    on both: 50 rows back at the poisoned value after ``release``, drift 52 left.)"""
+    from ekko.schedule import SchedulerConfig, UpdateScheduler
+
+    clock = FakeClock(wall=0.0)
+    store = Store(origin=0)
+    cfg = SchedulerConfig(
+        defer=True, defer_min_significance=0.5, max_staleness_s=2.0, accumulate_drift=True
+    )
+    scheduler = UpdateScheduler(cfg)
+    port = WritePort(store, scheduler, clock=clock)
+    guard = SourceGuard(
+        "ctr", port, ["emb"], FakeTrainer(), [], lambda p, b: None, None,
+        margin_s=0.0, quarantine_s=0.0, clock=clock,
+    )  # fmt: skip
+    port.create_table(TableSpec("emb", DIM, 4))
+    keys = np.arange(100, dtype=np.int64)
+    drifted, held = keys[:50], keys[50:]
+    for step in range(1, 20):  # the running mean |Δ|; every key in the low lane
+        clock.advance(0.01)
+        port.write("emb", keys, np.full((100, DIM), step, np.float32))
+    clock.advance(0.3)
+    port.write("emb", held, np.full((50, DIM), 1e3, np.float32))  # high lane: no drift
+    healthy = store.table("emb").lookup(keys)[0].copy()
+    clock.advance(0.5)
+    guard.preimages.mark_healthy(clock.wall())
+    healthy_at = clock.wall()
+    clock.advance(0.5)  # the poisoned interval: a low-lane write (drift) and a held one
+    port.write("emb", drifted, np.full((50, DIM), 39.0, np.float32))
+    port.write("emb", held, np.full((50, DIM), 1e3 + 1e-4, np.float32))
+    assert scheduler.statistics().rows_held == 50
+    assert scheduler.drift is not None
+    assert (scheduler.drift.drift("emb", drifted, np.zeros(50)) > 0).all()
+    incident = guard.rollback(healthy_at, "test")
+    assert incident["rows_restored"] == 100
+    np.testing.assert_array_equal(store.table("emb").lookup(keys)[0], healthy)
+    np.testing.assert_array_equal(scheduler.drift.drift("emb", keys, np.zeros(100)), 0.0)
+    clock.advance(10.0)  # far past the staleness bound of every row held before the rollback
+    assert port.release(clock.wall(), clock.ns()) == 0
+    np.testing.assert_array_equal(store.table("emb").lookup(keys)[0], healthy)
+    assert scheduler.statistics().rows_held == 0

@@ -30,13 +30,13 @@ async def test_held_rows_reach_the_table_within_the_staleness_bound(tmp_path: Pa
         runner.core.write("emb", keys, np.full((200, 4), float(step), np.float32))
     tiny = np.full((200, 4), 29.0001, np.float32)
     runner.core.write("emb", keys, tiny)
-    held = runner.core.writer.scheduler.statistics().rows_held
+    held = runner.core.port.scheduler.statistics().rows_held
     assert held > 0
     # The release timer writes them once the bound (0.3 s) is due: poll, with a deadline of
     # the bound plus a margin for a loaded machine (the test used to sleep 1 s, then look).
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 0.3 + 1.7
-    while runner.core.writer.scheduler.statistics().rows_held:
+    while runner.core.port.scheduler.statistics().rows_held:
         assert loop.time() < deadline, "held rows not released within the staleness bound"
         await asyncio.sleep(0.02)  # the node's own timer releases them; bounded by the deadline
     values, _, _ = runner.core.store.table("emb").lookup(keys)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ekko.node.config import ModelConfig
-from ekko.serve import InferenceService, StoreSink
+from ekko.schedule import WritePort
+from ekko.serve import InferenceService
 from ekko.store import Store
 from ekko.torch import EmbeddingPublisher, PublisherConfig
 from ekko.train.dlrm import DLRM
@@ -26,12 +27,12 @@ SMALL_STREAM = StreamConfig(seed=3, max_vocab=5_000, initial_items=2_000)
 
 @dataclass
 class Trained:
-    """A DLRM trained a few steps, published into ``store`` through a ``StoreSink``."""
+    """A DLRM trained a few steps, published into ``store`` through a ``WritePort``."""
 
     model: DLRM
     trainer: OnlineTrainer
     publisher: EmbeddingPublisher
-    sink: StoreSink
+    sink: WritePort
     store: Store
     batches: itertools.islice | object
 
@@ -42,7 +43,7 @@ class Trained:
 def train(steps: int = 4, *, snapshot: bool = True, batch: int = 128) -> Trained:
     model = DLRM(SMALL_MODEL.dlrm())
     store = Store()
-    sink = StoreSink(store)
+    sink = WritePort(store)
     pub = EmbeddingPublisher(model, sink, PublisherConfig(table_names=model.table_names()))
     if snapshot:
         pub.snapshot()

@@ -10,7 +10,8 @@ import torch
 from serve_fixtures import SMALL_MODEL, random_events, service, train
 
 from ekko.quality.offline import auc, log_loss
-from ekko.serve import BadInput, InferenceService, ModelNotReady, StoreSink, UnknownVariant
+from ekko.schedule import WritePort
+from ekko.serve import BadInput, InferenceService, ModelNotReady, UnknownVariant
 from ekko.store import Store
 from ekko.torch import EmbeddingPublisher, PublisherConfig
 from ekko.train.dlrm import DLRM, DLRMServingModel, dense_table_name, embedding_table_name
@@ -229,7 +230,7 @@ def test_a_namespaced_model_serves_from_its_own_tables() -> None:
     store = Store()
     pub = EmbeddingPublisher(
         model,
-        StoreSink(store),
+        WritePort(store),
         PublisherConfig(table_names=model.table_names(), dense_prefix="ctr/dense/"),
     )
     pub.snapshot()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.serve import StoreSink
+from ekko.schedule import WritePort
 from ekko.store import Store
 from ekko.store.spec import TableSpec
 from ekko.train.dlrm import dense_table_name, embedding_table_name
@@ -19,8 +19,8 @@ from ekko.train.streams import SyntheticStream
 
 def _trained_store(config, stream_config, steps: int = 30) -> tuple[Store, TrainingService]:
     store = Store()
-    svc = TrainingService("ctr", config, StoreSink(store), dense_interval_s=0.0)
-    svc.bootstrap(StoreSink(store).stored)
+    svc = TrainingService("ctr", config, WritePort(store), dense_interval_s=0.0)
+    svc.bootstrap(WritePort(store).stored)
     svc.start()
     batches = SyntheticStream(stream_config).batches(64)
     for _ in range(steps):
@@ -40,12 +40,12 @@ def test_restarted_trainer_predicts_as_before_and_overwrites_nothing(
     store, before = _trained_store(small_model_config, small_stream_config)
     held_out = next(SyntheticStream(small_stream_config).batches(256))
     want = before.trainer.predict(held_out)
-    seed = TrainingService("ctr", small_model_config, StoreSink(Store())).trainer.predict(held_out)
+    seed = TrainingService("ctr", small_model_config, WritePort(Store())).trainer.predict(held_out)
     assert not np.allclose(want, seed, atol=1e-4)  # the trained model is not the seed's
     tables = _table_state(store)
 
-    after = TrainingService("ctr", small_model_config, StoreSink(store), dense_interval_s=0.0)
-    loaded = after.bootstrap(StoreSink(store).stored)
+    after = TrainingService("ctr", small_model_config, WritePort(store), dense_interval_s=0.0)
+    loaded = after.bootstrap(WritePort(store).stored)
 
     np.testing.assert_array_equal(after.trainer.predict(held_out), want)
     assert _table_state(store) == tables  # not one row rewritten, dense or embedding
@@ -58,8 +58,8 @@ def test_resumed_trainer_keeps_training_and_publishes_its_steps(
     small_model_config, small_stream_config
 ):
     store, _before = _trained_store(small_model_config, small_stream_config)
-    after = TrainingService("ctr", small_model_config, StoreSink(store), dense_interval_s=0.0)
-    after.bootstrap(StoreSink(store).stored)
+    after = TrainingService("ctr", small_model_config, WritePort(store), dense_interval_s=0.0)
+    after.bootstrap(WritePort(store).stored)
     dense = dense_table_name("top.0.bias")
     version = store.table(dense).lookup(np.zeros(1, np.int64))[1][0]
     after.start()
@@ -76,8 +76,8 @@ def test_resumed_trainer_keeps_training_and_publishes_its_steps(
 
 def test_empty_store_gets_the_seed_dense_tensors(small_model_config):
     store = Store()
-    svc = TrainingService("ctr", small_model_config, StoreSink(store))
-    assert svc.bootstrap(StoreSink(store).stored) == 0
+    svc = TrainingService("ctr", small_model_config, WritePort(store))
+    assert svc.bootstrap(WritePort(store).stored) == 0
     for key, tensor in svc.model.dense_state().items():
         values, _, found = store.table(dense_table_name(key)).lookup(np.zeros(1, np.int64))
         assert found[0]
@@ -87,7 +87,7 @@ def test_empty_store_gets_the_seed_dense_tensors(small_model_config):
 
 def test_dense_tensors_the_store_lacks_are_published_the_rest_loaded(small_model_config):
     store = Store()
-    sink = StoreSink(store)
+    sink = WritePort(store)
     kept = dense_table_name("bottom.0.bias")
     width = small_model_config.bottom_mlp[0]
     sink.create_table(TableSpec(kept, width, 1))
@@ -98,22 +98,22 @@ def test_dense_tensors_the_store_lacks_are_published_the_rest_loaded(small_model
     assert (svc.model.dense_state()["bottom.0.bias"].numpy() == 0.25).all()
     svc.publisher.flush()
     assert store.table(kept).lookup(np.zeros(1, np.int64))[1][0] == version  # not republished
-    seed = TrainingService("ctr", small_model_config, StoreSink(Store())).model.dense_state()
+    seed = TrainingService("ctr", small_model_config, WritePort(Store())).model.dense_state()
     lacking = store.table(dense_table_name("top.0.bias")).lookup(np.zeros(1, np.int64))[0]
     np.testing.assert_array_equal(lacking[0], seed["top.0.bias"].numpy())
 
 
 def test_rows_the_model_has_no_place_for_are_skipped(small_model_config, caplog):
     store = Store()
-    TrainingService("ctr", small_model_config, StoreSink(store)).bootstrap()
+    TrainingService("ctr", small_model_config, WritePort(store)).bootstrap()
     dim, rows = small_model_config.embedding_dim, small_model_config.rows_per_table
     emb = embedding_table_name(0)
     keys = np.array([5, rows, rows + 7, -3], np.int64)  # only 5 is inside the table
-    StoreSink(store).write(emb, keys, np.full((4, dim), 0.5, np.float32))
+    WritePort(store).write(emb, keys, np.full((4, dim), 0.5, np.float32))
     dense = dense_table_name("top.2.bias")
-    StoreSink(store).write(dense, np.array([9], np.int64), np.full((1, 1), 7.0, np.float32))
-    svc = TrainingService("ctr", small_model_config, StoreSink(store))
-    svc.bootstrap(StoreSink(store).stored)
+    WritePort(store).write(dense, np.array([9], np.int64), np.full((1, 1), 7.0, np.float32))
+    svc = TrainingService("ctr", small_model_config, WritePort(store))
+    svc.bootstrap(WritePort(store).stored)
     weight = svc.model.sparse.embedding_bags[emb].weight.detach().numpy()
     assert (weight[5] == 0.5).all()
     assert svc.model.dense_state()["top.2.bias"].item() != 7.0  # key 9 is not the tensor
@@ -122,7 +122,7 @@ def test_rows_the_model_has_no_place_for_are_skipped(small_model_config, caplog)
 
 def test_rows_of_another_shape_are_refused_naming_the_table(small_model_config):
     store = Store()
-    sink = StoreSink(store)
+    sink = WritePort(store)
     sink.create_table(TableSpec(dense_table_name("top.2.bias"), 3, 1))
     sink.write(dense_table_name("top.2.bias"), np.zeros(1, np.int64), np.ones((1, 3), np.float32))
     svc = TrainingService("ctr", small_model_config, sink)

@@ -41,7 +41,7 @@ from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.responder import Responder
 from ekko.schedule import SchedulerConfig, UpdateScheduler
-from ekko.schedule.writer import ScheduledWriter
+from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 
 
@@ -172,7 +172,7 @@ async def run_ekko(
         return pace_rate(profiles.get(peer)) if variant.pace else None
 
     src_host = ResponderHost(Responder(source), pace_for)
-    writer = ScheduledWriter(source, scheduler)
+    writer = WritePort(source, scheduler, on_written=src_host.notify_written)
     src_listener = await serve(
         HOST, 0, node="source", secret=secret, schema=SYNC_SCHEMA,
         on_connection=src_host.serve_session,
@@ -215,12 +215,13 @@ async def run_ekko(
             if new_keys is not None:
                 _v, _ver, found = source.table(batch.table).lookup(batch.keys)
                 new_keys.register(names, batch.table, np.unique(batch.keys[~found]), now_ns)
-            writer.write(batch.table, batch.keys, batch.values, now=now_ns / 1e9, now_ns=now_ns)
-            writer.release(now_ns / 1e9, now_ns)
-            src_host.notify_written()
+            with writer.batch():  # one wake-up of parked pulls per batch
+                writer.write_rows(
+                    batch.table, batch.keys, batch.values, now=now_ns / 1e9, now_ns=now_ns
+                )
+                writer.release(now_ns / 1e9, now_ns)
         replay_s = time.perf_counter() - start
         writer.flush(time.time_ns())
-        src_host.notify_written()
         await _converged(source, nodes, timeout_s)
         duration = time.perf_counter() - start
     finally:

@@ -3,7 +3,7 @@ delays, side by side, on the synthetic stream and on MovieLens-100k.
 
 Design. One online trainer (``OnlineTrainer`` over a ``DLRM``) learns the stream one batch at
 a time; its ``EmbeddingPublisher`` writes exactly the changed rows (and the dense tensors,
-after every step) into a real source ``Store`` through ``StoreSink``. Every delay variant is a
+after every step) into a real source ``Store`` through ``WritePort``. Every delay variant is a
 replica ``Store`` served by a ``ReplicaModel``:
 
 - ``in_process``: no replica; the trainer's own predictions, made before it learns the batch
@@ -64,9 +64,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from ekko.bench.freshness_replicas import (
     DelayedReplica,
     EventTimeScorer,
+    SimClock,
     SyncedReplica,
     TapSink,
-    ns_of,
 )
 from ekko.bench.freshness_setup import (
     AUC_BAR,
@@ -82,8 +82,8 @@ from ekko.bench.freshness_setup import (
 from ekko.bench.report import write_result
 from ekko.quality.offline import auc, log_loss
 from ekko.quality.windowed import WindowedQuality
+from ekko.schedule.write_port import WritePort
 from ekko.serve.replica import ReplicaModel
-from ekko.serve.store_sink import StoreSink
 from ekko.store import Store
 from ekko.train.dlrm import DLRM
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
@@ -107,8 +107,8 @@ def run_stream(setup: FreshnessSetup, *, show_progress: bool = True) -> Freshnes
 
     model = DLRM(setup.model)
     source = Store()
-    store_sink = StoreSink(source, clock_ns=lambda: ns_of(clock[0]))
-    tap = TapSink(store_sink, lambda: clock[0])
+    port = WritePort(source, clock=SimClock(lambda: clock[0]))
+    tap = TapSink(port, lambda: clock[0])
     publisher = EmbeddingPublisher(
         model,
         tap,

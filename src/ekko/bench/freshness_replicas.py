@@ -22,7 +22,7 @@ from ekko.protocol.messages import Catalog, Message, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
 from ekko.protocol.ready import Ready
 from ekko.protocol.responder import Responder, ResponderConfig
-from ekko.serve.store_sink import StoreSink
+from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.spec import HIGH_LANE, TableSpec
 from ekko.train.streams import Events
@@ -210,10 +210,10 @@ def _changes_store(msg: Message) -> bool:
 
 
 class TapSink:
-    """``StoreSink`` plus a tap: each write, with the versions the source gave it, goes on to
-    the delayed replicas."""
+    """The source's ``WritePort`` plus a tap: each write, with the versions the source gave
+    it, goes on to the delayed replicas."""
 
-    def __init__(self, sink: StoreSink, clock: Callable[[], float]) -> None:
+    def __init__(self, sink: WritePort, clock: Callable[[], float]) -> None:
         self.sink = sink
         self.clock = clock
         self.delayed: list[DelayedReplica] = []
@@ -232,6 +232,23 @@ class TapSink:
 
 def ns_of(t: float) -> int:
     return round(t * 1e9)
+
+
+class SimClock:
+    """The bench's simulated seconds as a ``Clock``: the source's write port stamps the
+    published rows with it."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+
+    def wall(self) -> float:
+        return self._now()
+
+    def mono(self) -> float:
+        return self._now()
+
+    def ns(self) -> int:
+        return ns_of(self._now())
 
 
 # -- scoring from a replica ----------------------------------------------------------------

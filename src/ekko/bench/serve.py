@@ -16,7 +16,7 @@ most 1.1x idle.
 
 Contract with the node (``ekko.node``): a ``serve = true`` node mounts
 ``ekko.serve.serve_routes`` for every ``[[models]]`` entry, and the source bootstraps each
-model's tables (``emb_{i}``, ``dense/...``) through a ``StoreSink``. Until a phase's replica
+model's tables (``emb_{i}``, ``dense/...``) through its ``WritePort``. Until a phase's replica
 answers predict with 200 the bench waits (bounded), then measures.
 """
 

@@ -5,14 +5,15 @@ rollback) it (1) tells every replica to serve from the baseline, (2) quarantines
 input, (3) writes the last healthy values back as new versions, which the ordinary sync
 carries to every DC, and into the trainer's model, (4) resumes training once every replica
 holds the restored state, checking their digests against its own. No I/O here: messages to
-replicas go through ``broadcast(path, body)``, supplied by the node.
+replicas go through ``broadcast(path, body)``, supplied by the node; rows go through the
+source's ``WritePort``, which hands the guard the pre-images of the model's tables and writes
+the restore.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -21,42 +22,12 @@ from ekko.guard.errors import PreimageError
 from ekko.guard.log import TransitionLog
 from ekko.guard.preimages import PreimageLog
 from ekko.guard.state import Event, ModelHealth, State
-from ekko.store import Store
-from ekko.store.spec import Sink, TableSpec
+from ekko.schedule.write_port import WritePort
+from ekko.store.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
 Broadcast = Callable[[str, dict[str, Any]], None]
-
-
-class PreimageSink:
-    """A ``Sink`` that records each row's value before it is overwritten, then writes.
-
-    Why at the sink: every trained row reaches the store through it, so the pre-image log
-    sees exactly the writes a rollback may have to undo, and nothing else.
-    """
-
-    def __init__(
-        self,
-        sink: Sink,
-        store: Store,
-        preimages: PreimageLog,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.sink = sink
-        self.store = store
-        self.preimages = preimages
-        self._clock = clock
-
-    def create_table(self, spec: TableSpec) -> None:
-        self.sink.create_table(spec)
-
-    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        t = self.store.tables.get(table)
-        if t is not None:
-            old, versions, found = t.lookup(np.ascontiguousarray(keys, np.int64))
-            self.preimages.record(table, keys, old, versions, found, self._clock())
-        self.sink.write(table, keys, values)
 
 
 class SourceGuard:
@@ -64,11 +35,12 @@ class SourceGuard:
 
     Args:
         model: the model's name.
-        store: the source store.
+        port: the source's write port: it records the pre-images of every write to
+            ``tables`` here and writes the restore.
+        tables: the model's tables (what a rollback restores).
         trainer: the model's ``TrainingService`` (quarantine, load_rows, resume).
         replicas: names of the replicas that serve the model (each must report restored).
         broadcast: ``broadcast(path, body)`` posts to every replica's admin API.
-        on_write: wakes parked pulls after the restore writes.
         log_: the node's durable transition log.
         margin_s: roll back this far before the last moment every replica was healthy
             (the detector needs a few intervals to notice a bad update).
@@ -78,17 +50,17 @@ class SourceGuard:
             window that poisoned the model may not have ended yet).
         report_max_age_s: a replica's report older than this (by the source's clock, from
             its arrival) is stale; a stale or missing report counts as not healthy.
-        clock: wall seconds (a fake clock in tests).
+        clock: wall and monotonic time (a fake clock in tests; the node passes its own).
     """
 
     def __init__(
         self,
         model: str,
-        store: Store,
+        port: WritePort,
+        tables: Iterable[str],
         trainer: Any,
         replicas: list[str],
         broadcast: Broadcast,
-        on_write: Callable[[], None],
         log_: TransitionLog | None,
         *,
         margin_s: float = 10.0,
@@ -96,20 +68,21 @@ class SourceGuard:
         probation: int = 3,
         quarantine_s: float = 30.0,
         report_max_age_s: float = 5.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.model = model
-        self.store = store
+        self.port = port
+        self.store = port.store
         self.trainer = trainer
         self.replicas = list(replicas)
         self.broadcast = broadcast
-        self.on_write = on_write
         self.log = log_
         self.margin_s = margin_s
         self.quarantine_s = quarantine_s
         self.resume_at: float | None = None
         self.preimages = PreimageLog(window_s=window_s)
-        self.health = ModelHealth(model, probation)
+        port.record_preimages(tables, self.preimages.record)
+        self.health = ModelHealth(model, probation, wall_clock=clock.wall)
         self.reports: dict[str, dict[str, Any]] = {}
         self.last_all_healthy: float | None = None
         self.incident: dict[str, Any] | None = None
@@ -159,7 +132,7 @@ class SourceGuard:
         return out
 
     def _transition(self, event: Event, why: str, metrics: dict[str, float] | None = None):
-        tr = self.health.handle(event, time.monotonic(), why, metrics)
+        tr = self.health.handle(event, self._clock.mono(), why, metrics)
         if tr is not None:
             doc = {**tr.to_dict(), "node": "source"}
             log.warning(
@@ -175,7 +148,7 @@ class SourceGuard:
         node = body.get("node")
         if node not in self.replicas:
             raise ValueError(f"node: {node!r} does not serve model {self.model}")
-        self.reports[node] = {**body, "received_at": self._clock()}
+        self.reports[node] = {**body, "received_at": self._clock.wall()}
         current = int(body.get("epoch", 0)) >= len(self.incidents)  # not about a past incident
         if (
             body.get("state") == "corrupted"
@@ -186,7 +159,10 @@ class SourceGuard:
             why = f"automatic rollback: {node} reports corrupted: {body.get('reason')}"
             try:
                 self.rollback(
-                    None, why, detected_by=node, detected_at=float(body.get("at", time.time()))
+                    None,
+                    why,
+                    detected_by=node,
+                    detected_at=float(body.get("at", self._clock.wall())),
                 )
             except PreimageError as exc:
                 # No healthy point to return to: say so at the source (corrupted, with the
@@ -201,7 +177,7 @@ class SourceGuard:
         if inc is None or node not in self.replicas:
             return
         inc["restored"][node] = {
-            "at": float(body.get("at", time.time())),
+            "at": float(body.get("at", self._clock.wall())),
             "digests": body.get("digests", {}),
         }
         if set(inc["restored"]) >= set(self.replicas):
@@ -218,7 +194,7 @@ class SourceGuard:
         detected_at: float | None = None,
     ) -> dict[str, Any]:
         """Redirect every replica, quarantine training, write the healthy values back."""
-        decided = time.time()
+        decided = self._clock.wall()
         automatic = detected_by != "operator"
         if self.incident is not None:
             raise PreimageError(f"model {self.model}: a rollback is already in progress")
@@ -246,27 +222,27 @@ class SourceGuard:
             # after it, they overwrote restored rows with poisoned values for good).
             self.flush_writes()
         self._transition(Event.AUTOMATIC_ROLLBACK if automatic else Event.OPERATOR_ROLLBACK, why)
-        start = time.perf_counter()
+        start = self._clock.mono()
         rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         nbytes = 0
-        for table in self.preimages.tables():
-            if table not in self.store.tables:
-                continue
-            rs = self.preimages.restore_set(table, to_wall)
-            if rs.keys.size == 0:
-                continue
-            values = np.where(rs.existed[:, None], rs.values, 0.0).astype(np.float32)
-            self.store.table(table).write(rs.keys, values, now_ns=time.time_ns())
-            rows[table] = (rs.keys, values)
-            nbytes += rs.keys.nbytes + values.nbytes
+        with self.port.batch():  # replicas' parked pulls wake once, for every table
+            for table in self.preimages.tables():
+                if table not in self.store.tables:
+                    continue
+                rs = self.preimages.restore_set(table, to_wall)
+                if rs.keys.size == 0:
+                    continue
+                values = np.where(rs.existed[:, None], rs.values, 0.0).astype(np.float32)
+                self.port.restore(table, rs.keys, values, now_ns=self._clock.ns())
+                rows[table] = (rs.keys, values)
+                nbytes += rs.keys.nbytes + values.nbytes
         checkpoint = (
             self.preimages.restore_plan(self.preimages.tables()[0], to_wall).checkpoint_at
             if rows
             else to_wall
         )
         self.preimages.rolled_back(to_wall)
-        write_s = time.perf_counter() - start
-        self.on_write()
+        write_s = self._clock.mono() - start
         if self.trainer is not None and rows:
             self.trainer.load_rows(rows)
         lost = sum(
@@ -319,7 +295,7 @@ class SourceGuard:
         )
         times = [r["at"] for r in inc["restored"].values()]
         inc["restore_all_replicas_s"] = (max(times) - inc["decided_at"]) if times else 0.0
-        inc["completed_at"] = time.time()
+        inc["completed_at"] = self._clock.wall()
         self.resume_at = inc["decided_at"] + self.quarantine_s
         self.incidents.append(inc)
         self.incident = None
@@ -335,7 +311,7 @@ class SourceGuard:
         )
 
     def status(self) -> dict[str, Any]:
-        now = self._clock()
+        now = self._clock.wall()
         return {
             "model": self.model,
             "state": str(self.health.state),

@@ -88,12 +88,11 @@ def parse_write(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
 def admin_routes(
     core: NodeCore,
     registry: CollectorRegistry,
-    on_written: Callable[[], None],
     extra_status: Callable[[], dict] | None = None,
     max_body: int = MAX_BODY_BYTES,
 ) -> list[Route]:
-    """Routes of the admin API; ``on_written`` wakes parked pulls after a write; a row
-    write's body is at most ``max_body`` bytes."""
+    """Routes of the admin API (a row write wakes parked pulls through the source's port); a
+    row write's body is at most ``max_body`` bytes."""
 
     @guarded
     async def status(request: Request) -> Response:
@@ -120,7 +119,6 @@ def admin_routes(
         table = core.store.table(request.path_params["table"])
         keys, values = await offload(parse_write, await read_body(request), table.dim)
         versions = core.write(table.name, keys, values)
-        on_written()
         await core.wait_durable()  # acknowledged = on disk (one fsync per group commit)
         return JSONResponse({"table": table.name, "versions": versions.tolist()})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +22,9 @@ from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.protocol.traffic import TrafficTally
 from ekko.quality.latency import LatencyHistogram
-from ekko.schedule.writer import ScheduledWriter
+from ekko.schedule.write_port import WritePort
 from ekko.store import Store
+from ekko.store.clock import SYSTEM_CLOCK, Clock
 from ekko.store.journal import StoreJournal, open_durable
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
 
@@ -51,6 +52,10 @@ class NodeCore:
     # Start the source from the replicas, setting its data files aside (a corrupt snapshot
     # or log, or a data dir known to be lost).
     rebuild: bool = False
+    # Called after every write through the port (the runner wakes parked long-poll pulls).
+    on_written: Callable[[], None] | None = None
+    # What the write path stamps rows with (a fake clock in tests).
+    clock: Clock = SYSTEM_CLOCK
 
     def __post_init__(self) -> None:
         self.node = self.config.node(self.name)
@@ -66,8 +71,12 @@ class NodeCore:
         self.restored_rows = 0  # rows the source found in its own snapshot and log
         self.store = self._open_store()
         self.responder = self._responder()
-        self.writer = ScheduledWriter(
-            self.store, self.config.scheduler.scheduler() if self.role == "source" else None
+        # The source's one write port: HTTP writes, the trainers, releases and restores.
+        self.port = WritePort(
+            self.store,
+            self.config.scheduler.scheduler() if self.role == "source" else None,
+            on_written=self.on_written,
+            clock=self.clock,
         )
         self.upstream_name: str | None = None
         self.rebuilds = 0  # whole-store rebuilds from a new upstream lineage (a full copy)
@@ -156,7 +165,8 @@ class NodeCore:
                 f"source {self.name!r} takes no writes: its write-ahead log failed "
                 f"({self.journal.wal.failed})"
             )
-        return self.writer.write(table, keys, values, now=time.time(), now_ns=time.time_ns())
+        now_ns = self.clock.ns()
+        return self.port.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns)
 
     def down(self) -> dict[str, str]:
         """What of the node's own machinery stopped working (for ``/ready``)."""
@@ -185,7 +195,7 @@ class NodeCore:
         if not self.is_source:
             self.traffic.add(counts)
             return
-        scheduler = self.writer.scheduler
+        scheduler = self.port.scheduler
         if scheduler is not None:
             now = time.time()
             for model, n in counts.items():
@@ -193,7 +203,7 @@ class NodeCore:
 
     def register_model_tables(self, model: str, tables: list[str]) -> None:
         """At the source: ``tables`` belong to ``model``, whose traffic share weighs them."""
-        scheduler = self.writer.scheduler
+        scheduler = self.port.scheduler
         if scheduler is not None:
             for t in tables:
                 scheduler.traffic.register(t, model)
@@ -281,7 +291,7 @@ class NodeCore:
 
     def _traffic_status(self) -> dict:
         out: dict = {"reported": dict(self.traffic_reported)}
-        scheduler = self.writer.scheduler
+        scheduler = self.port.scheduler
         if scheduler is not None:
             out["shares"] = dict(scheduler.traffic.shares())
         return out

@@ -96,7 +96,7 @@ class NodeCollector:
             rs.shared_chunks,
         )
         yield from _pacing_families(core.responder.pacing(self.clock()), lk, lv)
-        scheduler = core.writer.scheduler
+        scheduler = core.port.scheduler
         if scheduler is not None:
             yield from _scheduler_families(scheduler.statistics(), lk, lv)
 

@@ -2,8 +2,8 @@
 
 ``ModelHost`` builds both from the cluster's ``[[models]]`` and hands the runner their HTTP
 routes, Prometheus collectors and status. Trainers run in worker threads; their writes reach
-the store through ``LoopSink``, which replays them on the node's event loop, the one thread
-that touches the store.
+the source's write port through ``LoopSink``, which replays them on the node's event loop, the
+one thread that touches the store.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np
 
 from ekko.node.core import NodeCore
 from ekko.protocol.ready import Applied
+from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
-from ekko.store.spec import Sink, TableSpec
+from ekko.store.spec import TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,14 @@ class LoopSink:
 
     Why: ``Table`` allows no write concurrent with a lookup or an apply, and the node's loop
     does both; handing the writes over keeps the store single-threaded and in the trainer's
-    order. Writes queue under a lock and one loop callback drains them all, so a publish of
-    26 tables costs one wake-up of the loop, not 26.
+    order. Writes queue under a lock and one loop callback drains them all as one batch of
+    the port, so a publish of 26 tables costs one wake-up of the loop and of parked pulls,
+    not 26.
     """
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sink: Sink,
-        on_drained: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, port: WritePort) -> None:
         self.loop = loop
-        self.sink = sink
-        self.on_drained = on_drained
+        self.port = port
         self._lock = threading.Lock()
         self._pending: list[tuple[Callable[..., None], tuple]] = []
 
@@ -64,16 +60,15 @@ class LoopSink:
     def _drain(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for fn, args in pending:
-            fn(*args)
-        if self.on_drained is not None:
-            self.on_drained()
+        with self.port.batch():
+            for fn, args in pending:
+                fn(*args)
 
     def create_table(self, spec: TableSpec) -> None:
-        self._call(self.sink.create_table, spec)
+        self._call(self.port.create_table, spec)
 
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        self._call(self.sink.write, table, keys, values)
+        self._call(self.port.write, table, keys, values)
 
 
 class ModelHost:
@@ -86,7 +81,6 @@ class ModelHost:
     def __init__(
         self,
         core: NodeCore,
-        on_write: Callable[[], None],
         send: Callable[[str, str, dict], None] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -117,7 +111,6 @@ class ModelHost:
             core.traffic.served = self.predictions
             if guard.enabled and core.role != "checkpoint":
                 self._build_replica_guards()
-        self._on_write = on_write
 
     def predictions(self) -> dict[str, int]:
         """Predictions served so far per model (cumulative), for the traffic report."""
@@ -175,35 +168,33 @@ class ModelHost:
                 f"trainers start once the source is ready, not while {self.core.not_ready}: "
                 f"they resume from the store"
             )
-        from ekko.serve import StoreSink
         from ekko.train.service import TrainingService
         from ekko.train.trainer import TrainerConfig
 
         # The trainer thread holds the GIL between torch calls; a short switch interval keeps
         # the event loop (sync answers, HTTP) from waiting the default 5 ms behind it.
         sys.setswitchinterval(0.0005)
-        store_sink = StoreSink(self.core.store, writer=self.core.writer)
+        port = self.core.port
         cfg = self.core.config
         for m in cfg.models:
             svc = TrainingService(
                 m.name,
                 m.dlrm(),
-                store_sink,
+                port,
                 trainer=TrainerConfig(m.optimizer, m.sparse_lr, m.dense_lr),
                 embedding_shards=m.embedding_shards,
                 dense_interval_s=m.dense_interval_s,
             )
-            svc.bootstrap(store_sink.stored)  # on the loop thread, straight into the store
+            with port.batch():  # on the loop thread, straight into the store
+                svc.bootstrap(port.stored)
             pub = svc.publisher
             names = [*pub.table_names, *pub.dense_table_names]
             for name in names:
                 self.core.store.table(name).max_abs = m.max_abs
             self.core.register_model_tables(m.name, names)
-            self._on_write()
-            sink: Sink = store_sink
             if cfg.guard.enabled:
-                sink = self._source_guard(m.name, svc, store_sink)
-            loop_sink = LoopSink(loop, sink, self._on_write)
+                self._source_guard(m.name, names, svc)
+            loop_sink = LoopSink(loop, port)
             svc.publisher.sink = loop_sink
             if m.name in self.source_guards:
                 self.source_guards[m.name].flush_writes = loop_sink.drain
@@ -211,8 +202,8 @@ class ModelHost:
             self.trainers[m.name] = svc
             log.info("trainer of model %s started", m.name)
 
-    def _source_guard(self, model: str, trainer, store_sink: Sink) -> Sink:
-        from ekko.guard.source_guard import PreimageSink, SourceGuard
+    def _source_guard(self, model: str, tables: list[str], trainer) -> None:
+        from ekko.guard.source_guard import SourceGuard
 
         cfg = self.core.config
         g = cfg.guard
@@ -222,14 +213,12 @@ class ModelHost:
             for node in serving:
                 self._send(node, f"/v1/models/{model}/{path}", body)
 
-        guard = SourceGuard(
-            model, self.core.store, trainer, serving, broadcast, self._on_write,
-            self._open_log(), margin_s=g.rollback_margin_s, window_s=g.preimage_window_s,
+        self.source_guards[model] = SourceGuard(
+            model, self.core.port, tables, trainer, serving, broadcast, self._open_log(),
+            margin_s=g.rollback_margin_s, window_s=g.preimage_window_s,
             probation=g.probation, quarantine_s=g.quarantine_s,
-            report_max_age_s=max(3.0, 5 * g.interval_s),
+            report_max_age_s=max(3.0, 5 * g.interval_s), clock=self.clock,
         )  # fmt: skip
-        self.source_guards[model] = guard
-        return PreimageSink(store_sink, self.core.store, guard.preimages)
 
     def stop(self) -> None:
         for svc in self.trainers.values():

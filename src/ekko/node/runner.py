@@ -63,7 +63,9 @@ class NodeRunner:
         rebuild: bool = False,
     ) -> None:
         self.config = config
-        self.core = NodeCore(config, name, base_dir, rebuild=rebuild)
+        self.core = NodeCore(
+            config, name, base_dir, rebuild=rebuild, on_written=self.notify_written
+        )
         secret_path = config.path(config.cluster.secret_file, base_dir)
         self.secret = secret_path.read_bytes().strip()
         self.writer_config = writer
@@ -76,7 +78,7 @@ class NodeRunner:
         self.extra_metrics: list = []
         self.extra_status: Callable[[], dict] | None = None
         self.extra_routes: list = []
-        self.models = ModelHost(self.core, self.notify_written, self._post)
+        self.models = ModelHost(self.core, self._post)
         self.apply = ApplyFanout(self.core.latency, [self.models.follow], self.notify_written)
         self._http: httpx.AsyncClient | None = None
         self._copy_now = asyncio.Event()
@@ -100,9 +102,7 @@ class NodeRunner:
         collectors.append(sync_port_metrics(self.core.name, listener))
         registry = node_registry(self.core, collectors)
         web = self.config.http
-        routes = admin_routes(
-            self.core, registry, self.notify_written, self._status_extra, web.max_body_bytes
-        )
+        routes = admin_routes(self.core, registry, self._status_extra, web.max_body_bytes)
         routes.append(Route("/ready", self._ready_route))
         if self.core.role == "checkpoint":
             routes.append(Route("/v1/checkpoint/refresh", self._refresh_now, methods=["POST"]))
@@ -187,7 +187,7 @@ class NodeRunner:
             await asyncio.to_thread(self.models.stop)
             await asyncio.sleep(0.05)  # let the trainers' last writes land on this loop
         if self.core.is_source:
-            held = self.core.writer.flush(time.time_ns())
+            held = self.core.port.flush(time.time_ns())
             if held:
                 log.info("wrote %d held (deferred) rows before stopping", held)
             self.core.save_snapshot()
@@ -445,13 +445,12 @@ class NodeRunner:
 
     async def _release_held(self) -> None:
         """Write deferred rows once their staleness bound is due (the scheduler holds them
-        out of the table until then), and wake the pullers."""
-        writer = self.core.writer
+        out of the table until then); the port wakes the pullers."""
+        port = self.core.port
         while True:
-            due = writer.next_due()
+            due = port.next_due()
             await asyncio.sleep(0.05 if due is None else min(0.05, max(0.0, due - time.time())))
-            if writer.release(time.time(), time.time_ns()):
-                self.notify_written()
+            port.release(time.time(), time.time_ns())
 
     async def _snapshots(self) -> None:
         while True:

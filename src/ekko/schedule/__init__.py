@@ -7,7 +7,8 @@
 - ``deferral``: ``Deferrer`` (holds insignificant changes up to a staleness bound);
 - ``drift``: ``DriftAccumulator`` (a row's drift since it last went in a first-drained lane);
 - ``key_slots``: ``KeySlots`` (per-key numbers in fixed memory, for heat and drift);
-- ``scheduler``: ``UpdateScheduler`` for the source write path.
+- ``scheduler``: ``UpdateScheduler`` for the source write path;
+- ``write_port``: ``WritePort``, the source's one write path (HTTP, trainer, release, restore).
 
 Everything is sans-IO and clock-free: time-dependent calls take ``now``.
 """
@@ -32,6 +33,7 @@ from ekko.schedule.scheduler import (
     WritePlan,
 )
 from ekko.schedule.threshold import LaneSplitter, LaneStats, StreamingPercentile
+from ekko.schedule.write_port import PreimageHook, WritePort
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -41,6 +43,7 @@ __all__ = [
     "LaneSplitter",
     "LaneStats",
     "LinkPacer",
+    "PreimageHook",
     "PriorityFunction",
     "PriorityInputs",
     "Released",
@@ -53,5 +56,6 @@ __all__ = [
     "TrafficShares",
     "UpdateScheduler",
     "WritePlan",
+    "WritePort",
     "delta_norms",
 ]

@@ -82,6 +82,17 @@ class _Held:
             extra = np.zeros((new_cap - cap, self.values.shape[1]), np.float32)
             self.values = np.concatenate([self.values, extra])
 
+    def clear(self, keys: np.ndarray) -> int:
+        """Stop holding ``keys`` (those held); returns how many were held."""
+        slots = self.index.lookup(keys)
+        slots = slots[slots >= 0]
+        cleared = np.unique(slots[~np.isnan(self.first[slots])])
+        self.first[cleared] = np.nan
+        self.count -= int(cleared.size)
+        if len(self.index) > 4 * self.count + 65_536:
+            self.compact()
+        return int(cleared.size)
+
     def compact(self) -> None:
         """Rebuild the index from the keys still held (slots of released keys are reused)."""
         used = len(self.index)
@@ -164,18 +175,8 @@ class Deferrer:
             held = self._tables[table] = _Held(dim)
         if (values is None) != (held.values is None):
             raise ValueError(f"table {table!r}: give values on every call or on none")
-        # Rows going out now: release their holds.
-        if held.count:
-            send_idx = np.flatnonzero(~hold)
-            if send_idx.size:
-                slots = held.index.lookup(k[send_idx])
-                slots = slots[slots >= 0]
-                cleared = slots[~np.isnan(held.first[slots])]
-                cleared = np.unique(cleared)
-                held.first[cleared] = np.nan
-                held.count -= int(cleared.size)
-                if len(held.index) > 4 * held.count + 65_536:
-                    held.compact()
+        if held.count and not hold.all():
+            held.clear(k[~hold])  # rows going out now: their newest value goes with them
         hold_idx = np.flatnonzero(hold)
         if hold_idx.size:
             if last is not None:  # one row per key: its last occurrence
@@ -194,6 +195,14 @@ class Deferrer:
                 assert values is not None
                 held.values[slots] = np.asarray(values)[hold_idx]
         return ~hold
+
+    def discard(self, table: str, keys: np.ndarray) -> int:
+        """Drop the holds of ``keys`` of ``table``: their held values are never released (a
+        rollback wrote these rows since). Returns how many rows were held."""
+        held = self._tables.get(table)
+        if held is None or not held.count:
+            return 0
+        return held.clear(np.ascontiguousarray(keys, dtype=np.int64))
 
     def due(self, now: float) -> list[Released]:
         """Rows whose first deferral is at least ``max_staleness_s`` before ``now``: they

@@ -1,6 +1,7 @@
 """The source-side update scheduler: one call per write batch decides lanes and deferral.
 
-Write path at the source (the node does this; the scheduler does no I/O and owns no table)::
+Write path at the source (``ekko.schedule.write_port.WritePort`` does this; the scheduler does
+no I/O and owns no table)::
 
     old, _, existed = table.lookup(keys)
     plan = scheduler.plan(table.name, keys, old, new, existed, now)
@@ -232,6 +233,16 @@ class UpdateScheduler:
         drifted from what they hold."""
         if self.drift is not None:
             self.drift = DriftAccumulator()
+
+    def restored(self, table: str, keys: np.ndarray) -> int:
+        """A rollback wrote ``keys`` of ``table`` past the scheduler (every replica gets them
+        at once): rows held for them are dropped, never released over the restored values,
+        and their drift starts from zero. Returns how many held rows were dropped."""
+        k = np.asarray(keys)
+        if self.drift is not None:
+            n = k.shape[0]
+            self.drift.settle(table, k, np.zeros(n), np.full(n, HIGH_LANE, np.uint8))
+        return self.deferrer.discard(table, k)
 
     def due(self, now: float) -> list[ReleasedRows]:
         """Held rows whose staleness bound is reached at ``now``; write them."""

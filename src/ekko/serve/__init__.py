@@ -2,8 +2,8 @@
 
 Public names: ``InferenceService`` (predict / feedback / metrics of one model over a store),
 ``build_services`` (one per configured model), ``serve_routes`` (the starlette routes a
-``serve = true`` node mounts), ``StoreSink``
-(the publisher's sink over a store), results, stats and errors.
+``serve = true`` node mounts), results, stats and errors. (The publisher's rows enter a
+source through ``ekko.schedule.WritePort``.)
 """
 
 from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownModel, UnknownVariant
@@ -21,7 +21,6 @@ from ekko.serve.service import (
     ServeStats,
     build_services,
 )
-from ekko.serve.store_sink import StoreSink
 from ekko.train.schema import decode_train
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "ServeError",
     "ServeStats",
     "ServedModel",
-    "StoreSink",
     "UnknownModel",
     "UnknownVariant",
     "build_services",

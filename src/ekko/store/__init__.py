@@ -2,11 +2,12 @@
 
 Public names: ``Store`` (a node's tables, snapshots), ``Table`` (one table), ``KeyIndex``
 and ``shard_of`` (the key index and the shard hash every node shares), ``ReferenceTable``
-(the naive model tests compare against), ``check_write_values`` (what a source write must
-satisfy, for writers that plan before they write), result dataclasses and errors.
+(the naive model tests compare against), ``check_keys``, ``check_values`` and
+``check_write_values`` (what a source write must satisfy, for writers that plan before they
+write), result dataclasses and errors.
 """
 
-from ekko.store._validate import DEFAULT_MAX_ABS, check_write_values
+from ekko.store._validate import DEFAULT_MAX_ABS, check_keys, check_values, check_write_values
 from ekko.store.errors import (
     BadRowsError,
     SnapshotError,
@@ -34,6 +35,8 @@ __all__ = [
     "TableStats",
     "UnknownTableError",
     "WalError",
+    "check_keys",
+    "check_values",
     "check_write_values",
     "shard_of",
     "warm",
