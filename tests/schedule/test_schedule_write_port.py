@@ -193,12 +193,14 @@ def test_parked_pulls_are_woken_by_writes_releases_and_restores_without_the_call
 
 
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_bad_rows_raise_naming_the_problem_and_store_record_and_hold_nothing(scheduled):
+@pytest.mark.parametrize("hooked", [False, True])
+def test_bad_rows_raise_naming_the_problem_and_store_record_and_hold_nothing(scheduled, hooked):
     store = _store()
     store.table("emb").max_abs = 100.0
     recorded: list = []
     w = WritePort(store, _deferring() if scheduled else None)
-    w.record_preimages(["emb"], lambda *args: recorded.append(args))
+    if hooked:
+        w.record_preimages(["emb"], lambda *args: recorded.append(args))
     keys = np.arange(4, dtype=np.int64)
     w.write_rows("emb", keys, np.ones((4, 4), np.float32), now=0.0, now_ns=1)
     before = store.table("emb").all_rows()

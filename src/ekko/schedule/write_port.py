@@ -81,10 +81,12 @@ class WritePort:
         the versions of the rows written now (rows the scheduler holds are not written yet).
         Bad rows (unknown table, wrong dtype or shape, NaN/inf, beyond ``max_abs``) raise
         before anything is recorded, held or written."""
-        t, k, v = self._checked(table, keys, values)
+        t = self.store.table(table)
         hook = self._preimage_hooks.get(table)
         lanes: np.ndarray | int = HIGH_LANE
+        k, v = keys, values  # unplanned and unrecorded: Table.write checks them in full
         if self.scheduler is not None or hook is not None:
+            k, v = self._checked(t, keys, values)
             old, old_versions, found = t.lookup(k)  # the one lookup: pre-images and the plan
             if hook is not None:
                 hook(table, k, old, old_versions, found, now)
@@ -103,8 +105,10 @@ class WritePort:
         must reach every replica. Rows the scheduler holds for these keys are dropped (released
         later, they would overwrite the restored values) and their drift starts from zero. No
         pre-image is recorded: the guard cuts its log back to the restore point instead."""
-        t, k, v = self._checked(table, keys, values)
+        t = self.store.table(table)
+        k, v = keys, values
         if self.scheduler is not None:
+            k, v = self._checked(t, keys, values)  # before the scheduler forgets anything
             self.scheduler.restored(table, k)
         versions = t.write(k, v, now_ns=now_ns, lanes=HIGH_LANE)
         self._moved_rows(versions.shape[0])
@@ -155,14 +159,14 @@ class WritePort:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _checked(
-        self, table: str, keys: np.ndarray, values: np.ndarray
-    ) -> tuple[Table, np.ndarray, np.ndarray]:
-        t = self.store.table(table)
+    @staticmethod
+    def _checked(t: Table, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The checks ``Table.write`` makes, made before the hook or the scheduler sees a row
+        (a refused batch must leave no pre-image, hold or drift behind)."""
         k = check_keys(keys)
         v = check_values(values, k.shape[0], t.dim)
-        check_write_values(v, table, t.max_abs)  # before the hook or the scheduler sees them
-        return t, k, v
+        check_write_values(v, t.name, t.max_abs)
+        return k, v
 
     def _write_released(self, released: list[ReleasedRows], now_ns: int) -> int:
         n = 0
