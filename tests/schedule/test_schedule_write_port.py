@@ -139,6 +139,39 @@ def test_a_restore_is_final_held_rows_are_dropped_and_drift_restarts():
     assert (lanes[np.isin(all_keys, keys)] == HIGH_LANE).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["write", "restore"]),
+            st.sets(st.integers(0, 15), min_size=1, max_size=8),
+            st.sampled_from([1e-4, 3.0]),  # a step the scheduler holds, or one it sends
+        ),
+        max_size=25,
+    )
+)
+def test_after_a_flush_each_row_holds_its_last_write_or_restore_whatever_was_held(ops):
+    """No held row is lost and none is released over a later restore: after ``flush`` the
+    table equals the last value each key was given, in call order."""
+    store = _store()
+    scheduler = drifting_scheduler()
+    w = WritePort(store, scheduler)
+    keys = np.arange(16, dtype=np.int64)
+    w.write_rows("emb", keys, np.zeros((16, 4), np.float32), now=0.0, now_ns=1)
+    expected = np.zeros((16, 4), np.float32)
+    for i, (op, chosen, step) in enumerate(ops, start=1):
+        k = np.array(sorted(chosen), np.int64)
+        if op == "write":
+            expected[k] += np.float32(step)
+            w.write_rows("emb", k, expected[k], now=0.1 * i, now_ns=1 + i)
+        else:
+            expected[k] = -np.float32(i)
+            w.restore("emb", k, expected[k], now_ns=1 + i)
+    w.flush(10_000)
+    assert scheduler.deferrer.held() == 0
+    np.testing.assert_array_equal(store.table("emb").lookup(keys)[0], expected)
+
+
 def test_each_write_looks_its_keys_up_once_and_hands_the_hook_what_it_overwrites():
     store = _store()
     t = store.table("emb")
@@ -187,9 +220,14 @@ def test_parked_pulls_are_woken_by_writes_releases_and_restores_without_the_call
     assert len(woken) == 2
     with w.batch():  # a publish of many tables, a restore of many: one wake-up at the end
         w.write("emb", keys[:3], np.ones((3, 4), np.float32))
-        w.restore("emb", keys[3:6], np.ones((3, 4), np.float32), now_ns=8)
+        with w.batch():
+            w.restore("emb", keys[3:6], np.ones((3, 4), np.float32), now_ns=8)
         assert len(woken) == 2
     assert len(woken) == 3
+    with pytest.raises(RuntimeError), w.batch():  # rows written before a failure still wake
+        w.write("emb", keys[:3], np.full((3, 4), 2.0, np.float32))
+        raise RuntimeError("the rest of the publish failed")
+    assert len(woken) == 4
 
 
 @pytest.mark.parametrize("scheduled", [False, True])
