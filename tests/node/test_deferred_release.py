@@ -1,5 +1,6 @@
 """A source with deferral on writes its held rows once their staleness bound is due, and
-writes what is still held before it stops (nothing deferred is lost)."""
+writes what is still held before it stops (nothing deferred is lost). Rows come through the
+trainer's path (the port as the publisher's Sink): an HTTP write is never held."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ async def test_held_rows_reach_the_table_within_the_staleness_bound(tmp_path: Pa
     task = asyncio.create_task(runner.run())
     await asyncio.wait_for(runner.ready.wait(), 30)
     keys = np.arange(200, dtype=np.int64)
+    sink = runner.core.port  # what a trainer's publisher writes through
     for step in range(1, 30):  # large changes: the running mean |Δ|
-        runner.core.write("emb", keys, np.full((200, 4), float(step), np.float32))
+        sink.write("emb", keys, np.full((200, 4), float(step), np.float32))
     tiny = np.full((200, 4), 29.0001, np.float32)
-    runner.core.write("emb", keys, tiny)
+    sink.write("emb", keys, tiny)
     held = runner.core.port.scheduler.statistics().rows_held
     assert held > 0
     # The release timer writes them once the bound (0.3 s) is due: poll, with a deadline of

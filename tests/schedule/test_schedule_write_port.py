@@ -27,13 +27,14 @@ def _deferring() -> UpdateScheduler:
 
 
 def _hold_some(w: WritePort, keys: np.ndarray) -> np.ndarray:
-    """Large steps (the running mean |Δ|), then a tiny one the scheduler holds; returns it."""
+    """Large steps (the running mean |Δ|), then a tiny one the scheduler holds (as it holds a
+    trainer's); returns it."""
     w.write_rows("emb", keys, np.ones((keys.size, 4), np.float32), now=0.0, now_ns=1)
     for step in range(1, 20):
         values = np.full((keys.size, 4), step, np.float32)
         w.write_rows("emb", keys, values, now=0.01 * step, now_ns=2)
     tiny = np.full((keys.size, 4), 19.0001, np.float32)
-    w.write_rows("emb", keys, tiny, now=1.0, now_ns=3)
+    w.write_rows("emb", keys, tiny, now=1.0, now_ns=3, hold=True)
     return tiny
 
 
@@ -99,16 +100,40 @@ def test_deferred_rows_are_held_then_released_within_the_bound():
     np.testing.assert_array_equal(store.table("emb").lookup(keys)[0], tiny)
 
 
+def test_an_acknowledged_write_is_never_held_and_ends_an_earlier_hold():
+    """``write_rows`` without ``hold``: the HTTP route acknowledges once the log's fsync covers
+    the batch, and a held row is in no log (a kill -9 lost it). It is written now, in its
+    lane, every key gets a version, and an older hold of its keys is never released over it."""
+    store = _store()
+    scheduler = _deferring()
+    w = WritePort(store, scheduler)
+    keys = np.arange(100, dtype=np.int64)
+    _hold_some(w, keys)
+    assert scheduler.statistics().rows_held == 100
+    small = np.full((100, 4), 19.0002, np.float32)  # as insignificant as the held change
+    versions = w.write_rows("emb", keys[:40], small[:40], now=1.5, now_ns=4)
+    assert versions.shape == (40,) and (versions > 0).all()
+    np.testing.assert_array_equal(store.table("emb").lookup(keys[:40])[0], small[:40])
+    assert scheduler.statistics().rows_held == 60
+    w.flush(5)
+    np.testing.assert_array_equal(store.table("emb").lookup(keys[:40])[0], small[:40])
+
+
 def drift_and_hold(w: WritePort, now: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Keys 0..49 end with drift from low-lane writes, keys 50..99 with a held row (a
     scheduler deferring below p_g 0.5 and accumulating drift). Returns both key sets."""
     keys = np.arange(100, dtype=np.int64)
     drifted, held = keys[:50], keys[50:]
+
+    def write(k: np.ndarray, value: float, now_ns: int) -> None:  # as a trainer's step
+        w.write_rows("emb", k, np.full((k.size, 4), value, np.float32), now=now, now_ns=now_ns,
+                     hold=True)  # fmt: skip
+
     for step in range(1, 20):  # the running mean |Δ|; every key in the low lane
-        w.write_rows("emb", keys, np.full((100, 4), step, np.float32), now=now, now_ns=1)
-    w.write_rows("emb", held, np.full((50, 4), 1e3, np.float32), now=now, now_ns=2)  # high
-    w.write_rows("emb", drifted, np.full((50, 4), 39.0, np.float32), now=now, now_ns=3)
-    w.write_rows("emb", held, np.full((50, 4), 1e3 + 1e-4, np.float32), now=now, now_ns=4)
+        write(keys, step, 1)
+    write(held, 1e3, 2)  # high
+    write(drifted, 39.0, 3)
+    write(held, 1e3 + 1e-4, 4)
     return drifted, held
 
 
@@ -143,7 +168,7 @@ def test_a_restore_is_final_held_rows_are_dropped_and_drift_restarts():
 @given(
     ops=st.lists(
         st.tuples(
-            st.sampled_from(["write", "restore"]),
+            st.sampled_from(["write", "acknowledged", "restore"]),
             st.sets(st.integers(0, 15), min_size=1, max_size=8),
             st.sampled_from([1e-4, 3.0]),  # a step the scheduler holds, or one it sends
         ),
@@ -151,8 +176,9 @@ def test_a_restore_is_final_held_rows_are_dropped_and_drift_restarts():
     )
 )
 def test_after_a_flush_each_row_holds_its_last_write_or_restore_whatever_was_held(ops):
-    """No held row is lost and none is released over a later restore: after ``flush`` the
-    table equals the last value each key was given, in call order."""
+    """No held row is lost and none is released over a later restore or acknowledged write:
+    after ``flush`` the table equals the last value each key was given, in call order; an
+    acknowledged write is in the table as soon as it returns."""
     store = _store()
     scheduler = drifting_scheduler()
     w = WritePort(store, scheduler)
@@ -161,9 +187,12 @@ def test_after_a_flush_each_row_holds_its_last_write_or_restore_whatever_was_hel
     expected = np.zeros((16, 4), np.float32)
     for i, (op, chosen, step) in enumerate(ops, start=1):
         k = np.array(sorted(chosen), np.int64)
-        if op == "write":
+        if op != "restore":
             expected[k] += np.float32(step)
-            w.write_rows("emb", k, expected[k], now=0.1 * i, now_ns=1 + i)
+            ack = op == "acknowledged"
+            w.write_rows("emb", k, expected[k], now=0.1 * i, now_ns=1 + i, hold=not ack)
+            if ack:
+                np.testing.assert_array_equal(store.table("emb").lookup(k)[0], expected[k])
         else:
             expected[k] = -np.float32(i)
             w.restore("emb", k, expected[k], now_ns=1 + i)
@@ -207,7 +236,7 @@ def test_parked_pulls_are_woken_by_writes_releases_and_restores_without_the_call
     moved = 0
     for step in range(1, 21):  # the last, tiny step is held whole
         value = np.full((100, 4), step if step < 20 else 19.0001, np.float32)
-        moved += len(w.write_rows("emb", keys, value, now=0.01 * step, now_ns=step)) > 0
+        moved += len(w.write_rows("emb", keys, value, now=0.01 * step, now_ns=step, hold=True)) > 0
         assert len(woken) == moved  # one wake-up per write that moved the store, at once
     assert w.scheduler is not None and w.scheduler.statistics().rows_held == 100
     assert moved == 19

@@ -216,8 +216,13 @@ async def run_ekko(
                 _v, _ver, found = source.table(batch.table).lookup(batch.keys)
                 new_keys.register(names, batch.table, np.unique(batch.keys[~found]), now_ns)
             with writer.batch():  # one wake-up of parked pulls per batch
-                writer.write_rows(
-                    batch.table, batch.keys, batch.values, now=now_ns / 1e9, now_ns=now_ns
+                writer.write_rows(  # a trainer's steps: the scheduler may hold rows
+                    batch.table,
+                    batch.keys,
+                    batch.values,
+                    now=now_ns / 1e9,
+                    now_ns=now_ns,
+                    hold=True,
                 )
                 writer.release(now_ns / 1e9, now_ns)
         replay_s = time.perf_counter() - start

@@ -183,12 +183,15 @@ class UpdateScheduler:
         new_values: np.ndarray,
         existed: np.ndarray,
         now: float,
+        *,
+        hold: bool = True,
     ) -> WritePlan:
         """Plan one write batch of ``table``.
 
         ``old_values``: what the table holds for each key (zeros where absent), ``existed``:
         bool[n], whether it holds the key (``Table.lookup``'s ``found``). Rows outside
         ``send_now_mask`` are held and come back from ``due``/``flush``; none is lost.
+        ``hold`` False: no row of this batch is held (an earlier hold of its keys ends).
         """
         k = np.asarray(keys)
         n = k.shape[0]
@@ -206,7 +209,8 @@ class UpdateScheduler:
         inputs = PriorityInputs(table, k, moved, ~ex)
         if self.config.defer:
             p_g = self.default_priority.significance_of(inputs)
-            send = self.deferrer.split(table, k, p_g, now, values=new, eligible=ex)
+            eligible = ex if hold else np.zeros(n, dtype=bool)
+            send = self.deferrer.split(table, k, p_g, now, values=new, eligible=eligible)
         else:
             send = np.ones(n, dtype=bool)
         lanes = np.full(n, LOW_LANE, np.uint8)

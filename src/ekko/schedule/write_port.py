@@ -59,9 +59,10 @@ class WritePort:
         self.store.create_table(spec)
 
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        """A trainer's rows, stamped with the port's clock."""
+        """A trainer's rows, stamped with the port's clock; the scheduler may hold them (a
+        step is acknowledged to no one)."""
         now_ns = self._clock.ns()
-        self.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns)
+        self.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns, hold=True)
 
     def stored(self, table: str) -> tuple[np.ndarray, np.ndarray] | None:
         """Copies of every (key, value) the store holds of ``table``, None when it holds none:
@@ -75,12 +76,23 @@ class WritePort:
     # -- writes -----------------------------------------------------------------------------
 
     def write_rows(
-        self, table: str, keys: np.ndarray, values: np.ndarray, *, now: float, now_ns: int
+        self,
+        table: str,
+        keys: np.ndarray,
+        values: np.ndarray,
+        *,
+        now: float,
+        now_ns: int,
+        hold: bool = False,
     ) -> np.ndarray:
         """Write a batch at ``now`` (seconds, the scheduler's clock) stamped ``now_ns``; returns
-        the versions of the rows written now (rows the scheduler holds are not written yet).
-        Bad rows (unknown table, wrong dtype or shape, NaN/inf, beyond ``max_abs``) raise
-        before anything is recorded, held or written."""
+        the versions of the rows written now. Bad rows (unknown table, wrong dtype or shape,
+        NaN/inf, beyond ``max_abs``) raise before anything is recorded, held or written.
+
+        ``hold``: the scheduler may hold rows (not written yet, no version returned). A held
+        row is in no write-ahead log until released, so a write someone is told is durable
+        (the HTTP route answers after the log's fsync) must not be held: by default every
+        row is written now, in its lane, and an earlier hold of its keys ends."""
         t = self.store.table(table)
         hook = self._preimage_hooks.get(table)
         lanes: np.ndarray | int = HIGH_LANE
@@ -91,7 +103,7 @@ class WritePort:
             if hook is not None:
                 hook(table, k, old, old_versions, found, now)
             if self.scheduler is not None:
-                plan = self.scheduler.plan(table, k, old, v, found, now)
+                plan = self.scheduler.plan(table, k, old, v, found, now, hold=hold)
                 lanes = plan.lanes
                 send = plan.send_now_mask
                 if not send.all():
