@@ -198,8 +198,8 @@ def node(
 ) -> None:
     """Run one node of a cluster in the foreground."""
     from ekko.node.config import ConfigError, load_config
-    from ekko.node.runner import run_node
-    from ekko.node.synthetic import SyntheticWriterConfig
+    from ekko.node.main import run_node
+    from ekko.ops.synthetic import SyntheticWriterConfig, synthetic_writer
 
     try:
         cfg = load_config(config)
@@ -207,7 +207,7 @@ def node(
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    writer = None
+    drivers = []
     if writer_rate is not None:
         writer = SyntheticWriterConfig(
             rate_rows_per_s=writer_rate,
@@ -216,7 +216,8 @@ def node(
             prefill=writer_prefill,
             tables=tuple(t for t in writer_tables.split(",") if t),
         )
-    run_node(cfg, name, config.resolve().parent, writer=writer, rebuild=rebuild)
+        drivers.append(synthetic_writer(writer))
+    run_node(cfg, name, config.resolve().parent, drivers=drivers, rebuild=rebuild)
 
 
 @app.command()

@@ -56,6 +56,8 @@ class NodeCore:
     on_written: Callable[[], None] | None = None
     # What the write path stamps rows with (a fake clock in tests).
     clock: Clock = SYSTEM_CLOCK
+    # This node's cumulative predictions per model (its ModelHost's), for the traffic report.
+    served: Callable[[], Mapping[str, int]] | None = None
 
     def __post_init__(self) -> None:
         self.node = self.config.node(self.name)
@@ -81,7 +83,7 @@ class NodeCore:
         self.upstream_name: str | None = None
         self.rebuilds = 0  # whole-store rebuilds from a new upstream lineage (a full copy)
         # Inference traffic owed upstream (a replica) and heard from pullers (any node).
-        self.traffic = TrafficTally()
+        self.traffic = TrafficTally(self.served)
         self.traffic_reported: Counter[str] = Counter()
         self.started_at = time.time()
         self.copied_at: float | None = None  # checkpoint replicas: write time of the copy

@@ -30,6 +30,10 @@ class PullLinks:
         self._ended: dict[str, PullerStats] = {}
         self._live: dict[str, Puller] = {}
 
+    def declare(self, peer: str) -> None:
+        """``peer`` is pulled from (zeros until something arrives): status shows the link."""
+        self._ended.setdefault(peer, _ZERO)
+
     def attach(self, peer: str, puller: Puller) -> None:
         """``puller`` pulls from ``peer`` from now on (one live puller per peer)."""
         self.detach(peer)

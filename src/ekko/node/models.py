@@ -84,8 +84,8 @@ class ModelHost:
         send: Callable[[str, str, dict], None] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        """``send(target, path, body)`` posts to another node's admin API (``target`` a node
-        name, or ``"*serving"`` for every serving replica); the runner supplies it."""
+        """``send(target, path, body)`` posts to another node's admin API (the node's
+        ``GuardLink``); ``clock`` is the guards' and the baseline's."""
         self.core = core
         self.clock = clock
         models = core.config.models
@@ -108,7 +108,6 @@ class ModelHost:
             torch.set_num_threads(1)
 
             self.services = build_services(core.store, [m.served() for m in models])
-            core.traffic.served = self.predictions
             if guard.enabled and core.role != "checkpoint":
                 self._build_replica_guards()
 
@@ -139,7 +138,7 @@ class ModelHost:
 
             self.replica_guards[name] = ReplicaGuard.build(
                 self.core.name, svc, self.lagged, g.detector(), g.probation,
-                self._open_log(), send, g.shadow_share, g.recovery_auc_tolerance,
+                self._open_log(), send, g.shadow_share, g.recovery_auc_tolerance, self.clock,
             )  # fmt: skip
 
     def follow(self, applied: Applied) -> None:
@@ -149,6 +148,11 @@ class ModelHost:
             self.lagged.offer(applied, self.clock.mono())
         for guard in self.replica_guards.values():
             guard.poll()
+
+    def advance_baseline(self, now_mono: float) -> None:
+        """Apply the baseline's queued rows that came of age."""
+        if self.lagged is not None:
+            self.lagged.advance(now_mono)
 
     def guard_tick(self, now_mono: float, now_wall: float) -> None:
         for guard in self.replica_guards.values():

@@ -167,6 +167,15 @@ class Supervisor:
 
     # -- stopping -----------------------------------------------------------------------
 
+    async def cancel(self, name: str) -> None:
+        """Stop the task ``name`` for good (not a failure: it is not restarted) and wait."""
+        task = self._running.pop(name, None)
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.tasks.pop(name, None)
+
     async def stop(self, keep: tuple[str, ...] = ()) -> None:
         """Cancel every task but those named in ``keep`` (they must end by themselves) and
         wait for all of them."""

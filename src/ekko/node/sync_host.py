@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from ekko.net.errors import TransportError
@@ -29,6 +28,7 @@ from ekko.protocol.messages import (
 from ekko.protocol.puller import Puller
 from ekko.protocol.ready import Applied, Ready
 from ekko.protocol.responder import Responder
+from ekko.store.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ def pace_rate(profile: WanProfile | None) -> float | None:
 
 
 class Timer:
-    """One rescheduleable wake-up on the loop, at a wall-clock time from ``Ready.wake_at``."""
+    """One rescheduleable wake-up on the loop, at a wall-clock time from ``Ready.wake_at``
+    (on ``clock``)."""
 
-    def __init__(self, fire: Callable[[], None]) -> None:
+    def __init__(self, fire: Callable[[], None], clock: Clock = SYSTEM_CLOCK) -> None:
         self._fire = fire
+        self._clock = clock
         self._handle: asyncio.TimerHandle | None = None
         self._at: float | None = None
 
@@ -69,7 +71,7 @@ class Timer:
             self._handle.cancel()
         loop = asyncio.get_running_loop()
         self._at = wake_at
-        self._handle = loop.call_at(loop.time() + max(0.0, wake_at - time.time()), self._run)
+        self._handle = loop.call_at(loop.time() + max(0.0, wake_at - self._clock.wall()), self._run)
 
     def _run(self) -> None:
         self._handle = self._at = None
@@ -120,7 +122,8 @@ class ResponderHost:
 
     ``pace_for(peer)``: the bytes/s to pace a session from ``peer`` at (its WAN link's
     bandwidth), or None for an unpaced link; ``set_rate`` changes it for connected peers.
-    ``on_traffic(peer, counts)``: a pull carried an inference-traffic report.
+    ``on_traffic(peer, counts)``: a pull carried an inference-traffic report. ``clock``: the
+    wall time the responder is driven with.
     """
 
     def __init__(
@@ -128,21 +131,27 @@ class ResponderHost:
         responder: Responder,
         pace_for: Callable[[str], float | None] = lambda peer: None,
         on_traffic: Callable[[str, Mapping[str, int]], None] = lambda peer, counts: None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.responder = responder
         self.pace_for = pace_for
         self.on_traffic = on_traffic
         self._sessions: dict[int, tuple[str, Outbox]] = {}
         self._ids = itertools.count(1)
-        self._timer = Timer(self._tick)
+        self.clock = clock
+        self._timer = Timer(self._tick, clock)
+
+    def use(self, responder: Responder) -> None:
+        """Answer with ``responder`` from now on (a checkpoint replica loaded a new copy)."""
+        self.responder = responder
 
     def notify_written(self) -> None:
         """The store moved (a local write or applied rows): wake parked pulls."""
-        self._dispatch(self.responder.store_changed(time.time()))
+        self._dispatch(self.responder.store_changed(self.clock.wall()))
 
     def set_rate(self, peer: str, rate_bytes_per_s: float | None) -> None:
         """Pace ``peer``'s sessions at a new rate (its link's bandwidth changed)."""
-        now = time.time()
+        now = self.clock.wall()
         for sid, (name, _) in self._sessions.items():
             if name == peer:
                 self.responder.pace(sid, rate_bytes_per_s, now, max_unframed=MAX_UNFRAMED)
@@ -153,19 +162,21 @@ class ResponderHost:
         sid = next(self._ids)
         outbox = Outbox(
             conn,
-            lambda msg, size: self._dispatch(self.responder.framed(sid, msg, size, time.time())),
+            lambda msg, size: self._dispatch(
+                self.responder.framed(sid, msg, size, self.clock.wall())
+            ),
         )
         self._sessions[sid] = (conn.peer, outbox)
         rate = self.pace_for(conn.peer)
         if rate is not None:
-            self.responder.pace(sid, rate, time.time(), max_unframed=MAX_UNFRAMED)
+            self.responder.pace(sid, rate, self.clock.wall(), max_unframed=MAX_UNFRAMED)
         log.info("puller %s connected (session %d, paced at %s B/s)", conn.peer, sid, rate)
         try:
             while True:
                 msg = await conn.recv()
                 if isinstance(msg, PullRequest) and msg.traffic:
                     self.on_traffic(conn.peer, msg.traffic)
-                self._dispatch(self.responder.receive(sid, msg, time.time()))
+                self._dispatch(self.responder.receive(sid, msg, self.clock.wall()))
         except TransportError as exc:
             log.info("puller %s session %d ended: %s", conn.peer, sid, exc)
         finally:
@@ -190,7 +201,7 @@ class ResponderHost:
         self._timer.set(ready.wake_at)
 
     def _tick(self) -> None:
-        self._dispatch(self.responder.tick(time.time()))
+        self._dispatch(self.responder.tick(self.clock.wall()))
 
 
 async def run_pull_link(
@@ -199,12 +210,13 @@ async def run_pull_link(
     on_response: Callable[[PullResponse], None],
     until: Awaitable[object] | None = None,
     on_applied: Callable[[Applied], None] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> bool:
     """Drive ``puller`` over ``conn`` until the link breaks (returns False) or ``until``
     completes (returns True). ``on_applied`` sees the rows each step applied (the puller's
     ``Ready.applied``); ``on_response`` then sees every response."""
     outbox = Outbox(conn)
-    timer = Timer(lambda: handle(puller.tick(time.time())))
+    timer = Timer(lambda: handle(puller.tick(clock.wall())), clock)
 
     def handle(ready: Ready) -> None:
         for _link, msg in ready.sends:
@@ -215,7 +227,7 @@ async def run_pull_link(
 
     stop = asyncio.ensure_future(until) if until is not None else None
     recv: asyncio.Future[Message] | None = None
-    handle(puller.start(time.time()))
+    handle(puller.start(clock.wall()))
     try:
         while True:
             recv = asyncio.ensure_future(conn.recv())
@@ -227,7 +239,7 @@ async def run_pull_link(
                 stop.result()  # a failed ``until`` (the failover probe) raises to the caller
                 return True
             msg = recv.result()
-            handle(puller.receive(msg, time.time()))
+            handle(puller.receive(msg, clock.wall()))
             if isinstance(msg, PullResponse):
                 on_response(msg)
     except TransportError as exc:

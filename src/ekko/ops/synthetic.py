@@ -1,19 +1,23 @@
 """A synthetic writer at the source: Zipf-hot keys at a fixed row rate, for demos and benches.
 
-Writes go through the same ``NodeCore.write`` as the HTTP API; batches are generated with
-numpy so a 100 k rows/s stream costs the source little beyond the store write itself.
+An operator tool, not part of a node: ``ekko node --writer-rate`` composes it into the source
+as an extra driver (``synthetic_writer``), supervised like the node's own loops. Writes go
+through the same ``NodeCore.write`` as the HTTP API (the write port wakes parked pulls);
+batches are generated with numpy so a 100 k rows/s stream costs the source little beyond
+the store write itself.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from ekko.node.core import NodeCore
+from ekko.node.driver import Driver, DriverFactory
+from ekko.store.clock import SYSTEM_CLOCK, LoopClock
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +44,33 @@ class SyntheticWriterConfig:
         return self
 
 
-class SyntheticWriter:
-    """Paces batches on the event loop; catches up on missed ticks instead of drifting."""
+class SyntheticWriter(Driver):
+    """Paces batches on the event loop; catches up on missed ticks instead of drifting.
+
+    Why a driver: the node supervises it like its own loops (a failing write is logged and
+    the writer restarted); ``rows_written`` shows in ``/v1/status`` as ``writer_rows``.
+    """
+
+    name = "synthetic_writer"
 
     def __init__(
         self,
         config: SyntheticWriterConfig,
         write: Callable[[str, np.ndarray, np.ndarray], object],
         dims: dict[str, int],
-        on_written: Callable[[], None],
+        clock: LoopClock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config.validate()
         self._write = write
         self._dims = dims
-        self._on_written = on_written
+        self.clock = clock
         self._rng = np.random.default_rng(config.seed)
         self._pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.rows_written = 0
-        self._task: asyncio.Task | None = None
+        self._prefilled = False
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def status(self) -> dict[str, int]:
+        return {"writer_rows": self.rows_written}
 
     def _batch(self, table: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         ranks = self._rng.zipf(self.config.zipf_a, n)
@@ -104,20 +107,20 @@ class SyntheticWriter:
                 keys = np.arange(lo, min(lo + step, self.config.prefill), dtype=np.int64)
                 values = self._rng.standard_normal((len(keys), self._dims[table]), np.float32)
                 self._write(table, keys, values)
-        if self.config.prefill:
-            self._on_written()
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         cfg = self.config
         tables = list(cfg.tables or self._dims)
-        self._prefill(tables)
+        if not self._prefilled:  # once, not again when the supervisor restarts the writer
+            self._prefill(tables)
+            self._prefilled = True
         interval = cfg.batch_interval_ms / 1000
-        start = time.monotonic()
+        start = self.clock.mono()
         owed = 0.0
         tick = 0
         while True:
             tick += 1
-            await asyncio.sleep(max(0.0, start + tick * interval - time.monotonic()))
+            await self.clock.sleep(max(0.0, start + tick * interval - self.clock.mono()))
             owed += cfg.rate_rows_per_s * interval
             n = int(owed)
             if n <= 0:
@@ -127,4 +130,17 @@ class SyntheticWriter:
             keys, values = self._batch(table, n)
             self._write(table, keys, values)
             self.rows_written += n
-            self._on_written()
+
+
+def synthetic_writer(config: SyntheticWriterConfig) -> DriverFactory:
+    """The factory ``run_node(..., drivers=[...])`` takes: a writer at the source, nothing on
+    any other node."""
+    config.validate()
+
+    def build(core: NodeCore) -> Driver | None:
+        if not core.is_source:
+            return None
+        dims = {n: t.dim for n, t in core.store.tables.items()}
+        return SyntheticWriter(config, core.write, dims)
+
+    return build

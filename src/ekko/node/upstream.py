@@ -1,0 +1,132 @@
+"""A replica's upstream: the first reachable candidate, failover down the list, the pull link.
+
+``Upstream`` pulls from the most preferred candidate that answers, moves down the list when
+it cannot connect, and returns to a preferred one as soon as it accepts a connection again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from ekko.net.errors import TransportError
+from ekko.net.transport import Connection
+from ekko.node.config import NodeConfig
+from ekko.node.core import NodeCore
+from ekko.node.driver import Driver
+from ekko.node.sync_host import run_pull_link
+from ekko.node.sync_port import SyncPort
+from ekko.protocol.messages import PullResponse
+from ekko.protocol.puller import Puller
+from ekko.protocol.ready import Applied
+from ekko.store.clock import SYSTEM_CLOCK, LoopClock
+
+log = logging.getLogger(__name__)
+
+
+class Upstream(Driver):
+    """Keeps a replica pulling from its best reachable upstream.
+
+    Why a driver of its own: selection, failover and the return to a preferred upstream are
+    one policy over one link at a time; the rows the link applies leave through ``apply``
+    (the apply port), and a whole-store rebuild from another lineage is reported to
+    ``on_rebuilt`` so the node serves the new tables.
+
+    Args:
+        core: the node (store, config, traffic owed upstream, link statistics).
+        port: connects to the candidates.
+        apply: called with each ``Applied`` report of the link's puller.
+        on_rebuilt: the store's tables were replaced by another lineage's.
+        connected: set once the first upstream accepted a connection (the node is ready).
+        clock: the waits between connection rounds and probes.
+    """
+
+    name = "upstream"
+
+    def __init__(
+        self,
+        core: NodeCore,
+        port: SyncPort,
+        apply: Callable[[Applied], None],
+        on_rebuilt: Callable[[], None],
+        connected: asyncio.Event | None = None,
+        clock: LoopClock = SYSTEM_CLOCK,
+    ) -> None:
+        self.core = core
+        self.port = port
+        self.apply = apply
+        self.on_rebuilt = on_rebuilt
+        self.connected = connected if connected is not None else asyncio.Event()
+        self.clock = clock
+        self.candidates = core.config.upstreams(core.name)
+        self._lineage = core.store.lineage
+
+    async def run(self) -> None:
+        probe_s = self.core.config.sync.failover_probe_s
+        while True:
+            for i, peer in enumerate(self.candidates):
+                conn = await self.port.dial(peer)
+                if conn is None:
+                    continue
+                self.connected.set()
+                try:
+                    await self._pull(conn, peer, self.candidates[:i])
+                finally:  # a bug raises on to the supervisor (logged, counted, restarted)
+                    with contextlib.suppress(TransportError, OSError):
+                        await conn.close()
+                break
+            else:
+                log.warning("no upstream of %s reachable; retrying", self.core.name)
+                await self.clock.sleep(probe_s / 4)
+
+    async def _pull(self, conn: Connection, peer: NodeConfig, preferred: list[NodeConfig]) -> None:
+        """Pull from ``peer`` until the link breaks or a preferred upstream is back."""
+        core = self.core
+        core.upstream_name = peer.name
+        log.info("%s pulling from %s", core.name, peer.name)
+        puller = Puller(
+            core.store,
+            core.puller_config(self.port.wan(peer.name)),
+            latency=None,  # measured by the apply port
+            traffic=core.traffic,
+        )
+        core.links.attach(peer.name, puller)
+        rebuilds = puller.rebuilds
+
+        def on_response(msg: PullResponse) -> None:
+            nonlocal rebuilds
+            if puller.rebuilds != rebuilds:
+                rebuilds = puller.rebuilds
+                self._rebuilt()
+            self._lineage = core.store.lineage  # adopted by an empty store, or rebuilt
+
+        probe = self._probe(preferred) if preferred else None
+        try:
+            if await run_pull_link(conn, puller, on_response, probe, self.apply, self.clock):
+                log.info("%s returns to preferred upstream", core.name)
+        finally:
+            core.upstream_name = None
+            core.links.detach(peer.name)
+
+    def _rebuilt(self) -> None:
+        self.core.rebuilds += 1
+        log.warning(
+            "%s rebuilt its store from lineage %x (was %x): rows the source lacks are gone",
+            self.core.name,
+            self.core.store.lineage,
+            self._lineage,
+        )
+        self.on_rebuilt()
+
+    async def _probe(self, preferred: list[NodeConfig]) -> None:
+        """Return once a preferred upstream accepts a connection again."""
+        while True:
+            await self.clock.sleep(self.core.config.sync.failover_probe_s)
+            for peer in preferred:
+                conn = await self.port.dial(peer)
+                if conn is not None:
+                    with contextlib.suppress(TransportError, OSError):
+                        await conn.close()
+                    return

@@ -1,0 +1,94 @@
+"""A node's HTTP side as the runner composes it: admin, serving, guard and driver routes,
+``/metrics`` from every part's collectors, and ``/ready`` naming whatever is down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ekko.node.access import AccessPolicy
+from ekko.node.admin import admin_app, admin_routes
+from ekko.node.core import NodeCore
+from ekko.node.http_server import EmbeddedServer, http_server
+from ekko.node.metrics import node_registry, task_metrics
+from ekko.node.models import ModelHost
+from ekko.node.supervisor import Supervisor
+
+
+class NodeWeb:
+    """Builds the node's HTTP server from its parts and answers ``/ready``.
+
+    Why ``/ready`` here: it is the one place that reports every background task (the
+    supervisor's, the trainers' threads, the node's own machinery such as its log) and the
+    startup state; a task added later shows up by being supervised.
+
+    Args:
+        core: the node.
+        models: its models (routes, collectors, trainer threads).
+        supervisor: its background tasks.
+        secret: the cluster secret (signed routes).
+        routes: further routes (a driver's, say the checkpoint refresh).
+        collectors: further metric collectors.
+        status: keys added to ``/v1/status``.
+        started: True once the node serves.
+        stopping: True once the node is stopping.
+    """
+
+    def __init__(
+        self,
+        core: NodeCore,
+        models: ModelHost,
+        supervisor: Supervisor,
+        secret: bytes,
+        *,
+        routes: list[BaseRoute],
+        collectors: list,
+        status: Callable[[], dict],
+        started: Callable[[], bool],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.core = core
+        self.models = models
+        self.supervisor = supervisor
+        self.started = started
+        self.stopping = stopping
+        web = core.config.http
+        registry = node_registry(
+            core, [*models.collectors(), task_metrics(supervisor), *collectors]
+        )
+        admin = admin_routes(core, registry, status, web.max_body_bytes)
+        policy = AccessPolicy(serve_open=web.serve_open)
+        advertised = frozenset({f"{core.node.host}:{core.node.admin_port}"})
+        all_routes = [
+            *models.routes(web.max_body_bytes),
+            *admin,
+            Route("/ready", self.ready_route),
+            *routes,
+        ]
+        self.app = admin_app(all_routes, secret, policy, names=advertised)
+
+    def server(self) -> EmbeddedServer:
+        web = self.core.config.http
+        return http_server(
+            self.app,
+            header_timeout_s=web.header_timeout_s,
+            idle_timeout_s=web.idle_timeout_s,
+            max_connections=web.max_connections,
+        )
+
+    def down(self) -> dict[str, str]:
+        """What is not running, by name: supervised tasks, trainer threads, the node's log."""
+        return {**self.supervisor.down(), **self.models.down(), **self.core.down()}
+
+    async def ready_route(self, request: Request) -> Response:
+        """200 once the node serves and every background task runs; 503 naming what is not
+        (a supervised task, or a model's trainer thread: ``trainer/{model}``)."""
+        down = self.down()
+        ok = self.started() and not down and not self.stopping()
+        doc = {"ready": ok, "node": self.core.name, "down": down}
+        if not self.started():
+            doc["why"] = self.core.not_ready or "starting"
+        return JSONResponse(doc, status_code=200 if ok else 503)

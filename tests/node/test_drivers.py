@@ -1,0 +1,220 @@
+"""The node's drivers: each a supervised loop on an injected clock (no test sleeps), and a
+driver that raises is logged with its traceback, restarted, and shown in ``/ready`` (503)
+and the ``ekko_task_*`` metrics while it waits for its restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ekko.node.config import load_config
+from ekko.node.driver import Driver
+from ekko.node.guard_link import ATTEMPTS, GuardLink
+from ekko.node.guard_ticker import ADVANCE_S, GuardTicker
+from ekko.node.release_timer import TICK_S, ReleaseTimer
+from ekko.node.runner import NodeRunner
+from ekko.node.signed_requests import RESIGN_HEADER
+from ekko.node.snapshotter import Snapshotter
+from ekko.node.supervisor import Supervisor
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.store.clock import FakeClock
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Let the loop run until ``cond()`` holds (a deadline, never a fixed wait)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0)
+
+
+class GatedSleep:
+    """The supervisor's backoff, held until the test lets it end."""
+
+    def __init__(self) -> None:
+        self.sleeping = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeping.set()
+        await self.go.wait()
+
+
+class FlakyDriver(Driver):
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.running = asyncio.Event()
+
+    async def run(self) -> None:
+        self.runs += 1
+        if self.runs == 1:
+            raise RuntimeError("flaky driver broke on its first run")
+        self.running.set()
+        await asyncio.Event().wait()
+
+    def status(self) -> dict:
+        return {"flaky_runs": self.runs}
+
+
+async def test_a_raising_driver_is_logged_restarted_and_shown_in_ready_and_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)], sync={"snapshot_interval_s": 0})
+    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+    gate = GatedSleep()
+    flaky = FlakyDriver()
+    runner = NodeRunner(
+        cfg, "source", tmp_path, drivers=[lambda core: flaky],
+        supervisor=Supervisor(sleep=gate.sleep),
+    )  # fmt: skip
+    node = cfg.node("source")
+    with caplog.at_level(logging.ERROR, logger="ekko.node.supervisor"):
+        task = asyncio.create_task(runner.run())
+        await asyncio.wait_for(runner.ready.wait(), 30)
+        await asyncio.wait_for(gate.sleeping.wait(), 10)
+        async with httpx.AsyncClient(base_url=f"http://{node.host}:{node.admin_port}") as c:
+            r = await c.get("/ready")
+            assert r.status_code == 503
+            assert r.json()["down"] == {
+                "flaky": "RuntimeError: flaky driver broke on its first run"
+            }
+            metrics = (await c.get("/metrics")).text
+            assert 'ekko_task_up{task="flaky"} 0.0' in metrics
+            assert 'ekko_task_failures_total{task="flaky"} 1.0' in metrics
+            gate.go.set()
+            await asyncio.wait_for(flaky.running.wait(), 10)
+            r = await c.get("/ready")
+            assert r.status_code == 200, r.text
+            metrics = (await c.get("/metrics")).text
+            assert 'ekko_task_up{task="flaky"} 1.0' in metrics
+            assert 'ekko_task_restarts_total{task="flaky"} 1.0' in metrics
+    failed = [r for r in caplog.records if r.getMessage() == "task flaky failed"]
+    assert failed and failed[0].exc_info is not None  # the traceback is in the log
+    assert runner.supervisor.status()["flaky"]["restarts"] == 1
+    assert runner._status_extra()["flaky_runs"] == 2
+    runner.stop()
+    await asyncio.wait_for(task, 30)
+
+
+class FakeWriter:
+    def __init__(self, due: list[float | None], rows: int) -> None:
+        self.due = due
+        self.rows = rows
+        self.released: list[tuple[float, int]] = []
+
+    def next_due(self) -> float | None:
+        return self.due[min(len(self.released), len(self.due) - 1)]
+
+    def release(self, now: float, now_ns: int) -> int:
+        self.released.append((now, now_ns))
+        return self.rows
+
+
+async def test_the_release_timer_releases_when_due_then_every_tick() -> None:
+    clock = FakeClock()
+    t0 = clock.wall()
+    writer = FakeWriter([t0 + 0.01, None], rows=3)
+    timer = ReleaseTimer(writer, clock)
+    task = asyncio.create_task(timer.run())
+    await until(lambda: len(writer.released) >= 3, "three releases")
+    task.cancel()
+    assert clock.slept[:2] == [pytest.approx(0.01), TICK_S]  # the due time, then a tick
+    assert writer.released[0] == (pytest.approx(t0 + 0.01), int(writer.released[0][0] * 1e9))
+    assert timer.step() == 3
+
+
+class FakeModels:
+    def __init__(self) -> None:
+        self.advanced: list[float] = []
+        self.ticks: list[tuple[float, float]] = []
+
+    def advance_baseline(self, now_mono: float) -> None:
+        self.advanced.append(now_mono)
+
+    def guard_tick(self, now_mono: float, now_wall: float) -> None:
+        self.ticks.append((now_mono, now_wall))
+
+
+async def test_the_guard_ticker_advances_the_baseline_often_and_judges_per_interval() -> None:
+    clock = FakeClock(wall=5_000.0, mono=10.0)
+    models = FakeModels()
+    task = asyncio.create_task(GuardTicker(models, 1.0, clock).run())
+    await until(lambda: len(models.ticks) >= 3, "three guard ticks")
+    task.cancel()
+    mono = [m for m, _ in models.ticks]
+    assert mono == pytest.approx([11.0, 12.0, 13.0], abs=ADVANCE_S)
+    assert [w - m for m, w in models.ticks] == pytest.approx([4_990.0] * 3)  # one clock
+    assert len(models.advanced) == pytest.approx(3 / ADVANCE_S, abs=1)
+
+
+class FlakyDisk:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def save_snapshot(self) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            raise OSError(28, "No space left on device")
+
+
+async def test_a_failed_snapshot_is_logged_and_the_next_ones_still_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    snap = Snapshotter(FlakyDisk(), 30.0, clock)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="ekko.node.snapshotter"):
+        task = asyncio.create_task(snap.run())
+        await until(lambda: snap.saved >= 3, "three snapshots")
+        task.cancel()
+    assert snap.failed == 1 and set(clock.slept) == {30.0}
+    assert "No space left on device" in caplog.text
+    with pytest.raises(ValueError, match="interval_s must be > 0"):
+        Snapshotter(FlakyDisk(), 0, clock)  # type: ignore[arg-type]
+
+
+def _link(answers: list[httpx.Response], tmp_path: Path) -> tuple[GuardLink, list, FakeClock]:
+    doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)])
+    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers[min(len(seen), len(answers)) - 1]
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    clock = FakeClock()
+    return GuardLink(cfg, b"s3cret", Supervisor(), client, clock), seen, clock
+
+
+async def test_a_guard_message_is_signed_retried_on_5xx_and_signed_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    resign = httpx.Response(401, headers={RESIGN_HEADER: "1"})
+    answers = [httpx.Response(503), resign, httpx.Response(200)]
+    link, seen, clock = _link(answers, tmp_path)
+    assert await link.deliver("http://node/v1/models/m/guard/report", {"at": 1}) is True
+    assert len(seen) == 3 and clock.slept == [0.2]  # a resign is no failure: no wait
+    assert all("x-ekko-signature" in r.headers for r in seen)
+    assert json.loads(seen[-1].content) == {"at": 1}
+    await link.close()
+
+
+async def test_a_guard_message_refused_by_every_attempt_is_dropped_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    link, seen, clock = _link([httpx.Response(500)], tmp_path)
+    with caplog.at_level(logging.ERROR, logger="ekko.node.guard_link"):
+        assert await link.deliver("http://node/x", {}) is False
+    assert len(seen) == ATTEMPTS and link.dropped == 1
+    assert clock.slept == pytest.approx([0.2 * (i + 1) for i in range(ATTEMPTS)])
+    assert f"dropped after {ATTEMPTS} attempts" in caplog.text
+    await link.close()
