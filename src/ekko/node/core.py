@@ -54,7 +54,8 @@ class NodeCore:
     rebuild: bool = False
     # Called after every write through the port (the runner wakes parked long-poll pulls).
     on_written: Callable[[], None] | None = None
-    # What the write path stamps rows with (a fake clock in tests).
+    # What the write path stamps rows with, and status and traffic shares read (a fake
+    # clock in tests).
     clock: Clock = SYSTEM_CLOCK
     # This node's cumulative predictions per model (its ModelHost's), for the traffic report.
     served: Callable[[], Mapping[str, int]] | None = None
@@ -85,7 +86,7 @@ class NodeCore:
         # Inference traffic owed upstream (a replica) and heard from pullers (any node).
         self.traffic = TrafficTally(self.served)
         self.traffic_reported: Counter[str] = Counter()
-        self.started_at = time.time()
+        self.started_at = self.clock.wall()
         self.copied_at: float | None = None  # checkpoint replicas: write time of the copy
 
     def _responder(self) -> Responder:
@@ -199,7 +200,7 @@ class NodeCore:
             return
         scheduler = self.port.scheduler
         if scheduler is not None:
-            now = time.time()
+            now = self.clock.wall()
             for model, n in counts.items():
                 scheduler.traffic.report(model, n, now)
 
@@ -278,7 +279,7 @@ class NodeCore:
             "dc": self.dc,
             "role": self.role,
             "upstream": self.upstream_name,
-            "uptime_s": round(time.time() - self.started_at, 3),
+            "uptime_s": round(self.clock.wall() - self.started_at, 3),
             "copied_at": self.copied_at,
             "catalog_version": self.store.catalog_version,
             "lineage": f"{self.store.lineage:x}",
