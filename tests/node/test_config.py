@@ -64,6 +64,20 @@ def test_relay_tree_pulls_from_other_dc_leader():
             "scheduler.significance_scope",
         ),
         (lambda d: d.update(scheduler={"release_lane": 7}), "scheduler.release_lane"),
+        # values that passed and then failed at start (a torch or numpy traceback) or
+        # silently stopped a link: inf bandwidth, a negative seed, layer widths <= 0
+        (lambda d: d.update(scheduler={"seed": -1}), "scheduler.seed"),
+        (lambda d: d["dcs"][1].update(wan_mbit=float("inf")), "dcs.1.wan_mbit"),
+        (lambda d: d["dcs"][1].update(wan_delay_ms=float("inf")), "dcs.1.wan_delay_ms"),
+        (lambda d: d.update(guard={"interval_s": float("inf")}), "guard.interval_s"),
+        (lambda d: d["sync"].update(connect_timeout_s=float("inf")), "sync.connect_timeout_s"),
+        (lambda d: d.update(models=[{"name": "a", "top_mlp": [-1, 32, 1]}]), "models.0.top_mlp"),
+        (lambda d: d.update(models=[{"name": "a", "top_mlp": [0, 1]}]), "models.0.top_mlp"),
+        (
+            lambda d: d.update(models=[{"name": "a", "bottom_mlp": [0, 16]}]),
+            "models.0.bottom_mlp",
+        ),
+        (lambda d: d.update(models=[{"name": "a", "sparse_lr": float("inf")}]), "sparse_lr"),
         (
             lambda d: (
                 d["dcs"][1].update(upstream_dc="dc2") or d["dcs"][2].update(upstream_dc="dc1")

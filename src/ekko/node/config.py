@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from ekko.codec import CODECS
 from ekko.net.wan import WanProfile
@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No field takes inf or NaN: an infinite bandwidth, delay, interval or timeout passed
+    # and then stalled a link or a task without a word; a disabled feature has its switch.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterSection(_Strict):
@@ -79,8 +81,8 @@ class ModelConfig(_Strict):
     num_sparse: int = Field(26, gt=0)
     embedding_dim: int = Field(16, gt=0)
     rows_per_table: int = Field(100_000, gt=0)
-    bottom_mlp: tuple[int, ...] | None = None  # default (64, embedding_dim)
-    top_mlp: tuple[int, ...] = (64, 32, 1)
+    bottom_mlp: tuple[PositiveInt, ...] | None = None  # default (64, embedding_dim)
+    top_mlp: tuple[PositiveInt, ...] = (64, 32, 1)
     baseline_share: float = Field(0.005, ge=0, lt=1)
     baseline_lag_s: float = Field(120.0, ge=0)
     optimizer: Literal["adam", "adagrad"] = "adam"

@@ -82,7 +82,7 @@ class SchedulerConfig(BaseModel):
     sample_rows: int = Field(4096, ge=1)
     significance_scope: Literal["table", "model"] = "table"
     traffic_window_s: Positive = 60.0
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     hot_keys: bool = False
     read_by_all: tuple[str, ...] = ("dense/",)
     accumulate_drift: bool = False
