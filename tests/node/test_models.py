@@ -46,6 +46,28 @@ async def test_loop_sink_applies_writes_on_the_loop_thread_in_order_one_wake_per
     np.testing.assert_array_equal(store.table("emb").lookup(np.array([0]))[0][0], [199.0, 199.0])
 
 
+async def test_loop_sink_on_the_loop_thread_writes_at_once_after_what_was_queued() -> None:
+    """The trainer holds one sink from its construction: its bootstrap, on the loop's
+    thread, writes straight into the store (the tables exist when it returns), after any
+    write still queued from the worker thread."""
+    loop = asyncio.get_running_loop()
+    store = Store()
+    wakes: list[int] = []
+    port = WritePort(store, on_written=lambda: wakes.append(1))
+    loop_sink = LoopSink(loop, port)
+    loop_sink.create_table(TableSpec("emb", 2, 4))
+    assert "emb" in store.tables  # at once, no loop turn
+    t = threading.Thread(
+        target=lambda: loop_sink.write("emb", np.array([0], np.int64), np.ones((1, 2), np.float32))
+    )
+    t.start()
+    t.join()
+    assert store.table("emb").rows == 0  # queued for the loop
+    loop_sink.write("emb", np.array([0], np.int64), np.full((1, 2), 2.0, np.float32))
+    np.testing.assert_array_equal(store.table("emb").lookup(np.array([0]))[0][0], [2.0, 2.0])
+    assert store.table("emb").statistics().rows_written == 2 and len(wakes) == 1  # one batch
+
+
 def test_checkpoint_replica_has_its_own_role_and_no_upstream() -> None:
     doc = cluster_doc(
         dcs=2, replicas=1, serve=True, models=[{"name": "ctr"}], checkpoint_every_s=30

@@ -51,6 +51,8 @@ class SourceGuard:
         report_max_age_s: a replica's report older than this (by the source's clock, from
             its arrival) is stale; a stale or missing report counts as not healthy.
         clock: wall and monotonic time (a fake clock in tests; the node passes its own).
+        flush_writes: lands the trainer's writes still queued for the store (the node's
+            loop sink), called before a rollback restores.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class SourceGuard:
         quarantine_s: float = 30.0,
         report_max_age_s: float = 5.0,
         clock: Clock = SYSTEM_CLOCK,
+        flush_writes: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.port = port
@@ -90,7 +93,7 @@ class SourceGuard:
         self.rows_restored = 0
         self.report_max_age_s = report_max_age_s
         self._clock = clock
-        self.flush_writes: Callable[[], None] | None = None  # the trainer's queued writes
+        self.flush_writes = flush_writes  # lands the trainer's queued writes now
         self.rollback_error: str | None = None  # why the last automatic rollback failed
 
     # -- periodic ---------------------------------------------------------------------------

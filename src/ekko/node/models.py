@@ -34,16 +34,25 @@ class LoopSink:
     does both; handing the writes over keeps the store single-threaded and in the trainer's
     order. Writes queue under a lock and one loop callback drains them all as one batch of
     the port, so a publish of 26 tables costs one wake-up of the loop and of parked pulls,
-    not 26.
+    not 26. Called on the loop's own thread (a trainer's bootstrap), it writes at once,
+    after whatever was queued, so the trainer holds one sink from its construction on.
+
+    Construct it on the loop's thread.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, port: WritePort) -> None:
         self.loop = loop
         self.port = port
+        self._loop_thread = threading.get_ident()
         self._lock = threading.Lock()
         self._pending: list[tuple[Callable[..., None], tuple]] = []
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            with self.port.batch():
+                self._drain()
+                fn(*args)
+            return
         with self._lock:
             self._pending.append((fn, args))
             if len(self._pending) > 1:
@@ -181,15 +190,16 @@ class ModelHost:
         port = self.core.port
         cfg = self.core.config
         for m in cfg.models:
+            loop_sink = LoopSink(loop, port)
             svc = TrainingService(
                 m.name,
                 m.dlrm(),
-                port,
+                loop_sink,
                 trainer=TrainerConfig(m.optimizer, m.sparse_lr, m.dense_lr),
                 embedding_shards=m.embedding_shards,
                 dense_interval_s=m.dense_interval_s,
             )
-            with port.batch():  # on the loop thread, straight into the store
+            with port.batch():  # on the loop thread: through loop_sink straight to the store
                 svc.bootstrap(port.stored)
             pub = svc.publisher
             names = [*pub.table_names, *pub.dense_table_names]
@@ -197,16 +207,14 @@ class ModelHost:
                 self.core.store.table(name).max_abs = m.max_abs
             self.core.register_model_tables(m.name, names)
             if cfg.guard.enabled:
-                self._source_guard(m.name, names, svc)
-            loop_sink = LoopSink(loop, port)
-            svc.publisher.sink = loop_sink
-            if m.name in self.source_guards:
-                self.source_guards[m.name].flush_writes = loop_sink.drain
+                self._source_guard(m.name, names, svc, loop_sink.drain)
             svc.start()
             self.trainers[m.name] = svc
             log.info("trainer of model %s started", m.name)
 
-    def _source_guard(self, model: str, tables: list[str], trainer) -> None:
+    def _source_guard(
+        self, model: str, tables: list[str], trainer, flush_writes: Callable[[], None]
+    ) -> None:
         from ekko.guard.source_guard import SourceGuard
 
         cfg = self.core.config
@@ -222,6 +230,7 @@ class ModelHost:
             margin_s=g.rollback_margin_s, window_s=g.preimage_window_s,
             probation=g.probation, quarantine_s=g.quarantine_s,
             report_max_age_s=max(3.0, 5 * g.interval_s), clock=self.clock,
+            flush_writes=flush_writes,
         )  # fmt: skip
 
     def stop(self) -> None:
