@@ -70,6 +70,14 @@ def test_relay_tree_pulls_from_other_dc_leader():
         (lambda d: d["dcs"][1].update(wan_mbit=float("inf")), "dcs.1.wan_mbit"),
         (lambda d: d["dcs"][1].update(wan_delay_ms=float("inf")), "dcs.1.wan_delay_ms"),
         (lambda d: d.update(guard={"interval_s": float("inf")}), "guard.interval_s"),
+        # the detector's rules, checked when the config is read (a drift allowance at or
+        # above the detector's z clip passed here and then stopped the node at start)
+        (lambda d: d.update(guard={"drift_allowance": 6.0}), "> drift_allowance"),
+        (lambda d: d.update(guard={"drift_allowance": -1.0}), "guard.drift_allowance"),
+        (lambda d: d.update(guard={"corrupted_threshold": 7.0}), "guard.corrupted_threshold"),
+        (lambda d: d.update(guard={"warmup_intervals": 2}), "guard.warmup_intervals"),
+        (lambda d: d.update(guard={"min_samples": 0}), "guard.min_samples"),
+        (lambda d: d.update(guard={"floor_z": 0.0}), "guard.floor_z"),
         (lambda d: d["sync"].update(connect_timeout_s=float("inf")), "sync.connect_timeout_s"),
         (lambda d: d.update(models=[{"name": "a", "top_mlp": [-1, 32, 1]}]), "models.0.top_mlp"),
         (lambda d: d.update(models=[{"name": "a", "top_mlp": [0, 1]}]), "models.0.top_mlp"),

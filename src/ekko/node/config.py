@@ -8,13 +8,24 @@ theirs and the bandwidth the smaller one.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from ekko.codec import CODECS
+from ekko.guard.detector import DetectorConfig
+from ekko.guard.errors import GuardConfigError
 from ekko.net.wan import WanProfile
 from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.store._validate import DEFAULT_MAX_ABS
@@ -185,42 +196,50 @@ class GuardSection(_Strict):
     enabled: bool = False
     interval_s: float = Field(1.0, gt=0)
     shadow_share: float = Field(0.3, ge=0, le=1)
-    min_samples: int = Field(100, gt=0)
-    warmup_intervals: int = Field(20, ge=3)
-    drift_allowance: float = Field(1.5, ge=0)  # CUSUM k, robust sigmas per interval
-    uncertain_threshold: float = Field(8.0, gt=0)
-    corrupted_threshold: float = Field(12.0, gt=0)
+    # The detector's settings: their rules are DetectorConfig's, checked once when the
+    # config is read (``_detector``), with its errors named after these fields.
+    min_samples: int = 100
+    warmup_intervals: int = 20
+    drift_allowance: float = 1.5  # CUSUM k, robust sigmas per interval
+    uncertain_threshold: float = 8.0
+    corrupted_threshold: float = 12.0
     probation: int = Field(5, ge=1)
     rollback_margin_s: float = Field(10.0, ge=0)
     quarantine_s: float = Field(30.0, ge=0)  # training input dropped after a rollback
     preimage_window_s: float = Field(600.0, gt=0)
     # from the first interval: online AUC this far (and floor_z standard errors) under the
     # baseline's, log loss worse too, two intervals running, is corrupted (no warm-up needed)
-    floor_auc_drop: float = Field(0.05, gt=0)
-    floor_z: float = Field(4.0, gt=0)
+    floor_auc_drop: float = 0.05
+    floor_z: float = 4.0
     # after a rollback: online AUC this far under its level before the incident keeps the
     # model recovering (traffic stays on the baseline) and says so
     recovery_auc_tolerance: float = Field(0.02, gt=0)
 
+    _detector: DetectorConfig = PrivateAttr()
+
     @model_validator(mode="after")
-    def _check(self) -> GuardSection:
-        if self.corrupted_threshold <= self.uncertain_threshold:
-            raise ValueError("guard.corrupted_threshold must be > guard.uncertain_threshold")
+    def _build_detector(self) -> GuardSection:
+        try:
+            self._detector = DetectorConfig(
+                uncertain_threshold=self.uncertain_threshold,
+                corrupted_threshold=self.corrupted_threshold,
+                min_samples=self.min_samples,
+                warmup_intervals=self.warmup_intervals,
+                k=self.drift_allowance,
+                reference_intervals=max(200, self.warmup_intervals),
+                floor_auc_drop=self.floor_auc_drop,
+                floor_z=self.floor_z,
+            )
+        except GuardConfigError as exc:
+            # Name the config's fields, not the library's (k is drift_allowance here).
+            raise ValueError(
+                re.sub(r"\bk\b", "drift_allowance", str(exc).replace("DetectorConfig.", "guard."))
+            ) from exc
         return self
 
-    def detector(self):  # -> ekko.guard.detector.DetectorConfig
-        from ekko.guard.detector import DetectorConfig
-
-        return DetectorConfig(
-            uncertain_threshold=self.uncertain_threshold,
-            corrupted_threshold=self.corrupted_threshold,
-            min_samples=self.min_samples,
-            warmup_intervals=self.warmup_intervals,
-            k=self.drift_allowance,
-            reference_intervals=max(200, self.warmup_intervals),
-            floor_auc_drop=self.floor_auc_drop,
-            floor_z=self.floor_z,
-        )
+    def detector(self) -> DetectorConfig:
+        """The detector's config, built and checked when the config was read."""
+        return self._detector
 
 
 class HttpSection(_Strict):
