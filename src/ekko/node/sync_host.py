@@ -109,11 +109,15 @@ class Outbox:
             log.info("send to %s stopped: %s", self.conn.peer, exc)
 
     async def close(self) -> None:
+        """Stop sending and close the connection. A cancellation of the caller meanwhile
+        goes on to it (suppressed here, a replica's upstream link kept dialing after its
+        node's shutdown had cancelled it)."""
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TransportError):
-            await self.task
-        with contextlib.suppress(TransportError, OSError):
-            await self.conn.close()
+        try:
+            await asyncio.gather(self.task, return_exceptions=True)  # its end, not ours
+        finally:
+            with contextlib.suppress(TransportError, OSError):
+                await self.conn.close()
 
 
 class ResponderHost:
