@@ -5,6 +5,7 @@ and the ``ekko_task_*`` metrics while it waits for its restart."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -157,26 +158,52 @@ async def test_the_guard_ticker_advances_the_baseline_often_and_judges_per_inter
 
 
 class FlakyDisk:
-    def __init__(self) -> None:
+    def __init__(self, fail_calls: frozenset[int] | set[int] = frozenset({2})) -> None:
         self.calls = 0
+        self.fail_calls = fail_calls
+        self.slept_at_call: list[int] = []
+        self.clock: FakeClock | None = None
+
+    def waits_before(self) -> list[int]:
+        """How many sleeps the clock saw between one call and the one before it."""
+        seen = [0, *self.slept_at_call]
+        return [b - a for a, b in itertools.pairwise(seen)][:5]
 
     def save_snapshot(self) -> None:
         self.calls += 1
-        if self.calls == 2:
+        if self.clock is not None:
+            self.slept_at_call.append(len(self.clock.slept))
+        if self.calls in self.fail_calls:
             raise OSError(28, "No space left on device")
 
 
-async def test_a_failed_snapshot_is_logged_and_the_next_ones_still_run(
+async def test_a_failed_snapshot_shows_until_one_succeeds_and_the_next_ones_still_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
-    snap = Snapshotter(FlakyDisk(), 30.0, clock)  # type: ignore[arg-type]
-    with caplog.at_level(logging.ERROR, logger="ekko.node.snapshotter"):
-        task = asyncio.create_task(snap.run())
+    disk = FlakyDisk(fail_calls={2, 3})
+    disk.clock = clock
+    snap = Snapshotter(disk, 30.0, clock)  # type: ignore[arg-type]
+    seen_down: list[dict[str, str]] = []
+
+    async def backoff(seconds: float) -> None:  # the supervisor's wait: look at /ready's view
+        seen_down.append(sup.down())
+        await asyncio.sleep(0)
+
+    sup = Supervisor(sleep=backoff)
+    with caplog.at_level(logging.ERROR):
+        sup.start(snap.name, snap.run)
         await until(lambda: snap.saved >= 3, "three snapshots")
-        task.cancel()
-    assert snap.failed == 1 and set(clock.slept) == {30.0}
-    assert "No space left on device" in caplog.text
+        await sup.stop()
+    # Two failures in a row: each raised to the supervisor (traceback logged, counted, named
+    # while it waited), and each restart tried again at once, not an interval later.
+    assert snap.failed == 2 and sup.statistics()["snapshots"].failures == 2
+    assert seen_down == [{"snapshots": "OSError: [Errno 28] No space left on device"}] * 2
+    # waits of an interval before each call: none before the two retries (calls 3 and 4)
+    assert disk.waits_before() == [1, 1, 0, 0, 1]
+    assert "Traceback" in caplog.text and "No space left on device" in caplog.text
+    assert sup.down() == {}
+    assert snap.status() == {"snapshots": {"saved": snap.saved, "failed": 2}}
     with pytest.raises(ValueError, match="interval_s must be > 0"):
         Snapshotter(FlakyDisk(), 0, clock)  # type: ignore[arg-type]
 
