@@ -4,7 +4,6 @@ style). Any bytes, any split → messages or RemoteFrameError, nothing else."""
 from __future__ import annotations
 
 import struct
-import threading
 
 import msgspec
 import numpy as np
@@ -13,7 +12,6 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ekko.net import framing
 from ekko.net.arrays import enc_hook
 from ekko.net.errors import LocalFrameError, RemoteFrameError
 from ekko.net.framing import (
@@ -133,19 +131,9 @@ def test_pull_response_bytes_equal_a_plain_encoding(msg: PullResponse) -> None:
     assert encode_frame(msg) == HEADER.pack(len(plain), 0) + plain
 
 
-def test_a_chunk_shared_by_several_responses_is_encoded_once(monkeypatch) -> None:
+def test_a_chunk_shared_by_several_responses_is_encoded_once(encoded: list[str]) -> None:
     """The responder hands sessions in step the same Chunk object; its bytes are reused for
     every frame that carries it, and each frame still decodes to its own response."""
-    encoded: list[str] = []
-    real = framing._ENCODER
-
-    class Counting:
-        def encode(self, obj: object) -> bytes:
-            encoded.append(type(obj).__name__)
-            return real.encode(obj)
-
-    monkeypatch.setattr(framing, "_local", threading.local())  # a cold cache
-    monkeypatch.setattr(framing, "_ENCODER", Counting())
     shared, other = sample_chunk(rows=7, i=1), sample_chunk(rows=3, i=2)
     frames = [
         encode_frame(
@@ -413,16 +401,7 @@ def test_any_typed_message_with_shared_parts_is_its_plain_encoding() -> None:
         assert_same(back, msg)
 
 
-def test_a_message_with_no_shared_part_field_is_encoded_whole(monkeypatch) -> None:
-    encoded: list[str] = []
-    real = framing._ENCODER
-
-    class Counting:
-        def encode(self, obj: object) -> bytes:
-            encoded.append(type(obj).__name__)
-            return real.encode(obj)
-
-    monkeypatch.setattr(framing, "_ENCODER", Counting())
+def test_a_message_with_no_shared_part_field_is_encoded_whole(encoded: list[str]) -> None:
     encode_frame(Catalog(1, 1, []), encode_once=SHARED_PARTS)
     encode_frame(_Batch(1, [_Part("p", np.zeros(1, np.int8))]), encode_once=SHARED_PARTS)
     assert encoded == ["Catalog", "_Batch"]

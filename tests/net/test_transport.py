@@ -626,19 +626,9 @@ async def test_client_handshake_sans_io_is_what_connect_runs() -> None:
         writer.close()
 
 
-async def test_a_chunk_sent_to_several_peers_is_encoded_once(monkeypatch) -> None:
+async def test_a_chunk_sent_to_several_peers_is_encoded_once(encoded: list[str]) -> None:
     """The node's schema names the protocol's shared parts: a responder's Chunk sent on three
     connections is encoded once, and every peer decodes its own response with it."""
-    encoded: list[str] = []
-    real = framing._ENCODER
-
-    class Counting:
-        def encode(self, obj: object) -> bytes:
-            encoded.append(type(obj).__name__)
-            return real.encode(obj)
-
-    monkeypatch.setattr(framing, "_local", threading.local())  # a cold cache
-    monkeypatch.setattr(framing, "_ENCODER", Counting())
     shared = sample_chunk(rows=9, i=3)
     pairs = [memory_pair(schema=SYNC_SCHEMA) for _ in range(3)]
     try:

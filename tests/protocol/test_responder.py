@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from small_source import first_pull as _first_pull
+from small_source import small_source as _source
 
 from ekko.protocol.messages import Catalog, CatalogRequest, Cursor, Error, PullRequest, PullResponse
 from ekko.protocol.responder import Responder
-from ekko.store import Store
-from ekko.store.spec import LANES, TableSpec
-
-
-def _source(rows: int = 10) -> Store:
-    store = Store(cache_capacity=64)
-    t = store.create_table(TableSpec("emb", 4, 2))
-    keys = np.arange(rows, dtype=np.int64)
-    t.write(keys, np.ones((rows, 4), np.float32), now_ns=1)
-    return store
-
-
-def _first_pull(req_id: int = 1, max_bytes: int = 1 << 20, wait_ms: int = 0) -> PullRequest:
-    cursors = [Cursor("emb", s, lane, 0) for s in range(2) for lane in LANES]
-    return PullRequest(req_id, max_bytes, wait_ms, cursors)
+from ekko.store.spec import TableSpec
 
 
 def test_first_pull_returns_every_row_and_catalog():
