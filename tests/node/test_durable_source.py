@@ -123,7 +123,9 @@ async def test_http_write_answered_after_fsync_and_503_while_recovering(tmp_path
     await asyncio.wait_for(task, 30)
 
 
-def test_a_failed_log_refuses_writes_and_shows_in_metrics(tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_log_refuses_writes_until_a_snapshot_restarts_it(
+    tmp_path: Path, monkeypatch
+) -> None:
     from prometheus_client import generate_latest
 
     from ekko.node.metrics import node_registry
@@ -146,3 +148,13 @@ def test_a_failed_log_refuses_writes_and_shows_in_metrics(tmp_path: Path, monkey
     assert 'ekko_wal_failed{dc="train",node="source",role="source"} 1.0' in text
     assert core.status()["wal"]["appended"] == 1
     assert "No space left" in core.down()["wal"]  # /ready answers 503 naming it
+    # The disk has room again: the next snapshot restarts the log and the source recovers
+    # (it used to refuse writes and answer /ready 503 until it was restarted).
+    monkeypatch.undo()
+    core.save_snapshot()
+    assert core.down() == {}
+    core.write("emb", np.array([2]), np.ones((1, 4), np.float32))
+    asyncio.run(core.wait_durable())
+    text = generate_latest(node_registry(core)).decode()
+    assert 'ekko_wal_failed{dc="train",node="source",role="source"} 0.0' in text
+    core.close()

@@ -9,6 +9,7 @@ restarted source never reissues a version it acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from ekko.store.errors import StoreError, WalError
 from ekko.store.spec import TableSpec
 from ekko.store.store import Store
 from ekko.store.table import Table
-from ekko.store.wal import WalRecord, WriteAheadLog
+from ekko.store.wal import WalRecord, WriteAheadLog, _segments
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,34 @@ class StoreJournal:
         await self.wal.wait_durable(self.wal.last_seq)
 
     def checkpoint(self, snapshot_path: Path) -> None:
-        """Snapshot the store and drop the log records it covers."""
+        """Snapshot the store and drop the log records it covers.
+
+        After the log failed (a full disk), a snapshot that succeeds covers every row the
+        store holds, those whose records were never written included, so the log starts
+        afresh after it and the source can take writes again."""
         seq = self.wal.last_seq
         self.store.save(snapshot_path, wal_seq=seq)
-        self.wal.rotate(seq)
+        if self.wal.failed is not None:
+            self._restart_log(seq)
+        else:
+            self.wal.rotate(seq)
+
+    def _restart_log(self, covered_seq: int) -> None:
+        old = self.wal
+        with contextlib.suppress(OSError, WalError):  # its thread has stopped already
+            old.close()
+        for p in _segments(old.directory):
+            p.unlink()
+        self.wal = WriteAheadLog(
+            old.directory, last_seq=covered_seq, window_s=old.window_s, lazy_s=old.lazy_s
+        )
+        log.warning(
+            "write-ahead log %s starts again after seq %d, covered by a snapshot (it had "
+            "failed: %s)",
+            old.directory,
+            covered_seq,
+            old.failed,
+        )
 
     def close(self) -> None:
         self.store.set_write_hook(None)
