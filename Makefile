@@ -25,7 +25,7 @@ BOUNDSCHECK_TESTS := tests/store tests/protocol
 test: venv
 	$(BIN)/ruff check src tests
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 	$(MAKE) --no-print-directory test-boundscheck
 
 test-boundscheck: venv
