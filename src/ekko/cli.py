@@ -70,6 +70,11 @@ def cluster_init(
         help="Add a DLRM [[models]] entry ('ctr'): the source trains it, every replica serves it.",
     ),
     out: Path = typer.Option(Path("cluster.toml"), help="Where to write the config."),
+    tls: bool = typer.Option(
+        False,
+        help="Every port over TLS: a cluster CA and a key pair per node under tls/ "
+        "(sync links mutual; README 'TLS').",
+    ),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
     from ekko.ops.cluster_init import cluster_doc, write_cluster
@@ -83,9 +88,11 @@ def cluster_init(
         tables=_tables(tables),
         serve=serve,
         models=models,
+        tls=tls,
     )
     path = write_cluster(doc, out)
-    console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and its secret file")
+    files = "its secret file" + (", a cluster CA and node certificates in tls/" if tls else "")
+    console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and {files}")
 
 
 @cluster_app.command("keys")
@@ -202,8 +209,7 @@ def node(
     from ekko.ops.synthetic import SyntheticWriterConfig, synthetic_writer
 
     try:
-        cfg = load_config(config)
-        cfg.node(name)
+        cfg = load_config(config, node=name)
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -268,6 +274,7 @@ def rollback(
 
     from ekko.node.access import ClusterAuth
     from ekko.node.config import ConfigError, load_config
+    from ekko.node.http_client import ClusterHttp
 
     try:
         cfg = load_config(config)
@@ -276,11 +283,11 @@ def rollback(
         console.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
         raise typer.Exit(2) from exc
     src = cfg.source
-    path = f"/v1/models/{model}/rollback"
+    http = ClusterHttp(cfg, config.resolve().parent)
     doc: dict = {"why": why} | ({"to": to} if to is not None else {})
     try:
-        r = httpx.post(f"http://{src.host}:{src.admin_port}{path}", json=doc,
-                       auth=ClusterAuth(secret), timeout=30.0)  # fmt: skip
+        with http.client(auth=ClusterAuth(secret), timeout=30.0) as client:
+            r = client.post(http.url(src.name, f"/v1/models/{model}/rollback"), json=doc)
     except httpx.HTTPError as exc:
         console.print(f"[red]source {src.name} unreachable:[/red] {exc}")
         raise typer.Exit(1) from exc

@@ -8,6 +8,8 @@ import pytest
 
 from ekko.net import framing
 
+from .tls_files import Pki
+
 
 @pytest.fixture
 def encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -24,3 +26,9 @@ def encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(framing, "_local", threading.local())
     monkeypatch.setattr(framing, "_ENCODER", Counting())
     return names
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A cluster CA and a second one, for the TLS tests."""
+    return Pki(tmp_path_factory.mktemp("pki"))

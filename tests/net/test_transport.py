@@ -40,6 +40,7 @@ from ekko.protocol.messages import (
 )
 
 from .helpers import assert_same, every_message, flood_idle_connections, sample_chunk
+from .tls_files import Pki
 
 SECRET = b"s3cret"
 WAN = WanProfile(delay_ms=30.0, mbit=200.0)
@@ -54,7 +55,7 @@ class Pair:
 
 
 async def _tcp_pair(
-    wan: WanProfile | None, compress: bool = False
+    wan: WanProfile | None, compress: bool = False, tls: Pki | None = None
 ) -> tuple[Pair, Callable[[], Awaitable[None]]]:
     accepted: asyncio.Queue[Connection] = asyncio.Queue()
     hold = asyncio.Event()
@@ -72,6 +73,7 @@ async def _tcp_pair(
         on_connection=on_connection,
         wan_for=lambda peer: wan if peer == "client" else None,
         compress=compress,
+        tls=tls.files("server").server_context(client_certs=True) if tls else None,
     )
     a = await connect(
         "127.0.0.1",
@@ -81,6 +83,8 @@ async def _tcp_pair(
         schema=SYNC_SCHEMA,
         wan=wan,
         compress=compress,
+        tls=tls.files("client").client_context() if tls else None,
+        server_name="server",
     )
     async with asyncio.timeout(TIMEOUT):
         b = await accepted.get()
@@ -107,16 +111,17 @@ async def _memory_pair(
 
 
 KINDS = {
-    "tcp": lambda c: _tcp_pair(None, c),
-    "tcp-wan": lambda c: _tcp_pair(WAN, c),
-    "memory": lambda c: _memory_pair(None, c),
-    "memory-wan": lambda c: _memory_pair(WAN, c),
+    "tcp": lambda c, pki: _tcp_pair(None, c),
+    "tcp-wan": lambda c, pki: _tcp_pair(WAN, c),
+    "tcp-tls": lambda c, pki: _tcp_pair(None, c, tls=pki),
+    "memory": lambda c, pki: _memory_pair(None, c),
+    "memory-wan": lambda c, pki: _memory_pair(WAN, c),
 }
 
 
 @pytest.fixture(params=list(KINDS))
-async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
-    p, cleanup = await KINDS[request.param](False)
+async def pair(request: pytest.FixtureRequest, pki: Pki) -> AsyncIterator[Pair]:
+    p, cleanup = await KINDS[request.param](False, pki)
     try:
         yield p
     finally:
@@ -257,7 +262,7 @@ async def test_oversize_send_is_local_and_the_connection_survives(pair: Pair) ->
 
 @pytest.fixture(params=[k for k in KINDS if k.endswith("-wan")])
 async def wan_pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
-    p, cleanup = await KINDS[request.param](False)
+    p, cleanup = await KINDS[request.param](False, None)
     try:
         yield p
     finally:
@@ -334,7 +339,7 @@ async def test_compression_reduces_wire_bytes(kind: str) -> None:
         sample_chunk(rows=5000, dim=16), values=np.zeros((5000, 16), np.float32)
     )
     msg = PullResponse(1, 1, [zeros])
-    p, cleanup = await KINDS[kind](True)
+    p, cleanup = await KINDS[kind](True, None)
     try:
         before = p.a.stats.bytes_sent
         await p.a.send(msg)

@@ -18,6 +18,7 @@ from ekko.node.config import load_config
 from ekko.node.driver import Driver
 from ekko.node.guard_link import ATTEMPTS, GuardLink
 from ekko.node.guard_ticker import ADVANCE_S, GuardTicker
+from ekko.node.http_client import ClusterHttp
 from ekko.node.release_timer import TICK_S, ReleaseTimer
 from ekko.node.runner import NodeRunner
 from ekko.node.signed_requests import RESIGN_HEADER
@@ -219,7 +220,8 @@ def _link(answers: list[httpx.Response], tmp_path: Path) -> tuple[GuardLink, lis
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
     clock = FakeClock()
-    return GuardLink(cfg, b"s3cret", Supervisor(), client, clock), seen, clock
+    http = ClusterHttp(cfg, tmp_path)
+    return GuardLink(http, b"s3cret", Supervisor(), client, clock), seen, clock
 
 
 async def test_a_guard_message_is_signed_retried_on_5xx_and_signed_again_after_a_restart(

@@ -96,8 +96,7 @@ class Demo:
         self.hists: dict[str, LatencyHistogram] = {}
 
     def url(self, name: str) -> str:
-        n = self.cluster.config.node(name)
-        return f"http://{n.host}:{n.admin_port}"
+        return self.cluster.url(name, "")
 
     async def _get(self, client: httpx.AsyncClient, name: str, path: str) -> dict:
         r = await client.get(self.url(name) + path)
@@ -235,7 +234,8 @@ class Demo:
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
         spec = self.spec
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-        async with httpx.AsyncClient(timeout=30.0, limits=limits, auth=self.cluster.auth) as client:
+        http = self.cluster.http
+        async with http.async_client(timeout=30.0, limits=limits, auth=self.cluster.auth) as client:
             with self.console.status("waiting for every replica to hold the model"):
                 await self.wait_servable(client)
             stream = SyntheticStream(StreamConfig(seed=spec.seed, events_per_s=spec.rate))

@@ -3,7 +3,8 @@
 Public names are re-exported here; modules: ``errors``, ``arrays``, ``framing`` and ``auth``
 (sans-IO),
 ``wan`` (delay/bandwidth math), ``connection`` (one interface over any byte stream),
-``transport`` (TCP ``connect``/``serve``), ``memory`` (in-memory pair for tests).
+``transport`` (TCP ``connect``/``serve``, optionally over mutual TLS), ``tls`` (contexts and
+file checks for a cluster CA's certificates), ``memory`` (in-memory pair for tests).
 """
 
 from ekko.net.connection import ByteStream, Connection, ConnectionStats
@@ -18,6 +19,7 @@ from ekko.net.errors import (
 )
 from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, WireSchema, encode_frame
 from ekko.net.memory import memory_pair
+from ekko.net.tls import TlsFiles
 from ekko.net.transport import Listener, ListenerStats, connect, serve
 from ekko.net.wan import WanLine, WanProfile
 
@@ -35,6 +37,7 @@ __all__ = [
     "ListenerStats",
     "LocalFrameError",
     "RemoteFrameError",
+    "TlsFiles",
     "TransportError",
     "WanLine",
     "WanProfile",

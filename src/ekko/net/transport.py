@@ -2,9 +2,13 @@
 
 Only authenticated peers reach the caller: the listener runs the server side of the handshake
 (:mod:`ekko.net.auth`) before ``on_connection`` sees the connection, and drops a peer that
-fails it without sending anything beyond the challenge. WAN emulation is applied per direction
-by the sender: the client passes its profile to ``connect``, the listener looks one up by the
-authenticated peer name with ``wan_for``. The handshake itself is not delayed.
+fails it without sending anything beyond the challenge. With TLS (an ``ssl.SSLContext`` from
+:mod:`ekko.net.tls` on both ends) the connection is encrypted first, each side checks the
+other's certificate against the cluster CA, and the secret handshake then runs inside it:
+the node name a peer claims must be the one its certificate is issued to. WAN emulation is
+applied per direction by the sender: the client passes its profile to ``connect``, the
+listener looks one up by the authenticated peer name with ``wan_for``. The handshakes
+themselves are not delayed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from ekko.net.errors import (
 )
 from ekko.net.framing import DEFAULT_MAX_FRAME_BYTES, WireSchema
 from ekko.net.server import TaskServer
+from ekko.net.tls import certificate_name, describe_tls_error
 from ekko.net.wan import WanProfile
 
 log = logging.getLogger("ekko.net")
@@ -71,11 +77,44 @@ class TcpStream:
     def abort(self) -> None:
         self._writer.transport.abort()
 
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """The server side of a TLS handshake on this accepted connection. Call it before
+        anything awaits: bytes read before the switch would not reach TLS. Raises AuthError
+        (the client's certificate or TLS itself refused) or BrokenConnection."""
+        try:
+            await self._writer.start_tls(context)
+        except ssl.SSLError as e:
+            raise AuthError(f"TLS handshake failed: {describe_tls_error(e)}") from e
+        except OSError as e:
+            raise BrokenConnection(
+                f"the client hung up in the TLS handshake ({e!r}): it does not trust our "
+                "certificate (another CA?), or it gave up"
+            ) from e
 
-async def _client_handshake(conn: Connection, hs: ClientHandshake) -> None:
+    def certificate_name(self) -> str | None:
+        """The node the peer's verified TLS certificate names (None without TLS)."""
+        return certificate_name(self._writer.get_extra_info("peercert"))
+
+
+def _check_certificate(claimed: str, cert_name: str | None, who: str) -> None:
+    """With TLS, a peer is the node its certificate names, whatever secret it holds."""
+    if cert_name != claimed:
+        raise AuthError(
+            f"{who} claims node {claimed!r} but its TLS certificate is issued to {cert_name!r}"
+        )
+
+
+async def _client_handshake(
+    conn: Connection, hs: ClientHandshake, stream: TcpStream, tls: bool
+) -> None:
     try:
         challenge = await conn._recv_struct()
     except BrokenConnection as e:
+        if tls:  # TLS 1.3: the server judges our certificate after our side of the handshake
+            raise AuthError(
+                f"server closed the connection before its challenge ({e.reason}): it refused "
+                "our TLS certificate (not from its cluster CA?), or it is shedding handshakes"
+            ) from e
         raise BrokenConnection(
             f"server closed the connection before the handshake completed ({e.reason}), "
             "before its challenge: not an ekko node, or it is shedding pending handshakes"
@@ -83,14 +122,20 @@ async def _client_handshake(conn: Connection, hs: ClientHandshake) -> None:
     except RemoteFrameError as e:
         raise AuthError(f"server sent an invalid handshake frame: {e.reason}") from e
     try:
-        await conn._send_struct(hs.receive_challenge(challenge))
+        auth = hs.receive_challenge(challenge)
+        if tls:
+            assert hs.peer is not None
+            _check_certificate(hs.peer, stream.certificate_name(), "server")
+        await conn._send_struct(auth)
         hs.receive_ok(await conn._recv_struct())
     except BrokenConnection as e:
         # Refused after our proof, or evicted while it was on its way: both close unanswered.
+        mismatch = "wrong secret or protocol version mismatch"
+        if tls:
+            mismatch += ", a node name our TLS certificate is not issued to"
         raise AuthError(
             f"server closed the connection before the handshake completed ({e.reason}): "
-            "wrong secret or protocol version mismatch, or it evicted this pending handshake "
-            "(see its log: 'evicting')"
+            f"{mismatch}, or it evicted this pending handshake (see its log: 'evicting')"
         ) from e
     except RemoteFrameError as e:
         raise AuthError(f"server sent an invalid handshake frame: {e.reason}") from e
@@ -98,7 +143,9 @@ async def _client_handshake(conn: Connection, hs: ClientHandshake) -> None:
     conn._authenticated(hs.peer)
 
 
-async def _server_handshake(conn: Connection, hs: ServerHandshake, reply_timeout: float) -> str:
+async def _server_handshake(
+    conn: Connection, hs: ServerHandshake, reply_timeout: float, stream: TcpStream, tls: bool
+) -> str:
     await conn._send_struct(hs.start())
     try:
         async with asyncio.timeout(reply_timeout):
@@ -111,6 +158,8 @@ async def _server_handshake(conn: Connection, hs: ServerHandshake, reply_timeout
         raise AuthError(f"client sent an invalid handshake frame: {e.reason}") from e
     ok = hs.receive_auth(msg)
     assert hs.peer is not None
+    if tls:
+        _check_certificate(hs.peer, stream.certificate_name(), "client")
     # Switch before sending AuthOk: the client may answer with data at once.
     conn._authenticated(hs.peer)
     await conn._send_struct(ok)
@@ -129,12 +178,17 @@ async def connect(
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     timeout: float = 5.0,
     wan_queue_bytes: int = DEFAULT_WAN_QUEUE_BYTES,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> Connection:
     """Open a TCP connection to an ekko listener and authenticate both ways; then it speaks
     ``schema`` (whose version the handshake checks).
 
-    ``timeout`` bounds connecting and the handshake together. Raises
-    :class:`~ekko.net.errors.AuthError` (wrong secret, version mismatch, not an ekko peer) or
+    With ``tls`` (a client context of :class:`~ekko.net.tls.TlsFiles`) the server's
+    certificate must be valid for ``server_name`` (the node we mean to reach; ``host`` when
+    None) and issued to the node its challenge names. ``timeout`` bounds connecting and the
+    handshakes together. Raises :class:`~ekko.net.errors.AuthError` (wrong secret, version
+    mismatch, not an ekko peer, a certificate refused either way) or
     :class:`~ekko.net.errors.BrokenConnection` (refused, unreachable, timed out).
     """
     hs = ClientHandshake(node=node, secret=secret, protocol_version=schema.version)
@@ -142,11 +196,18 @@ async def connect(
     try:
         async with asyncio.timeout(timeout):
             try:
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=tls, server_hostname=(server_name or host) if tls else None
+                )
+            except ssl.SSLError as e:
+                raise AuthError(
+                    f"TLS handshake with {host}:{port} failed: {describe_tls_error(e)}"
+                ) from e
             except OSError as e:
                 raise BrokenConnection(f"cannot connect to {host}:{port}: {e}") from e
+            stream = TcpStream(reader, writer)
             conn = Connection(
-                TcpStream(reader, writer),
+                stream,
                 peer=f"{host}:{port}",
                 compress=compress,
                 max_frame_bytes=max_frame_bytes,
@@ -154,7 +215,7 @@ async def connect(
                 schema=schema,
                 handshake=True,
             )
-            await _client_handshake(conn, hs)
+            await _client_handshake(conn, hs, stream, tls is not None)
     except TimeoutError as e:
         if conn is not None:
             conn._abort()
@@ -189,7 +250,8 @@ class Listener(TaskServer):
     pending one is evicted rather than the newcomer refused: a real peer answers the challenge
     within a round trip, so idle connections, however many and however often reopened, can
     only push each other out, never lock a peer out of the port. A reply to the challenge must
-    arrive within ``reply_timeout``; the whole handshake within ``handshake_timeout``.
+    arrive within ``reply_timeout``; the whole handshake within ``handshake_timeout``, the TLS
+    handshake (with ``tls``: a server context requiring client certificates) included.
     """
 
     def __init__(
@@ -206,6 +268,7 @@ class Listener(TaskServer):
         wan_queue_bytes: int,
         max_pending: int,
         reply_timeout: float,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not secret:
             raise ValueError("secret must be non-empty bytes")
@@ -223,6 +286,7 @@ class Listener(TaskServer):
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self._max_pending = max_pending
         self._reply_timeout = reply_timeout
+        self._tls = tls
         # Connections still in the handshake, oldest first, with when they arrived.
         self._pending: dict[Connection, float] = {}
         self._evicted: set[Connection] = set()
@@ -259,17 +323,27 @@ class Listener(TaskServer):
         )
         try:
             self._pending[conn] = time.monotonic()
+            tls = in_tls = self._tls is not None
             try:
                 async with asyncio.timeout(self._handshake_timeout):
+                    if self._tls is not None:
+                        await stream.start_tls(self._tls)
+                    in_tls = False
                     hs = ServerHandshake(
                         node=self._node, secret=self._secret, protocol_version=self._schema.version
                     )
-                    peer = await _server_handshake(conn, hs, self._reply_timeout)
+                    peer = await _server_handshake(conn, hs, self._reply_timeout, stream, tls)
             except (TransportError, TimeoutError) as e:
                 self._counts["auth_failures"] += 1
                 if conn in self._evicted:
                     return  # logged and counted when evicted
-                reason = "handshake timed out" if isinstance(e, TimeoutError) else str(e)
+                reason = str(e)
+                if isinstance(e, TimeoutError):
+                    reason = (
+                        "TLS handshake timed out (a client without TLS?)"
+                        if in_tls
+                        else "handshake timed out"
+                    )
                 log.warning("refusing %s: %s", stream.address, reason)
                 conn._abort()
                 return
@@ -304,6 +378,7 @@ async def serve(
     wan_queue_bytes: int = DEFAULT_WAN_QUEUE_BYTES,
     max_pending: int = 64,
     reply_timeout: float = 1.0,
+    tls: ssl.SSLContext | None = None,
 ) -> Listener:
     """Listen on ``host:port`` (0 = any free port, see ``Listener.port``); authenticated peers
     speak ``schema`` (whose version the handshake checks).
@@ -313,7 +388,9 @@ async def serve(
     ``wan_for(peer_name)`` gives the WAN profile for frames this side sends to that peer.
     At most ``max_pending`` peers may be in the handshake at once; a newcomer evicts the
     oldest, and a peer must answer the challenge within ``reply_timeout`` (before
-    authentication a frame is at most ``HANDSHAKE_MAX_FRAME_BYTES``, never zstd).
+    authentication a frame is at most ``HANDSHAKE_MAX_FRAME_BYTES``, never zstd). With
+    ``tls`` (a server context requiring client certificates from the cluster CA) every
+    connection is TLS, and a peer must claim the node its certificate is issued to.
     """
     listener = Listener(
         node=node,
@@ -327,6 +404,7 @@ async def serve(
         wan_queue_bytes=wan_queue_bytes,
         max_pending=max_pending,
         reply_timeout=reply_timeout,
+        tls=tls,
     )
     await listener._start(host, port)
     return listener

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from ekko.net.wan import WanLine, WanProfile
 from ekko.node.core import NodeCore
 from ekko.node.driver import Driver
+from ekko.node.http_client import ClusterHttp
 from ekko.node.signed_requests import auth_headers, host_of, needs_resign
 from ekko.store import SnapshotError, Store
 from ekko.store.clock import SYSTEM_CLOCK, LoopClock
@@ -33,6 +34,7 @@ class CheckpointRefresher(Driver):
 
     Args:
         core: the node (its store is replaced by each copy).
+        http: the cluster's HTTP ports (the source's URL, TLS checked).
         secret: signs the snapshot request.
         wan: the emulated WAN profile of the link to the source (None: LAN).
         on_loaded: called with the new store once it is in place (serve it, wake pulls).
@@ -44,12 +46,14 @@ class CheckpointRefresher(Driver):
     def __init__(
         self,
         core: NodeCore,
+        http: ClusterHttp,
         secret: bytes,
         wan: WanProfile | None,
         on_loaded: Callable[[Store], None],
         clock: LoopClock = SYSTEM_CLOCK,
     ) -> None:
         self.core = core
+        self.http = http
         self.secret = secret
         self.wan = wan
         self.on_loaded = on_loaded
@@ -63,10 +67,10 @@ class CheckpointRefresher(Driver):
     async def run(self) -> None:
         cfg = self.core.config
         src = cfg.source
-        url = f"http://{src.host}:{src.admin_port}/v1/snapshot"
+        url = self.http.url(src.name, "/v1/snapshot")
         interval = self.core.node.checkpoint_interval_s
         self.core.links.declare(src.name)
-        async with httpx.AsyncClient(timeout=max(30.0, interval)) as client:
+        async with self.http.async_client(timeout=max(30.0, interval)) as client:
             while True:
                 started = self.started = self.clock.wall()
                 self._now.clear()  # a request from here on asks for a later copy

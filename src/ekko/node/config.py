@@ -26,6 +26,7 @@ from pydantic import (
 from ekko.codec import CODECS
 from ekko.guard.detector import DetectorConfig
 from ekko.guard.errors import GuardConfigError
+from ekko.net.tls import TlsFileError, TlsFiles, check_ca, check_node_files
 from ekko.net.wan import WanProfile
 from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.store._validate import DEFAULT_MAX_ABS
@@ -44,10 +45,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class ClusterTls(_Strict):
+    """TLS on every port of the cluster (README "TLS"): the CA every node's certificate is
+    signed by; each node names its own files (``nodes[].tls``)."""
+
+    ca: str
+
+
+class NodeTls(_Strict):
+    """A node's certificate (signed by the cluster CA, issued to the node's name) and key."""
+
+    cert: str
+    key: str
+
+
 class ClusterSection(_Strict):
     name: str = "ekko"
     secret_file: str = "cluster.secret"
     data_dir: str = "data"
+    tls: ClusterTls | None = None
 
 
 class DcConfig(_Strict):
@@ -69,6 +85,7 @@ class NodeConfig(_Strict):
     # every checkpoint_interval_s, as deployments without Ekko do (the demo's comparison).
     refresh: Literal["sync", "checkpoint"] = "sync"
     checkpoint_interval_s: float = Field(60.0, gt=0)
+    tls: NodeTls | None = None  # required when [cluster] tls is set
 
 
 class TableConfig(_Strict):
@@ -305,6 +322,12 @@ class ClusterConfig(_Strict):
         for n in self.nodes:
             if n.dc not in dc_names:
                 raise ValueError(f"nodes[{n.name}].dc: unknown DC {n.dc!r} (known: {dc_names})")
+            if self.cluster.tls is not None and n.tls is None:
+                raise ValueError(
+                    f"nodes[{n.name}].tls: required when cluster.tls is set (its cert and key)"
+                )
+            if self.cluster.tls is None and n.tls is not None:
+                raise ValueError(f"nodes[{n.name}].tls: set, but cluster.tls (the CA) is not")
         for d in self.dcs:
             if d.upstream_dc is not None and d.upstream_dc not in dc_names:
                 raise ValueError(f"dcs[{d.name}].upstream_dc: unknown DC {d.upstream_dc!r}")
@@ -399,6 +422,35 @@ class ClusterConfig(_Strict):
         p = Path(relative)
         return p if p.is_absolute() else base / p
 
+    def tls_files(self, base: Path, name: str | None = None) -> TlsFiles | None:
+        """The TLS files of node ``name`` (CA, its cert and key), or the CA alone for a
+        process that is no node (the CLI, the launcher); None when TLS is off."""
+        if self.cluster.tls is None:
+            return None
+        ca = self.path(self.cluster.tls.ca, base)
+        if name is None:
+            return TlsFiles(ca)
+        own = self.node(name).tls
+        assert own is not None  # checked by _check
+        return TlsFiles(ca, self.path(own.cert, base), self.path(own.key, base))
+
+    def check_tls_files(self, base: Path, name: str | None = None) -> None:
+        """Read the CA and, for node ``name``, its certificate and key: each must exist,
+        parse, and fit (key of that certificate, signed by the CA, issued to the node).
+        Raises ConfigError naming the field. Nothing to do when TLS is off."""
+        files = self.tls_files(base, name)
+        if files is None:
+            return
+        try:
+            ca = check_ca(files.ca)
+        except TlsFileError as exc:
+            raise ConfigError(f"cluster.tls.ca: {exc}") from exc
+        if name is not None:
+            try:
+                check_node_files(ca, files, name)
+            except TlsFileError as exc:
+                raise ConfigError(f"nodes[{name}].tls.{exc.field}: {exc}") from exc
+
 
 def _unique(field: str, names: list[str]) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -406,8 +458,12 @@ def _unique(field: str, names: list[str]) -> None:
         raise ValueError(f"{field}: duplicate names {dupes}")
 
 
-def load_config(path: Path) -> ClusterConfig:
-    """Read and validate ``path``; any problem is a ConfigError naming file and field."""
+def load_config(path: Path, node: str | None = None) -> ClusterConfig:
+    """Read and validate ``path``; any problem is a ConfigError naming file and field.
+
+    With TLS on, the CA file is read and checked too, and with ``node`` (the process that
+    runs it) that node's certificate and key: a node refuses to start on files that would
+    fail every handshake, rather than failing each one."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as exc:
@@ -415,9 +471,16 @@ def load_config(path: Path) -> ClusterConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
-        return ClusterConfig.model_validate(raw)
+        config = ClusterConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"{path}: {problems}") from exc
+    try:
+        if node is not None:
+            config.node(node)
+        config.check_tls_files(Path(path).resolve().parent, node)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return config

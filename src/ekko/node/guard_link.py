@@ -6,7 +6,7 @@ import logging
 
 import httpx
 
-from ekko.node.config import ClusterConfig
+from ekko.node.http_client import ClusterHttp
 from ekko.node.signed_requests import needs_resign, signed_json
 from ekko.node.supervisor import Supervisor
 from ekko.store.clock import SYSTEM_CLOCK, LoopClock
@@ -27,7 +27,7 @@ class GuardLink:
     ``ekko_task_failures_total{task="guard_message"}``; a 4xx is logged and not retried.
 
     Args:
-        config: the cluster (target names to admin addresses).
+        http: the cluster's HTTP ports (target names to URLs, TLS checked).
         secret: the cluster secret the messages are signed with.
         supervisor: runs each delivery.
         client: the HTTP client (created here when None; closed by ``close``).
@@ -38,23 +38,22 @@ class GuardLink:
 
     def __init__(
         self,
-        config: ClusterConfig,
+        http: ClusterHttp,
         secret: bytes,
         supervisor: Supervisor,
         client: httpx.AsyncClient | None = None,
         clock: LoopClock = SYSTEM_CLOCK,
     ) -> None:
-        self.config = config
+        self.http = http
         self.secret = secret
         self.supervisor = supervisor
-        self.client = client if client is not None else httpx.AsyncClient(timeout=5.0)
+        self.client = client if client is not None else http.async_client(timeout=5.0)
         self.clock = clock
         self.dropped = 0
 
     def send(self, target: str, path: str, body: dict) -> None:
         """Post ``body`` to ``path`` on node ``target``'s admin API, in the background."""
-        node = self.config.node(target)
-        url = f"http://{node.host}:{node.admin_port}{path}"
+        url = self.http.url(target, path)
         self.supervisor.spawn(self.task, self.deliver(url, body))
 
     async def deliver(self, url: str, body: dict) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,11 +28,50 @@ MAX_INCOMPLETE_HEADERS = 16 << 10
 
 
 class EmbeddedServer(uvicorn.Server):
-    """uvicorn inside our event loop: the node, not uvicorn, owns the signals."""
+    """uvicorn inside our event loop: the node, not uvicorn, owns the signals.
+
+    With TLS it also bounds each connection's TLS handshake by ``tls_handshake_timeout_s``
+    (the header deadline): uvicorn leaves asyncio's 60 s, the HTTP protocol (its deadline and
+    ``limit_concurrency``) sees a connection only once the handshake is done, so a client
+    that opens TLS connections and never finishes them held each for a minute, uncounted.
+    """
+
+    def __init__(self, config: uvicorn.Config, tls_handshake_timeout_s: float = 10.0) -> None:
+        super().__init__(config)
+        self.tls_handshake_timeout_s = tls_handshake_timeout_s
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        if config.ssl is None or sockets is None:
+            await super().startup(sockets)
+            return
+        # uvicorn's startup for given sockets, with the handshake bounded (lifespan is off).
+        await self.lifespan.startup()
+        loop = asyncio.get_running_loop()
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        self.servers = [
+            await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self.tls_handshake_timeout_s,
+            )
+            for sock in sockets
+        ]
+        self.started = True
 
 
 class DeadlineProtocol(H11Protocol):
@@ -100,9 +140,11 @@ def http_server(
     header_timeout_s: float,
     idle_timeout_s: float,
     max_connections: int,
+    tls: ssl.SSLContext | None = None,
 ) -> EmbeddedServer:
     """The server for a node's admin/serving app. Over ``max_connections`` open connections
-    (or requests in flight) uvicorn answers 503."""
+    (or requests in flight) uvicorn answers 503. With ``tls`` (a server context of
+    ``ekko.net.tls.TlsFiles``) it serves https only."""
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -112,8 +154,9 @@ def http_server(
         timeout_keep_alive=idle_timeout_s,  # type: ignore[arg-type]  (call_later takes float)
         limit_concurrency=max_connections,
         h11_max_incomplete_event_size=MAX_INCOMPLETE_HEADERS,
+        ssl_context_factory=None if tls is None else (lambda _config, _default: tls),
     )
-    return EmbeddedServer(config)
+    return EmbeddedServer(config, tls_handshake_timeout_s=header_timeout_s)
 
 
 def tcp_listener(host: str, port: int) -> socket.socket:

@@ -28,6 +28,7 @@ from ekko.node.core import NodeCore
 from ekko.node.driver import Driver, DriverFactory
 from ekko.node.guard_link import GuardLink
 from ekko.node.guard_ticker import GuardTicker
+from ekko.node.http_client import ClusterHttp
 from ekko.node.http_server import EmbeddedServer, tcp_listener
 from ekko.node.metrics import sync_port_metrics
 from ekko.node.models import ModelHost
@@ -75,10 +76,12 @@ class NodeRunner:
         self._stop = asyncio.Event()
         self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.sync = ResponderHost(core.responder, self._pace_for, core.report_traffic, clock)
-        self.port = SyncPort(config, name, self.secret)
+        self.tls = config.tls_files(base_dir, name)
+        self.port = SyncPort(config, name, self.secret, self.tls)
+        self.http = ClusterHttp(config, base_dir)
         self.guard_link: GuardLink | None = None
         if config.guard.enabled and config.models:
-            self.guard_link = GuardLink(config, self.secret, self.supervisor, clock=clock)
+            self.guard_link = GuardLink(self.http, self.secret, self.supervisor, clock=clock)
         send = self.guard_link.send if self.guard_link is not None else None
         self.models = ModelHost(core, send, clock)
         self.apply = ApplyFanout(core.latency, [self.models.follow], self.notify_written)
@@ -103,7 +106,9 @@ class NodeRunner:
                 out.append(ReleaseTimer(core.port, clock))
         elif core.role == "checkpoint":
             wan = self.port.wan(cfg.source.name)
-            self.refresher = CheckpointRefresher(core, self.secret, wan, self._loaded, clock)
+            self.refresher = CheckpointRefresher(
+                core, self.http, self.secret, wan, self._loaded, clock
+            )
             out.append(self.refresher)
         else:
             up = Upstream(core, self.port, self.apply, self._rebuilt, self.upstream_ready, clock)
@@ -128,6 +133,7 @@ class NodeRunner:
             collectors=[sync_port_metrics(core.name, listener)],
             status=self._status_extra,
             started=self.ready.is_set, stopping=self._stop.is_set,
+            tls=self.tls.server_context(client_certs=False) if self.tls else None,
         ).server()  # fmt: skip
         # Bound before serving: the port accepts (into the backlog) from the first moment.
         admin_sock = tcp_listener(node.host, node.admin_port)

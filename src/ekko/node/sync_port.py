@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from ekko.net.errors import TransportError
+from ekko.net.errors import AuthError, TransportError
+from ekko.net.tls import TlsFiles
 from ekko.net.transport import Connection, Listener, connect, serve
 from ekko.net.wan import WanProfile
 from ekko.node.config import ClusterConfig, NodeConfig
@@ -20,13 +21,19 @@ class SyncPort:
 
     Why one object: the listener, the upstream link, its probe of preferred upstreams and a
     recovering source's pulls must all connect the same way (secret, schema, WAN profile,
-    compression, timeout).
+    compression, timeout, TLS). With ``tls`` (this node's files) links are mutual TLS: the
+    listener requires a certificate from the cluster CA, and a dialed peer's certificate
+    must be issued to the node we dial.
     """
 
-    def __init__(self, config: ClusterConfig, name: str, secret: bytes) -> None:
+    def __init__(
+        self, config: ClusterConfig, name: str, secret: bytes, tls: TlsFiles | None = None
+    ) -> None:
         self.config = config
         self.name = name
         self.secret = secret
+        self._server_tls = tls.server_context(client_certs=True) if tls else None
+        self._client_tls = tls.client_context() if tls else None
 
     def wan(self, peer: str) -> WanProfile | None:
         """The emulated WAN profile of the link to ``peer`` (None: a LAN link)."""
@@ -47,6 +54,7 @@ class SyncPort:
             on_connection=on_connection,
             wan_for=self.wan,
             compress=self.config.sync.compress,
+            tls=self._server_tls,
         )
 
     async def dial(self, peer: NodeConfig) -> Connection | None:
@@ -61,7 +69,12 @@ class SyncPort:
                 wan=self.wan(peer.name),
                 compress=self.config.sync.compress,
                 timeout=self.config.sync.connect_timeout_s,
+                tls=self._client_tls,
+                server_name=peer.name,
             )
+        except AuthError as exc:  # not a flaky link: the peer or its credentials are wrong
+            log.warning("upstream %s refused: %s", peer.name, exc)
+            return None
         except (TimeoutError, OSError, TransportError) as exc:
             log.info("upstream %s unreachable: %s", peer.name, exc)
             return None

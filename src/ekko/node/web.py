@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from starlette.requests import Request
@@ -35,6 +36,7 @@ class NodeWeb:
         status: keys added to ``/v1/status``.
         started: True once the node serves.
         stopping: True once the node is stopping.
+        tls: the server context when the cluster runs TLS (https only).
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class NodeWeb:
         status: Callable[[], dict],
         started: Callable[[], bool],
         stopping: Callable[[], bool],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.core = core
+        self.tls = tls
         self.models = models
         self.supervisor = supervisor
         self.started = started
@@ -77,6 +81,7 @@ class NodeWeb:
             header_timeout_s=web.header_timeout_s,
             idle_timeout_s=web.idle_timeout_s,
             max_connections=web.max_connections,
+            tls=self.tls,
         )
 
     def down(self) -> dict[str, str]:

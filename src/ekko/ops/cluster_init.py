@@ -12,6 +12,7 @@ from typing import Any
 import tomli_w
 
 from ekko.node.config import ClusterConfig
+from ekko.ops.cluster_tls import tls_entries, write_tls_files
 
 DEFAULT_DELAYS_MS = (25.0, 50.0, 100.0)
 
@@ -44,12 +45,15 @@ def cluster_doc(
     name: str = "ekko-local",
     models: list[dict[str, Any]] | None = None,
     checkpoint_every_s: float | None = None,
+    tls: bool = False,
 ) -> dict[str, Any]:
     """The TOML document of a training DC (one source) and ``dcs`` inference DCs.
 
     ``models``: ``[[models]]`` entries (served by replicas when ``serve``, trained at the
     source). ``checkpoint_every_s``: add DC ``ckpt`` (WAN like the first DC) with one serving
-    replica refreshed only by a full copy of the source that often, the no-Ekko comparison."""
+    replica refreshed only by a full copy of the source that often, the no-Ekko comparison.
+    ``tls``: every port over TLS, with the files under ``tls/`` (``write_cluster`` makes
+    them)."""
     if dcs < 1 or replicas < 1:
         raise ValueError(f"need dcs >= 1 and replicas >= 1, got dcs={dcs} replicas={replicas}")
     delays = list(wan_delay_ms or DEFAULT_DELAYS_MS)
@@ -101,12 +105,15 @@ def cluster_doc(
                 "checkpoint_interval_s": float(checkpoint_every_s),
             }
         )
+    if tls:
+        tls_entries(doc)
     ClusterConfig.model_validate(doc)
     return doc
 
 
 def write_cluster(doc: dict[str, Any], out: Path) -> Path:
-    """Write the config and, beside it, a fresh cluster secret readable only by its owner."""
+    """Write the config and, beside it, a fresh cluster secret readable only by its owner
+    and, when the config names TLS files, the cluster CA and every node's key pair."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     secret = out.parent / doc["cluster"]["secret_file"]
@@ -114,6 +121,8 @@ def write_cluster(doc: dict[str, Any], out: Path) -> Path:
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+    if doc["cluster"].get("tls"):
+        write_tls_files(doc, out.parent)
     out.write_text(tomli_w.dumps(_without_none(doc)))
     return out
 

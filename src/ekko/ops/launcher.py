@@ -20,6 +20,7 @@ import httpx
 
 from ekko.node.access import ClusterAuth
 from ekko.node.config import ClusterConfig, load_config
+from ekko.node.http_client import ClusterHttp
 from ekko.node.runner import READY_MARK
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class LocalCluster:
         secret_path = self.config.path(self.config.cluster.secret_file, self.base_dir)
         self.secret = secret_path.read_bytes().strip()
         self.auth = ClusterAuth(self.secret)  # signs with the least role a route needs
+        self.http = ClusterHttp(self.config, self.base_dir)  # https with [cluster] tls
 
     def start(self, names: list[str] | None = None, timeout: float = 60.0) -> None:
         names = names or [n.name for n in self.config.nodes]
@@ -141,22 +143,21 @@ class LocalCluster:
     # -- admin API helpers --------------------------------------------------------------
 
     def url(self, name: str, path: str) -> str:
-        n = self.config.node(name)
-        return f"http://{n.host}:{n.admin_port}{path}"
+        return self.http.url(name, path)
 
     def get(self, name: str, path: str, timeout: float = 10.0) -> dict:
-        r = httpx.get(self.url(name, path), timeout=timeout, auth=self.auth)
+        with self.http.client(timeout=timeout, auth=self.auth) as client:
+            r = client.get(self.url(name, path))
         r.raise_for_status()
         return r.json()
 
     def post(self, name: str, path: str, body: object, timeout: float = 10.0) -> httpx.Response:
-        return httpx.post(
-            self.url(name, path),
-            content=json.dumps(body),
-            timeout=timeout,
-            headers={"content-type": "application/json"},
-            auth=self.auth,
-        )
+        with self.http.client(timeout=timeout, auth=self.auth) as client:
+            return client.post(
+                self.url(name, path),
+                content=json.dumps(body),
+                headers={"content-type": "application/json"},
+            )
 
     def __enter__(self) -> LocalCluster:
         return self

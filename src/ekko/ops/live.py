@@ -19,9 +19,10 @@ def node_latency(cluster: LocalCluster, name: str) -> LatencyHistogram:
 
 
 def reset_latency(cluster: LocalCluster) -> None:
-    for n in cluster.config.nodes:
-        if n.name != cluster.config.source.name:
-            httpx.post(cluster.url(n.name, "/v1/latency/reset"), timeout=10, auth=cluster.auth)
+    with cluster.http.client(timeout=10, auth=cluster.auth) as client:
+        for n in cluster.config.nodes:
+            if n.name != cluster.config.source.name:
+                client.post(cluster.url(n.name, "/v1/latency/reset"))
 
 
 def per_dc(cluster: LocalCluster) -> list[dict]:
