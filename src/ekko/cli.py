@@ -357,6 +357,9 @@ def bench(
     wal: str | None = typer.Option(
         None, help="The source's write-ahead log: on, off or both (apply, latency)."
     ),
+    tls: str | None = typer.Option(
+        None, help="Every port over TLS: on, off or both, alternated blocks (latency)."
+    ),
 ) -> None:
     """Run one benchmark; writes JSON and a PNG to bench/results/ (or --out)."""
     if name not in BENCHES:
@@ -368,6 +371,8 @@ def bench(
         kwargs["rate"] = rate
     if wal is not None:
         kwargs["wal"] = wal
+    if tls is not None:
+        kwargs["tls"] = tls
     result = module.run(**kwargs)
     json.dump(result.get("summary", result), sys.stdout, indent=2)
     sys.stdout.write("\n")

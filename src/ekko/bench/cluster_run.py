@@ -34,6 +34,7 @@ class RunSpec:
     measure_s: float = 10.0
     sync: tuple[tuple[str, Any], ...] = ()
     durability: tuple[tuple[str, Any], ...] = ()  # the source's [durability] (wal on/off)
+    tls: bool = False  # every port over TLS (ekko cluster init --tls)
 
 
 def run_cluster(spec: RunSpec, progress=None) -> dict[str, Any]:
@@ -44,6 +45,7 @@ def run_cluster(spec: RunSpec, progress=None) -> dict[str, Any]:
             wan_delay_ms=list(spec.wan_delay_ms),
             tables=[("emb", spec.dim, spec.shards)],
             sync={"snapshot_interval_s": 0, **dict(spec.sync)},
+            tls=spec.tls,
         )
         if spec.durability:
             doc["durability"] = dict(spec.durability)
