@@ -83,6 +83,32 @@ def test_restored_pulls_fall_back_to_full_scan(tmp_path: Path) -> None:
     assert got.segment(2).size == 0
 
 
+def test_copy_is_what_a_snapshot_taken_now_restores(tmp_path: Path) -> None:
+    """``Store.copy`` (a simulated node's disk) is ``save`` + ``load`` without the file: same
+    rows, counters, knowledge and lineage, empty caches, and nothing shared with the original."""
+    store = filled_store()
+    store.lineage = 99
+    store.save(tmp_path / "s")
+    loaded, copy = Store.load(tmp_path / "s", cache_capacity=4), store.copy()
+    assert copy.lineage == loaded.lineage == 99
+    assert copy.catalog_version == loaded.catalog_version and copy.origin == loaded.origin
+    assert copy.digests() == loaded.digests() == store.digests()
+    for name, t in loaded.tables.items():
+        c = copy.table(name)
+        for got, want in zip(
+            (c.counter, c.knowledge, c.shard_version, c.dvv),
+            (t.counter, t.knowledge, t.shard_version, t.dvv),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(got, want)
+    before = copy.digests()
+    user = store.table("user")
+    user.write(np.arange(5, dtype=np.int64), np.full((5, 5), 3.0), now_ns=100)
+    user.knowledge[:] += 1
+    assert copy.digests() == before
+    assert (copy.table("user").knowledge < user.knowledge).all()
+
+
 def test_save_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "s"
     Store().save(path)

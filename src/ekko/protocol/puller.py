@@ -193,6 +193,12 @@ class Puller:
                 self._resync.add(key)
         return self._fill(now)
 
+    def deadline(self, req_id: int) -> float | None:
+        """When pull ``req_id`` times out; None once it is answered or timed out (or was
+        never sent). A driver tells a late answer from a timely one by it."""
+        f = self._in_flight.get(req_id)
+        return None if f is None else f.deadline
+
     def _same_lineage(self, lineage: int) -> bool:
         """Whether rows of ``lineage`` may be merged into what we hold; if not, start a
         rebuild (or, absorbing, refuse the upstream)."""

@@ -17,6 +17,7 @@ it, rebuilds from the source exactly (``Puller``: rows the source lacks are drop
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ekko.protocol.puller import Puller, PullerConfig
@@ -47,6 +48,8 @@ class SourceRecovery:
     store: Store
     replicas: list[str]
     config: PullerConfig = RECOVERY_PULLER
+    # Where a new lineage id comes from (a simulation passes its seeded generator's).
+    lineages: Callable[[], int] = new_lineage
     pullers: dict[str, Puller] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +88,7 @@ class SourceRecovery:
         missing = [r for r in self.replicas if r not in absorbed]
         kept = self.store.lineage != 0 and not missing
         if not kept:
-            self.store.lineage = new_lineage()
+            self.store.lineage = self.lineages()
         for t in self.store.tables.values():
             t.complete_origin()
         return RecoveryResult(

@@ -1,16 +1,22 @@
 """A seeded, simulated network and clock for driving the sans-IO protocol.
 
-Links delay, drop, duplicate and reorder messages, and can be cut and healed; time is a
-number the simulation advances. Tests use it to check that replicas converge to the source
-whatever the network does (DESIGN.md §3), and it can run cluster sizes a 2-core machine
-cannot hold as processes.
+Links delay, drop, duplicate and reorder messages, can be cut and healed, and can lose every
+message one way; nodes restart on what their disk kept (a replica too, on an old copy or on
+nothing); a source may write through its ``WritePort`` (scheduler lanes, held rows released
+on the simulated clock). Time is a number the simulation advances, and every choice comes
+from one seeded generator, so a run is a function of its seed (``trace_hash`` tells). Tests
+use it to check that replicas converge to the source whatever the network does (DESIGN.md
+§3), ``ekko sim`` runs it over thousands of drawn scenarios, and it can run cluster sizes a
+2-core machine cannot hold as processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,10 +26,16 @@ from ekko.protocol.puller import LINK, Puller, PullerConfig
 from ekko.protocol.ready import Ready
 from ekko.protocol.recovery import RecoveryResult, SourceRecovery
 from ekko.protocol.responder import Responder, ResponderConfig
+from ekko.schedule.scheduler import UpdateScheduler
+from ekko.schedule.write_port import WritePort
 from ekko.store import Store, Table
 
 RECOVERY = -1  # the session tag of a restarting source's pulls from a replica
 _ANSWERS = (PullResponse, Catalog, Error)
+RACE_S = 0.002
+"""An answer this close before its pull's deadline counts as racing the timeout."""
+
+SchedulerFactory = Callable[[], UpdateScheduler | None]
 
 
 @dataclass
@@ -43,6 +55,20 @@ class SimNode:
     upstream: str | None = None
     puller: Puller | None = None
     session: int = 0  # bumps on every (re)connection so stale messages are told apart
+    puller_config: PullerConfig | None = None  # this link's, else the network's
+    port: WritePort | None = None  # a source writing through its write port
+    scheduler: SchedulerFactory | None = None  # the port's scheduler, anew at each restart
+    answered: set[int] = field(default_factory=set)  # this session's answered pulls
+
+
+@dataclass
+class AnswerTally:
+    """How answers met their pulls: after the pull timed out (``late``), within ``RACE_S``
+    before it would have (``racing``), or again (``duplicate``)."""
+
+    late: int = 0
+    racing: int = 0
+    duplicate: int = 0
 
 
 @dataclass(order=True)
@@ -76,20 +102,51 @@ class SimNetwork:
         self._seq = itertools.count()
         self._wakes: dict[str, float] = {}
         self._recovering: dict[tuple[str, str], Puller] = {}  # (source, replica) -> puller
+        self.blocked: set[tuple[str, str]] = set()  # (from, to): every message that way lost
         self.messages_sent = self.messages_dropped = 0
+        self.answers = AnswerTally()
+        self._trace = hashlib.blake2b(digest_size=16)
 
     # -- building -----------------------------------------------------------------------
 
-    def add_node(self, name: str, store: Store, upstream: str | None = None) -> SimNode:
-        node = SimNode(name, store, Responder(store, self.responder_config), upstream)
+    def add_node(
+        self,
+        name: str,
+        store: Store,
+        upstream: str | None = None,
+        *,
+        puller_config: PullerConfig | None = None,
+    ) -> SimNode:
+        """Add node ``name`` serving ``store``, pulling from ``upstream`` (with
+        ``puller_config``, e.g. its link's codec, else the network's)."""
+        node = SimNode(
+            name,
+            store,
+            Responder(store, self.responder_config),
+            upstream,
+            puller_config=puller_config,
+        )
         self.nodes[name] = node
         if upstream is not None:
             self._connect(node)
         return node
 
+    def attach_port(self, name: str, scheduler: SchedulerFactory | None = None) -> WritePort:
+        """``name`` (a source) writes through a ``WritePort`` with ``scheduler()``'s
+        scheduler (made anew when the source restarts: held rows die with the process)."""
+        node = self.nodes[name]
+        node.scheduler = scheduler
+        node.port = WritePort(
+            node.store,
+            None if scheduler is None else scheduler(),
+            on_written=lambda: self._handle_responder(node, node.responder.store_changed(self.now)),
+        )
+        return node.port
+
     def _connect(self, node: SimNode) -> None:
         node.session += 1
-        node.puller = Puller(node.store, self.puller_config)
+        node.answered.clear()
+        node.puller = Puller(node.store, node.puller_config or self.puller_config)
         if self.pace_bytes_per_s is not None:
             upstream = self.nodes[node.upstream].responder
             upstream.pace((node.name, node.session), self.pace_bytes_per_s, self.now)
@@ -109,6 +166,34 @@ class SimNetwork:
         self.cut.discard(name)
         self._connect(self.nodes[name])
 
+    def block(self, sender: str, receiver: str) -> None:
+        """Lose every message ``sender`` sends ``receiver`` from now on (one-way loss: the
+        other way still delivers, so neither end sees the link break)."""
+        self.blocked.add((sender, receiver))
+
+    def unblock(self, sender: str, receiver: str) -> None:
+        self.blocked.discard((sender, receiver))
+
+    def restart_node(self, name: str, store: Store) -> None:
+        """Restart replica ``name`` on ``store``: what its disk kept, an older copy of it, or
+        an empty store. Its followers' sessions and its own pull link break with the old
+        process and reconnect to the new one (links cut before stay cut)."""
+        node = self.nodes[name]
+        downstream = [
+            n.name for n in self.nodes.values() if n.upstream == name and n.name not in self.cut
+        ]
+        for d in downstream:
+            self.cut_link(d)
+        pulling = node.upstream is not None and name not in self.cut
+        if pulling:
+            self.cut_link(name)
+        node.store = store
+        node.responder = Responder(store, self.responder_config)
+        if pulling:
+            self.heal_link(name)
+        for d in downstream:
+            self.heal_link(d)
+
     def restart_source(
         self,
         name: str,
@@ -127,7 +212,9 @@ class SimNetwork:
                 self.cut_link(d)
         node.store = store
         node.responder = Responder(store, self.responder_config)
-        recovery = SourceRecovery(store, [n for n in self.nodes if n != name])
+        recovery = SourceRecovery(
+            store, [n for n in self.nodes if n != name], lineages=self._new_lineage
+        )
         for r, puller in recovery.pullers.items():
             if r in unreachable:
                 recovery.give_up(r, "unreachable")
@@ -141,22 +228,47 @@ class SimNetwork:
             if self._recovering.pop((name, r), None) is not None:
                 self.nodes[r].responder.close_session((name, RECOVERY))
         result = recovery.finish()
+        if node.port is not None:
+            self.attach_port(name, node.scheduler)  # writes resume once recovery is done
         for d in downstream:
             if d not in unreachable:
                 self.heal_link(d)
         return result
 
+    def _new_lineage(self) -> int:
+        return self.rng.getrandbits(62) | 1  # as ``recovery.new_lineage``, but seeded
+
     # -- driving ------------------------------------------------------------------------
 
-    def write(self, name: str, table: str, keys, values, lanes=0) -> None:
+    def write(self, name: str, table: str, keys, values, lanes=0, *, hold: bool = False) -> None:
+        """Write rows at ``name``: through its write port if it has one (the scheduler picks
+        the lanes and, with ``hold``, may hold rows until their release), else straight
+        into its table in ``lanes``."""
         node = self.nodes[name]
-        node.store.table(table).write(keys, values, now_ns=int(self.now * 1e9), lanes=lanes)
-        self._handle_responder(node, node.responder.store_changed(self.now))
+        now_ns = int(self.now * 1e9)
+        if node.port is None:
+            node.store.table(table).write(keys, values, now_ns=now_ns, lanes=lanes)
+            self._handle_responder(node, node.responder.store_changed(self.now))
+            return
+        node.port.write_rows(table, keys, values, now=self.now, now_ns=now_ns, hold=hold)
+        self._wake(name, "release", node.port.next_due())
+
+    def flush_held(self, name: str) -> int:
+        """Write every row ``name``'s scheduler holds now; returns how many."""
+        port = self.nodes[name].port
+        return 0 if port is None else port.flush(int(self.now * 1e9))
+
+    @property
+    def trace_hash(self) -> str:
+        """A hash of every event so far, in order, with its time: equal for two runs exactly
+        when they did the same things at the same simulated times."""
+        return self._trace.hexdigest()
 
     def run_until(self, t: float) -> None:
         while self._events and self._events[0].at <= t:
             ev = heapq.heappop(self._events)
             self.now = ev.at
+            self._trace.update(f"{ev.at!r} {ev.kind} {_describe(ev.args)};".encode())
             getattr(self, f"_on_{ev.kind}")(*ev.args)
         self.now = max(self.now, t)
 
@@ -172,6 +284,9 @@ class SimNetwork:
         self.messages_sent += 1
         f = self.faults
         copies = 1
+        if (src, dst) in self.blocked:
+            self.messages_dropped += 1
+            return
         if not reliable:
             if self.rng.random() < f.drop:
                 self.messages_dropped += 1
@@ -191,6 +306,8 @@ class SimNetwork:
             node = self.nodes[dst]  # a response to a puller
             if node.puller is None or session != node.session:
                 return
+            if isinstance(msg, PullResponse):
+                self._tally(node, node.puller, msg.req_id)
             self._handle_puller(node, node.puller.receive(msg, self.now))
         else:
             puller_node = self.nodes[src]
@@ -198,6 +315,16 @@ class SimNetwork:
                 return
             node = self.nodes[dst]
             self._handle_responder(node, node.responder.receive((src, session), msg, self.now))
+
+    def _tally(self, node: SimNode, puller: Puller, req_id: int) -> None:
+        deadline = puller.deadline(req_id)
+        if req_id in node.answered:
+            self.answers.duplicate += 1
+        elif deadline is None:
+            self.answers.late += 1
+        elif deadline - self.now <= RACE_S:
+            self.answers.racing += 1
+        node.answered.add(req_id)
 
     def _deliver_recovery(self, src: str, dst: str, msg: Message) -> None:
         if isinstance(msg, _ANSWERS):
@@ -251,8 +378,26 @@ class SimNetwork:
                 self._handle_recovery(name, replica, puller.tick(self.now))
         elif role == "responder":
             self._handle_responder(node, node.responder.tick(self.now))
+        elif role == "release":
+            if node.port is not None:
+                node.port.release(self.now, int(self.now * 1e9))
+                self._wake(name, "release", node.port.next_due())
         elif node.puller is not None:
             self._handle_puller(node, node.puller.tick(self.now))
+
+
+def _describe(args: tuple) -> str:
+    """An event's arguments for the trace: names, sessions, and of a message its kind, id
+    and size (not its arrays)."""
+    out = []
+    for a in args:
+        if isinstance(a, PullResponse):
+            out.append(f"resp{a.req_id}:{sum(c.rows for c in a.chunks)}:{int(a.more)}")
+        elif isinstance(a, (str, int, float)):
+            out.append(repr(a))
+        else:
+            out.append(f"{type(a).__name__}{getattr(a, 'req_id', '')}")
+    return ",".join(out)
 
 
 def rows_by_key(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -264,4 +409,4 @@ def rows_by_key(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return keys[order], values[order], versions[order], wtimes[order], lanes[order]
 
 
-__all__ = ["LINK", "Faults", "SimNetwork", "SimNode", "rows_by_key"]
+__all__ = ["LINK", "AnswerTally", "Faults", "SimNetwork", "SimNode", "rows_by_key"]

@@ -100,38 +100,52 @@ class Store:
     def save(self, path: Path, *, wal_seq: int = 0) -> None:
         """Write every table's rows and sync counters to ``path`` atomically; ``wal_seq`` is
         the last write-ahead log record the rows include."""
+        write_snapshot(Path(path), self.snapshot_data(wal_seq=wal_seq))
+
+    def snapshot_data(self, *, wal_seq: int = 0) -> SnapshotData:
+        """What ``save`` writes: every table's rows and sync counters (views, not copies)."""
         tables = []
         for t in self._tables.values():
             rows = dict(zip(_TABLE_ARRAYS, t.all_rows(), strict=True))
             rows.update(counter=t.counter, knowledge=t.knowledge, shard_version=t.shard_version)
             tables.append(SnapshotTable(t.name, t.dim, t.num_shards, rows))
-        data = SnapshotData(self.origin, self._catalog_version, tables, self.lineage, wal_seq)
-        write_snapshot(Path(path), data)
+        return SnapshotData(self.origin, self._catalog_version, tables, self.lineage, wal_seq)
+
+    def copy(self) -> Store:
+        """An independent store holding what a snapshot of this one taken now would restore
+        (update caches empty): a node's disk as it was at this moment."""
+        return Store.from_snapshot_data(self.snapshot_data(), cache_capacity=self.cache_capacity)
 
     @classmethod
     def load(cls, path: Path, *, cache_capacity: int = 4096) -> Store:
         """A store restored from ``path``: same rows, versions, counters and knowledge. The
         update caches start empty (dominator = counter), so old cursors take a full scan."""
         data = read_snapshot(Path(path))
-        store = cls(origin=data.origin, cache_capacity=cache_capacity)
         try:
-            for st in data.tables:
-                a = st.arrays
-                spec = TableSpec(st.name, st.dim, st.num_shards)
-                n = int(a["keys"].shape[0])
-                table = store.create_table(spec, initial_rows=max(n, 1024))
-                table.restore_rows(
-                    a["keys"],
-                    a["values"],
-                    a["versions"],
-                    a["wtimes"],
-                    a["lanes"],
-                    counter=a["counter"],
-                    knowledge=a["knowledge"],
-                    shard_version=a["shard_version"],
-                )
+            return cls.from_snapshot_data(data, cache_capacity=cache_capacity)
         except (StoreError, KeyError) as exc:
             raise SnapshotError(f"cannot load snapshot {path}: {exc}") from exc
+
+    @classmethod
+    def from_snapshot_data(cls, data: SnapshotData, *, cache_capacity: int = 4096) -> Store:
+        """A store holding ``data`` (copied in); ``StoreError`` or ``KeyError`` when its
+        arrays do not make a table."""
+        store = cls(origin=data.origin, cache_capacity=cache_capacity)
+        for st in data.tables:
+            a = st.arrays
+            spec = TableSpec(st.name, st.dim, st.num_shards)
+            n = int(a["keys"].shape[0])
+            table = store.create_table(spec, initial_rows=max(n, 1024))
+            table.restore_rows(
+                a["keys"],
+                a["values"],
+                a["versions"],
+                a["wtimes"],
+                a["lanes"],
+                counter=a["counter"],
+                knowledge=a["knowledge"],
+                shard_version=a["shard_version"],
+            )
         store._catalog_version = data.catalog_version
         store.lineage = data.lineage
         store.snapshot_wal_seq = data.wal_seq
