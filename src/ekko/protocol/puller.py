@@ -103,6 +103,10 @@ class Puller:
         self._staging: Store | None = None  # rebuilding from another lineage into this
         self._staging_from = 0  # the first request of the rebuild
         self._reset_pending = False  # until the upstream answered a request with ``reset``
+        self._forget_asked = False  # the next request asks the upstream to forget (``reset``)
+        # The upstream's catalog version of the last catalog received (0: a store that never
+        # created a table has no catalog to miss).
+        self._catalog_seen = 0
         self._first_req = 1
         self.caught_up = False  # an answer said the responder has nothing more for us
         self.refused_lineage: int | None = None  # absorb: the upstream's other lineage
@@ -124,6 +128,7 @@ class Puller:
         self._restate_all = True
         self._first_req = self._next_id + 1
         self.caught_up = False
+        self._catalog_seen = 0
         return self._fill(now)
 
     @property
@@ -153,14 +158,21 @@ class Puller:
                 if self.absorb:
                     return Ready()
                 return self._fill(now, immediate=True)
-            if msg.tables:
+            if msg.tables is not None:
                 for spec in msg.tables:
                     self._into.create_table(spec)
+                self._catalog_seen = max(self._catalog_seen, msg.catalog_version)
+            elif msg.catalog_version > self._catalog_seen:
+                self._catalog_lost()  # an answer that carried the catalog was lost
             serving = self._staging is None  # rows for the served store, not one rebuilt
-            applied = tuple(self._apply(chunk, now) for chunk in msg.chunks)
+            chunks = msg.chunks
+            if any(c.table not in self._into.tables for c in chunks):
+                chunks = [c for c in chunks if c.table in self._into.tables]
+                self._catalog_lost()
+            applied = tuple(self._apply(chunk, now) for chunk in chunks)
             if msg.holds and not msg.chunks:
                 self._check_holds(msg.holds)
-            if not msg.more and not self._pending:
+            if not msg.more and not self._pending and not self._forget_asked:
                 self._settled(msg.req_id)
             ready = self._fill(now, immediate=msg.more)
             if serving and (msg.tables or applied):
@@ -169,6 +181,7 @@ class Puller:
         if isinstance(msg, Catalog):
             for spec in msg.tables:
                 self._into.create_table(spec)
+            self._catalog_seen = max(self._catalog_seen, msg.version)
             ready = Ready(wake_at=self._wake_at())
             if msg.tables and self._staging is None:
                 ready.applied = Applied(tuple(msg.tables), (), now)
@@ -232,6 +245,15 @@ class Puller:
             return
         if req_id >= self._first_req:
             self.caught_up = True
+
+    def _catalog_lost(self) -> None:
+        """An answer names a catalog version newer than the last catalog we received, or
+        rows of a table we never learnt: the answer that carried the catalog was lost (a
+        session is sent each catalog once). Ask the upstream to forget what it sent this
+        session: it sends the catalog again, and the rows from our restated knowledge (rows
+        of a table we did not know could not be stored)."""
+        self._forget_asked = True
+        self._restate_all = True
 
     def _check_holds(self, holds: dict[str, np.ndarray]) -> None:
         """The upstream says it holds more than we do yet sent nothing: resync those
@@ -314,7 +336,8 @@ class Puller:
             self.config.max_bytes, max(64 << 10, self.config.max_bytes_in_flight // window)
         )
         traffic = self.traffic.take() if self.traffic is not None else None
-        reset = self._reset_pending
+        reset = self._reset_pending or self._forget_asked
+        self._forget_asked = False
         return PullRequest(
             rid, budget, wait, cursors, self.config.codec, traffic, reset, self.absorb
         )
