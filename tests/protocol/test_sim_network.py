@@ -96,3 +96,17 @@ def test_same_seed_same_trace() -> None:
 
     assert run(4) == run(4)
     assert run(4) != run(5)
+
+
+def test_a_follower_moved_to_another_upstream_converges_and_ignores_the_old_one() -> None:
+    """A failover: the follower's session with its leader ends (answers still in flight from
+    it are lost with the session) and it pulls from the source instead."""
+    net = _net(faults=Faults(delay=(0.001, 0.05)))
+    _write(net, 0)
+    net.run_for(0.02)  # answers from the leader still in flight
+    net.move("follower", "source")
+    assert net.nodes["follower"].upstream == "source" and "follower" not in net.cut
+    net.cut_link("leader")
+    _write(net, 10)
+    net.run_for(5.0)
+    assert _equal(net, "follower") and not _equal(net, "leader")

@@ -166,6 +166,15 @@ class SimNetwork:
         self.cut.discard(name)
         self._connect(self.nodes[name])
 
+    def move(self, name: str, upstream: str) -> None:
+        """Point ``name``'s pulls at ``upstream`` (a failover): its session with the old
+        upstream ends, cut or not, and one with the new upstream starts."""
+        node = self.nodes[name]
+        if name not in self.cut:
+            self.cut_link(name)
+        node.upstream = upstream
+        self.heal_link(name)
+
     def block(self, sender: str, receiver: str) -> None:
         """Lose every message ``sender`` sends ``receiver`` from now on (one-way loss: the
         other way still delivers, so neither end sees the link break)."""
@@ -280,7 +289,9 @@ class SimNetwork:
     def _schedule(self, at: float, kind: str, *args: object) -> None:
         heapq.heappush(self._events, _Event(at, next(self._seq), kind, args))
 
-    def _send(self, src: str, dst: str, session: int, msg: Message, reliable: bool) -> None:
+    def _send(
+        self, src: str, dst: str, session: int, msg: Message, reliable: bool, to_puller: bool
+    ) -> None:
         self.messages_sent += 1
         f = self.faults
         copies = 1
@@ -295,23 +306,24 @@ class SimNetwork:
                 copies = 2
         for _ in range(copies):
             delay = self.rng.uniform(*f.delay)
-            self._schedule(self.now + delay, "deliver", src, dst, session, msg)
+            self._schedule(self.now + delay, "deliver", src, dst, session, msg, to_puller)
 
-    def _on_deliver(self, src: str, dst: str, session: int, msg: Message) -> None:
+    def _on_deliver(self, src: str, dst: str, session: int, msg: Message, to_puller: bool) -> None:
         if session == RECOVERY:
             self._deliver_recovery(src, dst, msg)
             return
         # Puller → responder messages are tagged with the puller's session; responses too.
-        if dst in self.nodes and self.nodes[dst].upstream == src:
-            node = self.nodes[dst]  # a response to a puller
-            if node.puller is None or session != node.session:
+        # A message of a session that ended (a cut, a restart, a move) is lost with it.
+        if to_puller:
+            node = self.nodes[dst]
+            if node.puller is None or session != node.session or node.upstream != src:
                 return
             if isinstance(msg, PullResponse):
                 self._tally(node, node.puller, msg.req_id)
             self._handle_puller(node, node.puller.receive(msg, self.now))
         else:
             puller_node = self.nodes[src]
-            if src in self.cut or session != puller_node.session:
+            if src in self.cut or session != puller_node.session or puller_node.upstream != dst:
                 return
             node = self.nodes[dst]
             self._handle_responder(node, node.responder.receive((src, session), msg, self.now))
@@ -337,14 +349,14 @@ class SimNetwork:
 
     def _handle_recovery(self, source: str, replica: str, ready: Ready) -> None:
         for _link, msg in ready.sends:
-            self._send(source, replica, RECOVERY, msg, reliable=False)
+            self._send(source, replica, RECOVERY, msg, reliable=False, to_puller=False)
         self._wake(source, f"recover:{replica}", ready.wake_at)
 
     def _handle_puller(self, node: SimNode, ready: Ready) -> None:
         for _link, msg in ready.sends:
             if node.name in self.cut:
                 continue
-            self._send(node.name, node.upstream, node.session, msg, reliable=False)
+            self._send(node.name, node.upstream, node.session, msg, reliable=False, to_puller=False)
         self._wake(node.name, "puller", ready.wake_at)
         # Applying rows moved this node's store: its own pullers may be waiting.
         self._handle_responder(node, node.responder.store_changed(self.now))
@@ -353,7 +365,7 @@ class SimNetwork:
         for (puller_name, session), msg in ready.sends:
             if puller_name in self.cut:
                 continue
-            self._send(node.name, puller_name, session, msg, reliable=False)
+            self._send(node.name, puller_name, session, msg, reliable=False, to_puller=True)
         self._wake(node.name, "responder", ready.wake_at)
 
     def _wake(self, name: str, role: str, at: float | None) -> None:
