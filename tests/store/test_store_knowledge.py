@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.store import BadRowsError, Table
+from ekko.store import BadRowsError, Table, shard_of
 from ekko.store.knowledge import after_origin_write
 from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 
@@ -88,3 +88,19 @@ def test_a_one_lane_write_never_gathers_shards_and_a_replay_never_lowers() -> No
     assert knowledge[:, LOW_LANE].tolist() == [5, 7]  # replay: 5 kept over 3
     after_origin_write(knowledge, np.array([True, False]), top, no_gather, lanes, replay=False)
     assert knowledge[:, LOW_LANE].tolist() == [3, 7]  # a write sets the counter
+
+
+def test_a_recovered_origin_counts_on_above_the_knowledge_it_absorbed() -> None:
+    """``complete_origin``: knowledge absorbed from a replica above every row it held (an
+    answer cut by its budget) lifts the counter, so the next write's version is above it and
+    knowledge never moves down."""
+    t = table()
+    t.apply(np.array([1], np.int64), np.ones((1, 4)), np.array([3]), np.array([0]), HIGH_LANE)
+    t.merge_knowledge(0, NEW_LANE, 8)
+    t.merge_knowledge(1, LOW_LANE, 2)
+    t.complete_origin()
+    assert t.knowledge[0].tolist() == [8, 8, 8] and t.counter[0] == 8
+    assert t.counter[1] >= 2 and (t.knowledge[1] == t.counter[1]).all()
+    key = np.array([next(k for k in range(100) if shard_of(np.array([k]), 2)[0] == 0)])
+    version = t.write(key, np.zeros((1, 4)), now_ns=1, lanes=NEW_LANE)
+    assert version[0] == 9 and t.knowledge[0, NEW_LANE] == 9

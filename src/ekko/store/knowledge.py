@@ -68,8 +68,11 @@ def after_origin_write(
 
 
 def complete_to(knowledge: np.ndarray, counter: np.ndarray, shard_version: np.ndarray) -> None:
-    """Every lane's knowledge raised to the shard's counter (a source that recovered holds
-    every version up to its counters)."""
+    """The shard's counter raised to its highest knowledge, then every lane's knowledge to the
+    counter: a source that recovered holds every version up to its counters, and issues no
+    version a replica already claims to hold (its knowledge, absorbed, may run above every
+    row it holds: an answer cut by its budget carried one lane's knowledge, not the rest)."""
+    np.maximum(counter, knowledge.max(axis=1), out=counter)
     before = knowledge.copy()
     np.maximum(knowledge, counter[:, None], out=knowledge)
     shard_version[(knowledge != before).any(axis=1)] += 1

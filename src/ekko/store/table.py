@@ -286,7 +286,8 @@ class Table:
 
     def complete_origin(self) -> None:
         """At a source that recovered: it holds every row of every version up to its
-        counters (what it lacks was superseded, or never reached anyone), in every lane."""
+        counters (what it lacks was superseded, or never reached anyone), in every lane; its
+        counters sit at or above any knowledge it absorbed."""
         complete_to(self.knowledge, self.counter, self.shard_version)
 
     # -- reads -------------------------------------------------------------------------------
