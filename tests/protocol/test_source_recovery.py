@@ -242,3 +242,48 @@ def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> No
     net.run_for(5.0)
     for got, want in zip(rows_by_key(replica), rows_by_key(src), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect (issue 15, found by ekko sim): a source restart that loses a write "
+    "brings back the row it superseded, which a replica skipped and never pulls",
+)
+def test_a_row_brought_back_by_a_lost_write_reaches_a_replica_that_skipped_it() -> None:
+    """Key 9 is written (logged), then written over in another lane (not logged yet). A
+    replica pulls in between: the new-key lane's knowledge passes version 3 without key 9
+    (it was superseded) and its budget ends before key 9's new row. The source dies and
+    recovers from its log, key 9 back at version 3, lineage kept: the replica's knowledge
+    claims that version and it never pulls key 9. In order, nothing lost on the link.
+    A fix needs the replica's skip to be visible to recovery (the source's counter as each
+    answer saw it, carried and kept per shard), or a new lineage after any lost write."""
+    net = SimNetwork(
+        seed=0,
+        faults=Faults(delay=(0.001, 0.001)),
+        puller_config=PullerConfig(wait_ms=1000, window=1, max_bytes=64),
+    )
+    spec = TableSpec("emb", 2, 1)
+    source = Store()
+    source.create_table(spec)
+    source.lineage = 7
+    net.add_node("source", source)
+    net.add_node("r", Store(origin=1), upstream="source")
+
+    def write(keys: list[int], lanes: list[int]) -> None:
+        k = np.array(keys, np.int64)
+        net.write("source", "emb", k, np.ones((len(k), 2), np.float32), np.array(lanes, np.uint8))
+
+    write([1, 2], [HIGH_LANE] * 2)
+    net.run_for(1.0)
+    net.cut_link("r")
+    write([9], [NEW_LANE])  # version 3, logged
+    disk = net.nodes["source"].store.copy()
+    write([3, 4, 5, 9], [HIGH_LANE] * 4)  # key 9 again at version 7: not logged
+    net.heal_link("r")
+    net.run_for(0.0025)  # one answer: new-key lane's knowledge 3 without key 9, rows 3 and 4
+    assert net.restart_source("source", disk).kept_lineage
+    net.run_for(5.0)
+    replica = net.nodes["r"].store.table("emb")
+    src = net.nodes["source"].store.table("emb")
+    for got, want in zip(rows_by_key(replica), rows_by_key(src), strict=True):
+        np.testing.assert_array_equal(got, want)
