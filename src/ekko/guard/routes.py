@@ -17,8 +17,9 @@ At the source::
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -29,17 +30,66 @@ from ekko.guard.source_guard import SourceGuard
 from ekko.net.httpkit import (
     CONTROL_BODY_BYTES,
     BodyRoute,
+    Count,
+    Finite,
     RequestError,
     by_model,
+    convert,
     json_response,
     parse_json,
     read_body,
 )
 from ekko.serve.routes import guarded
 
+B = TypeVar("B", bound=msgspec.Struct)
 
-def _post(path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Route:
-    return BodyRoute(path, endpoint, max_body=CONTROL_BODY_BYTES)
+
+class RedirectBody(msgspec.Struct):
+    """The source's redirect (``SourceGuard.rollback`` sends it)."""
+
+    why: str = "requested by the source"
+    at: Finite | None = None
+    epoch: Count | None = None
+    automatic: bool = False
+
+
+class RolledBackBody(msgspec.Struct):
+    """The source wrote the healthy values back: from when, and up to which versions."""
+
+    healthy_wall: Finite
+    watermark: dict[str, list[list[Count]]]
+    automatic: bool = False
+
+
+class RollbackBody(msgspec.Struct, forbid_unknown_fields=True):
+    """An operator's rollback: to a unix time (default: the last all-healthy point minus the
+    margin), and why."""
+
+    to: Finite | None = None
+    why: str = "operator rollback"
+
+
+class ReportBody(msgspec.Struct):
+    """A replica's periodic report (``ReplicaGuard.report_body``): the fields the source
+    reads are checked; the rest is kept as sent, for its health page."""
+
+    node: str
+    state: str | None = None
+    reason: str | None = None
+    epoch: Count = 0
+    at: Finite | None = None
+
+
+class RestoredBody(msgspec.Struct):
+    """A replica has the restored rows (``ReplicaGuard`` sends it with its digests)."""
+
+    node: str
+    at: Finite | None = None
+    digests: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+def _post(path: str, endpoint: Callable[[Request], Awaitable[Response]], body: type) -> Route:
+    return BodyRoute(path, endpoint, max_body=CONTROL_BODY_BYTES, body=body)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -52,22 +102,12 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return doc
 
 
-def _number(doc: dict[str, Any], field: str, required: bool = False) -> float | None:
-    value = doc.get(field)
-    if value is None:
-        if required:
-            raise RequestError(f"{field}: missing")
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RequestError(f"{field}: expected a number (unix seconds), got {value!r}")
-    return float(value)
-
-
-def _flag(doc: dict[str, Any], field: str, default: bool) -> bool:
-    value = doc.get(field, default)
-    if not isinstance(value, bool):
-        raise RequestError(f"{field}: expected true or false, got {value!r}")
-    return value
+async def _body(request: Request, typ: type[B]) -> tuple[B, dict[str, Any]]:
+    """The JSON object body (an empty body is ``{}``) checked as ``typ``, and as sent."""
+    doc = await _json_object(request)
+    fields = msgspec.structs.fields(typ)
+    shape = ", ".join(f'"{f.encode_name}"' + ("" if f.required else "?") for f in fields)
+    return convert(doc, typ, f"{{{shape}}}"), doc
 
 
 def _health(guards: Mapping[str, ReplicaGuard | SourceGuard]) -> Route:
@@ -82,34 +122,21 @@ def replica_guard_routes(guards: Mapping[str, ReplicaGuard]) -> list[Route]:
     @guarded
     async def redirect(request: Request) -> Response:
         g = by_model(guards, request)
-        doc = await _json_object(request)
-        epoch = _number(doc, "epoch")
-        g.redirect(
-            str(doc.get("why", "requested by the source")),
-            None if epoch is None else int(epoch),
-            automatic=_flag(doc, "automatic", False),
-        )
+        body, _ = await _body(request, RedirectBody)
+        g.redirect(body.why, body.epoch, automatic=body.automatic)
         return json_response({"model": g.model, "redirected": True})
 
     @guarded
     async def rolled_back(request: Request) -> Response:
         g = by_model(guards, request)
-        doc = await _json_object(request)
-        wall = _number(doc, "healthy_wall", required=True)
-        mark = doc.get("watermark")
-        if not isinstance(mark, dict) or not all(
-            isinstance(v, list)
-            and all(isinstance(s, list) and all(isinstance(x, int) for x in s) for s in v)
-            for v in mark.values()
-        ):
-            raise RequestError("watermark: expected {table: [[version per lane], ...per shard]}")
-        g.rolled_back(wall, mark, automatic=_flag(doc, "automatic", False))
+        body, _ = await _body(request, RolledBackBody)
+        g.rolled_back(body.healthy_wall, body.watermark, automatic=body.automatic)
         return json_response({"model": g.model, "restore_pending": True})
 
     return [
         _health(guards),
-        _post("/v1/models/{model}/guard/redirect", redirect),
-        _post("/v1/models/{model}/guard/rolled_back", rolled_back),
+        _post("/v1/models/{model}/guard/redirect", redirect, RedirectBody),
+        _post("/v1/models/{model}/guard/rolled_back", rolled_back, RolledBackBody),
     ]
 
 
@@ -117,11 +144,9 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
     @guarded
     async def rollback(request: Request) -> Response:
         g = by_model(guards, request)
-        doc = await _json_object(request)
-        to = _number(doc, "to")
-        why = str(doc.get("why", "operator rollback"))
+        body, _ = await _body(request, RollbackBody)
         try:
-            incident = g.rollback(to, why)
+            incident = g.rollback(body.to, body.why)
         except PreimageError as exc:
             return json_response({"error": str(exc)}, 409)
         return json_response({k: v for k, v in incident.items() if k != "restored"})
@@ -129,8 +154,9 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
     @guarded
     async def report(request: Request) -> Response:
         g = by_model(guards, request)
+        body, doc = await _body(request, ReportBody)
         try:
-            g.report(await _json_object(request))
+            g.report({**doc, **msgspec.structs.asdict(body)})
         except (ValueError, PreimageError) as exc:
             return json_response({"error": str(exc)}, 400)
         return json_response({"ok": True})
@@ -138,12 +164,13 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
     @guarded
     async def restored(request: Request) -> Response:
         g = by_model(guards, request)
-        g.restored(await _json_object(request))
+        body, _ = await _body(request, RestoredBody)
+        g.restored(msgspec.structs.asdict(body))
         return json_response({"ok": True})
 
     return [
         _health(guards),
-        _post("/v1/models/{model}/rollback", rollback),
-        _post("/v1/models/{model}/guard/report", report),
-        _post("/v1/models/{model}/guard/restored", restored),
+        _post("/v1/models/{model}/rollback", rollback, RollbackBody),
+        _post("/v1/models/{model}/guard/report", report, ReportBody),
+        _post("/v1/models/{model}/guard/restored", restored, RestoredBody),
     ]

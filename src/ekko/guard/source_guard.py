@@ -165,7 +165,7 @@ class SourceGuard:
                     None,
                     why,
                     detected_by=node,
-                    detected_at=float(body.get("at", self._clock.wall())),
+                    detected_at=_at(body, self._clock.wall()),
                 )
             except PreimageError as exc:
                 # No healthy point to return to: say so at the source (corrupted, with the
@@ -180,7 +180,7 @@ class SourceGuard:
         if inc is None or node not in self.replicas:
             return
         inc["restored"][node] = {
-            "at": float(body.get("at", self._clock.wall())),
+            "at": _at(body, self._clock.wall()),
             "digests": body.get("digests", {}),
         }
         if set(inc["restored"]) >= set(self.replicas):
@@ -339,6 +339,12 @@ class SourceGuard:
             "incidents": [_public(i) for i in self.incidents[-10:]],
             "transitions": [t.to_dict() for t in self.health.history[-20:]],
         }
+
+
+def _at(body: dict[str, Any], default: float) -> float:
+    """A message's ``at`` (unix seconds), or ``default`` when it has none (absent or null)."""
+    at = body.get("at")
+    return default if at is None else float(at)
 
 
 def _public(inc: dict[str, Any] | None) -> dict[str, Any] | None:

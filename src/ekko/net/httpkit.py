@@ -12,12 +12,17 @@ byte of it is read, and one without a length is cut as the count passes the limi
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
+import reprlib
+import sys
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -38,6 +43,13 @@ OFFLOAD_BYTES = 256 << 10
 """JSON bodies larger than this are parsed in a worker thread, off the event loop."""
 _MAX_INT_DIGITS = 20  # int64 needs at most 19 digits (and a sign)
 _ENCODER = msgspec.json.Encoder()
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$")
+
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+"""A non-negative int64 (an epoch, a version)."""
+Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+"""A finite number: NaN and ±inf are refused by name (NaN fails both bounds)."""
 
 
 class RequestError(ValueError):
@@ -68,6 +80,12 @@ class OversizedInt(str):
         return f"a {len(self.lstrip('-'))}-digit number"
 
 
+class ErrorBody(msgspec.Struct):
+    """What every refusal answers (4xx, 503): the reason, naming the field or the problem."""
+
+    error: str
+
+
 def json_response(
     doc: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
@@ -77,7 +95,7 @@ def json_response(
 
 
 def error_response(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
-    return json_response({"error": message}, status, headers)
+    return json_response(ErrorBody(message), status, headers)
 
 
 def guarded_by(
@@ -90,6 +108,7 @@ def guarded_by(
     table = {t: (v, "") if isinstance(v, int) else v for t, v in errors.items()}
 
     def guarded(fn: Handler) -> Handler:
+        @functools.wraps(fn)
         async def wrapper(request: Request) -> Response:
             try:
                 return await fn(request)
@@ -117,11 +136,14 @@ def by_model(objects: Mapping[str, T], request: Request) -> T:
 
 
 class BodyRoute(Route):
-    """A route that takes a body, with its limit declared beside its path.
+    """A route that takes a body, with its limit and type declared beside its path.
 
-    Why on the route: ``BodyLimit`` checks it before anything reads the body (the signature
-    check in front of the routes reads it too), so the route table is the one place a limit
-    is said, and a route added later cannot forget one (it gets ``CONTROL_BODY_BYTES``).
+    Why on the route: ``BodyLimit`` checks the limit before anything reads the body (the
+    signature check in front of the routes reads it too), so the route table is the one place
+    a limit is said, and a route added later cannot forget one (it gets
+    ``CONTROL_BODY_BYTES``). ``body`` is the msgspec type the handler decodes the JSON body
+    to (None: it takes none, or any), which the node's ``/openapi.json`` documents
+    (``ekko.net.openapi``).
     """
 
     def __init__(
@@ -131,9 +153,11 @@ class BodyRoute(Route):
         *,
         methods: Collection[str] = ("POST",),
         max_body: int,
+        body: Any = None,
     ) -> None:
         super().__init__(path, endpoint, methods=list(methods))
         self.max_body = max_body
+        self.body = body
 
 
 def body_limit(routes: Sequence[BaseRoute], scope: Scope, default: int) -> int:
@@ -210,10 +234,31 @@ class BodyLimit:
             await error_response(str(exc), exc.status)(scope, receive, send)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route 404, wrong method 405) as ``ErrorBody`` JSON
+    naming the request, like every other refusal."""
+    assert isinstance(exc, HTTPException)
+    why = f"{exc.detail}: {request.method} {reprlib.repr(request.url.path)}"
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # every route on this path, not only the first one's methods
+        methods = {
+            m
+            for route in request.app.routes
+            if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE
+            for m in route.methods or ()
+        }
+        headers["Allow"] = ", ".join(sorted(methods))
+        why += f" (allowed: {headers['Allow']})"
+    return error_response(why, exc.status_code, headers)
+
+
 def bounded_app(routes: Sequence[BaseRoute], middleware: Sequence[Middleware] = ()) -> Starlette:
-    """A Starlette app over ``routes`` with ``BodyLimit`` outermost, then ``middleware``."""
+    """A Starlette app over ``routes`` with ``BodyLimit`` outermost, then ``middleware``;
+    every refusal, the router's too, is an ``ErrorBody``."""
     return Starlette(
-        routes=list(routes), middleware=[Middleware(BodyLimit, routes=routes), *middleware]
+        routes=list(routes),
+        middleware=[Middleware(BodyLimit, routes=routes), *middleware],
+        exception_handlers={HTTPException: _http_error},
     )
 
 
@@ -258,6 +303,27 @@ def parse_json(body: bytes) -> Any:
         raise RequestError(f"body: not valid JSON: {exc}") from exc
     except ValueError as exc:  # any other literal json refuses to convert
         raise RequestError(f"body: not valid JSON: {exc}") from exc
+
+
+def invalid(exc: msgspec.ValidationError, what: str) -> RequestError:
+    """``exc`` as a 400 naming the field at fault (``what``: the expected shape, for a refusal
+    of the body as a whole)."""
+    text = str(exc)
+    for bound in (f"`float` >= {-sys.float_info.max!r}", f"`float` <= {sys.float_info.max!r}"):
+        text = text.replace(bound, "a finite number")  # ``Finite``: NaN fails the bounds too
+    m = _AT.match(text)
+    if m is None:  # the top level itself: wrong type or unknown field
+        return RequestError(f"body: {text} (expected {what})")
+    path = m["path"].lstrip(".")
+    return RequestError(f"{path}: {m['msg'][0].lower()}{m['msg'][1:]}")
+
+
+def convert(doc: Any, typ: type[T], what: str) -> T:
+    """Parsed JSON ``doc`` as ``typ`` (a msgspec type); ``RequestError`` naming the field."""
+    try:
+        return msgspec.convert(doc, typ)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, what) from exc
 
 
 async def offload(fn: Callable[..., Any], body: bytes, *args: Any, **kwargs: Any) -> Any:

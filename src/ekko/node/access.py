@@ -8,6 +8,7 @@ someone decides otherwise. Credentials are signed requests (``ekko.node.signed_r
 route                                      roles accepted
 =========================================  ==============================================
 GET /health, /metrics, /ready              open
+GET /openapi.json                          open (routes and body shapes, no model data)
 GET /v1/models, POST .../predict           open with ``[http] serve_open`` (default),
 POST .../feedback                          else reader+ / writer+
 GET /v1/status, /v1/latency                reader, writer, operator
@@ -39,6 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ekko.net.httpkit import OFFLOAD_BYTES, RequestError, receive_body
+from ekko.net.openapi import Security
 from ekko.node.signed_requests import (
     RESIGN_HEADER,
     ROLES,
@@ -62,6 +64,7 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("GET", r"/health", None),
     ("GET", r"/metrics", None),
     ("GET", r"/ready", None),
+    ("GET", r"/openapi\.json", None),
     ("GET", r"/v1/status", READ),
     ("GET", r"/v1/latency", READ),
     ("POST", r"/v1/latency/reset", OPERATE),
@@ -106,6 +109,22 @@ def least_role(method: str, path: str, policy: AccessPolicy | None = None) -> st
     """The least powerful role ``policy`` accepts for this route (None: open)."""
     need = (policy or AccessPolicy()).required(method, path.partition("?")[0])
     return None if need is None else next(r for r in ROLES if r in need)
+
+
+def signature_security(policy: AccessPolicy) -> Security:
+    """The signed-request scheme as OpenAPI states it: the ``x-ekko-signature`` header, and
+    the roles ``policy`` accepts on each route."""
+    scheme = {
+        "type": "apiKey",
+        "in": "header",
+        "name": SIGNATURE_HEADER,
+        "description": (
+            "role=<role>,t=<unix s.ms>,nonce=<hex>,mac=<hex HMAC-SHA256(role key, label|role|t|"
+            "nonce|METHOD|host|path?query|body)>, role key = HMAC-SHA256(cluster secret, "
+            '"ekko-role-v1|" + role); see ekko.node.signed_requests'
+        ),
+    }
+    return Security("ekkoSignature", scheme, policy.required)
 
 
 class ClusterAuth(httpx.Auth):

@@ -11,6 +11,7 @@ import reprlib
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -23,6 +24,7 @@ from starlette.routing import Route
 from ekko.net.httpkit import (
     MAX_BODY_BYTES,
     BodyRoute,
+    Int64,
     RequestError,
     bounded_app,
     guarded_by,
@@ -45,6 +47,14 @@ guarded = guarded_by({
     StoreError: 400,
 })  # fmt: skip
 """Request and store errors as 4xx/503 JSON with the reason; the server keeps serving."""
+
+
+class RowsBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A row write: one row of the table's ``dim`` finite numbers per key (``parse_rows``
+    checks it, naming the field; the store checks finiteness and ``max_abs``)."""
+
+    keys: list[Int64]
+    values: list[list[float]]
 
 
 def parse_keys(raw: Any, field: str = "keys") -> np.ndarray:
@@ -143,7 +153,7 @@ def admin_routes(
     return [
         Route("/v1/status", status),
         Route("/v1/tables/{table}/rows", get_rows, methods=["GET"]),
-        BodyRoute("/v1/tables/{table}/rows", post_rows, max_body=max_body),
+        BodyRoute("/v1/tables/{table}/rows", post_rows, max_body=max_body, body=RowsBody),
         Route("/v1/latency", latency),
         Route("/v1/latency/reset", reset_latency, methods=["POST"]),
         Route("/health", health),

@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ekko.node.access import AccessPolicy
+from ekko.net.openapi import openapi_route
+from ekko.node.access import AccessPolicy, signature_security
 from ekko.node.admin import admin_app, admin_routes
 from ekko.node.core import NodeCore
 from ekko.node.http_server import EmbeddedServer, http_server
 from ekko.node.metrics import node_registry, task_metrics
 from ekko.node.models import ModelHost
 from ekko.node.supervisor import Supervisor
+
+
+def _version() -> str:
+    try:
+        return version("ekko")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "0+unknown"
 
 
 class NodeWeb:
@@ -72,6 +81,10 @@ class NodeWeb:
             Route("/ready", self.ready_route),
             *routes,
         ]
+        title = f"Ekko node {core.name} ({core.role})"
+        security = signature_security(policy)
+        all_routes.append(openapi_route(all_routes, title=title, version=_version(),
+                                        security=security))  # fmt: skip
         self.app = admin_app(all_routes, secret, policy, names=advertised)
 
     def server(self) -> EmbeddedServer:

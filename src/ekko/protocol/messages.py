@@ -20,15 +20,20 @@ PROTOCOL_VERSION = 2  # 2: a third lane, for new keys
 
 DRAIN_ORDER = (NEW_LANE, HIGH_LANE, LOW_LANE)
 
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""An integer a store holds in an int64 (a shard, a lane, a version): a frame with one out
+of that range is refused when it is decoded, not by an overflow in the responder."""
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
 
 class Cursor(msgspec.Struct, frozen=True):
     """What a puller holds of one (table, shard, lane): every row of that lane with a version
     at or below ``knowledge``."""
 
     table: str
-    shard: int
-    lane: int
-    knowledge: int
+    shard: Int64
+    lane: Int64
+    knowledge: Int64
 
 
 class CatalogRequest(msgspec.Struct, frozen=True, tag=True):
@@ -59,7 +64,7 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
     codec: str | None = None
     # Predictions served per model since the puller's last report, its own and its pullers'
     # (``TrafficTally``): what the source's p_m is made of.
-    traffic: dict[str, Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    traffic: dict[str, Count] | None = None
     # The puller holds nothing of the responder's lineage (it is rebuilding): forget what
     # this session was sent and answer from nothing.
     reset: bool = False

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+MAX_COUNT = 2**63 - 1
+"""A report's count saturates here: a ``PullRequest`` carries int64 counts (a larger sum,
+from a hostile or broken follower, made the pull unencodable and stopped the link)."""
+
 
 class TrafficTally:
     """What a node owes its upstream in inference-traffic reports: predictions per model it
@@ -31,7 +35,7 @@ class TrafficTally:
         for model, n in counts.items():
             if n < 0:
                 raise ValueError(f"traffic count of model {model!r} must be >= 0, got {n}")
-            self._owed[model] += int(n)
+            self._owed[model] = min(self._owed[model] + int(n), MAX_COUNT)
 
     def take(self) -> dict[str, int] | None:
         """Everything owed since the last call, or None if nothing is."""
@@ -40,6 +44,6 @@ class TrafficTally:
                 seen = self._seen.get(model, 0)
                 self._owed[model] += total - seen if total >= seen else total
                 self._seen[model] = total
-        owed = {m: n for m, n in self._owed.items() if n > 0}
+        owed = {m: min(n, MAX_COUNT) for m, n in self._owed.items() if n > 0}
         self._owed.clear()
         return owed or None

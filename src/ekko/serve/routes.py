@@ -36,7 +36,7 @@ from ekko.net.httpkit import (
     read_body,
 )
 from ekko.serve.errors import ModelNotReady, UnknownVariant
-from ekko.serve.schema import MAX_BATCH, decode_feedback, decode_predict
+from ekko.serve.schema import MAX_BATCH, EventsBody, FeedbackBody, decode_feedback, decode_predict
 from ekko.serve.service import BadInput, InferenceService
 
 guarded = guarded_by({UnknownVariant: 404, ModelNotReady: 503, BadInput: 400})
@@ -103,7 +103,7 @@ def serve_routes(
 
     return [
         Route("/v1/models", models, methods=["GET"]),
-        BodyRoute("/v1/models/{model}/predict", predict, max_body=max_body),
-        BodyRoute("/v1/models/{model}/feedback", feedback, max_body=max_body),
+        BodyRoute("/v1/models/{model}/predict", predict, max_body=max_body, body=EventsBody),
+        BodyRoute("/v1/models/{model}/feedback", feedback, max_body=max_body, body=FeedbackBody),
         Route("/v1/models/{model}/metrics", metrics, methods=["GET"]),
     ]

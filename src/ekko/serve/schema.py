@@ -22,19 +22,31 @@ from ekko.train.schema import (
     events_arrays,
 )
 
-__all__ = ["MAX_BATCH", "RequestError", "decode_feedback", "decode_predict", "dense_out_of_range"]
+__all__ = [
+    "MAX_BATCH",
+    "EventsBody",
+    "FeedbackBody",
+    "RequestError",
+    "decode_feedback",
+    "decode_predict",
+    "dense_out_of_range",
+]
 
 
-class _Label(msgspec.Struct, forbid_unknown_fields=True):
+class Label(msgspec.Struct, forbid_unknown_fields=True):
+    """The outcome (0 or 1) of the prediction with this ``id``."""
+
     id: Int64
     label: int
 
 
-class _FeedbackBody(msgspec.Struct, forbid_unknown_fields=True):
-    labels: list[_Label]
+class FeedbackBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Outcomes of served predictions, by prediction id."""
+
+    labels: list[Label]
 
 
-_FEEDBACK = msgspec.json.Decoder(_FeedbackBody)
+_FEEDBACK = msgspec.json.Decoder(FeedbackBody)
 
 
 def decode_predict(
@@ -58,7 +70,7 @@ def decode_predict(
 
 def decode_feedback(body: bytes, max_batch: int = MAX_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """``{"labels": [{"id": ..., "label": 0|1}, ...]}`` -> (ids int64 [n], labels int8 [n])."""
-    req: _FeedbackBody = decode_json(_FEEDBACK, body, '{"labels": [{"id": ..., "label": 0}]}')
+    req: FeedbackBody = decode_json(_FEEDBACK, body, '{"labels": [{"id": ..., "label": 0}]}')
     check_batch(len(req.labels), "labels", max_batch)
     ids = np.array([x.id for x in req.labels], dtype=np.int64)
     raw = np.array([x.label for x in req.labels], dtype=object)

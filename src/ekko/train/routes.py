@@ -28,7 +28,7 @@ from ekko.net.httpkit import (
     offload,
     read_body,
 )
-from ekko.train.schema import MAX_BATCH, decode_train
+from ekko.train.schema import MAX_BATCH, EventsBody, decode_train
 from ekko.train.service import TrainerBusy, TrainingService
 from ekko.train.streams import Events
 
@@ -87,6 +87,6 @@ def train_routes(
 
     return [
         Route("/v1/models/{model}/train/quality/reset", reset_quality, methods=["POST"]),
-        BodyRoute("/v1/models/{model}/train", submit, max_body=max_body),
+        BodyRoute("/v1/models/{model}/train", submit, max_body=max_body, body=EventsBody),
         Route("/v1/models/{model}/train", report, methods=["GET"]),
     ]

@@ -7,26 +7,28 @@ nothing here touches a model.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 import numpy as np
 
-from ekko.net.httpkit import RequestError
+from ekko.net.httpkit import Int64, RequestError, invalid
 
 MAX_BATCH = 4096
 """Events per predict or train request (or labels per feedback request); more is HTTP 413."""
 
-Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
+    """One event: ``num_dense`` dense features and ``num_sparse`` sparse ids."""
+
     dense: list[float]
     sparse: list[Int64]
 
 
 class EventsBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Events as a list (``events``) or as columns (``dense`` + ``sparse``); ``labels``, one
+    0/1 per event, for training only."""
+
     events: list[Event] | None = None
     dense: list[list[float]] | None = None
     sparse: list[list[Int64]] | None = None
@@ -35,7 +37,6 @@ class EventsBody(msgspec.Struct, forbid_unknown_fields=True):
 
 EVENTS = msgspec.json.Decoder(EventsBody)
 """Decoder of an events body (predict, and train with labels)."""
-_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$")
 
 
 def decode_json(decoder: msgspec.json.Decoder, body: bytes, what: str) -> Any:
@@ -44,11 +45,7 @@ def decode_json(decoder: msgspec.json.Decoder, body: bytes, what: str) -> Any:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        m = _AT.match(str(exc))
-        if m is None:  # the top level itself: wrong type or unknown field
-            raise RequestError(f"body: {exc} (expected {what})") from exc
-        path = m["path"].lstrip(".")
-        raise RequestError(f"{path}: {m['msg'][0].lower()}{m['msg'][1:]}") from exc
+        raise invalid(exc, what) from exc
     except msgspec.DecodeError as exc:
         raise RequestError(f"body: not valid JSON: {exc}") from exc
 
