@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from starlette.requests import Request
 
-from ekko.net.httpkit import RequestError, bounded_receive, parse_json, receive_body
+from ekko.net.httpkit import RequestError, bounded_receive, guarded_by, parse_json, receive_body
 from ekko.node.admin import parse_write
+from ekko.store import UnknownTableError
 
 
 async def test_a_body_that_stops_arriving_is_408() -> None:
@@ -51,3 +53,19 @@ def test_malformed_write_bodies_name_the_problem(body: bytes, needle: str) -> No
 
 def test_ints_keep_their_value_up_to_int64_width() -> None:
     assert parse_json(b"[-9223372036854775808, 9223372036854775807]") == [-(2**63), 2**63 - 1]
+
+
+async def test_a_key_error_with_its_own_message_keeps_it_whole() -> None:
+    """``unknown table 'emb'`` lost its closing quote (the quotes of a bare KeyError's repr
+    were stripped from every KeyError's message); found by the HTTP fuzz."""
+
+    async def raising(exc: Exception) -> tuple[int, bytes]:
+        @guarded_by({KeyError: 404})
+        async def handler(request: Request):
+            raise exc
+
+        r = await handler(Request({"type": "http", "method": "GET", "headers": []}))
+        return r.status_code, r.body
+
+    assert await raising(UnknownTableError("emb")) == (404, b'{"error":"unknown table \'emb\'"}')
+    assert await raising(KeyError("x")) == (404, b'{"error":"x"}')

@@ -118,7 +118,9 @@ def guarded_by(
             except kinds as exc:
                 status, prefix = next(v for t, v in table.items() if isinstance(exc, t))
                 headers = {"retry-after": "1"} if status == 503 else None
-                message = str(exc).strip("'\"") if isinstance(exc, KeyError) else str(exc)
+                message = str(exc)
+                if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__:
+                    message = str(exc.args[0]) if exc.args else message  # not its repr
                 return error_response(prefix + message, status, headers)
 
         return wrapper
