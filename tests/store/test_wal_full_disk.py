@@ -1,6 +1,7 @@
-"""A full disk stops the source's log; once the disk has room, the next snapshot covers
-every row the store holds (those whose records failed too) and the log starts afresh after
-it, so the source takes writes again (found by the chaos harness's full-disk fault: the
+"""The log's failures are loud and recoverable. A full disk stops the source's log; once the
+disk has room, the next snapshot covers every row the store holds (those whose records failed
+too) and the log starts afresh after it, so the source takes writes again (found by the
+chaos harness's full-disk fault: the
 log stayed failed, and the source refused writes, until the process was restarted)."""
 
 from __future__ import annotations
@@ -68,3 +69,24 @@ def test_after_a_full_disk_a_snapshot_restarts_the_log_and_loses_nothing(
     _, _, found = again.table("t").lookup(np.array([1, 4, 5, 6], dtype=np.int64))
     assert found.all()
     journal2.close()
+
+
+def test_a_log_thread_that_dies_of_anything_fails_its_waiters(tmp_path: Path, monkeypatch) -> None:
+    """Only a failed write used to poison the log: an exception elsewhere in its thread (the
+    window's sleep raised EINVAL under libfaketime in a chaos run) ended the thread silently,
+    and every acknowledged write then waited forever for an fsync that never came."""
+    log = wal_mod.WriteAheadLog(tmp_path, window_s=0.001)
+
+    def broken(seconds: float) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(wal_mod.time, "sleep", broken)
+
+    async def main() -> None:
+        seq = log.append(b"row")
+        with pytest.raises(WalError, match="Invalid argument"):
+            await asyncio.wait_for(log.wait_durable(seq), 10)
+
+    asyncio.run(main())
+    with pytest.raises(WalError, match="failed"):
+        log.append(b"next")

@@ -219,6 +219,23 @@ class WriteAheadLog:
         return f
 
     def _run(self) -> None:
+        try:
+            self._commit_loop()
+        except BaseException as exc:  # a log that cannot write must say so, loudly
+            # Whatever stopped the thread (a failed write or fsync, or anything else: a sleep
+            # that raised under libfaketime once) poisons the log: waiters and later appends
+            # raise instead of waiting forever for a thread that is gone.
+            log.exception("write-ahead log %s: write failed", self.directory)
+            with self._cond:
+                self._failed = exc
+                self._cond.notify_all()
+                waiters, self._waiters = self._waiters, []
+            for _seq, loop, fut in waiters:
+                with contextlib.suppress(RuntimeError):
+                    err = WalError(f"write-ahead log {self.directory} failed: {exc}")
+                    loop.call_soon_threadsafe(_fail, fut, err)
+
+    def _commit_loop(self) -> None:
         while True:
             with self._cond:
                 while not self._buf and not self._closing:
@@ -238,19 +255,7 @@ class WriteAheadLog:
             with self._cond:
                 batch, self._buf = self._buf, []
                 top = self._next_seq - 1  # every record appended so far is in ``batch``
-            try:
-                self._write(batch)
-            except BaseException as exc:  # a log that cannot write must say so, loudly
-                log.exception("write-ahead log %s: write failed", self.directory)
-                with self._cond:
-                    self._failed = exc
-                    self._cond.notify_all()
-                    waiters, self._waiters = self._waiters, []
-                for _seq, loop, fut in waiters:
-                    with contextlib.suppress(RuntimeError):
-                        err = WalError(f"write-ahead log {self.directory} failed: {exc}")
-                        loop.call_soon_threadsafe(_fail, fut, err)
-                return
+            self._write(batch)
             self._settle(top)
 
     def _write(self, batch: list[tuple[int, bytes | bytearray | np.ndarray] | int]) -> None:
