@@ -23,6 +23,7 @@ app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
 BENCHES = (
+    "chaos",
     "apply",
     "churn",
     "latency",
@@ -385,6 +386,45 @@ def sim(
         f"in {summary.elapsed_s:.1f} s"
     )
     if summary.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def chaos(
+    config: Path | None = typer.Option(
+        None, help="Cluster config to run (default: a source and 2 DCs of 2 replicas)."
+    ),
+    duration: float = typer.Option(60.0, help="Seconds of faults (the schedule's end)."),
+    seed: int = typer.Option(0, help="Draws the schedule; the same seed replays it."),
+    rounds: int | None = typer.Option(
+        None, help="Stop after this many rounds of every fault kind instead of --duration."
+    ),
+    workdir: Path = typer.Option(Path("chaos-run"), help="Configs, data, logs, history.json."),
+) -> None:
+    """Run a cluster under writes and training while a nemesis injects faults; check it."""
+    from ekko.ops.chaos import ChaosSettings, run_chaos
+
+    settings = ChaosSettings(seed=seed, duration_s=None if rounds else duration, rounds=rounds)
+    history, verdict = run_chaos(settings, workdir, config, say=console.print)
+    json.dump(verdict.summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    if not verdict.ok:
+        console.print("schedule (id at kind target hold params):")
+        for f in history.schedule:
+            console.print(
+                f"  {f['id']} {f['at']:.3f} {f['kind']} {f['target']} {f['hold']} {f['params']}",
+                markup=False,
+            )
+        for failure in verdict.failures:
+            console.print(f"[red]FAILED[/red] {failure}")
+        replay = f"ekko chaos --seed {seed} " + (
+            f"--rounds {rounds}" if rounds else f"--duration {duration:g}"
+        )
+        if config is not None:
+            replay += f" --config {config}"
+        console.print(
+            f"seed {seed}; schedule and history in {workdir / 'history.json'}; replay: {replay}"
+        )
         raise typer.Exit(1)
 
 

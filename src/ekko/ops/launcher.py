@@ -52,8 +52,20 @@ class NodeProcess:
 class LocalCluster:
     """The processes of one cluster config on this machine."""
 
-    def __init__(self, config_path: Path, *, writer_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        writer_args: list[str] | None = None,
+        node_configs: dict[str, Path] | None = None,
+        node_env: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        """``node_configs``: a node started with its own config file instead (the chaos
+        harness's, whose peers' sync addresses are its proxies); ``node_env``: extra
+        environment per node."""
         self.config_path = Path(config_path).resolve()
+        self.node_configs = {n: Path(p).resolve() for n, p in (node_configs or {}).items()}
+        self.node_env = node_env or {}
         self.config: ClusterConfig = load_config(self.config_path)
         self.base_dir = self.config_path.parent
         self.log_dir = self.config.path(self.config.cluster.data_dir, self.base_dir)
@@ -80,13 +92,13 @@ class LocalCluster:
             "ekko",
             "node",
             "--config",
-            str(self.config_path),
+            str(self.node_configs.get(name, self.config_path)),
             "--name",
             name,
         ]
         if name == self.config.source.name:
             cmd += self.writer_args
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.node_env.get(name, {}))
         with open(log_path, "ab") as err:
             proc = subprocess.Popen(
                 cmd,
