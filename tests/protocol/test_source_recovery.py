@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from ekko.protocol.puller import PullerConfig
+from ekko.protocol.recovery import SourceRecovery
+from ekko.protocol.responder import Responder
 from ekko.protocol.testing import Faults, SimNetwork, rows_by_key
 from ekko.store import Store, shard_of
 from ekko.store.spec import HIGH_LANE, LANES, NEW_LANE, TableSpec
@@ -287,3 +289,39 @@ def test_a_row_brought_back_by_a_lost_write_reaches_a_replica_that_skipped_it() 
     src = net.nodes["source"].store.table("emb")
     for got, want in zip(rows_by_key(replica), rows_by_key(src), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_replica_mid_transfer_claims_only_its_knowledge_to_a_recovering_source() -> None:
+    """Found by ``ekko sim`` (seed 1137). A replica holding a row above a gap (a transfer in
+    progress) sends it to a recovering source, but its answer claimed knowledge up to that
+    row: the source pulled its next replica from there and skipped the rows in the gap, which
+    that replica held newer than anything the source kept. The claim is now the replica's
+    knowledge; the rows above it still come."""
+    spec = TableSpec("emb", 2, 1)
+    keys = np.arange(1, 11, dtype=np.int64)
+
+    def replica(origin: int, upto: int) -> Store:
+        s = Store(origin=origin)
+        t = s.create_table(spec)
+        s.lineage = 7
+        n = upto
+        t.apply(keys[:n], np.ones((n, 2)), keys[:n], np.zeros(n, np.int64), HIGH_LANE)
+        t.merge_knowledge(0, HIGH_LANE, upto)
+        return s
+
+    r1 = replica(1, 3)  # complete to 3, and the row at 10 (the gap 4..9 missing)
+    r1.table("emb").apply(keys[9:], np.ones((1, 2)), keys[9:], np.zeros(1, np.int64), HIGH_LANE)
+    r2 = replica(2, 10)  # complete to 10
+    source = Store()
+    source.create_table(spec)
+    source.lineage = 7
+    recovery = SourceRecovery(source, ["r1", "r2"])
+    for name, store in (("r1", r1), ("r2", r2)):  # r2's pulls restate after r1 is absorbed
+        puller, responder = recovery.pullers[name], Responder(store)
+        pending = puller.start(0.0).sends
+        while pending and not puller.caught_up:
+            answers = [a for _, m in pending for _, a in responder.receive(("s", -1), m, 0.0).sends]
+            pending = [s for a in answers for s in puller.receive(a, 0.0).sends]
+    assert recovery.finish().kept_lineage
+    _, versions, found = source.table("emb").lookup(keys)
+    assert found.all() and versions.tolist() == keys.tolist()

@@ -3,6 +3,7 @@ remembered so sessions in step share one answer (DESIGN.md §3–§4)."""
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 
 from ekko.protocol.chunk_codec import encode_chunk, row_bytes
@@ -62,7 +63,11 @@ class ChunkCollector:
             table, lane, shards, bases, max_rows, first=first, origin=self._store.origin,
             absorb=absorb, use_cache=self._use_cache,
         )  # fmt: skip
-        wire = encode_chunk(chunk, codec) if chunk is not None and codec is not None else chunk
+        wire = chunk
+        if chunk is not None and absorb:
+            wire = _claim_knowledge(table, chunk)
+        if wire is not None and codec is not None:
+            wire = encode_chunk(wire, codec)
         self._remember(key, (table, chunk, wire, truncated))
         return chunk, wire, truncated
 
@@ -76,6 +81,17 @@ class ChunkCollector:
             self._bytes -= old[1].nbytes if old[1] is not None else 0
         memo[key] = entry
         self._bytes += size
+
+
+def _claim_knowledge(table: Table, chunk: Chunk) -> Chunk:
+    """An answer to a recovering source carries rows above this store's knowledge too (a
+    transfer in progress), but claims complete only what the store holds complete: the source
+    pulls its other replicas from the knowledge it merged, and a claim up to the highest row
+    here skipped another replica's rows in the gap below it (found by ``ekko sim``, seed 1137).
+    The chunk itself (what the session was sent) keeps the version it reached."""
+    held = table.knowledge[chunk.shards, chunk.lane]
+    claim = np.maximum(np.minimum(chunk.knowledge, held), chunk.bases)
+    return msgspec.structs.replace(chunk, knowledge=claim)
 
 
 def collect_chunk(
