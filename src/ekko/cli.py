@@ -368,7 +368,7 @@ def sim(
     def on_result(result) -> None:
         progress.add(result)
         if not result.ok:
-            console.print(result.report(), markup=False, highlight=False)
+            print(result.report(), file=sys.stderr, flush=True)  # unwrapped, for logs
         if verbose or progress.seeds % step == 0 or progress.seeds == seeds:
             console.print(
                 f"{progress.seeds}/{seeds} seeds, {len(progress.failures)} failed",

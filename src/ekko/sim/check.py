@@ -20,7 +20,7 @@ from ekko.protocol.testing import rows_by_key
 from ekko.sim.scenario import SOURCE
 from ekko.store import Store, Table, shard_of
 
-MAX_REPORTED = 5
+MAX_REPORTED = 12  # differences a failure report lists
 # float16 codec parameters widen a row's step by at most 1/32 (``codec.rows``); the slack
 # also covers rounding the widened row to float32 here.
 _PARAM_SLACK = 1.0 + 1.0 / 16
@@ -34,7 +34,9 @@ class Difference:
     table: str
     what: str
     key: int | None = None  # the row it is about, if one
-    version: int | None = None  # the source's version of that row
+    version: int | None = None  # the source's version of that row (None: it has none)
+    replica_version: int | None = None  # the replica's (None: it has none)
+    knowledge: bool = False  # a knowledge value differs (no row named)
 
     def __str__(self) -> str:
         return f"{self.replica} {self.table}: {self.what}"
@@ -61,7 +63,7 @@ def overclaims(nodes: dict[str, Store], replicas: list[str]) -> list[Difference]
                 continue
             k, v = keys[claimed], versions[claimed]
             _, have, found = r.lookup(k)
-            for i in np.flatnonzero(~found | (have < v))[:MAX_REPORTED].tolist():
+            for i in np.flatnonzero(~found | (have < v)).tolist():
                 out.append(
                     Difference(
                         name,
@@ -70,6 +72,7 @@ def overclaims(nodes: dict[str, Store], replicas: list[str]) -> list[Difference]
                         f"{_row(r, int(k[i]))}",
                         int(k[i]),
                         int(v[i]),
+                        int(have[i]) if found[i] else None,
                     )
                 )
     return out
@@ -96,7 +99,7 @@ def differences(
     nodes: dict[str, Store], paths: dict[str, set[Path]], source_restarts: int
 ) -> list[Difference]:
     """Every replica (a key of ``paths``, each with every codec path its rows may have come
-    down) against the source: the first ``MAX_REPORTED`` differences of each table."""
+    down) against the source: every difference, row by row."""
     src = nodes[SOURCE]
     out: list[Difference] = []
     every_path: set[Path] = set().union(*paths.values())
@@ -125,10 +128,14 @@ def _table_differences(
     rk, rv, rver, rwt, rln = rows_by_key(rep)
     missing = np.setdiff1d(sk, rk)
     extra = np.setdiff1d(rk, sk)
-    for k in missing[:MAX_REPORTED].tolist():
-        out.append(Difference(name, src.name, f"key {k} missing: source has {_row(src, k)}"))
-    for k in extra[:MAX_REPORTED].tolist():
-        out.append(Difference(name, src.name, f"key {k} not at the source: {_row(rep, k)}"))
+    sver_of = dict(zip(sk.tolist(), sver.tolist(), strict=True))
+    rver_of = dict(zip(rk.tolist(), rver.tolist(), strict=True))
+    for k in missing.tolist():
+        what = f"key {k} missing: source has {_row(src, k)}"
+        out.append(Difference(name, src.name, what, k, sver_of[k], None))
+    for k in extra.tolist():
+        what = f"key {k} not at the source: {_row(rep, k)}"
+        out.append(Difference(name, src.name, what, k, None, rver_of[k]))
     keys, si, ri = np.intersect1d(sk, rk, assume_unique=True, return_indices=True)
     values = sv[si]
     # A source that recovered holds rows as some replica held them: any path, per restart.
@@ -140,25 +147,19 @@ def _table_differences(
         | (sln[si] != rln[ri])
         | (np.abs(sv[si].astype(np.float64) - rv[ri]).max(axis=1, initial=0.0) > err)
     )
-    for k in keys[bad][:MAX_REPORTED].tolist():
-        out.append(
-            Difference(
-                name,
-                src.name,
-                f"key {k}: source {_row(src, k)}, replica {_row(rep, k)}"
-                f" (tolerance {float(err[bad][0]):.3g}, codec paths {sorted(paths, key=str)})",
-            )
+    for k, tol in zip(keys[bad].tolist(), err[bad].tolist(), strict=True):
+        what = (
+            f"key {k}: source {_row(src, k)}, replica {_row(rep, k)}"
+            f" (tolerance {tol:.3g}, codec paths {sorted(paths, key=str)})"
         )
+        out.append(Difference(name, src.name, what, k, sver_of[k], rver_of[k]))
     diff = np.argwhere(src.knowledge != rep.knowledge)
-    for s, lane in diff[:MAX_REPORTED].tolist():
-        out.append(
-            Difference(
-                name,
-                src.name,
-                f"knowledge[shard {s}, lane {lane}] {int(rep.knowledge[s, lane])},"
-                f" source {int(src.knowledge[s, lane])}",
-            )
+    for s, lane in diff.tolist():
+        what = (
+            f"knowledge[shard {s}, lane {lane}] {int(rep.knowledge[s, lane])},"
+            f" source {int(src.knowledge[s, lane])}"
         )
+        out.append(Difference(name, src.name, what, knowledge=True))
     return out
 
 

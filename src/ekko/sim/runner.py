@@ -14,13 +14,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ekko.sim.check import differences, knowledge_converged
+from ekko.sim.check import MAX_REPORTED, differences, knowledge_converged
 from ekko.sim.scenario import Scenario, draw_scenario
 from ekko.sim.world import World
 
 RESURRECTED = (
-    "known defect: each is a row the source wrote over and lost the write of in a restart; "
-    "a replica that skipped the superseded row claims it"
+    "known defect: every differing row is one whose last write the source lost in a "
+    "restart; a replica skipped the row it had superseded"
 )
 
 
@@ -81,18 +81,21 @@ def _run(world: World, result: SeedResult) -> None:
     )
     world.check_knowledge()
     diffs = differences({n: v.store for n, v in nodes.items()}, world.paths, world.source_restarts)
-    result.details = [str(d) for d in diffs]
     if world.overclaim is not None:
-        at, what = world.overclaim
+        at, claimed = world.overclaim
         result.reason = f"a replica's knowledge claimed rows it lacked at {at:.4f} s"
-        if world.resurrected:
-            result.reason += f" ({RESURRECTED})"
-            result.known = True
-        result.details = what + result.details
+        diffs = claimed + diffs
     elif unsettled is not None:
         result.reason = unsettled
     elif diffs:
         result.reason = "a replica differs from the source"
+    result.details = [str(d) for d in diffs[:MAX_REPORTED]]
+    if len(diffs) > MAX_REPORTED:
+        result.details.append(f"... {len(diffs) - MAX_REPORTED} more differences")
+    rows = [d for d in diffs if not d.knowledge]
+    if rows and all(world.lost_write(d) for d in rows):
+        result.reason = f"{result.reason} ({RESURRECTED})"
+        result.known = True
 
 
 def hash_text(text: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ekko.protocol.testing import Faults, SimNetwork
 from ekko.schedule.scheduler import UpdateScheduler
-from ekko.sim.check import overclaims
+from ekko.sim.check import Difference, overclaims
 from ekko.sim.scenario import SOURCE, Scenario, TablePlan
 from ekko.store import DEFAULT_MAX_ABS, Store, Table
 
@@ -66,8 +66,7 @@ class World:
         # snapshot and log up to the last fsync; a replica's, a snapshot at some past moment.
         self.disks: dict[str, Store] = {n: self._copy(n) for n in self.net.nodes}
         self._full_scans = 0
-        self.overclaim: tuple[float, list[str]] | None = None  # the first seen: when, what
-        self.resurrected = False  # ...every row of it one a lost write had superseded
+        self.overclaim: tuple[float, list[Difference]] | None = None  # the first: when, what
         # The highest version the source ever wrote per (table, key), across restarts: a row
         # below it was superseded by a write the source has since lost.
         self.written: dict[tuple[str, int], int] = {}
@@ -110,11 +109,15 @@ class World:
         found = overclaims({n: v.store for n, v in self.net.nodes.items()}, self.sc.replicas)
         if found:
             self._say(f"knowledge runs ahead of rows: {found[0]}")
-            self.overclaim = (self.net.now, [str(d) for d in found])
-            self.resurrected = all(
-                d.version is not None and self.written.get((d.table, d.key), 0) > d.version
-                for d in found
-            )
+            self.overclaim = (self.net.now, found)
+
+    def lost_write(self, d: Difference) -> bool:
+        """Whether ``d`` is about a row whose last write neither the source nor the replica
+        holds: one the source lost in a restart (the known defect ``runner.RESURRECTED``)."""
+        if d.key is None:
+            return False
+        held = max(d.version or 0, d.replica_version or 0)
+        return self.written.get((d.table, d.key), 0) > held
 
     def write(self) -> None:
         """A trainer's step (its rows may be held), an HTTP write or a rollback's restore."""
