@@ -400,11 +400,23 @@ def chaos(
         None, help="Stop after this many rounds of every fault kind instead of --duration."
     ),
     workdir: Path = typer.Option(Path("chaos-run"), help="Configs, data, logs, history.json."),
+    timing: str = typer.Option(
+        "default", help="The faults' pace: default, bench or short (CI's test)."
+    ),
 ) -> None:
     """Run a cluster under writes and training while a nemesis injects faults; check it."""
     from ekko.ops.chaos import ChaosSettings, run_chaos
+    from ekko.ops.chaos.schedule import TIMINGS
 
-    settings = ChaosSettings(seed=seed, duration_s=None if rounds else duration, rounds=rounds)
+    if timing not in TIMINGS:
+        raise typer.BadParameter(f"--timing: one of {', '.join(TIMINGS)}, got {timing!r}")
+    settings = ChaosSettings(
+        seed=seed,
+        duration_s=None if rounds else duration,
+        rounds=rounds,
+        timing=TIMINGS[timing],
+        warmup_s=2.0 if timing == "short" else 3.0,
+    )
     history, verdict = run_chaos(settings, workdir, config, say=console.print)
     json.dump(verdict.summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -417,7 +429,7 @@ def chaos(
             )
         for failure in verdict.failures:
             console.print(f"[red]FAILED[/red] {failure}")
-        replay = f"ekko chaos --seed {seed} " + (
+        replay = f"ekko chaos --seed {seed} --timing {timing} " + (
             f"--rounds {rounds}" if rounds else f"--duration {duration:g}"
         )
         if config is not None:

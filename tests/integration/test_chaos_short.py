@@ -14,20 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from ekko.ops.chaos import ChaosSettings, FaultKind, Timing, run_chaos
+from ekko.ops.chaos import ChaosSettings, FaultKind, run_chaos
+from ekko.ops.chaos.schedule import TIMINGS
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="the full-disk fault mounts a tmpfs (root)"),
 ]
 
-SHORT = Timing(
-    mean_gap_s=0.4,
-    hold_s=(0.5, 1.5),
-    down_s=(0.2, 0.6),
-    restart_allowance_s=3.0,
-    settle_s=1.0,
-)
+SHORT = TIMINGS["short"]  # replay: ekko chaos --seed 15 --rounds 2 --timing short
 
 
 def test_two_rounds_of_every_fault_kind_pass_the_checker(tmp_path: Path) -> None:

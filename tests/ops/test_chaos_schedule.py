@@ -130,3 +130,11 @@ def test_quiet_spells_come_as_often_as_asked() -> None:
         extra = timing.restart_allowance_s if f.kind in RESTARTING_KINDS else 0.0
         busy_until = max(busy_until, f.end + extra)
     assert quiet >= faults[-1].at // (timing.quiet_every_s + 30.0)
+
+
+def test_every_named_pace_draws_every_kind() -> None:
+    from ekko.ops.chaos.schedule import TIMINGS
+
+    assert set(TIMINGS) == {"default", "bench", "short"}
+    for timing in TIMINGS.values():
+        assert counts(generate(2, TOPO, rounds=1, timing=timing)) == {k.value: 1 for k in FaultKind}

@@ -14,27 +14,18 @@ from pathlib import Path
 from rich.console import Console
 
 from ekko.bench.report import write_result
-from ekko.ops.chaos import ChaosSettings, FaultKind, History, Timing, run_chaos
+from ekko.ops.chaos import ChaosSettings, FaultKind, History, run_chaos
+from ekko.ops.chaos.schedule import TIMINGS
 
 console = Console(stderr=True)
 FULL_ROUNDS = 100
 QUICK_ROUNDS = 3
-# Faster than the harness's default, so 1 000 faults fit in about half an hour on 2 cores;
-# a quiet spell every 90 s lets the staleness check judge paths free of faults.
-TIMING = Timing(
-    mean_gap_s=0.5,
-    hold_s=(0.5, 2.0),
-    down_s=(0.2, 1.0),
-    restart_allowance_s=4.0,
-    settle_s=1.5,
-    quiet_every_s=90.0,
-    quiet_s=8.0,
-)
+TIMING = "bench"  # ekko.ops.chaos.schedule.TIMINGS
 
 
 def run(*, quick: bool = False, out: Path | None = None, seed: int = 1) -> dict:
     rounds = QUICK_ROUNDS if quick else FULL_ROUNDS
-    settings = ChaosSettings(seed=seed, duration_s=None, rounds=rounds, timing=TIMING)
+    settings = ChaosSettings(seed=seed, duration_s=None, rounds=rounds, timing=TIMINGS[TIMING])
     workdir = Path(tempfile.mkdtemp(prefix="ekko-chaos-"))  # kept: history, logs, configs
     history, verdict = run_chaos(settings, workdir, say=console.print)
     summary = {
@@ -50,6 +41,8 @@ def run(*, quick: bool = False, out: Path | None = None, seed: int = 1) -> dict:
     }
     inputs = {
         "settings": settings.as_json(),
+        "timing": TIMING,
+        "replay": f"ekko chaos --seed {seed} --rounds {rounds} --timing {TIMING}",
         "quick": quick,
         "cluster": "default_cluster_doc()",
         "workdir": str(workdir),
@@ -94,6 +87,6 @@ def _plot(fig, history: History) -> None:
         if pts:
             xs, ys = zip(*pts, strict=True)
             bx.scatter(xs, ys, s=6, color=f"C{i}", label=replica)
-    bx.set_xlabel("seconds since the nemesis started")
+    bx.set_xlabel("seconds since the clients started")
     bx.set_ylabel("caught up after heal (s)")
     bx.legend(fontsize=7)

@@ -115,6 +115,7 @@ class Hands:
         self.copies_dir = copies_dir
         self.at_risk = at_risk  # acked writes no replica holds (read after the source died)
         self.state = {n: NodeState() for n in data_dirs}
+        self.closing = False
         self.source = cluster.config.source.name
 
     def up(self, node: str) -> bool:
@@ -189,6 +190,8 @@ class Hands:
     async def restart(self, node: str) -> dict[str, Any]:
         """Start ``node`` again; a node that does not come back is an unplanned crash."""
         started = self.history.now()
+        if self.closing:  # the run is ending (or interrupted): start nothing it will not stop
+            return {"restart_skipped": True}
         try:
             await asyncio.to_thread(self.cluster.restart, node, RESTART_TIMEOUT_S)
         except LaunchError as exc:

@@ -333,6 +333,7 @@ class ChaosRun:
             try:
                 await self._nemesis(parts, faults)
             finally:  # on any error too: nothing may outlive the client
+                hands.closing = True
                 for e in stops:
                     e.set()
                 for t in list(self._tasks):

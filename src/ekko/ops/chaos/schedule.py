@@ -74,6 +74,31 @@ class Timing:
     quiet_s: float = 8.0
 
 
+# Named paces (``ekko chaos --timing NAME`` replays a run of the bench or of CI exactly).
+TIMINGS: dict[str, Timing] = {
+    "default": Timing(),
+    # the bench: 1 000 faults in about half an hour on 2 cores; a quiet spell every 90 s
+    # lets the staleness check judge paths free of faults
+    "bench": Timing(
+        mean_gap_s=0.5,
+        hold_s=(0.5, 2.0),
+        down_s=(0.2, 1.0),
+        restart_allowance_s=4.0,
+        settle_s=1.5,
+        quiet_every_s=90.0,
+        quiet_s=8.0,
+    ),
+    # CI's short form: two rounds of every kind in well under a minute of faults
+    "short": Timing(
+        mean_gap_s=0.4,
+        hold_s=(0.5, 1.5),
+        down_s=(0.2, 0.6),
+        restart_allowance_s=3.0,
+        settle_s=1.0,
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Fault:
     """One planned fault: ``kind`` on ``target`` (a node, or a link ``"a|b"``) from ``at``
