@@ -146,6 +146,24 @@ def test_the_source_counts_missing_and_stale_reports_as_not_healthy():
     assert guard.last_all_healthy == clock.wall()  # fresh again
 
 
+def test_a_wall_clock_stepped_back_keeps_the_last_checkpoint_and_the_guard_ticking():
+    """Found by the chaos harness's clock jump: a source whose wall clock stepped back
+    raised ValueError from its pre-image log at every guard tick (the task failed and
+    restarted, /ready 503) until the clock passed its last healthy checkpoint again."""
+    clock = FakeClock(wall=1000.0)
+    _store, guard, _sink, _sent = _source(["r1"], clock)
+    guard.report({"node": "r1", "state": "healthy", "judging": "judging"})
+    guard.tick(1000.0)
+    guard.tick(1001.0)
+    guard.tick(1001.0 - 30.0)  # stepped back 30 s
+    guard.tick(1001.0 - 29.0)
+    assert guard.preimages.checkpoints == [1000.0, 1001.0]
+    assert guard.last_all_healthy == 1001.0
+    assert guard.health.state is State.HEALTHY
+    guard.tick(1002.0)  # past the last checkpoint again: checkpoints resume
+    assert guard.preimages.checkpoints[-1] == 1002.0 and guard.last_all_healthy == 1002.0
+
+
 def test_an_automatic_rollback_says_so_with_the_detectors_reason():
     clock = FakeClock(wall=1000.0)
     _store, guard, sink, sent = _source(["r1"], clock)

@@ -95,6 +95,7 @@ class SourceGuard:
         self._clock = clock
         self.flush_writes = flush_writes  # lands the trainer's queued writes now
         self.rollback_error: str | None = None  # why the last automatic rollback failed
+        self._stepped_back_at: float | None = None  # wall time seen before the last checkpoint
 
     # -- periodic ---------------------------------------------------------------------------
 
@@ -107,7 +108,22 @@ class SourceGuard:
             log.warning("guard %s: quarantine over; training resumes", self.model)
         states = list(self.replica_states(now_wall).values())
         all_healthy = all(s == "healthy" for s in states)
-        if self.health.state is State.HEALTHY and all_healthy:
+        marks = self.preimages.checkpoints
+        if self.health.state is State.HEALTHY and all_healthy and marks and now_wall < marks[-1]:
+            # The wall clock stepped back (NTP, an operator): a checkpoint dated before the
+            # last one would cut the pre-images out of order, so the last one stays the
+            # restore point until the clock passes it again (it raised in the guard task).
+            if self._stepped_back_at is None:
+                self._stepped_back_at = now_wall
+                log.warning(
+                    "guard %s: wall clock %.3f is before the last healthy checkpoint %.3f; "
+                    "no new checkpoint until it passes it",
+                    self.model,
+                    now_wall,
+                    marks[-1],
+                )
+        elif self.health.state is State.HEALTHY and all_healthy:
+            self._stepped_back_at = None
             self.preimages.mark_healthy(now_wall)
             self.last_all_healthy = now_wall
         elif self.health.state is State.RECOVERING and all_healthy and self.incident is None:
