@@ -119,7 +119,15 @@ class StoreJournal:
         now_ns: int,
         lanes: np.ndarray,
     ) -> None:
-        self.wal.append(encode_batch(table.spec, keys, values, versions, now_ns, lanes))
+        try:
+            self.wal.append(encode_batch(table.spec, keys, values, versions, now_ns, lanes))
+        except WalError:
+            if self.wal.failed is None:
+                raise  # a closed log: nothing may write after close
+            # The log failed (a full disk): the rows are in the store already, not durable.
+            # A writer that waits learns it from ``wait_durable`` (an HTTP write is answered
+            # 503, never acknowledged) and the snapshot that restarts the log covers them;
+            # raising here only dropped the trainer's other queued writes of the same drain.
 
     async def wait_durable(self) -> None:
         """Return once every write made so far is on disk."""
