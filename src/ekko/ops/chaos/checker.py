@@ -92,6 +92,7 @@ def check(history: History, *, settle_s: float = 5.0, converge_bound_s: float = 
         "stale_reads": len(stale),
         "stale_reads_checked": checked,
         "false_alarms": len(history.alarms),
+        "tracebacks": history.final.get("tracebacks", {}),
         "disk_full_recovered_s_max": max(
             (d["recovered_s"] for d in history.disk if d["recovered_s"] is not None),
             default=None,

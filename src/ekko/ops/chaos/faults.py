@@ -317,3 +317,25 @@ def last_traceback(log_path: Path) -> str:
         return ""
     found = TRACEBACK.findall(text)
     return found[-1][-4000:] if found else text[-2000:]
+
+
+def traceback_counts(log_paths: list[Path]) -> dict[str, int]:
+    """Every traceback's last line in the nodes' logs, counted: the supervised task failures
+    a run caused (a full disk's are expected), for the report to show what to look at."""
+    out: dict[str, int] = {}
+    for path in log_paths:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        inside = False
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback (most recent call last):"):
+                inside = True
+                continue
+            last = i + 1 >= len(lines) or not lines[i + 1].startswith((" ", "\t"))
+            if inside and line and not line[0].isspace() and not line.startswith("During") and last:
+                key = line[:200]  # the exception that ended the traceback
+                out[key] = out.get(key, 0) + 1
+                inside = False
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -32,6 +32,7 @@ from ekko.ops.chaos.faults import (
     Nemesis,
     clock_env,
     last_traceback,
+    traceback_counts,
 )
 from ekko.ops.chaos.history import History
 from ekko.ops.chaos.probes import (
@@ -414,6 +415,8 @@ class ChaosRun:
     def _stop(self, cluster: LocalCluster) -> None:
         codes = cluster.stop_all()
         self.history.final["exit_codes"] = codes
+        logs = [p.log_path for p in cluster.procs.values()]
+        self.history.final["tracebacks"] = traceback_counts(logs)
         for node, code in codes.items():
             if code != 0:
                 self.history.crashes.append(
