@@ -131,6 +131,8 @@ def _healthy(c: LocalCluster, rss_before: dict[str, float]) -> None:
         log = c.procs[node].log_path.read_text(errors="replace")
         for fault in FAULTS:
             assert fault not in log, f"{node}: {log[log.index(fault) - 2000 :][:4000]}"
+        metrics = httpx.get(c.url(node, "/metrics"), timeout=10).text
+        assert f'ekko_sync_session_errors_total{{node="{node}"}} 0.0' in metrics, node
         grew = _rss_mib(c, node) - rss_before[node]
         assert grew < RSS_GROWTH_MIB, f"{node}: resident memory grew {grew:.0f} MiB"
 

@@ -18,6 +18,8 @@ import pytest
 from ekko.net.errors import TransportError
 from ekko.net.framing import encode_frame
 from ekko.net.memory import memory_pair
+from ekko.net.transport import ListenerStats
+from ekko.node.metrics import sync_port_metrics
 from ekko.node.sync_host import SYNC_SCHEMA, ResponderHost
 from ekko.protocol.messages import Catalog, CatalogRequest, Cursor, Error, PullRequest
 from ekko.protocol.responder import Responder
@@ -86,3 +88,12 @@ def test_a_tally_saturates_so_its_report_stays_encodable() -> None:
     owed = tally.take()
     assert owed == {"ctr": MAX_COUNT}
     encode_frame(PullRequest(1, 1000, traffic=owed))  # 3 * MAX_COUNT could not be encoded
+
+
+def test_sessions_that_failed_are_counted_in_metrics() -> None:
+    """A session that still ends in an exception of the node's is logged with its traceback
+    by the listener and now shows in /metrics too (the fuzz asserts it stays 0)."""
+    collect = sync_port_metrics("source", lambda: ListenerStats(handler_errors=2))
+    samples = {s.name: s for family in collect() for s in family.samples}
+    got = samples["ekko_sync_session_errors_total"]
+    assert got.labels == {"node": "source"} and got.value == 2

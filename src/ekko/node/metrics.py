@@ -255,7 +255,7 @@ def sync_port_metrics(
     node: str, stats: Callable[[], ListenerStats | None]
 ) -> Callable[[], Iterator[Metric]]:
     """A collector of the sync listener's handshake outcomes (refused and evicted peers are
-    counted, never silent)."""
+    counted, never silent) and of its sessions that failed."""
 
     def collect() -> Iterator[Metric]:
         s = stats()
@@ -270,6 +270,14 @@ def sync_port_metrics(
         m.add_metric([node, "authenticated"], s.authenticated)
         m.add_metric([node, "refused"], s.auth_failures)
         m.add_metric([node, "evicted"], s.evicted)
+        yield m
+        m = CounterMetricFamily(
+            "ekko_sync_session_errors",
+            "Authenticated sync sessions that ended in an exception of this node's (logged "
+            "with its traceback); a peer's bad frame or message is refused by name instead",
+            labels=["node"],
+        )
+        m.add_metric([node], s.handler_errors)
         yield m
 
     return collect
