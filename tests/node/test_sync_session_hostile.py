@@ -20,7 +20,7 @@ from ekko.net.framing import encode_frame
 from ekko.net.memory import memory_pair
 from ekko.net.transport import ListenerStats
 from ekko.node.metrics import sync_port_metrics
-from ekko.node.sync_host import SYNC_SCHEMA, ResponderHost
+from ekko.node.sync_host import SYNC_SCHEMA, Outbox, ResponderHost
 from ekko.protocol.messages import Catalog, CatalogRequest, Cursor, Error, PullRequest
 from ekko.protocol.responder import Responder
 from ekko.protocol.traffic import MAX_COUNT, TrafficTally
@@ -97,3 +97,22 @@ def test_sessions_that_failed_are_counted_in_metrics() -> None:
     samples = {s.name: s for family in collect() for s in family.samples}
     got = samples["ekko_sync_session_errors_total"]
     assert got.labels == {"node": "source"} and got.value == 2
+
+
+async def test_a_message_that_cannot_be_framed_closes_the_link_instead_of_stalling_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outbox stopped at a ``LocalFrameError`` and left its connection open, so every
+    later pull waited forever behind it (a traffic sum beyond uint64 did that); it now
+    closes the link, which is dialled again, and logs the error with its traceback."""
+    ours, theirs = memory_pair(schema=SYNC_SCHEMA, names=("replica", "source"))
+    outbox = Outbox(ours)
+    outbox.put(PullRequest(1, 1000, traffic={"ctr": 2**70}))  # no msgpack int holds it
+    outbox.put(PullRequest(2, 1000))
+    with pytest.raises(TransportError):
+        async with asyncio.timeout(5):
+            await theirs.recv()
+    assert ours.closed
+    assert any(r.exc_info and "closing the link" in r.getMessage() for r in caplog.records)
+    await outbox.close()
+    await theirs.close()

@@ -14,7 +14,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from ekko.net.errors import TransportError
+from ekko.net.errors import LocalFrameError, TransportError
 from ekko.net.framing import WireSchema
 from ekko.net.transport import Connection
 from ekko.net.wan import WanProfile
@@ -105,6 +105,12 @@ class Outbox:
                 size = await self.conn.send(msg)
                 if self.on_sent is not None:
                     self.on_sent(msg, size)
+        except LocalFrameError:
+            # A message of ours that cannot be framed: everything queued after it would wait
+            # forever on an open link, so the link closes and is dialled again.
+            log.exception("send to %s failed; closing the link", self.conn.peer)
+            with contextlib.suppress(TransportError, OSError):
+                await self.conn.close()
         except TransportError as exc:
             log.info("send to %s stopped: %s", self.conn.peer, exc)
 
