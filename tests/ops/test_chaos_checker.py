@@ -47,6 +47,17 @@ def test_a_clean_history_passes_with_its_figures() -> None:
     assert (s["writes_acked"], s["rows_acked"], s["acked_lost"]) == (3, 5, 0)
     assert s["converge_s_max"] == 1.5 and s["unplanned_crashes"] == 0
     assert (s["stale_reads"], s["stale_reads_checked"]) == (0, 1)
+    assert s["heal_converge_clean_s"] == {"n": 1, "p50": 1.5, "p99": 1.5, "max": 1.5}
+
+
+def test_a_heal_whose_catching_up_met_another_fault_is_not_counted_clean() -> None:
+    h = _clean()
+    fault = {"fault": 7, "kind": "pause", "target": "source"}
+    h.events = [
+        {"t": 3.5, "event": "fault_start", **fault},
+        {"t": 4.0, "event": "fault_heal", **fault},
+    ]
+    assert check(h).summary["heal_converge_clean_s"]["n"] == 0
 
 
 def test_a_planted_lost_write_fails_naming_the_key() -> None:

@@ -47,16 +47,19 @@ def run(*, quick: bool = False, out: Path | None = None, seed: int = 1) -> dict:
         "cluster": "default_cluster_doc()",
         "workdir": str(workdir),
     }
-    details = {
+    details = {  # compact: the full history stays in the workdir
         "clients": history.settings.get("clients", {}),
-        "convergence": history.convergence,
+        "convergence": [
+            [c["heal_t"], c["replica"], c["seconds"], c["outcome"], c["kind"]]
+            for c in history.convergence
+        ],
         "disk": history.disk,
         "wipes": [
             {"t": w["t"], "fault": w["fault"], "at_risk": len(w["at_risk"])} for w in history.wipes
         ],
         "crashes": history.crashes,
         "alarms": history.alarms,
-        "events": history.events,
+        "faults": [list(w) for w in history.fault_windows()],
     }
     write_result("chaos", inputs, summary, details, out, lambda fig: _plot(fig, history))
     return {"summary": summary}

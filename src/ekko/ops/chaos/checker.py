@@ -88,6 +88,7 @@ def check(history: History, *, settle_s: float = 5.0, converge_bound_s: float = 
         "converge_s_max": round(max(converge), 3) if converge else None,
         "final_converge_s": final,
         "heal_probes": _outcomes(history.convergence),
+        "heal_converge_clean_s": _clean_heals(history),
         "unplanned_crashes": len(history.crashes),
         "stale_reads": len(stale),
         "stale_reads_checked": checked,
@@ -168,3 +169,25 @@ def _outcomes(probes: list[dict[str, Any]]) -> dict[str, int]:
     for c in probes:
         out[c["outcome"]] = out.get(c["outcome"], 0) + 1
     return out
+
+
+def _clean_heals(history: History) -> dict[str, float | int | None]:
+    """Catching up after a heal while no other fault touched the replica's path (the worst
+    of all probes also counts the faults that kept coming): n, p50, p99, max seconds."""
+    windows = history.fault_windows()
+    out = []
+    for c in history.convergence:
+        if c["seconds"] is None:
+            continue
+        lo = c["heal_t"]
+        hi = max(lo, c.get("write_at", lo)) + c["seconds"]
+        path = set(c["path"])
+        if not any(
+            t in path and start <= hi and end > lo and end != lo for _k, t, start, end in windows
+        ):
+            out.append(c["seconds"])
+    out.sort()
+    if not out:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    pick = lambda q: out[min(len(out) - 1, int(len(out) * q))]  # noqa: E731
+    return {"n": len(out), "p50": pick(0.5), "p99": pick(0.99), "max": out[-1]}
