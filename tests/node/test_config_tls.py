@@ -71,6 +71,22 @@ def test_an_unreadable_key_is_named(config: Path) -> None:
     _refused(config, "dc1-r0", "nodes[dc1-r0].tls.key:", "dc1-r0.key: cannot read it")
 
 
+@pytest.mark.parametrize("field", ["ca", "cert", "key"])
+def test_an_endless_or_huge_file_is_named_without_reading_it_whole(
+    config: Path, tmp_path: Path, field: str
+) -> None:
+    huge = tmp_path / "huge.pem"
+    with open(huge, "wb") as f:
+        f.truncate(64 << 20)  # sparse: no disk used, but read whole it is 64 MiB of memory
+    text = config.read_text()
+    line = {"ca": 'ca = "tls/ca.crt"', "cert": 'cert = "tls/dc1-r0.crt"'}
+    line["key"] = 'key = "tls/dc1-r0.key"'
+    named = "cluster.tls.ca:" if field == "ca" else f"nodes[dc1-r0].tls.{field}:"
+    for path in (huge, Path("/dev/zero")):  # /dev/zero never ends: a read of all is OOM
+        config.write_text(text.replace(line[field], f'{field} = "{path}"'))
+        _refused(config, "dc1-r0", named, f"{path}: larger than 1048576 bytes: not a PEM file")
+
+
 def test_a_key_of_another_certificate_is_named(config: Path) -> None:
     tls = config.parent / "tls"
     shutil.copy(tls / "dc1-r1.key", tls / "dc1-r0.key")

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
+MAX_PEM_BYTES = 1 << 20  # a CA, certificate or key is a few KiB; /dev/zero is endless
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,11 @@ def check_node_files(ca: x509.Certificate, files: TlsFiles, name: str) -> None:
 
 def _read(path: Path, field: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PEM_BYTES + 1)
+        if len(raw) > MAX_PEM_BYTES:
+            raise TlsFileError(field, f"{path}: larger than {MAX_PEM_BYTES} bytes: not a PEM file")
+        return raw
     except FileNotFoundError as exc:
         raise TlsFileError(field, f"{path}: no such file") from exc
     except OSError as exc:
