@@ -5,14 +5,18 @@ drawn as often as every other, and the rules that keep the checker's contract so
 from __future__ import annotations
 
 import itertools
+import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ekko.ops.chaos.schedule import (
     LINK_KINDS,
+    MAX_FAULTS,
     RESTARTING_KINDS,
     FaultKind,
+    ScheduleError,
     Timing,
     Topology,
     counts,
@@ -138,3 +142,36 @@ def test_every_named_pace_draws_every_kind() -> None:
     assert set(TIMINGS) == {"default", "bench", "short"}
     for timing in TIMINGS.values():
         assert counts(generate(2, TOPO, rounds=1, timing=timing)) == {k.value: 1 for k in FaultKind}
+
+
+@pytest.mark.parametrize(
+    ("limits", "named"),
+    [
+        ({"duration_s": math.nan}, "duration: a finite number of seconds > 0, got nan"),
+        ({"duration_s": math.inf}, "duration: a finite number of seconds > 0, got inf"),
+        ({"duration_s": 0.0}, "duration: a finite number of seconds > 0, got 0"),
+        ({"duration_s": -5.0}, "duration: a finite number of seconds > 0, got -5"),
+        ({"rounds": 0}, "rounds: at least 1, got 0"),
+        ({"rounds": -1}, "rounds: at least 1, got -1"),
+        ({"duration_s": 1e12}, f"more than {MAX_FAULTS} faults"),
+        ({"rounds": 10**9}, f"more than {MAX_FAULTS} faults"),
+    ],
+)
+def test_a_limit_that_never_ends_or_plans_nothing_is_named(limits: dict, named: str) -> None:
+    """nan and inf never ended the drawing loop (memory grew until killed), 0 and negative
+    durations ran a cluster with no fault and passed, a huge one drew faults forever."""
+    with pytest.raises(ScheduleError) as err:
+        generate(0, TOPO, **limits)
+    assert named in str(err.value)
+
+
+def test_the_cli_names_a_bad_limit_before_starting_anything(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ekko.cli import app
+
+    for args in (["--duration", "nan"], ["--duration", "-5"], ["--rounds", "0"]):
+        out = CliRunner().invoke(app, ["chaos", *args, "--workdir", str(tmp_path / "w")])
+        assert out.exit_code == 2, out.output
+        assert "duration: a finite" in out.output or "rounds: at least 1" in out.output
+        assert not (tmp_path / "w").exists()  # no config written, no node started

@@ -13,6 +13,24 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+MAX_FAULTS = 100_000  # the 1 000-fault bench is 1 %; beyond, a limit typed by mistake
+
+
+class ScheduleError(ValueError):
+    """A run's limits that draw no schedule: a duration that is not a finite number of
+    seconds > 0, fewer than one round, or more than ``MAX_FAULTS`` faults. Why a class: the
+    CLI names it as a bad option before it writes a config or starts a node."""
+
+
+def check_limits(duration_s: float | None, rounds: int | None) -> None:
+    """Raise ScheduleError unless exactly one limit is given and it can end a schedule."""
+    if duration_s is None and rounds is None:
+        raise ScheduleError("generate: give duration_s or rounds")
+    if rounds is not None and rounds < 1:
+        raise ScheduleError(f"rounds: at least 1, got {rounds}")
+    if rounds is None and not (math.isfinite(duration_s) and duration_s > 0):  # type: ignore[arg-type]
+        raise ScheduleError(f"duration: a finite number of seconds > 0, got {duration_s:g}")
+
 
 class FaultKind(StrEnum):
     """Every fault the nemesis injects. A run draws them in rounds, each round a shuffled
@@ -141,8 +159,7 @@ def generate(
     time (a restarted node is left alone for ``restart_allowance_s``); the source losing
     its disk runs alone, after ``settle_s`` with no fault, so every replica is there for
     its recovery (README: a row acknowledged but on no replica is lost with the disk)."""
-    if duration_s is None and rounds is None:
-        raise ValueError("generate: give duration_s or rounds")
+    check_limits(duration_s, rounds)
     if not topology.replicas or not topology.links:
         raise ValueError("generate: the topology needs replicas and links")
     rng = random.Random(seed)
@@ -172,6 +189,10 @@ def generate(
             start = _round_up(start)
             if duration_s is not None and start > duration_s:
                 return faults
+            if len(faults) == MAX_FAULTS:
+                raise ScheduleError(
+                    f"more than {MAX_FAULTS} faults: a shorter duration or fewer rounds"
+                )
             end = start + hold
             free_at = end + (timing.restart_allowance_s if kind in RESTARTING_KINDS else 0.0)
             busy[target] = free_at
