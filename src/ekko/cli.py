@@ -406,6 +406,7 @@ def chaos(
 ) -> None:
     """Run a cluster under writes and training while a nemesis injects faults; check it."""
     from ekko.ops.chaos import ChaosSettings, run_chaos
+    from ekko.ops.chaos.harness import ChaosTerminated
     from ekko.ops.chaos.schedule import TIMINGS, ScheduleError, check_limits
 
     if timing not in TIMINGS:
@@ -425,6 +426,9 @@ def chaos(
         history, verdict = run_chaos(settings, workdir, config, say=console.print)
     except ScheduleError as exc:  # drawn before anything starts
         raise typer.BadParameter(str(exc)) from exc
+    except ChaosTerminated as exc:
+        console.print(str(exc), markup=False)
+        raise typer.Exit(128 + signal.SIGTERM) from None
     json.dump(verdict.summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     if not verdict.ok:

@@ -16,6 +16,8 @@ import contextlib
 import copy
 import logging
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
@@ -243,11 +245,15 @@ class ChaosRun:
                 self.workdir / "cluster.toml", node_configs=node_configs, node_env=env
             )
             started = time.monotonic()
-            await asyncio.to_thread(cluster.start, None, 180.0)
+            # Shielded: a SIGTERM meanwhile must not stop the nodes while more still start.
+            starting = asyncio.ensure_future(asyncio.to_thread(cluster.start, None, 180.0))
+            await asyncio.shield(starting)
             self.history.event("cluster_ready", seconds=round(time.monotonic() - started, 2))
             await self._drive(cluster, mesh, disk, data_dirs, clocks, faults)
         finally:
             if cluster is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await starting  # its failure, if any, is already on its way up
                 await asyncio.to_thread(self._stop, cluster)
             await mesh.close()
             disk.teardown()
@@ -447,4 +453,39 @@ def run_chaos(
         secret_file = base / doc.get("cluster", {}).get("secret_file", "cluster.secret")
         secret = secret_file.read_bytes().strip() if secret_file.exists() else None
     run = ChaosRun(doc, workdir, settings, secret=secret, say=say)
-    return asyncio.run(run.run())
+    return asyncio.run(_until_terminated(run.run()))
+
+
+async def _until_terminated(
+    coro: Coroutine[Any, Any, tuple[History, Verdict]],
+) -> tuple[History, Verdict]:
+    """Run ``coro``; a SIGTERM cancels it, so the run stops its nodes, proxies and tmpfs as
+    on Ctrl-C. Python's default SIGTERM ended the harness at once: the nodes, in sessions of
+    their own, ran on (paused ones stopped forever) and the source's tmpfs stayed mounted.
+    Raises ChaosTerminated once cleaned up."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    hooked = threading.current_thread() is threading.main_thread()
+    if hooked:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if terminated:
+            raise ChaosTerminated("chaos: terminated (SIGTERM); its nodes were stopped") from None
+        raise
+    finally:
+        if hooked:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+class ChaosTerminated(RuntimeError):
+    """A chaos run ended by SIGTERM, after stopping what it started (no verdict)."""
