@@ -1,5 +1,5 @@
 """A chaos run sent SIGTERM (a CI job's timeout, ``timeout``, systemd) stops every node it
-started and exits 143, as Ctrl-C does; Python's default SIGTERM ended the harness at once
+started, unmounts its tmpfs and exits 143, as Ctrl-C does; Python's default SIGTERM ended the harness at once
 and left its nodes, each in a session of its own, running."""
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def test_sigterm_stops_the_nodes_a_chaos_run_started(tmp_path: Path) -> None:
         assert proc.returncode == 143, out
         assert "terminated (SIGTERM); its nodes were stopped" in out
         assert _nodes_of(workdir) == []
+        assert str(workdir) not in Path("/proc/mounts").read_text()  # the source's tmpfs
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -56,6 +56,9 @@ from ekko.ops.launcher import LocalCluster
 log = logging.getLogger(__name__)
 
 
+FRESH_SPAN = 10**7  # writer i's keys written once start at (i + 1) * FRESH_SPAN
+
+
 @dataclass(frozen=True)
 class ChaosSettings:
     """A run's knobs; the seed and these replay it."""
@@ -66,7 +69,7 @@ class ChaosSettings:
     timing: Timing = field(default_factory=Timing)
     writers: int = 2
     batch: int = 10  # keys per acknowledged write
-    key_space: int = 2000  # keys per writer
+    key_space: int = 2000  # keys per writer written again and again (below FRESH_SPAN)
     write_interval_s: float = 0.05
     train_interval_s: float = 0.25
     warmup_s: float = 3.0
@@ -294,6 +297,7 @@ class ChaosRun:
                     dim=self.table.dim,
                     key_base=i * s.key_space,
                     key_space=s.key_space,
+                    fresh_base=(i + 1) * FRESH_SPAN,
                     batch=s.batch,
                     interval_s=s.write_interval_s,
                     history=h,

@@ -5,6 +5,12 @@ it is acknowledged (a request with no answer may or may not have been applied; w
 idempotent per key), so the last acknowledged write of a key is also the last one sent for
 it, and the source must end holding it (or, after a request that never got its answer, a
 newer version).
+
+Half of each batch are keys written again and again (last-version-wins under faults), half
+keys written once, never again: the checker judges a key by its final row, so a write the
+source dropped after acknowledging it was invisible once a later write covered its keys
+(with 2 000 keys a writer, every key is covered within a short run). A fresh key keeps every
+acknowledged write judged.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class AckWriter:
         dim: int,
         key_base: int,
         key_space: int,
+        fresh_base: int,
         batch: int,
         interval_s: float,
         history: History,
@@ -55,6 +62,7 @@ class AckWriter:
         self.index = index
         self.dim = dim
         self.keys = np.arange(key_base, key_base + key_space, dtype=np.int64)
+        self.fresh_base = fresh_base  # keys from here up: each written by one write only
         self.batch = batch
         self.interval_s = interval_s
         self.history = history
@@ -67,7 +75,10 @@ class AckWriter:
         n = 0
         while not stop.is_set():
             n += 1
-            keys = self.rng.choice(self.keys, self.batch, replace=False).tolist()
+            fresh = self.batch // 2
+            first = self.fresh_base + (n - 1) * fresh
+            keys = list(range(first, first + fresh))
+            keys += self.rng.choice(self.keys, self.batch - fresh, replace=False).tolist()
             row = row_value(n, self.index, self.dim)
             body = _JSON.encode({"keys": keys, "values": [row] * len(keys)})
             await self._send(keys, n, body, stop)
