@@ -1,6 +1,6 @@
 """A chaos run sent SIGTERM (a CI job's timeout, ``timeout``, systemd) stops every node it
-started, unmounts its tmpfs and exits 143, as Ctrl-C does; Python's default SIGTERM ended the harness at once
-and left its nodes, each in a session of its own, running."""
+started, unmounts its tmpfs and exits 143, as Ctrl-C does; Python's default SIGTERM ended
+the harness at once and left its nodes, each in a session of its own, running."""
 
 from __future__ import annotations
 
