@@ -407,21 +407,20 @@ def chaos(
     """Run a cluster under writes and training while a nemesis injects faults; check it."""
     from ekko.ops.chaos import ChaosSettings, run_chaos
     from ekko.ops.chaos.harness import ChaosTerminated
-    from ekko.ops.chaos.schedule import TIMINGS, ScheduleError, check_limits
+    from ekko.ops.chaos.schedule import TIMINGS, ScheduleError
 
     if timing not in TIMINGS:
         raise typer.BadParameter(f"--timing: one of {', '.join(TIMINGS)}, got {timing!r}")
     try:
-        check_limits(None if rounds is not None else duration, rounds)
+        settings = ChaosSettings(
+            seed=seed,
+            duration_s=None if rounds is not None else duration,
+            rounds=rounds,
+            timing=TIMINGS[timing],
+            warmup_s=2.0 if timing == "short" else 3.0,
+        )
     except ScheduleError as exc:
         raise typer.BadParameter(f"--{exc}") from exc
-    settings = ChaosSettings(
-        seed=seed,
-        duration_s=None if rounds is not None else duration,
-        rounds=rounds,
-        timing=TIMINGS[timing],
-        warmup_s=2.0 if timing == "short" else 3.0,
-    )
     try:
         history, verdict = run_chaos(settings, workdir, config, say=console.print)
     except ScheduleError as exc:  # drawn before anything starts

@@ -170,8 +170,14 @@ def test_the_cli_names_a_bad_limit_before_starting_anything(tmp_path) -> None:
 
     from ekko.cli import app
 
-    for args in (["--duration", "nan"], ["--duration", "-5"], ["--rounds", "0"]):
+    bad = {
+        ("--duration", "nan"): "--duration: a finite",
+        ("--duration", "-5"): "--duration: a finite",
+        ("--rounds", "0"): "--rounds: at least 1",
+        ("--seed", "-1"): "--seed: 0 or more, got -1",  # started the cluster, then raised
+    }
+    for args, named in bad.items():
         out = CliRunner().invoke(app, ["chaos", *args, "--workdir", str(tmp_path / "w")])
         assert out.exit_code == 2, out.output
-        assert "duration: a finite" in out.output or "rounds: at least 1" in out.output
+        assert named in " ".join(out.output.split()), out.output
         assert not (tmp_path / "w").exists()  # no config written, no node started

@@ -47,7 +47,16 @@ from ekko.ops.chaos.probes import (
     final_rows,
 )
 from ekko.ops.chaos.proxy import ProxyMesh
-from ekko.ops.chaos.schedule import Fault, FaultKind, Timing, Topology, counts, generate
+from ekko.ops.chaos.schedule import (
+    Fault,
+    FaultKind,
+    ScheduleError,
+    Timing,
+    Topology,
+    check_limits,
+    counts,
+    generate,
+)
 from ekko.ops.chaos.training import TrainingClient
 from ekko.ops.chaos.writer import AckWriter
 from ekko.ops.cluster_init import cluster_doc, free_ports, write_cluster
@@ -78,6 +87,11 @@ class ChaosSettings:
     stale_slack_s: float = 2.0  # + the path's one-way WAN delays: the staleness bound
     disk_mb: int = 64
     table: str | None = None  # the acknowledged writes' table (default: the first one)
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:  # numpy's generators (the writers') take none
+            raise ScheduleError(f"seed: 0 or more, got {self.seed}")
+        check_limits(self.duration_s, self.rounds)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
