@@ -4,6 +4,7 @@ checks them once, when read, naming the field and the file of each problem."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import stat
 import tomllib
@@ -72,7 +73,7 @@ def test_an_unreadable_key_is_named(config: Path) -> None:
 
 
 @pytest.mark.parametrize("field", ["ca", "cert", "key"])
-def test_an_endless_or_huge_file_is_named_without_reading_it_whole(
+def test_an_endless_huge_or_pipe_file_is_named_without_reading_it_whole(
     config: Path, tmp_path: Path, field: str
 ) -> None:
     huge = tmp_path / "huge.pem"
@@ -85,6 +86,10 @@ def test_an_endless_or_huge_file_is_named_without_reading_it_whole(
     for path in (huge, Path("/dev/zero")):  # /dev/zero never ends: a read of all is OOM
         config.write_text(text.replace(line[field], f'{field} = "{path}"'))
         _refused(config, "dc1-r0", named, f"{path}: larger than 1048576 bytes: not a PEM file")
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)  # no writer: a blocking open waited forever, the node never started
+    config.write_text(text.replace(line[field], f'{field} = "{fifo}"'))
+    _refused(config, "dc1-r0", named, f"{fifo}: not ")
 
 
 def test_a_key_of_another_certificate_is_named(config: Path) -> None:

@@ -12,6 +12,7 @@ when the config is read.
 from __future__ import annotations
 
 import datetime
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,8 +151,9 @@ def check_node_files(ca: x509.Certificate, files: TlsFiles, name: str) -> None:
 
 def _read(path: Path, field: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_PEM_BYTES + 1)
+        # Non-blocking: a FIFO with no writer reads empty instead of hanging the config load.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            raw = f.read(MAX_PEM_BYTES + 1) or b""
         if len(raw) > MAX_PEM_BYTES:
             raise TlsFileError(field, f"{path}: larger than {MAX_PEM_BYTES} bytes: not a PEM file")
         return raw
