@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -205,21 +207,16 @@ def _converge_some(net: SimNetwork, names: list[str], seconds: float = 30.0) -> 
         net.run_for(0.2)
 
 
-def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> None:
-    """Found while building ``ekko sim``'s knowledge check. An answer cut by its byte budget
-    carries the new-key lane's knowledge (the top of a batch that also wrote high-lane rows)
-    and only the first high-lane rows; the source then dies before the rest was logged. It
-    recovered with its counter at the highest row the replica held, below that knowledge: its
-    next new key got a version the replica claimed to hold already and never reached it. In
-    order, without a lost message."""
+def _one_replica_cut_by_budget() -> tuple[SimNetwork, Callable[[list[int], list[int]], None]]:
+    """A source and one replica on an in-order, lossless link whose answers carry one or two
+    rows (a 64-byte budget), and a writer of ones at the source in the given lanes."""
     net = SimNetwork(
         seed=0,
         faults=Faults(delay=(0.001, 0.001)),  # in order, nothing lost
         puller_config=PullerConfig(wait_ms=1000, window=1, max_bytes=64),
     )
-    spec = TableSpec("emb", 2, 1)
     source = Store()
-    source.create_table(spec)
+    source.create_table(TableSpec("emb", 2, 1))
     source.lineage = 7
     net.add_node("source", source)
     net.add_node("r", Store(origin=1), upstream="source")
@@ -227,6 +224,18 @@ def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> No
     def write(keys: list[int], lanes: list[int]) -> None:
         k = np.array(keys, np.int64)
         net.write("source", "emb", k, np.ones((len(k), 2), np.float32), np.array(lanes, np.uint8))
+
+    return net, write
+
+
+def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> None:
+    """Found while building ``ekko sim``'s knowledge check. An answer cut by its byte budget
+    carries the new-key lane's knowledge (the top of a batch that also wrote high-lane rows)
+    and only the first high-lane rows; the source then dies before the rest was logged. It
+    recovered with its counter at the highest row the replica held, below that knowledge: its
+    next new key got a version the replica claimed to hold already and never reached it. In
+    order, without a lost message."""
+    net, write = _one_replica_cut_by_budget()
 
     write([1, 2, 3, 4], [HIGH_LANE] * 4)
     net.run_for(1.0)
@@ -259,21 +268,7 @@ def test_a_row_brought_back_by_a_lost_write_reaches_a_replica_that_skipped_it() 
     claims that version and it never pulls key 9. In order, nothing lost on the link.
     A fix needs the replica's skip to be visible to recovery (the source's counter as each
     answer saw it, carried and kept per shard), or a new lineage after any lost write."""
-    net = SimNetwork(
-        seed=0,
-        faults=Faults(delay=(0.001, 0.001)),
-        puller_config=PullerConfig(wait_ms=1000, window=1, max_bytes=64),
-    )
-    spec = TableSpec("emb", 2, 1)
-    source = Store()
-    source.create_table(spec)
-    source.lineage = 7
-    net.add_node("source", source)
-    net.add_node("r", Store(origin=1), upstream="source")
-
-    def write(keys: list[int], lanes: list[int]) -> None:
-        k = np.array(keys, np.int64)
-        net.write("source", "emb", k, np.ones((len(k), 2), np.float32), np.array(lanes, np.uint8))
+    net, write = _one_replica_cut_by_budget()
 
     write([1, 2], [HIGH_LANE] * 2)
     net.run_for(1.0)
