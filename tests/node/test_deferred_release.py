@@ -16,6 +16,7 @@ from ekko.ops.cluster_init import cluster_doc, write_cluster
 
 async def test_held_rows_reach_the_table_within_the_staleness_bound(tmp_path: Path) -> None:
     doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)], sync={"snapshot_interval_s": 0})
+    doc["durability"] = {"recovery_timeout_s": 0.5}  # run alone: no replica to recover from
     doc["scheduler"] = {
         "enabled": True,
         "defer": True,

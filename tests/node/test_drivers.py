@@ -71,6 +71,7 @@ async def test_a_raising_driver_is_logged_restarted_and_shown_in_ready_and_metri
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)], sync={"snapshot_interval_s": 0})
+    doc["durability"] = {"recovery_timeout_s": 0.5}  # run alone: no replica to recover from
     cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
     gate = GatedSleep()
     flaky = FlakyDriver()
@@ -211,6 +212,7 @@ async def test_a_failed_snapshot_shows_until_one_succeeds_and_the_next_ones_stil
 
 def _link(answers: list[httpx.Response], tmp_path: Path) -> tuple[GuardLink, list, FakeClock]:
     doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)])
+    doc["durability"] = {"recovery_timeout_s": 0.5}  # run alone: no replica to recover from
     cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
     seen: list[httpx.Request] = []
 

@@ -25,6 +25,7 @@ async def test_a_dead_trainer_makes_ready_503_naming_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     doc = cluster_doc(dcs=1, replicas=1, models=[MODEL], sync={"snapshot_interval_s": 0})
+    doc["durability"] = {"recovery_timeout_s": 0.5}  # run alone: no replica to recover from
     cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
     runner = NodeRunner(cfg, "source", tmp_path)
     task = asyncio.create_task(runner.run())
