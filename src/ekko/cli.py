@@ -379,10 +379,8 @@ def sim(
     doc = summary.to_json()
     if json_out is not None:
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
-    known = sum(f.known for f in summary.failures)
     print(
         f"{summary.seeds} seeds from {start}: {len(summary.failures)} failed "
-        f"({known} of them the known defect of rows a lost write brings back) "
         f"in {summary.elapsed_s:.1f} s"
     )
     if summary.failures:

@@ -113,6 +113,12 @@ def test_source_sigkill_mid_writes_loses_nothing_acknowledged(make_cluster):
             assert w.idle.wait(10)
         got = wait_converged(cluster, 30)
         assert len({str(d) for d in got.values()}) == 1, got
+        # Every replica met the new source process (directly or through its DC's leader)
+        # and took its knowledge back to what the old one's disk backed.
+        for node in cluster.config.nodes:
+            if node.name != "source":
+                links = cluster.get(node.name, "/v1/status")["links"]
+                assert sum(p["epoch_changes"] for p in links.values()) >= 1, (node.name, links)
         running.set()
         resumed = time.monotonic()
         _run_writers_for(0.3)

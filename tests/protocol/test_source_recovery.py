@@ -68,9 +68,10 @@ def _converge(net: SimNetwork, seconds: float = 30.0) -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_restart_without_data_all_replicas_reachable_keeps_lineage(seed: int) -> None:
+def test_restart_without_data_absorbs_the_replicas_then_starts_a_new_lineage(seed: int) -> None:
     """The old bug: an empty restarted source issued versions replicas already held, and
-    its new writes were never pulled. Now it absorbs the replicas first."""
+    its new writes were never pulled. Now it absorbs the replicas first; with no disk to
+    tell which of their knowledge still holds, it starts a new lineage they rebuild from."""
     rng = np.random.default_rng(seed)
     net = _net(seed)
     _write(net, rng, 30)
@@ -78,7 +79,7 @@ def test_restart_without_data_all_replicas_reachable_keeps_lineage(seed: int) ->
     held = _rows(net.nodes["a"].store)
     top = int(net.nodes["a"].store.table("emb").counter.max())
     result = net.restart_source("source", _store(0))
-    assert result.kept_lineage and result.lineage == 7 and not result.missing
+    assert not result.kept_lineage and result.lineage != 7 and not result.missing
     src = net.nodes["source"].store
     assert _rows(src) == held  # every row a replica held is back at the source
     assert int(src.table("emb").counter.min()) > 0
@@ -86,7 +87,7 @@ def test_restart_without_data_all_replicas_reachable_keeps_lineage(seed: int) ->
     _converge(net)
     # New versions sit above anything issued before the crash, per shard.
     assert (src.table("emb").counter >= top).any()
-    assert all(n.store.lineage == 7 for n in net.nodes.values())
+    assert all(n.store.lineage == result.lineage for n in net.nodes.values())
 
 
 @pytest.mark.parametrize("seed", [4, 5, 6])
@@ -239,7 +240,7 @@ def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> No
 
     write([1, 2, 3, 4], [HIGH_LANE] * 4)
     net.run_for(1.0)
-    disk = net.nodes["source"].store.copy()  # what the log kept
+    disk = net.save_disk("source")  # what the log kept
     write([10, 1, 2, 3], [NEW_LANE, HIGH_LANE, HIGH_LANE, HIGH_LANE])
     net.run_for(0.0015)  # one answer: the new key, the new-key lane's knowledge, one high row
     replica = net.nodes["r"].store.table("emb")
@@ -255,26 +256,21 @@ def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> No
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (issue 15, found by ekko sim): a source restart that loses a write "
-    "brings back the row it superseded, which a replica skipped and never pulls",
-)
 def test_a_row_brought_back_by_a_lost_write_reaches_a_replica_that_skipped_it() -> None:
     """Key 9 is written (logged), then written over in another lane (not logged yet). A
     replica pulls in between: the new-key lane's knowledge passes version 3 without key 9
     (it was superseded) and its budget ends before key 9's new row. The source dies and
     recovers from its log, key 9 back at version 3, lineage kept: the replica's knowledge
-    claims that version and it never pulls key 9. In order, nothing lost on the link.
-    A fix needs the replica's skip to be visible to recovery (the source's counter as each
-    answer saw it, carried and kept per shard), or a new lineage after any lost write."""
+    claimed that version (it never pulled key 9) under a cut the disk did not reach, so on
+    meeting the new source process it takes it back to the settled part and pulls again.
+    In order, nothing lost on the link."""
     net, write = _one_replica_cut_by_budget()
 
     write([1, 2], [HIGH_LANE] * 2)
     net.run_for(1.0)
     net.cut_link("r")
     write([9], [NEW_LANE])  # version 3, logged
-    disk = net.nodes["source"].store.copy()
+    disk = net.save_disk("source")
     write([3, 4, 5, 9], [HIGH_LANE] * 4)  # key 9 again at version 7: not logged
     net.heal_link("r")
     net.run_for(0.0025)  # one answer: new-key lane's knowledge 3 without key 9, rows 3 and 4
@@ -320,3 +316,37 @@ def test_a_replica_mid_transfer_claims_only_its_knowledge_to_a_recovering_source
     assert recovery.finish().kept_lineage
     _, versions, found = source.table("emb").lookup(keys)
     assert found.all() and versions.tolist() == keys.tolist()
+
+
+def test_a_source_back_without_its_data_starts_a_new_lineage_so_skipped_rows_reach_all() -> None:
+    """Key 9 at version 3 reaches replica ``b``; written again (version 7, another lane), it
+    is skipped by ``r``'s budget-cut answer (its new-key lane's knowledge passes 3). The
+    source comes back with an empty data dir and absorbs both: key 9 returns at version 3
+    from ``b`` (nobody holds 7). No disk says which of ``r``'s knowledge is still true, so
+    the source starts a new lineage and every replica rebuilds from it exactly."""
+    net, write = _one_replica_cut_by_budget()
+    net.add_node("b", Store(origin=2), upstream="source")
+    write([1, 2], [HIGH_LANE] * 2)
+    net.run_for(1.0)
+    net.cut_link("r")
+    write([9], [NEW_LANE])
+    net.run_for(1.0)
+    assert 9 in rows_by_key(net.nodes["b"].store.table("emb"))[0]
+    net.cut_link("b")
+    write([3, 4, 5, 9], [HIGH_LANE] * 4)
+    net.heal_link("r")
+    net.run_for(0.0025)
+    assert 9 not in rows_by_key(net.nodes["r"].store.table("emb"))[0]
+    net.heal_link("b")
+    empty = Store()
+    empty.create_table(TableSpec("emb", 2, 1))
+    result = net.restart_source("source", empty)
+    assert not result.kept_lineage and result.rows_absorbed > 0
+    net.run_for(5.0)
+    src = net.nodes["source"].store.table("emb")
+    assert 9 in rows_by_key(src)[0]
+    for name in ("r", "b"):
+        for got, want in zip(
+            rows_by_key(net.nodes[name].store.table("emb")), rows_by_key(src), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)

@@ -33,12 +33,9 @@ def ci_run() -> Summary:
 
 def test_ci_seeds_converge(ci_run: Summary) -> None:
     """After writes stop and links heal, every replica equals the source, and no replica's
-    knowledge ever claims a row it lacks, in every seed but those of the one known defect
-    (a row brought back by a write the source lost in a restart; xfail in
-    tests/protocol/test_source_recovery.py): any other failure fails here."""
+    knowledge ever claims a row it lacks, in every seed."""
     assert ci_run.seeds == len(CI_SEEDS)
-    new = [f for f in ci_run.failures if not f.known]
-    assert not new, "\n".join(f.report() for f in new)
+    assert not ci_run.failures, "\n".join(f.report() for f in ci_run.failures)
 
 
 def test_ci_seeds_cover_every_feature(ci_run: Summary) -> None:

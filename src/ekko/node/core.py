@@ -7,6 +7,7 @@ can drive a ``NodeCore`` directly.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
 from ekko.store.journal import StoreJournal, open_durable
+from ekko.store.settled import Mark
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class NodeCore:
         self.not_ready: str | None = "recovering" if self.role == "source" else None
         self.restored_rows = 0  # rows the source found in its own snapshot and log
         self.store = self._open_store()
+        if self.role == "source":
+            self.epoch = secrets.randbits(62) | 1  # this process, in every answer's mark
+            self.store.mark_source = self._mark
         self.responder = self._responder()
         # The source's one write port: HTTP writes, the trainers, releases and restores.
         self.port = WritePort(
@@ -88,6 +93,15 @@ class NodeCore:
         self.traffic_reported: Counter[str] = Counter()
         self.started_at = self.clock.wall()
         self.copied_at: float | None = None  # checkpoint replicas: write time of the copy
+
+    def _mark(self) -> Mark:
+        """The source's mark on each answer (``ekko.store.settled``): its log written and
+        on disk. Recovering, or without a log, nothing it serves is settled (cut above
+        durable): a restart then has replicas pull again what they hold."""
+        if self.journal is None or self.not_ready is not None:
+            return Mark(self.epoch, 1, 0)
+        wal = self.journal.wal
+        return Mark(self.epoch, wal.last_seq, wal.durable_seq)
 
     def _responder(self) -> Responder:
         s = self.config.sync

@@ -182,6 +182,10 @@ def _puller_families(
     yield _per(CounterMetricFamily, "ekko_puller_gaps",
                "Chunk ranges that arrived ahead of a missing one", lk, lv, "link",
                each("gaps"))  # fmt: skip
+    yield _per(CounterMetricFamily, "ekko_puller_source_restarts",
+               "Source restarts met on a link: knowledge taken back to what the old source "
+               "process's disk backed, the rest pulled again", lk, lv, "link",
+               each("epoch_changes"))  # fmt: skip
     yield _per(CounterMetricFamily, "ekko_puller_timeouts",
                "Pulls that got no answer in time", lk, lv, "link", each("timeouts"))  # fmt: skip
 

@@ -14,9 +14,10 @@ import msgspec
 import numpy as np
 
 from ekko.codec.block import RowBlock
+from ekko.store.settled import Mark
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
-PROTOCOL_VERSION = 2  # 2: a third lane, for new keys
+PROTOCOL_VERSION = 3  # 2: a third lane, for new keys; 3: answers carry the source's Mark
 
 DRAIN_ORDER = (NEW_LANE, HIGH_LANE, LOW_LANE)
 
@@ -138,6 +139,9 @@ class PullResponse(msgspec.Struct, frozen=True, tag=True):
     # The source history the responder's rows belong to (``Store.lineage``; 0: none yet).
     # A puller holding another lineage rebuilds from this one (``ekko.protocol.puller``).
     lineage: int = 0
+    # The source process, its log position when this answer was cut and its log on disk
+    # (``ekko.store.settled``): what lets a holder tell knowledge the disk backs.
+    mark: Mark | None = None
 
 
 class Error(msgspec.Struct, frozen=True, tag=True):

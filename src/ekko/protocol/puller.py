@@ -25,6 +25,7 @@ from ekko.protocol.ready import Applied, Ready
 from ekko.protocol.traffic import TrafficTally
 from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
+from ekko.store.settled import Mark
 from ekko.store.spec import LANES
 
 LINK = "upstream"
@@ -69,6 +70,7 @@ class PullerStats:
     errors: int
     in_flight: int
     pending_chunks: int = 0  # chunk ranges held until the range below them arrives
+    epoch_changes: int = 0  # source restarts met: knowledge taken back to the settled part
 
 
 @dataclass
@@ -111,6 +113,7 @@ class Puller:
         self.caught_up = False  # an answer said the responder has nothing more for us
         self.refused_lineage: int | None = None  # absorb: the upstream's other lineage
         self.rebuilds = 0  # stores replaced by another lineage's
+        self.epoch_changes = 0  # knowledge taken back to settled: the source restarted
         self._next_id = 0
         self._in_flight: dict[int, _InFlight] = {}
         self._pending: dict[tuple[str, int, int], list[_Pending]] = {}
@@ -158,6 +161,8 @@ class Puller:
                 if self.absorb:
                     return Ready()
                 return self._fill(now, immediate=True)
+            if not self.absorb and self._into.settled.new_epoch(msg.mark):
+                self._epoch_changed(msg.mark)
             if msg.tables is not None:
                 for spec in msg.tables:
                     self._into.create_table(spec)
@@ -170,6 +175,8 @@ class Puller:
                 chunks = [c for c in chunks if c.table in self._into.tables]
                 self._catalog_lost()
             applied = tuple(self._apply(chunk, now) for chunk in chunks)
+            if not self.absorb:
+                self._into.settled.observe(msg.mark, self._into.knowledge_by_table())
             if msg.holds and not msg.chunks:
                 self._check_holds(msg.holds)
             if not msg.more and not self._pending and not self._forget_asked:
@@ -235,6 +242,16 @@ class Puller:
         self._resync.clear()
         return False
 
+    def _epoch_changed(self, mark: Mark) -> None:
+        """The upstream answers for another source process (it restarted): what our
+        knowledge claimed beyond its old disk may rest on writes it lost. Take knowledge back
+        to the settled part and restate it; rows above come again (apply is idempotent)."""
+        self._into.settle_back(mark)
+        self._restate_all = True
+        self._pending.clear()
+        self._resync.clear()
+        self.epoch_changes += 1
+
     def _settled(self, req_id: int) -> None:
         """The responder had nothing more for this session when it answered ``req_id``."""
         if self._staging is not None:
@@ -280,6 +297,7 @@ class Puller:
             errors=self._errors,
             in_flight=len(self._in_flight),
             pending_chunks=sum(len(p) for p in self._pending.values()),
+            epoch_changes=self.epoch_changes,
         )
 
     # -- internals ----------------------------------------------------------------------

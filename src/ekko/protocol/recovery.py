@@ -8,10 +8,14 @@ replicas would never pull the new writes (issue 13 §2).
 
 So a restarting source pulls from every replica with ``absorb`` pullers (cursors = what it
 holds; rows of its own lineage only, last version wins) until each has nothing more. Its
-counters then sit above every version any replica holds. If it absorbed every replica of
-the cluster, no replica holds a row it lacks and it keeps its lineage; otherwise (a replica
-unreachable, or no lineage to keep) it starts a new lineage, and every replica, on meeting
-it, rebuilds from the source exactly (``Puller``: rows the source lacks are dropped).
+counters then sit above every version any replica holds. If it came back on its own data
+and absorbed every replica of the cluster, no replica holds a row it lacks and it keeps its
+lineage (replicas take back what knowledge its disk did not back: ``ekko.store.settled``);
+otherwise it starts a new lineage, and every replica, on meeting it, rebuilds from the
+source exactly (``Puller``: rows the source lacks are dropped). Otherwise means: a replica
+unreachable; or no data of its own — then what replicas' knowledge skipped (rows the old
+source had superseded) may come back from another replica that held the older row, and no
+disk tells which knowledge is still true.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class SourceRecovery:
     def __post_init__(self) -> None:
         self.pullers = {r: Puller(self.store, self.config, absorb=True) for r in self.replicas}
         self._rows_before = self._rows()
+        self._own_data = self.store.lineage != 0  # came back on its data dir, not empty
         self.reasons: dict[str, str] = {}
         self.failed: set[str] = set()
 
@@ -82,11 +87,12 @@ class SourceRecovery:
         ]
 
     def finish(self) -> RecoveryResult:
-        """Keep the lineage only if every replica was absorbed; the origin then holds every
-        version up to its counters (``Table.complete_origin``)."""
+        """Keep the lineage only if the source came back on its own data and every replica
+        was absorbed; the origin then holds every version up to its counters
+        (``Table.complete_origin``)."""
         absorbed = self.absorbed()
         missing = [r for r in self.replicas if r not in absorbed]
-        kept = self.store.lineage != 0 and not missing
+        kept = self._own_data and self.store.lineage != 0 and not missing
         if not kept:
             self.store.lineage = self.lineages()
         for t in self.store.tables.values():

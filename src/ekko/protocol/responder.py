@@ -309,7 +309,7 @@ class Responder:
     def _empty(self, sess: _Session, req: PullRequest, now: float) -> PullResponse:
         return PullResponse(
             req.req_id, self.store.catalog_version, [], False, self._catalog(sess),
-            self._holds(sess, now), self.store.lineage,
+            self._holds(sess, now), self.store.lineage, self.store.mark(),
         )  # fmt: skip
 
     def _holds(self, sess: _Session, now: float) -> dict[str, np.ndarray] | None:
@@ -397,6 +397,7 @@ class Responder:
             self._catalog(sess),
             None if chunks else self._holds(sess, now),
             self.store.lineage,
+            self.store.mark(),
         )
 
     def _unmoved(self, sess: _Session) -> bool:

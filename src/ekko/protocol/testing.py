@@ -18,6 +18,7 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,8 @@ from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.schedule.scheduler import UpdateScheduler
 from ekko.schedule.write_port import WritePort
 from ekko.store import Store, Table
+from ekko.store.settled import Mark
+from ekko.store.table import WriteHook
 
 RECOVERY = -1  # the session tag of a restarting source's pulls from a replica
 _ANSWERS = (PullResponse, Catalog, Error)
@@ -59,6 +62,11 @@ class SimNode:
     port: WritePort | None = None  # a source writing through its write port
     scheduler: SchedulerFactory | None = None  # the port's scheduler, anew at each restart
     answered: set[int] = field(default_factory=set)  # this session's answered pulls
+    # A source's process and log: its epoch, writes logged, writes on disk (``save_disk``).
+    epoch: int = 0
+    written: int = 0
+    durable: int = 0
+    watch: WriteHook | None = None  # called after each write, as the log is
 
 
 @dataclass
@@ -129,7 +137,35 @@ class SimNetwork:
         self.nodes[name] = node
         if upstream is not None:
             self._connect(node)
+        else:
+            self._log_writes(node)
         return node
+
+    def _log_writes(self, node: SimNode) -> None:
+        """A source process starts: a new epoch, its log counted from nothing; each answer
+        carries its mark (``ekko.store.settled``)."""
+        node.epoch = self.rng.getrandbits(62) | 1
+        node.written = node.durable = 0
+
+        def logged(*args: Any) -> None:
+            node.written += 1
+            if node.watch is not None:
+                node.watch(*args)
+
+        node.store.set_write_hook(logged)
+        node.store.mark_source = lambda: Mark(node.epoch, node.written, node.durable)
+
+    def watch_writes(self, name: str, hook: WriteHook | None) -> None:
+        """Call ``hook`` after each write at source ``name`` (its log's hook), across
+        restarts."""
+        self.nodes[name].watch = hook
+
+    def save_disk(self, name: str) -> Store:
+        """What ``name``'s disk holds now (a copy); for a source, its log is fsynced to here:
+        answers' marks say so from now on."""
+        node = self.nodes[name]
+        node.durable = node.written
+        return node.store.copy()
 
     def attach_port(self, name: str, scheduler: SchedulerFactory | None = None) -> WritePort:
         """``name`` (a source) writes through a ``WritePort`` with ``scheduler()``'s
@@ -221,6 +257,7 @@ class SimNetwork:
                 self.cut_link(d)
         node.store = store
         node.responder = Responder(store, self.responder_config)
+        self._log_writes(node)
         recovery = SourceRecovery(
             store, [n for n in self.nodes if n != name], lineages=self._new_lineage
         )
@@ -237,6 +274,7 @@ class SimNetwork:
             if self._recovering.pop((name, r), None) is not None:
                 self.nodes[r].responder.close_session((name, RECOVERY))
         result = recovery.finish()
+        node.durable = node.written  # the recovered store is on disk before it serves
         if node.port is not None:
             self.attach_port(name, node.scheduler)  # writes resume once recovery is done
         for d in downstream:

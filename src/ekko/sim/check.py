@@ -46,19 +46,27 @@ def overclaims(nodes: dict[str, Store], replicas: list[str]) -> list[Difference]
     """Rows the source holds that a replica's knowledge claims (version at or below its
     knowledge of the row's shard and lane) but the replica lacks or holds older. Knowledge
     must never run ahead of the rows, at any moment (``Puller``): a replica would never pull
-    them again. Replicas of another lineage (rebuilding) are not compared."""
+    them again. Replicas of another lineage (rebuilding) are not compared. A replica that
+    has not yet met the source's current process is held to its settled knowledge (what
+    the old process's disk backed): the rest it takes back when it does
+    (``ekko.store.settled``)."""
     src = nodes[SOURCE]
+    mark = src.mark()
     out: list[Difference] = []
     for name in replicas:
         rep = nodes[name]
         if rep.lineage != src.lineage:
             continue
+        informed = mark is None or rep.settled.epoch == mark.epoch
         for tname, t in src.tables.items():
             r = rep.tables.get(tname)
             if r is None or r.spec != t.spec or t.rows == 0:
                 continue
+            knowledge = r.knowledge if informed else rep.settled.settled.get(tname)
+            if knowledge is None or knowledge.shape != r.knowledge.shape:
+                continue  # nothing settled: it takes everything back
             keys, _, versions, _, lanes = t.all_rows()
-            claimed = versions <= r.knowledge[shard_of(keys, t.num_shards), lanes]
+            claimed = versions <= knowledge[shard_of(keys, t.num_shards), lanes]
             if not claimed.any():
                 continue
             k, v = keys[claimed], versions[claimed]

@@ -18,11 +18,6 @@ from ekko.sim.check import MAX_REPORTED, differences, knowledge_converged
 from ekko.sim.scenario import Scenario, draw_scenario
 from ekko.sim.world import World
 
-RESURRECTED = (
-    "known defect: every differing row is one whose last write the source lost in a "
-    "restart; a replica skipped the row it had superseded"
-)
-
 
 @dataclass
 class SeedResult:
@@ -36,7 +31,6 @@ class SeedResult:
     features: Counter[str] = field(default_factory=Counter)
     trace_hash: str = ""  # every event and the final stores' digests
     sim_s: float = 0.0
-    known: bool = False  # the failure is the known defect RESURRECTED names
 
     @property
     def ok(self) -> bool:
@@ -92,10 +86,6 @@ def _run(world: World, result: SeedResult) -> None:
     result.details = [str(d) for d in diffs[:MAX_REPORTED]]
     if len(diffs) > MAX_REPORTED:
         result.details.append(f"... {len(diffs) - MAX_REPORTED} more differences")
-    rows = [d for d in diffs if not d.knowledge]
-    if rows and all(world.lost_write(d) for d in rows):
-        result.reason = f"{result.reason} ({RESURRECTED})"
-        result.known = True
 
 
 def hash_text(text: str) -> str:
@@ -129,14 +119,12 @@ class Summary:
                 {
                     "seed": f.seed,
                     "reason": f.reason,
-                    "known": f.known,
                     "details": f.details[:10],
                     "scenario": f.scenario.compact(),
                     "replay": f"ekko sim --replay {f.seed} -v",
                 }
                 for f in self.failures
             ],
-            "known_failures": sum(f.known for f in self.failures),
             "elapsed_s": round(self.elapsed_s, 2),
             "simulated_s": round(self.sim_s, 1),
             "coverage": dict(sorted(self.coverage.items())),

@@ -67,9 +67,6 @@ class World:
         self.disks: dict[str, Store] = {n: self._copy(n) for n in self.net.nodes}
         self._full_scans = 0
         self.overclaim: tuple[float, list[Difference]] | None = None  # the first: when, what
-        # The highest version the source ever wrote per (table, key), across restarts: a row
-        # below it was superseded by a write the source has since lost.
-        self.written: dict[tuple[str, int], int] = {}
         # Every chain of link codecs each replica's rows may have come down (failovers
         # change them): what the check's value tolerance allows.
         self.paths: dict[str, set[tuple[str | None, ...]]] = {r: set() for r in sc.replicas}
@@ -110,14 +107,6 @@ class World:
         if found:
             self._say(f"knowledge runs ahead of rows: {found[0]}")
             self.overclaim = (self.net.now, found)
-
-    def lost_write(self, d: Difference) -> bool:
-        """Whether ``d`` is about a row whose last write neither the source nor the replica
-        holds: one the source lost in a restart (the known defect ``runner.RESURRECTED``)."""
-        if d.key is None:
-            return False
-        held = max(d.version or 0, d.replica_version or 0)
-        return self.written.get((d.table, d.key), 0) > held
 
     def write(self) -> None:
         """A trainer's step (its rows may be held), an HTTP write or a rollback's restore."""
@@ -328,21 +317,16 @@ class World:
         return store
 
     def _watch_source(self) -> None:
-        """Count the lanes the source writes rows in and remember the versions it wrote (its
-        write hook sees every write)."""
+        """Count the lanes the source writes rows in (its write hook sees every write)."""
 
         def hook(t: Table, keys: np.ndarray, _v, versions: np.ndarray, _now, lanes) -> None:
             for lane in np.unique(lanes).tolist():
                 self.features[f"lane:{lane}"] += 1
-            written = self.written
-            for key, version in zip(keys.tolist(), versions.tolist(), strict=True):
-                if version > written.get((t.name, key), 0):
-                    written[(t.name, key)] = version
 
-        self.net.nodes[SOURCE].store.set_write_hook(hook)
+        self.net.watch_writes(SOURCE, hook)
 
     def _copy(self, name: str) -> Store:
-        return self.net.nodes[name].store.copy()
+        return self.net.save_disk(name)
 
     def _say(self, what: str) -> None:
         if self._log is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
+
+import numpy as np
 
 from ekko.store.errors import (
     SnapshotError,
@@ -12,6 +14,7 @@ from ekko.store.errors import (
     TableConflictError,
     UnknownTableError,
 )
+from ekko.store.settled import Mark, SettledKnowledge
 from ekko.store.snapshot import SnapshotData, SnapshotTable, read_snapshot, write_snapshot
 from ekko.store.spec import TableSpec
 from ekko.store.table import Table, WriteHook
@@ -35,6 +38,10 @@ class Store:
         self.lineage = 0
         self.snapshot_wal_seq = 0  # the log position the snapshot this store came from covers
         self._on_write: WriteHook | None = None
+        # A holder: the part of its knowledge its source's disk backs (``ekko.store.settled``).
+        self.settled = SettledKnowledge()
+        # A source: its process's mark (epoch, log written, log on disk) for every answer.
+        self.mark_source: Callable[[], Mark] | None = None
 
     @property
     def tables(self) -> Mapping[str, Table]:
@@ -81,6 +88,23 @@ class Store:
             t.on_write = self._on_write
         self._catalog_version = max(self._catalog_version, other._catalog_version) + 1
         self.lineage = other.lineage
+        self.settled = other.settled
+
+    def mark(self) -> Mark | None:
+        """What an answer from this store carries: a source's own mark, a relay's newest
+        from upstream (None: neither, and a holder settles nothing on it)."""
+        return self.mark_source() if self.mark_source is not None else self.settled.last()
+
+    def knowledge_by_table(self) -> dict[str, np.ndarray]:
+        return {name: t.knowledge for name, t in self._tables.items()}
+
+    def settle_back(self, mark: Mark) -> None:
+        """The upstream answers from another source process: knowledge back to the part the
+        old one's disk backed (``SettledKnowledge``); the rest is pulled again."""
+        before = {name: t.knowledge.copy() for name, t in self._tables.items()}
+        self.settled.settle_back(mark, self.knowledge_by_table())
+        for name, t in self._tables.items():
+            t.shard_version[(t.knowledge != before[name]).any(axis=1)] += 1
 
     def table(self, name: str) -> Table:
         try:
@@ -114,7 +138,9 @@ class Store:
     def copy(self) -> Store:
         """An independent store holding what a snapshot of this one taken now would restore
         (update caches empty): a node's disk as it was at this moment."""
-        return Store.from_snapshot_data(self.snapshot_data(), cache_capacity=self.cache_capacity)
+        out = Store.from_snapshot_data(self.snapshot_data(), cache_capacity=self.cache_capacity)
+        out.settled = self.settled.copy()
+        return out
 
     @classmethod
     def load(cls, path: Path, *, cache_capacity: int = 4096) -> Store:
