@@ -12,6 +12,7 @@ GET /openapi.json                          open (routes and body shapes, no mode
 GET /v1/models, POST .../predict           open with ``[http] serve_open`` (default),
 POST .../feedback                          else reader+ / writer+
 GET /v1/status, /v1/latency                reader, writer, operator
+GET /v1/knowledge                          reader, writer, operator, node
 GET /v1/tables/{t}/rows                    reader, writer, operator
 GET /v1/models/{m}/health|metrics|train    reader, writer, operator
 POST /v1/tables/{t}/rows                   writer, operator
@@ -67,6 +68,7 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("GET", r"/openapi\.json", None),
     ("GET", r"/v1/status", READ),
     ("GET", r"/v1/latency", READ),
+    ("GET", r"/v1/knowledge", READ | NODE),
     ("POST", r"/v1/latency/reset", OPERATE),
     ("GET", r"/v1/tables/[^/]+/rows", READ),
     ("POST", r"/v1/tables/[^/]+/rows", WRITE),

@@ -303,8 +303,14 @@ class NodeCore:
             "tables": tables,
             "latency": self.latency.summary(),
             "links": self.links.as_json(),
+            "served": self._served_status(),
             "traffic": self._traffic_status(),
         }
+
+    def _served_status(self) -> dict[str, int]:
+        """What this node's responder sent its pullers (rows and bytes, cumulative)."""
+        rs = self.responder.statistics()
+        return {"rows": rs.rows_sent, "bytes": rs.bytes_sent, "sessions": rs.sessions}
 
     def _traffic_status(self) -> dict:
         out: dict = {"reported": dict(self.traffic_reported)}

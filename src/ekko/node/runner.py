@@ -34,6 +34,7 @@ from ekko.node.metrics import sync_port_metrics
 from ekko.node.models import ModelHost
 from ekko.node.recover import recover_source
 from ekko.node.release_timer import ReleaseTimer
+from ekko.node.replica_lag import LagProbe
 from ekko.node.snapshotter import Snapshotter
 from ekko.node.supervisor import Supervisor
 from ekko.node.sync_host import ResponderHost, pace_rate
@@ -87,6 +88,7 @@ class NodeRunner:
         self.apply = ApplyFanout(core.latency, [self.models.follow], self.notify_written)
         self.upstream_ready = asyncio.Event()
         self.refresher: CheckpointRefresher | None = None
+        self.lag_probe: LagProbe | None = None
         self.drivers = self._drivers()
         self._extra_factories = list(drivers)
         self.extra: list[Driver] = []  # built once the source holds its store (recovered)
@@ -113,6 +115,9 @@ class NodeRunner:
         else:
             up = Upstream(core, self.port, self.apply, self._rebuilt, self.upstream_ready, clock)
             out.append(up)
+        if not core.is_source:
+            self.lag_probe = LagProbe(core, self.http, self.secret, clock=clock)
+            out.append(self.lag_probe)
         return out
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -130,7 +135,10 @@ class NodeRunner:
         server = NodeWeb(
             core, self.models, sup, self.secret,
             routes=self.refresher.routes() if self.refresher is not None else [],
-            collectors=[sync_port_metrics(core.name, listener)],
+            collectors=[
+                sync_port_metrics(core.name, listener),
+                *([self.lag_probe.metrics] if self.lag_probe is not None else []),
+            ],
             status=self._status_extra,
             started=self.ready.is_set, stopping=self._stop.is_set,
             tls=self.tls.server_context(client_certs=False) if self.tls else None,

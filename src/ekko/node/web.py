@@ -18,6 +18,7 @@ from ekko.node.core import NodeCore
 from ekko.node.http_server import EmbeddedServer, http_server
 from ekko.node.metrics import node_registry, task_metrics
 from ekko.node.models import ModelHost
+from ekko.node.replica_lag import knowledge_route
 from ekko.node.supervisor import Supervisor
 
 
@@ -78,6 +79,7 @@ class NodeWeb:
         all_routes = [
             *models.routes(web.max_body_bytes),
             *admin,
+            knowledge_route(core),
             Route("/ready", self.ready_route),
             *routes,
         ]
