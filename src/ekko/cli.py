@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from ekko import cli_status
+
 app = typer.Typer(
     help="Ekko: fresh recommendation models in every data centre.",
     no_args_is_help=True,
@@ -20,6 +22,7 @@ app = typer.Typer(
 )
 cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
+app.command("status")(cli_status.status)
 console = Console(stderr=True)
 
 BENCHES = (

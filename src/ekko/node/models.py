@@ -295,6 +295,12 @@ class ModelHost:
             doc["serving"] = sorted(self.services)
         if self.trainers:
             doc["training"] = {n: t.statistics().events for n, t in self.trainers.items()}
+        guards = {**self.replica_guards, **self.source_guards}
+        if guards:  # each model's health state here (details: /v1/models/{m}/health)
+            doc["guard"] = {
+                m: {"state": str(g.health.state), "incidents": len(getattr(g, "incidents", ()))}
+                for m, g in guards.items()
+            }
         return doc
 
     def replace_store(self, store: Store) -> None:

@@ -1,0 +1,210 @@
+"""``ekko status``: one table of every node of a cluster, from each node's ``/v1/status``.
+
+Why a table built here and not on a node: an operator wants the whole cluster at once,
+including the nodes that do not answer (a row saying so, never a traceback), and a node
+knows only itself. Rates (bytes/s) are the difference of two samples, so one frame reads
+every node twice, ``interval`` apart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table as RichTable
+
+from ekko.node.access import ClusterAuth
+from ekko.node.config import ClusterConfig
+from ekko.node.http_client import ClusterHttp
+
+NodeStatus = dict[str, Any] | str
+"""A node's ``/v1/status`` document, or why it could not be read."""
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One node's line of the table (``None``: not known, such as a node that is down)."""
+
+    node: str
+    role: str
+    dc: str
+    partitions: str
+    upstream: str | None
+    lag_versions: int | None
+    lag_seconds: float | None
+    rows: int | None
+    in_bytes_per_s: float | None
+    out_bytes_per_s: float | None
+    guard: str | None
+    state: str  # ready, starting, recovering, unreachable, or the HTTP status
+    error: str | None = None  # why a node could not be read
+
+
+def read_all(cfg: ClusterConfig, client: httpx.Client, http: ClusterHttp) -> dict[str, NodeStatus]:
+    """Every node's status, or a short reason it is not there."""
+    out: dict[str, NodeStatus] = {}
+    for n in cfg.nodes:
+        try:
+            r = client.get(http.url(n.name, "/v1/status"))
+            if r.status_code != 200:
+                out[n.name] = f"HTTP {r.status_code}: {r.text[:120]}"
+                continue
+            out[n.name] = r.json()
+        except httpx.HTTPError as exc:
+            out[n.name] = f"unreachable ({type(exc).__name__}: {exc})"[:160]
+        except ValueError as exc:
+            out[n.name] = f"bad answer: {exc}"[:160]
+    return out
+
+
+def _bytes(doc: NodeStatus) -> tuple[int, int] | None:
+    if isinstance(doc, str):
+        return None
+    got = sum(int(link.get("bytes", 0)) for link in doc.get("links", {}).values())
+    sent = int(doc.get("served", {}).get("bytes", 0))
+    return got, sent
+
+
+def _guard(doc: dict[str, Any]) -> str | None:
+    guard = doc.get("guard")
+    if not guard:
+        return None
+    return ", ".join(f"{m}:{g['state']}" for m, g in sorted(guard.items()))
+
+
+def node_row(
+    cfg: ClusterConfig, name: str, before: NodeStatus, after: NodeStatus, seconds: float
+) -> NodeRow:
+    """``name``'s line from two samples ``seconds`` apart (the rates from their difference)."""
+    node = cfg.node(name)
+    role, dc = cfg.role(name), node.dc
+    if isinstance(after, str):
+        state = after.partition(":")[0] if after.startswith("HTTP") else after.split(" ")[0]
+        return NodeRow(name, role, dc, "all", None, None, None, None, None, None, None, state,
+                       after)  # fmt: skip
+    lag = after.get("replica_lag", {}).get("tables", {})
+    source = after.get("role") == "source"
+    rates: list[float | None] = [None, None]
+    b0, b1 = _bytes(before), _bytes(after)
+    if b0 is not None and b1 is not None and seconds > 0:
+        rates = [max(0, b1[i] - b0[i]) / seconds for i in (0, 1)]
+    state = "ready" if after.get("ready", True) else "starting"
+    if source and after.get("accepting_writes") is False:
+        state = "recovering"
+    return NodeRow(
+        node=name,
+        role=after.get("role", role),
+        dc=after.get("dc", dc),
+        partitions="all",  # every node holds every table until partitions exist (issue 17)
+        upstream=after.get("upstream"),
+        lag_versions=0 if source else sum(t["versions"] for t in lag.values()) if lag else None,
+        lag_seconds=0.0 if source else max(t["seconds"] for t in lag.values()) if lag else None,
+        rows=sum(int(t["rows"]) for t in after.get("tables", {}).values()),
+        in_bytes_per_s=rates[0],
+        out_bytes_per_s=rates[1],
+        guard=_guard(after),
+        state=state,
+    )
+
+
+def frame(
+    cfg: ClusterConfig,
+    read: Callable[[], dict[str, NodeStatus]],
+    interval: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[NodeRow]:
+    """One table: every node read twice, ``interval`` apart."""
+    t0, before = clock(), read()
+    sleep(interval)
+    t1, after = clock(), read()
+    return [node_row(cfg, n.name, before[n.name], after[n.name], t1 - t0) for n in cfg.nodes]
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _rate(x: float | None) -> str:
+    if x is None:
+        return "—"
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def render(rows: list[NodeRow], title: str) -> RichTable:
+    errors = "\n".join(f"{r.node}: {r.error}" for r in rows if r.error)
+    t = RichTable(title=title, caption=errors or None, caption_justify="left")
+    heads = ("node", "role", "dc", "partitions", "upstream", "lag v", "lag s", "rows",
+             "in /s", "out /s", "guard", "state")  # fmt: skip
+    for h in heads:
+        t.add_column(
+            h,
+            overflow="fold",
+            justify="right" if h.startswith(("lag", "rows", "in", "out")) else "left",
+        )
+    for r in rows:
+        down = r.error is not None
+        t.add_row(
+            r.node, r.role, r.dc, r.partitions, r.upstream or "—",
+            _num(r.lag_versions, "d"), _num(r.lag_seconds, ".1f"), _num(r.rows, "d"),
+            _rate(r.in_bytes_per_s), _rate(r.out_bytes_per_s), r.guard or "—",
+            f"[red]{r.state}[/red]" if down else r.state,
+        )  # fmt: skip
+    return t
+
+
+def as_json(rows: list[NodeRow]) -> str:
+    return json.dumps({"at": time.time(), "nodes": [asdict(r) for r in rows]})
+
+
+def frames(
+    cfg: ClusterConfig, client: httpx.Client, http: ClusterHttp, interval: float, count: int
+) -> Iterator[list[NodeRow]]:
+    """``count`` frames (0: until interrupted), each ``interval`` long."""
+    n = 0
+    while count <= 0 or n < count:
+        yield frame(cfg, lambda: read_all(cfg, client, http), interval)
+        n += 1
+
+
+def run_status(
+    cfg: ClusterConfig,
+    base_dir: Path,
+    secret: bytes,
+    *,
+    watch: bool,
+    interval: float,
+    count: int,
+    json_out: bool,
+    console: Console,
+) -> list[NodeRow]:
+    """Print the table once, or per ``interval`` with ``watch`` (in place on a terminal, a
+    frame after another otherwise; one JSON document per line with ``json_out``). Returns
+    the last frame's rows."""
+    http = ClusterHttp(cfg, base_dir)
+    count = count if watch else 1
+    last: list[NodeRow] = []
+    with http.client(auth=ClusterAuth(secret), timeout=max(2.0, interval)) as client:
+        it = frames(cfg, client, http, interval, count)
+        title = lambda: f"{cfg.cluster.name} · {time.strftime('%H:%M:%S')}"  # noqa: E731
+        if watch and not json_out and console.is_terminal:
+            with Live(console=console, auto_refresh=False) as live:
+                for last in it:
+                    live.update(render(last, title()), refresh=True)
+            return last
+        for last in it:
+            if json_out:
+                print(as_json(last), file=console.file, flush=True)
+            else:
+                console.print(render(last, title()))
+    return last
