@@ -81,7 +81,9 @@ def cluster_init(
     ),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
+    from ekko.node.config import ClusterConfig
     from ekko.ops.cluster_init import cluster_doc, write_cluster
+    from ekko.ops.deploy import write_deploy
 
     models = [{"name": "ctr"}] if serve else None
     doc = cluster_doc(
@@ -95,7 +97,9 @@ def cluster_init(
         tls=tls,
     )
     path = write_cluster(doc, out)
+    write_deploy(ClusterConfig.model_validate(doc), path.parent)
     files = "its secret file" + (", a cluster CA and node certificates in tls/" if tls else "")
+    files += ", a Prometheus scrape config and a Grafana dashboard in deploy/"
     console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and {files}")
 
 

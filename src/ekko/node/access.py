@@ -9,6 +9,7 @@ route                                      roles accepted
 =========================================  ==============================================
 GET /health, /metrics, /ready              open
 GET /openapi.json                          open (routes and body shapes, no model data)
+GET /ui, /v1/ui/series                     open (the figures /metrics exports, no rows)
 GET /v1/models, POST .../predict           open with ``[http] serve_open`` (default),
 POST .../feedback                          else reader+ / writer+
 GET /v1/status, /v1/latency                reader, writer, operator
@@ -66,6 +67,8 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("GET", r"/metrics", None),
     ("GET", r"/ready", None),
     ("GET", r"/openapi\.json", None),
+    ("GET", r"/ui", None),
+    ("GET", r"/v1/ui/series", None),
     ("GET", r"/v1/status", READ),
     ("GET", r"/v1/latency", READ),
     ("GET", r"/v1/knowledge", READ | NODE),

@@ -295,13 +295,22 @@ class ModelHost:
             doc["serving"] = sorted(self.services)
         if self.trainers:
             doc["training"] = {n: t.statistics().events for n, t in self.trainers.items()}
-        guards = {**self.replica_guards, **self.source_guards}
-        if guards:  # each model's health state here (details: /v1/models/{m}/health)
-            doc["guard"] = {
-                m: {"state": str(g.health.state), "incidents": len(getattr(g, "incidents", ()))}
-                for m, g in guards.items()
-            }
+        guard = self.guard_view()
+        if guard:
+            doc["guard"] = guard
         return doc
+
+    def guard_view(self) -> dict[str, dict]:
+        """Each guarded model's health state here and, at the source, its last incidents
+        (when, why, automatic or not); the details are ``/v1/models/{m}/health``'s."""
+        out: dict[str, dict] = {}
+        for m, g in {**self.replica_guards, **self.source_guards}.items():
+            incidents = [
+                {k: i.get(k) for k in ("at", "why", "automatic", "epoch")}
+                for i in getattr(g, "incidents", [])[-5:]
+            ]
+            out[m] = {"state": str(g.health.state), "incidents": incidents}
+        return out
 
     def replace_store(self, store: Store) -> None:
         """Serve from ``store`` from now on (a checkpoint replica loaded a new full copy)."""

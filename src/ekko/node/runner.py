@@ -25,6 +25,7 @@ from ekko.node.apply_port import ApplyFanout
 from ekko.node.checkpoint import CheckpointRefresher
 from ekko.node.config import ClusterConfig
 from ekko.node.core import NodeCore
+from ekko.node.dashboard import SeriesRecorder
 from ekko.node.driver import Driver, DriverFactory
 from ekko.node.guard_link import GuardLink
 from ekko.node.guard_ticker import GuardTicker
@@ -118,6 +119,11 @@ class NodeRunner:
         if not core.is_source:
             self.lag_probe = LagProbe(core, self.http, self.secret, clock=clock)
             out.append(self.lag_probe)
+        probe = self.lag_probe
+        lag = (lambda: {n: vars(x) for n, x in probe.lag().items()}) if probe else None
+        self.series = SeriesRecorder(core, self.http, self.secret, self.models.guard_view, lag,
+                                     clock=clock)  # fmt: skip
+        out.append(self.series)
         return out
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -134,7 +140,10 @@ class NodeRunner:
         listener = lambda: self._listener and self._listener.stats  # noqa: E731
         server = NodeWeb(
             core, self.models, sup, self.secret,
-            routes=self.refresher.routes() if self.refresher is not None else [],
+            routes=[
+                *(self.refresher.routes() if self.refresher is not None else []),
+                *self.series.routes(),
+            ],
             collectors=[
                 sync_port_metrics(core.name, listener),
                 *([self.lag_probe.metrics] if self.lag_probe is not None else []),
