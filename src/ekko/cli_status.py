@@ -24,8 +24,9 @@ def status(
 ) -> None:
     """One table of every node: role, DC, partitions, upstream, lag behind the source (in
     versions and seconds), rows, bytes/s in and out, guard states. A node that does not
-    answer is a row saying why. Signed with a key derived from the cluster secret; https with the
-    cluster CA when the config turns TLS on."""
+    answer is a row saying why (without --watch the exit status is then 1). Signed with a
+    key derived from the cluster secret; https with the cluster CA when the config turns
+    TLS on."""
     from ekko.node.config import ConfigError, load_config
     from ekko.ops.status import run_status
 
@@ -39,10 +40,12 @@ def status(
         err.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
         raise typer.Exit(2) from exc
     try:
-        run_status(
+        rows = run_status(
             cfg, config.resolve().parent, secret, watch=watch, interval=interval, count=count,
             json_out=json_out,
             console=Console() if sys.stdout.isatty() else Console(width=160),  # a log: whole lines
         )  # fmt: skip
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+    if not watch and any(r.error for r in rows):
+        raise typer.Exit(1)  # for scripts: some node did not answer

@@ -84,6 +84,9 @@ async def test_status_lists_every_node_and_one_that_is_down(tmp_path: Path) -> N
         assert len(docs) == 2
         assert [n["node"] for n in docs[1]["nodes"]] == ["source", "dc1-r0", "dc1-r1"]
         assert docs[1]["nodes"][1]["rows"] == ROWS
+        out = await asyncio.to_thread(cli.invoke, app, [*args, "--json"])
+        assert out.exit_code == 1, out.output  # one frame; a node did not answer
+        assert json.loads(out.stdout)["nodes"][2]["state"] == "unreachable"
         out = await asyncio.to_thread(cli.invoke, app, [*args, "--watch", "--count", "2"])
         assert out.exit_code == 0, out.output
         assert out.stdout.count("ekko-local ·") == 2  # a frame per interval, not a live view
