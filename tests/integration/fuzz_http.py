@@ -100,6 +100,7 @@ HOSTILE_NUMBERS = [1e308, -1e308, 1.7976931348623157e308, 5e-324, -0.0, 2**63, -
 HOSTILE_LITERALS = [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400", b"9" * 400,
                     b"1" + b"0" * 25, b"0.1e-999", b"true", b"null", b'"\\ud800"']  # fmt: skip
 FIELDS = ["keys", "values", "events", "dense", "sparse", "labels", "id", "label", "to", "why",
+          "inputs", "outputs", "shape", "datatype", "data", "parameters", "binary_data_size",
           "node", "state", "epoch", "at", "healthy_wall", "watermark", "automatic", "digests",
           "reason", "x"]  # fmt: skip
 
@@ -133,6 +134,20 @@ def valid_bodies(dims: dict[str, int], num_dense: int, num_sparse: int) -> dict[
             {"dense": [dense, dense], "sparse": [sparse, sparse], "labels": [0, 1]},
         ],
         "FeedbackBody": [{"labels": [{"id": 1, "label": 1}, {"id": 2, "label": 0}]}],
+        "InferRequest": [
+            {
+                "inputs": [
+                    {"name": "dense", "datatype": "FP32", "shape": [1, num_dense], "data": dense},
+                    {
+                        "name": "sparse",
+                        "datatype": "INT64",
+                        "shape": [1, num_sparse],
+                        "data": sparse,
+                    },
+                ],
+                "outputs": [{"name": "ctr", "parameters": {"binary_data": True}}],
+            }
+        ],
         "RollbackBody": [{"to": 1.0, "why": "fuzz"}],
         "RedirectBody": [{"why": "fuzz", "epoch": 0, "automatic": False}],
         "RolledBackBody": [{"healthy_wall": 1.0, "watermark": {"emb": [[0, 0, 0]]}}],

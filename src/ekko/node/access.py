@@ -10,8 +10,11 @@ route                                      roles accepted
 GET /health, /metrics, /ready              open
 GET /openapi.json                          open (routes and body shapes, no model data)
 GET /ui, /v1/ui/series                     open (the figures /metrics exports, no rows)
+GET /v2, /v2/health/live|ready            open (the Open Inference Protocol's probes)
 GET /v1/models, POST .../predict           open with ``[http] serve_open`` (default),
 POST .../feedback                          else reader+ / writer+
+GET /v2/models/{m}, /v2/models/{m}/ready   as predict (with ``serve_open``, open;
+POST /v2/models/{m}/infer                  else reader+)
 GET /v1/status, /v1/latency                reader, writer, operator
 GET /v1/knowledge                          reader, writer, operator, node
 GET /v1/tables/{t}/rows                    reader, writer, operator
@@ -78,7 +81,10 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("DELETE", r"/v1/tables/[^/]+/rows", WRITE),
     ("GET", r"/v1/snapshot", OPERATE | NODE),
     ("POST", r"/v1/checkpoint/refresh", OPERATE),
+    ("GET", r"/v2(/health/(live|ready))?", None),
     ("GET", r"/v1/models", _SERVING),
+    ("GET", r"/v2/models/[^/]+(/ready)?", _SERVING),
+    ("POST", r"/v2/models/[^/]+/infer", _SERVING),
     ("POST", _M + r"/predict", _SERVING),
     ("POST", _M + r"/feedback", _SERVING),
     ("GET", _M + r"/(health|metrics|train)", READ),

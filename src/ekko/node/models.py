@@ -246,13 +246,24 @@ class ModelHost:
             if svc.failed is not None
         }
 
-    def routes(self, max_body: int) -> list:
-        """The models' routes; predict, feedback and train bodies up to ``max_body`` bytes."""
+    def routes(
+        self,
+        max_body: int,
+        *,
+        version: str = "0+unknown",
+        node_ready: Callable[[], str | None] = lambda: None,
+    ) -> list:
+        """The models' routes; predict, infer, feedback and train bodies up to ``max_body``
+        bytes. ``version`` and ``node_ready()`` (why the node is not ready, or None) are
+        what the Open Inference Protocol's server metadata and readiness report."""
         routes: list = []
         if self.services:
-            from ekko.serve import serve_routes
+            from ekko.serve import oip_routes, serve_routes
 
             routes += serve_routes(self.services, max_body=max_body)
+            routes += oip_routes(
+                self.services, version=version, node_ready=node_ready, max_body=max_body
+            )
         if self.trainers or (self.core.is_source and self.core.config.models):
             from ekko.train.routes import train_routes
 

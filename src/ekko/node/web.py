@@ -77,7 +77,7 @@ class NodeWeb:
         policy = AccessPolicy(serve_open=web.serve_open)
         advertised = frozenset({f"{core.node.host}:{core.node.admin_port}"})
         all_routes = [
-            *models.routes(web.max_body_bytes),
+            *models.routes(web.max_body_bytes, version=_version(), node_ready=self.not_ready),
             *admin,
             knowledge_route(core),
             Route("/ready", self.ready_route),
@@ -102,6 +102,15 @@ class NodeWeb:
     def down(self) -> dict[str, str]:
         """What is not running, by name: supervised tasks, trainer threads, the node's log."""
         return {**self.supervisor.down(), **self.models.down(), **self.core.down()}
+
+    def not_ready(self) -> str | None:
+        """Why the node is not ready (what ``/ready`` answers 503 with), or None."""
+        if not self.started():
+            return self.core.not_ready or "starting"
+        if self.stopping():
+            return "stopping"
+        down = self.down()
+        return f"down: {', '.join(sorted(down))}" if down else None
 
     async def ready_route(self, request: Request) -> Response:
         """200 once the node serves and every background task runs; 503 naming what is not

@@ -2,11 +2,13 @@
 
 Public names: ``InferenceService`` (predict / feedback / metrics of one model over a store),
 ``build_services`` (one per configured model), ``serve_routes`` (the starlette routes a
-``serve = true`` node mounts), results, stats and errors. (The publisher's rows enter a
+``serve = true`` node mounts) and ``oip_routes`` (the same service over the Open Inference
+Protocol, KServe v2), results, stats and errors. (The publisher's rows enter a
 source through ``ekko.schedule.WritePort``.)
 """
 
 from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownModel, UnknownVariant
+from ekko.serve.oip_routes import oip_routes
 from ekko.serve.replica import ReplicaModel, dense_shapes
 from ekko.serve.routes import serve_routes
 from ekko.serve.schema import MAX_BATCH, RequestError, decode_feedback, decode_predict
@@ -45,5 +47,6 @@ __all__ = [
     "decode_predict",
     "decode_train",
     "dense_shapes",
+    "oip_routes",
     "serve_routes",
 ]

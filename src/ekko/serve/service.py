@@ -236,6 +236,15 @@ class InferenceService:
         self._predict_s += time.perf_counter() - start
         return PredictResult(ids=ids, ctr=ctr, variant=variant)
 
+    def not_ready(self) -> str | None:
+        """Why the online variant cannot predict yet (a dense table has not arrived), or
+        None when it can: the Open Inference Protocol's model readiness."""
+        try:
+            self._variant(ONLINE).replica.ensure_ready()
+        except ModelNotReady as exc:
+            return str(exc)
+        return None
+
     def _count_refusal(self, exc: ModelNotReady) -> None:
         if isinstance(exc, NonFiniteRows):
             self._nonfinite += 1
