@@ -13,6 +13,7 @@ from ekko.protocol.recovery import SourceRecovery
 from ekko.protocol.responder import Responder
 from ekko.protocol.testing import Faults, SimNetwork, rows_by_key
 from ekko.store import Store, shard_of
+from ekko.store.settled import Mark
 from ekko.store.spec import HIGH_LANE, LANES, NEW_LANE, TableSpec
 
 SPEC = TableSpec("emb", 4, 8)
@@ -235,7 +236,8 @@ def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> No
     and only the first high-lane rows; the source then dies before the rest was logged. It
     recovered with its counter at the highest row the replica held, below that knowledge: its
     next new key got a version the replica claimed to hold already and never reached it. In
-    order, without a lost message."""
+    order, without a lost message. Now the replica, meeting the new source process, takes
+    its knowledge back below the recovered counters (none of it was settled on the disk)."""
     net, write = _one_replica_cut_by_budget()
 
     write([1, 2, 3, 4], [HIGH_LANE] * 4)
@@ -249,7 +251,9 @@ def test_counters_resume_above_the_knowledge_of_a_replica_cut_mid_answer() -> No
     result = net.restart_source("source", disk)
     assert result.kept_lineage
     src = net.nodes["source"].store.table("emb")
-    assert src.counter[0] >= replica.knowledge[0].max()
+    top = int(src.counter[0])
+    net.run_for(0.01)  # the replica meets the new process
+    assert replica.knowledge[0].max() <= top
     write([20], [NEW_LANE])
     net.run_for(5.0)
     for got, want in zip(rows_by_key(replica), rows_by_key(src), strict=True):
@@ -282,40 +286,68 @@ def test_a_row_brought_back_by_a_lost_write_reaches_a_replica_that_skipped_it() 
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_replica_mid_transfer_claims_only_its_knowledge_to_a_recovering_source() -> None:
-    """Found by ``ekko sim`` (seed 1137). A replica holding a row above a gap (a transfer in
-    progress) sends it to a recovering source, but its answer claimed knowledge up to that
-    row: the source pulled its next replica from there and skipped the rows in the gap, which
-    that replica held newer than anything the source kept. The claim is now the replica's
-    knowledge; the rows above it still come."""
-    spec = TableSpec("emb", 2, 1)
-    keys = np.arange(1, 11, dtype=np.int64)
+def _replica(origin: int, rows: list[tuple[int, int]], knowledge: int, *, settled: bool) -> Store:
+    """A replica of lineage 7 holding ``rows`` (key, version) of one-shard table ``emb`` in
+    the high lane, knowing it complete to ``knowledge``; ``settled``: all of that knowledge
+    backed by the old source's disk (``ekko.store.settled``), else none of it."""
+    s = Store(origin=origin)
+    t = s.create_table(TableSpec("emb", 2, 1))
+    s.lineage = 7
+    keys = np.array([k for k, _ in rows], np.int64)
+    versions = np.array([v for _, v in rows], np.int64)
+    t.apply(keys, np.ones((len(rows), 2)), versions, np.zeros(len(rows), np.int64), HIGH_LANE)
+    t.merge_knowledge(0, HIGH_LANE, knowledge)
+    mark = Mark(1, 0, 0)
+    s.settled.settle_back(mark, {})
+    if settled:
+        s.settled.observe(mark, s.knowledge_by_table())
+    return s
 
-    def replica(origin: int, upto: int) -> Store:
-        s = Store(origin=origin)
-        t = s.create_table(spec)
-        s.lineage = 7
-        n = upto
-        t.apply(keys[:n], np.ones((n, 2)), keys[:n], np.zeros(n, np.int64), HIGH_LANE)
-        t.merge_knowledge(0, HIGH_LANE, upto)
-        return s
 
-    r1 = replica(1, 3)  # complete to 3, and the row at 10 (the gap 4..9 missing)
-    r1.table("emb").apply(keys[9:], np.ones((1, 2)), keys[9:], np.zeros(1, np.int64), HIGH_LANE)
-    r2 = replica(2, 10)  # complete to 10
+def _absorb_in_order(replicas: list[tuple[str, Store]]) -> Store:
+    """A source of lineage 7 back on an empty data dir of its own recovers from
+    ``replicas`` one after the other (each one's pulls restate what the ones before gave)."""
     source = Store()
-    source.create_table(spec)
+    source.create_table(TableSpec("emb", 2, 1))
     source.lineage = 7
-    recovery = SourceRecovery(source, ["r1", "r2"])
-    for name, store in (("r1", r1), ("r2", r2)):  # r2's pulls restate after r1 is absorbed
+    recovery = SourceRecovery(source, [name for name, _ in replicas])
+    for name, store in replicas:
         puller, responder = recovery.pullers[name], Responder(store)
         pending = puller.start(0.0).sends
         while pending and not puller.caught_up:
             answers = [a for _, m in pending for _, a in responder.receive(("s", -1), m, 0.0).sends]
             pending = [s for a in answers for s in puller.receive(a, 0.0).sends]
     assert recovery.finish().kept_lineage
+    return source
+
+
+def test_a_replica_mid_transfer_claims_only_its_knowledge_to_a_recovering_source() -> None:
+    """Found by ``ekko sim`` (seed 1137). A replica holding a row above a gap (a transfer in
+    progress) sends it to a recovering source, but its answer claimed knowledge up to that
+    row: the source pulled its next replica from there and skipped the rows in the gap, which
+    that replica held newer than anything the source kept. The claim is now the replica's
+    knowledge; the rows above it still come."""
+    upto3 = [(k, k) for k in range(1, 4)]
+    r1 = _replica(1, [*upto3, (10, 10)], 3, settled=True)  # the gap 4..9 missing
+    r2 = _replica(2, [(k, k) for k in range(1, 11)], 10, settled=True)
+    source = _absorb_in_order([("r1", r1), ("r2", r2)])
+    keys = np.arange(1, 11, dtype=np.int64)
     _, versions, found = source.table("emb").lookup(keys)
     assert found.all() and versions.tolist() == keys.tolist()
+
+
+def test_a_replica_claims_to_a_recovering_source_only_what_the_old_disk_backed() -> None:
+    """Found by ``ekko sim`` (seed 5015). Key 6 was written at version 1 (replica ``b`` has
+    it), then again at 5, a write the source lost. Replica ``a`` pulled in between and its
+    knowledge passed 1 without key 6 (superseded then); none of it settled. Absorbing ``a``
+    first, the source raised its cursors to ``a``'s claim and skipped ``b``'s key 6 — now the
+    newest anywhere — so ``b`` kept a row the source never had. ``a`` now claims only its
+    settled knowledge."""
+    a = _replica(1, [(7, 2), (8, 3)], 3, settled=False)
+    b = _replica(2, [(6, 1)], 1, settled=True)
+    source = _absorb_in_order([("a", a), ("b", b)])
+    _, versions, found = source.table("emb").lookup(np.array([6, 7, 8], np.int64))
+    assert found.all() and versions.tolist() == [1, 2, 3]
 
 
 def test_a_source_back_without_its_data_starts_a_new_lineage_so_skipped_rows_reach_all() -> None:

@@ -65,7 +65,7 @@ class ChunkCollector:
         )  # fmt: skip
         wire = chunk
         if chunk is not None and absorb:
-            wire = _claim_knowledge(table, chunk)
+            wire = _claim_knowledge(table, chunk, self._store.settled.settled.get(table.name))
         if wire is not None and codec is not None:
             wire = encode_chunk(wire, codec)
         self._remember(key, (table, chunk, wire, truncated))
@@ -83,13 +83,20 @@ class ChunkCollector:
         self._bytes += size
 
 
-def _claim_knowledge(table: Table, chunk: Chunk) -> Chunk:
+def _claim_knowledge(table: Table, chunk: Chunk, settled: np.ndarray | None) -> Chunk:
     """An answer to a recovering source carries rows above this store's knowledge too (a
     transfer in progress), but claims complete only what the store holds complete: the source
     pulls its other replicas from the knowledge it merged, and a claim up to the highest row
     here skipped another replica's rows in the gap below it (found by ``ekko sim``, seed 1137).
+    And only the part of it the old source's disk backed (``settled``): knowledge beyond it
+    may have skipped a row whose newer version the source lost, and another replica's older
+    row — now the newest anywhere — would be skipped too (seed 5015).
     The chunk itself (what the session was sent) keeps the version it reached."""
     held = table.knowledge[chunk.shards, chunk.lane]
+    if settled is None or settled.shape != table.knowledge.shape:
+        held = np.zeros_like(held)
+    else:
+        held = np.minimum(held, settled[chunk.shards, chunk.lane])
     claim = np.maximum(np.minimum(chunk.knowledge, held), chunk.bases)
     return msgspec.structs.replace(chunk, knowledge=claim)
 
