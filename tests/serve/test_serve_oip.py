@@ -184,7 +184,7 @@ BAD: list[tuple[str, Any, dict[str, str], int, str]] = [
     ("flat shape", _doc(sparse__shape=[2 * NS]), {}, 400, "sparse: shape"),
     (
         "data count",
-        _doc(dense__shape=[1, ND]),
+        _doc(dense__shape=[1, ND], dense__data=[0.0] * (2 * ND)),
         {},
         400,
         f"dense: shape [1, {ND}] holds {ND} elements, data has {2 * ND}",
@@ -242,6 +242,34 @@ BAD: list[tuple[str, Any, dict[str, str], int, str]] = [
         {},
         413,
         f"dense: {MAX_BATCH + 1} in one request",
+    ),
+    (
+        "ragged rows",  # 26 elements in all, but row 0 would take one of row 1's
+        _doc(dense__data=[[0.5] * (ND - 1), [0.5] * (ND + 1)]),
+        {},
+        400,
+        f"dense: data[0] holds {ND - 1} items; shape [2, {ND}] nests {ND} there",
+    ),
+    (
+        "mixed nesting",
+        _doc(sparse__data=[[1] * NS, [[1] * NS]]),
+        {},
+        400,
+        f"sparse: data[1] holds 1 items; shape [2, {NS}] nests {NS} there",
+    ),
+    (
+        "nested a level too deep",
+        _doc(sparse__data=[[[1]] * NS] * 2),
+        {},
+        400,
+        "sparse: data holds [1]; expected integers",
+    ),
+    (
+        "binary_data_output not a bool",
+        {**_doc(), "parameters": {"binary_data_output": "yes"}},
+        {},
+        400,
+        "parameters.binary_data_output: expected true or false, got 'yes'",
     ),
     ("unknown output", {**_doc(), "outputs": [{"name": "prob"}]}, {}, 400, "prob: no such output"),
     (

@@ -104,29 +104,42 @@ def _label(name: str) -> str:
 def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool:
     value = (params or {}).get(key, False)
     if not isinstance(value, bool):
-        raise RequestError(f"{where}.parameters.{key}: expected true or false, got {value!r}")
+        raise RequestError(f"{where}.{key}: expected true or false, got {value!r}")
     return value
 
 
-def _flatten(data: Any, name: str, integer: bool) -> list[Any]:
-    """The elements of ``data`` (a number, or lists of them nested any way) in row-major
-    order; ``RequestError`` naming the tensor for anything else."""
-    out: list[Any] = []
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        elif type(item) is int or (not integer and type(item) is float):
-            out.append(item)
-        else:
+def _nested(data: Any, shape: list[int], depth: int, where: str, out: list[Any]) -> None:
+    """Append the elements of ``data``, nested exactly as ``shape[depth:]``, to ``out``."""
+    if depth == len(shape):
+        out.append(data)
+        return
+    if not isinstance(data, list) or len(data) != shape[depth]:
+        got = f"{len(data)} items" if isinstance(data, list) else reprlib.repr(data)
+        raise RequestError(
+            f"{where} holds {got}; shape {shape} nests {shape[depth]} there (or send it flat)"
+        )
+    for i, item in enumerate(data):
+        _nested(item, shape, depth + 1, f"{where}[{i}]", out)
+
+
+def _flatten(data: Any, shape: list[int], name: str, integer: bool) -> list[Any]:
+    """The elements of ``data`` in row-major order: a flat list, or lists nested exactly as
+    ``shape`` (a ragged or mixed nesting would shift elements across rows: refused);
+    ``RequestError`` naming the tensor for anything else."""
+    if isinstance(data, list) and not any(isinstance(x, list) for x in data):
+        out = data
+    else:
+        out = []
+        _nested(data, shape, 0, f"{name}: data", out)
+    for item in out:
+        if not (type(item) is int or (not integer and type(item) is float)):
             kind = "integers" if integer else "numbers"
             raise RequestError(f"{name}: data holds {reprlib.repr(item)}; expected {kind}")
     return out
 
 
 def _json_data(t: InferInput, dtype: np.dtype, count: int) -> np.ndarray:
-    values = _flatten(t.data, t.name, dtype.kind == "i")
+    values = _flatten(t.data, t.shape, t.name, dtype.kind == "i")
     if len(values) != count:
         raise RequestError(
             f"{t.name}: shape {t.shape} holds {count} elements, data has {len(values)}"
@@ -226,7 +239,7 @@ def _outputs(req: InferRequest) -> dict[str, bool]:
             raise RequestError(f"{_label(o.name)}: no such output (the model gives {[CTR, ID]})")
         if (o.parameters or {}).get("classification"):
             raise RequestError(f"{o.name}: the classification extension is not served")
-        out[o.name] = _flag(o.parameters, "binary_data", f"outputs[{i}]") or every
+        out[o.name] = _flag(o.parameters, "binary_data", f"outputs[{i}].parameters") or every
     return out
 
 
