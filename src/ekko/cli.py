@@ -6,24 +6,28 @@ import importlib
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table as RichTable
 
 from ekko import cli_status
+from ekko.cli_options import console, floats
+from ekko.cli_options import tables as tables_option
+from ekko.cli_run import demo, node, rollback, up
 
 app = typer.Typer(
     help="Ekko: fresh recommendation models in every data centre.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: "[[models]]" is not markup to strip
 )
-cluster_app = typer.Typer(help="Local cluster configuration.", no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="Local cluster configuration.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(cluster_app, name="cluster")
 app.command("status")(cli_status.status)
-console = Console(stderr=True)
+for command in (node, up, rollback, demo):
+    app.command()(command)
 
 BENCHES = (
     "chaos",
@@ -40,38 +44,23 @@ BENCHES = (
 )
 
 
-def _floats(raw: str | None) -> list[float] | None:
-    if raw is None:
-        return None
-    try:
-        return [float(x) for x in raw.split(",") if x.strip()]
-    except ValueError as exc:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {raw!r}") from exc
-
-
-def _tables(raw: str | None) -> list[tuple[str, int, int]] | None:
-    if raw is None:
-        return None
-    out = []
-    for item in raw.split(","):
-        try:
-            name, dim, shards = item.split(":")
-            out.append((name, int(dim), int(shards)))
-        except ValueError as exc:
-            raise typer.BadParameter(f"table {item!r}: expected NAME:DIM:SHARDS") from exc
-    return out
-
-
 @cluster_app.command("init")
 def cluster_init(
     dcs: int = typer.Option(3, help="Inference data centres."),
     replicas: int = typer.Option(2, help="Replicas per inference DC."),
-    wan_delay_ms: str = typer.Option("25,50,100", help="One-way WAN delay per DC (ms)."),
+    wan_delay_ms: str | None = typer.Option(
+        None,
+        help="One-way WAN delay in ms: one per DC (25,50,100) or one value for all "
+        "(default 25,50,100, repeated past three DCs).",
+    ),
     wan_mbit: float | None = typer.Option(None, help="WAN bandwidth cap per DC (Mbit/s)."),
     tables: str | None = typer.Option(None, help="NAME:DIM:SHARDS,... (default emb:32:16)."),
     serve: bool = typer.Option(
         False,
         help="Add a DLRM [[models]] entry ('ctr'): the source trains it, every replica serves it.",
+    ),
+    guard: bool = typer.Option(
+        False, help="Turn on the guard ([guard] enabled): detection and rollback; needs --serve."
     ),
     out: Path = typer.Option(Path("cluster.toml"), help="Where to write the config."),
     tls: bool = typer.Option(
@@ -82,25 +71,41 @@ def cluster_init(
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
     from ekko.node.config import ClusterConfig
-    from ekko.ops.cluster_init import cluster_doc, write_cluster
+    from ekko.ops.cluster_init import (
+        cluster_doc,
+        describe,
+        new_cluster_id,
+        wan_delays,
+        write_cluster,
+    )
     from ekko.ops.deploy import write_deploy
 
-    models = [{"name": "ctr"}] if serve else None
-    doc = cluster_doc(
-        dcs=dcs,
-        replicas=replicas,
-        wan_delay_ms=_floats(wan_delay_ms),
-        wan_mbit=wan_mbit,
-        tables=_tables(tables),
-        serve=serve,
-        models=models,
-        tls=tls,
-    )
+    if guard and not serve:
+        raise typer.BadParameter("--guard watches a model's quality: add --serve")
+    try:
+        delays, note = wan_delays(floats(wan_delay_ms, "--wan-delay-ms"), dcs)
+        doc = cluster_doc(
+            dcs=dcs,
+            replicas=replicas,
+            wan_delay_ms=delays,
+            wan_mbit=wan_mbit,
+            tables=tables_option(tables),
+            serve=serve,
+            models=[{"name": "ctr"}] if serve else None,
+            tls=tls,
+            cluster_id=new_cluster_id(),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if guard:
+        doc["guard"] = {"enabled": True}
     path = write_cluster(doc, out)
     write_deploy(ClusterConfig.model_validate(doc), path.parent)
     files = "its secret file" + (", a cluster CA and node certificates in tls/" if tls else "")
     files += ", a Prometheus scrape config and a Grafana dashboard in deploy/"
     console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and {files}")
+    for line in describe(doc, out, note):
+        console.print(line, markup=False, highlight=False)
 
 
 @cluster_app.command("keys")
@@ -181,164 +186,6 @@ def sign(
         raise typer.Exit(2) from exc
     for name, value in headers.items():
         print(f"{name}: {value}")
-
-
-def _writer_options(rate: float | None, batch_ms: float, key_space: int) -> list[str]:
-    if rate is None:
-        return []
-    return [
-        "--writer-rate",
-        str(rate),
-        "--writer-batch-ms",
-        str(batch_ms),
-        "--writer-key-space",
-        str(key_space),
-    ]
-
-
-@app.command()
-def node(
-    config: Path = typer.Option(..., help="Cluster config (TOML)."),
-    name: str = typer.Option(..., help="This node's name in the config."),
-    writer_rate: float | None = typer.Option(None, help="Synthetic rows/s written at the source."),
-    writer_batch_ms: float = typer.Option(10.0, help="Synthetic writer batch interval."),
-    writer_key_space: int = typer.Option(1_000_000, help="Synthetic writer key space."),
-    writer_prefill: int = typer.Option(0, help="Rows written once before the stream."),
-    writer_tables: str = typer.Option("", help="Comma-separated tables to write (default all)."),
-    rebuild: bool = typer.Option(
-        False,
-        help="Source only: set its snapshot and log aside and rebuild from the replicas "
-        "(after a corrupt file, or to say its data dir is lost).",
-    ),
-) -> None:
-    """Run one node of a cluster in the foreground."""
-    from ekko.node.config import ConfigError, load_config
-    from ekko.node.main import run_node
-    from ekko.ops.synthetic import SyntheticWriterConfig, synthetic_writer
-
-    try:
-        cfg = load_config(config, node=name)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    drivers = []
-    if writer_rate is not None:
-        writer = SyntheticWriterConfig(
-            rate_rows_per_s=writer_rate,
-            batch_interval_ms=writer_batch_ms,
-            key_space=writer_key_space,
-            prefill=writer_prefill,
-            tables=tuple(t for t in writer_tables.split(",") if t),
-        )
-        drivers.append(synthetic_writer(writer))
-    run_node(cfg, name, config.resolve().parent, drivers=drivers, rebuild=rebuild)
-
-
-@app.command()
-def up(
-    config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (TOML)."),
-    writer_rate: float | None = typer.Option(None, help="Synthetic rows/s at the source."),
-    writer_batch_ms: float = typer.Option(10.0),
-    writer_key_space: int = typer.Option(1_000_000),
-    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
-    report_every: float = typer.Option(2.0, help="Seconds between status lines."),
-) -> None:
-    """Run every node of the cluster as subprocesses; Ctrl-C stops them cleanly."""
-    from ekko.ops.launcher import LaunchError, LocalCluster
-    from ekko.ops.live import watch
-
-    cluster = LocalCluster(
-        config, writer_args=_writer_options(writer_rate, writer_batch_ms, writer_key_space)
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        with console.status("starting nodes"):
-            cluster.start()
-        console.print(f"{len(cluster.procs)} nodes ready; Ctrl-C stops them")
-        summary = watch(cluster, stop, duration=duration, every=report_every, console=console)
-    except LaunchError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    finally:
-        codes = cluster.stop_all()  # whatever went wrong here, no node is left running
-    _print_summary(summary)
-    bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
-    if bad:
-        console.print(f"[yellow]nodes exited uncleanly: {bad}[/yellow]")
-
-
-@app.command()
-def rollback(
-    model: str = typer.Argument(..., help="The model to roll back."),
-    config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (TOML)."),
-    to: float | None = typer.Option(None, help="Unix time to restore (default: guard's choice)."),
-    why: str = typer.Option("operator rollback", help="Recorded with the incident."),
-) -> None:
-    """Roll MODEL back at the source, signed as ``operator`` with a key derived from the
-    cluster secret (the route refuses anything else)."""
-    import httpx
-
-    from ekko.node.access import ClusterAuth
-    from ekko.node.config import ConfigError, load_config
-    from ekko.node.http_client import ClusterHttp
-
-    try:
-        cfg = load_config(config)
-        secret = cfg.path(cfg.cluster.secret_file, config.resolve().parent).read_bytes().strip()
-    except (ConfigError, OSError) as exc:
-        console.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    src = cfg.source
-    http = ClusterHttp(cfg, config.resolve().parent)
-    doc: dict = {"why": why} | ({"to": to} if to is not None else {})
-    try:
-        with http.client(auth=ClusterAuth(secret), timeout=30.0) as client:
-            r = client.post(http.url(src.name, f"/v1/models/{model}/rollback"), json=doc)
-    except httpx.HTTPError as exc:
-        console.print(f"[red]source {src.name} unreachable:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    print(r.text)
-    if r.status_code >= 400:
-        raise typer.Exit(1)
-
-
-@app.command()
-def demo(
-    duration: float = typer.Option(60.0, help="Seconds of online traffic."),
-    rate: float = typer.Option(1024.0, help="Events/s predicted, labelled and trained."),
-    checkpoint_every: float = typer.Option(
-        60.0, help="Full-copy interval of the checkpoint replica (the no-Ekko comparison)."
-    ),
-    json_out: Path | None = typer.Option(
-        None, "--json", help="Write the result JSON here (PNG beside it)."
-    ),
-    workdir: Path = typer.Option(Path("data/demo"), help="Where the demo cluster lives."),
-    poison_at: float | None = typer.Option(
-        None, help="Train on flipped labels from this second of the run (the guard's test)."
-    ),
-    poison_for: float = typer.Option(20.0, help="Seconds of poisoned training input."),
-) -> None:
-    """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica."""
-    from ekko.demo.run import DemoSpec, run_demo
-    from ekko.ops.launcher import LaunchError
-
-    spec = DemoSpec(
-        duration_s=duration,
-        rate=rate,
-        checkpoint_every_s=checkpoint_every,
-        poison_at_s=poison_at,
-        poison_for_s=poison_for,
-    )
-    try:
-        doc = run_demo(spec, workdir, json_path=json_out, console=console)
-    except (LaunchError, TimeoutError) as exc:
-        console.print(f"[red]demo failed: {exc}[/red]")
-        raise typer.Exit(1) from exc
-    if json_out is None:
-        json.dump(doc["summary"], sys.stdout, indent=2)
-        sys.stdout.write("\n")
 
 
 @app.command()
@@ -453,21 +300,6 @@ def chaos(
             f"seed {seed}; schedule and history in {workdir / 'history.json'}; replay: {replay}"
         )
         raise typer.Exit(1)
-
-
-def _print_summary(summary: dict) -> None:
-    t = RichTable(title="update latency per DC (write at source → applied)")
-    for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "WAN rows/s"):
-        t.add_column(col)
-    for row in summary.get("per_dc", []):
-        t.add_row(
-            row["dc"],
-            f"{row['one_way_delay_ms']:.0f}",
-            f"{row['p50_ms']:.1f}",
-            f"{row['p99_ms']:.1f}",
-            f"{row['rows_per_s']:.0f}",
-        )
-    Console().print(t)
 
 
 @app.command()

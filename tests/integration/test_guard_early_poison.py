@@ -26,6 +26,13 @@ def test_a_poison_at_15_s_is_detected_and_rolled_back_automatically(tmp_path: Pa
     assert "online - baseline -" in first["why"]  # AUC fell: the difference is negative
     assert first["checkpoint_at"] < start and first["rows_restored"] > 0
     assert guard["transitions"][0]["event"] == "automatic_rollback"
+    # the summary says it in a line, the plot marks it (seconds of the run)
+    line = summary["incident_line"]
+    assert line.startswith("poisoned training 1") and "; incident: detected at " in line, line
+    marks = summary["marks"]
+    assert marks["poison"][0] >= 15.0 and len(marks["rolled_back"]) >= 1
+    assert marks["rolled_back"][0] >= marks["poison"][0]
+    assert len(marks["checkpoint_loads"]) >= 2  # a copy every 11 s: the sawtooth shows
     for name, h in summary["replica_guards"].items():
         assert h["judging"] in ("warming_up", "judging"), (name, h["judgement"])
         assert any(t >= first["decided_at"] - 1 for t in h["redirects"]), name

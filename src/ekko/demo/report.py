@@ -12,30 +12,58 @@ from matplotlib.figure import Figure
 from ekko.node.config import ClusterConfig
 from ekko.quality.latency import LatencyHistogram
 
+_EKKO_STYLES = (("o", "-"), ("s", "--"), ("^", ":"))
+
 
 def write_png(
     path: Path,
     timeline: list[dict[str, Any]],
     hists: dict[str, LatencyHistogram],
     config: ClusterConfig,
+    marks: dict[str, Any] | None = None,
 ) -> Path:
-    fig = Figure(figsize=(12, 4.5))
+    """``marks`` (seconds of the run): ``checkpoint_loads``, ``poison`` ([from, to]),
+    ``detected`` and ``rolled_back``, drawn on the AUC plot."""
+    marks = marks or {}
+    fig = Figure(figsize=(13, 5))
     ax = fig.add_subplot(1, 2, 1)
     names = list(timeline[0]["auc"]) if timeline else []
+    t = [p["t"] for p in timeline]
+    ekko = 0
     for name in names:
-        t = [p["t"] for p in timeline]
         auc = [np.nan if p["auc"].get(name) is None else p["auc"][name] for p in timeline]
         node = config.node(name)
         label = f"{node.dc}/{name}"
         if node.refresh == "checkpoint":
             label += f" (full copy every {node.checkpoint_interval_s:.0f} s)"
-            ax.plot(t, auc, "k--", label=label)
+            ax.plot(t, auc, "k-", lw=2, label=label)
         else:
-            ax.plot(t, auc, label=label)
+            marker, style = _EKKO_STYLES[ekko % len(_EKKO_STYLES)]
+            ekko += 1
+            ax.plot(t, auc, linestyle=style, marker=marker, ms=4, mfc="none", label=label)
+    if timeline:
+        trainer = [np.nan if p.get("trainer_auc_window") is None else p["trainer_auc_window"]
+                   for p in timeline]  # fmt: skip
+        ax.plot(t, trainer, color="grey", lw=1, label="trainer (pre-update, 60 s window)")
+    for i, at in enumerate(marks.get("checkpoint_loads", [])):
+        ax.axvline(
+            at, color="k", lw=0.6, ls=":", label="checkpoint copy loaded" if i == 0 else None
+        )
+    if marks.get("poison"):
+        a, b = marks["poison"]
+        ax.axvspan(a, b, color="red", alpha=0.08, label="poisoned training")
+    for key, color, what in (
+        ("detected", "orange", "guard detects"),
+        ("rolled_back", "red", "rollback"),
+    ):
+        for i, at in enumerate(marks.get(key, [])):
+            ax.axvline(at, color=color, lw=1.2, label=what if i == 0 else None)
     ax.set_xlabel("seconds")
     ax.set_ylabel("online AUC per interval (predicted before training)")
     ax.set_title("Online AUC: Ekko replicas vs a checkpoint replica")
-    ax.legend(fontsize=8)
+    if ekko > 1:
+        ax.plot([], [], " ", label="Ekko replicas overlap: they serve the same model")
+    ax.legend(fontsize=7)
     ax = fig.add_subplot(1, 2, 2)
     edges = LatencyHistogram.edges_ms
     for name, h in hists.items():

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,60 +24,23 @@ import httpx
 import numpy as np
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table as RichTable
 
+from ekko.demo.dashboard import (
+    LATENCY_WINDOW_S,
+    PROGRESS_LEGEND,
+    guard_cell,
+    incident_line,
+    live_table,
+    live_view,
+    print_summary,
+    progress_line,
+)
 from ekko.demo.loop import OnlineLoop
 from ekko.demo.report import write_png
-from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.demo.setup import MODEL, DemoSpec, cluster_config, previous_run
 from ekko.ops.launcher import LocalCluster
 from ekko.quality.latency import LatencyHistogram
 from ekko.train.streams import StreamConfig, SyntheticStream
-
-MODEL = "ctr"
-
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """Inputs of one demo run; recorded in its JSON."""
-
-    duration_s: float = 60.0
-    rate: float = 1024.0  # events/s offered; the stream's simulated clock runs at this rate
-    batch: int = 256
-    wan_delay_ms: tuple[float, ...] = (25.0, 50.0, 100.0)
-    checkpoint_every_s: float = 60.0
-    rows_per_table: int = 100_000
-    embedding_dim: int = 8
-    interval_s: float = 5.0  # AUC-over-time resolution
-    warmup_events: int = 30_000  # trained before the run; then every replica gets a copy
-    guard: bool = True
-    baseline_lag_s: float = 20.0
-    poison_at_s: float | None = None  # train on flipped labels from then ...
-    poison_for_s: float = 20.0  # ... for this long
-    ready_timeout_s: float = 120.0
-    seed: int = 7
-
-
-def _cluster(spec: DemoSpec, workdir: Path) -> Path:
-    model = {
-        "name": MODEL,
-        "rows_per_table": spec.rows_per_table,
-        "embedding_dim": spec.embedding_dim,
-        "dense_interval_s": 1.0,
-        "baseline_lag_s": spec.baseline_lag_s,
-    }
-    doc = cluster_doc(
-        dcs=len(spec.wan_delay_ms),
-        replicas=1,
-        wan_delay_ms=list(spec.wan_delay_ms),
-        serve=True,
-        models=[model],
-        checkpoint_every_s=spec.checkpoint_every_s,
-        sync={"snapshot_interval_s": 0},
-    )
-    if spec.guard:
-        doc["guard"] = {"enabled": True}
-    doc["http"] = {"refresh_min_interval_s": 1.0}  # the warm-up asks for one copy at once
-    return write_cluster(doc, workdir / "cluster.toml")
 
 
 class Demo:
@@ -93,7 +58,10 @@ class Demo:
         self.timeline: list[dict[str, Any]] = []
         self._last: dict[str, tuple[float, int]] = {}
         self.started = 0.0
+        self.started_wall = 0.0
         self.hists: dict[str, LatencyHistogram] = {}
+        self.recent: dict[str, deque[tuple[float, LatencyHistogram]]] = {}
+        self.loads: list[float] = []  # seconds of the run the checkpoint replica loaded a copy
 
     def url(self, name: str) -> str:
         return self.cluster.url(name, "")
@@ -150,6 +118,11 @@ class Demo:
             self._last[name] = (now, wan_bytes)
             self._last[name + "/rows"] = (now, applied)
             online = metrics["variants"]["online"]
+            copied_at = status.get("copied_at")
+            if name in self.checkpoint and self.started_wall and copied_at:
+                t_load = copied_at - self.started_wall
+                if t_load > 0 and (not self.loads or t_load > self.loads[-1] + 1e-6):
+                    self.loads.append(t_load)
             rows[name] = {
                 "dc": status["dc"],
                 "latency": status["latency"],
@@ -158,8 +131,10 @@ class Demo:
                 "rows_per_s": (applied - r0) / dt,
                 "auc_window": online["window"]["auc"],
                 "auc_lifetime": online["lifetime"]["auc"],
-                "copied_at": status.get("copied_at"),
+                "copied_at": copied_at,
             }
+            if name in self.synced:
+                rows[name] |= await self._recent_latency(client, name, now)
         trainer = await self._get(client, self.source, f"/v1/models/{MODEL}/train")
         snap = {
             "t": now - self.started,
@@ -175,61 +150,29 @@ class Demo:
                 rows[name]["guard_doc"] = h
         return snap
 
-    def table(self, snap: dict[str, Any], loop: OnlineLoop) -> RichTable:
-        cfg = self.cluster.config
-        t = RichTable(
-            title=f"ekko demo · {snap['t']:.0f}/{self.spec.duration_s:.0f} s · "
-            f"{loop.counters.events} events predicted → labelled → trained"
-        )
-        for col in (
-            "replica",
-            "one-way ms",
-            "update p50 ms",
-            "update p99 ms",
-            "rows/s",
-            "WAN KB/s",
-            "online AUC",
-            "guard",
-        ):
-            t.add_column(col, justify="right")
-        for name, r in snap["replicas"].items():
-            wan = cfg.wan(name, self.source)
-            lat = r["latency"]
-            if name in self.checkpoint:
-                age = time.time() - r["copied_at"] if r["copied_at"] else float("nan")
-                p50 = f"copy {age:.0f} s old"
-                p99 = f"every {cfg.node(name).checkpoint_interval_s:.0f} s"
-            else:
-                p50, p99 = _ms(lat["p50_ms"]), _ms(lat["p99_ms"])
-            t.add_row(
-                f"{r['dc']}/{name}",
-                f"{wan.delay_ms:.0f}" if wan else "-",
-                p50,
-                p99,
-                f"{r['rows_per_s']:.0f}",
-                f"{r['wan_bytes_per_s'] / 1e3:.0f}",
-                _auc(r["auc_window"]),
-                r.get("guard", "-"),
-            )
-        tr = snap["trainer"]
-        g = snap.get("guard")
-        poisoned = loop.poisoned_events
-        t.add_row(
-            "train/trainer",
-            "-",
-            "-",
-            "-",
-            f"{tr['events'] / max(1e-9, snap['t']):.0f} ev/s",
-            "-",
-            _auc(tr["window"]["auc"]),
-            (
-                f"{g['state']}{' paused' if g['training_paused'] else ''}"
-                f"{f' · {poisoned} poisoned' if poisoned else ''}"
-            )
-            if g
-            else "-",
-        )
-        return t
+    async def _recent_latency(
+        self, client: httpx.AsyncClient, name: str, now: float
+    ) -> dict[str, float | None]:
+        """Update-latency quantiles of the last ``LATENCY_WINDOW_S``: the histogram now less
+        the one taken that long ago (cumulative quantiles let one burst pin p99 for good)."""
+        h = LatencyHistogram.from_dict(await self._get(client, name, "/v1/latency"))
+        past = self.recent.setdefault(name, deque())
+        past.append((now, h))
+        while len(past) > 1 and past[1][0] <= now - LATENCY_WINDOW_S:
+            past.popleft()
+        w = h.since(past[0][1]) if len(past) > 1 else h
+        return {"window_p50_ms": _num(w.quantile(0.5)), "window_p99_ms": _num(w.quantile(0.99))}
+
+    def incident(self, snap: dict[str, Any], loop: OnlineLoop) -> str | None:
+        span = None
+        if self.spec.poison_at_s is not None and loop.poison_started_at is not None:
+            at = loop.poison_started_at - self.started_wall
+            span = (at, at + self.spec.poison_for_s)
+        return incident_line(snap.get("guard"), span, self.started_wall)
+
+    def table(self, snap: dict[str, Any], loop: OnlineLoop):
+        table = live_table(self, snap, loop.counters.events, loop.poisoned_events)
+        return live_view(table, self.incident(snap, loop))
 
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
         spec = self.spec
@@ -254,11 +197,16 @@ class Demo:
             )
             with self.console.status(f"warm-up: training on {spec.warmup_events} events"):
                 await self.warm_up(client, loop, batches)
-            self.started = time.monotonic()
+            self.started, self.started_wall = time.monotonic(), time.time()
             driver = asyncio.create_task(loop.run(batches, stop, spec.duration_s))
             next_interval = self.started + spec.interval_s
             snap: dict[str, Any] | None = None
-            with Live(console=self.console, refresh_per_second=2) as live:
+            # A terminal gets the live table; a log file a line per interval (Live writes
+            # only its last frame where it cannot redraw).
+            live = Live(console=self.console, refresh_per_second=2)
+            if not self.console.is_terminal:
+                self.console.print(PROGRESS_LEGEND, highlight=False, soft_wrap=True)
+            with live if self.console.is_terminal else contextlib.nullcontext():
                 while not driver.done():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(driver), 1.0)
@@ -267,10 +215,17 @@ class Demo:
                     except httpx.HTTPError as exc:
                         self.console.print(f"[yellow]status poll failed: {exc}[/yellow]")
                         continue
-                    live.update(self.table(snap, loop))
+                    if self.console.is_terminal:
+                        live.update(self.table(snap, loop))
                     if time.monotonic() >= next_interval or driver.done():
                         self._interval(loop, snap)
                         next_interval += spec.interval_s
+                        if not self.console.is_terminal:
+                            line = progress_line(
+                                snap, spec.duration_s, loop.counters.events,
+                                self.incident(snap, loop),
+                            )  # fmt: skip
+                            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
             driver.result()
             await asyncio.sleep(0.5)  # the last batch's rows reach the replicas
             final = await self.sample(client, loop)
@@ -312,10 +267,14 @@ class Demo:
             )
         ck = [final["replicas"][n] for n in self.checkpoint]
         trainer = final["trainer"]
+        incident = self.incident(final, loop)
         return {
             "per_dc": per_dc,
             "checkpoint_auc": ck[0]["auc_lifetime"] if ck else None,
             "checkpoint_wan_bytes_per_s": ck[0]["wan_bytes"] / elapsed if ck else None,
+            "checkpoint_every_s": self.spec.checkpoint_interval_s,
+            "checkpoint_loads": len(self.loads),
+            "checkpoint_loads_at_s": self.loads,
             "trainer_auc": trainer["lifetime"]["auc"],
             "trainer_publish_share": trainer["publish_share"],
             "events": loop.counters.events,
@@ -327,57 +286,33 @@ class Demo:
             "poison_started_at": loop.poison_started_at,
             "guard": final.get("guard"),
             "replica_guards": {n: final["replicas"][n].get("guard_doc") for n in self.synced},
+            "incident_line": incident,
+            "marks": self._marks(final, loop),
         }
 
-
-def guard_cell(health: dict[str, Any]) -> str:
-    """The demo's guard column for one replica: its state, and its score only when it can
-    judge ("healthy 0.0" from a guard that has no samples or is warming up misled)."""
-    cell = f"{health['state']}{' → baseline' if health['redirected'] else ''}"
-    if health.get("judging") == "judging":
-        return f"{cell} {health['score']:.1f}"
-    return f"{cell} · {health.get('judgement', 'cannot judge')}"
+    def _marks(self, final: dict[str, Any], loop: OnlineLoop) -> dict[str, Any]:
+        """What the AUC plot marks, in seconds of the run: checkpoint loads, the poisoned
+        span, each incident's detection and rollback."""
+        guard = final.get("guard") or {}
+        incs = [
+            *guard.get("incidents", []),
+            *([guard["incident"]] if guard.get("incident") else []),
+        ]
+        rel = lambda key: [i[key] - self.started_wall for i in incs if i.get(key)]  # noqa: E731
+        poison = None
+        if loop.poison_started_at is not None:
+            at = loop.poison_started_at - self.started_wall
+            poison = [at, at + self.spec.poison_for_s]
+        return {
+            "checkpoint_loads": self.loads,
+            "poison": poison,
+            "detected": rel("detected_at"),
+            "rolled_back": rel("decided_at"),
+        }
 
 
 def _num(x: float) -> float | None:
     return None if not np.isfinite(x) else float(x)
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def _auc(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-def print_summary(summary: dict[str, Any], console: Console) -> None:
-    t = RichTable(title="ekko demo summary")
-    for col in ("replica", "one-way ms", "update p50 ms", "update p99 ms", "WAN KB/s", "AUC"):
-        t.add_column(col, justify="right")
-    for d in summary["per_dc"]:
-        t.add_row(
-            f"{d['dc']}/{d['replica']}",
-            f"{d['one_way_delay_ms']:.0f}",
-            _ms(d["update_p50_ms"]),
-            _ms(d["update_p99_ms"]),
-            f"{d['wan_bytes_per_s'] / 1e3:.0f}",
-            _auc(d["auc"]),
-        )
-    t.add_row(
-        "checkpoint replica",
-        "-",
-        "full copy",
-        "-",
-        f"{(summary['checkpoint_wan_bytes_per_s'] or 0) / 1e3:.0f}",
-        _auc(summary["checkpoint_auc"]),
-    )
-    t.add_row("trainer (pre-update)", "-", "-", "-", "-", _auc(summary["trainer_auc"]))
-    console.print(t)
-    console.print(
-        f"{summary['events']} events at {summary['events_per_s']:.0f}/s; "
-        f"publisher share of step time {summary['trainer_publish_share'] or 0:.1%}"
-    )
 
 
 def run_demo(
@@ -391,9 +326,15 @@ def run_demo(
     import json
 
     console = console or Console(stderr=True)
-    config = _cluster(spec, workdir)
-    cluster = LocalCluster(config)
-    console.print(f"demo cluster: {config} ({len(cluster.config.nodes)} nodes)")
+    spec.validate()
+    fresh = previous_run(workdir, console)
+    config = cluster_config(spec, workdir)
+    cluster = LocalCluster(config, fresh=fresh)
+    console.print(
+        f"demo cluster: {config} ({len(cluster.config.nodes)} nodes); node logs: "
+        f"{cluster.log_dir}/<node>.log",
+        highlight=False,
+    )
     try:
         with console.status("starting nodes"):
             cluster.start(timeout=spec.ready_timeout_s)
@@ -412,9 +353,12 @@ def run_demo(
     out_json = json_path or workdir / "demo.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(doc, indent=2))
-    png = write_png(out_json.with_suffix(".png"), demo.timeline, demo.hists, cluster.config)
-    print_summary(summary, console)
-    console.print(f"wrote {out_json} and {png}")
+    png = write_png(
+        out_json.with_suffix(".png"), demo.timeline, demo.hists, cluster.config, summary["marks"]
+    )
+    # The summary goes to stdout, whole: a pipe or a file gets it without cut names.
+    print_summary(summary, Console(width=None if sys.stdout.isatty() else 120))
+    console.print(f"wrote {out_json} and {png}", highlight=False)
     if bad:
         console.print(f"[yellow]nodes exited uncleanly: {bad}[/yellow]")
     return doc

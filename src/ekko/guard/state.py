@@ -10,6 +10,7 @@ transitions and return ``None``; every real transition is returned as a :class:`
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +19,8 @@ from enum import StrEnum
 from typing import Any
 
 from ekko.guard.errors import GuardConfigError, GuardStateError
+
+log = logging.getLogger(__name__)
 
 
 class State(StrEnum):
@@ -198,4 +201,5 @@ class ModelHealth:
             self.model, src, dst, ev, float(self._wall()), float(now), why, metrics or {}
         )
         self.history.append(t)
+        log.info("guard %s: %s -> %s (%s)%s", self.model, src, dst, ev, f": {why}" if why else "")
         return t

@@ -61,6 +61,9 @@ class NodeTls(_Strict):
 
 class ClusterSection(_Strict):
     name: str = "ekko"
+    # Which cluster this config describes (``ekko cluster init`` draws one): every node's
+    # data dir records it and refuses another's (``node.data_dir``). None: not checked.
+    id: str | None = None
     secret_file: str = "cluster.secret"
     data_dir: str = "data"
     tls: ClusterTls | None = None

@@ -18,6 +18,7 @@ import numpy as np
 
 from ekko.net.wan import WanProfile
 from ekko.node.config import ClusterConfig
+from ekko.node.data_dir import claim_data_dir
 from ekko.node.links import PullLinks
 from ekko.protocol.puller import PullerConfig
 from ekko.protocol.responder import Responder, ResponderConfig
@@ -54,6 +55,9 @@ class NodeCore:
     # Start the source from the replicas, setting its data files aside (a corrupt snapshot
     # or log, or a data dir known to be lost).
     rebuild: bool = False
+    # Set the data dir aside and start clean (``ekko node --fresh``): the operator's answer
+    # to a data dir made for another cluster (``node.data_dir``).
+    fresh: bool = False
     # Called after every write through the port (the runner wakes parked long-poll pulls).
     on_written: Callable[[], None] | None = None
     # What the write path stamps rows with, and status and traffic shares read (a fake
@@ -74,6 +78,7 @@ class NodeCore:
         # Why writes are refused (None: accepted). A source recovers before it takes any.
         self.not_ready: str | None = "recovering" if self.role == "source" else None
         self.restored_rows = 0  # rows the source found in its own snapshot and log
+        claim_data_dir(self.data_dir, self.config.cluster.id, fresh=self.fresh)
         self.store = self._open_store()
         if self.role == "source":
             self.epoch = secrets.randbits(62) | 1  # this process, in every answer's mark

@@ -1,5 +1,6 @@
 """``ekko node``'s process: logging, the numba warm-up, and a clear refusal to start on
-data that cannot be opened (exit code 3, nothing changed), around one ``NodeRunner``."""
+data that cannot be opened (exit code 3, nothing changed), a data dir of another cluster
+(exit code 2) or a port it cannot listen on (exit code 1), around one ``NodeRunner``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ekko.node.config import ClusterConfig
+from ekko.node.data_dir import DataDirMismatch
 from ekko.node.driver import DriverFactory
-from ekko.node.runner import NodeRunner
+from ekko.node.runner import NodeRunner, PortUnavailable
 from ekko.store import SnapshotError, WalError
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,12 @@ def run_node(
     *,
     drivers: Sequence[DriverFactory] = (),
     rebuild: bool = False,
+    fresh: bool = False,
 ) -> None:
     """Run node ``name`` in the foreground, with ``drivers`` composed in (say, an operator's
-    synthetic writer); exit code 3 when its data cannot be opened."""
+    synthetic writer); ``fresh``: set its data dir aside and start clean. Exit code 3 when
+    its data cannot be opened, 2 when its data dir holds another cluster's data, 1 when a
+    port it must listen on is taken (each one line in the log, no traceback)."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -37,7 +42,10 @@ def run_node(
 
     warm()
     try:
-        runner = NodeRunner(config, name, base_dir, drivers=drivers, rebuild=rebuild)
+        runner = NodeRunner(config, name, base_dir, drivers=drivers, rebuild=rebuild, fresh=fresh)
+    except DataDirMismatch as exc:
+        log.error("node %s refuses to start: %s", name, exc)
+        raise SystemExit(2) from None
     except (SnapshotError, WalError) as exc:
         log.error(
             "%s refuses to start: %s. Nothing was changed; to rebuild this source from its "
@@ -46,4 +54,8 @@ def run_node(
             exc,
         )
         raise SystemExit(3) from exc
-    asyncio.run(runner.run())
+    try:
+        asyncio.run(runner.run())
+    except PortUnavailable as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

@@ -51,6 +51,18 @@ log = logging.getLogger(__name__)
 READY_MARK = "EKKO-READY"
 
 
+class PortUnavailable(RuntimeError):
+    """This node cannot listen on a port its config names (another process holds it, or the
+    host is not this machine's): an operator's mistake to name in one line, not a crash."""
+
+    def __init__(self, node: str, kind: str, host: str, port: int, exc: OSError) -> None:
+        super().__init__(
+            f"node {node}: cannot listen on its {kind} port {port} ({host}): "
+            f"{exc.strerror or exc}; another process holds it, or change {kind}_port in the "
+            "config"
+        )
+
+
 class NodeRunner:
     """Runs one node of ``config`` until stopped: composes its parts, starts its drivers
     under one ``Supervisor`` and serves."""
@@ -63,6 +75,7 @@ class NodeRunner:
         *,
         drivers: Sequence[DriverFactory] = (),
         rebuild: bool = False,
+        fresh: bool = False,
         supervisor: Supervisor | None = None,
         clock: LoopClock = SYSTEM_CLOCK,
     ) -> None:
@@ -70,7 +83,7 @@ class NodeRunner:
         self.clock = clock
         served = lambda: self.models.predictions()  # noqa: E731 (the models come next)
         self.core = core = NodeCore(
-            config, name, base_dir, rebuild=rebuild, on_written=self.notify_written,
+            config, name, base_dir, rebuild=rebuild, fresh=fresh, on_written=self.notify_written,
             clock=clock, served=served,
         )  # fmt: skip
         self.secret = config.path(config.cluster.secret_file, base_dir).read_bytes().strip()
@@ -153,12 +166,18 @@ class NodeRunner:
             tls=self.tls.server_context(client_certs=False) if self.tls else None,
         ).server()  # fmt: skip
         # Bound before serving: the port accepts (into the backlog) from the first moment.
-        admin_sock = tcp_listener(node.host, node.admin_port)
+        try:
+            admin_sock = tcp_listener(node.host, node.admin_port)
+        except OSError as exc:
+            raise PortUnavailable(core.name, "admin", node.host, node.admin_port, exc) from exc
         sup.start("admin_server", lambda: server.serve(sockets=[admin_sock]))
         if core.is_source:
             # Writes answer 503 until the source holds everything it acknowledged.
             self.recovery = await recover_source(core, self.port.dial)
-        self._listener = await self.port.listen(self.sync.serve_session)
+        try:
+            self._listener = await self.port.listen(self.sync.serve_session)
+        except OSError as exc:
+            raise PortUnavailable(core.name, "sync", node.host, node.sync_port, exc) from exc
         if core.is_source:
             self.models.start_training(loop)
         if core.role in ("source", "checkpoint"):
@@ -219,6 +238,8 @@ class NodeRunner:
 
     def _status_extra(self) -> dict:
         doc: dict = {"ready": self.ready.is_set(), "tasks": self.supervisor.status()}
+        if self.core.role not in ("source", "checkpoint"):
+            doc["catch_up"] = self.apply.status()
         for driver in [*self.drivers, *self.extra]:
             doc.update(driver.status())
         doc.update(self.models.status())

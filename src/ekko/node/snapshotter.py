@@ -47,6 +47,7 @@ class Snapshotter(Driver):
                 raise
             self._retry = False
             self.saved += 1
+            log.info("snapshot %d saved", self.saved)
 
     def status(self) -> dict[str, Any]:
         return {"snapshots": {"saved": self.saved, "failed": self.failed}}

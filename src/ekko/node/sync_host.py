@@ -180,7 +180,8 @@ class ResponderHost:
         rate = self.pace_for(conn.peer)
         if rate is not None:
             self.responder.pace(sid, rate, self.clock.wall(), max_unframed=MAX_UNFRAMED)
-        log.info("puller %s connected (session %d, paced at %s B/s)", conn.peer, sid, rate)
+        paced = "off" if rate is None else f"{rate:,.0f} B/s"
+        log.info("puller %s connected (session %d, pacing %s)", conn.peer, sid, paced)
         try:
             while True:
                 msg = await conn.recv()

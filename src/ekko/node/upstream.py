@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from ekko.net.errors import TransportError
 from ekko.net.transport import Connection
+from ekko.node.apply_port import ApplyFanout
 from ekko.node.config import NodeConfig
 from ekko.node.core import NodeCore
 from ekko.node.driver import Driver
@@ -20,7 +21,6 @@ from ekko.node.sync_host import run_pull_link
 from ekko.node.sync_port import SyncPort
 from ekko.protocol.messages import PullResponse
 from ekko.protocol.puller import Puller
-from ekko.protocol.ready import Applied
 from ekko.store.clock import SYSTEM_CLOCK, LoopClock
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class Upstream(Driver):
     Args:
         core: the node (store, config, traffic owed upstream, link statistics).
         port: connects to the candidates.
-        apply: called with each ``Applied`` report of the link's puller.
+        apply: the apply port: told when a link comes up, given each ``Applied`` report of
+            the link's puller.
         on_rebuilt: the store's tables were replaced by another lineage's.
         connected: set once the first upstream accepted a connection (the node is ready).
         clock: the waits between connection rounds and probes.
@@ -49,7 +50,7 @@ class Upstream(Driver):
         self,
         core: NodeCore,
         port: SyncPort,
-        apply: Callable[[Applied], None],
+        apply: ApplyFanout,
         on_rebuilt: Callable[[], None],
         connected: asyncio.Event | None = None,
         clock: LoopClock = SYSTEM_CLOCK,
@@ -85,7 +86,8 @@ class Upstream(Driver):
         """Pull from ``peer`` until the link breaks or a preferred upstream is back."""
         core = self.core
         core.upstream_name = peer.name
-        log.info("%s pulling from %s", core.name, peer.name)
+        log.info("%s pulling from %s (link up)", core.name, peer.name)
+        self.apply.link_up(peer.name, self.clock.wall())
         puller = Puller(
             core.store,
             core.puller_config(self.port.wan(peer.name)),

@@ -33,6 +33,54 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+def new_cluster_id() -> str:
+    """A fresh ``[cluster] id``: each written config is a cluster of its own."""
+    return secrets.token_hex(8)
+
+
+def wan_delays(given: list[float] | None, dcs: int) -> tuple[list[float], str]:
+    """The one-way WAN delay of each of ``dcs`` inference DCs from ``--wan-delay-ms``, and a
+    sentence saying how they were chosen: one value applies to every DC, a list gives one
+    per DC (its length must be ``dcs``), none takes the defaults (25/50/100 ms, repeated).
+
+    Raises ValueError naming the option when the list does not fit."""
+    if not given:
+        delays = [DEFAULT_DELAYS_MS[i % len(DEFAULT_DELAYS_MS)] for i in range(dcs)]
+        shown = "/".join(f"{d:g}" for d in delays)
+        return delays, f"{shown} ms, the defaults (25/50/100, repeated past three DCs)"
+    if any(not (0 <= d < float("inf")) for d in given):
+        raise ValueError(f"--wan-delay-ms: delays are finite and >= 0 ms, got {given}")
+    if len(given) == 1:
+        return given * dcs, f"--wan-delay-ms {given[0]:g} applied to all {dcs} DCs"
+    if len(given) != dcs:
+        raise ValueError(
+            f"--wan-delay-ms: {len(given)} delays for {dcs} DCs; give one per DC or a single "
+            "value for all"
+        )
+    return list(given), "--wan-delay-ms one per DC"
+
+
+def describe(doc: dict[str, Any], path: Path, delays_note: str) -> list[str]:
+    """What ``ekko cluster init`` tells the operator: every node with its DC, WAN delay and
+    admin port, where the data and logs go, and the command that starts it."""
+    delay = {dc["name"]: dc.get("wan_delay_ms") for dc in doc["dcs"]}
+    data = path.parent / doc["cluster"]["data_dir"]
+    lines = [f"{'node':<10} {'dc':<6} {'WAN ms':>6}  admin port  (sync port)"]
+    for n in doc["nodes"]:
+        d = delay.get(n["dc"])
+        lines.append(
+            f"{n['name']:<10} {n['dc']:<6} {'-' if d is None else f'{d:g}':>6}  "
+            f"{n['admin_port']:<10}  ({n['sync_port']})"
+        )
+    lines.append(f"WAN delays: {delays_note}")
+    if doc.get("guard", {}).get("enabled"):
+        lines.append("guard on: it watches every model's online quality and rolls back")
+    lines.append(f"data and node logs: {data}/ (one <node>.log per node)")
+    config = "" if path.name == "cluster.toml" and path.parent == Path() else f" --config {path}"
+    lines.append(f"next: ekko up{config}   (Ctrl-C stops every node)")
+    return lines
+
+
 def cluster_doc(
     *,
     dcs: int,
@@ -46,6 +94,7 @@ def cluster_doc(
     models: list[dict[str, Any]] | None = None,
     checkpoint_every_s: float | None = None,
     tls: bool = False,
+    cluster_id: str | None = None,
 ) -> dict[str, Any]:
     """The TOML document of a training DC (one source) and ``dcs`` inference DCs.
 
@@ -53,7 +102,8 @@ def cluster_doc(
     source). ``checkpoint_every_s``: add DC ``ckpt`` (WAN like the first DC) with one serving
     replica refreshed only by a full copy of the source that often, the no-Ekko comparison.
     ``tls``: every port over TLS, with the files under ``tls/`` (``write_cluster`` makes
-    them)."""
+    them). ``cluster_id``: ``[cluster] id``, which the nodes' data dirs record and check
+    (``new_cluster_id()``; None: unchecked)."""
     if dcs < 1 or replicas < 1:
         raise ValueError(f"need dcs >= 1 and replicas >= 1, got dcs={dcs} replicas={replicas}")
     delays = list(wan_delay_ms or DEFAULT_DELAYS_MS)
@@ -61,7 +111,8 @@ def cluster_doc(
         delays = [delays[i % len(delays)] for i in range(dcs)]
     ports = free_ports(2 * (2 + dcs * replicas))
     doc: dict[str, Any] = {
-        "cluster": {"name": name, "secret_file": "cluster.secret", "data_dir": "data"},
+        "cluster": {"name": name, "secret_file": "cluster.secret", "data_dir": "data"}
+        | ({"id": cluster_id} if cluster_id is not None else {}),
         "dcs": [{"name": "train", "training": True}],
         "nodes": [
             {"name": "source", "dc": "train", "sync_port": ports.pop(), "admin_port": ports.pop()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from ekko.node.access import ClusterAuth
-from ekko.node.config import ClusterConfig, load_config
+from ekko.node.config import ClusterConfig, ConfigError, load_config
 from ekko.node.http_client import ClusterHttp
 from ekko.node.runner import READY_MARK
 
@@ -30,11 +30,29 @@ class LaunchError(RuntimeError):
     """A node did not come up (it exited, or was not ready in time); names the node and log."""
 
 
+def open_cluster(config_path: Path, **kwargs: object) -> LocalCluster:
+    """``LocalCluster(config_path, ...)`` for an operator: a missing or broken config or
+    secret is a ``LaunchError`` of one line saying which file and what to do."""
+    path = Path(config_path)
+    if not path.exists():
+        init = "ekko cluster init" + ("" if path == Path("cluster.toml") else f" --out {path}")
+        raise LaunchError(
+            f"no cluster config at {path}: write one with `{init}` (or pass --config FILE)"
+        )
+    try:
+        return LocalCluster(path, **kwargs)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise LaunchError(f"config error: {exc}") from exc
+    except OSError as exc:
+        raise LaunchError(f"cannot read the cluster secret named in {path}: {exc}") from exc
+
+
 @dataclass
 class NodeProcess:
     name: str
     proc: subprocess.Popen
     log_path: Path
+    log_offset: int = 0  # where this run's lines start in the appended log
     ready: threading.Event = field(default_factory=threading.Event)
 
     def _read_stdout(self) -> None:
@@ -42,7 +60,10 @@ class NodeProcess:
         for line in self.proc.stdout:
             if line.startswith(READY_MARK):
                 self.ready.set()
-        self.ready.set()  # EOF: whoever waits must look at the exit code
+        # EOF: the node is exiting. Wait until it has, so whoever waits on ``ready`` sees
+        # the exit code (a node that closed stdout but had not exited yet was taken as ready).
+        self.proc.wait()
+        self.ready.set()
 
     @property
     def alive(self) -> bool:
@@ -59,10 +80,12 @@ class LocalCluster:
         writer_args: list[str] | None = None,
         node_configs: dict[str, Path] | None = None,
         node_env: dict[str, dict[str, str]] | None = None,
+        fresh: bool = False,
     ) -> None:
         """``node_configs``: a node started with its own config file instead (the chaos
         harness's, whose peers' sync addresses are its proxies); ``node_env``: extra
-        environment per node."""
+        environment per node; ``fresh``: each node's first start sets its data dir aside
+        (``ekko node --fresh``), a restart keeps what it wrote since."""
         self.config_path = Path(config_path).resolve()
         self.node_configs = {n: Path(p).resolve() for n, p in (node_configs or {}).items()}
         self.node_env = node_env or {}
@@ -71,6 +94,7 @@ class LocalCluster:
         self.log_dir = self.config.path(self.config.cluster.data_dir, self.base_dir)
         self.writer_args = writer_args or []
         self.procs: dict[str, NodeProcess] = {}
+        self._fresh = {n.name for n in self.config.nodes} if fresh else set()
         secret_path = self.config.path(self.config.cluster.secret_file, self.base_dir)
         self.secret = secret_path.read_bytes().strip()
         self.auth = ClusterAuth(self.secret)  # signs with the least role a route needs
@@ -98,7 +122,11 @@ class LocalCluster:
         ]
         if name == self.config.source.name:
             cmd += self.writer_args
+        if name in self._fresh:
+            cmd.append("--fresh")
+            self._fresh.discard(name)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.node_env.get(name, {}))
+        offset = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as err:
             proc = subprocess.Popen(
                 cmd,
@@ -108,7 +136,7 @@ class LocalCluster:
                 env=env,
                 start_new_session=True,
             )
-        np_ = NodeProcess(name, proc, log_path)
+        np_ = NodeProcess(name, proc, log_path, offset)
         threading.Thread(target=np_._read_stdout, daemon=True).start()
         self.procs[name] = np_
         return np_
@@ -116,7 +144,15 @@ class LocalCluster:
     def wait_ready(self, name: str, timeout: float = 60.0) -> None:
         p = self.procs[name]
         if not p.ready.wait(timeout) or not p.alive:
-            tail = p.log_path.read_text(errors="replace")[-2000:] if p.log_path.exists() else ""
+            text = ""
+            if p.log_path.exists():
+                with open(p.log_path, "rb") as f:
+                    f.seek(p.log_offset)
+                    text = f.read().decode(errors="replace")
+            refusal = _refusal(text) if p.proc.poll() is not None else None
+            if refusal is not None:  # the node said why in one line: that is the message
+                raise LaunchError(f"{refusal} (exit code {p.proc.poll()}; log {p.log_path})")
+            tail = text[-2000:]
             raise LaunchError(
                 f"node {name} not ready after {timeout}s (exit code {p.proc.poll()}); "
                 f"log {p.log_path}:\n{tail}"
@@ -176,3 +212,15 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _refusal(log_text: str) -> str | None:
+    """The last ``ERROR`` line of a node that refused to start and said why (a port in use,
+    data it cannot open), without its timestamp; None when it did not (a traceback)."""
+    if "Traceback (most recent call last)" in log_text:
+        return None
+    errors = [line for line in log_text.splitlines() if " ERROR " in line]
+    if not errors:
+        return None
+    _stamp, _, rest = errors[-1].partition(" ERROR ")
+    return rest.split(": ", 1)[-1]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import httpx
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table as RichTable
+from rich.text import Text
 
 from ekko.ops.launcher import LocalCluster
 from ekko.quality.latency import LatencyHistogram
@@ -66,6 +68,35 @@ def _rows_total(cluster: LocalCluster) -> dict[str, int]:
     return out
 
 
+def guard_lines(cluster: LocalCluster) -> list[str]:
+    """One line per model the guard watches: its state at the source and its incidents
+    (the operator sees a detection and a rollback as they happen, not in a log)."""
+    cfg = cluster.config
+    if not cfg.guard.enabled:
+        return []
+    out = []
+    for m in cfg.models:
+        try:
+            h = cluster.get(cfg.source.name, f"/v1/models/{m.name}/health", timeout=2)
+        except httpx.HTTPError as exc:
+            out.append(f"guard {m.name}: health unavailable ({exc})")
+            continue
+        line = f"guard {m.name}: {h['state']}"
+        if h.get("training_paused"):
+            line += ", training paused"
+        if h.get("incident"):
+            line += f"; rolling back now: {h['incident']['why']}"
+        done = h.get("incidents") or []
+        if done:
+            last = done[-1]
+            line += (
+                f"; {len(done)} incident(s), last: {last['why']} "
+                f"({last['rows_restored']} rows restored)"
+            )
+        out.append(line)
+    return out
+
+
 def watch(
     cluster: LocalCluster,
     stop: threading.Event,
@@ -74,12 +105,15 @@ def watch(
     every: float,
     console: Console,
 ) -> dict:
-    """Refresh a live table until ``stop`` or ``duration``; return the last per-DC figures."""
+    """Show the cluster every ``every`` seconds until ``stop`` or ``duration``: a live table
+    on a terminal, else a line per interval (a log file gets each, not only the last frame).
+    Returns the last per-DC figures."""
     started = time.monotonic()
     last_rows, last_t = _rows_total(cluster), time.monotonic()
     rates: dict[str, float] = {}
     rows: list[dict] = []
-    with Live(console=console, refresh_per_second=4) as live:
+    live = Live(console=console, refresh_per_second=4)
+    with live if console.is_terminal else contextlib.nullcontext():
         while not stop.is_set():
             if duration is not None and time.monotonic() - started >= duration:
                 break
@@ -92,19 +126,54 @@ def watch(
             for dc, total in now_rows.items():
                 rates[dc] = (total - last_rows.get(dc, 0)) / max(1e-9, now_t - last_t)
             last_rows, last_t = now_rows, now_t
-            t = RichTable(title=f"ekko cluster · {time.monotonic() - started:.0f}s")
-            for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "followers p99", "WAN rows/s"):
-                t.add_column(col)
-            for r in rows:
-                t.add_row(
-                    r["dc"],
-                    f"{r['one_way_delay_ms']:.0f}",
-                    f"{r['p50_ms']:.1f}",
-                    f"{r['p99_ms']:.1f}",
-                    f"{r['followers_p99_ms']:.1f}",
-                    f"{rates.get(r['dc'], 0):.0f}",
-                )
-            live.update(t)
+            guard = guard_lines(cluster)
+            elapsed = time.monotonic() - started
+            if console.is_terminal:
+                live.update(Group(_table(rows, rates, elapsed), *(Text(g) for g in guard)))
+            else:
+                line = _line(rows, rates, elapsed, guard)
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
     for r in rows:
         r["rows_per_s"] = rates.get(r["dc"], 0.0)
     return {"per_dc": rows}
+
+
+def _table(rows: list[dict], rates: dict[str, float], elapsed: float) -> RichTable:
+    t = RichTable(title=f"ekko cluster · {elapsed:.0f}s · update latency since start")
+    for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "followers p99", "WAN rows/s"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["dc"],
+            f"{r['one_way_delay_ms']:.0f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            f"{r['followers_p99_ms']:.1f}",
+            f"{rates.get(r['dc'], 0):.0f}",
+        )
+    return t
+
+
+def _line(rows: list[dict], rates: dict[str, float], elapsed: float, guard: list[str]) -> str:
+    cells = [
+        f"{r['dc']} p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms "
+        f"{rates.get(r['dc'], 0):.0f} rows/s"
+        for r in rows
+    ]
+    return " | ".join([f"{elapsed:.0f}s update latency since start", *cells, *guard])
+
+
+def print_summary(summary: dict) -> None:
+    """``ekko up``'s closing table: update latency per DC over the whole run."""
+    t = RichTable(title="update latency per DC (write at source → applied)")
+    for col in ("dc", "one-way ms", "p50 ms", "p99 ms", "WAN rows/s"):
+        t.add_column(col)
+    for row in summary.get("per_dc", []):
+        t.add_row(
+            row["dc"],
+            f"{row['one_way_delay_ms']:.0f}",
+            f"{row['p50_ms']:.1f}",
+            f"{row['p99_ms']:.1f}",
+            f"{row['rows_per_s']:.0f}",
+        )
+    Console().print(t)

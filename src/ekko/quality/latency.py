@@ -48,6 +48,18 @@ class LatencyHistogram:
         self.total_ms += other.total_ms
         return self
 
+    def since(self, earlier: LatencyHistogram) -> LatencyHistogram:
+        """The latencies recorded after ``earlier`` was taken of this same histogram (a
+        recent window: one burst then no longer pins a quantile for the rest of the run).
+        A reset in between leaves counts below ``earlier``'s: then all of this one."""
+        h = LatencyHistogram()
+        diff = self.counts - earlier.counts
+        if (diff < 0).any():
+            return h.merge(self)
+        h.counts[:] = diff
+        h.total_ms = self.total_ms - earlier.total_ms
+        return h
+
     def reset(self) -> None:
         self.counts[:] = 0
         self.total_ms = 0.0

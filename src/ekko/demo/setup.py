@@ -1,0 +1,107 @@
+"""What one ``ekko demo`` run is: its options (checked before anything starts) and the
+cluster it generates, clean every run."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ekko.ops.cluster_init import cluster_doc, new_cluster_id, write_cluster
+
+MODEL = "ctr"
+DEMO_CLUSTER = "ekko-demo"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Inputs of one demo run; recorded in its JSON."""
+
+    duration_s: float = 60.0
+    rate: float = 1024.0  # events/s offered; the stream's simulated clock runs at this rate
+    batch: int = 256
+    wan_delay_ms: tuple[float, ...] = (25.0, 50.0, 100.0)
+    checkpoint_every_s: float | None = None  # None: a quarter of the run, at least 10 s
+    rows_per_table: int = 100_000
+    embedding_dim: int = 8
+    interval_s: float = 5.0  # AUC-over-time resolution
+    warmup_events: int = 30_000  # trained before the run; then every replica gets a copy
+    guard: bool = True
+    baseline_lag_s: float = 20.0
+    poison_at_s: float | None = None  # train on flipped labels from then ...
+    poison_for_s: float = 20.0  # ... for this long
+    ready_timeout_s: float = 120.0
+    seed: int = 7
+
+    @property
+    def checkpoint_interval_s(self) -> float:
+        """The checkpoint replica reloads several times a run, so its AUC sawtooth shows."""
+        if self.checkpoint_every_s is not None:
+            return self.checkpoint_every_s
+        return max(10.0, self.duration_s / 4)
+
+    def validate(self) -> DemoSpec:
+        """Refuse absurd options before anything starts; ValueError names the option."""
+        positive = {
+            "--duration": self.duration_s,
+            "--rate": self.rate,
+            "--checkpoint-every": self.checkpoint_interval_s,
+            "--poison-for": self.poison_for_s,
+        }
+        for option, value in positive.items():
+            if not (0 < value < float("inf")):
+                raise ValueError(f"{option} must be a positive number, got {value:g}")
+        at = self.poison_at_s
+        if at is not None and not (0 <= at < self.duration_s):
+            raise ValueError(
+                f"--poison-at must be within the run (0 to --duration {self.duration_s:g} s), "
+                f"got {at:g}"
+            )
+        return self
+
+
+def cluster_config(spec: DemoSpec, workdir: Path) -> Path:
+    """Write the demo's cluster config in ``workdir``: a new cluster every run."""
+    model = {
+        "name": MODEL,
+        "rows_per_table": spec.rows_per_table,
+        "embedding_dim": spec.embedding_dim,
+        "dense_interval_s": 1.0,
+        "baseline_lag_s": spec.baseline_lag_s,
+    }
+    doc = cluster_doc(
+        dcs=len(spec.wan_delay_ms),
+        replicas=1,
+        wan_delay_ms=list(spec.wan_delay_ms),
+        serve=True,
+        models=[model],
+        checkpoint_every_s=spec.checkpoint_interval_s,
+        sync={"snapshot_interval_s": 0},
+        name=DEMO_CLUSTER,
+        cluster_id=new_cluster_id(),
+    )
+    if spec.guard:
+        doc["guard"] = {"enabled": True}
+    doc["http"] = {"refresh_min_interval_s": 1.0}  # the warm-up asks for one copy at once
+    return write_cluster(doc, workdir / "cluster.toml")
+
+
+def previous_run(workdir: Path, console: Console) -> bool:
+    """Every demo run starts clean (a run is a new cluster: it once restored the last run's
+    model and counted its rows as update latency). The data of a previous demo in
+    ``workdir`` is removed; anything else there is set aside by the nodes (``fresh``, True)."""
+    data, config = workdir / "data", workdir / "cluster.toml"
+    if not data.exists():
+        return False
+    try:
+        previous = tomllib.loads(config.read_text())["cluster"]["name"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        previous = None
+    if previous != DEMO_CLUSTER:
+        return True
+    shutil.rmtree(data)
+    console.print(f"removed the previous demo run's data ({data})", highlight=False)
+    return False
