@@ -55,8 +55,7 @@ async def test_status_lists_every_node_and_one_that_is_down(tmp_path: Path) -> N
         secret = (tmp_path / "cluster.secret").read_bytes().strip()
 
         def one_frame():
-            with http.client(auth=ClusterAuth(secret), timeout=5) as client:
-                return frame(cfg, lambda: read_all(cfg, client, http), 0.2)
+            return frame(cfg, lambda: read_all(cfg, http, ClusterAuth(secret), 5.0), 0.2)
 
         rows = {r.node: r for r in await asyncio.to_thread(one_frame)}
         assert list(rows) == ["source", "dc1-r0", "dc1-r1"]

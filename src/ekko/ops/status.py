@@ -8,6 +8,7 @@ every node twice, ``interval`` apart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -47,21 +48,50 @@ class NodeRow:
     error: str | None = None  # why a node could not be read
 
 
-def read_all(cfg: ClusterConfig, client: httpx.Client, http: ClusterHttp) -> dict[str, NodeStatus]:
-    """Every node's status, or a short reason it is not there."""
-    out: dict[str, NodeStatus] = {}
-    for n in cfg.nodes:
+MAX_STATUS_BYTES = 8 << 20
+"""A ``/v1/status`` answer larger than this is not a node's status (a misdirected port)."""
+
+
+async def _read_one(client: httpx.AsyncClient, url: str) -> NodeStatus:
+    try:
+        async with client.stream("GET", url) as r:
+            body = bytearray()
+            async for chunk in r.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_STATUS_BYTES:
+                    return f"bad answer: over {MAX_STATUS_BYTES} bytes"
+    except httpx.HTTPError as exc:
+        return f"unreachable ({type(exc).__name__}: {exc})"[:160]
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}: {body[:120].decode(errors='replace')}"
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        return f"bad answer: {exc}"[:160]
+    if not isinstance(doc, dict):
+        return f"bad answer: a JSON {type(doc).__name__}, not a status document"
+    return doc
+
+
+def read_all(
+    cfg: ClusterConfig, http: ClusterHttp, auth: httpx.Auth, timeout: float
+) -> dict[str, NodeStatus]:
+    """Every node's status, or a short reason it is not there, read at once: a node that
+    has not answered whole within ``timeout`` seconds (one dripping its answer, or stalled
+    after accepting the connection) is a row saying so, never a wait without end."""
+
+    async def one(client: httpx.AsyncClient, name: str) -> NodeStatus:
         try:
-            r = client.get(http.url(n.name, "/v1/status"))
-            if r.status_code != 200:
-                out[n.name] = f"HTTP {r.status_code}: {r.text[:120]}"
-                continue
-            out[n.name] = r.json()
-        except httpx.HTTPError as exc:
-            out[n.name] = f"unreachable ({type(exc).__name__}: {exc})"[:160]
-        except ValueError as exc:
-            out[n.name] = f"bad answer: {exc}"[:160]
-    return out
+            return await asyncio.wait_for(_read_one(client, http.url(name, "/v1/status")),
+                                          timeout)  # fmt: skip
+        except TimeoutError:
+            return f"unreachable (no whole answer within {timeout:g} s)"
+
+    async def every() -> list[NodeStatus]:
+        async with http.async_client(auth=auth, timeout=timeout) as client:
+            return await asyncio.gather(*(one(client, n.name) for n in cfg.nodes))
+
+    return dict(zip([n.name for n in cfg.nodes], asyncio.run(every()), strict=True))
 
 
 def _bytes(doc: NodeStatus) -> tuple[int, int] | None:
@@ -82,13 +112,22 @@ def _guard(doc: dict[str, Any]) -> str | None:
 def node_row(
     cfg: ClusterConfig, name: str, before: NodeStatus, after: NodeStatus, seconds: float
 ) -> NodeRow:
-    """``name``'s line from two samples ``seconds`` apart (the rates from their difference)."""
-    node = cfg.node(name)
-    role, dc = cfg.role(name), node.dc
-    if isinstance(after, str):
-        state = after.partition(":")[0] if after.startswith("HTTP") else after.split(" ")[0]
-        return NodeRow(name, role, dc, "all", None, None, None, None, None, None, None, state,
-                       after)  # fmt: skip
+    """``name``'s line from two samples ``seconds`` apart (the rates from their difference);
+    a document without the fields a status has is a row saying so."""
+    if not isinstance(after, str):
+        try:
+            return _answered_row(cfg, name, before, after, seconds)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            after = f"bad answer: not a node's status ({type(exc).__name__}: {exc})"[:160]
+    state = after.partition(" (")[0].partition(":")[0]  # unreachable, HTTP 503, bad answer
+    return NodeRow(name, cfg.role(name), cfg.node(name).dc, "all", None, None, None, None,
+                   None, None, None, state, after)  # fmt: skip
+
+
+def _answered_row(
+    cfg: ClusterConfig, name: str, before: NodeStatus, after: dict[str, Any], seconds: float
+) -> NodeRow:
+    role, dc = cfg.role(name), cfg.node(name).dc
     lag = after.get("replica_lag", {}).get("tables", {})
     source = after.get("role") == "source"
     rates: list[float | None] = [None, None]
@@ -100,12 +139,20 @@ def node_row(
         state = "recovering"
     return NodeRow(
         node=name,
-        role=after.get("role", role),
-        dc=after.get("dc", dc),
+        role=str(after.get("role", role)),
+        dc=str(after.get("dc", dc)),
         partitions="all",  # every node holds every table until partitions exist (issue 17)
-        upstream=after.get("upstream"),
-        lag_versions=0 if source else sum(t["versions"] for t in lag.values()) if lag else None,
-        lag_seconds=0.0 if source else max(t["seconds"] for t in lag.values()) if lag else None,
+        upstream=None if after.get("upstream") is None else str(after["upstream"]),
+        lag_versions=0
+        if source
+        else sum(int(t["versions"]) for t in lag.values())
+        if lag
+        else None,
+        lag_seconds=0.0
+        if source
+        else max(float(t["seconds"]) for t in lag.values())
+        if lag
+        else None,
         rows=sum(int(t["rows"]) for t in after.get("tables", {}).values()),
         in_bytes_per_s=rates[0],
         out_bytes_per_s=rates[1],
@@ -168,12 +215,13 @@ def as_json(rows: list[NodeRow]) -> str:
 
 
 def frames(
-    cfg: ClusterConfig, client: httpx.Client, http: ClusterHttp, interval: float, count: int
+    cfg: ClusterConfig, http: ClusterHttp, auth: httpx.Auth, interval: float, count: int
 ) -> Iterator[list[NodeRow]]:
     """``count`` frames (0: until interrupted), each ``interval`` long."""
+    timeout = max(2.0, interval)
     n = 0
     while count <= 0 or n < count:
-        yield frame(cfg, lambda: read_all(cfg, client, http), interval)
+        yield frame(cfg, lambda: read_all(cfg, http, auth, timeout), interval)
         n += 1
 
 
@@ -194,17 +242,16 @@ def run_status(
     http = ClusterHttp(cfg, base_dir)
     count = count if watch else 1
     last: list[NodeRow] = []
-    with http.client(auth=ClusterAuth(secret), timeout=max(2.0, interval)) as client:
-        it = frames(cfg, client, http, interval, count)
-        title = lambda: f"{cfg.cluster.name} · {time.strftime('%H:%M:%S')}"  # noqa: E731
-        if watch and not json_out and console.is_terminal:
-            with Live(console=console, auto_refresh=False) as live:
-                for last in it:
-                    live.update(render(last, title()), refresh=True)
-            return last
-        for last in it:
-            if json_out:
-                print(as_json(last), file=console.file, flush=True)
-            else:
-                console.print(render(last, title()))
+    it = frames(cfg, http, ClusterAuth(secret), interval, count)
+    title = lambda: f"{cfg.cluster.name} · {time.strftime('%H:%M:%S')}"  # noqa: E731
+    if watch and not json_out and console.is_terminal:
+        with Live(console=console, auto_refresh=False) as live:
+            for last in it:
+                live.update(render(last, title()), refresh=True)
+        return last
+    for last in it:
+        if json_out:
+            print(as_json(last), file=console.file, flush=True)
+        else:
+            console.print(render(last, title()))
     return last
