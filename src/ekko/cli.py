@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ekko import cli_status
+from ekko import cli_checkpoint, cli_status
 from ekko.cli_options import console, floats
 from ekko.cli_options import tables as tables_option
 from ekko.cli_run import demo, node, rollback, up
@@ -28,6 +28,8 @@ app.add_typer(cluster_app, name="cluster")
 app.command("status")(cli_status.status)
 for command in (node, up, rollback, demo):
     app.command()(command)
+app.command("export")(cli_checkpoint.export)
+app.command("load")(cli_checkpoint.load)
 
 BENCHES = (
     "chaos",

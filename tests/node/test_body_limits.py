@@ -24,6 +24,7 @@ from ekko.net.httpkit import CONTROL_BODY_BYTES, BodyRoute
 from ekko.node.access import AccessPolicy
 from ekko.node.admin import admin_app, admin_routes
 from ekko.node.signed_requests import auth_headers
+from ekko.serve.oip_routes import oip_routes
 from ekko.serve.routes import serve_routes
 from ekko.train.routes import train_routes
 
@@ -47,6 +48,7 @@ MODEL = SimpleNamespace(
 FAMILIES: dict[str, Callable[[], list[BaseRoute]]] = {
     "admin": lambda: admin_routes(CORE, CollectorRegistry(), lambda: None, max_body=LIMIT),  # type: ignore[arg-type]
     "serve": lambda: serve_routes({"ctr": MODEL}, max_body=LIMIT),  # type: ignore[dict-item]
+    "oip": lambda: oip_routes({"ctr": MODEL}, version="t", max_body=LIMIT),  # type: ignore[dict-item]
     "train": lambda: train_routes({"ctr": MODEL}, max_body=LIMIT),  # type: ignore[dict-item]
     "replica guard": lambda: replica_guard_routes({"ctr": MODEL}),  # type: ignore[dict-item]
     "source guard": lambda: source_guard_routes({"ctr": MODEL}),  # type: ignore[dict-item]
@@ -56,6 +58,7 @@ CASES = [
     ("admin", "/v1/tables/emb/rows", "writer", LIMIT),
     ("serve", "/v1/models/ctr/predict", None, LIMIT),
     ("serve", "/v1/models/ctr/feedback", None, LIMIT),
+    ("oip", "/v2/models/ctr/infer", None, LIMIT),
     ("train", "/v1/models/ctr/train", "writer", LIMIT),
     ("train", "/v1/models/ctr/train/quality/reset", "operator", CONTROL_BODY_BYTES),
     ("replica guard", "/v1/models/ctr/guard/redirect", "node", CONTROL_BODY_BYTES),
@@ -123,11 +126,14 @@ async def test_a_body_over_its_routes_limit_is_refused_before_it_is_read(
 
 
 def _concrete(path: str) -> str:
-    return re.sub(r"\{model\}", "ctr", re.sub(r"\{table\}", "emb", path))
+    return re.sub(r"\{model\}", "ctr", re.sub(r"\{table(:path)?\}", "emb", path))
 
 
 SERVING = {("GET", "/v1/models"), ("POST", "/v1/models/ctr/predict"),
-           ("POST", "/v1/models/ctr/feedback")}  # fmt: skip
+           ("POST", "/v1/models/ctr/feedback"), ("GET", "/v2/models/ctr"),
+           ("GET", "/v2/models/ctr/ready"), ("POST", "/v2/models/ctr/infer")}  # fmt: skip
+PROBES = {"/health", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"}
+"""Open on every node: liveness, readiness and server facts, no model or rows."""
 
 
 def test_every_route_that_changes_state_or_shows_a_model_needs_a_credential() -> None:
@@ -141,12 +147,12 @@ def test_every_route_that_changes_state_or_shows_a_model_needs_a_credential() ->
             path = _concrete(route.path)
             seen.add((method, path))
             need = closed.required(method, path)
-            if path in {"/health", "/metrics"}:
+            if path in PROBES:
                 assert need is None
                 continue
             assert need, (method, path)  # a credential, once serving is closed
             if method == "POST":
-                if not path.endswith("/predict"):  # a reader predicts; it changes nothing
+                if not path.endswith(("/predict", "/infer")):  # a reader predicts; no change
                     assert "reader" not in need, (method, path)
                 # The body it takes is bounded by a limit declared with the route.
                 assert isinstance(route, BodyRoute) or path.endswith(

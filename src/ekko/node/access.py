@@ -10,7 +10,7 @@ route                                      roles accepted
 GET /health, /metrics, /ready              open
 GET /openapi.json                          open (routes and body shapes, no model data)
 GET /ui, /v1/ui/series                     open (the figures /metrics exports, no rows)
-GET /v2, /v2/health/live|ready            open (the Open Inference Protocol's probes)
+GET /v2, /v2/health/live|ready             open (the Open Inference Protocol's probes)
 GET /v1/models, POST .../predict           open with ``[http] serve_open`` (default),
 POST .../feedback                          else reader+ / writer+
 GET /v2/models/{m}, /v2/models/{m}/ready   as predict (with ``serve_open``, open;
@@ -76,9 +76,9 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("GET", r"/v1/latency", READ),
     ("GET", r"/v1/knowledge", READ | NODE),
     ("POST", r"/v1/latency/reset", OPERATE),
-    ("GET", r"/v1/tables/[^/]+/rows", READ),
-    ("POST", r"/v1/tables/[^/]+/rows", WRITE),
-    ("DELETE", r"/v1/tables/[^/]+/rows", WRITE),
+    ("GET", r"/v1/tables/.+/rows", READ),
+    ("POST", r"/v1/tables/.+/rows", WRITE),
+    ("DELETE", r"/v1/tables/.+/rows", WRITE),
     ("GET", r"/v1/snapshot", OPERATE | NODE),
     ("POST", r"/v1/checkpoint/refresh", OPERATE),
     ("GET", r"/v2(/health/(live|ready))?", None),

@@ -152,8 +152,9 @@ def admin_routes(
 
     return [
         Route("/v1/status", status),
-        Route("/v1/tables/{table}/rows", get_rows, methods=["GET"]),
-        BodyRoute("/v1/tables/{table}/rows", post_rows, max_body=max_body, body=RowsBody),
+        # {table:path}: a model's dense tables are named dense/{tensor}
+        Route("/v1/tables/{table:path}/rows", get_rows, methods=["GET"]),
+        BodyRoute("/v1/tables/{table:path}/rows", post_rows, max_body=max_body, body=RowsBody),
         Route("/v1/latency", latency),
         Route("/v1/latency/reset", reset_latency, methods=["POST"]),
         Route("/health", health),
