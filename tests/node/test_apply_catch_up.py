@@ -72,14 +72,19 @@ def test_rows_written_before_the_link_came_up_are_catch_up_not_latency(caplog) -
         assert port.status()["catching_up_rows"] == 300
         _write(source, range(300, 310), at_s=1_000.25)  # written while the link is up
         link.sync(now=1_000.3)
-    assert hist.count == 10 and port.catch_up_rows == 300
-    assert hist.quantile(0.99) == pytest.approx(50.0, rel=0.03)  # 50 ms, not 900 s
+        assert hist.count == 10 and port.catch_up_rows == 300
+        assert hist.quantile(0.99) == pytest.approx(50.0, rel=0.03)  # 50 ms, not 900 s
+        assert not [r for r in caplog.records if "caught up" in r.getMessage()]  # too soon
+        _write(source, range(310, 320), at_s=1_001.0)
+        link.sync(now=1_001.25)  # 1.05 s without a catch-up row: caught up
+    assert hist.count == 20 and port.catch_up_rows == 300
     assert port.status() == {
         "rows": 300, "upstream": "source", "link_up_at": 1_000.0, "catching_up_rows": 0,
     }  # fmt: skip
     caught = [r.getMessage() for r in caplog.records if "caught up" in r.getMessage()]
     assert caught == [
-        "caught up from source: 300 rows written before the link came up, applied in 0.3 s"
+        "caught up from source: 300 rows written before the link came up, the last applied "
+        "0.2 s after it"
     ]
 
 

@@ -76,3 +76,5 @@ def test_data_from_before_ids_is_refused_by_a_config_with_one_and_not_by_one_wit
     claim_data_dir(tmp_path / "empty", "abc")  # nothing there: claimed
     assert (tmp_path / "empty" / "cluster-id").read_text() == "abc\n"
     claim_data_dir(tmp_path / "empty", "abc")  # its own: fine
+    claim_data_dir(tmp_path / "empty", "xyz")  # only another's marker, no data: claimed
+    assert (tmp_path / "empty" / "cluster-id").read_text() == "xyz\n"

@@ -126,7 +126,10 @@ def progress_line(
     cells = []
     for name, r in snap["replicas"].items():
         p99 = r.get("window_p99_ms")
-        lat = f"p99 {_ms(p99)} ms" if "window_p99_ms" in r else "(full copies)"
+        if "window_p99_ms" not in r:
+            lat = "(full copies)"
+        else:
+            lat = "no updates" if p99 is None else f"p99 {p99:.1f} ms"
         cells.append(f"{name} {lat} AUC {_auc(r['auc_window'])}")
     line = (
         f"t {snap['t']:.0f}/{duration_s:.0f} s · {events} events · "

@@ -17,6 +17,8 @@ from ekko.quality.latency import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
+CAUGHT_UP_S = 1.0  # a link has caught up once it applied no catch-up row for this long
+
 Follower = Callable[[Applied], None]
 
 
@@ -49,12 +51,14 @@ class ApplyFanout:
         self.catch_up_rows = 0  # rows applied that were written before their link came up
         self._link: tuple[str, float] | None = None  # upstream, wall time it came up
         self._catching_up = 0  # catch-up rows of the current link, until it has caught up
+        self._last_old_at = 0.0  # when the current link last applied a catch-up row
 
     def link_up(self, upstream: str, at: float) -> None:
         """A pull link to ``upstream`` came up at ``at`` (unix s): rows written before then
         are catch-up."""
         self._link = (upstream, at)
         self._catching_up = 0
+        self._last_old_at = at
 
     def __call__(self, applied: Applied) -> None:
         at_ns = int(applied.at * 1e9)
@@ -78,18 +82,21 @@ class ApplyFanout:
             self.wake()
 
     def _caught_up(self, old: int, applied: Applied) -> None:
-        """Log, once per link, when its catch-up ends: the first rows it applies that hold
-        none written before it came up."""
+        """Log when the current link's catch-up ended: rows applied for ``CAUGHT_UP_S``
+        with none written before the link came up (old rows of another table or lane may
+        still follow the first fresh ones)."""
         assert self._link is not None
         if old:
             self._catching_up += old
-        elif self._catching_up and applied.rows:
+            self._last_old_at = applied.at
+        elif self._catching_up and applied.at - self._last_old_at >= CAUGHT_UP_S:
             upstream, since = self._link
             log.info(
-                "caught up from %s: %d rows written before the link came up, applied in %.1f s",
+                "caught up from %s: %d rows written before the link came up, the last "
+                "applied %.1f s after it",
                 upstream,
                 self._catching_up,
-                applied.at - since,
+                self._last_old_at - since,
             )
             self._catching_up = 0
 

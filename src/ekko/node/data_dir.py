@@ -27,7 +27,8 @@ def claim_data_dir(data_dir: Path, cluster_id: str | None, *, fresh: bool = Fals
 
     Returns where the old directory went (``fresh`` and it held something), else None.
     Raises ``DataDirMismatch`` when it holds data recorded for another cluster id, or data
-    from before ids while this config has one. A config without an id (written by hand or
+    from before ids while this config has one (a dir holding only another id's marker, a
+    replica's that kept nothing, is simply claimed). A config without an id (written by hand or
     by an older ``cluster init``) claims nothing and is never refused."""
     aside = None
     if fresh and _holds_data(data_dir):
@@ -38,7 +39,7 @@ def claim_data_dir(data_dir: Path, cluster_id: str | None, *, fresh: bool = Fals
         return aside
     marker = data_dir / MARKER
     recorded = marker.read_text().strip() if marker.exists() else None
-    if recorded != cluster_id and (recorded is not None or _holds_data(data_dir)):
+    if recorded != cluster_id and _holds_data(data_dir):  # only a marker: nothing to mix
         made_for = f"cluster id {recorded}" if recorded else "a cluster from before cluster ids"
         raise DataDirMismatch(
             f"data dir {data_dir} holds the data of another cluster ({made_for}; this config's "
@@ -46,7 +47,7 @@ def claim_data_dir(data_dir: Path, cluster_id: str | None, *, fresh: bool = Fals
             "aside and start clean (it is kept, renamed), or give this config another "
             "[cluster] data_dir"
         )
-    if recorded is None:
+    if recorded != cluster_id:
         data_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(cluster_id + "\n")
     return aside

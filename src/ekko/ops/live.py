@@ -146,9 +146,9 @@ def _table(rows: list[dict], rates: dict[str, float], elapsed: float) -> RichTab
         t.add_row(
             r["dc"],
             f"{r['one_way_delay_ms']:.0f}",
-            f"{r['p50_ms']:.1f}",
-            f"{r['p99_ms']:.1f}",
-            f"{r['followers_p99_ms']:.1f}",
+            _ms(r["p50_ms"]),
+            _ms(r["p99_ms"]),
+            _ms(r["followers_p99_ms"]),
             f"{rates.get(r['dc'], 0):.0f}",
         )
     return t
@@ -156,11 +156,16 @@ def _table(rows: list[dict], rates: dict[str, float], elapsed: float) -> RichTab
 
 def _line(rows: list[dict], rates: dict[str, float], elapsed: float, guard: list[str]) -> str:
     cells = [
-        f"{r['dc']} p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms "
+        f"{r['dc']} p50 {_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])} ms "
         f"{rates.get(r['dc'], 0):.0f} rows/s"
         for r in rows
     ]
     return " | ".join([f"{elapsed:.0f}s update latency since start", *cells, *guard])
+
+
+def _ms(x: float) -> str:
+    """A latency quantile, or "-" while no row arrived (NaN)."""
+    return "-" if x != x else f"{x:.1f}"
 
 
 def print_summary(summary: dict) -> None:
@@ -172,8 +177,8 @@ def print_summary(summary: dict) -> None:
         t.add_row(
             row["dc"],
             f"{row['one_way_delay_ms']:.0f}",
-            f"{row['p50_ms']:.1f}",
-            f"{row['p99_ms']:.1f}",
+            _ms(row["p50_ms"]),
+            _ms(row["p99_ms"]),
             f"{row['rows_per_s']:.0f}",
         )
     Console().print(t)
