@@ -120,7 +120,7 @@ def cluster_keys(
     (a writer's key cannot sign as operator). Use one with ``ekko sign --key FILE``."""
     import os
 
-    from ekko.node.signed_requests import role_key
+    from ekko.net.signed_requests import role_key
 
     secret = _secret(config)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,8 +163,8 @@ def sign(
     60 s, at that node only."""
     import httpx
 
+    from ekko.net.signed_requests import host_of, role_headers, role_key
     from ekko.node.access import AccessPolicy, least_role
-    from ekko.node.signed_requests import host_of, role_headers, role_key
 
     try:
         u = httpx.URL(url)

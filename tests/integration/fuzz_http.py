@@ -18,7 +18,7 @@ from urllib.parse import quote
 import httpx
 from hypothesis import strategies as st
 
-from ekko.node.signed_requests import ROLES, SIGNATURE_HEADER, auth_headers
+from ekko.net.signed_requests import ROLES, SIGNATURE_HEADER, auth_headers
 
 CONTENT_TYPES = [
     "application/json",

@@ -51,8 +51,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from ekko.net.signed_requests import host_of
 from ekko.node.access import AccessPolicy, ClusterAuth
-from ekko.node.signed_requests import host_of
 from ekko.ops.cluster_init import cluster_doc, write_cluster
 from ekko.ops.launcher import LocalCluster
 from ekko.protocol.messages import Catalog, Error

@@ -53,7 +53,7 @@ def _signed(
 ) -> dict:
     """Headers signing one request to ``node`` (the source unless named)."""
     try:
-        from ekko.node.signed_requests import auth_headers, host_of
+        from ekko.net.signed_requests import auth_headers, host_of
     except ImportError:  # the code before credentials: unsigned, so these tests show its faults
         return {}
     host = host_of(cluster.url(node, path))

@@ -33,7 +33,7 @@ def cluster(tmp_path) -> Iterator[LocalCluster]:
 
 
 def _signed(cluster: LocalCluster, node: str, role: str, method: str, path: str, body: bytes):
-    from ekko.node import signed_requests as sr
+    from ekko.net import signed_requests as sr
 
     url = cluster.url(node, path)
     try:

@@ -8,7 +8,7 @@ import pytest
 from starlette.requests import Request
 
 from ekko.net.httpkit import RequestError, bounded_receive, guarded_by, parse_json, receive_body
-from ekko.node.admin import parse_write
+from ekko.node.table_routes import parse_write
 from ekko.store import UnknownTableError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.node.admin import BadRequest, parse_keys, parse_rows
+from ekko.node.table_routes import BadRequest, parse_keys, parse_rows
 
 
 def test_good_rows_parse_to_int64_and_float32():

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ekko.net.signed_requests import RESIGN_HEADER
 from ekko.node.config import load_config
 from ekko.node.driver import Driver
 from ekko.node.guard_link import ATTEMPTS, GuardLink
@@ -21,7 +22,6 @@ from ekko.node.guard_ticker import ADVANCE_S, GuardTicker
 from ekko.node.http_client import ClusterHttp
 from ekko.node.release_timer import TICK_S, ReleaseTimer
 from ekko.node.runner import NodeRunner
-from ekko.node.signed_requests import RESIGN_HEADER
 from ekko.node.snapshotter import Snapshotter
 from ekko.node.supervisor import Supervisor
 from ekko.ops.cluster_init import cluster_doc, write_cluster

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 from node_apps import cluster_config, node_app
 
+from ekko.net.signed_requests import auth_headers
 from ekko.node.config import load_config
 from ekko.node.runner import NodeRunner
-from ekko.node.signed_requests import auth_headers
 
 M = "/v1/models/ctr"
 SOURCE_CASES = [

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from ekko.net.httpkit import CONTROL_BODY_BYTES, MAX_BODY_BYTES, BodyRoute, bounded_app
 from ekko.net.openapi import openapi_document
 from ekko.node.access import AccessPolicy, signature_security
-from ekko.node.admin import RowsBody
+from ekko.node.table_routes import RowsBody
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ekko.net import signed_requests as sr
 from ekko.net.httpkit import MAX_BODY_BYTES, BodyRoute
-from ekko.node import signed_requests as sr
-from ekko.node.access import AccessPolicy, ClusterAuth, is_own_host, least_role
-from ekko.node.admin import admin_app
-from ekko.node.signed_requests import (
+from ekko.net.signed_requests import (
     RESIGN_HEADER,
     ROLES,
     SIGNATURE_HEADER,
@@ -31,6 +29,8 @@ from ekko.node.signed_requests import (
     signed_json,
     verify_credential,
 )
+from ekko.node.access import AccessPolicy, ClusterAuth, is_own_host, least_role
+from ekko.node.admin import admin_app
 
 SECRET = b"cluster-secret"
 PATH = "/v1/models/ctr/guard/report"

@@ -2,7 +2,7 @@
 
 Why a table in one place: a route added anywhere (admin, serving, training, guard) is covered
 by the same rule set, and one not listed needs ``operator`` — a new route is closed until
-someone decides otherwise. Credentials are signed requests (``ekko.node.signed_requests``).
+someone decides otherwise. Credentials are signed requests (``ekko.net.signed_requests``).
 
 =========================================  ==============================================
 route                                      roles accepted
@@ -17,9 +17,10 @@ GET /v2/models/{m}, /v2/models/{m}/ready   as predict (with ``serve_open``, open
 POST /v2/models/{m}/infer                  else reader+)
 GET /v1/status, /v1/latency                reader, writer, operator
 GET /v1/knowledge                          reader, writer, operator, node
-GET /v1/tables/{t}/rows                    reader, writer, operator
+GET /v1/tables, /v1/tables/{t}/rows       reader, writer, operator
+POST /v1/tables/{t}/lookup                 reader, writer, operator
 GET /v1/models/{m}/health|metrics|train    reader, writer, operator
-POST /v1/tables/{t}/rows                   writer, operator
+POST /v1/tables, /v1/tables/{t}/rows       writer, operator
 POST /v1/models/{m}/train                  writer, operator
 POST /v1/latency/reset                     operator
 POST /v1/checkpoint/refresh                operator
@@ -46,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ekko.net.httpkit import OFFLOAD_BYTES, RequestError, receive_body
 from ekko.net.openapi import Security
-from ekko.node.signed_requests import (
+from ekko.net.signed_requests import (
     RESIGN_HEADER,
     ROLES,
     SIGNATURE_HEADER,
@@ -76,9 +77,13 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("GET", r"/v1/latency", READ),
     ("GET", r"/v1/knowledge", READ | NODE),
     ("POST", r"/v1/latency/reset", OPERATE),
+    ("GET", r"/v1/tables", READ),
+    ("POST", r"/v1/tables", WRITE),
+    # a table's name may hold "/" (dense/...): {t} is everything up to the last segment
     ("GET", r"/v1/tables/.+/rows", READ),
     ("POST", r"/v1/tables/.+/rows", WRITE),
     ("DELETE", r"/v1/tables/.+/rows", WRITE),
+    ("POST", r"/v1/tables/.+/lookup", READ),
     ("GET", r"/v1/snapshot", OPERATE | NODE),
     ("POST", r"/v1/checkpoint/refresh", OPERATE),
     ("GET", r"/v2(/health/(live|ready))?", None),
@@ -132,7 +137,7 @@ def signature_security(policy: AccessPolicy) -> Security:
         "description": (
             "role=<role>,t=<unix s.ms>,nonce=<hex>,mac=<hex HMAC-SHA256(role key, label|role|t|"
             "nonce|METHOD|host|path?query|body)>, role key = HMAC-SHA256(cluster secret, "
-            '"ekko-role-v1|" + role); see ekko.node.signed_requests'
+            '"ekko-role-v1|" + role); see ekko.net.signed_requests'
         ),
     }
     return Security("ekkoSignature", scheme, policy.required)

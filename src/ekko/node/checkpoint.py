@@ -13,11 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ekko.net.signed_requests import auth_headers, host_of, needs_resign
 from ekko.net.wan import WanLine, WanProfile
 from ekko.node.core import NodeCore
 from ekko.node.driver import Driver
 from ekko.node.http_client import ClusterHttp
-from ekko.node.signed_requests import auth_headers, host_of, needs_resign
 from ekko.store import SnapshotError, Store
 from ekko.store.clock import SYSTEM_CLOCK, LoopClock
 

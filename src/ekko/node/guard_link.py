@@ -6,8 +6,8 @@ import logging
 
 import httpx
 
+from ekko.net.signed_requests import needs_resign, signed_json
 from ekko.node.http_client import ClusterHttp
-from ekko.node.signed_requests import needs_resign, signed_json
 from ekko.node.supervisor import Supervisor
 from ekko.store.clock import SYSTEM_CLOCK, LoopClock
 

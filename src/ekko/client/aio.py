@@ -1,0 +1,99 @@
+"""``AsyncClient``: ``Client`` for asyncio code (the same calls, awaited)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+from ekko.client import calls
+from ekko.client.base import MAX_RESIGNS, Target
+from ekko.client.calls import Call, Format, Rows
+from ekko.client.credentials import Credentials
+from ekko.client.errors import ClientError
+from ekko.net.signed_requests import needs_resign
+from ekko.store.spec import TableSpec
+
+
+class AsyncClient:
+    """``Client`` for asyncio code: the same calls, awaited, over one async connection pool
+    (several requests in flight from as many tasks).
+
+    Use::
+
+        async with AsyncClient.from_config("cluster.toml") as c:
+            versions = await c.write("emb", keys, values)
+    """
+
+    def __init__(self, target: Target, *, timeout: float = 60.0, pool: int = 16) -> None:
+        self.target = target
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+        self._http = httpx.AsyncClient(verify=target.verify, timeout=timeout, limits=limits)
+
+    @classmethod
+    def from_config(
+        cls,
+        path: Path | str,
+        node: str | None = None,
+        *,
+        credentials: Credentials | None = None,
+        fmt: Format = "binary",
+        **kwargs: Any,
+    ) -> AsyncClient:
+        """Writes to the source of the cluster config at ``path``, reads from ``node``
+        (default: the first replica); signed with the cluster secret unless ``credentials``."""
+        return cls(Target.from_config(path, node, credentials=credentials, fmt=fmt), **kwargs)
+
+    @classmethod
+    def at(cls, url: str, credentials: Credentials, **kwargs: Any) -> AsyncClient:
+        """The node at ``url`` for writes and reads (``read_url=``: another for reads)."""
+        opts = {k: kwargs.pop(k) for k in ("read_url", "verify", "fmt") if k in kwargs}
+        return cls(Target.at(url, credentials, **opts), **kwargs)
+
+    async def write(self, table: str, keys: Any, values: Any) -> np.ndarray:
+        """Write rows (int64 keys [n], float32 values [n, dim]); the versions they were
+        written at, once the source has them on disk."""
+        return await self._send(calls.write(table, keys, values, self.target.fmt))
+
+    async def lookup(self, table: str, keys: Any) -> Rows:
+        """``(values, versions, found)`` of ``keys``, in their order."""
+        return await self._send(calls.lookup(table, keys, self.target.fmt))
+
+    async def create_table(self, spec: TableSpec) -> bool:
+        """Create ``spec`` at the source; False if it exists with this spec already
+        (``ClientError`` 409 naming both specs if with another)."""
+        return (await self._send(calls.create_table(spec)))["created"]
+
+    async def tables(self) -> dict[str, TableSpec]:
+        """The tables the read node holds."""
+        return await self._send(calls.tables())
+
+    async def status(self, at: Literal["writes", "reads"] = "reads") -> dict:
+        """``/v1/status`` of the read node (``at="writes"``: of the source)."""
+        return await self._send(calls.status(at))
+
+    async def _send(self, call: Call) -> Any:
+        node = self.target.endpoint(call).url
+        for _ in range(MAX_RESIGNS):
+            request = self.target.request(self._http, call)
+            try:
+                r = await self._http.send(request)
+            except httpx.HTTPError as exc:
+                raise ClientError(f"{call.method} {call.path} at {node}: {exc!r}") from exc
+            if not needs_resign(r):
+                break
+        return calls.answer(call, node, r.status_code, r.headers.get("content-type", ""), r.content)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

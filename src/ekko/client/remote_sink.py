@@ -1,0 +1,219 @@
+"""``RemoteSink``: a training process's ``EmbeddingPublisher`` writing into a cluster's
+source over the network."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from ekko.client.errors import SinkFailed
+from ekko.client.sync import Client
+from ekko.store.spec import TableSpec
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class SinkStatistics:
+    """Counters since construction: rows and requests the source acknowledged."""
+
+    rows_acked: int
+    requests: int
+    queued_batches: int
+
+
+class _Lane:
+    """One sender thread and its bounded queue; the keys it carries are the ones whose
+    ``key mod lanes`` is its index, so two writes of a key are sent in order."""
+
+    def __init__(self, sink: RemoteSink, index: int, depth: int) -> None:
+        self.sink = sink
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self.run, name=f"remote-sink-{index}", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                self.queue.task_done()
+                return
+            taken = [item]
+            try:
+                taken += self._more(item[0])
+                if self.sink.failure is None:
+                    self.sink.send(item[0], *_merge(taken))
+            except BaseException as exc:  # handed to the caller's next write or flush
+                self.sink.fail(exc)
+            finally:
+                for _ in taken:
+                    self.queue.task_done()
+
+    def _more(self, table: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Batches of ``table`` queued behind the first, up to the request's row budget:
+        one request instead of many small ones."""
+        more: list = []
+        rows = 0
+        budget = self.sink.rows_per_request(table)
+        while rows < budget:
+            try:
+                nxt = self.queue.queue[0]  # peek: another table's batch stays for its turn
+            except IndexError:
+                break
+            if nxt is _STOP or nxt[0] != table:
+                break
+            more.append(self.queue.get_nowait())
+            rows += nxt[1].shape[0]
+        return more
+
+
+def _merge(batches: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of ``batches`` of one table; a key in several keeps its latest row."""
+    if len(batches) == 1:
+        return batches[0][1], batches[0][2]
+    keys = np.concatenate([b[1] for b in batches])
+    values = np.concatenate([b[2] for b in batches])
+    _, last = np.unique(keys[::-1], return_index=True)
+    keep = keys.shape[0] - 1 - last
+    return keys[keep], values[keep]
+
+
+class RemoteSink:
+    """A ``Sink`` (``ekko.store.spec``) whose rows go to a cluster's source through a
+    ``Client``: ``EmbeddingPublisher(model, RemoteSink(client))`` publishes from any
+    training process.
+
+    Why threads and a bounded queue: a training step must not wait for the network, yet
+    rows must never be dropped. ``write`` hands the rows to ``lanes`` sender threads (each
+    key always to the same one, so a key's writes arrive in order; several requests in
+    flight), each with a queue of at most ``depth`` batches; a full queue blocks ``write``
+    until the source catches up. Batches of one table queued together are merged into one
+    request of at most ``max_request_bytes``. ``flush`` returns once the source has
+    acknowledged (durably) every row handed over. A failed request fails the sink: the
+    next ``write``, ``create_table`` or ``flush`` raises ``SinkFailed`` with it as the
+    cause, and so does every later one — the caller decides (rows of that request and any
+    after it were not acknowledged).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        lanes: int = 4,
+        depth: int = 8,
+        max_request_bytes: int = 8 << 20,
+    ) -> None:
+        if lanes < 1 or depth < 1 or max_request_bytes < 1024:
+            raise ValueError(
+                f"lanes and depth must be >= 1 and max_request_bytes >= 1024, got "
+                f"{lanes}, {depth}, {max_request_bytes}"
+            )
+        self.client = client
+        self.max_request_bytes = max_request_bytes
+        self.failure: BaseException | None = None
+        self._dims: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._rows_acked = 0
+        self._requests = 0
+        self._closed = False
+        self._lanes = [_Lane(self, i, depth) for i in range(lanes)]
+
+    # -- the Sink ---------------------------------------------------------------------------
+
+    def create_table(self, spec: TableSpec) -> None:
+        """Create ``spec`` at the source now (idempotent; a conflicting spec raises)."""
+        self._check()
+        self.client.create_table(spec)
+        self._dims[spec.name] = spec.dim
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        """Queue the rows (blocks while the queues are full); ``SinkFailed`` if an earlier
+        request failed."""
+        self._check()
+        keys = np.asarray(keys, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float32)
+        if keys.ndim != 1 or values.ndim != 2 or values.shape[0] != keys.shape[0]:
+            raise ValueError(
+                f"{table}: keys [n] and values [n, dim] expected, got {list(keys.shape)} "
+                f"and {list(values.shape)}"
+            )
+        self._dims.setdefault(table, values.shape[1])
+        if not keys.shape[0]:
+            return
+        n = len(self._lanes)
+        if n == 1:
+            self._lanes[0].queue.put((table, keys, values))
+            return
+        lane = keys.view(np.uint64) % np.uint64(n)
+        for i in range(n):
+            mask = lane == i
+            if mask.any():
+                self._lanes[i].queue.put((table, keys[mask], values[mask]))
+
+    # -- flushing ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Return once the source acknowledged every row written so far; ``SinkFailed``
+        if a request failed."""
+        for lane in self._lanes:
+            lane.queue.join()
+        self._check()
+
+    def close(self) -> None:
+        """Flush, then stop the sender threads (the client stays open: it is the caller's)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            for lane in self._lanes:
+                lane.queue.put(_STOP)
+            for lane in self._lanes:
+                lane.thread.join()
+
+    def statistics(self) -> SinkStatistics:
+        with self._lock:
+            rows, requests = self._rows_acked, self._requests
+        return SinkStatistics(rows, requests, sum(lane.queue.qsize() for lane in self._lanes))
+
+    # -- the sender threads' side -----------------------------------------------------------
+
+    def rows_per_request(self, table: str) -> int:
+        return max(1, self.max_request_bytes // (8 + 4 * self._dims.get(table, 1)))
+
+    def send(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        step = self.rows_per_request(table)
+        for start in range(0, keys.shape[0], step):
+            k, v = keys[start : start + step], values[start : start + step]
+            self.client.write(table, k, v)
+            with self._lock:
+                self._rows_acked += k.shape[0]
+                self._requests += 1
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = exc
+                log.warning("remote sink: a write failed, the sink stops sending: %s", exc)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise SinkFailed("the remote sink is closed")
+        if self.failure is not None:
+            raise SinkFailed(f"an earlier write failed: {self.failure}") from self.failure
+
+    def __enter__(self) -> RemoteSink:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,107 @@
+"""``Client``: the cluster's rows from any Python process, over its nodes' HTTP ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+from ekko.client import calls
+from ekko.client.base import MAX_RESIGNS, Target
+from ekko.client.calls import Call, Format, Rows
+from ekko.client.credentials import Credentials
+from ekko.client.errors import ClientError
+from ekko.net.signed_requests import needs_resign
+from ekko.store.spec import TableSpec
+
+
+class Client:
+    """Writes rows to a cluster's source and reads them from a replica, in the binary row
+    format (``ekko.client.wire``) or JSON (``fmt="json"``).
+
+    Why a client: a training process in another machine or container publishes to the
+    cluster without running a node; every request is signed (``Credentials``) and a write
+    returns once the source has it on disk. Thread-safe (one connection pool), so several
+    threads may have requests in flight (``RemoteSink`` does). There is no ``delete``: the
+    store has no deletes yet.
+
+    Use::
+
+        with Client.from_config("cluster.toml") as c:
+            c.create_table(TableSpec("emb", dim=32, num_shards=16))
+            versions = c.write("emb", keys, values)
+            values, versions, found = c.lookup("emb", keys)
+    """
+
+    def __init__(self, target: Target, *, timeout: float = 60.0, pool: int = 16) -> None:
+        self.target = target
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+        self._http = httpx.Client(verify=target.verify, timeout=timeout, limits=limits)
+
+    @classmethod
+    def from_config(
+        cls,
+        path: Path | str,
+        node: str | None = None,
+        *,
+        credentials: Credentials | None = None,
+        fmt: Format = "binary",
+        **kwargs: Any,
+    ) -> Client:
+        """Writes to the source of the cluster config at ``path``, reads from ``node``
+        (default: the first replica); signed with the cluster secret unless ``credentials``."""
+        return cls(Target.from_config(path, node, credentials=credentials, fmt=fmt), **kwargs)
+
+    @classmethod
+    def at(cls, url: str, credentials: Credentials, **kwargs: Any) -> Client:
+        """The node at ``url`` for writes and reads (``read_url=``: another for reads)."""
+        opts = {k: kwargs.pop(k) for k in ("read_url", "verify", "fmt") if k in kwargs}
+        return cls(Target.at(url, credentials, **opts), **kwargs)
+
+    def write(self, table: str, keys: Any, values: Any) -> np.ndarray:
+        """Write rows (int64 keys [n], float32 values [n, dim]); the versions they were
+        written at, once the source has them on disk."""
+        return self._send(calls.write(table, keys, values, self.target.fmt))
+
+    def lookup(self, table: str, keys: Any) -> Rows:
+        """``(values, versions, found)`` of ``keys``, in their order."""
+        return self._send(calls.lookup(table, keys, self.target.fmt))
+
+    def create_table(self, spec: TableSpec) -> bool:
+        """Create ``spec`` at the source; False if it exists with this spec already
+        (``ClientError`` 409 naming both specs if with another)."""
+        return self._send(calls.create_table(spec))["created"]
+
+    def tables(self) -> dict[str, TableSpec]:
+        """The tables the read node holds."""
+        return self._send(calls.tables())
+
+    def status(self, at: Literal["writes", "reads"] = "reads") -> dict:
+        """``/v1/status`` of the read node (``at="writes"``: of the source)."""
+        return self._send(calls.status(at))
+
+    def _send(self, call: Call) -> Any:
+        node = self.target.endpoint(call).url
+        for _ in range(MAX_RESIGNS):
+            request = self.target.request(self._http, call)
+            try:
+                r = self._http.send(request)
+            except httpx.HTTPError as exc:
+                raise ClientError(f"{call.method} {call.path} at {node}: {exc!r}") from exc
+            if not needs_resign(r):
+                break
+        return calls.answer(call, node, r.status_code, r.headers.get("content-type", ""), r.content)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

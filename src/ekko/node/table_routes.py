@@ -1,0 +1,248 @@
+"""The table routes of a node's HTTP API: list and create tables, write and read rows, in
+JSON for humans and in the binary format of ``ekko.client.wire`` for programs.
+
+Why one module: the JSON and binary forms of a route share its handler (the request's
+``content-type`` says how to read the body, its ``accept`` how to answer), so a check added
+to one form holds for the other. Table names may hold ``/`` (the publisher's ``dense/...``):
+the ``{table:path}`` parameter takes the rest of the path up to ``/rows`` or ``/lookup``,
+sent as ``dense/x`` or ``dense%2Fx``. Every body is checked in full before the store is
+touched; a write is answered once it is in the write-ahead log on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import reprlib
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ekko.client.wire import (
+    ROWS_MEDIA_TYPE,
+    RowsFrame,
+    WireError,
+    WrittenFrame,
+    decode_lookup,
+    decode_write,
+    encode,
+    is_binary,
+)
+from ekko.net.httpkit import (
+    CONTROL_BODY_BYTES,
+    BodyRoute,
+    Int64,
+    RequestError,
+    convert,
+    guarded_by,
+    json_response,
+    offload,
+    parse_json,
+    read_body,
+)
+from ekko.node.core import NodeCore, NotReadyError, NotSourceError
+from ekko.store import StoreError, TableConflictError, UnknownTableError, WalError
+from ekko.store.spec import TableSpec
+
+BadRequest = RequestError
+
+MAX_TABLES = 4096
+"""Tables a store may hold before ``POST /v1/tables`` refuses another (each costs memory on
+every node of the cluster, so a runaway client is stopped, not obeyed)."""
+MAX_DIM = 65536
+MAX_SHARDS = 4096  # as a table in the config
+_CREATED_ROWS = 16  # a created table starts small and grows with its writes
+_OFFLOAD_ROWS = 4096
+
+guarded = guarded_by({
+    WireError: 400,
+    UnknownTableError: 404,
+    TableConflictError: 409,
+    NotSourceError: 409,
+    NotReadyError: 503,
+    WalError: (503, "write not durable: "),  # in the store but not durable: not acknowledged
+    StoreError: 400,
+})  # fmt: skip
+
+_SEGMENT = r"[A-Za-z0-9_.:=@+-]+"
+TableName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=rf"^{_SEGMENT}(/{_SEGMENT})*$")
+]
+
+
+class RowsBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A row write: one row of the table's ``dim`` finite numbers per key (``parse_rows``
+    checks it, naming the field; the store checks finiteness and ``max_abs``). Binary:
+    ``application/x-ekko-rows`` (``ekko.client.wire.WriteFrame``)."""
+
+    keys: list[Int64]
+    values: list[list[float]]
+
+
+class LookupBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The keys to read. Binary: ``application/x-ekko-rows`` (``ekko.client.wire.LookupFrame``)."""
+
+    keys: list[Int64]
+
+
+class TableSpecBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A table to create: its name (segments of letters, digits and ``_.:=@+-`` joined by
+    ``/``), the length of its rows and its shard count."""
+
+    name: TableName
+    dim: Annotated[int, msgspec.Meta(ge=1, le=MAX_DIM)]
+    shards: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARDS)] = 16
+
+    def spec(self) -> TableSpec:
+        return TableSpec(self.name, self.dim, self.shards)
+
+
+def parse_keys(raw: Any, field: str = "keys") -> np.ndarray:
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(f"{field}: expected a non-empty list of integers")
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in raw):
+        bad = next(k for k in raw if not isinstance(k, int) or isinstance(k, bool))
+        raise BadRequest(f"{field}: every key must be an integer (int64), got {reprlib.repr(bad)}")
+    try:
+        return np.array(raw, dtype=np.int64)
+    except OverflowError as exc:
+        raise BadRequest(f"{field}: a key does not fit in int64") from exc
+
+
+def parse_rows(body: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(body, dict):
+        raise BadRequest('body: expected an object {"keys": [...], "values": [[...], ...]}')
+    unknown = sorted(set(body) - {"keys", "values"})
+    if unknown:
+        raise BadRequest(f"body: unknown fields {unknown}")
+    keys = parse_keys(body.get("keys"))
+    raw = body.get("values")
+    if not isinstance(raw, list) or len(raw) != len(keys):
+        got = len(raw) if isinstance(raw, list) else type(raw).__name__
+        raise BadRequest(f"values: expected a list of {len(keys)} rows (one per key), got {got}")
+    for i, row in enumerate(raw):
+        if not isinstance(row, list) or len(row) != dim:
+            got = len(row) if isinstance(row, list) else type(row).__name__
+            raise BadRequest(f"values[{i}]: expected {dim} numbers, got {got}")
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in row):
+            raise BadRequest(f"values[{i}]: every element must be a number")
+    values = np.array(raw, dtype=np.float32)
+    return keys, values  # finiteness and max_abs: the store's write check, named per value
+
+
+def parse_write(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A JSON row write's body, parsed and validated (run off the loop when large)."""
+    return parse_rows(parse_json(body), dim)
+
+
+def parse_lookup(body: bytes) -> np.ndarray:
+    """A JSON lookup's keys."""
+    doc = parse_json(body)
+    if not isinstance(doc, dict) or set(doc) != {"keys"}:
+        raise BadRequest('body: expected an object {"keys": [...]}')
+    return parse_keys(doc["keys"])
+
+
+def _binary_request(request: Request) -> bool:
+    return is_binary(request.headers.get("content-type"))
+
+
+async def _answer(
+    request: Request, frame: msgspec.Struct, doc: Callable[[], Any], n: int
+) -> Response:
+    """``frame`` in the binary format if the request accepts it, else ``doc()`` as JSON
+    (rendered off the loop for a large answer of ``n`` rows)."""
+    if is_binary(request.headers.get("accept")):
+        return Response(encode(frame), media_type=ROWS_MEDIA_TYPE)
+    if n > _OFFLOAD_ROWS:
+        return json_response(await asyncio.to_thread(doc))
+    return json_response(doc())
+
+
+def table_routes(core: NodeCore, max_body: int) -> list[Route]:
+    """The table routes of ``core``'s API; a row body is at most ``max_body`` bytes."""
+
+    def table_of(request: Request):
+        return core.store.table(request.path_params["table"])
+
+    @guarded
+    async def list_tables(request: Request) -> Response:
+        """The tables this node holds: name, dim, shards, rows."""
+        tables = [
+            {"name": t.name, "dim": t.dim, "shards": t.num_shards, "rows": t.rows}
+            for t in core.store.tables.values()
+        ]
+        return json_response({"tables": tables})
+
+    @guarded
+    async def create_table(request: Request) -> Response:
+        """Create a table at the source (the same spec again: nothing to do; another spec of
+        an existing name: 409 naming both). Replicas learn it with their next pull."""
+        core.require_source("create tables at")
+        spec = convert(parse_json(await read_body(request)), TableSpecBody, "a TableSpecBody")
+        store = core.store
+        exists = spec.name in store.tables
+        if not exists and len(store.tables) >= MAX_TABLES:
+            raise BadRequest(f"name: this store holds {MAX_TABLES} tables, the most it may")
+        store.create_table(spec.spec(), initial_rows=_CREATED_ROWS)
+        status = 200 if exists else 201
+        doc = {"name": spec.name, "dim": spec.dim, "shards": spec.shards, "created": not exists}
+        return json_response(doc, status)
+
+    @guarded
+    async def get_rows(request: Request) -> Response:
+        """Rows by key, as JSON (``?keys=1,2,3``)."""
+        table = table_of(request)
+        raw = request.query_params.get("keys", "")
+        try:
+            keys = [int(k) for k in raw.split(",") if k.strip()]
+        except ValueError as exc:
+            raise BadRequest(
+                f"keys: expected comma-separated integers, got {reprlib.repr(raw)}"
+            ) from exc
+        return JSONResponse(core.read_rows(table.name, parse_keys(keys)))
+
+    @guarded
+    async def post_rows(request: Request) -> Response:
+        """Write rows at the source, answered with their versions once durable."""
+        core.require_source("write to")
+        table = table_of(request)
+        body = await read_body(request)
+        parse = decode_write if _binary_request(request) else parse_write
+        keys, values = await offload(parse, body, table.dim)
+        versions = core.write(table.name, keys, values)
+        await core.wait_durable()  # acknowledged = on disk (one fsync per group commit)
+        frame = WrittenFrame(table.name, versions)
+
+        def doc() -> dict[str, Any]:
+            return {"table": table.name, "versions": versions.tolist()}
+
+        return await _answer(request, frame, doc, len(versions))
+
+    @guarded
+    async def lookup(request: Request) -> Response:
+        """Rows by key (a body of keys, for batches too long for a query): values, versions
+        and a found mask, in key order."""
+        table = table_of(request)
+        body = await read_body(request)
+        keys = await offload(decode_lookup if _binary_request(request) else parse_lookup, body)
+        values, versions, found = table.lookup(keys)
+        frame = RowsFrame(table.name, values, versions, found.view(np.uint8))
+
+        def doc() -> dict[str, Any]:
+            return {"table": table.name, "found": found.tolist(), "versions": versions.tolist(),
+                    "values": values.tolist()}  # fmt: skip
+
+        return await _answer(request, frame, doc, len(keys))
+
+    return [
+        Route("/v1/tables", list_tables, methods=["GET"]),
+        BodyRoute("/v1/tables", create_table, max_body=CONTROL_BODY_BYTES, body=TableSpecBody),
+        Route("/v1/tables/{table:path}/rows", get_rows, methods=["GET"]),
+        BodyRoute("/v1/tables/{table:path}/rows", post_rows, max_body=max_body, body=RowsBody),
+        BodyRoute("/v1/tables/{table:path}/lookup", lookup, max_body=max_body, body=LookupBody),
+    ]

@@ -1,0 +1,141 @@
+"""``RemoteSink``: a slow source fills the queue and the writer blocks (nothing dropped),
+``flush`` returns after the acknowledgement, a failure reaches the caller, and a publisher
+through it leaves the source holding the model's weights."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from conftest import Source
+from torch import nn
+
+from ekko.client import ClientError, RemoteSink, SinkFailed, TableSpec
+from ekko.torch import EmbeddingPublisher, PublisherConfig
+
+
+def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)  # polling another thread's state, bounded by the deadline
+
+
+class GatedClient:
+    """A source that acknowledges a write only when the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.rows: dict[int, np.ndarray] = {}
+        self.fail_with: Exception | None = None
+
+    def create_table(self, spec: TableSpec) -> bool:
+        return True
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        for k, v in zip(keys.tolist(), values, strict=True):
+            self.rows[k] = v.copy()
+        return np.arange(1, keys.size + 1)
+
+
+def test_a_slow_source_blocks_the_writer_and_loses_nothing() -> None:
+    client = GatedClient()
+    sink = RemoteSink(client, lanes=1, depth=2)  # type: ignore[arg-type]
+    sink.create_table(TableSpec("t", 2, 1))
+    done = []
+
+    def writer() -> None:
+        for i in range(6):
+            sink.write("t", np.array([i], np.int64), np.full((1, 2), i, np.float32))
+            done.append(i)
+            if i == 0:  # the first batch goes alone into the request the source holds
+                client.entered.wait()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    # one batch in the request the source holds, two queued: the writer's fourth blocks
+    _until(lambda: sink.statistics().queued_batches == 2 and len(done) == 3, "queue full")
+    assert thread.is_alive() and len(done) == 3 and not client.rows
+    client.gate.set()
+    thread.join(timeout=10)
+    sink.flush()
+    assert sorted(client.rows) == list(range(6))
+    assert all((client.rows[i] == i).all() for i in range(6))
+    assert sink.statistics().rows_acked == 6
+    sink.close()
+
+
+def test_a_failed_request_reaches_the_caller_and_the_sink_stays_failed() -> None:
+    client = GatedClient()
+    client.fail_with = ClientError("POST /v1/tables/t/rows at x: 503 not now", 503)
+    client.gate.set()
+    sink = RemoteSink(client, lanes=2)  # type: ignore[arg-type]
+    sink.write("t", np.arange(4, dtype=np.int64), np.zeros((4, 2), np.float32))
+    with pytest.raises(SinkFailed, match="503 not now") as err:
+        sink.flush()
+    assert isinstance(err.value.__cause__, ClientError)
+    with pytest.raises(SinkFailed):
+        sink.write("t", np.arange(1, dtype=np.int64), np.zeros((1, 2), np.float32))
+    with pytest.raises(SinkFailed):
+        sink.close()
+
+
+def test_later_writes_of_a_key_win_across_merged_batches() -> None:
+    client = GatedClient()
+    sink = RemoteSink(client, lanes=3, depth=64)  # type: ignore[arg-type]
+    keys = np.arange(-20, 20, dtype=np.int64)
+    for step in range(10):  # queued while the gate is shut: merged into few requests
+        sink.write("t", keys, np.full((keys.size, 2), step, np.float32))
+    client.gate.set()
+    sink.flush()
+    assert sorted(client.rows) == keys.tolist()
+    assert all((v == 9).all() for v in client.rows.values())
+    sink.close()
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.bottom = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bottom(self.emb(ids)).sum()
+
+
+def test_a_publisher_through_the_remote_sink_leaves_the_models_weights_at_the_source(
+    source: Source,
+) -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = PublisherConfig(table_names={"emb": "tiny/emb"}, embedding_shards=2,
+                             dense_interval_s=0.0, dense_prefix="tiny/dense/")  # fmt: skip
+    with source.client() as c, RemoteSink(c, lanes=3, max_request_bytes=4096) as sink:
+        pub = EmbeddingPublisher(model, sink, config)
+        for _ in range(20):
+            ids = torch.randint(0, 50, (16,))
+            opt.zero_grad()
+            model(ids).backward()
+            opt.step()
+            pub.publish()
+        pub.flush()
+        sink.flush()
+        assert sink.statistics().requests > 20  # split to the request budget, pipelined
+        touched = c.lookup("tiny/emb", np.arange(50)).found.nonzero()[0]
+        rows = c.lookup("tiny/emb", touched)
+        weight = c.lookup("tiny/dense/bottom.weight", np.array([0]))
+        bias = c.lookup("tiny/dense/bottom.bias", np.array([0]))
+    np.testing.assert_array_equal(rows.values, model.emb.weight.detach().numpy()[touched])
+    np.testing.assert_array_equal(weight.values[0], model.bottom.weight.detach().numpy().ravel())
+    np.testing.assert_array_equal(bias.values[0], model.bottom.bias.detach().numpy())
+    assert touched.size > 30
