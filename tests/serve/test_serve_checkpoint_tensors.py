@@ -140,3 +140,22 @@ def test_files_torch_and_safetensors_and_what_is_not_one(tmp_path: Path) -> None
         with pytest.raises(CheckpointError) as err:
             read_state(tmp_path / name)
         assert named in str(err.value), name
+
+
+def test_a_tensor_with_no_dense_cpu_data_is_named(tmp_path: Path) -> None:
+    """A .pt state dict may hold float32 tensors that are sparse (COO, CSR) or on the meta
+    device (no data at all, as ``torch.device("meta")`` models save): each is a
+    ``CheckpointError`` naming it, not a RuntimeError out of ``ekko load``."""
+    state = DLRM(CFG).state_dict()
+    bias = state["top.0.bias"]
+    cases = {
+        "coo": (bias.to_sparse(), "top.0.bias: a sparse_coo tensor; the model holds dense"),
+        "csr": (state["top.0.weight"].to_sparse_csr(), "top.0.weight: a sparse_csr tensor"),
+        "meta": (torch.empty(bias.shape, device="meta"), "top.0.bias: on device meta"),
+    }
+    for name, (tensor, named) in cases.items():
+        key = named.partition(":")[0]
+        torch.save({**state, key: tensor}, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError) as err:
+            read_state(tmp_path / f"{name}.pt")
+        assert named in str(err.value), name

@@ -158,6 +158,11 @@ def read_state(path: Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{key}: expected a tensor, got a {type(value).__name__}")
         if value.dtype != torch.float32:
             raise CheckpointError(f"{key}: dtype {value.dtype}; the model holds torch.float32")
+        if value.layout != torch.strided:
+            layout = str(value.layout).removeprefix("torch.")
+            raise CheckpointError(f"{key}: a {layout} tensor; the model holds dense ones")
+        if value.device.type != "cpu":  # map_location moves real devices; meta has no data
+            raise CheckpointError(f"{key}: on device {value.device.type}, no data to load")
         state[key] = value.detach().contiguous().numpy()
     return state
 
