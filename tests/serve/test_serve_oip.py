@@ -305,3 +305,14 @@ async def test_binary_tensor_bytes_must_match_the_inputs(client: httpx.AsyncClie
     assert short.status_code == 400 and "sparse: binary data ends at byte" in short.json()["error"]
     extra = await client.post(INFER, content=body + b"\0" * 4, headers=headers)
     assert extra.status_code == 400 and "4 bytes after the JSON header" in extra.json()["error"]
+
+
+async def test_refusals_quote_a_long_name_or_value_cut_short(client: httpx.AsyncClient) -> None:
+    for doc in (
+        _doc(dense__datatype="F" * 100_000),
+        _doc(dense__name="d" * 100_000),
+        {**_doc(), "parameters": {"binary_data_output": ["x" * 100_000]}},
+        {**_doc(), "outputs": [{"name": "c" * 100_000}]},
+    ):
+        r = await client.post(INFER, content=json.dumps(doc))
+        assert r.status_code == 400 and len(r.json()["error"]) < 200, r.text[:300]

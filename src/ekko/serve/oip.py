@@ -104,7 +104,7 @@ def _label(name: str) -> str:
 def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool:
     value = (params or {}).get(key, False)
     if not isinstance(value, bool):
-        raise RequestError(f"{where}.{key}: expected true or false, got {value!r}")
+        raise RequestError(f"{where}.{key}: expected true or false, got {reprlib.repr(value)}")
     return value
 
 
@@ -188,7 +188,8 @@ def decode_infer(
             raise RequestError(f"{t.name}: given twice")
         datatype, width = want[t.name]
         if t.datatype != datatype:
-            raise RequestError(f"{t.name}: datatype {t.datatype!r}; the model takes {datatype}")
+            got = reprlib.repr(t.datatype)
+            raise RequestError(f"{t.name}: datatype {got}; the model takes {datatype}")
         if len(t.shape) != 2 or t.shape[1] != width or t.shape[0] < 0:
             raise RequestError(f"{t.name}: shape {t.shape}; the model takes [-1, {width}]")
         check_batch(t.shape[0], t.name, max_batch)
