@@ -17,6 +17,7 @@ from ekko.node.core import NodeCore, NotReadyError
 from ekko.node.runner import NodeRunner
 from ekko.ops.cluster_init import cluster_doc, write_cluster
 from ekko.store import SnapshotError, WalError, wal_format
+from ekko.store.spec import TableSpec
 
 
 def _config(tmp_path: Path, **durability) -> ClusterConfig:
@@ -157,4 +158,36 @@ def test_a_failed_log_refuses_writes_until_a_snapshot_restarts_it(
     asyncio.run(core.wait_durable())
     text = generate_latest(node_registry(core)).decode()
     assert 'ekko_wal_failed{dc="train",node="source",role="source"} 0.0' in text
+    core.close()
+
+
+async def test_a_created_table_survives_a_crash_without_snapshot(tmp_path: Path) -> None:
+    """``POST /v1/tables`` answered 201 is as durable as an acknowledged write: the source
+    crashing before any snapshot (and before any replica pulled the table) keeps it. It was
+    lost: only row writes reached the write-ahead log."""
+    from starlette.applications import Starlette
+
+    from ekko.node.table_routes import table_routes
+
+    cfg = _config(tmp_path)
+    core = NodeCore(cfg, "source", tmp_path)
+    core.not_ready = None
+    app = Starlette(routes=table_routes(core, max_body=1 << 20))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        r = await c.post("/v1/tables", json={"name": "user/made", "dim": 8, "shards": 2})
+        assert r.status_code == 201, r.text
+    assert core.journal is not None
+    core.journal.wal.close()  # SIGKILL: no snapshot, no close
+    assert not (tmp_path / "data" / "source" / "store.snapshot").exists()
+    again = NodeCore(cfg, "source", tmp_path)
+    table = again.store.table("user/made")
+    assert (table.dim, table.num_shards, table.rows) == (8, 2, 0)
+    again.close()
+
+
+def test_no_table_is_created_while_the_source_recovers(tmp_path: Path) -> None:
+    core = NodeCore(_config(tmp_path), "source", tmp_path)
+    with pytest.raises(NotReadyError, match="takes no writes yet: recovering"):
+        asyncio.run(core.create_table(TableSpec("user/made", 8, 2), initial_rows=16))
+    assert "user/made" not in core.store.tables
     core.close()

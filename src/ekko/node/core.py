@@ -27,9 +27,9 @@ from ekko.quality.latency import LatencyHistogram
 from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
-from ekko.store.journal import StoreJournal, open_durable
+from ekko.store.journal import StoreJournal, encode_batch, open_durable
 from ekko.store.settled import Mark
-from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
+from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,11 @@ class NodeCore:
         """Write rows at the source; raises on a replica, an unknown table or bad rows, and
         ``NotReadyError`` while the source recovers. Durable once ``wait_durable`` returns."""
         self.require_source("write to")
+        self._require_writable()
+        now_ns = self.clock.ns()
+        return self.port.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns)
+
+    def _require_writable(self) -> None:
         if self.not_ready is not None:
             raise NotReadyError(f"source {self.name!r} takes no writes yet: {self.not_ready}")
         if self.journal is not None and self.journal.wal.failed is not None:
@@ -187,8 +192,25 @@ class NodeCore:
                 f"source {self.name!r} takes no writes: its write-ahead log failed "
                 f"({self.journal.wal.failed})"
             )
-        now_ns = self.clock.ns()
-        return self.port.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns)
+
+    async def create_table(self, spec: TableSpec, *, initial_rows: int) -> bool:
+        """Create ``spec`` at the source (True), or find it there as it is (False; another
+        spec of the name raises ``TableConflictError``); returns once the table is on disk,
+        as a write is acknowledged: a new table is logged as a write of no rows (its spec is
+        all a replayed write needs to create it), so a crash before the next snapshot keeps
+        it."""
+        self.require_source("create tables at")
+        self._require_writable()
+        created = spec.name not in self.store.tables
+        self.store.create_table(spec, initial_rows=initial_rows)
+        if created and self.journal is not None:
+            none = np.zeros(0, dtype=np.int64)
+            empty = np.zeros((0, spec.dim), dtype=np.float32)
+            self.journal.wal.append(
+                encode_batch(spec, none, empty, none, self.clock.ns(), none.astype(np.uint8))
+            )
+        await self.wait_durable()
+        return created
 
     def down(self) -> dict[str, str]:
         """What of the node's own machinery stopped working (for ``/ready``)."""

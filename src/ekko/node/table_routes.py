@@ -181,14 +181,15 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
     @guarded
     async def create_table(request: Request) -> Response:
         """Create a table at the source (the same spec again: nothing to do; another spec of
-        an existing name: 409 naming both). Replicas learn it with their next pull."""
+        an existing name: 409 naming both), answered once it is on disk. Replicas learn it
+        with their next pull."""
         core.require_source("create tables at")
         spec = convert(parse_json(await read_body(request)), TableSpecBody, "a TableSpecBody")
         store = core.store
         exists = spec.name in store.tables
         if not exists and len(store.tables) >= MAX_TABLES:
             raise BadRequest(f"name: this store holds {MAX_TABLES} tables, the most it may")
-        store.create_table(spec.spec(), initial_rows=_CREATED_ROWS)
+        exists = not await core.create_table(spec.spec(), initial_rows=_CREATED_ROWS)
         status = 200 if exists else 201
         doc = {"name": spec.name, "dim": spec.dim, "shards": spec.shards, "created": not exists}
         return json_response(doc, status)
