@@ -57,15 +57,15 @@ def load(
         ..., "--from", help="A torch state_dict (.pt) or a .safetensors file."
     ),
 ) -> None:
-    """Write a checkpoint's tensors into MODEL's tables at the source (signed, through its
-    write port; replicas pull them as any write). The whole file is checked against the
-    model and the source's tables first: a wrong key, shape or dtype, a NaN or a value
-    beyond max_abs is named and nothing is written. The source's trainer keeps its own
-    weights until it restarts (it resumes from the store then)."""
+    """Write a checkpoint's tensors into MODEL's tables at the source (binary row writes,
+    signed, through its write port; replicas pull them as any write). The whole file is
+    checked against the model and the source's tables first: a wrong key, shape or dtype,
+    a NaN or a value beyond max_abs is named and nothing is written. The source's trainer
+    keeps its own weights until it restarts (it resumes from the store then)."""
     from ekko.ops.checkpoints import CheckpointError, load_model
 
     err = console
-    cfg, secret = read_cluster(config, err)
+    cfg, _ = read_cluster(config, err)
     shown = {"at": 0.0}
     tty = sys.stderr.isatty()
 
@@ -81,7 +81,7 @@ def load(
             err.print(line, highlight=False)
 
     try:
-        done = load_model(cfg, config.resolve().parent, secret, model, from_file, progress)
+        done = load_model(cfg, config, model, from_file, progress)
     except (CheckpointError, OSError) as exc:
         err.print(f"\n[red]load failed:[/red] {exc}" if tty else f"load failed: {exc}")
         raise typer.Exit(1) from exc

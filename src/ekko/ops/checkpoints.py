@@ -4,9 +4,10 @@ Export reuses the checkpoint replicas' full copy: the source's ``GET /v1/snapsho
 the store saved in one step on the source's event loop, so one cut across every table) is
 loaded and checked as a ``Store`` and its model tables become the DLRM's state dict, saved
 as safetensors (``ekko.ops.checkpoint_tensors``). Load checks the whole file against the
-model first, then writes every tensor's rows through the source's signed row route (its one
-``WritePort``, each batch acknowledged once durable), in batches that fit the route's body
-limit, and replicas pull them as they pull any write.
+model first, then writes every tensor's rows with the client SDK (``ekko.client``: binary
+row bodies, signed, through the source's one ``WritePort``, each batch acknowledged once
+durable), in batches that fit the route's body limit, and replicas pull them as they pull
+any write.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
-import msgspec
 import numpy as np
 
+from ekko.client import Client, ClientError
+from ekko.client import ConfigError as ClientConfigError
 from ekko.node.access import ClusterAuth
 from ekko.node.config import ClusterConfig, ModelConfig
 from ekko.node.http_client import ClusterHttp
@@ -36,7 +37,6 @@ from ekko.store import SnapshotError, Store
 
 Progress = Callable[[int, int, str], None]
 """``progress(rows_done, rows_total, table)`` after each acknowledged batch."""
-_JSON_BYTES_PER_VALUE = 24  # a float32 as JSON text, with its separator, at most
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,7 @@ def export_model(
     return Exported(out, len(tensors), size, metadata)
 
 
-def _check_source_tables(client: httpx.Client, url: str, plan: list[TableRows]) -> None:
-    r = client.get(url)
-    if r.status_code != 200:
-        raise _refused(r, "source GET /v1/status")
-    status = r.json()
+def _check_source_tables(status: dict, plan: list[TableRows]) -> None:
     if status.get("accepting_writes") is False:
         raise CheckpointError("the source is not accepting writes yet (recovering); retry")
     tables = status.get("tables", {})
@@ -135,42 +131,39 @@ def _check_source_tables(client: httpx.Client, url: str, plan: list[TableRows]) 
 
 def load_model(
     config: ClusterConfig,
-    base_dir: Path,
-    secret: bytes,
+    config_path: Path,
     model: str,
     path: Path,
     progress: Progress | None = None,
 ) -> Loaded:
     """Write the tensors of ``path`` (``.safetensors`` or a torch ``.pt`` state dict) into
-    ``model``'s tables at the source. The file is checked in full against the model and the
+    ``model``'s tables at the source of ``config`` (read from ``config_path``), through the
+    client SDK's binary row writes. The file is checked in full against the model and the
     source's tables first: a bad tensor is a ``CheckpointError`` naming it, nothing written."""
     m = model_config(config, model)
     plan = rows_of_state(read_state(Path(path)), m.dlrm(), m.max_abs)
-    http = ClusterHttp(config, base_dir)
-    source = config.source.name
     budget = config.http.max_body_bytes // 2
     total = sum(int(t.keys.shape[0]) for t in plan)
     done = 0
     top = 0
-    with http.client(auth=ClusterAuth(secret), timeout=120.0) as client:
-        _check_source_tables(client, http.url(source, "/v1/status"), plan)
-        for rows in plan:
-            url = http.url(source, f"/v1/tables/{quote(rows.table, safe='/')}/rows")
-            step = max(1, budget // (rows.values.shape[1] * _JSON_BYTES_PER_VALUE + 32))
-            for start in range(0, rows.keys.shape[0], step):
-                keys = rows.keys[start : start + step]
-                body = msgspec.json.encode(
-                    {"keys": keys.tolist(), "values": rows.values[start : start + step].tolist()}
-                )
-                r = client.post(url, content=body, headers={"content-type": "application/json"})
-                if r.status_code != 200:
-                    raise _refused(
-                        r, f"{rows.key}: writing table {rows.table!r} ({done} of {total} rows "
-                        f"written before)",
-                    )  # fmt: skip
-                versions = np.asarray(r.json()["versions"], dtype=np.int64)
-                top = max(top, int(versions.max(initial=0)))
-                done += int(keys.shape[0])
-                if progress is not None:
-                    progress(done, total, rows.table)
+    try:
+        with Client.from_config(config_path, config.source.name, timeout=120.0) as client:
+            _check_source_tables(client.status(at="writes"), plan)
+            for rows in plan:
+                step = max(1, budget // (rows.values.shape[1] * 4 + 8))
+                for start in range(0, rows.keys.shape[0], step):
+                    keys = rows.keys[start : start + step]
+                    try:
+                        versions = client.write(rows.table, keys, rows.values[start : start + step])
+                    except ClientError as exc:
+                        raise CheckpointError(
+                            f"{rows.key}: writing table {rows.table!r} ({done} of {total} rows "
+                            f"written before): {exc}"
+                        ) from exc
+                    top = max(top, int(np.max(versions, initial=0)))
+                    done += int(keys.shape[0])
+                    if progress is not None:
+                        progress(done, total, rows.table)
+    except (ClientError, ClientConfigError) as exc:
+        raise CheckpointError(f"source {config.source.name}: {exc}") from exc
     return Loaded(len(plan), done, top)
