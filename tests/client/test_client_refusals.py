@@ -4,13 +4,17 @@ oversized bodies."""
 
 from __future__ import annotations
 
+import struct
+
 import httpx
+import msgspec
 import numpy as np
 import pytest
 from conftest import MAX_BODY, Source
 
 from ekko.client import Client, ClientError, Credentials
 from ekko.client.wire import ROWS_MEDIA_TYPE, LookupFrame, WriteFrame, encode
+from ekko.net.arrays import ARRAY_EXT
 from ekko.net.signed_requests import SIGNATURE_HEADER, auth_headers, host_of, role_key
 
 KEYS = np.array([11, 12], dtype=np.int64)
@@ -63,6 +67,25 @@ def test_a_bad_binary_write_is_refused_by_name_and_stores_nothing(
     r = _post(source, "/v1/tables/emb/rows", encode(frame))
     assert r.status_code == status, r.text
     assert why in r.json()["error"], r.json()
+    assert source.digests() == before
+
+
+def _lying_values(shape: list[int]) -> bytes:
+    """A write whose ``values`` header claims ``shape``: no elements (so no bytes are
+    needed), but more than numpy can hold."""
+    header = msgspec.msgpack.encode(["<f4", shape])
+    ext = msgspec.msgpack.Ext(ARRAY_EXT, struct.pack(">H", len(header)) + header)
+    keys = msgspec.msgpack.decode(encode(WriteFrame(KEYS, GOOD)))["keys"]
+    return msgspec.msgpack.encode({"keys": msgspec.msgpack.Ext(ARRAY_EXT, keys.data),
+                                   "values": ext})  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62], [0, 2**64 - 1], [2**32, 2**32, 0]])
+def test_an_array_header_with_an_impossible_shape_is_a_400(source: Source, shape: list) -> None:
+    before = source.digests()
+    r = _post(source, "/v1/tables/emb/rows", _lying_values(shape))
+    assert r.status_code == 400, r.text  # was a 500: numpy's reshape ValueError escaped
+    assert r.json()["error"].startswith("body: bad array shape"), r.text
     assert source.digests() == before
 
 

@@ -343,6 +343,9 @@ def test_well_formed_array_ext_decodes() -> None:
         (_array_ext(">i8", [1], b"\x00" * 8), "not allowed"),
         (_array_ext("<i8", [3], b"\x00" * 16), "needs 24 bytes"),
         (_array_ext("<i8", [-1], b""), "bad array shape"),
+        (_array_ext("<i8", [0, 2**62], b""), "bad array shape"),  # 0 bytes, too big a shape
+        (_array_ext("<i8", [0, 2**64 - 1], b""), "bad array shape"),
+        (_array_ext("<i8", [2**32, 2**32, 0], b""), "bad array shape"),
         (_array_ext("<i8", [2], b"\x00" * 16, code=7), "ext code 7"),
         (msgspec.msgpack.Ext(ARRAY_EXT, b"\x00"), "shorter"),
         (msgspec.msgpack.Ext(ARRAY_EXT, b"\x00\x09ab"), "exceeds"),

@@ -120,7 +120,10 @@ def ext_hook(code: int, data: memoryview) -> Any:
         )
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
     if len(shape) != 1:
-        arr = arr.reshape(shape)
+        try:
+            arr = arr.reshape(shape)
+        except ValueError as e:  # no elements, but more of them along an axis than numpy holds
+            raise BadArray(f"bad array shape {shape}: {e}") from e
     if not arr.flags.aligned:
         arr = arr.copy()
     if arr.flags.writeable:
