@@ -170,8 +170,7 @@ def demo(
 ) -> None:
     """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica.
     The terminal gets the progress and the summary; the whole result goes to the JSON file."""
-    from ekko.demo.run import DemoSpec, run_demo
-    from ekko.ops.launcher import LaunchError
+    from ekko.demo.setup import DemoSpec  # light: the options are checked before the rest loads
 
     spec = DemoSpec(
         duration_s=duration,
@@ -184,6 +183,9 @@ def demo(
         spec.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    from ekko.demo.run import run_demo
+    from ekko.ops.launcher import LaunchError
+
     try:
         run_demo(spec, workdir, json_path=json_out, console=console)
     except (LaunchError, TimeoutError) as exc:
