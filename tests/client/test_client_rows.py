@@ -84,3 +84,19 @@ def test_status_of_the_source(source: Source) -> None:
     with source.client() as c:
         doc = c.status(at="writes")
     assert doc["role"] == "source" and "emb" in doc["tables"]
+
+
+@pytest.mark.parametrize("name", [".", "..", "x/../emb", "a/./b", "a/.."])
+def test_a_name_with_a_dot_segment_is_refused(source: Source, name: str) -> None:
+    """URLs drop dot segments (httpx sends ``/v1/tables/x/../emb/rows`` as ``.../emb/rows``),
+    so such a table, once created, could not be written through the client (its signature
+    was for the path it meant, 401) or was another route (``..``). The name is refused when
+    the table would be created, naming the rule; names merely holding dots stay fine."""
+    with source.client() as c:
+        with pytest.raises(ClientError) as err:
+            c.create_table(TableSpec(name, 4, 1))
+        assert err.value.status == 400
+        assert "name: " in str(err.value) and "'.' or '..'" in str(err.value)
+        assert name not in c.tables()
+        c.create_table(TableSpec("v.1/..x/a..", 4, 1))  # dots inside a segment: fine
+        c.write("v.1/..x/a..", np.array([1]), np.ones((1, 4), np.float32))

@@ -91,11 +91,17 @@ class LookupBody(msgspec.Struct, forbid_unknown_fields=True):
 
 class TableSpecBody(msgspec.Struct, forbid_unknown_fields=True):
     """A table to create: its name (segments of letters, digits and ``_.:=@+-`` joined by
-    ``/``), the length of its rows and its shard count."""
+    ``/``, none of them ``.`` or ``..``), the length of its rows and its shard count."""
 
     name: TableName
     dim: Annotated[int, msgspec.Meta(ge=1, le=MAX_DIM)]
     shards: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARDS)] = 16
+
+    def __post_init__(self) -> None:
+        if any(segment in (".", "..") for segment in self.name.split("/")):
+            # URLs drop dot segments: /v1/tables/x/../emb/rows reaches emb's route (or, for
+            # "..", another route), so the table's own routes could never be called.
+            raise ValueError(f"name: {self.name!r} has a segment '.' or '..', which URLs drop")
 
     def spec(self) -> TableSpec:
         return TableSpec(self.name, self.dim, self.shards)
