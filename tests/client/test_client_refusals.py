@@ -133,3 +133,16 @@ def test_a_writer_key_writes_and_reads(source: Source) -> None:
         pytest.raises(ClientError, match="403 role reader may not POST"),
     ):
         c.write("emb", KEYS + 100, GOOD)
+
+
+def test_a_lookup_whose_answer_would_pass_the_body_limit_is_a_413(source: Source) -> None:
+    """A lookup's body of keys is small, its answer is not: keys x (dim floats, a version, a
+    found flag). 400 k keys of a dim-32 table (a 2.6 MB JSON body) took a node to a 900 MB
+    peak rendering its answer; the limit of the body also holds for the answer."""
+    fits = MAX_BODY // (4 * 4 + 8 + 1)  # the "emb" table has dim 4
+    with source.client() as c:
+        assert c.lookup("emb", np.arange(fits, dtype=np.int64)).found.shape == (fits,)
+        with pytest.raises(ClientError) as err:
+            c.lookup("emb", np.arange(fits + 1, dtype=np.int64))
+    assert err.value.status == 413
+    assert f"keys: {fits + 1} rows of dim 4 would answer" in str(err.value)

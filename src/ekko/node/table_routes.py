@@ -233,10 +233,17 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
     @guarded
     async def lookup(request: Request) -> Response:
         """Rows by key (a body of keys, for batches too long for a query): values, versions
-        and a found mask, in key order."""
+        and a found mask, in key order; an answer over the body limit is refused (413)."""
         table = table_of(request)
         body = await read_body(request)
         keys = await offload(decode_lookup if _binary_request(request) else parse_lookup, body)
+        answer = keys.shape[0] * (4 * table.dim + 8 + 1)  # values, version, found per key
+        if answer > max_body:  # a small body of keys must not make an answer without end
+            raise RequestError(
+                f"keys: {keys.shape[0]} rows of dim {table.dim} would answer {answer} bytes; "
+                f"the limit is {max_body}: split the lookup",
+                status=413,
+            )
         values, versions, found = table.lookup(keys)
         frame = RowsFrame(table.name, values, versions, found.view(np.uint8))
 
