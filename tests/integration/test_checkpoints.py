@@ -116,3 +116,15 @@ def test_a_bad_file_is_named_and_nothing_is_written(
     assert run.exit_code == 1
     assert "top.0.weight: shape" in run.output and "the model's is" in run.output
     assert _digests(c) == before
+
+
+def test_a_source_that_does_not_answer_is_named(tmp_path: Path) -> None:
+    doc = cluster_doc(dcs=1, replicas=1, serve=True, models=[MODEL], tables=[])
+    config = write_cluster(doc, tmp_path / "cluster.toml")  # never started
+    torch.save(DLRM(load_config(config).models[0].dlrm()).state_dict(), tmp_path / "x.pt")
+    for args in (["export", "--out", str(tmp_path / "x.safetensors")],
+                 ["load", "--from", str(tmp_path / "x.pt")]):  # fmt: skip
+        run = CliRunner().invoke(app, [*args, "--config", str(config)])
+        assert run.exit_code == 1 and isinstance(run.exception, SystemExit), run.exception
+        assert "source source" in run.output and "ConnectError" in run.output, run.output
+    assert not (tmp_path / "x.safetensors").exists()

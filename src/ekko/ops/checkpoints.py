@@ -89,16 +89,20 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ekko-export-") as tmp:
         snap = Path(tmp) / "source.snapshot"
-        with (
-            http.client(auth=ClusterAuth(secret), timeout=300.0) as client,
-            client.stream("GET", http.url(source, "/v1/snapshot")) as r,
-        ):
-            if r.status_code != 200:
-                r.read()
-                raise _refused(r, f"source {source} GET /v1/snapshot")
-            with open(snap, "wb") as f:
-                for chunk in r.iter_bytes(1 << 20):
-                    f.write(chunk)
+        url = http.url(source, "/v1/snapshot")
+        try:
+            with (
+                http.client(auth=ClusterAuth(secret), timeout=300.0) as client,
+                client.stream("GET", url) as r,
+            ):
+                if r.status_code != 200:
+                    r.read()
+                    raise _refused(r, f"source {source} GET /v1/snapshot")
+                with open(snap, "wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+        except httpx.HTTPError as exc:
+            raise CheckpointError(f"source {source} GET {url}: {exc!r}") from exc
         try:
             store = Store.load(snap)
         except SnapshotError as exc:
