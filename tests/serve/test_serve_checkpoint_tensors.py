@@ -70,7 +70,10 @@ def test_rows_of_a_state_written_back_export_equal_to_it(tmp_path: Path) -> None
     for rows in plan:
         port.create_table(TableSpec(rows.table, rows.values.shape[1], 4))
         port.write_rows(rows.table, rows.keys, rows.values, now=0.0, now_ns=0)
-    tensors, _ = tensors_from_store(store, CFG, "ctr")
+    emb = plan[0]
+    port.write_rows(emb.table, np.array([-1, CFG.rows_per_table]), emb.values[:2], now=0, now_ns=0)
+    tensors, meta = tensors_from_store(store, CFG, "ctr")
+    assert f'"{emb.table}":{{"rows":{CFG.rows_per_table + 2},"outside":2,' in meta["versions"]
     assert set(tensors) == set(state)
     for key, value in state.items():
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)

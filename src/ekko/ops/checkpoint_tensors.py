@@ -87,8 +87,8 @@ def tensors_from_store(
             )
         keys, values, row_versions, _, _ = table.all_rows()
         out = np.zeros(spec.shape, dtype=np.float32)
+        inside = (keys >= 0) & (keys < spec.shape[0])
         if spec.embedding:
-            inside = (keys >= 0) & (keys < spec.shape[0])
             out[keys[inside]] = values[inside]
         else:
             at = np.flatnonzero(keys == 0)
@@ -98,6 +98,8 @@ def tensors_from_store(
         tensors[key] = out
         versions[spec.table] = {
             "rows": int(keys.shape[0]),
+            # rows whose key no id hashes to (written by hand): never served, not exported
+            "outside": int(keys.shape[0] - inside.sum()) if spec.embedding else 0,
             "max_version": int(row_versions.max()) if row_versions.size else 0,
             "knowledge": table.knowledge.tolist(),
         }
