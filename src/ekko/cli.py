@@ -43,6 +43,7 @@ BENCHES = (
     "rollback",
     "bandwidth",
     "congestion",
+    "client",
 )
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import Source
+from conftest import MAX_BODY, Source
 from torch import nn
 
 from ekko.client import ClientError, RemoteSink, SinkFailed, TableSpec
@@ -27,6 +28,8 @@ def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
 
 class GatedClient:
     """A source that acknowledges a write only when the test opens its gate."""
+
+    target = SimpleNamespace(fmt="binary")
 
     def __init__(self) -> None:
         self.gate = threading.Event()
@@ -139,3 +142,20 @@ def test_a_publisher_through_the_remote_sink_leaves_the_models_weights_at_the_so
     np.testing.assert_array_equal(weight.values[0], model.bottom.weight.detach().numpy().ravel())
     np.testing.assert_array_equal(bias.values[0], model.bottom.bias.detach().numpy())
     assert touched.size > 30
+
+
+@pytest.mark.parametrize(("fmt", "n"), [("binary", 100_000), ("json", 30_000)])
+def test_requests_over_the_nodes_body_limit_are_split_until_they_fit(
+    source: Source, fmt: str, n: int
+) -> None:
+    keys = np.arange(10_000, 10_000 + n, dtype=np.int64)  # one request of them: > MAX_BODY
+    values = np.random.default_rng(5).standard_normal((n, 4)).astype(np.float32)
+    with source.client(fmt=fmt) as c, RemoteSink(c, lanes=1, max_request_bytes=3 << 20) as sink:
+        sink.write("emb", keys, values)
+        sink.flush()
+        stats = sink.statistics()
+        sample = np.arange(0, n, 11)
+        rows = c.lookup("emb", keys[sample])
+    assert stats.rows_acked == n and stats.requests >= 2
+    assert sink.rows_per_request("emb") * (8 + 4 * 4) <= MAX_BODY or fmt == "json"
+    np.testing.assert_array_equal(rows.values, values[sample])

@@ -11,7 +11,7 @@ from types import TracebackType
 
 import numpy as np
 
-from ekko.client.errors import SinkFailed
+from ekko.client.errors import ClientError, SinkFailed
 from ekko.client.sync import Client
 from ekko.store.spec import TableSpec
 
@@ -95,11 +95,11 @@ class RemoteSink:
     key always to the same one, so a key's writes arrive in order; several requests in
     flight), each with a queue of at most ``depth`` batches; a full queue blocks ``write``
     until the source catches up. Batches of one table queued together are merged into one
-    request of at most ``max_request_bytes``. ``flush`` returns once the source has
-    acknowledged (durably) every row handed over. A failed request fails the sink: the
-    next ``write``, ``create_table`` or ``flush`` raises ``SinkFailed`` with it as the
-    cause, and so does every later one — the caller decides (rows of that request and any
-    after it were not acknowledged).
+    request of at most ``max_request_bytes`` (halved while the node says 413). ``flush``
+    returns once the source has acknowledged (durably) every row handed over. A failed
+    request fails the sink: the next ``write``, ``create_table`` or ``flush`` raises
+    ``SinkFailed`` with it as the cause, and so does every later one — the caller decides
+    (rows of that request and any after it were not acknowledged).
     """
 
     def __init__(
@@ -117,6 +117,8 @@ class RemoteSink:
             )
         self.client = client
         self.max_request_bytes = max_request_bytes
+        self._binary = client.target.fmt == "binary"
+        self._cut: dict[str, int] = {}  # rows per request a node's body limit allowed (413)
         self.failure: BaseException | None = None
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -151,11 +153,15 @@ class RemoteSink:
         if n == 1:
             self._lanes[0].queue.put((table, keys, values))
             return
-        lane = keys.view(np.uint64) % np.uint64(n)
+        # one gather in lane order, then a contiguous slice per lane (masks cost a pass each)
+        lane = (keys.view(np.uint64) % np.uint64(n)).astype(np.intp)
+        order = np.argsort(lane, kind="stable")
+        keys, values = keys[order], values[order]
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(lane, minlength=n))))
         for i in range(n):
-            mask = lane == i
-            if mask.any():
-                self._lanes[i].queue.put((table, keys[mask], values[mask]))
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                self._lanes[i].queue.put((table, keys[lo:hi], values[lo:hi]))
 
     # -- flushing ---------------------------------------------------------------------------
 
@@ -187,13 +193,29 @@ class RemoteSink:
     # -- the sender threads' side -----------------------------------------------------------
 
     def rows_per_request(self, table: str) -> int:
-        return max(1, self.max_request_bytes // (8 + 4 * self._dims.get(table, 1)))
+        """Rows of ``table`` in one request of at most ``max_request_bytes``: a binary row is
+        its key and dim float32s; a JSON one up to ~24 characters a number."""
+        dim = self._dims.get(table, 1)
+        per_row = 8 + 4 * dim if self._binary else 24 * (1 + dim)
+        return min(max(1, self.max_request_bytes // per_row), self._cut.get(table, 1 << 62))
 
     def send(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        step = self.rows_per_request(table)
-        for start in range(0, keys.shape[0], step):
+        """Write the rows in requests of at most ``rows_per_request``; a request over the
+        node's body limit (413) is sent again in halves, and the table's requests stay that
+        small (a node's ``[http] max_body_bytes`` may be below ``max_request_bytes``)."""
+        start = 0
+        while start < keys.shape[0]:
+            step = self.rows_per_request(table)
             k, v = keys[start : start + step], values[start : start + step]
-            self.client.write(table, k, v)
+            try:
+                self.client.write(table, k, v)
+            except ClientError as exc:
+                if exc.status != 413 or k.shape[0] == 1:
+                    raise
+                with self._lock:
+                    self._cut[table] = max(1, k.shape[0] // 2)
+                continue
+            start += k.shape[0]
             with self._lock:
                 self._rows_acked += k.shape[0]
                 self._requests += 1
