@@ -10,7 +10,7 @@ import httpx
 import msgspec
 import numpy as np
 import pytest
-from conftest import MAX_BODY, Source
+from client_node import MAX_BODY, Source
 
 from ekko.client import Client, ClientError, Credentials
 from ekko.client.wire import ROWS_MEDIA_TYPE, LookupFrame, WriteFrame, encode

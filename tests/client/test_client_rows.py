@@ -9,7 +9,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import pytest
-from conftest import Source
+from client_node import Source
 
 from ekko.client import AsyncClient, ClientError, Credentials, TableSpec
 from ekko.client.calls import FORMATS

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import MAX_BODY, Source
+from client_node import MAX_BODY, Source
 from torch import nn
 
 from ekko.client import ClientError, RemoteSink, SinkFailed, TableSpec
