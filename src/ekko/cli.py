@@ -164,7 +164,7 @@ def sign(
     60 s, at that node only."""
     import httpx
 
-    from ekko.net.signed_requests import host_of, role_headers, role_key
+    from ekko.net.signed_requests import host_of, role_headers, role_key, target_of
     from ekko.node.access import AccessPolicy, least_role
 
     try:
@@ -174,7 +174,7 @@ def sign(
     except (httpx.InvalidURL, ValueError) as exc:
         console.print(f"[red]give the full URL (http://HOST:PORT/path), got {url!r}:[/red] {exc}")
         raise typer.Exit(2) from exc
-    path = u.raw_path.decode("ascii")
+    path = target_of(u)  # decoded, as the node checks it: dense%2Fx signs as dense/x
     body = data.read_bytes() if data is not None else b""
     # As if serving were closed: a header is harmless where a route is open.
     role = role or least_role(method.upper(), path, AccessPolicy(serve_open=False))

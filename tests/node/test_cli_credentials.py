@@ -23,7 +23,7 @@ async def test_signed_from_the_shell_and_a_role_key_file(tmp_path: Path) -> None
     config = write_cluster(cluster_doc(dcs=1, replicas=1), tmp_path / "cluster.toml")
     secret = (tmp_path / "cluster.secret").read_bytes().strip()
     routes = [Route("/v1/status", _ok), Route("/v1/snapshot", _ok),
-              Route("/v1/tables/emb/rows", _ok, methods=["POST"])]  # fmt: skip
+              Route("/v1/tables/{table:path}/rows", _ok, methods=["POST"])]  # fmt: skip
     transport = httpx.ASGITransport(app=admin_app(routes, secret))
     runner = CliRunner()
 
@@ -42,6 +42,11 @@ async def test_signed_from_the_shell_and_a_role_key_file(tmp_path: Path) -> None
         assert "role=writer" in h["x-ekko-signature"]
         r = await c.post("/v1/tables/emb/rows", content=body.read_bytes(), headers=h)
         assert r.status_code == 200 and r.json() == {"body": '{"keys": [1]}'}
+        # a table named dense/x, its slash escaped: signed as the node reads the path
+        url = "http://t/v1/tables/dense%2Fx/rows?v=1"
+        h = sign("POST", url, "--data", str(body))
+        r = await c.post(url, content=body.read_bytes(), headers=h)
+        assert r.status_code == 200, r.text
         res = runner.invoke(
             cli, ["cluster", "keys", "--config", str(config), "--out", str(tmp_path / "k")]
         )

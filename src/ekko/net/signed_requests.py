@@ -108,6 +108,14 @@ def host_of(url: str) -> str:
     return httpx.URL(url).netloc.decode("ascii")
 
 
+def target_of(url: str | httpx.URL) -> str:
+    """What a signature for ``url`` signs as its target: the path percent-decoded (as the
+    node routes it: ``dense%2Fx`` is ``dense/x``) and the query as sent."""
+    u = httpx.URL(url)
+    query = u.query.decode("latin-1")
+    return f"{u.path}?{query}" if query else u.path
+
+
 def auth_headers(
     secret: bytes, role: str, method: str, path: str, body: bytes = b"", *, host: str
 ) -> dict[str, str]:
@@ -121,9 +129,7 @@ def signed_json(
 ) -> tuple[bytes, dict[str, str]]:
     """Body and headers of a signed JSON POST to ``url`` (the full URL: it names the node)."""
     body = json.dumps(doc).encode()
-    u = httpx.URL(url)
-    target = u.raw_path.decode("ascii")
-    headers = auth_headers(secret, role, "POST", target, body, host=host_of(url))
+    headers = auth_headers(secret, role, "POST", target_of(url), body, host=host_of(url))
     return body, {"content-type": "application/json", **headers}
 
 

@@ -56,6 +56,7 @@ from ekko.net.signed_requests import (
     SignedBeforeStart,
     auth_headers,
     parse_credential,
+    target_of,
     verify_credential,
 )
 
@@ -157,8 +158,7 @@ class ClusterAuth(httpx.Auth):
         self.policy = policy or AccessPolicy(serve_open=False)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        query = request.url.query.decode("latin-1")
-        target = f"{request.url.path}?{query}" if query else request.url.path
+        target = target_of(request.url)
         role = least_role(request.method, target, self.policy)
         if role is None:
             yield request
