@@ -105,7 +105,7 @@ def test_corrupt_log_record_refused_by_name(tmp_path: Path, byte: int, flip: int
 
 
 async def test_http_write_answered_after_fsync_and_503_while_recovering(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, wal_window_ms=2.0)
+    cfg = _config(tmp_path, wal_window_ms=2.0, recovery_timeout_s=0.2)  # no replica runs
     runner = NodeRunner(cfg, "source", tmp_path)
     port = runner.core.node.admin_port
     task = asyncio.create_task(runner.run())
