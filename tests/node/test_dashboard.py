@@ -3,6 +3,7 @@ between two samples is not a negative count), bytes per link as rates, a bounded
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,16 @@ def test_samples_hold_the_last_interval_and_the_ring_is_bounded(tmp_path: Path) 
         sample()
     assert len(rec.samples) == RING
     assert rec.samples[-1]["t"] - rec.samples[0]["t"] == RING - 1
+
+
+def test_the_page_puts_names_and_values_in_as_text_never_as_markup() -> None:
+    """DC, node, link and model names come from the config and values from the node; the
+    page is open, so none of them may be parsed as HTML (the legend and the guard list
+    were built with innerHTML: a DC named ``<img src=x onerror=...>`` would run script in
+    the browser of whoever opens /ui). Only constant markup uses innerHTML."""
+    from ekko.node.ui_page import PAGE
+
+    assignments = re.findall(r"innerHTML\s*=\s*([^;]*);", PAGE)
+    assert assignments, "the page's constant placeholders"
+    interpolated = [a for a in assignments if "${" in a or "+" in a]
+    assert not interpolated, interpolated

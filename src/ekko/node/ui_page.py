@@ -106,7 +106,11 @@ function chart(id, series, empty) {
     const lastY = series[n].filter(([, y]) => y !== null).slice(-1)[0];
     const s = document.createElement("span");
     s.dataset.series = n;
-    s.innerHTML = `<i style="background:${color}"></i>${n}: <b>${fmt(lastY ? lastY[1] : null)}</b>`;
+    const swatch = document.createElement("i");
+    swatch.style.background = color;
+    const value = document.createElement("b");
+    value.textContent = fmt(lastY ? lastY[1] : null);
+    s.append(swatch, `${n}: `, value);  // names as text: a DC or link name is never markup
     legend.appendChild(s);
   });
 }
@@ -144,7 +148,10 @@ function render(doc) {
   for (const [model, g] of Object.entries(now.guard)) {
     const li = document.createElement("li");
     li.dataset.model = model; li.dataset.state = g.state;
-    li.innerHTML = `${model}: <b class="state-${g.state}">${g.state}</b>`;
+    const state = document.createElement("b");
+    state.className = `state-${g.state}`;
+    state.textContent = g.state;
+    li.append(`${model}: `, state);
     guard.appendChild(li);
     for (const i of g.incidents || []) {
       const e = document.createElement("li");
