@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ekko.ops.chaos import ChaosSettings, FaultKind, run_chaos
+from ekko.ops.chaos import ChaosSettings, FaultKind, harness, run_chaos
 from ekko.ops.chaos.schedule import TIMINGS
 
 pytestmark = [
@@ -25,9 +25,13 @@ pytestmark = [
 SHORT = TIMINGS["short"]  # replay: ekko chaos --seed 15 --rounds 2 --timing short
 
 
-def test_two_rounds_of_every_fault_kind_pass_the_checker(tmp_path: Path) -> None:
+def test_two_rounds_of_every_fault_kind_pass_the_checker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = ChaosSettings(seed=15, duration_s=None, rounds=2, timing=SHORT, warmup_s=2.0)
-    history, verdict = run_chaos(settings, tmp_path, say=lambda *_: None)
+    monkeypatch.setattr(harness, "PROGRESS_S", 2.0)
+    said: list[str] = []
+    history, verdict = run_chaos(settings, tmp_path, say=said.append)
     assert verdict.ok, "\n".join(verdict.failures) + f"\nseed 15, history {tmp_path}"
     assert history.settings["injected"] == {k.value: 2 for k in FaultKind}
     s = verdict.summary
@@ -39,3 +43,6 @@ def test_two_rounds_of_every_fault_kind_pass_the_checker(tmp_path: Path) -> None
     assert len(history.wipes) == 1
     assert all(d["reported"] and d["recovered_s"] is not None for d in history.disk)
     assert history.settings["clients"]["train_batches"] > 0
+    # a run says how far it is as it goes (a log file shows it moving), not only at the end
+    progress = [line for line in said if "faults injected" in line]
+    assert len(progress) >= 3 and progress[0] != progress[-1], said

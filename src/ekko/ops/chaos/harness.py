@@ -65,6 +65,17 @@ from ekko.ops.launcher import LocalCluster
 log = logging.getLogger(__name__)
 
 
+PROGRESS_S = 30.0  # how often a running chaos run says how far it is
+
+
+def progress_line(t: float, injected: int, planned: int, acked: int, crashes: int) -> str:
+    """What a running chaos run says every ``PROGRESS_S``."""
+    return (
+        f"chaos: t={t:.0f}s, {injected}/{planned} faults injected, {acked} writes "
+        f"acknowledged, {crashes} unplanned crashes"
+    )
+
+
 FRESH_SPAN = 10**7  # writer i's keys written once start at (i + 1) * FRESH_SPAN
 
 
@@ -353,6 +364,7 @@ class ChaosRun:
 
             disk_watch = DiskWatch(h, client, s.converge_bound_s)
             nemesis = Nemesis(hands, h, on_heal, on_fault=on_fault)
+            probes.append(self._spawn(self._progress(nemesis, len(faults), stop_probes)))
             parts = _Parts(client, urls, reader, hands, nemesis, writers, trainer, watch,
                            probes, clients, paths, stops)  # fmt: skip
             try:
@@ -414,6 +426,16 @@ class ChaosRun:
         left = end - asyncio.get_running_loop().time()
         if left > 0:
             await asyncio.sleep(left)  # the warm-up is a span of running, not a condition
+
+    async def _progress(self, nemesis: Nemesis, planned: int, stop: asyncio.Event) -> None:
+        """A line every ``PROGRESS_S`` while the run goes on, so a log file shows it moving."""
+        h = self.history
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PROGRESS_S)
+            if not stop.is_set():
+                self.say(progress_line(h.now(), sum(nemesis.injected.values()), planned,
+                                       len(h.writes), len(h.crashes)))  # fmt: skip
 
     async def _monitor(self, cluster: LocalCluster, hands: Hands, stop: asyncio.Event) -> None:
         """A node that exits without the nemesis's hand is an unplanned crash: recorded
