@@ -249,3 +249,35 @@ async def test_a_guard_message_refused_by_every_attempt_is_dropped_and_logged(
     assert clock.slept == pytest.approx([0.2 * (i + 1) for i in range(ATTEMPTS)])
     assert f"dropped after {ATTEMPTS} attempts" in caplog.text
     await link.close()
+
+
+async def test_a_failed_full_copy_is_tried_again_soon_backing_off(tmp_path: Path) -> None:
+    """A checkpoint replica whose copy fails (the source down, or recovering: its
+    /v1/snapshot answers 503) keeps its copy and tries again after 1, 2, 4... s up to the
+    interval; once a copy loads, the next is an interval later. It waited a whole interval
+    (300 s here), so a checkpoint replica started beside a recovering source served nothing
+    for that long."""
+    from ekko.node.checkpoint import RETRY_S, CheckpointRefresher
+    from ekko.node.core import NodeCore
+    from ekko.store.clock import FakeClock
+
+    doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 4)], checkpoint_every_s=300.0)
+    doc["http"] = {"refresh_min_interval_s": 0}
+    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+    core = NodeCore(cfg, "ckpt-r0", tmp_path)
+    clock = FakeClock()
+    refresher = CheckpointRefresher(core, ClusterHttp(cfg, tmp_path), b"s", None, print, clock)
+    outcomes = iter([False, False, False, True, False, True])
+
+    async def copy(client: object, url: str, started: float) -> bool:
+        ok = next(outcomes, None)
+        if ok is None:
+            raise asyncio.CancelledError
+        return ok
+
+    refresher._copy = copy  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await refresher.run()
+    waits = [s for s in clock.slept if s > 0]
+    assert waits == [RETRY_S, 2 * RETRY_S, 4 * RETRY_S, 300.0, RETRY_S, 300.0]
+    core.close()

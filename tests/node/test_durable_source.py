@@ -191,3 +191,26 @@ def test_no_table_is_created_while_the_source_recovers(tmp_path: Path) -> None:
         asyncio.run(core.create_table(TableSpec("user/made", 8, 2), initial_rows=16))
     assert "user/made" not in core.store.tables
     core.close()
+
+
+async def test_no_full_copy_while_the_source_recovers(tmp_path: Path) -> None:
+    """A recovering source holds only part of its rows (it is still pulling them from its
+    replicas), so ``GET /v1/snapshot`` then would hand a checkpoint replica, or ``ekko
+    export``, a partial model as if whole: 503 naming the recovery instead (the checkpoint
+    replica keeps its previous copy, export says to retry). It answered 200."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+
+    from ekko.node.admin import admin_routes
+
+    core = NodeCore(_config(tmp_path), "source", tmp_path)
+    app = Starlette(routes=admin_routes(core, CollectorRegistry()))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        r = await c.get("/v1/snapshot")
+        assert r.status_code == 503, r.status_code
+        assert "gives no full copy yet: recovering" in r.json()["error"], r.text
+        assert r.headers["retry-after"] == "1"
+        core.not_ready = None
+        r = await c.get("/v1/snapshot")
+        assert r.status_code == 200 and r.content
+    core.close()

@@ -74,6 +74,8 @@ def admin_routes(
     @guarded
     async def snapshot(request: Request) -> Response:
         core.require_source("full copies come from")
+        if core.not_ready is not None:  # still pulling its rows back: a copy would be partial
+            raise NotReadyError(f"source {core.name!r} gives no full copy yet: {core.not_ready}")
         return Response(core.export_snapshot(), media_type="application/octet-stream")
 
     return [

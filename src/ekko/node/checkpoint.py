@@ -23,6 +23,10 @@ from ekko.store.clock import SYSTEM_CLOCK, LoopClock
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 1.0
+"""After a failed copy (the source down, or recovering: 503) the next is tried this soon,
+doubling up to the interval, instead of a whole interval later."""
+
 
 class CheckpointRefresher(Driver):
     """Loads a full copy of the source every ``checkpoint_interval_s``, or sooner when an
@@ -70,12 +74,16 @@ class CheckpointRefresher(Driver):
         url = self.http.url(src.name, "/v1/snapshot")
         interval = self.core.node.checkpoint_interval_s
         self.core.links.declare(src.name)
+        retry = RETRY_S
         async with self.http.async_client(timeout=max(30.0, interval)) as client:
             while True:
                 started = self.started = self.clock.wall()
                 self._now.clear()  # a request from here on asks for a later copy
-                await self._copy(client, url, started)
-                wait = max(0.0, interval - (self.clock.wall() - started))
+                if await self._copy(client, url, started):
+                    wait = max(0.0, interval - (self.clock.wall() - started))
+                    retry = RETRY_S
+                else:  # the source is down or recovering: try again soon, backing off
+                    wait, retry = min(retry, interval), min(2 * retry, interval)
                 await self._sleep_unless_asked(wait)
                 # Copies start at least refresh_min_interval_s apart: a flood of refresh
                 # requests coalesces into one copy per spacing, not one copy each.
@@ -83,7 +91,8 @@ class CheckpointRefresher(Driver):
                 if spacing > 0:
                     await self.clock.sleep(spacing)
 
-    async def _copy(self, client: httpx.AsyncClient, url: str, started: float) -> None:
+    async def _copy(self, client: httpx.AsyncClient, url: str, started: float) -> bool:
+        """One full copy loaded (True), or the previous one kept (False)."""
         src = self.core.config.source.name
         try:
             for _ in range(2):  # again if the source started after we signed
@@ -102,10 +111,12 @@ class CheckpointRefresher(Driver):
             self.core.links.count_copy(src, rows, len(data))
             self.on_loaded(store)
             log.info("%s loaded a full copy (%d bytes) from %s", self.core.name, len(data), src)
+            return True
         except (httpx.HTTPError, SnapshotError, OSError) as exc:
             log.warning(
                 "%s: copy from %s failed (%s); keeping the previous copy", self.core.name, src, exc
             )
+            return False
 
     async def _sleep_unless_asked(self, seconds: float) -> None:
         asked = asyncio.ensure_future(self._now.wait())
