@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -10,15 +9,14 @@ import httpx
 import numpy as np
 
 from ekko.client import calls
-from ekko.client.base import MAX_RESIGNS, Target
-from ekko.client.calls import Call, Format, Rows
-from ekko.client.credentials import Credentials
+from ekko.client.base import MAX_RESIGNS, Opening, Target
+from ekko.client.calls import Call, Rows
 from ekko.client.errors import ClientError
 from ekko.net.signed_requests import needs_resign
 from ekko.store.spec import TableSpec
 
 
-class AsyncClient:
+class AsyncClient(Opening):
     """``Client`` for asyncio code: the same calls, awaited, over one async connection pool
     (several requests in flight from as many tasks).
 
@@ -32,26 +30,6 @@ class AsyncClient:
         self.target = target
         limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         self._http = httpx.AsyncClient(verify=target.verify, timeout=timeout, limits=limits)
-
-    @classmethod
-    def from_config(
-        cls,
-        path: Path | str,
-        node: str | None = None,
-        *,
-        credentials: Credentials | None = None,
-        fmt: Format = "binary",
-        **kwargs: Any,
-    ) -> AsyncClient:
-        """Writes to the source of the cluster config at ``path``, reads from ``node``
-        (default: the first replica); signed with the cluster secret unless ``credentials``."""
-        return cls(Target.from_config(path, node, credentials=credentials, fmt=fmt), **kwargs)
-
-    @classmethod
-    def at(cls, url: str, credentials: Credentials, **kwargs: Any) -> AsyncClient:
-        """The node at ``url`` for writes and reads (``read_url=``: another for reads)."""
-        opts = {k: kwargs.pop(k) for k in ("read_url", "verify", "fmt") if k in kwargs}
-        return cls(Target.at(url, credentials, **opts), **kwargs)
 
     async def write(self, table: str, keys: Any, values: Any) -> np.ndarray:
         """Write rows (int64 keys [n], float32 values [n, dim]); the versions they were

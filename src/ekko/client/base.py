@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -89,3 +89,28 @@ class Target:
         return client.build_request(
             call.method, url, content=call.body or None, headers=headers, extensions=extensions
         )
+
+
+class Opening:
+    """How either client is opened (from a cluster config, or at an address): one
+    definition for ``Client`` and ``AsyncClient``, which differ only in their I/O."""
+
+    @classmethod
+    def from_config(
+        cls,
+        path: Path | str,
+        node: str | None = None,
+        *,
+        credentials: Credentials | None = None,
+        fmt: Format = "binary",
+        **kwargs: Any,
+    ) -> Self:
+        """Writes to the source of the cluster config at ``path``, reads from ``node``
+        (default: the first replica); signed with the cluster secret unless ``credentials``."""
+        return cls(Target.from_config(path, node, credentials=credentials, fmt=fmt), **kwargs)
+
+    @classmethod
+    def at(cls, url: str, credentials: Credentials, **kwargs: Any) -> Self:
+        """The node at ``url`` for writes and reads (``read_url=``: another for reads)."""
+        opts = {k: kwargs.pop(k) for k in ("read_url", "verify", "fmt") if k in kwargs}
+        return cls(Target.at(url, credentials, **opts), **kwargs)
