@@ -9,6 +9,7 @@ from rich.console import Console
 
 from ekko.demo.dashboard import incident_line
 from ekko.ops import live
+from ekko.ops.launcher import NodeProcess
 
 
 def test_watch_writes_a_line_per_interval_with_the_guard_when_not_a_terminal(
@@ -30,12 +31,54 @@ def test_watch_writes_a_line_per_interval_with_the_guard_when_not_a_terminal(
     monkeypatch.setattr(live, "guard_lines", lambda _c: guard)
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=80)
-    summary = live.watch(None, stop, duration=None, every=0.0, console=console)  # type: ignore[arg-type]
+    summary = live.watch(_Cluster({}), stop, duration=None, every=0.0, console=console)  # type: ignore[arg-type]
     lines = out.getvalue().splitlines()
     assert len(lines) == 3  # one per interval, not one final frame
     for line in lines:
         assert "dc1 p50 30.0 p99 90.5 ms" in line and line.endswith(guard[0])
     assert summary["per_dc"][0]["dc"] == "dc1"
+
+
+class _Proc:
+    """A node process that has exited after ``exits_at`` polls (a stand-in for Popen)."""
+
+    def __init__(self, polls: list[int], exits_at: int, code: int) -> None:
+        self.polls, self.exits_at, self.returncode = polls, exits_at, code
+
+    def poll(self) -> int | None:
+        return self.returncode if len(self.polls) >= self.exits_at else None
+
+
+class _Cluster:
+    def __init__(self, procs: dict[str, NodeProcess]) -> None:
+        self.procs = procs
+
+
+def test_watch_says_once_which_node_exited_and_where_its_log_is(monkeypatch, tmp_path) -> None:
+    """Found running ``ekko up`` as a user: the source was killed and the screen went on
+    with "0 rows/s" and "connection refused", never naming the node that had exited."""
+    stop = threading.Event()
+    polls: list[int] = []
+
+    def per_dc(_cluster) -> list[dict]:
+        polls.append(1)
+        if len(polls) == 4:
+            stop.set()
+        return []
+
+    monkeypatch.setattr(live, "per_dc", per_dc)
+    monkeypatch.setattr(live, "_rows_total", lambda _c: {})
+    monkeypatch.setattr(live, "guard_lines", lambda _c: [])
+    log = tmp_path / "source.log"
+    procs = {
+        "source": NodeProcess("source", _Proc(polls, 2, -9), log),  # type: ignore[arg-type]
+        "dc1-r0": NodeProcess("dc1-r0", _Proc(polls, 99, 0), tmp_path / "r.log"),  # type: ignore[arg-type]
+    }
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    live.watch(_Cluster(procs), stop, duration=None, every=0.0, console=console)  # type: ignore[arg-type]
+    said = [line for line in out.getvalue().splitlines() if "exited" in line]
+    assert said == [f"node source exited (code -9); its log: {log}"]
 
 
 def test_the_incident_line_says_when_poison_detection_and_rollback_happened() -> None:

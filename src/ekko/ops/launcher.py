@@ -69,6 +69,10 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def exit_line(self) -> str:
+        """What an operator is told when this node exits on its own."""
+        return f"node {self.name} exited (code {self.proc.returncode}); its log: {self.log_path}"
+
 
 class LocalCluster:
     """The processes of one cluster config on this machine."""

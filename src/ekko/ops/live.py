@@ -113,11 +113,16 @@ def watch(
     rates: dict[str, float] = {}
     rows: list[dict] = []
     live = Live(console=console, refresh_per_second=4)
+    gone: set[str] = set()
     with live if console.is_terminal else contextlib.nullcontext():
         while not stop.is_set():
             if duration is not None and time.monotonic() - started >= duration:
                 break
             stop.wait(every)
+            for p in cluster.procs.values():
+                if p.name not in gone and not p.alive:  # said once, above the live view
+                    gone.add(p.name)
+                    console.print(p.exit_line(), markup=False, highlight=False, soft_wrap=True)
             try:
                 rows = per_dc(cluster)
             except httpx.HTTPError:
