@@ -247,7 +247,7 @@ def test_hostile_requests_into_every_documented_route(cluster: LocalCluster) -> 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]  # fmt: skip
-KNOWN = {"model": "ctr", "table": "emb"}
+KNOWN = {"model": "ctr", "table": "emb", "version": "1"}
 
 
 def _drive(c: LocalCluster, node: str, client: httpx.Client, op, n: int) -> None:

@@ -81,6 +81,9 @@ def test_tritonclient_infers_what_predict_predicts(
         "ctr", _inputs(dense, sparse, binary=False), outputs=[InferRequestedOutput("ctr", False)]
     )
     np.testing.assert_array_equal(as_json.as_numpy("ctr")[:, 0], want)
+    assert triton.is_model_ready("ctr", model_version="1")  # the version its metadata lists
+    versioned = triton.infer("ctr", _inputs(dense, sparse, binary=True), model_version="1")
+    np.testing.assert_array_equal(versioned.as_numpy("ctr")[:, 0], want)
 
 
 @pytest.mark.parametrize(

@@ -126,12 +126,15 @@ async def test_a_body_over_its_routes_limit_is_refused_before_it_is_read(
 
 
 def _concrete(path: str) -> str:
+    path = re.sub(r"\{version\}", "1", path)
     return re.sub(r"\{model\}", "ctr", re.sub(r"\{table(:path)?\}", "emb", path))
 
 
 SERVING = {("GET", "/v1/models"), ("POST", "/v1/models/ctr/predict"),
            ("POST", "/v1/models/ctr/feedback"), ("GET", "/v2/models/ctr"),
-           ("GET", "/v2/models/ctr/ready"), ("POST", "/v2/models/ctr/infer")}  # fmt: skip
+           ("GET", "/v2/models/ctr/ready"), ("POST", "/v2/models/ctr/infer"),
+           ("GET", "/v2/models/ctr/versions/1"), ("GET", "/v2/models/ctr/versions/1/ready"),
+           ("POST", "/v2/models/ctr/versions/1/infer")}  # fmt: skip
 PROBES = {"/health", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"}
 """Open on every node: liveness, readiness and server facts, no model or rows."""
 

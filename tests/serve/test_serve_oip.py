@@ -316,3 +316,35 @@ async def test_refusals_quote_a_long_name_or_value_cut_short(client: httpx.Async
     ):
         r = await client.post(INFER, content=json.dumps(doc))
         assert r.status_code == 400 and len(r.json()["error"]) < 200, r.text[:300]
+
+
+async def test_the_versioned_routes_serve_the_one_version_the_metadata_lists(
+    client: httpx.AsyncClient,
+) -> None:
+    """A client given the version the metadata lists (tritonclient's ``model_version="1"``)
+    calls ``/v2/models/ctr/versions/1/...``: it was no route (and, not in the access table,
+    a 401 asking an open cluster for a credential). Another version is a 404 naming it."""
+    from ekko.node.access import AccessPolicy
+
+    dense, sparse = random_events(3, seed=6)
+    body, headers = triton_body(dense, sparse)
+    plain = await client.post(INFER, content=body, headers=headers)
+    meta = (await client.get("/v2/models/ctr")).json()
+    assert meta["versions"] == ["1"]
+    at = "/v2/models/ctr/versions/1"
+    assert (await client.get(at)).json() == meta
+    assert (await client.get(at + "/ready")).json() == {"name": "ctr", "ready": True}
+    versioned = await client.post(at + "/infer", content=body, headers=headers)
+    assert versioned.status_code == 200, versioned.text
+    n = int(versioned.headers[HEADER])
+    got = InferenceServerClient.parse_response_body(versioned.content, header_length=n)
+    want = InferenceServerClient.parse_response_body(plain.content, header_length=n)
+    np.testing.assert_array_equal(got.as_numpy("ctr"), want.as_numpy("ctr"))
+    for path in ("/v2/models/ctr/versions/2", "/v2/models/ctr/versions/2/ready"):
+        r = await client.get(path)
+        assert r.status_code == 404 and "has no version '2'" in r.json()["error"], r.text
+    r = await client.post("/v2/models/ctr/versions/2/infer", content=body, headers=headers)
+    assert r.status_code == 404 and "versions: ['1']" in r.json()["error"], r.text
+    for method, path in (("GET", at), ("GET", at + "/ready"), ("POST", at + "/infer")):
+        assert AccessPolicy(serve_open=True).required(method, path) is None
+        assert "reader" in (AccessPolicy(serve_open=False).required(method, path) or ())

@@ -14,7 +14,7 @@ GET /v2, /v2/health/live|ready             open (the Open Inference Protocol's p
 GET /v1/models, POST .../predict           open with ``[http] serve_open`` (default),
 POST .../feedback                          else reader+ / writer+
 GET /v2/models/{m}, /v2/models/{m}/ready   as predict (with ``serve_open``, open;
-POST /v2/models/{m}/infer                  else reader+)
+POST /v2/models/{m}/infer                  else reader+), under .../versions/{v} too
 GET /v1/status, /v1/latency                reader, writer, operator
 GET /v1/knowledge                          reader, writer, operator, node
 GET /v1/tables, /v1/tables/{t}/rows       reader, writer, operator
@@ -89,8 +89,8 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("POST", r"/v1/checkpoint/refresh", OPERATE),
     ("GET", r"/v2(/health/(live|ready))?", None),
     ("GET", r"/v1/models", _SERVING),
-    ("GET", r"/v2/models/[^/]+(/ready)?", _SERVING),
-    ("POST", r"/v2/models/[^/]+/infer", _SERVING),
+    ("GET", r"/v2/models/[^/]+(/versions/[^/]+)?(/ready)?", _SERVING),
+    ("POST", r"/v2/models/[^/]+(/versions/[^/]+)?/infer", _SERVING),
     ("POST", _M + r"/predict", _SERVING),
     ("POST", _M + r"/feedback", _SERVING),
     ("GET", _M + r"/(health|metrics|train)", READ),

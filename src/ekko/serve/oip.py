@@ -37,6 +37,8 @@ HEADER_LENGTH = "inference-header-content-length"
 """The binary tensor extension's header: the length of the JSON part of the body."""
 EXTENSIONS = ["binary_tensor_data"]
 DENSE, SPARSE, CTR, ID = "dense", "sparse", "ctr", "id"
+VERSION = "1"
+"""A model's one version (its metadata's ``versions``; the replica serves the live rows)."""
 _DTYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 
 
@@ -86,7 +88,7 @@ def model_metadata(name: str, config: DLRMConfig) -> dict[str, Any]:
     """``GET /v2/models/{model}``: the model's input and output tensors (-1: any batch)."""
     return {
         "name": name,
-        "versions": ["1"],
+        "versions": [VERSION],
         "platform": "ekko_dlrm",
         "inputs": [
             _tensor(DENSE, "FP32", [-1, config.num_dense]),
@@ -266,7 +268,7 @@ def encode_infer(
         else:
             doc["data"] = values.tolist()
         outputs.append(doc)
-    answer: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outputs}
+    answer: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": outputs}
     if decoded.request_id is not None:
         answer["id"] = decoded.request_id
     head = msgspec.json.encode(answer)

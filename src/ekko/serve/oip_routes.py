@@ -16,6 +16,9 @@ Routes::
     GET  /v2/models/{model}          model metadata: input and output tensors
     GET  /v2/models/{model}/ready    200, or 400 with why the model cannot predict yet
     POST /v2/models/{model}/infer    named tensors in, ``ctr`` (and ``id``) out
+
+and the three model routes under ``/v2/models/{model}/versions/{version}`` too (the one
+version the metadata lists; another is a 404 naming it), as clients given a version call.
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ from ekko.net.httpkit import (
     offload,
     read_body,
 )
-from ekko.serve.oip import EXTENSIONS, HEADER_LENGTH, InferRequest, decode_infer, encode_infer
+from ekko.serve.oip import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    VERSION,
+    InferRequest,
+    decode_infer,
+    encode_infer,
+)
 from ekko.serve.oip import model_metadata as metadata_of
 from ekko.serve.routes import guarded
 from ekko.serve.schema import MAX_BATCH
@@ -63,6 +73,17 @@ def oip_routes(
     def not_ready(name: str) -> str | None:
         return services[name].not_ready()
 
+    def model_of(request: Request) -> InferenceService:
+        """The ``{model}`` served, at the ``{version}`` the path names if it names one."""
+        svc = by_model(services, request)
+        version = request.path_params.get("version", VERSION)
+        if version != VERSION:
+            raise RequestError(
+                f"model {svc.name!r} has no version {version[:40]!r} (versions: [{VERSION!r}])",
+                404,
+            )
+        return svc
+
     @guarded
     async def live(request: Request) -> Response:
         """Server liveness: 200 while this process answers."""
@@ -84,13 +105,13 @@ def oip_routes(
     @guarded
     async def model_metadata(request: Request) -> Response:
         """Model metadata: the input and output tensors of an infer request."""
-        svc = by_model(services, request)
+        svc = model_of(request)
         return json_response(metadata_of(svc.name, svc.config))
 
     @guarded
     async def model_ready(request: Request) -> Response:
         """Model readiness: 200 once the replica holds what the model needs to predict."""
-        svc = by_model(services, request)
+        svc = model_of(request)
         why = not_ready(svc.name)
         if why is not None:
             raise RequestError(f"not ready: {why}")
@@ -99,7 +120,7 @@ def oip_routes(
     @guarded
     async def infer(request: Request) -> Response:
         """Predict the CTR of each row of the dense and sparse input tensors."""
-        svc = by_model(services, request)
+        svc = model_of(request)
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise RequestError(f"Content-Encoding: {encoding[:40]!r} is not accepted", 415)
@@ -117,7 +138,13 @@ def oip_routes(
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server, methods=["GET"]),
-        Route("/v2/models/{model}", model_metadata, methods=["GET"]),
-        Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
-        BodyRoute("/v2/models/{model}/infer", infer, max_body=max_body, body=InferRequest),
+        *(
+            route
+            for m in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+            for route in (
+                Route(m, model_metadata, methods=["GET"]),
+                Route(m + "/ready", model_ready, methods=["GET"]),
+                BodyRoute(m + "/infer", infer, max_body=max_body, body=InferRequest),
+            )
+        ),
     ]
