@@ -63,3 +63,14 @@ def test_digests_follow_content() -> None:
     assert a.digests() != b.digests()
     tb.apply(keys, vals, vers, np.full(3, 10), 0)
     assert a.digests() == b.digests()
+
+
+def test_an_unknown_table_error_quotes_a_long_name_cut_short() -> None:
+    """Found attacking the HTTP routes: a 404 for an unknown table echoed a 10 kB name."""
+    store = Store()
+    with pytest.raises(UnknownTableError) as err:
+        store.table("x" * 10_000)
+    message = str(err.value)
+    assert len(message) < 200 and message.endswith("...' (10000 characters)"), message
+    with pytest.raises(UnknownTableError, match=r"^unknown table 'emb'$"):
+        store.table("emb")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+NAME_SHOWN = 120
+"""Characters of a table name an error quotes: a 10 kB name from a request is not echoed."""
+
 
 class StoreError(Exception):
     """Base of every store error, so callers can catch the store's failures as one kind."""
@@ -15,7 +18,10 @@ class UnknownTableError(StoreError, KeyError):
         self.name = name
 
     def __str__(self) -> str:
-        return f"unknown table {self.name!r}"
+        name = self.name if len(self.name) <= NAME_SHOWN else self.name[:NAME_SHOWN] + "..."
+        return f"unknown table {name!r}" + (
+            f" ({len(self.name)} characters)" if len(self.name) > NAME_SHOWN else ""
+        )
 
 
 class TableConflictError(StoreError):
