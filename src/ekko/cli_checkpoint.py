@@ -10,22 +10,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from ekko.cli_options import console
-
-
-def read_cluster(config: Path, err: Console):
-    """The cluster config and its secret; exit status 2 naming what cannot be read."""
-    from ekko.node.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config)
-        secret = cfg.path(cfg.cluster.secret_file, config.resolve().parent).read_bytes().strip()
-    except (ConfigError, OSError) as exc:
-        err.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    return cfg, secret
+from ekko.cli_options import console, read_cluster
 
 
 def export(

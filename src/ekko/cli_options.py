@@ -9,7 +9,8 @@ their options drifted apart when each command spelled them out (``up`` had no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -88,3 +89,16 @@ def tables(raw: str | None) -> list[tuple[str, int, int]] | None:
         except ValueError as exc:
             raise typer.BadParameter(f"--tables {item!r}: expected NAME:DIM:SHARDS") from exc
     return out
+
+
+def read_cluster(config: Path, err: Console) -> tuple[Any, bytes]:
+    """The cluster config and its secret; exit status 2 naming what cannot be read."""
+    from ekko.node.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+        secret = cfg.path(cfg.cluster.secret_file, config.resolve().parent).read_bytes().strip()
+    except (ConfigError, OSError) as exc:
+        err.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    return cfg, secret

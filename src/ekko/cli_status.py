@@ -10,6 +10,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ekko.cli_options import read_cluster
+
 
 def status(
     config: Path = typer.Option(Path("cluster.toml"), help="Cluster config (TOML)."),
@@ -27,18 +29,12 @@ def status(
     answer is a row saying why (without --watch the exit status is then 1). Signed with a
     key derived from the cluster secret; https with the cluster CA when the config turns
     TLS on."""
-    from ekko.node.config import ConfigError, load_config
     from ekko.ops.status import run_status
 
     err = Console(stderr=True)
     if interval <= 0:
         raise typer.BadParameter(f"--interval must be > 0 seconds, got {interval}")
-    try:
-        cfg = load_config(config)
-        secret = cfg.path(cfg.cluster.secret_file, config.resolve().parent).read_bytes().strip()
-    except (ConfigError, OSError) as exc:
-        err.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    cfg, secret = read_cluster(config, err)
     try:
         rows = run_status(
             cfg, config.resolve().parent, secret, watch=watch, interval=interval, count=count,
