@@ -21,6 +21,7 @@ from ekko.cli_options import (
     WriterRate,
     WriterTables,
     console,
+    read_cluster,
 )
 
 
@@ -121,15 +122,9 @@ def rollback(
     import httpx
 
     from ekko.node.access import ClusterAuth
-    from ekko.node.config import ConfigError, load_config
     from ekko.node.http_client import ClusterHttp
 
-    try:
-        cfg = load_config(config)
-        secret = cfg.path(cfg.cluster.secret_file, config.resolve().parent).read_bytes().strip()
-    except (ConfigError, OSError) as exc:
-        console.print(f"[red]cannot read the cluster config or its secret:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    cfg, secret = read_cluster(config, console)
     models = [m.name for m in cfg.models]
     if model not in models:
         known = ", ".join(models) if models else "none (no [[models]] in it)"
