@@ -27,7 +27,7 @@ from ekko.quality.latency import LatencyHistogram
 from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
-from ekko.store.journal import StoreJournal, encode_batch, open_durable
+from ekko.store.journal import StoreJournal, open_durable
 from ekko.store.settled import Mark
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
@@ -204,11 +204,7 @@ class NodeCore:
         created = spec.name not in self.store.tables
         self.store.create_table(spec, initial_rows=initial_rows)
         if created and self.journal is not None:
-            none = np.zeros(0, dtype=np.int64)
-            empty = np.zeros((0, spec.dim), dtype=np.float32)
-            self.journal.wal.append(
-                encode_batch(spec, none, empty, none, self.clock.ns(), none.astype(np.uint8))
-            )
+            self.journal.log_created(spec, self.clock.ns())
         await self.wait_durable()
         return created
 

@@ -129,6 +129,13 @@ class StoreJournal:
             # 503, never acknowledged) and the snapshot that restarts the log covers them;
             # raising here only dropped the trainer's other queued writes of the same drain.
 
+    def log_created(self, spec: TableSpec, now_ns: int) -> None:
+        """Log a new table as a write of no rows: replaying it creates the table, so one
+        created through the API survives a crash before the next snapshot."""
+        none = np.zeros(0, dtype=np.int64)
+        empty = np.zeros((0, spec.dim), dtype=np.float32)
+        self.wal.append(encode_batch(spec, none, empty, none, now_ns, none.astype(np.uint8)))
+
     async def wait_durable(self) -> None:
         """Return once every write made so far is on disk."""
         await self.wal.wait_durable(self.wal.last_seq)
