@@ -1,10 +1,30 @@
 """Public publisher API: wrap any torch model and stream its changed rows into Ekko.
 
 from ekko.torch import EmbeddingPublisher, PublisherConfig, MemorySink
+from ekko.torch import DynamicEmbedding, DynamicEmbeddingConfig  # raw ids, bounded rows
 """
 
 from ekko.store.spec import Sink
+from ekko.train.admission import AdmissionConfig
+from ekko.train.dynamic_embedding import (
+    DynamicEmbedding,
+    DynamicEmbeddingConfig,
+    DynamicEmbeddingStatistics,
+)
+from ekko.train.eviction import EvictionConfig
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig, PublisherStatistics
-from ekko.train.sink import MemorySink
+from ekko.train.sink import DeletingSink, MemorySink
 
-__all__ = ["EmbeddingPublisher", "MemorySink", "PublisherConfig", "PublisherStatistics", "Sink"]
+__all__ = [
+    "AdmissionConfig",
+    "DeletingSink",
+    "DynamicEmbedding",
+    "DynamicEmbeddingConfig",
+    "DynamicEmbeddingStatistics",
+    "EmbeddingPublisher",
+    "EvictionConfig",
+    "MemorySink",
+    "PublisherConfig",
+    "PublisherStatistics",
+    "Sink",
+]

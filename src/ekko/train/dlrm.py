@@ -9,7 +9,9 @@ N = number of dense features.
 Table names are the contract with the store: the i-th sparse feature lives in table
 ``emb_{i}``, every dense tensor in ``dense/{state_dict key}`` (one key, 0, whose row is the
 flattened tensor), e.g. ``dense/bottom.0.weight``. Ids are hashed into a table by
-``id % rows_per_table`` before the lookup, on both the training and the serving side.
+``id % rows_per_table`` before the lookup, on both the training and the serving side; with
+``DLRMConfig.dynamic`` set, each table is a ``DynamicEmbedding`` instead and both sides look
+raw ids up (the store is keyed by them, an id it does not hold reads zeros).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from ekko.train.dynamic_embedding import DynamicEmbedding, DynamicEmbeddingConfig
 
 Lookup = Callable[[str, np.ndarray], np.ndarray]
 """``lookup(table, ids int64 [n]) -> float32 [n, dim]``: rows of one table from a store."""
@@ -52,6 +56,9 @@ class DLRMConfig:
     Criteo-shaped streams, ``log1p`` counts and a rate in [0, 1] for MovieLens), and
     ``log1p(2**63)`` is 43.7, so 64 holds any of them with room for other monotone scalings;
     a value far outside (e.g. 3e38, still a finite float32) overflows the bottom MLP.
+
+    ``dynamic`` (None: hashed tables of ``rows_per_table`` rows) makes every sparse table a
+    ``DynamicEmbedding`` keyed by raw ids, with its row budget, admission and eviction.
     """
 
     num_dense: int = 13
@@ -63,6 +70,7 @@ class DLRMConfig:
     seed: int = 0
     table_namespace: str = ""
     dense_limit: float = 64.0
+    dynamic: DynamicEmbeddingConfig | None = None
 
     def __post_init__(self) -> None:
         if self.table_namespace and not self.table_namespace.endswith("/"):
@@ -85,6 +93,11 @@ class DLRMConfig:
             )
         if not self.top_mlp or self.top_mlp[-1] != 1:
             raise ValueError(f"DLRMConfig.top_mlp must end with 1, got {self.top_mlp}")
+        if self.dynamic is not None and self.dynamic.default_row != "zeros":
+            raise ValueError(
+                "DLRMConfig.dynamic.default_row must be 'zeros': a serving replica reads zeros "
+                "for an id the store does not hold, and a trained default row is not published"
+            )
 
     @property
     def interaction_dim(self) -> int:
@@ -108,12 +121,15 @@ class SparseArch(nn.Module):
 
     Why separate tables: each feature is its own store table (``emb_{i}``), so the publisher
     and the store see per-feature rows, and a sparse optimizer touches only looked-up rows.
+    With ``config.dynamic`` each table is a ``DynamicEmbedding`` (one id per bag, so the
+    sum-pooled bag and a plain lookup are the same).
 
     Args:
         config: model shape.
 
     Call args:
-        sparse: int64 [B, F], one id per feature, already hashed into [0, rows_per_table).
+        sparse: int64 [B, F], one id per feature, already hashed into [0, rows_per_table)
+            (raw ids with ``config.dynamic``).
 
     Returns:
         float32 [B, F, D].
@@ -124,19 +140,29 @@ class SparseArch(nn.Module):
         bound = config.rows_per_table**-0.5
         self.embedding_bags = nn.ModuleDict()
         for i in range(config.num_sparse):
-            bag = nn.EmbeddingBag(
-                config.rows_per_table, config.embedding_dim, mode="sum", sparse=True
-            )
-            nn.init.uniform_(bag.weight, -bound, bound)
-            self.embedding_bags[embedding_table_name(i)] = bag
+            table: nn.Module
+            if config.dynamic is not None:
+                table = DynamicEmbedding(config.embedding_dim, config.dynamic, init_bound=bound)
+            else:
+                table = nn.EmbeddingBag(
+                    config.rows_per_table, config.embedding_dim, mode="sum", sparse=True
+                )
+                nn.init.uniform_(table.weight, -bound, bound)
+            self.embedding_bags[embedding_table_name(i)] = table
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         cols = sparse.unbind(1)
         pooled = [
-            bag(col.unsqueeze(1))
-            for bag, col in zip(self.embedding_bags.values(), cols, strict=True)
+            table(col) if isinstance(table, DynamicEmbedding) else table(col.unsqueeze(1))
+            for table, col in zip(self.embedding_bags.values(), cols, strict=True)
         ]
         return torch.stack(pooled, dim=1)
+
+    def dynamic_tables(self) -> dict[str, DynamicEmbedding]:
+        """The dynamic tables by their unprefixed table name (none for hashed tables)."""
+        return {
+            name: t for name, t in self.embedding_bags.items() if isinstance(t, DynamicEmbedding)
+        }
 
 
 class DenseArch(nn.Sequential):
@@ -217,7 +243,8 @@ class DLRM(_DLRMHead):
     (``DLRMServingModel``) runs the same head over rows looked up from a store.
 
     Call args:
-        dense: float32 [B, N]; sparse: int64 [B, F] raw ids (hashed modulo rows_per_table).
+        dense: float32 [B, N]; sparse: int64 [B, F] raw ids (hashed modulo rows_per_table,
+        unless the tables are dynamic).
 
     Returns:
         logits float32 [B] (apply a sigmoid for CTR).
@@ -230,7 +257,9 @@ class DLRM(_DLRMHead):
             self.sparse = SparseArch(config)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return self.logits(dense, self.sparse(sparse % self.config.rows_per_table))
+        if self.config.dynamic is None:
+            sparse = sparse % self.config.rows_per_table
+        return self.logits(dense, self.sparse(sparse))
 
     def table_names(self) -> dict[str, str]:
         """Qualified module name -> store table name, for ``PublisherConfig.table_names``."""
@@ -285,12 +314,15 @@ class DLRMServingModel(_DLRMHead):
 
     @torch.no_grad()
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        """dense float32 [B, N], sparse int64 [B, F] raw ids -> CTR float32 [B]."""
+        """dense float32 [B, N], sparse int64 [B, F] raw ids -> CTR float32 [B]. With dynamic
+        tables an id the store does not hold reads zeros, as the trainer's default row."""
         cfg = self.config
-        hashed = np.asarray(sparse, dtype=np.int64) % cfg.rows_per_table
+        ids = np.asarray(sparse, dtype=np.int64)
+        if cfg.dynamic is None:
+            ids = ids % cfg.rows_per_table
         rows = [
             np.asarray(
-                self.lookup(embedding_table_name(i, cfg.table_namespace), hashed[:, i]),
+                self.lookup(embedding_table_name(i, cfg.table_namespace), ids[:, i]),
                 dtype=np.float32,
             )
             for i in range(cfg.num_sparse)

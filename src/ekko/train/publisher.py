@@ -6,6 +6,11 @@ to unique rows and writes exactly those rows' new values to a ``Sink``. Dense te
 (everything else in the state dict) are one-key tables, written when changed, at most every
 ``dense_interval_s`` seconds, and always on ``flush()``.
 
+A ``DynamicEmbedding`` is one table keyed by raw ids: the hook records the row slots it
+looked up and ``publish()`` writes them under the ids holding them, after handing the ids it
+evicted since the last publish to ``Sink.delete`` (a sink without ``delete`` is refused at
+construction when a table evicts). Its default row is never written.
+
 Assumption: the optimizer moves only rows that had a gradient in the step (SparseAdam,
 sparse Adagrad, SGD without momentum on sparse gradients). A dense-gradient optimizer with
 momentum keeps moving rows after their last lookup; those moves would not be published.
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from ekko.store.spec import Sink, TableSpec
+from ekko.train.dynamic_embedding import DynamicEmbedding
 
 EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -58,12 +64,14 @@ class PublisherConfig:
 class PublisherStatistics:
     """Counters since construction; times are process CPU-side wall time in seconds.
 
+    ``rows_deleted`` counts the evicted ids of dynamic tables handed to ``Sink.delete``.
     ``record_time_s`` is spent in the forward hooks, ``publish_time_s`` in ``publish``,
     ``flush`` and ``snapshot`` (compaction, gather, sink writes).
     """
 
     publishes: int
     rows_published: int
+    rows_deleted: int
     dense_tensors_published: int
     bytes_published: int
     record_time_s: float
@@ -71,11 +79,20 @@ class PublisherStatistics:
 
 
 class _EmbeddingTable:
-    """One tracked embedding module and the ids it looked up since the last publish."""
+    """One tracked embedding module and the ids it looked up since the last publish.
 
-    def __init__(self, name: str, module: nn.Embedding | nn.EmbeddingBag) -> None:
+    For a ``DynamicEmbedding`` the tracked module is its row parameter's ``nn.Embedding``:
+    the ids recorded are row slots, which ``rows`` maps back to raw ids."""
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Embedding | nn.EmbeddingBag,
+        dynamic: DynamicEmbedding | None = None,
+    ) -> None:
         self.name = name
         self.module = module
+        self.dynamic = dynamic
         self.pending: list[torch.Tensor] = []
 
     def take_unique(self) -> torch.Tensor:
@@ -85,6 +102,22 @@ class _EmbeddingTable:
         if pad is not None and ids.numel():
             ids = ids[ids != pad]
         return ids.to(torch.int64)
+
+    def rows(self, everything: bool) -> tuple[np.ndarray, torch.Tensor]:
+        """(store keys, row indices into the weight) to publish."""
+        if self.dynamic is not None:
+            if everything:
+                self.pending = []
+                keys, slots = self.dynamic.live()
+            else:
+                keys, slots = self.dynamic.keys_of(self.take_unique().numpy())
+            return keys, torch.from_numpy(slots)
+        if everything:
+            self.pending = []
+            ids = torch.arange(self.module.num_embeddings, dtype=torch.int64)
+        else:
+            ids = self.take_unique()
+        return ids.numpy(), ids
 
 
 class EmbeddingPublisher:
@@ -124,6 +157,7 @@ class EmbeddingPublisher:
         self.sink = sink
         self._clock = clock
         self._tables = self._find_tables(model)
+        self._check_deletes()
         weight_keys = {
             f"{qual}.weight" if qual else "weight"
             for qual, m in model.named_modules()
@@ -143,6 +177,7 @@ class EmbeddingPublisher:
         ]
         self._publishes = 0
         self._rows = 0
+        self._deleted = 0
         self._dense_published = 0
         self._bytes = 0
         self._record_s = 0.0
@@ -150,22 +185,41 @@ class EmbeddingPublisher:
 
     def _find_tables(self, model: nn.Module) -> list[_EmbeddingTable]:
         modules = dict(model.named_modules())
+        dynamic = {q: m for q, m in modules.items() if isinstance(m, DynamicEmbedding)}
         for qual in self.config.table_names:
-            if not isinstance(modules.get(qual), EMBEDDING_TYPES):
+            if not isinstance(modules.get(qual), (*EMBEDDING_TYPES, DynamicEmbedding)):
                 raise ValueError(
-                    f"PublisherConfig.table_names: {qual!r} is not an nn.Embedding or "
-                    f"nn.EmbeddingBag of the model"
+                    f"PublisherConfig.table_names: {qual!r} is not an nn.Embedding, "
+                    f"nn.EmbeddingBag or DynamicEmbedding of the model"
                 )
-        tables = [
-            _EmbeddingTable(self.config.table_names.get(qual, qual or "embedding"), m)
-            for qual, m in modules.items()
-            if isinstance(m, EMBEDDING_TYPES)
-        ]
+        inner = {f"{q}.embedding" if q else "embedding": q for q in dynamic}
+        tables = []
+        for qual, m in modules.items():
+            if qual in inner:
+                dyn = dynamic[inner[qual]]
+                name = self.config.table_names.get(inner[qual], inner[qual] or "embedding")
+                tables.append(_EmbeddingTable(name, m, dyn))
+            elif isinstance(m, EMBEDDING_TYPES):
+                tables.append(
+                    _EmbeddingTable(self.config.table_names.get(qual, qual or "embedding"), m)
+                )
         names = [t.name for t in tables]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"PublisherConfig.table_names: duplicate table names {dupes}")
         return tables
+
+    def _check_deletes(self) -> None:
+        evicting = [t.name for t in self._tables if t.dynamic and t.dynamic.config.eviction.evicts]
+        if evicting and not callable(getattr(self.sink, "delete", None)):
+            raise TypeError(
+                f"tables {evicting} evict rows, and their evictions are deletes in the store, "
+                f"but the sink {type(self.sink).__name__} has no delete(table, keys) method: "
+                f'give a sink with delete, or set eviction kind = "none" without ttl_s'
+            )
+        for t in self._tables:
+            if t.dynamic is not None and t.dynamic.config.eviction.evicts:
+                t.dynamic.track_evictions()
 
     def _recorder(self, table: _EmbeddingTable) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
@@ -205,16 +259,18 @@ class EmbeddingPublisher:
     @torch.no_grad()
     def _publish_embeddings(self, everything: bool) -> None:
         for t in self._tables:
-            if everything:
-                t.pending = []
-                ids = torch.arange(t.module.num_embeddings, dtype=torch.int64)
-            else:
-                ids = t.take_unique()
-            if ids.numel() == 0:
+            if t.dynamic is not None:
+                # deletes first: an id evicted and admitted again is then written after
+                gone = np.unique(t.dynamic.take_evicted())
+                if gone.size:
+                    self.sink.delete(t.name, gone)  # type: ignore[attr-defined]
+                    self._deleted += int(gone.size)
+            keys, idx = t.rows(everything)
+            if keys.size == 0:
                 continue
-            values = t.module.weight.detach().index_select(0, ids)
-            self._write(t.name, ids.numpy(), values.to(torch.float32).numpy())
-            self._rows += int(ids.numel())
+            values = t.module.weight.detach().index_select(0, idx)
+            self._write(t.name, keys, values.to(torch.float32).numpy())
+            self._rows += int(keys.size)
 
     @torch.no_grad()
     def _publish_dense(self, everything: bool) -> None:
@@ -271,13 +327,17 @@ class EmbeddingPublisher:
         dropped, and a loaded dense tensor counts as published (the store holds it).
 
         Keys outside the embedding table (written by hand: the model hashes every id into
-        it, so it never reads them) are skipped; returns how many. Rows of the wrong width
+        it, so it never reads them) are skipped; returns how many. A dynamic table gives
+        each key a row (they were admitted when written) while its budget has free rows
+        and skips the rest. Rows of the wrong width
         (the model's shape changed since they were written) raise ``ValueError``."""
         for t in self._tables:
             t.pending = []
         keys = np.asarray(keys, np.int64)
         values = np.asarray(values, np.float32)
         for t in self._tables:
+            if t.name == table and t.dynamic is not None:
+                return t.dynamic.load(keys, values)
             if t.name == table:
                 weight = t.module.weight
                 if values.shape != (len(keys), weight.shape[1]):
@@ -321,6 +381,7 @@ class EmbeddingPublisher:
         return PublisherStatistics(
             publishes=self._publishes,
             rows_published=self._rows,
+            rows_deleted=self._deleted,
             dense_tensors_published=self._dense_published,
             bytes_published=self._bytes,
             record_time_s=self._record_s,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ekko.train.dynamic_embedding import DynamicEmbedding
 from ekko.train.publisher import EMBEDDING_TYPES, EmbeddingPublisher
 from ekko.train.streams import Events
 
@@ -161,6 +162,9 @@ class OnlineTrainer:
         model: ``model(dense float32 [B, N], sparse int64 [B, F]) -> logits float32 [B]``.
         config: optimizer and learning rates.
         publisher: receives ``publish()`` after every optimizer step; None trains only.
+
+    The model's ``DynamicEmbedding`` tables are bound to its optimizers, so a row they reuse
+    starts with fresh optimizer state.
     """
 
     def __init__(
@@ -188,6 +192,9 @@ class OnlineTrainer:
             self.optimizers.append(
                 torch.optim.Adagrad([g for g in groups if g["params"]], lr=cfg.dense_lr)
             )
+        for m in model.modules():
+            if isinstance(m, DynamicEmbedding):
+                m.bind_optimizers(self.optimizers)
 
     @torch.no_grad()
     def forget_momentum(self) -> None:

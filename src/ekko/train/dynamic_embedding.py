@@ -1,0 +1,301 @@
+"""An embedding table keyed by raw feature ids, with admission, eviction and a row budget.
+
+A fixed ``nn.Embedding`` indexed by ``id % rows`` makes unrelated ids share rows and never
+returns memory; production systems give each id its own row, admit only ids that come back
+and evict rows that stopped being useful (TorchRec's managed collisions, TFRA's restrict
+policies, HugeCTR's admission). Here the rows are one preallocated ``nn.Embedding`` of
+``row_budget + 1`` rows: the last is the shared default row every id without a row reads.
+The store is keyed by the raw ids (``EmbeddingPublisher`` maps slots back), so replicas and
+serving look ids up directly and read zeros for ids the store does not hold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ekko.train.admission import Admission, AdmissionConfig
+from ekko.train.eviction import EvictionConfig, expired, victims
+from ekko.train.id_map import MISSING, IdMap
+
+DEFAULT_ROWS = ("zeros", "trained")
+
+
+@dataclass(frozen=True)
+class DynamicEmbeddingConfig:
+    """A dynamic table's budget and policies.
+
+    ``row_budget`` rows at most hold ids (the parameter has one more: the default row).
+    ``default_row``: ``"zeros"`` (a fixed zero row, what serving reads for an id the store
+    does not hold) or ``"trained"`` (one shared row learned from every id without a row of
+    its own; it lives only in the trainer and is never published).
+    """
+
+    row_budget: int
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    default_row: Literal["zeros", "trained"] = "zeros"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.row_budget <= 1 << 31:
+            raise ValueError(f"row_budget must be in [1, 2**31]: {self.row_budget}")
+        if self.default_row not in DEFAULT_ROWS:
+            raise ValueError(f"default_row must be one of {DEFAULT_ROWS}: {self.default_row!r}")
+
+
+@dataclass(frozen=True)
+class DynamicEmbeddingStatistics:
+    """Counters since construction. ``admitted``: ids given a row; ``rejected``: ids a
+    training step read from the default row (not admitted, or no row free), once per step
+    they appear in; ``evicted``: rows freed by LRU / LFU / TTL; ``rows``: rows holding an id
+    now (never above ``row_budget``)."""
+
+    rows: int
+    row_budget: int
+    admitted: int
+    rejected: int
+    evicted: int
+
+
+class DynamicEmbedding(nn.Module):
+    """``nn.Embedding`` semantics over raw int64 ids (any value), within a row budget.
+
+    Why: a table that grows with every id ever seen is the memory leak of online training;
+    one that hashes ids into fixed rows mixes unrelated ids. This one maps each admitted id
+    to a row of its own, reuses the rows of evicted ids, and reports evictions so the
+    publisher deletes them from the store (and so from every replica).
+
+    Training lookups (module in training mode, autograd on) count sightings, admit, evict
+    and touch rows; other lookups only read (an unknown id reads the default row). An id
+    without a row gets no gradient into any row that holds an id. A reused row starts from a
+    fresh initial value and fresh optimizer state: call ``bind_optimizers`` with the
+    optimizers of ``embedding.weight`` (``OnlineTrainer`` does).
+
+    Args:
+        embedding_dim: D.
+        config: budget, admission, eviction, default row.
+        init_bound: rows start uniform in [-init_bound, init_bound] (default D**-0.5).
+        clock: time for TTL, in the units of ``eviction.ttl_s`` (inject a fake in tests).
+
+    Call args:
+        ids: int64 [...] raw ids.
+
+    Returns:
+        float32 [..., D].
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        config: DynamicEmbeddingConfig,
+        *,
+        init_bound: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        budget = config.row_budget
+        self.default_slot = budget
+        padding = budget if config.default_row == "zeros" else None
+        self.embedding = nn.Embedding(budget + 1, embedding_dim, sparse=True, padding_idx=padding)
+        self.init_bound = embedding_dim**-0.5 if init_bound is None else init_bound
+        with torch.no_grad():
+            nn.init.uniform_(self.embedding.weight, -self.init_bound, self.init_bound)
+            if padding is not None:
+                self.embedding.weight[padding].zero_()
+        self._clock = clock
+        self._map = IdMap()
+        self._admission = Admission(config.admission)
+        self._slot_ids = np.full(budget, MISSING, dtype=np.int64)
+        self._occupied = np.zeros(budget, dtype=bool)
+        self._touched_step = np.zeros(budget, dtype=np.int64)
+        self._touched_at = np.zeros(budget, dtype=np.float64)
+        self._freq = np.zeros(budget, dtype=np.int64)
+        self._free = np.arange(budget - 1, -1, -1, dtype=np.int64)  # a stack: pops 0, 1, …
+        self._n_free = budget
+        self._step = 0
+        self._next_expiry = -np.inf
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._evicted: list[np.ndarray] | None = None
+        self._admitted = 0
+        self._rejected = 0
+        self._evicted_count = 0
+
+    @property
+    def row_budget(self) -> int:
+        return self.config.row_budget
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding.embedding_dim
+
+    def bind_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """The optimizers whose per-row state of ``embedding.weight`` a reused row resets."""
+        self._optimizers = list(optimizers)
+
+    def track_evictions(self) -> None:
+        """Keep evicted ids for ``take_evicted`` (the publisher turns them into deletes);
+        without a taker they are not kept."""
+        if self._evicted is None:
+            self._evicted = []
+
+    def take_evicted(self) -> np.ndarray:
+        """Ids evicted since the last call, int64 [n] (an id may appear twice)."""
+        if not self._evicted:
+            return np.empty(0, dtype=np.int64)
+        out = np.concatenate(self._evicted)
+        self._evicted = []
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.detach().reshape(-1).cpu().numpy().astype(np.int64, copy=False)
+        if self.training and torch.is_grad_enabled():
+            slots = self._assign(flat)
+        else:
+            slots = self._map.lookup(flat)
+            slots[slots == MISSING] = self.default_slot
+        return self.embedding(torch.from_numpy(slots).reshape(ids.shape).to(ids.device))
+
+    def keys_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, slots) of the ``slots`` that hold an id now; the default row and freed
+        rows are left out."""
+        slots = np.asarray(slots, dtype=np.int64)
+        slots = slots[(slots >= 0) & (slots < self.default_slot)]
+        slots = slots[self._occupied[slots]]
+        return self._slot_ids[slots], slots
+
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, slots) of every row holding an id."""
+        return self.keys_of(np.flatnonzero(self._occupied))
+
+    @torch.no_grad()
+    def load(self, ids: np.ndarray, values: np.ndarray) -> int:
+        """Set rows of ``ids`` (unique) to ``values`` [n, D], giving ids a row past
+        admission (they were admitted before: a resume from the store). Ids beyond the free
+        rows are skipped; returns how many."""
+        ids = np.asarray(ids, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (ids.size, self.embedding_dim):
+            raise ValueError(
+                f"rows of shape {values.shape} for {ids.size} ids; the table's rows have "
+                f"width {self.embedding_dim}"
+            )
+        slots = self._map.lookup(ids)
+        new = np.flatnonzero(slots == MISSING)
+        got = self._allocate(new.size, evict=False)
+        placed = new[: got.size]
+        self._place(ids[placed], got, np.ones(got.size, dtype=np.int64), self._clock())
+        slots[placed] = got
+        keep = slots != MISSING
+        weight = self.embedding.weight
+        idx = torch.from_numpy(slots[keep])
+        weight.index_copy_(0, idx, torch.from_numpy(values[keep]).to(weight.dtype))
+        return int((~keep).sum())
+
+    @torch.no_grad()
+    def _assign(self, flat: np.ndarray) -> np.ndarray:
+        self._step += 1
+        now = self._clock()
+        uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+        slots = self._map.lookup(uniq)
+        hit = slots != MISSING
+        held = slots[hit]
+        self._touched_step[held] = self._step
+        self._touched_at[held] = now
+        self._freq[held] += counts[hit]
+        self._expire(now)
+        miss = np.flatnonzero(~hit)
+        if miss.size:
+            admit = self._admission.admit(uniq[miss], counts[miss])
+            wanted = miss[admit]
+            wanted = wanted[np.argsort(-counts[wanted], kind="stable")]  # most sighted first
+            got = self._allocate(wanted.size, evict=True)
+            placed = wanted[: got.size]
+            self._place(uniq[placed], got, counts[placed], now)
+            slots[placed] = got
+            self._admitted += got.size
+            self._rejected += miss.size - got.size
+        slots[slots == MISSING] = self.default_slot
+        return slots[inverse.reshape(-1)]
+
+    def _place(self, ids: np.ndarray, slots: np.ndarray, counts: np.ndarray, now: float) -> None:
+        self._map.insert(ids, slots)
+        self._slot_ids[slots] = ids
+        self._occupied[slots] = True
+        self._touched_step[slots] = self._step
+        self._touched_at[slots] = now
+        self._freq[slots] = counts
+
+    def _allocate(self, k: int, *, evict: bool) -> np.ndarray:
+        """Up to ``k`` free slots, evicting under LRU / LFU when the free ones are too few."""
+        kind = self.config.eviction.kind
+        if evict and k > self._n_free and kind in ("lru", "lfu"):
+            # rows looked up in this step stay: they are in the batch being trained
+            candidates = np.flatnonzero(self._occupied & (self._touched_step != self._step))
+            out = victims(kind, candidates, self._touched_step, self._freq, k - self._n_free)
+            self._evict(out)
+        take = min(k, self._n_free)
+        self._n_free -= take
+        return self._free[self._n_free : self._n_free + take][::-1].copy()
+
+    def _expire(self, now: float) -> None:
+        ttl = self.config.eviction.ttl_s
+        if ttl is None or now < self._next_expiry:
+            return
+        self._evict(expired(self._occupied, self._touched_at, now, ttl))
+        occupied = self._touched_at[self._occupied]
+        # touch times only rise, so the oldest one bounds the next expiry from below
+        self._next_expiry = (occupied.min() if occupied.size else now) + ttl
+
+    @torch.no_grad()
+    def _evict(self, slots: np.ndarray) -> None:
+        if slots.size == 0:
+            return
+        ids = self._slot_ids[slots]
+        self._map.remove(ids)
+        self._occupied[slots] = False
+        self._slot_ids[slots] = MISSING
+        self._freq[slots] = 0
+        self._free[self._n_free : self._n_free + slots.size] = slots
+        self._n_free += slots.size
+        self._evicted_count += slots.size
+        if self._evicted is not None:
+            self._evicted.append(ids.copy())
+        self._reset_rows(slots)
+
+    def _reset_rows(self, slots: np.ndarray) -> None:
+        """A fresh initial value and fresh optimizer state (Adagrad's sum, Adam's moments)
+        for the rows ``slots``: the next id to hold one starts as if new."""
+        weight = self.embedding.weight
+        idx = torch.from_numpy(np.ascontiguousarray(slots))
+        fresh = torch.empty(len(slots), weight.shape[1], dtype=weight.dtype)
+        nn.init.uniform_(fresh, -self.init_bound, self.init_bound)
+        weight.index_copy_(0, idx, fresh)
+        for opt in self._optimizers:
+            state = opt.state.get(weight)
+            if not state:
+                continue
+            start = next(
+                (g.get("initial_accumulator_value", 0.0) for g in opt.param_groups
+                 if any(p is weight for p in g["params"])),
+                0.0,
+            )  # fmt: skip
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                    value.index_fill_(0, idx, start if key == "sum" else 0.0)
+
+    def statistics(self) -> DynamicEmbeddingStatistics:
+        """Counters since construction."""
+        return DynamicEmbeddingStatistics(
+            rows=self.config.row_budget - self._n_free,
+            row_budget=self.config.row_budget,
+            admitted=self._admitted,
+            rejected=self._rejected,
+            evicted=self._evicted_count,
+        )

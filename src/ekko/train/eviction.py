@@ -1,0 +1,67 @@
+"""Which rows leave a table: TTL since the last update, LRU or LFU under the row budget.
+
+Scores follow HierarchicalKV's rule (the lowest score leaves first): LRU scores a row by the
+step it was last looked up in training, LFU by its sightings since admission (ties: the
+least recently used). TTL removes every row not updated for ``ttl_s`` of the table's clock,
+whatever the budget; with ``kind = "ttl"`` a full table admits no new id until rows expire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+EVICTION_KINDS = ("none", "lru", "lfu", "ttl")
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    """How a table frees rows.
+
+    ``kind``: ``"none"`` (a full table reads new ids from the default row), ``"lru"`` or
+    ``"lfu"`` (a full table evicts its least recently / least frequently used rows for new
+    ids), ``"ttl"`` (rows not updated for ``ttl_s`` leave). ``ttl_s`` is required by
+    ``"ttl"`` and optional with ``"lru"`` / ``"lfu"``; it is in the units of the clock the
+    table is given (seconds of ``time.monotonic`` by default, steps with a step clock).
+    """
+
+    kind: Literal["none", "lru", "lfu", "ttl"] = "lru"
+    ttl_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVICTION_KINDS:
+            raise ValueError(f"eviction.kind must be one of {EVICTION_KINDS}: {self.kind!r}")
+        if self.kind == "ttl" and self.ttl_s is None:
+            raise ValueError('eviction.ttl_s is required with kind = "ttl"')
+        if self.ttl_s is not None and not 0 < self.ttl_s < 1e18:
+            raise ValueError(f"eviction.ttl_s must be a positive finite time: {self.ttl_s}")
+
+    @property
+    def evicts(self) -> bool:
+        """Whether a table under this policy ever evicts (and so needs ``Sink.delete``)."""
+        return self.kind != "none" or self.ttl_s is not None
+
+
+def victims(
+    kind: str, candidates: np.ndarray, touched_step: np.ndarray, freq: np.ndarray, k: int
+) -> np.ndarray:
+    """The ``k`` slots of ``candidates`` (int64 slots) with the lowest score under ``kind``
+    (``"lru"`` or ``"lfu"``), or all of them when there are no more than ``k``."""
+    if k <= 0:
+        return candidates[:0]
+    if candidates.size <= k:
+        return candidates
+    steps = touched_step[candidates].astype(np.float64)
+    if kind == "lru":
+        score = steps
+    else:
+        # frequency first, then recency: the step's share of the latest step is in [0, 1)
+        score = freq[candidates].astype(np.float64) + steps / (float(steps.max()) + 1.0)
+    return candidates[np.argpartition(score, k - 1)[:k]]
+
+
+def expired(occupied: np.ndarray, touched_at: np.ndarray, now: float, ttl: float) -> np.ndarray:
+    """Slots of occupied rows last updated more than ``ttl`` before ``now``."""
+    return np.flatnonzero(occupied & (touched_at < now - ttl))

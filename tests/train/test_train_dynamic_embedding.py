@@ -1,0 +1,246 @@
+"""DynamicEmbedding: raw ids to rows, admission, LRU / LFU / TTL eviction under a fake clock,
+optimizer state reset, the budget, and what the publisher writes and deletes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ekko.torch import DynamicEmbedding, DynamicEmbeddingConfig, EmbeddingPublisher, MemorySink
+from ekko.train.admission import AdmissionConfig
+from ekko.train.eviction import EVICTION_KINDS, EvictionConfig
+from ekko.train.publisher import PublisherConfig
+
+HUGE = 2**63 - 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def table(budget: int, clock=None, **policies) -> DynamicEmbedding:
+    cfg = DynamicEmbeddingConfig(row_budget=budget, **policies)
+    return DynamicEmbedding(4, cfg, clock=clock or FakeClock())
+
+
+def train(emb: DynamicEmbedding, *ids: int) -> torch.Tensor:
+    emb.train()
+    return emb(torch.tensor(ids, dtype=torch.int64))
+
+
+def held(emb: DynamicEmbedding) -> set[int]:
+    return set(emb.live()[0].tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.integers(-(2**63), HUGE) | st.integers(-5, 5), min_size=1, max_size=12),
+        min_size=1,
+        max_size=15,
+    ),
+    budget=st.integers(1, 8),
+    kind=st.sampled_from(EVICTION_KINDS),
+)
+def test_rows_stay_within_budget_and_each_id_reads_its_own_row(batches, budget, kind) -> None:
+    clock = FakeClock()
+    ttl = 3.0 if kind == "ttl" else None
+    emb = table(budget, clock, eviction=EvictionConfig(kind=kind, ttl_s=ttl))
+    for batch in batches:
+        clock.now += 1.0
+        out = train(emb, *batch)
+        ids, slots = emb.live()
+        st_ = emb.statistics()
+        assert len(ids) == st_.rows <= budget
+        assert len(set(slots.tolist())) == len(slots)  # no two ids share a row
+        weight = emb.embedding.weight.detach()
+        row_of = dict(zip(ids.tolist(), slots.tolist(), strict=True))
+        for i, key in enumerate(batch):
+            want = weight[row_of[key]] if key in row_of else torch.zeros(4)
+            assert torch.equal(out[i].detach(), want)
+    stats = emb.statistics()
+    assert stats.admitted - stats.evicted == stats.rows
+
+
+def test_unknown_ids_read_the_default_row_outside_training() -> None:
+    emb = table(4)
+    train(emb, -7, HUGE)
+    emb.eval()
+    out = emb(torch.tensor([[HUGE, 12345]]))
+    assert out.shape == (1, 2, 4)
+    assert out[0, 1].abs().sum() == 0 and out[0, 0].abs().sum() > 0
+    assert held(emb) == {-7, HUGE}  # the eval lookup admitted nothing
+    with torch.no_grad():
+        emb.train()
+        emb(torch.tensor([99]))
+    assert 99 not in held(emb)
+
+
+def test_count_admission_gives_a_row_on_the_third_sighting_only() -> None:
+    emb = table(8, admission=AdmissionConfig(kind="count", threshold=3))
+    assert train(emb, 5, 6).abs().sum() == 0
+    assert train(emb, 5).abs().sum() == 0
+    assert held(emb) == set()
+    assert train(emb, 5).abs().sum() > 0
+    assert held(emb) == {5}
+    st_ = emb.statistics()
+    assert (st_.admitted, st_.rejected) == (1, 3)
+
+
+def test_lru_evicts_the_least_recently_trained_row() -> None:
+    emb = table(3, eviction=EvictionConfig(kind="lru"))
+    emb.track_evictions()
+    train(emb, 1, 2, 3)
+    train(emb, 1)
+    train(emb, 3)
+    train(emb, 4)  # full: 2 is the least recently used
+    assert held(emb) == {1, 3, 4}
+    train(emb, 5, 6)
+    assert held(emb) == {4, 5, 6}
+    gone = emb.take_evicted().tolist()
+    assert gone[0] == 2 and sorted(gone[1:]) == [1, 3]
+    assert emb.take_evicted().size == 0
+
+
+def test_lfu_evicts_the_least_frequent_row_ties_by_recency() -> None:
+    emb = table(3, eviction=EvictionConfig(kind="lfu"))
+    train(emb, 1, 1, 1, 2, 3)
+    train(emb, 3)
+    train(emb, 4)  # counts 1:3, 2:1, 3:2 -> 2 leaves
+    assert held(emb) == {1, 3, 4}
+    train(emb, 5)  # 3:2, 4:1 -> 4 leaves
+    assert held(emb) == {1, 3, 5}
+    assert emb.statistics().evicted == 2
+
+
+def test_ttl_evicts_rows_not_updated_for_ttl_and_a_full_table_rejects_until_then() -> None:
+    clock = FakeClock()
+    emb = table(2, clock, eviction=EvictionConfig(kind="ttl", ttl_s=10.0))
+    train(emb, 1, 2)
+    clock.now = 6.0
+    train(emb, 2, 3)  # full, nothing expired: 3 reads the default row
+    assert held(emb) == {1, 2}
+    clock.now = 10.0
+    train(emb, 3)  # 1 is exactly 10 old: not yet expired
+    assert held(emb) == {1, 2}
+    clock.now = 10.5
+    train(emb, 3)
+    assert held(emb) == {2, 3}
+    clock.now = 30.0
+    train(emb, 3)
+    assert held(emb) == {3}
+    st_ = emb.statistics()
+    assert (st_.evicted, st_.rejected) == (2, 2)
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_a_reused_row_starts_with_fresh_value_and_optimizer_state(optimizer) -> None:
+    emb = table(1, eviction=EvictionConfig(kind="lru"))
+    weight = emb.embedding.weight
+    if optimizer == "adagrad":
+        opt = torch.optim.Adagrad([weight], lr=0.5, initial_accumulator_value=0.1)
+    else:
+        opt = torch.optim.SparseAdam([weight], lr=0.5)
+    emb.bind_optimizers([opt])
+    for _ in range(3):
+        opt.zero_grad()
+        train(emb, 77).sum().backward()
+        opt.step()
+    slot = emb.keys_of(np.arange(1))[1][0]
+    rows = {k: v for k, v in opt.state[weight].items() if getattr(v, "shape", 0) == weight.shape}
+    assert len(rows) == (1 if optimizer == "adagrad" else 2)
+    assert all(v[slot].abs().sum() > 0 for v in rows.values())
+    trained = weight[slot].detach().clone()
+    train(emb, 78)  # evicts 77, takes its row
+    assert emb.keys_of(np.array([slot]))[0].tolist() == [78]
+    for key, v in rows.items():
+        want = 0.1 if key == "sum" else 0.0
+        assert torch.allclose(v[slot], torch.full_like(v[slot], want)), key
+    assert not torch.equal(weight[slot].detach(), trained)
+    assert weight[slot].detach().abs().max() <= emb.init_bound
+
+
+class TwoTables(nn.Module):
+    def __init__(self, budget: int, **policies) -> None:
+        super().__init__()
+        self.users = DynamicEmbedding(4, DynamicEmbeddingConfig(row_budget=budget, **policies))
+        self.items = nn.Embedding(10, 4, sparse=True)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return (self.users(users) * self.items(items)).sum(-1)
+
+
+def step(model: TwoTables, opt, pub: EmbeddingPublisher, users, items) -> None:
+    model.train()
+    opt.zero_grad()
+    model(torch.tensor(users), torch.tensor(items)).sum().backward()
+    opt.step()
+    pub.publish()
+
+
+def test_publisher_writes_raw_ids_deletes_evictions_and_never_the_rejected() -> None:
+    model = TwoTables(2, admission=AdmissionConfig(kind="count", threshold=2))
+    opt = torch.optim.Adagrad(list(model.parameters()), lr=0.1)
+    model.users.bind_optimizers([opt])
+    sink = MemorySink()
+    pub = EmbeddingPublisher(model, sink, PublisherConfig(table_names={"users": "u"}))
+    assert pub.table_names == ["u", "items"]
+    default_before = model.users.embedding.weight[2].detach().clone()
+    step(model, opt, pub, [-(2**60), 5], [1, 2])
+    assert sink.written_keys("u") == set()  # seen once: not admitted, nothing stored
+    step(model, opt, pub, [-(2**60), 5, 9], [1, 2, 3])
+    assert sink.written_keys("u") == {-(2**60), 5}
+    ids, slots = model.users.live()
+    rows = model.users.embedding.weight.detach()[torch.from_numpy(slots)].numpy()
+    np.testing.assert_array_equal(sink.lookup("u", ids), rows)
+    step(model, opt, pub, [9, 5], [4, 4])  # 9 admitted: the full table evicts the LRU row
+    assert [(t, k.tolist()) for t, k in sink.deletes] == [("u", [-(2**60)])]
+    assert set(sink.tables["u"]) == {5, 9}
+    assert 9 in sink.written_keys("u")
+    assert torch.equal(model.users.embedding.weight[2].detach(), default_before)  # zeros row
+    assert pub.statistics().rows_deleted == 1
+
+
+def test_publisher_refuses_a_sink_without_delete_when_a_table_evicts() -> None:
+    class WriteOnly:
+        def create_table(self, spec) -> None: ...
+
+        def write(self, table, keys, values) -> None: ...
+
+    with pytest.raises(TypeError, match=r"WriteOnly has no delete\(table, keys\)"):
+        EmbeddingPublisher(TwoTables(2), WriteOnly())
+    EmbeddingPublisher(TwoTables(2, eviction=EvictionConfig(kind="none")), WriteOnly())
+
+
+def test_load_places_rows_up_to_the_budget_and_reports_the_rest() -> None:
+    emb = table(3)
+    values = np.arange(16, dtype=np.float32).reshape(4, 4)
+    skipped = emb.load(np.array([HUGE, -1, 3, 4]), values)
+    assert skipped == 1 and held(emb) == {HUGE, -1, 3}
+    emb.eval()
+    np.testing.assert_array_equal(emb(torch.tensor([-1])).detach().numpy(), values[1:2])
+    with pytest.raises(ValueError, match="width 4"):
+        emb.load(np.array([1]), np.zeros((1, 5), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: DynamicEmbeddingConfig(row_budget=0), "row_budget"),
+        (lambda: DynamicEmbeddingConfig(row_budget=4, default_row="ones"), "default_row"),
+        (lambda: EvictionConfig(kind="ttl"), "eviction.ttl_s is required"),
+        (lambda: EvictionConfig(kind="fifo"), "eviction.kind"),
+        (lambda: EvictionConfig(kind="lru", ttl_s=-1.0), "eviction.ttl_s"),
+    ],
+)
+def test_bad_config_names_the_field(build, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
