@@ -43,7 +43,14 @@ collect_op = st.tuples(
     st.lists(st.tuples(st.integers(0, 2), LANE, st.integers(0, 60)), max_size=5),
 )
 merge_op = st.tuples(st.just("merge"), st.tuples(st.integers(0, 2), LANE, st.integers(0, 80)))
-OPS = st.lists(st.one_of(write_op, apply_op, collect_op, merge_op), max_size=30)
+delete_op = st.tuples(st.just("delete"), st.lists(KEY, max_size=6))
+apply_dead_op = st.tuples(
+    st.just("apply_dead"),
+    st.lists(st.tuples(KEY, st.integers(1, 60), LANE, st.booleans()), max_size=12),
+)
+OPS = st.lists(
+    st.one_of(write_op, apply_op, collect_op, merge_op, delete_op, apply_dead_op), max_size=30
+)
 
 
 def run_op(table: Table | ReferenceTable, op: tuple, now: int) -> object:
@@ -65,6 +72,19 @@ def run_op(table: Table | ReferenceTable, op: tuple, now: int) -> object:
         )
     if kind == "merge":
         return table.merge_knowledge(*args)
+    if kind == "delete":
+        return table.delete(np.array(args, dtype=np.int64), now_ns=now)
+    if kind == "apply_dead":
+        keys = [k for k, _, _, _ in args]
+        vers = [v for _, v, _, _ in args]
+        return table.apply(
+            np.array(keys, dtype=np.int64),
+            values_for(keys, vers),
+            np.array(vers, dtype=np.int64),
+            np.full(len(keys), now, dtype=np.int64),
+            np.array([ln for _, _, ln, _ in args], dtype=np.int64),
+            np.array([d for *_, d in args], dtype=bool),
+        )
     return None
 
 
@@ -75,6 +95,7 @@ def collect_args(cursors: list[tuple[int, int, int]]) -> tuple[np.ndarray, ...]:
 
 def assert_same(fast: Table, ref: ReferenceTable) -> None:
     assert fast.rows == ref.rows
+    assert fast.tombstones == ref.tombstones
     assert fast.digest() == ref.digest()
     assert fast.counter.tolist() == ref.counter
     assert fast.shard_version.tolist() == ref.shard_version
@@ -82,13 +103,14 @@ def assert_same(fast: Table, ref: ReferenceTable) -> None:
     keys = np.array([*ref.keys, 999_999], dtype=np.int64)
     for got, want in zip(fast.lookup(keys), ref.lookup(keys), strict=True):
         np.testing.assert_array_equal(got, want)
-    all_slots = np.arange(fast.rows)
+    all_slots = np.arange(len(ref.keys))
     for got, want in zip(fast.rows_at(all_slots), ref.rows_at(all_slots), strict=True):
         np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(fast.dead_at(all_slots), ref.dead_at(all_slots))
 
 
 def assert_dvv_invariant(t: Table) -> None:
-    keys, _, versions, _, _ = t.all_rows()
+    keys, _, versions, _, _, _ = t.all_slots()
     shards = shard_of(keys, t.num_shards)
     for s in range(t.num_shards):
         slots, vers = t.cache_entries(s)

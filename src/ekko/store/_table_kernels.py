@@ -122,6 +122,7 @@ def store_rows(
     wtimes: np.ndarray,
     now_ns: np.int64,
     lanes: np.ndarray,
+    dead: np.ndarray,
     num_shards: np.int64,
     t_keys: np.ndarray,
     t_values: np.ndarray,
@@ -129,6 +130,8 @@ def store_rows(
     t_wtime: np.ndarray,
     t_lane: np.ndarray,
     t_shard: np.ndarray,
+    t_dead: np.ndarray,
+    tombstones: np.ndarray,
     counter: np.ndarray,
     touched: np.ndarray,
     lane_top: np.ndarray,
@@ -148,7 +151,10 @@ def store_rows(
     write time ``now_ns`` (``versions`` and ``wtimes`` are not read). Otherwise a replica
     apply, last-version-wins: row i is stored with ``versions[i]``, ``wtimes[i]`` only if it
     beats the stored version (slots >= first_new are new and hold version 0). ``app_*``
-    receive the stored rows' (shard, slot, version) in order (at a source: every row's)."""
+    receive the stored rows' (shard, slot, version) in order (at a source: every row's).
+
+    ``dead[i]`` 1: row i is a tombstone (a delete: key and version kept, values stored as
+    zeros whatever ``values`` holds); ``tombstones[0]`` counts the table's tombstones."""
     n = keys.shape[0]
     dim = t_values.shape[1]
     flat = t_values.reshape(-1)
@@ -174,14 +180,21 @@ def store_rows(
         if slot >= first_new:
             t_keys[slot] = k
             t_shard[slot] = s
+        was_dead = t_dead[slot]  # 0 for a new slot; a repeated key: its earlier row
         touched[s] = True
         t_ver[slot] = v
         t_wtime[slot] = wt
         t_lane[slot] = lanes[i]
+        t_dead[slot] = dead[i]
+        tombstones[0] += np.int64(dead[i]) - np.int64(was_dead)
         if v > lane_top[s, lanes[i]]:
             lane_top[s, lanes[i]] = v
-        for j in range(dim):
-            t_values[slot, j] = values[i, j]
+        if dead[i]:
+            for j in range(dim):
+                t_values[slot, j] = 0.0
+        else:
+            for j in range(dim):
+                t_values[slot, j] = values[i, j]
         app_shard[applied] = s
         app_slot[applied] = slot
         app_ver[applied] = v
@@ -206,11 +219,12 @@ def gather_rows(
     slots: np.ndarray,
     t_values: np.ndarray,
     t_ver: np.ndarray,
+    t_dead: np.ndarray,
     out_values: np.ndarray,
     out_ver: np.ndarray,
     found: np.ndarray,
 ) -> None:
-    """Copy rows at ``slots`` (-1 = missing → zeros, version 0)."""
+    """Copy rows at ``slots`` (-1 = missing, or a tombstone → zeros, version 0)."""
     n = slots.shape[0]
     dim = t_values.shape[1]
     flat = t_values.reshape(-1)
@@ -225,7 +239,7 @@ def gather_rows(
                     prefetch(flat, base + j)
                     j += _LINE_F32
         slot = slots[i]
-        if slot < 0:
+        if slot < 0 or t_dead[slot]:
             found[i] = False
             out_ver[i] = 0
             for j in range(dim):
@@ -254,12 +268,18 @@ def _round(acc: np.uint64, x: np.uint64) -> np.uint64:
 
 
 @njit(cache=True, nogil=True)
-def digest_rows(keys: np.ndarray, versions: np.ndarray, words: np.ndarray) -> np.uint64:
-    """Sum over rows (mod 2**64) of a 64-bit mix of (key, version, value bits as uint32)."""
+def digest_rows(
+    keys: np.ndarray, versions: np.ndarray, words: np.ndarray, dead: np.ndarray
+) -> np.uint64:
+    """Sum over live rows (mod 2**64) of a 64-bit mix of (key, version, value bits as
+    uint32); tombstones count for nothing, so a holder of one digests as one that never held
+    the key."""
     total = np.uint64(0)
     n = keys.shape[0]
     w = words.shape[1]
     for r in range(n):
+        if dead[r]:
+            continue
         acc = splitmix64(np.uint64(keys[r]) ^ _SEED)
         acc = splitmix64(acc ^ np.uint64(versions[r]))
         j = 0

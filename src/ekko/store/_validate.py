@@ -137,3 +137,17 @@ def check_rows(
         check_int64(wtimes, n, "wtimes"),
         check_lanes(lanes, n),
     )
+
+
+def check_dead(dead: np.ndarray | None, n: int) -> np.ndarray:
+    """uint8 [n] tombstone flags (1: the row is a delete); None: every row is live."""
+    if dead is None:
+        return np.zeros(n, dtype=np.uint8)
+    a = np.asarray(dead)
+    if a.dtype.kind not in "biu":
+        raise BadRowsError(f"dead must be a bool or integer array, got dtype {a.dtype}")
+    if a.shape != (n,):
+        raise BadRowsError(f"dead must have shape ({n},), got {a.shape}")
+    if n and (int(a.min()) < 0 or int(a.max()) > 1):
+        raise BadRowsError(f"dead must hold 0 or 1, got values in [{a.min()}, {a.max()}]")
+    return np.ascontiguousarray(a, dtype=np.uint8)

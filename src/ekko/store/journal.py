@@ -4,7 +4,9 @@ Why at the table's write hook: HTTP writes, the trainer's publisher, rollbacks a
 deferred rows all end in ``Table.write``, so logging there misses none of them. A record is
 the applied batch — table spec, keys, values, the versions the write issued, write time and
 lanes — so a replay redoes it exactly (``Table.replay``), including the counters, and a
-restarted source never reissues a version it acknowledged.
+restarted source never reissues a version it acknowledged. A delete (``Table.delete``) is
+its own record kind: table spec, keys and the versions it issued; replayed, the keys become
+tombstones again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ekko.store.errors import StoreError, WalError
-from ekko.store.spec import TableSpec
+from ekko.store.spec import HIGH_LANE, TableSpec
 from ekko.store.store import Store
 from ekko.store.table import Table
 from ekko.store.wal import WalRecord, WriteAheadLog, _segments
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _BATCH = struct.Struct("<BHIIIq")  # kind, name length, dim, num_shards, rows, write time ns
 _KIND_WRITE = 1
+_KIND_DELETE = 2  # keys and versions only: the tombstones a delete left
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Batch:
     versions: np.ndarray
     now_ns: int
     lanes: np.ndarray
+    deleted: bool = False  # a delete: every key a tombstone (values zero, high lane)
 
 
 def encode_batch(
@@ -66,15 +70,33 @@ def encode_batch(
     return out
 
 
+def encode_delete(
+    spec: TableSpec, keys: np.ndarray, versions: np.ndarray, now_ns: int
+) -> np.ndarray:
+    """The record of one delete (uint8 buffer): header, name, then keys and versions."""
+    name = spec.name.encode()
+    n = int(keys.shape[0])
+    head = _BATCH.pack(_KIND_DELETE, len(name), spec.dim, spec.num_shards, n, now_ns)
+    out = np.empty(len(head) + len(name) + n * 16, dtype=np.uint8)
+    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    out[len(head) : len(head) + len(name)] = np.frombuffer(name, dtype=np.uint8)
+    off = len(head) + len(name)
+    for arr in (keys, versions):
+        np.copyto(np.frombuffer(out, "<i8", count=n, offset=off), arr, casting="same_kind")
+        off += 8 * n
+    return out
+
+
 def decode_batch(payload: bytes | bytearray | np.ndarray) -> Batch:
     """The batch in a record; ``ValueError`` if its layout is inconsistent."""
     payload = memoryview(payload).cast("B")
     if len(payload) < _BATCH.size:
         raise ValueError(f"record of {len(payload)} bytes is shorter than a batch header")
     kind, nlen, dim, shards, n, now_ns = _BATCH.unpack_from(payload)
-    if kind != _KIND_WRITE:
+    if kind not in (_KIND_WRITE, _KIND_DELETE):
         raise ValueError(f"unknown record kind {kind}")
-    want = _BATCH.size + nlen + n * (8 + 8 + 1 + 4 * dim)
+    deleted = kind == _KIND_DELETE
+    want = _BATCH.size + nlen + n * (16 if deleted else 8 + 8 + 1 + 4 * dim)
     if len(payload) != want:
         raise ValueError(f"record is {len(payload)} bytes, its header says {want}")
     off = _BATCH.size
@@ -89,15 +111,20 @@ def decode_batch(payload: bytes | bytearray | np.ndarray) -> Batch:
 
     keys = take("<i8", n)
     versions = take("<i8", n)
+    spec = TableSpec(name, dim, shards)
+    if deleted:
+        lanes = np.full(n, HIGH_LANE, np.uint8)
+        values = np.zeros((n, dim), np.float32)
+        return Batch(spec, keys, values, versions, now_ns, lanes, deleted=True)
     lanes = take("u1", n)
     values = take("<f4", n * dim).reshape(n, dim)
-    return Batch(TableSpec(name, dim, shards), keys, values, versions, now_ns, lanes)
+    return Batch(spec, keys, values, versions, now_ns, lanes)
 
 
 class StoreJournal:
     """Logs every source write of ``store`` to ``wal`` (group-committed by the log).
 
-    ``last_seq`` is the record of the latest write: a caller that must not acknowledge a
+    ``last_seq`` is the record of the latest write (or delete): a caller that must not acknowledge a
     write before it is durable awaits ``wal.wait_durable(journal.last_seq)`` after writing.
     """
 
@@ -105,6 +132,7 @@ class StoreJournal:
         self.store = store
         self.wal = wal
         store.set_write_hook(self._on_write)
+        store.set_delete_hook(self._on_delete)
 
     @property
     def last_seq(self) -> int:
@@ -119,8 +147,14 @@ class StoreJournal:
         now_ns: int,
         lanes: np.ndarray,
     ) -> None:
+        self._append(encode_batch(table.spec, keys, values, versions, now_ns, lanes))
+
+    def _on_delete(self, table: Table, keys: np.ndarray, versions: np.ndarray, now_ns: int) -> None:
+        self._append(encode_delete(table.spec, keys, versions, now_ns))
+
+    def _append(self, record: np.ndarray) -> None:
         try:
-            self.wal.append(encode_batch(table.spec, keys, values, versions, now_ns, lanes))
+            self.wal.append(record)
         except WalError:
             if self.wal.failed is None:
                 raise  # a closed log: nothing may write after close
@@ -172,6 +206,7 @@ class StoreJournal:
 
     def close(self) -> None:
         self.store.set_write_hook(None)
+        self.store.set_delete_hook(None)
         self.wal.close()
 
 
@@ -184,7 +219,8 @@ def replay(store: Store, records: list[WalRecord], source: Path) -> int:
             b = decode_batch(r.payload)
             table = store.create_table(b.spec, initial_rows=max(1024, b.keys.shape[0]))
             wtimes = np.full(b.keys.shape[0], b.now_ns, dtype=np.int64)
-            table.replay(b.keys, b.values, b.versions, wtimes, b.lanes)
+            dead = np.ones(b.keys.shape[0], np.uint8) if b.deleted else None
+            table.replay(b.keys, b.values, b.versions, wtimes, b.lanes, dead)
         except (ValueError, StoreError) as exc:
             raise WalError(f"write-ahead log {source}: record seq {r.seq}: {exc}") from exc
         rows += int(b.keys.shape[0])

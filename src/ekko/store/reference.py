@@ -12,6 +12,7 @@ import numpy as np
 from ekko.store._validate import (
     DEFAULT_MAX_ABS,
     check_cursors,
+    check_dead,
     check_int64,
     check_keys,
     check_lanes,
@@ -74,13 +75,18 @@ class ReferenceTable:
         self.versions: list[int] = []
         self.wtimes: list[int] = []
         self.lanes: list[int] = []
+        self.dead: list[int] = []
         self.counter = [0] * ns
         self.shard_version = [0] * ns
         self.knowledge = [[0] * len(LANES) for _ in range(ns)]
 
     @property
     def rows(self) -> int:
-        return len(self.keys)
+        return len(self.keys) - sum(self.dead)
+
+    @property
+    def tombstones(self) -> int:
+        return sum(self.dead)
 
     def _slot(self, key: int) -> int:
         if key not in self.slot_of:
@@ -90,13 +96,33 @@ class ReferenceTable:
             self.versions.append(0)
             self.wtimes.append(0)
             self.lanes.append(0)
+            self.dead.append(0)
         return self.slot_of[key]
 
-    def _store(self, slot: int, value: np.ndarray, version: int, wtime: int, lane: int) -> None:
-        self.values[slot] = value.copy()
+    def _store(
+        self, slot: int, value: np.ndarray, version: int, wtime: int, lane: int, dead: int = 0
+    ) -> None:
+        self.values[slot] = np.zeros_like(value) if dead else value.copy()
         self.versions[slot] = version
         self.wtimes[slot] = wtime
         self.lanes[slot] = lane
+        self.dead[slot] = dead
+
+    def delete(self, keys: np.ndarray, *, now_ns: int) -> np.ndarray:
+        k = check_keys(keys)
+        out = []
+        touched = set()
+        for key in k.tolist():
+            s = shard_of_key(key, self.spec.num_shards)
+            self.counter[s] += 1
+            zero = np.zeros(self.spec.dim, dtype=np.float32)
+            self._store(self._slot(key), zero, self.counter[s], now_ns, HIGH_LANE, 1)
+            out.append(self.counter[s])
+            touched.add(s)
+        for s in touched:
+            self.shard_version[s] += 1
+            self.knowledge[s][HIGH_LANE] = self.counter[s]
+        return np.array(out, dtype=np.int64)
 
     def write(
         self,
@@ -131,9 +157,11 @@ class ReferenceTable:
         versions: np.ndarray,
         wtimes: np.ndarray,
         lanes: np.ndarray | int,
+        dead: np.ndarray | None = None,
     ) -> int:
         k = check_keys(keys)
         n = k.shape[0]
+        dd = check_dead(dead, n)
         v = check_values(values, n, self.spec.dim)
         ver = check_versions(versions, n)
         wt = check_int64(wtimes, n, "wtimes")
@@ -144,7 +172,7 @@ class ReferenceTable:
             slot = self._slot(key)
             if int(ver[i]) > self.versions[slot]:
                 s = shard_of_key(key, self.spec.num_shards)
-                self._store(slot, v[i], int(ver[i]), int(wt[i]), int(ln[i]))
+                self._store(slot, v[i], int(ver[i]), int(wt[i]), int(ln[i]), int(dd[i]))
                 self.counter[s] = max(self.counter[s], int(ver[i]))
                 touched.add(s)
                 applied += 1
@@ -166,7 +194,7 @@ class ReferenceTable:
         found = np.zeros(k.shape[0], dtype=np.bool_)
         for i, key in enumerate(k.tolist()):
             slot = self.slot_of.get(key)
-            if slot is not None:
+            if slot is not None and not self.dead[slot]:
                 values[i] = self.values[slot]
                 versions[i] = self.versions[slot]
                 found[i] = True
@@ -206,8 +234,8 @@ class ReferenceTable:
         self, slots: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         sl = [int(x) for x in np.asarray(slots)]
-        if any(not 0 <= x < self.rows for x in sl):
-            raise BadRowsError(f"slots must be in [0, {self.rows})")
+        if any(not 0 <= x < len(self.keys) for x in sl):
+            raise BadRowsError(f"slots must be in [0, {len(self.keys)})")
         return (
             np.array([self.keys[x] for x in sl], dtype=np.int64),
             np.array([self.values[x] for x in sl], dtype=np.float32).reshape(
@@ -218,8 +246,13 @@ class ReferenceTable:
             np.array([self.lanes[x] for x in sl], dtype=np.uint8),
         )
 
+    def dead_at(self, slots: np.ndarray) -> np.ndarray:
+        return np.array([self.dead[int(x)] for x in np.asarray(slots)], dtype=np.uint8)
+
     def digest(self) -> int:
         total = 0
         for slot, key in enumerate(self.keys):
+            if self.dead[slot]:
+                continue
             total += row_digest(key, self.versions[slot], self.values[slot])
         return total & _M64

@@ -11,9 +11,9 @@ from ekko.store.errors import BadRowsError
 PREFAULT_MIN_BYTES = 4 << 20
 """Below this size the next capacity's arrays are simply allocated when needed."""
 
-Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """(keys int64, values float32[, dim], versions int64, wtimes int64, lanes uint8,
-shards int32), in the order the table kernels take them."""
+shards int32, dead uint8), in the order the table kernels take them."""
 
 
 def _grown(
@@ -36,7 +36,8 @@ def _grown(
 
 
 class RowArrays:
-    """Every row's key, value, version, origin write time, lane and shard, one column each.
+    """Every row's key, value, version, origin write time, lane, shard and whether it is a
+    tombstone (``dead``: a deleted key, its version kept, its values zero), one column each.
 
     Why apart from the table: growth is its own concern. The columns are replaced when they
     double, so callers read them through ``columns()`` (or the attributes) at each use, never
@@ -51,6 +52,7 @@ class RowArrays:
         self.wtimes = np.zeros(capacity, dtype=np.int64)
         self.lanes = np.zeros(capacity, dtype=np.uint8)
         self.shards = np.zeros(capacity, dtype=np.int32)
+        self.dead = np.zeros(capacity, dtype=np.uint8)
         for a in self.columns():
             a.fill(0)  # pre-touch
         self._row_bytes = sum(a.itemsize * (a.size // capacity) for a in self.columns())
@@ -59,7 +61,9 @@ class RowArrays:
         self._growing = False  # grew on the write/apply path: expect to grow again
 
     def columns(self) -> Columns:
-        return self.keys, self.values, self.versions, self.wtimes, self.lanes, self.shards
+        return (
+            self.keys, self.values, self.versions, self.wtimes, self.lanes, self.shards, self.dead
+        )  # fmt: skip
 
     def reserve(self, rows: int, used: int) -> None:
         """Grow now, every page faulted in, so ``rows`` rows fit without growing later."""
@@ -76,8 +80,8 @@ class RowArrays:
             cap *= 2
         used = min(used, self.cap)  # rows past the old capacity are new (still zero)
         nxt, self.next = self.next, None
-        into = nxt if nxt is not None and nxt[0].shape[0] == cap else (None,) * 6
-        self.keys, self.values, self.versions, self.wtimes, self.lanes, self.shards = (
+        into = nxt if nxt is not None and nxt[0].shape[0] == cap else (None,) * 7
+        self.keys, self.values, self.versions, self.wtimes, self.lanes, self.shards, self.dead = (
             _grown(a, used, cap, touch=touch, into=b)
             for a, b in zip(self.columns(), into, strict=True)
         )

@@ -17,9 +17,9 @@ from ekko.store.errors import (
 from ekko.store.settled import Mark, SettledKnowledge
 from ekko.store.snapshot import SnapshotData, SnapshotTable, read_snapshot, write_snapshot
 from ekko.store.spec import TableSpec
-from ekko.store.table import Table, WriteHook
+from ekko.store.table import DeleteHook, Table, WriteHook
 
-_TABLE_ARRAYS = ("keys", "values", "versions", "wtimes", "lanes")
+_TABLE_ARRAYS = ("keys", "values", "versions", "wtimes", "lanes", "dead")
 
 
 class Store:
@@ -38,6 +38,7 @@ class Store:
         self.lineage = 0
         self.snapshot_wal_seq = 0  # the log position the snapshot this store came from covers
         self._on_write: WriteHook | None = None
+        self._on_delete: DeleteHook | None = None
         # A holder: the part of its knowledge its source's disk backs (``ekko.store.settled``).
         self.settled = SettledKnowledge()
         # A source: its process's mark (epoch, log written, log on disk) for every answer.
@@ -70,6 +71,7 @@ class Store:
             initial_rows=initial_rows,
         )
         table.on_write = self._on_write
+        table.on_delete = self._on_delete
         self._tables[spec.name] = table
         self._catalog_version += 1
         return table
@@ -80,12 +82,19 @@ class Store:
         for t in self._tables.values():
             t.on_write = hook
 
+    def set_delete_hook(self, hook: DeleteHook | None) -> None:
+        """Call ``hook`` after every source delete from any table (the write-ahead journal)."""
+        self._on_delete = hook
+        for t in self._tables.values():
+            t.on_delete = hook
+
     def replace_with(self, other: Store) -> None:
         """Hold exactly ``other``'s tables and lineage from now on (a replica rebuilt from a
         new lineage). The catalog version moves past both, so pullers relearn the tables."""
         self._tables = dict(other._tables)
         for t in self._tables.values():
             t.on_write = self._on_write
+            t.on_delete = self._on_delete
         self._catalog_version = max(self._catalog_version, other._catalog_version) + 1
         self.lineage = other.lineage
         self.settled = other.settled
@@ -130,7 +139,7 @@ class Store:
         """What ``save`` writes: every table's rows and sync counters (views, not copies)."""
         tables = []
         for t in self._tables.values():
-            rows = dict(zip(_TABLE_ARRAYS, t.all_rows(), strict=True))
+            rows = dict(zip(_TABLE_ARRAYS, t.all_slots(), strict=True))
             rows.update(counter=t.counter, knowledge=t.knowledge, shard_version=t.shard_version)
             tables.append(SnapshotTable(t.name, t.dim, t.num_shards, rows))
         return SnapshotData(self.origin, self._catalog_version, tables, self.lineage, wal_seq)
@@ -171,6 +180,7 @@ class Store:
                 counter=a["counter"],
                 knowledge=a["knowledge"],
                 shard_version=a["shard_version"],
+                dead=a.get("dead"),  # a snapshot from before deletes holds none
             )
         store._catalog_version = data.catalog_version
         store.lineage = data.lineage

@@ -13,6 +13,7 @@ from ekko.store._collect_kernel import collect_rows
 from ekko.store._validate import (
     DEFAULT_MAX_ABS,
     check_cursors,
+    check_dead,
     check_int64,
     check_keys,
     check_lanes,
@@ -32,6 +33,8 @@ _NO_INTS = np.zeros(0, dtype=np.int64)  # a source write's versions and wtimes: 
 
 WriteHook = Callable[["Table", np.ndarray, np.ndarray, np.ndarray, int, np.ndarray], None]
 """Called after every source write with (table, keys, values, versions, now_ns, lanes)."""
+DeleteHook = Callable[["Table", np.ndarray, np.ndarray, int], None]
+"""Called after every source delete with (table, keys, versions, now_ns)."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,14 @@ class Collected:
 class TableStats:
     """Counters a metrics exporter reads; frozen so a reader never sees a half-updated set."""
 
-    rows: int
+    rows: int  # live rows
     capacity: int
     cache_hits: int
     full_scans: int
     rows_written: int
     rows_applied: int
+    tombstones: int = 0  # deleted keys held with their versions (not served)
+    rows_deleted: int = 0  # deletes written here (a source)
 
 
 class Table:
@@ -72,7 +77,10 @@ class Table:
     and a bounded update cache with its dominator (DESIGN.md §3).
 
     Rows live table-wide in contiguous arrays indexed by slot (``KeyIndex``); a row's shard is
-    ``shard_of(key)``, so shards are logical. Not thread-safe: one writer at a time, and no
+    ``shard_of(key)``, so shards are logical. A delete is a write too (``delete``): the key
+    keeps its slot as a tombstone with the delete's version, so sync carries it like a row and
+    a replica applies it by version order; lookups, ``rows`` and ``digest`` see live rows
+    only. Not thread-safe: one writer at a time, and no
     lookups while a write or apply may grow the arrays.
     """
 
@@ -113,8 +121,11 @@ class Table:
         self._full_scans = 0
         self._rows_written = 0
         self._rows_applied = 0
+        self._rows_deleted = 0
+        self._tombstones = np.zeros(1, dtype=np.int64)  # kept by the kernels
         # The store's write-ahead journal, if any: sees every source write of this table.
         self.on_write: WriteHook | None = None
+        self.on_delete: DeleteHook | None = None
 
     # -- shape -------------------------------------------------------------------------------
 
@@ -136,6 +147,17 @@ class Table:
 
     @property
     def rows(self) -> int:
+        """Live rows (tombstones are not rows)."""
+        return len(self._index) - int(self._tombstones[0])
+
+    @property
+    def tombstones(self) -> int:
+        """Deleted keys held with their delete's version."""
+        return int(self._tombstones[0])
+
+    @property
+    def _used(self) -> int:
+        """Slots in use: live rows and tombstones."""
         return len(self._index)
 
     @property
@@ -149,7 +171,7 @@ class Table:
     def reserve(self, rows: int) -> None:
         """Grow row arrays and index now so ``rows`` rows fit without growing later."""
         self._index.reserve(rows)
-        self._rows.reserve(rows, self.rows)
+        self._rows.reserve(rows, self._used)
 
     def _scratch_for(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Four reusable int64[n] buffers (already paged in, so hot calls take no faults)."""
@@ -161,12 +183,12 @@ class Table:
 
     def _insert(self, keys: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int]:
         """Slots of ``keys`` (new keys inserted) and the first new slot."""
-        first_new = self.rows
+        first_new = self._used
         slots = self._index.insert(keys, out=out)
-        # New slots are [first_new, rows); they hold version 0 until a kernel stores them.
-        self._rows.grow_to(self.rows, first_new)
-        if self.rows > first_new:
-            self._rows.prefault(self.rows)
+        # New slots are [first_new, used); they hold version 0 until a kernel stores them.
+        self._rows.grow_to(self._used, first_new)
+        if self._used > first_new:
+            self._rows.prefault(self._used)
         return slots, first_new
 
     def _ring_args(self) -> tuple[np.ndarray, ...]:
@@ -196,6 +218,32 @@ class Table:
         v = check_values(values, n, self.dim)
         check_write_values(v, self.name, self.max_abs)
         ln = check_lanes(lanes, n)
+        out = self._store_origin(k, v, ln, np.zeros(n, np.uint8), now_ns)
+        self._rows_written += n
+        if self.on_write is not None and n:
+            self.on_write(self, k, v, out, int(now_ns), ln)
+        return out
+
+    def delete(self, keys: np.ndarray, *, now_ns: int) -> np.ndarray:
+        """Source delete: key i gets version ``++counter[shard]`` like a written row, in the
+        high lane, and becomes a tombstone (a key the table never held too: a replica may
+        hold an older row of it). Returns the versions (int64[n])."""
+        k = check_keys(keys)
+        n = k.shape[0]
+        ln = np.full(n, HIGH_LANE, np.uint8)
+        out = self._store_origin(
+            k, np.zeros((n, self.dim), np.float32), ln, np.ones(n, np.uint8), now_ns
+        )
+        self._rows_deleted += n
+        if self.on_delete is not None and n:
+            self.on_delete(self, k, out, int(now_ns))
+        return out
+
+    def _store_origin(
+        self, k: np.ndarray, v: np.ndarray, ln: np.ndarray, dead: np.ndarray, now_ns: int
+    ) -> np.ndarray:
+        """Store checked rows (or tombstones) at the origin; returns their versions."""
+        n = k.shape[0]
         out = np.empty(n, dtype=np.int64)
         if n == 0:
             return out
@@ -204,17 +252,14 @@ class Table:
         touched = np.zeros(self.num_shards, dtype=np.bool_)
         K.store_rows(
             True, slots, np.int64(first_new), k, v, _NO_INTS, _NO_INTS, np.int64(now_ns), ln,
-            np.int64(self.num_shards), *self._rows.columns(), self.counter, touched,
-            self.lane_top, *self._ring_args(), sc_shard, sc_aslot, out,
+            dead, np.int64(self.num_shards), *self._rows.columns(), self._tombstones,
+            self.counter, touched, self.lane_top, *self._ring_args(), sc_shard, sc_aslot, out,
         )  # fmt: skip
         self.shard_version[touched] += 1
         after_origin_write(
             self.knowledge, touched, self.counter, lambda: self._rows.shards[slots[:n]], ln,
             replay=False,
         )  # fmt: skip
-        self._rows_written += n
-        if self.on_write is not None:
-            self.on_write(self, k, v, out, int(now_ns), ln)
         return out
 
     def replay(
@@ -224,10 +269,12 @@ class Table:
         versions: np.ndarray,
         wtimes: np.ndarray,
         lanes: np.ndarray,
+        dead: np.ndarray | None = None,
     ) -> int:
-        """Redo a logged source write at its origin: the rows with their logged versions, and
-        the origin's knowledge as ``write`` left it. Idempotent, like ``apply``."""
-        applied = self.apply(keys, values, versions, wtimes, lanes)
+        """Redo a logged source write (or delete: ``dead``) at its origin: the rows with
+        their logged versions, and the origin's knowledge as ``write`` left it. Idempotent,
+        like ``apply``."""
+        applied = self.apply(keys, values, versions, wtimes, lanes, dead)
         k, _, ver, _, ln = check_rows(keys, values, versions, wtimes, lanes, self.dim)
         if k.shape[0]:
             shards = shard_of(k, self.num_shards)
@@ -246,11 +293,14 @@ class Table:
         versions: np.ndarray,
         wtimes: np.ndarray,
         lanes: np.ndarray | int,
+        dead: np.ndarray | None = None,
     ) -> int:
         """Replica apply, last-version-wins: a row is stored only if its version beats the
-        stored one, so applying is idempotent and order-insensitive. Returns rows stored."""
+        stored one, so applying is idempotent and order-insensitive. ``dead[i]`` 1: row i is
+        a delete, and the key becomes a tombstone if its version wins. Returns rows stored."""
         k, v, ver, wt, ln = check_rows(keys, values, versions, wtimes, lanes, self.dim)
         n = k.shape[0]
+        dd = check_dead(dead, n)
         if n == 0:
             return 0
         sc_slot, sc_shard, sc_aslot, sc_aver = self._scratch_for(n)
@@ -258,9 +308,10 @@ class Table:
         touched = np.zeros(self.num_shards, dtype=np.bool_)
         applied = int(
             K.store_rows(
-                False, slots, np.int64(first_new), k, v, ver, wt, np.int64(0), ln,
-                np.int64(self.num_shards), *self._rows.columns(), self.counter, touched,
-                self.lane_top, *self._ring_args(), sc_shard, sc_aslot, sc_aver,
+                False, slots, np.int64(first_new), k, v, ver, wt, np.int64(0), ln, dd,
+                np.int64(self.num_shards), *self._rows.columns(), self._tombstones,
+                self.counter, touched, self.lane_top, *self._ring_args(), sc_shard, sc_aslot,
+                sc_aver,
             )
         )  # fmt: skip
         self.shard_version[touched] += 1
@@ -294,14 +345,15 @@ class Table:
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(values float32[n, dim] zero where missing, versions int64[n] 0 where missing,
-        found bool[n])."""
+        found bool[n]); a deleted key (a tombstone) is missing."""
         k = check_keys(keys)
         n = k.shape[0]
         slots = self._index.lookup(k, out=self._scratch_for(n)[0])
         values = np.empty((n, self.dim), dtype=np.float32)
         versions = np.empty(n, dtype=np.int64)
         found = np.empty(n, dtype=np.bool_)
-        K.gather_rows(slots, self._rows.values, self._rows.versions, values, versions, found)
+        r = self._rows
+        K.gather_rows(slots, r.values, r.versions, r.dead, values, versions, found)
         return values, versions, found
 
     def collect(
@@ -333,7 +385,7 @@ class Table:
                 slots=np.zeros(0, np.int64), offsets=np.zeros(m + 1, np.int64), full_scan=~cached
             )
         slots, offsets = collect_rows(
-            s, ln, a, cached, np.int64(self.rows), self._rows.versions, self._rows.lanes,
+            s, ln, a, cached, np.int64(self._used), self._rows.versions, self._rows.lanes,
             self._rows.shards,
             self._ring_slot, self._ring_ver, self._ring_pos, self._ring_len, self._ring_order,
             np.int64(self.num_shards), np.int64(NUM_LANES),
@@ -343,17 +395,40 @@ class Table:
     def rows_at(
         self, slots: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of (keys, values, versions, wtimes, lanes) at ``slots``."""
-        return self._rows.rows_at(slots, self.rows)
+        """Copies of (keys, values, versions, wtimes, lanes) at ``slots`` (tombstones among
+        them: ``dead_at``)."""
+        return self._rows.rows_at(slots, self._used)
 
     def versions_at(self, slots: np.ndarray) -> np.ndarray:
         """Copy of the versions at ``slots`` (what a responder filters and budgets on before
         it gathers the rows it sends)."""
-        return self._rows.versions[check_slots(slots, self.rows)]
+        return self._rows.versions[check_slots(slots, self._used)]
+
+    def dead_at(self, slots: np.ndarray) -> np.ndarray:
+        """Copy of the tombstone flags (uint8, 1: deleted) at ``slots``."""
+        return self._rows.dead[check_slots(slots, self._used)]
 
     def all_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Views (not copies) of every row's (keys, values, versions, wtimes, lanes)."""
-        return self._rows.view(self.rows)
+        """Every live row's (keys, values, versions, wtimes, lanes): views (not copies) while
+        the table holds no tombstone, else copies of the live rows."""
+        rows = self._rows.view(self._used)
+        if not self.tombstones:
+            return rows
+        live = self._rows.dead[: self._used] == 0
+        return tuple(a[live] for a in rows)  # type: ignore[return-value]
+
+    def all_slots(
+        self,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Views of every slot's (keys, values, versions, wtimes, lanes, dead): live rows and
+        tombstones (what a snapshot keeps)."""
+        return (*self._rows.view(self._used), self._rows.dead[: self._used])
+
+    def deleted(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of every tombstone's (keys, versions)."""
+        n = self._used
+        dead = self._rows.dead[:n] != 0
+        return self._rows.keys[:n][dead], self._rows.versions[:n][dead]
 
     def cache_entries(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(slots, versions) in the shard's update cache, oldest first (copies)."""
@@ -365,9 +440,11 @@ class Table:
         return self._ring_slot[s, order].copy(), self._ring_ver[s, order].copy()
 
     def digest(self) -> int:
-        """Order-independent 64-bit hash of every row's (key, version, value bits)."""
-        keys, values, versions, _, _ = self._rows.view(self.rows)
-        return int(K.digest_rows(keys, versions, values.view(np.uint32)))
+        """Order-independent 64-bit hash of every live row's (key, version, value bits):
+        tombstones count for nothing."""
+        keys, values, versions, _, _ = self._rows.view(self._used)
+        dead = self._rows.dead[: self._used]
+        return int(K.digest_rows(keys, versions, values.view(np.uint32), dead))
 
     def statistics(self) -> TableStats:
         return TableStats(
@@ -377,6 +454,8 @@ class Table:
             full_scans=self._full_scans,
             rows_written=self._rows_written,
             rows_applied=self._rows_applied,
+            tombstones=self.tombstones,
+            rows_deleted=self._rows_deleted,
         )
 
     # -- snapshot restore --------------------------------------------------------------------
@@ -392,13 +471,15 @@ class Table:
         counter: np.ndarray,
         knowledge: np.ndarray,
         shard_version: np.ndarray,
+        dead: np.ndarray | None = None,
     ) -> None:
         """Fill an empty table from a snapshot. The update cache starts empty, so the dominator
         is set to the shard's highest version: cursors below it take the full-scan path."""
-        if self.rows:
+        if self._used:
             raise BadRowsError(f"table {self.name!r}: restore_rows needs an empty table")
         k, v, ver, wt, ln = check_rows(keys, values, versions, wtimes, lanes, self.dim)
         n = k.shape[0]
+        dd = check_dead(dead, n)
         ns = self.num_shards
         cnt = check_int64(counter, ns, "counter")
         sv = check_int64(shard_version, ns, "shard_version")
@@ -421,8 +502,10 @@ class Table:
             raise BadRowsError(f"table {self.name!r}: duplicate keys in restored rows")
         self._index = index
         self._rows.grow_to(n, 0)
-        for column, rows in zip(self._rows.columns(), (k, v, ver, wt, ln, shards), strict=True):
+        for column, rows in zip(self._rows.columns(), (k, v, ver, wt, ln, shards, dd), strict=True):
             column[slots] = rows
+        self._rows.values[slots[dd != 0]] = 0
+        self._tombstones[0] = int(np.count_nonzero(dd))
         self.counter[:] = cnt
         self.lane_top[:] = 0
         np.maximum.at(self.lane_top, (shards, ln.astype(np.int64)), ver)
@@ -445,6 +528,8 @@ def warm() -> None:
     ver = t.write(keys, vals, now_ns=1)
     t.apply(keys, vals, ver + 1, np.zeros(10, dtype=np.int64), 1)
     t.lookup(keys)
+    t.delete(keys[:3], now_ns=2)
+    t.apply(keys[:2], vals[:2], ver[:2] + 9, np.zeros(2, dtype=np.int64), 0, np.ones(2, np.uint8))
     t.collect(np.array([0, 1]), np.array([1, 1]), np.array([0, 12]))
     every = np.repeat(np.arange(2), NUM_LANES), np.tile(np.array(LANES), 2)
     t.collect(*every, np.zeros(2 * NUM_LANES, np.int64), use_cache=False)
