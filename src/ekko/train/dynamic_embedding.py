@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ekko.train.admission import Admission, AdmissionConfig
-from ekko.train.eviction import EvictionConfig, expired, victims
-from ekko.train.id_map import MISSING, IdMap
+from ekko.train.admission import AdmissionConfig
+from ekko.train.eviction import EvictionConfig
+from ekko.train.slots import Slots, SlotStatistics
 
 DEFAULT_ROWS = ("zeros", "trained")
 
@@ -49,18 +49,7 @@ class DynamicEmbeddingConfig:
             raise ValueError(f"default_row must be one of {DEFAULT_ROWS}: {self.default_row!r}")
 
 
-@dataclass(frozen=True)
-class DynamicEmbeddingStatistics:
-    """Counters since construction. ``admitted``: ids given a row; ``rejected``: ids a
-    training step read from the default row (not admitted, or no row free), once per step
-    they appear in; ``evicted``: rows freed by LRU / LFU / TTL; ``rows``: rows holding an id
-    now (never above ``row_budget``)."""
-
-    rows: int
-    row_budget: int
-    admitted: int
-    rejected: int
-    evicted: int
+DynamicEmbeddingStatistics = SlotStatistics
 
 
 class DynamicEmbedding(nn.Module):
@@ -110,22 +99,9 @@ class DynamicEmbedding(nn.Module):
             if padding is not None:
                 self.embedding.weight[padding].zero_()
         self._clock = clock
-        self._map = IdMap()
-        self._admission = Admission(config.admission)
-        self._slot_ids = np.full(budget, MISSING, dtype=np.int64)
-        self._occupied = np.zeros(budget, dtype=bool)
-        self._touched_step = np.zeros(budget, dtype=np.int64)
-        self._touched_at = np.zeros(budget, dtype=np.float64)
-        self._freq = np.zeros(budget, dtype=np.int64)
-        self._free = np.arange(budget - 1, -1, -1, dtype=np.int64)  # a stack: pops 0, 1, …
-        self._n_free = budget
-        self._step = 0
-        self._next_expiry = -np.inf
+        self.slots = Slots(budget, config.admission, config.eviction)
         self._optimizers: list[torch.optim.Optimizer] = []
         self._evicted: list[np.ndarray] | None = None
-        self._admitted = 0
-        self._rejected = 0
-        self._evicted_count = 0
 
     @property
     def row_budget(self) -> int:
@@ -156,23 +132,23 @@ class DynamicEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.detach().reshape(-1).cpu().numpy().astype(np.int64, copy=False)
         if self.training and torch.is_grad_enabled():
-            slots = self._assign(flat)
+            slots, gone, freed = self.slots.assign(flat, self._clock())
+            if freed.size:
+                self._reset_rows(freed)
+                if self._evicted is not None:
+                    self._evicted.append(gone)
         else:
-            slots = self._map.lookup(flat)
-            slots[slots == MISSING] = self.default_slot
+            slots = self.slots.read(flat)
         return self.embedding(torch.from_numpy(slots).reshape(ids.shape).to(ids.device))
 
     def keys_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the ``slots`` that hold an id now; the default row and freed
         rows are left out."""
-        slots = np.asarray(slots, dtype=np.int64)
-        slots = slots[(slots >= 0) & (slots < self.default_slot)]
-        slots = slots[self._occupied[slots]]
-        return self._slot_ids[slots], slots
+        return self.slots.keys_of(slots)
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of every row holding an id."""
-        return self.keys_of(np.flatnonzero(self._occupied))
+        return self.slots.live()
 
     @torch.no_grad()
     def load(self, ids: np.ndarray, values: np.ndarray) -> int:
@@ -186,89 +162,14 @@ class DynamicEmbedding(nn.Module):
                 f"rows of shape {values.shape} for {ids.size} ids; the table's rows have "
                 f"width {self.embedding_dim}"
             )
-        slots = self._map.lookup(ids)
-        new = np.flatnonzero(slots == MISSING)
-        got = self._allocate(new.size, evict=False)
-        placed = new[: got.size]
-        self._place(ids[placed], got, np.ones(got.size, dtype=np.int64), self._clock())
-        slots[placed] = got
-        keep = slots != MISSING
+        slots = self.slots.load(ids, self._clock())
+        keep = slots >= 0
         weight = self.embedding.weight
         idx = torch.from_numpy(slots[keep])
         weight.index_copy_(0, idx, torch.from_numpy(values[keep]).to(weight.dtype))
         return int((~keep).sum())
 
     @torch.no_grad()
-    def _assign(self, flat: np.ndarray) -> np.ndarray:
-        self._step += 1
-        now = self._clock()
-        uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-        slots = self._map.lookup(uniq)
-        hit = slots != MISSING
-        held = slots[hit]
-        self._touched_step[held] = self._step
-        self._touched_at[held] = now
-        self._freq[held] += counts[hit]
-        self._expire(now)
-        miss = np.flatnonzero(~hit)
-        if miss.size:
-            admit = self._admission.admit(uniq[miss], counts[miss])
-            wanted = miss[admit]
-            wanted = wanted[np.argsort(-counts[wanted], kind="stable")]  # most sighted first
-            got = self._allocate(wanted.size, evict=True)
-            placed = wanted[: got.size]
-            self._place(uniq[placed], got, counts[placed], now)
-            slots[placed] = got
-            self._admitted += got.size
-            self._rejected += miss.size - got.size
-        slots[slots == MISSING] = self.default_slot
-        return slots[inverse.reshape(-1)]
-
-    def _place(self, ids: np.ndarray, slots: np.ndarray, counts: np.ndarray, now: float) -> None:
-        self._map.insert(ids, slots)
-        self._slot_ids[slots] = ids
-        self._occupied[slots] = True
-        self._touched_step[slots] = self._step
-        self._touched_at[slots] = now
-        self._freq[slots] = counts
-
-    def _allocate(self, k: int, *, evict: bool) -> np.ndarray:
-        """Up to ``k`` free slots, evicting under LRU / LFU when the free ones are too few."""
-        kind = self.config.eviction.kind
-        if evict and k > self._n_free and kind in ("lru", "lfu"):
-            # rows looked up in this step stay: they are in the batch being trained
-            candidates = np.flatnonzero(self._occupied & (self._touched_step != self._step))
-            out = victims(kind, candidates, self._touched_step, self._freq, k - self._n_free)
-            self._evict(out)
-        take = min(k, self._n_free)
-        self._n_free -= take
-        return self._free[self._n_free : self._n_free + take][::-1].copy()
-
-    def _expire(self, now: float) -> None:
-        ttl = self.config.eviction.ttl_s
-        if ttl is None or now < self._next_expiry:
-            return
-        self._evict(expired(self._occupied, self._touched_at, now, ttl))
-        occupied = self._touched_at[self._occupied]
-        # touch times only rise, so the oldest one bounds the next expiry from below
-        self._next_expiry = (occupied.min() if occupied.size else now) + ttl
-
-    @torch.no_grad()
-    def _evict(self, slots: np.ndarray) -> None:
-        if slots.size == 0:
-            return
-        ids = self._slot_ids[slots]
-        self._map.remove(ids)
-        self._occupied[slots] = False
-        self._slot_ids[slots] = MISSING
-        self._freq[slots] = 0
-        self._free[self._n_free : self._n_free + slots.size] = slots
-        self._n_free += slots.size
-        self._evicted_count += slots.size
-        if self._evicted is not None:
-            self._evicted.append(ids.copy())
-        self._reset_rows(slots)
-
     def _reset_rows(self, slots: np.ndarray) -> None:
         """A fresh initial value and fresh optimizer state (Adagrad's sum, Adam's moments)
         for the rows ``slots``: the next id to hold one starts as if new."""
@@ -292,10 +193,4 @@ class DynamicEmbedding(nn.Module):
 
     def statistics(self) -> DynamicEmbeddingStatistics:
         """Counters since construction."""
-        return DynamicEmbeddingStatistics(
-            rows=self.config.row_budget - self._n_free,
-            row_budget=self.config.row_budget,
-            admitted=self._admitted,
-            rejected=self._rejected,
-            evicted=self._evicted_count,
-        )
+        return self.slots.statistics()
