@@ -102,10 +102,40 @@ class TableConfig(_Strict):
         return TableSpec(self.name, self.dim, self.shards)
 
 
+class AdmissionSection(_Strict):
+    """``models[].admission``: which new ids of a dynamic table get a row
+    (``ekko.train.admission.AdmissionConfig``)."""
+
+    kind: Literal["all", "count", "probability"] = "all"
+    threshold: int = Field(2, ge=1)
+    sketch_width: int = Field(1 << 16, ge=1, le=1 << 26)
+    sketch_depth: int = Field(4, ge=1, le=16)
+    probability: float = Field(0.5, gt=0, le=1)
+    seed: int = 0
+
+
+class EvictionSection(_Strict):
+    """``models[].eviction``: which rows of a dynamic table leave
+    (``ekko.train.eviction.EvictionConfig``); ``ttl_s`` in seconds since the last update."""
+
+    kind: Literal["none", "lru", "lfu", "ttl"] = "lru"
+    ttl_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_ttl(self) -> EvictionSection:
+        if self.kind == "ttl" and self.ttl_s is None:
+            raise ValueError('ttl_s is required with kind = "ttl"')
+        return self
+
+
 class ModelConfig(_Strict):
     """A served DLRM: its tables are ``emb_{i}`` and ``dense/{tensor}`` in the store, after
     ``table_namespace`` — unset: none for a cluster's only model, ``{name}/`` for each of
-    several (so two models never write the same tables)."""
+    several (so two models never write the same tables).
+
+    ``row_budget`` makes every embedding table dynamic (``ekko.train.DynamicEmbedding``):
+    keyed by raw ids, at most ``row_budget`` rows each, with ``admission`` and ``eviction``
+    (which need it); unset, ids are hashed into ``rows_per_table`` rows."""
 
     name: str = "ctr"
     num_dense: int = Field(13, gt=0)
@@ -125,11 +155,15 @@ class ModelConfig(_Strict):
     dense_limit: float = Field(64.0, gt=0, lt=1e30)  # |dense feature| accepted (DLRMConfig)
     # |value| a write to any of the model's tables (embedding rows, dense tensors) may hold.
     max_abs: float = Field(DEFAULT_MAX_ABS, gt=0, lt=1e30)
+    row_budget: int | None = Field(None, gt=0, le=1 << 31)
+    admission: AdmissionSection | None = None
+    eviction: EvictionSection | None = None
 
     def dlrm(self):  # -> ekko.train.dlrm.DLRMConfig; imported lazily (torch is heavy)
         from ekko.train.dlrm import DLRMConfig
 
         return DLRMConfig(
+            dynamic=self._dynamic(),
             num_dense=self.num_dense,
             num_sparse=self.num_sparse,
             embedding_dim=self.embedding_dim,
@@ -138,6 +172,19 @@ class ModelConfig(_Strict):
             top_mlp=self.top_mlp,
             table_namespace=self.table_namespace or "",
             dense_limit=self.dense_limit,
+        )
+
+    def _dynamic(self):  # -> ekko.train.DynamicEmbeddingConfig | None
+        if self.row_budget is None:
+            return None
+        from ekko.train.admission import AdmissionConfig
+        from ekko.train.dynamic_embedding import DynamicEmbeddingConfig
+        from ekko.train.eviction import EvictionConfig
+
+        return DynamicEmbeddingConfig(
+            row_budget=self.row_budget,
+            admission=AdmissionConfig(**(self.admission or AdmissionSection()).model_dump()),
+            eviction=EvictionConfig(**(self.eviction or EvictionSection()).model_dump()),
         )
 
     def served(self):  # -> ekko.serve.ServedModel; imported lazily (torch is heavy)
@@ -157,6 +204,12 @@ class ModelConfig(_Strict):
             )
         if not self.top_mlp or self.top_mlp[-1] != 1:
             raise ValueError(f"models[{self.name}].top_mlp must end with 1 (one logit)")
+        for field in ("admission", "eviction"):
+            if getattr(self, field) is not None and self.row_budget is None:
+                raise ValueError(
+                    f"models[{self.name}].{field} needs models[{self.name}].row_budget "
+                    f"(the rows each dynamic table may hold)"
+                )
         return self
 
 

@@ -134,8 +134,37 @@ def train_metrics(
         yield auc
         yield rejected
         yield failed
+        yield from _dynamic_table_metrics(stats)
 
     return collect
+
+
+_DYNAMIC_COUNTERS = (
+    ("admitted", "ekko_train_embedding_admitted", "Ids given a row of a dynamic table"),
+    ("rejected", "ekko_train_embedding_rejected", "Ids a step read from the default row"),
+    ("evicted", "ekko_train_embedding_evicted", "Rows evicted (LRU / LFU / TTL), deleted"),
+)
+
+
+def _dynamic_table_metrics(stats: Sequence) -> Iterator[Metric]:
+    """Admission and eviction of the trainers' dynamic tables, by model and table."""
+    labels = ["model", "table"]
+    rows = GaugeMetricFamily("ekko_train_embedding_rows", "Rows holding an id", labels=labels)
+    budget = GaugeMetricFamily(
+        "ekko_train_embedding_row_budget", "Rows a dynamic table may hold", labels=labels
+    )
+    counters = {
+        attr: CounterMetricFamily(name, doc, labels=labels) for attr, name, doc in _DYNAMIC_COUNTERS
+    }
+    for st in stats:
+        for table, t in st.dynamic_tables.items():
+            rows.add_metric([st.model, table], float(t.rows))
+            budget.add_metric([st.model, table], float(t.row_budget))
+            for attr, fam in counters.items():
+                fam.add_metric([st.model, table], float(getattr(t, attr)))
+    yield rows
+    yield budget
+    yield from counters.values()
 
 
 def guard_metrics(

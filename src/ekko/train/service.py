@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from ekko.quality.windowed import WindowedQuality
 from ekko.store.spec import Sink
 from ekko.train.dlrm import DLRM, DLRMConfig, dense_table_name
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
+from ekko.train.slots import SlotStatistics
 from ekko.train.streams import Events
 from ekko.train.trainer import REJECT_REASONS, OnlineTrainer, TrainerConfig
 
@@ -54,6 +55,8 @@ class TrainingStats:
     paused: str | None
     dropped_events: int
     rejected_steps: dict[str, int]  # steps undone (model kept finite), by REJECT_REASONS key
+    # rows, admitted, rejected, evicted of each dynamic table (none: hashed tables)
+    dynamic_tables: dict[str, SlotStatistics] = field(default_factory=dict)
 
 
 class TrainingService:
@@ -301,6 +304,9 @@ class TrainingService:
                 paused=self._paused,
                 dropped_events=self.dropped_events,
                 rejected_steps=dict(self._rejected),
+                dynamic_tables={
+                    name: t.statistics() for name, t in self.model.sparse.dynamic_tables().items()
+                },
             )
 
     def report(self) -> dict[str, Any]:
@@ -308,6 +314,7 @@ class TrainingService:
         st = self.statistics()
         now = self._clock()
         doc: dict[str, Any] = dict(vars(st))
+        doc["dynamic_tables"] = {name: asdict(t) for name, t in st.dynamic_tables.items()}
         doc["publish_share"] = st.publish_seconds / st.train_seconds if st.train_seconds else None
         with self._lock:
             doc["window"] = self.quality.compute(now).as_json()
