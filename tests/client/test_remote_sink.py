@@ -16,6 +16,7 @@ from client_node import MAX_BODY, Source
 from torch import nn
 
 from ekko.client import ClientError, RemoteSink, SinkFailed, TableSpec
+from ekko.client.calls import FORMATS
 from ekko.torch import EmbeddingPublisher, PublisherConfig
 
 
@@ -27,11 +28,11 @@ def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
 
 
 class GatedClient:
-    """A source that acknowledges a write only when the test opens its gate."""
+    """A source that acknowledges a write only when the test opens its gate: a request
+    (JSON: ``write``) or a stream frame (binary: ``write_stream().send``) waits for it."""
 
-    target = SimpleNamespace(fmt="binary")
-
-    def __init__(self) -> None:
+    def __init__(self, fmt: str = "binary") -> None:
+        self.target = SimpleNamespace(fmt=fmt)
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.rows: dict[int, np.ndarray] = {}
@@ -49,9 +50,37 @@ class GatedClient:
             self.rows[k] = v.copy()
         return np.arange(1, keys.size + 1)
 
+    def write_stream(self, window: int) -> GatedStream:
+        return GatedStream(self)
 
-def test_a_slow_source_blocks_the_writer_and_loses_nothing() -> None:
-    client = GatedClient()
+
+class GatedStream:
+    """``WriteStream``'s face over a ``GatedClient``: a frame is answered when it is sent."""
+
+    def __init__(self, client: GatedClient) -> None:
+        self.client = client
+        self.acked_rows = 0
+        self.acked_frames = 0
+
+    def rows_per_frame(self, dim: int) -> int:
+        return 1 << 20
+
+    def send(self, table: str, keys: np.ndarray, values: np.ndarray) -> int:
+        self.client.write(table, keys, values)
+        self.acked_rows += keys.size
+        self.acked_frames += 1
+        return self.acked_frames
+
+    def drain(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_slow_source_blocks_the_writer_and_loses_nothing(fmt: str) -> None:
+    client = GatedClient(fmt)
     sink = RemoteSink(client, lanes=1, depth=2)  # type: ignore[arg-type]
     sink.create_table(TableSpec("t", 2, 1))
     done = []
@@ -77,8 +106,9 @@ def test_a_slow_source_blocks_the_writer_and_loses_nothing() -> None:
     sink.close()
 
 
-def test_a_failed_request_reaches_the_caller_and_the_sink_stays_failed() -> None:
-    client = GatedClient()
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_failed_request_reaches_the_caller_and_the_sink_stays_failed(fmt: str) -> None:
+    client = GatedClient(fmt)
     client.fail_with = ClientError("POST /v1/tables/t/rows at x: 503 not now", 503)
     client.gate.set()
     sink = RemoteSink(client, lanes=2)  # type: ignore[arg-type]
@@ -92,8 +122,9 @@ def test_a_failed_request_reaches_the_caller_and_the_sink_stays_failed() -> None
         sink.close()
 
 
-def test_later_writes_of_a_key_win_across_merged_batches() -> None:
-    client = GatedClient()
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_later_writes_of_a_key_win_across_merged_batches(fmt: str) -> None:
+    client = GatedClient(fmt)
     sink = RemoteSink(client, lanes=3, depth=64)  # type: ignore[arg-type]
     keys = np.arange(-20, 20, dtype=np.int64)
     for step in range(10):  # queued while the gate is shut: merged into few requests

@@ -12,12 +12,14 @@ from types import TracebackType
 import numpy as np
 
 from ekko.client.errors import ClientError, SinkFailed
+from ekko.client.stream import DEFAULT_WINDOW, WriteStream
 from ekko.client.sync import Client
 from ekko.store.spec import TableSpec
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_DRAIN = object()  # a stream lane reads every answer due
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,48 @@ class _Lane:
         return more
 
 
+class _StreamLane:
+    """One sender thread that owns a ``WriteStream``: batches go out in the order written,
+    pipelined (the stream reads answers as its window needs); a flush reads every answer."""
+
+    def __init__(self, sink: RemoteSink, stream: WriteStream, depth: int) -> None:
+        self.sink = sink
+        self.stream = stream
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self.run, name="remote-sink-stream", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                try:
+                    if item is _STOP:
+                        return
+                    if self.sink.failure is not None:
+                        continue
+                    if item is _DRAIN:
+                        self.stream.drain()
+                    else:
+                        table, keys, values = item
+                        step = self.sink.rows_per_request(table)
+                        for start in range(0, keys.shape[0], step):
+                            end = start + step
+                            self.stream.send(table, keys[start:end], values[start:end])
+                    self._acked()
+                except BaseException as exc:  # handed to the caller's next write or flush
+                    self.sink.fail(exc)
+                finally:
+                    self.queue.task_done()
+        finally:
+            self.stream.close()
+
+    def _acked(self) -> None:
+        with self.sink._lock:
+            self.sink._rows_acked = self.stream.acked_rows
+            self.sink._requests = self.stream.acked_frames
+
+
 def _merge(batches: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """One batch of ``batches`` of one table; a key in several keeps its latest row."""
     if len(batches) == 1:
@@ -91,15 +135,19 @@ class RemoteSink:
     training process.
 
     Why threads and a bounded queue: a training step must not wait for the network, yet
-    rows must never be dropped. ``write`` hands the rows to ``lanes`` sender threads (each
-    key always to the same one, so a key's writes arrive in order; several requests in
-    flight), each with a queue of at most ``depth`` batches; a full queue blocks ``write``
-    until the source catches up. Batches of one table queued together are merged into one
-    request of at most ``max_request_bytes`` (halved while the node says 413). ``flush``
-    returns once the source has acknowledged (durably) every row handed over. A failed
-    request fails the sink: the next ``write``, ``create_table`` or ``flush`` raises
-    ``SinkFailed`` with it as the cause, and so does every later one — the caller decides
-    (rows of that request and any after it were not acknowledged).
+    rows must never be dropped. ``write`` hands the rows to a sender thread's queue of at
+    most ``depth`` batches; a full queue blocks ``write`` until the source catches up.
+    With the binary format (the client's default) one thread sends every batch, in order,
+    on a ``WriteStream`` (at most ``window`` frames unanswered). With JSON, ``lanes``
+    threads send requests (each key always to the same one, so a key's writes arrive in
+    order), batches of one table queued together merged into one request.
+    Either way a request or frame holds at most ``max_request_bytes`` of rows (and no more
+    than the node takes: its stream says its limit; a request it refuses as too large, 413,
+    is sent again in halves). ``flush`` returns once the source has acknowledged (durably)
+    every row handed over. A failed write fails the sink: the next ``write``,
+    ``create_table`` or ``flush`` raises ``SinkFailed`` with it as the cause, and so does
+    every later one — the caller decides (rows of that write and any after it were not
+    acknowledged).
     """
 
     def __init__(
@@ -109,11 +157,12 @@ class RemoteSink:
         lanes: int = 4,
         depth: int = 8,
         max_request_bytes: int = 8 << 20,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
-        if lanes < 1 or depth < 1 or max_request_bytes < 1024:
+        if lanes < 1 or depth < 1 or window < 1 or max_request_bytes < 1024:
             raise ValueError(
-                f"lanes and depth must be >= 1 and max_request_bytes >= 1024, got "
-                f"{lanes}, {depth}, {max_request_bytes}"
+                f"lanes, depth and window must be >= 1 and max_request_bytes >= 1024, got "
+                f"{lanes}, {depth}, {window}, {max_request_bytes}"
             )
         self.client = client
         self.max_request_bytes = max_request_bytes
@@ -125,7 +174,12 @@ class RemoteSink:
         self._rows_acked = 0
         self._requests = 0
         self._closed = False
-        self._lanes = [_Lane(self, i, depth) for i in range(lanes)]
+        self._stream: _StreamLane | None = None
+        self._lanes: list[_Lane] = []
+        if self._binary:
+            self._stream = _StreamLane(self, client.write_stream(window=window), depth)
+        else:
+            self._lanes = [_Lane(self, i, depth) for i in range(lanes)]
 
     # -- the Sink ---------------------------------------------------------------------------
 
@@ -149,6 +203,9 @@ class RemoteSink:
         self._dims.setdefault(table, values.shape[1])
         if not keys.shape[0]:
             return
+        if self._stream is not None:
+            self._stream.queue.put((table, keys, values))
+            return
         n = len(self._lanes)
         if n == 1:
             self._lanes[0].queue.put((table, keys, values))
@@ -168,8 +225,10 @@ class RemoteSink:
     def flush(self) -> None:
         """Return once the source acknowledged every row written so far; ``SinkFailed``
         if a request failed."""
-        for lane in self._lanes:
-            lane.queue.join()
+        if self._stream is not None:
+            self._stream.queue.put(_DRAIN)
+        for q in self._queues():
+            q.join()
         self._check()
 
     def close(self) -> None:
@@ -180,15 +239,21 @@ class RemoteSink:
             self.flush()
         finally:
             self._closed = True
-            for lane in self._lanes:
-                lane.queue.put(_STOP)
-            for lane in self._lanes:
-                lane.thread.join()
+            senders = [*self._lanes, *([self._stream] if self._stream is not None else [])]
+            for sender in senders:
+                sender.queue.put(_STOP)
+            for sender in senders:
+                sender.thread.join()
 
     def statistics(self) -> SinkStatistics:
         with self._lock:
             rows, requests = self._rows_acked, self._requests
-        return SinkStatistics(rows, requests, sum(lane.queue.qsize() for lane in self._lanes))
+        return SinkStatistics(rows, requests, sum(q.qsize() for q in self._queues()))
+
+    def _queues(self) -> list[queue.Queue]:
+        return [lane.queue for lane in self._lanes] + (
+            [self._stream.queue] if self._stream is not None else []
+        )
 
     # -- the sender threads' side -----------------------------------------------------------
 
@@ -197,7 +262,10 @@ class RemoteSink:
         its key and dim float32s; a JSON one up to ~24 characters a number."""
         dim = self._dims.get(table, 1)
         per_row = 8 + 4 * dim if self._binary else 24 * (1 + dim)
-        return min(max(1, self.max_request_bytes // per_row), self._cut.get(table, 1 << 62))
+        cut = self._cut.get(table, 1 << 62)
+        if self._stream is not None:
+            cut = min(cut, self._stream.stream.rows_per_frame(dim))
+        return min(max(1, self.max_request_bytes // per_row), cut)
 
     def send(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
         """Write the rows in requests of at most ``rows_per_request``; a request over the

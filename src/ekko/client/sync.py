@@ -12,6 +12,7 @@ from ekko.client import calls
 from ekko.client.base import MAX_RESIGNS, Opening, Target
 from ekko.client.calls import Call, Rows
 from ekko.client.errors import ClientError
+from ekko.client.stream import DEFAULT_WINDOW, WriteStream
 from ekko.net.signed_requests import needs_resign
 from ekko.store.spec import TableSpec
 
@@ -36,6 +37,7 @@ class Client(Opening):
 
     def __init__(self, target: Target, *, timeout: float = 60.0, pool: int = 16) -> None:
         self.target = target
+        self.timeout = timeout
         limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         self._http = httpx.Client(verify=target.verify, timeout=timeout, limits=limits)
 
@@ -56,6 +58,11 @@ class Client(Opening):
     def tables(self) -> dict[str, TableSpec]:
         """The tables the read node holds."""
         return self._send(calls.tables())
+
+    def write_stream(self, *, window: int = DEFAULT_WINDOW) -> WriteStream:
+        """A write stream to the source (the caller closes it): writes pipelined on one
+        connection, signed once; ``RemoteSink`` publishes through one."""
+        return WriteStream(self.target, timeout=self.timeout, window=window)
 
     def status(self, at: Literal["writes", "reads"] = "reads") -> dict:
         """``/v1/status`` of the read node (``at="writes"``: of the source)."""

@@ -21,6 +21,7 @@ GET /v1/tables, /v1/tables/{t}/rows       reader, writer, operator
 POST /v1/tables/{t}/lookup                 reader, writer, operator
 GET /v1/models/{m}/health|metrics|train    reader, writer, operator
 POST /v1/tables, /v1/tables/{t}/rows       writer, operator
+POST /v1/streams/write (upgrade)           writer, operator
 POST /v1/models/{m}/train                  writer, operator
 POST /v1/latency/reset                     operator
 POST /v1/checkpoint/refresh                operator
@@ -83,6 +84,7 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     # a table's name may hold "/" (dense/...): {t} is everything up to the last segment
     ("GET", r"/v1/tables/.+/rows", READ),
     ("POST", r"/v1/tables/.+/rows", WRITE),
+    ("POST", r"/v1/streams/write", WRITE),
     ("DELETE", r"/v1/tables/.+/rows", WRITE),
     ("POST", r"/v1/tables/.+/lookup", READ),
     ("GET", r"/v1/snapshot", OPERATE | NODE),

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -25,6 +25,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 MAX_INCOMPLETE_HEADERS = 16 << 10
 """Bytes of a request head h11 buffers before answering 400 (uvicorn's default is larger)."""
+UPGRADE_KEY = "ekko.connection"
+"""Where a request's ``scope["state"]`` holds the ``DeadlineProtocol`` serving it (``switch``)."""
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -90,6 +92,47 @@ class DeadlineProtocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._switched = False
+        self.app_state = {**self.app_state, UPGRADE_KEY: self}  # each request's scope["state"]
+
+    def switch(
+        self, protocol: asyncio.BaseProtocol, upgrade: str, headers: Mapping[str, str]
+    ) -> None:
+        """Answer the request being served ``101 Switching Protocols`` (``Upgrade: upgrade``,
+        and ``headers``) and hand the connection to ``protocol``.
+
+        Why here: uvicorn switches protocols for WebSockets only. A handler that has checked
+        the request (its role and signature, by the app's middleware like any route) calls
+        this, then serves ``protocol`` until the connection closes; uvicorn sends nothing
+        more on it, and closes it on shutdown like any connection."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_started or self._switched:
+            raise RuntimeError("switch: no request is waiting for its answer on this connection")
+        self._disarm()
+        self._switched = True
+        cycle.disconnected = True  # uvicorn's answer to the request: none
+        cycle.response_complete = True
+        lines = ["HTTP/1.1 101 Switching Protocols", "connection: upgrade", f"upgrade: {upgrade}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        trailing, _ = self.conn.trailing_data
+        protocol.connection_made(self.transport)
+        self.transport.set_protocol(protocol)
+        closed = getattr(protocol, "closed", None)
+        if isinstance(closed, asyncio.Future):
+            closed.add_done_callback(lambda _: self.connections.discard(self))
+        if trailing:
+            _feed(protocol, bytes(trailing))
+        self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        if self._switched:
+            self.transport.close()  # the switched-to protocol ends with its connection
+            return
+        super().shutdown()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # a route that does not switch answers the request as HTTP; nothing to warn of
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -127,6 +170,20 @@ class DeadlineProtocol(H11Protocol):
         if not self.transport.is_closing() and not self._serving():
             type(self).timed_out += 1
             self.transport.close()
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand ``protocol`` bytes that arrived before it took the connection over."""
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        view = memoryview(data)
+        while view:
+            buf = protocol.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            protocol.buffer_updated(n)
+            view = view[n:]
+    elif isinstance(protocol, asyncio.Protocol):
+        protocol.data_received(data)
 
 
 def deadline_protocol(header_timeout_s: float) -> type[DeadlineProtocol]:

@@ -58,7 +58,7 @@ MAX_SHARDS = 4096  # as a table in the config
 _CREATED_ROWS = 16  # a created table starts small and grows with its writes
 _OFFLOAD_ROWS = 4096
 
-guarded = guarded_by({
+ROW_ERRORS: dict[type[BaseException], int | tuple[int, str]] = {
     WireError: 400,
     UnknownTableError: 404,
     TableConflictError: 409,
@@ -66,7 +66,9 @@ guarded = guarded_by({
     NotReadyError: 503,
     WalError: (503, "write not durable: "),  # in the store but not durable: not acknowledged
     StoreError: 400,
-})  # fmt: skip
+}
+"""The status of each refusal of a row write or read (the routes, and write streams)."""
+guarded = guarded_by(ROW_ERRORS)
 
 _SEGMENT = r"[A-Za-z0-9_.:=@+-]+"
 TableName = Annotated[

@@ -20,6 +20,7 @@ from ekko.node.metrics import node_registry, task_metrics
 from ekko.node.models import ModelHost
 from ekko.node.replica_lag import knowledge_route
 from ekko.node.supervisor import Supervisor
+from ekko.node.write_stream import StreamStats, stream_metrics, write_stream_route
 
 
 def _version() -> str:
@@ -70,9 +71,12 @@ class NodeWeb:
         self.started = started
         self.stopping = stopping
         web = core.config.http
+        self.streams = StreamStats()
         registry = node_registry(
-            core, [*models.collectors(), task_metrics(supervisor), *collectors]
-        )
+            core,
+            [*models.collectors(), task_metrics(supervisor),
+             stream_metrics(core.name, self.streams), *collectors],
+        )  # fmt: skip
         admin = admin_routes(core, registry, status, web.max_body_bytes)
         policy = AccessPolicy(serve_open=web.serve_open)
         advertised = frozenset({f"{core.node.host}:{core.node.admin_port}"})
@@ -80,6 +84,7 @@ class NodeWeb:
             *models.routes(web.max_body_bytes, version=_version(), node_ready=self.not_ready),
             *admin,
             knowledge_route(core),
+            write_stream_route(core, web.max_body_bytes, self.streams),
             Route("/ready", self.ready_route),
             *routes,
         ]

@@ -1,0 +1,110 @@
+"""The write stream's frames: a client's rows to the source, and its answers, on one connection.
+
+Why a stream beside the row routes: a ``POST`` of rows is signed with a MAC over its whole
+body, framed by HTTP and msgpack, and read into fresh buffers, on both ends, for every batch;
+at millions of rows a second that cost more than storing them. A stream is opened by one
+signed HTTP request (``Upgrade: ekko-rows/1`` on :data:`STREAM_PATH`, the writer role, over
+the node's own port and TLS) and then carries frames: the client sends its arrays' buffers
+as they lie in memory, the node reads them into one buffer it reuses for every frame.
+
+Client → node, one frame per write (integers little-endian)::
+
+    kind u8 (1: write)  flags u8 (0)  name_len u16  n u32  dim u32  seq u64     20 bytes
+    name                utf-8, name_len bytes
+    keys                int64 [n]
+    values              float32 [n, dim]
+
+Node → client, one answer per write, in the order of the writes, once it is durable::
+
+    kind u8 (1: written, 2: refused)  flags u8 (0)  status u16  n u32  seq u64   16 bytes
+    written             versions int64 [n]
+    refused             the reason, utf-8, n bytes (status as HTTP's: 400, 404, 409, 503)
+
+A frame whose head is unusable (:class:`FrameError`: unknown kind, sizes out of bounds) is
+refused and the stream closed, since what follows it cannot be found; a usable frame the
+store refuses (unknown table, wrong dim, NaN) is refused alone and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+STREAM_PATH = "/v1/streams/write"
+UPGRADE = "ekko-rows/1"
+MAX_FRAME_HEADER = "ekko-max-frame-bytes"
+"""Response header of the upgrade: the largest frame body the node takes (its body limit)."""
+
+REQUEST = struct.Struct("<BBHIIQ")
+ANSWER = struct.Struct("<BBHIQ")
+KIND_WRITE = 1
+WRITTEN = 1
+REFUSED = 2
+MAX_NAME_BYTES = 1024
+MAX_DIM = 65536
+MAX_REASON_BYTES = 4096
+
+
+class FrameError(ValueError):
+    """A frame whose head cannot be used: the stream cannot go on after it."""
+
+
+@dataclass(frozen=True)
+class WriteHead:
+    """A write frame's head: what the name and body that follow it hold."""
+
+    seq: int
+    name_len: int
+    n: int
+    dim: int
+
+    @property
+    def body_bytes(self) -> int:
+        return self.n * (8 + 4 * self.dim)
+
+
+def parse_head(raw: bytes | bytearray | memoryview, max_body: int) -> WriteHead:
+    """The head of a write frame; ``FrameError`` naming the field out of bounds (a body
+    over ``max_body`` bytes among them)."""
+    kind, flags, name_len, n, dim, seq = REQUEST.unpack(raw)
+    if kind != KIND_WRITE:
+        raise FrameError(f"frame kind: {kind} is not a write ({KIND_WRITE})")
+    if flags:
+        raise FrameError(f"frame flags: {flags:#x}, no flag is defined")
+    if not 1 <= name_len <= MAX_NAME_BYTES:
+        raise FrameError(f"name_len: {name_len}, expected 1..{MAX_NAME_BYTES}")
+    if not 1 <= dim <= MAX_DIM:
+        raise FrameError(f"dim: {dim}, expected 1..{MAX_DIM}")
+    if n < 1:
+        raise FrameError("n: 0 rows; a write holds at least one")
+    head = WriteHead(seq, name_len, n, dim)
+    if head.body_bytes > max_body:
+        raise FrameError(
+            f"n: {n} rows of dim {dim} are {head.body_bytes} bytes; this node takes at most "
+            f"{max_body} a frame (header {MAX_FRAME_HEADER} of the upgrade): split the write"
+        )
+    return head
+
+
+def write_frame(
+    seq: int, name: bytes, keys: np.ndarray, values: np.ndarray
+) -> list[bytes | memoryview]:
+    """A write's frame as the buffers to send (``socket.sendmsg`` sends them without a
+    copy): ``keys`` int64 [n] and ``values`` float32 [n, dim], C-contiguous, little-endian."""
+    n, dim = values.shape
+    head = REQUEST.pack(KIND_WRITE, 0, len(name), n, dim, seq)
+    return [head, name, memoryview(keys).cast("B"), memoryview(values).cast("B")]
+
+
+def written(seq: int, versions: np.ndarray) -> list[bytes | memoryview]:
+    """The answer to write ``seq``: the version of each of its rows."""
+    v = np.ascontiguousarray(versions, dtype="<i8")
+    return [ANSWER.pack(WRITTEN, 0, 0, v.shape[0], seq), memoryview(v).cast("B")]
+
+
+def refused(seq: int, status: int, reason: str) -> bytes:
+    """The answer to write ``seq`` that was not stored, and why."""
+    why = reason.encode("utf-8", "replace")[:MAX_REASON_BYTES]
+    return ANSWER.pack(REFUSED, 0, status, len(why), seq) + why

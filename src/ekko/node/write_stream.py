@@ -1,0 +1,290 @@
+"""The source's end of write streams (``ekko.client.stream_frames``): a client's frames in,
+their rows through the write port, an answer for each once it is on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ekko.client.stream_frames import (
+    MAX_FRAME_HEADER,
+    MAX_NAME_BYTES,
+    REQUEST,
+    STREAM_PATH,
+    UPGRADE,
+    FrameError,
+    WriteHead,
+    parse_head,
+    refused,
+    written,
+)
+from ekko.net.httpkit import error_response
+from ekko.node.core import NodeCore
+from ekko.node.http_server import UPGRADE_KEY, DeadlineProtocol
+from ekko.node.table_routes import ROW_ERRORS, guarded
+
+log = logging.getLogger(__name__)
+
+_HEAD, _NAME, _BODY = range(3)
+MAX_UNANSWERED = 256
+"""Frames a stream holds unanswered before it stops reading (a client that sends without
+reading answers is held there, by TCP, not in memory)."""
+
+
+@dataclass
+class StreamStats:
+    """What every write stream of this node did, for ``/metrics``."""
+
+    opened: int = 0
+    open: int = 0
+    frames: int = 0
+    rows: int = 0
+    refused: int = 0
+    broken: int = 0  # streams closed on a frame whose head could not be used
+
+
+def _status_of(exc: BaseException) -> int | None:
+    for kind, status in ROW_ERRORS.items():
+        if isinstance(exc, kind):
+            return status if isinstance(status, int) else status[0]
+    return None
+
+
+class WriteStreamProtocol(asyncio.BufferedProtocol):
+    """One client's write stream at the source, after the upgrade.
+
+    Why a buffered protocol: the kernel copies each frame's keys and values straight into a
+    buffer this stream reuses for every frame (``recv_into``), and the store copies them from
+    there; nothing else touches them. Frames are written in order as they arrive, on the
+    loop; answers go out in the same order once the write-ahead log has them on disk (one
+    fsync for every frame of a group commit). At most ``window`` frames wait for their
+    answer: beyond that the stream stops reading, and the client's sends block (back-pressure
+    by TCP, as the queue of an HTTP server would give).
+    """
+
+    def __init__(
+        self, core: NodeCore, max_body: int, stats: StreamStats, window: int = MAX_UNANSWERED
+    ):
+        self.core = core
+        self.max_body = max_body
+        self.stats = stats
+        self.window = window
+        self.transport: asyncio.Transport | None = None
+        self._head = bytearray(REQUEST.size)
+        self._name = bytearray(MAX_NAME_BYTES)
+        self._body = np.empty(0, dtype=np.uint8)
+        self._phase, self._need, self._got = _HEAD, REQUEST.size, 0
+        self._frame: WriteHead | None = None
+        self._answers: deque[tuple[int, np.ndarray | None, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._reading_paused = False
+        self._writing = asyncio.Event()
+        self._writing.set()
+        self._last = False  # the stream ends after the answers queued so far
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio's side -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._last = True
+        self._wake.set()
+        self._writing.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing.clear()
+
+    def resume_writing(self) -> None:
+        self._writing.set()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._phase == _HEAD:
+            return memoryview(self._head)[self._got :]
+        if self._phase == _NAME:
+            return memoryview(self._name)[self._got : self._need]
+        return memoryview(self._body)[self._got : self._need]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._got += nbytes
+        if self._got < self._need or self._last:
+            return
+        self._got = 0
+        if self._phase == _HEAD:
+            self._read_head()
+        elif self._phase == _NAME:
+            self._phase, self._need = _BODY, self._frame.body_bytes  # type: ignore[union-attr]
+            if self._body.shape[0] < self._need:
+                self._body = np.empty(self._need, dtype=np.uint8)
+        else:
+            self._write_frame()
+            self._phase, self._need = _HEAD, REQUEST.size
+
+    def eof_received(self) -> bool:
+        self._last = True  # answer what was written, then close
+        self._wake.set()
+        return True
+
+    # -- frames ---------------------------------------------------------------------------
+
+    def _read_head(self) -> None:
+        seq = REQUEST.unpack(self._head)[-1]
+        try:
+            self._frame = parse_head(self._head, self.max_body)
+        except FrameError as exc:
+            self.stats.broken += 1
+            self._answer(seq, None, refused(seq, 400, str(exc)))
+            self._last = True  # what follows cannot be found: answer, then close
+            self._pause_reading()
+            return
+        self._phase, self._need = _NAME, self._frame.name_len
+
+    def _write_frame(self) -> None:
+        f = self._frame
+        assert f is not None
+        keys = self._body[: 8 * f.n].view("<i8")
+        values = self._body[8 * f.n : f.body_bytes].view("<f4").reshape(f.n, f.dim)
+        try:
+            name = self._name[: f.name_len].decode("utf-8")
+            dim = self.core.store.table(name).dim
+            if f.dim != dim:
+                self._refuse(f.seq, 400, f"dim: table {name!r} has rows of dim {dim}, the "
+                                         f"frame's are of dim {f.dim}")  # fmt: skip
+                return
+            versions = self.core.write(name, keys, values)
+        except UnicodeDecodeError:
+            self._refuse(f.seq, 400, "table name: not utf-8")
+            return
+        except Exception as exc:
+            status = _status_of(exc)
+            if status is None:
+                raise
+            self._refuse(f.seq, status, str(exc))
+            return
+        self.stats.frames += 1
+        self.stats.rows += f.n
+        self._answer(f.seq, versions, b"")
+
+    def _refuse(self, seq: int, status: int, reason: str) -> None:
+        self.stats.refused += 1
+        self._answer(seq, None, refused(seq, status, reason))
+
+    def _answer(self, seq: int, versions: np.ndarray | None, refusal: bytes) -> None:
+        self._answers.append((seq, versions, refusal))
+        self._wake.set()
+        if len(self._answers) >= self.window:
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and not self._last and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # -- answers --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Answer frames as their writes become durable, until the stream ends."""
+        assert self.transport is not None
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._answers:
+                    await self._send_answers()
+                    self._resume_reading()
+                if self._last and not self._answers:
+                    break
+        finally:
+            self.transport.close()
+            await self.closed
+
+    async def _send_answers(self) -> None:
+        batch = list(self._answers)
+        self._answers.clear()
+        failure: str | None = None
+        if any(v is not None for _, v, _ in batch):
+            try:
+                await self.core.wait_durable()  # every write so far, so all of ``batch``
+            except Exception as exc:
+                status = _status_of(exc)
+                if status is None:
+                    raise
+                failure = f"write not durable: {exc}"
+        for seq, versions, refusal in batch:
+            if versions is None:
+                self.transport.write(refusal)  # type: ignore[union-attr]
+            elif failure is not None:
+                self.stats.refused += 1
+                self.transport.write(refused(seq, 503, failure))  # type: ignore[union-attr]
+            else:
+                self.transport.writelines(written(seq, versions))  # type: ignore[union-attr]
+        await self._writing.wait()  # a client that reads no answers gets no more frames in
+
+
+def write_stream_route(core: NodeCore, max_body: int, stats: StreamStats) -> Route:
+    """``POST /v1/streams/write`` with ``Upgrade: ekko-rows/1``: the connection becomes a
+    write stream (writer role, checked like every route before this runs)."""
+
+    @guarded
+    async def upgrade(request: Request) -> Response:
+        """Open a write stream: answered ``101 Switching Protocols``, then frames of rows
+        (``ekko.client.stream_frames``); only at the source."""
+        core.require_source("open write streams to")
+        if request.headers.get("upgrade", "").lower() != UPGRADE:
+            return error_response(f"upgrade: expected {UPGRADE!r} (a write stream)", 426)
+        conn: DeadlineProtocol | None = request.scope.get("state", {}).get(UPGRADE_KEY)
+        if conn is None:
+            return error_response("this server cannot switch protocols", 501)
+        protocol = WriteStreamProtocol(core, max_body, stats)
+        conn.switch(protocol, UPGRADE, {MAX_FRAME_HEADER: str(max_body)})
+        stats.opened += 1
+        stats.open += 1
+        try:
+            await protocol.run()
+        finally:
+            stats.open -= 1
+        return Response(status_code=101)  # never sent: the connection is the stream's now
+
+    return Route(STREAM_PATH, upgrade, methods=["POST"])
+
+
+def stream_metrics(node: str, stats: StreamStats) -> Callable[[], Iterator[Metric]]:
+    """A collector of the node's write streams: opened and open, frames and rows written,
+    frames refused, streams broken by a frame that could not be read."""
+
+    def collect() -> Iterator[Metric]:
+        for name, kind, doc, value in (
+            ("ekko_write_streams_opened", CounterMetricFamily, "Write streams opened",
+             stats.opened),
+            ("ekko_write_streams_open", GaugeMetricFamily, "Write streams open now", stats.open),
+            ("ekko_write_stream_frames", CounterMetricFamily,
+             "Write-stream frames written (acknowledged once durable)", stats.frames),
+            ("ekko_write_stream_rows", CounterMetricFamily,
+             "Rows written through write streams", stats.rows),
+            ("ekko_write_stream_refusals", CounterMetricFamily,
+             "Write-stream frames refused (the reason went to the client)", stats.refused),
+            ("ekko_write_streams_broken", CounterMetricFamily,
+             "Write streams closed on a frame whose head could not be read", stats.broken),
+        ):  # fmt: skip
+            m = kind(name, doc, labels=["node"])
+            m.add_metric([node], value)
+            yield m
+
+    return collect

@@ -1,0 +1,190 @@
+"""Write streams against a real source: rows acknowledged in order once durable, every
+refusal named with the stream going on, a frame that cannot be read refused and the stream
+closed with nothing stored, and no stream without the writer role."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import numpy as np
+import pytest
+from client_node import MAX_BODY, Source
+
+from ekko.client import ClientError, Credentials
+from ekko.client.base import Target
+from ekko.client.stream import WriteStream
+from ekko.client.stream_frames import ANSWER, REFUSED, REQUEST, STREAM_PATH, UPGRADE, write_frame
+from ekko.net.signed_requests import auth_headers, host_of, role_key
+
+
+def _stream(source: Source, **kwargs) -> WriteStream:
+    return WriteStream(Target.at(source.url, Credentials(secret=source.secret)), **kwargs)
+
+
+def _rows(n: int, start: int, fill: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.arange(start, start + n, dtype=np.int64)
+    rng = np.random.default_rng(start)
+    values = rng.standard_normal((n, 4)).astype(np.float32)
+    if fill is not None:
+        values[:] = fill
+    return keys, values
+
+
+def test_pipelined_writes_are_answered_in_order_and_the_last_write_of_a_key_wins(
+    source: Source,
+) -> None:
+    keys, _ = _rows(300, 50_000)
+    with _stream(source, window=3) as s, source.client() as c:
+        assert s.max_body == MAX_BODY
+        for step in range(40):  # more frames than the window: send reads answers as it goes
+            s.send("emb", keys, np.full((keys.size, 4), step, np.float32))
+            assert s.unanswered <= 3
+        assert s.drain() + 300 * (40 - 3) >= 300 * 3  # the last answers, all acknowledged
+        assert s.acked_rows == 300 * 40 and s.acked_frames == 40
+        rows = c.lookup("emb", keys)
+        versions = s.write("emb", keys[:5], np.full((5, 4), 99, np.float32))
+        after = c.lookup("emb", keys[:5])
+    assert (rows.values == 39).all() and rows.found.all()
+    assert (versions > rows.versions[:5]).all()
+    np.testing.assert_array_equal(after.versions, versions)
+
+
+def test_a_write_over_the_frame_limit_is_split_into_frames_the_source_takes(
+    source: Source,
+) -> None:
+    keys, values = _rows(3 * (MAX_BODY // (8 + 16)) + 7, 200_000)
+    with _stream(source) as s, source.client() as c:
+        versions = s.write("emb", keys, values)
+        frames = s.acked_frames
+        got = c.lookup("emb", keys[::97])
+    assert frames == 4 and versions.shape == keys.shape
+    np.testing.assert_array_equal(got.values, values[::97])
+
+
+@pytest.mark.parametrize(
+    ("table", "values", "status", "reason"),
+    [
+        ("nope", np.zeros((3, 4), np.float32), 404, "unknown table 'nope'"),
+        ("emb", np.zeros((3, 6), np.float32), 400, "table 'emb' has rows of dim 4"),
+        ("emb", np.full((3, 4), np.nan, np.float32), 400, "NaN or inf"),
+        ("emb", np.full((3, 4), 1e30, np.float32), 400, "within"),
+    ],
+)
+def test_a_refused_write_is_named_nothing_of_it_is_stored_and_the_stream_goes_on(
+    source: Source, table: str, values: np.ndarray, status: int, reason: str
+) -> None:
+    keys = np.arange(900_000, 900_003, dtype=np.int64)
+    before = source.digests()
+    with _stream(source) as s:
+        with pytest.raises(ClientError, match=reason) as err:
+            s.write(table, keys, values)
+        assert err.value.status == status
+        assert source.digests() == before
+        s.write("emb", keys, np.ones((3, 4), np.float32))  # the same stream goes on
+    assert source.digests() != before
+
+
+def _upgraded(source: Source, role: str = "writer") -> socket.socket:
+    host = host_of(source.url)
+    url = httpx.URL(source.url)
+    sock = socket.create_connection((url.host, url.port), timeout=10)
+    sign = auth_headers(source.secret, role, "POST", STREAM_PATH, b"", host=host)
+    head = [f"POST {STREAM_PATH} HTTP/1.1", f"host: {host}", "connection: upgrade",
+            f"upgrade: {UPGRADE}", "content-length: 0"]  # fmt: skip
+    head += [f"{k}: {v}" for k, v in sign.items()]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 101"), answer[:200]
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, int, bytes]:
+    data = b""
+    while len(data) < ANSWER.size:
+        data += sock.recv(ANSWER.size - len(data))
+    kind, _, status, n, _seq = ANSWER.unpack(data)
+    body = b""
+    while len(body) < n:
+        body += sock.recv(n - len(body))
+    return kind, status, body
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # closed with our unread bytes in its buffer
+        return True
+
+
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (REQUEST.pack(7, 0, 3, 1, 4, 1), "frame kind: 7"),
+        (REQUEST.pack(1, 2, 3, 1, 4, 1), "frame flags"),
+        (REQUEST.pack(1, 0, 0, 1, 4, 1), "name_len: 0"),
+        (REQUEST.pack(1, 0, 3, 0, 4, 1), "n: 0 rows"),
+        (REQUEST.pack(1, 0, 3, 1, 0, 1), "dim: 0"),
+        (REQUEST.pack(1, 0, 3, 1 << 30, 4, 1), f"at most {MAX_BODY}"),
+    ],
+)
+def test_a_frame_whose_head_cannot_be_used_is_refused_and_the_stream_closed(
+    source: Source, head: bytes, reason: str
+) -> None:
+    before = source.digests()
+    sock = _upgraded(source)
+    sock.sendall(head + b"emb" + bytes(48))
+    kind, status, why = _answer(sock)
+    assert (kind, status) == (REFUSED, 400) and reason in why.decode()
+    assert _closed(sock) and source.digests() == before
+
+
+def test_a_stream_cut_inside_a_frame_stores_nothing_of_it(source: Source) -> None:
+    keys, values = _rows(100, 700_000)
+    before = source.digests()
+    sock = _upgraded(source)
+    frame = b"".join(bytes(b) for b in write_frame(1, b"emb", keys, values))
+    sock.sendall(frame[: len(frame) - 5])
+    sock.close()
+    with _stream(source) as s:  # the node still takes streams, and had nothing of that one
+        s.write("emb", keys[:1], values[:1])
+    with source.client() as c:
+        assert not c.lookup("emb", keys[1:]).found.any()
+    assert source.digests() != before
+
+
+@pytest.mark.parametrize(("role", "status"), [("reader", 403), ("operator", 101)])
+def test_only_a_writer_or_operator_opens_a_stream(source: Source, role: str, status: int) -> None:
+    creds = Credentials(key=role_key(source.secret, role), role=role)
+    if status == 101:
+        WriteStream(Target.at(source.url, creds)).close()
+        return
+    with pytest.raises(ClientError, match=f"{status}") as err:
+        WriteStream(Target.at(source.url, creds))
+    assert err.value.status == status
+
+
+def test_an_unsigned_upgrade_is_refused_before_anything_switches(source: Source) -> None:
+    r = httpx.post(source.url + STREAM_PATH,
+                   headers={"connection": "upgrade", "upgrade": UPGRADE})  # fmt: skip
+    assert r.status_code == 401
+
+
+def test_a_signed_request_without_the_upgrade_is_told_what_to_ask(source: Source) -> None:
+    host = host_of(source.url)
+    sign = auth_headers(source.secret, "writer", "POST", STREAM_PATH, b"", host=host)
+    r = httpx.post(source.url + STREAM_PATH, headers=sign)
+    assert r.status_code == 426 and UPGRADE in r.json()["error"]
+
+
+def test_the_streams_figures_are_in_metrics(source: Source) -> None:
+    keys, values = _rows(10, 800_000)
+    with _stream(source) as s:
+        s.write("emb", keys, values)
+    with source.client() as c:
+        text = c._http.get(source.url + "/metrics").text
+    rows = [ln for ln in text.splitlines() if ln.startswith("ekko_write_stream_rows_total")]
+    assert rows and float(rows[0].split()[-1]) >= 10
