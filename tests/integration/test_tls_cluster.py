@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from cluster_checks import digests, until
 
+from ekko.client import Client
 from ekko.net.connection import Connection
 from ekko.net.errors import AuthError
 from ekko.net.tls import TlsFiles
@@ -83,6 +84,14 @@ def _write(cluster: LocalCluster, rng: np.random.Generator, batches: int) -> Non
         assert r.status_code == 200, r.text
 
 
+def _write_stream(config: Path, rng: np.random.Generator, batches: int) -> None:
+    with Client.from_config(config) as client, client.write_stream(window=4) as stream:
+        for _ in range(batches):
+            keys = rng.choice(5_000, 200, replace=False).astype(np.int64)
+            stream.send("emb", keys, rng.standard_normal((200, DIM)).astype(np.float32))
+        assert stream.drain() > 0 and stream.acked_rows == 200 * batches
+
+
 def _converged(cluster: LocalCluster, names: list[str]) -> bool:
     want = digests(cluster, "source")
     return all(digests(cluster, n) == want for n in names)
@@ -130,6 +139,7 @@ def test_a_tls_cluster_converges_serves_https_and_refuses_another_ca(tmp_path: P
         rogue.run(listener.aclose())
         cluster.start(["dc1-r0"], timeout=120)
         _write(cluster, rng, 10)
+        _write_stream(config, rng, 10)  # a write stream upgrades over the source's https
         until("every node converged", lambda: _converged(cluster, ["dc1-r0", "dc1-r1"]), 60)
         until(
             "dc1-r1 back on its leader",
