@@ -14,7 +14,15 @@ from client_node import MAX_BODY, Source
 from ekko.client import ClientError, Credentials
 from ekko.client.base import Target
 from ekko.client.stream import WriteStream
-from ekko.client.stream_frames import ANSWER, REFUSED, REQUEST, STREAM_PATH, UPGRADE, write_frame
+from ekko.client.stream_frames import (
+    ANSWER,
+    REFUSED,
+    REQUEST,
+    STREAM_PATH,
+    UPGRADE,
+    WRITTEN,
+    write_frame,
+)
 from ekko.net.signed_requests import auth_headers, host_of, role_key
 
 
@@ -188,3 +196,22 @@ def test_the_streams_figures_are_in_metrics(source: Source) -> None:
         text = c._http.get(source.url + "/metrics").text
     rows = [ln for ln in text.splitlines() if ln.startswith("ekko_write_stream_rows_total")]
     assert rows and float(rows[0].split()[-1]) >= 10
+
+
+def test_a_frame_dripped_slower_than_its_deadline_closes_the_stream(
+    source: Source, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ekko.node.write_stream.FRAME_TIMEOUT_S", 0.3)
+    keys, values = _rows(10, 600_000)
+    frame = b"".join(bytes(b) for b in write_frame(1, b"emb", keys, values))
+    sock = _upgraded(source)
+    sock.sendall(frame[:40])  # the head and a little: then nothing
+    assert _closed(sock)  # within the deadline, not the 10 s of _closed's own timeout
+    with source.client() as c:
+        assert not c.lookup("emb", keys).found.any()
+    idle = _upgraded(source)  # a stream idle between frames is not closed
+    idle.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        idle.recv(1)
+    idle.sendall(frame)
+    assert _answer(idle)[0] == WRITTEN

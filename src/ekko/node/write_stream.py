@@ -27,7 +27,7 @@ from ekko.client.stream_frames import (
     refused,
     written,
 )
-from ekko.net.httpkit import error_response
+from ekko.net.httpkit import BODY_TIMEOUT_S, error_response
 from ekko.node.core import NodeCore
 from ekko.node.http_server import UPGRADE_KEY, DeadlineProtocol
 from ekko.node.table_routes import ROW_ERRORS, guarded
@@ -35,6 +35,8 @@ from ekko.node.table_routes import ROW_ERRORS, guarded
 log = logging.getLogger(__name__)
 
 _HEAD, _NAME, _BODY = range(3)
+FRAME_TIMEOUT_S = BODY_TIMEOUT_S
+"""A frame begun must be complete within this long (as a body on the HTTP port)."""
 MAX_UNANSWERED = 256
 """Frames a stream holds unanswered before it stops reading (a client that sends without
 reading answers is held there, by TCP, not in memory)."""
@@ -72,9 +74,16 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
     """
 
     def __init__(
-        self, core: NodeCore, max_body: int, stats: StreamStats, window: int = MAX_UNANSWERED
+        self,
+        core: NodeCore,
+        max_body: int,
+        stats: StreamStats,
+        window: int = MAX_UNANSWERED,
+        frame_timeout_s: float | None = None,
     ):
         self.core = core
+        self.frame_timeout_s = FRAME_TIMEOUT_S if frame_timeout_s is None else frame_timeout_s
+        self._deadline: asyncio.TimerHandle | None = None
         self.max_body = max_body
         self.stats = stats
         self.window = window
@@ -98,6 +107,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
         self._last = True
         self._wake.set()
         self._writing.set()
@@ -129,8 +139,22 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
             if self._body.shape[0] < self._need:
                 self._body = np.empty(self._need, dtype=np.uint8)
         else:
+            self._disarm()
             self._write_frame()
             self._phase, self._need = _HEAD, REQUEST.size
+
+    def _expire(self) -> None:
+        self._deadline = None
+        self.stats.broken += 1
+        log.warning("write stream closed: a frame took over %.0f s to arrive", self.frame_timeout_s)
+        self._last = True
+        self._wake.set()
+        self._pause_reading()
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def eof_received(self) -> bool:
         self._last = True  # answer what was written, then close
@@ -150,6 +174,8 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
             self._pause_reading()
             return
         self._phase, self._need = _NAME, self._frame.name_len
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.frame_timeout_s, self._expire)
 
     def _write_frame(self) -> None:
         f = self._frame
