@@ -47,6 +47,11 @@ from ekko.store.wal_format import (  # noqa: F401 - re-exported: the log's publi
 
 log = logging.getLogger(__name__)
 
+WRITE_BYTES = 1 << 20
+"""A record is written to the file in pieces of at most this: one write of 2 MB or more
+cost the kernel 8x the CPU per byte of 1 MB ones on our machines (a huge page-cache folio
+per write, measured with os.write + fsync on ext4, Linux 6.18)."""
+
 
 @dataclass(frozen=True)
 class WalStats:
@@ -276,7 +281,9 @@ class WriteAheadLog:
         for seq, payload in chunk:
             # zlib releases the GIL on large buffers: the event loop runs meanwhile.
             self._file.write(_record_header(seq, payload))
-            self._file.write(payload)
+            view = memoryview(payload).cast("B")
+            for start in range(0, len(view), WRITE_BYTES):
+                self._file.write(view[start : start + WRITE_BYTES])
             n += _RECORD.size + len(payload)
         self._file.flush()
         os.fsync(self._file.fileno())
