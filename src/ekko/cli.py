@@ -44,6 +44,7 @@ BENCHES = (
     "bandwidth",
     "congestion",
     "client",
+    "dynamic",
 )
 
 
