@@ -50,6 +50,13 @@ class GatedClient:
             self.rows[k] = v.copy()
         return np.arange(1, keys.size + 1)
 
+    def delete(self, table: str, keys: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait()
+        for k in keys.tolist():
+            self.rows.pop(k, None)
+        return np.arange(1, keys.size + 1)
+
     def write_stream(self, window: int) -> GatedStream:
         return GatedStream(self)
 
@@ -68,6 +75,11 @@ class GatedStream:
     def send(self, table: str, keys: np.ndarray, values: np.ndarray) -> int:
         self.client.write(table, keys, values)
         self.acked_rows += keys.size
+        self.acked_frames += 1
+        return self.acked_frames
+
+    def send_delete(self, table: str, keys: np.ndarray) -> int:
+        self.client.delete(table, keys)
         self.acked_frames += 1
         return self.acked_frames
 
@@ -190,3 +202,20 @@ def test_requests_over_the_nodes_body_limit_are_split_until_they_fit(
     assert stats.rows_acked == n and stats.requests >= 2
     assert sink.rows_per_request("emb") * (8 + 4 * 4) <= MAX_BODY or fmt == "json"
     np.testing.assert_array_equal(rows.values, values[sample])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_delete_is_queued_in_its_place_between_the_writes_of_its_keys(fmt: str) -> None:
+    client = GatedClient(fmt)
+    sink = RemoteSink(client, lanes=3, depth=64)  # type: ignore[arg-type]
+    keys = np.arange(-6, 6, dtype=np.int64)
+    sink.write("t", keys, np.full((12, 2), 1, np.float32))
+    sink.delete("t", keys[::2])  # queued: the caller is not held while the gate is shut
+    sink.write("t", keys[:4], np.full((4, 2), 2, np.float32))  # written again after
+    assert not client.rows
+    client.gate.set()
+    sink.flush()
+    kept = sorted(set(keys[1::2].tolist()) | set(keys[:4].tolist()))
+    assert sorted(client.rows) == kept
+    assert all((client.rows[k] == (2 if k < -2 else 1)).all() for k in kept)
+    sink.close()

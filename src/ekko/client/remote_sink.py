@@ -49,6 +49,10 @@ class _Lane:
                 return
             taken = [item]
             try:
+                if item[2] is None:  # a delete: alone, in its place among the writes
+                    if self.sink.failure is None:
+                        self.sink.client.delete(item[0], item[1])
+                    continue
                 taken += self._more(item[0])
                 if self.sink.failure is None:
                     self.sink.send(item[0], *_merge(taken))
@@ -69,7 +73,7 @@ class _Lane:
                 nxt = self.queue.queue[0]  # peek: another table's batch stays for its turn
             except IndexError:
                 break
-            if nxt is _STOP or nxt[0] != table:
+            if nxt is _STOP or nxt[0] != table or nxt[2] is None:
                 break
             more.append(self.queue.get_nowait())
             rows += nxt[1].shape[0]
@@ -98,6 +102,8 @@ class _StreamLane:
                         continue
                     if item is _DRAIN:
                         self.stream.drain()
+                    elif item[2] is None:
+                        self.stream.send_delete(item[0], item[1])
                     else:
                         table, keys, values = item
                         step = self.sink.rows_per_request(table)
@@ -219,6 +225,24 @@ class RemoteSink:
             lo, hi = int(bounds[i]), int(bounds[i + 1])
             if hi > lo:
                 self._lanes[i].queue.put((table, keys[lo:hi], values[lo:hi]))
+
+    def delete(self, table: str, keys: np.ndarray) -> None:
+        """Queue a delete of ``keys``: it reaches the source after every write of them
+        queued before it and before every one queued after (an evicted id written again)."""
+        self._check()
+        keys = np.asarray(keys, dtype=np.int64)
+        if keys.ndim != 1:
+            raise ValueError(f"{table}: keys [n] expected, got {list(keys.shape)}")
+        if not keys.shape[0]:
+            return
+        if self._stream is not None:
+            self._stream.queue.put((table, keys, None))
+            return
+        lane = keys.view(np.uint64) % np.uint64(len(self._lanes))
+        for i, sender in enumerate(self._lanes):
+            mine = keys[lane == i]
+            if mine.shape[0]:
+                sender.queue.put((table, mine, None))
 
     # -- flushing ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from ekko.client.stream_frames import (
     STREAM_PATH,
     UPGRADE,
     WRITTEN,
+    delete_frame,
     write_frame,
 )
 from ekko.net.signed_requests import RESIGN_HEADER, host_of
@@ -86,24 +87,52 @@ class WriteStream:
         v = _values(values, k.shape[0])
         if not k.shape[0]:
             raise ValueError("keys: a write holds at least one row")
+        name = self._name(table)
+        step = self.rows_per_frame(v.shape[1])
+        for start in range(0, k.shape[0], step):
+            end = start + step
+            self._frame(write_frame(self._seq + 1, name, k[start:end], v[start:end]))
+        return self._seq
+
+    def _name(self, table: str) -> bytes:
         name = self._names.get(table)
         if name is None:
             name = self._names[table] = table.encode("utf-8")
-        step = self.rows_per_frame(v.shape[1])
+        return name
+
+    def _frame(self, buffers: list[bytes | memoryview]) -> None:
+        """Send the frame numbered ``self._seq + 1`` once the window has room for it."""
+        while len(self._unanswered) >= self.window:
+            self.receive()
+        self._send(buffers)
+        self._seq += 1
+        self._unanswered.append(self._seq)
+
+    def send_delete(self, table: str, keys: Any) -> int:
+        """Send a delete of ``keys`` (in frames the source takes), in order with the writes
+        sent before and after it; its last frame's number."""
+        k = _keys(keys)
+        if not k.shape[0]:
+            raise ValueError("keys: a delete holds at least one key")
+        name = self._name(table)
+        step = max(1, self.max_body // 8)
         for start in range(0, k.shape[0], step):
-            while len(self._unanswered) >= self.window:
-                self.receive()
-            self._seq += 1
-            self._send(write_frame(self._seq, name, k[start : start + step],
-                                   v[start : start + step]))  # fmt: skip
-            self._unanswered.append(self._seq)
+            self._frame(delete_frame(self._seq + 1, name, k[start : start + step]))
         return self._seq
+
+    def delete(self, table: str, keys: Any) -> np.ndarray:
+        """Delete and wait: the versions of the tombstones, once on disk."""
+        first = self._seq + 1
+        return self._answers_from(first, self.send_delete(table, keys))
 
     def write(self, table: str, keys: Any, values: Any) -> np.ndarray:
         """Write and wait: the versions of the rows, once on disk (answers of writes sent
         before are read first and dropped)."""
         first = self._seq + 1
-        last = self.send(table, keys, values)
+        return self._answers_from(first, self.send(table, keys, values))
+
+    def _answers_from(self, first: int, last: int) -> np.ndarray:
+        """Read answers up to frame ``last``: the versions of frames ``first``..``last``."""
         parts = []
         while self._unanswered:
             seq, versions = self.receive()

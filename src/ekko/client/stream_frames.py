@@ -7,14 +7,14 @@ signed HTTP request (``Upgrade: ekko-rows/1`` on :data:`STREAM_PATH`, the writer
 the node's own port and TLS) and then carries frames: the client sends its arrays' buffers
 as they lie in memory, the node reads them into one buffer it reuses for every frame.
 
-Client → node, one frame per write (integers little-endian)::
+Client → node, one frame per write or delete (integers little-endian)::
 
-    kind u8 (1: write)  flags u8 (0)  name_len u16  n u32  dim u32  seq u64     20 bytes
-    name                utf-8, name_len bytes
+    kind u8 (1: write, 2: delete)  flags u8 (0)  name_len u16  n u32  dim u32  seq u64
+    name                utf-8, name_len bytes                                  (head: 20 bytes)
     keys                int64 [n]
-    values              float32 [n, dim]
+    values              float32 [n, dim]            (a write; a delete has dim 0, no values)
 
-Node → client, one answer per write, in the order of the writes, once it is durable::
+Node → client, one answer per frame, in the order of the frames, once it is durable::
 
     kind u8 (1: written, 2: refused)  flags u8 (0)  status u16  n u32  seq u64   16 bytes
     written             versions int64 [n]
@@ -40,6 +40,7 @@ MAX_FRAME_HEADER = "ekko-max-frame-bytes"
 REQUEST = struct.Struct("<BBHIIQ")
 ANSWER = struct.Struct("<BBHIQ")
 KIND_WRITE = 1
+KIND_DELETE = 2
 WRITTEN = 1
 REFUSED = 2
 MAX_NAME_BYTES = 1024
@@ -53,12 +54,13 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True)
 class WriteHead:
-    """A write frame's head: what the name and body that follow it hold."""
+    """A frame's head: what the name and body that follow it hold."""
 
     seq: int
     name_len: int
     n: int
     dim: int
+    kind: int = KIND_WRITE
 
     @property
     def body_bytes(self) -> int:
@@ -66,20 +68,24 @@ class WriteHead:
 
 
 def parse_head(raw: bytes | bytearray | memoryview, max_body: int) -> WriteHead:
-    """The head of a write frame; ``FrameError`` naming the field out of bounds (a body
-    over ``max_body`` bytes among them)."""
+    """The head of a frame; ``FrameError`` naming the field out of bounds (a body over
+    ``max_body`` bytes among them)."""
     kind, flags, name_len, n, dim, seq = REQUEST.unpack(raw)
-    if kind != KIND_WRITE:
-        raise FrameError(f"frame kind: {kind} is not a write ({KIND_WRITE})")
+    if kind not in (KIND_WRITE, KIND_DELETE):
+        raise FrameError(
+            f"frame kind: {kind} is neither a write ({KIND_WRITE}) nor a delete ({KIND_DELETE})"
+        )
     if flags:
         raise FrameError(f"frame flags: {flags:#x}, no flag is defined")
     if not 1 <= name_len <= MAX_NAME_BYTES:
         raise FrameError(f"name_len: {name_len}, expected 1..{MAX_NAME_BYTES}")
-    if not 1 <= dim <= MAX_DIM:
+    if kind == KIND_DELETE and dim != 0:
+        raise FrameError(f"dim: {dim}, a delete carries no values (dim 0)")
+    if kind == KIND_WRITE and not 1 <= dim <= MAX_DIM:
         raise FrameError(f"dim: {dim}, expected 1..{MAX_DIM}")
     if n < 1:
-        raise FrameError("n: 0 rows; a write holds at least one")
-    head = WriteHead(seq, name_len, n, dim)
+        raise FrameError("n: 0 rows; a frame holds at least one")
+    head = WriteHead(seq, name_len, n, dim, kind)
     if head.body_bytes > max_body:
         raise FrameError(
             f"n: {n} rows of dim {dim} are {head.body_bytes} bytes; this node takes at most "
@@ -96,6 +102,12 @@ def write_frame(
     n, dim = values.shape
     head = REQUEST.pack(KIND_WRITE, 0, len(name), n, dim, seq)
     return [head, name, memoryview(keys).cast("B"), memoryview(values).cast("B")]
+
+
+def delete_frame(seq: int, name: bytes, keys: np.ndarray) -> list[bytes | memoryview]:
+    """A delete's frame: ``keys`` int64 [n], C-contiguous, little-endian."""
+    head = REQUEST.pack(KIND_DELETE, 0, len(name), keys.shape[0], 0, seq)
+    return [head, name, memoryview(keys).cast("B")]
 
 
 def written(seq: int, versions: np.ndarray) -> list[bytes | memoryview]:

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ekko.client.stream_frames import (
+    KIND_DELETE,
     MAX_FRAME_HEADER,
     MAX_NAME_BYTES,
     REQUEST,
@@ -181,22 +182,30 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         f = self._frame
         assert f is not None
         keys = self._body[: 8 * f.n].view("<i8")
-        values = self._body[8 * f.n : f.body_bytes].view("<f4").reshape(f.n, f.dim)
         try:
             name = self._name[: f.name_len].decode("utf-8")
-            dim = self.core.store.table(name).dim
-            if f.dim != dim:
-                self._refuse(f.seq, 400, f"dim: table {name!r} has rows of dim {dim}, the "
-                                         f"frame's are of dim {f.dim}")  # fmt: skip
-                return
-            versions = self.core.write(name, keys, values)
+            if f.kind == KIND_DELETE:
+                versions = self.core.delete(name, keys)
+            else:
+                dim = self.core.store.table(name).dim
+                if f.dim != dim:
+                    self._refuse(f.seq, 400, f"dim: table {name!r} has rows of dim {dim}, "
+                                             f"the frame's are of dim {f.dim}")  # fmt: skip
+                    return
+                values = self._body[8 * f.n : f.body_bytes].view("<f4").reshape(f.n, dim)
+                versions = self.core.write(name, keys, values)
         except UnicodeDecodeError:
             self._refuse(f.seq, 400, "table name: not utf-8")
             return
         except Exception as exc:
             status = _status_of(exc)
-            if status is None:
-                raise
+            if status is None:  # ours, not the frame's: said to the client, then closed
+                log.exception("write stream: frame %d failed", f.seq)
+                self.stats.broken += 1
+                self._refuse(f.seq, 500, f"internal error: {exc!r}")
+                self._last = True
+                self._pause_reading()
+                return
             self._refuse(f.seq, status, str(exc))
             return
         self.stats.frames += 1
