@@ -31,9 +31,17 @@ def table(budget: int, clock=None, **policies) -> DynamicEmbedding:
     return DynamicEmbedding(4, cfg, clock=clock or FakeClock())
 
 
-def train(emb: DynamicEmbedding, *ids: int) -> torch.Tensor:
+def look(emb: DynamicEmbedding, *ids: int) -> torch.Tensor:
+    """A training lookup (admits, evicts), without the backward pass that ends its step."""
     emb.train()
     return emb(torch.tensor(ids, dtype=torch.int64))
+
+
+def train(emb: DynamicEmbedding, *ids: int) -> torch.Tensor:
+    """One training step's lookup and its backward pass."""
+    out = look(emb, *ids)
+    out.sum().backward()
+    return out.detach()
 
 
 def held(emb: DynamicEmbedding) -> set[int]:
@@ -152,7 +160,7 @@ def test_a_reused_row_starts_with_fresh_value_and_optimizer_state(optimizer) -> 
     emb.bind_optimizers([opt])
     for _ in range(3):
         opt.zero_grad()
-        train(emb, 77).sum().backward()
+        train(emb, 77)
         opt.step()
     slot = emb.keys_of(np.arange(1))[1][0]
     rows = {k: v for k, v in opt.state[weight].items() if getattr(v, "shape", 0) == weight.shape}
@@ -244,3 +252,29 @@ def test_load_places_rows_up_to_the_budget_and_reports_the_rest() -> None:
 def test_bad_config_names_the_field(build, message) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_lookups_before_a_backward_are_one_step_and_evict_nothing_the_other_read() -> None:
+    emb = table(2, eviction=EvictionConfig(kind="lru"))
+    train(emb, 1)
+    train(emb, 2)
+    first = look(emb, 1)  # the step's first lookup reads 1 ...
+    second = look(emb, 3)  # ... so 3 takes 2's row, not 1's
+    assert held(emb) == {1, 3}
+    third = look(emb, 4)  # full and every row read in this step: 4 reads the default row
+    assert held(emb) == {1, 3} and third.abs().sum() == 0
+    (first.sum() + second.sum() + third.sum()).backward()
+    train(emb, 4)  # a new step: 4 evicts one of the rows (both read in the last step)
+    assert held(emb) in ({3, 4}, {1, 4})
+    assert emb.statistics().evicted == 2
+
+
+def test_a_resume_beyond_the_budget_deletes_the_rows_it_cannot_hold() -> None:
+    model = TwoTables(2)
+    sink = MemorySink()
+    pub = EmbeddingPublisher(model, sink, PublisherConfig(table_names={"users": "u"}))
+    keys = np.array([10, 11, 12], dtype=np.int64)
+    assert pub.load_rows("u", keys, np.ones((3, 4), np.float32)) == 1
+    pub.flush()
+    assert [(t, k.tolist()) for t, k in sink.deletes] == [("u", [12])]
+    assert held(model.users) == {10, 11}

@@ -61,7 +61,10 @@ class DynamicEmbedding(nn.Module):
     publisher deletes them from the store (and so from every replica).
 
     Training lookups (module in training mode, autograd on) count sightings, admit, evict
-    and touch rows; other lookups only read (an unknown id reads the default row). An id
+    and touch rows; other lookups only read (an unknown id reads the default row). The
+    lookups before a backward pass are one step: none evicts a row another one read (the
+    table may be called several times a step); the step ends when the backward pass
+    accumulates the rows' gradient. An id
     without a row gets no gradient into any row that holds an id. A reused row starts from a
     fresh initial value and fresh optimizer state: call ``bind_optimizers`` with the
     optimizers of ``embedding.weight`` (``OnlineTrainer`` does).
@@ -100,6 +103,10 @@ class DynamicEmbedding(nn.Module):
                 self.embedding.weight[padding].zero_()
         self._clock = clock
         self.slots = Slots(budget, config.admission, config.eviction)
+        # a step's lookups share its rows until its backward pass has reached them
+        self.embedding.weight.register_post_accumulate_grad_hook(
+            lambda _weight: self.slots.end_step()
+        )
         self._optimizers: list[torch.optim.Optimizer] = []
         self._evicted: list[np.ndarray] | None = None
 
@@ -154,7 +161,9 @@ class DynamicEmbedding(nn.Module):
     def load(self, ids: np.ndarray, values: np.ndarray) -> int:
         """Set rows of ``ids`` (unique) to ``values`` [n, D], giving ids a row past
         admission (they were admitted before: a resume from the store). Ids beyond the free
-        rows are skipped; returns how many."""
+        rows are skipped (returns how many) and, when evictions are tracked, handed to
+        ``take_evicted`` like evicted ones, so a store holding more than the budget (a
+        budget lowered since) is brought within it."""
         ids = np.asarray(ids, dtype=np.int64)
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (ids.size, self.embedding_dim):
@@ -167,6 +176,8 @@ class DynamicEmbedding(nn.Module):
         weight = self.embedding.weight
         idx = torch.from_numpy(slots[keep])
         weight.index_copy_(0, idx, torch.from_numpy(values[keep]).to(weight.dtype))
+        if self._evicted is not None and not keep.all():
+            self._evicted.append(ids[~keep])
         return int((~keep).sum())
 
     @torch.no_grad()

@@ -52,6 +52,7 @@ class Slots:
         self._free = np.arange(budget - 1, -1, -1, dtype=np.int64)  # a stack: pops 0, 1, …
         self._n_free = budget
         self._step = 0
+        self._step_open = False  # a training lookup happened since the last end_step
         self._next_expiry = -np.inf
         self._gone: list[np.ndarray] = []  # ids freed in the current call
         self.admitted = 0
@@ -68,10 +69,18 @@ class Slots:
         slots[slots == MISSING] = self.default
         return slots
 
+    def end_step(self) -> None:
+        """The training step's backward pass ran: the next lookup starts a new step."""
+        self._step_open = False
+
     def assign(self, ids: np.ndarray, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A training step's lookup of ``ids`` [n] at time ``now``: touch the rows held,
-        expire, admit and evict. Returns (slots [n], evicted ids, their slots)."""
-        self._step += 1
+        """A training lookup of ``ids`` [n] at time ``now``: touch the rows held, expire,
+        admit and evict. Returns (slots [n], evicted ids, their slots). Lookups until
+        ``end_step`` are one step: no row any of them read is evicted (their gradients are
+        still to come)."""
+        if not self._step_open:
+            self._step += 1
+            self._step_open = True
         uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
         slots = self._map.lookup(uniq)
         hit = slots != MISSING
@@ -133,7 +142,7 @@ class Slots:
         kind = self.eviction.kind
         out = np.empty(0, dtype=np.int64)
         if evict and k > self._n_free and kind in ("lru", "lfu"):
-            # rows looked up in this step stay: they are in the batch being trained
+            # rows looked up in this step stay: their gradients are still to come
             candidates = np.flatnonzero(self._occupied & (self._touched_step != self._step))
             out = victims(kind, candidates, self._touched_step, self._freq, k - self._n_free)
             self._free_slots(out)
