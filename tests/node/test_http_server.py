@@ -18,6 +18,8 @@ from ekko.node.http_server import EmbeddedServer, http_server
 
 HEAD_S = 0.6
 IDLE_S = 0.4
+GRACE_S = 0.5
+BIG = 32 << 20  # more than the kernel's socket buffers hold, both ends together
 
 
 async def _slow(request: Request) -> Response:
@@ -29,17 +31,29 @@ async def _ok(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+async def _big(request: Request) -> Response:
+    return Response(bytes(BIG), media_type="application/octet-stream")
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[EmbeddedServer, int, Starlette]]:
-    app = Starlette(routes=[Route("/ok", _ok, methods=["GET", "POST"]), Route("/slow", _slow)])
+    ok = Route("/ok", _ok, methods=["GET", "POST"])
+    app = Starlette(routes=[ok, Route("/slow", _slow), Route("/big", _big)])
     app.state.release = asyncio.Event()
-    srv = http_server(app, header_timeout_s=HEAD_S, idle_timeout_s=IDLE_S, max_connections=3)
+    srv = http_server(
+        app,
+        header_timeout_s=HEAD_S,
+        idle_timeout_s=IDLE_S,
+        max_connections=3,
+        shutdown_grace_s=GRACE_S,
+    )
     sock = socket.create_server(("127.0.0.1", 0))
     task = asyncio.create_task(srv.serve(sockets=[sock]))
     deadline = time.monotonic() + 10
     while not srv.started:
         assert time.monotonic() < deadline, "the server never started"
         await asyncio.sleep(0.01)  # uvicorn sets a flag, no event; bounded by the deadline
+    app.state.serving = task
     yield srv, sock.getsockname()[1], app
     srv.should_exit = True
     await task
@@ -140,3 +154,22 @@ async def test_connections_over_the_cap_are_answered_503(server) -> None:
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 503")
     for _, w in [*held, (reader, writer)]:
         w.close()
+
+
+async def test_the_server_stops_within_its_grace_while_a_client_reads_no_answer(server) -> None:
+    """A client that asked for a large answer and reads none of it: uvicorn waited for its
+    connection to close, for ever, and the node never exited on SIGTERM."""
+    srv, port, app = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 5
+    while not any(c.transport.get_write_buffer_size() for c in srv.server_state.connections):
+        assert time.monotonic() < deadline, "the answer never stalled"
+        await asyncio.sleep(0.05)  # polling the server's state, bounded by the deadline
+    t0 = time.monotonic()
+    srv.should_exit = True
+    await asyncio.wait_for(asyncio.shield(app.state.serving), GRACE_S + 2)
+    assert time.monotonic() - t0 < GRACE_S + 1
+    assert not srv.server_state.connections
+    writer.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Iterator, Mapping
@@ -23,8 +24,12 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+log = logging.getLogger(__name__)
+
 MAX_INCOMPLETE_HEADERS = 16 << 10
 """Bytes of a request head h11 buffers before answering 400 (uvicorn's default is larger)."""
+SHUTDOWN_GRACE_S = 5.0
+"""On shutdown, how long answers being sent (and write streams) get to finish."""
 UPGRADE_KEY = "ekko.connection"
 """Where a request's ``scope["state"]`` holds the ``DeadlineProtocol`` serving it (``switch``)."""
 
@@ -36,11 +41,42 @@ class EmbeddedServer(uvicorn.Server):
     (the header deadline): uvicorn leaves asyncio's 60 s, the HTTP protocol (its deadline and
     ``limit_concurrency``) sees a connection only once the handshake is done, so a client
     that opens TLS connections and never finishes them held each for a minute, uncounted.
+
+    Shutdown is bounded too (``shutdown_grace_s``): uvicorn waits for every connection to
+    close, and a connection closes only once what was written to it is sent, so one client
+    that read none of its answer (a large response, or a write stream's answers) kept the
+    node from ever exiting on SIGTERM. After the grace the connections still open are cut
+    (their requests see a disconnect and end; one that does not is cancelled).
     """
 
-    def __init__(self, config: uvicorn.Config, tls_handshake_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        tls_handshake_timeout_s: float = 10.0,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+    ) -> None:
         super().__init__(config)
         self.tls_handshake_timeout_s = tls_handshake_timeout_s
+        self.shutdown_grace_s = shutdown_grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            async with asyncio.timeout(self.shutdown_grace_s):
+                await super().shutdown(sockets)
+        except TimeoutError:
+            state = self.server_state
+            log.warning(
+                "stopping: %d connection(s) still sending answers after %.1f s (their clients "
+                "read none): cut",
+                len(state.connections),
+                self.shutdown_grace_s,
+            )
+            for connection in list(state.connections):
+                connection.transport.abort()  # its request sees a disconnect and ends
+            if state.tasks:
+                _, late = await asyncio.wait(list(state.tasks), timeout=1.0)
+                for task in late:
+                    task.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -198,10 +234,12 @@ def http_server(
     idle_timeout_s: float,
     max_connections: int,
     tls: ssl.SSLContext | None = None,
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S,
 ) -> EmbeddedServer:
     """The server for a node's admin/serving app. Over ``max_connections`` open connections
     (or requests in flight) uvicorn answers 503. With ``tls`` (a server context of
-    ``ekko.net.tls.TlsFiles``) it serves https only."""
+    ``ekko.net.tls.TlsFiles``) it serves https only. Stopping, it gives answers being sent
+    ``shutdown_grace_s``, then cuts their connections."""
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -213,7 +251,9 @@ def http_server(
         h11_max_incomplete_event_size=MAX_INCOMPLETE_HEADERS,
         ssl_context_factory=None if tls is None else (lambda _config, _default: tls),
     )
-    return EmbeddedServer(config, tls_handshake_timeout_s=header_timeout_s)
+    return EmbeddedServer(
+        config, tls_handshake_timeout_s=header_timeout_s, shutdown_grace_s=shutdown_grace_s
+    )
 
 
 def tcp_listener(host: str, port: int) -> socket.socket:
