@@ -278,3 +278,14 @@ def test_a_resume_beyond_the_budget_deletes_the_rows_it_cannot_hold() -> None:
     pub.flush()
     assert [(t, k.tolist()) for t, k in sink.deletes] == [("u", [12])]
     assert held(model.users) == {10, 11}
+
+
+def test_a_trained_default_row_learns_from_ids_without_rows_and_is_never_published() -> None:
+    model = TwoTables(1, default_row="trained", eviction=EvictionConfig(kind="none"))
+    opt = torch.optim.Adagrad(list(model.parameters()), lr=0.5)
+    sink = MemorySink()
+    pub = EmbeddingPublisher(model, sink, PublisherConfig(table_names={"users": "u"}))
+    default = model.users.embedding.weight[1].detach().clone()
+    step(model, opt, pub, [3, 4, 5], [1, 2, 3])  # 3 takes the one row; 4 and 5 the default
+    assert not torch.equal(model.users.embedding.weight[1].detach(), default)
+    assert set(sink.tables["u"]) == {3}
