@@ -289,3 +289,24 @@ def test_a_trained_default_row_learns_from_ids_without_rows_and_is_never_publish
     step(model, opt, pub, [3, 4, 5], [1, 2, 3])  # 3 takes the one row; 4 and 5 the default
     assert not torch.equal(model.users.embedding.weight[1].detach(), default)
     assert set(sink.tables["u"]) == {3}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ids=st.lists(st.integers(-3, 8), min_size=1, max_size=60),
+    budget=st.integers(1, 5),
+    kind=st.sampled_from(["lru", "lfu"]),
+)
+def test_one_id_a_step_evicts_exactly_as_a_reference_cache(ids, budget, kind) -> None:
+    emb = table(budget, eviction=EvictionConfig(kind=kind))
+    freq: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for step_no, key in enumerate(ids):
+        if key not in freq and len(freq) == budget:
+            score = (lambda k: last[k]) if kind == "lru" else (lambda k: (freq[k], last[k]))
+            victim = min(freq, key=score)
+            del freq[victim], last[victim]
+        freq[key] = freq.get(key, 0) + 1
+        last[key] = step_no
+        train(emb, key)
+        assert held(emb) == set(freq), (step_no, key)
