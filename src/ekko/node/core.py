@@ -77,6 +77,7 @@ class NodeCore:
         self.journal: StoreJournal | None = None
         # Why writes are refused (None: accepted). A source recovers before it takes any.
         self.not_ready: str | None = "recovering" if self.role == "source" else None
+        self.closed = False  # the log closed (the node stops): no write may be taken
         self.restored_rows = 0  # rows the source found in its own snapshot and log
         claim_data_dir(self.data_dir, self.config.cluster.id, fresh=self.fresh)
         self.store = self._open_store()
@@ -185,6 +186,8 @@ class NodeCore:
         return self.port.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns)
 
     def _require_writable(self) -> None:
+        if self.closed:  # without its log a write is in memory only: never acknowledge it
+            raise NotReadyError(f"source {self.name!r} takes no writes: it is stopping")
         if self.not_ready is not None:
             raise NotReadyError(f"source {self.name!r} takes no writes yet: {self.not_ready}")
         if self.journal is not None and self.journal.wal.failed is not None:
@@ -257,7 +260,9 @@ class NodeCore:
             self.store.save(self.snapshot_path)
 
     def close(self) -> None:
-        """Flush and close the write-ahead log (after the last snapshot)."""
+        """Flush and close the write-ahead log (after the last snapshot); later writes are
+        refused."""
+        self.closed = True
         if self.journal is not None:
             self.journal.close()
             self.journal = None
