@@ -310,3 +310,13 @@ def test_one_id_a_step_evicts_exactly_as_a_reference_cache(ids, budget, kind) ->
         last[key] = step_no
         train(emb, key)
         assert held(emb) == set(freq), (step_no, key)
+
+
+def test_a_deep_copy_ends_its_own_steps() -> None:
+    import copy
+
+    emb = table(1, eviction=EvictionConfig(kind="lru"))
+    twin = copy.deepcopy(emb)
+    train(twin, 1)
+    train(twin, 2)  # the copy's step ended at its backward: 2 evicts 1
+    assert held(twin) == {2} and held(emb) == set()

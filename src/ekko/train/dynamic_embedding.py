@@ -64,7 +64,7 @@ class DynamicEmbedding(nn.Module):
     and touch rows; other lookups only read (an unknown id reads the default row). The
     lookups before a backward pass are one step: none evicts a row another one read (the
     table may be called several times a step); the step ends when the backward pass
-    accumulates the rows' gradient. An id
+    reaches a lookup's output. An id
     without a row gets no gradient into any row that holds an id. A reused row starts from a
     fresh initial value and fresh optimizer state: call ``bind_optimizers`` with the
     optimizers of ``embedding.weight`` (``OnlineTrainer`` does).
@@ -103,10 +103,6 @@ class DynamicEmbedding(nn.Module):
                 self.embedding.weight[padding].zero_()
         self._clock = clock
         self.slots = Slots(budget, config.admission, config.eviction)
-        # a step's lookups share its rows until its backward pass has reached them
-        self.embedding.weight.register_post_accumulate_grad_hook(
-            lambda _weight: self.slots.end_step()
-        )
         self._optimizers: list[torch.optim.Optimizer] = []
         self._evicted: list[np.ndarray] | None = None
 
@@ -138,7 +134,8 @@ class DynamicEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.detach().reshape(-1).cpu().numpy().astype(np.int64, copy=False)
-        if self.training and torch.is_grad_enabled():
+        training = self.training and torch.is_grad_enabled()
+        if training:
             slots, gone, freed = self.slots.assign(flat, self._clock())
             if freed.size:
                 self._reset_rows(freed)
@@ -146,7 +143,15 @@ class DynamicEmbedding(nn.Module):
                     self._evicted.append(gone)
         else:
             slots = self.slots.read(flat)
-        return self.embedding(torch.from_numpy(slots).reshape(ids.shape).to(ids.device))
+        out = self.embedding(torch.from_numpy(slots).reshape(ids.shape).to(ids.device))
+        if training and out.requires_grad:
+            # the step's lookups share their rows until its backward pass reaches them (a
+            # hook on this output, not on the weight: a copied module keeps no weight hooks)
+            out.register_hook(self._step_ended)
+        return out
+
+    def _step_ended(self, grad: torch.Tensor) -> None:
+        self.slots.end_step()
 
     def keys_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the ``slots`` that hold an id now; the default row and freed

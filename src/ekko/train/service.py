@@ -273,7 +273,8 @@ class TrainingService:
         if skipped:
             log.warning(
                 "model %s: rows the model has no place for were not loaded (keys outside an "
-                "embedding table, or other than 0 in a dense one): %s", self.name, skipped,
+                "embedding table, beyond a dynamic table's free rows: deleted from the store "
+                "when the table evicts, or other than 0 in a dense one): %s", self.name, skipped,
             )  # fmt: skip
 
     def resume(self) -> None:
