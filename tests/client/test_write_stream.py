@@ -4,7 +4,10 @@ closed with nothing stored, and no stream without the writer role."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
+import time
 
 import httpx
 import numpy as np
@@ -215,3 +218,33 @@ def test_a_frame_dripped_slower_than_its_deadline_closes_the_stream(
         idle.recv(1)
     idle.sendall(frame)
     assert _answer(idle)[0] == WRITTEN
+
+
+def test_a_stream_reset_with_answers_due_writes_none_to_the_dead_connection(
+    source: Source, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends without reading until the node stops reading, then resets the
+    connection: the node answered each of the frames it had taken into the dead transport,
+    and asyncio logged a warning for each (252 lines from one stream)."""
+    keys, values = _rows(1000, 1_000_000)
+    frame = b"".join(bytes(b) for b in write_frame(1, b"emb", keys, values))
+    sock = _upgraded(source)
+    sock.settimeout(1.0)  # a send blocked this long: the node has stopped reading
+    with pytest.raises(TimeoutError):
+        for _ in range(5000):
+            sock.sendall(frame)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        sock.close()  # a reset: the node's answers due go nowhere
+        deadline = time.monotonic() + 10
+        while _open_streams(source):
+            assert time.monotonic() < deadline, "the stream never ended"
+            time.sleep(0.02)  # polling the node's count, bounded by the deadline
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text[:500]
+
+
+def _open_streams(source: Source) -> float:
+    with source.client() as c:
+        text = c._http.get(source.url + "/metrics").text
+    line = next(ln for ln in text.splitlines() if ln.startswith("ekko_write_streams_open{"))
+    return float(line.split()[-1])

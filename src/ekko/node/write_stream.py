@@ -110,6 +110,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._last = True
+        self._answers.clear()  # no one to answer: writing them to a dead transport logs each
         self._wake.set()
         self._writing.set()
         if not self.closed.done():
@@ -262,6 +263,8 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
                 if status is None:
                     raise
                 failure = f"write not durable: {exc}"
+        if self.closed.done():
+            return  # the client went while the batch became durable
         for seq, versions, refusal in batch:
             if versions is None:
                 self.transport.write(refusal)  # type: ignore[union-attr]
