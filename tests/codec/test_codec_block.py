@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import hypothesis.extra.numpy as hnp
 import msgspec
 import numpy as np
@@ -14,6 +16,7 @@ from ekko.codec import (
     CodecError,
     RowBlock,
     decode_block,
+    decode_dead,
     encode_block,
     max_abs_error,
 )
@@ -155,3 +158,54 @@ def test_sizes_shrink(dim: int) -> None:
     assert size["fp32", False] / size["int8", True] >= 2
     # keys (~2 B) + versions (~2 B) + wtimes (< 5 B) stay well under 3 int64 columns
     assert size["fp32", False] - 10_000 * dim * 4 < 10_000 * 10
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("codec", CODECS)
+def test_tombstones_round_trip_without_their_values(codec: str, compress: bool) -> None:
+    keys, values, versions, wtimes = make_rows(60, 8, seed=3)
+    dead = np.zeros(60, np.uint8)
+    dead[[0, 7, 8, 59]] = 1
+    block = encode_block(keys, values, versions, wtimes, codec=codec, compress=compress, dead=dead)
+    assert block.ndead == 4
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(block), type=RowBlock)
+    k, v, ver, _ = decode_block(back)
+    flags = decode_dead(back)
+    order = np.argsort(keys, kind="stable")
+    np.testing.assert_array_equal(k, keys[order])
+    np.testing.assert_array_equal(ver, versions[order])
+    np.testing.assert_array_equal(flags, dead[order])
+    assert not v[flags == 1].any()  # a tombstone decodes to zeros
+    live = flags == 0
+    err = np.abs(v[live].astype(np.float64) - values[order][live]).max(axis=1)
+    assert (err <= max_abs_error(values[order][live], codec)).all()
+    plain = encode_block(keys, values, versions, wtimes, codec=codec, compress=compress)
+    assert len(block.values) < len(plain.values)  # their values are not sent
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ({"ndead": 61}, "ndead"),
+        ({"ndead": -1}, "ndead"),
+        ({"dead": b"\x02\x01", "ndead": 2}, "not increasing"),  # positions 1, 0
+        ({"dead": b"\x00\x7e", "ndead": 2}, "not increasing"),  # positions 0, 63: past n
+        ({"dead": b"", "ndead": 2}, "keys"),
+    ],
+)
+def test_bad_tombstone_positions_are_refused(bad: dict, why: str) -> None:
+    dead = np.zeros(60, np.uint8)
+    dead[[3, 4]] = 1
+    block = encode_block(*make_rows(60, 4), codec="fp32", compress=False, dead=dead)
+    forged = msgspec.structs.replace(block, **bad)
+    if "dead" in bad:  # a sender that computed its checksum over the forged positions
+        parts = (*(getattr(forged, f) for f in FIELDS), forged.dead)
+        crc = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        forged = msgspec.structs.replace(forged, crc=crc)
+    with pytest.raises(CodecError, match=why):
+        decode_dead(forged) if "ndead" in bad and "dead" not in bad else decode_block(forged)
+    flipped = msgspec.structs.replace(block, dead=bytes([block.dead[0] ^ 1]) + block.dead[1:])
+    with pytest.raises(CodecError, match="checksum"):
+        decode_block(flipped)

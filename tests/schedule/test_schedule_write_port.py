@@ -201,6 +201,37 @@ def test_after_a_flush_each_row_holds_its_last_write_or_restore_whatever_was_hel
     np.testing.assert_array_equal(store.table("emb").lookup(keys)[0], expected)
 
 
+def test_a_delete_hands_the_hook_the_rows_it_removes_drops_their_holds_and_wakes_pulls():
+    store = _store()
+    seen: list[tuple] = []
+    woken: list[int] = []
+    scheduler = drifting_scheduler()
+    w = WritePort(store, scheduler, on_written=lambda: woken.append(1), clock=FakeClock(wall=5.0))
+    w.record_preimages(["emb"], lambda *args: seen.append(args))
+    _, held = drift_and_hold(w)
+    assert scheduler.deferrer.held("emb") == held.size
+    woken.clear()
+    seen.clear()
+    keys = np.concatenate([held[:5], [10_000]])
+    versions = w.delete("emb", keys)
+    assert versions.shape == (6,) and woken == [1]
+    table, k, old, old_versions, existed, now = seen[0]
+    assert table == "emb" and k.tolist() == keys.tolist() and now == 5.0
+    assert existed.tolist() == [True] * 5 + [False] and (old_versions[:5] > 0).all()
+    np.testing.assert_array_equal(old[:5], np.full((5, 4), 1e3, np.float32))  # as stored
+    assert scheduler.deferrer.held("emb") == held.size - 5
+    w.flush(10**12)
+    t = store.table("emb")
+    assert not t.lookup(keys)[2].any() and t.tombstones == 6
+    _, kept = t.deleted()
+    assert sorted(kept.tolist()) == sorted(versions.tolist())  # no release came after it
+    with pytest.raises(UnknownTableError):
+        w.delete("nope", keys)
+    with pytest.raises(BadRowsError, match="keys"):
+        w.delete("emb", np.array([0.5]))
+    assert len(seen) == 1 and t.tombstones == 6
+
+
 def test_each_write_looks_its_keys_up_once_and_hands_the_hook_what_it_overwrites():
     store = _store()
     t = store.table("emb")
@@ -314,7 +345,8 @@ def test_held_rows_are_released_in_the_configured_lane(lane, n):
 
 
 def test_nothing_but_the_port_writes_a_source_table():
-    """``Table.write`` (keyword-only ``now_ns``) is called by the port alone. Exempt: the store
+    """``Table.write`` and ``Table.delete`` (keyword-only ``now_ns``) are called by the port
+    alone. Exempt: the store
     itself (its kernel warm-up writes a scratch table), the protocol's simulated network and
     the benches, which model a source store directly."""
     import ast
@@ -333,7 +365,7 @@ def test_nothing_but_the_port_writes_a_source_table():
             if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "write"
+                and node.func.attr in ("write", "delete")
                 and any(kw.arg == "now_ns" for kw in node.keywords)
             ):
                 callers.append(f"{rel}:{node.lineno}")

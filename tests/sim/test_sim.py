@@ -48,7 +48,7 @@ def test_ci_seeds_cover_every_feature(ci_run: Summary) -> None:
         + [f"restart:{kind}" for kind in RESTART_KINDS]
         + ["full_scan", "late_answer", "racing_answer", "duplicate_answer", "held"]
         + ["cut", "one_way", "failover", "dropped", "gap", "lineage_change", "rebuild"]
-        + ["paced", "restore", "table_created_late"]
+        + ["paced", "restore", "table_created_late", "delete"]
     )
     assert not [w for w in wanted if seen[w] == 0], seen
 

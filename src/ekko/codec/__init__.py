@@ -1,7 +1,7 @@
 """Wire encodings: row codecs (fp32, fp16, int8 row-wise), varint key/int columns, zstd frames
 with integrity checks, and :class:`RowBlock`, a whole chunk of rows on the wire."""
 
-from ekko.codec.block import RowBlock, decode_block, encode_block
+from ekko.codec.block import RowBlock, decode_block, decode_dead, encode_block
 from ekko.codec.errors import CodecError
 from ekko.codec.frames import compress, decompress
 from ekko.codec.keys import decode_ints, decode_keys, encode_ints, encode_keys, sort_rows_by_key
@@ -14,6 +14,7 @@ __all__ = [
     "RowBlock",
     "compress",
     "decode_block",
+    "decode_dead",
     "decode_ints",
     "decode_keys",
     "decode_rows",

@@ -88,7 +88,7 @@ class LaggedStore:
                     continue  # the table's spec was dropped with an earlier arrival
                 lanes = np.full(c.rows, c.lane, np.uint8)
                 applied += self.store.table(c.table).apply(
-                    c.keys, c.values, c.versions, c.wtimes, lanes
+                    c.keys, c.values, c.versions, c.wtimes, lanes, c.dead
                 )
                 self.rows_queued -= c.rows
             self.applied_until = arrival.at
@@ -133,5 +133,5 @@ def _subset(c: Chunk, keep: np.ndarray) -> Chunk:
         table=c.table, lane=c.lane, shards=c.shards[:0], bases=c.bases[:0],
         knowledge=c.knowledge[:0], counts=c.counts[:0], keys=c.keys[keep],
         values=c.values[keep], versions=c.versions[keep], wtimes=c.wtimes[keep],
-        origin=c.origin,
+        origin=c.origin, dead=None if c.dead is None else c.dead[keep],
     )  # fmt: skip

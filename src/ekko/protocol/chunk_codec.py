@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.codec import CODECS, CodecError, RowBlock, decode_block, encode_block
+from ekko.codec import CODECS, CodecError, RowBlock, decode_block, decode_dead, encode_block
 from ekko.codec.rows import FP16, INT4, INT8
 from ekko.protocol.messages import Chunk, ShardMeta
 
@@ -46,8 +46,9 @@ def encode_chunk(chunk: Chunk, codec: str) -> Chunk:
     block = None
     if chunk.rows:
         block = encode_block(
-            chunk.keys, chunk.values, chunk.versions, chunk.wtimes, codec=codec, compress=True
-        )
+            chunk.keys, chunk.values, chunk.versions, chunk.wtimes, codec=codec, compress=True,
+            dead=chunk.dead,
+        )  # fmt: skip
     meta = ShardMeta(
         shards=chunk.shards.tolist(),
         bases=chunk.bases.tolist(),
@@ -86,6 +87,8 @@ def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
         if block is not None:
             raise CodecError(f"block chunk of table {chunk.table!r} without shard columns")
         return chunk
+    if chunk.dead is not None:
+        raise CodecError(f"block chunk of table {chunk.table!r} with plain tombstone flags")
     m = len(meta.shards)
     if not len(meta.bases) == len(meta.spans) == len(meta.counts) == m:
         raise CodecError(f"chunk of table {chunk.table!r}: shard columns differ in length")
@@ -104,6 +107,7 @@ def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
             f"chunk of table {chunk.table!r} holds {rows} rows, shard counts say "
             f"{int(counts.sum())}"
         )
+    dead = None
     if block is None:
         empty = np.zeros(0, np.int64)
         keys, values, versions, wtimes = empty, np.zeros((0, dim), np.float32), empty, empty
@@ -111,6 +115,7 @@ def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
         if block.dim != dim:
             raise CodecError(f"block of table {chunk.table!r} has dim {block.dim}, table has {dim}")
         keys, values, versions, wtimes = decode_block(block)
+        dead = decode_dead(block) if block.ndead else None
     return Chunk(
         table=chunk.table,
         lane=chunk.lane,
@@ -123,4 +128,5 @@ def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
         versions=versions,
         wtimes=wtimes,
         origin=chunk.origin,
+        dead=dead,
     )

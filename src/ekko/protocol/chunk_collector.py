@@ -185,6 +185,7 @@ def collect_chunk(
         )
         slots, versions = slots[keep_rows], versions[keep_rows]
     keys, values, versions, wtimes, _lanes = table.rows_at(slots)  # fresh, not views
+    dead = table.dead_at(slots) if table.tombstones else None
     chunk = Chunk(
         table=table.name,
         lane=lane,
@@ -197,6 +198,7 @@ def collect_chunk(
         versions=versions,
         wtimes=wtimes,
         origin=origin,
+        dead=dead if dead is not None and dead.any() else None,
     )
     return chunk, truncated
 

@@ -17,7 +17,9 @@ from ekko.codec.block import RowBlock
 from ekko.store.settled import Mark
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
-PROTOCOL_VERSION = 3  # 2: a third lane, for new keys; 3: answers carry the source's Mark
+PROTOCOL_VERSION = 4
+"""2: a third lane, for new keys; 3: answers carry the source's Mark; 4: chunks carry
+tombstones (deletes)."""
 
 DRAIN_ORDER = (NEW_LANE, HIGH_LANE, LOW_LANE)
 
@@ -91,6 +93,9 @@ class Chunk(msgspec.Struct, frozen=True, array_like=True):
     holds, after applying the ``counts[i]`` rows of its group, every row with version <=
     ``knowledge[i]``. A puller whose knowledge is below ``bases[i]`` has a gap: it applies the
     rows (apply is idempotent, last-version-wins) but cannot advance its knowledge.
+
+    A row may be a tombstone (``dead[i]`` 1: the key was deleted at that version; its values
+    are zeros): it travels, is budgeted and applied like any row, by version order.
     """
 
     table: str
@@ -108,6 +113,9 @@ class Chunk(msgspec.Struct, frozen=True, array_like=True):
     # puller decodes the block, sorted by key, before applying.
     block: RowBlock | None = None
     meta: ShardMeta | None = None  # with a block: the shard columns, which are then empty
+    # uint8 [n], 1 where the row is a tombstone; None: every row is live. With a block: None
+    # (the block carries them).
+    dead: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -120,6 +128,8 @@ class Chunk(msgspec.Struct, frozen=True, array_like=True):
             arrays += self.block.nbytes
         if self.meta is not None:
             arrays += 8 * len(self.meta.shards)  # at most; msgpack ints are smaller
+        if self.dead is not None:
+            arrays += self.dead.nbytes
         return int(arrays)
 
 

@@ -390,7 +390,7 @@ class Puller:
         n = chunk.rows
         if n:
             self._rows_applied += table.apply(
-                chunk.keys, chunk.values, chunk.versions, chunk.wtimes, chunk.lane
+                chunk.keys, chunk.values, chunk.versions, chunk.wtimes, chunk.lane, chunk.dead
             )
             self._rows_received += n
             self._bytes += wire_bytes

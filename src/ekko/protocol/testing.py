@@ -152,7 +152,11 @@ class SimNetwork:
             if node.watch is not None:
                 node.watch(*args)
 
+        def logged_delete(*args: Any) -> None:
+            node.written += 1
+
         node.store.set_write_hook(logged)
+        node.store.set_delete_hook(logged_delete)
         node.store.mark_source = lambda: Mark(node.epoch, node.written, node.durable)
 
     def watch_writes(self, name: str, hook: WriteHook | None) -> None:
@@ -299,6 +303,17 @@ class SimNetwork:
             return
         node.port.write_rows(table, keys, values, now=self.now, now_ns=now_ns, hold=hold)
         self._wake(name, "release", node.port.next_due())
+
+    def delete(self, name: str, table: str, keys) -> np.ndarray:
+        """Delete ``keys`` at ``name``: through its write port if it has one, else straight
+        from its table; returns the versions."""
+        node = self.nodes[name]
+        now_ns = int(self.now * 1e9)
+        if node.port is not None:
+            return node.port.delete(table, keys, now_ns)
+        versions = node.store.table(table).delete(keys, now_ns=now_ns)
+        self._handle_responder(node, node.responder.store_changed(self.now))
+        return versions
 
     def flush_held(self, name: str) -> int:
         """Write every row ``name``'s scheduler holds now; returns how many."""
@@ -450,13 +465,14 @@ def _describe(args: tuple) -> str:
     return ",".join(out)
 
 
-def rows_by_key(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Copies of every row's (keys, values, versions, wtimes, lanes), sorted by key: what a
-    replica must hold row for row. ``Table.digest`` covers keys, versions and values but not
-    lanes, so only this shows a row stored in the wrong lane."""
-    keys, values, versions, wtimes, lanes = table.all_rows()
-    order = np.argsort(keys, kind="stable")
-    return keys[order], values[order], versions[order], wtimes[order], lanes[order]
+def rows_by_key(table: Table) -> tuple[np.ndarray, ...]:
+    """Copies of every slot's (keys, values, versions, wtimes, lanes, dead), tombstones
+    included, sorted by key: what a replica must hold row for row. ``Table.digest`` covers
+    the live rows' keys, versions and values but not lanes or tombstones, so only this shows
+    a row stored in the wrong lane or a delete that did not arrive."""
+    columns = table.all_slots()
+    order = np.argsort(columns[0], kind="stable")
+    return tuple(c[order] for c in columns)
 
 
 __all__ = ["LINK", "AnswerTally", "Faults", "SimNetwork", "SimNode", "rows_by_key"]

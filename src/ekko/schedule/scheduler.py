@@ -248,6 +248,12 @@ class UpdateScheduler:
             self.drift.settle(table, k, np.zeros(n), np.full(n, HIGH_LANE, np.uint8))
         return self.deferrer.discard(table, k)
 
+    def deleted(self, table: str, keys: np.ndarray) -> int:
+        """``keys`` of ``table`` were deleted (tombstones, past the scheduler, as a restore):
+        rows held for them are dropped, never released to bring the keys back, and their
+        drift starts from zero. Returns how many held rows were dropped."""
+        return self.restored(table, keys)
+
     def due(self, now: float) -> list[ReleasedRows]:
         """Held rows whose staleness bound is reached at ``now``; write them."""
         return [self._released(r) for r in self.deferrer.due(now)]

@@ -20,7 +20,8 @@ overwrite, as the table holds them (the guard's ``PreimageLog.record``)."""
 class WritePort:
     """Writes rows into a source ``store``: HTTP writes (``write_rows``, which returns the
     versions issued), the trainer's publisher (``write``: the port is its ``Sink``), held rows
-    the scheduler releases (``release``, ``flush``) and a rollback's ``restore``.
+    the scheduler releases (``release``, ``flush``), a rollback's ``restore`` and deletes
+    (``delete``: HTTP deletes and the trainer's evictions).
 
     Why one port: each of those must validate the rows in full before anything changes, look
     the keys up once for the pre-image hook and the scheduler, write in the lanes the scheduler
@@ -63,6 +64,29 @@ class WritePort:
         step is acknowledged to no one)."""
         now_ns = self._clock.ns()
         self.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns, hold=True)
+
+    def delete(self, table: str, keys: np.ndarray, now_ns: int | None = None) -> np.ndarray:
+        """Delete ``keys`` of ``table`` (stamped ``now_ns``, default the port's clock); returns
+        the versions their tombstones took. A key the table does not hold is no error: it
+        gets a tombstone too (a replica may hold an older row of it).
+
+        Past the scheduler, in the high lane: a delete is never held. Rows the scheduler
+        holds for these keys are dropped (released later, they would bring the keys back).
+        The pre-image hook sees the rows deleted, so a rollback restores them as new
+        versions. Bad keys or an unknown table raise before anything is recorded."""
+        t = self.store.table(table)
+        k = check_keys(keys)
+        if now_ns is None:
+            now_ns = self._clock.ns()
+        hook = self._preimage_hooks.get(table)
+        if hook is not None:
+            old, old_versions, found = t.lookup(k)
+            hook(table, k, old, old_versions, found, now_ns / 1e9)
+        if self.scheduler is not None:
+            self.scheduler.deleted(table, k)
+        versions = t.delete(k, now_ns=now_ns)
+        self._moved_rows(versions.shape[0])
+        return versions
 
     def stored(self, table: str) -> tuple[np.ndarray, np.ndarray] | None:
         """Copies of every (key, value) the store holds of ``table``, None when it holds none:

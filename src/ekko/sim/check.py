@@ -1,7 +1,9 @@
 """The invariant after writes stop and links heal: every replica equals the source.
 
 Equal means the same tables and lineage, the same keys, and per key the same version, write
-time and lane, the same knowledge per (shard, lane), and values exact over lossless links.
+time and lane, and whether it is deleted (a tombstone: so a deleted key is absent from every
+replica as from the source), the same knowledge per (shard, lane), and values exact over
+lossless links.
 Over a lossy link a replica holds what the codec made of its upstream's row: within the
 codec's documented bound (``codec.max_abs_error``: half a quantisation step of the row for
 int8/int4, 2**-11 relative for fp16), summed over the links between it and the source. A
@@ -60,18 +62,19 @@ def overclaims(nodes: dict[str, Store], replicas: list[str]) -> list[Difference]
         informed = mark is None or rep.settled.epoch == mark.epoch
         for tname, t in src.tables.items():
             r = rep.tables.get(tname)
-            if r is None or r.spec != t.spec or t.rows == 0:
+            if r is None or r.spec != t.spec or t.rows + t.tombstones == 0:
                 continue
             knowledge = r.knowledge if informed else rep.settled.settled.get(tname)
             if knowledge is None or knowledge.shape != r.knowledge.shape:
                 continue  # nothing settled: it takes everything back
-            keys, _, versions, _, lanes = t.all_rows()
+            keys, _, versions, _, lanes, _ = t.all_slots()
             claimed = versions <= knowledge[shard_of(keys, t.num_shards), lanes]
             if not claimed.any():
                 continue
             k, v = keys[claimed], versions[claimed]
-            _, have, found = r.lookup(k)
-            for i in np.flatnonzero(~found | (have < v)).tolist():
+            have, _ = r.versions_of(k)  # a tombstone is a row here: a delete to hold
+            found = have > 0
+            for i in np.flatnonzero(have < v).tolist():
                 out.append(
                     Difference(
                         name,
@@ -95,7 +98,9 @@ def knowledge_converged(nodes: dict[str, Store], replicas: list[str]) -> bool:
             return False
         for tname, t in src.tables.items():
             r = rep.tables[tname]
-            if r.rows != t.rows or not np.array_equal(r.knowledge, t.knowledge):
+            if r.rows != t.rows or r.tombstones != t.tombstones:
+                return False
+            if not np.array_equal(r.knowledge, t.knowledge):
                 return False
     return True
 
@@ -132,8 +137,8 @@ def _table_differences(
     out: list[Difference] = []
     if rep.spec != src.spec:
         return [Difference(name, src.name, f"spec {rep.spec}, source {src.spec}")]
-    sk, sv, sver, swt, sln = rows_by_key(src)
-    rk, rv, rver, rwt, rln = rows_by_key(rep)
+    sk, sv, sver, swt, sln, sdead = rows_by_key(src)
+    rk, rv, rver, rwt, rln, rdead = rows_by_key(rep)
     missing = np.setdiff1d(sk, rk)
     extra = np.setdiff1d(rk, sk)
     sver_of = dict(zip(sk.tolist(), sver.tolist(), strict=True))
@@ -153,6 +158,7 @@ def _table_differences(
         (sver[si] != rver[ri])
         | (swt[si] != rwt[ri])
         | (sln[si] != rln[ri])
+        | (sdead[si] != rdead[ri])
         | (np.abs(sv[si].astype(np.float64) - rv[ri]).max(axis=1, initial=0.0) > err)
     )
     for k, tol in zip(keys[bad].tolist(), err[bad].tolist(), strict=True):
@@ -195,9 +201,15 @@ def _bound(values: np.ndarray, path: Path, start: np.ndarray) -> np.ndarray:
 
 def _row(table: Table, key: int) -> str:
     values, versions, found = table.lookup(np.array([key], np.int64))
+    keys, _, all_versions, wtimes, lanes, dead = table.all_slots()
     if not found[0]:
+        at = np.flatnonzero(keys == key)
+        if at.size and dead[at[0]]:
+            i = int(at[0])
+            return (
+                f"a tombstone v{int(all_versions[i])} lane {int(lanes[i])} wtime {int(wtimes[i])}"
+            )
         return "nothing"
-    keys, _, _, wtimes, lanes = table.all_rows()
     i = int(np.flatnonzero(keys == key)[0])
     vals = ", ".join(f"{x:.6g}" for x in values[0][:4].tolist())
     more = ", ..." if values.shape[1] > 4 else ""

@@ -65,6 +65,9 @@ class Rates:
     restart_replica: float
     restart_source: float
     snapshot: float
+    # of HTTP writes: a delete of their keys instead (drawn last: a seed draws every other
+    # choice as it did before deletes)
+    delete: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ class Scenario:
         )
         rt = self.rates
         acts = (
-            f"rates(cut={rt.cut},1way={rt.one_way},rr={rt.restart_replica},rs={rt.restart_source})"
+            f"rates(cut={rt.cut},1way={rt.one_way},rr={rt.restart_replica},rs={rt.restart_source},"
+            f"del={rt.delete})"
         )
         return (
             f"seed={self.seed} tables={tables} source[c{self.source_cache}] {topo} {pull} {resp} "
@@ -179,6 +183,7 @@ def draw_scenario(seed: int) -> Scenario:
             restart_replica=0.03 * intensity,
             restart_source=0.015 * intensity,
             snapshot=0.1,
+            delete=rng.choice((0.0, 0.15, 0.4)),
         ),
     )
 

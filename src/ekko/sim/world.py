@@ -109,7 +109,8 @@ class World:
             self.overclaim = (self.net.now, found)
 
     def write(self) -> None:
-        """A trainer's step (its rows may be held), an HTTP write or a rollback's restore."""
+        """A trainer's step (its rows may be held), an HTTP write or delete, or a rollback's
+        restore."""
         plan = self.actions.choice(self.sc.tables)
         port = self.net.nodes[SOURCE].port
         name = plan.spec.name
@@ -130,6 +131,10 @@ class World:
         if not hold and roll < self.sc.rates.hold + self.sc.rates.restore:
             self.features["restore"] += 1
             port.restore(name, keys, values, int(self.net.now * 1e9))
+            return
+        if not hold and self.sc.rates.delete and self.actions.random() < self.sc.rates.delete:
+            self.features["delete"] += 1
+            self.net.delete(SOURCE, name, keys)
             return
         self.net.write(SOURCE, name, keys, values, hold=hold)
         if hold and port.next_due() is not None:

@@ -356,6 +356,18 @@ class Table:
         K.gather_rows(slots, r.values, r.versions, r.dead, values, versions, found)
         return values, versions, found
 
+    def versions_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(versions int64[n], 0 where the key is unknown; dead uint8[n], 1 where it is a
+        tombstone) of ``keys``: what the table knows of them, deletes included."""
+        k = check_keys(keys)
+        slots = self._index.lookup(k)
+        held = slots >= 0
+        versions = np.zeros(k.shape[0], np.int64)
+        dead = np.zeros(k.shape[0], np.uint8)
+        versions[held] = self._rows.versions[slots[held]]
+        dead[held] = self._rows.dead[slots[held]]
+        return versions, dead
+
     def collect(
         self,
         shards: np.ndarray,
