@@ -36,15 +36,36 @@ def test_write_then_lookup_round_trips(source: Source, fmt: str) -> None:
     assert got_versions[500] == 0 and not got_values[500].any()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_deleted_key_is_not_found_and_a_later_write_brings_it_back(
+    source: Source, fmt: str
+) -> None:
+    keys, values = _rows(50, 4, seed=20 + len(fmt))
+    with source.client(fmt=fmt) as c:
+        written = c.write("emb", keys, values)
+        deleted = c.delete("emb", np.concatenate([keys[:10], [123_456_789_000]]))
+        assert deleted.shape == (11,) and (deleted[:10] > written[:10]).all()
+        _, versions, found = c.lookup("emb", keys)
+        assert found.tolist() == [False] * 10 + [True] * 40 and not versions[:10].any()
+        again = c.write("emb", keys[:2], values[:2])
+        assert (again > deleted[:2]).all()
+        assert c.lookup("emb", keys[:3]).found.tolist() == [True, True, False]
+        with pytest.raises(ClientError, match="404"):
+            c.delete("no-such-table", keys[:1])
+
+
 def test_async_client_round_trips(source: Source) -> None:
     keys, values = _rows(64, 4, seed=9)
 
     async def run() -> tuple:
         async with AsyncClient.at(source.url, Credentials(secret=source.secret)) as c:
             versions = await c.write("emb", keys, values)
-            return versions, await c.lookup("emb", keys), await c.tables()
+            deleted = await c.delete("emb", keys[:1])
+            assert (deleted > versions[:1]).all()
+            return versions, await c.lookup("emb", keys[1:]), await c.tables()
 
     versions, (got, got_versions, found), tables = asyncio.run(run())
+    keys, values, versions = keys[1:], values[1:], versions[1:]
     assert found.all()
     np.testing.assert_array_equal(got, values)
     np.testing.assert_array_equal(got_versions, versions)

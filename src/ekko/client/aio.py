@@ -36,6 +36,11 @@ class AsyncClient(Opening):
         written at, once the source has them on disk."""
         return await self._send(calls.write(table, keys, values, self.target.fmt))
 
+    async def delete(self, table: str, keys: Any) -> np.ndarray:
+        """Delete ``keys`` (int64 [n]; keys the table lacks are no error): the versions
+        their deletes took, once the source has them on disk."""
+        return await self._send(calls.delete(table, keys, self.target.fmt))
+
     async def lookup(self, table: str, keys: Any) -> Rows:
         """``(values, versions, found)`` of ``keys``, in their order."""
         return await self._send(calls.lookup(table, keys, self.target.fmt))

@@ -103,15 +103,29 @@ def write(table: str, keys: Any, values: Any, fmt: Format) -> Call:
     """Write rows (the source); answered with the versions once durable."""
     k = _keys(keys)
     v = _values(values, k.shape[0])
-    path = _rows_path(table, "rows")
     if fmt == "binary":
-        body = encode(WriteFrame(k, v))
+        return _versioned(_rows_path(table, "rows"), encode(WriteFrame(k, v)), fmt)
+    body = json.dumps({"keys": k.tolist(), "values": v.tolist()}).encode()
+    return _versioned(_rows_path(table, "rows"), body, fmt)
+
+
+def delete(table: str, keys: Any, fmt: Format) -> Call:
+    """Delete keys (the source); answered with the versions of their tombstones once
+    durable, as a write. A key the table does not hold is no error."""
+    k = _keys(keys)
+    if fmt == "binary":
+        return _versioned(_rows_path(table, "delete"), encode(LookupFrame(k)), fmt)
+    return _versioned(_rows_path(table, "delete"), json.dumps({"keys": k.tolist()}).encode(), fmt)
+
+
+def _versioned(path: str, body: bytes, fmt: Format) -> Call:
+    """A source change answered with the versions it issued (a write, a delete)."""
+    if fmt == "binary":
 
         def read(b: bytes, media: str) -> np.ndarray:
             return np.asarray(_binary(WrittenFrame)(b, media).versions)
 
         return Call("POST", path, "writer", "writes", body, ROWS_MEDIA_TYPE, ROWS_MEDIA_TYPE, read)
-    body = json.dumps({"keys": k.tolist(), "values": v.tolist()}).encode()
 
     def read_json(b: bytes, media: str) -> np.ndarray:
         return np.asarray(_json(b, media)["versions"], dtype=np.int64)

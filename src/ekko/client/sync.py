@@ -24,8 +24,8 @@ class Client(Opening):
     Why a client: a training process in another machine or container publishes to the
     cluster without running a node; every request is signed (``Credentials``) and a write
     returns once the source has it on disk. Thread-safe (one connection pool), so several
-    threads may have requests in flight (``RemoteSink`` does). There is no ``delete``: the
-    store has no deletes yet.
+    threads may have requests in flight (``RemoteSink`` does). A delete is a write too: it
+    reaches every replica, and returns once the source has it on disk.
 
     Use::
 
@@ -45,6 +45,12 @@ class Client(Opening):
         """Write rows (int64 keys [n], float32 values [n, dim]); the versions they were
         written at, once the source has them on disk."""
         return self._send(calls.write(table, keys, values, self.target.fmt))
+
+    def delete(self, table: str, keys: Any) -> np.ndarray:
+        """Delete ``keys`` (int64 [n]; keys the table lacks are no error): the versions
+        their deletes took, once the source has them on disk. Every replica then reports
+        them not found."""
+        return self._send(calls.delete(table, keys, self.target.fmt))
 
     def lookup(self, table: str, keys: Any) -> Rows:
         """``(values, versions, found)`` of ``keys``, in their order."""

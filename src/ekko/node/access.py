@@ -21,6 +21,7 @@ GET /v1/tables, /v1/tables/{t}/rows       reader, writer, operator
 POST /v1/tables/{t}/lookup                 reader, writer, operator
 GET /v1/models/{m}/health|metrics|train    reader, writer, operator
 POST /v1/tables, /v1/tables/{t}/rows       writer, operator
+POST /v1/tables/{t}/delete                 writer, operator
 POST /v1/streams/write (upgrade)           writer, operator
 POST /v1/models/{m}/train                  writer, operator
 POST /v1/latency/reset                     operator
@@ -87,6 +88,7 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("POST", r"/v1/streams/write", WRITE),
     ("DELETE", r"/v1/tables/.+/rows", WRITE),
     ("POST", r"/v1/tables/.+/lookup", READ),
+    ("POST", r"/v1/tables/.+/delete", WRITE),
     ("GET", r"/v1/snapshot", OPERATE | NODE),
     ("POST", r"/v1/checkpoint/refresh", OPERATE),
     ("GET", r"/v2(/health/(live|ready))?", None),

@@ -185,6 +185,13 @@ class NodeCore:
         now_ns = self.clock.ns()
         return self.port.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns)
 
+    def delete(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """Delete keys at the source (tombstones that reach every replica); raises as
+        ``write`` does. Durable once ``wait_durable`` returns."""
+        self.require_source("delete at")
+        self._require_writable()
+        return self.port.delete(table, keys, self.clock.ns())
+
     def _require_writable(self) -> None:
         if self.closed:  # without its log a write is in memory only: never acknowledge it
             raise NotReadyError(f"source {self.name!r} takes no writes: it is stopping")
@@ -303,6 +310,7 @@ class NodeCore:
             st = t.statistics()
             tables[name] = {
                 "rows": t.rows,
+                "tombstones": t.tombstones,
                 "dim": t.dim,
                 "shards": t.num_shards,
                 "digest": f"{t.digest():016x}",

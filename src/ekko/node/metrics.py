@@ -107,6 +107,9 @@ class NodeCollector:
             "ekko_full_scans", "Pulls answered by a full scan", labels=[*lk, "table"]
         )
         tab_rows = GaugeMetricFamily("ekko_table_rows", "Rows held", labels=[*lk, "table"])
+        tombs = GaugeMetricFamily(
+            "ekko_table_tombstones", "Deleted keys held as tombstones", labels=[*lk, "table"]
+        )
         ratio = GaugeMetricFamily(
             "ekko_cache_hit_ratio", "Cache hits / (hits + full scans)", labels=[*lk, "table"]
         )
@@ -122,11 +125,13 @@ class NodeCollector:
             hits.add_metric([*lv, name], st.cache_hits)
             scans.add_metric([*lv, name], st.full_scans)
             tab_rows.add_metric([*lv, name], st.rows)
+            tombs.add_metric([*lv, name], st.tombstones)
             total = st.cache_hits + st.full_scans
             ratio.add_metric([*lv, name], st.cache_hits / total if total else 1.0)
         yield hits
         yield scans
         yield tab_rows
+        yield tombs
         yield ratio
         yield known
         reported = CounterMetricFamily(

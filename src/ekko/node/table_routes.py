@@ -233,6 +233,23 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
         return await _answer(request, frame, doc, len(versions))
 
     @guarded
+    async def delete_rows(request: Request) -> Response:
+        """Delete keys at the source (a body of keys, as a lookup), answered with the versions
+        of their tombstones once durable, as a write."""
+        core.require_source("delete at")
+        table = table_of(request)
+        body = await read_body(request)
+        keys = await offload(decode_lookup if _binary_request(request) else parse_lookup, body)
+        versions = core.delete(table.name, keys)
+        await core.wait_durable()
+        frame = WrittenFrame(table.name, versions)
+
+        def doc() -> dict[str, Any]:
+            return {"table": table.name, "versions": versions.tolist()}
+
+        return await _answer(request, frame, doc, len(versions))
+
+    @guarded
     async def lookup(request: Request) -> Response:
         """Rows by key (a body of keys, for batches too long for a query): values, versions
         and a found mask, in key order; an answer over the body limit is refused (413)."""
@@ -261,4 +278,7 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
         Route("/v1/tables/{table:path}/rows", get_rows, methods=["GET"]),
         BodyRoute("/v1/tables/{table:path}/rows", post_rows, max_body=max_body, body=RowsBody),
         BodyRoute("/v1/tables/{table:path}/lookup", lookup, max_body=max_body, body=LookupBody),
+        BodyRoute(
+            "/v1/tables/{table:path}/delete", delete_rows, max_body=max_body, body=LookupBody
+        ),
     ]
