@@ -45,6 +45,7 @@ BENCHES = (
     "congestion",
     "client",
     "dynamic",
+    "lifecycle",
 )
 
 

@@ -140,6 +140,7 @@ def _closed(sock: socket.socket) -> bool:
         (REQUEST.pack(1, 0, 3, 0, 4, 1), "n: 0 rows"),
         (REQUEST.pack(1, 0, 3, 1, 0, 1), "dim: 0"),
         (REQUEST.pack(1, 0, 3, 1 << 30, 4, 1), f"at most {MAX_BODY}"),
+        (REQUEST.pack(2, 0, 3, 1, 4, 1), "a delete carries no values"),
     ],
 )
 def test_a_frame_whose_head_cannot_be_used_is_refused_and_the_stream_closed(
@@ -248,3 +249,25 @@ def _open_streams(source: Source) -> float:
         text = c._http.get(source.url + "/metrics").text
     line = next(ln for ln in text.splitlines() if ln.startswith("ekko_write_streams_open{"))
     return float(line.split()[-1])
+
+
+def test_deletes_on_the_stream_keep_their_place_among_the_writes(source: Source) -> None:
+    keys, values = _rows(40, 1_000_000)
+    with _stream(source, window=4) as s, source.client() as c:
+        s.send("emb", keys, values)
+        s.send_delete("emb", keys[::2])
+        s.send("emb", keys[:4], values[:4] + 1)  # written again after its delete
+        written = s.delete("emb", keys[-2:])  # waits for every answer before its own
+        got = c.lookup("emb", keys)
+        with pytest.raises(ClientError, match="unknown table 'nope'") as err:
+            s.delete("nope", keys[:1])
+        assert err.value.status == 404
+        s.delete("emb", keys[1:2])  # the stream goes on
+    live = np.ones(40, bool)
+    live[::2] = False
+    live[:4] = True
+    live[-2:] = False
+    np.testing.assert_array_equal(got.found, live)
+    np.testing.assert_array_equal(got.values[:4], values[:4] + 1)
+    np.testing.assert_array_equal(got.values[5:37:2], values[5:37:2])
+    assert written.shape == (2,) and (written > 0).all()
