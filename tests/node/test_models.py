@@ -46,6 +46,29 @@ async def test_loop_sink_applies_writes_on_the_loop_thread_in_order_one_wake_per
     np.testing.assert_array_equal(store.table("emb").lookup(np.array([0]))[0][0], [199.0, 199.0])
 
 
+async def test_loop_sink_deletes_in_order_with_the_writes_of_a_trainer_thread() -> None:
+    """A dynamic table's evictions are deletes through the port, in their place: a key
+    evicted and admitted again is live, one written and then evicted is not."""
+    loop = asyncio.get_running_loop()
+    store = Store()
+    port = WritePort(store)
+    loop_sink = LoopSink(loop, port)
+
+    def trainer() -> None:
+        loop_sink.create_table(TableSpec("emb", 2, 4))
+        loop_sink.write("emb", np.arange(4, dtype=np.int64), np.ones((4, 2), np.float32))
+        loop_sink.delete("emb", np.array([0, 1], np.int64))
+        loop_sink.write("emb", np.array([0], np.int64), np.full((1, 2), 3, np.float32))
+
+    t = threading.Thread(target=trainer)
+    t.start()
+    t.join()
+    loop_sink.drain()
+    table = store.table("emb")
+    _, _, found = table.lookup(np.arange(4, dtype=np.int64))
+    assert found.tolist() == [True, False, True, True] and table.tombstones == 1
+
+
 async def test_loop_sink_on_the_loop_thread_writes_at_once_after_what_was_queued() -> None:
     """The trainer holds one sink from its construction: its bootstrap, on the loop's
     thread, writes straight into the store (the tables exist when it returns), after any

@@ -79,6 +79,10 @@ class LoopSink:
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
         self._call(self.port.write, table, keys, values)
 
+    def delete(self, table: str, keys: np.ndarray) -> None:
+        """A dynamic table's evictions: deletes through the port, in order with the writes."""
+        self._call(self.port.delete, table, keys)
+
 
 class ModelHost:
     """Inference services and online trainers of one node, by model name.
