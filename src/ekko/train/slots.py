@@ -42,7 +42,7 @@ class Slots:
         self.budget = budget
         self.default = budget
         self.eviction = eviction
-        self._map = IdMap()
+        self._map = IdMap(budget)
         self._admission = Admission(admission)
         self._ids = np.full(budget, MISSING, dtype=np.int64)
         self._occupied = np.zeros(budget, dtype=bool)
