@@ -48,3 +48,22 @@ def test_insert_refuses_an_id_held_or_repeated() -> None:
     with pytest.raises(ValueError, match="unique"):
         m.insert(np.array([7, 7]), np.array([2, 3]))
     assert m.lookup(np.array([5, -(2**63), 7])).tolist() == [0, 1, MISSING]
+
+
+def test_churn_reuses_the_buckets_of_removed_ids() -> None:
+    m = IdMap(64)
+    buckets = m._slots.shape[0]
+    rng = np.random.default_rng(0)
+    ref: dict[int, int] = {}
+    for round_ in range(2_000):
+        new = rng.integers(-(2**63), 2**63 - 1, size=8, dtype=np.int64)
+        new = np.array([k for k in dict.fromkeys(new.tolist()) if k not in ref], dtype=np.int64)
+        m.insert(new, np.arange(new.size) + round_)
+        ref.update(zip(new.tolist(), (np.arange(new.size) + round_).tolist(), strict=True))
+        if len(ref) > 48:
+            gone = np.array(list(ref)[: len(ref) - 40], dtype=np.int64)
+            assert m.remove(gone).tolist() == [ref.pop(k) for k in gone.tolist()]
+    assert m._slots.shape[0] == buckets  # 16 000 inserts, live ids <= 56: never grew
+    ids, slots = m.items()
+    assert dict(zip(ids.tolist(), slots.tolist(), strict=True)) == ref
+    assert m.lookup(ids).tolist() == slots.tolist()
