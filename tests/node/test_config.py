@@ -166,3 +166,37 @@ def test_several_models_get_tables_of_their_own():
     doc = _doc() | {"models": [{"name": "ctr"}, {"name": "ads", "table_namespace": "m2/"}]}
     two = ClusterConfig.model_validate(doc)
     assert [m.dlrm().table_namespace for m in two.models] == ["ctr/", "m2/"]
+
+
+@pytest.mark.parametrize(
+    ("section", "needle"),
+    [
+        ({"admission": {"kind": "count", "seed": -1}}, "models.0.admission.seed"),
+        ({"admission": {"seed": 1 << 64}}, "models.0.admission.seed"),
+        ({"eviction": {"ttl_s": 1e300}}, "models.0.eviction.ttl_s"),
+    ],
+)
+def test_a_dynamic_table_value_its_trainer_refuses_is_refused_where_the_config_is_read(
+    tmp_path: Path, section: dict, needle: str
+) -> None:
+    """seed = -1 passed the config and the source crashed starting its trainer (an
+    OverflowError from the count-min sketch's salts); ttl_s = 1e300 passed and raised in
+    ``ModelConfig.dlrm()``, on every node serving the model."""
+    import tomli_w
+
+    doc = _doc()
+    doc["models"] = [{"name": "ctr", "row_budget": 9, **section}]
+    path = tmp_path / "cluster.toml"
+    path.write_text(tomli_w.dumps(doc))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(path)
+
+
+def test_the_largest_seed_and_ttl_the_config_takes_build_the_trainers_policies() -> None:
+    from ekko.node.config import AdmissionSection, EvictionSection
+    from ekko.train.admission import Admission, AdmissionConfig
+    from ekko.train.eviction import EvictionConfig
+
+    admission = AdmissionSection(kind="count", seed=(1 << 64) - 1, sketch_width=8)
+    Admission(AdmissionConfig(**admission.model_dump()))
+    EvictionConfig(**EvictionSection(kind="ttl", ttl_s=0.999e18).model_dump())

@@ -111,7 +111,7 @@ class AdmissionSection(_Strict):
     sketch_width: int = Field(1 << 16, ge=1, le=1 << 26)
     sketch_depth: int = Field(4, ge=1, le=16)
     probability: float = Field(0.5, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=1 << 64)  # the sketch's salts and the coin are uint64
 
 
 class EvictionSection(_Strict):
@@ -119,7 +119,7 @@ class EvictionSection(_Strict):
     (``ekko.train.eviction.EvictionConfig``); ``ttl_s`` in seconds since the last update."""
 
     kind: Literal["none", "lru", "lfu", "ttl"] = "lru"
-    ttl_s: float | None = Field(None, gt=0)
+    ttl_s: float | None = Field(None, gt=0, lt=1e18)  # EvictionConfig's bound
 
     @model_validator(mode="after")
     def _check_ttl(self) -> EvictionSection:
