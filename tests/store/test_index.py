@@ -16,7 +16,7 @@ from ekko.store.reference import shard_of_key, splitmix64
 I64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 KEYS = st.one_of(st.integers(-50, 300), I64)
 OPS = st.lists(
-    st.tuples(st.sampled_from(["insert", "lookup"]), st.lists(KEYS, max_size=80)),
+    st.tuples(st.sampled_from(["insert", "lookup", "remove"]), st.lists(KEYS, max_size=80)),
     max_size=25,
 )
 
@@ -26,8 +26,9 @@ OPS = st.lists(
 def test_index_matches_dict(
     ops: list[tuple[str, list[int]]], capacity: int, prefault: bool
 ) -> None:
-    """DESIGN.md §2 (key→row index): insert and lookup agree with a dict, through growth —
-    also when every rehash uses a bucket array prepared ahead (the size floor lifted)."""
+    """DESIGN.md §2 (key→row index): insert, lookup and remove agree with a dict (a removed
+    key's slot reused, the last freed first), through growth and marker sweeps — also when
+    every rehash uses a bucket array prepared ahead (the size floor lifted)."""
     with patch.object(index_mod, "PREFAULT_MIN_BYTES", 0 if prefault else 1 << 62):
         _index_matches_dict(ops, capacity)
 
@@ -35,16 +36,34 @@ def test_index_matches_dict(
 def _index_matches_dict(ops: list[tuple[str, list[int]]], capacity: int) -> None:
     idx = KeyIndex(capacity)
     model: dict[int, int] = {}
+    free: list[int] = []
+    given = 0
     for op, keys in ops:
         arr = np.array(keys, dtype=np.int64)
         if op == "insert":
             got = idx.insert(arr)
-            want = [model.setdefault(k, len(model)) for k in keys]
+            want = []
+            for k in keys:
+                if k not in model:
+                    if free:
+                        model[k] = free.pop()
+                    else:
+                        model[k], given = given, given + 1
+                want.append(model[k])
+        elif op == "remove":
+            got = idx.remove(arr)
+            want = []
+            for k in keys:
+                slot = model.pop(k, -1)
+                want.append(slot)
+                if slot >= 0:
+                    free.append(slot)
         else:
             got = idx.lookup(arr)
             want = [model.get(k, -1) for k in keys]
         assert got.tolist() == want
-        assert len(idx) == len(model)
+        assert len(idx) == len(model) and idx.high_water == given
+        assert idx.free_slots == len(free)
         assert 2 * len(idx) <= idx.capacity
 
 
@@ -121,3 +140,21 @@ def test_shard_of_refuses_bad_input() -> None:
         shard_of(np.zeros(2), 4)
     with pytest.raises(BadRowsError, match="num_shards"):
         shard_of(np.zeros(2, dtype=np.int64), 0)
+
+
+def test_steady_churn_reuses_slots_and_keeps_the_capacity() -> None:
+    """Keys come and go (each removed after a while): slots and buckets are reused, deleted
+    markers are swept, and neither the slots nor the buckets grow past the live set's need."""
+    idx = KeyIndex(1024)
+    live = 1000
+    idx.insert(np.arange(live, dtype=np.int64))
+    for step in range(200):
+        old = np.arange(step * 50, step * 50 + 50, dtype=np.int64)
+        new = old + live
+        assert (idx.remove(old) >= 0).all()
+        slots = idx.insert(new)
+        assert (slots < live).all()  # freed slots, not new ones
+    assert len(idx) == live and idx.high_water == live and idx.capacity == 2048
+    keys = np.arange(200 * 50, 200 * 50 + live, dtype=np.int64)
+    assert np.sort(idx.lookup(keys)).tolist() == list(range(live))
+    assert (idx.lookup(np.arange(200 * 50, dtype=np.int64)) == -1).all()

@@ -177,7 +177,7 @@ def store_rows(
             if v > counter[s]:
                 counter[s] = v
             wt = wtimes[i]
-        if slot >= first_new:
+        if slot >= first_new or t_ver[slot] == 0:  # a new slot, or one a purge freed
             t_keys[slot] = k
             t_shard[slot] = s
         was_dead = t_dead[slot]  # 0 for a new slot; a repeated key: its earlier row
@@ -278,7 +278,7 @@ def digest_rows(
     n = keys.shape[0]
     w = words.shape[1]
     for r in range(n):
-        if dead[r]:
+        if dead[r] or versions[r] == 0:  # a tombstone, or a slot a purge freed
             continue
         acc = splitmix64(np.uint64(keys[r]) ^ _SEED)
         acc = splitmix64(acc ^ np.uint64(versions[r]))

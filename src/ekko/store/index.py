@@ -1,7 +1,10 @@
 """Key → row-slot index: a numba open-addressing hash map from int64 keys to int64 slots.
 
 Slots are dense (0, 1, 2, … in order of first insertion), so a table can keep its rows in
-contiguous arrays and use the slot as the row number (DESIGN.md §2).
+contiguous arrays and use the slot as the row number (DESIGN.md §2). A removed key (a purged
+tombstone) leaves a deleted marker in its bucket and its slot on a free list; a new key takes
+a freed slot before a new one, so a table under churn reuses its rows' memory. Markers are
+swept by a rehash at the same capacity once they fill an eighth of the buckets.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from ekko.store._validate import check_keys as _check_keys
 from ekko.store.errors import BadRowsError
 
 _EMPTY = -1
+_DELETED = -2  # a removed key's bucket: probes pass it, inserts may take it
 PREFAULT_MIN_BYTES = 4 << 20
 """Bucket arrays below this size are simply allocated at the rehash."""
 
@@ -25,11 +29,29 @@ def _bucket(key: np.int64, mask: np.uint64) -> np.intp:
 
 @njit(inline="always")
 def _probe(table: np.ndarray, mask: np.uint64, key: np.int64) -> np.intp:
-    """The bucket holding ``key``, or the empty bucket where it would go (linear probing)."""
+    """The bucket holding ``key``, or the empty bucket that ends its probe (linear probing,
+    past deleted markers)."""
     h = _bucket(key, mask)
-    while table[2 * h + 1] != _EMPTY and table[2 * h] != key:
+    while table[2 * h + 1] != _EMPTY and (table[2 * h + 1] == _DELETED or table[2 * h] != key):
         h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
     return h
+
+
+@njit(inline="always")
+def _probe_free(table: np.ndarray, mask: np.uint64, key: np.int64) -> tuple[np.intp, np.intp]:
+    """(the bucket holding ``key`` or the empty bucket ending its probe, the first deleted
+    marker on the way or -1): where an absent key is best inserted."""
+    h = _bucket(key, mask)
+    first = np.intp(-1)
+    while table[2 * h + 1] != _EMPTY:
+        s = table[2 * h + 1]
+        if s == _DELETED:
+            if first < 0:
+                first = h
+        elif table[2 * h] == key:
+            return h, first
+        h = np.intp((np.uint64(h) + np.uint64(1)) & mask)
+    return h, first
 
 
 @njit(cache=True, nogil=True)
@@ -49,26 +71,57 @@ def _insert_kernel(
     keys: np.ndarray,
     out: np.ndarray,
     start: np.int64,
-    size: np.int64,
+    state: np.ndarray,
     limit: np.int64,
-) -> tuple[np.int64, np.int64]:
-    """Insert keys[start:] until done or the map holds ``limit`` entries; return (stop, size)."""
+    free: np.ndarray,
+) -> np.int64:
+    """Insert keys[start:] until done or ``limit`` buckets are taken; returns where it
+    stopped. ``state`` = (keys held, slots ever given, deleted markers, free slots): a new key
+    takes the last free slot, else the next new one; it reuses a deleted marker on its probe
+    path, else takes the empty bucket."""
     n = keys.shape[0]
     for i in range(start, n):
         if i + PREFETCH_DISTANCE < n:
             prefetch(table, 2 * _bucket(keys[i + PREFETCH_DISTANCE], mask))
         k = keys[i]
-        h = _probe(table, mask, k)
+        h, first = _probe_free(table, mask, k)
         s = table[2 * h + 1]
         if s == _EMPTY:
-            if size >= limit:
-                return i, size
+            if first >= 0:
+                h = first
+                state[2] -= 1
+            elif state[0] + state[2] >= limit:
+                return i
+            if state[3] > 0:
+                state[3] -= 1
+                s = free[state[3]]
+            else:
+                s = state[1]
+                state[1] += 1
             table[2 * h] = k
-            table[2 * h + 1] = size
-            s = size
-            size += 1
+            table[2 * h + 1] = s
+            state[0] += 1
         out[i] = s
-    return n, size
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _remove_kernel(
+    table: np.ndarray, mask: np.uint64, keys: np.ndarray, out: np.ndarray, state: np.ndarray,
+    free: np.ndarray,
+) -> None:  # fmt: skip
+    """Remove ``keys`` (absent ones: out -1): each bucket becomes a deleted marker and its
+    slot goes on the free list (``free`` has room for every slot ever given)."""
+    for i in range(keys.shape[0]):
+        h = _probe(table, mask, keys[i])
+        s = table[2 * h + 1]
+        out[i] = s
+        if s >= 0:
+            table[2 * h + 1] = _DELETED
+            free[state[3]] = s
+            state[3] += 1
+            state[0] -= 1
+            state[2] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -76,7 +129,7 @@ def _rehash_kernel(old: np.ndarray, new: np.ndarray, mask: np.uint64) -> None:
     cap = old.shape[0] // 2
     for j in range(cap):
         s = old[2 * j + 1]
-        if s == _EMPTY:
+        if s < 0:  # empty, or a deleted marker (swept)
             continue
         k = old[2 * j]
         h = _probe(new, mask, k)  # keys are unique: this is an empty bucket
@@ -119,21 +172,38 @@ class KeyIndex:
     """Vectorised int64 → dense-slot map, because per-key Python dicts are far too slow for
     tens of millions of feature ids (DESIGN.md §2).
 
-    Open addressing with linear probing, load kept at or below 50 %; keys are hashed with
-    splitmix64 so sequential or strided ids spread evenly. Not thread-safe: callers serialise
-    inserts with lookups. ``capacity`` is the number of keys to hold before the first rehash.
+    Open addressing with linear probing, load (keys and deleted markers) kept at or below
+    50 %; keys are hashed with splitmix64 so sequential or strided ids spread evenly. Not
+    thread-safe: callers serialise inserts with lookups. ``capacity`` is the number of keys to
+    hold before the first rehash.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         cap = _capacity_for(max(int(capacity), 1))
         self._table = np.full(2 * cap, _EMPTY, dtype=np.int64)
-        self._size = 0
+        # (keys held, slots ever given, deleted markers, free slots), kept by the kernels
+        self._state = np.zeros(4, dtype=np.int64)
+        self._free = np.zeros(0, dtype=np.int64)  # freed slots, the last taken first
         self._next: np.ndarray | None = None  # see _prefault
         self._next_done = 0
         self._growing = False  # rehashed on the insert path: expect to rehash again
 
     def __len__(self) -> int:
-        return self._size
+        return int(self._state[0])
+
+    @property
+    def _size(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def high_water(self) -> int:
+        """Slots ever given: every slot in use is below it (freed ones are reused first)."""
+        return int(self._state[1])
+
+    @property
+    def free_slots(self) -> int:
+        """Slots freed by ``remove`` and not taken again yet."""
+        return int(self._state[3])
 
     @property
     def capacity(self) -> int:
@@ -158,6 +228,22 @@ class KeyIndex:
             new = np.full(2 * cap, _EMPTY, dtype=np.int64)
         _rehash_kernel(self._table, new, np.uint64(cap - 1))
         self._table = new
+        self._state[2] = 0  # the markers were swept
+
+    def remove(self, keys: np.ndarray) -> np.ndarray:
+        """Remove ``keys``; returns the slot each held (-1: absent), now free for a later
+        insert. Rehashes at the same capacity once deleted markers fill an eighth of the
+        buckets (they lengthen every probe that passes them)."""
+        arr = _check_keys(keys)
+        out = np.empty(arr.shape[0], dtype=np.int64)
+        if self._free.shape[0] < self.high_water:
+            grown = np.zeros(max(self.high_water, 2 * self._free.shape[0]), np.int64)
+            grown[: self.free_slots] = self._free[: self.free_slots]
+            self._free = grown
+        _remove_kernel(self._table, self._mask(), arr, out, self._state, self._free)
+        if 8 * int(self._state[2]) > self.capacity:
+            self._rehash(self.capacity)
+        return out
 
     def _prefault(self) -> None:
         """Prepare the next (doubled) bucket array a slice per insert, from a quarter full
@@ -194,19 +280,18 @@ class KeyIndex:
         out = _out_buffer(out, n)
         start = 0
         while True:
-            start, size = _insert_kernel(
-                self._table,
-                self._mask(),
-                arr,
-                out,
-                np.int64(start),
-                np.int64(self._size),
-                np.int64(self.capacity // 2),
-            )
-            self._size = int(size)
+            start = int(
+                _insert_kernel(
+                    self._table, self._mask(), arr, out, np.int64(start), self._state,
+                    np.int64(self.capacity // 2), self._free,
+                )
+            )  # fmt: skip
             if start >= n:
                 self._prefault()
                 return out
+            if 4 * int(self._state[2]) >= self.capacity // 2:  # mostly markers: sweep them
+                self._rehash(self.capacity)
+                continue
             # Full at 50 %: double (at least), then resume where the kernel stopped.
             self._rehash(_capacity_for(self._size + min(n - start, self._size + 1)))
             self._growing = True
@@ -218,4 +303,6 @@ def warm() -> None:
     keys = np.arange(40, dtype=np.int64)
     idx.insert(keys)
     idx.lookup(keys)
+    idx.remove(keys[:20])
+    idx.insert(keys[:5])
     shard_of(keys, 4)

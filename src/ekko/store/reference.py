@@ -76,13 +76,14 @@ class ReferenceTable:
         self.wtimes: list[int] = []
         self.lanes: list[int] = []
         self.dead: list[int] = []
+        self.free: list[int] = []  # slots a purge freed, the last one taken first
         self.counter = [0] * ns
         self.shard_version = [0] * ns
         self.knowledge = [[0] * len(LANES) for _ in range(ns)]
 
     @property
     def rows(self) -> int:
-        return len(self.keys) - sum(self.dead)
+        return len(self.slot_of) - sum(self.dead)
 
     @property
     def tombstones(self) -> int:
@@ -90,14 +91,35 @@ class ReferenceTable:
 
     def _slot(self, key: int) -> int:
         if key not in self.slot_of:
-            self.slot_of[key] = len(self.keys)
-            self.keys.append(key)
-            self.values.append(np.zeros(self.spec.dim, dtype=np.float32))
-            self.versions.append(0)
-            self.wtimes.append(0)
-            self.lanes.append(0)
-            self.dead.append(0)
+            if self.free:
+                slot = self.free.pop()
+                self.keys[slot] = key
+            else:
+                slot = len(self.keys)
+                self.keys.append(key)
+                self.values.append(np.zeros(self.spec.dim, dtype=np.float32))
+                self.versions.append(0)
+                self.wtimes.append(0)
+                self.lanes.append(0)
+                self.dead.append(0)
+            self.slot_of[key] = slot
         return self.slot_of[key]
+
+    def purge(self, floor: np.ndarray) -> int:
+        fl = check_int64(floor, self.spec.num_shards, "floor")
+        gone = [
+            slot
+            for slot, key in enumerate(self.keys)
+            if self.dead[slot]
+            and self.versions[slot] <= fl[shard_of_key(key, self.spec.num_shards)]
+        ]
+        for slot in gone:
+            del self.slot_of[self.keys[slot]]
+            self.versions[slot] = self.wtimes[slot] = self.lanes[slot] = self.dead[slot] = 0
+            self.free.append(slot)
+        for s in {shard_of_key(self.keys[slot], self.spec.num_shards) for slot in gone}:
+            self.shard_version[s] += 1
+        return len(gone)
 
     def _store(
         self, slot: int, value: np.ndarray, version: int, wtime: int, lane: int, dead: int = 0
@@ -252,7 +274,7 @@ class ReferenceTable:
     def digest(self) -> int:
         total = 0
         for slot, key in enumerate(self.keys):
-            if self.dead[slot]:
+            if self.dead[slot] or self.versions[slot] == 0:  # a tombstone, or a freed slot
                 continue
             total += row_digest(key, self.versions[slot], self.values[slot])
         return total & _M64

@@ -69,6 +69,8 @@ class TableStats:
     rows_applied: int
     tombstones: int = 0  # deleted keys held with their versions (not served)
     rows_deleted: int = 0  # deletes written here (a source)
+    tombstones_purged: int = 0  # tombstones forgotten (``purge``), their slots reused
+    free_slots: int = 0  # row slots freed by purges, not taken again yet
 
 
 class Table:
@@ -122,6 +124,7 @@ class Table:
         self._rows_written = 0
         self._rows_applied = 0
         self._rows_deleted = 0
+        self._purged = 0
         self._tombstones = np.zeros(1, dtype=np.int64)  # kept by the kernels
         # The store's write-ahead journal, if any: sees every source write of this table.
         self.on_write: WriteHook | None = None
@@ -157,8 +160,8 @@ class Table:
 
     @property
     def _used(self) -> int:
-        """Slots in use: live rows and tombstones."""
-        return len(self._index)
+        """Slots ever used: live rows, tombstones and slots a purge freed (version 0)."""
+        return self._index.high_water
 
     @property
     def capacity(self) -> int:
@@ -424,17 +427,21 @@ class Table:
         """Every live row's (keys, values, versions, wtimes, lanes): views (not copies) while
         the table holds no tombstone, else copies of the live rows."""
         rows = self._rows.view(self._used)
-        if not self.tombstones:
+        if not self.tombstones and not self._index.free_slots:
             return rows
-        live = self._rows.dead[: self._used] == 0
+        live = (self._rows.dead[: self._used] == 0) & (rows[2] > 0)
         return tuple(a[live] for a in rows)  # type: ignore[return-value]
 
     def all_slots(
         self,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Views of every slot's (keys, values, versions, wtimes, lanes, dead): live rows and
-        tombstones (what a snapshot keeps)."""
-        return (*self._rows.view(self._used), self._rows.dead[: self._used])
+        """Every slot's (keys, values, versions, wtimes, lanes, dead): live rows and tombstones
+        (what a snapshot keeps); views unless a purge freed slots (then copies without them)."""
+        columns = (*self._rows.view(self._used), self._rows.dead[: self._used])
+        if not self._index.free_slots:
+            return columns
+        held = columns[2] > 0
+        return tuple(c[held] for c in columns)  # type: ignore[return-value]
 
     def deleted(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of every tombstone's (keys, versions)."""
@@ -468,7 +475,37 @@ class Table:
             rows_applied=self._rows_applied,
             tombstones=self.tombstones,
             rows_deleted=self._rows_deleted,
+            tombstones_purged=self._purged,
+            free_slots=self._index.free_slots,
         )
+
+    # -- purging -----------------------------------------------------------------------------
+
+    def purge(self, floor: np.ndarray) -> int:
+        """Forget the tombstones whose version is at or below ``floor[shard]`` (int64 per
+        shard): the caller knows every holder has them. Their keys leave the index and their
+        slots are reused by later new keys, so memory stays flat under churn. Cursors below a
+        shard's floor take the full scan from now on (the update cache may name a freed
+        slot). Returns how many were purged."""
+        fl = check_int64(floor, self.num_shards, "floor")
+        if not self.tombstones:
+            return 0
+        n, r = self._used, self._rows
+        gone = (r.dead[:n] != 0) & (r.versions[:n] <= fl[r.shards[:n]])
+        slots = np.flatnonzero(gone)
+        if not slots.size:
+            return 0
+        self._index.remove(r.keys[slots])
+        touched = np.unique(r.shards[slots])
+        r.versions[slots] = 0
+        r.wtimes[slots] = 0
+        r.lanes[slots] = 0
+        r.dead[slots] = 0  # values are zero already: a tombstone's
+        self._tombstones[0] -= slots.size
+        self._purged += int(slots.size)
+        self.dvv[touched] = np.maximum(self.dvv[touched], fl[touched])
+        self.shard_version[touched] += 1
+        return int(slots.size)
 
     # -- snapshot restore --------------------------------------------------------------------
 
@@ -541,6 +578,8 @@ def warm() -> None:
     t.apply(keys, vals, ver + 1, np.zeros(10, dtype=np.int64), 1)
     t.lookup(keys)
     t.delete(keys[:3], now_ns=2)
+    t.purge(t.counter)
+    t.write(keys[:1] + 100, vals[:1], now_ns=3)
     t.apply(keys[:2], vals[:2], ver[:2] + 9, np.zeros(2, dtype=np.int64), 0, np.ones(2, np.uint8))
     t.collect(np.array([0, 1]), np.array([1, 1]), np.array([0, 12]))
     every = np.repeat(np.arange(2), NUM_LANES), np.tile(np.array(LANES), 2)
