@@ -38,11 +38,14 @@ class Source:
         return Client.at(self.url, Credentials(secret=self.secret), **kwargs)
 
 
-def source_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
-    """Run the source until the generator is closed."""
+def source_node(
+    tmp_path_factory: pytest.TempPathFactory, http: dict | None = None
+) -> Iterator[Source]:
+    """Run the source (``http``: its ``[http]`` settings beside the body limit) until the
+    generator is closed."""
     doc = cluster_doc(dcs=1, replicas=1, tables=TABLES, sync={"snapshot_interval_s": 0})
     doc["durability"] = {"recovery_timeout_s": 0.2}  # run alone: no replica to recover from
-    doc["http"] = {"max_body_bytes": MAX_BODY}
+    doc["http"] = {"max_body_bytes": MAX_BODY, **(http or {})}
     path = write_cluster(doc, tmp_path_factory.mktemp("client") / "cluster.toml")
     runner = NodeRunner(load_config(path), "source", path.parent)
     loop = asyncio.new_event_loop()

@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from client_node import MAX_BODY, Source
+from client_node import MAX_BODY, Source, source_node
 
 from ekko.client import ClientError, Credentials
 from ekko.client.base import Target
@@ -271,3 +271,27 @@ def test_deletes_on_the_stream_keep_their_place_among_the_writes(source: Source)
     np.testing.assert_array_equal(got.values[:4], values[:4] + 1)
     np.testing.assert_array_equal(got.values[5:37:2], values[5:37:2])
     assert written.shape == (2,) and (written > 0).all()
+
+
+def test_streams_take_at_most_half_the_connections_and_the_port_stays_reachable(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A stream holds its connection for as long as its client likes (idle between frames
+    too): streams up to ``max_connections`` took every connection and the node answered
+    503 to everything else, ``/ready`` and a rollback included."""
+    nodes = source_node(tmp_path_factory, http={"max_connections": 8})
+    small = next(nodes)
+    try:
+        held = [_upgraded(small) for _ in range(4)]
+        host = host_of(small.url)
+        sign = auth_headers(small.secret, "writer", "POST", STREAM_PATH, b"", host=host)
+        r = httpx.post(small.url + STREAM_PATH,
+                       headers={"connection": "upgrade", "upgrade": UPGRADE, **sign})  # fmt: skip
+        assert r.status_code == 503 and "4 write streams are open" in r.json()["error"]
+        assert httpx.get(small.url + "/ready").status_code == 200
+        for sock in held:
+            sock.close()
+        with _stream(small) as s:  # a closed stream's place is free again
+            s.write("emb", np.arange(3, dtype=np.int64), np.ones((3, 4), np.float32))
+    finally:
+        nodes.close()

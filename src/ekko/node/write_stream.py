@@ -278,7 +278,13 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
 
 def write_stream_route(core: NodeCore, max_body: int, stats: StreamStats) -> Route:
     """``POST /v1/streams/write`` with ``Upgrade: ekko-rows/1``: the connection becomes a
-    write stream (writer role, checked like every route before this runs)."""
+    write stream (writer role, checked like every route before this runs).
+
+    Streams take at most half the node's connections (``http.max_connections``): a stream
+    holds its connection as long as its client likes, and with every connection a stream the
+    node answered 503 to everything else, ``/ready`` and the guard's routes included."""
+    connections = core.config.http.max_connections
+    most = max(1, connections // 2)
 
     @guarded
     async def upgrade(request: Request) -> Response:
@@ -287,6 +293,12 @@ def write_stream_route(core: NodeCore, max_body: int, stats: StreamStats) -> Rou
         core.require_source("open write streams to")
         if request.headers.get("upgrade", "").lower() != UPGRADE:
             return error_response(f"upgrade: expected {UPGRADE!r} (a write stream)", 426)
+        if stats.open >= most:
+            return error_response(
+                f"{stats.open} write streams are open, the most this node takes (half its "
+                f"http.max_connections, {connections}): close one, or raise the limit",
+                503,
+            )
         conn: DeadlineProtocol | None = request.scope.get("state", {}).get(UPGRADE_KEY)
         if conn is None:
             return error_response("this server cannot switch protocols", 501)
