@@ -16,6 +16,7 @@ from ekko.client.wire import ROWS_MEDIA_TYPE, LookupFrame, WrittenFrame, decode,
 from ekko.net.signed_requests import auth_headers, host_of
 from ekko.node.access import ClusterAuth
 from ekko.node.config import load_config
+from ekko.node.core import NodeCore, NotReadyError, NotSourceError
 from ekko.node.runner import NodeRunner
 from ekko.ops.cluster_init import cluster_doc, write_cluster
 
@@ -100,3 +101,23 @@ async def test_a_delete_needs_a_writers_credential(source) -> None:
     assert runner.core.store.table("emb").tombstones == 0
     doc = (await client.get("/openapi.json")).json()
     assert "post" in doc["paths"]["/v1/tables/{table}/delete"]
+
+
+def test_a_delete_is_refused_while_recovering_once_stopping_and_at_a_replica(
+    tmp_path: Path,
+) -> None:
+    doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 4)], sync={"snapshot_interval_s": 0})
+    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+    keys = np.array([1], np.int64)
+    core = NodeCore(cfg, "source", tmp_path)
+    with pytest.raises(NotReadyError, match="takes no writes yet: recovering"):
+        core.delete("emb", keys)
+    core.not_ready = None
+    core.close()
+    with pytest.raises(NotReadyError, match="stopping"):
+        core.delete("emb", keys)
+    assert core.store.table("emb").tombstones == 0
+    replica = NodeCore(cfg, "dc1-r0", tmp_path)
+    with pytest.raises(NotSourceError, match="delete at the source"):
+        replica.delete("emb", keys)
+    replica.close()
