@@ -96,7 +96,8 @@ def test_a_refused_write_is_named_nothing_of_it_is_stored_and_the_stream_goes_on
     assert source.digests() != before
 
 
-def _upgraded(source: Source, role: str = "writer") -> socket.socket:
+def _upgrade(source: Source, role: str = "writer", after: bytes = b"") -> socket.socket:
+    """A connection that has sent a signed upgrade, and ``after`` in the same send."""
     host = host_of(source.url)
     url = httpx.URL(source.url)
     sock = socket.create_connection((url.host, url.port), timeout=10)
@@ -104,7 +105,12 @@ def _upgraded(source: Source, role: str = "writer") -> socket.socket:
     head = [f"POST {STREAM_PATH} HTTP/1.1", f"host: {host}", "connection: upgrade",
             f"upgrade: {UPGRADE}", "content-length: 0"]  # fmt: skip
     head += [f"{k}: {v}" for k, v in sign.items()]
-    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + after)
+    return sock
+
+
+def _upgraded(source: Source, role: str = "writer") -> socket.socket:
+    sock = _upgrade(source, role)
     answer = b""
     while b"\r\n\r\n" not in answer:
         answer += sock.recv(4096)
@@ -295,3 +301,20 @@ def test_streams_take_at_most_half_the_connections_and_the_port_stays_reachable(
             s.write("emb", np.arange(3, dtype=np.int64), np.ones((3, 4), np.float32))
     finally:
         nodes.close()
+
+
+def test_a_bad_head_sent_with_the_upgrade_is_refused_and_the_node_goes_on(
+    source: Source,
+) -> None:
+    """Bytes sent with the upgrade reach the stream before it reads the socket; a bad head
+    there and a byte more: the stream stopped taking bytes, the node kept offering it the
+    rest, and its event loop spun on it for ever (every route dead, SIGTERM ignored)."""
+    sock = _upgrade(source, after=REQUEST.pack(9, 0, 3, 1, 4, 1) + b"x" * 100)
+    data = b""
+    while chunk := sock.recv(65536):  # the 101, the refusal, then closed (10 s timeout)
+        data += chunk
+    answer = data[data.index(b"\r\n\r\n") + 4 :]
+    kind, _, status, _, _ = ANSWER.unpack(answer[: ANSWER.size])
+    assert (kind, status) == (REFUSED, 400) and b"frame kind: 9" in answer[ANSWER.size :]
+    with _stream(source) as s:
+        s.write("emb", np.arange(2, dtype=np.int64), np.ones((2, 4), np.float32))

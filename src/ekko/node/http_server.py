@@ -214,6 +214,8 @@ def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
         view = memoryview(data)
         while view:
             buf = protocol.get_buffer(len(view))
+            if not len(buf):
+                return  # it takes no more (asyncio would close the connection): drop the rest
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
             protocol.buffer_updated(n)

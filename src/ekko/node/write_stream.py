@@ -123,6 +123,8 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self._writing.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._last:  # the stream takes no more frames: what still arrives is dropped
+            return memoryview(self._name)
         if self._phase == _HEAD:
             return memoryview(self._head)[self._got :]
         if self._phase == _NAME:
@@ -130,8 +132,10 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         return memoryview(self._body)[self._got : self._need]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._last:
+            return
         self._got += nbytes
-        if self._got < self._need or self._last:
+        if self._got < self._need:
             return
         self._got = 0
         if self._phase == _HEAD:
