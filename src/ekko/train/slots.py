@@ -49,6 +49,7 @@ class Slots:
         self._touched_step = np.zeros(budget, dtype=np.int64)
         self._touched_at = np.zeros(budget, dtype=np.float64)
         self._freq = np.zeros(budget, dtype=np.int64)
+        self._sightings = 0  # since the frequencies were last halved
         self._free = np.arange(budget - 1, -1, -1, dtype=np.int64)  # a stack: pops 0, 1, …
         self._n_free = budget
         self._step = 0
@@ -88,6 +89,10 @@ class Slots:
         self._touched_step[held] = self._step
         self._touched_at[held] = now
         self._freq[held] += counts[hit]
+        self._sightings += ids.size
+        if self._sightings >= 10 * self.budget:
+            self._freq >>= 1  # LFU ranks recent frequency: what an id was drifts away
+            self._sightings = 0
         gone = [self._expire(now)]
         miss = np.flatnonzero(~hit)
         if miss.size:
