@@ -308,8 +308,8 @@ def test_one_id_a_step_evicts_exactly_as_a_reference_cache(ids, budget, kind) ->
             freq = {k: f // 2 for k, f in freq.items()}
         if key not in freq:
             if len(freq) == budget:
-                score = (lambda k: last[k]) if kind == "lru" else (lambda k: (freq[k], last[k]))
-                victim = min(freq, key=score)
+                counts = freq
+                victim = min(freq, key=lambda k: last[k] if kind == "lru" else (counts[k], last[k]))
                 del freq[victim], last[victim]
             freq[key] = 1
         last[key] = step_no

@@ -3,8 +3,9 @@
 Scores follow HierarchicalKV's rule (the lowest score leaves first): LRU scores a row by the
 step it was last looked up in training, LFU by its sightings since admission, halved after
 every ``10 * row_budget`` sightings of the table (TinyLFU's aging: on a drifting stream plain
-LFU keeps rows that were frequent once; ties: the least recently used). TTL removes every row not updated for ``ttl_s`` of the table's clock,
-whatever the budget; with ``kind = "ttl"`` a full table admits no new id until rows expire.
+LFU keeps rows that were frequent once; ties: the least recently used). TTL removes every
+row not updated for ``ttl_s`` of the table's clock, whatever the budget; with
+``kind = "ttl"`` a full table admits no new id until rows expire.
 """
 
 from __future__ import annotations
