@@ -28,8 +28,8 @@ SPECS = (TableSpec("emb", 8, 4), TableSpec("dense", 5, 1))
 
 
 def _source(rng: np.random.Generator) -> tuple[Store, int]:
-    """A source store with rows in every lane; returns it and a write time between the two
-    halves of its writes."""
+    """A source store with rows in every lane and deletes (tombstones) among them; returns it
+    and a write time between the two halves of its writes."""
     store = Store(cache_capacity=64)
     for spec in SPECS:
         store.create_table(spec)
@@ -42,6 +42,8 @@ def _source(rng: np.random.Generator) -> tuple[Store, int]:
         lanes = rng.choice(np.array(LANES, np.uint8), n)
         now_ns = 1_000_000 * (i + 1)
         store.table(spec.name).write(keys, values, now_ns=now_ns, lanes=lanes)
+        if i % 5 == 4:
+            store.table(spec.name).delete(keys[: n // 2 + 1], now_ns=now_ns + 1)
         if i == 19:
             middle = now_ns
     return store, middle
@@ -104,6 +106,8 @@ def test_baseline_applies_exactly_what_the_replica_applied_for_every_codec(codec
         np.testing.assert_array_equal(got_found, want_found)
         np.testing.assert_array_equal(got_v, want_v)
         np.testing.assert_array_equal(got, want)  # the same decoded values, bit for bit
+        assert lagged.store.table(spec.name).tombstones == replica.table(spec.name).tombstones
+    assert sum(source.table(s.name).tombstones for s in SPECS) > 0
 
 
 @pytest.mark.parametrize("codec", [None, *CODECS])
@@ -119,7 +123,7 @@ def test_rows_written_after_the_healthy_point_are_dropped_for_every_codec(codec)
     queued = lagged.rows_queued
     # every row version the source holds was queued once; those written after ``middle``
     # (their write time travels with the row, through the codec block) must all go
-    later = sum(int((source.table(s.name).all_rows()[3] > middle).sum()) for s in SPECS)
+    later = sum(int((source.table(s.name).all_slots()[3] > middle).sum()) for s in SPECS)
     assert later > 0
     dropped = lagged.drop_written_after(middle)
     assert dropped == later
@@ -134,7 +138,7 @@ def _wtimes(store: Store, table: str) -> tuple[np.ndarray, np.ndarray]:
     t = store.tables.get(table)
     if t is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rows = t.all_rows()
+    rows = t.all_slots()  # tombstones too: a delete after the healthy point must go as well
     return rows[0], rows[3]
 
 

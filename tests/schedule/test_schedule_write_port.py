@@ -12,6 +12,7 @@ from ekko.schedule import SchedulerConfig, UpdateScheduler, WritePort
 from ekko.store import BadRowsError, Store, TableConflictError, UnknownTableError
 from ekko.store.clock import FakeClock
 from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, Sink, TableSpec
+from ekko.train.sink import DeletingSink
 
 
 def _store() -> Store:
@@ -225,6 +226,7 @@ def test_a_delete_hands_the_hook_the_rows_it_removes_drops_their_holds_and_wakes
     assert not t.lookup(keys)[2].any() and t.tombstones == 6
     _, kept = t.deleted()
     assert sorted(kept.tolist()) == sorted(versions.tolist())  # no release came after it
+    assert isinstance(w, DeletingSink)  # the trainer's publisher hands it its evictions
     with pytest.raises(UnknownTableError):
         w.delete("nope", keys)
     with pytest.raises(BadRowsError, match="keys"):
