@@ -1,0 +1,123 @@
+"""Sharded training over two real rank processes (gloo): the same math as the 1-rank trainer,
+rows published by their owner only, and a killed rank named by the survivors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from ekko.quality.offline import auc
+from ekko.train.dlrm import DLRM, DLRMConfig, embedding_table_name
+from ekko.train.sharded import ShardedRunSpec, ShardedTrainer, train_rank
+from ekko.train.sharded_exchange import RowPlacement
+from ekko.train.sharded_launch import RankContext, ShardedRun, ShardedRunError
+from ekko.train.sink import MemorySink
+from ekko.train.streams import StreamConfig, SyntheticStream
+from ekko.train.trainer import OnlineTrainer, TrainerConfig
+
+# conftest's small shapes (the spawned ranks import this module, not conftest)
+SMALL_STREAM = StreamConfig(seed=3, max_vocab=5_000, initial_items=2_000)
+SMALL_MODEL = DLRMConfig(rows_per_table=4_000, embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16, 1))
+EVENTS, BATCH = 20_480, 1024
+ADAGRAD = TrainerConfig(optimizer="adagrad")
+
+
+def _memory_sink(rank: int) -> MemorySink:
+    return MemorySink()
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    spec = ShardedRunSpec(SMALL_MODEL, SMALL_STREAM, EVENTS, BATCH, ADAGRAD, sink=_memory_sink,
+                          return_sink=True)  # fmt: skip
+    with ShardedRun(train_rank, 2, (spec,), timeout_s=30) as run:
+        return run.join()
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    trainer = OnlineTrainer(DLRM(SMALL_MODEL), ADAGRAD)
+    predictions, labels, seen = [], [], [set() for _ in range(SMALL_MODEL.num_sparse)]
+    for events in itertools.islice(SyntheticStream(SMALL_STREAM).batches(BATCH), EVENTS // BATCH):
+        predictions.append(trainer.step(events).predictions)
+        labels.append(events.labels)
+        for i, col in enumerate((events.sparse % SMALL_MODEL.rows_per_table).T):
+            seen[i].update(col.tolist())
+    return predictions, np.concatenate(labels), seen
+
+
+def test_two_ranks_predict_as_the_one_rank_trainer(two_ranks, one_rank):
+    predictions, labels, _ = one_rank
+    sharded = [
+        np.concatenate([r.predictions[s] for r in two_ranks]) for s in range(len(predictions))
+    ]
+    for step in range(3):  # the same math from the same seed: equal up to float order
+        np.testing.assert_allclose(sharded[step], predictions[step], atol=1e-5)
+    auc_one = auc(labels, np.concatenate(predictions))
+    auc_two = auc(labels, np.concatenate(sharded))
+    assert abs(auc_one - auc_two) <= 0.003, (auc_one, auc_two)
+    # the dense arches are data-parallel replicas: identical on both ranks
+    for key, value in two_ranks[0].dense.items():
+        np.testing.assert_array_equal(value, two_ranks[1].dense[key])
+
+
+def test_each_row_is_published_by_its_owner_with_its_weight(two_ranks, one_rank):
+    _, _, seen = one_rank
+    placement = RowPlacement(world_size=2)
+    for i in range(SMALL_MODEL.num_sparse):
+        table = embedding_table_name(i)
+        published = []
+        for report in two_ranks:
+            keys = report.owned_keys[i]
+            assert (placement.owner(i, keys) == report.rank).all()
+            rows = report.sink.tables[table]
+            got = np.array(sorted(rows), dtype=np.int64)
+            assert (placement.owner(i, got) == report.rank).all(), (
+                "a rank published a row it does not own"
+            )
+            local = np.searchsorted(keys, got)
+            np.testing.assert_array_equal(np.stack([rows[k] for k in got.tolist()]),
+                                          report.owned_rows[i][local])  # fmt: skip
+            published.append(set(got.tolist()))
+        assert not published[0] & published[1]
+        assert published[0] | published[1] == seen[i], f"table {table}: ids seen, never published"
+    dense0 = two_ranks[0].sink
+    assert [t for t in two_ranks[1].sink.tables if "dense/" in t] == []  # rank 0 publishes dense
+    for key, value in two_ranks[0].dense.items():
+        np.testing.assert_array_equal(dense0.tables[f"dense/{key}"][0], value.reshape(-1))
+
+
+def test_a_killed_rank_makes_the_other_fail_naming_it():
+    spec = ShardedRunSpec(SMALL_MODEL, SMALL_STREAM, events=10**8, batch_size=256,
+                          keep_predictions=False)  # fmt: skip
+    with ShardedRun(train_rank, 2, (spec,), timeout_s=10) as run:
+        deadline = time.monotonic() + 60
+        while run.step_of(1) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.step_of(1) >= 3, "rank 1 never reached step 3"
+        os.kill(run.pids[1], signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(ShardedRunError) as failure:
+            run.join(timeout_s=30)
+    assert time.monotonic() - killed < 10, "the survivor waited out the timeout"
+    named = f"rank 1 (pid {run.pids[1]}) was killed by signal SIGKILL"
+    assert failure.value.dead[0].endswith("exited with code 1"), "rank 0 hung and was killed"
+    assert failure.value.errors[0].startswith("RankLostError: rank 0: ")
+    assert named in failure.value.errors[0]  # the survivor's own error names the dead rank
+    assert str(failure.value).startswith(f"sharded run failed: {named}; rank 0 failed:")
+
+
+def test_placement_and_trainer_refuse_bad_settings():
+    with pytest.raises(ValueError, match="world_size"):
+        RowPlacement(world_size=0)
+    keys = np.arange(10_000)
+    owners = [RowPlacement(world_size=3).owner(t, keys) for t in range(4)]
+    assert all(set(o.tolist()) == {0, 1, 2} for o in owners)  # every rank owns rows of each
+    ctx = RankContext(0, 2, store=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be 'adagrad'"):
+        ShardedTrainer(ctx, SMALL_MODEL, TrainerConfig(optimizer="adam"))
