@@ -35,7 +35,7 @@ def test_dlrm_trains_on_a_drifting_stream_within_the_row_budget(small_model_conf
     trainer = OnlineTrainer(model, TrainerConfig(optimizer="adagrad", sparse_lr=0.05), pub)
     losses, distinct = [], [set() for _ in range(cfg.num_sparse)]
     for i, events in enumerate(SyntheticStream(STREAM).batches(128)):
-        if i == 300:
+        if i == 200:
             break
         losses.append(trainer.step(events).loss)
         for f in range(cfg.num_sparse):
@@ -51,7 +51,7 @@ def test_dlrm_trains_on_a_drifting_stream_within_the_row_budget(small_model_conf
         assert set(sink.tables[name]) <= live
     assert sum(t.statistics().evicted for t in tables.values()) > 0
     assert sum(t.statistics().rejected for t in tables.values()) > 0
-    assert np.mean(losses[-60:]) < np.mean(losses[:30]) - 0.02
+    assert np.mean(losses[-50:]) < np.mean(losses[:30]) - 0.02
 
     # serving over the store's rows, keyed by raw ids, gives the trainer's predictions
     serving = DLRMServingModel(cfg, sink.lookup, dense_state=model.dense_state())
