@@ -86,7 +86,6 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("GET", r"/v1/tables/.+/rows", READ),
     ("POST", r"/v1/tables/.+/rows", WRITE),
     ("POST", r"/v1/streams/write", WRITE),
-    ("DELETE", r"/v1/tables/.+/rows", WRITE),
     ("POST", r"/v1/tables/.+/lookup", READ),
     ("POST", r"/v1/tables/.+/delete", WRITE),
     ("GET", r"/v1/snapshot", OPERATE | NODE),

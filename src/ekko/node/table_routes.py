@@ -223,14 +223,7 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
         body = await read_body(request)
         parse = decode_write if _binary_request(request) else parse_write
         keys, values = await offload(parse, body, table.dim)
-        versions = core.write(table.name, keys, values)
-        await core.wait_durable()  # acknowledged = on disk (one fsync per group commit)
-        frame = WrittenFrame(table.name, versions)
-
-        def doc() -> dict[str, Any]:
-            return {"table": table.name, "versions": versions.tolist()}
-
-        return await _answer(request, frame, doc, len(versions))
+        return await _durable(request, table.name, core.write(table.name, keys, values))
 
     @guarded
     async def delete_rows(request: Request) -> Response:
@@ -240,12 +233,16 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
         table = table_of(request)
         body = await read_body(request)
         keys = await offload(decode_lookup if _binary_request(request) else parse_lookup, body)
-        versions = core.delete(table.name, keys)
+        return await _durable(request, table.name, core.delete(table.name, keys))
+
+    async def _durable(request: Request, table: str, versions: np.ndarray) -> Response:
+        """The versions a write or delete took, answered once on disk (one fsync per group
+        commit)."""
         await core.wait_durable()
-        frame = WrittenFrame(table.name, versions)
+        frame = WrittenFrame(table, versions)
 
         def doc() -> dict[str, Any]:
-            return {"table": table.name, "versions": versions.tolist()}
+            return {"table": table, "versions": versions.tolist()}
 
         return await _answer(request, frame, doc, len(versions))
 
