@@ -66,38 +66,45 @@ def setup(replicas: list[str], clock: FakeClock):
 
 
 keys_st = st.lists(st.integers(0, 40), min_size=1, max_size=15)
+ops_st = st.tuples(st.sampled_from(["write", "delete"]), keys_st)
 
 
 @settings(max_examples=25, deadline=None)
-@given(before=st.lists(keys_st, max_size=5), after=st.lists(keys_st, min_size=1, max_size=5))
+@given(before=st.lists(ops_st, max_size=5), after=st.lists(ops_st, min_size=1, max_size=5))
 def test_rollback_restores_exactly_the_rows_changed_since_the_healthy_point(before, after):
+    """Writes and deletes (an evicted row) after the healthy point are undone: a row that
+    held a value then holds it again, one that did not exist then is deleted again."""
     clock = FakeClock(wall=0.0)
     store, guard, sink, trainer, _sent = setup([], clock)
     rng = np.random.default_rng(0)
 
-    def write(keys):
+    def apply(op: str, keys: list[int]) -> None:
         clock.advance(1.0)
-        sink.write("emb", np.array(keys, np.int64), rng.normal(size=(len(keys), DIM)))
+        k = np.array(keys, np.int64)
+        if op == "delete":
+            sink.delete("emb", k, now_ns=clock.ns())
+        else:
+            sink.write("emb", k, rng.normal(size=(len(keys), DIM)))
 
-    for keys in before:
-        write(keys)
+    def held() -> dict[int, np.ndarray]:
+        every = np.arange(41, dtype=np.int64)
+        values, _, found = store.table("emb").lookup(every)
+        return {int(k): v.copy() for k, v, f in zip(every, values, found, strict=True) if f}
+
+    for op, keys in before:
+        apply(op, keys)
     clock.advance(1.0)
     guard.preimages.mark_healthy(clock.wall())
     healthy_at = clock.wall()
-    table = store.table("emb")
-    snapshot = {int(k): v.copy() for k, v in zip(*table.all_rows()[:2], strict=True)}
-    for keys in after:
-        write(keys)
-    changed = {k for keys in after for k in keys}
+    snapshot = held()
+    for op, keys in after:
+        apply(op, keys)
+    changed = {k for _, keys in after for k in keys}
     incident = guard.rollback(healthy_at, "test")
-    keys, values = table.all_rows()[:2]
-    now = {int(k): v for k, v in zip(keys, values, strict=True)}
+    now = held()
+    assert now.keys() == snapshot.keys()
     for k, v in now.items():
-        if k in snapshot:
-            np.testing.assert_array_equal(v, snapshot[k])  # back to (or kept at) healthy
-        else:
-            assert k in changed
-            np.testing.assert_array_equal(v, np.zeros(DIM))  # did not exist: default row
+        np.testing.assert_array_equal(v, snapshot[k])
     assert incident["rows_restored"] == len(changed)
     assert incident["source_mismatches"] == 0 and incident["good_rows_lost"] == 0
     assert trainer.paused is not None and set(trainer.loaded["emb"][0]) == changed

@@ -252,7 +252,11 @@ class SourceGuard:
                 if rs.keys.size == 0:
                     continue
                 values = np.where(rs.existed[:, None], rs.values, 0.0).astype(np.float32)
-                self.port.restore(table, rs.keys, values, now_ns=self._clock.ns())
+                back = rs.existed.astype(bool)
+                if back.any():
+                    self.port.restore(table, rs.keys[back], values[back], now_ns=self._clock.ns())
+                if not back.all():  # created since the checkpoint: gone again, everywhere
+                    self.port.delete(table, rs.keys[~back], now_ns=self._clock.ns())
                 rows[table] = (rs.keys, values)
                 nbytes += rs.keys.nbytes + values.nbytes
         checkpoint = (
