@@ -46,6 +46,7 @@ BENCHES = (
     "client",
     "dynamic",
     "lifecycle",
+    "sharded_train",
 )
 
 

@@ -10,8 +10,8 @@ gradients are those of the 1-rank trainer's mean loss: the same math, seeded ali
 float summation order.
 
 Each rank publishes the rows it owns that the step changed, rank 0 the dense tensors too,
-with an ``EmbeddingPublisher`` over its local tables: the table names, specs and dense pacing
-are the 1-rank trainer's, and ``OwnedKeysSink`` turns the local row numbers into store keys.
+with an ``EmbeddingPublisher`` over its local table: the table names, specs and dense pacing
+are the 1-rank trainer's, and ``OwnedRowsSink`` turns local row numbers into (table, key).
 
 Launch W ranks with ``ShardedRun(train_rank, W, (ShardedRunSpec(...),))``.
 """
@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -37,33 +38,62 @@ from ekko.train.sharded_launch import RankContext
 from ekko.train.streams import Events, StreamConfig, SyntheticStream
 from ekko.train.trainer import StepResult, TrainerConfig, _all_finite
 
+OWNED_ROWS = "sharded/owned_rows"
+"""The publisher's name for a rank's one local table; ``OwnedRowsSink`` never creates it."""
 
-class OwnedKeysSink:
-    """A ``Sink`` that writes a rank's local row numbers as the store keys they hold.
 
-    Why: a rank's table holds only its own rows, numbered 0..n-1; the publisher reports those
-    numbers, the store is keyed by the model's row keys (``owned_keys[table][row]``).
+class OwnedRowsSink:
+    """A ``Sink`` that turns writes of a rank's local table into writes of the model's tables.
+
+    Why: a rank holds the rows it owns of every table in one local table (one lookup, one
+    sparse gradient, one optimizer call a step instead of one per table); the publisher
+    reports local row numbers of ``OWNED_ROWS``, the store wants ``emb_{i}`` keyed by the
+    model's row keys. Other tables (the dense ones) pass through.
+
+    Args:
+        sink: the rank's sink.
+        names: the model's store table of each feature.
+        table_of_row, key_of_row: int64 [n]: feature and key of each local row, rows grouped
+            by feature in order.
     """
 
-    def __init__(self, sink: Sink, owned_keys: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self, sink: Sink, names: list[str], table_of_row: np.ndarray, key_of_row: np.ndarray
+    ) -> None:
         self.sink = sink
-        self.owned_keys = owned_keys
+        self.names = names
+        self.table_of_row = table_of_row
+        self.key_of_row = key_of_row
 
     def create_table(self, spec: TableSpec) -> None:
-        self.sink.create_table(spec)
+        if spec.name != OWNED_ROWS:
+            self.sink.create_table(spec)
+            return
+        for name in self.names:
+            self.sink.create_table(msgspec.structs.replace(spec, name=name))
 
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        owned = self.owned_keys.get(table)
-        self.sink.write(table, keys if owned is None else owned[keys], values)
+        if table != OWNED_ROWS:
+            self.sink.write(table, keys, values)
+            return
+        order = np.argsort(self.table_of_row[keys], kind="stable")
+        keys, values = keys[order], values[order]
+        bounds = np.searchsorted(self.table_of_row[keys], np.arange(len(self.names) + 1))
+        for i, name in enumerate(self.names):
+            part = slice(bounds[i], bounds[i + 1])
+            if part.stop > part.start:
+                self.sink.write(name, self.key_of_row[keys[part]], values[part])
 
 
 class ShardedDLRM(_DLRMHead):
-    """One rank's part of a DLRM: the dense arches and the rows of every table it owns.
+    """One rank's part of a DLRM: the dense arches and the rows it owns of every table.
 
-    Why a head with local tables: the dense arches run the identical forward as ``DLRM``'s;
-    the rows are the slices ``owned_keys[i]`` of the seeded ``DLRM(config)``'s tables, so any
-    world size starts from the 1-rank model's weights (each rank builds the full model once
-    at start to take them: its init is one RNG stream over all tables).
+    Why a head with one local table: the dense arches run the identical forward as
+    ``DLRM``'s; the rows it owns of all tables are one ``nn.Embedding`` (``rows``, grouped by
+    table, ``table_slice(i)`` holds table i's, ``owned_keys[i]`` their keys), taken from the
+    seeded ``DLRM(config)``, so any world size starts from the 1-rank model's weights (each
+    rank builds the full model once at start to take them: its init is one RNG stream over
+    all tables). Adagrad updates each row alone, so one table for all is the same math.
 
     Args:
         config: model shape (hashed tables; dynamic tables are not sharded yet).
@@ -81,60 +111,47 @@ class ShardedDLRM(_DLRMHead):
             super().__init__(config)
         self.load_state_dict(full.dense_state(), strict=True)
         self.rank = rank
-        self.tables = nn.ModuleDict()
-        self.owned_keys: list[np.ndarray] = []
-        self._local_row: list[np.ndarray] = []
-        every = np.arange(config.rows_per_table, dtype=np.int64)
-        for i in range(config.num_sparse):
-            keys = every[placement.owner(i, every) == rank]
-            name = embedding_table_name(i)
-            rows = full.sparse.embedding_bags[name].weight.detach()[torch.from_numpy(keys)]
-            self.tables[name] = nn.Embedding.from_pretrained(rows, freeze=False, sparse=True)
-            local = np.full(config.rows_per_table, -1, dtype=np.int64)
-            local[keys] = np.arange(len(keys))
-            self.owned_keys.append(keys)
-            self._local_row.append(local)
+        n = config.rows_per_table
+        every = np.arange(n, dtype=np.int64)
+        self.owned_keys = [
+            every[placement.owner(i, every) == rank] for i in range(config.num_sparse)
+        ]
+        sizes = [len(k) for k in self.owned_keys]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.table_of_row = np.repeat(np.arange(config.num_sparse, dtype=np.int64), sizes)
+        self.key_of_row = np.concatenate(self.owned_keys)
+        self._local_row = np.full(config.num_sparse * n, -1, dtype=np.int64)
+        self._local_row[self.table_of_row * n + self.key_of_row] = np.arange(len(self.key_of_row))
+        weights = [
+            full.sparse.embedding_bags[embedding_table_name(i)].weight.detach()[torch.from_numpy(k)]
+            for i, k in enumerate(self.owned_keys)
+        ]
+        self.rows = nn.Embedding.from_pretrained(torch.cat(weights), freeze=False, sparse=True)
 
-    def owned_rows(self, codes: torch.Tensor) -> tuple[torch.Tensor, list[np.ndarray]]:
+    def table_slice(self, table: int) -> slice:
+        """The local rows of ``table`` (its keys: ``owned_keys[table]``, in order)."""
+        return slice(int(self.starts[table]), int(self.starts[table + 1]))
+
+    def owned_rows(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows float32 [n, D] of ``codes`` (``table * rows_per_table + key``, all owned
-        here), and per table the positions in ``codes`` of its ids. Looked up through the
-        tables with autograd on, so the publisher's hooks record them."""
-        rows_per_table = self.config.rows_per_table
-        c = codes.numpy()
-        tables, keys = c // rows_per_table, c % rows_per_table
-        perm = np.argsort(tables, kind="stable")
-        bounds = np.searchsorted(tables[perm], np.arange(self.config.num_sparse + 1))
-        out = torch.empty((len(c), self.config.embedding_dim))
-        positions = []
-        for i, table in enumerate(self.tables.values()):
-            pos = perm[bounds[i] : bounds[i + 1]]
-            positions.append(pos)
-            if not pos.size:
-                continue
-            local = self._local_row[i][keys[pos]]
-            if (local < 0).any():
-                raise RuntimeError(
-                    f"rank {self.rank} received ids of table {i} it does not own: "
-                    f"{keys[pos][local < 0][:5].tolist()} (the ranks' placements differ)"
-                )
-            out[torch.from_numpy(pos)] = table(torch.from_numpy(local)).detach()
-        return out, positions
-
-    def set_row_gradients(
-        self, codes: torch.Tensor, positions: list[np.ndarray], grads: torch.Tensor
-    ) -> None:
-        """Give each table the sparse gradient of its rows (summed by the optimizer where
-        several ranks looked the same id up)."""
-        keys = codes.numpy() % self.config.rows_per_table
-        for i, table in enumerate(self.tables.values()):
-            pos = positions[i]
-            if not pos.size:
-                table.weight.grad = None
-                continue
-            local = torch.from_numpy(self._local_row[i][keys[pos]]).unsqueeze(0)
-            table.weight.grad = torch.sparse_coo_tensor(
-                local, grads[torch.from_numpy(pos)], table.weight.shape
+        here) and their local row numbers. Looked up through ``rows`` with autograd on, so
+        the publisher's hook records them."""
+        local = self._local_row[codes.numpy()]
+        if (local < 0).any():
+            bad = codes.numpy()[local < 0][:5]
+            raise RuntimeError(
+                f"rank {self.rank} received ids it does not own (table * rows + key): "
+                f"{bad.tolist()} (the ranks' placements differ)"
             )
+        idx = torch.from_numpy(local)
+        return self.rows(idx).detach(), idx
+
+    def set_row_gradients(self, local: torch.Tensor, grads: torch.Tensor) -> None:
+        """The sparse gradient of the local rows (the optimizer sums an id's gradients from
+        the several ranks that looked it up)."""
+        self.rows.weight.grad = torch.sparse_coo_tensor(
+            local.unsqueeze(0), grads, self.rows.weight.shape, check_invariants=False
+        )
 
 
 class ShardedTrainer:
@@ -175,29 +192,24 @@ class ShardedTrainer:
         self.placement = RowPlacement(ctx.world_size, pub_config.embedding_shards)
         self.model = ShardedDLRM(model, self.placement, ctx.rank)
         self.sparse_optimizer = torch.optim.Adagrad(
-            list(self.model.tables.parameters()), lr=self.config.sparse_lr
+            [self.model.rows.weight], lr=self.config.sparse_lr
         )
-        self.dense_params = [
-            p for n, p in self.model.named_parameters() if not n.startswith("tables.")
-        ]
+        self.dense_params = [p for n, p in self.model.named_parameters() if n != "rows.weight"]
         self.dense_optimizer = torch.optim.Adagrad(self.dense_params, lr=self.config.dense_lr)
         self.publisher = None if sink is None else self._publisher(sink, pub_config)
         self.steps = 0
 
     def _publisher(self, sink: Sink, config: PublisherConfig) -> EmbeddingPublisher:
-        ns = self.model.config.table_namespace
-        names = {name: ns + name for name in self.model.tables}
-        keys = {
-            ns + name: k for name, k in zip(self.model.tables, self.model.owned_keys, strict=True)
-        }
-        owned_sink = OwnedKeysSink(sink, keys)
-        dense_prefix = dense_table_name("", ns)
-        if self.ctx.rank == 0:
-            table_names = {f"tables.{name}": store for name, store in names.items()}
-            config = dataclasses.replace(config, table_names=table_names, dense_prefix=dense_prefix)
-            return EmbeddingPublisher(self.model, owned_sink, config)
-        config = dataclasses.replace(config, table_names=names, dense_prefix=dense_prefix)
-        return EmbeddingPublisher(self.model.tables, owned_sink, config)
+        model = self.model
+        ns = model.config.table_namespace
+        names = [embedding_table_name(i, ns) for i in range(model.config.num_sparse)]
+        owned = OwnedRowsSink(sink, names, model.table_of_row, model.key_of_row)
+        config = dataclasses.replace(
+            config, table_names={"rows": OWNED_ROWS}, dense_prefix=dense_table_name("", ns)
+        )
+        # rank 0 publishes the dense tensors too; the others only their rows
+        target = model if self.ctx.rank == 0 else nn.ModuleDict({"rows": model.rows})
+        return EmbeddingPublisher(target, owned, config)
 
     def _slice(self, n: int) -> slice:
         bounds = np.linspace(0, n, self.ctx.world_size + 1).astype(np.int64)
@@ -218,7 +230,7 @@ class ShardedTrainer:
         self.model.train()
         try:
             route = StepRoute(codes, cfg.rows_per_table, self.placement)
-            owned, positions = self.model.owned_rows(route.recv_codes)
+            owned, local = self.model.owned_rows(route.recv_codes)
             rows = route.return_rows(owned).requires_grad_(True)
         except RuntimeError as e:
             raise self.ctx.lost(e, "the id and row exchange", step) from e
@@ -240,7 +252,7 @@ class ShardedTrainer:
             dist.all_reduce(bucket)
         except RuntimeError as e:
             raise self.ctx.lost(e, "the gradient exchange", step) from e
-        rejected = self._apply(bucket, route.recv_codes, positions, owned_grads)
+        rejected = self._apply(bucket, local, owned_grads)
         publish_start = time.perf_counter()
         if self.publisher is not None:
             if rejected is None:
@@ -259,11 +271,7 @@ class ShardedTrainer:
 
     @torch.no_grad()
     def _apply(
-        self,
-        bucket: torch.Tensor,
-        codes: torch.Tensor,
-        positions: list[np.ndarray],
-        owned_grads: torch.Tensor,
+        self, bucket: torch.Tensor, local: torch.Tensor, owned_grads: torch.Tensor
     ) -> str | None:
         """Optimizer steps from the summed gradients; the reject reason (the same on every
         rank: it is read from the all-reduced bucket) or None."""
@@ -275,7 +283,7 @@ class ShardedTrainer:
             offset += p.numel()
         if bucket[-1] > 0 or not _all_finite([bucket[:offset]]):
             return "gradient"
-        self.model.set_row_gradients(codes, positions, owned_grads)
+        self.model.set_row_gradients(local, owned_grads)
         self.sparse_optimizer.step()
         self.sparse_optimizer.zero_grad(set_to_none=True)
         self.dense_optimizer.step()
@@ -291,9 +299,13 @@ class ShardedTrainer:
 class ShardedRunSpec:
     """A sharded training run over a synthetic stream, as every rank runs it.
 
-    ``sink`` builds each rank's sink from its rank (a picklable callable; None trains only);
-    ``return_sink`` puts it in the report (a ``MemorySink`` in tests). ``keep_predictions``
-    keeps each step's predictions of the rank's slice.
+    ``sink`` builds each rank's sink from its rank (a picklable callable, e.g. one opening a
+    ``RemoteSink`` to the rank's source; None trains only), flushed and closed at the end
+    when it has those methods; ``return_sink`` puts it in the report instead (a ``MemorySink``
+    in tests). ``keep_predictions``
+    keeps each step's predictions of the rank's slice. ``pregenerate`` draws every batch
+    before the first step, so a throughput figure counts training only (a real rank reads
+    its slice of the event log; here each rank would draw the whole synthetic batch).
     """
 
     model: DLRMConfig
@@ -305,12 +317,14 @@ class ShardedRunSpec:
     sink: Callable[[int], Sink] | None = None
     return_sink: bool = False
     keep_predictions: bool = True
+    pregenerate: bool = False
 
 
 @dataclass
 class RankReport:
     """What one rank did: its slices' predictions per step, its rows and dense weights at the
-    end, its published sink if asked, and the wall time of the steps after the first."""
+    end, its published sink if asked, and the wall and CPU time (all its threads) of the
+    steps after the first."""
 
     rank: int
     predictions: list[np.ndarray]
@@ -322,6 +336,7 @@ class RankReport:
     steps: int
     events_after_first: int
     seconds_after_first: float
+    cpu_seconds_after_first: float
 
 
 def train_rank(ctx: RankContext, spec: ShardedRunSpec) -> RankReport:
@@ -330,28 +345,39 @@ def train_rank(ctx: RankContext, spec: ShardedRunSpec) -> RankReport:
     trainer = ShardedTrainer(ctx, spec.model, spec.trainer, sink, spec.publisher)
     steps = max(1, spec.events // spec.batch_size)
     batches = itertools.islice(SyntheticStream(spec.stream).batches(spec.batch_size), steps)
+    if spec.pregenerate:
+        batches = iter(list(batches))
     predictions, losses = [], []
-    started = 0.0
+    started = cpu_started = 0.0
     for i, events in enumerate(batches):
         if i == 1:
             dist.barrier()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
         result = trainer.step(events)
         losses.append(result.loss)
         if spec.keep_predictions:
             predictions.append(result.predictions)
     elapsed = time.perf_counter() - started if steps > 1 else 0.0
+    cpu = time.process_time() - cpu_started if steps > 1 else 0.0
     trainer.flush()
+    for end in ("flush", "close"):  # a RemoteSink: every row acknowledged, its threads ended
+        call = getattr(sink, end, None)
+        if callable(call) and not spec.return_sink:
+            call()
     model = trainer.model
     return RankReport(
         rank=ctx.rank,
         predictions=predictions,
         losses=losses,
         owned_keys=model.owned_keys,
-        owned_rows=[t.weight.detach().numpy().copy() for t in model.tables.values()],
-        dense={k: v.numpy().copy() for k, v in model.state_dict().items() if "tables." not in k},
+        owned_rows=[
+            model.rows.weight.detach()[model.table_slice(i)].numpy().copy()
+            for i in range(model.config.num_sparse)
+        ],
+        dense={k: v.numpy().copy() for k, v in model.state_dict().items() if k != "rows.weight"},
         sink=sink if spec.return_sink else None,
         steps=steps,
         events_after_first=(steps - 1) * spec.batch_size,
         seconds_after_first=elapsed,
+        cpu_seconds_after_first=cpu,
     )
