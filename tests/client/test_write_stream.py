@@ -8,6 +8,7 @@ import logging
 import socket
 import struct
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -318,3 +319,24 @@ def test_a_bad_head_sent_with_the_upgrade_is_refused_and_the_node_goes_on(
     assert (kind, status) == (REFUSED, 400) and b"frame kind: 9" in answer[ANSWER.size :]
     with _stream(source) as s:
         s.write("emb", np.arange(2, dtype=np.int64), np.ones((2, 4), np.float32))
+
+
+def test_a_stream_probes_a_silent_client_so_a_vanished_one_frees_its_place(
+    source: Source,
+) -> None:
+    """A stream idle between frames stays open as long as its client is there; a client
+    whose machine vanished (no FIN, no RST) held its stream, and its place among the
+    streams, for ever: nothing probed it. Now TCP keepalive does (the kernel's timer on the
+    node's socket: ``tr`` 2 in /proc/net/tcp)."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        pytest.skip("no /proc/net/tcp to read the node's socket timers from")
+    sock = _upgraded(source)
+    node_port = httpx.URL(source.url).port
+    client_port = sock.getsockname()[1]
+    rows = [ln.split() for ln in table.read_text().splitlines()[1:]]
+    ours = [r for r in rows if r[1].endswith(f":{node_port:04X}")
+            and r[2].endswith(f":{client_port:04X}")]  # fmt: skip
+    assert len(ours) == 1, ours
+    assert ours[0][5].split(":")[0] == "02", ours[0]  # the keepalive timer runs
+    sock.close()

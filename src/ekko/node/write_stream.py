@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 _HEAD, _NAME, _BODY = range(3)
 FRAME_TIMEOUT_S = BODY_TIMEOUT_S
 """A frame begun must be complete within this long (as a body on the HTTP port)."""
+KEEPALIVE_IDLE_S = 60
+"""A stream silent this long is probed (TCP keepalive, every 10 s, 6 times): a client that
+vanished without closing (its machine gone, a NAT's state dropped) frees its place."""
 MAX_UNANSWERED = 256
 """Frames a stream holds unanswered before it stops reading (a client that sends without
 reading answers is held there, by TCP, not in memory)."""
@@ -106,6 +110,9 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _probe_when_silent(sock)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -278,6 +285,16 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
             else:
                 self.transport.writelines(written(seq, versions))  # type: ignore[union-attr]
         await self._writing.wait()  # a client that reads no answers gets no more frames in
+
+
+def _probe_when_silent(sock: socket.socket) -> None:
+    """TCP keepalive on a stream's socket: an idle stream stays open (its client may pause
+    between frames for as long as it likes), so only the kernel can tell a client gone."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", 10),
+                        ("TCP_KEEPCNT", 6)):  # fmt: skip
+        if hasattr(socket, name):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def write_stream_route(core: NodeCore, max_body: int, stats: StreamStats) -> Route:
