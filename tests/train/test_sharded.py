@@ -3,6 +3,7 @@ rows published by their owner only, and a killed rank named by the survivors."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from ekko.quality.offline import auc
 from ekko.train.dlrm import DLRM, DLRMConfig, embedding_table_name
@@ -31,11 +33,31 @@ def _memory_sink(rank: int) -> MemorySink:
     return MemorySink()
 
 
+def _poisoned_step(ctx: RankContext) -> tuple[str | None, bool, int]:
+    """One good step, then a batch whose last event (the last rank's slice) has an inf:
+    (the reject reason, whether the rank's weights stayed, the writes it published)."""
+    sink = MemorySink()
+    trainer = ShardedTrainer(ctx, SMALL_MODEL, ADAGRAD, sink)
+    good, bad = itertools.islice(SyntheticStream(SMALL_STREAM).batches(256), 2)
+    trainer.step(good)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    writes = len(sink.writes)
+    dense = bad.dense.copy()
+    dense[-1, 0] = np.inf
+    result = trainer.step(dataclasses.replace(bad, dense=dense))
+    stayed = all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters(), strict=True))
+    return result.rejected, stayed, len(sink.writes) - writes
+
+
+def _train_then_poison(ctx: RankContext, spec: ShardedRunSpec) -> tuple:
+    return train_rank(ctx, spec), _poisoned_step(ctx)
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
     spec = ShardedRunSpec(SMALL_MODEL, SMALL_STREAM, EVENTS, BATCH, ADAGRAD, sink=_memory_sink,
                           return_sink=True)  # fmt: skip
-    with ShardedRun(train_rank, 2, (spec,), timeout_s=30) as run:
+    with ShardedRun(_train_then_poison, 2, (spec,), timeout_s=30) as run:
         return run.join()
 
 
@@ -52,6 +74,7 @@ def one_rank():
 
 
 def test_two_ranks_predict_as_the_one_rank_trainer(two_ranks, one_rank):
+    two_ranks = [report for report, _ in two_ranks]
     predictions, labels, _ = one_rank
     sharded = [
         np.concatenate([r.predictions[s] for r in two_ranks]) for s in range(len(predictions))
@@ -67,6 +90,7 @@ def test_two_ranks_predict_as_the_one_rank_trainer(two_ranks, one_rank):
 
 
 def test_each_row_is_published_by_its_owner_with_its_weight(two_ranks, one_rank):
+    two_ranks = [report for report, _ in two_ranks]
     _, _, seen = one_rank
     placement = RowPlacement(world_size=2)
     for i in range(SMALL_MODEL.num_sparse):
@@ -90,6 +114,11 @@ def test_each_row_is_published_by_its_owner_with_its_weight(two_ranks, one_rank)
     assert [t for t in two_ranks[1].sink.tables if "dense/" in t] == []  # rank 0 publishes dense
     for key, value in two_ranks[0].dense.items():
         np.testing.assert_array_equal(dense0.tables[f"dense/{key}"][0], value.reshape(-1))
+
+
+def test_a_non_finite_slice_on_one_rank_is_rejected_by_every_rank(two_ranks):
+    # the inf is in rank 1's slice only; the all-reduced loss tells rank 0 too
+    assert [poison for _, poison in two_ranks] == [("loss", True, 0), ("loss", True, 0)]
 
 
 def test_a_killed_rank_makes_the_other_fail_naming_it():
