@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from ekko.quality.offline import auc
 from ekko.train.dlrm import DLRM, DLRMConfig, embedding_table_name
@@ -139,6 +140,23 @@ def test_a_killed_rank_makes_the_other_fail_naming_it():
     assert failure.value.errors[0].startswith("RankLostError: rank 0: ")
     assert named in failure.value.errors[0]  # the survivor's own error names the dead rank
     assert str(failure.value).startswith(f"sharded run failed: {named}; rank 0 failed:")
+
+
+def test_a_failed_collective_names_the_dead_peer_else_the_silent_one():
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    ranks = [RankContext(r, 4, store, dead_wait_s=0.05) for r in range(4)]
+    for ctx, step in zip(ranks, (7, 7, 6, 7), strict=True):
+        ctx.mark_step(step)
+    ranks[1].lost(RuntimeError("timed out"), "the gradient exchange", 7)  # failed as rank 0
+    error = ranks[0].lost(RuntimeError("Timed out waiting 5000ms\nmore"), "the exchange", 7)
+    assert str(error) == (
+        "rank 0: the exchange of step 7 failed: rank 2 is alive but did not answer (last "
+        "started step 6); rank 3 is alive but did not answer (last started step 7) "
+        "(RuntimeError: Timed out waiting 5000ms)"
+    )
+    store.set("dead/3", "(pid 42) was killed by signal SIGKILL")  # as the launcher records it
+    error = ranks[0].lost(RuntimeError("Connection reset by peer"), "the exchange", 8)
+    assert "failed: rank 3 (pid 42) was killed by signal SIGKILL (RuntimeError" in str(error)
 
 
 def test_placement_and_trainer_refuse_bad_settings():

@@ -52,11 +52,15 @@ class RankLostError(RuntimeError):
 
 @dataclass(frozen=True)
 class RankContext:
-    """What a rank function gets: its rank, the world size and the launcher's store."""
+    """What a rank function gets: its rank, the world size and the launcher's store.
+
+    ``dead_wait_s``: how long a failed collective waits for the launcher to record a peer's
+    exit before looking for a silent peer instead."""
 
     rank: int
     world_size: int
     store: dist.Store
+    dead_wait_s: float = _DEAD_WAIT_S
 
     def mark_step(self, step: int) -> None:
         """Record that this rank started ``step`` (read back when a peer must name a laggard)."""
@@ -69,7 +73,7 @@ class RankContext:
         (the network failed)."""
         try:
             self.store.set(f"failed/{self.rank}", str(step))
-            culprits = _dead_peers(self, deadline=time.monotonic() + _DEAD_WAIT_S)
+            culprits = _dead_peers(self, deadline=time.monotonic() + self.dead_wait_s)
             if not culprits:
                 culprits = _silent_peers(self)
         except Exception as store_error:  # the launcher (the store's host) is gone too
