@@ -182,6 +182,7 @@ class ShardedRun:
                 target=_rank_main,
                 args=(r, world_size, self.store.port, timeout_s, threads, fn, args, self._dir.name),
                 name=f"ekko-rank-{r}",
+                daemon=True,  # a launcher that exits without join takes its ranks along
             )
             for r in range(world_size)
         ]
