@@ -256,7 +256,7 @@ class SourceGuard:
                 if back.any():
                     self.port.restore(table, rs.keys[back], values[back], now_ns=self._clock.ns())
                 if not back.all():  # created since the checkpoint: gone again, everywhere
-                    self.port.delete(table, rs.keys[~back], now_ns=self._clock.ns())
+                    self.port.delete(table, rs.keys[~back], self._clock.ns())
                 rows[table] = (rs.keys, values)
                 nbytes += rs.keys.nbytes + values.nbytes
         checkpoint = (
