@@ -46,14 +46,14 @@ _JSON = msgspec.json.Encoder()
 class LifecycleSpec:
     """Inputs of one run; recorded in the JSON."""
 
-    row_budget: int = 1_000
-    duration_s: float = 240.0
+    row_budget: int = 2_500
+    duration_s: float = 300.0
     rate: float = 1024.0  # events/s offered to the trainer
     batch: int = 256
     sample_s: float = 2.0
     warmup_fraction: float = 0.3  # memory slope fitted after this much of the run
     converge_s: float = 120.0
-    auc_events: int = 200_000  # the trainer-alone AUC comparison (ekko bench dynamic)
+    auc_events: int = 300_000  # the trainer-alone AUC comparison (ekko bench dynamic)
 
     @classmethod
     def quick(cls) -> LifecycleSpec:
