@@ -50,11 +50,11 @@ class _CountingSink(MemorySink):
             rows.pop(key, None)
 
 
-def variants(budget: int, unbounded_rows: int) -> dict[str, DLRMConfig]:
+def variants(budget: int, unbounded_rows: int, eviction: str = "lru") -> dict[str, DLRMConfig]:
     bounded = DynamicEmbeddingConfig(
         row_budget=budget,
         admission=AdmissionConfig(kind="count", threshold=2, sketch_width=1 << 16),
-        eviction=EvictionConfig(kind="lru"),
+        eviction=EvictionConfig(kind=eviction),
     )
     unbounded = DynamicEmbeddingConfig(
         row_budget=unbounded_rows, eviction=EvictionConfig(kind="none")
@@ -67,14 +67,19 @@ def variants(budget: int, unbounded_rows: int) -> dict[str, DLRMConfig]:
 
 
 def run(
-    *, quick: bool = False, out: Path | None = None, budget: int = 5_000, events: int = 0
+    *,
+    quick: bool = False,
+    out: Path | None = None,
+    budget: int = 5_000,
+    events: int = 0,
+    eviction: str = "lru",
 ) -> dict:
     torch.set_num_threads(1)
     events = events or (60_000 if quick else 200_000)
     steps = events // BATCH
     seconds = events / DEMO_STREAM.events_per_s
     unbounded_rows = DEMO_STREAM.max_vocab + int(seconds * DEMO_STREAM.new_items_per_s) + 1_000
-    configs = variants(budget, unbounded_rows)
+    configs = variants(budget, unbounded_rows, eviction)
     trainers, sinks = {}, {}
     for name, cfg in configs.items():
         model = DLRM(cfg)
