@@ -96,3 +96,14 @@ def test_trainer_metrics_count_admitted_rejected_evicted_and_rows(
             assert samples[(f"ekko_train_embedding_{what}_total", labels)] == getattr(t, what)
     assert sum(t.evicted for t in st.values()) > 0 and sum(t.rejected for t in st.values()) > 0
     assert svc.report()["dynamic_tables"]["emb_0"]["row_budget"] == 20
+
+
+def test_the_demo_trains_dynamic_tables_by_default(tmp_path) -> None:
+    from ekko.demo.setup import DemoSpec, cluster_config
+
+    model = load_config(cluster_config(DemoSpec(), tmp_path)).models[0]
+    dynamic = model.dlrm().dynamic
+    assert dynamic is not None and dynamic.row_budget == 5_000
+    assert (dynamic.admission.kind, dynamic.eviction.kind) == ("count", "lru")
+    hashed = load_config(cluster_config(DemoSpec(row_budget=None), tmp_path / "h")).models[0]
+    assert hashed.dlrm().dynamic is None

@@ -25,7 +25,8 @@ class DemoSpec:
     batch: int = 256
     wan_delay_ms: tuple[float, ...] = (25.0, 50.0, 100.0)
     checkpoint_every_s: float | None = None  # None: a quarter of the run, at least 10 s
-    rows_per_table: int = 100_000
+    rows_per_table: int = 100_000  # hashed tables' rows (row_budget None)
+    row_budget: int | None = 5_000  # dynamic tables: raw ids, at most this many rows each
     embedding_dim: int = 8
     interval_s: float = 5.0  # AUC-over-time resolution
     warmup_events: int = 30_000  # trained before the run; then every replica gets a copy
@@ -72,6 +73,12 @@ def cluster_config(spec: DemoSpec, workdir: Path) -> Path:
         "dense_interval_s": 1.0,
         "baseline_lag_s": spec.baseline_lag_s,
     }
+    if spec.row_budget is not None:  # bounded memory: admission and LRU eviction
+        model |= {
+            "row_budget": spec.row_budget,
+            "admission": {"kind": "count", "threshold": 2, "sketch_width": 16384},
+            "eviction": {"kind": "lru"},
+        }
     doc = cluster_doc(
         dcs=len(spec.wan_delay_ms),
         replicas=1,
