@@ -5,6 +5,7 @@ anything is written."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ekko.schedule import WritePort
 from ekko.store import Store
 from ekko.store.spec import TableSpec
 from ekko.train.dlrm import DLRM
+from ekko.train.dynamic_embedding import DynamicEmbeddingConfig
 
 CFG = SMALL_MODEL.dlrm()
 MAX_ABS = SMALL_MODEL.max_abs
@@ -162,3 +164,12 @@ def test_a_tensor_with_no_dense_cpu_data_is_named(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError) as err:
             read_state(tmp_path / f"{name}.pt")
         assert named in str(err.value), name
+
+
+def test_a_model_with_dynamic_tables_is_refused_by_export_and_load_naming_why() -> None:
+    dynamic = dataclasses.replace(CFG, dynamic=DynamicEmbeddingConfig(row_budget=64))
+    with pytest.raises(CheckpointError, match="dynamic"):
+        tensors_from_store(Store(), dynamic, "ctr")
+    state = {k: v.numpy() for k, v in DLRM(CFG).state_dict().items()}
+    with pytest.raises(CheckpointError, match="keyed by raw ids"):
+        rows_of_state(state, dynamic, MAX_ABS)

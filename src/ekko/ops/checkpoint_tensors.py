@@ -50,7 +50,15 @@ class TensorSpec:
 
 
 def model_tensors(config: DLRMConfig) -> dict[str, TensorSpec]:
-    """Every state-dict key of ``DLRM(config)`` -> its spec, embedding tables first."""
+    """Every state-dict key of ``DLRM(config)`` -> its spec, embedding tables first;
+    ``CheckpointError`` for a model with dynamic tables (rows keyed by raw ids, which no
+    ``[rows_per_table, dim]`` tensor holds)."""
+    if config.dynamic is not None:
+        raise CheckpointError(
+            "the model's embedding tables are dynamic ([[models]] row_budget): their rows "
+            "are keyed by raw ids, which a state dict of [rows_per_table, dim] tensors cannot "
+            "hold; ekko export and ekko load take models with hashed tables only"
+        )
     ns = config.table_namespace
     specs: dict[str, TensorSpec] = {}
     for i in range(config.num_sparse):
