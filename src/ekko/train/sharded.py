@@ -36,7 +36,7 @@ from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.sharded_exchange import RowPlacement, StepRoute
 from ekko.train.sharded_launch import RankContext
 from ekko.train.streams import Events, StreamConfig, SyntheticStream
-from ekko.train.trainer import StepResult, TrainerConfig, _all_finite
+from ekko.train.trainer import StepResult, TrainerConfig, _all_finite, publish_or_discard
 
 OWNED_ROWS = "sharded/owned_rows"
 """The publisher's name for a rank's one local table; ``OwnedRowsSink`` never creates it."""
@@ -254,11 +254,7 @@ class ShardedTrainer:
             raise self.ctx.lost(e, "the gradient exchange", step) from e
         rejected = self._apply(bucket, local, owned_grads)
         publish_start = time.perf_counter()
-        if self.publisher is not None:
-            if rejected is None:
-                self.publisher.publish()
-            else:
-                self.publisher.discard()
+        publish_or_discard(self.publisher, rejected)
         self.steps += 1
         end = time.perf_counter()
         return StepResult(

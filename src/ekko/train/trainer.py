@@ -63,6 +63,16 @@ class StepResult:
     rejected: str | None = None
 
 
+def publish_or_discard(publisher: EmbeddingPublisher | None, rejected: str | None) -> None:
+    """A step's rows published, or dropped when the step was rejected (its rows unchanged)."""
+    if publisher is None:
+        return
+    if rejected is None:
+        publisher.publish()
+    else:
+        publisher.discard()
+
+
 def _sparse_embedding_weights(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, EMBEDDING_TYPES) and m.sparse]
 
@@ -228,11 +238,7 @@ class OnlineTrainer:
         predictions = torch.sigmoid(logits.detach()).numpy()
         rejected = self._learn(loss) if np.isfinite(predictions).all() else "loss"
         publish_start = time.perf_counter()
-        if self.publisher is not None:
-            if rejected is None:
-                self.publisher.publish()
-            else:
-                self.publisher.discard()
+        publish_or_discard(self.publisher, rejected)
         end = time.perf_counter()
         return StepResult(
             loss=float(loss.detach()),
