@@ -97,6 +97,7 @@ class _Run:
         self.samples: list[dict[str, Any]] = []
         self.distinct: list[set[int]] = []
         self.trained = 0
+        self.started = time.monotonic()
 
     def _body(self, events: Events) -> bytes:
         sparse = events.sparse
@@ -152,9 +153,9 @@ class _Run:
         http = self.cluster.http
         async with http.async_client(timeout=30.0, auth=self.cluster.auth) as client:
             feeder = asyncio.create_task(self.feed(client, stop))
-            start = time.monotonic()
+            self.started = time.monotonic()
             try:
-                while (t := time.monotonic() - start) < spec.duration_s:
+                while (t := time.monotonic() - self.started) < spec.duration_s:
                     if feeder.done():
                         feeder.result()  # raises what stopped it
                     row = await asyncio.to_thread(self.sample, t)
@@ -172,7 +173,7 @@ class _Run:
     def converged(self) -> bool:
         deadline = time.monotonic() + self.spec.converge_s
         while time.monotonic() < deadline:
-            row = self.sample(self.samples[-1]["t"] + 1 if self.samples else 0.0)
+            row = self.sample(time.monotonic() - self.started)
             digests = [n["digests"] for n in row["nodes"].values()]
             if all(d == digests[0] for d in digests):
                 return True
