@@ -74,6 +74,14 @@ def cluster_init(
         help="Every port over TLS: a cluster CA and a key pair per node under tls/ "
         "(sync links mutual; README 'TLS').",
     ),
+    partitions: int = typer.Option(
+        1,
+        help="Partitions (issue 17): one source each in the training DC, REPLICAS holders "
+        "of each in every inference DC.",
+    ),
+    max_memory_mb: float | None = typer.Option(
+        None, help="Every node's memory budget for its rows (MB); refused by name past it."
+    ),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
     from ekko.node.config import ClusterConfig
@@ -100,6 +108,8 @@ def cluster_init(
             models=[{"name": "ctr"}] if serve else None,
             tls=tls,
             cluster_id=new_cluster_id(),
+            partitions=partitions,
+            max_memory_mb=max_memory_mb,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -109,7 +119,7 @@ def cluster_init(
     write_deploy(ClusterConfig.model_validate(doc), path.parent)
     files = "its secret file" + (", a cluster CA and node certificates in tls/" if tls else "")
     files += ", a Prometheus scrape config and a Grafana dashboard in deploy/"
-    console.print(f"wrote {path} ({1 + dcs * replicas} nodes) and {files}")
+    console.print(f"wrote {path} ({len(doc['nodes'])} nodes) and {files}")
     for line in describe(doc, out, note):
         console.print(line, markup=False, highlight=False)
 

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ekko.net.tls import TlsFileError, TlsFiles, check_ca, check_node_files
 from ekko.net.wan import WanProfile
+from ekko.node import config_partitions
 from ekko.node.config_models import AdmissionSection, EvictionSection, ModelConfig
 from ekko.node.config_sections import (
     DurabilitySection,
@@ -27,6 +28,7 @@ from ekko.node.config_sections import (
     SyncConfig,
 )
 from ekko.store._validate import DEFAULT_MAX_ABS
+from ekko.store.placement import Placement
 from ekko.store.spec import TableSpec
 
 __all__ = [  # the sections live in config_models / config_sections; read them from here too
@@ -72,6 +74,9 @@ class ClusterSection(Strict):
     secret_file: str = "cluster.secret"
     data_dir: str = "data"
     tls: ClusterTls | None = None
+    # How many partitions the tables' shards are dealt to (``ekko.store.placement``); every
+    # DC holds every partition (``config_partitions``). 1: every node holds every shard.
+    partitions: int = Field(1, ge=1, le=4096)
 
 
 class DcConfig(Strict):
@@ -94,6 +99,12 @@ class NodeConfig(Strict):
     refresh: Literal["sync", "checkpoint"] = "sync"
     checkpoint_interval_s: float = Field(60.0, gt=0)
     tls: NodeTls | None = None  # required when [cluster] tls is set
+    # The partitions this node holds (None: all of them); its store takes rows of their
+    # shards only.
+    partitions: tuple[int, ...] | None = None
+    # The node's store refuses a table or a write that would take it past this (MB of rows
+    # and index, ``ekko.store.budget``), naming the table and partition. None: no limit.
+    max_memory_mb: float | None = Field(None, gt=0, lt=1e12)
 
 
 class TableConfig(Strict):
@@ -176,6 +187,7 @@ class ClusterConfig(Strict):
             if not any(n.dc == d.name for n in self.nodes):
                 raise ValueError(f"dcs[{d.name}]: has no nodes")
         self._check_relay_tree()
+        config_partitions.check(self)
         return self
 
     def _check_relay_tree(self) -> None:
@@ -211,29 +223,51 @@ class ClusterConfig(Strict):
 
     @property
     def source(self) -> NodeConfig:
-        return self.dc_nodes(self.training_dc.name)[0]
+        """The source (of partition 0, when the cluster is partitioned: ``source_of``)."""
+        return self.source_of(0)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.cluster.partitions > 1
+
+    def placement(self) -> Placement:
+        """Which partition holds each (table, shard)."""
+        return Placement(self.cluster.partitions)
+
+    def held(self, name: str) -> tuple[int, ...]:
+        """The partitions node ``name`` holds, ascending."""
+        return config_partitions.held(self, self.node(name))
+
+    def source_of(self, partition: int) -> NodeConfig:
+        """The origin of ``partition``'s versions (its training-DC holder listed first)."""
+        return config_partitions.source_of(self, partition)
+
+    @property
+    def sources(self) -> list[NodeConfig]:
+        """Every partition's source, once each, in config order."""
+        names = {self.source_of(p).name for p in range(self.cluster.partitions)}
+        return [n for n in self.nodes if n.name in names]
 
     def role(self, name: str) -> Role:
+        """``source`` of its partitions, else ``leader`` when it is its DC's first holder
+        of any of them (it pulls that one over the WAN), else ``follower``."""
         node = self.node(name)
         if node.refresh == "checkpoint":
             return "checkpoint"
-        if node.name == self.source.name:
+        mine = self.held(name)
+        if self.source_of(mine[0]).name == node.name:
             return "source"
-        first = self.dc_nodes(node.dc)[0]
-        return "leader" if first.name == node.name else "follower"
+        firsts = {config_partitions.holders(self, node.dc, p)[0].name for p in mine}
+        return "leader" if node.name in firsts else "follower"
 
-    def upstreams(self, name: str) -> list[NodeConfig]:
-        """Where ``name`` pulls from, in failover order: DC peers ahead of it, then the WAN."""
+    def upstreams(self, name: str, partition: int | None = None) -> list[NodeConfig]:
+        """Where ``name`` pulls ``partition`` from (None: its first), in failover order: DC
+        holders of it ahead of ``name``, then the WAN."""
         node = self.node(name)
-        if self.role(name) in ("source", "checkpoint"):
+        if node.refresh == "checkpoint":
             return []
-        peers = self.dc_nodes(node.dc)
-        ahead = peers[: peers.index(node)] if self.sync.use_dc_leader else []
-        if node.dc == self.training_dc.name:
-            return [*ahead[1:], self.source] if ahead else [self.source]
-        up_dc = self.dc(node.dc).upstream_dc
-        wan = [*self.dc_nodes(up_dc), self.source] if up_dc else [self.source]
-        return [*ahead, *wan]
+        p = self.held(name)[0] if partition is None else partition
+        return config_partitions.upstreams(self, node, p)
 
     def wan(self, a: str, b: str) -> WanProfile | None:
         """The emulated link between nodes ``a`` and ``b`` (None inside one DC)."""

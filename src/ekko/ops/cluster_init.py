@@ -95,6 +95,8 @@ def cluster_doc(
     checkpoint_every_s: float | None = None,
     tls: bool = False,
     cluster_id: str | None = None,
+    partitions: int = 1,
+    max_memory_mb: float | None = None,
 ) -> dict[str, Any]:
     """The TOML document of a training DC (one source) and ``dcs`` inference DCs.
 
@@ -103,19 +105,39 @@ def cluster_doc(
     replica refreshed only by a full copy of the source that often, the no-Ekko comparison.
     ``tls``: every port over TLS, with the files under ``tls/`` (``write_cluster`` makes
     them). ``cluster_id``: ``[cluster] id``, which the nodes' data dirs record and check
-    (``new_cluster_id()``; None: unchecked)."""
-    if dcs < 1 or replicas < 1:
-        raise ValueError(f"need dcs >= 1 and replicas >= 1, got dcs={dcs} replicas={replicas}")
+    (``new_cluster_id()``; None: unchecked).
+
+    ``partitions`` > 1 (issue 17): the training DC has one source per partition
+    (``source-p{p}``) and each inference DC ``replicas`` holders of each partition
+    (``dc{i}-p{p}-r{r}``, the first its leader); ``max_memory_mb`` is every node's budget."""
+    if dcs < 1 or replicas < 1 or partitions < 1:
+        raise ValueError(
+            f"need dcs, replicas and partitions >= 1, got dcs={dcs} replicas={replicas} "
+            f"partitions={partitions}"
+        )
+    if partitions > 1 and checkpoint_every_s is not None:
+        raise ValueError(
+            "--checkpoint-every: a checkpoint replica copies one source; "
+            f"not with --partitions {partitions}"
+        )
     delays = list(wan_delay_ms or DEFAULT_DELAYS_MS)
     if len(delays) < dcs:
         delays = [delays[i % len(delays)] for i in range(dcs)]
-    ports = free_ports(2 * (2 + dcs * replicas))
+    ports = free_ports(2 * (1 + partitions * (1 + dcs * replicas)))
+    budget = {} if max_memory_mb is None else {"max_memory_mb": float(max_memory_mb)}
+    sources = (
+        [{"name": "source"} | budget]
+        if partitions == 1
+        else [{"name": f"source-p{p}", "partitions": [p]} | budget for p in range(partitions)]
+    )
     doc: dict[str, Any] = {
         "cluster": {"name": name, "secret_file": "cluster.secret", "data_dir": "data"}
-        | ({"id": cluster_id} if cluster_id is not None else {}),
+        | ({"id": cluster_id} if cluster_id is not None else {})
+        | ({"partitions": partitions} if partitions > 1 else {}),
         "dcs": [{"name": "train", "training": True}],
         "nodes": [
-            {"name": "source", "dc": "train", "sync_port": ports.pop(), "admin_port": ports.pop()}
+            s | {"dc": "train", "sync_port": ports.pop(), "admin_port": ports.pop()}
+            for s in sources
         ],
         "tables": [
             {"name": n, "dim": d, "shards": s}
@@ -130,16 +152,21 @@ def cluster_doc(
         if wan_mbit is not None:
             dc["wan_mbit"] = float(wan_mbit)
         doc["dcs"].append(dc)
-        for r in range(replicas):
-            doc["nodes"].append(
-                {
-                    "name": f"dc{i + 1}-r{r}",
-                    "dc": f"dc{i + 1}",
-                    "sync_port": ports.pop(),
-                    "admin_port": ports.pop(),
-                    "serve": serve,
-                }
-            )
+        for p in range(partitions):
+            for r in range(replicas):
+                name_ = f"dc{i + 1}-r{r}" if partitions == 1 else f"dc{i + 1}-p{p}-r{r}"
+                held = {} if partitions == 1 else {"partitions": [p]}
+                doc["nodes"].append(
+                    {
+                        "name": name_,
+                        "dc": f"dc{i + 1}",
+                        "sync_port": ports.pop(),
+                        "admin_port": ports.pop(),
+                        "serve": serve,
+                    }
+                    | held
+                    | budget
+                )
     if checkpoint_every_s is not None:
         dc = {"name": "ckpt", "wan_delay_ms": float(delays[0])}
         if wan_mbit is not None:

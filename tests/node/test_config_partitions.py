@@ -1,0 +1,113 @@
+"""Partitioned clusters (issue 17): which node holds, sources and leads each partition, and
+the configs that cannot run, refused by name when read."""
+
+from __future__ import annotations
+
+import pytest
+
+from ekko.node.config import ClusterConfig
+from ekko.ops.cluster_init import cluster_doc
+
+
+def _doc(partitions: int = 2, **kw):
+    return cluster_doc(dcs=2, replicas=2, wan_delay_ms=[25, 50], partitions=partitions, **kw)
+
+
+def _node(doc, name):
+    return next(n for n in doc["nodes"] if n["name"] == name)
+
+
+def test_one_partition_is_todays_cluster():
+    cfg = ClusterConfig.model_validate(cluster_doc(dcs=2, replicas=2))
+    assert cfg.cluster.partitions == 1 and not cfg.partitioned
+    assert [n.name for n in cfg.sources] == ["source"]
+    assert all(cfg.held(n.name) == (0,) for n in cfg.nodes)
+    assert [n.name for n in cfg.upstreams("dc1-r1")] == ["dc1-r0", "source"]
+
+
+def test_each_partition_has_a_source_a_leader_per_dc_and_its_own_upstreams():
+    cfg = ClusterConfig.model_validate(_doc(max_memory_mb=64))
+    assert [n.name for n in cfg.sources] == ["source-p0", "source-p1"]
+    assert cfg.source_of(1).name == "source-p1" and cfg.source.name == "source-p0"
+    assert cfg.node("dc2-p1-r0").max_memory_mb == 64
+    roles = {n.name: cfg.role(n.name) for n in cfg.nodes}
+    assert roles["source-p1"] == "source"
+    assert roles["dc1-p1-r0"] == "leader" and roles["dc1-p1-r1"] == "follower"
+    assert [n.name for n in cfg.upstreams("dc1-p1-r0")] == ["source-p1"]
+    assert [n.name for n in cfg.upstreams("dc2-p1-r1")] == ["dc2-p1-r0", "source-p1"]
+    assert cfg.placement().partitions == 2
+
+
+def test_a_node_holding_partitions_of_one_source_pulls_each_from_its_leader():
+    doc = _doc()
+    # One source of both partitions; dc1-p0-r1 holds both: it follows dc1-p0-r0 for p0 and,
+    # listed before dc1-p1-r0, leads p1.
+    doc["nodes"] = [n for n in doc["nodes"] if n["name"] != "source-p1"]
+    _node(doc, "source-p0")["partitions"] = [0, 1]
+    _node(doc, "dc1-p0-r1")["partitions"] = [1, 0]
+    cfg = ClusterConfig.model_validate(doc)
+    assert cfg.held("dc1-p0-r1") == (0, 1) and cfg.role("dc1-p0-r1") == "leader"
+    assert [n.name for n in cfg.upstreams("dc1-p0-r1", 0)] == ["dc1-p0-r0", "source-p0"]
+    assert [n.name for n in cfg.upstreams("dc1-p0-r1", 1)] == ["source-p0"]
+    assert [n.name for n in cfg.upstreams("dc1-p1-r0", 1)] == ["dc1-p0-r1", "source-p0"]
+    assert cfg.role("dc1-p1-r0") == "follower"
+
+
+def _drop(doc, names):
+    doc["nodes"] = [n for n in doc["nodes"] if n["name"] not in names]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda d: d["cluster"].update(partitions=0), "cluster.partitions"),
+        (
+            lambda d: _node(d, "dc1-p1-r1").update(partitions=[2]),
+            "nodes[dc1-p1-r1].partitions: 2 is not a partition; cluster.partitions = 2",
+        ),
+        (lambda d: _node(d, "dc1-p1-r1").update(partitions=[-1]), "-1 is not a partition"),
+        (
+            lambda d: _node(d, "dc1-p1-r1").update(partitions=[]),
+            "nodes[dc1-p1-r1].partitions: empty",
+        ),
+        (
+            lambda d: _node(d, "dc1-p1-r1").update(partitions=[1, 1]),
+            "nodes[dc1-p1-r1].partitions: repeated ids",
+        ),
+        (
+            lambda d: _drop(d, {"dc2-p1-r0", "dc2-p1-r1"}),
+            "dcs[dc2]: no syncing node holds partition 1",
+        ),
+        (
+            lambda d: _drop(d, {"source-p1"}),
+            "dcs[train]: no syncing node holds partition 1",
+        ),
+        (
+            lambda d: _node(d, "source-p1").update(partitions=[1, 0]),
+            "nodes[source-p1].partitions: it is the source of partition 1",
+        ),
+        (
+            lambda d: _node(d, "dc1-p0-r1").update(partitions=[0, 1]),
+            "nodes[dc1-p0-r1].partitions: [0, 1] come from sources ['source-p0', 'source-p1']",
+        ),
+        (
+            lambda d: d["nodes"].append(
+                dict(_node(d, "dc1-p0-r1"), name="ck", refresh="checkpoint", partitions=[0])
+            ),
+            "nodes[ck].refresh: a checkpoint replica copies one source's store",
+        ),
+        (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=0), "max_memory_mb"),
+        (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=float("nan")), "max_memory_mb"),
+    ],
+)
+def test_partition_configs_that_cannot_run_are_refused_by_name(mutate, needle):
+    doc = _doc()
+    mutate(doc)
+    with pytest.raises(ValueError) as err:
+        ClusterConfig.model_validate(doc)
+    assert needle in str(err.value)
+
+
+def test_cluster_init_refuses_partitions_with_a_checkpoint_replica():
+    with pytest.raises(ValueError, match="not with --partitions 2"):
+        _doc(checkpoint_every_s=5.0)
