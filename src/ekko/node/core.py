@@ -27,6 +27,7 @@ from ekko.quality.latency import LatencyHistogram
 from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
+from ekko.store.holding import Holding
 from ekko.store.journal import StoreJournal, open_durable
 from ekko.store.settled import Mark
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
@@ -125,7 +126,9 @@ class NodeCore:
         raises ``SnapshotError``/``WalError`` naming it: never a silent empty start)."""
         cache = self.config.sync.cache_capacity
         if self.role != "source":
-            return Store(origin=self.origin, cache_capacity=cache)
+            store = Store(origin=self.origin, cache_capacity=cache)
+            store.set_holding(self.holding())
+            return store
         if self.rebuild:
             self._set_aside()
         d = self.config.durability
@@ -142,6 +145,7 @@ class NodeCore:
             store = Store.load(self.snapshot_path, cache_capacity=cache)
         else:
             store = Store(origin=self.origin, cache_capacity=cache)
+        store.set_holding(self.holding())
         self.restored_rows = sum(t.rows for t in store.tables.values())
         if self.restored_rows or store.lineage:
             log.info(
@@ -151,6 +155,20 @@ class NodeCore:
         for t in self.config.tables:
             store.create_table(t.spec(), initial_rows=t.initial_rows).max_abs = t.max_abs
         return store
+
+    def holding(self) -> Holding | None:
+        """The shards and memory this node's store may hold: its partitions' shards (in a
+        partitioned cluster), within ``max_memory_mb``; None: any row, as before."""
+        cfg, budget = self.config, self.node.max_memory_mb
+        if not cfg.partitioned and budget is None:
+            return None
+        return Holding(
+            self.name,
+            cfg.placement() if cfg.partitioned else None,
+            cfg.held(self.name) if cfg.partitioned else None,
+            max_bytes=None if budget is None else int(budget * (1 << 20)),
+            owner_of=lambda p: f"its source is {cfg.source_of(p).name}",
+        )
 
     def _set_aside(self) -> None:
         """Rename the source's snapshot and log so a rebuild starts empty, keeping them."""

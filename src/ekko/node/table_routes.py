@@ -46,6 +46,7 @@ from ekko.net.httpkit import (
 )
 from ekko.node.core import NodeCore, NotReadyError, NotSourceError
 from ekko.store import StoreError, TableConflictError, UnknownTableError, WalError
+from ekko.store.holding import MemoryBudgetError, NotHeldError
 from ekko.store.spec import TableSpec
 
 BadRequest = RequestError
@@ -65,6 +66,8 @@ ROW_ERRORS: dict[type[BaseException], int | tuple[int, str]] = {
     NotSourceError: 409,
     NotReadyError: 503,
     WalError: (503, "write not durable: "),  # in the store but not durable: not acknowledged
+    NotHeldError: 421,  # a shard of another partition: its node takes it (issue 17)
+    MemoryBudgetError: 507,  # the node's max_memory_mb: nothing stored, the node serves on
     StoreError: 400,
 }
 """The status of each refusal of a row write or read (the routes, and write streams)."""

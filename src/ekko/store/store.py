@@ -14,6 +14,7 @@ from ekko.store.errors import (
     TableConflictError,
     UnknownTableError,
 )
+from ekko.store.holding import Holding
 from ekko.store.settled import Mark, SettledKnowledge
 from ekko.store.snapshot import SnapshotData, SnapshotTable, read_snapshot, write_snapshot
 from ekko.store.spec import TableSpec
@@ -43,6 +44,8 @@ class Store:
         self.settled = SettledKnowledge()
         # A source: its process's mark (epoch, log written, log on disk) for every answer.
         self.mark_source: Callable[[], Mark] | None = None
+        # The shards and memory this store may hold (``ekko.store.holding``; None: any).
+        self.holding: Holding | None = None
 
     @property
     def tables(self) -> Mapping[str, Table]:
@@ -64,6 +67,9 @@ class Store:
                     f"table {spec.name!r} exists as {existing.spec}, cannot create it as {spec}"
                 )
             return existing
+        if self.holding is not None:
+            initial_rows = self.holding.initial_rows(spec, initial_rows)
+            self.holding.admit_table(self._tables, spec, initial_rows)
         table = Table(
             spec,
             origin=self.origin,
@@ -72,6 +78,7 @@ class Store:
         )
         table.on_write = self._on_write
         table.on_delete = self._on_delete
+        table.admit = self._admit if self.holding is not None else None
         self._tables[spec.name] = table
         self._catalog_version += 1
         return table
@@ -81,6 +88,17 @@ class Store:
         self._on_write = hook
         for t in self._tables.values():
             t.on_write = hook
+
+    def set_holding(self, holding: Holding | None) -> None:
+        """Take rows only of ``holding``'s shards, within its budget, from now on: every
+        table refuses (raises) a write, delete or apply of any other, storing nothing."""
+        self.holding = holding
+        for t in self._tables.values():
+            t.admit = self._admit if holding is not None else None
+
+    def _admit(self, table: Table, keys: np.ndarray) -> None:
+        assert self.holding is not None
+        self.holding.admit(self._tables, table, keys)
 
     def set_delete_hook(self, hook: DeleteHook | None) -> None:
         """Call ``hook`` after every source delete from any table (the write-ahead journal)."""
@@ -95,6 +113,7 @@ class Store:
         for t in self._tables.values():
             t.on_write = self._on_write
             t.on_delete = self._on_delete
+            t.admit = self._admit if self.holding is not None else None
         self._catalog_version = max(self._catalog_version, other._catalog_version) + 1
         self.lineage = other.lineage
         self.settled = other.settled

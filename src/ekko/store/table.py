@@ -35,6 +35,9 @@ WriteHook = Callable[["Table", np.ndarray, np.ndarray, np.ndarray, int, np.ndarr
 """Called after every source write with (table, keys, values, versions, now_ns, lanes)."""
 DeleteHook = Callable[["Table", np.ndarray, np.ndarray, int], None]
 """Called after every source delete with (table, keys, versions, now_ns)."""
+AdmitHook = Callable[["Table", np.ndarray], None]
+"""Called with (table, keys) before any write, delete or apply stores them; raises to refuse
+all of them (``ekko.store.holding``: shards held elsewhere, a memory budget)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Table:
         # The store's write-ahead journal, if any: sees every source write of this table.
         self.on_write: WriteHook | None = None
         self.on_delete: DeleteHook | None = None
+        self.admit: AdmitHook | None = None
 
     # -- shape -------------------------------------------------------------------------------
 
@@ -221,6 +225,8 @@ class Table:
         v = check_values(values, n, self.dim)
         check_write_values(v, self.name, self.max_abs)
         ln = check_lanes(lanes, n)
+        if self.admit is not None:
+            self.admit(self, k)
         out = self._store_origin(k, v, ln, np.zeros(n, np.uint8), now_ns)
         self._rows_written += n
         if self.on_write is not None and n:
@@ -233,6 +239,8 @@ class Table:
         hold an older row of it). Returns the versions (int64[n])."""
         k = check_keys(keys)
         n = k.shape[0]
+        if self.admit is not None:
+            self.admit(self, k)
         ln = np.full(n, HIGH_LANE, np.uint8)
         out = self._store_origin(
             k, np.zeros((n, self.dim), np.float32), ln, np.ones(n, np.uint8), now_ns
@@ -306,6 +314,8 @@ class Table:
         dd = check_dead(dead, n)
         if n == 0:
             return 0
+        if self.admit is not None:
+            self.admit(self, k)
         sc_slot, sc_shard, sc_aslot, sc_aver = self._scratch_for(n)
         slots, first_new = self._insert(k, sc_slot)
         touched = np.zeros(self.num_shards, dtype=np.bool_)
