@@ -74,6 +74,9 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
     # A restarting source recovering from this replica: every row above the cursors, also
     # rows above the replica's knowledge (a transfer in progress) — it takes all it can get.
     absorb: bool = False
+    # Only the shards of these partitions, under the responder's placement (the cluster's,
+    # ``ekko.store.placement``), from now on in this session; None: every shard (issue 17).
+    partitions: list[Count] | None = None
 
 
 class ShardMeta(msgspec.Struct, frozen=True, array_like=True):

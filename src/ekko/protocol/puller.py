@@ -47,6 +47,7 @@ class PullerConfig:
     # A window of full-size answers queued behind one another (a catch-up of a large table)
     # would otherwise take longer to arrive than the request timeout.
     max_bytes_in_flight: int = 32 << 20
+    partitions: tuple[int, ...] | None = None  # pull these partitions' shards only
 
     def validate(self) -> PullerConfig:
         check_codec(self.codec)
@@ -356,8 +357,9 @@ class Puller:
         traffic = self.traffic.take() if self.traffic is not None else None
         reset = self._reset_pending or self._forget_asked
         self._forget_asked = False
+        parts = list(self.config.partitions) if self.config.partitions is not None else None
         return PullRequest(
-            rid, budget, wait, cursors, self.config.codec, traffic, reset, self.absorb
+            rid, budget, wait, cursors, self.config.codec, traffic, reset, self.absorb, parts
         )
 
     def _all_cursors(self) -> list[Cursor]:

@@ -27,8 +27,10 @@ from ekko.protocol.messages import (
     PullResponse,
 )
 from ekko.protocol.ready import Ready, SessionId
+from ekko.protocol.shard_scope import SessionScope
 from ekko.schedule.pacing import LinkPacer, PacerStats
 from ekko.store import Store, Table, UnknownTableError
+from ekko.store.placement import Placement
 from ekko.store.spec import LANES
 
 HOLDS_QUIET_S = 1.0
@@ -79,6 +81,7 @@ class _Session:
     max_unframed: int | None = None  # answers with rows the host may hold before framing
     unframed: int = 0  # answers with rows handed out, not yet reported ``framed``
     absorb: bool = False  # a recovering source: rows above our knowledge go too
+    scope: SessionScope = field(default_factory=SessionScope)  # the partitions asked for
 
     def forget(self) -> None:
         """The puller holds nothing this session was sent: start from nothing."""
@@ -97,9 +100,16 @@ class _Session:
 class Responder:
     """Answers ``PullRequest``/``CatalogRequest`` from many sessions over one store."""
 
-    def __init__(self, store: Store, config: ResponderConfig | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: ResponderConfig | None = None,
+        placement: Placement | None = None,
+    ) -> None:
         self.store = store
         self.config = config or ResponderConfig()
+        # Which partition holds each (table, shard): what a pull naming partitions means.
+        self.placement = placement
         self._sessions: dict[SessionId, _Session] = {}
         self._pulls = self._parked_total = self._expired = 0
         self._rows_sent = self._bytes_sent = 0
@@ -134,6 +144,10 @@ class Responder:
             return ready
         sess.codec = msg.codec
         sess.absorb = msg.absorb
+        why = sess.scope.ask(msg.partitions, self.placement)
+        if why is not None:
+            ready.sends.append((session, Error(msg.req_id, "bad_partition", why)))
+            return ready
         if msg.reset:
             sess.forget()
             sess.parked.clear()  # asked against what the puller no longer holds
@@ -420,4 +434,7 @@ class Responder:
             wanted = moved[:, None] & (vouched(table, sess.absorb) > sent)
         else:
             wanted = np.ones_like(sent, dtype=bool)
+        scope = sess.scope.mask(table, self.placement)
+        if scope is not None:
+            wanted &= scope[:, None]
         return table, [np.flatnonzero(wanted[:, lane]) for lane in LANES], sent, seen
