@@ -94,6 +94,8 @@ class NodeCore:
             clock=self.clock,
         )
         self.upstream_name: str | None = None
+        # Partitioned: where each held partition is pulled from now (None: no link up).
+        self.upstream_of: dict[int, str | None] = dict.fromkeys(self.config.held(self.name))
         self.rebuilds = 0  # whole-store rebuilds from a new upstream lineage (a full copy)
         # Inference traffic owed upstream (a replica) and heard from pullers (any node).
         self.traffic = TrafficTally(self.served)
@@ -119,6 +121,7 @@ class NodeCore:
                 use_cache=s.use_cache,
                 long_poll=s.wait_ms > 0,
             ),
+            self.config.placement() if self.config.partitioned else None,
         )
 
     def _open_store(self) -> Store:
@@ -183,10 +186,14 @@ class NodeCore:
     def is_source(self) -> bool:
         return self.role == "source"
 
-    def puller_config(self, wan: WanProfile | None = None) -> PullerConfig:
-        """How to pull over a link: ``wan`` is its profile (None: a LAN link)."""
+    def puller_config(
+        self, wan: WanProfile | None = None, partitions: tuple[int, ...] | None = None
+    ) -> PullerConfig:
+        """How to pull over a link: ``wan`` is its profile (None: a LAN link); in a
+        partitioned cluster, of ``partitions`` only (None: every shard)."""
         s = self.config.sync
         return PullerConfig(
+            partitions=partitions if self.config.partitioned else None,
             codec=s.lan_codec if wan is None else s.wan_codec,
             max_bytes=s.max_bytes,
             wait_ms=s.wait_ms,
@@ -347,6 +354,7 @@ class NodeCore:
             "dc": self.dc,
             "role": self.role,
             "upstream": self.upstream_name,
+            "partitions": list(self.config.held(self.name)),
             "uptime_s": round(self.clock.wall() - self.started_at, 3),
             "copied_at": self.copied_at,
             "catalog_version": self.store.catalog_version,

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from ekko.net.errors import TransportError
 from ekko.net.transport import Connection
@@ -16,7 +17,7 @@ from ekko.node.config import NodeConfig
 from ekko.node.core import NodeCore
 from ekko.node.sync_host import run_pull_link
 from ekko.protocol.messages import PullResponse
-from ekko.protocol.recovery import RecoveryResult, SourceRecovery
+from ekko.protocol.recovery import RECOVERY_PULLER, RecoveryResult, SourceRecovery
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,16 @@ async def recover_source(core: NodeCore, connect: Connect) -> RecoveryResult:
     (``core.not_ready``) until the recovered store and its lineage are in a snapshot."""
     config = core.config
     core.not_ready = "recovering: pulling what the replicas hold beyond its own data"
-    replicas = [n.name for n in config.nodes if config.role(n.name) not in NOT_REPLICAS]
-    recovery = SourceRecovery(core.store, replicas)
+    replicas = [
+        n.name
+        for n in config.nodes
+        if config.role(n.name) not in NOT_REPLICAS
+        and config.source_of(config.held(n.name)[0]).name == core.name  # its partitions
+    ]
+    pulls = RECOVERY_PULLER
+    if config.partitioned:  # this source's partitions only (issue 17)
+        pulls = replace(RECOVERY_PULLER, partitions=config.held(core.name))
+    recovery = SourceRecovery(core.store, replicas, pulls)
     started = time.monotonic()
     timeout = config.durability.recovery_timeout_s
     await asyncio.gather(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -131,6 +131,15 @@ class LagTracker:
             out[name] = TableLag(versions_behind(src, self._mine(store, name, src)), seconds)
         return out
 
+    def behind_in(self, store: Store, shards: Callable[[str, int], np.ndarray]) -> int:
+        """Versions ``store`` lacks of the last sample, over the shards ``shards(table,
+        num_shards)`` selects (a partition's: issue 17), summed over tables."""
+        total = 0
+        for name, src in self._latest.items():
+            sel = shards(name, src.shape[0])
+            total += versions_behind(src[sel], self._mine(store, name, src)[sel])
+        return total
+
     def _mine(self, store: Store, name: str, like: np.ndarray) -> np.ndarray:
         t = store.tables.get(name)
         if t is None or t.knowledge.shape != like.shape or store.lineage != self.lineage:
@@ -180,7 +189,10 @@ class LagProbe(Driver):
         self._failing = False
 
     async def run(self) -> None:
-        url = self.http.url(self.core.config.source.name, KNOWLEDGE_PATH)
+        # The source of this node's partitions (one: ``config_partitions``); partitioned,
+        # its shards of other partitions are not compared (``probe``).
+        cfg = self.core.config
+        url = self.http.url(cfg.source_of(cfg.held(self.core.name)[0]).name, KNOWLEDGE_PATH)
         async with self.http.async_client(timeout=max(5.0, self.interval_s)) as client:
             while True:
                 await self.probe(client, url)
@@ -199,6 +211,10 @@ class LagProbe(Driver):
             doc = resp.json()
             tables = {n: np.asarray(k, dtype=np.int64) for n, k in doc["tables"].items()}
             lineage = int(doc["lineage"], 16)
+            holding = self.core.store.holding
+            if holding is not None and holding.scoped:  # shards held elsewhere: not lacked
+                for n, k in tables.items():
+                    k[~holding.held_shards(n, k.shape[0])] = 0
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             if not self._failing:
                 log.warning("%s: cannot read the source's knowledge (%s); lag is against the "
@@ -213,6 +229,21 @@ class LagProbe(Driver):
     def lag(self) -> dict[str, TableLag]:
         return self.tracker.lag(self.core.store, self.clock.wall())
 
+    def partitions(self) -> dict[str, dict]:
+        """Per held partition: where it is pulled from now, and the versions this node
+        lacks of it (as of the source's last answer)."""
+        cfg, core = self.core.config, self.core
+        placement = cfg.placement()
+        out = {}
+        for p in cfg.held(core.name):
+
+            def shards(name: str, n: int, p: int = p) -> np.ndarray:
+                return placement.partitions_of(name, n) == p
+
+            behind = self.tracker.behind_in(core.store, shards)
+            out[str(p)] = {"upstream": core.upstream_of.get(p), "versions_behind": behind}
+        return out
+
     def status(self) -> dict:
         seen = self.tracker.seen_at
         return {
@@ -221,6 +252,7 @@ class LagProbe(Driver):
                 if seen is None
                 else round(self.clock.wall() - seen, 3),
                 "tables": {n: vars(lag) for n, lag in self.lag().items()},
+                "partitions": self.partitions(),
             }
         }
 

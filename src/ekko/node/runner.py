@@ -40,7 +40,7 @@ from ekko.node.snapshotter import Snapshotter
 from ekko.node.supervisor import Supervisor
 from ekko.node.sync_host import ResponderHost, pace_rate
 from ekko.node.sync_port import SyncPort
-from ekko.node.upstream import Upstream
+from ekko.node.upstream import Upstream, upstream_groups
 from ekko.node.web import NodeWeb
 from ekko.protocol.recovery import RecoveryResult
 from ekko.store import Store
@@ -101,6 +101,7 @@ class NodeRunner:
         self.models = ModelHost(core, send, clock)
         self.apply = ApplyFanout(core.latency, [self.models.follow], self.notify_written)
         self.upstream_ready = asyncio.Event()
+        self._links_up: list[asyncio.Event] = []  # partitioned: one per upstream link
         self.refresher: CheckpointRefresher | None = None
         self.lag_probe: LagProbe | None = None
         self.drivers = self._drivers()
@@ -126,9 +127,15 @@ class NodeRunner:
                 core, self.http, self.secret, wan, self._loaded, clock
             )
             out.append(self.refresher)
-        else:
+        elif not cfg.partitioned:
             up = Upstream(core, self.port, self.apply, self._rebuilt, self.upstream_ready, clock)
             out.append(up)
+        else:  # a link per group of partitions sharing upstreams; ready once all are up
+            for parts in upstream_groups(cfg, core.name):
+                connected = asyncio.Event()
+                self._links_up.append(connected)
+                out.append(Upstream(core, self.port, self.apply, self._rebuilt, connected,
+                                    clock, partitions=parts))  # fmt: skip
         if not core.is_source:
             self.lag_probe = LagProbe(core, self.http, self.secret, clock=clock)
             out.append(self.lag_probe)
@@ -188,6 +195,8 @@ class NodeRunner:
                 self.extra.append(driver)
         for driver in [*self.drivers, *self.extra]:
             sup.start(driver.name, driver.run)
+        if self._links_up:
+            sup.start("links_up", self._all_links_up)
         await self._wait_either(self.upstream_ready)
         if not self._stop.is_set():
             self.ready.set()
@@ -205,6 +214,13 @@ class NodeRunner:
             "sync_port": self._listener.port if self._listener else n.sync_port,
             "admin_port": n.admin_port,
         }
+
+    async def _all_links_up(self) -> None:
+        """Ready once every partition's link has connected."""
+        for connected in self._links_up:
+            await connected.wait()
+        self.upstream_ready.set()
+        await asyncio.Event().wait()  # a supervised task runs until the node stops
 
     async def _wait_either(self, event: asyncio.Event) -> None:
         waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stop.wait())]
@@ -254,7 +270,7 @@ class NodeRunner:
     def _pace_for(self, peer: str) -> float | None:
         """A WAN peer's session is paced at the link's bandwidth when the config says so.
         Never the source's: it pulls from a replica only to recover, and waits for that."""
-        if not self.config.sync.pace_wan or peer == self.config.source.name:
+        if not self.config.sync.pace_wan or peer in {n.name for n in self.config.sources}:
             return None
         return pace_rate(self.port.wan(peer))
 

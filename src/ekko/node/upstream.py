@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ekko.net.errors import TransportError
 from ekko.net.transport import Connection
 from ekko.node.apply_port import ApplyFanout
-from ekko.node.config import NodeConfig
+from ekko.node.config import ClusterConfig, NodeConfig
 from ekko.node.core import NodeCore
 from ekko.node.driver import Driver
 from ekko.node.sync_host import run_pull_link
@@ -24,6 +24,15 @@ from ekko.protocol.puller import Puller
 from ekko.store.clock import SYSTEM_CLOCK, LoopClock
 
 log = logging.getLogger(__name__)
+
+
+def upstream_groups(config: ClusterConfig, name: str) -> list[tuple[int, ...]]:
+    """The partitions node ``name`` pulls, grouped by their candidate upstreams (one link
+    each): in order of the first partition of each group."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for p in config.held(name):
+        groups.setdefault(tuple(n.name for n in config.upstreams(name, p)), []).append(p)
+    return [tuple(g) for g in groups.values()]
 
 
 class Upstream(Driver):
@@ -42,6 +51,8 @@ class Upstream(Driver):
         on_rebuilt: the store's tables were replaced by another lineage's.
         connected: set once the first upstream accepted a connection (the node is ready).
         clock: the waits between connection rounds and probes.
+        partitions: in a partitioned cluster, the held partitions this link pulls (they
+            share their candidates, ``upstream_groups``); None: every shard, as before.
     """
 
     name = "upstream"
@@ -54,14 +65,19 @@ class Upstream(Driver):
         on_rebuilt: Callable[[], None],
         connected: asyncio.Event | None = None,
         clock: LoopClock = SYSTEM_CLOCK,
+        partitions: tuple[int, ...] | None = None,
     ) -> None:
         self.core = core
+        self.partitions = partitions
+        if partitions is not None:
+            self.name = "upstream-p" + "-".join(map(str, partitions))
         self.port = port
         self.apply = apply
         self.on_rebuilt = on_rebuilt
         self.connected = connected if connected is not None else asyncio.Event()
         self.clock = clock
-        self.candidates = core.config.upstreams(core.name)
+        first = partitions[0] if partitions else None
+        self.candidates = core.config.upstreams(core.name, first)
         self._lineage = core.store.lineage
 
     async def run(self) -> None:
@@ -86,11 +102,14 @@ class Upstream(Driver):
         """Pull from ``peer`` until the link breaks or a preferred upstream is back."""
         core = self.core
         core.upstream_name = peer.name
-        log.info("%s pulling from %s (link up)", core.name, peer.name)
+        for p in self.partitions or ():
+            core.upstream_of[p] = peer.name
+        scope = "" if self.partitions is None else f" partitions {list(self.partitions)}"
+        log.info("%s pulling%s from %s (link up)", core.name, scope, peer.name)
         self.apply.link_up(peer.name, self.clock.wall())
         puller = Puller(
             core.store,
-            core.puller_config(self.port.wan(peer.name)),
+            core.puller_config(self.port.wan(peer.name), self.partitions),
             latency=None,  # measured by the apply port
             traffic=core.traffic,
         )
@@ -109,7 +128,10 @@ class Upstream(Driver):
             if await run_pull_link(conn, puller, on_response, probe, self.apply, self.clock):
                 log.info("%s returns to preferred upstream", core.name)
         finally:
-            core.upstream_name = None
+            if core.upstream_name == peer.name:
+                core.upstream_name = None
+            for p in self.partitions or ():
+                core.upstream_of[p] = None
             core.links.detach(peer.name)
 
     def _rebuilt(self) -> None:

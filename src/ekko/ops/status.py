@@ -23,6 +23,7 @@ from rich.table import Table as RichTable
 
 from ekko.node.access import ClusterAuth
 from ekko.node.config import ClusterConfig
+from ekko.node.config_partitions import describe
 from ekko.node.http_client import ClusterHttp
 
 NodeStatus = dict[str, Any] | str
@@ -120,8 +121,21 @@ def node_row(
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             after = f"bad answer: not a node's status ({type(exc).__name__}: {exc})"[:160]
     state = after.partition(" (")[0].partition(":")[0]  # unreachable, HTTP 503, bad answer
-    return NodeRow(name, cfg.role(name), cfg.node(name).dc, "all", None, None, None, None,
+    held = describe(cfg.held(name), cfg.cluster.partitions)
+    return NodeRow(name, cfg.role(name), cfg.node(name).dc, held, None, None, None, None,
                    None, None, None, state, after)  # fmt: skip
+
+
+def _partitions(cfg: ClusterConfig, name: str, doc: dict[str, Any]) -> str:
+    """The partitions ``name`` holds (``all``, or their ids) and, partitioned, how many
+    versions it lacks of each: ``0 (lag 12)``."""
+    held = [int(p) for p in doc.get("partitions", cfg.held(name))]
+    lags = doc.get("replica_lag", {}).get("partitions", {})
+    if not cfg.partitioned or not lags:
+        return describe(held, cfg.cluster.partitions)
+    return ", ".join(
+        f"{p} (lag {lags[str(p)]['versions_behind']})" if str(p) in lags else str(p) for p in held
+    )
 
 
 def _answered_row(
@@ -141,7 +155,7 @@ def _answered_row(
         node=name,
         role=str(after.get("role", role)),
         dc=str(after.get("dc", dc)),
-        partitions="all",  # every node holds every table until partitions exist (issue 17)
+        partitions=_partitions(cfg, name, after),
         upstream=None if after.get("upstream") is None else str(after["upstream"]),
         lag_versions=0
         if source
