@@ -15,6 +15,7 @@ from ekko.node.data_dir import DataDirMismatch
 from ekko.node.driver import DriverFactory
 from ekko.node.runner import NodeRunner, PortUnavailable
 from ekko.store import SnapshotError, WalError
+from ekko.store.holding import MemoryBudgetError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ def run_node(
 ) -> None:
     """Run node ``name`` in the foreground, with ``drivers`` composed in (say, an operator's
     synthetic writer); ``fresh``: set its data dir aside and start clean. Exit code 3 when
-    its data cannot be opened, 2 when its data dir holds another cluster's data, 1 when a
+    its data cannot be opened, 2 when its data dir holds another cluster's data (or a
+    table of its config does not fit its max_memory_mb), 1 when a
     port it must listen on is taken (each one line in the log, no traceback)."""
     logging.basicConfig(
         level=logging.INFO,
@@ -44,6 +46,9 @@ def run_node(
     try:
         runner = NodeRunner(config, name, base_dir, drivers=drivers, rebuild=rebuild, fresh=fresh)
     except DataDirMismatch as exc:
+        log.error("node %s refuses to start: %s", name, exc)
+        raise SystemExit(2) from None
+    except MemoryBudgetError as exc:  # a config table larger than its max_memory_mb
         log.error("node %s refuses to start: %s", name, exc)
         raise SystemExit(2) from None
     except (SnapshotError, WalError) as exc:
