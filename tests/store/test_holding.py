@@ -85,7 +85,8 @@ def test_a_write_past_the_budget_is_refused_naming_table_and_partition_and_keeps
     assert "table 'emb' partition 0: 40 new rows" in msg and "nothing of this write" in msg
     assert t.rows == 90 and t.digest() == digest
     t.write(keys[:90], 2 * _rows(keys[:90]), now_ns=3)  # updates take no new memory
-    t.write(keys[90:100], _rows(keys[90:100]), now_ns=4)  # up to the budget exactly
+    twice = np.concatenate([keys[90:100], keys[90:100]])  # 20 keys, 10 distinct and new
+    t.write(twice, _rows(twice), now_ns=4)  # up to the budget exactly
     assert t.rows == 100
     with pytest.raises(MemoryBudgetError):
         t.apply(keys[100:101], _rows(keys[100:101]), np.ones(1, np.int64), np.ones(1, np.int64), 0)

@@ -139,14 +139,15 @@ class Holding:
         if self.max_bytes is None:
             return
         versions, _dead = table.versions_of(keys)
-        new = np.unique(keys[versions == 0])
-        if new.size == 0:
+        unknown = keys[versions == 0]
+        if unknown.size == 0:
             return
         used = self.used_bytes(tables)
+        if self._growth(table, unknown.size) + used <= self.max_bytes:
+            return  # fits even if no key repeats: no need to count the distinct ones
+        new = np.unique(unknown)
         extra = int(new.size) * row_bytes(table.dim)
-        before = self._table_bytes(table)
-        after = (table.rows + table.tombstones + int(new.size)) * row_bytes(table.dim)
-        grows = max(0, after - before)  # rows within the creation's promise are counted
+        grows = self._growth(table, new.size)
         if used + grows > self.max_bytes:
             new_shards = shard_of(new, table.num_shards)
             parts = sorted({self._partition(table.name, int(s)) for s in np.unique(new_shards)})
@@ -156,6 +157,12 @@ class Holding:
                 f"take the node to {_mb(used + grows)} MB, over its max_memory_mb = "
                 f"{_mb(self.max_bytes)}; nothing of this write was stored"
             )
+
+    def _growth(self, table: Table, new_rows: int) -> int:
+        """Bytes ``new_rows`` more rows add to what the budget counts of ``table`` (rows
+        within its creation's promise are counted already)."""
+        after = (table.rows + table.tombstones + int(new_rows)) * row_bytes(table.dim)
+        return max(0, after - self._table_bytes(table))
 
     def used_bytes(self, tables: Mapping[str, Table]) -> int:
         """What the budget counts now: each table's rows (or its creation's promise)."""
