@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ekko.node.config import ClusterConfig
+from ekko.node.upstream import upstream_groups
 from ekko.ops.cluster_init import cluster_doc
 
 
@@ -51,6 +52,18 @@ def test_a_node_holding_partitions_of_one_source_pulls_each_from_its_leader():
     assert [n.name for n in cfg.upstreams("dc1-p0-r1", 1)] == ["source-p0"]
     assert [n.name for n in cfg.upstreams("dc1-p1-r0", 1)] == ["dc1-p0-r1", "source-p0"]
     assert cfg.role("dc1-p1-r0") == "follower"
+
+
+def test_a_node_pulls_over_one_link_per_group_of_partitions_sharing_upstreams():
+    doc = _doc()
+    doc["nodes"] = [n for n in doc["nodes"] if n["name"] != "source-p1"]
+    _node(doc, "source-p0")["partitions"] = [0, 1]
+    _node(doc, "dc1-p0-r1")["partitions"] = [0, 1]  # follows p0, leads p1: two links
+    _node(doc, "dc2-p0-r0")["partitions"] = [0, 1]  # leads both from one source: one link
+    cfg = ClusterConfig.model_validate(doc)
+    assert upstream_groups(cfg, "dc1-p0-r1") == [(0,), (1,)]
+    assert upstream_groups(cfg, "dc2-p0-r0") == [(0, 1)]
+    assert upstream_groups(ClusterConfig.model_validate(_doc()), "dc2-p1-r1") == [(1,)]
 
 
 def _drop(doc, names):

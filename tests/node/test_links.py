@@ -45,3 +45,16 @@ def test_links_sum_live_and_ended_pullers_and_copies_per_peer():
     doc = links.as_json()["ckpt-source"]
     assert (doc["rows"], doc["bytes"], doc["responses"]) == (100, 4_000, 1)
     assert doc == links.as_json()["ckpt-source"] and "rows_received" not in doc
+
+
+def test_two_live_links_to_one_peer_are_both_counted_and_end_apart():
+    links = PullLinks()  # a partitioned node pulling two groups of partitions from a source
+    p0, p1 = _puller_with_rows(3), _puller_with_rows(5)
+    links.attach("source", p0)
+    links.attach("source", p1)
+    assert links.statistics()["source"].rows_received == 8
+    links.detach("source", p0)
+    assert links.statistics()["source"].rows_received == 8  # p0's kept, p1 still live
+    assert links.statistics()["source"].in_flight == p1.statistics().in_flight
+    links.detach("source", p1)
+    assert links.statistics()["source"].rows_received == 8 and "source" not in links._live

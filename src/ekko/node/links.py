@@ -28,23 +28,26 @@ class PullLinks:
 
     def __init__(self) -> None:
         self._ended: dict[str, PullerStats] = {}
-        self._live: dict[str, Puller] = {}
+        self._live: dict[str, list[Puller]] = {}  # several: links of partitions (issue 17)
 
     def declare(self, peer: str) -> None:
         """``peer`` is pulled from (zeros until something arrives): status shows the link."""
         self._ended.setdefault(peer, _ZERO)
 
     def attach(self, peer: str, puller: Puller) -> None:
-        """``puller`` pulls from ``peer`` from now on (one live puller per peer)."""
-        self.detach(peer)
-        self._live[peer] = puller
+        """``puller`` pulls from ``peer`` from now on (beside the node's other links to it:
+        a partitioned node may pull two groups of partitions from one peer)."""
+        self._live.setdefault(peer, []).append(puller)
 
-    def detach(self, peer: str) -> None:
-        """The live puller of ``peer`` ended: keep its counts."""
-        puller = self._live.pop(peer, None)
-        if puller is not None:
-            ended = replace(puller.statistics(), in_flight=0, pending_chunks=0)
+    def detach(self, peer: str, puller: Puller | None = None) -> None:
+        """The live ``puller`` of ``peer`` ended (None: every one): keep its counts."""
+        live = self._live.get(peer, [])
+        for p in [x for x in live if puller is None or x is puller]:
+            live.remove(p)
+            ended = replace(p.statistics(), in_flight=0, pending_chunks=0)
             self._ended[peer] = _plus(self._ended.get(peer, _ZERO), ended)
+        if not live:
+            self._live.pop(peer, None)
 
     def count_copy(self, peer: str, rows: int, nbytes: int) -> None:
         """A full copy of ``peer``'s store was loaded (a checkpoint replica's refresh)."""
@@ -54,8 +57,9 @@ class PullLinks:
 
     def statistics(self) -> dict[str, PullerStats]:
         out = dict(self._ended)
-        for peer, puller in self._live.items():
-            out[peer] = _plus(out.get(peer, _ZERO), puller.statistics())
+        for peer, pullers in self._live.items():
+            for puller in pullers:
+                out[peer] = _plus(out.get(peer, _ZERO), puller.statistics())
         return out
 
     def as_json(self) -> dict[str, dict[str, int]]:

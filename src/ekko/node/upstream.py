@@ -132,7 +132,7 @@ class Upstream(Driver):
                 core.upstream_name = None
             for p in self.partitions or ():
                 core.upstream_of[p] = None
-            core.links.detach(peer.name)
+            core.links.detach(peer.name, puller)
 
     def _rebuilt(self) -> None:
         self.core.rebuilds += 1
