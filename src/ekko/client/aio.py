@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from ekko.client import calls
 from ekko.client.base import MAX_RESIGNS, Opening, Target
 from ekko.client.calls import Call, Rows
 from ekko.client.errors import ClientError
+from ekko.client.wire import TableRows
 from ekko.net.signed_requests import needs_resign
 from ekko.store.spec import TableSpec
 
@@ -44,6 +46,13 @@ class AsyncClient(Opening):
     async def lookup(self, table: str, keys: Any) -> Rows:
         """``(values, versions, found)`` of ``keys``, in their order."""
         return await self._send(calls.lookup(table, keys, self.target.fmt))
+
+    async def lookup_many(
+        self, tables: Mapping[str, Any], known: Mapping[str, Any] | None = None
+    ) -> dict[str, TableRows]:
+        """Rows of several tables in one request (``calls.lookup_many``): ``{table:
+        TableRows}``; ``known`` versions leave rows still at them without values."""
+        return await self._send(calls.lookup_many(tables, known))
 
     async def create_table(self, spec: TableSpec) -> bool:
         """Create ``spec`` at the source; False if it exists with this spec already

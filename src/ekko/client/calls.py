@@ -7,7 +7,7 @@ read the same answers; only the sending differs, so each call is written once he
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
@@ -19,7 +19,11 @@ from ekko.client.wire import (
     JSON_MEDIA_TYPE,
     ROWS_MEDIA_TYPE,
     LookupFrame,
+    LookupManyFrame,
     RowsFrame,
+    RowsManyFrame,
+    TableKeys,
+    TableRows,
     WireError,
     WriteFrame,
     WrittenFrame,
@@ -154,6 +158,39 @@ def lookup(table: str, keys: Any, fmt: Format) -> Call:
 
     body = json.dumps({"keys": k.tolist()}).encode()
     return Call("POST", path, "reader", "reads", body, JSON_MEDIA_TYPE, JSON_MEDIA_TYPE, read_json)
+
+
+LOOKUP_MANY_PATH = "/v1/lookup"
+
+
+def lookup_many(tables: Mapping[str, Any], known: Mapping[str, Any] | None = None) -> Call:
+    """Rows of several tables in one request (binary only): ``tables`` maps each table to
+    its keys; ``known`` optionally maps a table to the version the caller holds of each of
+    its keys, and rows still at that version come back without values. Answered as
+    ``{table: TableRows}`` (``ekko.client.wire.TableRows``), in the order given."""
+    if not tables:
+        raise ValueError("tables: name at least one table")
+    known = known or {}
+    unknown = sorted(set(known) - set(tables))
+    if unknown:
+        raise ValueError(f"known: tables {unknown} are not looked up")
+    parts = []
+    for table, keys in tables.items():
+        k = _keys(keys)
+        v = known.get(table)
+        parts.append(TableKeys(table, k, None if v is None else _keys(v)))
+    body = encode(LookupManyFrame(parts))
+
+    def read(b: bytes, media: str) -> dict[str, TableRows]:
+        f = _binary(RowsManyFrame)(b, media)
+        got = [t.table for t in f.tables]
+        if got != list(tables):
+            raise WireError(f"tables: asked for {list(tables)}, the answer holds {got}")
+        return {t.table: t for t in f.tables}
+
+    return Call(
+        "POST", LOOKUP_MANY_PATH, "reader", "reads", body, ROWS_MEDIA_TYPE, ROWS_MEDIA_TYPE, read
+    )
 
 
 def create_table(spec: TableSpec) -> Call:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from ekko.client.base import MAX_RESIGNS, Opening, Target
 from ekko.client.calls import Call, Rows
 from ekko.client.errors import ClientError
 from ekko.client.stream import DEFAULT_WINDOW, WriteStream
+from ekko.client.wire import TableRows
 from ekko.net.signed_requests import needs_resign
 from ekko.store.spec import TableSpec
 
@@ -55,6 +57,13 @@ class Client(Opening):
     def lookup(self, table: str, keys: Any) -> Rows:
         """``(values, versions, found)`` of ``keys``, in their order."""
         return self._send(calls.lookup(table, keys, self.target.fmt))
+
+    def lookup_many(
+        self, tables: Mapping[str, Any], known: Mapping[str, Any] | None = None
+    ) -> dict[str, TableRows]:
+        """Rows of several tables in one request (``calls.lookup_many``): ``{table:
+        TableRows}``; ``known`` versions leave rows still at them without values."""
+        return self._send(calls.lookup_many(tables, known))
 
     def create_table(self, spec: TableSpec) -> bool:
         """Create ``spec`` at the source; False if it exists with this spec already

@@ -62,10 +62,44 @@ class RowsFrame(msgspec.Struct):
     found: np.ndarray
 
 
+class TableKeys(msgspec.Struct, forbid_unknown_fields=True):
+    """One table's part of a multi-table lookup: ``keys`` int64 [n]; ``known`` int64 [n] or
+    None: the version of each row the caller holds already (a row still at that version
+    comes back without its values)."""
+
+    table: str
+    keys: np.ndarray
+    known: np.ndarray | None = None
+
+
+class LookupManyFrame(msgspec.Struct, forbid_unknown_fields=True):
+    """A lookup of several tables in one body (``POST /v1/lookup``): what a serving node
+    asks one partition holder for one predict batch."""
+
+    tables: list[TableKeys]
+
+
+class TableRows(msgspec.Struct):
+    """One table's answer in a multi-table lookup: ``versions`` int64 [n] (0 where not
+    found), ``found`` uint8 [n], and ``values`` float32 [m, dim]: the rows whose version is
+    not the ``known`` one the request gave, in key order (all n rows without ``known``)."""
+
+    table: str
+    versions: np.ndarray
+    found: np.ndarray
+    values: np.ndarray
+
+
+class RowsManyFrame(msgspec.Struct):
+    """The answer of a multi-table lookup: one ``TableRows`` per requested table, in order."""
+
+    tables: list[TableRows]
+
+
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=enc_hook)
 _DECODERS: dict[type, msgspec.msgpack.Decoder] = {
     t: msgspec.msgpack.Decoder(t, dec_hook=dec_hook, ext_hook=ext_hook)
-    for t in (WriteFrame, LookupFrame, WrittenFrame, RowsFrame)
+    for t in (WriteFrame, LookupFrame, WrittenFrame, RowsFrame, LookupManyFrame, RowsManyFrame)
 }
 
 
@@ -135,3 +169,34 @@ def decode_write(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
 def decode_lookup(body: bytes) -> np.ndarray:
     """A binary lookup's keys, decoded and checked."""
     return check_keys(decode(body, LookupFrame, "{keys: int64[n]}").keys)
+
+
+MAX_LOOKUP_TABLES = 4096
+"""Tables one multi-table lookup may name (as many as a store may hold)."""
+
+
+def decode_lookup_many(body: bytes) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """A multi-table lookup's ``(table, keys, known)`` triples, decoded and checked: at
+    least one table, each named once, keys int64 [n >= 1], ``known`` int64 [n] or absent."""
+    frame = decode(body, LookupManyFrame, "{tables: [{table, keys: int64[n], known?}]}")
+    if not frame.tables:
+        raise WireError("tables: empty (name at least one table)")
+    if len(frame.tables) > MAX_LOOKUP_TABLES:
+        raise WireError(f"tables: {len(frame.tables)} tables, at most {MAX_LOOKUP_TABLES}")
+    out: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+    seen: set[str] = set()
+    for i, part in enumerate(frame.tables):
+        if part.table in seen:
+            raise WireError(f"tables[{i}].table: {part.table!r} is named twice")
+        seen.add(part.table)
+        keys = check_keys(part.keys, f"tables[{i}].keys")
+        known = part.known
+        if known is not None:
+            known = check_keys(known, f"tables[{i}].known")
+            if known.shape != keys.shape:
+                raise WireError(
+                    f"tables[{i}].known: expected {keys.shape[0]} versions (one per key), "
+                    f"got {known.shape[0]}"
+                )
+        out.append((part.table, keys, known))
+    return out

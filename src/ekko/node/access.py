@@ -19,6 +19,7 @@ GET /v1/status, /v1/latency                reader, writer, operator
 GET /v1/knowledge                          reader, writer, operator, node
 GET /v1/tables, /v1/tables/{t}/rows       reader, writer, operator
 POST /v1/tables/{t}/lookup                 reader, writer, operator
+POST /v1/lookup (several tables, binary)   reader, writer, operator, node
 GET /v1/models/{m}/health|metrics|train    reader, writer, operator
 POST /v1/tables, /v1/tables/{t}/rows       writer, operator
 POST /v1/tables/{t}/delete                 writer, operator
@@ -88,6 +89,7 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("POST", r"/v1/streams/write", WRITE),
     ("POST", r"/v1/tables/.+/lookup", READ),
     ("POST", r"/v1/tables/.+/delete", WRITE),
+    ("POST", r"/v1/lookup", READ | NODE),  # several tables' rows: a serving node's scatter
     ("GET", r"/v1/snapshot", OPERATE | NODE),
     ("POST", r"/v1/checkpoint/refresh", OPERATE),
     ("GET", r"/v2(/health/(live|ready))?", None),

@@ -25,9 +25,12 @@ from starlette.routing import Route
 from ekko.client.wire import (
     ROWS_MEDIA_TYPE,
     RowsFrame,
+    RowsManyFrame,
+    TableRows,
     WireError,
     WrittenFrame,
     decode_lookup,
+    decode_lookup_many,
     decode_write,
     encode,
     is_binary,
@@ -92,6 +95,15 @@ class LookupBody(msgspec.Struct, forbid_unknown_fields=True):
     """The keys to read. Binary: ``application/x-ekko-rows`` (``ekko.client.wire.LookupFrame``)."""
 
     keys: list[Int64]
+
+
+class LookupManyBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Keys of several tables, binary only (``application/x-ekko-rows``,
+    ``ekko.client.wire.LookupManyFrame``): ``tables`` of ``{table, keys: int64[n], known?:
+    int64[n]}``, ``known`` the versions the caller holds (those rows come back without
+    values)."""
+
+    tables: list[dict[str, Any]]
 
 
 class TableSpecBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -272,8 +284,38 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
 
         return await _answer(request, frame, doc, len(keys))
 
+    @guarded
+    async def lookup_many(request: Request) -> Response:
+        """Rows of several tables in one binary body: what a serving node asks one partition
+        holder for one predict batch. Every table is checked (it exists here, the answer fits
+        ``max_body``) before any is read; rows at a ``known`` version come back without
+        values. Binary only: the caller is a program and the answer is arrays."""
+        if not _binary_request(request):
+            raise RequestError(
+                f"content-type: POST /v1/lookup takes {ROWS_MEDIA_TYPE} only, got "
+                f"{request.headers.get('content-type')!r}",
+                status=415,
+            )
+        parts = await offload(decode_lookup_many, await read_body(request))
+        tables = [(core.store.table(name), keys, known) for name, keys, known in parts]
+        answer = sum(k.shape[0] * (4 * t.dim + 8 + 1) for t, k, _ in tables)
+        if answer > max_body:
+            raise RequestError(
+                f"tables: {sum(k.shape[0] for _, k, _ in tables)} rows would answer {answer} "
+                f"bytes; the limit is {max_body}: split the lookup",
+                status=413,
+            )
+        out = []
+        for table, keys, known in tables:
+            values, versions, found = table.lookup(keys)
+            if known is not None:
+                values = values[versions != known]
+            out.append(TableRows(table.name, versions, found.view(np.uint8), values))
+        return Response(encode(RowsManyFrame(out)), media_type=ROWS_MEDIA_TYPE)
+
     return [
         Route("/v1/tables", list_tables, methods=["GET"]),
+        BodyRoute("/v1/lookup", lookup_many, max_body=max_body, body=LookupManyBody),
         BodyRoute("/v1/tables", create_table, max_body=CONTROL_BODY_BYTES, body=TableSpecBody),
         Route("/v1/tables/{table:path}/rows", get_rows, methods=["GET"]),
         BodyRoute("/v1/tables/{table:path}/rows", post_rows, max_body=max_body, body=RowsBody),

@@ -1,0 +1,199 @@
+"""PartitionedLookup on virtual time with fake holders: grouping by partition, hedging after
+the p95, retry on error, the deadline, and the 503 naming the partition."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scatter_fakes import FakeHolders, holders_of, run_virtual
+
+from ekko.schedule import WritePort
+from ekko.serve import ModelNotReady
+from ekko.serve.scatter import (
+    LookupRefused,
+    PartitionedLookup,
+    PartitionUnavailable,
+    ScatterConfig,
+)
+from ekko.store import Store
+from ekko.store.placement import Placement
+from ekko.store.spec import TableSpec
+
+P = 4
+TABLES = {"emb_a": 16, "emb_b": 5, "dense/w": 1}  # name -> shards
+
+
+def _store(rows: int = 500) -> Store:
+    store = Store()
+    port = WritePort(store)
+    rng = np.random.default_rng(7)
+    for name, shards in TABLES.items():
+        port.create_table(TableSpec(name, 3, shards))
+        keys = np.arange(rows, dtype=np.int64) if name != "dense/w" else np.zeros(1, np.int64)
+        port.write(name, keys, rng.standard_normal((len(keys), 3)).astype(np.float32))
+    return store
+
+
+def _scatter(store: Store, config: ScatterConfig | None = None, partitions: int = P):
+    placement = Placement(partitions)
+    fake = FakeHolders(store, placement)
+    shards = lambda t: store.table(t).num_shards  # noqa: E731
+    return PartitionedLookup(placement, holders_of(partitions), fake, shards, config), fake
+
+
+def _ask(keys: np.ndarray) -> dict[str, np.ndarray]:
+    return {"emb_a": keys, "emb_b": keys[::-1].copy(), "dense/w": np.zeros(1, np.int64)}
+
+
+@pytest.mark.parametrize("partitions", [1, P])
+def test_rows_equal_the_store_in_key_order_one_request_per_partition(partitions: int) -> None:
+    store = _store()
+    lookup, fake = _scatter(store, partitions=partitions)
+    keys = np.random.default_rng(1).integers(0, 700, 300)  # some keys the store lacks
+    got = run_virtual(lambda: lookup.lookup(_ask(keys)))
+    for name, k in _ask(keys).items():
+        values, versions, found = store.table(name).lookup(k)
+        np.testing.assert_array_equal(got[name].values, values)
+        np.testing.assert_array_equal(got[name].versions, versions)
+        np.testing.assert_array_equal(got[name].found, found)
+    asked = [h for h, _, _, _ in fake.calls]
+    assert sorted(asked) == [f"p{p}h0" for p in range(partitions)]  # one per partition
+
+
+def test_known_versions_leave_unchanged_rows_out() -> None:
+    store = _store()
+    lookup, fake = _scatter(store)
+    keys = np.arange(0, 400, 3, dtype=np.int64)
+    _, versions, _ = store.table("emb_a").lookup(keys)
+    known = versions.copy()
+    changed = np.array([1, 50, 101])
+    known[changed] -= 1  # the caller holds an older version of these three
+    got = run_virtual(lambda: lookup.lookup({"emb_a": keys}, {"emb_a": known}))
+    np.testing.assert_array_equal(got["emb_a"].versions, versions)
+    np.testing.assert_array_equal(
+        got["emb_a"].values, store.table("emb_a").lookup(keys[changed])[0]
+    )
+    assert fake.values_sent == 3
+
+
+def _prime(lookup: PartitionedLookup, fake: FakeHolders, answer_s: float, n: int) -> None:
+    """``n`` batches each answered after ``answer_s``: the p95 becomes ``answer_s``."""
+    for h in {h for hs in lookup.holders.values() for h in hs}:
+        fake.delay[h] = answer_s
+    keys = np.arange(40, dtype=np.int64)
+
+    async def batches() -> None:
+        for _ in range(n):
+            await lookup.lookup(_ask(keys))
+
+    run_virtual(batches)
+    fake.calls.clear()
+
+
+def test_a_slow_holder_is_hedged_after_the_partitions_p95_first_answer_wins() -> None:
+    store = _store()
+    cfg = ScatterConfig(deadline_s=5.0, min_samples=10, hedge_initial_s=0.5)
+    lookup, fake = _scatter(store, cfg)
+    _prime(lookup, fake, 0.010, 20)
+    assert lookup.hedge_after(0) == pytest.approx(0.010)
+    fake.delay = {h: 0.005 for h in fake.delay}  # faster than the p95 now...
+    fake.delay["p0h0"] = 3.0  # ...but this one stalls
+    keys = np.arange(40, dtype=np.int64)
+    before = [s.hedges for s in lookup.statistics()]
+
+    async def one() -> tuple[dict, float]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        got = await lookup.lookup(_ask(keys))
+        return got, loop.time() - t0
+
+    got, took = run_virtual(one)
+    assert fake.asked("p0h1") == [pytest.approx(fake.asked("p0h0")[0] + 0.010)]
+    assert took == pytest.approx(0.015)  # hedge sent at the p95, answered 5 ms later
+    assert [h for h, *_ in fake.calls if h.startswith("p1")] == ["p1h0"]  # fast: no hedge
+    np.testing.assert_array_equal(got["emb_a"].values, store.table("emb_a").lookup(keys)[0])
+    after = [s.hedges for s in lookup.statistics()]
+    assert after[0] == before[0] + 1 and sum(after) == sum(before) + 1
+
+
+def test_before_enough_samples_the_hedge_waits_hedge_initial_s() -> None:
+    store = _store()
+    lookup, fake = _scatter(store, ScatterConfig(hedge_initial_s=0.2, deadline_s=5.0))
+    fake.delay["p2h0"] = math.inf
+    run_virtual(lambda: lookup.lookup(_ask(np.arange(40, dtype=np.int64))))
+    assert fake.asked("p2h1") == [pytest.approx(0.2)]
+
+
+def test_an_error_is_retried_on_the_next_holder_at_once_which_then_goes_first() -> None:
+    store = _store()
+    lookup, fake = _scatter(store, ScatterConfig(hedge_initial_s=0.5, suspect_s=10.0))
+    fake.fail["p1h0"] = None  # unreachable
+    fake.delay["p1h0"] = 0.003
+    keys = np.arange(60, dtype=np.int64)
+    got = run_virtual(lambda: lookup.lookup(_ask(keys)))
+    assert fake.asked("p1h1") == [pytest.approx(0.003)]
+    np.testing.assert_array_equal(got["emb_b"].values, store.table("emb_b").lookup(keys[::-1])[0])
+    assert lookup.statistics()[1].retries == 1
+    fake.calls.clear()
+    run_virtual(lambda: lookup.lookup(_ask(keys)))  # p1h0 is suspect: p1h1 first
+    assert [h for h, *_ in fake.calls if h.startswith("p1")] == ["p1h1"]
+
+
+@pytest.mark.parametrize("status", [None, 503, 404])
+def test_a_partition_whose_holders_all_fail_is_a_503_naming_it(status: int | None) -> None:
+    store = _store()
+    lookup, fake = _scatter(store)
+    fake.fail["p3h0"] = fake.fail["p3h1"] = status
+    with pytest.raises(PartitionUnavailable) as caught:
+        run_virtual(lambda: lookup.lookup(_ask(np.arange(80, dtype=np.int64))))
+    exc = caught.value
+    assert isinstance(exc, ModelNotReady)  # the routes' 503
+    assert exc.partition == 3 and [h for h, _ in exc.tried] == ["p3h0", "p3h1"]
+    assert "partition 3 has no live holder" in str(exc) and "p3h1: fake failure" in str(exc)
+    assert set(exc.tables) <= set(TABLES) and exc.tables
+    assert lookup.statistics()[3].unavailable == 1
+
+
+def test_the_deadline_ends_a_partition_that_never_answers() -> None:
+    store = _store()
+    lookup, fake = _scatter(store, ScatterConfig(deadline_s=0.3, hedge_initial_s=0.1))
+    fake.delay["p0h0"] = fake.delay["p0h1"] = math.inf
+
+    async def one() -> float:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        with pytest.raises(PartitionUnavailable, match="within the deadline") as caught:
+            await lookup.lookup(_ask(np.arange(80, dtype=np.int64)))
+        assert [h for h, _ in caught.value.tried] == ["p0h0", "p0h1"]
+        return loop.time()
+
+    assert run_virtual(one) == pytest.approx(0.3)
+    assert fake.asked("p0h1") == [pytest.approx(0.1)]
+
+
+def test_a_refused_request_is_not_retried_on_another_holder() -> None:
+    store = _store()
+    lookup, fake = _scatter(store)
+    fake.fail["p0h0"] = 413
+    with pytest.raises(LookupRefused, match="partition 0: holder p0h0 refused") as caught:
+        run_virtual(lambda: lookup.lookup(_ask(np.arange(80, dtype=np.int64))))
+    assert caught.value.status == 502
+    assert fake.asked("p0h1") == []
+
+
+def test_every_partition_needs_a_holder_and_the_config_is_checked() -> None:
+    store = _store()
+    fake = FakeHolders(store, Placement(2))
+    with pytest.raises(ValueError, match=r"partitions \[1\] have no holder"):
+        PartitionedLookup(Placement(2), {0: ["a"], 1: []}, fake, lambda t: 1)
+    with pytest.raises(ValueError, match=r"partitions \[2\] are not in"):
+        PartitionedLookup(Placement(2), {0: ["a"], 1: ["b"], 2: ["c"]}, fake, lambda t: 1)
+    with pytest.raises(ValueError, match="deadline_s"):
+        ScatterConfig(deadline_s=0)
+    with pytest.raises(ValueError, match="min_samples"):
+        ScatterConfig(window=5, min_samples=10)

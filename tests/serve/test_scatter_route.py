@@ -1,0 +1,112 @@
+"""``POST /v1/lookup`` at a real node through ``HttpHolders``: several tables in one binary
+request, ``known`` versions leave unchanged rows out, refusals name the problem (and say
+whether another holder could answer), a reader's credential is needed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from ekko.client.credentials import Credentials
+from ekko.client.wire import ROWS_MEDIA_TYPE, LookupManyFrame, TableKeys, encode
+from ekko.node.access import ClusterAuth
+from ekko.node.config import load_config
+from ekko.node.runner import NodeRunner
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.serve.scatter import HolderFailed
+from ekko.serve.scatter_http import HttpHolders
+
+BINARY = {"content-type": ROWS_MEDIA_TYPE, "accept": ROWS_MEDIA_TYPE}
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[tuple[NodeRunner, str]]:
+    doc = cluster_doc(
+        dcs=1, replicas=1, tables=[("emb", 4, 4), ("dense/w", 6, 1)],
+        sync={"snapshot_interval_s": 0},
+    )  # fmt: skip
+    doc["durability"] = {"recovery_timeout_s": 0.2}  # run alone: no replica to recover from
+    runner = NodeRunner(load_config(write_cluster(doc, tmp_path / "cluster.toml")), "source",
+                        tmp_path)  # fmt: skip
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(runner.ready.wait(), 30)
+    url = f"http://127.0.0.1:{runner.core.node.admin_port}"
+    async with httpx.AsyncClient(base_url=url, auth=ClusterAuth(runner.secret)) as client:
+        rows = {"keys": list(range(10)), "values": [[float(k)] * 4 for k in range(10)]}
+        assert (await client.post("/v1/tables/emb/rows", json=rows)).status_code == 200
+        dense = {"keys": [0], "values": [[0.5] * 6]}
+        assert (await client.post("/v1/tables/dense%2Fw/rows", json=dense)).status_code == 200
+    yield runner, url
+    runner.stop()
+    await asyncio.wait_for(task, 30)
+
+
+async def test_one_request_answers_several_tables_and_skips_known_rows(node) -> None:
+    runner, url = node
+    fetch = HttpHolders(httpx.AsyncClient(), Credentials(secret=runner.secret))
+    try:
+        keys = np.array([3, 42, 1], np.int64)  # 42: not in the table
+        _, versions, _ = runner.core.store.table("emb").lookup(keys)
+        dense_v = runner.core.store.table("dense/w").lookup(np.zeros(1, np.int64))[1]
+        got = await fetch(url, {"emb": keys, "dense/w": np.zeros(1, np.int64)}, {})
+        assert list(got) == ["emb", "dense/w"]
+        np.testing.assert_array_equal(got["emb"].versions, versions)
+        assert got["emb"].found.tolist() == [1, 0, 1]
+        np.testing.assert_array_equal(got["emb"].values[:, 0], [3.0, 0.0, 1.0])
+        assert got["dense/w"].values.shape == (1, 6)
+        known = {"emb": versions - np.array([0, 0, 1]), "dense/w": dense_v}
+        again = await fetch(url, {"emb": keys, "dense/w": np.zeros(1, np.int64)}, known)
+        assert again["emb"].values.tolist() == [[1.0] * 4]  # key 1 only: the others are known
+        assert again["dense/w"].values.shape == (0, 6)
+        with pytest.raises(HolderFailed, match="nope") as caught:
+            await fetch(url, {"nope": keys}, {})
+        assert caught.value.status == 404 and caught.value.retriable
+    finally:
+        await fetch.close()
+    nobody = HttpHolders(httpx.AsyncClient(), Credentials(secret=runner.secret))
+    with pytest.raises(HolderFailed) as down:  # unreachable: another holder may answer
+        await nobody("http://127.0.0.1:9", {"emb": keys}, {})
+    await nobody.close()
+    assert down.value.status is None and down.value.retriable
+
+
+def _body(*parts: TableKeys) -> bytes:
+    return encode(LookupManyFrame(list(parts)))
+
+
+BAD = [
+    (b'{"tables": []}', {"content-type": "application/json"}, 415, "x-ekko-rows only"),
+    (_body(), BINARY, 400, "tables: empty"),
+    (
+        _body(TableKeys("emb", np.array([1], np.int64)), TableKeys("emb", np.array([2], np.int64))),
+        BINARY, 400, "'emb' is named twice",
+    ),
+    (
+        _body(TableKeys("emb", np.array([1, 2], np.int64), np.array([1], np.int64))),
+        BINARY, 400, "tables[0].known: expected 2 versions",
+    ),
+    (_body(TableKeys("emb", np.array([1], np.int32))), BINARY, 400, "tables[0].keys: dtype"),
+    (b"\x81\xa1x\x01", BINARY, 400, "body"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "says"), BAD)
+async def test_refusals_name_the_problem(node, body, headers, status, says) -> None:
+    runner, url = node
+    async with httpx.AsyncClient(base_url=url, auth=ClusterAuth(runner.secret)) as client:
+        r = await client.post("/v1/lookup", content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]
+
+
+async def test_an_unsigned_lookup_is_refused(node) -> None:
+    _, url = node
+    body = _body(TableKeys("emb", np.array([1], np.int64)))
+    async with httpx.AsyncClient(base_url=url) as client:
+        r = await client.post("/v1/lookup", content=body, headers=BINARY)
+    assert r.status_code == 401
