@@ -127,7 +127,7 @@ def oip_routes(
         header_length = request.headers.get(HEADER_LENGTH)
         body = await read_body(request)
         decoded = await offload(decode_infer, body, header_length, svc.config, max_batch)
-        result = svc.predict(decoded.dense, decoded.sparse, clock())
+        result = await svc.apredict(decoded.dense, decoded.sparse, clock())
         content, json_length = encode_infer(svc.name, decoded, result.ctr, result.ids)
         if json_length is None:
             return Response(content, media_type="application/json")

@@ -81,7 +81,7 @@ def serve_routes(
             max_batch,
             dense_limit=cfg.dense_limit,
         )
-        result = svc.predict(dense, sparse, clock())
+        result = await svc.apredict(dense, sparse, clock())
         preds = [
             {"id": i, "ctr": c}
             for i, c in zip(result.ids.tolist(), result.ctr.tolist(), strict=True)

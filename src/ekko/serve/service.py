@@ -21,6 +21,8 @@ from ekko.quality.windowed import WindowedQuality
 from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownVariant
 from ekko.serve.pending import PendingPredictions
 from ekko.serve.replica import ReplicaModel
+from ekko.serve.scatter import PartitionedLookup
+from ekko.serve.scatter_replica import ScatterReplica
 from ekko.serve.schema import dense_out_of_range
 from ekko.store import Store
 from ekko.train.dlrm import DLRMConfig
@@ -93,7 +95,7 @@ class ServeStats:
 class _Variant:
     """One servable copy of the model, its counters and its feedback quality."""
 
-    def __init__(self, name: str, replica: ReplicaModel, window_s: float) -> None:
+    def __init__(self, name: str, replica: ReplicaModel | ScatterReplica, window_s: float) -> None:
         self.name = name
         self.replica = replica
         self.quality = WindowedQuality(window_s)
@@ -115,6 +117,9 @@ class InferenceService:
         model: the served model's config (name and DLRM shape).
         window_s: span of the sliding quality window.
         max_pending: predictions remembered for feedback; the oldest are evicted first.
+        rows: the partition holders' lookup: the ``online`` variant reads its rows through it
+            (scatter-gather, awaited by ``apredict``) instead of ``store``. None (the
+            default): the local replica.
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class InferenceService:
         *,
         window_s: float = 60.0,
         max_pending: int = 1_000_000,
+        rows: PartitionedLookup | None = None,
     ) -> None:
         self.model = model
         self.name = model.name
@@ -142,9 +148,23 @@ class InferenceService:
         self._unknown = 0
         self._split: tuple[Callable[[np.ndarray], np.ndarray], float] | None = None
         self.add_variant(ONLINE, store)
+        if rows is not None:
+            self._variants[ONLINE].replica = ScatterReplica(
+                rows, self.config, f"{self.name}/online"
+            )
+
+    @property
+    def scattered(self) -> bool:
+        """Whether the online variant reads its rows from the partition holders."""
+        return isinstance(self._variants[ONLINE].replica, ScatterReplica)
 
     def set_split(self, route: Callable[[np.ndarray], np.ndarray], shadow_share: float) -> None:
         """Serve through the guard's split from now on (see ``predict_guarded``)."""
+        if self.scattered:
+            raise ValueError(
+                f"model {self.name}: the guard's split needs a local online replica; this one "
+                f"reads from the partition holders"
+            )
         self._split = (route, shadow_share)
 
     # -- variants ----------------------------------------------------------------------------
@@ -228,6 +248,29 @@ class InferenceService:
         except ModelNotReady as exc:
             self._count_refusal(exc)
             raise
+        return self._served(v, ctr, start)
+
+    async def apredict(
+        self, dense: np.ndarray, sparse: np.ndarray, now: float, *, variant: str = ONLINE
+    ) -> PredictResult:
+        """``predict`` for the routes: the same for a local replica; a variant served by
+        scatter-gather awaits its rows from the partition holders (a partition with no live
+        holder is ``PartitionUnavailable``, a 503 naming it)."""
+        v = self._variant(variant)
+        if not isinstance(v.replica, ScatterReplica):
+            return self.predict(dense, sparse, now, variant=variant)
+        start = time.perf_counter()
+        d, s = self._check(dense, sparse)
+        try:
+            ctr = np.asarray(await v.replica.apredict(d, s), dtype=np.float32)
+        except ModelNotReady as exc:
+            self._count_refusal(exc)
+            raise
+        return self._served(v, ctr, start)
+
+    def _served(self, v: _Variant, ctr: np.ndarray, start: float) -> PredictResult:
+        """Remember ``v``'s predictions for feedback and count them."""
+        variant = v.name
         codes = np.full(ctr.shape[0], self._variant_names.index(variant), dtype=np.uint8)
         ids = self._pending.add(ctr, codes)
         v.predictions += int(ctr.shape[0])
@@ -391,9 +434,11 @@ def build_services(
     *,
     window_s: float = 60.0,
     max_pending: int = 1_000_000,
+    rows: PartitionedLookup | None = None,
 ) -> dict[str, InferenceService]:
-    """One service per configured model, by name: what a ``serve = true`` node mounts."""
+    """One service per configured model, by name: what a ``serve = true`` node mounts
+    (``rows``: every model reads its rows from the partition holders)."""
     return {
-        m.name: InferenceService(store, m, window_s=window_s, max_pending=max_pending)
+        m.name: InferenceService(store, m, window_s=window_s, max_pending=max_pending, rows=rows)
         for m in models
     }
