@@ -48,7 +48,7 @@ async def node(tmp_path: Path) -> AsyncIterator[tuple[NodeRunner, str]]:
 
 async def test_one_request_answers_several_tables_and_skips_known_rows(node) -> None:
     runner, url = node
-    fetch = HttpHolders(httpx.AsyncClient(), Credentials(secret=runner.secret))
+    fetch = HttpHolders(Credentials(secret=runner.secret))
     try:
         keys = np.array([3, 42, 1], np.int64)  # 42: not in the table
         _, versions, _ = runner.core.store.table("emb").lookup(keys)
@@ -68,7 +68,7 @@ async def test_one_request_answers_several_tables_and_skips_known_rows(node) -> 
         assert caught.value.status == 404 and caught.value.retriable
     finally:
         await fetch.close()
-    nobody = HttpHolders(httpx.AsyncClient(), Credentials(secret=runner.secret))
+    nobody = HttpHolders(Credentials(secret=runner.secret))
     with pytest.raises(HolderFailed) as down:  # unreachable: another holder may answer
         await nobody("http://127.0.0.1:9", {"emb": keys}, {})
     await nobody.close()
@@ -110,3 +110,74 @@ async def test_an_unsigned_lookup_is_refused(node) -> None:
     async with httpx.AsyncClient(base_url=url) as client:
         r = await client.post("/v1/lookup", content=body, headers=BINARY)
     assert r.status_code == 401
+
+
+class _Scripted:
+    """A raw HTTP server answering each request with the next of ``answers`` (bytes), then
+    closing the connection when the answer says ``connection: close`` or is followed by
+    ``None`` (closed silently, as a node drops an idle keep-alive connection)."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = answers
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))  # fmt: skip
+                self.requests.append(head + await reader.readexactly(length))
+                answer = self.answers.pop(0)
+                assert answer is not None
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer:
+                    break
+                if self.answers and self.answers[0] is None:
+                    self.answers.pop(0)
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+
+def _answer(status: str, body: bytes, *extra: str, media: str = ROWS_MEDIA_TYPE) -> bytes:
+    head = [f"HTTP/1.1 {status}", f"content-type: {media}", f"content-length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def test_the_client_signs_again_reconnects_and_refuses_what_it_cannot_read() -> None:
+    from ekko.client.wire import RowsManyFrame, TableRows
+
+    ok = encode(RowsManyFrame([TableRows("emb", np.array([7], np.int64), np.array([1], np.uint8),
+                                         np.ones((1, 2), np.float32))]))  # fmt: skip
+    resign = _answer("401 Unauthorized", b'{"error": "signed before start"}',
+                     "x-ekko-resign: 1", media="application/json")  # fmt: skip
+    script = _Scripted([
+        resign, _answer("200 OK", ok, "connection: close"),  # signed again; then closed
+        _answer("200 OK", ok), None,  # on a new connection, which the server then drops
+        _answer("200 OK", ok),  # so the idle one fails at once: sent again on a new one
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    ])  # fmt: skip
+    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    fetch = HttpHolders(Credentials(secret=b"s"))
+    keys = {"emb": np.array([1], np.int64)}
+    try:
+        for _ in range(3):
+            got = await fetch(url, keys, {})
+            assert got["emb"].versions.tolist() == [7] and got["emb"].values.shape == (1, 2)
+        with pytest.raises(HolderFailed, match="without content-length") as bad:
+            await fetch(url, keys, {})
+        assert bad.value.retriable
+    finally:
+        await fetch.close()
+        server.close()
+        await server.wait_closed()
+    assert script.connections == 3  # resign kept the connection; each close forced a new one
+    sigs = [r.split(b"x-ekko-signature: ")[1].split(b"\r\n")[0] for r in script.requests]
+    assert len(set(sigs)) == len(sigs) == 5  # every attempt signed anew
+    assert all(r.startswith(b"POST /v1/lookup HTTP/1.1\r\n") for r in script.requests)

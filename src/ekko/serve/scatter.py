@@ -206,6 +206,7 @@ class PartitionedLookup:
         self._windows = [LatencyWindow(cfg.window, cfg.quantile) for _ in self.holders]
         self._counters = [_Counters() for _ in self.holders]
         self._suspect: dict[str, float] = {}  # holder -> loop time until which it goes last
+        self._shard_parts: dict[tuple[str, int], np.ndarray] = {}  # each shard's partition
 
     # -- grouping --------------------------------------------------------------------------
 
@@ -214,7 +215,26 @@ class PartitionedLookup:
         if self.placement.partitions == 1:
             return np.zeros(keys.shape[0], dtype=np.int64)
         n = self.num_shards(table)
-        return self.placement.partitions_of(table, n)[shard_of(keys, n)]
+        of = self._shard_parts.get((table, n))
+        if of is None:
+            of = self._shard_parts[table, n] = self.placement.partitions_of(table, n)
+        return of[shard_of(keys, n)]
+
+    def _split(self, table: str, keys: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """(partition, positions of its keys in ``keys``; None: all of them) for each
+        partition holding some of ``table``'s ``keys``, in partition order."""
+        if self.placement.partitions == 1:
+            return [(0, None)]
+        of = self.partition_of_keys(table, keys)
+        if keys.shape[0] == 1:
+            return [(int(of[0]), None)]
+        counts = np.bincount(of, minlength=self.placement.partitions)
+        held = np.flatnonzero(counts).tolist()
+        if len(held) == 1:
+            return [(held[0], None)]
+        order = np.argsort(of, kind="stable")  # each partition's keys in their order
+        ends = np.cumsum(counts)
+        return [(p, order[ends[p] - counts[p] : ends[p]]) for p in held]
 
     def hedge_after(self, partition: int) -> float:
         """Seconds a request to ``partition`` waits before it is hedged."""
@@ -243,15 +263,12 @@ class PartitionedLookup:
             if k.ndim != 1 or k.shape[0] == 0:
                 raise ValueError(f"tables[{table!r}]: expected int64 keys [n >= 1], got {k.shape}")
             v = known.get(table)
-            of = self.partition_of_keys(table, k)
-            where[table] = []
-            for p in np.unique(of).tolist():
-                idx = np.flatnonzero(of == p) if len(of) and (of != p).any() else None
+            where[table] = self._split(table, k)
+            for p, idx in where[table]:
                 sub_t, sub_k = parts.setdefault(p, ({}, {}))
                 sub_t[table] = k if idx is None else k[idx]
                 if v is not None:
                     sub_k[table] = v if idx is None else v[idx]
-                where[table].append((p, idx))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.deadline_s
         tasks = {

@@ -106,7 +106,7 @@ class ScatterReplica:
                 )
             if not _finite(r.values[0]):
                 raise self._refuse(name, f"NaN or infinite dense weights in table {name!r}")
-            self._state[key] = r.values[0]
+            self._state[key] = np.array(r.values[0])  # decoded arrays are read-only
             self._versions[name] = version
             changed = True
         if self._model is None:
