@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ekko.client.credentials import Credentials
-from ekko.client.wire import ROWS_MEDIA_TYPE, LookupManyFrame, TableKeys, encode
+from ekko.client.wire import ROWS_MEDIA_TYPE, LookupManyFrame, encode
 from ekko.node.access import ClusterAuth
 from ekko.node.config import load_config
 from ekko.node.runner import NodeRunner
@@ -75,24 +75,23 @@ async def test_one_request_answers_several_tables_and_skips_known_rows(node) -> 
     assert down.value.status is None and down.value.retriable
 
 
-def _body(*parts: TableKeys) -> bytes:
-    return encode(LookupManyFrame(list(parts)))
+def _body(tables: list[str], counts: list[int], keys: list[int], known=None, dtype=np.int64):
+    k = np.array(known, np.int64) if known is not None else None
+    return encode(LookupManyFrame(tables, np.array(counts, np.int64), np.array(keys, dtype), k))
 
 
 BAD = [
     (b'{"tables": []}', {"content-type": "application/json"}, 415, "x-ekko-rows only"),
-    (_body(), BINARY, 400, "tables: empty"),
-    (
-        _body(TableKeys("emb", np.array([1], np.int64)), TableKeys("emb", np.array([2], np.int64))),
-        BINARY, 400, "'emb' is named twice",
-    ),
-    (
-        _body(TableKeys("emb", np.array([1, 2], np.int64), np.array([1], np.int64))),
-        BINARY, 400, "tables[0].known: expected 2 versions",
-    ),
-    (_body(TableKeys("emb", np.array([1], np.int32))), BINARY, 400, "tables[0].keys: dtype"),
+    (_body([], [], []), BINARY, 400, "tables: empty"),
+    (_body(["emb", "emb"], [1, 1], [1, 2]), BINARY, 400, "'emb' is named twice"),
+    (_body(["emb"], [1, 1], [1, 2]), BINARY, 400, "counts: expected int64 [1]"),
+    (_body(["emb", "dense/w"], [2, 0], [1, 2]), BINARY, 400, "'dense/w' needs at least one"),
+    (_body(["emb"], [3], [1, 2]), BINARY, 400, "keys: expected 3 (the sum of counts)"),
+    (_body(["emb"], [2], [1, 2], known=[1]), BINARY, 400, "known: expected 2 versions"),
+    (_body(["emb"], [1], [1], dtype=np.int32), BINARY, 400, "keys: dtype must be int64"),
+    (_body(["nope"], [1], [1]), BINARY, 404, "nope"),
     (b"\x81\xa1x\x01", BINARY, 400, "body"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("body", "headers", "status", "says"), BAD)
@@ -106,7 +105,7 @@ async def test_refusals_name_the_problem(node, body, headers, status, says) -> N
 
 async def test_an_unsigned_lookup_is_refused(node) -> None:
     _, url = node
-    body = _body(TableKeys("emb", np.array([1], np.int64)))
+    body = _body(["emb"], [1], [1])
     async with httpx.AsyncClient(base_url=url) as client:
         r = await client.post("/v1/lookup", content=body, headers=BINARY)
     assert r.status_code == 401
@@ -152,8 +151,10 @@ def _answer(status: str, body: bytes, *extra: str, media: str = ROWS_MEDIA_TYPE)
 async def test_the_client_signs_again_reconnects_and_refuses_what_it_cannot_read() -> None:
     from ekko.client.wire import RowsManyFrame, TableRows
 
-    ok = encode(RowsManyFrame([TableRows("emb", np.array([7], np.int64), np.array([1], np.uint8),
-                                         np.ones((1, 2), np.float32))]))  # fmt: skip
+    rows = TableRows(
+        "emb", np.array([7], np.int64), np.ones(1, np.uint8), np.ones((1, 2), np.float32)
+    )
+    ok = encode(RowsManyFrame.of([rows]))
     resign = _answer("401 Unauthorized", b'{"error": "signed before start"}',
                      "x-ekko-resign: 1", media="application/json")  # fmt: skip
     script = _Scripted([

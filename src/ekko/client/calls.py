@@ -22,7 +22,6 @@ from ekko.client.wire import (
     LookupManyFrame,
     RowsFrame,
     RowsManyFrame,
-    TableKeys,
     TableRows,
     WireError,
     WriteFrame,
@@ -174,19 +173,27 @@ def lookup_many(tables: Mapping[str, Any], known: Mapping[str, Any] | None = Non
     unknown = sorted(set(known) - set(tables))
     if unknown:
         raise ValueError(f"known: tables {unknown} are not looked up")
-    parts = []
-    for table, keys in tables.items():
-        k = _keys(keys)
-        v = known.get(table)
-        parts.append(TableKeys(table, k, None if v is None else _keys(v)))
-    body = encode(LookupManyFrame(parts))
+    names = list(tables)
+    keys = [_keys(tables[t]) for t in names]
+    counts = np.array([k.shape[0] for k in keys], dtype=np.int64)
+    if (counts == 0).any():
+        raise ValueError(f"tables: {names[int(np.flatnonzero(counts == 0)[0])]!r} has no keys")
+    held = None
+    if known:
+        parts = []
+        for t, k in zip(names, keys, strict=True):
+            v = _keys(known[t]) if t in known else np.full(k.shape[0], -1, np.int64)
+            if v.shape != k.shape:
+                raise ValueError(f"known[{t!r}]: expected {k.shape[0]} versions, got {v.shape[0]}")
+            parts.append(v)
+        held = np.concatenate(parts)
+    body = encode(LookupManyFrame(names, counts, np.concatenate(keys), held))
 
     def read(b: bytes, media: str) -> dict[str, TableRows]:
         f = _binary(RowsManyFrame)(b, media)
-        got = [t.table for t in f.tables]
-        if got != list(tables):
-            raise WireError(f"tables: asked for {list(tables)}, the answer holds {got}")
-        return {t.table: t for t in f.tables}
+        if f.tables != names:
+            raise WireError(f"tables: asked for {names}, the answer holds {f.tables}")
+        return {t.table: t for t in f.split(counts)}
 
     return Call(
         "POST", LOOKUP_MANY_PATH, "reader", "reads", body, ROWS_MEDIA_TYPE, ROWS_MEDIA_TYPE, read

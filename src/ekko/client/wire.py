@@ -62,27 +62,24 @@ class RowsFrame(msgspec.Struct):
     found: np.ndarray
 
 
-class TableKeys(msgspec.Struct, forbid_unknown_fields=True):
-    """One table's part of a multi-table lookup: ``keys`` int64 [n]; ``known`` int64 [n] or
-    None: the version of each row the caller holds already (a row still at that version
-    comes back without its values)."""
+class LookupManyFrame(msgspec.Struct, forbid_unknown_fields=True):
+    """A lookup of several tables in one body (``POST /v1/lookup``): what a serving node
+    asks one partition holder for one predict batch. Columnar, so a batch of 30 tables is
+    a few arrays, not 30 of each: ``keys`` int64 [N] are the tables' keys one table after
+    the other, ``counts`` int64 [T] how many each has (each >= 1); ``known`` int64 [N] or
+    None: the version of each row the caller holds already (-1: none), and a row still at
+    that version comes back without its values."""
 
-    table: str
+    tables: list[str]
+    counts: np.ndarray
     keys: np.ndarray
     known: np.ndarray | None = None
 
 
-class LookupManyFrame(msgspec.Struct, forbid_unknown_fields=True):
-    """A lookup of several tables in one body (``POST /v1/lookup``): what a serving node
-    asks one partition holder for one predict batch."""
-
-    tables: list[TableKeys]
-
-
 class TableRows(msgspec.Struct):
-    """One table's answer in a multi-table lookup: ``versions`` int64 [n] (0 where not
-    found), ``found`` uint8 [n], and ``values`` float32 [m, dim]: the rows whose version is
-    not the ``known`` one the request gave, in key order (all n rows without ``known``)."""
+    """One table's rows of a multi-table lookup: ``versions`` int64 [n] (0 where not found),
+    ``found`` uint8 [n], and ``values`` float32 [m, dim]: the rows whose version is not the
+    ``known`` one the request gave, in key order (all n rows without ``known``)."""
 
     table: str
     versions: np.ndarray
@@ -91,9 +88,55 @@ class TableRows(msgspec.Struct):
 
 
 class RowsManyFrame(msgspec.Struct):
-    """The answer of a multi-table lookup: one ``TableRows`` per requested table, in order."""
+    """The answer of a multi-table lookup, columnar as the request: ``versions`` int64 [N]
+    and ``found`` uint8 [N] in the request's key order, ``dims`` int64 [T] each table's row
+    length, ``rows`` int64 [T] how many rows of values each sends, and ``values`` float32
+    [sum(rows * dims)]: each table's rows, flattened, one table after the other."""
 
-    tables: list[TableRows]
+    tables: list[str]
+    versions: np.ndarray
+    found: np.ndarray
+    dims: np.ndarray
+    rows: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, parts: list[TableRows]) -> RowsManyFrame:
+        flat = [np.ascontiguousarray(p.values, dtype=np.float32).reshape(-1) for p in parts]
+        return cls(
+            [p.table for p in parts],
+            np.concatenate([p.versions for p in parts]),
+            np.concatenate([p.found for p in parts]),
+            np.array([p.values.shape[1] for p in parts], dtype=np.int64),
+            np.array([p.values.shape[0] for p in parts], dtype=np.int64),
+            np.concatenate(flat) if flat else np.zeros(0, np.float32),
+        )
+
+    def split(self, counts: np.ndarray) -> list[TableRows]:
+        """Each table's ``TableRows`` (views), given the request's ``counts``; ``WireError``
+        when the arrays do not add up."""
+        t = len(self.tables)
+        n = int(counts.sum())
+        for name, arr, dtype, shape in (
+            ("versions", self.versions, np.int64, (n,)), ("found", self.found, np.uint8, (n,)),
+            ("dims", self.dims, np.int64, (t,)), ("rows", self.rows, np.int64, (t,)),
+        ):  # fmt: skip
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != shape:
+                raise WireError(f"{name}: expected {np.dtype(dtype)} {list(shape)}")
+        if (self.dims < 0).any() or (self.rows < 0).any():
+            raise WireError("dims, rows: expected counts >= 0")
+        sizes = self.rows * self.dims
+        v = self.values
+        if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.shape != (sizes.sum(),):
+            raise WireError(f"values: expected float32 [{int(sizes.sum())}]")
+        out = []
+        key_end, value_end = np.cumsum(counts), np.cumsum(sizes)
+        for i, table in enumerate(self.tables):
+            k0, v0 = key_end[i] - counts[i], value_end[i] - sizes[i]
+            values = v[v0 : value_end[i]].reshape(int(self.rows[i]), int(self.dims[i]))
+            out.append(TableRows(table, self.versions[k0 : key_end[i]],
+                                 self.found[k0 : key_end[i]], values))  # fmt: skip
+        return out
 
 
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=enc_hook)
@@ -176,27 +219,39 @@ MAX_LOOKUP_TABLES = 4096
 
 
 def decode_lookup_many(body: bytes) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """A multi-table lookup's ``(table, keys, known)`` triples, decoded and checked: at
-    least one table, each named once, keys int64 [n >= 1], ``known`` int64 [n] or absent."""
-    frame = decode(body, LookupManyFrame, "{tables: [{table, keys: int64[n], known?}]}")
-    if not frame.tables:
+    """A multi-table lookup's ``(table, keys, known)`` triples (views), decoded and checked:
+    at least one table, each named once with at least one key, keys int64 [N], ``known``
+    int64 [N] or absent."""
+    frame = decode(body, LookupManyFrame, "{tables, counts: int64[T], keys: int64[N], known?}")
+    t = len(frame.tables)
+    if not t:
         raise WireError("tables: empty (name at least one table)")
-    if len(frame.tables) > MAX_LOOKUP_TABLES:
-        raise WireError(f"tables: {len(frame.tables)} tables, at most {MAX_LOOKUP_TABLES}")
-    out: list[tuple[str, np.ndarray, np.ndarray | None]] = []
-    seen: set[str] = set()
-    for i, part in enumerate(frame.tables):
-        if part.table in seen:
-            raise WireError(f"tables[{i}].table: {part.table!r} is named twice")
-        seen.add(part.table)
-        keys = check_keys(part.keys, f"tables[{i}].keys")
-        known = part.known
-        if known is not None:
-            known = check_keys(known, f"tables[{i}].known")
-            if known.shape != keys.shape:
-                raise WireError(
-                    f"tables[{i}].known: expected {keys.shape[0]} versions (one per key), "
-                    f"got {known.shape[0]}"
-                )
-        out.append((part.table, keys, known))
-    return out
+    if t > MAX_LOOKUP_TABLES:
+        raise WireError(f"tables: {t} tables, at most {MAX_LOOKUP_TABLES}")
+    if len(set(frame.tables)) != t:
+        twice = next(n for i, n in enumerate(frame.tables) if n in frame.tables[:i])
+        raise WireError(f"tables: {twice!r} is named twice")
+    counts = frame.counts
+    if not isinstance(counts, np.ndarray) or counts.dtype != np.int64 or counts.shape != (t,):
+        raise WireError(f"counts: expected int64 [{t}] (one per table)")
+    if (counts < 1).any():
+        i = int(np.flatnonzero(counts < 1)[0])
+        raise WireError(f"counts[{i}]: table {frame.tables[i]!r} needs at least one key")
+    keys = check_keys(frame.keys)
+    if keys.shape[0] != counts.sum():
+        raise WireError(
+            f"keys: expected {int(counts.sum())} (the sum of counts), got {keys.shape[0]}"
+        )
+    known = frame.known
+    if known is not None:
+        known = check_keys(known, "known")
+        if known.shape != keys.shape:
+            raise WireError(
+                f"known: expected {keys.shape[0]} versions (one per key), got {known.shape[0]}"
+            )
+    ends = np.cumsum(counts).tolist()
+    starts = [0, *ends[:-1]]
+    return [
+        (name, keys[a:b], None if known is None else known[a:b])
+        for name, a, b in zip(frame.tables, starts, ends, strict=True)
+    ]

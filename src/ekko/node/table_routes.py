@@ -99,11 +99,14 @@ class LookupBody(msgspec.Struct, forbid_unknown_fields=True):
 
 class LookupManyBody(msgspec.Struct, forbid_unknown_fields=True):
     """Keys of several tables, binary only (``application/x-ekko-rows``,
-    ``ekko.client.wire.LookupManyFrame``): ``tables`` of ``{table, keys: int64[n], known?:
-    int64[n]}``, ``known`` the versions the caller holds (those rows come back without
-    values)."""
+    ``ekko.client.wire.LookupManyFrame``): ``tables`` named, ``counts`` keys each, ``keys``
+    one table's after the other, ``known`` the versions the caller holds (-1: none; those
+    rows come back without values)."""
 
-    tables: list[dict[str, Any]]
+    tables: list[str]
+    counts: list[int]
+    keys: list[Int64]
+    known: list[Int64] | None = None
 
 
 class TableSpecBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -311,7 +314,7 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
             if known is not None:
                 values = values[versions != known]
             out.append(TableRows(table.name, versions, found.view(np.uint8), values))
-        return Response(encode(RowsManyFrame(out)), media_type=ROWS_MEDIA_TYPE)
+        return Response(encode(RowsManyFrame.of(out)), media_type=ROWS_MEDIA_TYPE)
 
     return [
         Route("/v1/tables", list_tables, methods=["GET"]),
