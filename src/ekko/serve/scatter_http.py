@@ -155,7 +155,12 @@ class HttpHolders:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 conn.close()
                 if reused and attempt == 0:
-                    continue  # the holder closed an idle connection: once more on a new one
+                    # The holder closed an idle connection (its keep-alive timeout), and so
+                    # likely every other idle one: drop them, send once more on a new one.
+                    for stale in pool:
+                        stale.close()
+                    pool.clear()
+                    continue
                 raise HolderFailed(holder, f"{type(exc).__name__}: {exc}") from exc
             except _BadAnswer as exc:
                 conn.close()
