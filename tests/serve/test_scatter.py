@@ -197,3 +197,25 @@ def test_every_partition_needs_a_holder_and_the_config_is_checked() -> None:
         ScatterConfig(deadline_s=0)
     with pytest.raises(ValueError, match="min_samples"):
         ScatterConfig(window=5, min_samples=10)
+
+
+def test_local_first_reads_the_nodes_own_store_and_fails_over_for_a_table_it_lacks() -> None:
+    from ekko.serve.scatter_http import LOCAL, LocalFirst
+
+    store = _store()
+    own = Store()  # the serving node's store: emb_a only (the others still syncing)
+    own_port = WritePort(own)
+    own_port.create_table(TableSpec("emb_a", 3, 16))
+    keys = np.arange(300, dtype=np.int64)
+    own_port.write("emb_a", keys, store.table("emb_a").lookup(keys)[0])
+    placement = Placement(2)
+    fake = FakeHolders(store, placement)
+    holders = {0: [LOCAL, "p0h1"], 1: ["p1h0"]}
+    shards = lambda t: store.table(t).num_shards  # noqa: E731
+    lookup = PartitionedLookup(placement, holders, LocalFirst(own, fake), shards)
+    got = run_virtual(lambda: lookup.lookup({"emb_a": keys}))
+    np.testing.assert_array_equal(got["emb_a"].values, store.table("emb_a").lookup(keys)[0])
+    assert [h for h, *_ in fake.calls] == ["p1h0"]  # partition 0 read locally
+    got = run_virtual(lambda: lookup.lookup({"emb_b": keys}))
+    np.testing.assert_array_equal(got["emb_b"].values, store.table("emb_b").lookup(keys)[0])
+    assert sorted(h for h, *_ in fake.calls) == ["p0h1", "p1h0", "p1h0"]  # emb_b: not local

@@ -28,7 +28,8 @@ from ekko.client.base import MAX_RESIGNS
 from ekko.client.credentials import Credentials
 from ekko.client.wire import TableRows, WireError
 from ekko.net.signed_requests import RESIGN_HEADER
-from ekko.serve.scatter import HolderFailed
+from ekko.serve.scatter import Fetch, HolderFailed
+from ekko.store import Store, UnknownTableError
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -180,3 +181,44 @@ class HttpHolders:
             for conn in pool:
                 conn.close()
         self._idle.clear()
+
+
+LOCAL = "local"
+"""The holder name ``LocalFirst`` answers from the serving node's own store."""
+
+
+class LocalFirst:
+    """A ``Fetch`` that answers holder ``LOCAL`` from the serving node's own store, without
+    I/O, and every other holder through ``remote``.
+
+    Why: a serving node that holds some partitions itself should read them as its local
+    replica does; naming ``LOCAL`` first among a partition's holders does that, and a table
+    the store lacks yet (still syncing) fails over to the next holder like any failure.
+
+    Call it on the event loop that applies the store's rows (``Table`` allows no lookup
+    concurrent with a write).
+    """
+
+    def __init__(self, store: Store, remote: Fetch) -> None:
+        self.store = store
+        self.remote = remote
+
+    async def __call__(
+        self, holder: str, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray]
+    ) -> Mapping[str, TableRows]:
+        if holder != LOCAL:
+            return await self.remote(holder, tables, known)
+        out = {}
+        for name, keys in tables.items():
+            try:
+                table = self.store.table(name)
+            except UnknownTableError as exc:
+                raise HolderFailed(
+                    holder, f"table {name!r} is not in this node's store", 404
+                ) from exc
+            values, versions, found = table.lookup(keys)
+            v = known.get(name)
+            if v is not None:
+                values = values[versions != v]
+            out[name] = TableRows(name, versions, found.view(np.uint8), values)
+        return out
