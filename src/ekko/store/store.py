@@ -159,7 +159,12 @@ class Store:
         tables = []
         for t in self._tables.values():
             rows = dict(zip(_TABLE_ARRAYS, t.all_slots(), strict=True))
-            rows.update(counter=t.counter, knowledge=t.knowledge, shard_version=t.shard_version)
+            rows.update(
+                counter=t.counter,
+                knowledge=t.knowledge,
+                shard_version=t.shard_version,
+                purge_floor=t.purge_floor,
+            )
             tables.append(SnapshotTable(t.name, t.dim, t.num_shards, rows))
         return SnapshotData(self.origin, self._catalog_version, tables, self.lineage, wal_seq)
 
@@ -200,6 +205,7 @@ class Store:
                 knowledge=a["knowledge"],
                 shard_version=a["shard_version"],
                 dead=a.get("dead"),  # a snapshot from before deletes holds none
+                purge_floor=a.get("purge_floor"),  # nor one from before purges
             )
         store._catalog_version = data.catalog_version
         store.lineage = data.lineage

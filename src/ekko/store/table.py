@@ -74,6 +74,7 @@ class TableStats:
     rows_deleted: int = 0  # deletes written here (a source)
     tombstones_purged: int = 0  # tombstones forgotten (``purge``), their slots reused
     free_slots: int = 0  # row slots freed by purges, not taken again yet
+    rows_reconciled: int = 0  # keys dropped by a reconcile: their delete was purged upstream
 
 
 class Table:
@@ -128,6 +129,11 @@ class Table:
         self._rows_applied = 0
         self._rows_deleted = 0
         self._purged = 0
+        self._reconciled = 0
+        # purge_floor[shard]: tombstones at or below it were purged here (or upstream, for a
+        # holder): a holder below it cannot learn those deletes from rows, only by reconcile.
+        self.purge_floor = np.zeros(ns, dtype=np.int64)
+        self.purge_epoch = 0  # moves whenever purge_floor rises
         self._tombstones = np.zeros(1, dtype=np.int64)  # kept by the kernels
         # The store's write-ahead journal, if any: sees every source write of this table.
         self.on_write: WriteHook | None = None
@@ -486,6 +492,7 @@ class Table:
             tombstones=self.tombstones,
             rows_deleted=self._rows_deleted,
             tombstones_purged=self._purged,
+            rows_reconciled=self._reconciled,
             free_slots=self._index.free_slots,
         )
 
@@ -496,26 +503,74 @@ class Table:
         shard): the caller knows every holder has them. Their keys leave the index and their
         slots are reused by later new keys, so memory stays flat under churn. Cursors below a
         shard's floor take the full scan from now on (the update cache may name a freed
-        slot). Returns how many were purged."""
+        slot). ``purge_floor`` rises to ``floor``. Returns how many were purged."""
         fl = check_int64(floor, self.num_shards, "floor")
+        if (fl < 0).any():
+            raise BadRowsError(f"table {self.name!r}: a purge floor must be >= 0")
+        if (fl > self.purge_floor).any():
+            np.maximum(self.purge_floor, fl, out=self.purge_floor)
+            self.purge_epoch += 1
         if not self.tombstones:
             return 0
         n, r = self._used, self._rows
         gone = (r.dead[:n] != 0) & (r.versions[:n] <= fl[r.shards[:n]])
         slots = np.flatnonzero(gone)
+        self._forget(slots, fl)
+        self._purged += int(slots.size)
+        return int(slots.size)
+
+    def drop_absent(self, shard: int, floor: int, keys: np.ndarray) -> int:
+        """Reconcile ``shard`` with its upstream's full list of ``keys`` (live and tombstones)
+        under the upstream's purge floor: a key held here at a version at or below ``floor``
+        that the upstream does not hold was deleted there, and its tombstone purged before
+        this holder saw it. Drops those keys (and this shard's tombstones at or below
+        ``floor``). Returns the live rows dropped."""
+        s = check_scalar_index(shard, self.num_shards, "shard")
+        k = check_keys(keys)
+        if floor < 0:
+            raise BadRowsError(f"table {self.name!r}: a reconcile floor must be >= 0")
+        n, r = self._used, self._rows
+        mine = np.flatnonzero(
+            (r.shards[:n] == s) & (r.versions[:n] > 0) & (r.versions[:n] <= floor)
+        )
+        absent = mine[~np.isin(r.keys[mine], k)]
+        live = absent[r.dead[absent] == 0]
+        fl = self.purge_floor.copy()
+        fl[s] = max(int(fl[s]), int(floor))
+        self._forget(absent, fl)
+        self._reconciled += int(live.size)
+        self._purged += int(absent.size - live.size)
+        self.purge(fl)
+        return int(live.size)
+
+    def redundant(self, keys: np.ndarray, versions: np.ndarray, lane: int) -> np.ndarray | None:
+        """Rows of ``lane`` that a holder must not apply: at or below both its knowledge of
+        their shard's lane (it holds them, or what superseded them) and the shard's purge
+        floor (what superseded them may be a purged delete, and applying would bring the key
+        back). A late duplicate of an old answer is such a row. None: there are none."""
+        if not versions.shape[0] or int(versions.min()) > int(self.purge_floor.max()):
+            return None
+        shards = shard_of(keys, self.num_shards)
+        bar = np.minimum(self.knowledge[shards, lane], self.purge_floor[shards])
+        out = versions <= bar
+        return out if out.any() else None
+
+    def _forget(self, slots: np.ndarray, floor: np.ndarray) -> None:
+        """Remove the keys at ``slots`` (tombstones or live rows) from the index and free
+        their slots."""
         if not slots.size:
-            return 0
+            return
+        r = self._rows
         self._index.remove(r.keys[slots])
         touched = np.unique(r.shards[slots])
+        self._tombstones[0] -= int(np.count_nonzero(r.dead[slots]))
+        r.values[slots] = 0
         r.versions[slots] = 0
         r.wtimes[slots] = 0
         r.lanes[slots] = 0
-        r.dead[slots] = 0  # values are zero already: a tombstone's
-        self._tombstones[0] -= slots.size
-        self._purged += int(slots.size)
-        self.dvv[touched] = np.maximum(self.dvv[touched], fl[touched])
+        r.dead[slots] = 0
+        self.dvv[touched] = np.maximum(self.dvv[touched], floor[touched])
         self.shard_version[touched] += 1
-        return int(slots.size)
 
     # -- snapshot restore --------------------------------------------------------------------
 
@@ -531,6 +586,7 @@ class Table:
         knowledge: np.ndarray,
         shard_version: np.ndarray,
         dead: np.ndarray | None = None,
+        purge_floor: np.ndarray | None = None,
     ) -> None:
         """Fill an empty table from a snapshot. The update cache starts empty, so the dominator
         is set to the shard's highest version: cursors below it take the full-scan path."""
@@ -571,6 +627,8 @@ class Table:
         self.knowledge[:] = kn
         self.shard_version[:] = sv
         self.dvv[:] = cnt
+        if purge_floor is not None:
+            self.purge_floor[:] = check_int64(purge_floor, ns, "purge_floor")
         self._ring_pos[:] = 0
         self._ring_len[:] = 0
         self._ring_order[:] = 0
