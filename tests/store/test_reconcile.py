@@ -38,12 +38,14 @@ def test_reconcile_drops_only_keys_whose_delete_was_purged_upstream() -> None:
     dropped = 0
     for s in range(SPEC.num_shards):
         held = held_all[shard_of(held_all, SPEC.num_shards) == s]
-        dropped += holder.drop_absent(s, int(source.purge_floor[s]), held)
+        dropped += holder.drop_absent(s, source.purge_bar[s], held)
     assert dropped == 16
     found = holder.lookup(keys)[2]
     assert not found[:16].any() and found[16:].all()  # 16..19 wait for their tombstones
-    assert (holder.purge_floor == source.purge_floor).all()
     assert holder.statistics().rows_reconciled == 16
+    assert (holder.reconcile_epoch > 0).sum() == len(set(shard_of(keys[:16], 4).tolist()))
+    holder.purge(source.purge_bar)  # it follows its upstream's bars
+    assert (holder.purge_floor == source.purge_floor).all() and holder.purge_epoch == 1
     # The rest arrives as rows: the late tombstones and the newer rows.
     _copy_into(source, holder)
     assert holder.digest() == source.digest() and holder.rows == source.rows
@@ -58,10 +60,12 @@ def test_reconcile_keeps_rows_above_the_floor_and_keys_the_upstream_holds() -> N
     mine = keys[shard_of(keys, SPEC.num_shards) == s]
     # The upstream lists none of them, but only rows at or below its floor may go.
     cut = int(np.sort(versions[shard_of(keys, SPEC.num_shards) == s])[1])
-    assert t.drop_absent(s, cut, np.zeros(0, np.int64)) == 2
+    assert t.drop_absent(s, np.array([cut, 0, 0]), np.zeros(0, np.int64)) == 2
     assert t.lookup(mine)[2].sum() == mine.size - 2
+    # Rows of a lane whose bar is 0 stay: the upstream may not hold that lane yet.
+    assert t.drop_absent(s, np.array([0, cut + 100, cut + 100]), np.zeros(0, np.int64)) == 0
     before = t.digest()
-    assert t.drop_absent(s, cut + 100, mine) == 0  # it holds them all: nothing goes
+    assert t.drop_absent(s, np.array([cut + 100] * 3), mine) == 0  # all listed: none go
     assert t.digest() == before
 
 
@@ -95,8 +99,10 @@ def test_the_purge_floor_survives_a_snapshot(tmp_path: Path) -> None:
 def test_bad_floors_are_refused_by_name() -> None:
     t = Table(SPEC)
     with pytest.raises(BadRowsError, match="purge floor must be >= 0"):
-        t.purge(np.full(SPEC.num_shards, -1, np.int64))
-    with pytest.raises(BadRowsError, match="reconcile floor must be >= 0"):
-        t.drop_absent(0, -1, np.zeros(0, np.int64))
+        t.purge(np.full((SPEC.num_shards, 3), -1, np.int64))
+    with pytest.raises(BadRowsError, match="reconcile bar must be 3 integers >= 0"):
+        t.drop_absent(0, np.array([1, -1, 0]), np.zeros(0, np.int64))
+    with pytest.raises(BadRowsError, match="reconcile bar"):
+        t.drop_absent(0, np.array([1]), np.zeros(0, np.int64))
     with pytest.raises(BadRowsError, match="shard"):
-        t.drop_absent(SPEC.num_shards, 1, np.zeros(0, np.int64))
+        t.drop_absent(SPEC.num_shards, np.zeros(3, np.int64), np.zeros(0, np.int64))

@@ -7,6 +7,7 @@ puller must reject a bad block before any of its rows reach the store.
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 
 from ekko.codec import CODECS, CodecError, RowBlock, decode_block, decode_dead, encode_block
@@ -129,4 +130,17 @@ def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
         wtimes=wtimes,
         origin=chunk.origin,
         dead=dead,
+    )
+
+
+def keep_rows(chunk: Chunk, keep: np.ndarray) -> Chunk:
+    """``chunk`` holding only the rows ``keep`` marks (its per-shard counts dropped)."""
+    return msgspec.structs.replace(
+        chunk,
+        counts=chunk.counts[:0],
+        keys=chunk.keys[keep],
+        values=chunk.values[keep],
+        versions=chunk.versions[keep],
+        wtimes=chunk.wtimes[keep],
+        dead=None if chunk.dead is None else chunk.dead[keep],
     )

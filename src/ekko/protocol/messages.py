@@ -17,9 +17,10 @@ from ekko.codec.block import RowBlock
 from ekko.store.settled import Mark
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """2: a third lane, for new keys; 3: answers carry the source's Mark; 4: chunks carry
-tombstones (deletes)."""
+tombstones (deletes); 5: pulls report holders' floors, answers carry purge floors and
+reconcile key lists (tombstones are purged)."""
 
 DRAIN_ORDER = (NEW_LANE, HIGH_LANE, LOW_LANE)
 
@@ -77,6 +78,22 @@ class PullRequest(msgspec.Struct, frozen=True, tag=True):
     # Only the shards of these partitions, under the responder's placement (the cluster's,
     # ``ekko.store.placement``), from now on in this session; None: every shard (issue 17).
     partitions: list[Count] | None = None
+    # table -> int64 [shards, lanes]: the lowest settled knowledge of the puller and of every
+    # holder pulling from it (``ekko.protocol.floors``), sent every few seconds: what lets
+    # the source purge the tombstones every holder has.
+    floors: dict[str, np.ndarray] | None = None
+
+
+class ShardKeys(msgspec.Struct, frozen=True, array_like=True):
+    """Every key (live or a tombstone) the responder holds in one shard, and the shard's
+    purge bar per lane (the responder holds each lane complete up to it): a holder that may
+    have missed deletes whose tombstones were purged drops each row it holds at or below its
+    lane's bar that is not listed (``Table.drop_absent``)."""
+
+    table: str
+    shard: Int64
+    bar: list[Int64]  # per lane
+    keys: np.ndarray  # int64 [n]
 
 
 class ShardMeta(msgspec.Struct, frozen=True, array_like=True):
@@ -155,6 +172,12 @@ class PullResponse(msgspec.Struct, frozen=True, tag=True):
     # The source process, its log position when this answer was cut and its log on disk
     # (``ekko.store.settled``): what lets a holder tell knowledge the disk backs.
     mark: Mark | None = None
+    # table -> int64 [shards, lanes]: the responder's purge bars (``Table.purge_bar``), when
+    # they rose since this session last heard them; the puller purges its own tombstones
+    # at or below them.
+    purge: dict[str, np.ndarray] | None = None
+    # Shards this session must reconcile (its knowledge is below their purge floor).
+    reconcile: list[ShardKeys] | None = None
 
 
 class Error(msgspec.Struct, frozen=True, tag=True):

@@ -15,12 +15,22 @@ its replicas) never rebuild: they take rows of their own lineage and refuse any 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ekko.protocol.chunk_codec import check_codec, decode_chunk
-from ekko.protocol.messages import Catalog, Chunk, Cursor, Error, Message, PullRequest, PullResponse
+from ekko.protocol.chunk_codec import check_codec, decode_chunk, keep_rows
+from ekko.protocol.floors import Floors, Reconciles, holder_floors, lowest
+from ekko.protocol.messages import (
+    Catalog,
+    Chunk,
+    Cursor,
+    Error,
+    Message,
+    PullRequest,
+    PullResponse,
+)
 from ekko.protocol.ready import Applied, Ready
 from ekko.protocol.traffic import TrafficTally
 from ekko.quality.latency import LatencyHistogram
@@ -48,10 +58,18 @@ class PullerConfig:
     # would otherwise take longer to arrive than the request timeout.
     max_bytes_in_flight: int = 32 << 20
     partitions: tuple[int, ...] | None = None  # pull these partitions' shards only
+    # How often pulls report the floors of this holder and those below it (tombstone purge).
+    floor_report_ms: int = 5000
 
     def validate(self) -> PullerConfig:
         check_codec(self.codec)
-        for name in ("max_bytes", "window", "request_timeout_ms", "max_bytes_in_flight"):
+        for name in (
+            "max_bytes",
+            "window",
+            "request_timeout_ms",
+            "max_bytes_in_flight",
+            "floor_report_ms",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PullerConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.wait_ms < 0 or self.poll_interval_ms < 0:
@@ -72,6 +90,9 @@ class PullerStats:
     in_flight: int
     pending_chunks: int = 0  # chunk ranges held until the range below them arrives
     epoch_changes: int = 0  # source restarts met: knowledge taken back to the settled part
+    stale_rows: int = 0  # rows not applied: below knowledge and the purge floor (late copies)
+    reconciled_shards: int = 0  # shards reconciled against the upstream's key lists
+    rows_reconciled: int = 0  # rows those reconciles dropped (deleted upstream, purged)
 
 
 @dataclass
@@ -100,6 +121,9 @@ class Puller:
     latency: LatencyHistogram | None = field(default_factory=LatencyHistogram)
     traffic: TrafficTally | None = None  # reported upstream on each request
     absorb: bool = False  # a source recovering from a replica: never rebuild, refuse others
+    # The floors of the holders pulling from this one (its responder's ``HolderFloors``):
+    # reported upstream with its own (``ekko.protocol.floors``).
+    floors: Callable[[float], Floors | None] | None = None
 
     def __post_init__(self) -> None:
         self.config.validate()
@@ -124,6 +148,9 @@ class Puller:
         self._next_poll: float | None = None
         self._responses = self._rows_received = self._rows_applied = self._bytes = 0
         self._gaps = self._resyncs = self._timeouts = self._errors = 0
+        self._stale_rows = 0
+        self.reconciles = Reconciles()  # key lists waiting for this holder to catch up
+        self._next_report: float | None = None  # None: report on the next request
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -133,6 +160,7 @@ class Puller:
         self._first_req = self._next_id + 1
         self.caught_up = False
         self._catalog_seen = 0
+        self._next_report = None
         return self._fill(now)
 
     @property
@@ -176,6 +204,7 @@ class Puller:
                 chunks = [c for c in chunks if c.table in self._into.tables]
                 self._catalog_lost()
             applied = tuple(self._apply(chunk, now) for chunk in chunks)
+            purged = not self.absorb and self._purge(msg)
             if not self.absorb:
                 self._into.settled.observe(msg.mark, self._into.knowledge_by_table())
             if msg.holds and not msg.chunks:
@@ -183,7 +212,7 @@ class Puller:
             if not msg.more and not self._pending and not self._forget_asked:
                 self._settled(msg.req_id)
             ready = self._fill(now, immediate=msg.more)
-            if serving and (msg.tables or applied):
+            if serving and (msg.tables or applied or purged):
                 ready.applied = Applied(tuple(msg.tables or ()), applied, now)
             return ready
         if isinstance(msg, Catalog):
@@ -234,6 +263,7 @@ class Puller:
             self.caught_up = True
             return False
         self._staging = Store(origin=self.store.origin, cache_capacity=self.store.cache_capacity)
+        self.reconciles.clear()
         self._staging.lineage = lineage
         self._staging_from = self._next_id + 1
         self._reset_pending = True
@@ -259,6 +289,7 @@ class Puller:
             if req_id >= self._staging_from:
                 self.store.replace_with(self._staging)
                 self._staging = None
+                self.reconciles.clear()  # lists for the old store's rows
                 self.rebuilds += 1
             return
         if req_id >= self._first_req:
@@ -272,6 +303,26 @@ class Puller:
         of a table we did not know could not be stored)."""
         self._forget_asked = True
         self._restate_all = True
+
+    def _purge(self, msg: PullResponse) -> bool:
+        """Follow the upstream's key lists and purge bars; apply lists now due. Returns
+        whether the store may have changed."""
+        if not (msg.reconcile or msg.purge or len(self.reconciles)):
+            return False
+        before = self.reconciles.shards
+        self.reconciles.follow(self._into, msg.purge, msg.reconcile)
+        return bool(msg.purge) or self.reconciles.shards > before
+
+    def _report(self, now: float) -> Floors | None:
+        """This holder's floors (its settled knowledge, at least what those below it hold
+        too), due every ``floor_report_ms``; None between reports and while rebuilding."""
+        if self.absorb or self._staging is not None:
+            return None
+        if self._next_report is not None and now < self._next_report:
+            return None
+        self._next_report = now + self.config.floor_report_ms / 1000
+        below = self.floors(now) if self.floors is not None else None
+        return lowest(holder_floors(self.store), below)
 
     def _check_holds(self, holds: dict[str, np.ndarray]) -> None:
         """The upstream says it holds more than we do yet sent nothing: resync those
@@ -299,6 +350,9 @@ class Puller:
             in_flight=len(self._in_flight),
             pending_chunks=sum(len(p) for p in self._pending.values()),
             epoch_changes=self.epoch_changes,
+            stale_rows=self._stale_rows,
+            reconciled_shards=self.reconciles.shards,
+            rows_reconciled=self.reconciles.rows,
         )
 
     # -- internals ----------------------------------------------------------------------
@@ -359,8 +413,9 @@ class Puller:
         self._forget_asked = False
         parts = list(self.config.partitions) if self.config.partitions is not None else None
         return PullRequest(
-            rid, budget, wait, cursors, self.config.codec, traffic, reset, self.absorb, parts
-        )
+            rid, budget, wait, cursors, self.config.codec, traffic, reset, self.absorb, parts,
+            self._report(now),
+        )  # fmt: skip
 
     def _all_cursors(self) -> list[Cursor]:
         out = []
@@ -389,6 +444,11 @@ class Puller:
         table = self._into.table(chunk.table)
         wire_bytes = chunk.nbytes
         chunk = decode_chunk(chunk, table.dim)
+        if not self.absorb and chunk.rows:
+            stale = table.redundant(chunk.keys, chunk.versions, chunk.lane)
+            if stale is not None:
+                chunk = keep_rows(chunk, ~stale)
+                self._stale_rows += int(stale.sum())
         n = chunk.rows
         if n:
             self._rows_applied += table.apply(

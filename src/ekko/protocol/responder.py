@@ -16,6 +16,7 @@ import numpy as np
 
 from ekko.protocol.chunk_codec import check_codec
 from ekko.protocol.chunk_collector import ChunkCollector, vouched
+from ekko.protocol.floors import BadFloorsError, HolderFloors, PurgeNotices, check_floors
 from ekko.protocol.messages import (
     DRAIN_ORDER,
     Catalog,
@@ -48,6 +49,9 @@ class ResponderConfig:
     long_poll: bool = True
     max_wait_ms: int = 30_000
     max_parked_per_session: int = 256
+    # A holder whose floors are older than this no longer holds tombstone purges back; it
+    # reconciles when it pulls again (``ekko.protocol.floors``).
+    holder_horizon_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class ResponderStats:
     bytes_sent: int
     sessions: int
     shared_chunks: int = 0  # chunks answered from another session's identical pull
+    reconciled_shards: int = 0  # full key lists sent to holders below a purge floor
 
 
 @dataclass
@@ -82,12 +87,15 @@ class _Session:
     unframed: int = 0  # answers with rows handed out, not yet reported ``framed``
     absorb: bool = False  # a recovering source: rows above our knowledge go too
     scope: SessionScope = field(default_factory=SessionScope)  # the partitions asked for
+    purges: PurgeNotices = field(default_factory=PurgeNotices)
+    sid: SessionId | None = None  # the key it is kept under
 
     def forget(self) -> None:
         """The puller holds nothing this session was sent: start from nothing."""
         self.sent.clear()
         self.seen.clear()
         self.catalog_version = -1
+        self.purges = PurgeNotices()
 
     def state_for(self, table: Table) -> tuple[np.ndarray, np.ndarray]:
         sent = self.sent.get(table.name)
@@ -115,6 +123,8 @@ class Responder:
         self._rows_sent = self._bytes_sent = 0
         self._chunks = ChunkCollector(store, use_cache=self.config.use_cache)
         self._lineage = store.lineage
+        self.floors = HolderFloors(self.config.holder_horizon_s)
+        self._reconciled_shards = 0
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -122,6 +132,7 @@ class Responder:
         """Handle one message from ``session``."""
         self._check_lineage()
         sess = self._sessions.setdefault(session, _Session())
+        sess.sid = session
         ready = Ready()
         if isinstance(msg, CatalogRequest):
             ready.sends.append(
@@ -148,6 +159,14 @@ class Responder:
         if why is not None:
             ready.sends.append((session, Error(msg.req_id, "bad_partition", why)))
             return ready
+        if not msg.absorb:
+            self.floors.open(session, now)
+            if msg.floors:
+                try:
+                    self.floors.report(session, check_floors(self.store, msg.floors), now)
+                except BadFloorsError as exc:
+                    ready.sends.append((session, Error(msg.req_id, "bad_floors", str(exc))))
+                    return ready
         if msg.reset:
             sess.forget()
             sess.parked.clear()  # asked against what the puller no longer holds
@@ -249,8 +268,14 @@ class Responder:
                 sess.forget()
             self._chunks.forget()
 
-    def close_session(self, session: SessionId) -> None:
+    def close_session(self, session: SessionId, now: float | None = None) -> None:
+        """``session`` ended; its floors hold purges back for the horizon after ``now``
+        (None: not at all)."""
         self._sessions.pop(session, None)
+        if now is None:
+            self.floors.close(session, -self.floors.horizon_s)
+        else:
+            self.floors.close(session, now)
 
     def pacing(self, now: float) -> dict[SessionId, PacerStats]:
         """Each paced session's pacer at ``now``."""
@@ -269,6 +294,7 @@ class Responder:
             bytes_sent=self._bytes_sent,
             sessions=len(self._sessions),
             shared_chunks=self._chunks.hits,
+            reconciled_shards=self._reconciled_shards,
         )
 
     # -- internals ----------------------------------------------------------------------
@@ -316,15 +342,29 @@ class Responder:
                     )
                 sent[c.shard, c.lane] = c.knowledge
                 seen[c.shard] = -1
+                if not req.absorb:
+                    sess.purges.restated(table, c.shard, c.lane, c.knowledge)
         except UnknownTableError as exc:
             return Error(req.req_id, "unknown_table", str(exc))
         return None
 
     def _empty(self, sess: _Session, req: PullRequest, now: float) -> PullResponse:
+        purge, reconcile = self._purges(sess, max(0, req.max_bytes), now)
         return PullResponse(
             req.req_id, self.store.catalog_version, [], False, self._catalog(sess),
-            self._holds(sess, now), self.store.lineage, self.store.mark(),
+            self._holds(sess, now), self.store.lineage, self.store.mark(), purge, reconcile,
         )  # fmt: skip
+
+    def _owes(self, sess: _Session) -> bool:
+        return not sess.absorb and sess.purges.owes(self.store)
+
+    def _purges(self, sess: _Session, budget: int, now: float) -> tuple[dict | None, list | None]:
+        if sess.absorb:
+            return None, None
+        floors = None if sess.sid is None else self.floors.latest(sess.sid)
+        purge, keys = sess.purges.take(self.store, floors, budget)
+        self._reconciled_shards += len(keys or ())
+        return purge, keys
 
     def _holds(self, sess: _Session, now: float) -> dict[str, np.ndarray] | None:
         """What this session was sent: a puller below it lost an answer. (Not what the store
@@ -348,7 +388,7 @@ class Responder:
 
         Returns ``None`` when there is nothing new, or no tokens yet, and the pull may wait.
         """
-        if not force and self._unmoved(sess):
+        if not force and self._unmoved(sess) and not self._owes(sess):
             return None
         if sess.max_unframed is not None and sess.unframed >= sess.max_unframed:
             return self._empty(sess, req, now) if force else None
@@ -391,8 +431,10 @@ class Responder:
         if not more:
             for table, _shards, _sent, seen in plans:
                 seen[:] = table.shard_version
-        if not chunks and not force:
+        owes = self._owes(sess)
+        if not chunks and not force and not owes:
             return None
+        purge, reconcile = self._purges(sess, budget, now) if owes else (None, None)
         rows = sum(c.rows for c in chunks)
         nbytes = sum(c.nbytes for c in chunks)
         self._rows_sent += rows
@@ -412,6 +454,8 @@ class Responder:
             None if chunks else self._holds(sess, now),
             self.store.lineage,
             self.store.mark(),
+            purge,
+            reconcile,
         )
 
     def _unmoved(self, sess: _Session) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ekko.protocol.floors import TombstonePurger
 from ekko.protocol.messages import Catalog, Error, Message, PullResponse
 from ekko.protocol.puller import LINK, Puller, PullerConfig
 from ekko.protocol.ready import Ready
@@ -97,8 +98,12 @@ class SimNetwork:
         puller_config: PullerConfig | None = None,
         responder_config: ResponderConfig | None = None,
         pace_bytes_per_s: float | None = None,
+        purge_every_s: float | None = None,
     ) -> None:
         self.rng = random.Random(seed)
+        # Sources purge tombstones every holder has this often (None: never).
+        self.purge_every_s = purge_every_s
+        self.purged = 0
         self.pace_bytes_per_s = pace_bytes_per_s  # every link paced at this rate, if set
         self.faults = faults or Faults()
         self.puller_config = puller_config or PullerConfig(wait_ms=200, window=4)
@@ -139,6 +144,8 @@ class SimNetwork:
             self._connect(node)
         else:
             self._log_writes(node)
+            if self.purge_every_s is not None:
+                self._schedule(self.now + self.purge_every_s, "purge", name)
         return node
 
     def _log_writes(self, node: SimNode) -> None:
@@ -186,7 +193,11 @@ class SimNetwork:
     def _connect(self, node: SimNode) -> None:
         node.session += 1
         node.answered.clear()
-        node.puller = Puller(node.store, node.puller_config or self.puller_config)
+        node.puller = Puller(
+            node.store,
+            node.puller_config or self.puller_config,
+            floors=lambda now: node.responder.floors.all_lowest(node.store, now),
+        )
         if self.pace_bytes_per_s is not None:
             upstream = self.nodes[node.upstream].responder
             upstream.pace((node.name, node.session), self.pace_bytes_per_s, self.now)
@@ -198,7 +209,7 @@ class SimNetwork:
         """Break ``name``'s upstream connection: in-flight messages are lost with it."""
         node = self.nodes[name]
         self.cut.add(name)
-        self.nodes[node.upstream].responder.close_session((name, node.session))
+        self.nodes[node.upstream].responder.close_session((name, node.session), self.now)
         node.session += 1
         node.puller = None
 
@@ -380,6 +391,15 @@ class SimNetwork:
                 return
             node = self.nodes[dst]
             self._handle_responder(node, node.responder.receive((src, session), msg, self.now))
+
+    def _on_purge(self, name: str) -> None:
+        """Source ``name`` purges the tombstones every holder it hears of has."""
+        node = self.nodes[name]
+        purger = TombstonePurger(node.store, node.responder.floors.lowest)
+        self.purged += purger.tick(self.now)
+        self._handle_responder(node, node.responder.store_changed(self.now))
+        assert self.purge_every_s is not None
+        self._schedule(self.now + self.purge_every_s, "purge", name)
 
     def _tally(self, node: SimNode, puller: Puller, req_id: int) -> None:
         deadline = puller.deadline(req_id)

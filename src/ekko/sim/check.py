@@ -98,7 +98,10 @@ def knowledge_converged(nodes: dict[str, Store], replicas: list[str]) -> bool:
             return False
         for tname, t in src.tables.items():
             r = rep.tables[tname]
-            if r.rows != t.rows or r.tombstones != t.tombstones:
+            if r.rows != t.rows:
+                return False
+            floor = np.minimum(t.purge_floor, r.purge_floor)
+            if _kept(t, floor)[0].shape != _kept(r, floor)[0].shape:
                 return False
             if not np.array_equal(r.knowledge, t.knowledge):
                 return False
@@ -137,8 +140,9 @@ def _table_differences(
     out: list[Difference] = []
     if rep.spec != src.spec:
         return [Difference(name, src.name, f"spec {rep.spec}, source {src.spec}")]
-    sk, sv, sver, swt, sln, sdead = rows_by_key(src)
-    rk, rv, rver, rwt, rln, rdead = rows_by_key(rep)
+    floor = np.minimum(src.purge_floor, rep.purge_floor)
+    sk, sv, sver, swt, sln, sdead = _kept(src, floor)
+    rk, rv, rver, rwt, rln, rdead = _kept(rep, floor)
     missing = np.setdiff1d(sk, rk)
     extra = np.setdiff1d(rk, sk)
     sver_of = dict(zip(sk.tolist(), sver.tolist(), strict=True))
@@ -175,6 +179,15 @@ def _table_differences(
         )
         out.append(Difference(name, src.name, what, knowledge=True))
     return out
+
+
+def _kept(table: Table, floor: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``rows_by_key`` without the tombstones at or below ``floor`` (per shard): a node may
+    hold those or have purged them, as its purge floor says (both nodes' floors are above)."""
+    cols = rows_by_key(table)
+    keys, versions, dead = cols[0], cols[2], cols[5]
+    gone = (dead != 0) & (versions <= floor[shard_of(keys, table.num_shards)])
+    return tuple(c[~gone] for c in cols) if gone.any() else cols
 
 
 def _widest(values: np.ndarray, paths: set[Path], start: np.ndarray) -> np.ndarray:

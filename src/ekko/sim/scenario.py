@@ -14,7 +14,7 @@ share of seeds.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ekko.codec import CODECS
 from ekko.protocol.puller import PullerConfig
@@ -89,6 +89,10 @@ class Scenario:
     duration_s: float
     step_s: float
     rates: Rates
+    # Tombstone purge at the source every this many seconds (None: never), holders counted
+    # for ``responder.holder_horizon_s`` after their last floors: shorter than a cut, so a
+    # replica sleeps through purges and must reconcile.
+    purge_every_s: float | None = None
 
     @property
     def replicas(self) -> list[str]:
@@ -136,9 +140,16 @@ class Scenario:
             f"rates(cut={rt.cut},1way={rt.one_way},rr={rt.restart_replica},rs={rt.restart_source},"
             f"del={rt.delete})"
         )
+        purge = (
+            ""
+            if self.purge_every_s is None
+            else f" purge(every={self.purge_every_s}s,horizon={self.responder.holder_horizon_s}s,"
+            f"report={self.puller.floor_report_ms}ms)"
+        )
         return (
             f"seed={self.seed} tables={tables} source[c{self.source_cache}] {topo} {pull} {resp} "
-            f"{sched}{pace} {faults} {acts} dur={self.duration_s}s step={self.step_s * 1e3:.0f}ms"
+            f"{sched}{pace} {faults} {acts}{purge} dur={self.duration_s}s"
+            f" step={self.step_s * 1e3:.0f}ms"
         )
 
 
@@ -150,7 +161,7 @@ def draw_scenario(seed: int) -> Scenario:
     delay_lo = rng.choice((0.0005, 0.001, 0.005))
     delay_hi = delay_lo + rng.choice((0.0, 0.002, 0.01, 0.04))
     intensity = rng.choice((0.0, 0.5, 1.0, 2.0))
-    return Scenario(
+    scenario = Scenario(
         seed=seed,
         tables=tables,
         links=links,
@@ -185,6 +196,16 @@ def draw_scenario(seed: int) -> Scenario:
             snapshot=0.1,
             delete=rng.choice((0.0, 0.15, 0.4)),
         ),
+    )
+    # Drawn last: a seed draws every other choice as it did before purges.
+    purge = rng.choice((None, 0.02, 0.1))
+    if purge is None:
+        return scenario
+    return replace(
+        scenario,
+        purge_every_s=purge,
+        responder=replace(scenario.responder, holder_horizon_s=rng.choice((0.05, 0.3, 5.0))),
+        puller=replace(scenario.puller, floor_report_ms=rng.choice((5, 20, 100))),
     )
 
 

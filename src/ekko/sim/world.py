@@ -45,6 +45,7 @@ class World:
             puller_config=sc.puller,
             responder_config=sc.responder,
             pace_bytes_per_s=sc.pace_bytes_per_s,
+            purge_every_s=sc.purge_every_s,
         )
         source = self._source_store(Store(cache_capacity=sc.source_cache))
         source.lineage = self.actions.getrandbits(62) | 1  # a node's first start draws one
@@ -298,6 +299,13 @@ class World:
                 self.features["rebuild"] += 1
         if self._full_scans:
             self.features["full_scan"] += self._full_scans
+        if self.net.purged:
+            self.features["purged"] += self.net.purged
+        reconciled = sum(
+            n.responder.statistics().reconciled_shards for n in self.net.nodes.values()
+        )
+        if reconciled:
+            self.features["reconcile"] += reconciled
         a = self.net.answers
         for name, n in (("late_answer", a.late), ("racing_answer", a.racing)):
             if n:

@@ -163,7 +163,7 @@ class Store:
                 counter=t.counter,
                 knowledge=t.knowledge,
                 shard_version=t.shard_version,
-                purge_floor=t.purge_floor,
+                purge_bar=t.purge_bar,
             )
             tables.append(SnapshotTable(t.name, t.dim, t.num_shards, rows))
         return SnapshotData(self.origin, self._catalog_version, tables, self.lineage, wal_seq)
@@ -205,7 +205,7 @@ class Store:
                 knowledge=a["knowledge"],
                 shard_version=a["shard_version"],
                 dead=a.get("dead"),  # a snapshot from before deletes holds none
-                purge_floor=a.get("purge_floor"),  # nor one from before purges
+                purge_bar=a.get("purge_bar"),  # nor one from before purges
             )
         store._catalog_version = data.catalog_version
         store.lineage = data.lineage

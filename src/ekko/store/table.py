@@ -130,10 +130,14 @@ class Table:
         self._rows_deleted = 0
         self._purged = 0
         self._reconciled = 0
-        # purge_floor[shard]: tombstones at or below it were purged here (or upstream, for a
-        # holder): a holder below it cannot learn those deletes from rows, only by reconcile.
-        self.purge_floor = np.zeros(ns, dtype=np.int64)
-        self.purge_epoch = 0  # moves whenever purge_floor rises
+        # purge_bar[shard, lane]: a tombstone of that lane at or below it may have been
+        # purged here or upstream; a holder whose knowledge of the lane is below it cannot
+        # learn those deletes from rows, only by a reconcile (``ekko.protocol.floors``).
+        self.purge_bar = np.zeros((ns, NUM_LANES), dtype=np.int64)
+        self.purge_epoch = 0  # moves whenever purge_bar rises
+        # Per shard, moves whenever a reconcile dropped live rows here: holders below this
+        # one may hold them too, and reconcile the shard in turn.
+        self.reconcile_epoch = np.zeros(ns, dtype=np.int64)
         self._tombstones = np.zeros(1, dtype=np.int64)  # kept by the kernels
         # The store's write-ahead journal, if any: sees every source write of this table.
         self.on_write: WriteHook | None = None
@@ -498,20 +502,37 @@ class Table:
 
     # -- purging -----------------------------------------------------------------------------
 
-    def purge(self, floor: np.ndarray) -> int:
-        """Forget the tombstones whose version is at or below ``floor[shard]`` (int64 per
-        shard): the caller knows every holder has them. Their keys leave the index and their
-        slots are reused by later new keys, so memory stays flat under churn. Cursors below a
-        shard's floor take the full scan from now on (the update cache may name a freed
-        slot). ``purge_floor`` rises to ``floor``. Returns how many were purged."""
-        fl = check_int64(floor, self.num_shards, "floor")
-        if (fl < 0).any():
+    @property
+    def purge_floor(self) -> np.ndarray:
+        """Per shard, the highest version at or below which tombstones were purged."""
+        return self.purge_bar.max(axis=1)
+
+    def purge(self, bar: np.ndarray) -> int:
+        """Forget the tombstones whose version is at or below their shard's purge floor: the
+        caller knows every holder has them. ``bar`` is int64 [shards, lanes] (a holder
+        follows its upstream's) or, at the source, int64 [shards] (each shard's floor, the
+        bar then being the floor capped by each lane's knowledge: the lane's tombstones all
+        lie below it). Their keys leave the index and their slots are reused by later new
+        keys, so memory stays flat under churn. Cursors below a shard's floor take the full
+        scan from now on (the update cache may name a freed slot). Returns how many were
+        purged."""
+        b = np.asarray(bar)
+        ns = self.num_shards
+        if b.ndim == 1:
+            b = np.minimum(check_int64(b, ns, "floor")[:, None], self.knowledge)
+        if b.shape != (ns, NUM_LANES) or b.dtype.kind not in "iu":
+            raise BadRowsError(
+                f"table {self.name!r}: a purge bar must be integer ({ns}, {NUM_LANES}),"
+                f" got {b.dtype} {b.shape}"
+            )
+        if b.size and int(b.min()) < 0:
             raise BadRowsError(f"table {self.name!r}: a purge floor must be >= 0")
-        if (fl > self.purge_floor).any():
-            np.maximum(self.purge_floor, fl, out=self.purge_floor)
+        if (b > self.purge_bar).any():
+            np.maximum(self.purge_bar, b, out=self.purge_bar)
             self.purge_epoch += 1
         if not self.tombstones:
             return 0
+        fl = self.purge_floor
         n, r = self._used, self._rows
         gone = (r.dead[:n] != 0) & (r.versions[:n] <= fl[r.shards[:n]])
         slots = np.flatnonzero(gone)
@@ -519,29 +540,34 @@ class Table:
         self._purged += int(slots.size)
         return int(slots.size)
 
-    def drop_absent(self, shard: int, floor: int, keys: np.ndarray) -> int:
-        """Reconcile ``shard`` with its upstream's full list of ``keys`` (live and tombstones)
-        under the upstream's purge floor: a key held here at a version at or below ``floor``
-        that the upstream does not hold was deleted there, and its tombstone purged before
-        this holder saw it. Drops those keys (and this shard's tombstones at or below
-        ``floor``). Returns the live rows dropped."""
+    def drop_absent(self, shard: int, bar: np.ndarray, keys: np.ndarray) -> int:
+        """Reconcile ``shard`` with its upstream's full list of ``keys`` (live and tombstones),
+        given the upstream's purge bar of the shard (int64 per lane; it holds each lane
+        complete up to it): a row held here at or below its lane's bar whose key the
+        upstream does not hold was deleted there, and the tombstone purged before this
+        holder saw it (or superseded, in a lane this holder will pull again). Drops those
+        keys (tombstones too). Returns the live rows dropped."""
         s = check_scalar_index(shard, self.num_shards, "shard")
         k = check_keys(keys)
-        if floor < 0:
-            raise BadRowsError(f"table {self.name!r}: a reconcile floor must be >= 0")
+        b = np.asarray(bar)
+        if b.shape != (NUM_LANES,) or b.dtype.kind not in "iu" or int(b.min()) < 0:
+            raise BadRowsError(
+                f"table {self.name!r}: a reconcile bar must be {NUM_LANES} integers >= 0,"
+                f" got {b.tolist()}"
+            )
         n, r = self._used, self._rows
-        mine = np.flatnonzero(
-            (r.shards[:n] == s) & (r.versions[:n] > 0) & (r.versions[:n] <= floor)
-        )
+        ver = r.versions[:n]
+        mine = np.flatnonzero((r.shards[:n] == s) & (ver > 0) & (ver <= b[r.lanes[:n]]))
         absent = mine[~np.isin(r.keys[mine], k)]
-        live = absent[r.dead[absent] == 0]
-        fl = self.purge_floor.copy()
-        fl[s] = max(int(fl[s]), int(floor))
+        live = int(np.count_nonzero(r.dead[absent] == 0))
+        fl = self.purge_floor
+        fl[s] = max(int(fl[s]), int(b.max()))
         self._forget(absent, fl)
-        self._reconciled += int(live.size)
-        self._purged += int(absent.size - live.size)
-        self.purge(fl)
-        return int(live.size)
+        self._reconciled += live
+        self._purged += int(absent.size) - live
+        if live:
+            self.reconcile_epoch[s] += 1
+        return live
 
     def redundant(self, keys: np.ndarray, versions: np.ndarray, lane: int) -> np.ndarray | None:
         """Rows of ``lane`` that a holder must not apply: at or below both its knowledge of
@@ -554,6 +580,17 @@ class Table:
         bar = np.minimum(self.knowledge[shards, lane], self.purge_floor[shards])
         out = versions <= bar
         return out if out.any() else None
+
+    def shard_keys(self, shards: np.ndarray) -> list[np.ndarray]:
+        """For each of ``shards`` (distinct, ascending), every key it holds, live or a
+        tombstone (what a holder reconciles against, ``drop_absent``)."""
+        want = np.asarray(shards, dtype=np.int64)
+        n, r = self._used, self._rows
+        sel = (r.versions[:n] > 0) & np.isin(r.shards[:n], want)
+        keys, sh = r.keys[:n][sel], r.shards[:n][sel]
+        order = np.argsort(sh, kind="stable")
+        counts = np.bincount(np.searchsorted(want, sh), minlength=want.shape[0])
+        return np.split(keys[order], np.cumsum(counts)[:-1])
 
     def _forget(self, slots: np.ndarray, floor: np.ndarray) -> None:
         """Remove the keys at ``slots`` (tombstones or live rows) from the index and free
@@ -586,7 +623,7 @@ class Table:
         knowledge: np.ndarray,
         shard_version: np.ndarray,
         dead: np.ndarray | None = None,
-        purge_floor: np.ndarray | None = None,
+        purge_bar: np.ndarray | None = None,
     ) -> None:
         """Fill an empty table from a snapshot. The update cache starts empty, so the dominator
         is set to the shard's highest version: cursors below it take the full-scan path."""
@@ -627,8 +664,13 @@ class Table:
         self.knowledge[:] = kn
         self.shard_version[:] = sv
         self.dvv[:] = cnt
-        if purge_floor is not None:
-            self.purge_floor[:] = check_int64(purge_floor, ns, "purge_floor")
+        if purge_bar is not None:
+            pb = np.asarray(purge_bar)
+            if pb.shape != (ns, NUM_LANES) or pb.dtype.kind not in "iu":
+                raise BadRowsError(
+                    f"purge_bar must be integer ({ns}, {NUM_LANES}), got {pb.dtype} {pb.shape}"
+                )
+            self.purge_bar[:] = pb
         self._ring_pos[:] = 0
         self._ring_len[:] = 0
         self._ring_order[:] = 0
