@@ -47,6 +47,12 @@ class SyncConfig(Strict):
     wan_codec: RowCodec | None = None
     lan_codec: RowCodec | None = None
     pace_wan: bool = False  # pace each WAN session at its link's bandwidth (mbit)
+    # Tombstones every holder has are purged at the source this often (0: never), holders
+    # report their floors on pulls every tombstone_report_s, and a holder silent for
+    # tombstone_horizon_s stops holding purges back (it reconciles when it is back).
+    tombstone_purge_s: float = Field(10.0, ge=0, le=86_400)
+    tombstone_report_s: float = Field(5.0, gt=0, le=3_600)
+    tombstone_horizon_s: float = Field(600.0, gt=0, le=30 * 86_400)
 
 
 class DurabilitySection(Strict):

@@ -120,6 +120,7 @@ class NodeCore:
                 use_shard_version=s.use_shard_version,
                 use_cache=s.use_cache,
                 long_poll=s.wait_ms > 0,
+                holder_horizon_s=s.tombstone_horizon_s,
             ),
             self.config.placement() if self.config.partitioned else None,
         )
@@ -195,6 +196,7 @@ class NodeCore:
         return PullerConfig(
             partitions=partitions if self.config.partitioned else None,
             codec=s.lan_codec if wan is None else s.wan_codec,
+            floor_report_ms=max(1, round(s.tombstone_report_s * 1000)),
             max_bytes=s.max_bytes,
             wait_ms=s.wait_ms,
             window=s.window,
@@ -336,6 +338,8 @@ class NodeCore:
             tables[name] = {
                 "rows": t.rows,
                 "tombstones": t.tombstones,
+                "tombstones_purged": st.tombstones_purged,
+                "rows_reconciled": st.rows_reconciled,
                 "dim": t.dim,
                 "shards": t.num_shards,
                 "digest": f"{t.digest():016x}",

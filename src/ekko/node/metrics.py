@@ -110,6 +110,16 @@ class NodeCollector:
         tombs = GaugeMetricFamily(
             "ekko_table_tombstones", "Deleted keys held as tombstones", labels=[*lk, "table"]
         )
+        purged = CounterMetricFamily(
+            "ekko_table_tombstones_purged",
+            "Tombstones forgotten once every holder had them",
+            labels=[*lk, "table"],
+        )
+        reconciled = CounterMetricFamily(
+            "ekko_table_rows_reconciled",
+            "Rows a reconcile dropped: deleted upstream while this holder was away",
+            labels=[*lk, "table"],
+        )
         ratio = GaugeMetricFamily(
             "ekko_cache_hit_ratio", "Cache hits / (hits + full scans)", labels=[*lk, "table"]
         )
@@ -126,12 +136,16 @@ class NodeCollector:
             scans.add_metric([*lv, name], st.full_scans)
             tab_rows.add_metric([*lv, name], st.rows)
             tombs.add_metric([*lv, name], st.tombstones)
+            purged.add_metric([*lv, name], st.tombstones_purged)
+            reconciled.add_metric([*lv, name], st.rows_reconciled)
             total = st.cache_hits + st.full_scans
             ratio.add_metric([*lv, name], st.cache_hits / total if total else 1.0)
         yield hits
         yield scans
         yield tab_rows
         yield tombs
+        yield purged
+        yield reconciled
         yield ratio
         yield known
         reported = CounterMetricFamily(

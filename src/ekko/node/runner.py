@@ -40,6 +40,7 @@ from ekko.node.snapshotter import Snapshotter
 from ekko.node.supervisor import Supervisor
 from ekko.node.sync_host import ResponderHost, pace_rate
 from ekko.node.sync_port import SyncPort
+from ekko.node.tombstone_purge import TombstonePurge
 from ekko.node.upstream import Upstream, upstream_groups
 from ekko.node.web import NodeWeb
 from ekko.protocol.recovery import RecoveryResult
@@ -121,6 +122,10 @@ class NodeRunner:
                 out.append(Snapshotter(core, cfg.sync.snapshot_interval_s, clock))
             if cfg.scheduler.enabled and cfg.scheduler.defer:
                 out.append(ReleaseTimer(core.port, clock))
+            if cfg.sync.tombstone_purge_s > 0:
+                out.append(
+                    TombstonePurge(core, cfg.sync.tombstone_purge_s, self.notify_written, clock)
+                )
         elif core.role == "checkpoint":
             wan = self.port.wan(cfg.source.name)
             self.refresher = CheckpointRefresher(

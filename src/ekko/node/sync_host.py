@@ -191,7 +191,7 @@ class ResponderHost:
         except TransportError as exc:
             log.info("puller %s session %d ended: %s", conn.peer, sid, exc)
         finally:
-            self.responder.close_session(sid)
+            self.responder.close_session(sid, self.clock.wall())
             self._sessions.pop(sid, None)
             await outbox.close()
 

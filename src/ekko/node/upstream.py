@@ -112,6 +112,7 @@ class Upstream(Driver):
             core.puller_config(self.port.wan(peer.name), self.partitions),
             latency=None,  # measured by the apply port
             traffic=core.traffic,
+            floors=lambda now: core.responder.floors.all_lowest(core.store, now),
         )
         core.links.attach(peer.name, puller)
         rebuilds = puller.rebuilds

@@ -106,7 +106,10 @@ class ReferenceTable:
         return self.slot_of[key]
 
     def purge(self, floor: np.ndarray) -> int:
-        fl = check_int64(floor, self.spec.num_shards, "floor")
+        # Floors only rise, and never above a version the shard has issued: a tombstone at
+        # or below any floor given so far goes.
+        fl = np.minimum(check_int64(floor, self.spec.num_shards, "floor"), self.counter)
+        self._floor = fl = np.maximum(getattr(self, "_floor", fl), fl)
         gone = [
             slot
             for slot, key in enumerate(self.keys)

@@ -511,15 +511,15 @@ class Table:
         """Forget the tombstones whose version is at or below their shard's purge floor: the
         caller knows every holder has them. ``bar`` is int64 [shards, lanes] (a holder
         follows its upstream's) or, at the source, int64 [shards] (each shard's floor, the
-        bar then being the floor capped by each lane's knowledge: the lane's tombstones all
-        lie below it). Their keys leave the index and their slots are reused by later new
-        keys, so memory stays flat under churn. Cursors below a shard's floor take the full
-        scan from now on (the update cache may name a freed slot). Returns how many were
-        purged."""
+        bar then being the floor capped by the highest version each lane ever stored: the
+        lane's tombstones all lie below it). Their keys leave the index and their slots are
+        reused by later new keys, so memory stays flat under churn. Cursors below a shard's
+        floor take the full scan from now on (the update cache may name a freed slot).
+        Returns how many were purged."""
         b = np.asarray(bar)
         ns = self.num_shards
         if b.ndim == 1:
-            b = np.minimum(check_int64(b, ns, "floor")[:, None], self.knowledge)
+            b = np.minimum(check_int64(b, ns, "floor")[:, None], self.lane_top)
         if b.shape != (ns, NUM_LANES) or b.dtype.kind not in "iu":
             raise BadRowsError(
                 f"table {self.name!r}: a purge bar must be integer ({ns}, {NUM_LANES}),"
