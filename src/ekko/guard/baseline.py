@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ekko.protocol.messages import Chunk
+from ekko.protocol.messages import Chunk, ShardKeys
 from ekko.protocol.ready import Applied
 from ekko.store import Store
 from ekko.store.spec import TableSpec
@@ -29,6 +29,8 @@ class _Arrival:
     at: float
     tables: tuple[TableSpec, ...]
     chunks: tuple[Chunk, ...]
+    purges: dict[str, np.ndarray] | None = None  # bars the replica followed, after the rows
+    dropped: tuple[ShardKeys, ...] = ()  # key lists it reconciled against, after the rows
 
 
 class LaggedStore:
@@ -69,9 +71,14 @@ class LaggedStore:
                     f"LaggedStore.offer: chunk of table {c.table!r} is still codec-encoded; "
                     f"offer the decoded rows the puller applied"
                 )
-        if not tables and not any(c.rows for c in chunks):
+        if (
+            not tables
+            and not any(c.rows for c in chunks)
+            and not (applied.purges or applied.dropped)
+        ):
             return
-        self._queue.append(_Arrival(now, tables, tuple(c for c in chunks if c.rows)))
+        rows = tuple(c for c in chunks if c.rows)
+        self._queue.append(_Arrival(now, tables, rows, applied.purges, applied.dropped))
         self.rows_queued += sum(c.rows for c in chunks)
 
     def advance(self, now: float) -> int:
@@ -91,9 +98,23 @@ class LaggedStore:
                     c.keys, c.values, c.versions, c.wtimes, lanes, c.dead
                 )
                 self.rows_queued -= c.rows
+            self._follow(arrival)
             self.applied_until = arrival.at
         self.rows_applied += applied
         return applied
+
+    def _follow(self, arrival: _Arrival) -> None:
+        """What the replica did after the rows: reconciles, then purges (so the baseline's
+        tombstones are bounded as the replica's are, and it keeps no row deleted while the
+        replica was away)."""
+        for sk in arrival.dropped:
+            t = self.store.tables.get(sk.table)
+            if t is not None and 0 <= sk.shard < t.num_shards:
+                t.drop_absent(sk.shard, np.asarray(sk.bar, np.int64), sk.keys)
+        for name, bar in (arrival.purges or {}).items():
+            t = self.store.tables.get(name)
+            if t is not None and bar.shape == t.purge_bar.shape:
+                t.purge(bar)
 
     def freeze(self) -> None:
         self.frozen = True
@@ -116,7 +137,7 @@ class LaggedStore:
                 dropped += n
                 if keep.any():
                     chunks.append(_subset(c, keep))
-            kept.append(_Arrival(a.at, a.tables, tuple(chunks)))
+            kept.append(_Arrival(a.at, a.tables, tuple(chunks), a.purges, a.dropped))
         self._queue = kept
         self.rows_queued -= dropped
         self.rows_dropped += dropped

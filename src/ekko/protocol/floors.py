@@ -302,22 +302,27 @@ class Reconciles:
         store: Store,
         purge: Mapping[str, np.ndarray] | None,
         reconcile: list[ShardKeys] | None,
-    ) -> None:
+    ) -> tuple[Floors, list[ShardKeys]]:
         """Take the upstream's key lists and purge bars (tables or shapes this holder does
-        not know are skipped: the catalog will come), and apply the lists now due."""
+        not know are skipped: the catalog will come), and apply the lists now due. Returns
+        the bars followed and the lists applied."""
         for sk in reconcile or ():
             table = store.tables.get(sk.table)
             if table is None or not 0 <= sk.shard < table.num_shards:
                 continue
             if len(sk.bar) == table.purge_bar.shape[1]:
                 self._waiting[(sk.table, int(sk.shard))] = sk
+        followed: Floors = {}
         for name, bar in (purge or {}).items():
             table = store.tables.get(name)
             if table is not None and bar.shape == table.purge_bar.shape:
                 table.purge(bar)
-        self.apply_due(store)
+                followed[name] = bar
+        return followed, self.apply_due(store)
 
-    def apply_due(self, store: Store) -> None:
+    def apply_due(self, store: Store) -> list[ShardKeys]:
+        """Apply the lists whose shard this holder now holds up to their bar."""
+        done = []
         for key, sk in list(self._waiting.items()):
             table = store.tables.get(sk.table)
             if table is None:
@@ -328,3 +333,5 @@ class Reconciles:
                 del self._waiting[key]
                 self.rows += table.drop_absent(sk.shard, bar, sk.keys)
                 self.shards += 1
+                done.append(sk)
+        return done

@@ -204,7 +204,7 @@ class Puller:
                 chunks = [c for c in chunks if c.table in self._into.tables]
                 self._catalog_lost()
             applied = tuple(self._apply(chunk, now) for chunk in chunks)
-            purged = not self.absorb and self._purge(msg)
+            bars, dropped = ({}, []) if self.absorb else self._purge(msg)
             if not self.absorb:
                 self._into.settled.observe(msg.mark, self._into.knowledge_by_table())
             if msg.holds and not msg.chunks:
@@ -212,8 +212,10 @@ class Puller:
             if not msg.more and not self._pending and not self._forget_asked:
                 self._settled(msg.req_id)
             ready = self._fill(now, immediate=msg.more)
-            if serving and (msg.tables or applied or purged):
-                ready.applied = Applied(tuple(msg.tables or ()), applied, now)
+            if serving and (msg.tables or applied or bars or dropped):
+                ready.applied = Applied(
+                    tuple(msg.tables or ()), applied, now, bars or None, tuple(dropped)
+                )
             return ready
         if isinstance(msg, Catalog):
             for spec in msg.tables:
@@ -304,14 +306,12 @@ class Puller:
         self._forget_asked = True
         self._restate_all = True
 
-    def _purge(self, msg: PullResponse) -> bool:
-        """Follow the upstream's key lists and purge bars; apply lists now due. Returns
-        whether the store may have changed."""
+    def _purge(self, msg: PullResponse) -> tuple[Floors, list]:
+        """Follow the upstream's key lists and purge bars; apply lists now due. Returns the
+        bars followed and the lists applied."""
         if not (msg.reconcile or msg.purge or len(self.reconciles)):
-            return False
-        before = self.reconciles.shards
-        self.reconciles.follow(self._into, msg.purge, msg.reconcile)
-        return bool(msg.purge) or self.reconciles.shards > before
+            return {}, []
+        return self.reconciles.follow(self._into, msg.purge, msg.reconcile)
 
     def _report(self, now: float) -> Floors | None:
         """This holder's floors (its settled knowledge, at least what those below it hold

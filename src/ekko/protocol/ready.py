@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from ekko.protocol.messages import Chunk, Message
+import numpy as np
+
+from ekko.protocol.messages import Chunk, Message, ShardKeys
 from ekko.store.spec import TableSpec
 
 SessionId = Hashable
@@ -22,12 +24,17 @@ class Applied:
     ``CommittedEntries``). Whoever follows the replica's updates (the guard's baseline, the
     latency histogram, parked pulls downstream) reads them here, whatever the link codec.
     Rows pulled into a store being rebuilt from another lineage are not reported: they are
-    not served until the rebuild completes.
+    not served until the rebuild completes. ``purges``: the purge bars the store followed in
+    this step (table -> int64 [shards, lanes]); ``dropped``: the key lists it reconciled
+    against, after the chunks — a follower that replays the chunks must replay these too, or
+    it keeps tombstones, and rows deleted while this replica was away, for ever.
     """
 
     tables: tuple[TableSpec, ...]
     chunks: tuple[Chunk, ...]
     at: float
+    purges: dict[str, np.ndarray] | None = None
+    dropped: tuple[ShardKeys, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -48,8 +55,10 @@ class Ready:
         self.wake_at = _earliest(self.wake_at, other.wake_at)
         if other.applied is not None:
             a = self.applied
-            self.applied = other.applied if a is None else Applied(
-                a.tables + other.applied.tables, a.chunks + other.applied.chunks, a.at
+            b = other.applied
+            self.applied = b if a is None else Applied(
+                a.tables + b.tables, a.chunks + b.chunks, a.at,
+                {**(a.purges or {}), **(b.purges or {})} or None, a.dropped + b.dropped,
             )  # fmt: skip
         return self
 
