@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client.core import (
@@ -30,6 +31,9 @@ from ekko.protocol.puller import PullerStats
 from ekko.schedule.pacing import PacerStats
 from ekko.schedule.scheduler import SchedulerStats
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
+
+if TYPE_CHECKING:
+    from ekko.serve.scatter import PartitionStats
 
 LANE_NAMES = {HIGH_LANE: "high", LOW_LANE: "low", NEW_LANE: "new"}
 
@@ -301,6 +305,37 @@ def sync_port_metrics(
             labels=["node"],
         )
         m.add_metric([node], s.handler_errors)
+        yield m
+
+    return collect
+
+
+def scatter_metrics(
+    node: str, stats: Callable[[], Sequence[PartitionStats]]
+) -> Callable[[], Iterator[Metric]]:
+    """A collector of a serving node's scatter-gather lookups per partition (issue 17):
+    batches asked and answered, hedges and retries sent, batches no holder answered, and the
+    current hedge delay — what says a partition's holders are slow or gone before a 503 does."""
+    counters = (
+        ("requests", "Batches whose rows were asked of the partition's holders"),
+        ("answered", "Batches a holder of the partition answered"),
+        ("hedges", "Requests hedged to the next holder after the partition's p95"),
+        ("retries", "Requests retried on the next holder after a holder failed"),
+        ("unavailable", "Batches no holder of the partition answered (HTTP 503)"),
+    )
+
+    def collect() -> Iterator[Metric]:
+        got = stats()
+        for attr, doc in counters:
+            m = CounterMetricFamily(f"ekko_scatter_{attr}", doc, labels=["node", "partition"])
+            for s in got:
+                m.add_metric([node, str(s.partition)], getattr(s, attr))
+            yield m
+        m = GaugeMetricFamily("ekko_scatter_hedge_after_seconds",
+                              "How long a request waits before it is hedged (its partition's "
+                              "p95 of recent answers)", labels=["node", "partition"])  # fmt: skip
+        for s in got:
+            m.add_metric([node, str(s.partition)], s.hedge_after_s)
         yield m
 
     return collect

@@ -13,18 +13,60 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ekko.client.credentials import Credentials
+from ekko.node import config_partitions
 from ekko.node.core import NodeCore
+from ekko.node.http_client import ClusterHttp
 from ekko.protocol.ready import Applied
 from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
+from ekko.store.errors import UnknownTableError
 from ekko.store.spec import TableSpec
 
+if TYPE_CHECKING:
+    from ekko.serve.scatter import PartitionedLookup
+
 log = logging.getLogger(__name__)
+
+
+def scatter_rows(core: NodeCore, http: ClusterHttp, secret: bytes) -> PartitionedLookup:
+    """The rows a serving node of a partitioned cluster predicts from: each partition from
+    this node's own store when it holds it (``LOCAL`` first), then from the partition's
+    holders in the node's DC in config order (its leader first), over signed HTTP.
+
+    Why the DC only: the issue's serving reads within a DC; a partition whose DC holders
+    are all down is a 503 naming it, not a WAN read. A table's shard count is the node's own
+    catalog's (every holder has every table's spec; it lacks only other partitions' rows)."""
+    from ekko.serve.errors import ModelNotReady
+    from ekko.serve.scatter import PartitionedLookup
+    from ekko.serve.scatter_http import LOCAL, HttpHolders, LocalFirst
+
+    cfg = core.config
+    mine = set(cfg.held(core.name))
+    holders = {
+        p: [LOCAL] * (p in mine)
+        + [http.url(n.name) for n in config_partitions.holders(cfg, core.dc, p)
+           if n.name != core.name]
+        for p in range(cfg.cluster.partitions)
+    }  # fmt: skip
+    names = {http.url(n.name): n.name for n in cfg.nodes}
+    tls = http.verify if http.tls else None
+    remote = HttpHolders(Credentials(secret=secret), tls=tls, server_name=names.get)
+
+    def num_shards(table: str) -> int:
+        try:
+            return core.store.table(table).spec.num_shards
+        except UnknownTableError:
+            raise ModelNotReady(
+                f"table {table!r} is not in node {core.name}'s catalog yet (still syncing)"
+            ) from None
+
+    return PartitionedLookup(cfg.placement(), holders, LocalFirst(core.store, remote), num_shards)
 
 
 class LoopSink:
@@ -96,9 +138,14 @@ class ModelHost:
         core: NodeCore,
         send: Callable[[str, str, dict], None] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        *,
+        http: ClusterHttp | None = None,
+        secret: bytes | None = None,
     ) -> None:
         """``send(target, path, body)`` posts to another node's admin API (the node's
-        ``GuardLink``); ``clock`` is the guards' and the baseline's."""
+        ``GuardLink``); ``clock`` is the guards' and the baseline's. ``http`` and
+        ``secret``: how a serving node of a partitioned cluster reaches the holders of the
+        partitions it lacks (required then)."""
         self.core = core
         self.clock = clock
         models = core.config.models
@@ -109,6 +156,7 @@ class ModelHost:
         self.lagged = None
         self._send = send or (lambda target, path, body: None)
         self.guard_log = None
+        self.rows: PartitionedLookup | None = None
         guard = core.config.guard
         if models and core.node.serve:
             import torch
@@ -120,8 +168,16 @@ class ModelHost:
             # event loop (and with it the sync) far more than they speed up the forward.
             torch.set_num_threads(1)
 
-            self.services = build_services(core.store, [m.served() for m in models])
-            if guard.enabled and core.role != "checkpoint":
+            if core.config.partitioned:
+                if http is None or secret is None:
+                    raise ValueError(
+                        f"node {core.name} serves a partitioned cluster's models: ModelHost "
+                        "needs http and secret to reach the partitions' holders"
+                    )
+                self.rows = scatter_rows(core, http, secret)
+            served = [m.served() for m in models]
+            self.services = build_services(core.store, served, rows=self.rows)
+            if guard.enabled and core.role != "checkpoint" and self.rows is None:
                 self._build_replica_guards()
 
     def predictions(self) -> dict[str, int]:
@@ -294,6 +350,10 @@ class ModelHost:
             from ekko.node.model_metrics import serve_metrics
 
             out.append(serve_metrics(self.services))
+        if self.rows is not None:
+            from ekko.node.metrics import scatter_metrics
+
+            out.append(scatter_metrics(self.core.name, self.rows.statistics))
         if self.core.is_source and self.core.config.models:
             from ekko.node.model_metrics import train_metrics
 
