@@ -13,6 +13,7 @@ from ekko.codec import CODECS
 from ekko.protocol.chunk_codec import decode_chunk, encode_chunk
 from ekko.protocol.chunk_collector import collect_chunk
 from ekko.protocol.puller import PullerConfig
+from ekko.protocol.responder import ResponderConfig
 from ekko.protocol.testing import Faults, SimNetwork, rows_by_key
 from ekko.schedule import SchedulerConfig, UpdateScheduler
 from ekko.store import Store, Table
@@ -176,3 +177,54 @@ def test_a_held_row_is_dropped_by_a_delete_and_never_released_over_it() -> None:
     src, rep = net.nodes["source"].store.table("emb"), net.nodes["r"].store.table("emb")
     assert src.rows == rep.rows == 0 and src.tombstones == rep.tombstones == 20
     assert set(LANES) >= {int(x) for x in rows_by_key(rep)[4]}
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    codec=st.sampled_from(LINK_CODECS),
+    drop=st.sampled_from([0.0, 0.1]),
+    duplicate=st.sampled_from([0.0, 0.2]),
+    horizon=st.sampled_from([0.1, 0.5]),
+)
+def test_a_replica_that_sleeps_through_purges_keeps_no_deleted_row(
+    seed, codec, drop, duplicate, horizon
+):
+    """Purges run while one replica at a time is cut off past the holder horizon: the source
+    purges without it; healed, it reconciles. Live rows equal the source's everywhere, and
+    no replica serves a key the source does not hold."""
+    rng = np.random.default_rng(seed)
+    net = SimNetwork(
+        seed=seed,
+        faults=Faults(drop=drop, duplicate=duplicate, delay=(0.001, 0.03)),
+        puller_config=PullerConfig(
+            wait_ms=100, window=3, request_timeout_ms=300, gap_timeout_ms=50, codec=codec,
+            floor_report_ms=20,
+        ),
+        responder_config=ResponderConfig(holder_horizon_s=horizon),
+        purge_every_s=0.05,
+    )  # fmt: skip
+    replicas = _cluster(net)
+    for _ in range(3):
+        victim = replicas[int(rng.integers(len(replicas)))]
+        net.cut_link(victim)
+        for _ in range(4):
+            _churn(net, rng, rounds=6)
+            net.save_disk("source")  # the source's log reaches its disk: floors settle
+            net.run_for(horizon / 2)
+        net.heal_link(victim)
+        _churn(net, rng, rounds=6)
+        net.save_disk("source")
+    net.faults = Faults()
+    net.run_for(20.0)
+    assert net.purged > 0
+    source = net.nodes["source"].store
+    for name in replicas:
+        for spec in SPECS:
+            src, rep = source.table(spec.name), net.nodes[name].store.table(spec.name)
+            assert sorted(rep.all_rows()[0].tolist()) == sorted(src.all_rows()[0].tolist()), (
+                name, spec.name,
+            )  # fmt: skip
+            assert (rep.knowledge == src.knowledge).all(), (name, spec.name)
+            if codec in (None, "fp32"):
+                assert rep.digest() == src.digest(), (name, spec.name)
