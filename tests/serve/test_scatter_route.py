@@ -1,6 +1,6 @@
-"""``POST /v1/lookup`` at a real node through ``HttpHolders``: several tables in one binary
-request, ``known`` versions leave unchanged rows out, refusals name the problem (and say
-whether another holder could answer), a reader's credential is needed."""
+"""``POST /v1/lookup`` and lookup streams at a real node through ``HttpHolders``: several
+tables in one request, ``known`` versions leave unchanged rows out, refusals name the
+problem (and say whether another holder could answer), a reader's credential is needed."""
 
 from __future__ import annotations
 
@@ -46,9 +46,10 @@ async def node(tmp_path: Path) -> AsyncIterator[tuple[NodeRunner, str]]:
     await asyncio.wait_for(task, 30)
 
 
-async def test_one_request_answers_several_tables_and_skips_known_rows(node) -> None:
+@pytest.mark.parametrize("streams", [True, False], ids=["stream", "http"])
+async def test_one_request_answers_several_tables_and_skips_known_rows(node, streams) -> None:
     runner, url = node
-    fetch = HttpHolders(Credentials(secret=runner.secret))
+    fetch = HttpHolders(Credentials(secret=runner.secret), streams=streams)
     try:
         keys = np.array([3, 42, 1], np.int64)  # 42: not in the table
         _, versions, _ = runner.core.store.table("emb").lookup(keys)
@@ -68,7 +69,7 @@ async def test_one_request_answers_several_tables_and_skips_known_rows(node) -> 
         assert caught.value.status == 404 and caught.value.retriable
     finally:
         await fetch.close()
-    nobody = HttpHolders(Credentials(secret=runner.secret))
+    nobody = HttpHolders(Credentials(secret=runner.secret), streams=streams)
     with pytest.raises(HolderFailed) as down:  # unreachable: another holder may answer
         await nobody("http://127.0.0.1:9", {"emb": keys}, {})
     await nobody.close()
@@ -160,7 +161,7 @@ async def test_the_client_signs_again_reconnects_and_refuses_what_it_cannot_read
     ])  # fmt: skip
     server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    fetch = HttpHolders(Credentials(secret=b"s"))
+    fetch = HttpHolders(Credentials(secret=b"s"), streams=False)
     keys = {"emb": np.array([1], np.int64)}
     try:
         for _ in range(3):

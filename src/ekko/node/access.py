@@ -24,6 +24,7 @@ GET /v1/models/{m}/health|metrics|train    reader, writer, operator
 POST /v1/tables, /v1/tables/{t}/rows       writer, operator
 POST /v1/tables/{t}/delete                 writer, operator
 POST /v1/streams/write (upgrade)           writer, operator
+POST /v1/streams/lookup (upgrade)          reader, writer, operator, node
 POST /v1/models/{m}/train                  writer, operator
 POST /v1/latency/reset                     operator
 POST /v1/checkpoint/refresh                operator
@@ -87,6 +88,7 @@ _RULES: tuple[tuple[str, str, frozenset[str] | str | None], ...] = (
     ("GET", r"/v1/tables/.+/rows", READ),
     ("POST", r"/v1/tables/.+/rows", WRITE),
     ("POST", r"/v1/streams/write", WRITE),
+    ("POST", r"/v1/streams/lookup", READ | NODE),  # a serving node's scatter, streamed
     ("POST", r"/v1/tables/.+/lookup", READ),
     ("POST", r"/v1/tables/.+/delete", WRITE),
     ("POST", r"/v1/lookup", READ | NODE),  # several tables' rows: a serving node's scatter

@@ -20,7 +20,12 @@ from ekko.node.metrics import node_registry, task_metrics
 from ekko.node.models import ModelHost
 from ekko.node.replica_lag import knowledge_route
 from ekko.node.supervisor import Supervisor
-from ekko.node.write_stream import StreamStats, stream_metrics, write_stream_route
+from ekko.node.write_stream import (
+    StreamStats,
+    lookup_stream_route,
+    stream_metrics,
+    write_stream_route,
+)
 
 
 def _version() -> str:
@@ -72,10 +77,12 @@ class NodeWeb:
         self.stopping = stopping
         web = core.config.http
         self.streams = StreamStats()
+        self.lookup_streams = StreamStats()
         registry = node_registry(
             core,
             [*models.collectors(), task_metrics(supervisor),
-             stream_metrics(core.name, self.streams), *collectors],
+             stream_metrics(core.name, self.streams),
+             stream_metrics(core.name, self.lookup_streams, "lookup"), *collectors],
         )  # fmt: skip
         admin = admin_routes(core, registry, status, web.max_body_bytes)
         policy = AccessPolicy(serve_open=web.serve_open)
@@ -85,6 +92,7 @@ class NodeWeb:
             *admin,
             knowledge_route(core),
             write_stream_route(core, web.max_body_bytes, self.streams),
+            lookup_stream_route(core, web.max_body_bytes, self.lookup_streams, self.streams),
             Route("/ready", self.ready_route),
             *routes,
         ]

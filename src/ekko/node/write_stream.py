@@ -1,5 +1,6 @@
-"""The source's end of write streams (``ekko.client.stream_frames``): a client's frames in,
-their rows through the write port, an answer for each once it is on disk."""
+"""A node's end of streams (``ekko.client.stream_frames``): at the source, write streams — a
+client's frames in, their rows through the write port, an answer for each once it is on
+disk; at any node, lookup streams — a serving node's lookups answered at once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ekko.client.stream_frames import (
+    FLAG_KNOWN,
     KIND_DELETE,
+    KIND_LOOKUP,
+    LOOKUP_PATH,
+    LOOKUP_UPGRADE,
     MAX_FRAME_HEADER,
     MAX_NAME_BYTES,
     REQUEST,
@@ -25,6 +30,7 @@ from ekko.client.stream_frames import (
     UPGRADE,
     FrameError,
     WriteHead,
+    found,
     parse_head,
     refused,
     written,
@@ -85,8 +91,11 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         stats: StreamStats,
         window: int = MAX_UNANSWERED,
         frame_timeout_s: float | None = None,
+        *,
+        lookups: bool = False,
     ):
         self.core = core
+        self.lookups = lookups  # a lookup stream: lookup frames only, answered at once
         self.frame_timeout_s = FRAME_TIMEOUT_S if frame_timeout_s is None else frame_timeout_s
         self._deadline: asyncio.TimerHandle | None = None
         self.max_body = max_body
@@ -98,7 +107,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self._body = np.empty(0, dtype=np.uint8)
         self._phase, self._need, self._got = _HEAD, REQUEST.size, 0
         self._frame: WriteHead | None = None
-        self._answers: deque[tuple[int, np.ndarray | None, bytes]] = deque()
+        self._answers: deque[tuple[int, np.ndarray | None, bytes | list]] = deque()
         self._wake = asyncio.Event()
         self._reading_paused = False
         self._writing = asyncio.Event()
@@ -194,8 +203,19 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         f = self._frame
         assert f is not None
         keys = self._body[: 8 * f.n].view("<i8")
+        if self.lookups != (f.kind == KIND_LOOKUP):
+            why = (
+                "a lookup stream takes lookup frames only"
+                if self.lookups
+                else f"a write stream takes writes and deletes; lookups go to {LOOKUP_PATH}"
+            )
+            self._refuse(f.seq, 400, f"frame kind {f.kind}: {why}")
+            return
         try:
             name = self._name[: f.name_len].decode("utf-8")
+            if f.kind == KIND_LOOKUP:
+                self._lookup(f, name, keys)
+                return
             if f.kind == KIND_DELETE:
                 versions = self.core.delete(name, keys)
             else:
@@ -224,11 +244,21 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self.stats.rows += f.n
         self._answer(f.seq, versions, b"")
 
+    def _lookup(self, f: WriteHead, name: str, keys: np.ndarray) -> None:
+        """Answer a lookup frame now (its answer still waits for any write before it)."""
+        values, versions, _found = self.core.store.table(name).lookup(keys)
+        if f.flags & FLAG_KNOWN:
+            known = self._body[8 * f.n : 16 * f.n].view("<i8")
+            values = values[versions != known]
+        self.stats.frames += 1
+        self.stats.rows += f.n
+        self._answer(f.seq, None, found(f.seq, versions, values))
+
     def _refuse(self, seq: int, status: int, reason: str) -> None:
         self.stats.refused += 1
         self._answer(seq, None, refused(seq, status, reason))
 
-    def _answer(self, seq: int, versions: np.ndarray | None, refusal: bytes) -> None:
+    def _answer(self, seq: int, versions: np.ndarray | None, refusal: bytes | list) -> None:
         self._answers.append((seq, versions, refusal))
         self._wake.set()
         if len(self._answers) >= self.window:
@@ -277,7 +307,9 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         if self.closed.done():
             return  # the client went while the batch became durable
         for seq, versions, refusal in batch:
-            if versions is None:
+            if versions is None and isinstance(refusal, list):
+                self.transport.writelines(refusal)  # type: ignore[union-attr]
+            elif versions is None:
                 self.transport.write(refusal)  # type: ignore[union-attr]
             elif failure is not None:
                 self.stats.refused += 1
@@ -336,25 +368,67 @@ def write_stream_route(core: NodeCore, max_body: int, stats: StreamStats) -> Rou
     return Route(STREAM_PATH, upgrade, methods=["POST"])
 
 
-def stream_metrics(node: str, stats: StreamStats) -> Callable[[], Iterator[Metric]]:
-    """A collector of the node's write streams: opened and open, frames and rows written,
-    frames refused, streams broken by a frame that could not be read."""
+def lookup_stream_route(
+    core: NodeCore, max_body: int, stats: StreamStats, writes: StreamStats
+) -> Route:
+    """``POST /v1/streams/lookup`` with ``Upgrade: ekko-lookup/1``: the connection becomes a
+    lookup stream (reader role, on any node). Streams of both kinds together take at most
+    half the node's connections, as write streams alone do."""
+    connections = core.config.http.max_connections
+    most = max(1, connections // 2)
+
+    @guarded
+    async def upgrade(request: Request) -> Response:
+        """Open a lookup stream: answered ``101 Switching Protocols``, then lookup frames
+        (``ekko.client.stream_frames``), each answered at once with its rows."""
+        if request.headers.get("upgrade", "").lower() != LOOKUP_UPGRADE:
+            return error_response(f"upgrade: expected {LOOKUP_UPGRADE!r} (a lookup stream)", 426)
+        if stats.open + writes.open >= most:
+            return error_response(
+                f"{stats.open + writes.open} streams are open, the most this node takes (half"
+                f" its http.max_connections, {connections}): close one, or raise the limit",
+                503,
+            )
+        conn: DeadlineProtocol | None = request.scope.get("state", {}).get(UPGRADE_KEY)
+        if conn is None:
+            return error_response("this server cannot switch protocols", 501)
+        protocol = WriteStreamProtocol(core, max_body, stats, lookups=True)
+        conn.switch(protocol, LOOKUP_UPGRADE, {MAX_FRAME_HEADER: str(max_body)})
+        stats.opened += 1
+        stats.open += 1
+        try:
+            await protocol.run()
+        finally:
+            stats.open -= 1
+        return Response(status_code=101)  # never sent: the connection is the stream's now
+
+    return Route(LOOKUP_PATH, upgrade, methods=["POST"])
+
+
+def stream_metrics(
+    node: str, stats: StreamStats, kind: str = "write"
+) -> Callable[[], Iterator[Metric]]:
+    """A collector of the node's streams of ``kind`` (``write`` or ``lookup``): opened and
+    open, frames answered and rows (keys) in them, frames refused, streams broken by a
+    frame that could not be read."""
+    what = "written (acknowledged once durable)" if kind == "write" else "answered"
 
     def collect() -> Iterator[Metric]:
-        for name, kind, doc, value in (
-            ("ekko_write_streams_opened", CounterMetricFamily, "Write streams opened",
+        for name, family, doc, value in (
+            (f"ekko_{kind}_streams_opened", CounterMetricFamily, f"{kind} streams opened",
              stats.opened),
-            ("ekko_write_streams_open", GaugeMetricFamily, "Write streams open now", stats.open),
-            ("ekko_write_stream_frames", CounterMetricFamily,
-             "Write-stream frames written (acknowledged once durable)", stats.frames),
-            ("ekko_write_stream_rows", CounterMetricFamily,
-             "Rows written through write streams", stats.rows),
-            ("ekko_write_stream_refusals", CounterMetricFamily,
-             "Write-stream frames refused (the reason went to the client)", stats.refused),
-            ("ekko_write_streams_broken", CounterMetricFamily,
-             "Write streams closed on a frame whose head could not be read", stats.broken),
+            (f"ekko_{kind}_streams_open", GaugeMetricFamily, f"{kind} streams open now",
+             stats.open),
+            (f"ekko_{kind}_stream_frames", CounterMetricFamily, f"{kind}-stream frames {what}",
+             stats.frames),
+            (f"ekko_{kind}_stream_rows", CounterMetricFamily,
+             f"Rows (keys) in {kind}-stream frames", stats.rows),
+            (f"ekko_{kind}_stream_refusals", CounterMetricFamily,
+             f"{kind}-stream frames refused (the reason went to the client)", stats.refused),
+            (f"ekko_{kind}_streams_broken", CounterMetricFamily,
+             f"{kind} streams closed on a frame whose head could not be read", stats.broken),
         ):  # fmt: skip
-            m = kind(name, doc, labels=["node"])
+            m = family(name, doc, labels=["node"])
             m.add_metric([node], value)
             yield m
 

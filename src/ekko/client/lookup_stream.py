@@ -1,0 +1,210 @@
+"""``LookupStream``: one asyncio lookup stream to a node (``ekko.client.stream_frames``).
+
+Why asyncio: its caller is a serving node scattering each predict batch over partition
+holders on its event loop; lookups of several batches share one stream, pipelined — frames
+go out as they are asked for and answers come back in the same order, each resolving the
+future of its frame, so a batch never waits for a connection and a lost hedge costs nothing
+but an answer nobody reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import h11
+import numpy as np
+
+from ekko.client.credentials import Credentials
+from ekko.client.errors import ClientError
+from ekko.client.stream_frames import (
+    ANSWER,
+    FOUND,
+    FOUND_TAIL,
+    LOOKUP_PATH,
+    LOOKUP_UPGRADE,
+    MAX_FRAME_HEADER,
+    lookup_frame,
+)
+from ekko.client.wire import TableRows
+from ekko.net.signed_requests import RESIGN_HEADER
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class LookupStream:
+    """Lookups of several tables at a node over one stream (the reader role).
+
+    Open with :meth:`open`; :meth:`lookup` may be called concurrently. A broken stream fails
+    every lookup waiting on it with ``ClientError`` and stays broken (``closed``): open a
+    new one."""
+
+    def __init__(
+        self, url: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int
+    ) -> None:
+        self.url = url
+        self.max_frame = max_frame
+        self._reader = reader
+        self._writer = writer
+        self._seq = 0
+        self._waiting: deque[tuple[int, str, asyncio.Future]] = deque()
+        self._broken: str | None = None
+        self._task = asyncio.get_running_loop().create_task(self._read_answers())
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        credentials: Credentials,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        role: str = "reader",
+        resigns: int = 3,
+    ) -> LookupStream:
+        """Connect to ``url`` (``http(s)://host:port``) and switch to a lookup stream."""
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ClientError(f"lookup stream at {url}: not an http(s)://host:port URL")
+        for _ in range(max(1, resigns)):
+            if u.scheme == "https":
+                ctx = tls or ssl.create_default_context()
+                reader, writer = await asyncio.open_connection(
+                    u.hostname, u.port or 443, ssl=ctx,
+                    server_hostname=server_name or u.hostname, limit=MAX_HEAD_BYTES,
+                )  # fmt: skip
+            else:
+                reader, writer = await asyncio.open_connection(
+                    u.hostname, u.port or 80, limit=MAX_HEAD_BYTES
+                )
+            try:
+                max_frame = await _upgrade(url, u.netloc, credentials, role, reader, writer)
+            except _Resign:
+                writer.close()
+                continue
+            except BaseException:
+                writer.close()
+                raise
+            return cls(url, reader, writer, max_frame)
+        raise ClientError(f"lookup stream at {url}: its signature was refused {resigns} times")
+
+    @property
+    def closed(self) -> bool:
+        return self._broken is not None
+
+    async def lookup(
+        self, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, TableRows]:
+        """Each table's rows for its keys (int64); ``known`` (int64 per key, the versions
+        the caller holds) leaves the values of rows at that version out. ``ClientError``
+        naming the node's reason for a refused frame, or why the stream broke."""
+        if self._broken is not None:
+            raise ClientError(f"lookup stream at {self.url} is closed: {self._broken}")
+        loop = asyncio.get_running_loop()
+        futures = []
+        buffers: list[bytes | memoryview] = []
+        for name, keys in tables.items():
+            k = np.ascontiguousarray(keys, dtype="<i8")
+            kn = None if known is None or name not in known else known[name]
+            kn = None if kn is None else np.ascontiguousarray(kn, dtype="<i8")
+            self._seq += 1
+            fut = loop.create_future()
+            self._waiting.append((self._seq, name, fut))
+            futures.append((name, fut))
+            buffers += lookup_frame(self._seq, name.encode(), k, kn)
+        self._writer.writelines(buffers)
+        out = {}
+        for name, fut in futures:
+            versions, values = await fut
+            out[name] = TableRows(name, versions, (versions > 0).view(np.uint8), values)
+        return out
+
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                head = await self._reader.readexactly(ANSWER.size)
+                kind, _flags, status, n, seq = ANSWER.unpack(head)
+                if not self._waiting or self._waiting[0][0] != seq:
+                    raise ClientError(f"an answer to frame {seq}, none such was waiting")
+                _, name, fut = self._waiting.popleft()
+                if kind == FOUND:
+                    dim, m = FOUND_TAIL.unpack(await self._reader.readexactly(FOUND_TAIL.size))
+                    versions = np.frombuffer(await self._reader.readexactly(8 * n), "<i8")
+                    raw = await self._reader.readexactly(4 * m * dim)
+                    values = np.frombuffer(raw, "<f4").reshape(m, dim)
+                    if not fut.done():
+                        fut.set_result((versions, values))
+                    continue
+                why = (await self._reader.readexactly(n)).decode("utf-8", "replace")
+                if not fut.done():
+                    fut.set_exception(
+                        ClientError(f"lookup of {name!r} at {self.url}: {status} {why}", status)
+                    )
+        except (OSError, asyncio.IncompleteReadError, ClientError) as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            self._fail("closed")
+            raise
+
+    def _fail(self, why: str) -> None:
+        self._broken = why
+        while self._waiting:
+            fut = self._waiting.popleft()[2]
+            if not fut.done():
+                fut.set_exception(ClientError(f"lookup stream at {self.url} broke: {why}"))
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+        self._fail("closed")
+
+
+class _Resign(Exception):
+    """The node asked for the request to be signed again (its clock check)."""
+
+
+async def _upgrade(
+    url: str,
+    host: str,
+    credentials: Credentials,
+    role: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> int:
+    sign = credentials.headers(role, "POST", LOOKUP_PATH, b"", host)
+    headers = {"host": host, "connection": "upgrade", "upgrade": LOOKUP_UPGRADE,
+               "content-length": "0", **sign}  # fmt: skip
+    conn = h11.Connection(h11.CLIENT)
+    data = conn.send(h11.Request(method="POST", target=LOOKUP_PATH, headers=list(headers.items())))
+    writer.write(data + conn.send(h11.EndOfMessage()))
+    answer: h11.Response | None = None
+    body = b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(MAX_HEAD_BYTES))
+        elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+            if conn.trailing_data[0]:
+                raise ClientError(f"lookup stream at {url}: bytes before any frame was sent")
+            limit = dict(event.headers).get(MAX_FRAME_HEADER.encode(), b"")
+            if not limit.isdigit():
+                raise ClientError(f"lookup stream at {url}: no {MAX_FRAME_HEADER}")
+            return int(limit)
+        elif isinstance(event, h11.Response):
+            answer = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            break
+    status = answer.status_code if answer is not None else 0
+    if answer is not None and status == 401 and RESIGN_HEADER.encode() in dict(answer.headers):
+        raise _Resign
+    why = body[:300].decode("utf-8", "replace") or "(no reason given)"
+    raise ClientError(f"lookup stream at {url}: {status} {why}", status)

@@ -1,0 +1,95 @@
+"""Lookup streams at a real node: lookups of many batches pipelined on one stream, answered
+in order; a frame of the wrong kind refused with the stream going on; an unusable head
+refused and the stream closed; no stream without a credential; a broken stream reopened by
+the next lookup."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+from test_scatter_route import node  # noqa: F401  (the fixture: a source with emb, dense/w)
+
+from ekko.client import ClientError
+from ekko.client.credentials import Credentials
+from ekko.client.lookup_stream import LookupStream
+from ekko.client.stream_frames import LOOKUP_PATH, REQUEST, write_frame
+from ekko.node.access import ClusterAuth
+from ekko.serve.scatter_http import HttpHolders
+
+
+async def test_concurrent_lookups_share_one_stream_in_order(node) -> None:  # noqa: F811
+    runner, url = node
+    stream = await LookupStream.open(url, Credentials(secret=runner.secret))
+    try:
+        batches = [np.array([k, 100 + k, (k + 3) % 10], np.int64) for k in range(40)]
+        got = await asyncio.gather(*(stream.lookup({"emb": b}) for b in batches))
+        for keys, rows in zip(batches, got, strict=True):
+            want = runner.core.store.table("emb").lookup(keys)
+            np.testing.assert_array_equal(rows["emb"].values, want[0])
+            np.testing.assert_array_equal(rows["emb"].versions, want[1])
+            assert rows["emb"].found.tolist() == want[2].astype(np.uint8).tolist()
+        with pytest.raises(ClientError, match="404") as caught:
+            await stream.lookup({"nope": batches[0]})
+        assert caught.value.status == 404
+        assert (await stream.lookup({"emb": batches[1]}))["emb"].found.sum() == 2  # goes on
+    finally:
+        await stream.close()
+    async with httpx.AsyncClient(base_url=url, auth=ClusterAuth(runner.secret)) as c:
+        text = (await c.get("/metrics")).text
+    assert "ekko_lookup_stream_frames_total" in text or "ekko_lookup_stream_frames " in text
+
+
+async def test_wrong_frames_are_refused_and_a_bad_head_closes_the_stream(node) -> None:  # noqa: F811
+    runner, url = node
+    stream = await LookupStream.open(url, Credentials(secret=runner.secret))
+    try:
+        keys = np.arange(3, dtype=np.int64)
+        stream._seq += 1  # a write frame on a lookup stream: refused, the stream goes on
+        fut = asyncio.get_running_loop().create_future()
+        stream._waiting.append((stream._seq, "emb", fut))
+        stream._writer.writelines(
+            write_frame(stream._seq, b"emb", keys, np.ones((3, 4), np.float32))
+        )
+        with pytest.raises(ClientError, match="400 frame kind 1: a lookup stream takes"):
+            await fut
+        assert (await stream.lookup({"emb": keys}))["emb"].found.all()
+        bad = asyncio.get_running_loop().create_future()
+        stream._waiting.append((99, "emb", bad))
+        stream._writer.write(REQUEST.pack(9, 0, 3, 1, 0, 99))  # kind 9: the head is unusable
+        with pytest.raises(ClientError, match="400 frame kind: 9"):
+            await bad
+        for _ in range(50):  # the node closes the stream after that answer
+            if stream.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert stream.closed
+        with pytest.raises(ClientError, match="is closed"):
+            await stream.lookup({"emb": keys})
+    finally:
+        await stream.close()
+
+
+async def test_no_stream_without_a_credential_and_a_broken_one_reopens(node) -> None:  # noqa: F811
+    runner, url = node
+    with pytest.raises(ClientError, match="401"):
+        await LookupStream.open(url, Credentials(secret=b"wrong"))
+    async with httpx.AsyncClient(base_url=url) as c:
+        r = await c.post(LOOKUP_PATH, headers={"upgrade": "ekko-lookup/1"})
+    assert r.status_code == 401
+    fetch = HttpHolders(Credentials(secret=runner.secret))
+    try:
+        keys = {"emb": np.arange(4, dtype=np.int64)}
+        assert (await fetch(url, keys, {}))["emb"].found.all()
+        first = fetch._streams[url].result()
+        pending = asyncio.ensure_future(first.lookup(keys))
+        first._writer.transport.abort()  # the connection drops under a lookup in flight
+        with pytest.raises(ClientError, match=r"broke|closed"):
+            await pending
+        assert first.closed
+        assert (await fetch(url, keys, {}))["emb"].found.all()  # on a new stream
+        assert fetch._streams[url].result() is not first
+    finally:
+        await fetch.close()
