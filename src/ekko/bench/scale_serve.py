@@ -69,6 +69,7 @@ class ScaleServeSpec:
     request_timeout_s: float = 10.0
     deadline_s: float = 2.0
     seed: int = 20240607
+    streams: bool = True  # holders asked over lookup streams (False: a POST each)
 
     def model(self) -> ModelConfig:
         return ModelConfig(
@@ -83,7 +84,9 @@ def _holder(p: int, partitions: int) -> str:
 # -- the frontend process ---------------------------------------------------------------------
 
 
-def frontend(config: Path, port: int, partitions: int, deadline_s: float) -> None:
+def frontend(
+    config: Path, port: int, partitions: int, deadline_s: float, streams: bool = True
+) -> None:
     """Serve models ``p1`` and ``p{partitions}`` by scatter-gather on ``port`` until killed."""
     import torch
     import uvicorn
@@ -107,7 +110,7 @@ def frontend(config: Path, port: int, partitions: int, deadline_s: float) -> Non
         listing = c.get(http.url("dc1-r0", "/v1/tables")).json()["tables"]
     shards = {t["name"]: t["shards"] for t in listing}
     model = next(m for m in cfg.models)
-    fetch = HttpHolders(Credentials(secret=secret))
+    fetch = HttpHolders(Credentials(secret=secret), streams=streams)
     lookups = {}
     services = {}
     for n in (1, partitions):
@@ -138,7 +141,8 @@ def _start_frontend(config: Path, spec: ScaleServeSpec, log: Path) -> tuple[subp
     port = free_ports(1)[0]
     cmd = [sys.executable, "-m", "ekko.bench.scale_serve", "frontend", "--config", str(config),
            "--port", str(port), "--partitions", str(spec.partitions),
-           "--deadline-s", str(spec.deadline_s)]  # fmt: skip
+           "--deadline-s", str(spec.deadline_s),
+           *([] if spec.streams else ["--no-streams"])]  # fmt: skip
     with open(log, "ab") as err:
         proc = subprocess.Popen(cmd, stdout=err, stderr=err, start_new_session=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
@@ -238,7 +242,7 @@ async def fanout(holders: list[str], secret: bytes, spec: ScaleServeSpec, n: int
     from ekko.client.credentials import Credentials
     from ekko.serve.scatter_http import HttpHolders
 
-    fetch = HttpHolders(Credentials(secret=secret))
+    fetch = HttpHolders(Credentials(secret=secret), streams=spec.streams)
     k = spec.batch
     whole = {f"emb_{i}": np.arange(k, dtype=np.int64) for i in range(26)}
     part = {f"emb_{i}": np.arange(k // len(holders) or 1, dtype=np.int64) for i in range(26)}
@@ -342,12 +346,16 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--port", type=int, required=True)
     f.add_argument("--partitions", type=int, default=4)
     f.add_argument("--deadline-s", type=float, default=2.0)
+    f.add_argument("--no-streams", action="store_true", help="a POST per lookup")
     r = sub.add_parser("run", help="measure and write bench/results/scale_serve.json")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "frontend":
-        frontend(args.config.resolve(), args.port, args.partitions, args.deadline_s)
+        frontend(
+            args.config.resolve(), args.port, args.partitions, args.deadline_s,
+            not args.no_streams,
+        )  # fmt: skip
     else:
         run(quick=getattr(args, "quick", False), out=getattr(args, "out", None))
 

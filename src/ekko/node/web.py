@@ -91,7 +91,7 @@ class NodeWeb:
             *models.routes(web.max_body_bytes, version=_version(), node_ready=self.not_ready),
             *admin,
             knowledge_route(core),
-            write_stream_route(core, web.max_body_bytes, self.streams),
+            write_stream_route(core, web.max_body_bytes, self.streams, self.lookup_streams),
             lookup_stream_route(core, web.max_body_bytes, self.lookup_streams, self.streams),
             Route("/ready", self.ready_route),
             *routes,

@@ -329,7 +329,9 @@ def _probe_when_silent(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-def write_stream_route(core: NodeCore, max_body: int, stats: StreamStats) -> Route:
+def write_stream_route(
+    core: NodeCore, max_body: int, stats: StreamStats, lookups: StreamStats | None = None
+) -> Route:
     """``POST /v1/streams/write`` with ``Upgrade: ekko-rows/1``: the connection becomes a
     write stream (writer role, checked like every route before this runs).
 
@@ -346,9 +348,10 @@ def write_stream_route(core: NodeCore, max_body: int, stats: StreamStats) -> Rou
         core.require_source("open write streams to")
         if request.headers.get("upgrade", "").lower() != UPGRADE:
             return error_response(f"upgrade: expected {UPGRADE!r} (a write stream)", 426)
-        if stats.open >= most:
+        open_now = stats.open + (lookups.open if lookups is not None else 0)
+        if open_now >= most:
             return error_response(
-                f"{stats.open} write streams are open, the most this node takes (half its "
+                f"{open_now} streams are open, the most this node takes (half its "
                 f"http.max_connections, {connections}): close one, or raise the limit",
                 503,
             )
