@@ -148,7 +148,10 @@ def _closed(sock: socket.socket) -> bool:
         (REQUEST.pack(1, 0, 3, 0, 4, 1), "n: 0 rows"),
         (REQUEST.pack(1, 0, 3, 1, 0, 1), "dim: 0"),
         (REQUEST.pack(1, 0, 3, 1 << 30, 4, 1), f"at most {MAX_BODY}"),
-        (REQUEST.pack(2, 0, 3, 1, 4, 1), "a delete carries no values"),
+        (REQUEST.pack(2, 0, 3, 1, 4, 1), "a delete or a lookup carries no values"),
+        (REQUEST.pack(3, 0, 3, 1, 4, 1), "a delete or a lookup carries no values"),
+        (REQUEST.pack(3, 2, 3, 1, 0, 1), "frame flags: 0x2"),
+        (REQUEST.pack(1, 1, 3, 1, 4, 1), "not defined for a frame of kind 1"),
     ],
 )
 def test_a_frame_whose_head_cannot_be_used_is_refused_and_the_stream_closed(
@@ -340,4 +343,19 @@ def test_a_stream_probes_a_silent_client_so_a_vanished_one_frees_its_place(
             and r[2].endswith(f":{client_port:04X}")]  # fmt: skip
     assert len(ours) == 1, ours
     assert ours[0][5].split(":")[0] == "02", ours[0]  # the keepalive timer runs
+    sock.close()
+
+
+def test_a_lookup_frame_on_a_write_stream_is_refused_and_the_stream_goes_on(
+    source: Source,
+) -> None:
+    from ekko.client.stream_frames import lookup_frame
+
+    sock = _upgraded(source)
+    keys = np.arange(3, dtype=np.int64)
+    sock.sendall(b"".join(bytes(b) for b in lookup_frame(1, b"emb", keys)))
+    kind, status, why = _answer(sock)
+    assert (kind, status) == (REFUSED, 400) and b"lookups go to /v1/streams/lookup" in why
+    sock.sendall(b"".join(bytes(b) for b in write_frame(2, b"emb", keys, np.ones((3, 4), "f4"))))
+    assert _answer(sock)[0] == WRITTEN
     sock.close()
