@@ -148,9 +148,9 @@ def _closed(sock: socket.socket) -> bool:
         (REQUEST.pack(1, 0, 3, 0, 4, 1), "n: 0 rows"),
         (REQUEST.pack(1, 0, 3, 1, 0, 1), "dim: 0"),
         (REQUEST.pack(1, 0, 3, 1 << 30, 4, 1), f"at most {MAX_BODY}"),
-        (REQUEST.pack(2, 0, 3, 1, 4, 1), "a delete or a lookup carries no values"),
-        (REQUEST.pack(3, 0, 3, 1, 4, 1), "a delete or a lookup carries no values"),
-        (REQUEST.pack(3, 2, 3, 1, 0, 1), "frame flags: 0x2"),
+        (REQUEST.pack(2, 0, 3, 1, 4, 1), "a delete carries no values"),
+        (REQUEST.pack(3, 0, 3, 1, 0, 1), "tables: 0, a lookup names 1..4096 tables"),
+        (REQUEST.pack(3, 2, 3, 1, 1, 1), "frame flags: 0x2"),
         (REQUEST.pack(1, 1, 3, 1, 4, 1), "not defined for a frame of kind 1"),
     ],
 )
@@ -353,7 +353,7 @@ def test_a_lookup_frame_on_a_write_stream_is_refused_and_the_stream_goes_on(
 
     sock = _upgraded(source)
     keys = np.arange(3, dtype=np.int64)
-    sock.sendall(b"".join(bytes(b) for b in lookup_frame(1, b"emb", keys)))
+    sock.sendall(b"".join(bytes(b) for b in lookup_frame(1, ["emb"], [keys])))
     kind, status, why = _answer(sock)
     assert (kind, status) == (REFUSED, 400) and b"lookups go to /v1/streams/lookup" in why
     sock.sendall(b"".join(bytes(b) for b in write_frame(2, b"emb", keys, np.ones((3, 4), "f4"))))

@@ -32,8 +32,13 @@ async def test_concurrent_lookups_share_one_stream_in_order(node) -> None:  # no
             np.testing.assert_array_equal(rows["emb"].versions, want[1])
             assert rows["emb"].found.tolist() == want[2].astype(np.uint8).tolist()
         with pytest.raises(ClientError, match="404") as caught:
-            await stream.lookup({"nope": batches[0]})
-        assert caught.value.status == 404
+            await stream.lookup({"emb": batches[0], "nope": batches[0]})
+        assert caught.value.status == 404 and "nope" in str(caught.value)
+        two = await stream.lookup(
+            {"emb": batches[2], "dense/w": np.zeros(1, np.int64)},
+            {"dense/w": runner.core.store.table("dense/w").lookup(np.zeros(1, np.int64))[1]},
+        )
+        assert two["emb"].values.shape == (3, 4) and two["dense/w"].values.shape == (0, 6)
         assert (await stream.lookup({"emb": batches[1]}))["emb"].found.sum() == 2  # goes on
     finally:
         await stream.close()
@@ -93,3 +98,30 @@ async def test_no_stream_without_a_credential_and_a_broken_one_reopens(node) -> 
         assert fetch._streams[url].result() is not first
     finally:
         await fetch.close()
+
+
+@pytest.mark.parametrize(
+    ("names", "counts", "n"),
+    [(b"emb", [1, 1], 2), (b"emb\ndense/w", [2, 0], 2), (b"emb\ndense/w", [1, 1], 3)],
+    ids=["fewer-names", "a-table-of-no-keys", "counts-not-summing-to-n"],
+)
+async def test_a_lookup_that_does_not_add_up_is_refused_and_the_stream_goes_on(
+    node,  # noqa: F811
+    names: bytes,
+    counts: list[int],
+    n: int,
+) -> None:
+    runner, url = node
+    stream = await LookupStream.open(url, Credentials(secret=runner.secret))
+    try:
+        stream._seq += 1
+        fut = asyncio.get_running_loop().create_future()
+        stream._waiting.append((stream._seq, "emb", fut))
+        body = np.array(counts, "<i8").tobytes() + np.arange(n, dtype="<i8").tobytes()
+        stream._writer.write(REQUEST.pack(3, 0, len(names), n, len(counts), stream._seq))
+        stream._writer.write(names + body)
+        with pytest.raises(ClientError, match="400 a lookup of 2 tables needs"):
+            await fut
+        assert (await stream.lookup({"emb": np.arange(2, dtype=np.int64)}))["emb"].found.all()
+    finally:
+        await stream.close()

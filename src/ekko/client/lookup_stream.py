@@ -99,28 +99,34 @@ class LookupStream:
     async def lookup(
         self, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray] | None = None
     ) -> dict[str, TableRows]:
-        """Each table's rows for its keys (int64); ``known`` (int64 per key, the versions
-        the caller holds) leaves the values of rows at that version out. ``ClientError``
-        naming the node's reason for a refused frame, or why the stream broke."""
+        """Each table's rows for its keys (int64), in one frame; ``known`` (int64 per key,
+        the versions the caller holds) leaves the values of rows at that version out.
+        ``ClientError`` naming the node's reason for a refused frame, or why the stream
+        broke."""
         if self._broken is not None:
             raise ClientError(f"lookup stream at {self.url} is closed: {self._broken}")
-        loop = asyncio.get_running_loop()
-        futures = []
-        buffers: list[bytes | memoryview] = []
-        for name, keys in tables.items():
-            k = np.ascontiguousarray(keys, dtype="<i8")
-            kn = None if known is None or name not in known else known[name]
-            kn = None if kn is None else np.ascontiguousarray(kn, dtype="<i8")
-            self._seq += 1
-            fut = loop.create_future()
-            self._waiting.append((self._seq, name, fut))
-            futures.append((name, fut))
-            buffers += lookup_frame(self._seq, name.encode(), k, kn)
-        self._writer.writelines(buffers)
+        names = list(tables)
+        keys = [np.ascontiguousarray(tables[n], dtype="<i8") for n in names]
+        held = None
+        if known:
+            held = [
+                np.full(k.shape[0], -1, np.int64) if n not in known else known[n]
+                for n, k in zip(names, keys, strict=True)
+            ]
+        self._seq += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((self._seq, names[0], fut))
+        self._writer.writelines(lookup_frame(self._seq, names, keys, held))
+        dims, rows, versions, values = await fut
         out = {}
-        for name, fut in futures:
-            versions, values = await fut
-            out[name] = TableRows(name, versions, (versions > 0).view(np.uint8), values)
+        at = vat = 0
+        for name, k, dim, m in zip(names, keys, dims.tolist(), rows.tolist(), strict=True):
+            ver = versions[at : at + k.shape[0]]
+            out[name] = TableRows(
+                name, ver, (ver > 0).view(np.uint8), values[vat : vat + m * dim].reshape(m, dim)
+            )
+            at += k.shape[0]
+            vat += m * dim
         return out
 
     async def _read_answers(self) -> None:
@@ -132,17 +138,19 @@ class LookupStream:
                     raise ClientError(f"an answer to frame {seq}, none such was waiting")
                 _, name, fut = self._waiting.popleft()
                 if kind == FOUND:
-                    dim, m = FOUND_TAIL.unpack(await self._reader.readexactly(FOUND_TAIL.size))
+                    t, _ = FOUND_TAIL.unpack(await self._reader.readexactly(FOUND_TAIL.size))
+                    meta = np.frombuffer(await self._reader.readexactly(16 * t), "<i8")
+                    dims, rows = meta[:t], meta[t:]
                     versions = np.frombuffer(await self._reader.readexactly(8 * n), "<i8")
-                    raw = await self._reader.readexactly(4 * m * dim)
-                    values = np.frombuffer(raw, "<f4").reshape(m, dim)
+                    total = int((dims * rows).sum())
+                    values = np.frombuffer(await self._reader.readexactly(4 * total), "<f4")
                     if not fut.done():
-                        fut.set_result((versions, values))
+                        fut.set_result((dims, rows, versions, values))
                     continue
                 why = (await self._reader.readexactly(n)).decode("utf-8", "replace")
                 if not fut.done():
                     fut.set_exception(
-                        ClientError(f"lookup of {name!r} at {self.url}: {status} {why}", status)
+                        ClientError(f"lookup of {name!r}... at {self.url}: {status} {why}", status)
                     )
         except (OSError, asyncio.IncompleteReadError, ClientError) as exc:
             self._fail(f"{type(exc).__name__}: {exc}")

@@ -25,14 +25,23 @@ refused and the stream closed, since what follows it cannot be found; a usable f
 store refuses (unknown table, wrong dim, NaN) is refused alone and the stream goes on.
 
 *Lookup streams* (:data:`LOOKUP_PATH`, ``Upgrade: ekko-lookup/1``, the reader role, any
-node) carry the same frames, of kind 3 only: a table's keys (dim 0) and, with flag 1, after
-them the versions the caller already holds of each (rows at that version come back without
-values: a serving node's dense tensors, unchanged since its last batch). Each is answered at
-once, in order::
+node) carry frames of kind 3 only, each a lookup of several tables (one frame per batch: a
+frame per table cost the node its per-frame work 26 times a batch)::
 
-    kind u8 (3: found)  flags u8 (0)  status u16 (0)  n u32  seq u64  dim u32  m u32    24 bytes
+    kind u8 (3)  flags u8 (1: known versions follow)  name_len u16  n u32  tables u32  seq u64
+    names               the tables' names, utf-8, joined by newlines
+    counts              int64 [tables]   keys of each table, in order (each >= 1)
+    keys                int64 [n]
+    known               int64 [n]        with flag 1: the version of each row the caller holds
+                                         (rows at it come back without values; -1: none)
+
+answered at once, in order::
+
+    kind u8 (3: found)  flags u8 (0)  status u16 (0)  n u32  seq u64  tables u32  0 u32  24 bytes
+    dims                int64 [tables]   each table's row length
+    rows                int64 [tables]   rows of values each table sends
     versions            int64 [n]        (0: not found, or deleted)
-    values              float32 [m, dim] the rows whose version is not the one the caller held
+    values              float32          each table's rows not held at ``known``, in key order
 
 Why a stream for lookups: a serving node that scatters a predict batch over partitions sends
 one lookup per partition and table, and an HTTP request cost the holder ~0.6 ms of CPU before
@@ -66,6 +75,7 @@ FOUND = 3
 MAX_NAME_BYTES = 1024
 MAX_DIM = 65536
 MAX_REASON_BYTES = 4096
+MAX_LOOKUP_TABLES = 4096
 
 
 class FrameError(ValueError):
@@ -85,8 +95,8 @@ class WriteHead:
 
     @property
     def body_bytes(self) -> int:
-        if self.kind == KIND_LOOKUP:
-            return self.n * (16 if self.flags & FLAG_KNOWN else 8)
+        if self.kind == KIND_LOOKUP:  # dim: how many tables
+            return 8 * self.dim + self.n * (16 if self.flags & FLAG_KNOWN else 8)
         return self.n * (8 + 4 * self.dim)
 
 
@@ -103,8 +113,10 @@ def parse_head(raw: bytes | bytearray | memoryview, max_body: int) -> WriteHead:
         raise FrameError(f"frame flags: {flags:#x}, not defined for a frame of kind {kind}")
     if not 1 <= name_len <= MAX_NAME_BYTES:
         raise FrameError(f"name_len: {name_len}, expected 1..{MAX_NAME_BYTES}")
-    if kind in (KIND_DELETE, KIND_LOOKUP) and dim != 0:
-        raise FrameError(f"dim: {dim}, a delete or a lookup carries no values (dim 0)")
+    if kind == KIND_DELETE and dim != 0:
+        raise FrameError(f"dim: {dim}, a delete carries no values (dim 0)")
+    if kind == KIND_LOOKUP and not 1 <= dim <= MAX_LOOKUP_TABLES:
+        raise FrameError(f"tables: {dim}, a lookup names 1..{MAX_LOOKUP_TABLES} tables")
     if kind == KIND_WRITE and not 1 <= dim <= MAX_DIM:
         raise FrameError(f"dim: {dim}, expected 1..{MAX_DIM}")
     if n < 1:
@@ -147,26 +159,30 @@ def refused(seq: int, status: int, reason: str) -> bytes:
 
 
 def lookup_frame(
-    seq: int, name: bytes, keys: np.ndarray, known: np.ndarray | None = None
+    seq: int, names: list[str], keys: list[np.ndarray], known: list[np.ndarray] | None = None
 ) -> list[bytes | memoryview]:
-    """A lookup's frame: ``keys`` int64 [n] and, if given, ``known`` int64 [n] (the version
-    of each row the caller holds), C-contiguous, little-endian."""
+    """A lookup of several tables: ``keys[i]`` int64 of table ``names[i]`` and, if given,
+    ``known[i]`` int64 (the version of each row the caller holds, -1: none)."""
+    name = "\n".join(names).encode()
+    counts = np.array([k.shape[0] for k in keys], dtype="<i8")
+    flat = np.concatenate(keys).astype("<i8", copy=False)
     flags = 0 if known is None else FLAG_KNOWN
-    head = REQUEST.pack(KIND_LOOKUP, flags, len(name), keys.shape[0], 0, seq)
-    out = [head, name, memoryview(keys).cast("B")]
+    head = REQUEST.pack(KIND_LOOKUP, flags, len(name), flat.shape[0], len(names), seq)
+    out = [head, name, memoryview(counts).cast("B"), memoryview(flat).cast("B")]
     if known is not None:
-        out.append(memoryview(known).cast("B"))
+        out.append(memoryview(np.concatenate(known).astype("<i8", copy=False)).cast("B"))
     return out
 
 
-def found(seq: int, versions: np.ndarray, values: np.ndarray) -> list[bytes | memoryview]:
-    """The answer to lookup ``seq``: each key's version, then the rows sent (float32
-    [m, dim]: those whose version the caller did not hold, in key order)."""
+def found(
+    seq: int, dims: np.ndarray, rows: np.ndarray, versions: np.ndarray, values: list[np.ndarray]
+) -> list[bytes | memoryview]:
+    """The answer to lookup ``seq``: each table's row length and rows of values sent, each
+    key's version, then each table's values (float32, C-contiguous)."""
+    d = np.ascontiguousarray(dims, dtype="<i8")
+    r = np.ascontiguousarray(rows, dtype="<i8")
     v = np.ascontiguousarray(versions, dtype="<i8")
-    x = np.ascontiguousarray(values, dtype="<f4")
-    m, dim = x.shape
-    out = [ANSWER.pack(FOUND, 0, 0, v.shape[0], seq) + FOUND_TAIL.pack(dim, m)]
-    out.append(memoryview(v).cast("B"))
-    if x.size:  # a view of no bytes cannot be cast
-        out.append(memoryview(x).cast("B"))
+    out = [ANSWER.pack(FOUND, 0, 0, v.shape[0], seq) + FOUND_TAIL.pack(d.shape[0], 0)]
+    out += [memoryview(d).cast("B"), memoryview(r).cast("B"), memoryview(v).cast("B")]
+    out += [memoryview(x).cast("B") for x in values if x.size]  # no bytes: cannot be cast
     return out

@@ -214,7 +214,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         try:
             name = self._name[: f.name_len].decode("utf-8")
             if f.kind == KIND_LOOKUP:
-                self._lookup(f, name, keys)
+                self._lookup(f, name)
                 return
             if f.kind == KIND_DELETE:
                 versions = self.core.delete(name, keys)
@@ -244,15 +244,35 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self.stats.rows += f.n
         self._answer(f.seq, versions, b"")
 
-    def _lookup(self, f: WriteHead, name: str, keys: np.ndarray) -> None:
+    def _lookup(self, f: WriteHead, names: str) -> None:
         """Answer a lookup frame now (its answer still waits for any write before it)."""
-        values, versions, _found = self.core.store.table(name).lookup(keys)
-        if f.flags & FLAG_KNOWN:
-            known = self._body[8 * f.n : 16 * f.n].view("<i8")
-            values = values[versions != known]
+        tables = names.split("\n")
+        body = self._body
+        counts = body[: 8 * f.dim].view("<i8")
+        if len(tables) != f.dim or int(counts.min()) < 1 or int(counts.sum()) != f.n:
+            self._refuse(f.seq, 400, f"a lookup of {f.dim} tables needs as many names "
+                                     f"(got {len(tables)}) and counts of at least 1 key "
+                                     f"summing to n = {f.n}")  # fmt: skip
+            return
+        keys = body[8 * f.dim : 8 * (f.dim + f.n)].view("<i8")
+        known = body[8 * (f.dim + f.n) : f.body_bytes].view("<i8") if f.flags & FLAG_KNOWN else None
+        store = self.core.store
+        dims = np.empty(f.dim, np.int64)
+        rows = np.empty(f.dim, np.int64)
+        versions = np.empty(f.n, np.int64)
+        values = []
+        at = 0
+        for i, (name, count) in enumerate(zip(tables, counts.tolist(), strict=True)):
+            vals, ver, _found = store.table(name).lookup(keys[at : at + count])
+            if known is not None:
+                vals = vals[ver != known[at : at + count]]
+            versions[at : at + count] = ver
+            dims[i], rows[i] = vals.shape[1], vals.shape[0]
+            values.append(vals)
+            at += count
         self.stats.frames += 1
         self.stats.rows += f.n
-        self._answer(f.seq, None, found(f.seq, versions, values))
+        self._answer(f.seq, None, found(f.seq, dims, rows, versions, values))
 
     def _refuse(self, seq: int, status: int, reason: str) -> None:
         self.stats.refused += 1
