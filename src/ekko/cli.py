@@ -47,6 +47,7 @@ BENCHES = (
     "dynamic",
     "lifecycle",
     "sharded_train",
+    "scale",
 )
 
 
@@ -323,7 +324,7 @@ def bench(
     name: str = typer.Argument(..., help=f"One of: {', '.join(BENCHES)}."),
     out: Path | None = typer.Option(None, help="JSON output (PNG beside it)."),
     quick: bool = typer.Option(False, help="A short run (< 60 s)."),
-    rate: float | None = typer.Option(None, help="Row updates/s (latency, ablation)."),
+    rate: float | None = typer.Option(None, help="Row updates/s (latency, ablation, scale)."),
     wal: str | None = typer.Option(
         None, help="The source's write-ahead log: on, off or both (apply, latency)."
     ),
