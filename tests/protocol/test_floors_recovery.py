@@ -69,7 +69,6 @@ def _replicas() -> tuple[Store, Store, np.ndarray]:
     return a, b, keys[:500]
 
 
-@pytest.mark.xfail(strict=True, reason="a stale replica's rows come back: the fix follows")
 @pytest.mark.parametrize("max_bytes", [1 << 20, 4000])  # 4000: lists over several answers
 @pytest.mark.parametrize("order", ["ab", "ba", "interleaved"])
 def test_recovery_without_data_keeps_purged_deletes_out(order: str, max_bytes: int) -> None:

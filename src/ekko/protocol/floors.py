@@ -189,11 +189,18 @@ class PurgeNotices:
         self.seen: dict[str, np.ndarray] = {}  # table -> the purge bar last told
         self.dropped: dict[str, np.ndarray] = {}  # table -> its reconcile epochs last seen
         self.reconcile: dict[str, set[int]] = {}  # table -> shards owed a key list
+        # table -> the knowledge the puller restated (zero where it restated none): the
+        # floors of a session that reports none, a recovering source's (``absorb``).
+        self.restated_knowledge: Floors = {}
 
     def restated(self, table: Table, shard: int, lane: int, knowledge: int) -> None:
         """The puller restated a cursor (a new session, or after a loss, which may have
         been an answer telling bars): tell them again, and owe a list if it is below."""
         self.seen.pop(table.name, None)
+        known = self.restated_knowledge.get(table.name)
+        if known is None or known.shape != table.purge_bar.shape:
+            known = self.restated_knowledge[table.name] = np.zeros_like(table.purge_bar)
+        known[shard, lane] = knowledge
         if knowledge < int(table.purge_bar[shard, lane]):
             self.reconcile.setdefault(table.name, set()).add(int(shard))
         self.dropped.setdefault(table.name, table.reconcile_epoch.copy())
@@ -320,8 +327,10 @@ class Reconciles:
                 followed[name] = bar
         return followed, self.apply_due(store)
 
-    def apply_due(self, store: Store) -> list[ShardKeys]:
-        """Apply the lists whose shard this holder now holds up to their bar."""
+    def apply_due(self, store: Store, *, every: bool = False) -> list[ShardKeys]:
+        """Apply the lists whose shard this holder now holds up to their bar; ``every``: all
+        of them, now (a recovering source once every replica was absorbed: no row can still
+        be on its way, and its knowledge is not raised by what it absorbs)."""
         done = []
         for key, sk in list(self._waiting.items()):
             table = store.tables.get(sk.table)
@@ -329,7 +338,7 @@ class Reconciles:
                 del self._waiting[key]
                 continue
             bar = np.asarray(sk.bar, np.int64)
-            if (table.knowledge[sk.shard] >= bar).all():
+            if every or (table.knowledge[sk.shard] >= bar).all():
                 del self._waiting[key]
                 self.rows += table.drop_absent(sk.shard, bar, sk.keys)
                 self.shards += 1

@@ -204,7 +204,7 @@ class Puller:
                 chunks = [c for c in chunks if c.table in self._into.tables]
                 self._catalog_lost()
             applied = tuple(self._apply(chunk, now) for chunk in chunks)
-            bars, dropped = ({}, []) if self.absorb else self._purge(msg)
+            bars, dropped = self._purge(msg)  # absorbing too: purged deletes stay out
             if not self.absorb:
                 self._into.settled.observe(msg.mark, self._into.knowledge_by_table())
             if msg.holds and not msg.chunks:
@@ -444,7 +444,7 @@ class Puller:
         table = self._into.table(chunk.table)
         wire_bytes = chunk.nbytes
         chunk = decode_chunk(chunk, table.dim)
-        if not self.absorb and chunk.rows:
+        if chunk.rows:
             stale = table.redundant(chunk.keys, chunk.versions, chunk.lane)
             if stale is not None:
                 chunk = keep_rows(chunk, ~stale)

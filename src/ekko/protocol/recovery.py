@@ -90,6 +90,10 @@ class SourceRecovery:
         """Keep the lineage only if the source came back on its own data and every replica
         was absorbed; the origin then holds every version up to its counters
         (``Table.complete_origin``)."""
+        for p in self.pullers.values():
+            # A replica's key lists: what it no longer holds below its purge bars was
+            # deleted, though a replica that slept through the purge may have given it back.
+            p.reconciles.apply_due(self.store, every=True)
         absorbed = self.absorbed()
         missing = [r for r in self.replicas if r not in absorbed]
         kept = self._own_data and self.store.lineage != 0 and not missing

@@ -16,7 +16,13 @@ import numpy as np
 
 from ekko.protocol.chunk_codec import check_codec
 from ekko.protocol.chunk_collector import ChunkCollector, vouched
-from ekko.protocol.floors import BadFloorsError, HolderFloors, PurgeNotices, check_floors
+from ekko.protocol.floors import (
+    BadFloorsError,
+    Floors,
+    HolderFloors,
+    PurgeNotices,
+    check_floors,
+)
 from ekko.protocol.messages import (
     DRAIN_ORDER,
     Catalog,
@@ -342,8 +348,7 @@ class Responder:
                     )
                 sent[c.shard, c.lane] = c.knowledge
                 seen[c.shard] = -1
-                if not req.absorb:
-                    sess.purges.restated(table, c.shard, c.lane, c.knowledge)
+                sess.purges.restated(table, c.shard, c.lane, c.knowledge)
         except UnknownTableError as exc:
             return Error(req.req_id, "unknown_table", str(exc))
         return None
@@ -356,12 +361,16 @@ class Responder:
         )  # fmt: skip
 
     def _owes(self, sess: _Session) -> bool:
-        return not sess.absorb and sess.purges.owes(self.store)
+        """Purge bars or key lists are owed to ``sess`` — a recovering source's absorbing
+        session too: a replica that slept past the horizon may still hold rows whose delete
+        was purged, and only this holder's bars and key lists keep them out of the source."""
+        return sess.purges.owes(self.store)
 
     def _purges(self, sess: _Session, budget: int, now: float) -> tuple[dict | None, list | None]:
-        if sess.absorb:
-            return None, None
-        floors = None if sess.sid is None else self.floors.latest(sess.sid)
+        if sess.absorb:  # a recovering source reports no floors: what it restated
+            floors: Floors | None = sess.purges.restated_knowledge
+        else:
+            floors = None if sess.sid is None else self.floors.latest(sess.sid)
         purge, keys = sess.purges.take(self.store, floors, budget)
         self._reconciled_shards += len(keys or ())
         return purge, keys
@@ -435,6 +444,8 @@ class Responder:
         if not chunks and not force and not owes:
             return None
         purge, reconcile = self._purges(sess, budget, now) if owes else (None, None)
+        if absorb and not more and reconcile and self._owes(sess):
+            more = True  # a recovering source is caught up only once it has every list
         rows = sum(c.rows for c in chunks)
         nbytes = sum(c.nbytes for c in chunks)
         self._rows_sent += rows
