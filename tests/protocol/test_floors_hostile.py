@@ -28,15 +28,7 @@ BAD_FLOORS = {
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="wraps negative: fix follows"))
-        if c.startswith("uint64")
-        else c
-        for c in BAD_FLOORS
-    ],
-)
+@pytest.mark.parametrize("case", list(BAD_FLOORS))
 def test_bad_floors_are_refused_by_name_and_hold_nothing(case: str) -> None:
     responder = Responder(small_source())
     pull = msgspec.structs.replace(first_pull(), floors={"emb": BAD_FLOORS[case]})
@@ -86,7 +78,6 @@ BAD_ANSWERS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="bad bars raise out of the puller: fix follows")
 @pytest.mark.parametrize("case", list(BAD_ANSWERS))
 def test_a_puller_ignores_bars_and_key_lists_that_do_not_fit(case: str) -> None:
     source, puller, holder = _synced()

@@ -28,6 +28,7 @@ from ekko.store import Store, Table
 from ekko.store.spec import LANES
 
 NUM_LANES = len(LANES)
+INT64_MAX = 2**63 - 1
 
 Floors = dict[str, np.ndarray]
 
@@ -50,8 +51,8 @@ def check_floors(store: Store, floors: Mapping[str, np.ndarray]) -> Floors:
                 f"floors of table {name!r} must be integer ({table.num_shards}, {NUM_LANES}),"
                 f" got {a.dtype} {a.shape}"
             )
-        if a.size and int(a.min()) < 0:
-            raise BadFloorsError(f"floors of table {name!r} must be >= 0")
+        if a.size and (int(a.min()) < 0 or int(a.max()) > INT64_MAX):
+            raise BadFloorsError(f"floors of table {name!r} must be in [0, 2**63)")
         out[name] = a.astype(np.int64, copy=True)
     return out
 
@@ -264,6 +265,30 @@ class PurgeNotices:
         return purge or None, keys or None
 
 
+def _nonnegative_int64(a: object, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``a`` as an int64 array if it is an integer array of ``shape`` whose values are all
+    in [0, 2**63); None otherwise."""
+    arr = np.asarray(a)
+    if arr.shape != shape or arr.dtype.kind not in "iu":
+        return None
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > INT64_MAX):
+        return None
+    return arr.astype(np.int64)
+
+
+def _checked_keys(sk: ShardKeys, table: Table) -> ShardKeys | None:
+    """``sk`` with an int64 bar and keys, if it fits ``table``; None otherwise."""
+    if not 0 <= sk.shard < table.num_shards:
+        return None
+    bar = _nonnegative_int64(sk.bar, (table.purge_bar.shape[1],))
+    keys = np.asarray(sk.keys)
+    if bar is None or keys.ndim != 1 or keys.dtype.kind not in "iu":
+        return None
+    if keys.dtype.kind == "u" and keys.size and int(keys.max()) > INT64_MAX:
+        return None
+    return ShardKeys(sk.table, int(sk.shard), bar.tolist(), keys.astype(np.int64))
+
+
 def _ready(table: Table, shards: set[int]) -> np.ndarray:
     """The ``shards`` whose key lists may be sent: those this holder holds complete up to
     their purge bar in every lane (a list missing rows below the bar would make a holder
@@ -297,6 +322,7 @@ class Reconciles:
         self._waiting: dict[tuple[str, int], ShardKeys] = {}
         self.shards = 0  # shards reconciled
         self.rows = 0  # live rows those reconciles dropped
+        self.refused = 0  # bars and key lists that did not fit this holder's tables
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -310,21 +336,32 @@ class Reconciles:
         purge: Mapping[str, np.ndarray] | None,
         reconcile: list[ShardKeys] | None,
     ) -> tuple[Floors, list[ShardKeys]]:
-        """Take the upstream's key lists and purge bars (tables or shapes this holder does
-        not know are skipped: the catalog will come), and apply the lists now due. Returns
-        the bars followed and the lists applied."""
+        """Take the upstream's key lists and purge bars, and apply the lists now due; returns
+        the bars followed and the lists applied. A table this holder does not know is
+        skipped (the catalog will come); a bar or list that does not fit the table (shape,
+        shard, lanes, negative or not int64, keys not 1-D integers) is refused and counted
+        (``refused``), never applied: it would raise in the store or drop rows by a bar
+        that means nothing."""
         for sk in reconcile or ():
             table = store.tables.get(sk.table)
-            if table is None or not 0 <= sk.shard < table.num_shards:
+            if table is None:
                 continue
-            if len(sk.bar) == table.purge_bar.shape[1]:
-                self._waiting[(sk.table, int(sk.shard))] = sk
+            checked = _checked_keys(sk, table)
+            if checked is None:
+                self.refused += 1
+                continue
+            self._waiting[(sk.table, int(sk.shard))] = checked
         followed: Floors = {}
         for name, bar in (purge or {}).items():
             table = store.tables.get(name)
-            if table is not None and bar.shape == table.purge_bar.shape:
-                table.purge(bar)
-                followed[name] = bar
+            if table is None:
+                continue
+            b = _nonnegative_int64(bar, table.purge_bar.shape)
+            if b is None:
+                self.refused += 1
+                continue
+            table.purge(b)
+            followed[name] = b
         return followed, self.apply_due(store)
 
     def apply_due(self, store: Store, *, every: bool = False) -> list[ShardKeys]:

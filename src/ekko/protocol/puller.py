@@ -93,6 +93,7 @@ class PullerStats:
     stale_rows: int = 0  # rows not applied: below knowledge and the purge floor (late copies)
     reconciled_shards: int = 0  # shards reconciled against the upstream's key lists
     rows_reconciled: int = 0  # rows those reconciles dropped (deleted upstream, purged)
+    refused_notices: int = 0  # purge bars and key lists that did not fit (not applied)
 
 
 @dataclass
@@ -353,6 +354,7 @@ class Puller:
             stale_rows=self._stale_rows,
             reconciled_shards=self.reconciles.shards,
             rows_reconciled=self.reconciles.rows,
+            refused_notices=self.reconciles.refused,
         )
 
     # -- internals ----------------------------------------------------------------------
