@@ -6,14 +6,12 @@ of them for as long as the latest."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from ekko.protocol.floors import HolderFloors
 
 BOUND = 64  # closed sessions kept at most, whatever the reconnect rate
 
 
-@pytest.mark.xfail(strict=True, reason="one entry per closed session: fix follows")
 def test_closed_sessions_of_a_flapping_holder_stay_bounded_and_hold_back() -> None:
     rng = np.random.default_rng(3)
     floors = HolderFloors(horizon_s=600.0)

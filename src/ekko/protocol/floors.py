@@ -83,12 +83,30 @@ def purge_point(knowledge: np.ndarray, floors: np.ndarray | None) -> np.ndarray:
     return np.minimum(bound, top)
 
 
+# Closed sessions kept apart at most: a link that flaps (or a peer reconnecting in a loop)
+# closes one per connection, and each would be kept, floors of every table, for the horizon.
+MAX_CLOSED_HOLDERS = 32
+
+
 @dataclass
 class _Holder:
     opened_at: float
     reported_at: float | None = None
     floors: Floors = field(default_factory=dict)
     closed_at: float | None = None
+
+
+def _merged(a: _Holder, b: _Holder) -> _Holder:
+    """Two closed holders as one that holds purges back at least as far as either, for as
+    long as the later: per table the least of their floors, and a table only one of them
+    reported is dropped (a holder without a table's floors holds it back entirely)."""
+    floors = {
+        name: np.minimum(f, b.floors[name])
+        for name, f in a.floors.items()
+        if name in b.floors and b.floors[name].shape == f.shape
+    }
+    closed = max(a.closed_at or 0.0, b.closed_at or 0.0)
+    return _Holder(min(a.opened_at, b.opened_at), closed, floors, closed)
 
 
 class HolderFloors:
@@ -119,6 +137,8 @@ class HolderFloors:
         if h is not None and h.reported_at is not None:
             h.closed_at = now
             self._closed.append(h)
+            if len(self._closed) > MAX_CLOSED_HOLDERS:
+                self._closed[:2] = [_merged(self._closed[0], self._closed[1])]
 
     def latest(self, session: Hashable) -> Floors | None:
         """The floors ``session`` last reported (None: none yet)."""
