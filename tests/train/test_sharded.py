@@ -1,5 +1,9 @@
 """Sharded training over two real rank processes (gloo): the same math as the 1-rank trainer,
-rows published by their owner only, and a killed rank named by the survivors."""
+rows published by their owner only, and a killed rank named by the survivors.
+
+The run publishes as on a partitioned cluster of 3 partitions (``Placement(3)``): rank 0 owns
+partitions 0 and 2, rank 1 partition 1, each writing through a ``PartitionRouter`` to one
+``MemorySink`` per partition (rank 0 also to the partitions holding dense tables)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from ekko.quality.offline import auc
-from ekko.train.dlrm import DLRM, DLRMConfig, embedding_table_name
+from ekko.store import shard_of
+from ekko.store.placement import Placement
+from ekko.train.dlrm import DLRM, DLRMConfig, dense_table_name, embedding_table_name
 from ekko.train.sharded import ShardedRunSpec, ShardedTrainer, train_rank
 from ekko.train.sharded_exchange import RowPlacement
 from ekko.train.sharded_launch import RankContext, ShardedRun, ShardedRunError
@@ -28,9 +34,11 @@ SMALL_STREAM = StreamConfig(seed=3, max_vocab=5_000, initial_items=2_000)
 SMALL_MODEL = DLRMConfig(rows_per_table=4_000, embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16, 1))
 EVENTS, BATCH = 20_480, 1024
 ADAGRAD = TrainerConfig(optimizer="adagrad")
+PARTS = Placement(3)
+NAMES = tuple(embedding_table_name(i) for i in range(SMALL_MODEL.num_sparse))
 
 
-def _memory_sink(rank: int) -> MemorySink:
+def _memory_sink(partition: int) -> MemorySink:
     return MemorySink()
 
 
@@ -56,8 +64,8 @@ def _train_then_poison(ctx: RankContext, spec: ShardedRunSpec) -> tuple:
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    spec = ShardedRunSpec(SMALL_MODEL, SMALL_STREAM, EVENTS, BATCH, ADAGRAD, sink=_memory_sink,
-                          return_sink=True)  # fmt: skip
+    spec = ShardedRunSpec(SMALL_MODEL, SMALL_STREAM, EVENTS, BATCH, ADAGRAD, return_sink=True,
+                          placement=PARTS, partition_sink=_memory_sink)  # fmt: skip
     with ShardedRun(_train_then_poison, 2, (spec,), timeout_s=30) as run:
         return run.join()
 
@@ -90,31 +98,46 @@ def test_two_ranks_predict_as_the_one_rank_trainer(two_ranks, one_rank):
         np.testing.assert_array_equal(value, two_ranks[1].dense[key])
 
 
-def test_each_row_is_published_by_its_owner_with_its_weight(two_ranks, one_rank):
+def test_each_row_is_published_by_its_owner_to_its_partition(two_ranks, one_rank):
     two_ranks = [report for report, _ in two_ranks]
     _, _, seen = one_rank
-    placement = RowPlacement(world_size=2)
-    for i in range(SMALL_MODEL.num_sparse):
-        table = embedding_table_name(i)
+    placement = RowPlacement(2, 16, PARTS, NAMES)
+    assert [r.partitions for r in two_ranks] == [[0, 2], [1]]
+    dense_at = {
+        dense_table_name(k): int(PARTS.partition_of(dense_table_name(k), 0))
+        for k in two_ranks[0].dense
+    }
+    # rank 0 writes to its partitions and to those holding a dense table; rank 1 to its own
+    assert sorted(two_ranks[0].sink.sinks) == sorted({0, 2, *dense_at.values()})
+    assert sorted(two_ranks[1].sink.sinks) == [1]
+    for report in two_ranks:
+        for sink in report.sink.sinks.values():  # every partition's source knows every table
+            assert set(NAMES) | set(dense_at) <= set(sink.specs)
+    for i, table in enumerate(NAMES):
         published = []
         for report in two_ranks:
             keys = report.owned_keys[i]
             assert (placement.owner(i, keys) == report.rank).all()
-            rows = report.sink.tables[table]
-            got = np.array(sorted(rows), dtype=np.int64)
-            assert (placement.owner(i, got) == report.rank).all(), (
-                "a rank published a row it does not own"
-            )
-            local = np.searchsorted(keys, got)
-            np.testing.assert_array_equal(np.stack([rows[k] for k in got.tolist()]),
-                                          report.owned_rows[i][local])  # fmt: skip
-            published.append(set(got.tolist()))
-        assert not published[0] & published[1]
-        assert published[0] | published[1] == seen[i], f"table {table}: ids seen, never published"
-    dense0 = two_ranks[0].sink
-    assert [t for t in two_ranks[1].sink.tables if "dense/" in t] == []  # rank 0 publishes dense
+            for p, sink in report.sink.sinks.items():
+                rows = sink.tables[table]
+                got = np.array(sorted(rows), dtype=np.int64)
+                if p not in report.partitions:
+                    assert got.size == 0, f"rank {report.rank} wrote rows of partition {p}"
+                    continue
+                where = PARTS.partitions_of(table, 16)[shard_of(got, 16)]
+                assert (where == p).all(), f"partition {p}'s sink got another partition's rows"
+                local = np.searchsorted(keys, got)
+                np.testing.assert_array_equal(np.stack([rows[k] for k in got.tolist()]),
+                                              report.owned_rows[i][local])  # fmt: skip
+                published.append(set(got.tolist()))
+        assert sum(map(len, published)) == len(set().union(*published)), "a row published twice"
+        assert set().union(*published) == seen[i], f"table {table}: ids seen, never published"
     for key, value in two_ranks[0].dense.items():
-        np.testing.assert_array_equal(dense0.tables[f"dense/{key}"][0], value.reshape(-1))
+        name = dense_table_name(key)
+        rows = two_ranks[0].sink.sinks[dense_at[name]].tables[name]
+        np.testing.assert_array_equal(rows[0], value.reshape(-1))
+    assert all(not rows for name, rows in two_ranks[1].sink.sinks[1].tables.items()
+               if name in dense_at), "rank 1 published a dense tensor"  # fmt: skip
 
 
 def test_a_non_finite_slice_on_one_rank_is_rejected_by_every_rank(two_ranks):
@@ -165,6 +188,13 @@ def test_placement_and_trainer_refuse_bad_settings():
     keys = np.arange(10_000)
     owners = [RowPlacement(world_size=3).owner(t, keys) for t in range(4)]
     assert all(set(o.tolist()) == {0, 1, 2} for o in owners)  # every rank owns rows of each
+    with pytest.raises(ValueError, match=r"ranks 2\.\.2 would own no rows"):
+        RowPlacement(3, 16, Placement(2), NAMES)
+    partitioned = RowPlacement(2, 16, PARTS, NAMES)
+    assert [partitioned.partitions_of_rank(r) for r in (0, 1)] == [[0, 2], [1]]
+    owners = partitioned.owner(np.repeat(np.arange(3), 4), np.tile(np.arange(4), 3))
+    parts = [PARTS.partitions_of(NAMES[t], 16)[shard_of(np.arange(4), 16)] for t in range(3)]
+    np.testing.assert_array_equal(owners, np.concatenate(parts) % 2)
     ctx = RankContext(0, 2, store=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must be 'adagrad'"):
         ShardedTrainer(ctx, SMALL_MODEL, TrainerConfig(optimizer="adam"))

@@ -13,6 +13,11 @@ Each rank publishes the rows it owns that the step changed, rank 0 the dense ten
 with an ``EmbeddingPublisher`` over its local table: the table names, specs and dense pacing
 are the 1-rank trainer's, and ``OwnedRowsSink`` turns local row numbers into (table, key).
 
+On a partitioned cluster (``ShardedRunSpec.placement``, the cluster's ``Placement``) a
+rank owns the rows of the partitions co-located with it (partition ``p`` is rank ``p % W``'s)
+and publishes each row to its partition's source through a ``PartitionRouter``
+(``ekko.train.sharded_publish``), rank 0 the dense tensors to the partitions holding them.
+
 Launch W ranks with ``ShardedRun(train_rank, W, (ShardedRunSpec(...),))``.
 """
 
@@ -24,65 +29,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ekko.store.placement import Placement
 from ekko.store.spec import Sink, TableSpec
 from ekko.train.dlrm import DLRM, DLRMConfig, _DLRMHead, dense_table_name, embedding_table_name
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.sharded_exchange import RowPlacement, StepRoute
 from ekko.train.sharded_launch import RankContext
+from ekko.train.sharded_publish import OWNED_ROWS, OwnedRowsSink, PartitionRouter
 from ekko.train.streams import Events, StreamConfig, SyntheticStream
 from ekko.train.trainer import StepResult, TrainerConfig, _all_finite, publish_or_discard
-
-OWNED_ROWS = "sharded/owned_rows"
-"""The publisher's name for a rank's one local table; ``OwnedRowsSink`` never creates it."""
-
-
-class OwnedRowsSink:
-    """A ``Sink`` that turns writes of a rank's local table into writes of the model's tables.
-
-    Why: a rank holds the rows it owns of every table in one local table (one lookup, one
-    sparse gradient, one optimizer call a step instead of one per table); the publisher
-    reports local row numbers of ``OWNED_ROWS``, the store wants ``emb_{i}`` keyed by the
-    model's row keys. Other tables (the dense ones) pass through.
-
-    Args:
-        sink: the rank's sink.
-        names: the model's store table of each feature.
-        table_of_row, key_of_row: int64 [n]: feature and key of each local row, rows grouped
-            by feature in order.
-    """
-
-    def __init__(
-        self, sink: Sink, names: list[str], table_of_row: np.ndarray, key_of_row: np.ndarray
-    ) -> None:
-        self.sink = sink
-        self.names = names
-        self.table_of_row = table_of_row
-        self.key_of_row = key_of_row
-
-    def create_table(self, spec: TableSpec) -> None:
-        if spec.name != OWNED_ROWS:
-            self.sink.create_table(spec)
-            return
-        for name in self.names:
-            self.sink.create_table(msgspec.structs.replace(spec, name=name))
-
-    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        if table != OWNED_ROWS:
-            self.sink.write(table, keys, values)
-            return
-        order = np.argsort(self.table_of_row[keys], kind="stable")
-        keys, values = keys[order], values[order]
-        bounds = np.searchsorted(self.table_of_row[keys], np.arange(len(self.names) + 1))
-        for i, name in enumerate(self.names):
-            part = slice(bounds[i], bounds[i + 1])
-            if part.stop > part.start:
-                self.sink.write(name, self.key_of_row[keys[part]], values[part])
 
 
 class ShardedDLRM(_DLRMHead):
@@ -171,6 +131,8 @@ class ShardedTrainer:
             only.
         publisher: table shards and dense pacing (``table_names`` and ``dense_prefix`` are
             set from ``model``).
+        partitions: the cluster's placement: the rank owns the rows of its partitions
+            (``RowPlacement``); None deals (table, shard) pairs round-robin over the ranks.
     """
 
     def __init__(
@@ -180,6 +142,7 @@ class ShardedTrainer:
         config: TrainerConfig | None = None,
         sink: Sink | None = None,
         publisher: PublisherConfig | None = None,
+        partitions: Placement | None = None,
     ) -> None:
         self.ctx = ctx
         self.config = config or TrainerConfig(optimizer="adagrad")
@@ -188,22 +151,57 @@ class ShardedTrainer:
                 f"sharded training applies the DLRM's sparse Adagrad: TrainerConfig.optimizer "
                 f"must be 'adagrad', got {self.config.optimizer!r}"
             )
-        pub_config = publisher or PublisherConfig()
-        self.placement = RowPlacement(ctx.world_size, pub_config.embedding_shards)
+        self.pub_config = pub_config = publisher or PublisherConfig()
+        ns = model.table_namespace
+        self.table_names = [embedding_table_name(i, ns) for i in range(model.num_sparse)]
+        self.placement = RowPlacement(
+            ctx.world_size, pub_config.embedding_shards, partitions, tuple(self.table_names)
+        )
         self.model = ShardedDLRM(model, self.placement, ctx.rank)
         self.sparse_optimizer = torch.optim.Adagrad(
             [self.model.rows.weight], lr=self.config.sparse_lr
         )
         self.dense_params = [p for n, p in self.model.named_parameters() if n != "rows.weight"]
         self.dense_optimizer = torch.optim.Adagrad(self.dense_params, lr=self.config.dense_lr)
-        self.publisher = None if sink is None else self._publisher(sink, pub_config)
+        self.publisher: EmbeddingPublisher | None = None
+        if sink is not None:
+            self.publish_to(sink)
         self.steps = 0
+
+    def dense_specs(self) -> list[TableSpec]:
+        """The dense tensors' store tables (what rank 0 publishes)."""
+        ns = self.model.config.table_namespace
+        return [
+            TableSpec(dense_table_name(k, ns), t.numel(), self.pub_config.dense_shards)
+            for k, t in self.model.state_dict().items()
+            if k != "rows.weight" and t.is_floating_point()
+        ]
+
+    def publish_partitions(self) -> list[int]:
+        """The partitions this rank writes to on a partitioned cluster: those it owns and,
+        at rank 0, those holding a shard of a dense table ([] when not partitioned)."""
+        placement = self.placement.partitions
+        if placement is None:
+            return []
+        parts = set(self.placement.partitions_of_rank(self.ctx.rank))
+        if self.ctx.rank == 0:
+            for spec in self.dense_specs():
+                parts.update(placement.partitions_of(spec.name, spec.num_shards).tolist())
+        return sorted(parts)
+
+    def publish_to(self, sink: Sink) -> None:
+        """Publish every step's rows (rank 0: and the dense tensors) into ``sink`` from now
+        on. On a partitioned cluster every table, the dense ones too, is created at every
+        partition this rank writes to: each source knows every table's spec."""
+        if self.placement.partitions is not None:
+            for spec in self.dense_specs():
+                sink.create_table(spec)
+        self.publisher = self._publisher(sink, self.pub_config)
 
     def _publisher(self, sink: Sink, config: PublisherConfig) -> EmbeddingPublisher:
         model = self.model
         ns = model.config.table_namespace
-        names = [embedding_table_name(i, ns) for i in range(model.config.num_sparse)]
-        owned = OwnedRowsSink(sink, names, model.table_of_row, model.key_of_row)
+        owned = OwnedRowsSink(sink, self.table_names, model.table_of_row, model.key_of_row)
         config = dataclasses.replace(
             config, table_names={"rows": OWNED_ROWS}, dense_prefix=dense_table_name("", ns)
         )
@@ -211,7 +209,8 @@ class ShardedTrainer:
         target = model if self.ctx.rank == 0 else nn.ModuleDict({"rows": model.rows})
         return EmbeddingPublisher(target, owned, config)
 
-    def _slice(self, n: int) -> slice:
+    def slice_of(self, n: int) -> slice:
+        """This rank's events of a batch of ``n`` (contiguous, as even as can be)."""
         bounds = np.linspace(0, n, self.ctx.world_size + 1).astype(np.int64)
         return slice(int(bounds[self.ctx.rank]), int(bounds[self.ctx.rank + 1]))
 
@@ -222,7 +221,7 @@ class ShardedTrainer:
         step = self.steps
         self.ctx.mark_step(step)
         cfg = self.model.config
-        part = self._slice(len(events))
+        part = self.slice_of(len(events))
         dense = torch.from_numpy(np.ascontiguousarray(events.dense[part], dtype=np.float32))
         ids = np.asarray(events.sparse[part], dtype=np.int64) % cfg.rows_per_table
         labels = torch.from_numpy(np.ascontiguousarray(events.labels[part], dtype=np.float32))
@@ -302,6 +301,11 @@ class ShardedRunSpec:
     keeps each step's predictions of the rank's slice. ``pregenerate`` draws every batch
     before the first step, so a throughput figure counts training only (a real rank reads
     its slice of the event log; here each rank would draw the whole synthetic batch).
+
+    On a partitioned cluster ``placement`` is its ``Placement`` and ``partition_sink`` opens
+    the sink to a partition's source (``PartitionSources``); each rank publishes through a
+    ``PartitionRouter`` over the sinks of ``ShardedTrainer.publish_partitions()`` (``sink`` is
+    then unused).
     """
 
     model: DLRMConfig
@@ -314,6 +318,15 @@ class ShardedRunSpec:
     return_sink: bool = False
     keep_predictions: bool = True
     pregenerate: bool = False
+    placement: Placement | None = None
+    partition_sink: Callable[[int], Sink] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.placement is None) != (self.partition_sink is None):
+            raise ValueError(
+                "ShardedRunSpec: placement and partition_sink go together (a partitioned "
+                "cluster's placement and the sink to each partition's source)"
+            )
 
 
 @dataclass
@@ -323,6 +336,7 @@ class RankReport:
     steps after the first."""
 
     rank: int
+    partitions: list[int]
     predictions: list[np.ndarray]
     losses: list[float]
     owned_keys: list[np.ndarray]
@@ -337,8 +351,14 @@ class RankReport:
 
 def train_rank(ctx: RankContext, spec: ShardedRunSpec) -> RankReport:
     """The rank function of a sharded run (``ShardedRun(train_rank, W, (spec,))``)."""
-    sink = spec.sink(ctx.rank) if spec.sink is not None else None
-    trainer = ShardedTrainer(ctx, spec.model, spec.trainer, sink, spec.publisher)
+    sink: Sink | None = None
+    if spec.placement is None:
+        sink = spec.sink(ctx.rank) if spec.sink is not None else None
+    trainer = ShardedTrainer(ctx, spec.model, spec.trainer, sink, spec.publisher, spec.placement)
+    if spec.placement is not None and spec.partition_sink is not None:
+        parts = trainer.publish_partitions()
+        sink = PartitionRouter(spec.placement, {p: spec.partition_sink(p) for p in parts})
+        trainer.publish_to(sink)
     steps = max(1, spec.events // spec.batch_size)
     batches = itertools.islice(SyntheticStream(spec.stream).batches(spec.batch_size), steps)
     if spec.pregenerate:
@@ -363,6 +383,7 @@ def train_rank(ctx: RankContext, spec: ShardedRunSpec) -> RankReport:
     model = trainer.model
     return RankReport(
         rank=ctx.rank,
+        partitions=trainer.placement.partitions_of_rank(ctx.rank),
         predictions=predictions,
         losses=losses,
         owned_keys=model.owned_keys,

@@ -16,41 +16,74 @@ no ``all_gather`` fallback is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ekko.store import shard_of
+from ekko.store.placement import Placement
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RowPlacement:
     """Which rank owns the row of (table, key): the store's shard of the key, then the
-    (table, shard) pairs round-robin over ranks.
+    (table, shard) pair's rank.
 
     Why the store's shard: the publisher writes a row into shard ``shard_of(key, num_shards)``
     of its table, so every row a rank owns falls in shards that rank owns wholly; a partition
     of the store (a set of shards) can live beside the rank that writes it.
+
+    Without ``partitions`` the (table, shard) pairs are dealt round-robin over the ranks.
+    With a cluster's ``Placement`` (``partitions``) and the tables' store names (``tables``,
+    feature order) a pair belongs to the partition the cluster puts it in, and partition
+    ``p`` to rank ``p % world_size``: each rank owns the rows of the partitions co-located
+    with it and publishes them to those partitions' sources. Every rank then owns at least
+    one partition, so ``world_size`` may not exceed the partition count.
 
     ``num_shards`` is the tables' shard count (``PublisherConfig.embedding_shards``).
     """
 
     world_size: int
     num_shards: int = 16
+    partitions: Placement | None = None
+    tables: tuple[str, ...] = ()
+    _owners: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"RowPlacement.world_size must be >= 1, got {self.world_size}")
         if self.num_shards < 1:
             raise ValueError(f"RowPlacement.num_shards must be >= 1, got {self.num_shards}")
+        if self.partitions is None:
+            return
+        count = self.partitions.partitions
+        if self.world_size > count:
+            raise ValueError(
+                f"{self.world_size} ranks over {count} partitions: rank r owns the partitions "
+                f"p with p % {self.world_size} == r, so ranks {count}..{self.world_size - 1} "
+                f"would own no rows; run at most {count} ranks"
+            )
+        if not self.tables:
+            raise ValueError("RowPlacement.tables: the tables' store names, one per feature")
+        owners = np.stack([self.partitions.partitions_of(t, self.num_shards) for t in self.tables])
+        object.__setattr__(self, "_owners", owners % self.world_size)
+
+    def partitions_of_rank(self, rank: int) -> list[int]:
+        """The partitions ``rank`` owns (``p % world_size == rank``); [] without partitions."""
+        if self.partitions is None:
+            return []
+        return [p for p in range(self.partitions.partitions) if p % self.world_size == rank]
 
     def owner(self, table: int | np.ndarray, keys: np.ndarray) -> np.ndarray:
         """Owning rank (int64 [n]) of each key of ``table`` (the feature index: one for all
         keys, or one per key)."""
         shards = shard_of(np.asarray(keys, dtype=np.int64), self.num_shards)
-        return (np.asarray(table, dtype=np.int64) * self.num_shards + shards) % self.world_size
+        table = np.asarray(table, dtype=np.int64)
+        if self._owners is not None:
+            return self._owners[table, shards]
+        return (table * self.num_shards + shards) % self.world_size
 
 
 class StepRoute:
