@@ -190,8 +190,10 @@ class NodeRunner:
             self._listener = await self.port.listen(self.sync.serve_session)
         except OSError as exc:
             raise PortUnavailable(core.name, "sync", node.host, node.sync_port, exc) from exc
-        if core.is_source:
+        if core.is_source and self.trains_in_node():
             self.models.start_training(loop)
+        elif core.is_source and self.config.models:
+            log.warning("node %s: %s", core.name, self.sharded_training_note())
         if core.role in ("source", "checkpoint"):
             self.upstream_ready.set()
         for factory in self._extra_factories:
@@ -209,6 +211,27 @@ class NodeRunner:
             log.info("node %s ready (%s in %s)", core.name, core.role, core.dc)
         await self._stop.wait()
         await self._shutdown(server)
+
+    def trains_in_node(self) -> bool:
+        """Whether this source trains the cluster's ``[[models]]`` itself. Not on a
+        partitioned cluster: one in-node trainer per source would learn from its share of
+        the stream and write every partition's rows to its own source, which refuses the
+        other partitions' (421). There the models are served as configured and trained by
+        the sharded trainer (``sharded_training_note`` says what to run)."""
+        return not self.config.partitioned
+
+    def sharded_training_note(self) -> str:
+        """Why this partitioned source runs no trainer, and what trains its models."""
+        parts = self.config.cluster.partitions
+        models = ", ".join(m.name for m in self.config.models)
+        return (
+            f"models {models} are not trained in-node: the cluster has {parts} partitions and "
+            "an in-node trainer writes every partition's rows to its own source; train them "
+            "with the sharded trainer (ekko.train.sharded: ShardedRunSpec(placement="
+            "config.placement(), partition_sink=PartitionSources(config path, {p: "
+            "source_of(p).name})), rank r publishing partitions p % W == r to their sources; "
+            "ekko demo --partitions 2 runs one)"
+        )
 
     def _ready_doc(self) -> dict:
         n = self.core.node
@@ -261,6 +284,8 @@ class NodeRunner:
         doc: dict = {"ready": self.ready.is_set(), "tasks": self.supervisor.status()}
         if self.core.role not in ("source", "checkpoint"):
             doc["catch_up"] = self.apply.status()
+        if self.core.is_source and self.config.models and not self.trains_in_node():
+            doc["in_node_training"] = self.sharded_training_note()
         for driver in [*self.drivers, *self.extra]:
             doc.update(driver.status())
         doc.update(self.models.status())
