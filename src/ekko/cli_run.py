@@ -162,6 +162,11 @@ def demo(
         None, help="Train on flipped labels from this second of the run (the guard's test)."
     ),
     poison_for: float = typer.Option(20.0, help="Seconds of poisoned training input."),
+    partitions: int = typer.Option(
+        1,
+        help="Partitions per DC (> 1: a source per partition, serving by scatter-gather, "
+        "trained by the sharded trainer's ranks; no checkpoint replica, no guard).",
+    ),
 ) -> None:
     """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica.
     The terminal gets the progress and the summary; the whole result goes to the JSON file."""
@@ -173,6 +178,7 @@ def demo(
         checkpoint_every_s=checkpoint_every,
         poison_at_s=poison_at,
         poison_for_s=poison_for,
+        partitions=partitions,
     )
     try:
         spec.validate()

@@ -1,13 +1,15 @@
 """Sharded training on a 2-partition cluster of real processes (issue 17): two rank processes
-each publish the rows of their partition to its source over binary write streams, rank 0 the
-dense tensors to the partitions holding them; the run learns as the 1-rank trainer does (AUC
-within 0.003), every holder of a partition holds exactly the owning rank's weights, and the
-sources, declaring the model in [[models]], start no in-node trainer (it would write every
-partition's rows to one source) and say so in their status."""
+fed batches as ``ekko demo --partitions 2`` feeds them (``feed_rank``) each publish the rows of
+their partition to its source over binary write streams, rank 0 the dense tensors to the
+partitions holding them; the run learns as the 1-rank trainer does (AUC within 0.003), every
+holder of a partition holds exactly the owning rank's weights, and the sources, declaring the
+model in [[models]], start no in-node trainer (it would write every partition's rows to one
+source) and say so in their status."""
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from ekko.ops.cluster_init import cluster_doc, write_cluster
 from ekko.ops.launcher import LocalCluster
 from ekko.quality.offline import auc
 from ekko.train.dlrm import DLRM, DLRMConfig, dense_table_name, embedding_table_name
-from ekko.train.sharded import ShardedRunSpec, train_rank
+from ekko.train.sharded_feed import FeedSpec, feed_rank
 from ekko.train.sharded_launch import ShardedRun
 from ekko.train.sharded_publish import PartitionSources
 from ekko.train.streams import StreamConfig, SyntheticStream
@@ -57,20 +59,21 @@ def test_two_ranks_publish_each_partition_to_its_source(tmp_path: Path):
         cluster.start()
         cfg = cluster.config
         sources = {p: cfg.source_of(p).name for p in range(2)}
-        spec = ShardedRunSpec(DLRM_CONFIG, STREAM, EVENTS, BATCH, ADAGRAD, return_sink=False,
-                              placement=cfg.placement(),
-                              partition_sink=PartitionSources(path, sources))  # fmt: skip
-        with ShardedRun(train_rank, 2, (spec,), timeout_s=60) as run:
+        spec = FeedSpec(DLRM_CONFIG, cfg.placement(), PartitionSources(path, sources), ADAGRAD)
+        spawn = mp.get_context("spawn")
+        queues, results = [spawn.Queue(), spawn.Queue()], spawn.Queue()
+        batches = list(itertools.islice(SyntheticStream(STREAM).batches(BATCH), EVENTS // BATCH))
+        with ShardedRun(feed_rank, 2, (spec, queues, results), timeout_s=60) as run:
+            for batch in [*batches, None]:
+                for q in queues:
+                    q.put(batch)
             auc_one = _one_rank_auc()  # while the ranks start
+            steps = [results.get(timeout=60) for _ in range(2 * len(batches))]
             reports = run.join(timeout_s=60)
-        assert [r.partitions for r in reports] == [[0], [1]]
-        steps = reports[0].steps
-        sharded = [np.concatenate([r.predictions[s] for r in reports]) for s in range(steps)]
-        labels = np.concatenate(
-            [e.labels for e in itertools.islice(SyntheticStream(STREAM).batches(BATCH), steps)]
-        )
-        auc_two = auc(labels, np.concatenate(sharded))
-        assert abs(auc_one - auc_two) <= 0.003, (auc_one, auc_two)
+        assert [(r.partitions, r.steps) for r in reports] == [([0], 16), ([1], 16)]
+        labels = np.concatenate([s.labels for s in steps])
+        auc_two = auc(labels, np.concatenate([s.predictions for s in steps]))
+        assert labels.size == EVENTS and abs(auc_one - auc_two) <= 0.003, (auc_one, auc_two)
 
         holders = {p: [sources[p], f"dc1-p{p}-r0"] for p in range(2)}
         until(

@@ -96,7 +96,7 @@ def live_table(demo: Any, snap: dict[str, Any], events: int, poisoned: int) -> R
         guard = f"{g['state']}{' paused' if g['training_paused'] else ''}"
         guard += f" · {poisoned} poisoned" if poisoned else ""
     t.add_row(
-        "trainer",
+        f"trainer ({tr['ranks']} ranks)" if tr.get("ranks") else "trainer",
         "-",
         "-",
         "-",
@@ -157,15 +157,18 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
             _auc(d["auc"]),
         )
     every = summary.get("checkpoint_every_s")
-    t.add_row(
-        "checkpoint replica",
-        "-",
-        f"full copy every {every:.0f} s" if every else "full copy",
-        f"{summary.get('checkpoint_loads', 0)} loads",
-        f"{(summary['checkpoint_wan_bytes_per_s'] or 0) / 1e3:.0f}",
-        _auc(summary["checkpoint_auc"]),
-    )
-    t.add_row("trainer (pre-update)", "-", "-", "-", "-", _auc(summary["trainer_auc"]))
+    if (summary.get("partitions") or 1) == 1:  # the partitioned form has no checkpoint replica
+        t.add_row(
+            "checkpoint replica",
+            "-",
+            f"full copy every {every:.0f} s" if every else "full copy",
+            f"{summary.get('checkpoint_loads', 0)} loads",
+            f"{(summary['checkpoint_wan_bytes_per_s'] or 0) / 1e3:.0f}",
+            _auc(summary["checkpoint_auc"]),
+        )
+    ranks = summary.get("trainer_ranks")
+    who = f"sharded trainer, {ranks} ranks (pre-update)" if ranks else "trainer (pre-update)"
+    t.add_row(who, "-", "-", "-", "-", _auc(summary["trainer_auc"]))
     console.print(t)
     console.print(
         f"{summary['events']} events at {summary['events_per_s']:.0f}/s predicted → labelled → "

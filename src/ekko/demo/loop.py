@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -63,6 +63,8 @@ class OnlineLoop:
         in_flight: batches being predicted at once.
         poison: ``poison(seconds since start) -> bool``: train on flipped labels then (the
             guard's test: a label bug that the feedback, carrying true labels, exposes).
+        train: ``await train(events, labels) -> accepted`` instead of the source's train
+            route (the partitioned form's sharded trainer).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class OnlineLoop:
         rate: float,
         in_flight: int = 4,
         poison: Callable[[float], bool] | None = None,
+        train: Callable[[Events, np.ndarray], Awaitable[bool]] | None = None,
     ) -> None:
         self.client = client
         self.tracks = {name: ReplicaTrack(name, url) for name, url in replicas.items()}
@@ -82,6 +85,7 @@ class OnlineLoop:
         self.rate = rate
         self.in_flight = in_flight
         self.poison = poison
+        self.train = train
         self.started = time.monotonic()
         self.poisoned_events = 0
         self.poison_started_at: float | None = None  # wall time of the first poisoned batch
@@ -136,14 +140,22 @@ class OnlineLoop:
             await asyncio.sleep(0.05)
         self.counters.train_refused += 1
 
+    async def _submit(self, events: Events, labels: np.ndarray) -> None:
+        if self.train is None:
+            body = {
+                "dense": events.dense.tolist(),
+                "sparse": events.sparse.tolist(),
+                "labels": labels.tolist(),
+            }
+            await self._train(_JSON.encode(body), len(events))
+        elif await self.train(events, labels):
+            self.counters.trained += len(events)
+        else:
+            self.counters.train_refused += 1
+
     async def train_only(self, events: Events) -> None:
         """Warm-up: train on a batch without predicting it (no quality is recorded)."""
-        body = {
-            "dense": events.dense.tolist(),
-            "sparse": events.sparse.tolist(),
-            "labels": events.labels.astype(np.int64).tolist(),
-        }
-        await self._train(_JSON.encode(body), len(events))
+        await self._submit(events, events.labels.astype(np.int64))
 
     async def _predict_all(self, events: Events, body: bytes) -> None:
         await asyncio.gather(*(self._predict(t, body, events.labels) for t in self.tracks.values()))
@@ -156,12 +168,7 @@ class OnlineLoop:
             if self.poison_started_at is None:
                 self.poison_started_at = time.time()
             self.poisoned_events += len(labels)
-        body = {
-            "dense": events.dense.tolist(),
-            "sparse": events.sparse.tolist(),
-            "labels": labels.tolist(),
-        }
-        await self._train(_JSON.encode(body), len(events))
+        await self._submit(events, labels)
         self.counters.batches += 1
         self.counters.events += len(events)
 

@@ -60,7 +60,13 @@ def write_png(
             ax.axvline(at, color=color, lw=1.2, label=what if i == 0 else None)
     ax.set_xlabel("seconds")
     ax.set_ylabel("online AUC per interval (predicted before training)")
-    ax.set_title("Online AUC: Ekko replicas vs a checkpoint replica")
+    parts = config.cluster.partitions
+    ax.set_title(
+        "Online AUC: Ekko replicas vs a checkpoint replica"
+        if parts == 1
+        else f"Online AUC: Ekko replicas ({parts} partitions, scatter-gather) and the "
+        "sharded trainer"
+    )
     if ekko > 1:
         ax.plot([], [], " ", label="Ekko replicas overlap: they serve the same model")
     ax.legend(fontsize=7)

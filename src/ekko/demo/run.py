@@ -1,5 +1,9 @@
 """``ekko demo``: online DLRM training reaching inference replicas in three data centres.
 
+``--partitions P`` runs the partitioned form (``ekko.demo.partitioned``): P sources, a
+holder of each partition per DC serving by scatter-gather, the sharded trainer's ranks
+(``ShardedFeed``) in place of the source's trainer, no checkpoint replica and no guard.
+
 A generated cluster: the training DC (source + trainer), three inference DCs with emulated
 one-way WAN delays of 25/50/100 ms (one serving replica each), and one "checkpoint" replica
 that gets a full copy of the model every ``checkpoint_every_s`` instead of syncing, as
@@ -36,6 +40,7 @@ from ekko.demo.dashboard import (
     progress_line,
 )
 from ekko.demo.loop import OnlineLoop
+from ekko.demo.partitioned import ShardedFeed
 from ekko.demo.report import write_png
 from ekko.demo.setup import MODEL, DemoSpec, cluster_config, previous_run
 from ekko.ops.launcher import LocalCluster
@@ -46,8 +51,16 @@ from ekko.train.streams import StreamConfig, SyntheticStream
 class Demo:
     """One run of the demo against a started ``LocalCluster``."""
 
-    def __init__(self, spec: DemoSpec, cluster: LocalCluster, console: Console) -> None:
+    def __init__(
+        self,
+        spec: DemoSpec,
+        cluster: LocalCluster,
+        console: Console,
+        feed: ShardedFeed | None = None,
+    ) -> None:
         self.spec = spec
+        self.feed = feed  # the partitioned form's sharded trainer; None: the source's
+        self.guarded = spec.guard and feed is None
         self.cluster = cluster
         self.console = console
         cfg = cluster.config
@@ -90,7 +103,7 @@ class Demo:
         its first full copy of it, so the run compares a synced model with a copied one."""
         while loop.counters.trained < self.spec.warmup_events:
             await loop.train_only(next(batches))
-        while (await self._get(client, self.source, f"/v1/models/{MODEL}/train"))["queued"]:
+        while (await self._trainer(client))["queued"]:
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # dense tensors are published at most every second
         for name in self.checkpoint:
@@ -99,9 +112,18 @@ class Demo:
             while (await self._get(client, name, "/v1/status"))["copied_at"] == before:
                 await asyncio.sleep(0.2)
         loop.counters.trained = 0
-        await client.post(f"{self.url(self.source)}/v1/models/{MODEL}/train/quality/reset")
+        if self.feed is not None:
+            self.feed.reset_quality()
+        else:
+            await client.post(f"{self.url(self.source)}/v1/models/{MODEL}/train/quality/reset")
         for name in self.synced:
             await client.post(self.url(name) + "/v1/latency/reset")
+
+    async def _trainer(self, client: httpx.AsyncClient) -> dict[str, Any]:
+        """The trainer's counters and own quality: the sharded feed's, or the source's."""
+        if self.feed is not None:
+            return self.feed.report()
+        return await self._get(client, self.source, f"/v1/models/{MODEL}/train")
 
     async def sample(self, client: httpx.AsyncClient, loop: OnlineLoop) -> dict[str, Any]:
         """One look at every node: latency, bytes pulled, windowed AUC; trainer counters."""
@@ -135,14 +157,14 @@ class Demo:
             }
             if name in self.synced:
                 rows[name] |= await self._recent_latency(client, name, now)
-        trainer = await self._get(client, self.source, f"/v1/models/{MODEL}/train")
+        trainer = await self._trainer(client)
         snap = {
             "t": now - self.started,
             "replicas": rows,
             "trainer": trainer,
             "loop": asdict(loop.counters),
         }
-        if self.spec.guard:
+        if self.guarded:
             snap["guard"] = await self._get(client, self.source, f"/v1/models/{MODEL}/health")
             for name in self.synced:
                 h = await self._get(client, name, f"/v1/models/{MODEL}/health")
@@ -194,6 +216,7 @@ class Demo:
                 MODEL,
                 spec.rate,
                 poison=poison,
+                train=self.feed.submit if self.feed is not None else None,
             )
             with self.console.status(f"warm-up: training on {spec.warmup_events} events"):
                 await self.warm_up(client, loop, batches)
@@ -276,6 +299,8 @@ class Demo:
             "checkpoint_loads": len(self.loads),
             "checkpoint_loads_at_s": self.loads,
             "trainer_auc": trainer["lifetime"]["auc"],
+            "partitions": self.spec.partitions,
+            "trainer_ranks": self.feed.ranks if self.feed is not None else None,
             "trainer_publish_share": trainer["publish_share"],
             "events": loop.counters.events,
             "events_per_s": loop.counters.events / elapsed,
@@ -330,6 +355,7 @@ def run_demo(
     fresh = previous_run(workdir, console)
     config = cluster_config(spec, workdir)
     cluster = LocalCluster(config, fresh=fresh)
+    feed: ShardedFeed | None = None
     console.print(
         f"demo cluster: {config} ({len(cluster.config.nodes)} nodes); node logs: "
         f"{cluster.log_dir}/<node>.log",
@@ -338,9 +364,18 @@ def run_demo(
     try:
         with console.status("starting nodes"):
             cluster.start(timeout=spec.ready_timeout_s)
-        demo = Demo(spec, cluster, console)
+        if spec.partitions > 1:
+            console.print(
+                f"{spec.partitions} partitions per DC; the sharded trainer: {spec.ranks} rank "
+                "processes, each publishing its partitions to their sources",
+                highlight=False,
+            )
+            feed = ShardedFeed(cluster.config, config, cluster.config.model(MODEL), spec.ranks)
+        demo = Demo(spec, cluster, console, feed)
         summary = asyncio.run(_run_with_signals(demo))
     finally:
+        if feed is not None:
+            _close_feed(feed, console)
         codes = cluster.stop_all()
     bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
     doc = {
@@ -371,3 +406,12 @@ async def _run_with_signals(demo: Demo) -> dict[str, Any]:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     return await demo.run(stop)
+
+
+def _close_feed(feed: ShardedFeed, console: Console) -> None:
+    """End the sharded trainer's ranks before the nodes (their last rows acknowledged)."""
+    try:
+        steps = [r.steps for r in feed.close()]
+        console.print(f"sharded trainer: ranks took {steps} steps", highlight=False)
+    except Exception as exc:  # the nodes are stopped next either way
+        console.print(f"[yellow]sharded trainer failed: {exc}[/yellow]")

@@ -36,6 +36,12 @@ class DemoSpec:
     poison_for_s: float = 20.0  # ... for this long
     ready_timeout_s: float = 120.0
     seed: int = 7
+    partitions: int = 1  # > 1: the partitioned form (ekko.demo.partitioned)
+
+    @property
+    def ranks(self) -> int:
+        """Sharded trainer processes of the partitioned form (rank r owns p % ranks == r)."""
+        return min(2, self.partitions)
 
     @property
     def checkpoint_interval_s(self) -> float:
@@ -55,6 +61,10 @@ class DemoSpec:
         for option, value in positive.items():
             if not (0 < value < float("inf")):
                 raise ValueError(f"{option} must be a positive number, got {value:g}")
+        if not isinstance(self.partitions, int) or not 1 <= self.partitions <= 16:
+            raise ValueError(f"--partitions must be an integer in 1..16, got {self.partitions}")
+        if self.partitions > 1:
+            self._check_partitioned()
         at = self.poison_at_s
         if at is not None and not (0 <= at < self.duration_s):
             raise ValueError(
@@ -63,9 +73,25 @@ class DemoSpec:
             )
         return self
 
+    def _check_partitioned(self) -> None:
+        """What the partitioned form does not have, refused by name."""
+        if self.poison_at_s is not None:
+            raise ValueError(
+                f"--poison-at shows the guard's rollback, which acts through the in-node "
+                f"trainer; with --partitions {self.partitions} the sharded trainer trains "
+                "(no guard): run the poison demo without --partitions"
+            )
+        if self.checkpoint_every_s is not None:
+            raise ValueError(
+                f"--checkpoint-every: the checkpoint replica copies one source; with "
+                f"--partitions {self.partitions} there is a source per partition"
+            )
+
 
 def cluster_config(spec: DemoSpec, workdir: Path) -> Path:
     """Write the demo's cluster config in ``workdir``: a new cluster every run."""
+    if spec.partitions > 1:
+        return partitioned_config(spec, workdir)
     model = {
         "name": MODEL,
         "rows_per_table": spec.rows_per_table,
@@ -112,3 +138,29 @@ def previous_run(workdir: Path, console: Console) -> bool:
     shutil.rmtree(data)
     console.print(f"removed the previous demo run's data ({data})", highlight=False)
     return False
+
+
+def partitioned_config(spec: DemoSpec, workdir: Path) -> Path:
+    """The partitioned form: ``spec.partitions`` sources in the training DC, a serving holder
+    of each partition in every inference DC (it predicts by scatter-gather), no checkpoint
+    replica and no guard; the model's tables hashed (the sharded trainer's: dynamic tables
+    are not sharded yet) and trained with Adagrad (the sharded trainer's optimizer)."""
+    model = {
+        "name": MODEL,
+        "rows_per_table": spec.rows_per_table,
+        "embedding_dim": spec.embedding_dim,
+        "dense_interval_s": 1.0,
+        "optimizer": "adagrad",
+    }
+    doc = cluster_doc(
+        dcs=len(spec.wan_delay_ms),
+        replicas=1,
+        wan_delay_ms=list(spec.wan_delay_ms),
+        serve=True,
+        models=[model],
+        sync={"snapshot_interval_s": 0},
+        name=DEMO_CLUSTER,
+        cluster_id=new_cluster_id(),
+        partitions=spec.partitions,
+    )
+    return write_cluster(doc, workdir / "cluster.toml")
