@@ -38,7 +38,7 @@ MODEL = {"name": "ctr", "rows_per_table": 4_000, "embedding_dim": 8, "bottom_mlp
 DLRM_CONFIG = DLRMConfig(rows_per_table=4_000, embedding_dim=8, bottom_mlp=(16, 8),
                          top_mlp=(16, 1))  # fmt: skip
 EVENTS, BATCH = 16_384, 1024
-ADAGRAD = TrainerConfig(optimizer="adagrad")
+ADAGRAD = TrainerConfig("adagrad", sparse_lr=0.05, dense_lr=0.01)  # learns in 16 steps
 torch.set_num_threads(1)  # the 1-rank reference runs beside the two ranks on a shared machine
 
 
@@ -73,7 +73,8 @@ def test_two_ranks_publish_each_partition_to_its_source(tmp_path: Path):
         assert [(r.partitions, r.steps) for r in reports] == [([0], 16), ([1], 16)]
         labels = np.concatenate([s.labels for s in steps])
         auc_two = auc(labels, np.concatenate([s.predictions for s in steps]))
-        assert labels.size == EVENTS and abs(auc_one - auc_two) <= 0.003, (auc_one, auc_two)
+        assert labels.size == EVENTS and auc_one > 0.6  # the model learns the stream
+        assert abs(auc_one - auc_two) <= 0.003, (auc_one, auc_two)
 
         holders = {p: [sources[p], f"dc1-p{p}-r0"] for p in range(2)}
         until(

@@ -1,7 +1,7 @@
 """``ekko demo --partitions P``: its cluster (a source per partition, a serving holder of each
 partition per DC, the model hashed and trained with Adagrad, no guard, no checkpoint replica)
 and what it refuses by name before anything starts. The run itself: README "What `make demo`
-shows" (run by hand: a 15 s run is ~60 s of 8 node and 2 rank processes)."""
+shows" (run by hand: a 20 s run took 75 s of 8 node and 2 rank processes)."""
 
 from __future__ import annotations
 

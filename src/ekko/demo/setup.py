@@ -151,6 +151,8 @@ def partitioned_config(spec: DemoSpec, workdir: Path) -> Path:
         "embedding_dim": spec.embedding_dim,
         "dense_interval_s": 1.0,
         "optimizer": "adagrad",
+        "sparse_lr": 0.05,  # Adagrad's steps shrink as they add up: larger than Adam's
+        "dense_lr": 0.01,
     }
     doc = cluster_doc(
         dcs=len(spec.wan_delay_ms),
