@@ -5,12 +5,16 @@ shows" (run by hand: a 20 s run took 75 s of 8 node and 2 rank processes)."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
 from ekko.cli import app
+from ekko.demo.partitioned import ShardedFeed
 from ekko.demo.setup import DemoSpec, cluster_config
 from ekko.node.config import load_config
 
@@ -44,3 +48,12 @@ def test_the_partitioned_demo_refuses_what_it_lacks(
     assert res.exit_code == 2
     assert named in " ".join(res.output.split()).replace("│ ", "").replace(" │", ""), res.output
     assert not (tmp_path / "w").exists()  # nothing started
+
+
+def test_the_feed_stops_waiting_on_a_full_queue_once_a_rank_died() -> None:
+    full: queue.Queue = queue.Queue(maxsize=1)
+    full.put("batch")
+    feed = SimpleNamespace(run=SimpleNamespace(dead={}))
+    threading.Timer(0.3, lambda: feed.run.dead.update({1: "(pid 1) killed"})).start()
+    assert ShardedFeed._put(feed, full, "next") is False  # type: ignore[arg-type]
+    assert ShardedFeed._put(SimpleNamespace(run=SimpleNamespace(dead={})), queue.Queue(), 1)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing as mp
+import queue
 import threading
 import time
 from pathlib import Path
@@ -102,13 +103,23 @@ class ShardedFeed:
     async def submit(self, events: Events, labels: np.ndarray) -> bool:
         """Queue ``events`` with ``labels`` on every rank (waits while the ranks are
         behind); False once a rank died (the loop counts the batch refused)."""
-        if self.run.dead:
-            return False
         batch = dataclasses.replace(events, labels=np.asarray(labels, dtype=events.labels.dtype))
         for q in self.queues:
-            await asyncio.to_thread(q.put, batch)
+            if not await asyncio.to_thread(self._put, q, batch):
+                return False
         self.submitted += len(events)
         return True
+
+    def _put(self, q: Any, item: Any) -> bool:
+        """Put ``item`` on a rank's queue, waiting while it is full; False once a rank died
+        (a dead rank's queue never empties)."""
+        while not self.run.dead:
+            try:
+                q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def reset_quality(self) -> None:
         """Start the quality afresh (after the warm-up)."""
@@ -134,7 +145,7 @@ class ShardedFeed:
         ended with. ``ShardedRunError`` names a rank that failed."""
         try:
             for q in self.queues:
-                q.put(None)
+                self._put(q, None)
             return self.run.join(timeout_s=timeout_s)
         finally:
             self.results.put(None)
