@@ -227,10 +227,10 @@ class NodeRunner:
         return (
             f"models {models} are not trained in-node: the cluster has {parts} partitions and "
             "an in-node trainer writes every partition's rows to its own source; train them "
-            "with the sharded trainer (ekko.train.sharded: ShardedRunSpec(placement="
-            "config.placement(), partition_sink=PartitionSources(config path, {p: "
-            "source_of(p).name})), rank r publishing partitions p % W == r to their sources; "
-            "ekko demo --partitions 2 runs one)"
+            "with the sharded trainer (ekko.train.sharded.ShardedRunSpec(placement="
+            "config.placement(), partition_sink=ekko.train.sharded_publish.PartitionSources("
+            "config path, {p: config.source_of(p).name}))), rank r publishing partitions "
+            "p % W == r to their sources; ekko demo --partitions 2 runs one)"
         )
 
     def _ready_doc(self) -> dict:
