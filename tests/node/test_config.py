@@ -79,6 +79,11 @@ def test_relay_tree_pulls_from_other_dc_leader():
         (lambda d: d.update(guard={"min_samples": 0}), "guard.min_samples"),
         (lambda d: d.update(guard={"floor_z": 0.0}), "guard.floor_z"),
         (lambda d: d["sync"].update(connect_timeout_s=float("inf")), "sync.connect_timeout_s"),
+        (
+            lambda d: d["sync"].update(tombstone_horizon_s=5.0, tombstone_report_s=5.0),
+            "tombstone_horizon_s: 5.0 s must exceed tombstone_report_s + wait_ms (6 s)",
+        ),
+        (lambda d: d["sync"].update(tombstone_purge_s=-1), "sync.tombstone_purge_s"),
         (lambda d: d.update(models=[{"name": "a", "top_mlp": [-1, 32, 1]}]), "models.0.top_mlp"),
         (lambda d: d.update(models=[{"name": "a", "top_mlp": [0, 1]}]), "models.0.top_mlp"),
         (

@@ -109,6 +109,10 @@ def _drop(doc, names):
             ),
             "nodes[ck].refresh: a checkpoint replica copies one source's store",
         ),
+        (
+            lambda d: d.update(guard={"enabled": True}, models=[{"name": "ctr"}]),
+            "guard.enabled: the guard's source half runs beside the in-node trainer",
+        ),
         (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=0), "max_memory_mb"),
         (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=float("nan")), "max_memory_mb"),
     ],

@@ -54,6 +54,20 @@ class SyncConfig(Strict):
     tombstone_report_s: float = Field(5.0, gt=0, le=3_600)
     tombstone_horizon_s: float = Field(600.0, gt=0, le=30 * 86_400)
 
+    @model_validator(mode="after")
+    def _horizon_past_a_report(self) -> SyncConfig:
+        # A healthy holder reports at most report_s + wait_ms apart (a parked pull waits
+        # that long before its answer lets the next one carry the report): a shorter horizon
+        # counts it as silent, and it gets key lists it does not need at every purge.
+        gap = self.tombstone_report_s + self.wait_ms / 1000
+        if self.tombstone_horizon_s <= gap:
+            raise ValueError(
+                f"tombstone_horizon_s: {self.tombstone_horizon_s} s must exceed "
+                f"tombstone_report_s + wait_ms ({gap:g} s), the longest a holder that is "
+                "up goes between two reports"
+            )
+        return self
+
 
 class DurabilitySection(Strict):
     """The source's write-ahead log and restart recovery (README "Durability")."""
