@@ -74,3 +74,15 @@ def test_an_unknown_table_error_quotes_a_long_name_cut_short() -> None:
     assert len(message) < 200 and message.endswith("...' (10000 characters)"), message
     with pytest.raises(UnknownTableError, match=r"^unknown table 'emb'$"):
         store.table("emb")
+
+
+def test_a_table_created_without_a_size_reserves_little_for_wide_rows() -> None:
+    from ekko.store.store import DEFAULT_RESERVE_BYTES
+
+    store = Store()
+    wide = store.create_table(TableSpec("dense/top", 23_488, 1))
+    assert wide.capacity * 23_488 * 4 <= max(DEFAULT_RESERVE_BYTES, 16 * 23_488 * 4)
+    assert store.create_table(TableSpec("emb", 16, 4)).capacity >= 1024
+    assert store.create_table(TableSpec("big", 16, 4), initial_rows=5000).capacity >= 5000
+    wide.write(np.arange(40, dtype=np.int64), np.ones((40, 23_488), np.float32), now_ns=1)
+    assert wide.rows == 40  # it grows as rows come
