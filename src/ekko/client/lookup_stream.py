@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-import h11
 import numpy as np
 
 from ekko.client.credentials import Credentials
@@ -27,11 +26,10 @@ from ekko.client.stream_frames import (
     FOUND_TAIL,
     LOOKUP_PATH,
     LOOKUP_UPGRADE,
-    MAX_FRAME_HEADER,
     lookup_frame,
 )
+from ekko.client.upgrade import Resign, Upgrade
 from ekko.client.wire import TableRows
-from ekko.net.signed_requests import RESIGN_HEADER
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -83,7 +81,7 @@ class LookupStream:
                 )
             try:
                 max_frame = await _upgrade(url, u.netloc, credentials, role, reader, writer)
-            except _Resign:
+            except Resign:
                 writer.close()
                 continue
             except BaseException:
@@ -174,10 +172,6 @@ class LookupStream:
         self._fail("closed")
 
 
-class _Resign(Exception):
-    """The node asked for the request to be signed again (its clock check)."""
-
-
 async def _upgrade(
     url: str,
     host: str,
@@ -189,30 +183,10 @@ async def _upgrade(
     sign = credentials.headers(role, "POST", LOOKUP_PATH, b"", host)
     headers = {"host": host, "connection": "upgrade", "upgrade": LOOKUP_UPGRADE,
                "content-length": "0", **sign}  # fmt: skip
-    conn = h11.Connection(h11.CLIENT)
-    data = conn.send(h11.Request(method="POST", target=LOOKUP_PATH, headers=list(headers.items())))
-    writer.write(data + conn.send(h11.EndOfMessage()))
-    answer: h11.Response | None = None
-    body = b""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(MAX_HEAD_BYTES))
-        elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-            if conn.trailing_data[0]:
-                raise ClientError(f"lookup stream at {url}: bytes before any frame was sent")
-            limit = dict(event.headers).get(MAX_FRAME_HEADER.encode(), b"")
-            if not limit.isdigit():
-                raise ClientError(f"lookup stream at {url}: no {MAX_FRAME_HEADER}")
-            return int(limit)
-        elif isinstance(event, h11.Response):
-            answer = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            break
-    status = answer.status_code if answer is not None else 0
-    if answer is not None and status == 401 and RESIGN_HEADER.encode() in dict(answer.headers):
-        raise _Resign
-    why = body[:300].decode("utf-8", "replace") or "(no reason given)"
-    raise ClientError(f"lookup stream at {url}: {status} {why}", status)
+    up = Upgrade(f"lookup stream at {url}", LOOKUP_PATH, headers)
+    writer.write(up.request())
+    while (limit := up.receive(await reader.read(MAX_HEAD_BYTES))) is None:
+        pass
+    if up.early:
+        raise ClientError(f"lookup stream at {url}: bytes before any frame was sent")
+    return limit

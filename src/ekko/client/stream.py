@@ -8,7 +8,6 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
-import h11
 import httpx
 import numpy as np
 
@@ -17,14 +16,14 @@ from ekko.client.calls import _keys, _values
 from ekko.client.errors import ClientError
 from ekko.client.stream_frames import (
     ANSWER,
-    MAX_FRAME_HEADER,
     STREAM_PATH,
     UPGRADE,
     WRITTEN,
     delete_frame,
     write_frame,
 )
-from ekko.net.signed_requests import RESIGN_HEADER, host_of
+from ekko.client.upgrade import Resign, Upgrade
+from ekko.net.signed_requests import host_of
 
 DEFAULT_WINDOW = 32
 """Frames a stream sends before it waits for an answer: enough to keep the source busy
@@ -69,7 +68,7 @@ class WriteStream:
             try:
                 self.max_body = self._upgrade(target)
                 break
-            except _Resign:
+            except Resign:
                 self._sock.close()
         else:
             raise ClientError(f"write stream at {self.node}: signature refused as too old", 401)
@@ -212,35 +211,12 @@ class WriteStream:
         sign = target.credentials.headers("writer", "POST", STREAM_PATH, b"", host)
         headers = {"host": host, "connection": "upgrade", "upgrade": UPGRADE,
                    "content-length": "0", **sign}  # fmt: skip
-        conn = h11.Connection(h11.CLIENT)
-        data = conn.send(
-            h11.Request(method="POST", target=STREAM_PATH, headers=list(headers.items()))
-        )
-        data += conn.send(h11.EndOfMessage())
-        self._sendall(data)
-        answer: h11.Response | h11.InformationalResponse | None = None
-        body = b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(self._recv_some())
-            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                self._early = bytes(conn.trailing_data[0])
-                limit = dict(event.headers).get(MAX_FRAME_HEADER.encode(), b"")
-                if not limit.isdigit():
-                    raise ClientError(f"write stream at {self.node}: no {MAX_FRAME_HEADER}")
-                return int(limit)
-            elif isinstance(event, h11.Response):
-                answer = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
-        status = answer.status_code if answer is not None else 0
-        if answer is not None and status == 401 and RESIGN_HEADER.encode() in dict(answer.headers):
-            raise _Resign
-        why = body[:300].decode("utf-8", "replace") or "(no reason given)"
-        raise ClientError(f"write stream at {self.node}: {status} {why}", status)
+        up = Upgrade(f"write stream at {self.node}", STREAM_PATH, headers)
+        self._sendall(up.request())
+        while (limit := up.receive(self._recv_some())) is None:
+            pass
+        self._early = up.early
+        return limit
 
     def _send(self, buffers: list[bytes | memoryview]) -> None:
         sock = self._sock
@@ -290,10 +266,6 @@ class WriteStream:
             if not got:
                 raise ClientError(f"write stream at {self.node}: the source closed the stream")
             view = view[got:]
-
-
-class _Resign(Exception):
-    """The upgrade's signature predates the node's start: sign it again."""
 
 
 def _tls_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:

@@ -353,22 +353,45 @@ def write_stream_route(
     core: NodeCore, max_body: int, stats: StreamStats, lookups: StreamStats | None = None
 ) -> Route:
     """``POST /v1/streams/write`` with ``Upgrade: ekko-rows/1``: the connection becomes a
-    write stream (writer role, checked like every route before this runs).
+    write stream (writer role, checked like every route before this runs; only at the
+    source). Streams of both kinds together take at most half ``http.max_connections``: a
+    stream holds its connection as long as its client likes, and with every connection a
+    stream the node answered 503 to everything else, ``/ready`` and the guard's routes
+    included."""
+    return _stream_route(core, max_body, stats, lookups, lookups=False)
 
-    Streams take at most half the node's connections (``http.max_connections``): a stream
-    holds its connection as long as its client likes, and with every connection a stream the
-    node answered 503 to everything else, ``/ready`` and the guard's routes included."""
+
+def lookup_stream_route(
+    core: NodeCore, max_body: int, stats: StreamStats, writes: StreamStats
+) -> Route:
+    """``POST /v1/streams/lookup`` with ``Upgrade: ekko-lookup/1``: the connection becomes a
+    lookup stream (reader role, on any node), under the same limit as write streams."""
+    return _stream_route(core, max_body, stats, writes, lookups=True)
+
+
+def _stream_route(
+    core: NodeCore,
+    max_body: int,
+    stats: StreamStats,
+    others: StreamStats | None,
+    *,
+    lookups: bool,
+) -> Route:
     connections = core.config.http.max_connections
     most = max(1, connections // 2)
+    path, token, kind = (
+        (LOOKUP_PATH, LOOKUP_UPGRADE, "lookup") if lookups else (STREAM_PATH, UPGRADE, "write")
+    )
 
     @guarded
     async def upgrade(request: Request) -> Response:
-        """Open a write stream: answered ``101 Switching Protocols``, then frames of rows
-        (``ekko.client.stream_frames``); only at the source."""
-        core.require_source("open write streams to")
-        if request.headers.get("upgrade", "").lower() != UPGRADE:
-            return error_response(f"upgrade: expected {UPGRADE!r} (a write stream)", 426)
-        open_now = stats.open + (lookups.open if lookups is not None else 0)
+        """Open a stream: answered ``101 Switching Protocols``, then frames
+        (``ekko.client.stream_frames``): of rows at the source, or of lookups at any node."""
+        if not lookups:
+            core.require_source("open write streams to")
+        if request.headers.get("upgrade", "").lower() != token:
+            return error_response(f"upgrade: expected {token!r} (a {kind} stream)", 426)
+        open_now = stats.open + (others.open if others is not None else 0)
         if open_now >= most:
             return error_response(
                 f"{open_now} streams are open, the most this node takes (half its "
@@ -378,8 +401,8 @@ def write_stream_route(
         conn: DeadlineProtocol | None = request.scope.get("state", {}).get(UPGRADE_KEY)
         if conn is None:
             return error_response("this server cannot switch protocols", 501)
-        protocol = WriteStreamProtocol(core, max_body, stats)
-        conn.switch(protocol, UPGRADE, {MAX_FRAME_HEADER: str(max_body)})
+        protocol = WriteStreamProtocol(core, max_body, stats, lookups=lookups)
+        conn.switch(protocol, token, {MAX_FRAME_HEADER: str(max_body)})
         stats.opened += 1
         stats.open += 1
         try:
@@ -388,44 +411,7 @@ def write_stream_route(
             stats.open -= 1
         return Response(status_code=101)  # never sent: the connection is the stream's now
 
-    return Route(STREAM_PATH, upgrade, methods=["POST"])
-
-
-def lookup_stream_route(
-    core: NodeCore, max_body: int, stats: StreamStats, writes: StreamStats
-) -> Route:
-    """``POST /v1/streams/lookup`` with ``Upgrade: ekko-lookup/1``: the connection becomes a
-    lookup stream (reader role, on any node). Streams of both kinds together take at most
-    half the node's connections, as write streams alone do."""
-    connections = core.config.http.max_connections
-    most = max(1, connections // 2)
-
-    @guarded
-    async def upgrade(request: Request) -> Response:
-        """Open a lookup stream: answered ``101 Switching Protocols``, then lookup frames
-        (``ekko.client.stream_frames``), each answered at once with its rows."""
-        if request.headers.get("upgrade", "").lower() != LOOKUP_UPGRADE:
-            return error_response(f"upgrade: expected {LOOKUP_UPGRADE!r} (a lookup stream)", 426)
-        if stats.open + writes.open >= most:
-            return error_response(
-                f"{stats.open + writes.open} streams are open, the most this node takes (half"
-                f" its http.max_connections, {connections}): close one, or raise the limit",
-                503,
-            )
-        conn: DeadlineProtocol | None = request.scope.get("state", {}).get(UPGRADE_KEY)
-        if conn is None:
-            return error_response("this server cannot switch protocols", 501)
-        protocol = WriteStreamProtocol(core, max_body, stats, lookups=True)
-        conn.switch(protocol, LOOKUP_UPGRADE, {MAX_FRAME_HEADER: str(max_body)})
-        stats.opened += 1
-        stats.open += 1
-        try:
-            await protocol.run()
-        finally:
-            stats.open -= 1
-        return Response(status_code=101)  # never sent: the connection is the stream's now
-
-    return Route(LOOKUP_PATH, upgrade, methods=["POST"])
+    return Route(path, upgrade, methods=["POST"])
 
 
 def stream_metrics(
