@@ -32,6 +32,19 @@ def _finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values.sum(dtype=np.float64)))
 
 
+def refusal(label: str, reported: set[str], table: str, what: str) -> NonFiniteRows:
+    """The 503 for ``what`` (the bad values, naming ``table``); logged once per table (the
+    tables already logged are in ``reported``)."""
+    message = (
+        f"model {label}: {what}; predictions that read it are refused until a finite "
+        f"version arrives"
+    )
+    if table not in reported:
+        reported.add(table)
+        log.warning("%s", message)
+    return NonFiniteRows(message)
+
+
 def dense_shapes(config: DLRMConfig) -> dict[str, tuple[int, ...]]:
     """State-dict key -> shape of every dense tensor of a DLRM (bottom and top MLPs).
 
@@ -78,15 +91,7 @@ class ReplicaModel:
         self._reported: set[str] = set()  # tables whose non-finite rows were logged once
 
     def _refuse(self, table: str, what: str) -> NonFiniteRows:
-        """The 503 for ``what`` (the bad values, naming ``table``); logged once per table."""
-        message = (
-            f"model {self.label}: {what}; predictions that read it are refused until a "
-            f"finite version arrives"
-        )
-        if table not in self._reported:
-            self._reported.add(table)
-            log.warning("%s", message)
-        return NonFiniteRows(message)
+        return refusal(self.label, self._reported, table, what)
 
     # -- table handles -----------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from ekko.serve.errors import ModelNotReady, NonFiniteRows
-from ekko.serve.replica import _finite, dense_shapes
+from ekko.serve.replica import _finite, dense_shapes, refusal
 from ekko.serve.scatter import PartitionedLookup
 from ekko.train.dlrm import DLRMConfig, DLRMServingModel, dense_table_name, embedding_table_name
 
@@ -56,14 +56,7 @@ class ScatterReplica:
         self._reported: set[str] = set()
 
     def _refuse(self, table: str, what: str) -> NonFiniteRows:
-        message = (
-            f"model {self.label}: {what}; predictions that read it are refused until a "
-            f"finite version arrives"
-        )
-        if table not in self._reported:
-            self._reported.add(table)
-            log.warning("%s", message)
-        return NonFiniteRows(message)
+        return refusal(self.label, self._reported, table, what)
 
     def ensure_ready(self) -> DLRMServingModel:
         """The model as last loaded; ``ModelNotReady`` before a batch fetched its dense
