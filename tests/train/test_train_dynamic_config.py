@@ -33,13 +33,13 @@ def test_row_budget_admission_and_eviction_become_the_dlrms_dynamic_tables(tmp_p
         tmp_path,
         {
             "row_budget": 5000,
-            "admission": {"kind": "count", "threshold": 3, "sketch_width": 4096},
+            "admission": {"kind": "count", "threshold": 3, "sketch_width": 4096, "idle_rows": True},
             "eviction": {"kind": "ttl", "ttl_s": 600.0},
         },
     )
     assert m.dlrm().dynamic == DynamicEmbeddingConfig(
         row_budget=5000,
-        admission=AdmissionConfig(kind="count", threshold=3, sketch_width=4096),
+        admission=AdmissionConfig(kind="count", threshold=3, sketch_width=4096, idle_rows=True),
         eviction=EvictionConfig(kind="ttl", ttl_s=600.0),
     )
     budget_only = _load(tmp_path, {"row_budget": 10}).dlrm().dynamic
@@ -56,6 +56,7 @@ def test_row_budget_admission_and_eviction_become_the_dlrms_dynamic_tables(tmp_p
         ({"row_budget": 9, "admission": {"threshold": 0}}, "models.0.admission.threshold"),
         ({"row_budget": 9, "admission": {"probability": 2}}, "models.0.admission.probability"),
         ({"row_budget": 9, "admission": {"sketch_width": 0}}, "models.0.admission.sketch_width"),
+        ({"row_budget": 9, "admission": {"idle_rows": "maybe"}}, "models.0.admission.idle_rows"),
         ({"row_budget": 9, "eviction": {"kind": "fifo"}}, "models.0.eviction.kind"),
         ({"row_budget": 9, "eviction": {"kind": "ttl"}}, 'ttl_s is required with kind = "ttl"'),
         ({"row_budget": 9, "eviction": {"ttl_s": -1}}, "models.0.eviction.ttl_s"),

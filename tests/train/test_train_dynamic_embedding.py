@@ -57,11 +57,16 @@ def held(emb: DynamicEmbedding) -> set[int]:
     ),
     budget=st.integers(1, 8),
     kind=st.sampled_from(EVICTION_KINDS),
+    admission=st.sampled_from(
+        [AdmissionConfig(), AdmissionConfig(kind="count", threshold=2, idle_rows=True)]
+    ),
 )
-def test_rows_stay_within_budget_and_each_id_reads_its_own_row(batches, budget, kind) -> None:
+def test_rows_stay_within_budget_and_each_id_reads_its_own_row(
+    batches, budget, kind, admission
+) -> None:
     clock = FakeClock()
     ttl = 3.0 if kind == "ttl" else None
-    emb = table(budget, clock, eviction=EvictionConfig(kind=kind, ttl_s=ttl))
+    emb = table(budget, clock, admission=admission, eviction=EvictionConfig(kind=kind, ttl_s=ttl))
     for batch in batches:
         clock.now += 1.0
         out = train(emb, *batch)
@@ -101,6 +106,26 @@ def test_count_admission_gives_a_row_on_the_third_sighting_only() -> None:
     assert held(emb) == {5}
     st_ = emb.statistics()
     assert (st_.admitted, st_.rejected) == (1, 3)
+
+
+@pytest.mark.parametrize("kind", ["lru", "lfu"])
+def test_idle_rows_take_the_turned_away_into_free_and_idle_rows_only(kind) -> None:
+    strict = table(2, admission=AdmissionConfig(kind="count", threshold=2))
+    emb = table(2, admission=AdmissionConfig(kind="count", threshold=2, idle_rows=True),
+                eviction=EvictionConfig(kind=kind))  # fmt: skip
+    emb.track_evictions()
+    train(strict, 1, 2)
+    assert held(strict) == set()  # a strict filter: first sightings read the default row
+    assert train(emb, 1, 2).abs().sum() > 0  # free rows: the first sighting takes one
+    assert held(emb) == {1, 2}
+    assert train(emb, 3).abs().sum() == 0  # full, nothing idle: 3 is turned away
+    assert held(emb) == {1, 2} and emb.statistics().rejected == 1
+    for _ in range(17):  # the 20th sighting (10 x budget) halves the frequencies: 2's is 0
+        train(emb, 1)
+    assert train(emb, 4).abs().sum() > 0  # a first sighting takes the idle row of 2
+    assert held(emb) == {1, 4} and emb.take_evicted().tolist() == [2]
+    train(emb, 5)  # 4 (frequency 1) is in use, 1 too: 5 reads the default row
+    assert held(emb) == {1, 4} and emb.statistics().evicted == 1
 
 
 def test_lru_evicts_the_least_recently_trained_row() -> None:

@@ -25,6 +25,7 @@ class AdmissionSection(Strict):
     sketch_depth: int = Field(4, ge=1, le=16)
     probability: float = Field(0.5, gt=0, le=1)
     seed: int = Field(0, ge=0, lt=1 << 64)  # the sketch's salts and the coin are uint64
+    idle_rows: bool = False  # the turned away may take free rows and idle ones
 
 
 class EvictionSection(Strict):

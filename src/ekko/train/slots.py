@@ -44,6 +44,7 @@ class Slots:
         self.eviction = eviction
         self._map = IdMap(budget)
         self._admission = Admission(admission)
+        self._idle_rows = admission.idle_rows
         self._ids = np.full(budget, MISSING, dtype=np.int64)
         self._occupied = np.zeros(budget, dtype=bool)
         self._touched_step = np.zeros(budget, dtype=np.int64)
@@ -97,11 +98,11 @@ class Slots:
         miss = np.flatnonzero(~hit)
         if miss.size:
             admit = self._admission.admit(uniq[miss], counts[miss])
-            wanted = miss[admit]
-            wanted = wanted[np.argsort(-counts[wanted], kind="stable")]  # most sighted first
-            got, evicted = self._allocate(wanted.size, evict=True)
-            gone.append(evicted)
-            placed = wanted[: got.size]
+            placed, got = self._rows_for(miss[admit], counts, gone, idle_only=False)
+            if self._idle_rows:  # the turned away may take free or idle rows
+                more, got_more = self._rows_for(miss[~admit], counts, gone, idle_only=True)
+                placed = np.concatenate([placed, more])
+                got = np.concatenate([got, got_more])
             self._place(uniq[placed], got, counts[placed], now)
             slots[placed] = got
             self.admitted += got.size
@@ -141,15 +142,33 @@ class Slots:
         self._touched_at[slots] = now
         self._freq[slots] = counts
 
-    def _allocate(self, k: int, *, evict: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``k`` free slots, evicting under LRU / LFU when the free ones are too few;
+    def _rows_for(
+        self, wanted: np.ndarray, counts: np.ndarray, gone: list[np.ndarray], *, idle_only: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows for the unique ids at positions ``wanted``, the most sighted first (``counts``
+        by position); the slots evicted for them go to ``gone``. Returns (positions placed,
+        their slots)."""
+        wanted = wanted[np.argsort(-counts[wanted], kind="stable")]
+        got, evicted = self._allocate(wanted.size, evict=True, idle_only=idle_only)
+        gone.append(evicted)
+        return wanted[: got.size], got
+
+    def _allocate(
+        self, k: int, *, evict: bool, idle_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` free slots, evicting under LRU / LFU when the free ones are too few
+        (with ``idle_only``, only rows of aged frequency 0, least recently used first);
         returns (slots, the slots evicted for them, still to be released)."""
         kind = self.eviction.kind
         out = np.empty(0, dtype=np.int64)
         if evict and k > self._n_free and kind in ("lru", "lfu"):
             # rows looked up in this step stay: their gradients are still to come
-            candidates = np.flatnonzero(self._occupied & (self._touched_step != self._step))
-            out = victims(kind, candidates, self._touched_step, self._freq, k - self._n_free)
+            pool = self._occupied & (self._touched_step != self._step)
+            if idle_only:
+                pool &= self._freq == 0
+            candidates = np.flatnonzero(pool)
+            rank = "lru" if idle_only else kind
+            out = victims(rank, candidates, self._touched_step, self._freq, k - self._n_free)
             self._free_slots(out)
         take = min(k, self._n_free)
         self._n_free -= take
