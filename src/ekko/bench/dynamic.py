@@ -4,8 +4,10 @@ The demo's stream (seed 7, 1024 events/s, new items arriving) and the demo's mod
 trained online by three trainers side by side, each scoring every batch before learning it
 (prequential AUC, the signal the demo plots): ``hashed`` (today's tables, ids modulo
 100 k rows), ``unbounded`` (dynamic tables, a budget above every id the run sees, admit all,
-never evict) and ``bounded`` (``--budget`` rows per table, count admission, LRU). The
-trainers step in turn, batch by batch, so their step times meet the same machine load.
+never evict) and ``bounded`` (``budget`` rows per table, the demo's count admission and LRU
+unless told otherwise). The trainers step in turn, batch by batch, so their step times meet
+the same machine load, and start from the same torch seed. ``ekko bench lifecycle`` runs it
+on the events its cluster trained, without the hashed trainer.
 The store side (deletes reaching replicas, resident memory) is issue 18's ``bench
 lifecycle``; this bench measures the trainer alone.
 """
@@ -50,10 +52,17 @@ class _CountingSink(MemorySink):
             rows.pop(key, None)
 
 
-def variants(budget: int, unbounded_rows: int, eviction: str = "lru") -> dict[str, DLRMConfig]:
+DEMO_ADMISSION = {"kind": "count", "threshold": 2, "sketch_width": 1 << 16}
+
+
+def variants(
+    budget: int, unbounded_rows: int, eviction: str = "lru", admission: dict | None = None
+) -> dict[str, DLRMConfig]:
+    """The three trainers' models; ``admission``: ``AdmissionConfig`` fields of the bounded
+    one (default: the demo's count >= 2)."""
     bounded = DynamicEmbeddingConfig(
         row_budget=budget,
-        admission=AdmissionConfig(kind="count", threshold=2, sketch_width=1 << 16),
+        admission=AdmissionConfig(**(admission or DEMO_ADMISSION)),
         eviction=EvictionConfig(kind=eviction),
     )
     unbounded = DynamicEmbeddingConfig(
@@ -73,15 +82,23 @@ def run(
     budget: int = 5_000,
     events: int = 0,
     eviction: str = "lru",
+    admission: dict | None = None,
+    stream: StreamConfig = DEMO_STREAM,
+    hashed: bool = True,
 ) -> dict:
+    """``events`` of ``stream`` (batches of ``BATCH``; the first ``WARMUP_EVENTS`` not
+    scored) through the trainers of ``variants``; ``hashed=False`` leaves that one out."""
     torch.set_num_threads(1)
     events = events or (60_000 if quick else 200_000)
     steps = events // BATCH
-    seconds = events / DEMO_STREAM.events_per_s
-    unbounded_rows = DEMO_STREAM.max_vocab + int(seconds * DEMO_STREAM.new_items_per_s) + 1_000
-    configs = variants(budget, unbounded_rows, eviction)
+    seconds = events / stream.events_per_s
+    unbounded_rows = stream.max_vocab + int(seconds * stream.new_items_per_s) + 1_000
+    configs = variants(budget, unbounded_rows, eviction, admission)
+    if not hashed:
+        del configs["hashed"]
     trainers, sinks = {}, {}
     for name, cfg in configs.items():
+        torch.manual_seed(0)  # the same initial dense layers for every trainer, run after run
         model = DLRM(cfg)
         sinks[name] = _CountingSink()
         pub = EmbeddingPublisher(model, sinks[name], PublisherConfig(model.table_names()))
@@ -92,7 +109,7 @@ def run(
     labels, distinct = [], [set() for _ in range(DEMO_MODEL.num_sparse)]
     console.print(f"[dynamic] {steps} steps x {len(configs)} trainers, budget {budget}")
     warm = WARMUP_EVENTS // BATCH
-    for i, batch in zip(range(steps), SyntheticStream(DEMO_STREAM).batches(BATCH), strict=False):
+    for i, batch in zip(range(steps), SyntheticStream(stream).batches(BATCH), strict=False):
         for f in range(DEMO_MODEL.num_sparse):
             distinct[f].update(batch.sparse[:, f].tolist())
         for name, trainer in trainers.items():
@@ -140,7 +157,10 @@ def run(
     }
     for name, r in results.items():
         console.print(f"[dynamic] {name}: {r}")
-    inputs = {"events": events, "batch": BATCH, "budget": budget, "quick": quick}
+    summary["scored_events"] = [warm * BATCH, steps * BATCH]  # [first, end) of the stream
+    inputs = {"events": events, "batch": BATCH, "budget": budget, "quick": quick,
+              "eviction": eviction, "admission": admission or DEMO_ADMISSION,
+              "stream": dataclasses.asdict(stream)}  # fmt: skip
     write_result("dynamic", inputs, summary, results, out, lambda fig: _plot(fig, results))
     return {"summary": summary}
 

@@ -1,24 +1,28 @@
 """``ekko bench lifecycle``: a drifting stream through bounded dynamic tables, end to end.
 
 A real cluster (``ekko up``'s launcher): the source trains the demo's model online with every
-embedding table dynamic (``[[models]] row_budget``, count admission, aged-LFU eviction), fed the
-demo's drifting stream (new items arriving, old ones fading) over its ``/train`` route;
-evictions become deletes through the source's write port and travel to two replicas in two
-DCs like rows. Every ``sample_s`` the bench reads each node's ``/v1/status`` (live rows and
-tombstones per table) and its resident memory (``/proc/PID/status``). At the end training
-stops and the replicas must hold exactly the source's rows (digests per table). The online
-AUC of bounded vs unbounded tables on the same stream is ``ekko bench dynamic``'s
-measurement, run here on the same stream for the summary.
+embedding table dynamic (``[[models]] row_budget``, count admission with idle rows, aged-LFU
+eviction), fed the demo's drifting stream (new items arriving, old ones fading) over its
+``/train`` route; evictions become deletes through the source's write port and travel to two
+replicas in two DCs like rows. Every ``sample_s`` the bench reads each node's ``/v1/status``
+(live rows, tombstones and tombstones purged per table) and its resident memory
+(``/proc/PID/status``). At the end training stops and the replicas must hold exactly the
+source's rows (digests per table). The online AUC of bounded vs unbounded tables is ``ekko
+bench dynamic``'s trainer-alone measurement, run here on exactly the events the cluster
+trained (same stream config, batch size and count).
 
-Summary keys: ``row_budget``, ``distinct_ids`` (over the run, the most of any table),
-``max_rows`` {node: the most live rows any table held}, ``rss_slope_mb_per_min`` {node: least
-squares after warm-up}, ``auc`` {``bounded``, ``unbounded``}, ``digests_equal``,
-``tombstones_max`` (the most any node held, all tables).
+Summary keys: ``row_budget``, ``distinct_ids`` (over the run, the most of any table; also
+``distinct_ids_min`` and ``tables_at_10x``), ``max_rows`` {node: the most live rows any table
+held}, ``rss_slope_mb_per_min`` {node: least squares after warm-up}, ``auc`` {``bounded``,
+``unbounded``, ``scored_events``}, ``digests_equal``, ``tombstones_max`` (the most any node
+held, all tables), ``tombstones_purged`` {node: at the end, all tables}, ``row_bytes``
+{``bounded``, ``unbounded``} (embedding values in the store).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -47,18 +51,32 @@ class LifecycleSpec:
     """Inputs of one run; recorded in the JSON."""
 
     row_budget: int = 2_500
-    duration_s: float = 300.0
-    rate: float = 1024.0  # events/s offered to the trainer
+    duration_s: float = 360.0  # the busiest table's distinct ids pass 10 x 2 500 at ~330 s
+    rate: float = 1024.0  # events/s offered to the trainer (and the stream's own rate)
     batch: int = 256
     sample_s: float = 2.0
     warmup_fraction: float = 0.3  # memory slope fitted after this much of the run
     converge_s: float = 120.0
-    auc_events: int = 300_000  # the trainer-alone AUC comparison (ekko bench dynamic)
     eviction: str = "lfu"  # aged LFU kept drifting items' rows better than LRU (README)
+    # count >= 2, but the turned away may take free and idle rows: a strict filter cost
+    # 0.0015 AUC on this stream (every id loses its first update) (README)
+    admission: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"kind": "count", "threshold": 2, "idle_rows": True}
+    )
 
     @classmethod
     def quick(cls) -> LifecycleSpec:
-        return cls(row_budget=300, duration_s=60.0, auc_events=60_000)
+        return cls(row_budget=300, duration_s=60.0)
+
+    @property
+    def events(self) -> int:
+        """What the source trains: ``duration_s`` at ``rate``, whole batches."""
+        return int(self.duration_s * self.rate) // self.batch * self.batch
+
+    @property
+    def stream(self) -> StreamConfig:
+        """The demo's stream at ``rate``: fed to the cluster and to the AUC comparison."""
+        return dataclasses.replace(dynamic.DEMO_STREAM, events_per_s=self.rate)
 
 
 def _model(spec: LifecycleSpec) -> dict[str, Any]:
@@ -68,7 +86,7 @@ def _model(spec: LifecycleSpec) -> dict[str, Any]:
         "rows_per_table": dynamic.DEMO_MODEL.rows_per_table,
         "dense_interval_s": 1.0,
         "row_budget": spec.row_budget,
-        "admission": {"kind": "count", "threshold": 2},
+        "admission": spec.admission,
         "eviction": {"kind": spec.eviction},
     }
 
@@ -98,6 +116,7 @@ class _Run:
         self.distinct: list[set[int]] = []
         self.trained = 0
         self.started = time.monotonic()
+        self.trained_until = float("inf")  # seconds since the start when the feed ended
 
     def _body(self, events: Events) -> bytes:
         sparse = events.sparse
@@ -111,9 +130,9 @@ class _Run:
     async def feed(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         spec = self.spec
         url = self.cluster.url("source", f"/v1/models/{MODEL}/train")
-        stream = SyntheticStream(StreamConfig(seed=7, events_per_s=spec.rate))
+        batches = SyntheticStream(spec.stream).batches(spec.batch)
         start = time.monotonic()
-        for events in stream.batches(spec.batch):
+        for _, events in zip(range(spec.events // spec.batch), batches, strict=False):
             if stop.is_set():
                 return
             body = self._body(events)
@@ -141,6 +160,8 @@ class _Run:
             row["nodes"][name] = {
                 "rows_max": max((v["rows"] for v in tables.values()), default=0),
                 "tombstones": sum(v["tombstones"] for v in tables.values()),
+                "tombstones_purged": sum(v.get("tombstones_purged", 0) for v in tables.values()),
+                "rows_total": sum(v["rows"] for v in tables.values()),
                 "rss_mb": _rss_mb(self.cluster.procs[name].proc.pid),
                 "digests": {k: v["digest"] for k, v in status["tables"].items()},
             }
@@ -155,17 +176,18 @@ class _Run:
             feeder = asyncio.create_task(self.feed(client, stop))
             self.started = time.monotonic()
             try:
-                while (t := time.monotonic() - self.started) < spec.duration_s:
-                    if feeder.done():
-                        feeder.result()  # raises what stopped it
+                while not feeder.done():  # it stops after spec.events (or raises)
+                    t = time.monotonic() - self.started
                     row = await asyncio.to_thread(self.sample, t)
                     src = row["nodes"]["source"]
                     console.print(
                         f"{t:5.0f} s  trained {self.trained:,}  source rows/table ≤ "
-                        f"{src['rows_max']:,}  tombstones {src['tombstones']:,}  "
-                        f"rss {src['rss_mb']:.0f} MB"
+                        f"{src['rows_max']:,}  tombstones {src['tombstones']:,} "
+                        f"(purged {src['tombstones_purged']:,})  rss {src['rss_mb']:.0f} MB"
                     )
-                    await asyncio.sleep(spec.sample_s)
+                    await asyncio.wait({feeder}, timeout=spec.sample_s)
+                feeder.result()  # raises what stopped it
+                self.trained_until = time.monotonic() - self.started
             finally:
                 stop.set()
                 await asyncio.gather(feeder, return_exceptions=True)
@@ -183,6 +205,7 @@ class _Run:
 
 def run(quick: bool = False, out: Path | None = None, **_: Any) -> dict[str, Any]:
     spec = LifecycleSpec.quick() if quick else LifecycleSpec()
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ekko-bench-lifecycle-") as tmp:
         doc = cluster_doc(dcs=2, replicas=1, models=[_model(spec)],
                           sync={"snapshot_interval_s": 10.0})  # fmt: skip
@@ -193,28 +216,52 @@ def run(quick: bool = False, out: Path | None = None, **_: Any) -> dict[str, Any
             asyncio.run(lifecycle.run())
             console.print("training stopped: waiting for the replicas to converge")
             equal = lifecycle.converged()
-        console.print(f"AUC, bounded vs unbounded, {spec.auc_events:,} events (trainer alone)")
-        trainers = dynamic.run(out=Path(tmp) / "dynamic.json", budget=spec.row_budget,
-                               events=spec.auc_events, eviction=spec.eviction)  # fmt: skip
-    got = trainers["summary"]["auc"]
-    auc = {"bounded": got["bounded"], "unbounded": got["unbounded"]}
+        console.print(f"AUC, bounded vs unbounded, the same {spec.events:,} events (trainer alone)")
+        trainers = dynamic.run(
+            out=Path(tmp) / "dynamic.json",
+            budget=spec.row_budget,
+            events=spec.events,
+            eviction=spec.eviction,
+            admission=spec.admission,
+            stream=spec.stream,
+            hashed=False,
+        )
+    got = trainers["summary"]
+    auc = {"bounded": got["auc"]["bounded"], "unbounded": got["auc"]["unbounded"],
+           "scored_events": got["scored_events"]}  # fmt: skip
     summary = _summary(spec, lifecycle, equal, auc)
-    details = {"samples": lifecycle.samples}
+    summary["wall_s"] = round(time.monotonic() - began, 1)
+    details = {
+        "stream": dataclasses.asdict(spec.stream),
+        "distinct_ids_per_table": [len(d) for d in lifecycle.distinct],
+        "trainers_alone": got,
+        "samples": lifecycle.samples,
+    }
+    until = lifecycle.trained_until
     write_result("lifecycle", asdict(spec), summary, details, out,
-                 lambda fig: _plot(fig, spec, lifecycle.samples))  # fmt: skip
+                 lambda fig: _plot(fig, spec, lifecycle.samples, until))  # fmt: skip
     return {"summary": summary}
 
 
 def _summary(
-    spec: LifecycleSpec, lifecycle: _Run, equal: bool, auc: dict[str, float]
+    spec: LifecycleSpec, lifecycle: _Run, equal: bool, auc: dict[str, Any]
 ) -> dict[str, Any]:
-    warm = spec.duration_s * spec.warmup_fraction
-    late = [s for s in lifecycle.samples if warm <= s["t"] <= spec.duration_s]
+    late = _late(spec, lifecycle.samples, lifecycle.trained_until)
     nodes = lifecycle.nodes
+    distinct = [len(d) for d in lifecycle.distinct] or [0]
+    value_bytes = dynamic.DEMO_MODEL.embedding_dim * 4  # float32
+    end = lifecycle.samples[-1]["nodes"]["source"]
     return {
         "row_budget": spec.row_budget,
-        "distinct_ids": max((len(d) for d in lifecycle.distinct), default=0),
+        "distinct_ids": max(distinct),
+        "distinct_ids_min": min(distinct),
+        "tables_at_10x": sum(d >= 10 * spec.row_budget for d in distinct),
         "events": lifecycle.trained,
+        # every id an unbounded table sees keeps its row to the end
+        "row_bytes": {
+            "bounded": end["rows_total"] * value_bytes,
+            "unbounded": sum(distinct) * value_bytes,
+        },
         "max_rows": {n: max(s["nodes"][n]["rows_max"] for s in lifecycle.samples) for n in nodes},
         "rss_slope_mb_per_min": {n: _rss_slope(late, n) for n in nodes},
         "auc": auc,
@@ -222,7 +269,16 @@ def _summary(
         "tombstones_max": max(
             s["nodes"][n]["tombstones"] for s in lifecycle.samples for n in nodes
         ),
+        "tombstones_purged": {
+            n: lifecycle.samples[-1]["nodes"][n]["tombstones_purged"] for n in nodes
+        },
     }
+
+
+def _late(spec: LifecycleSpec, samples: list[dict[str, Any]], until: float) -> list[dict]:
+    """The samples after warm-up while training ran (the memory slope's)."""
+    warm = spec.duration_s * spec.warmup_fraction
+    return [s for s in samples if warm <= s["t"] <= until]
 
 
 def _rss_slope(samples: list[dict[str, Any]], node: str) -> float:
@@ -230,19 +286,26 @@ def _rss_slope(samples: list[dict[str, Any]], node: str) -> float:
     return round(_slope_per_min(ts, [s["nodes"][node]["rss_mb"] for s in samples]), 2)
 
 
-def _plot(fig: Figure, spec: LifecycleSpec, samples: list[dict[str, Any]]) -> None:
-    ax_rows, ax_rss = fig.subplots(1, 2)
+def _plot(fig: Figure, spec: LifecycleSpec, samples: list[dict[str, Any]], until: float) -> None:
+    fig.set_size_inches(14, 4.8)
+    ax_rows, ax_tomb, ax_rss = fig.subplots(1, 3)
     ts = [s["t"] for s in samples]
-    for name in samples[0]["nodes"]:
-        ax_rows.plot(ts, [s["nodes"][name]["rows_max"] for s in samples], label=f"{name} rows")
-        ax_rows.plot(ts, [s["nodes"][name]["tombstones"] for s in samples], ":",
-                     label=f"{name} tombstones")  # fmt: skip
-        ax_rss.plot(ts, [s["nodes"][name]["rss_mb"] for s in samples], label=name)
+    late = _late(spec, samples, until)
+    for i, name in enumerate(samples[0]["nodes"]):
+        color = f"C{i}"
+        ax_rows.plot(ts, [s["nodes"][name]["rows_max"] for s in samples], color=color, label=name)
+        ax_tomb.plot(ts, [s["nodes"][name]["tombstones"] for s in samples], color=color,
+                     label=f"{name} held")  # fmt: skip
+        ax_tomb.plot(ts, [s["nodes"][name].get("tombstones_purged", 0) for s in samples], ":",
+                     color=color, label=f"{name} purged")  # fmt: skip
+        slope = _rss_slope(late, name)
+        ax_rss.plot(ts, [s["nodes"][name]["rss_mb"] for s in samples], color=color,
+                    label=f"{name} ({slope:+.1f} MB/min)")  # fmt: skip
     ax_rows.axhline(spec.row_budget, color="k", lw=0.8, ls="--", label="row budget")
-    ax_rows.set_xlabel("s")
-    ax_rows.set_title("rows per table (most of any), tombstones (all tables)")
-    ax_rows.legend(fontsize=7)
+    ax_rows.set_title("live rows (most of any table)")
+    ax_tomb.set_title("tombstones (all tables)")
     ax_rss.axvline(spec.duration_s * spec.warmup_fraction, color="k", lw=0.8, ls=":")
-    ax_rss.set_xlabel("s")
-    ax_rss.set_title("resident memory (MB)")
-    ax_rss.legend(fontsize=7)
+    ax_rss.set_title("resident memory (MB), slope after warm-up")
+    for ax in (ax_rows, ax_tomb, ax_rss):
+        ax.set_xlabel("s")
+        ax.legend(fontsize=7)
