@@ -6,9 +6,9 @@ trained online by three trainers side by side, each scoring every batch before l
 100 k rows), ``unbounded`` (dynamic tables, a budget above every id the run sees, admit all,
 never evict) and ``bounded`` (``budget`` rows per table, the demo's count admission and LRU
 unless told otherwise). The trainers step in turn, batch by batch, so their step times meet
-the same machine load, and start from the same torch seed. ``ekko bench lifecycle`` runs it
-on the events its cluster trained, without the hashed trainer.
-The store side (deletes reaching replicas, resident memory) is issue 18's ``bench
+the same machine load (each model seeds its own init: ``DLRMConfig.seed``, so runs repeat).
+``ekko bench lifecycle`` runs it on the events its cluster trained, without the hashed
+trainer. The store side (deletes reaching replicas, resident memory) is issue 18's ``bench
 lifecycle``; this bench measures the trainer alone.
 """
 
@@ -98,7 +98,6 @@ def run(
         del configs["hashed"]
     trainers, sinks = {}, {}
     for name, cfg in configs.items():
-        torch.manual_seed(0)  # the same initial dense layers for every trainer, run after run
         model = DLRM(cfg)
         sinks[name] = _CountingSink()
         pub = EmbeddingPublisher(model, sinks[name], PublisherConfig(model.table_names()))

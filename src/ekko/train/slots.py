@@ -51,6 +51,7 @@ class Slots:
         self._touched_at = np.zeros(budget, dtype=np.float64)
         self._freq = np.zeros(budget, dtype=np.int64)
         self._sightings = 0  # since the frequencies were last halved
+        self._aging = 10 * budget  # sightings between halvings
         self._free = np.arange(budget - 1, -1, -1, dtype=np.int64)  # a stack: pops 0, 1, …
         self._n_free = budget
         self._step = 0
@@ -91,7 +92,7 @@ class Slots:
         self._touched_at[held] = now
         self._freq[held] += counts[hit]
         self._sightings += ids.size
-        if self._sightings >= 10 * self.budget:
+        if self._sightings >= self._aging:
             self._freq >>= 1  # LFU ranks recent frequency: what an id was drifts away
             self._sightings = 0
         gone = [self._expire(now)]
