@@ -95,7 +95,7 @@ async def test_a_trainer_not_started_yet_answers_503_with_the_reason(small_strea
     until then the train route says why (503, retry), not that the model is unknown (404)."""
     trainers: dict[str, TrainingService] = {}
     why = "recovering: pulling what the replicas hold beyond its own data"
-    pending = {"ctr": why}
+    pending = {"ctr": (why, 503)}
     app = bounded_app(train_routes(trainers, pending.get))
     ev = next(SyntheticStream(small_stream_config).batches(8))
     async with httpx.AsyncClient(
@@ -106,3 +106,15 @@ async def test_a_trainer_not_started_yet_answers_503_with_the_reason(small_strea
         assert (await client.get("/v1/models/ctr/train")).status_code == 503
         r = await client.post("/v1/models/other/train", json=body(ev))
         assert r.status_code == 404 and "unknown model 'other'" in r.json()["error"], r.text
+
+
+async def test_a_trainer_that_never_runs_in_the_node_answers_409_naming_what_trains() -> None:
+    """A partitioned cluster's sources train no model in the node: 409 (retrying will not
+    help), naming the sharded trainer, where 503 "starting" had the client retry for ever."""
+    note = "train them with the sharded trainer"
+    app = bounded_app(train_routes({}, pending={"ctr": (note, 409)}.get))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        r = await client.get("/v1/models/ctr/train")
+        assert r.status_code == 409 and note in r.json()["error"]

@@ -29,6 +29,7 @@ from ekko.store.errors import UnknownTableError
 from ekko.store.spec import TableSpec
 
 if TYPE_CHECKING:
+    from ekko.node.config import ClusterConfig
     from ekko.serve.scatter import PartitionedLookup
 
 log = logging.getLogger(__name__)
@@ -337,12 +338,15 @@ class ModelHost:
                 routes += replica_guard_routes(self.replica_guards)
         return routes
 
-    def _trainer_pending(self, model: str) -> str | None:
-        """Why a configured model's trainer is not running yet (the source recovers), else
-        None: the train route answers 503 with it rather than 404."""
+    def _trainer_pending(self, model: str) -> tuple[str, int] | None:
+        """Why a configured model's trainer is not running, with the status the train route
+        answers (rather than 404): 503 while the source recovers, 409 on a partitioned
+        cluster, whose sources never train in the node; None: it runs."""
         if model in self.trainers or model not in {m.name for m in self.core.config.models}:
             return None
-        return self.core.not_ready or "starting"
+        if self.core.config.partitioned:
+            return sharded_training_note(self.core.config), 409
+        return self.core.not_ready or "starting", 503
 
     def collectors(self) -> list:
         out: list = []
@@ -391,3 +395,17 @@ class ModelHost:
         """Serve from ``store`` from now on (a checkpoint replica loaded a new full copy)."""
         for svc in self.services.values():
             svc.replace_store(store)
+
+
+def sharded_training_note(config: ClusterConfig) -> str:
+    """Why a partitioned cluster's sources run no trainer, and what trains its models."""
+    parts = config.cluster.partitions
+    models = ", ".join(m.name for m in config.models)
+    return (
+        f"models {models} are not trained in-node: the cluster has {parts} partitions and "
+        "an in-node trainer writes every partition's rows to its own source; train them "
+        "with the sharded trainer (ekko.train.sharded.ShardedRunSpec(placement="
+        "config.placement(), partition_sink=ekko.train.sharded_publish.PartitionSources("
+        "config path, {p: config.source_of(p).name}))), rank r publishing partitions "
+        "p % W == r to their sources; ekko demo --partitions 2 runs one)"
+    )

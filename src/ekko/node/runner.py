@@ -32,7 +32,7 @@ from ekko.node.guard_ticker import GuardTicker
 from ekko.node.http_client import ClusterHttp
 from ekko.node.http_server import EmbeddedServer, tcp_listener
 from ekko.node.metrics import sync_port_metrics
-from ekko.node.models import ModelHost
+from ekko.node.models import ModelHost, sharded_training_note
 from ekko.node.recover import recover_source
 from ekko.node.release_timer import ReleaseTimer
 from ekko.node.replica_lag import LagProbe
@@ -222,16 +222,7 @@ class NodeRunner:
 
     def sharded_training_note(self) -> str:
         """Why this partitioned source runs no trainer, and what trains its models."""
-        parts = self.config.cluster.partitions
-        models = ", ".join(m.name for m in self.config.models)
-        return (
-            f"models {models} are not trained in-node: the cluster has {parts} partitions and "
-            "an in-node trainer writes every partition's rows to its own source; train them "
-            "with the sharded trainer (ekko.train.sharded.ShardedRunSpec(placement="
-            "config.placement(), partition_sink=ekko.train.sharded_publish.PartitionSources("
-            "config path, {p: config.source_of(p).name}))), rank r publishing partitions "
-            "p % W == r to their sources; ekko demo --partitions 2 runs one)"
-        )
+        return sharded_training_note(self.config)
 
     def _ready_doc(self) -> dict:
         n = self.core.node

@@ -38,18 +38,19 @@ guarded = guarded_by({})
 
 def train_routes(
     trainers: Mapping[str, TrainingService],
-    pending: Callable[[str], str | None] = lambda model: None,
+    pending: Callable[[str], tuple[str, int] | None] = lambda model: None,
     max_body: int = MAX_BODY_BYTES,
 ) -> list[Route]:
     """Routes for every trainer by model name; a batch is at most ``max_body`` bytes.
-    ``pending(model)`` says why a model's trainer is not running yet (the source recovers),
-    answered 503 rather than 404."""
+    ``pending(model)`` says why a model's trainer is not running and with which status
+    (503 while the source recovers, 409 where it never will), rather than 404."""
 
     def trainer(request: Request) -> TrainingService:
         model = request.path_params["model"]
-        why = pending(model)
-        if why is not None:
-            raise RequestError(f"model {model}: trainer not started: {why}", 503)
+        refusal = pending(model)
+        if refusal is not None:
+            why, status = refusal
+            raise RequestError(f"model {model}: trainer not started: {why}", status)
         return by_model(trainers, request)
 
     @guarded
