@@ -15,7 +15,7 @@ from test_scatter_route import node  # noqa: F401  (the fixture: a source with e
 from ekko.client import ClientError
 from ekko.client.credentials import Credentials
 from ekko.client.lookup_stream import LookupStream
-from ekko.client.stream_frames import LOOKUP_PATH, REQUEST, write_frame
+from ekko.client.stream_frames import ANSWER, FOUND_TAIL, LOOKUP_PATH, REQUEST, write_frame
 from ekko.node.access import ClusterAuth
 from ekko.serve.scatter_http import HttpHolders
 
@@ -125,3 +125,41 @@ async def test_a_lookup_that_does_not_add_up_is_refused_and_the_stream_goes_on(
         assert (await stream.lookup({"emb": np.arange(2, dtype=np.int64)}))["emb"].found.all()
     finally:
         await stream.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ANSWER.pack(3, 0, 0, 1, 1) + FOUND_TAIL.pack(1, 0) + np.array([-4, 1], "<i8").tobytes(),
+        ANSWER.pack(3, 0, 0, 1, 1) + FOUND_TAIL.pack(1 << 30, 0),
+        ANSWER.pack(9, 0, 0, 4, 1),
+        ANSWER.pack(2, 0, 400, 1 << 30, 1),
+    ],
+    ids=["negative-dims", "absurd-table-count", "unknown-kind", "absurd-reason"],
+)
+async def test_a_hostile_answer_breaks_the_stream_and_every_waiting_lookup_hears_it(
+    answer: bytes,
+) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+            b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
+        )
+        await reader.read(1)  # the first frame arrived: answer it badly
+        writer.write(answer + bytes(64))
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    stream = await LookupStream.open(url, Credentials(secret=b"s"))
+    try:
+        with pytest.raises(ClientError, match="broke"):
+            await asyncio.wait_for(stream.lookup({"emb": np.arange(1, dtype=np.int64)}), 5)
+        assert stream.closed
+    finally:
+        await stream.close()
+        server.close()
+        await server.wait_closed()

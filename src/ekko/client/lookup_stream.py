@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections import deque
 from collections.abc import Mapping
@@ -26,12 +27,19 @@ from ekko.client.stream_frames import (
     FOUND_TAIL,
     LOOKUP_PATH,
     LOOKUP_UPGRADE,
+    MAX_LOOKUP_TABLES,
+    MAX_REASON_BYTES,
+    REFUSED,
     lookup_frame,
 )
 from ekko.client.upgrade import Resign, Upgrade
 from ekko.client.wire import TableRows
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_VALUES = 1 << 28
+"""Floats one answer may carry (1 GiB): a bigger count is a broken or hostile node."""
+
+log = logging.getLogger(__name__)
 
 
 class LookupStream:
@@ -134,18 +142,26 @@ class LookupStream:
                 kind, _flags, status, n, seq = ANSWER.unpack(head)
                 if not self._waiting or self._waiting[0][0] != seq:
                     raise ClientError(f"an answer to frame {seq}, none such was waiting")
-                _, name, fut = self._waiting.popleft()
+                _, name, fut = self._waiting[0]  # popped once its answer is read whole
                 if kind == FOUND:
                     t, _ = FOUND_TAIL.unpack(await self._reader.readexactly(FOUND_TAIL.size))
+                    if t > MAX_LOOKUP_TABLES:
+                        raise ClientError(f"an answer to frame {seq} names {t} tables")
                     meta = np.frombuffer(await self._reader.readexactly(16 * t), "<i8")
                     dims, rows = meta[:t], meta[t:]
                     versions = np.frombuffer(await self._reader.readexactly(8 * n), "<i8")
                     total = int((dims * rows).sum())
+                    if (meta < 0).any() or (rows > n).any() or not 0 <= total <= MAX_VALUES:
+                        raise ClientError(f"an answer to frame {seq} of sizes out of bounds")
                     values = np.frombuffer(await self._reader.readexactly(4 * total), "<f4")
+                    self._waiting.popleft()
                     if not fut.done():
                         fut.set_result((dims, rows, versions, values))
                     continue
+                if kind != REFUSED or n > MAX_REASON_BYTES:
+                    raise ClientError(f"an answer to frame {seq} of kind {kind}, {n} bytes")
                 why = (await self._reader.readexactly(n)).decode("utf-8", "replace")
+                self._waiting.popleft()
                 if not fut.done():
                     fut.set_exception(
                         ClientError(f"lookup of {name!r}... at {self.url}: {status} {why}", status)
@@ -155,6 +171,9 @@ class LookupStream:
         except asyncio.CancelledError:
             self._fail("closed")
             raise
+        except Exception as exc:  # ours: the stream is unusable, and says so
+            log.exception("lookup stream at %s: reading an answer failed", self.url)
+            self._fail(f"{type(exc).__name__}: {exc}")
 
     def _fail(self, why: str) -> None:
         self._broken = why

@@ -145,11 +145,6 @@ class HolderFloors:
         h = self._holders.get(session)
         return None if h is None or h.reported_at is None else h.floors
 
-    def counts(self, session: Hashable, now: float) -> bool:
-        """Whether ``session``'s floors hold purges back."""
-        h = self._holders.get(session)
-        return h is not None and self._counts(h, now)
-
     def _counts(self, h: _Holder, now: float) -> bool:
         if h.closed_at is not None:
             return now - h.closed_at < self.horizon_s
