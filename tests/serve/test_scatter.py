@@ -219,3 +219,35 @@ def test_local_first_reads_the_nodes_own_store_and_fails_over_for_a_table_it_lac
     got = run_virtual(lambda: lookup.lookup({"emb_b": keys}))
     np.testing.assert_array_equal(got["emb_b"].values, store.table("emb_b").lookup(keys)[0])
     assert sorted(h for h, *_ in fake.calls) == ["p0h1", "p1h0", "p1h0"]  # emb_b: not local
+
+
+@pytest.mark.xfail(strict=True, reason="the fix follows: a holder that lost to a hedge goes last")
+def test_a_stalled_holder_goes_last_and_does_not_push_the_hedge_delay_to_the_deadline() -> None:
+    """A holder that takes requests but never answers (SIGSTOP) never fails: without going
+    last, every batch waited the hedge delay first, each answer took that delay plus the
+    other holder's time, and the p95 of those answers, the next hedge delay, climbed batch
+    after batch to the deadline — then the partition was a 503 with a healthy holder up."""
+    store = _store()
+    cfg = ScatterConfig(deadline_s=0.2, hedge_initial_s=0.02, window=20, min_samples=10)
+    lookup, fake = _scatter(store, cfg)
+    for h in {h for hs in lookup.holders.values() for h in hs}:
+        fake.delay[h] = 0.005
+    fake.delay["p0h0"] = math.inf
+    keys = np.arange(40, dtype=np.int64)
+
+    async def batches() -> tuple[float, int]:
+        import asyncio
+
+        first_to_stalled = 0
+        for _ in range(400):
+            fake.calls.clear()
+            await lookup.lookup(_ask(keys))
+            first_to_stalled += [h for h, *_ in fake.calls if h.startswith("p0")][0] == "p0h0"
+        return asyncio.get_running_loop().time(), first_to_stalled
+
+    took, first_to_stalled = run_virtual(batches)
+    stats = lookup.statistics()[0]
+    assert stats.unavailable == 0 and stats.answered == 400
+    assert lookup.hedge_after(0) < 0.02  # the healthy holder's time, not a climbing delay
+    # the stalled holder is asked first again once per suspect_s, not by every batch
+    assert first_to_stalled <= took / cfg.suspect_s + 1
