@@ -221,7 +221,6 @@ def test_local_first_reads_the_nodes_own_store_and_fails_over_for_a_table_it_lac
     assert sorted(h for h, *_ in fake.calls) == ["p0h1", "p1h0", "p1h0"]  # emb_b: not local
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: a holder that lost to a hedge goes last")
 def test_a_stalled_holder_goes_last_and_does_not_push_the_hedge_delay_to_the_deadline() -> None:
     """A holder that takes requests but never answers (SIGSTOP) never fails: without going
     last, every batch waited the hedge delay first, each answer took that delay plus the
@@ -242,7 +241,7 @@ def test_a_stalled_holder_goes_last_and_does_not_push_the_hedge_delay_to_the_dea
         for _ in range(400):
             fake.calls.clear()
             await lookup.lookup(_ask(keys))
-            first_to_stalled += [h for h, *_ in fake.calls if h.startswith("p0")][0] == "p0h0"
+            first_to_stalled += next(h for h, *_ in fake.calls if h.startswith("p0")) == "p0h0"
         return asyncio.get_running_loop().time(), first_to_stalled
 
     took, first_to_stalled = run_virtual(batches)

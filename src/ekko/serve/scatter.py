@@ -94,7 +94,10 @@ class ScatterConfig:
     """How a batch is scattered: ``deadline_s`` for the whole batch; a partition's request is
     hedged after its p95 (``quantile``) over its last ``window`` answers, never sooner than
     ``hedge_min_s``, and after ``hedge_initial_s`` until ``min_samples`` answers were seen;
-    a holder that failed is tried last for ``suspect_s``."""
+    a holder that failed, or was still silent when another answered, is tried last for
+    ``suspect_s`` (a stalled holder never fails: asked first by every batch, it made each
+    answer wait the hedge delay, and the p95 of those answers pushed the delay up to the
+    deadline)."""
 
     deadline_s: float = 1.0
     hedge_initial_s: float = 0.05
@@ -339,8 +342,11 @@ class PartitionedLookup:
                         except HolderFailed as bad:
                             exc = bad
                         else:
-                            self._windows[p].add(loop.time() - start)
+                            now = loop.time()
+                            self._windows[p].add(now - start)
                             self._suspect.pop(holder, None)
+                            for slower in running.values():  # lost to a hedge or a retry
+                                self._suspect[slower] = now + self.config.suspect_s
                             counters.answered += 1
                             return answer
                     if not isinstance(exc, HolderFailed):
