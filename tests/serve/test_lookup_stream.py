@@ -17,6 +17,7 @@ from ekko.client.credentials import Credentials
 from ekko.client.lookup_stream import LookupStream
 from ekko.client.stream_frames import ANSWER, FOUND_TAIL, LOOKUP_PATH, REQUEST, write_frame
 from ekko.node.access import ClusterAuth
+from ekko.serve.scatter import HolderFailed
 from ekko.serve.scatter_http import HttpHolders
 
 
@@ -161,5 +162,65 @@ async def test_a_hostile_answer_breaks_the_stream_and_every_waiting_lookup_hears
         assert stream.closed
     finally:
         await stream.close()
+        server.close()
+        await server.wait_closed()
+
+
+def _found(seq: int, dims: list[int], rows: list[int], versions: list[int], floats: int) -> bytes:
+    """A found answer as a node sends it, with ``floats`` values after the versions."""
+    return (
+        ANSWER.pack(3, 0, 0, len(versions), seq)
+        + FOUND_TAIL.pack(len(dims), 0)
+        + np.array([*dims, *rows], "<i8").tobytes()
+        + np.array(versions, "<i8").tobytes()
+        + np.ones(floats, "<f4").tobytes()
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _found(1, [2, 2], [1, 1], [1, 1], 4),
+        _found(1, [1 << 62], [4], [1, 1, 1, 1], 0),
+        _found(1, [1 << 40], [0], [1, 1, 1, 1], 0),
+        _found(1, [2], [1], [1, 1, 1], 2),
+        _found(1, [2], [1], [1, 1, 1, 1, 1], 2),
+    ],
+    ids=[
+        "two-tables-for-one",
+        "dims-times-rows-overflowing",
+        "dim-past-max-dim",
+        "fewer-versions-than-keys",
+        "more-versions-than-keys",
+    ],
+)
+@pytest.mark.xfail(strict=True, reason="the fix follows: answers checked against their lookup")
+async def test_an_answer_that_does_not_fit_its_lookup_is_a_holder_failure(answer: bytes) -> None:
+    """A holder's answer naming other tables or keys than its lookup asked breaks the stream
+    and fails the lookup as the holder's fault (the scatter tries the next holder): a table
+    count or a product of sizes that did not add up escaped as a ValueError (a 500 at the
+    serving node, no retry), and a key count that did not was returned as it came."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+            b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
+        )
+        await reader.read(1)
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    fetch = HttpHolders(Credentials(secret=b"s"))
+    try:
+        with pytest.raises(HolderFailed, match="broke"):
+            await asyncio.wait_for(fetch(url, {"emb": np.arange(4, dtype=np.int64)}, {}), 5)
+        assert fetch._streams[url].result().closed
+    finally:
+        await fetch.close()
         server.close()
         await server.wait_closed()
