@@ -14,7 +14,7 @@ from test_scatter_route import node  # noqa: F401  (the fixture: a source with e
 
 from ekko.client import ClientError
 from ekko.client.credentials import Credentials
-from ekko.client.lookup_stream import LookupStream
+from ekko.client.lookup_stream import LookupStream, _Waiting
 from ekko.client.stream_frames import ANSWER, FOUND_TAIL, LOOKUP_PATH, REQUEST, write_frame
 from ekko.node.access import ClusterAuth
 from ekko.serve.scatter import HolderFailed
@@ -55,7 +55,7 @@ async def test_wrong_frames_are_refused_and_a_bad_head_closes_the_stream(node) -
         keys = np.arange(3, dtype=np.int64)
         stream._seq += 1  # a write frame on a lookup stream: refused, the stream goes on
         fut = asyncio.get_running_loop().create_future()
-        stream._waiting.append((stream._seq, "emb", fut))
+        stream._waiting.append(_Waiting(stream._seq, "emb", np.array([3]), fut))
         stream._writer.writelines(
             write_frame(stream._seq, b"emb", keys, np.ones((3, 4), np.float32))
         )
@@ -63,7 +63,7 @@ async def test_wrong_frames_are_refused_and_a_bad_head_closes_the_stream(node) -
             await fut
         assert (await stream.lookup({"emb": keys}))["emb"].found.all()
         bad = asyncio.get_running_loop().create_future()
-        stream._waiting.append((99, "emb", bad))
+        stream._waiting.append(_Waiting(99, "emb", np.array([1]), bad))
         stream._writer.write(REQUEST.pack(9, 0, 3, 1, 0, 99))  # kind 9: the head is unusable
         with pytest.raises(ClientError, match="400 frame kind: 9"):
             await bad
@@ -117,7 +117,7 @@ async def test_a_lookup_that_does_not_add_up_is_refused_and_the_stream_goes_on(
     try:
         stream._seq += 1
         fut = asyncio.get_running_loop().create_future()
-        stream._waiting.append((stream._seq, "emb", fut))
+        stream._waiting.append(_Waiting(stream._seq, "emb", np.array([3]), fut))
         body = np.array(counts, "<i8").tobytes() + np.arange(n, dtype="<i8").tobytes()
         stream._writer.write(REQUEST.pack(3, 0, len(names), n, len(counts), stream._seq))
         stream._writer.write(names + body)
@@ -194,7 +194,6 @@ def _found(seq: int, dims: list[int], rows: list[int], versions: list[int], floa
         "more-versions-than-keys",
     ],
 )
-@pytest.mark.xfail(strict=True, reason="the fix follows: answers checked against their lookup")
 async def test_an_answer_that_does_not_fit_its_lookup_is_a_holder_failure(answer: bytes) -> None:
     """A holder's answer naming other tables or keys than its lookup asked breaks the stream
     and fails the lookup as the holder's fault (the scatter tries the next holder): a table

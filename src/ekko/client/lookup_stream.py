@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Mapping
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -27,7 +28,7 @@ from ekko.client.stream_frames import (
     FOUND_TAIL,
     LOOKUP_PATH,
     LOOKUP_UPGRADE,
-    MAX_LOOKUP_TABLES,
+    MAX_DIM,
     MAX_REASON_BYTES,
     REFUSED,
     lookup_frame,
@@ -40,6 +41,20 @@ MAX_VALUES = 1 << 28
 """Floats one answer may carry (1 GiB): a bigger count is a broken or hostile node."""
 
 log = logging.getLogger(__name__)
+
+
+class _Waiting(NamedTuple):
+    """A lookup sent and not answered yet: its frame's seq, first table (for errors), the
+    keys of each table (what its answer must fit) and the future its answer resolves."""
+
+    seq: int
+    name: str
+    counts: np.ndarray
+    fut: asyncio.Future
+
+    @property
+    def keys(self) -> int:
+        return int(self.counts.sum())
 
 
 class LookupStream:
@@ -57,7 +72,7 @@ class LookupStream:
         self._reader = reader
         self._writer = writer
         self._seq = 0
-        self._waiting: deque[tuple[int, str, asyncio.Future]] = deque()
+        self._waiting: deque[_Waiting] = deque()
         self._broken: str | None = None
         self._task = asyncio.get_running_loop().create_task(self._read_answers())
 
@@ -121,7 +136,8 @@ class LookupStream:
             ]
         self._seq += 1
         fut = asyncio.get_running_loop().create_future()
-        self._waiting.append((self._seq, names[0], fut))
+        counts = np.array([k.shape[0] for k in keys], dtype=np.int64)
+        self._waiting.append(_Waiting(self._seq, names[0], counts, fut))
         self._writer.writelines(lookup_frame(self._seq, names, keys, held))
         dims, rows, versions, values = await fut
         out = {}
@@ -140,19 +156,26 @@ class LookupStream:
             while True:
                 head = await self._reader.readexactly(ANSWER.size)
                 kind, _flags, status, n, seq = ANSWER.unpack(head)
-                if not self._waiting or self._waiting[0][0] != seq:
+                if not self._waiting or self._waiting[0].seq != seq:
                     raise ClientError(f"an answer to frame {seq}, none such was waiting")
-                _, name, fut = self._waiting[0]  # popped once its answer is read whole
+                asked = self._waiting[0]  # popped once its answer is read whole
+                name, fut = asked.name, asked.fut
                 if kind == FOUND:
                     t, _ = FOUND_TAIL.unpack(await self._reader.readexactly(FOUND_TAIL.size))
-                    if t > MAX_LOOKUP_TABLES:
-                        raise ClientError(f"an answer to frame {seq} names {t} tables")
+                    if t != asked.counts.shape[0] or n != asked.keys:
+                        raise ClientError(
+                            f"an answer to frame {seq} of {t} tables and {n} keys; it asked "
+                            f"{asked.counts.shape[0]} tables and {asked.keys} keys"
+                        )
                     meta = np.frombuffer(await self._reader.readexactly(16 * t), "<i8")
                     dims, rows = meta[:t], meta[t:]
-                    versions = np.frombuffer(await self._reader.readexactly(8 * n), "<i8")
-                    total = int((dims * rows).sum())
-                    if (meta < 0).any() or (rows > n).any() or not 0 <= total <= MAX_VALUES:
+                    bad = (dims < 0) | (dims > MAX_DIM) | (rows < 0) | (rows > asked.counts)
+                    if bad.any():  # bounded dims: dims * rows cannot overflow
                         raise ClientError(f"an answer to frame {seq} of sizes out of bounds")
+                    total = int((dims * rows).sum())
+                    if total > MAX_VALUES:
+                        raise ClientError(f"an answer to frame {seq} of {total} values")
+                    versions = np.frombuffer(await self._reader.readexactly(8 * n), "<i8")
                     values = np.frombuffer(await self._reader.readexactly(4 * total), "<f4")
                     self._waiting.popleft()
                     if not fut.done():
@@ -178,7 +201,7 @@ class LookupStream:
     def _fail(self, why: str) -> None:
         self._broken = why
         while self._waiting:
-            fut = self._waiting.popleft()[2]
+            fut = self._waiting.popleft().fut
             if not fut.done():
                 fut.set_exception(ClientError(f"lookup stream at {self.url} broke: {why}"))
         with contextlib.suppress(Exception):
