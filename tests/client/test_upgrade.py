@@ -50,7 +50,6 @@ def test_a_switch_gives_the_nodes_limit_whole_or_byte_at_a_time(step: int) -> No
     ids=["garbage-status", "closed-at-once", "huge-head", "bad-length", "bad-chunk", "tls-hello"],
 )
 @pytest.mark.parametrize("step", [1, 1 << 20])
-@pytest.mark.xfail(strict=True, reason="the fix follows: h11 errors become ClientError")
 def test_an_answer_that_is_not_http_is_a_client_error_naming_the_stream(
     answer: bytes, step: int
 ) -> None:

@@ -23,7 +23,8 @@ class Resign(Exception):
 class Upgrade:
     """The client's side of one stream's opening: ``request()`` is what to send, then each
     ``receive(data)`` returns the node's largest frame once it switched (None: more bytes
-    are needed), or raises ``ClientError`` with the node's reason, or ``Resign``."""
+    are needed), or raises ``ClientError`` with the node's reason (or saying its answer was
+    not HTTP), or ``Resign``."""
 
     def __init__(self, what: str, path: str, headers: Mapping[str, str]) -> None:
         self.what = what  # "write stream at URL": how errors name the stream
@@ -39,6 +40,12 @@ class Upgrade:
         return self._conn.send(req) + self._conn.send(h11.EndOfMessage())
 
     def receive(self, data: bytes) -> int | None:
+        try:
+            return self._receive(data)
+        except h11.ProtocolError as exc:  # not HTTP, or cut short: the node's fault
+            raise ClientError(f"{self.what}: not an HTTP answer to the upgrade: {exc}") from exc
+
+    def _receive(self, data: bytes) -> int | None:
         self._conn.receive_data(data)
         while True:
             event = self._conn.next_event()
