@@ -1,6 +1,7 @@
 """A serving node of a partitioned cluster closes its scatter client when it stops: the
 lookup streams it opened to other partitions' holders are closed (each holder reads EOF)
-and their reader tasks end, rather than outliving the node on its event loop."""
+and their reader tasks end, rather than outliving the node on its event loop; a predict
+still in flight opens no new one."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ import pytest
 from ekko.bench.scale_cluster import partitioned_doc, write_configs
 from ekko.node.config import ModelConfig, load_config
 from ekko.node.runner import NodeRunner
-from ekko.serve.scatter import PartitionUnavailable
+from ekko.serve.scatter import HolderFailed, PartitionUnavailable
 from ekko.store import shard_of
 
 MODEL = ModelConfig(name="ctr", rows_per_table=100, embedding_dim=4, num_sparse=2)
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: the node closes its scatter client")
 async def test_stopping_a_serving_node_closes_its_lookup_streams(tmp_path: Path) -> None:
     closed = asyncio.Event()
     opened = asyncio.Event()
@@ -42,7 +42,7 @@ async def test_stopping_a_serving_node_closes_its_lookup_streams(tmp_path: Path)
                           sync={"snapshot_interval_s": 0})  # fmt: skip
     for n in doc["nodes"]:
         if n["name"] == "dc1-p1-r0":
-            n["admin_port"] = server.sockets[0].getsockname()[1]
+            n["admin_port"] = port = server.sockets[0].getsockname()[1]
     _, node_configs = write_configs(doc, MODEL, tmp_path)
     runner = NodeRunner(load_config(node_configs["dc1-p0-r0"]), "dc1-p0-r0", tmp_path)
     task = asyncio.create_task(runner.run())
@@ -67,5 +67,7 @@ async def test_stopping_a_serving_node_closes_its_lookup_streams(tmp_path: Path)
         await asyncio.wait_for(task, 30)
     await asyncio.wait_for(closed.wait(), 5)  # the holder read EOF: the stream was closed
     assert all(t.done() for t in streams)
+    with pytest.raises(HolderFailed, match="scatter client is closed"):  # opens nothing new
+        await rows.fetch.remote(f"http://127.0.0.1:{port}", {"emb_0": keys}, {})
     server.close()
     await server.wait_closed()

@@ -298,6 +298,13 @@ class ModelHost:
         for svc in self.trainers.values():
             svc.stop()
 
+    async def close(self) -> None:
+        """Close the scatter's lookup streams to other partitions' holders (a serving node
+        of a partitioned cluster): left open, their reader tasks and sockets outlived the
+        node on its loop."""
+        if self.rows is not None:
+            await self.rows.close()
+
     def down(self) -> dict[str, str]:
         """Trainers whose worker thread died, as ``trainer/{model}`` -> the exception: what
         ``/ready`` names beside the node's supervised tasks."""

@@ -270,6 +270,7 @@ class NodeRunner:
         if self.guard_link is not None:
             await self.guard_link.close()
         await self.supervisor.stop(keep=("admin_server",))
+        await self.models.close()
 
     def _status_extra(self) -> dict:
         doc: dict = {"ready": self.ready.is_set(), "tasks": self.supervisor.status()}

@@ -365,6 +365,12 @@ class PartitionedLookup:
         counters.unavailable += 1
         raise PartitionUnavailable(p, list(tables), tried)
 
+    async def close(self) -> None:
+        """Close the fetch's connections (``HttpHolders``' streams), if it keeps any."""
+        close = getattr(self.fetch, "close", None)
+        if close is not None:
+            await close()
+
     def statistics(self) -> list[PartitionStats]:
         return [
             PartitionStats(

@@ -114,6 +114,7 @@ class HttpHolders:
         self.server_name = server_name or (lambda url: None)
         self.idle = idle
         self._idle: dict[str, list[_Conn]] = {}
+        self.closed = False
 
     async def _connect(self, holder: str) -> _Conn:
         u = urlsplit(holder)
@@ -134,6 +135,8 @@ class HttpHolders:
     async def __call__(
         self, holder: str, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray]
     ) -> Mapping[str, TableRows]:
+        if self.closed:  # a predict still in flight as the node stops: open nothing new
+            raise HolderFailed(holder, "this node's scatter client is closed (it is stopping)")
         if self.streams:
             return await self._over_stream(holder, tables, known)
         call = calls.lookup_many(tables, known)
@@ -217,6 +220,8 @@ class HttpHolders:
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        """Close every stream and idle connection; later lookups fail (``HolderFailed``)."""
+        self.closed = True
         for opening in self._streams.values():
             if opening.done() and not _broken(opening):
                 await opening.result().close()
@@ -275,3 +280,9 @@ class LocalFirst:
                 values = values[versions != v]
             out[name] = TableRows(name, versions, found.view(np.uint8), values)
         return out
+
+    async def close(self) -> None:
+        """Close ``remote``'s connections, if it keeps any."""
+        close = getattr(self.remote, "close", None)
+        if close is not None:
+            await close()
