@@ -126,6 +126,7 @@ def frontend(
     async def stats(request: Any) -> JSONResponse:
         return JSONResponse(
             {f"p{n}": [asdict(s) for s in lk.statistics()] for n, lk in lookups.items()}
+            | {f"p{n}_coalesced": lk.coalesced() for n, lk in lookups.items()}
         )
 
     app = bounded_app([*serve_routes(services), Route("/scatter", stats, methods=["GET"])])

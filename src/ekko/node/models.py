@@ -364,7 +364,7 @@ class ModelHost:
         if self.rows is not None:
             from ekko.node.metrics import scatter_metrics
 
-            out.append(scatter_metrics(self.core.name, self.rows.statistics))
+            out.append(scatter_metrics(self.core.name, self.rows.statistics, self.rows.coalesced))
         if self.core.is_source and self.core.config.models:
             from ekko.node.model_metrics import train_metrics
 

@@ -19,6 +19,7 @@ than the holder's (the issue allows a cache only if the sync stream invalidates 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,7 +31,8 @@ import numpy as np
 from ekko.client.wire import TableRows
 from ekko.net.httpkit import RequestError
 from ekko.serve.errors import ModelNotReady
-from ekko.store import shard_of
+from ekko.serve.scatter_batch import Coalescer
+from ekko.store import group_by_shard, shard_of
 from ekko.store.placement import Placement
 
 
@@ -97,7 +99,9 @@ class ScatterConfig:
     a holder that failed, or was still silent when another answered, is tried last for
     ``suspect_s`` (a stalled holder never fails: asked first by every batch, it made each
     answer wait the hedge delay, and the p95 of those answers pushed the delay up to the
-    deadline)."""
+    deadline). ``coalesce``: lookups arriving
+    while a scatter is in flight are merged, at most that many, into the next one
+    (``ekko.serve.scatter_batch``); 0 sends each lookup on its own."""
 
     deadline_s: float = 1.0
     hedge_initial_s: float = 0.05
@@ -106,6 +110,7 @@ class ScatterConfig:
     window: int = 256
     min_samples: int = 20
     suspect_s: float = 2.0
+    coalesce: int = 16
 
     def __post_init__(self) -> None:
         for name in ("deadline_s", "hedge_initial_s", "hedge_min_s", "suspect_s"):
@@ -116,6 +121,12 @@ class ScatterConfig:
             raise ValueError(f"deadline_s: expected > 0, got {self.deadline_s!r}")
         if not 0 < self.quantile <= 1:
             raise ValueError(f"quantile: expected in (0, 1], got {self.quantile!r}")
+        if (
+            isinstance(self.coalesce, bool)
+            or not isinstance(self.coalesce, int)
+            or not (0 <= self.coalesce <= 1024)
+        ):
+            raise ValueError(f"coalesce: expected an integer in [0, 1024], got {self.coalesce!r}")
         if self.window < 1 or self.min_samples < 1 or self.min_samples > self.window:
             raise ValueError(
                 f"window and min_samples: expected 1 <= min_samples <= window, got "
@@ -128,28 +139,37 @@ class LatencyWindow:
 
     Why the time to the partition's answer (hedged or not) rather than each request's: a
     request that lost to its hedge never reports its own time, and the answers alone would
-    drift the quantile down to the hedges' times."""
+    drift the quantile down to the hedges' times. Kept sorted as well as in arrival order:
+    every batch adds a sample and reads the quantile, and ``np.quantile`` of the window each
+    time cost a serving node more CPU than the rest of the scatter's bookkeeping.
+    """
 
     def __init__(self, size: int, quantile: float) -> None:
-        self._samples: deque[float] = deque(maxlen=size)
+        self._samples: deque[float] = deque()
+        self._sorted: list[float] = []
+        self.size = size
         self.quantile = quantile
-        self._value: float | None = None
 
     def add(self, seconds: float) -> None:
+        if len(self._samples) == self.size:
+            del self._sorted[bisect.bisect_left(self._sorted, self._samples.popleft())]
         self._samples.append(seconds)
-        self._value = None
+        bisect.insort(self._sorted, seconds)
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def value(self) -> float:
-        """The quantile of the samples (0 with none)."""
-        if self._value is None:
-            s = self._samples
-            self._value = (
-                float(np.quantile(np.fromiter(s, float, len(s)), self.quantile)) if s else 0.0
-            )
-        return self._value
+        """The quantile of the samples, interpolated linearly as ``np.quantile`` does (0
+        with none)."""
+        s = self._sorted
+        if not s:
+            return 0.0
+        pos = self.quantile * (len(s) - 1)
+        lo = int(pos)
+        if lo + 1 >= len(s):
+            return s[lo]
+        return s[lo] + (s[lo + 1] - s[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)
@@ -209,18 +229,24 @@ class PartitionedLookup:
         self._windows = [LatencyWindow(cfg.window, cfg.quantile) for _ in self.holders]
         self._counters = [_Counters() for _ in self.holders]
         self._suspect: dict[str, float] = {}  # holder -> loop time until which it goes last
-        self._shard_parts: dict[tuple[str, int], np.ndarray] = {}  # each shard's partition
+        self._shard_parts_of: dict[tuple[str, int], np.ndarray] = {}  # each shard's partition
+        self.coalescer = Coalescer(self._scatter, cfg.coalesce) if cfg.coalesce else None
 
     # -- grouping --------------------------------------------------------------------------
+
+    def _shard_parts(self, table: str) -> tuple[int, np.ndarray]:
+        """The table's shard count and each shard's partition."""
+        n = self.num_shards(table)
+        of = self._shard_parts_of.get((table, n))
+        if of is None:
+            of = self._shard_parts_of[table, n] = self.placement.partitions_of(table, n)
+        return n, of
 
     def partition_of_keys(self, table: str, keys: np.ndarray) -> np.ndarray:
         """int64 [n]: the partition holding each key of ``table``."""
         if self.placement.partitions == 1:
             return np.zeros(keys.shape[0], dtype=np.int64)
-        n = self.num_shards(table)
-        of = self._shard_parts.get((table, n))
-        if of is None:
-            of = self._shard_parts[table, n] = self.placement.partitions_of(table, n)
+        n, of = self._shard_parts(table)
         return of[shard_of(keys, n)]
 
     def _split(self, table: str, keys: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
@@ -228,16 +254,19 @@ class PartitionedLookup:
         partition holding some of ``table``'s ``keys``, in partition order."""
         if self.placement.partitions == 1:
             return [(0, None)]
-        of = self.partition_of_keys(table, keys)
         if keys.shape[0] == 1:
-            return [(int(of[0]), None)]
-        counts = np.bincount(of, minlength=self.placement.partitions)
-        held = np.flatnonzero(counts).tolist()
-        if len(held) == 1:
-            return [(held[0], None)]
-        order = np.argsort(of, kind="stable")  # each partition's keys in their order
-        ends = np.cumsum(counts)
-        return [(p, order[ends[p] - counts[p] : ends[p]]) for p in held]
+            return [(int(self.partition_of_keys(table, keys)[0]), None)]
+        _, of = self._shard_parts(table)
+        order, counts = group_by_shard(keys, of, self.placement.partitions)
+        out: list[tuple[int, np.ndarray | None]] = []
+        end = 0
+        for p, c in enumerate(counts.tolist()):
+            if c:
+                out.append((p, order[end : end + c]))
+                end += c
+        if len(out) == 1:
+            return [(out[0][0], None)]
+        return out
 
     def hedge_after(self, partition: int) -> float:
         """Seconds a request to ``partition`` waits before it is hedged."""
@@ -259,12 +288,24 @@ class PartitionedLookup:
         Raises ``PartitionUnavailable`` when a partition's holders all failed or the deadline
         passed, ``LookupRefused`` when a holder refused the request itself."""
         known = known or {}
-        parts: dict[int, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
-        where: dict[str, list[tuple[int, np.ndarray]]] = {}
+        asked: dict[str, np.ndarray] = {}
         for table, keys in tables.items():
             k = np.ascontiguousarray(keys, dtype=np.int64)
             if k.ndim != 1 or k.shape[0] == 0:
                 raise ValueError(f"tables[{table!r}]: expected int64 keys [n >= 1], got {k.shape}")
+            asked[table] = k
+        deadline = asyncio.get_running_loop().time() + self.config.deadline_s
+        if self.coalescer is not None:
+            return dict(await self.coalescer.lookup(asked, known, deadline))
+        return await self._scatter(asked, known, deadline)
+
+    async def _scatter(
+        self, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray], deadline: float
+    ) -> dict[str, TableRows]:
+        """One scatter of ``tables`` (validated int64 keys) to the partitions holding them."""
+        parts: dict[int, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        where: dict[str, list[tuple[int, np.ndarray | None]]] = {}
+        for table, k in tables.items():
             v = known.get(table)
             where[table] = self._split(table, k)
             for p, idx in where[table]:
@@ -272,8 +313,6 @@ class PartitionedLookup:
                 sub_t[table] = k if idx is None else k[idx]
                 if v is not None:
                     sub_k[table] = v if idx is None else v[idx]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.deadline_s
         tasks = {
             p: asyncio.ensure_future(self._ask(p, t, k, deadline)) for p, (t, k) in parts.items()
         }
@@ -366,10 +405,19 @@ class PartitionedLookup:
         raise PartitionUnavailable(p, list(tables), tried)
 
     async def close(self) -> None:
-        """Close the fetch's connections (``HttpHolders``' streams), if it keeps any."""
+        """Cancel the merged lookups in flight, then close the fetch's connections
+        (``HttpHolders``' streams), if it keeps any."""
+        if self.coalescer is not None:
+            await self.coalescer.close()
         close = getattr(self.fetch, "close", None)
         if close is not None:
             await close()
+
+    def coalesced(self) -> tuple[int, int]:
+        """(scatters sent, lookups that went out merged with others): (0, 0) when
+        ``coalesce`` is 0."""
+        c = self.coalescer
+        return (0, 0) if c is None else (c.scatters, c.merged)
 
     def statistics(self) -> list[PartitionStats]:
         return [
@@ -435,11 +483,15 @@ def _merge(
         rows = answers[p][table]
         versions[idx] = rows.versions
         found[idx] = rows.found
-    changed = np.ones(n, dtype=bool) if known is None else versions != known
+    if known is None:  # every row came with its values
+        values = np.empty((n, dim), dtype=np.float32)
+        for p, idx in where:
+            values[idx] = answers[p][table].values
+        return TableRows(table, versions, found, values)
+    changed = versions != known
     rank = np.cumsum(changed) - 1
     values = np.empty((int(rank[-1]) + 1 if n else 0, dim), dtype=np.float32)
     for p, idx in where:
         rows = answers[p][table]
-        mine = idx if known is None else idx[changed[idx]]
-        values[rank[mine]] = rows.values
+        values[rank[idx[changed[idx]]]] = rows.values
     return TableRows(table, versions, found, values)
