@@ -51,6 +51,9 @@ class SnapshotData:
     tables: list[SnapshotTable]
     lineage: int = 0  # the source history the rows belong to (``Store.lineage``)
     wal_seq: int = 0  # the last write-ahead log record the rows include
+    # A store of several sources' partitions (``ekko.store.sources``): per partition, the
+    # lineage of its rows ({}: one source, ``lineage``; snapshots from before hold none).
+    lineages: dict[int, int] = field(default_factory=dict)
 
 
 def _crc(arr: np.ndarray) -> int:
@@ -83,6 +86,7 @@ def write_snapshot(path: Path, data: SnapshotData) -> None:
             "catalog_version": data.catalog_version,
             "lineage": data.lineage,
             "wal_seq": data.wal_seq,
+            "lineages": {str(p): int(v) for p, v in data.lineages.items()},
             "tables": tables_meta,
         }
     ).encode()
@@ -132,6 +136,17 @@ def _read_array(f: BinaryIO, meta: dict[str, Any], what: str) -> np.ndarray:
     return arr
 
 
+def _lineages(raw: Any) -> dict[int, int]:
+    """The header's per-partition lineages, checked: partition ids and lineages >= 0."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"lineages must be an object, got {type(raw).__name__}")
+    out = {int(p): int(v) for p, v in raw.items()}
+    bad = [(p, v) for p, v in out.items() if p < 0 or v < 0]
+    if bad:
+        raise ValueError(f"lineages: partition {bad[0][0]} has lineage {bad[0][1]}")
+    return out
+
+
 def read_snapshot(path: Path) -> SnapshotData:
     """Read and verify a whole snapshot; any fault raises ``SnapshotError`` naming the file."""
     path = Path(path)
@@ -162,6 +177,7 @@ def read_snapshot(path: Path) -> SnapshotData:
                 tables,
                 int(header.get("lineage", 0)),
                 int(header.get("wal_seq", 0)),
+                _lineages(header.get("lineages", {})),
             )
     except SnapshotError:
         raise
