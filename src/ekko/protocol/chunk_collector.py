@@ -65,7 +65,7 @@ class ChunkCollector:
         )  # fmt: skip
         wire = chunk
         if chunk is not None and absorb:
-            wire = _claim_knowledge(table, chunk, self._store.settled.settled.get(table.name))
+            wire = _claim_knowledge(table, chunk, self._store.settled_of(table.name))
         if wire is not None and codec is not None:
             wire = encode_chunk(wire, codec)
         self._remember(key, (table, chunk, wire, truncated))

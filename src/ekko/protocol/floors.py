@@ -18,7 +18,7 @@ upstream sends it the shard's full key list and it drops what the upstream no lo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +26,9 @@ import numpy as np
 from ekko.protocol.messages import ShardKeys
 from ekko.store import Store, Table
 from ekko.store.spec import LANES
+
+Scope = Callable[[Table], "np.ndarray | None"]
+"""A session's shards of a table (bool [shards]; None: every shard)."""
 
 NUM_LANES = len(LANES)
 INT64_MAX = 2**63 - 1
@@ -221,46 +224,58 @@ class PurgeNotices:
             self.reconcile.setdefault(table.name, set()).add(int(shard))
         self.dropped.setdefault(table.name, table.reconcile_epoch.copy())
 
-    def owes(self, store: Store) -> bool:
+    def owes(self, store: Store, scope: Scope | None = None) -> bool:
+        """Whether bars or key lists are owed, of the shards ``scope`` gives (None: all)."""
         for name, shards in self.reconcile.items():
             t = store.tables.get(name)
-            if t is not None and shards and _ready(t, shards).size:
+            if t is not None and shards and _ready(t, _in_scope(shards, t, scope)).size:
                 return True
         for name, t in store.tables.items():
+            mask = scope(t) if scope is not None else None
             told = self.seen.get(name)
-            if (t.purge_bar > (0 if told is None else told)).any():
+            if (_scoped_bar(t, mask) > (0 if told is None else told)).any():
                 return True
             seen = self.dropped.get(name)
             if seen is None:  # a table new to the session: it holds none of its rows
                 self.dropped[name] = t.reconcile_epoch.copy()
-            elif not np.array_equal(seen, t.reconcile_epoch):
+            elif (_moved(seen, t, mask)).size:
                 return True
         return False
 
     def take(
-        self, store: Store, floors: Mapping[str, np.ndarray] | None, budget: int
+        self,
+        store: Store,
+        floors: Mapping[str, np.ndarray] | None,
+        budget: int,
+        scope: Scope | None = None,
     ) -> tuple[Floors | None, list[ShardKeys] | None]:
         """The purge bars to tell and the key lists to send now: at least one list, then
         as many as ``budget`` bytes hold (the rest wait for the next answer). A shard whose
         bar rose above the session's last reported ``floors`` (or any whose bar rose, if
         it reported none) is owed a list: the holder, or one below it, may lack deletes
-        whose tombstones are gone, and rows sent to it may still be on their way."""
+        whose tombstones are gone, and rows sent to it may still be on their way.
+
+        ``scope`` (a session naming partitions: its shard mask per table) keeps both to the
+        session's shards: bars of the others are sent as 0, their lists never (a store of
+        several sources' partitions would send one source's recovery the other's lists)."""
         purge: Floors = {}
         for name, table in store.tables.items():
+            mask = scope(table) if scope is not None else None
             seen = self.dropped.get(name)
             if seen is not None and not np.array_equal(seen, table.reconcile_epoch):
                 # This holder dropped rows a reconcile found deleted: we may hold them too.
-                moved = np.flatnonzero(seen != table.reconcile_epoch)
+                moved = _moved(seen, table, mask)
                 self.reconcile.setdefault(name, set()).update(moved.tolist())
                 np.copyto(seen, table.reconcile_epoch)
             told = self.seen.get(name)
-            rose = (table.purge_bar > (0 if told is None else told)).any(axis=1)
+            bar = _scoped_bar(table, mask)
+            rose = (bar > (0 if told is None else told)).any(axis=1)
             if not rose.any():
                 continue
-            self.seen[name] = table.purge_bar.copy()
-            purge[name] = table.purge_bar.copy()
+            self.seen[name] = bar.copy()
+            purge[name] = bar.copy()
             f = (floors or {}).get(name)
-            below = rose if f is None else rose & (f < table.purge_bar).any(axis=1)
+            below = rose if f is None else rose & (f < bar).any(axis=1)
             if below.any():
                 self.reconcile.setdefault(name, set()).update(np.flatnonzero(below).tolist())
         keys: list[ShardKeys] = []
@@ -269,6 +284,8 @@ class PurgeNotices:
             if table is None:
                 del self.reconcile[name]
                 continue
+            if scope is not None:
+                self.reconcile[name] = set(_in_scope(self.reconcile[name], table, scope))
             shards = _ready(table, self.reconcile[name])
             held = table.shard_keys(shards) if shards.size else []
             for s, k in zip(shards.tolist(), held, strict=True):
@@ -278,6 +295,22 @@ class PurgeNotices:
                 self.reconcile[name].discard(s)
                 budget -= 8 * k.shape[0] + 32
         return purge or None, keys or None
+
+
+def _scoped_bar(table: Table, mask: np.ndarray | None) -> np.ndarray:
+    """``table``'s purge bar on the shards of ``mask`` (None: all), 0 elsewhere."""
+    return table.purge_bar if mask is None else np.where(mask[:, None], table.purge_bar, 0)
+
+
+def _moved(seen: np.ndarray, table: Table, mask: np.ndarray | None) -> np.ndarray:
+    """The shards (of ``mask``) whose reconcile epoch moved since ``seen``."""
+    moved = seen != table.reconcile_epoch
+    return np.flatnonzero(moved if mask is None else moved & mask)
+
+
+def _in_scope(shards: set[int], table: Table, scope: Scope | None) -> list[int]:
+    mask = scope(table) if scope is not None else None
+    return sorted(s for s in shards if mask is None or (0 <= s < mask.shape[0] and mask[s]))
 
 
 def _nonnegative_int64(a: object, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -304,7 +337,7 @@ def _checked_keys(sk: ShardKeys, table: Table) -> ShardKeys | None:
     return ShardKeys(sk.table, int(sk.shard), bar.tolist(), keys.astype(np.int64))
 
 
-def _ready(table: Table, shards: set[int]) -> np.ndarray:
+def _ready(table: Table, shards: Iterable[int]) -> np.ndarray:
     """The ``shards`` whose key lists may be sent: those this holder holds complete up to
     their purge bar in every lane (a list missing rows below the bar would make a holder
     drop rows it should keep). The others wait for this holder's own pulls."""
@@ -314,10 +347,9 @@ def _ready(table: Table, shards: set[int]) -> np.ndarray:
 
 def holder_floors(store: Store) -> Floors:
     """A holder's own floors: per table, its settled knowledge (zero where nothing settled)."""
-    settled = store.settled.settled
     out = {}
     for name, t in store.tables.items():
-        s = settled.get(name)
+        s = store.settled_of(name)  # each shard by its own source's history
         out[name] = (
             np.minimum(s, t.knowledge) if s is not None and s.shape == t.knowledge.shape
             else np.zeros_like(t.knowledge)

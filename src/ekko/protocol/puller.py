@@ -9,8 +9,11 @@ Every answer names the responder's lineage (the source history its rows belong t
 puller whose store holds another lineage cannot merge by version — the same version may be
 another row — so it rebuilds: pulls everything into a fresh store from nothing and, once the
 responder has nothing more for it, puts that store's tables in place of its own (rows the
-new lineage lacks are gone, exactly). ``absorb`` pullers (a restarting source pulling from
-its replicas) never rebuild: they take rows of their own lineage and refuse any other.
+new lineage lacks are gone, exactly). A store holding partitions of several sources keeps a
+lineage per source (``ekko.store.sources``): a puller's partitions are one source's, and it
+checks, adopts and rebuilds only that source's history and shards. ``absorb`` pullers (a
+restarting source pulling from its replicas) never rebuild: they take rows of their own
+lineage and refuse any other.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ekko.protocol.traffic import TrafficTally
 from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
 from ekko.store.settled import Mark
+from ekko.store.sources import History
 from ekko.store.spec import LANES
 
 LINK = "upstream"
@@ -173,6 +177,14 @@ class Puller:
     def _into(self) -> Store:
         return self._staging if self._staging is not None else self.store
 
+    @property
+    def _history(self) -> History:
+        """The source history this link pulls: of its partitions in the served store (a
+        store of several sources keeps one per source), or the staging store's one."""
+        if self._staging is not None:
+            return self._staging.history()
+        return self.store.history(self.config.partitions)
+
     def receive(self, msg: Message, now: float) -> Ready:
         if isinstance(msg, PullResponse):
             self._in_flight.pop(msg.req_id, None)
@@ -191,7 +203,7 @@ class Puller:
                 if self.absorb:
                     return Ready()
                 return self._fill(now, immediate=True)
-            if not self.absorb and self._into.settled.new_epoch(msg.mark):
+            if not self.absorb and self._history.settled.new_epoch(msg.mark):
                 self._epoch_changed(msg.mark)
             if msg.tables is not None:
                 for spec in msg.tables:
@@ -207,7 +219,7 @@ class Puller:
             applied = tuple(self._apply(chunk, now) for chunk in chunks)
             bars, dropped = self._purge(msg)  # absorbing too: purged deletes stay out
             if not self.absorb:
-                self._into.settled.observe(msg.mark, self._into.knowledge_by_table())
+                self._history.settled.observe(msg.mark, self._into.knowledge_by_table())
             if msg.holds and not msg.chunks:
                 self._check_holds(msg.holds)
             if not msg.more and not self._pending and not self._forget_asked:
@@ -255,11 +267,12 @@ class Puller:
     def _same_lineage(self, lineage: int) -> bool:
         """Whether rows of ``lineage`` may be merged into what we hold; if not, start a
         rebuild (or, absorbing, refuse the upstream)."""
-        into = self._into
-        if lineage == 0 or lineage == into.lineage:
+        history = self._history
+        if lineage == 0 or lineage == history.lineage:
             return True  # 0: an upstream that has not learnt a lineage holds no rows
-        if into.lineage == 0 and not any(t.rows for t in into.tables.values()):
-            into.lineage = lineage  # nothing held yet: adopt
+        parts = None if self._staging is not None else self._parts()
+        if history.lineage == 0 and not self._into.holds_rows(parts):
+            history.lineage = lineage  # nothing held yet: adopt
             return True
         if self.absorb:
             self.refused_lineage = lineage
@@ -280,7 +293,7 @@ class Puller:
         """The upstream answers for another source process (it restarted): what our
         knowledge claimed beyond its old disk may rest on writes it lost. Take knowledge back
         to the settled part and restate it; rows above come again (apply is idempotent)."""
-        self._into.settle_back(mark)
+        self._into.settle_back(mark, None if self._staging is not None else self._parts())
         self._restate_all = True
         self._pending.clear()
         self._resync.clear()
@@ -290,13 +303,17 @@ class Puller:
         """The responder had nothing more for this session when it answered ``req_id``."""
         if self._staging is not None:
             if req_id >= self._staging_from:
-                self.store.replace_with(self._staging)
+                self.store.replace_with(self._staging, self._parts())
                 self._staging = None
                 self.reconciles.clear()  # lists for the old store's rows
                 self.rebuilds += 1
             return
         if req_id >= self._first_req:
             self.caught_up = True
+
+    def _parts(self) -> tuple[int, ...] | None:
+        """The partitions naming this link's history in a store of several sources."""
+        return self.config.partitions if self.store.multi_source else None
 
     def _catalog_lost(self) -> None:
         """An answer names a catalog version newer than the last catalog we received, or

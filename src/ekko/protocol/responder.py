@@ -21,6 +21,7 @@ from ekko.protocol.floors import (
     Floors,
     HolderFloors,
     PurgeNotices,
+    Scope,
     check_floors,
 )
 from ekko.protocol.messages import (
@@ -36,8 +37,9 @@ from ekko.protocol.messages import (
 from ekko.protocol.ready import Ready, SessionId
 from ekko.protocol.shard_scope import SessionScope
 from ekko.schedule.pacing import LinkPacer, PacerStats
-from ekko.store import Store, Table, UnknownTableError
+from ekko.store import Store, StoreError, Table, UnknownTableError
 from ekko.store.placement import Placement
+from ekko.store.settled import Mark
 from ekko.store.spec import LANES
 
 HOLDS_QUIET_S = 1.0
@@ -95,6 +97,7 @@ class _Session:
     scope: SessionScope = field(default_factory=SessionScope)  # the partitions asked for
     purges: PurgeNotices = field(default_factory=PurgeNotices)
     sid: SessionId | None = None  # the key it is kept under
+    lineage: int | None = None  # of its partitions' source when it was last answered
 
     def forget(self) -> None:
         """The puller holds nothing this session was sent: start from nothing."""
@@ -128,7 +131,7 @@ class Responder:
         self._pulls = self._parked_total = self._expired = 0
         self._rows_sent = self._bytes_sent = 0
         self._chunks = ChunkCollector(store, use_cache=self.config.use_cache)
-        self._lineage = store.lineage
+        self._lineage = store.lineage_key()
         self.floors = HolderFloors(self.config.holder_horizon_s)
         self._reconciled_shards = 0
 
@@ -161,7 +164,7 @@ class Responder:
             return ready
         sess.codec = msg.codec
         sess.absorb = msg.absorb
-        why = sess.scope.ask(msg.partitions, self.placement)
+        why = sess.scope.ask(msg.partitions, self.placement) or self._one_source(sess)
         if why is not None:
             ready.sends.append((session, Error(msg.req_id, "bad_partition", why)))
             return ready
@@ -267,12 +270,24 @@ class Responder:
     def _check_lineage(self) -> None:
         """The store was rebuilt under another lineage: what sessions were sent (and the
         memo of answers) describes rows it no longer holds. Forget it; each puller learns the
-        new lineage from its next answer and rebuilds."""
-        if self.store.lineage != self._lineage:
-            self._lineage = self.store.lineage
+        new lineage from its next answer and rebuilds. A store of several sources' partitions
+        rebuilds one source's at a time: sessions pulling another's go on as they were."""
+        key = self.store.lineage_key()  # of every source the store holds
+        if key != self._lineage:
+            self._lineage = key
             for sess in self._sessions.values():
-                sess.forget()
+                if not self.store.multi_source or self._lineage_moved(sess):
+                    sess.forget()
             self._chunks.forget()
+
+    def _lineage_moved(self, sess: _Session) -> bool:
+        """Whether the source history of ``sess``'s partitions is not the one it was last
+        answered from."""
+        try:
+            lineage = self.store.history(sess.scope.partitions).lineage
+        except StoreError:
+            return True
+        return sess.lineage is None or sess.lineage != lineage
 
     def close_session(self, session: SessionId, now: float | None = None) -> None:
         """``session`` ended; its floors hold purges back for the horizon after ``now``
@@ -357,23 +372,44 @@ class Responder:
         purge, reconcile = self._purges(sess, max(0, req.max_bytes), now)
         return PullResponse(
             req.req_id, self.store.catalog_version, [], False, self._catalog(sess),
-            self._holds(sess, now), self.store.lineage, self.store.mark(), purge, reconcile,
+            self._holds(sess, now), *self._history_of(sess), purge, reconcile,
         )  # fmt: skip
+
+    def _one_source(self, sess: _Session) -> str | None:
+        """Why the session's partitions cannot be answered from one source history (a
+        store holding several sources' partitions: ``ekko.store.sources``), or None."""
+        try:
+            self.store.history(sess.scope.partitions)
+        except StoreError as exc:
+            return str(exc)
+        return None
+
+    def _history_of(self, sess: _Session) -> tuple[int, Mark | None]:
+        """The lineage and mark an answer to ``sess`` carries: of its partitions' source."""
+        parts = sess.scope.partitions
+        sess.lineage = self.store.history(parts).lineage
+        return sess.lineage, self.store.mark(parts)
 
     def _owes(self, sess: _Session) -> bool:
         """Purge bars or key lists are owed to ``sess`` — a recovering source's absorbing
         session too: a replica that slept past the horizon may still hold rows whose delete
         was purged, and only this holder's bars and key lists keep them out of the source."""
-        return sess.purges.owes(self.store)
+        return sess.purges.owes(self.store, self._scope(sess))
 
     def _purges(self, sess: _Session, budget: int, now: float) -> tuple[dict | None, list | None]:
         if sess.absorb:  # a recovering source reports no floors: what it restated
             floors: Floors | None = sess.purges.restated_knowledge
         else:
             floors = None if sess.sid is None else self.floors.latest(sess.sid)
-        purge, keys = sess.purges.take(self.store, floors, budget)
+        purge, keys = sess.purges.take(self.store, floors, budget, self._scope(sess))
         self._reconciled_shards += len(keys or ())
         return purge, keys
+
+    def _scope(self, sess: _Session) -> Scope | None:
+        """The session's shards per table, if its pulls name partitions (None: all)."""
+        if sess.scope.partitions is None or self.placement is None:
+            return None
+        return lambda table: sess.scope.mask(table, self.placement)
 
     def _holds(self, sess: _Session, now: float) -> dict[str, np.ndarray] | None:
         """What this session was sent: a puller below it lost an answer. (Not what the store
@@ -463,8 +499,7 @@ class Responder:
             more,
             self._catalog(sess),
             None if chunks else self._holds(sess, now),
-            self.store.lineage,
-            self.store.mark(),
+            *self._history_of(sess),
             purge,
             reconcile,
         )
