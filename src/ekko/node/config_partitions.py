@@ -8,9 +8,9 @@ first syncing node, the leader each DC's first.
 
 The source of partition ``p`` is the first syncing node of the training DC that holds ``p``;
 the leader of ``p`` in a DC is the first syncing node of that DC holding it (config order).
-A replica keeps one store with one lineage (the source history its rows belong to,
-``ekko.protocol.puller``): rows of two source processes cannot share it, so a replica holds
-partitions of one source only.
+A replica may hold partitions of several sources: its store keeps one history (lineage,
+settled knowledge) per source (``source_groups``, ``ekko.store.sources``), and it pulls each
+source's partitions over links of their own (their candidates end at different sources).
 """
 
 from __future__ import annotations
@@ -55,10 +55,19 @@ def upstreams(config: ClusterConfig, node: NodeConfig, partition: int) -> list[N
     return [*ahead, *wan]
 
 
+def source_groups(config: ClusterConfig, node: NodeConfig) -> list[tuple[int, ...]]:
+    """``node``'s partitions grouped by their source (one history each in its store), in
+    order of each group's first partition."""
+    groups: dict[str, list[int]] = {}
+    for p in held(config, node):
+        groups.setdefault(source_of(config, p).name, []).append(p)
+    return [tuple(g) for g in groups.values()]
+
+
 def check(config: ClusterConfig) -> None:
     """Raise ValueError naming the node or DC when the partitions cannot run: an id out of
     range or repeated, a DC that lacks a partition, a node that is the source of one of its
-    partitions and not of another, a replica holding partitions of two sources."""
+    partitions and not of another."""
     parts = config.cluster.partitions
     for n in config.nodes:
         if n.partitions is None:
@@ -105,12 +114,6 @@ def check(config: ClusterConfig) -> None:
                 f"nodes[{n.name}].partitions: it is the source of partition {origin_of[0]} "
                 f"(the training DC's first holder of it) and would pull partition {other} from "
                 f"{sources[other]}; a source holds only partitions it is the source of"
-            )
-        theirs = sorted({sources[p] for p in mine})
-        if not origin_of and len(theirs) > 1:
-            raise ValueError(
-                f"nodes[{n.name}].partitions: {list(mine)} come from sources {theirs}; a "
-                "replica holds partitions of one source (one store, one lineage)"
             )
 
 

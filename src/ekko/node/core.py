@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ekko.net.wan import WanProfile
+from ekko.node import config_partitions
 from ekko.node.config import ClusterConfig
 from ekko.node.data_dir import claim_data_dir
 from ekko.node.links import PullLinks
@@ -25,11 +26,12 @@ from ekko.protocol.responder import Responder, ResponderConfig
 from ekko.protocol.traffic import TrafficTally
 from ekko.quality.latency import LatencyHistogram
 from ekko.schedule.write_port import WritePort
-from ekko.store import Store
+from ekko.store import Store, Table
 from ekko.store.clock import SYSTEM_CLOCK, Clock
 from ekko.store.holding import Holding
 from ekko.store.journal import StoreJournal, open_durable
 from ekko.store.settled import Mark
+from ekko.store.sources import shards_digest
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE, TableSpec
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,9 @@ class NodeCore:
         if self.role != "source":
             store = Store(origin=self.origin, cache_capacity=cache)
             store.set_holding(self.holding())
+            if self.config.partitioned:  # a history per source of its partitions
+                groups = config_partitions.source_groups(self.config, self.node)
+                store.set_sources(self.config.placement(), groups)
             return store
         if self.rebuild:
             self._set_aside()
@@ -343,6 +348,8 @@ class NodeCore:
                 "dim": t.dim,
                 "shards": t.num_shards,
                 "digest": f"{t.digest():016x}",
+                # Partitioned: per held partition (what its source's digest is compared with).
+                "partition_digests": self._partition_digests(t),
                 "knowledge": {
                     "high": int(t.knowledge[:, HIGH_LANE].sum()),
                     "low": int(t.knowledge[:, LOW_LANE].sum()),
@@ -362,7 +369,8 @@ class NodeCore:
             "uptime_s": round(self.clock.wall() - self.started_at, 3),
             "copied_at": self.copied_at,
             "catalog_version": self.store.catalog_version,
-            "lineage": f"{self.store.lineage:x}",
+            "lineage": self.lineage_text(),
+            "lineages": {str(p): f"{v:x}" for p, v in self.store.lineages().items()},
             "rebuilds": self.rebuilds,
             "accepting_writes": self.not_ready is None if self.is_source else None,
             "wal": vars(self.journal.wal.statistics()) if self.journal is not None else None,
@@ -372,6 +380,25 @@ class NodeCore:
             "served": self._served_status(),
             "traffic": self._traffic_status(),
         }
+
+    def _partition_digests(self, table: Table) -> dict[str, str] | None:
+        if not self.config.partitioned:
+            return None
+        parts = self.config.placement().partitions_of(table.name, table.num_shards)
+        return {
+            str(p): f"{shards_digest(table, parts == p):016x}" for p in self.config.held(self.name)
+        }
+
+    def lineage_text(self) -> str:
+        """The store's lineage in hex; a store of several sources' partitions, each
+        source's (``p0,p2:<hex> p1:<hex>``)."""
+        store = self.store
+        if not store.multi_source:
+            return f"{store.lineage:x}"
+        by: dict[int, list[int]] = {}
+        for p, v in store.lineages().items():
+            by.setdefault(v, []).append(p)
+        return " ".join(f"p{','.join(map(str, ps))}:{v:x}" for v, ps in by.items())
 
     def _served_status(self) -> dict[str, int]:
         """What this node's responder sent its pullers (rows and bytes, cumulative)."""

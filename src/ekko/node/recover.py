@@ -31,11 +31,11 @@ async def recover_source(core: NodeCore, connect: Connect) -> RecoveryResult:
     (``core.not_ready``) until the recovered store and its lineage are in a snapshot."""
     config = core.config
     core.not_ready = "recovering: pulling what the replicas hold beyond its own data"
-    replicas = [
+    replicas = [  # every holder of any of its partitions (a replica may hold others' too)
         n.name
         for n in config.nodes
         if config.role(n.name) not in NOT_REPLICAS
-        and config.source_of(config.held(n.name)[0]).name == core.name  # its partitions
+        and any(config.source_of(p).name == core.name for p in config.held(n.name))
     ]
     pulls = RECOVERY_PULLER
     if config.partitioned:  # this source's partitions only (issue 17)

@@ -19,7 +19,9 @@ The two figures, read as Kafka consumer lag is read:
   the age of the oldest write not yet applied, within one probe interval.
 
 A replica on another lineage than the source (rebuilding after a source lost its data) holds
-none of the source's versions: its knowledge counts as zero.
+none of the source's versions: its knowledge counts as zero. A replica holding partitions of
+several sources (issue 17) asks each of them, and compares each one's shards only, against
+the lineage of that source's partitions.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def knowledge_doc(core: NodeCore) -> dict:
     """What ``core`` holds complete: per table, ``knowledge[shard][lane]``, and its lineage."""
     return {
         "node": core.name,
-        "lineage": f"{core.store.lineage:x}",
+        "lineage": core.lineage_text(),
         "tables": {name: t.knowledge.tolist() for name, t in core.store.tables.items()},
     }
 
@@ -93,8 +95,13 @@ class LagTracker:
     state not yet held, which the newest sample alone cannot date.
     """
 
-    def __init__(self, max_samples: int = MAX_SAMPLES) -> None:
+    def __init__(
+        self, max_samples: int = MAX_SAMPLES, partitions: tuple[int, ...] | None = None
+    ) -> None:
         self.max_samples = max(2, max_samples)
+        # The partitions of the source this tracker samples, in a store holding several
+        # sources' (None: the store's one source): the lineage compared is theirs.
+        self.partitions = partitions
         self.lineage = 0
         self.seen_at: float | None = None  # when the source last answered
         self._latest: dict[str, np.ndarray] = {}
@@ -142,7 +149,12 @@ class LagTracker:
 
     def _mine(self, store: Store, name: str, like: np.ndarray) -> np.ndarray:
         t = store.tables.get(name)
-        if t is None or t.knowledge.shape != like.shape or store.lineage != self.lineage:
+        parts = self.partitions if store.multi_source else None
+        if (
+            t is None
+            or t.knowledge.shape != like.shape
+            or (store.history(parts).lineage != self.lineage)
+        ):
             return np.zeros_like(like)
         return t.knowledge
 
@@ -185,21 +197,34 @@ class LagProbe(Driver):
         self.secret = secret
         self.interval_s = interval_s
         self.clock = clock
-        self.tracker = LagTracker()
-        self._failing = False
+        # One tracker per source of this node's partitions (several: ``config_partitions``),
+        # each comparing that source's partitions only (``probe``).
+        cfg = core.config
+        by_source: dict[str, list[int]] = {}
+        for p in cfg.held(core.name):
+            by_source.setdefault(cfg.source_of(p).name, []).append(p)
+        self.trackers = {
+            name: LagTracker(partitions=tuple(parts)) for name, parts in by_source.items()
+        }
+        self._failing: set[str] = set()
+
+    @property
+    def tracker(self) -> LagTracker:
+        """The first source's tracker (the only one unless several sources)."""
+        return next(iter(self.trackers.values()))
 
     async def run(self) -> None:
-        # The source of this node's partitions (one: ``config_partitions``); partitioned,
-        # its shards of other partitions are not compared (``probe``).
-        cfg = self.core.config
-        url = self.http.url(cfg.source_of(cfg.held(self.core.name)[0]).name, KNOWLEDGE_PATH)
+        urls = {name: self.http.url(name, KNOWLEDGE_PATH) for name in self.trackers}
         async with self.http.async_client(timeout=max(5.0, self.interval_s)) as client:
             while True:
-                await self.probe(client, url)
+                for name, url in urls.items():
+                    await self.probe(client, url, name)
                 await self.clock.sleep(self.interval_s)
 
-    async def probe(self, client: httpx.AsyncClient, url: str) -> None:
-        """One question to the source; its answer becomes a sample."""
+    async def probe(self, client: httpx.AsyncClient, url: str, source: str | None = None) -> None:
+        """One question to ``source`` (None: the first); its answer becomes a sample."""
+        source = source if source is not None else next(iter(self.trackers))
+        tracker = self.trackers[source]
         try:
             for _ in range(2):  # again if the source started after we signed
                 headers = auth_headers(self.secret, "node", "GET", KNOWLEDGE_PATH,
@@ -213,21 +238,34 @@ class LagProbe(Driver):
             lineage = int(doc["lineage"], 16)
             holding = self.core.store.holding
             if holding is not None and holding.scoped:  # shards held elsewhere: not lacked
+                placement = self.core.config.placement()
                 for n, k in tables.items():
-                    k[~holding.held_shards(n, k.shape[0])] = 0
+                    mine = np.isin(placement.partitions_of(n, k.shape[0]), tracker.partitions)
+                    k[~(holding.held_shards(n, k.shape[0]) & mine)] = 0
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            if not self._failing:
-                log.warning("%s: cannot read the source's knowledge (%s); lag is against the "
-                            "last answer", self.core.name, exc)  # fmt: skip
-            self._failing = True
+            if source not in self._failing:
+                log.warning("%s: cannot read %s's knowledge (%s); lag is against the "
+                            "last answer", self.core.name, source, exc)  # fmt: skip
+            self._failing.add(source)
             return
-        if self._failing:
-            log.info("%s: the source answers the lag probe again", self.core.name)
-        self._failing = False
-        self.tracker.observe(self.clock.wall(), lineage, tables, self.core.store)
+        if source in self._failing:
+            log.info("%s: %s answers the lag probe again", self.core.name, source)
+        self._failing.discard(source)
+        tracker.observe(self.clock.wall(), lineage, tables, self.core.store)
 
     def lag(self) -> dict[str, TableLag]:
-        return self.tracker.lag(self.core.store, self.clock.wall())
+        """Per table: the versions lacked summed over sources, the oldest unheld age."""
+        out: dict[str, TableLag] = {}
+        now = self.clock.wall()
+        for tracker in self.trackers.values():
+            for name, lag in tracker.lag(self.core.store, now).items():
+                was = out.get(name)
+                out[name] = (
+                    lag
+                    if was is None
+                    else TableLag(was.versions + lag.versions, max(was.seconds, lag.seconds))
+                )
+        return out
 
     def partitions(self) -> dict[str, dict]:
         """Per held partition: where it is pulled from now, and the versions this node
@@ -240,12 +278,13 @@ class LagProbe(Driver):
             def shards(name: str, n: int, p: int = p) -> np.ndarray:
                 return placement.partitions_of(name, n) == p
 
-            behind = self.tracker.behind_in(core.store, shards)
+            behind = self.trackers[cfg.source_of(p).name].behind_in(core.store, shards)
             out[str(p)] = {"upstream": core.upstream_of.get(p), "versions_behind": behind}
         return out
 
     def status(self) -> dict:
-        seen = self.tracker.seen_at
+        times = [t.seen_at for t in self.trackers.values()]
+        seen = None if None in times else min(t for t in times if t is not None)
         return {
             "replica_lag": {
                 "source_answered_s_ago": None

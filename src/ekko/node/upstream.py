@@ -78,7 +78,7 @@ class Upstream(Driver):
         self.clock = clock
         first = partitions[0] if partitions else None
         self.candidates = core.config.upstreams(core.name, first)
-        self._lineage = core.store.lineage
+        self._lineage = self._history_lineage()
 
     async def run(self) -> None:
         probe_s = self.core.config.sync.failover_probe_s
@@ -95,7 +95,8 @@ class Upstream(Driver):
                         await conn.close()
                 break
             else:
-                log.warning("no upstream of %s reachable; retrying", self.core.name)
+                scope = "" if self.partitions is None else f" (partitions {list(self.partitions)})"
+                log.warning("no upstream of %s%s reachable; retrying", self.core.name, scope)
                 await self.clock.sleep(probe_s / 4)
 
     async def _pull(self, conn: Connection, peer: NodeConfig, preferred: list[NodeConfig]) -> None:
@@ -122,7 +123,7 @@ class Upstream(Driver):
             if puller.rebuilds != rebuilds:
                 rebuilds = puller.rebuilds
                 self._rebuilt()
-            self._lineage = core.store.lineage  # adopted by an empty store, or rebuilt
+            self._lineage = self._history_lineage()  # adopted by an empty store, or rebuilt
 
         probe = self._probe(preferred) if preferred else None
         try:
@@ -135,12 +136,20 @@ class Upstream(Driver):
                 core.upstream_of[p] = None
             core.links.detach(peer.name, puller)
 
+    def _history_lineage(self) -> int:
+        """The lineage of this link's partitions (a store of several sources keeps one per
+        source: ``ekko.store.sources``)."""
+        store = self.core.store
+        return store.history(self.partitions if store.multi_source else None).lineage
+
     def _rebuilt(self) -> None:
         self.core.rebuilds += 1
+        scope = "" if self.partitions is None else f" partitions {list(self.partitions)}"
         log.warning(
-            "%s rebuilt its store from lineage %x (was %x): rows the source lacks are gone",
+            "%s rebuilt its store%s from lineage %x (was %x): rows the source lacks are gone",
             self.core.name,
-            self.core.store.lineage,
+            scope,
+            self._history_lineage(),
             self._lineage,
         )
         self.on_rebuilt()
