@@ -4,11 +4,18 @@ between batches, the same stream for the same seed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ekko.node.config import load_config
+from ekko.node.core import NodeCore
+from ekko.ops.cluster_init import cluster_doc, write_cluster
+from ekko.ops.launcher import LocalCluster
 from ekko.ops.synthetic import SyntheticWriter, SyntheticWriterConfig, synthetic_writer
+from ekko.store import shard_of
 from ekko.store.clock import FakeClock
 
 
@@ -77,3 +84,56 @@ def test_the_factory_builds_a_writer_only_at_the_source() -> None:
     assert synthetic_writer(SyntheticWriterConfig())(Core()) is None  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_interval_ms must be > 0"):
         synthetic_writer(SyntheticWriterConfig(batch_interval_ms=0))
+
+
+@pytest.mark.xfail(strict=True, reason="the fix follows: a writer per partition source")
+async def test_on_a_partitioned_cluster_each_source_writes_its_own_partitions_keys(
+    tmp_path: Path,
+) -> None:
+    """``ekko up --writer-rate`` on a partitioned cluster: the writer ran at the first
+    source only and wrote keys of every partition, so each batch was refused (421: shard in
+    partition 1) and the writer restarted for ever, writing nothing; with no tables (a
+    ``--serve`` cluster, whose sources run no trainer) it raised ZeroDivisionError. Now every
+    source runs one that keeps its own partitions' keys, and one with no table waits."""
+    doc = cluster_doc(dcs=1, replicas=1, partitions=2, tables=[("emb", 4, 8)],
+                      sync={"snapshot_interval_s": 0})  # fmt: skip
+    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+    launched = LocalCluster(tmp_path / "cluster.toml", writer_args=["--writer-rate", "5"])
+    assert launched.writes_at() == {"source-p0", "source-p1"}
+    clock = FakeClock()
+    wrote = {}
+    for name in ("source-p0", "source-p1"):
+        core = NodeCore(cfg, name, tmp_path / name, clock=clock)
+        core.not_ready = None  # recovered (nothing to recover from in this test)
+        cfg_w = SyntheticWriterConfig(rate_rows_per_s=1000, batch_interval_ms=10, key_space=500)
+        writer = synthetic_writer(cfg_w)(core)
+        assert writer is not None
+        writer.clock = clock
+        task = asyncio.create_task(writer.run())
+        start = clock.mono()
+        while clock.mono() < start + 1.0 and not task.done():
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # a refused write would raise here
+        table = core.store.table("emb")
+        keys = table.all_rows()[0]
+        assert table.rows > 0 and writer.rows_written > 0
+        parts = cfg.placement().partitions_of("emb", 8)[shard_of(keys, 8)]
+        assert set(parts.tolist()) == set(cfg.held(name))
+        wrote[name] = writer.rows_written
+    assert sum(wrote.values()) == pytest.approx(1000, rel=0.05)  # the rate, over both
+
+
+@pytest.mark.xfail(strict=True, reason="the fix follows: a writer per partition source")
+async def test_a_writer_with_no_table_waits_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    writer = SyntheticWriter(SyntheticWriterConfig(rate_rows_per_s=1000), lambda *a: None, {},
+                             clock)  # fmt: skip
+    task = asyncio.create_task(writer.run())
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not task.done()  # waiting, not failed
+    task.cancel()
+    assert writer.rows_written == 0
+    assert "no table to write" in caplog.text
