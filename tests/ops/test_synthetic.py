@@ -86,7 +86,6 @@ def test_the_factory_builds_a_writer_only_at_the_source() -> None:
         synthetic_writer(SyntheticWriterConfig(batch_interval_ms=0))
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: a writer per partition source")
 async def test_on_a_partitioned_cluster_each_source_writes_its_own_partitions_keys(
     tmp_path: Path,
 ) -> None:
@@ -125,7 +124,6 @@ async def test_on_a_partitioned_cluster_each_source_writes_its_own_partitions_ke
     assert sum(wrote.values()) == pytest.approx(1000, rel=0.05)  # the rate, over both
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: a writer per partition source")
 async def test_a_writer_with_no_table_waits_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     writer = SyntheticWriter(SyntheticWriterConfig(rate_rows_per_s=1000), lambda *a: None, {},

@@ -124,7 +124,7 @@ class LocalCluster:
             "--name",
             name,
         ]
-        if name == self.config.source.name:
+        if name in self.writes_at():
             cmd += self.writer_args
         if name in self._fresh:
             cmd.append("--fresh")
@@ -144,6 +144,11 @@ class LocalCluster:
         threading.Thread(target=np_._read_stdout, daemon=True).start()
         self.procs[name] = np_
         return np_
+
+    def writes_at(self) -> set[str]:
+        """The nodes given the synthetic writer's options: every partition's source (each
+        writes its own partitions' keys), none without options."""
+        return {n.name for n in self.config.sources} if self.writer_args else set()
 
     def wait_ready(self, name: str, timeout: float = 60.0) -> None:
         p = self.procs[name]

@@ -9,6 +9,7 @@ the store write itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 
 from ekko.node.core import NodeCore
 from ekko.node.driver import Driver, DriverFactory
+from ekko.store import shard_of
 from ekko.store.clock import SYSTEM_CLOCK, LoopClock
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,14 @@ class SyntheticWriter(Driver):
         write: Callable[[str, np.ndarray, np.ndarray], object],
         dims: dict[str, int],
         clock: LoopClock = SYSTEM_CLOCK,
+        keep: Callable[[str, np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """``keep(table, keys)``: which keys this node may write (bool [n]; a partitioned
+        source's own partitions), None: all."""
         self.config = config.validate()
         self._write = write
         self._dims = dims
+        self._keep = keep
         self.clock = clock
         self._rng = np.random.default_rng(config.seed)
         self._pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -111,6 +117,10 @@ class SyntheticWriter(Driver):
     async def run(self) -> None:
         cfg = self.config
         tables = list(cfg.tables or self._dims)
+        if not tables:  # a partitioned --serve cluster: its sharded trainer makes them
+            log.warning("synthetic writer: no table to write (the store has none and "
+                        "--writer-tables names none); writing nothing")  # fmt: skip
+            await asyncio.Event().wait()
         if not self._prefilled:  # once, not again when the supervisor restarts the writer
             self._prefill(tables)
             self._prefilled = True
@@ -128,8 +138,13 @@ class SyntheticWriter(Driver):
             owed -= n
             table = tables[tick % len(tables)]
             keys, values = self._batch(table, n)
+            if self._keep is not None:
+                mine = self._keep(table, keys)
+                keys, values = keys[mine], values[mine]
+                if not keys.shape[0]:
+                    continue
             self._write(table, keys, values)
-            self.rows_written += n
+            self.rows_written += keys.shape[0]
 
 
 def synthetic_writer(config: SyntheticWriterConfig) -> DriverFactory:
@@ -141,6 +156,22 @@ def synthetic_writer(config: SyntheticWriterConfig) -> DriverFactory:
         if not core.is_source:
             return None
         dims = {n: t.dim for n, t in core.store.tables.items()}
-        return SyntheticWriter(config, core.write, dims)
+        return SyntheticWriter(config, core.write, dims, keep=_held_keys(core))
 
     return build
+
+
+def _held_keys(core: NodeCore) -> Callable[[str, np.ndarray], np.ndarray] | None:
+    """A partitioned source's filter: the keys of its own partitions (it refuses the
+    others' with a 421); None when unpartitioned."""
+    cfg = core.config
+    if not cfg.partitioned:
+        return None
+    placement = cfg.placement()
+    mine = np.array(cfg.held(core.name), dtype=np.int64)
+
+    def keep(table: str, keys: np.ndarray) -> np.ndarray:
+        shards = core.store.table(table).spec.num_shards
+        return np.isin(placement.partitions_of(table, shards)[shard_of(keys, shards)], mine)
+
+    return keep
