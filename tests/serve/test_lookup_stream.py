@@ -225,7 +225,6 @@ async def test_an_answer_that_does_not_fit_its_lookup_is_a_holder_failure(answer
         await server.wait_closed()
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: the stream bounds its answers")
 async def test_a_lookup_whose_answer_would_pass_the_frame_limit_is_refused(node) -> None:  # noqa: F811
     """A small frame may ask for an answer without end: a key costs 8 bytes of the frame
     and 8 + 4 x dim of the answer, and keys may repeat (a 1-row dense table of 23 488 floats
@@ -235,7 +234,7 @@ async def test_a_lookup_whose_answer_would_pass_the_frame_limit_is_refused(node)
     stream = await LookupStream.open(url, Credentials(secret=runner.secret))
     try:
         n = stream.max_frame // 8 // 2  # a frame of half the limit, its answer 1.5 x it
-        with pytest.raises(ClientError, match="413 .*would answer") as caught:
+        with pytest.raises(ClientError, match=r"413 .*would answer") as caught:
             await stream.lookup({"emb": np.zeros(n, np.int64)})
         assert caught.value.status == 413 and "split the lookup" in str(caught.value)
         assert runner.core.store.table("emb").dim == 4

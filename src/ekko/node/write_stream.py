@@ -257,13 +257,19 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         keys = body[8 * f.dim : 8 * (f.dim + f.n)].view("<i8")
         known = body[8 * (f.dim + f.n) : f.body_bytes].view("<i8") if f.flags & FLAG_KNOWN else None
         store = self.core.store
+        asked = [store.table(name) for name in tables]
+        answer = sum(c * (8 + 4 * t.dim) for t, c in zip(asked, counts.tolist(), strict=True))
+        if answer > self.max_body:  # keys may repeat: a small frame must not answer without end
+            self._refuse(f.seq, 413, f"tables: {f.n} keys would answer {answer} bytes; the "
+                                     f"limit is {self.max_body}: split the lookup")  # fmt: skip
+            return
         dims = np.empty(f.dim, np.int64)
         rows = np.empty(f.dim, np.int64)
         versions = np.empty(f.n, np.int64)
         values = []
         at = 0
-        for i, (name, count) in enumerate(zip(tables, counts.tolist(), strict=True)):
-            vals, ver, _found = store.table(name).lookup(keys[at : at + count])
+        for i, (table, count) in enumerate(zip(asked, counts.tolist(), strict=True)):
+            vals, ver, _found = table.lookup(keys[at : at + count])
             if known is not None:
                 vals = vals[ver != known[at : at + count]]
             versions[at : at + count] = ver
