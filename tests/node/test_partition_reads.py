@@ -28,7 +28,6 @@ def _keys(cfg, partition: int, n: int) -> np.ndarray:
     return keys[cfg.placement().partitions_of("emb", 8)[shard_of(keys, 8)] == partition][:n]
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: reads check the partition")
 async def test_a_holder_refuses_lookups_of_another_partitions_keys(tmp_path: Path) -> None:
     doc = cluster_doc(dcs=1, replicas=1, partitions=2, tables=[("emb", 4, 8)],
                       sync={"snapshot_interval_s": 0})  # fmt: skip

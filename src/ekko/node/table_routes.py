@@ -51,6 +51,7 @@ from ekko.node.core import NodeCore, NotReadyError, NotSourceError
 from ekko.store import StoreError, TableConflictError, UnknownTableError, WalError
 from ekko.store.holding import MemoryBudgetError, NotHeldError
 from ekko.store.spec import TableSpec
+from ekko.store.table import Table
 
 BadRequest = RequestError
 
@@ -195,6 +196,13 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
     def table_of(request: Request):
         return core.store.table(request.path_params["table"])
 
+    def held(table: Table, keys: np.ndarray) -> None:
+        """421 (``NotHeldError``) for keys of another partition: read here, they would
+        answer "not found" while their partition's holders have them."""
+        holding = core.store.holding
+        if holding is not None:
+            holding.check_held(table, keys)
+
     @guarded
     async def list_tables(request: Request) -> Response:
         """The tables this node holds: name, dim, shards, rows."""
@@ -231,7 +239,9 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
             raise BadRequest(
                 f"keys: expected comma-separated integers, got {reprlib.repr(raw)}"
             ) from exc
-        return JSONResponse(core.read_rows(table.name, parse_keys(keys)))
+        keys_ = parse_keys(keys)
+        held(table, keys_)
+        return JSONResponse(core.read_rows(table.name, keys_))
 
     @guarded
     async def post_rows(request: Request) -> Response:
@@ -278,6 +288,7 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
                 f"the limit is {max_body}: split the lookup",
                 status=413,
             )
+        held(table, keys)
         values, versions, found = table.lookup(keys)
         frame = RowsFrame(table.name, values, versions, found.view(np.uint8))
 
@@ -301,6 +312,8 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
             )
         parts = await offload(decode_lookup_many, await read_body(request))
         tables = [(core.store.table(name), keys, known) for name, keys, known in parts]
+        for table, keys, _ in tables:
+            held(table, keys)
         answer = sum(k.shape[0] * (4 * t.dim + 8 + 1) for t, k, _ in tables)
         if answer > max_body:
             raise RequestError(

@@ -258,6 +258,11 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         known = body[8 * (f.dim + f.n) : f.body_bytes].view("<i8") if f.flags & FLAG_KNOWN else None
         store = self.core.store
         asked = [store.table(name) for name in tables]
+        if store.holding is not None:  # another partition's key: 421, never "not found"
+            at = 0
+            for table, count in zip(asked, counts.tolist(), strict=True):
+                store.holding.check_held(table, keys[at : at + count])
+                at += count
         answer = sum(c * (8 + 4 * t.dim) for t, c in zip(asked, counts.tolist(), strict=True))
         if answer > self.max_body:  # keys may repeat: a small frame must not answer without end
             self._refuse(f.seq, 413, f"tables: {f.n} keys would answer {answer} bytes; the "

@@ -122,20 +122,7 @@ class Holding:
         of a shard held elsewhere, ``MemoryBudgetError`` when its new keys do not fit."""
         if keys.shape[0] == 0:
             return
-        if self.scoped:
-            shards = shard_of(keys, table.num_shards)
-            held = self.held_shards(table.name, table.num_shards)
-            out = ~held[shards]
-            if out.any():
-                s = int(shards[np.flatnonzero(out)[0]])
-                assert self.placement is not None
-                p = self.placement.partition_of(table.name, s)
-                owner = f" ({self.owner_of(p)})" if self.owner_of is not None else ""
-                raise NotHeldError(
-                    f"node {self.node}: table {table.name!r} shard {s} is in partition {p}, "
-                    f"which this node does not hold (it holds {list(self.partitions or ())})"
-                    f"{owner}; {int(out.sum())} of {keys.shape[0]} keys refused"
-                )
+        self.check_held(table, keys)
         if self.max_bytes is None:
             return
         versions, _dead = table.versions_of(keys)
@@ -156,6 +143,26 @@ class Holding:
                 f"{','.join(map(str, parts))}: {new.size} new rows ({_mb(extra)} MB) would "
                 f"take the node to {_mb(used + grows)} MB, over its max_memory_mb = "
                 f"{_mb(self.max_bytes)}; nothing of this write was stored"
+            )
+
+    def check_held(self, table: Table, keys: np.ndarray) -> None:
+        """Raise ``NotHeldError`` naming the partition of the first of ``keys`` (int64) in a
+        shard held elsewhere. Reads check too: a lookup here would answer such a key "not
+        found" while its partition's holders have it."""
+        if not self.scoped or keys.shape[0] == 0:
+            return
+        shards = shard_of(keys, table.num_shards)
+        held = self.held_shards(table.name, table.num_shards)
+        out = ~held[shards]
+        if out.any():
+            s = int(shards[np.flatnonzero(out)[0]])
+            assert self.placement is not None
+            p = self.placement.partition_of(table.name, s)
+            owner = f" ({self.owner_of(p)})" if self.owner_of is not None else ""
+            raise NotHeldError(
+                f"node {self.node}: table {table.name!r} shard {s} is in partition {p}, "
+                f"which this node does not hold (it holds {list(self.partitions or ())})"
+                f"{owner}; {int(out.sum())} of {keys.shape[0]} keys refused"
             )
 
     def _growth(self, table: Table, new_rows: int) -> int:
