@@ -2,6 +2,7 @@
 
 from ekko.torch import EmbeddingPublisher, PublisherConfig, MemorySink
 from ekko.torch import DynamicEmbedding, DynamicEmbeddingConfig  # raw ids, bounded rows
+from ekko.torch import MemoryBudget  # bytes shared by several dynamic tables
 """
 
 from ekko.store.spec import Sink
@@ -12,6 +13,7 @@ from ekko.train.dynamic_embedding import (
     DynamicEmbeddingStatistics,
 )
 from ekko.train.eviction import EvictionConfig
+from ekko.train.memory_budget import MemoryBudget, MemoryBudgetStatistics
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig, PublisherStatistics
 from ekko.train.sink import DeletingSink, MemorySink
 
@@ -23,6 +25,8 @@ __all__ = [
     "DynamicEmbeddingStatistics",
     "EmbeddingPublisher",
     "EvictionConfig",
+    "MemoryBudget",
+    "MemoryBudgetStatistics",
     "MemorySink",
     "PublisherConfig",
     "PublisherStatistics",

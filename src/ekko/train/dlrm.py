@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ekko.train.dynamic_embedding import DynamicEmbedding, DynamicEmbeddingConfig
+from ekko.train.memory_budget import MAX_BUDGET_BYTES, MemoryBudget, row_bytes
 
 Lookup = Callable[[str, np.ndarray], np.ndarray]
 """``lookup(table, ids int64 [n]) -> float32 [n, dim]``: rows of one table from a store."""
@@ -59,6 +60,9 @@ class DLRMConfig:
 
     ``dynamic`` (None: hashed tables of ``rows_per_table`` rows) makes every sparse table a
     ``DynamicEmbedding`` keyed by raw ids, with its row budget, admission and eviction.
+    ``memory_budget_bytes`` (needs ``dynamic``; None: none) is what the rows of all of them
+    may take together, as the store counts them (``ekko.train.memory_budget``); it must
+    hold a row of each table.
     """
 
     num_dense: int = 13
@@ -71,6 +75,7 @@ class DLRMConfig:
     table_namespace: str = ""
     dense_limit: float = 64.0
     dynamic: DynamicEmbeddingConfig | None = None
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.table_namespace and not self.table_namespace.endswith("/"):
@@ -98,6 +103,19 @@ class DLRMConfig:
                 "DLRMConfig.dynamic.default_row must be 'zeros': a serving replica reads zeros "
                 "for an id the store does not hold, and a trained default row is not published"
             )
+        if self.memory_budget_bytes is not None:
+            if self.dynamic is None:
+                raise ValueError(
+                    "DLRMConfig.memory_budget_bytes needs dynamic tables (DLRMConfig.dynamic): "
+                    "a hashed table holds all its rows"
+                )
+            least = self.num_sparse * row_bytes(self.embedding_dim)
+            if not least <= self.memory_budget_bytes <= MAX_BUDGET_BYTES:
+                raise ValueError(
+                    f"DLRMConfig.memory_budget_bytes must hold a row of each of the "
+                    f"{self.num_sparse} tables ({least} B) and be at most 2**60: "
+                    f"{self.memory_budget_bytes}"
+                )
 
     @property
     def interaction_dim(self) -> int:
@@ -122,7 +140,8 @@ class SparseArch(nn.Module):
     Why separate tables: each feature is its own store table (``emb_{i}``), so the publisher
     and the store see per-feature rows, and a sparse optimizer touches only looked-up rows.
     With ``config.dynamic`` each table is a ``DynamicEmbedding`` (one id per bag, so the
-    sum-pooled bag and a plain lookup are the same).
+    sum-pooled bag and a plain lookup are the same), sharing ``memory`` (a
+    ``MemoryBudget``) when ``config.memory_budget_bytes`` is set.
 
     Args:
         config: model shape.
@@ -139,10 +158,15 @@ class SparseArch(nn.Module):
         super().__init__()
         bound = config.rows_per_table**-0.5
         self.embedding_bags = nn.ModuleDict()
+        self.memory: MemoryBudget | None = None
+        if config.memory_budget_bytes is not None and config.dynamic is not None:
+            self.memory = MemoryBudget(config.memory_budget_bytes, config.dynamic.eviction)
         for i in range(config.num_sparse):
             table: nn.Module
             if config.dynamic is not None:
-                table = DynamicEmbedding(config.embedding_dim, config.dynamic, init_bound=bound)
+                table = DynamicEmbedding(
+                    config.embedding_dim, config.dynamic, init_bound=bound, memory=self.memory
+                )
             else:
                 table = nn.EmbeddingBag(
                     config.rows_per_table, config.embedding_dim, mode="sum", sparse=True

@@ -22,6 +22,7 @@ from torch import nn
 
 from ekko.train.admission import AdmissionConfig
 from ekko.train.eviction import EvictionConfig
+from ekko.train.memory_budget import MemoryBudget, row_bytes
 from ekko.train.slots import Slots, SlotStatistics
 
 DEFAULT_ROWS = ("zeros", "trained")
@@ -74,6 +75,9 @@ class DynamicEmbedding(nn.Module):
         config: budget, admission, eviction, default row.
         init_bound: rows start uniform in [-init_bound, init_bound] (default D**-0.5).
         clock: time for TTL, in the units of ``eviction.ttl_s`` (inject a fake in tests).
+        memory: a byte budget shared with other tables (a model's at its node): a lookup
+            may then evict rows of any of them, the least valuable first; each row costs
+            what the store spends on it (``row_bytes(D)``).
 
     Call args:
         ids: int64 [...] raw ids.
@@ -89,6 +93,7 @@ class DynamicEmbedding(nn.Module):
         *,
         init_bound: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        memory: MemoryBudget | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -102,7 +107,13 @@ class DynamicEmbedding(nn.Module):
             if padding is not None:
                 self.embedding.weight[padding].zero_()
         self._clock = clock
-        self.slots = Slots(budget, config.admission, config.eviction)
+        self.slots = Slots(
+            budget,
+            config.admission,
+            config.eviction,
+            memory=memory,
+            row_bytes=row_bytes(embedding_dim),
+        )
         self._optimizers: list[torch.optim.Optimizer] = []
         self._evicted: list[np.ndarray] | None = None
 
@@ -125,7 +136,9 @@ class DynamicEmbedding(nn.Module):
             self._evicted = []
 
     def take_evicted(self) -> np.ndarray:
-        """Ids evicted since the last call, int64 [n] (an id may appear twice)."""
+        """Ids evicted since the last call, int64 [n] (an id may appear twice), those
+        another table's lookups evicted under a shared memory budget included."""
+        self._take_freed()
         if not self._evicted:
             return np.empty(0, dtype=np.int64)
         out = np.concatenate(self._evicted)
@@ -137,10 +150,7 @@ class DynamicEmbedding(nn.Module):
         training = self.training and torch.is_grad_enabled()
         if training:
             slots, gone, freed = self.slots.assign(flat, self._clock())
-            if freed.size:
-                self._reset_rows(freed)
-                if self._evicted is not None:
-                    self._evicted.append(gone)
+            self._freed(gone, freed)
         else:
             slots = self.slots.read(flat)
         out = self.embedding(torch.from_numpy(slots).reshape(ids.shape).to(ids.device))
@@ -152,6 +162,16 @@ class DynamicEmbedding(nn.Module):
 
     def _step_ended(self, grad: torch.Tensor) -> None:
         self.slots.end_step()
+
+    def _take_freed(self) -> None:
+        self._freed(*self.slots.take_freed())
+
+    def _freed(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Rows ``slots`` lost their ids ``ids``: fresh rows, and the ids kept as evicted."""
+        if slots.size:
+            self._reset_rows(slots)
+            if self._evicted is not None:
+                self._evicted.append(ids)
 
     def keys_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the ``slots`` that hold an id now; the default row and freed

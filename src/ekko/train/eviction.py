@@ -1,4 +1,5 @@
-"""Which rows leave a table: TTL since the last update, LRU or LFU under the row budget.
+"""Which rows leave a table: TTL since the last update, LRU or LFU under the row budget (and
+under a model's memory budget at its node, ``ekko.train.memory_budget``).
 
 Scores follow HierarchicalKV's rule (the lowest score leaves first): LRU scores a row by the
 step it was last looked up in training, LFU by its sightings since admission, halved after
@@ -16,6 +17,10 @@ from typing import Literal
 import numpy as np
 
 EVICTION_KINDS = ("none", "lru", "lfu", "ttl")
+EVICTION_REASONS = ("row_budget", "node_memory", "ttl")
+"""Why a row left: its table's ``row_budget`` was full (LRU / LFU, idle rows included), its
+model's memory budget at the node was (``MemoryBudget``), or it was not updated for
+``ttl_s``."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,19 @@ class EvictionConfig:
         return self.kind != "none" or self.ttl_s is not None
 
 
+def scores(kind: str, touched_step: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """float64 [n]: each row's value under ``kind`` (``"lru"`` or ``"lfu"``), the lowest
+    leaving first. LRU: the step the row was last looked up in. LFU: its aged frequency,
+    ties broken by recency (the step's share of the latest step of the rows scored is in
+    [0, 1)). Rows of several tables compare when their steps count on one clock and their
+    frequencies age together (``MemoryBudget``)."""
+    steps = touched_step.astype(np.float64)
+    if kind == "lru":
+        return steps
+    latest = float(steps.max()) + 1.0 if steps.size else 1.0
+    return freq.astype(np.float64) + steps / latest
+
+
 def victims(
     kind: str, candidates: np.ndarray, touched_step: np.ndarray, freq: np.ndarray, k: int
 ) -> np.ndarray:
@@ -55,12 +73,7 @@ def victims(
         return candidates[:0]
     if candidates.size <= k:
         return candidates
-    steps = touched_step[candidates].astype(np.float64)
-    if kind == "lru":
-        score = steps
-    else:
-        # frequency first, then recency: the step's share of the latest step is in [0, 1)
-        score = freq[candidates].astype(np.float64) + steps / (float(steps.max()) + 1.0)
+    score = scores(kind, touched_step[candidates], freq[candidates])
     return candidates[np.argpartition(score, k - 1)[:k]]
 
 

@@ -258,13 +258,17 @@ class EmbeddingPublisher:
 
     @torch.no_grad()
     def _publish_embeddings(self, everything: bool) -> None:
+        # every table's deletes before any write: an id evicted and admitted again is then
+        # written after, and under a memory budget shared by the tables (a table's lookups
+        # evict rows of others) the store never holds one table's new rows beside the rows
+        # they replaced in another (a node's max_memory_mb would refuse them)
         for t in self._tables:
             if t.dynamic is not None:
-                # deletes first: an id evicted and admitted again is then written after
                 gone = np.unique(t.dynamic.take_evicted())
                 if gone.size:
                     self.sink.delete(t.name, gone)  # type: ignore[attr-defined]
                     self._deleted += int(gone.size)
+        for t in self._tables:
             keys, idx = t.rows(everything)
             if keys.size == 0:
                 continue

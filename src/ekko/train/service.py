@@ -22,6 +22,7 @@ import torch
 from ekko.quality.windowed import WindowedQuality
 from ekko.store.spec import Sink
 from ekko.train.dlrm import DLRM, DLRMConfig, dense_table_name
+from ekko.train.memory_budget import MemoryBudgetStatistics
 from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.slots import SlotStatistics
 from ekko.train.streams import Events
@@ -57,6 +58,8 @@ class TrainingStats:
     rejected_steps: dict[str, int]  # steps undone (model kept finite), by REJECT_REASONS key
     # rows, admitted, rejected, evicted of each dynamic table (none: hashed tables)
     dynamic_tables: dict[str, SlotStatistics] = field(default_factory=dict)
+    # the dynamic tables' shared byte budget (none: DLRMConfig.memory_budget_bytes unset)
+    memory_budget: MemoryBudgetStatistics | None = None
 
 
 class TrainingService:
@@ -308,6 +311,7 @@ class TrainingService:
                 dynamic_tables={
                     name: t.statistics() for name, t in self.model.sparse.dynamic_tables().items()
                 },
+                memory_budget=memory.statistics() if (memory := self.model.sparse.memory) else None,
             )
 
     def report(self) -> dict[str, Any]:
@@ -316,6 +320,7 @@ class TrainingService:
         now = self._clock()
         doc: dict[str, Any] = dict(vars(st))
         doc["dynamic_tables"] = {name: asdict(t) for name, t in st.dynamic_tables.items()}
+        doc["memory_budget"] = None if st.memory_budget is None else asdict(st.memory_budget)
         doc["publish_share"] = st.publish_seconds / st.train_seconds if st.train_seconds else None
         with self._lock:
             doc["window"] = self.quality.compute(now).as_json()
