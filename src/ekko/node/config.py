@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 from ekko.net.tls import TlsFileError, TlsFiles, check_ca, check_node_files
 from ekko.net.wan import WanProfile
 from ekko.node import config_partitions
-from ekko.node.config_models import AdmissionSection, EvictionSection, ModelConfig
+from ekko.node.config_models import AdmissionSection, EvictionSection, ModelConfig, check_memory
 from ekko.node.config_sections import (
     DurabilitySection,
     GuardSection,
@@ -188,6 +188,7 @@ class ClusterConfig(Strict):
                 raise ValueError(f"dcs[{d.name}]: has no nodes")
         self._check_relay_tree()
         config_partitions.check(self)
+        check_memory(self)
         return self
 
     def _check_relay_tree(self) -> None:

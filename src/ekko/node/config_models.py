@@ -7,12 +7,19 @@ trainer and the serving side only, and its checks are about the model's shape.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
 from ekko.node.config_sections import Strict
 from ekko.store._validate import DEFAULT_MAX_ABS
+from ekko.store.holding import row_bytes
+from ekko.store.store import DEFAULT_RESERVE_BYTES
+
+if TYPE_CHECKING:
+    from ekko.node.config import ClusterConfig
+
+MB = 1 << 20
 
 
 class AdmissionSection(Strict):
@@ -49,7 +56,14 @@ class ModelConfig(Strict):
 
     ``row_budget`` makes every embedding table dynamic (``ekko.train.DynamicEmbedding``):
     keyed by raw ids, at most ``row_budget`` rows each, with ``admission`` and ``eviction``
-    (which need it); unset, ids are hashed into ``rows_per_table`` rows."""
+    (which need it); unset, ids are hashed into ``rows_per_table`` rows.
+
+    ``memory_budget_mb`` (needs ``row_budget``) is what the rows of all those tables may
+    take together, as the node's store counts them (``ekko.train.memory_budget``): past it
+    the least valuable rows of any table are evicted (deletes, like every eviction), so a
+    busy table takes memory from a quiet one; ``row_budget`` still caps each. A node holding
+    the model's tables with a ``max_memory_mb`` must fit the budget and what else the store
+    counts for the model (``check_memory``)."""
 
     name: str = "ctr"
     num_dense: int = Field(13, gt=0)
@@ -72,6 +86,12 @@ class ModelConfig(Strict):
     row_budget: int | None = Field(None, gt=0, le=1 << 31)
     admission: AdmissionSection | None = None
     eviction: EvictionSection | None = None
+    memory_budget_mb: float | None = Field(None, gt=0, lt=1e12)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        mb = self.memory_budget_mb
+        return None if mb is None else int(mb * MB)
 
     def dlrm(self):  # -> ekko.train.dlrm.DLRMConfig; imported lazily (torch is heavy)
         from ekko.train.dlrm import DLRMConfig
@@ -86,6 +106,7 @@ class ModelConfig(Strict):
             top_mlp=self.top_mlp,
             table_namespace=self.table_namespace or "",
             dense_limit=self.dense_limit,
+            memory_budget_bytes=self.memory_budget_bytes,
         )
 
     def _dynamic(self):  # -> ekko.train.DynamicEmbeddingConfig | None
@@ -118,10 +139,70 @@ class ModelConfig(Strict):
             )
         if not self.top_mlp or self.top_mlp[-1] != 1:
             raise ValueError(f"models[{self.name}].top_mlp must end with 1 (one logit)")
-        for field in ("admission", "eviction"):
+        for field in ("admission", "eviction", "memory_budget_mb"):
             if getattr(self, field) is not None and self.row_budget is None:
                 raise ValueError(
                     f"models[{self.name}].{field} needs models[{self.name}].row_budget "
                     f"(the rows each dynamic table may hold)"
                 )
+        budget = self.memory_budget_bytes
+        one_each = self.num_sparse * row_bytes(self.embedding_dim)
+        if budget is not None and budget < one_each:
+            raise ValueError(
+                f"models[{self.name}].memory_budget_mb = {self.memory_budget_mb} ({budget} B) "
+                f"holds less than a row of each of its {self.num_sparse} tables "
+                f"({self.num_sparse} x {row_bytes(self.embedding_dim)} B = {one_each} B)"
+            )
         return self
+
+    def dense_dims(self) -> list[int]:
+        """Widths of the model's dense tables (each MLP layer's weight and bias)."""
+        dims = []
+        n = self.num_sparse + 1
+        for width, sizes in (
+            (self.num_dense, self.bottom_mlp or (64, self.embedding_dim)),
+            (self.embedding_dim + n * (n - 1) // 2, self.top_mlp),
+        ):
+            for out in sizes:
+                dims += [width * out, out]
+                width = out
+        return dims
+
+    def store_bytes(self) -> int:
+        """The most a node's store counts for this model under its memory budget: the
+        budget, plus what the store reserves for each of its tables at creation (it counts
+        a table's first rows, ``Store.create_table``'s default, before they are written)."""
+        assert self.memory_budget_bytes is not None
+        dims = [self.embedding_dim] * self.num_sparse + self.dense_dims()
+        return self.memory_budget_bytes + sum(_reserved(d) * row_bytes(d) for d in dims)
+
+
+def _reserved(dim: int) -> int:
+    """Rows ``Store.create_table`` reserves for a table of width ``dim`` created without a
+    size (as the trainer's publisher creates them)."""
+    return max(16, min(1024, DEFAULT_RESERVE_BYTES // (4 * max(dim, 1))))
+
+
+def check_memory(config: ClusterConfig) -> None:
+    """Raise ValueError when a node holding every partition (so every table of the models)
+    has a ``max_memory_mb`` smaller than what its store may count for the models with a
+    memory budget and the ``[[tables]]``: the store would refuse the trainer's rows."""
+    budgeted = [m for m in config.models if m.memory_budget_mb is not None]
+    if not budgeted:
+        return
+    models = sum(m.store_bytes() for m in budgeted)
+    tables = sum(t.initial_rows * row_bytes(t.dim) for t in config.tables)
+    for n in config.nodes:
+        if n.max_memory_mb is None or len(config.held(n.name)) < config.cluster.partitions:
+            continue
+        if models + tables > n.max_memory_mb * MB:
+            budgets = ", ".join(f"models[{m.name}].memory_budget_mb = {m.memory_budget_mb}"
+                                for m in budgeted)  # fmt: skip
+            reserved = models - sum(m.memory_budget_bytes or 0 for m in budgeted)
+            raise ValueError(
+                f"nodes[{n.name}].max_memory_mb = {n.max_memory_mb} cannot hold {budgets}: "
+                f"with the store's reservations for the models' tables "
+                f"({reserved / MB:.2f} MB: dense tensors and each table's first rows) and "
+                f"[[tables]] ({tables / MB:.2f} MB) the store may count "
+                f"{(models + tables) / MB:.2f} MB; raise max_memory_mb or lower the budget"
+            )

@@ -147,7 +147,8 @@ _DYNAMIC_COUNTERS = (
 
 
 def _dynamic_table_metrics(stats: Sequence) -> Iterator[Metric]:
-    """Admission and eviction of the trainers' dynamic tables, by model and table."""
+    """Admission and eviction of the trainers' dynamic tables, by model and table (evictions
+    also by reason), and each model's memory budget at the node."""
     labels = ["model", "table"]
     rows = GaugeMetricFamily("ekko_train_embedding_rows", "Rows holding an id", labels=labels)
     budget = GaugeMetricFamily(
@@ -156,15 +157,34 @@ def _dynamic_table_metrics(stats: Sequence) -> Iterator[Metric]:
     counters = {
         attr: CounterMetricFamily(name, doc, labels=labels) for attr, name, doc in _DYNAMIC_COUNTERS
     }
+    by_reason = CounterMetricFamily(
+        "ekko_train_embedding_evicted_by_reason",
+        "Rows evicted, deleted: row_budget (the table's), node_memory (the model's memory "
+        "budget at the node), ttl",
+        labels=[*labels, "reason"],
+    )
+    memory = GaugeMetricFamily(
+        "ekko_train_embedding_memory_bytes",
+        "Bytes the rows of a model's dynamic tables take as the store counts them, and the "
+        "model's memory budget",
+        labels=["model", "kind"],
+    )
     for st in stats:
         for table, t in st.dynamic_tables.items():
             rows.add_metric([st.model, table], float(t.rows))
             budget.add_metric([st.model, table], float(t.row_budget))
             for attr, fam in counters.items():
                 fam.add_metric([st.model, table], float(getattr(t, attr)))
+            for reason, n in t.evicted_by.items():
+                by_reason.add_metric([st.model, table, reason], float(n))
+        if st.memory_budget is not None:
+            memory.add_metric([st.model, "used"], float(st.memory_budget.used_bytes))
+            memory.add_metric([st.model, "budget"], float(st.memory_budget.max_bytes))
     yield rows
     yield budget
     yield from counters.values()
+    yield by_reason
+    yield memory
 
 
 def guard_metrics(
