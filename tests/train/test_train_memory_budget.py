@@ -26,6 +26,25 @@ from ekko.train.streams import SyntheticStream
 RB = row_bytes(4)
 
 
+class OrderedSink(MemorySink):
+    """Logs the order of writes and deletes, one list per publish (``mark`` starts one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = [[]]
+
+    def mark(self) -> None:
+        self.calls.append([])
+
+    def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        super().write(table, keys, values)
+        self.calls[-1].append("write")
+
+    def delete(self, table: str, keys: np.ndarray) -> None:
+        super().delete(table, keys)
+        self.calls[-1].append("delete")
+
+
 def slots(
     memory: MemoryBudget,
     budget: int = 100,
@@ -160,12 +179,16 @@ def test_a_dlrm_under_a_memory_budget_keeps_the_sinks_rows_within_it(
         dynamic=DynamicEmbeddingConfig(row_budget=30, eviction=EvictionConfig(kind="lru")),
         memory_budget_bytes=budget,
     )
-    sink = MemorySink()
+    sink = OrderedSink()
     svc = TrainingService("ctr", cfg, sink)
     distinct: set[tuple[int, int]] = set()
     stream = SyntheticStream(dataclasses.replace(small_stream_config, num_sparse=8))
     for _, events in zip(range(5), stream.batches(64), strict=False):
+        sink.mark()
         svc.trainer.step(events)
+        # every table's deletes before any write: the store never holds one table's new
+        # rows beside the rows they replaced in another (max_memory_mb would refuse them)
+        assert "delete" not in sink.calls[-1][sink.calls[-1].index("write") :]
         distinct |= {(f, int(i)) for f in range(cfg.num_sparse) for i in events.sparse[:, f]}
         emb = {n: t for n, t in sink.tables.items() if n.startswith("emb_")}
         rows = sum(len(t) for t in emb.values())
