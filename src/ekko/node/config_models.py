@@ -14,7 +14,7 @@ from pydantic import Field, PositiveInt, model_validator
 from ekko.node.config_sections import Strict
 from ekko.store._validate import DEFAULT_MAX_ABS
 from ekko.store.holding import row_bytes
-from ekko.store.store import DEFAULT_RESERVE_BYTES
+from ekko.store.store import default_reserve
 
 if TYPE_CHECKING:
     from ekko.node.config import ClusterConfig
@@ -174,13 +174,7 @@ class ModelConfig(Strict):
         a table's first rows, ``Store.create_table``'s default, before they are written)."""
         assert self.memory_budget_bytes is not None
         dims = [self.embedding_dim] * self.num_sparse + self.dense_dims()
-        return self.memory_budget_bytes + sum(_reserved(d) * row_bytes(d) for d in dims)
-
-
-def _reserved(dim: int) -> int:
-    """Rows ``Store.create_table`` reserves for a table of width ``dim`` created without a
-    size (as the trainer's publisher creates them)."""
-    return max(16, min(1024, DEFAULT_RESERVE_BYTES // (4 * max(dim, 1))))
+        return self.memory_budget_bytes + sum(default_reserve(d) * row_bytes(d) for d in dims)
 
 
 def check_memory(config: ClusterConfig) -> None:

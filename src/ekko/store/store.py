@@ -24,6 +24,15 @@ from ekko.store.spec import TableSpec
 from ekko.store.table import DeleteHook, Table, WriteHook
 
 DEFAULT_RESERVE_BYTES = 4 << 20
+
+
+def default_reserve(dim: int) -> int:
+    """Rows ``Store.create_table`` reserves for a table of width ``dim`` created without a
+    size: 1 024, fewer for a wide table (at most ``DEFAULT_RESERVE_BYTES`` of values), at
+    least 16."""
+    return max(16, min(1024, DEFAULT_RESERVE_BYTES // (4 * max(dim, 1))))
+
+
 """Values a table created without a size reserves room for, at most."""
 
 _TABLE_ARRAYS = ("keys", "values", "versions", "wtimes", "lanes", "dead")
@@ -172,7 +181,7 @@ class Store:
         sizes, and a 1-row dense table of 23 488 floats had reserved 92 MB). An existing
         table with another spec raises ``TableConflictError`` naming both specs."""
         if initial_rows is None:
-            initial_rows = max(16, min(1024, DEFAULT_RESERVE_BYTES // (4 * max(spec.dim, 1))))
+            initial_rows = default_reserve(spec.dim)
         existing = self._tables.get(spec.name)
         if existing is not None:
             if existing.spec != spec:
