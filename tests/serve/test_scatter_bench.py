@@ -12,7 +12,8 @@ def test_blocks_alternate_the_order_of_the_modes() -> None:
 
 def test_the_headline_is_the_lightest_loads_median_over_blocks() -> None:
     p99 = {("local", 1): [2, 4, 3], ("p1", 1): [4, 8, 6], ("p4", 1): [5, 9, 7],
-           ("local", 4): [9, 9, 9], ("p1", 4): [10, 30, 20], ("p4", 4): [40, 60, 50]}  # fmt: skip
+           ("local", 4): [9, 9, 9], ("p1", 4): [10, 30, 20], ("p4", 4): [40, 60, 50],
+           ("p4-unmerged", 1): [8, 8, 9], ("p4-unmerged", 4): [70, 80, 90]}  # fmt: skip
     runs = [
         {"mode": m, "concurrency": c, "p99_ms": v, "p50_ms": v / 2, "rps": 100.0 / v,
          "errors": {"503": 1} if (m, c, v) == ("p4", 4, 60) else {}}
@@ -21,5 +22,7 @@ def test_the_headline_is_the_lightest_loads_median_over_blocks() -> None:
     s = summarize(runs, (1, 4))
     assert s["predict_p99_ms"] == {"1": 6, "4": 7} and s["predict_p99_ms_local"] == 3
     assert s["p99_ratio_4_to_1"] == 7 / 6 and s["bar_p99_ratio_le_1_3"]
-    assert s["by_load"]["4"]["predict_p99_ms"] == {"1": 20, "4": 50, "local": 9}
+    assert s["by_load"]["4"]["predict_p99_ms"] == {"1": 20, "4": 50, "local": 9, "4_unmerged": 80}
     assert s["by_load"]["4"]["p99_ratio_4_to_1"] == 2.5 and s["errors"] == 1
+    assert s["by_load"]["4"]["p99_ratio_4_unmerged_to_1"] == 4.0
+    assert not s["bar_p99_ratio_le_1_3_at_every_load"]
