@@ -145,3 +145,21 @@ def test_demo_refuses_absurd_options_before_starting(bad: list[str], tmp_path: P
     assert res.exit_code == 2
     assert bad[0] in res.output
     assert not (tmp_path / "w").exists()  # nothing started
+
+
+@pytest.mark.xfail(strict=True, reason="the fix follows: init validates before writing")
+def test_cluster_init_refuses_a_config_its_nodes_would_refuse_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """``--partitions 2 --serve --guard``: the config's own check refuses the guard on a
+    partitioned cluster. ``cluster init`` wrote the config and its secret first, then died
+    on that check with a traceback (exit 1), leaving a config no node could load."""
+    out = tmp_path / "c" / "cluster.toml"
+    res = runner.invoke(
+        app, ["cluster", "init", "--partitions", "2", "--serve", "--guard", "--out", str(out)],
+        terminal_width=300,
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "guard.enabled" in res.output and "partitions" in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists() and not (out.parent / "cluster.secret").exists()
