@@ -85,6 +85,8 @@ def cluster_init(
     ),
 ) -> None:
     """Write a runnable local cluster: a training DC with the source, N inference DCs."""
+    from pydantic import ValidationError
+
     from ekko.node.config import ClusterConfig
     from ekko.ops.cluster_init import (
         cluster_doc,
@@ -116,8 +118,17 @@ def cluster_init(
         raise typer.BadParameter(str(exc)) from exc
     if guard:
         doc["guard"] = {"enabled": True}
+    try:  # the nodes' own check, before a file is written (a config no node could load)
+        config = ClusterConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise typer.BadParameter(
+            "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+                for e in exc.errors()
+            )
+        ) from exc
     path = write_cluster(doc, out)
-    write_deploy(ClusterConfig.model_validate(doc), path.parent)
+    write_deploy(config, path.parent)
     files = "its secret file" + (", a cluster CA and node certificates in tls/" if tls else "")
     files += ", a Prometheus scrape config and a Grafana dashboard in deploy/"
     console.print(f"wrote {path} ({len(doc['nodes'])} nodes) and {files}")

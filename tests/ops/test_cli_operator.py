@@ -147,7 +147,6 @@ def test_demo_refuses_absurd_options_before_starting(bad: list[str], tmp_path: P
     assert not (tmp_path / "w").exists()  # nothing started
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: init validates before writing")
 def test_cluster_init_refuses_a_config_its_nodes_would_refuse_and_writes_nothing(
     tmp_path: Path,
 ) -> None:
