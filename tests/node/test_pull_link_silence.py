@@ -16,7 +16,6 @@ from ekko.protocol.puller import Puller, PullerConfig
 from ekko.store import Store
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: a silent link is dropped")
 async def test_a_link_silent_past_two_request_timeouts_is_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

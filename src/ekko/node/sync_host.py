@@ -239,11 +239,24 @@ async def run_pull_link(
     stop = asyncio.ensure_future(until) if until is not None else None
     recv: asyncio.Future[Message] | None = None
     handle(puller.start(clock.wall()))
+    # A healthy upstream answers each pull within wait + poll + request timeout (the
+    # puller's own bound, past which it counts the pull lost); silent for twice that, with
+    # the connection still open (a stopped or wedged process), the link is dropped so the
+    # caller fails over, rather than waiting on it for ever.
+    c = puller.config
+    silence_s = 2 * (c.wait_ms + c.poll_interval_ms + c.request_timeout_ms) / 1000
     try:
         while True:
             recv = asyncio.ensure_future(conn.recv())
             waits = {recv} | ({stop} if stop is not None else set())
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waits, timeout=silence_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                recv.cancel()
+                log.warning("pull link to %s silent for %.1f s (its pulls timed out): "
+                            "dropping it", conn.peer, silence_s)  # fmt: skip
+                return False
             if recv not in done:
                 recv.cancel()
                 assert stop is not None
