@@ -5,6 +5,7 @@ is refused by name."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ekko.protocol.messages import Error, PullRequest, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
@@ -84,3 +85,23 @@ def test_a_partition_the_placement_lacks_is_refused_by_name():
     unplaced = Responder(_source())  # one partition: 0 is every shard
     ((_, ok),) = unplaced.receive(1, PullRequest(1, 1 << 20, partitions=[0]), 1.0).sends
     assert isinstance(ok, PullResponse) and sum(c.rows for c in ok.chunks) == 800
+
+
+@pytest.mark.xfail(strict=True, reason="the fix follows: a pull for partitions not held is refused")
+def test_a_pull_for_partitions_this_node_holds_none_of_is_refused_by_name():
+    """A holder of partition 1 asked for partition 0 answered an empty, complete response
+    (``more=False``), so a puller pointed at the wrong holder believed itself caught up
+    (seen at a real dc1-p1-r1 of ``ekko up --partitions 2``). One it holds among others it
+    does not is still answered: a recovering source asks each replica for all of its own
+    partitions and takes what that replica has. A refusal of a huge list stays short."""
+    store = _source()
+    store.set_holding(Holding("dc1-p1-r1", PLACEMENT, (1,)))
+    responder = Responder(store, placement=PLACEMENT)
+    ((_, err),) = responder.receive(1, PullRequest(1, 1 << 20, partitions=[0, 2]), 1.0).sends
+    assert isinstance(err, Error) and err.code == "bad_partition"
+    assert "holds none of partitions [0, 2] (it holds [1])" in err.reason
+    ((_, ok),) = responder.receive(2, PullRequest(1, 1 << 20, partitions=[0, 1]), 1.0).sends
+    assert isinstance(ok, PullResponse) and ok.chunks
+    many = PullRequest(1, 1 << 20, partitions=list(range(100_000)))
+    ((_, err),) = responder.receive(3, many, 1.0).sends
+    assert isinstance(err, Error) and err.code == "bad_partition" and len(err.reason) < 400
