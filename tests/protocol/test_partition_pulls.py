@@ -5,7 +5,6 @@ is refused by name."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from ekko.protocol.messages import Error, PullRequest, PullResponse
 from ekko.protocol.puller import Puller, PullerConfig
@@ -87,7 +86,6 @@ def test_a_partition_the_placement_lacks_is_refused_by_name():
     assert isinstance(ok, PullResponse) and sum(c.rows for c in ok.chunks) == 800
 
 
-@pytest.mark.xfail(strict=True, reason="the fix follows: a pull for partitions not held is refused")
 def test_a_pull_for_partitions_this_node_holds_none_of_is_refused_by_name():
     """A holder of partition 1 asked for partition 0 answered an empty, complete response
     (``more=False``), so a puller pointed at the wrong holder believed itself caught up

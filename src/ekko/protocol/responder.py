@@ -164,7 +164,9 @@ class Responder:
             return ready
         sess.codec = msg.codec
         sess.absorb = msg.absorb
-        why = sess.scope.ask(msg.partitions, self.placement) or self._one_source(sess)
+        holding = self.store.holding
+        held = holding.partitions if holding is not None and holding.scoped else None
+        why = sess.scope.ask(msg.partitions, self.placement, held) or self._one_source(sess)
         if why is not None:
             ready.sends.append((session, Error(msg.req_id, "bad_partition", why)))
             return ready

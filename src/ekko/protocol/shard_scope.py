@@ -20,9 +20,16 @@ class SessionScope:
         self.partitions: tuple[int, ...] | None = None
         self._masks: dict[str, np.ndarray] = {}
 
-    def ask(self, partitions: list[int] | None, placement: Placement | None) -> str | None:
+    def ask(
+        self,
+        partitions: list[int] | None,
+        placement: Placement | None,
+        held: tuple[int, ...] | None = None,
+    ) -> str | None:
         """The session's pulls name ``partitions`` from now on; returns why not (a partition
-        the placement lacks), changing nothing, or None."""
+        the placement lacks, or none this node ``held`` — None: it holds every one),
+        changing nothing, or None. One held among others is enough: a recovering source
+        asks each replica for all of its partitions and takes what that one has."""
         parts = None if partitions is None else tuple(sorted(set(partitions)))
         if parts == self.partitions:
             return None
@@ -30,8 +37,13 @@ class SessionScope:
         bad = [p for p in parts or () if p >= total]
         if bad:
             return (
-                f"partitions {list(parts or ())} asked; this node's placement has {total} "
+                f"partitions {_shown(parts or ())} asked; this node's placement has {total} "
                 f"(0..{total - 1})"
+            )
+        if parts and held is not None and not set(parts) & set(held):
+            return (
+                f"this node holds none of partitions {_shown(parts)} (it holds "
+                f"{_shown(held)}): pull them from their holders"
             )
         self.partitions = parts
         self._masks.clear()
@@ -46,3 +58,10 @@ class SessionScope:
             parts = placement.partitions_of(table.name, table.num_shards)
             mask = self._masks[table.name] = np.isin(parts, self.partitions)
         return mask
+
+
+def _shown(parts: tuple[int, ...]) -> str:
+    """Partitions for an error, the first few of a long list (a pull may name many)."""
+    if len(parts) <= 8:
+        return f"[{', '.join(map(str, parts))}]"
+    return f"[{', '.join(map(str, parts[:8]))}, ...] ({len(parts)} partitions)"
