@@ -7,7 +7,6 @@ zeros went up the replica's reports to source B, which then never purged a tombs
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from test_multi_source import _NOW, GROUPS, PLACEMENT, _pull, cluster  # noqa: F401 (a fixture)
 
 from ekko.protocol.floors import holder_floors, lowest
@@ -27,7 +26,6 @@ def _reported_up(rep: Store, responder, now: float) -> dict[str, np.ndarray]:
     return lowest(holder_floors(rep), responder.floors.all_lowest(rep, now))
 
 
-@pytest.mark.xfail(strict=True, reason="fixed by the next commit")
 def test_a_follower_of_one_sources_partitions_does_not_hold_the_others_purges_back(cluster):  # noqa: F811
     _rng, _a, _b, rep, _fol, rep_responder, _links = cluster
     own = holder_floors(rep)
@@ -48,7 +46,6 @@ def test_a_follower_of_one_sources_partitions_does_not_hold_the_others_purges_ba
         assert (up[name][a] == np.minimum(before[name], theirs[name])[a]).all(), name
 
 
-@pytest.mark.xfail(strict=True, reason="fixed by the next commit")
 def test_floors_a_session_reports_for_another_sources_shards_are_ignored(cluster):  # noqa: F811
     _rng, _a, _b, rep, _fol, rep_responder, _links = cluster
     own = holder_floors(rep)

@@ -17,6 +17,7 @@ import numpy as np
 from ekko.protocol.chunk_codec import check_codec
 from ekko.protocol.chunk_collector import ChunkCollector, vouched
 from ekko.protocol.floors import (
+    INT64_MAX,
     BadFloorsError,
     Floors,
     HolderFloors,
@@ -174,7 +175,8 @@ class Responder:
             self.floors.open(session, now)
             if msg.floors:
                 try:
-                    self.floors.report(session, check_floors(self.store, msg.floors), now)
+                    floors = self._scoped(sess, check_floors(self.store, msg.floors))
+                    self.floors.report(session, floors, now)
                 except BadFloorsError as exc:
                     ready.sends.append((session, Error(msg.req_id, "bad_floors", str(exc))))
                     return ready
@@ -406,6 +408,18 @@ class Responder:
         purge, keys = sess.purges.take(self.store, floors, budget, self._scope(sess))
         self._reconciled_shards += len(keys or ())
         return purge, keys
+
+    def _scoped(self, sess: _Session, floors: Floors) -> Floors:
+        """``floors`` (checked copies) bounding only the session's shards: elsewhere it holds
+        nothing back. A holder of some partitions knows nothing of the others' shards and
+        reports 0 there (a follower of partition 0 under a replica of 0 and 1, a hostile
+        puller), which the replica's own reports would carry to those shards' source: it
+        would never purge them."""
+        scope = self._scope(sess)
+        if scope is not None:
+            for name, f in floors.items():
+                f[~scope(self.store.table(name))] = INT64_MAX
+        return floors
 
     def _scope(self, sess: _Session) -> Scope | None:
         """The session's shards per table, if its pulls name partitions (None: all)."""
