@@ -37,7 +37,7 @@ class FakeTrainer:
         self.paused = why
         return 7
 
-    def load_rows(self, rows: dict) -> None:
+    def load_rows(self, rows: dict, gone: dict | None = None) -> None:
         self.loaded = rows
 
     def resume(self) -> None:

@@ -38,7 +38,6 @@ def _held(svc: TrainingService) -> dict[str, set[int]]:
     return {n: set(t.live()[0].tolist()) for n, t in svc.model.sparse.dynamic_tables().items()}
 
 
-@pytest.mark.xfail(strict=True, reason="fixed by the next commit")
 @pytest.mark.parametrize("memory_rows", [None, 60])  # row budgets only; a memory budget too
 def test_a_rollback_of_full_dynamic_tables_leaves_the_trainer_holding_what_the_store_holds(
     small_model_config, small_stream_config, memory_rows

@@ -243,6 +243,7 @@ class SourceGuard:
         self._transition(Event.AUTOMATIC_ROLLBACK if automatic else Event.OPERATOR_ROLLBACK, why)
         start = self._clock.mono()
         rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        gone: dict[str, np.ndarray] = {}  # created since the checkpoint: deleted again
         nbytes = 0
         with self.port.batch():  # replicas' parked pulls wake once, for every table
             for table in self.preimages.tables():
@@ -256,7 +257,8 @@ class SourceGuard:
                 if back.any():
                     self.port.restore(table, rs.keys[back], values[back], now_ns=self._clock.ns())
                 if not back.all():  # created since the checkpoint: gone again, everywhere
-                    self.port.delete(table, rs.keys[~back], self._clock.ns())
+                    gone[table] = rs.keys[~back]
+                    self.port.delete(table, gone[table], self._clock.ns())
                 rows[table] = (rs.keys, values)
                 nbytes += rs.keys.nbytes + values.nbytes
         checkpoint = (
@@ -267,7 +269,7 @@ class SourceGuard:
         self.preimages.rolled_back(to_wall)
         write_s = self._clock.mono() - start
         if self.trainer is not None and rows:
-            self.trainer.load_rows(rows)
+            self.trainer.load_rows(rows, gone)
         lost = sum(
             int((self.store.table(t).lookup(k)[0] != v).any(axis=1).sum())
             for t, (k, v) in rows.items()

@@ -182,6 +182,14 @@ class DynamicEmbedding(nn.Module):
         """(ids, slots) of every row holding an id."""
         return self.slots.live()
 
+    def forget(self, ids: np.ndarray) -> int:
+        """Give up the rows of ``ids`` the store no longer holds (a rollback deleted them):
+        fresh rows, free for the next ids, no delete to publish. Returns how many were held."""
+        slots = self.slots.drop(ids)
+        if slots.size:
+            self._reset_rows(slots)
+        return int(slots.size)
+
     @torch.no_grad()
     def load(self, ids: np.ndarray, values: np.ndarray) -> int:
         """Set rows of ``ids`` (unique) to ``values`` [n, D], giving ids a row past

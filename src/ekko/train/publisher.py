@@ -324,8 +324,20 @@ class EmbeddingPublisher:
         self._publish_dense(everything=True)
         self._publish_s += time.perf_counter() - start
 
+    def forget_rows(self, table: str, keys: np.ndarray) -> int:
+        """A dynamic table ``table`` gives up the rows of ``keys``, deleted from the store
+        (a rollback's ids created since its healthy point), so they free rows for the
+        restored ones; returns how many it held. Other tables keep theirs (a hashed table's
+        row is loaded with what the store reads instead)."""
+        for t in self._tables:
+            if t.name == table and t.dynamic is not None:
+                return t.dynamic.forget(keys)
+        return 0
+
     @torch.no_grad()
-    def load_rows(self, table: str, keys: np.ndarray, values: np.ndarray) -> int:
+    def load_rows(
+        self, table: str, keys: np.ndarray, values: np.ndarray, gone: np.ndarray | None = None
+    ) -> int:
         """The inverse of publishing: set rows of ``table`` in the model to values the store
         holds (a rollback's restored rows, a restarted source's whole store). Pending ids are
         dropped, and a loaded dense tensor counts as published (the store holds it).
@@ -333,7 +345,8 @@ class EmbeddingPublisher:
         Keys outside the embedding table (written by hand: the model hashes every id into
         it, so it never reads them) are skipped; returns how many. A dynamic table gives
         each key a row (they were admitted when written) while its budget has free rows
-        and skips the rest. Rows of the wrong width
+        and skips the rest, and none to ``gone`` keys (deleted from the store: see
+        ``forget_rows``). Rows of the wrong width
         (the model's shape changed since they were written) raise ``ValueError``."""
         for t in self._tables:
             t.pending = []
@@ -341,6 +354,9 @@ class EmbeddingPublisher:
         values = np.asarray(values, np.float32)
         for t in self._tables:
             if t.name == table and t.dynamic is not None:
+                if gone is not None and len(gone):
+                    keep = ~np.isin(keys, gone)
+                    keys, values = keys[keep], values[keep]
                 return t.dynamic.load(keys, values)
             if t.name == table:
                 weight = t.module.weight

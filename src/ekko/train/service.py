@@ -261,16 +261,26 @@ class TrainingService:
             self.dropped_events += dropped
         return dropped
 
-    def load_rows(self, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def load_rows(
+        self,
+        rows: dict[str, tuple[np.ndarray, np.ndarray]],
+        gone: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """Write values the store holds into the model (a rollback's restored rows, while
         quarantined; a restarted source's store, before training) and drop the optimizers'
         momentum, which points where the undone updates went (their second moments and step
-        counts stay: see ``OnlineTrainer.forget_momentum``)."""
+        counts stay: see ``OnlineTrainer.forget_momentum``). ``gone``: per table, keys the
+        store no longer holds (a rollback's ids created since its healthy point): dynamic
+        tables give their rows up first, every table's before any is loaded, so the restored
+        rows have room within the row and memory budgets."""
+        gone = gone or {}
         with self._step_lock:
+            for table, keys in gone.items():
+                self.publisher.forget_rows(table, keys)
             skipped = {
                 table: n
                 for table, (keys, values) in rows.items()
-                if (n := self.publisher.load_rows(table, keys, values))
+                if (n := self.publisher.load_rows(table, keys, values, gone.get(table)))
             }
             self.trainer.forget_momentum()
         if skipped:

@@ -192,6 +192,23 @@ class Slots:
         slots[placed] = got
         return slots
 
+    def drop(self, ids: np.ndarray) -> np.ndarray:
+        """Free the rows of those ``ids`` held, counting no eviction: the store no longer
+        holds them (a rollback deleted the ids created since its healthy point). Returns
+        their slots, for fresh rows; nothing goes to ``take_freed`` (nothing to delete)."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        slots = self._map.lookup(ids)
+        held = slots != MISSING
+        ids, slots = ids[held], slots[held]
+        if slots.size:
+            self._map.remove(ids)
+            self._ids[slots] = MISSING
+            self._occupied[slots] = False
+            self._freq[slots] = 0
+            self._free[self._n_free : self._n_free + slots.size] = slots
+            self._n_free += slots.size
+        return slots
+
     def keys_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the ``slots`` holding an id now (not the default, not freed)."""
         slots = np.asarray(slots, dtype=np.int64)
