@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import pytest
 from test_multi_source import GROUPS, PLACEMENT, SPECS, Source, _pull
 
 from ekko.protocol.messages import Error, PullRequest
@@ -43,7 +42,6 @@ def _rows_of(store: Store, partition: int) -> dict[str, dict[int, tuple]]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="fixed by the next commit")
 def test_a_source_recovers_its_rows_from_a_replica_holding_some_of_its_partitions():
     rng = np.random.default_rng(3)
     a, b = Source(0, lineage=0xA, epoch=11), Source(1, lineage=0xB, epoch=22)

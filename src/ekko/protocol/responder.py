@@ -167,7 +167,8 @@ class Responder:
         sess.absorb = msg.absorb
         holding = self.store.holding
         held = holding.partitions if holding is not None and holding.scoped else None
-        why = sess.scope.ask(msg.partitions, self.placement, held) or self._one_source(sess)
+        parts = self._held(msg.partitions, held) if msg.absorb else msg.partitions
+        why = sess.scope.ask(parts, self.placement, held) or self._one_source(sess)
         if why is not None:
             ready.sends.append((session, Error(msg.req_id, "bad_partition", why)))
             return ready
@@ -378,6 +379,16 @@ class Responder:
             req.req_id, self.store.catalog_version, [], False, self._catalog(sess),
             self._holds(sess, now), *self._history_of(sess), purge, reconcile,
         )  # fmt: skip
+
+    def _held(self, partitions: list[int] | None, held: tuple[int, ...] | None) -> list[int] | None:
+        """A recovering source's ``partitions`` narrowed to those this store holds (``held``)
+        of a store holding several sources': it asks every holder of any of its partitions
+        for all of them, and one holding some of them beside another source's has those to
+        give (one history). Unchanged when none is held (refused, naming them) or the store
+        holds one source's."""
+        if partitions is None or held is None or not self.store.multi_source:
+            return partitions
+        return [p for p in partitions if p in held] or partitions
 
     def _one_source(self, sess: _Session) -> str | None:
         """Why the session's partitions cannot be answered from one source history (a
