@@ -86,7 +86,8 @@ class ModelConfig(Strict):
     row_budget: int | None = Field(None, gt=0, le=1 << 31)
     admission: AdmissionSection | None = None
     eviction: EvictionSection | None = None
-    memory_budget_mb: float | None = Field(None, gt=0, lt=1e12)
+    # strict: a string or a boolean is refused, not read as a number of MB
+    memory_budget_mb: float | None = Field(None, gt=0, lt=1e12, strict=True)
 
     @property
     def memory_budget_bytes(self) -> int | None:
