@@ -80,3 +80,26 @@ def test_movielens_history_features_use_only_the_past() -> None:
     item = stream.sparse[:, 1]
     _, first_item = np.unique(item, return_index=True)
     np.testing.assert_allclose(stream.dense[first_item, 2], 0.5)
+
+
+def test_open_context_vocabularies_take_new_ids_and_closed_ones_stay() -> None:
+    """context_new_ids_per_s renews ranks of vocabularies >= open_vocab_min only; the ids a
+    renewed rank held are not drawn again, so early and late ids of the open feature part."""
+    cfg = StreamConfig(
+        seed=5, max_vocab=3_000, initial_items=2_000, context_new_ids_per_s=400.0,
+        open_vocab_min=1_000,
+    )  # fmt: skip
+    batches = _take(SyntheticStream(cfg), 120, 512)  # 30 simulated s: 12 000 new ids each
+    sparse = np.concatenate([b.sparse for b in batches])
+    # feature 6: Criteo vocabulary 12 517, capped at 3 000, open; feature 8: 3 ids, closed
+    open_ids, closed_ids = sparse[:, 6], sparse[:, 8]
+    assert open_ids.max() >= 3_000 and np.unique(open_ids).size > 4_000  # closed: <= 3 000
+    assert closed_ids.max() < 3
+    early = set(np.unique(open_ids[: 10 * 512]).tolist())  # the first 2.5 s
+    late = set(np.unique(open_ids[-10 * 512 :]).tolist())  # the last 2.5 s
+    assert len(early & late) < 0.2 * len(late)
+    default = np.concatenate([b.sparse for b in _take(SyntheticStream(StreamConfig(
+        seed=5, max_vocab=3_000, initial_items=2_000)), 20, 512)])  # fmt: skip
+    assert default[:, 6].max() < 3_000
+    with pytest.raises(ValueError, match="context_new_ids_per_s"):
+        StreamConfig(context_new_ids_per_s=-1.0)

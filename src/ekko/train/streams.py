@@ -8,6 +8,7 @@ num_sparse=stream.num_sparse, ...)`` rather than padding features.
 from __future__ import annotations
 
 import importlib.resources
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,7 +49,12 @@ class StreamConfig:
     ``new_items_per_s`` each, with fresh click biases, and a ``hot_fraction`` of their draws
     come from the hot set, the items born in the last ``hot_lifetime_s`` seconds (so the hot
     set rotates as items arrive and age). Other draws are Zipf(``zipf_a``) over the catalog.
-    The remaining features are user/context-like: Zipf over a fixed vocabulary.
+    The remaining features are user/context-like: Zipf over a vocabulary. A vocabulary of at
+    least ``open_vocab_min`` ids is open (users, queries, pages): ``context_new_ids_per_s``
+    fresh ids arrive in it, each taking a uniformly drawn rank with a fresh bias, and the id
+    that held the rank is never drawn again (a rank's ids live exponential lifetimes of
+    vocabulary / rate seconds). Smaller ones (device, country, hour) are closed; rate 0 (the
+    default) closes them all.
 
     The label is Bernoulli(sigmoid(score)); score = bias + per-id biases of every feature +
     a user·item latent dot + dense weights. Item biases oscillate with per-item periods
@@ -75,6 +81,8 @@ class StreamConfig:
     dense_weight_std: float = 0.25
     dense_period_s: float = 900.0
     base_logit: float = -1.2
+    context_new_ids_per_s: float = 0.0
+    open_vocab_min: int = 1_000
 
     def __post_init__(self) -> None:
         if not 0 < self.num_item_features < self.num_sparse:
@@ -88,6 +96,13 @@ class StreamConfig:
             raise ValueError(f"StreamConfig.zipf_a must be > 1: {self.zipf_a}")
         if not 0 <= self.hot_fraction <= 1:
             raise ValueError(f"StreamConfig.hot_fraction must be in [0, 1]: {self.hot_fraction}")
+        if not 0 <= self.context_new_ids_per_s < math.inf:
+            raise ValueError(
+                f"StreamConfig.context_new_ids_per_s must be finite and >= 0: "
+                f"{self.context_new_ids_per_s}"
+            )
+        if self.open_vocab_min < 1:
+            raise ValueError(f"StreamConfig.open_vocab_min must be >= 1: {self.open_vocab_min}")
 
 
 class _Catalog:
@@ -128,6 +143,40 @@ class _Catalog:
         return self.bias[ids] + self.cfg.drift_amplitude * drift
 
 
+class _Vocab:
+    """One context feature's ids by Zipf rank, with their biases; an open one renews them.
+
+    Each rank holds one id; renewing a rank gives it the next unused id and a fresh bias
+    (and a fresh latent vector for the user feature), so the id it held is never drawn again.
+    """
+
+    def __init__(
+        self, rng: np.random.Generator, size: int, cfg: StreamConfig, is_open: bool
+    ) -> None:
+        self.cfg = cfg
+        self.ids = np.arange(size, dtype=np.int64)
+        self.bias = rng.normal(0, cfg.context_bias_std, size)
+        self.renew_per_s = cfg.context_new_ids_per_s if is_open else 0.0
+        self.next_id = size
+        self.owed = 0.0
+
+    def renew(self, rng: np.random.Generator, dt: float, vec: np.ndarray | None) -> None:
+        """Renew the ranks due over ``dt`` seconds (each rank lives exponential lifetimes)."""
+        if not self.renew_per_s:
+            return
+        self.owed += self.renew_per_s * dt
+        n = int(self.owed)
+        self.owed -= n
+        if n == 0:
+            return
+        ranks = rng.integers(0, len(self.ids), n)
+        self.ids[ranks] = np.arange(self.next_id, self.next_id + n)
+        self.next_id += n
+        self.bias[ranks] = rng.normal(0, self.cfg.context_bias_std, n)
+        if vec is not None:
+            vec[ranks] = rng.normal(0, 1, (n, vec.shape[1]))
+
+
 class SyntheticStream:
     """Seeded, drifting, Criteo-shaped click stream (DESIGN.md §7).
 
@@ -156,8 +205,8 @@ class SyntheticStream:
             min(_CRITEO_VOCAB[f % len(_CRITEO_VOCAB)], cfg.max_vocab)
             for f in range(cfg.num_item_features, cfg.num_sparse)
         ]
-        ctx_bias = [rng.normal(0, cfg.context_bias_std, v) for v in vocab]
-        # Feature num_item_features is "the user": its latent vector meets item 0's.
+        ctx = [_Vocab(rng, v, cfg, v >= cfg.open_vocab_min) for v in vocab]
+        # Feature num_item_features is "the user": its latent vector (by rank) meets item 0's.
         user_vec = rng.normal(0, 1, (vocab[0], cfg.latent_dim))
         dense_w0 = rng.normal(0, cfg.dense_weight_std, cfg.num_dense)
         dense_w1 = rng.normal(0, cfg.dense_weight_std, cfg.num_dense)
@@ -172,6 +221,8 @@ class SyntheticStream:
             born -= n_new
             for cat in items:
                 cat.add(rng, n_new, birth=t0)
+            for j, voc in enumerate(ctx):
+                voc.renew(rng, dt, user_vec if j == 0 else None)
             sparse = np.empty((batch_size, cfg.num_sparse), dtype=np.int64)
             score = np.full(batch_size, cfg.base_logit)
             for f, cat in enumerate(items):
@@ -182,11 +233,12 @@ class SyntheticStream:
                     ids[hot] = rng.integers(hot_lo, cat.size, int(hot.sum()))
                 sparse[:, f] = ids
                 score += cat.score(ids, ts)
-            for j, v in enumerate(vocab):
-                ids = self._zipf(rng, batch_size, v)
-                sparse[:, cfg.num_item_features + j] = ids
-                score += ctx_bias[j][ids]
-            user = sparse[:, cfg.num_item_features]
+            for j, voc in enumerate(ctx):
+                ranks = self._zipf(rng, batch_size, len(voc.ids))
+                if j == 0:
+                    user = ranks
+                sparse[:, cfg.num_item_features + j] = voc.ids[ranks]
+                score += voc.bias[ranks]
             item = sparse[:, 0]
             dot = np.einsum("bk,bk->b", user_vec[user], items[0].vec[item])
             score += cfg.latent_scale * dot / np.sqrt(cfg.latent_dim)
