@@ -34,13 +34,13 @@ def test_row_budget_admission_and_eviction_become_the_dlrms_dynamic_tables(tmp_p
         {
             "row_budget": 5000,
             "admission": {"kind": "count", "threshold": 3, "sketch_width": 4096, "idle_rows": True},
-            "eviction": {"kind": "ttl", "ttl_s": 600.0},
+            "eviction": {"kind": "ttl", "ttl_s": 600.0, "lfu_aging": 3.0},
         },
     )
     assert m.dlrm().dynamic == DynamicEmbeddingConfig(
         row_budget=5000,
         admission=AdmissionConfig(kind="count", threshold=3, sketch_width=4096, idle_rows=True),
-        eviction=EvictionConfig(kind="ttl", ttl_s=600.0),
+        eviction=EvictionConfig(kind="ttl", ttl_s=600.0, lfu_aging=3.0),
     )
     budget_only = _load(tmp_path, {"row_budget": 10}).dlrm().dynamic
     assert budget_only == DynamicEmbeddingConfig(row_budget=10)  # admit all, LRU
@@ -61,6 +61,7 @@ def test_row_budget_admission_and_eviction_become_the_dlrms_dynamic_tables(tmp_p
         ({"row_budget": 9, "eviction": {"kind": "ttl"}}, 'ttl_s is required with kind = "ttl"'),
         ({"row_budget": 9, "eviction": {"ttl_s": -1}}, "models.0.eviction.ttl_s"),
         ({"row_budget": 9, "eviction": {"ttl": 5}}, "models.0.eviction.ttl"),
+        ({"row_budget": 9, "eviction": {"lfu_aging": 0}}, "models.0.eviction.lfu_aging"),
     ],
 )
 def test_bad_dynamic_table_config_names_the_field(tmp_path, model, needle) -> None:

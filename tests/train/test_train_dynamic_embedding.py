@@ -154,6 +154,20 @@ def test_lfu_evicts_the_least_frequent_row_ties_by_recency() -> None:
     assert emb.statistics().evicted == 2
 
 
+def test_lfu_aging_sets_how_many_sightings_pass_between_halvings() -> None:
+    """lfu_aging = 2: counts halve after every 2 x budget sightings (not 10 x), so a row
+    frequent once (1, 9 sightings) loses to a newer one sighted since (2, 8 sightings)."""
+    for aging, kept in ((2.0, 2), (10.0, 1)):
+        emb = table(2, eviction=EvictionConfig(kind="lfu", lfu_aging=aging))
+        train(emb, *[1] * 9)
+        for _ in range(8):
+            train(emb, 2)  # aging 2: halvings at its 4th and 8th sighting: 1 -> 2, 2 -> 3
+        train(emb, 3)  # full: the least frequent leaves (aging 10: 1 at 9 vs 2 at 8)
+        assert held(emb) == {kept, 3}, aging
+    with pytest.raises(ValueError, match="lfu_aging"):
+        EvictionConfig(kind="lfu", lfu_aging=0)
+
+
 def test_ttl_evicts_rows_not_updated_for_ttl_and_a_full_table_rejects_until_then() -> None:
     clock = FakeClock()
     emb = table(2, clock, eviction=EvictionConfig(kind="ttl", ttl_s=10.0))

@@ -41,6 +41,7 @@ class EvictionSection(Strict):
 
     kind: Literal["none", "lru", "lfu", "ttl"] = "lru"
     ttl_s: float | None = Field(None, gt=0, lt=1e18)  # EvictionConfig's bound
+    lfu_aging: float = Field(10.0, gt=0, le=1e6)  # x row_budget sightings between halvings
 
     @model_validator(mode="after")
     def _check_ttl(self) -> EvictionSection:

@@ -3,9 +3,9 @@ under a model's memory budget at its node, ``ekko.train.memory_budget``).
 
 Scores follow HierarchicalKV's rule (the lowest score leaves first): LRU scores a row by the
 step it was last looked up in training, LFU by its sightings since admission, halved after
-every ``10 * row_budget`` sightings of the table (TinyLFU's aging: on a drifting stream plain
-LFU keeps rows that were frequent once; ties: the least recently used). TTL removes every
-row not updated for ``ttl_s`` of the table's clock, whatever the budget; with
+every ``lfu_aging * row_budget`` sightings of the table (TinyLFU's aging: on a drifting
+stream plain LFU keeps rows that were frequent once; ties: the least recently used). TTL
+removes every row not updated for ``ttl_s`` of the table's clock, whatever the budget; with
 ``kind = "ttl"`` a full table admits no new id until rows expire.
 """
 
@@ -32,10 +32,14 @@ class EvictionConfig:
     ids), ``"ttl"`` (rows not updated for ``ttl_s`` leave). ``ttl_s`` is required by
     ``"ttl"`` and optional with ``"lru"`` / ``"lfu"``; it is in the units of the clock the
     table is given (seconds of ``time.monotonic`` by default, steps with a step clock).
+    ``lfu_aging``: the rows' frequencies (LFU's score, and what makes a row idle for
+    ``AdmissionConfig.idle_rows``) halve after every ``lfu_aging * row_budget`` sightings of
+    the table; the faster the stream's ids fade, the lower it pays to set it (README).
     """
 
     kind: Literal["none", "lru", "lfu", "ttl"] = "lru"
     ttl_s: float | None = None
+    lfu_aging: float = 10.0
 
     def __post_init__(self) -> None:
         if self.kind not in EVICTION_KINDS:
@@ -44,6 +48,8 @@ class EvictionConfig:
             raise ValueError('eviction.ttl_s is required with kind = "ttl"')
         if self.ttl_s is not None and not 0 < self.ttl_s < 1e18:
             raise ValueError(f"eviction.ttl_s must be a positive finite time: {self.ttl_s}")
+        if not 0 < self.lfu_aging <= 1e6:
+            raise ValueError(f"eviction.lfu_aging must be in (0, 1e6]: {self.lfu_aging}")
 
     @property
     def evicts(self) -> bool:

@@ -66,7 +66,7 @@ class Slots:
         self._touched_at = np.zeros(budget, dtype=np.float64)
         self._freq = np.zeros(budget, dtype=np.int64)
         self._sightings = 0  # since the frequencies were last halved
-        self._aging = 10 * budget  # sightings between halvings
+        self._aging = max(1, int(eviction.lfu_aging * budget))  # sightings between halvings
         self._free = np.arange(budget - 1, -1, -1, dtype=np.int64)  # a stack: pops 0, 1, …
         self._n_free = budget
         self._step = 0
