@@ -56,14 +56,20 @@ DEMO_ADMISSION = {"kind": "count", "threshold": 2, "sketch_width": 1 << 16}
 
 
 def variants(
-    budget: int, unbounded_rows: int, eviction: str = "lru", admission: dict | None = None
+    budget: int,
+    unbounded_rows: int,
+    eviction: str | dict = "lru",
+    admission: dict | None = None,
 ) -> dict[str, DLRMConfig]:
     """The three trainers' models; ``admission``: ``AdmissionConfig`` fields of the bounded
-    one (default: the demo's count >= 2)."""
+    one (default: the demo's count >= 2); ``eviction``: its kind, or ``EvictionConfig``
+    fields."""
     bounded = DynamicEmbeddingConfig(
         row_budget=budget,
         admission=AdmissionConfig(**(admission or DEMO_ADMISSION)),
-        eviction=EvictionConfig(kind=eviction),
+        eviction=EvictionConfig(**eviction)
+        if isinstance(eviction, dict)
+        else EvictionConfig(kind=eviction),
     )
     unbounded = DynamicEmbeddingConfig(
         row_budget=unbounded_rows, eviction=EvictionConfig(kind="none")
@@ -81,19 +87,25 @@ def run(
     out: Path | None = None,
     budget: int = 5_000,
     events: int = 0,
-    eviction: str = "lru",
+    eviction: str | dict = "lru",
     admission: dict | None = None,
     stream: StreamConfig = DEMO_STREAM,
     hashed: bool = True,
+    seed: int = 0,
 ) -> dict:
     """``events`` of ``stream`` (batches of ``BATCH``; the first ``WARMUP_EVENTS`` not
-    scored) through the trainers of ``variants``; ``hashed=False`` leaves that one out."""
+    scored) through the trainers of ``variants``; ``hashed=False`` leaves that one out;
+    ``seed``: every model's init (``DLRMConfig.seed``: the trainers share dense layers)."""
     torch.set_num_threads(1)
     events = events or (60_000 if quick else 200_000)
     steps = events // BATCH
     seconds = events / stream.events_per_s
-    unbounded_rows = stream.max_vocab + int(seconds * stream.new_items_per_s) + 1_000
+    # above any id the run can draw: item ids grow by new_items_per_s, an open context
+    # vocabulary's by context_new_ids_per_s
+    new_ids_per_s = stream.new_items_per_s + stream.context_new_ids_per_s
+    unbounded_rows = stream.max_vocab + int(seconds * new_ids_per_s) + 1_000
     configs = variants(budget, unbounded_rows, eviction, admission)
+    configs = {n: dataclasses.replace(c, seed=seed) for n, c in configs.items()}
     if not hashed:
         del configs["hashed"]
     trainers, sinks = {}, {}
@@ -158,7 +170,7 @@ def run(
         console.print(f"[dynamic] {name}: {r}")
     summary["scored_events"] = [warm * BATCH, steps * BATCH]  # [first, end) of the stream
     inputs = {"events": events, "batch": BATCH, "budget": budget, "quick": quick,
-              "eviction": eviction, "admission": admission or DEMO_ADMISSION,
+              "eviction": eviction, "admission": admission or DEMO_ADMISSION, "seed": seed,
               "stream": dataclasses.asdict(stream)}  # fmt: skip
     write_result("dynamic", inputs, summary, results, out, lambda fig: _plot(fig, results))
     return {"summary": summary}
