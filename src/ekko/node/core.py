@@ -82,7 +82,10 @@ class NodeCore:
         self.not_ready: str | None = "recovering" if self.role == "source" else None
         self.closed = False  # the log closed (the node stops): no write may be taken
         self.restored_rows = 0  # rows the source found in its own snapshot and log
-        claim_data_dir(self.data_dir, self.config.cluster.id, fresh=self.fresh)
+        sourced = (
+            tuple(self.config.held(self.name)) if self.role == "source" else None
+        )  # a source is the source of every partition it holds (config_partitions)
+        claim_data_dir(self.data_dir, self.config.cluster.id, fresh=self.fresh, sourced=sourced)
         self.store = self._open_store()
         if self.role == "source":
             self.epoch = secrets.randbits(62) | 1  # this process, in every answer's mark
