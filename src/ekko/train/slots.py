@@ -201,12 +201,7 @@ class Slots:
         held = slots != MISSING
         ids, slots = ids[held], slots[held]
         if slots.size:
-            self._map.remove(ids)
-            self._ids[slots] = MISSING
-            self._occupied[slots] = False
-            self._freq[slots] = 0
-            self._free[self._n_free : self._n_free + slots.size] = slots
-            self._n_free += slots.size
+            self._release(ids, slots)
         return slots
 
     def keys_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,13 +264,17 @@ class Slots:
         ids = self._ids[slots]
         self._gone.append(ids)
         self._gone_slots.append(slots)
+        self._release(ids, slots)
+        self.evicted_by[reason] += int(slots.size)
+
+    def _release(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Unmap ``ids`` and put their ``slots`` back on the free stack."""
         self._map.remove(ids)
         self._ids[slots] = MISSING
         self._occupied[slots] = False
         self._freq[slots] = 0
         self._free[self._n_free : self._n_free + slots.size] = slots
         self._n_free += slots.size
-        self.evicted_by[reason] += int(slots.size)
 
     def statistics(self) -> SlotStatistics:
         return SlotStatistics(
