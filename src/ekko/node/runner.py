@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from ekko.node.http_client import ClusterHttp
 from ekko.node.http_server import EmbeddedServer, tcp_listener
 from ekko.node.metrics import sync_port_metrics
 from ekko.node.models import ModelHost, sharded_training_note
+from ekko.node.parent_watch import ParentWatch, parent_pid
 from ekko.node.recover import recover_source
 from ekko.node.release_timer import ReleaseTimer
 from ekko.node.replica_lag import LagProbe
@@ -144,6 +146,9 @@ class NodeRunner:
         if not core.is_source:
             self.lag_probe = LagProbe(core, self.http, self.secret, clock=clock)
             out.append(self.lag_probe)
+        parent = parent_pid(os.environ)
+        if parent is not None:
+            out.append(ParentWatch(parent, self.stop, clock))
         probe = self.lag_probe
         lag = (lambda: {n: vars(x) for n, x in probe.lag().items()}) if probe else None
         self.series = SeriesRecorder(core, self.http, self.secret, self.models.guard_view, lag,

@@ -21,6 +21,7 @@ import httpx
 from ekko.node.access import ClusterAuth
 from ekko.node.config import ClusterConfig, ConfigError, load_config
 from ekko.node.http_client import ClusterHttp
+from ekko.node.parent_watch import ENV as PARENT_ENV
 from ekko.node.runner import READY_MARK
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class LocalCluster:
             cmd.append("--fresh")
             self._fresh.discard(name)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.node_env.get(name, {}))
+        env[PARENT_ENV] = str(os.getpid())  # the node stops if this process is gone
         offset = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as err:
             proc = subprocess.Popen(
