@@ -338,11 +338,22 @@ def test_a_stream_probes_a_silent_client_so_a_vanished_one_frees_its_place(
     sock = _upgraded(source)
     node_port = httpx.URL(source.url).port
     client_port = sock.getsockname()[1]
-    rows = [ln.split() for ln in table.read_text().splitlines()[1:]]
-    ours = [r for r in rows if r[1].endswith(f":{node_port:04X}")
-            and r[2].endswith(f":{client_port:04X}")]  # fmt: skip
-    assert len(ours) == 1, ours
-    assert ours[0][5].split(":")[0] == "02", ours[0]  # the keepalive timer runs
+
+    def node_side() -> list[str]:
+        rows = [ln.split() for ln in table.read_text().splitlines()[1:]]
+        ours = [r for r in rows if r[1].endswith(f":{node_port:04X}")
+                and r[2].endswith(f":{client_port:04X}")]  # fmt: skip
+        assert len(ours) == 1, ours
+        return ours[0]
+
+    # The 101 can reach us before the node's loop has switched the socket to the stream
+    # (and turned keepalive on): read the kernel's table until the timer shows, 5 s at most.
+    deadline = time.monotonic() + 5.0
+    row = node_side()
+    while row[5].split(":")[0] != "02" and time.monotonic() < deadline:
+        time.sleep(0.02)
+        row = node_side()
+    assert row[5].split(":")[0] == "02", row  # the keepalive timer runs
     sock.close()
 
 
