@@ -207,3 +207,28 @@ def test_the_latency_window_is_np_quantile_of_its_last_samples(
             want = float(np.quantile(samples[max(0, i + 1 - size) : i + 1], quantile))
             assert w.value() == pytest.approx(want, rel=1e-12, abs=1e-12)
     assert len(w) == min(size, len(samples))
+
+
+def test_an_unexpected_failure_of_a_merged_scatter_is_logged_and_reaches_every_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ekko.serve.scatter_batch import Coalescer
+
+    async def scatter(tables, known, deadline):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.01)
+        if len(tables["t"]) > 1:
+            raise RuntimeError("bug in a merged scatter")
+        return {"t": None}
+
+    coalescer = Coalescer(scatter)
+
+    async def three() -> list:
+        keys = {"t": np.arange(1, dtype=np.int64)}
+        return await asyncio.gather(
+            *(coalescer.lookup(keys, {}, 1.0) for _ in range(3)), return_exceptions=True
+        )
+
+    got = run_virtual(three)
+    assert got[0] == {"t": None}
+    assert [type(e) for e in got[1:]] == [RuntimeError, RuntimeError]
+    assert "merged scatter of 2 lookups failed" in caplog.text and "bug in a merged" in caplog.text

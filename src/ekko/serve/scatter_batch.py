@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekko.client.wire import TableRows
+from ekko.net.httpkit import RequestError
+from ekko.serve.errors import ModelNotReady
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class Coalescer:
                 got = await self.scatter(tables, known, min(w.deadline for w in batch))
                 answers = cut(got, known, cuts)
         except BaseException as exc:  # every caller of the batch hears how it ended
+            if isinstance(exc, Exception) and not isinstance(exc, ModelNotReady | RequestError):
+                log.exception("merged scatter of %d lookups failed", len(batch))  # a bug: said
             for w in batch:
                 if not w.future.done():
                     if isinstance(exc, asyncio.CancelledError):
