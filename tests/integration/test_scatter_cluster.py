@@ -18,8 +18,9 @@ from ekko.client.credentials import Credentials
 from ekko.net.httpkit import bounded_app
 from ekko.node.config import ModelConfig
 from ekko.serve import build_services, serve_routes
-from ekko.serve.scatter import PartitionedLookup, ScatterConfig
+from ekko.serve.scatter import PartitionedLookup
 from ekko.serve.scatter_http import HttpHolders
+from ekko.serve.scatter_policy import ScatterConfig
 from ekko.store import Store
 from ekko.store.placement import Placement
 

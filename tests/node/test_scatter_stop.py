@@ -14,7 +14,7 @@ import pytest
 from ekko.bench.scale_cluster import partitioned_doc, write_configs
 from ekko.node.config import ModelConfig, load_config
 from ekko.node.runner import NodeRunner
-from ekko.serve.scatter import HolderFailed, PartitionUnavailable
+from ekko.serve.scatter_fetch import HolderFailed, PartitionUnavailable
 from ekko.store import shard_of
 
 MODEL = ModelConfig(name="ctr", rows_per_table=100, embedding_dim=4, num_sparse=2)
@@ -49,8 +49,8 @@ async def test_stopping_a_serving_node_closes_its_lookup_streams(tmp_path: Path)
     try:
         rows = runner.models.rows
         assert rows is not None
-        rows.num_shards = lambda table: 4  # the catalog would come from source-p0
-        parts = rows.partition_of_keys("emb_0", np.arange(64, dtype=np.int64))
+        rows.keys.num_shards = lambda table: 4  # the catalog would come from source-p0
+        parts = rows.keys.partition_of_keys("emb_0", np.arange(64, dtype=np.int64))
         keys = np.flatnonzero(parts == 1)[:4].astype(np.int64)
         assert (rows.placement.partitions_of("emb_0", 4)[shard_of(keys, 4)] == 1).all()
         rows.config = type(rows.config)(deadline_s=0.3)

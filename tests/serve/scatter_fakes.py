@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ekko.client.wire import TableRows
-from ekko.serve.scatter import HolderFailed
+from ekko.serve.scatter_fetch import HolderFailed
 from ekko.store import Store, shard_of
 from ekko.store.placement import Placement
 

@@ -17,7 +17,7 @@ from ekko.client.credentials import Credentials
 from ekko.client.lookup_stream import LookupStream, _Waiting
 from ekko.client.stream_frames import ANSWER, FOUND_TAIL, LOOKUP_PATH, REQUEST, write_frame
 from ekko.node.access import ClusterAuth
-from ekko.serve.scatter import HolderFailed
+from ekko.serve.scatter_fetch import HolderFailed
 from ekko.serve.scatter_http import HttpHolders
 
 

@@ -11,12 +11,9 @@ from scatter_fakes import FakeHolders, holders_of, run_virtual
 
 from ekko.schedule import WritePort
 from ekko.serve import ModelNotReady
-from ekko.serve.scatter import (
-    LookupRefused,
-    PartitionedLookup,
-    PartitionUnavailable,
-    ScatterConfig,
-)
+from ekko.serve.scatter import PartitionedLookup
+from ekko.serve.scatter_fetch import LookupRefused, PartitionUnavailable
+from ekko.serve.scatter_policy import ScatterConfig
 from ekko.store import Store
 from ekko.store.placement import Placement
 from ekko.store.spec import TableSpec
@@ -97,7 +94,7 @@ def test_a_slow_holder_is_hedged_after_the_partitions_p95_first_answer_wins() ->
     cfg = ScatterConfig(deadline_s=5.0, min_samples=10, hedge_initial_s=0.5)
     lookup, fake = _scatter(store, cfg)
     _prime(lookup, fake, 0.010, 20)
-    assert lookup.hedge_after(0) == pytest.approx(0.010)
+    assert lookup.policy.hedge_after(0) == pytest.approx(0.010)
     fake.delay = {h: 0.005 for h in fake.delay}  # faster than the p95 now...
     fake.delay["p0h0"] = 3.0  # ...but this one stalls
     keys = np.arange(40, dtype=np.int64)
@@ -247,6 +244,6 @@ def test_a_stalled_holder_goes_last_and_does_not_push_the_hedge_delay_to_the_dea
     took, first_to_stalled = run_virtual(batches)
     stats = lookup.statistics()[0]
     assert stats.unavailable == 0 and stats.answered == 400
-    assert lookup.hedge_after(0) < 0.02  # the healthy holder's time, not a climbing delay
+    assert lookup.policy.hedge_after(0) < 0.02  # the healthy holder's time, not a climbing delay
     # the stalled holder is asked first again once per suspect_s, not by every batch
     assert first_to_stalled <= took / cfg.suspect_s + 1

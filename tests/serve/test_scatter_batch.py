@@ -12,12 +12,9 @@ from hypothesis import strategies as st
 from scatter_fakes import FakeHolders, holders_of, run_virtual
 
 from ekko.schedule import WritePort
-from ekko.serve.scatter import (
-    LatencyWindow,
-    PartitionedLookup,
-    PartitionUnavailable,
-    ScatterConfig,
-)
+from ekko.serve.scatter import PartitionedLookup
+from ekko.serve.scatter_fetch import PartitionUnavailable
+from ekko.serve.scatter_policy import LatencyWindow, ScatterConfig
 from ekko.store import Store
 from ekko.store.placement import Placement
 from ekko.store.spec import TableSpec
@@ -108,7 +105,7 @@ def test_concurrent_lookups_each_get_exactly_their_own_rows(
     if coalesce == 0:
         assert (scatters, merged) == (0, 0)
         touched = [
-            {int(p) for t, k in tables.items() for p in lookup.partition_of_keys(t, k)}
+            {int(p) for t, k in tables.items() for p in lookup.keys.partition_of_keys(t, k)}
             for tables, _ in requests
         ]
         assert len(fake.calls) == sum(len(t) for t in touched)  # one request per partition

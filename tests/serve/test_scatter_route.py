@@ -18,7 +18,7 @@ from ekko.node.access import ClusterAuth
 from ekko.node.config import load_config
 from ekko.node.runner import NodeRunner
 from ekko.ops.cluster_init import cluster_doc, write_cluster
-from ekko.serve.scatter import HolderFailed
+from ekko.serve.scatter_fetch import HolderFailed
 from ekko.serve.scatter_http import HttpHolders
 
 BINARY = {"content-type": ROWS_MEDIA_TYPE, "accept": ROWS_MEDIA_TYPE}

@@ -98,8 +98,9 @@ def frontend(
     from ekko.client.credentials import Credentials
     from ekko.net.httpkit import bounded_app
     from ekko.serve import InferenceService, serve_routes
-    from ekko.serve.scatter import PartitionedLookup, ScatterConfig
+    from ekko.serve.scatter import PartitionedLookup
     from ekko.serve.scatter_http import HttpHolders
+    from ekko.serve.scatter_policy import ScatterConfig
     from ekko.store import Store
     from ekko.store.placement import Placement
 

@@ -33,7 +33,7 @@ from ekko.schedule.scheduler import SchedulerStats
 from ekko.store.spec import HIGH_LANE, LOW_LANE, NEW_LANE
 
 if TYPE_CHECKING:
-    from ekko.serve.scatter import PartitionStats
+    from ekko.serve.scatter_policy import PartitionStats
 
 LANE_NAMES = {HIGH_LANE: "high", LOW_LANE: "low", NEW_LANE: "new"}
 

@@ -37,7 +37,7 @@ from ekko.client.errors import ClientError
 from ekko.client.lookup_stream import LookupStream
 from ekko.client.wire import TableRows, WireError
 from ekko.net.signed_requests import RESIGN_HEADER
-from ekko.serve.scatter import Fetch, HolderFailed
+from ekko.serve.scatter_fetch import Fetch, HolderFailed
 from ekko.store import Store, UnknownTableError
 
 MAX_HEAD_BYTES = 64 * 1024
