@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scatter_fakes import FakeHolders, holders_of, run_virtual
 
+from ekko.client.wire import TableRows
 from ekko.schedule import WritePort
+from ekko.serve import ModelNotReady
 from ekko.serve.scatter import PartitionedLookup
 from ekko.serve.scatter_fetch import PartitionUnavailable
 from ekko.serve.scatter_policy import LatencyWindow, ScatterConfig
@@ -217,7 +219,7 @@ def test_an_unexpected_failure_of_a_merged_scatter_is_logged_and_reaches_every_c
             raise RuntimeError("bug in a merged scatter")
         return {"t": None}
 
-    coalescer = Coalescer(scatter)
+    coalescer = Coalescer(scatter, expired=lambda tables: ModelNotReady("late"))
 
     async def three() -> list:
         keys = {"t": np.arange(1, dtype=np.int64)}
@@ -229,3 +231,80 @@ def test_an_unexpected_failure_of_a_merged_scatter_is_logged_and_reaches_every_c
     assert got[0] == {"t": None}
     assert [type(e) for e in got[1:]] == [RuntimeError, RuntimeError]
     assert "merged scatter of 2 lookups failed" in caplog.text and "bug in a merged" in caplog.text
+
+
+def _rows_of(tables: dict) -> dict:
+    """A fake holder's answer: each key's row is the key itself (versions, one value)."""
+    return {
+        t: TableRows(t, k.copy(), np.ones(k.shape[0], np.uint8), k[:, None].astype(np.float32))
+        for t, k in tables.items()
+    }
+
+
+def test_a_queued_lookup_gives_up_at_its_own_deadline_while_the_scatter_ahead_blocks() -> None:
+    from ekko.serve.scatter_batch import Coalescer
+
+    release = asyncio.Event()
+    sent: list[dict] = []
+
+    async def scatter(tables, known, deadline):  # type: ignore[no-untyped-def]
+        sent.append(dict(tables))
+        if len(sent) == 1:
+            await release.wait()  # the scatter in flight ignores every deadline
+        return _rows_of(tables)
+
+    coalescer = Coalescer(scatter, expired=lambda tables: ModelNotReady(f"late {sorted(tables)}"))
+    keys = [np.arange(i * 10, i * 10 + 3, dtype=np.int64) for i in range(3)]
+
+    async def scenario() -> tuple:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(coalescer.lookup({"t": keys[0]}, {}, 100.0))
+        await asyncio.sleep(0)  # the first scatter is in flight
+        short = asyncio.ensure_future(coalescer.lookup({"t": keys[1]}, {}, loop.time() + 0.05))
+        patient = asyncio.ensure_future(coalescer.lookup({"t": keys[2]}, {}, 100.0))
+        with pytest.raises(ModelNotReady, match=r"late \['t'\]"):
+            await short  # (before the fix: waited on the blocked scatter, forever)
+        gave_up = loop.time()
+        release.set()
+        return gave_up, await first, await patient
+
+    gave_up, first, patient = run_virtual(scenario)
+    assert gave_up == pytest.approx(0.05, abs=1e-3)  # its own deadline, not the scatter's end
+    np.testing.assert_array_equal(first["t"].values[:, 0], keys[0])
+    np.testing.assert_array_equal(patient["t"].values[:, 0], keys[2])
+    np.testing.assert_array_equal(patient["t"].versions, keys[2])
+    assert [s["t"].tolist() for s in sent] == [keys[0].tolist(), keys[2].tolist()]  # dropped
+    assert (coalescer.scatters, coalescer.merged, coalescer.gave_up) == (2, 0, 1)
+
+
+def test_a_queued_lookup_past_its_deadline_is_the_503_naming_the_partition_in_flight() -> None:
+    store = _store()
+    lookup, fake = _lookup(store, ScatterConfig(coalesce=16, deadline_s=1.0))
+    fake.delay = dict.fromkeys(lookup.holders[1], 0.2)
+    requests = _requests(4, 3, store)
+    coalescer = lookup.coalescer
+    assert coalescer is not None
+
+    async def scenario() -> tuple:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(coalescer.lookup(*requests[0], loop.time() + 1.0))
+        await asyncio.sleep(0.01)  # partition 1 keeps the first scatter in flight until 0.2
+        queued_at = loop.time()
+        short = asyncio.ensure_future(coalescer.lookup(*requests[1], queued_at + 0.05))
+        patient = asyncio.ensure_future(coalescer.lookup(*requests[2], queued_at + 1.0))
+        try:
+            await short
+        except PartitionUnavailable as exc:
+            short_err: Exception = exc
+        gave_up = loop.time() - queued_at
+        return gave_up, short_err, await first, await patient
+
+    gave_up, err, first, patient = run_virtual(scenario)
+    assert gave_up == pytest.approx(0.05, abs=1e-3)  # (before the fix: 0.19, the first's end)
+    assert isinstance(err, ModelNotReady)  # a 503 on predict, as a scatter past its deadline
+    assert str(err).startswith("partition 1 has no live holder (tables ")
+    why = "p1h0: no answer within the deadline (1 s) to the scatter this lookup waited for"
+    assert why in str(err)
+    _assert_answers(first, _expected(store, *requests[0]))
+    _assert_answers(patient, _expected(store, *requests[2]))  # (before: failed with the short)
+    assert lookup.coalesced() == (2, 0)  # the patient one went alone: the short one was dropped

@@ -78,7 +78,10 @@ class PartitionedLookup:
         self.config = cfg = config or ScatterConfig()
         self.keys = PartitionKeys(placement, num_shards)
         self.policy = HolderPolicy(self.holders, cfg)
-        self.coalescer = Coalescer(self._scatter, cfg.coalesce) if cfg.coalesce else None
+        self._asking = [0] * placement.partitions  # scatters waiting on each partition now
+        self.coalescer = (
+            Coalescer(self._scatter, cfg.coalesce, expired=self._expired) if cfg.coalesce else None
+        )
 
     async def lookup(
         self, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray] | None = None
@@ -88,7 +91,7 @@ class PartitionedLookup:
         still at them out of ``values``, as one holder's ``POST /v1/lookup`` does.
 
         Raises ``PartitionUnavailable`` when a partition's holders all failed or the deadline
-        passed, ``LookupRefused`` when a
+        passed (also while queued behind a scatter in flight), ``LookupRefused`` when a
         holder refused the request itself."""
         known = known or {}
         asked: dict[str, np.ndarray] = {}
@@ -136,6 +139,19 @@ class PartitionedLookup:
         deadline: float,
     ) -> Mapping[str, TableRows]:
         """One partition's rows: hedged after its p95, retried on error, until the deadline."""
+        self._asking[p] += 1
+        try:
+            return await self._ask_holders(p, tables, known, deadline)
+        finally:
+            self._asking[p] -= 1
+
+    async def _ask_holders(
+        self,
+        p: int,
+        tables: dict[str, np.ndarray],
+        known: dict[str, np.ndarray],
+        deadline: float,
+    ) -> Mapping[str, TableRows]:
         loop = asyncio.get_running_loop()
         policy = self.policy
         counters = policy.counters[p]
@@ -197,6 +213,21 @@ class PartitionedLookup:
                   for h in running.values()]  # fmt: skip
         counters.unavailable += 1
         raise PartitionUnavailable(p, list(tables), tried)
+
+    def _expired(self, tables: Mapping[str, np.ndarray]) -> PartitionUnavailable:
+        """What a lookup queued behind a scatter in flight raises at its deadline: the 503 of
+        a scatter past its deadline, naming the partition that scatter still waits on (one
+        of the lookup's own if it can), as the scatter will when its own deadline passes."""
+        mine = sorted({p for t, k in tables.items() for p, _ in self.keys.split(t, k)})
+        slow = [p for p in mine if self._asking[p]]
+        slow = slow or [p for p, n in enumerate(self._asking) if n] or mine
+        p = slow[0]
+        asked = [t for t, k in tables.items() if (self.keys.partition_of_keys(t, k) == p).any()]
+        why = (
+            f"no answer within the deadline ({self.config.deadline_s:g} s) to the scatter "
+            "this lookup waited for"
+        )
+        return PartitionUnavailable(p, asked or list(tables), [(h, why) for h in self.holders[p]])
 
     async def close(self) -> None:
         """Cancel the merged lookups in flight, then close the fetch's connections

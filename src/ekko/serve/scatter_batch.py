@@ -10,6 +10,13 @@ caller's. A lone lookup goes out at once, so light load pays nothing for it (the
 opportunistic batching as Nagle's algorithm, or a serving system's dynamic batching with no
 wait).
 
+Why each queued caller keeps a timer of its own: it waits for the scatter in flight and then
+for its own merged one, and the scatter in flight answers to its own deadline, not to the
+callers queued behind it. A caller gives up at its deadline with the error its own scatter
+would have raised then (``expired``; ``PartitionedLookup``'s names the partition the scatter
+in flight still waits on: HTTP 503), and is dropped from the queue, or from its batch's
+answer.
+
 Why per-caller ``known`` versions stay exact: the merged request carries each caller's
 versions for its own keys and ``NO_VERSION`` for callers without, so every caller gets back
 exactly the values its own request would have had.
@@ -36,6 +43,8 @@ Scatter = Callable[
     [Mapping[str, np.ndarray], Mapping[str, np.ndarray], float],
     Awaitable[Mapping[str, TableRows]],
 ]
+Expired = Callable[[Mapping[str, np.ndarray]], Exception]
+"""The error a caller that queued with ``tables`` raises when its deadline passed first."""
 
 
 @dataclass
@@ -48,22 +57,25 @@ class _Waiting:
 
 class Coalescer:
     """Runs ``scatter(tables, known, deadline)`` with at most one call in flight, merging the
-    lookups that queued behind it (at most ``max_batch`` into one).
+    lookups that queued behind it (at most ``max_batch`` into one); a queued lookup whose
+    deadline (loop time) passes first raises ``expired(tables)``.
 
     Why a separate object: the merge and the cut are pure array work, testable without
     holders; ``PartitionedLookup`` keeps the hedging and retries of each scatter.
     """
 
-    def __init__(self, scatter: Scatter, max_batch: int = 16) -> None:
+    def __init__(self, scatter: Scatter, max_batch: int = 16, *, expired: Expired) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch: expected >= 1, got {max_batch!r}")
         self.scatter = scatter
         self.max_batch = max_batch
+        self.expired = expired
         self._busy = False
         self._queue: list[_Waiting] = []
         self._tasks: set[asyncio.Task] = set()
         self.merged = 0  # lookups that went out in a merged scatter
         self.scatters = 0  # scatters sent
+        self.gave_up = 0  # queued lookups whose deadline passed first
 
     async def lookup(
         self, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray], deadline: float
@@ -72,7 +84,15 @@ class Coalescer:
         if self._busy:
             waiting = _Waiting(tables, known, deadline, loop.create_future())
             self._queue.append(waiting)
-            return await waiting.future
+            timer = asyncio.timeout_at(deadline)
+            try:
+                async with timer:  # on expiry, cancels the future: the caller is dropped
+                    return await waiting.future
+            except TimeoutError as late:
+                if not timer.expired():
+                    raise  # the scatter's own error
+                self.gave_up += 1
+                raise self.expired(tables) from late
         self._busy = True
         self.scatters += 1
         try:
