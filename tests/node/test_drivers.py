@@ -1,6 +1,7 @@
 """The node's drivers: each a supervised loop on an injected clock (no test sleeps), and a
-driver that raises is logged with its traceback, restarted, and shown in ``/ready`` (503)
-and the ``ekko_task_*`` metrics while it waits for its restart."""
+driver that raises is logged with its traceback, restarted, and shown in ``/ready`` (503),
+``/v1/status`` (not ready, naming it) and the ``ekko_task_*`` metrics while it waits for its
+restart."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from ekko.net.signed_requests import RESIGN_HEADER
+from ekko.node.access import ClusterAuth
 from ekko.node.config import load_config
 from ekko.node.driver import Driver
 from ekko.node.guard_link import ATTEMPTS, GuardLink
@@ -67,7 +69,7 @@ class FlakyDriver(Driver):
         return {"flaky_runs": self.runs}
 
 
-async def test_a_raising_driver_is_logged_restarted_and_shown_in_ready_and_metrics(
+async def test_a_raising_driver_is_logged_restarted_and_shown_in_ready_status_and_metrics(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     doc = cluster_doc(dcs=1, replicas=1, tables=[("emb", 4, 2)], sync={"snapshot_interval_s": 0})
@@ -84,12 +86,15 @@ async def test_a_raising_driver_is_logged_restarted_and_shown_in_ready_and_metri
         task = asyncio.create_task(runner.run())
         await asyncio.wait_for(runner.ready.wait(), 30)
         await asyncio.wait_for(gate.sleeping.wait(), 10)
-        async with httpx.AsyncClient(base_url=f"http://{node.host}:{node.admin_port}") as c:
+        url = f"http://{node.host}:{node.admin_port}"
+        async with httpx.AsyncClient(base_url=url, auth=ClusterAuth(runner.secret)) as c:
             r = await c.get("/ready")
             assert r.status_code == 503
-            assert r.json()["down"] == {
-                "flaky": "RuntimeError: flaky driver broke on its first run"
-            }
+            down = {"flaky": "RuntimeError: flaky driver broke on its first run"}
+            assert r.json()["down"] == down
+            status = (await c.get("/v1/status")).json()  # the same judgement as /ready
+            assert (status["ready"], status["down"], status["why"]) == (False, down, "down: flaky")
+            assert status["tasks"]["flaky"]["up"] is False
             metrics = (await c.get("/metrics")).text
             assert 'ekko_task_up{task="flaky"} 0.0' in metrics
             assert 'ekko_task_failures_total{task="flaky"} 1.0' in metrics
@@ -97,6 +102,8 @@ async def test_a_raising_driver_is_logged_restarted_and_shown_in_ready_and_metri
             await asyncio.wait_for(flaky.running.wait(), 10)
             r = await c.get("/ready")
             assert r.status_code == 200, r.text
+            status = (await c.get("/v1/status")).json()
+            assert (status["ready"], status["down"]) == (True, {}) and "why" not in status
             metrics = (await c.get("/metrics")).text
             assert 'ekko_task_up{task="flaky"} 1.0' in metrics
             assert 'ekko_task_restarts_total{task="flaky"} 1.0' in metrics

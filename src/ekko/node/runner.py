@@ -278,7 +278,8 @@ class NodeRunner:
         await self.models.close()
 
     def _status_extra(self) -> dict:
-        doc: dict = {"ready": self.ready.is_set(), "tasks": self.supervisor.status()}
+        """``/v1/status``'s keys from the runner (``ready`` and ``down``: ``NodeWeb``'s)."""
+        doc: dict = {"tasks": self.supervisor.status()}
         if self.core.role not in ("source", "checkpoint"):
             doc["catch_up"] = self.apply.status()
         if self.core.is_source and self.config.models and not self.trains_in_node():

@@ -1,5 +1,6 @@
 """A node's HTTP side as the runner composes it: admin, serving, guard and driver routes,
-``/metrics`` from every part's collectors, and ``/ready`` naming whatever is down."""
+``/metrics`` from every part's collectors, and ``/ready`` naming whatever is down (which
+``/v1/status`` shows too)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class NodeWeb:
 
     Why ``/ready`` here: it is the one place that reports every background task (the
     supervisor's, the trainers' threads, the node's own machinery such as its log) and the
-    startup state; a task added later shows up by being supervised.
+    startup state; a task added later shows up by being supervised. ``/v1/status`` shows
+    the same judgement (``readiness``), so the two never disagree.
 
     Args:
         core: the node.
@@ -49,7 +51,8 @@ class NodeWeb:
         secret: the cluster secret (signed routes).
         routes: further routes (a driver's, say the checkpoint refresh).
         collectors: further metric collectors.
-        status: keys added to ``/v1/status``.
+        status: keys added to ``/v1/status`` (``ready``, ``down`` and ``why`` are this
+            object's).
         started: True once the node serves.
         stopping: True once the node is stopping.
         tls: the server context when the cluster runs TLS (https only).
@@ -75,6 +78,7 @@ class NodeWeb:
         self.supervisor = supervisor
         self.started = started
         self.stopping = stopping
+        self.extra_status = status
         web = core.config.http
         self.streams = StreamStats()
         self.lookup_streams = StreamStats()
@@ -84,7 +88,7 @@ class NodeWeb:
              stream_metrics(core.name, self.streams),
              stream_metrics(core.name, self.lookup_streams, "lookup"), *collectors],
         )  # fmt: skip
-        admin = admin_routes(core, registry, status, web.max_body_bytes)
+        admin = admin_routes(core, registry, self.status, web.max_body_bytes)
         policy = AccessPolicy(serve_open=web.serve_open)
         advertised = frozenset({f"{core.node.host}:{core.node.admin_port}"})
         all_routes = [
@@ -118,19 +122,31 @@ class NodeWeb:
 
     def not_ready(self) -> str | None:
         """Why the node is not ready (what ``/ready`` answers 503 with), or None."""
+        return self._why_not(self.down())
+
+    def _why_not(self, down: dict[str, str]) -> str | None:
         if not self.started():
             return self.core.not_ready or "starting"
         if self.stopping():
             return "stopping"
-        down = self.down()
         return f"down: {', '.join(sorted(down))}" if down else None
+
+    def readiness(self) -> dict[str, object]:
+        """``ready``; ``down``: what is not running, by name, with its last error; ``why``
+        when not ready. What ``/ready`` answers and ``/v1/status`` shows."""
+        down = self.down()
+        why = self._why_not(down)
+        doc: dict[str, object] = {"ready": why is None, "down": down}
+        if why is not None:
+            doc["why"] = why
+        return doc
+
+    def status(self) -> dict:
+        """The keys the node adds to ``/v1/status``: the runner's and ``readiness``."""
+        return {**self.extra_status(), **self.readiness()}
 
     async def ready_route(self, request: Request) -> Response:
         """200 once the node serves and every background task runs; 503 naming what is not
         (a supervised task, or a model's trainer thread: ``trainer/{model}``)."""
-        down = self.down()
-        ok = self.started() and not down and not self.stopping()
-        doc = {"ready": ok, "node": self.core.name, "down": down}
-        if not self.started():
-            doc["why"] = self.core.not_ready or "starting"
-        return JSONResponse(doc, status_code=200 if ok else 503)
+        doc = {"node": self.core.name, **self.readiness()}
+        return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
