@@ -93,3 +93,15 @@ async def test_a_scrape_shows_the_scheduler_the_pacing_and_the_puller(tmp_path: 
         for r in (replica, source):
             r.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+def test_the_scatter_collector_exports_merged_and_expired_queued_lookups() -> None:
+    from ekko.node.metrics import scatter_metrics
+
+    collect = scatter_metrics("n1", list, lambda: (7, 5, 2))
+    got = {m.name: m.samples[0].value for m in collect() if m.samples}
+    assert got == {
+        "ekko_scatter_scatters": 7,
+        "ekko_scatter_lookups_merged": 5,
+        "ekko_scatter_lookups_expired_queued": 2,
+    }

@@ -94,3 +94,16 @@ async def test_status_lists_every_node_and_one_that_is_down(tmp_path: Path) -> N
         for r in (source, replica):
             r.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+def test_a_node_with_a_task_down_reads_down_naming_it_not_starting() -> None:
+    from ekko.ops.status import _state
+
+    assert _state({"ready": True, "down": {}}) == "ready"
+    assert _state({}) == "ready"  # a node from before readiness was in /v1/status
+    down = {"upstream": "ValueError: budget", "driver/purge": "OSError"}
+    assert _state({"ready": False, "down": down, "why": "down: ..."}) == (
+        "down: driver/purge, upstream"
+    )
+    assert _state({"ready": False, "down": {}, "why": "starting"}) == "starting"
+    assert _state({"ready": False, "down": "junk"}) == "starting"  # a hostile answer

@@ -103,7 +103,7 @@ def test_concurrent_lookups_each_get_exactly_their_own_rows(
     got = run_virtual(all_at_once)
     for answer, (tables, known) in zip(got, requests, strict=True):
         _assert_answers(answer, _expected(store, tables, known))
-    scatters, merged = lookup.coalesced()
+    scatters, merged, _ = lookup.coalesced()
     if coalesce == 0:
         assert (scatters, merged) == (0, 0)
         touched = [
@@ -136,7 +136,7 @@ def test_a_lone_lookup_goes_at_once_and_queued_ones_go_together_after_it() -> No
         _assert_answers(answer, _expected(store, tables, known))
     times = sorted({t for _, t, _, _ in fake.calls})
     assert times == [pytest.approx(0.0), pytest.approx(0.010)]  # two scatters, no waiting
-    assert lookup.coalesced() == (2, 4)
+    assert lookup.coalesced() == (2, 4, 0)
 
 
 def test_a_failed_merged_scatter_fails_every_caller_and_the_next_one_runs() -> None:
@@ -159,7 +159,7 @@ def test_a_failed_merged_scatter_fails_every_caller_and_the_next_one_runs() -> N
     outcomes, after = run_virtual(scenario)
     for exc in outcomes:  # the first scatter, and the merged one behind it
         assert isinstance(exc, PartitionUnavailable) and "partition 2" in str(exc)
-    assert lookup.coalesced() == (3, 3)
+    assert lookup.coalesced() == (3, 3, 0)
     _assert_answers(after, _expected(store, *requests[0]))
 
 
@@ -182,7 +182,7 @@ def test_a_caller_that_gives_up_while_queued_leaves_the_others_their_answers() -
     assert cancelled
     _assert_answers(first, _expected(store, *requests[0]))
     _assert_answers(stayer, _expected(store, *requests[2]))
-    assert lookup.coalesced() == (2, 0)  # the quitter was dropped: the stayer went alone
+    assert lookup.coalesced() == (2, 0, 0)  # the quitter was dropped: the stayer went alone
 
 
 @pytest.mark.parametrize("bad", [-1, 1025, 2.5, True, "8"])
@@ -307,4 +307,4 @@ def test_a_queued_lookup_past_its_deadline_is_the_503_naming_the_partition_in_fl
     assert why in str(err)
     _assert_answers(first, _expected(store, *requests[0]))
     _assert_answers(patient, _expected(store, *requests[2]))  # (before: failed with the short)
-    assert lookup.coalesced() == (2, 0)  # the patient one went alone: the short one was dropped
+    assert lookup.coalesced() == (2, 0, 1)  # the patient one went alone: the short one gave up

@@ -313,7 +313,7 @@ def sync_port_metrics(
 def scatter_metrics(
     node: str,
     stats: Callable[[], Sequence[PartitionStats]],
-    coalesced: Callable[[], tuple[int, int]] | None = None,
+    coalesced: Callable[[], tuple[int, int, int]] | None = None,
 ) -> Callable[[], Iterator[Metric]]:
     """A collector of a serving node's scatter-gather lookups per partition (issue 17):
     batches asked and answered, hedges and retries sent, batches no holder answered, and the
@@ -340,11 +340,13 @@ def scatter_metrics(
             m.add_metric([node, str(s.partition)], s.hedge_after_s)
         yield m
         if coalesced is not None:
-            scatters, merged = coalesced()
+            scatters, merged, gave_up = coalesced()
             for name, value, doc in (
                 ("scatters", scatters, "Scatters sent (lookups merged into one count once)"),
                 ("lookups_merged", merged, "Lookups sent merged with others that queued "
                  "behind a scatter in flight"),
+                ("lookups_expired_queued", gave_up, "Lookups whose deadline passed while "
+                 "they queued behind a scatter in flight (answered 503)"),
             ):  # fmt: skip
                 m = CounterMetricFamily(f"ekko_scatter_{name}", doc, labels=["node"])
                 m.add_metric([node], value)

@@ -45,7 +45,7 @@ class NodeRow:
     in_bytes_per_s: float | None
     out_bytes_per_s: float | None
     guard: str | None
-    state: str  # ready, starting, recovering, unreachable, or the HTTP status
+    state: str  # ready, starting, down: TASKS, recovering, unreachable, or the HTTP status
     error: str | None = None  # why a node could not be read
 
 
@@ -138,6 +138,17 @@ def _partitions(cfg: ClusterConfig, name: str, doc: dict[str, Any]) -> str:
     )
 
 
+def _state(status: dict[str, Any]) -> str:
+    """``ready``; ``down: NAMES`` for a node with background tasks down (one restarting
+    after an error: ``/ready`` is 503 naming them); else ``starting``."""
+    if status.get("ready", True):
+        return "ready"
+    down = status.get("down")
+    if isinstance(down, dict) and down:
+        return "down: " + ", ".join(sorted(str(k) for k in down))
+    return "starting"
+
+
 def _answered_row(
     cfg: ClusterConfig, name: str, before: NodeStatus, after: dict[str, Any], seconds: float
 ) -> NodeRow:
@@ -148,7 +159,7 @@ def _answered_row(
     b0, b1 = _bytes(before), _bytes(after)
     if b0 is not None and b1 is not None and seconds > 0:
         rates = [max(0, b1[i] - b0[i]) / seconds for i in (0, 1)]
-    state = "ready" if after.get("ready", True) else "starting"
+    state = _state(after)
     if source and after.get("accepting_writes") is False:
         state = "recovering"
     return NodeRow(

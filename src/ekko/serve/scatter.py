@@ -238,11 +238,11 @@ class PartitionedLookup:
         if close is not None:
             await close()
 
-    def coalesced(self) -> tuple[int, int]:
-        """(scatters sent, lookups that went out merged with others): (0, 0) when
-        ``coalesce`` is 0."""
+    def coalesced(self) -> tuple[int, int, int]:
+        """(scatters sent, lookups that went out merged with others, queued lookups whose
+        deadline passed before their scatter answered): zeros when ``coalesce`` is 0."""
         c = self.coalescer
-        return (0, 0) if c is None else (c.scatters, c.merged)
+        return (0, 0, 0) if c is None else (c.scatters, c.merged, c.gave_up)
 
     def statistics(self) -> list[PartitionStats]:
         return self.policy.statistics()
