@@ -32,7 +32,7 @@ from ekko.schedule.scheduler import UpdateScheduler
 from ekko.schedule.write_port import WritePort
 from ekko.store import Store, Table
 from ekko.store.settled import Mark
-from ekko.store.table import WriteHook
+from ekko.store.table_records import WriteHook
 
 RECOVERY = -1  # the session tag of a restarting source's pulls from a replica
 _ANSWERS = (PullResponse, Catalog, Error)

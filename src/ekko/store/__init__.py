@@ -19,7 +19,8 @@ from ekko.store.errors import (
 from ekko.store.index import KeyIndex, group_by_shard, shard_of
 from ekko.store.reference import ReferenceTable
 from ekko.store.store import Store
-from ekko.store.table import Collected, Table, TableStats, warm
+from ekko.store.table import Table, warm
+from ekko.store.table_records import Collected, TableStats
 
 __all__ = [
     "DEFAULT_MAX_ABS",

@@ -23,7 +23,7 @@ from ekko.store._validate import (
 )
 from ekko.store.errors import BadRowsError
 from ekko.store.spec import HIGH_LANE, LANES, TableSpec
-from ekko.store.table import Collected
+from ekko.store.table_records import Collected
 
 _M64 = (1 << 64) - 1
 

@@ -13,6 +13,7 @@ HIGH_LANE = 0
 LOW_LANE = 1
 NEW_LANE = 2  # keys no replica has seen: ahead of the high lane on a busy link
 LANES = (HIGH_LANE, LOW_LANE, NEW_LANE)
+NUM_LANES = len(LANES)
 
 
 class TableSpec(msgspec.Struct, frozen=True, tag=True):

@@ -21,7 +21,8 @@ from ekko.store.settled import Mark, SettledKnowledge
 from ekko.store.snapshot import SnapshotData, SnapshotTable, read_snapshot, write_snapshot
 from ekko.store.sources import History, SourceGroups, merge_shards
 from ekko.store.spec import TableSpec
-from ekko.store.table import DeleteHook, Table, WriteHook
+from ekko.store.table import Table
+from ekko.store.table_records import DeleteHook, WriteHook
 
 DEFAULT_RESERVE_BYTES = 4 << 20
 

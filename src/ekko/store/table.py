@@ -1,10 +1,12 @@
 """One versioned, sharded embedding table: rows in contiguous arrays, an update cache per
-shard, and the per-shard counters that sync needs (DESIGN.md §2–§3)."""
+shard, and the per-shard counters that sync needs (DESIGN.md §2–§3).
+
+This module holds the table's state and its per-batch path (write, delete, replay, apply,
+lookup, collect). Beside it: ``table_bulk`` (whole-table reads, the restore from a
+snapshot), ``table_purge`` (tombstone purge and reconcile) and ``table_records`` (the
+records it returns, the hooks it calls)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,7 +16,6 @@ from ekko.store._validate import (
     DEFAULT_MAX_ABS,
     check_cursors,
     check_dead,
-    check_int64,
     check_keys,
     check_lanes,
     check_rows,
@@ -26,58 +27,15 @@ from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, shard_of
 from ekko.store.knowledge import after_origin_write, complete_to, merge_many
 from ekko.store.row_arrays import RowArrays, check_slots
-from ekko.store.spec import HIGH_LANE, LANES, TableSpec
+from ekko.store.spec import HIGH_LANE, LANES, NUM_LANES, TableSpec
+from ekko.store.table_bulk import TableBulk
+from ekko.store.table_purge import TablePurging
+from ekko.store.table_records import AdmitHook, Collected, DeleteHook, TableStats, WriteHook
 
-NUM_LANES = len(LANES)
 _NO_INTS = np.zeros(0, dtype=np.int64)  # a source write's versions and wtimes: not read
 
-WriteHook = Callable[["Table", np.ndarray, np.ndarray, np.ndarray, int, np.ndarray], None]
-"""Called after every source write with (table, keys, values, versions, now_ns, lanes)."""
-DeleteHook = Callable[["Table", np.ndarray, np.ndarray, int], None]
-"""Called after every source delete with (table, keys, versions, now_ns)."""
-AdmitHook = Callable[["Table", np.ndarray], None]
-"""Called with (table, keys) before any write, delete or apply stores them; raises to refuse
-all of them (``ekko.store.holding``: shards held elsewhere, a memory budget)."""
 
-
-@dataclass(frozen=True)
-class Collected:
-    """Result of ``Table.collect``: slots of m cursors, concatenated.
-
-    Kept as flat arrays (not m small lists) so a pull over hundreds of shards costs a few
-    allocations. Cursor i owns ``slots[offsets[i]:offsets[i + 1]]``, sorted by version.
-    """
-
-    slots: np.ndarray  # int64 [total]
-    offsets: np.ndarray  # int64 [m + 1]
-    full_scan: np.ndarray  # bool [m]: answered by a full scan rather than the cache
-
-    def segment(self, i: int) -> np.ndarray:
-        """Slots of cursor ``i``."""
-        return self.slots[self.offsets[i] : self.offsets[i + 1]]
-
-    def __len__(self) -> int:
-        return int(self.offsets.shape[0] - 1)
-
-
-@dataclass(frozen=True)
-class TableStats:
-    """Counters a metrics exporter reads; frozen so a reader never sees a half-updated set."""
-
-    rows: int  # live rows
-    capacity: int
-    cache_hits: int
-    full_scans: int
-    rows_written: int
-    rows_applied: int
-    tombstones: int = 0  # deleted keys held with their versions (not served)
-    rows_deleted: int = 0  # deletes written here (a source)
-    tombstones_purged: int = 0  # tombstones forgotten (``purge``), their slots reused
-    free_slots: int = 0  # row slots freed by purges, not taken again yet
-    rows_reconciled: int = 0  # keys dropped by a reconcile: their delete was purged upstream
-
-
-class Table:
+class Table(TableBulk, TablePurging):
     """A table's rows and sync state, because sync needs more than a key→value map: each row's
     version, origin write time and lane, and per shard a counter, knowledge, a shard version
     and a bounded update cache with its dominator (DESIGN.md §3).
@@ -132,16 +90,7 @@ class Table:
         self._rows_written = 0
         self._rows_applied = 0
         self._rows_deleted = 0
-        self._purged = 0
-        self._reconciled = 0
-        # purge_bar[shard, lane]: a tombstone of that lane at or below it may have been
-        # purged here or upstream; a holder whose knowledge of the lane is below it cannot
-        # learn those deletes from rows, only by a reconcile (``ekko.protocol.floors``).
-        self.purge_bar = np.zeros((ns, NUM_LANES), dtype=np.int64)
-        self.purge_epoch = 0  # moves whenever purge_bar rises
-        # Per shard, moves whenever a reconcile dropped live rows here: holders below this
-        # one may hold them too, and reconcile the shard in turn.
-        self.reconcile_epoch = np.zeros(ns, dtype=np.int64)
+        self._init_purging(ns)
         self._tombstones = np.zeros(1, dtype=np.int64)  # kept by the kernels
         # The store's write-ahead journal, if any: sees every source write of this table.
         self.on_write: WriteHook | None = None
@@ -447,32 +396,6 @@ class Table:
         """Copy of the tombstone flags (uint8, 1: deleted) at ``slots``."""
         return self._rows.dead[check_slots(slots, self._used)]
 
-    def all_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every live row's (keys, values, versions, wtimes, lanes): views (not copies) while
-        the table holds no tombstone, else copies of the live rows."""
-        rows = self._rows.view(self._used)
-        if not self.tombstones and not self._index.free_slots:
-            return rows
-        live = (self._rows.dead[: self._used] == 0) & (rows[2] > 0)
-        return tuple(a[live] for a in rows)  # type: ignore[return-value]
-
-    def all_slots(
-        self,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every slot's (keys, values, versions, wtimes, lanes, dead): live rows and tombstones
-        (what a snapshot keeps); views unless a purge freed slots (then copies without them)."""
-        columns = (*self._rows.view(self._used), self._rows.dead[: self._used])
-        if not self._index.free_slots:
-            return columns
-        held = columns[2] > 0
-        return tuple(c[held] for c in columns)  # type: ignore[return-value]
-
-    def deleted(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of every tombstone's (keys, versions)."""
-        n = self._used
-        dead = self._rows.dead[:n] != 0
-        return self._rows.keys[:n][dead], self._rows.versions[:n][dead]
-
     def cache_entries(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(slots, versions) in the shard's update cache, oldest first (copies)."""
         s = check_scalar_index(shard, self.num_shards, "shard")
@@ -481,13 +404,6 @@ class Table:
         start = (pos - length) % self.cache_capacity
         order = (start + np.arange(length)) % self.cache_capacity
         return self._ring_slot[s, order].copy(), self._ring_ver[s, order].copy()
-
-    def digest(self) -> int:
-        """Order-independent 64-bit hash of every live row's (key, version, value bits):
-        tombstones count for nothing."""
-        keys, values, versions, _, _ = self._rows.view(self._used)
-        dead = self._rows.dead[: self._used]
-        return int(K.digest_rows(keys, versions, values.view(np.uint32), dead))
 
     def statistics(self) -> TableStats:
         return TableStats(
@@ -503,181 +419,6 @@ class Table:
             rows_reconciled=self._reconciled,
             free_slots=self._index.free_slots,
         )
-
-    # -- purging -----------------------------------------------------------------------------
-
-    @property
-    def purge_floor(self) -> np.ndarray:
-        """Per shard, the highest version at or below which tombstones were purged."""
-        return self.purge_bar.max(axis=1)
-
-    def purge(self, bar: np.ndarray) -> int:
-        """Forget the tombstones whose version is at or below their shard's purge floor: the
-        caller knows every holder has them. ``bar`` is int64 [shards, lanes] (a holder
-        follows its upstream's) or, at the source, int64 [shards] (each shard's floor, the
-        bar then being the floor capped by the highest version each lane ever stored: the
-        lane's tombstones all lie below it). Their keys leave the index and their slots are
-        reused by later new keys, so memory stays flat under churn. Cursors below a shard's
-        floor take the full scan from now on (the update cache may name a freed slot).
-        Returns how many were purged."""
-        b = np.asarray(bar)
-        ns = self.num_shards
-        if b.ndim == 1:
-            b = np.minimum(check_int64(b, ns, "floor")[:, None], self.lane_top)
-        if b.shape != (ns, NUM_LANES) or b.dtype.kind not in "iu":
-            raise BadRowsError(
-                f"table {self.name!r}: a purge bar must be integer ({ns}, {NUM_LANES}),"
-                f" got {b.dtype} {b.shape}"
-            )
-        if b.size and int(b.min()) < 0:
-            raise BadRowsError(f"table {self.name!r}: a purge floor must be >= 0")
-        if (b > self.purge_bar).any():
-            np.maximum(self.purge_bar, b, out=self.purge_bar)
-            self.purge_epoch += 1
-        if not self.tombstones:
-            return 0
-        fl = self.purge_floor
-        n, r = self._used, self._rows
-        gone = (r.dead[:n] != 0) & (r.versions[:n] <= fl[r.shards[:n]])
-        slots = np.flatnonzero(gone)
-        self._forget(slots, fl)
-        self._purged += int(slots.size)
-        return int(slots.size)
-
-    def drop_absent(self, shard: int, bar: np.ndarray, keys: np.ndarray) -> int:
-        """Reconcile ``shard`` with its upstream's full list of ``keys`` (live and tombstones),
-        given the upstream's purge bar of the shard (int64 per lane; it holds each lane
-        complete up to it): a row held here at or below its lane's bar whose key the
-        upstream does not hold was deleted there, and the tombstone purged before this
-        holder saw it (or superseded, in a lane this holder will pull again). Drops those
-        keys (tombstones too). Returns the live rows dropped."""
-        s = check_scalar_index(shard, self.num_shards, "shard")
-        k = check_keys(keys)
-        b = np.asarray(bar)
-        if b.shape != (NUM_LANES,) or b.dtype.kind not in "iu" or int(b.min()) < 0:
-            raise BadRowsError(
-                f"table {self.name!r}: a reconcile bar must be {NUM_LANES} integers >= 0,"
-                f" got {b.tolist()}"
-            )
-        n, r = self._used, self._rows
-        ver = r.versions[:n]
-        mine = np.flatnonzero((r.shards[:n] == s) & (ver > 0) & (ver <= b[r.lanes[:n]]))
-        absent = mine[~np.isin(r.keys[mine], k)]
-        live = int(np.count_nonzero(r.dead[absent] == 0))
-        fl = self.purge_floor
-        fl[s] = max(int(fl[s]), int(b.max()))
-        self._forget(absent, fl)
-        self._reconciled += live
-        self._purged += int(absent.size) - live
-        if live:
-            self.reconcile_epoch[s] += 1
-        return live
-
-    def redundant(self, keys: np.ndarray, versions: np.ndarray, lane: int) -> np.ndarray | None:
-        """Rows of ``lane`` that a holder must not apply: at or below both its knowledge of
-        their shard's lane (it holds them, or what superseded them) and the shard's purge
-        floor (what superseded them may be a purged delete, and applying would bring the key
-        back). A late duplicate of an old answer is such a row. None: there are none."""
-        if not versions.shape[0] or int(versions.min()) > int(self.purge_floor.max()):
-            return None
-        shards = shard_of(keys, self.num_shards)
-        bar = np.minimum(self.knowledge[shards, lane], self.purge_floor[shards])
-        out = versions <= bar
-        return out if out.any() else None
-
-    def shard_keys(self, shards: np.ndarray) -> list[np.ndarray]:
-        """For each of ``shards`` (distinct, ascending), every key it holds, live or a
-        tombstone (what a holder reconciles against, ``drop_absent``)."""
-        want = np.asarray(shards, dtype=np.int64)
-        n, r = self._used, self._rows
-        sel = (r.versions[:n] > 0) & np.isin(r.shards[:n], want)
-        keys, sh = r.keys[:n][sel], r.shards[:n][sel]
-        order = np.argsort(sh, kind="stable")
-        counts = np.bincount(np.searchsorted(want, sh), minlength=want.shape[0])
-        return np.split(keys[order], np.cumsum(counts)[:-1])
-
-    def _forget(self, slots: np.ndarray, floor: np.ndarray) -> None:
-        """Remove the keys at ``slots`` (tombstones or live rows) from the index and free
-        their slots."""
-        if not slots.size:
-            return
-        r = self._rows
-        self._index.remove(r.keys[slots])
-        touched = np.unique(r.shards[slots])
-        self._tombstones[0] -= int(np.count_nonzero(r.dead[slots]))
-        r.values[slots] = 0
-        r.versions[slots] = 0
-        r.wtimes[slots] = 0
-        r.lanes[slots] = 0
-        r.dead[slots] = 0
-        self.dvv[touched] = np.maximum(self.dvv[touched], floor[touched])
-        self.shard_version[touched] += 1
-
-    # -- snapshot restore --------------------------------------------------------------------
-
-    def restore_rows(
-        self,
-        keys: np.ndarray,
-        values: np.ndarray,
-        versions: np.ndarray,
-        wtimes: np.ndarray,
-        lanes: np.ndarray,
-        *,
-        counter: np.ndarray,
-        knowledge: np.ndarray,
-        shard_version: np.ndarray,
-        dead: np.ndarray | None = None,
-        purge_bar: np.ndarray | None = None,
-    ) -> None:
-        """Fill an empty table from a snapshot. The update cache starts empty, so the dominator
-        is set to the shard's highest version: cursors below it take the full-scan path."""
-        if self._used:
-            raise BadRowsError(f"table {self.name!r}: restore_rows needs an empty table")
-        k, v, ver, wt, ln = check_rows(keys, values, versions, wtimes, lanes, self.dim)
-        n = k.shape[0]
-        dd = check_dead(dead, n)
-        ns = self.num_shards
-        cnt = check_int64(counter, ns, "counter")
-        sv = check_int64(shard_version, ns, "shard_version")
-        kn = np.asarray(knowledge)
-        if kn.ndim == 2 and kn.shape[0] == ns and 0 < kn.shape[1] < NUM_LANES:
-            # A snapshot from before the new-key lane: it held nothing in the lanes it lacks.
-            kn = np.pad(kn, ((0, 0), (0, NUM_LANES - kn.shape[1])))
-        if kn.shape != (ns, NUM_LANES) or kn.dtype.kind not in "iu":
-            raise BadRowsError(
-                f"knowledge must be integer ({ns}, {NUM_LANES}), got {kn.dtype} {kn.shape}"
-            )
-        shards = shard_of(k, ns)
-        top = np.zeros(ns, dtype=np.int64)
-        np.maximum.at(top, shards, ver)
-        if (top > cnt).any():
-            raise BadRowsError(f"table {self.name!r}: a row's version is above its counter")
-        index = KeyIndex(max(n, 16))
-        slots = index.insert(k)
-        if len(index) != n:
-            raise BadRowsError(f"table {self.name!r}: duplicate keys in restored rows")
-        self._index = index
-        self._rows.grow_to(n, 0)
-        for column, rows in zip(self._rows.columns(), (k, v, ver, wt, ln, shards, dd), strict=True):
-            column[slots] = rows
-        self._rows.values[slots[dd != 0]] = 0
-        self._tombstones[0] = int(np.count_nonzero(dd))
-        self.counter[:] = cnt
-        self.lane_top[:] = 0
-        np.maximum.at(self.lane_top, (shards, ln.astype(np.int64)), ver)
-        self.knowledge[:] = kn
-        self.shard_version[:] = sv
-        self.dvv[:] = cnt
-        if purge_bar is not None:
-            pb = np.asarray(purge_bar)
-            if pb.shape != (ns, NUM_LANES) or pb.dtype.kind not in "iu":
-                raise BadRowsError(
-                    f"purge_bar must be integer ({ns}, {NUM_LANES}), got {pb.dtype} {pb.shape}"
-                )
-            self.purge_bar[:] = pb
-        self._ring_pos[:] = 0
-        self._ring_len[:] = 0
-        self._ring_order[:] = 0
 
 
 def warm() -> None:
