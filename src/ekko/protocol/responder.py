@@ -5,26 +5,20 @@ wake-up). It reads the store it serves and never writes it. Each connected pulle
 *session*: the responder remembers what it already sent on that session, so several pulls in
 flight (a window) each carry new rows instead of the same rows several times, and a pull with
 nothing new waits (long-poll) until the store moves.
+
+Beside it: ``responder_session`` (what it remembers of a session) and ``responder_scope``
+(the partitions, source history and purge notices a session is answered for).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ekko.protocol.chunk_codec import check_codec
 from ekko.protocol.chunk_collector import ChunkCollector, vouched
-from ekko.protocol.floors import (
-    INT64_MAX,
-    BadFloorsError,
-    Floors,
-    HolderFloors,
-    PurgeNotices,
-    Scope,
-    check_floors,
-)
+from ekko.protocol.floors import BadFloorsError, HolderFloors, check_floors
 from ekko.protocol.messages import (
     DRAIN_ORDER,
     Catalog,
@@ -36,11 +30,11 @@ from ekko.protocol.messages import (
     PullResponse,
 )
 from ekko.protocol.ready import Ready, SessionId
-from ekko.protocol.shard_scope import SessionScope
+from ekko.protocol.responder_scope import ResponderScope
+from ekko.protocol.responder_session import Parked, Session
 from ekko.schedule.pacing import LinkPacer, PacerStats
-from ekko.store import Store, StoreError, Table, UnknownTableError
+from ekko.store import Store, Table, UnknownTableError
 from ekko.store.placement import Placement
-from ekko.store.settled import Mark
 from ekko.store.spec import LANES
 
 HOLDS_QUIET_S = 1.0
@@ -75,47 +69,7 @@ class ResponderStats:
     reconciled_shards: int = 0  # full key lists sent to holders below a purge floor
 
 
-@dataclass
-class _Parked:
-    request: PullRequest
-    expires_at: float
-
-
-@dataclass
-class _Session:
-    sent: dict[str, np.ndarray] = field(default_factory=dict)  # table -> int64 [S, lanes]
-    seen: dict[str, np.ndarray] = field(default_factory=dict)  # table -> int64 [S]
-    catalog_version: int = -1
-    parked: deque[_Parked] = field(default_factory=deque)
-    codec: str | None = None  # as the last pull asked
-    pacer: LinkPacer | None = None  # the session's link is paced at its bandwidth
-    paced_until: float | None = None  # rows wait for the pacer's tokens until then
-    turn: int = 0  # which table a truncated answer starts with, round robin
-    rows_at: float | None = None  # when the session was last answered with rows
-    max_unframed: int | None = None  # answers with rows the host may hold before framing
-    unframed: int = 0  # answers with rows handed out, not yet reported ``framed``
-    absorb: bool = False  # a recovering source: rows above our knowledge go too
-    scope: SessionScope = field(default_factory=SessionScope)  # the partitions asked for
-    purges: PurgeNotices = field(default_factory=PurgeNotices)
-    sid: SessionId | None = None  # the key it is kept under
-    lineage: int | None = None  # of its partitions' source when it was last answered
-
-    def forget(self) -> None:
-        """The puller holds nothing this session was sent: start from nothing."""
-        self.sent.clear()
-        self.seen.clear()
-        self.catalog_version = -1
-        self.purges = PurgeNotices()
-
-    def state_for(self, table: Table) -> tuple[np.ndarray, np.ndarray]:
-        sent = self.sent.get(table.name)
-        if sent is None:
-            sent = self.sent[table.name] = np.zeros((table.num_shards, len(LANES)), np.int64)
-            self.seen[table.name] = np.full(table.num_shards, -1, np.int64)
-        return sent, self.seen[table.name]
-
-
-class Responder:
+class Responder(ResponderScope):
     """Answers ``PullRequest``/``CatalogRequest`` from many sessions over one store."""
 
     def __init__(
@@ -128,7 +82,7 @@ class Responder:
         self.config = config or ResponderConfig()
         # Which partition holds each (table, shard): what a pull naming partitions means.
         self.placement = placement
-        self._sessions: dict[SessionId, _Session] = {}
+        self._sessions: dict[SessionId, Session] = {}
         self._pulls = self._parked_total = self._expired = 0
         self._rows_sent = self._bytes_sent = 0
         self._chunks = ChunkCollector(store, use_cache=self.config.use_cache)
@@ -141,7 +95,7 @@ class Responder:
     def receive(self, session: SessionId, msg: Message, now: float) -> Ready:
         """Handle one message from ``session``."""
         self._check_lineage()
-        sess = self._sessions.setdefault(session, _Session())
+        sess = self._sessions.setdefault(session, Session())
         sess.sid = session
         ready = Ready()
         if isinstance(msg, CatalogRequest):
@@ -229,7 +183,7 @@ class Responder:
         most this many answers with rows wait to be framed: rows are then chosen when the
         link can take them, not before a stalled send queue (one that a bandwidth drop
         would otherwise hit whole)."""
-        sess = self._sessions.setdefault(session, _Session())
+        sess = self._sessions.setdefault(session, Session())
         sess.max_unframed = max_unframed if rate_bytes_per_s is not None else None
         if rate_bytes_per_s is None:
             sess.pacer = sess.paced_until = None
@@ -272,28 +226,6 @@ class Responder:
         ready.wake_at = self._next_expiry()
         return ready
 
-    def _check_lineage(self) -> None:
-        """The store was rebuilt under another lineage: what sessions were sent (and the
-        memo of answers) describes rows it no longer holds. Forget it; each puller learns the
-        new lineage from its next answer and rebuilds. A store of several sources' partitions
-        rebuilds one source's at a time: sessions pulling another's go on as they were."""
-        key = self.store.lineage_key()  # of every source the store holds
-        if key != self._lineage:
-            self._lineage = key
-            for sess in self._sessions.values():
-                if not self.store.multi_source or self._lineage_moved(sess):
-                    sess.forget()
-            self._chunks.forget()
-
-    def _lineage_moved(self, sess: _Session) -> bool:
-        """Whether the source history of ``sess``'s partitions is not the one it was last
-        answered from."""
-        try:
-            lineage = self.store.history(sess.scope.partitions).lineage
-        except StoreError:
-            return True
-        return sess.lineage is None or sess.lineage != lineage
-
     def close_session(self, session: SessionId, now: float | None = None) -> None:
         """``session`` ended; its floors hold purges back for the horizon after ``now``
         (None: not at all)."""
@@ -328,16 +260,16 @@ class Responder:
     def _may_wait(self, req: PullRequest) -> bool:
         return self.config.long_poll and req.wait_ms > 0
 
-    def _park(self, sess: _Session, req: PullRequest, now: float) -> None:
+    def _park(self, sess: Session, req: PullRequest, now: float) -> None:
         if len(sess.parked) >= self.config.max_parked_per_session:
             oldest = sess.parked.popleft()
             oldest.expires_at = now  # answered empty by the next tick
             sess.parked.appendleft(oldest)
         wait_s = min(req.wait_ms, self.config.max_wait_ms) / 1000.0
-        sess.parked.append(_Parked(req, now + wait_s))
+        sess.parked.append(Parked(req, now + wait_s))
         self._parked_total += 1
 
-    def _drain(self, sid: SessionId, sess: _Session, now: float, ready: Ready) -> Ready:
+    def _drain(self, sid: SessionId, sess: Session, now: float, ready: Ready) -> Ready:
         while sess.parked:
             response = self._answer(sess, sess.parked[0].request, now, force=False)
             if response is None:
@@ -351,7 +283,7 @@ class Responder:
         times += [s.paced_until for s in self._sessions.values() if s.paced_until is not None]
         return min(times) if times else None
 
-    def _restate(self, sess: _Session, req: PullRequest) -> Error | None:
+    def _restate(self, sess: Session, req: PullRequest) -> Error | None:
         """A puller restates its knowledge (new session or after a gap): believe it."""
         try:
             for c in req.cursors or ():
@@ -373,72 +305,14 @@ class Responder:
             return Error(req.req_id, "unknown_table", str(exc))
         return None
 
-    def _empty(self, sess: _Session, req: PullRequest, now: float) -> PullResponse:
+    def _empty(self, sess: Session, req: PullRequest, now: float) -> PullResponse:
         purge, reconcile = self._purges(sess, max(0, req.max_bytes), now)
         return PullResponse(
             req.req_id, self.store.catalog_version, [], False, self._catalog(sess),
             self._holds(sess, now), *self._history_of(sess), purge, reconcile,
         )  # fmt: skip
 
-    def _held(self, partitions: list[int] | None, held: tuple[int, ...] | None) -> list[int] | None:
-        """A recovering source's ``partitions`` narrowed to those this store holds (``held``)
-        of a store holding several sources': it asks every holder of any of its partitions
-        for all of them, and one holding some of them beside another source's has those to
-        give (one history). Unchanged when none is held (refused, naming them) or the store
-        holds one source's."""
-        if partitions is None or held is None or not self.store.multi_source:
-            return partitions
-        return [p for p in partitions if p in held] or partitions
-
-    def _one_source(self, sess: _Session) -> str | None:
-        """Why the session's partitions cannot be answered from one source history (a
-        store holding several sources' partitions: ``ekko.store.sources``), or None."""
-        try:
-            self.store.history(sess.scope.partitions)
-        except StoreError as exc:
-            return str(exc)
-        return None
-
-    def _history_of(self, sess: _Session) -> tuple[int, Mark | None]:
-        """The lineage and mark an answer to ``sess`` carries: of its partitions' source."""
-        parts = sess.scope.partitions
-        sess.lineage = self.store.history(parts).lineage
-        return sess.lineage, self.store.mark(parts)
-
-    def _owes(self, sess: _Session) -> bool:
-        """Purge bars or key lists are owed to ``sess`` — a recovering source's absorbing
-        session too: a replica that slept past the horizon may still hold rows whose delete
-        was purged, and only this holder's bars and key lists keep them out of the source."""
-        return sess.purges.owes(self.store, self._scope(sess))
-
-    def _purges(self, sess: _Session, budget: int, now: float) -> tuple[dict | None, list | None]:
-        if sess.absorb:  # a recovering source reports no floors: what it restated
-            floors: Floors | None = sess.purges.restated_knowledge
-        else:
-            floors = None if sess.sid is None else self.floors.latest(sess.sid)
-        purge, keys = sess.purges.take(self.store, floors, budget, self._scope(sess))
-        self._reconciled_shards += len(keys or ())
-        return purge, keys
-
-    def _scoped(self, sess: _Session, floors: Floors) -> Floors:
-        """``floors`` (checked copies) bounding only the session's shards: elsewhere it holds
-        nothing back. A holder of some partitions knows nothing of the others' shards and
-        reports 0 there (a follower of partition 0 under a replica of 0 and 1, a hostile
-        puller), which the replica's own reports would carry to those shards' source: it
-        would never purge them."""
-        scope = self._scope(sess)
-        if scope is not None:
-            for name, f in floors.items():
-                f[~scope(self.store.table(name))] = INT64_MAX
-        return floors
-
-    def _scope(self, sess: _Session) -> Scope | None:
-        """The session's shards per table, if its pulls name partitions (None: all)."""
-        if sess.scope.partitions is None or self.placement is None:
-            return None
-        return lambda table: sess.scope.mask(table, self.placement)
-
-    def _holds(self, sess: _Session, now: float) -> dict[str, np.ndarray] | None:
+    def _holds(self, sess: Session, now: float) -> dict[str, np.ndarray] | None:
         """What this session was sent: a puller below it lost an answer. (Not what the store
         holds: writes since the last answer are news, not a loss, and resyncing them would
         send them twice.)"""
@@ -446,14 +320,14 @@ class Responder:
             return None
         return {name: sent.copy() for name, sent in sess.sent.items()}
 
-    def _catalog(self, sess: _Session) -> list | None:
+    def _catalog(self, sess: Session) -> list | None:
         if sess.catalog_version == self.store.catalog_version:
             return None
         sess.catalog_version = self.store.catalog_version
         return self.store.specs()
 
     def _answer(
-        self, sess: _Session, req: PullRequest, now: float, *, force: bool
+        self, sess: Session, req: PullRequest, now: float, *, force: bool
     ) -> PullResponse | None:
         """Everything newer than what the session was sent, high lane first, within budget
         (the request's, and the link's tokens when paced).
@@ -531,7 +405,7 @@ class Responder:
             reconcile,
         )
 
-    def _unmoved(self, sess: _Session) -> bool:
+    def _unmoved(self, sess: Session) -> bool:
         """No shard moved since this session's last complete answer: nothing to send, and
         the (frequent) pull that finds so parks at the cost of a comparison per table."""
         if not self.config.use_shard_version:
@@ -543,7 +417,7 @@ class Responder:
         return True
 
     def _candidates(
-        self, sess: _Session, table: Table
+        self, sess: Session, table: Table
     ) -> tuple[Table, list[np.ndarray], np.ndarray, np.ndarray]:
         sent, seen = sess.state_for(table)
         if self.config.use_shard_version:
