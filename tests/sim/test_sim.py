@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from ekko.cli import app
 from ekko.protocol import chunk_collector as collector_module
-from ekko.protocol import puller as puller_module
+from ekko.protocol import puller_apply as apply_module
 from ekko.protocol.messages import Chunk
 from ekko.sim import RESTART_KINDS, Summary, draw_scenario, run_seed, run_seeds
 from ekko.sim.scenario import LINK_CODECS
@@ -77,7 +77,7 @@ def test_a_seed_replays_the_same_in_another_process() -> None:
 
 def _puller_drops_last_row(monkeypatch) -> None:
     """Planted: the puller stores every row of a chunk but its last."""
-    decode = puller_module.decode_chunk
+    decode = apply_module.decode_chunk
 
     def decode_chunk(chunk: Chunk, dim: int) -> Chunk:
         c = decode(chunk, dim)
@@ -88,7 +88,7 @@ def _puller_drops_last_row(monkeypatch) -> None:
             c.values[:-1], c.versions[:-1], c.wtimes[:-1], c.origin,
         )  # fmt: skip
 
-    monkeypatch.setattr(puller_module, "decode_chunk", decode_chunk)
+    monkeypatch.setattr(apply_module, "decode_chunk", decode_chunk)
 
 
 def _responder_skips_a_row(monkeypatch) -> None:

@@ -14,6 +14,9 @@ lineage per source (``ekko.store.sources``): a puller's partitions are one sourc
 checks, adopts and rebuilds only that source's history and shards. ``absorb`` pullers (a
 restarting source pulling from its replicas) never rebuild: they take rows of their own
 lineage and refuse any other.
+
+Beside it: ``puller_lineage`` (the lineage check and the rebuild) and ``puller_apply`` (the
+apply and its gaps); this module keeps the session: requests in flight, timeouts, answers.
 """
 
 from __future__ import annotations
@@ -21,25 +24,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from ekko.protocol.chunk_codec import check_codec, decode_chunk, keep_rows
+from ekko.protocol.chunk_codec import check_codec
 from ekko.protocol.floors import Floors, Reconciles, holder_floors, lowest
 from ekko.protocol.messages import (
     Catalog,
-    Chunk,
     Cursor,
     Error,
     Message,
     PullRequest,
     PullResponse,
 )
+from ekko.protocol.puller_apply import Pending, PullerApply
+from ekko.protocol.puller_lineage import PullerLineage
 from ekko.protocol.ready import Applied, Ready
 from ekko.protocol.traffic import TrafficTally
 from ekko.quality.latency import LatencyHistogram
 from ekko.store import Store
-from ekko.store.settled import Mark
-from ekko.store.sources import History
 from ekko.store.spec import LANES
 
 LINK = "upstream"
@@ -101,22 +101,13 @@ class PullerStats:
 
 
 @dataclass
-class _Pending:
-    """A chunk range that arrived before the range below it."""
-
-    base: int
-    knowledge: int
-    since: float
-
-
-@dataclass
 class _InFlight:
     sent_at: float
     deadline: float
 
 
 @dataclass
-class Puller:
+class Puller(PullerLineage, PullerApply):
     """Pulls one upstream into ``store``. One instance per connection (session)."""
 
     store: Store
@@ -146,7 +137,7 @@ class Puller:
         self.epoch_changes = 0  # knowledge taken back to settled: the source restarted
         self._next_id = 0
         self._in_flight: dict[int, _InFlight] = {}
-        self._pending: dict[tuple[str, int, int], list[_Pending]] = {}
+        self._pending: dict[tuple[str, int, int], list[Pending]] = {}
         self._resync: set[tuple[str, int, int]] = set()
         self._behind = 0  # cursors resynced because an empty answer showed we lag
         self._restate_all = True
@@ -167,23 +158,6 @@ class Puller:
         self._catalog_seen = 0
         self._next_report = None
         return self._fill(now)
-
-    @property
-    def rebuilding(self) -> bool:
-        """Pulling another lineage into a fresh store, not yet in place."""
-        return self._staging is not None
-
-    @property
-    def _into(self) -> Store:
-        return self._staging if self._staging is not None else self.store
-
-    @property
-    def _history(self) -> History:
-        """The source history this link pulls: of its partitions in the served store (a
-        store of several sources keeps one per source), or the staging store's one."""
-        if self._staging is not None:
-            return self._staging.history()
-        return self.store.history(self.config.partitions)
 
     def receive(self, msg: Message, now: float) -> Ready:
         if isinstance(msg, PullResponse):
@@ -264,57 +238,6 @@ class Puller:
         f = self._in_flight.get(req_id)
         return None if f is None else f.deadline
 
-    def _same_lineage(self, lineage: int) -> bool:
-        """Whether rows of ``lineage`` may be merged into what we hold; if not, start a
-        rebuild (or, absorbing, refuse the upstream)."""
-        history = self._history
-        if lineage == 0 or lineage == history.lineage:
-            return True  # 0: an upstream that has not learnt a lineage holds no rows
-        parts = None if self._staging is not None else self._parts()
-        if history.lineage == 0 and not self._into.holds_rows(parts):
-            history.lineage = lineage  # nothing held yet: adopt
-            return True
-        if self.absorb:
-            self.refused_lineage = lineage
-            self.caught_up = True
-            return False
-        self._staging = Store(origin=self.store.origin, cache_capacity=self.store.cache_capacity)
-        self.reconciles.clear()
-        self._staging.lineage = lineage
-        self._staging_from = self._next_id + 1
-        self._reset_pending = True
-        self._restate_all = True
-        self._in_flight.clear()  # their answers are ignored: everything comes again
-        self._pending.clear()
-        self._resync.clear()
-        return False
-
-    def _epoch_changed(self, mark: Mark) -> None:
-        """The upstream answers for another source process (it restarted): what our
-        knowledge claimed beyond its old disk may rest on writes it lost. Take knowledge back
-        to the settled part and restate it; rows above come again (apply is idempotent)."""
-        self._into.settle_back(mark, None if self._staging is not None else self._parts())
-        self._restate_all = True
-        self._pending.clear()
-        self._resync.clear()
-        self.epoch_changes += 1
-
-    def _settled(self, req_id: int) -> None:
-        """The responder had nothing more for this session when it answered ``req_id``."""
-        if self._staging is not None:
-            if req_id >= self._staging_from:
-                self.store.replace_with(self._staging, self._parts())
-                self._staging = None
-                self.reconciles.clear()  # lists for the old store's rows
-                self.rebuilds += 1
-            return
-        if req_id >= self._first_req:
-            self.caught_up = True
-
-    def _parts(self) -> tuple[int, ...] | None:
-        """The partitions naming this link's history in a store of several sources."""
-        return self.config.partitions if self.store.multi_source else None
-
     def _catalog_lost(self) -> None:
         """An answer names a catalog version newer than the last catalog we received, or
         rows of a table we never learnt: the answer that carried the catalog was lost (a
@@ -341,19 +264,6 @@ class Puller:
         self._next_report = now + self.config.floor_report_ms / 1000
         below = self.floors(now) if self.floors is not None else None
         return lowest(holder_floors(self.store), below)
-
-    def _check_holds(self, holds: dict[str, np.ndarray]) -> None:
-        """The upstream says it holds more than we do yet sent nothing: resync those
-        (table, shard, lane) by cursor (unless a held gap will cover them)."""
-        for name, theirs in holds.items():
-            table = self._into.tables.get(name)
-            if table is None or theirs.shape != table.knowledge.shape:
-                continue
-            for s, lane in np.argwhere(theirs > table.knowledge):
-                key = (name, int(s), int(lane))
-                if key not in self._pending:
-                    self._resync.add(key)
-                    self._behind += 1
 
     def statistics(self) -> PullerStats:
         return PullerStats(
@@ -457,56 +367,3 @@ class Puller:
         if extra is not None:
             times.append(extra)
         return min(times) if times else None
-
-    def _apply(self, chunk: Chunk, now: float) -> Chunk:
-        """Apply one chunk (decoded first); returns it decoded."""
-        table = self._into.table(chunk.table)
-        wire_bytes = chunk.nbytes
-        chunk = decode_chunk(chunk, table.dim)
-        if chunk.rows:
-            stale = table.redundant(chunk.keys, chunk.versions, chunk.lane)
-            if stale is not None:
-                chunk = keep_rows(chunk, ~stale)
-                self._stale_rows += int(stale.sum())
-        n = chunk.rows
-        if n:
-            self._rows_applied += table.apply(
-                chunk.keys, chunk.values, chunk.versions, chunk.wtimes, chunk.lane, chunk.dead
-            )
-            self._rows_received += n
-            self._bytes += wire_bytes
-            if self.latency is not None:
-                self.latency.record_ns(int(now * 1e9) - chunk.wtimes)
-        have = table.knowledge[chunk.shards, chunk.lane]
-        covered = chunk.bases <= have
-        if covered.any():
-            merged = np.maximum(have, chunk.knowledge)[covered]
-            table.merge_knowledge_many(chunk.shards[covered], chunk.lane, merged)
-        if covered.all():
-            if self._pending:
-                self._settle(chunk.table, chunk.lane, chunk.shards)
-            return chunk
-        for i in np.flatnonzero(~covered):
-            key = (chunk.table, int(chunk.shards[i]), chunk.lane)
-            self._pending.setdefault(key, []).append(
-                _Pending(int(chunk.bases[i]), int(chunk.knowledge[i]), now)
-            )
-            self._gaps += 1
-        self._settle(chunk.table, chunk.lane, chunk.shards)
-        return chunk
-
-    def _settle(self, table_name: str, lane: int, shards: np.ndarray) -> None:
-        """Ranges that waited for the one below them merge once it arrived."""
-        table = self._into.table(table_name)
-        for s in shards.tolist():
-            key = (table_name, s, lane)
-            pend = self._pending.get(key)
-            if not pend:
-                continue
-            pend.sort(key=lambda p: p.base)
-            k = int(table.knowledge[s, lane])
-            while pend and pend[0].base <= k:
-                k = max(k, pend.pop(0).knowledge)
-            table.merge_knowledge(s, lane, k)
-            if not pend:
-                del self._pending[key]
