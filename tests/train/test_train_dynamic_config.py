@@ -42,6 +42,10 @@ def test_row_budget_admission_and_eviction_become_the_dlrms_dynamic_tables(tmp_p
         admission=AdmissionConfig(kind="count", threshold=3, sketch_width=4096, idle_rows=True),
         eviction=EvictionConfig(kind="ttl", ttl_s=600.0, lfu_aging=3.0),
     )
+    rate = {"kind": "rate", "rate_prior_steps": 60.0, "rate_patience": 2.5}
+    assert _load(tmp_path, {"row_budget": 10, "eviction": rate}).dlrm().dynamic.eviction == (
+        EvictionConfig(kind="rate", rate_prior_steps=60.0, rate_patience=2.5)
+    )
     budget_only = _load(tmp_path, {"row_budget": 10}).dlrm().dynamic
     assert budget_only == DynamicEmbeddingConfig(row_budget=10)  # admit all, LRU
     assert _load(tmp_path, {}).dlrm().dynamic is None  # hashed tables, as before
@@ -62,6 +66,9 @@ def test_row_budget_admission_and_eviction_become_the_dlrms_dynamic_tables(tmp_p
         ({"row_budget": 9, "eviction": {"ttl_s": -1}}, "models.0.eviction.ttl_s"),
         ({"row_budget": 9, "eviction": {"ttl": 5}}, "models.0.eviction.ttl"),
         ({"row_budget": 9, "eviction": {"lfu_aging": 0}}, "models.0.eviction.lfu_aging"),
+        ({"row_budget": 9, "eviction": {"rate_prior_steps": 0}}, "eviction.rate_prior_steps"),
+        ({"row_budget": 9, "eviction": {"rate_patience": "3"}}, "eviction.rate_patience"),
+        ({"row_budget": 9, "eviction": {"rate_patience": 1e7}}, "eviction.rate_patience"),
     ],
 )
 def test_bad_dynamic_table_config_names_the_field(tmp_path, model, needle) -> None:

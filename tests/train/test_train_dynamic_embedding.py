@@ -3,6 +3,8 @@ optimizer state reset, the budget, and what the publisher writes and deletes."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,14 @@ from torch import nn
 
 from ekko.torch import DynamicEmbedding, DynamicEmbeddingConfig, EmbeddingPublisher, MemorySink
 from ekko.train.admission import AdmissionConfig
-from ekko.train.eviction import EVICTION_KINDS, EvictionConfig
+from ekko.train.eviction import (
+    EVICTION_KINDS,
+    RANKED_KINDS,
+    EvictionConfig,
+    RowStats,
+    scores,
+    victims,
+)
 from ekko.train.publisher import PublisherConfig
 
 HUGE = 2**63 - 1
@@ -108,7 +117,7 @@ def test_count_admission_gives_a_row_on_the_third_sighting_only() -> None:
     assert (st_.admitted, st_.rejected) == (1, 3)
 
 
-@pytest.mark.parametrize("kind", ["lru", "lfu"])
+@pytest.mark.parametrize("kind", RANKED_KINDS)
 def test_idle_rows_take_the_turned_away_into_free_and_idle_rows_only(kind) -> None:
     strict = table(2, admission=AdmissionConfig(kind="count", threshold=2))
     emb = table(2, admission=AdmissionConfig(kind="count", threshold=2, idle_rows=True),
@@ -286,6 +295,10 @@ def test_load_places_rows_up_to_the_budget_and_reports_the_rest() -> None:
         (lambda: EvictionConfig(kind="ttl"), "eviction.ttl_s is required"),
         (lambda: EvictionConfig(kind="fifo"), "eviction.kind"),
         (lambda: EvictionConfig(kind="lru", ttl_s=-1.0), "eviction.ttl_s"),
+        (lambda: EvictionConfig(kind="rate", rate_prior_steps=0.0), "eviction.rate_prior_steps"),
+        (lambda: EvictionConfig(rate_prior_steps=float("nan")), "eviction.rate_prior_steps"),
+        (lambda: EvictionConfig(kind="rate", rate_patience=-1.0), "eviction.rate_patience"),
+        (lambda: EvictionConfig(rate_patience=float("inf")), "eviction.rate_patience"),
     ],
 )
 def test_bad_config_names_the_field(build, message) -> None:
@@ -334,26 +347,65 @@ def test_a_trained_default_row_learns_from_ids_without_rows_and_is_never_publish
 @given(
     ids=st.lists(st.integers(-3, 8), min_size=1, max_size=120),
     budget=st.integers(1, 5),
-    kind=st.sampled_from(["lru", "lfu"]),
+    kind=st.sampled_from(RANKED_KINDS),
+    prior=st.sampled_from([0.5, 4.0, 40.0]),
+    patience=st.sampled_from([0.5, 3.0]),
 )
-def test_one_id_a_step_evicts_exactly_as_a_reference_cache(ids, budget, kind) -> None:
-    emb = table(budget, eviction=EvictionConfig(kind=kind))
+def test_one_id_a_step_evicts_exactly_as_a_reference_cache(
+    ids, budget, kind, prior, patience
+) -> None:
+    eviction = EvictionConfig(kind=kind, rate_prior_steps=prior, rate_patience=patience)
+    emb = table(budget, eviction=eviction)
     freq: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    born: dict[int, int] = {}
     last: dict[int, int] = {}
-    for step_no, key in enumerate(ids):
+
+    def rate(k: int, now: int) -> float:  # expected lookups a step, at step ``now``
+        r = seen[k] / (now - born[k] + prior)
+        return r * math.exp(-r * (now - last[k]) / patience)
+
+    score = {
+        "lru": lambda k, now: (last[k],),
+        "lfu": lambda k, now: (freq[k], last[k]),
+        "rate": lambda k, now: (rate(k, now), last[k]),
+    }[kind]
+    for now, key in enumerate(ids, start=1):
         if key in freq:
             freq[key] += 1
-        if (step_no + 1) % (10 * budget) == 0:  # LFU's aging: every 10 x budget sightings
+            seen[key] += 1
+        if now % (10 * budget) == 0:  # LFU's aging: every 10 x budget sightings
             freq = {k: f // 2 for k, f in freq.items()}
         if key not in freq:
             if len(freq) == budget:
-                counts = freq
-                victim = min(freq, key=lambda k: last[k] if kind == "lru" else (counts[k], last[k]))
-                del freq[victim], last[victim]
-            freq[key] = 1
-        last[key] = step_no
+                victim = min(freq, key=lambda k: score(k, now))
+                del freq[victim], seen[victim], born[victim], last[victim]
+            freq[key] = seen[key] = 1
+            born[key] = now
+        last[key] = now
         train(emb, key)
-        assert held(emb) == set(freq), (step_no, key)
+        assert held(emb) == set(freq), (now, key)
+
+
+def test_rate_ranks_a_faded_burst_below_a_new_id_and_a_steady_one_above_both() -> None:
+    """At step 100: a steady id seen 10 times since step 0 (last at 95), a burst of 20
+    sightings in steps 50..60 and silent since, a new id seen once at 99. Rate: the burst
+    has stopped (40 silent steps are 9 of its gaps), the new id's rate is its one sighting
+    over the prior's 40 steps, the steady id's silence is shorter than its gaps. Aged LFU
+    keeps the burst over both (its count is the highest until halved away)."""
+    rows = RowStats(
+        touched_step=np.array([95, 60, 99]),
+        freq=np.array([10, 20, 1]),
+        born_step=np.array([0, 50, 99]),
+        sightings=np.array([10, 20, 1]),
+    )
+    config = EvictionConfig(kind="rate")  # prior 40 steps, patience 3
+    rate = scores("rate", rows, 100, config)
+    assert rate.argsort().tolist() == [1, 2, 0]  # burst, new, steady
+    r = 10 / (100 + 40)
+    assert rate[0] == pytest.approx(r * math.exp(-r * 5 / 3))
+    assert scores("lfu", rows, 100, config).argsort().tolist() == [2, 0, 1]
+    assert victims("rate", np.array([7, 8, 9]), rows, 1, 100, config).tolist() == [8]
 
 
 def test_a_deep_copy_ends_its_own_steps() -> None:

@@ -16,7 +16,7 @@ from ekko.store.holding import row_bytes
 from ekko.train.admission import ADMISSION_KINDS, AdmissionConfig
 from ekko.train.dlrm import DLRMConfig
 from ekko.train.dynamic_embedding import DynamicEmbeddingConfig
-from ekko.train.eviction import EVICTION_KINDS, EvictionConfig
+from ekko.train.eviction import EVICTION_KINDS, RANKED_KINDS, EvictionConfig
 from ekko.train.memory_budget import MemoryBudget
 from ekko.train.service import TrainingService
 from ekko.train.sink import MemorySink
@@ -73,7 +73,7 @@ def held(table: Slots) -> set[int]:
     return set(table.live()[0].tolist())
 
 
-@pytest.mark.parametrize("kind", ["lru", "lfu"])
+@pytest.mark.parametrize("kind", RANKED_KINDS)
 def test_a_hot_table_keeps_its_rows_while_a_cold_one_gives_them_up(kind) -> None:
     memory = MemoryBudget(60 * RB, EvictionConfig(kind=kind))
     hot, cold = slots(memory), slots(memory)
@@ -158,7 +158,7 @@ def test_bytes_never_exceed_the_budget_after_any_step(
             assert np.array_equal(t.read(ids), where)  # each held id reads its own row
             st_ = t.statistics()
             assert st_.evicted == sum(st_.evicted_by.values())
-            if kind not in ("lru", "lfu"):
+            if kind not in RANKED_KINDS:
                 assert st_.evicted_by["node_memory"] == st_.evicted_by["row_budget"] == 0
     assert memory.statistics().evicted == sum(
         t.statistics().evicted_by["node_memory"] for t in tables

@@ -1,7 +1,7 @@
 """``ekko bench lifecycle``: a drifting stream through bounded dynamic tables, end to end.
 
 A real cluster (``ekko up``'s launcher): the source trains the demo's model online with every
-embedding table dynamic (``[[models]] row_budget``, admission of every id, aged-LFU
+embedding table dynamic (``[[models]] row_budget``, admission of every id, expected-rate
 eviction), fed the demo's stream with faster drift (``LifecycleSpec.drift``: new items
 arriving and fading within a minute, users and other open context vocabularies taking new
 ids) over its ``/train`` route; evictions become deletes through the source's write port and
@@ -60,11 +60,10 @@ class LifecycleSpec:
     sample_s: float = 2.0
     warmup_fraction: float = 0.3  # memory slope fitted after this much of the run
     converge_s: float = 120.0
-    # LFU whose counts halve every 3 x the budget's sightings: at 10 x (the default) rows
-    # frequent once outstayed the new items of this stream (README)
-    eviction: dict[str, Any] = dataclasses.field(
-        default_factory=lambda: {"kind": "lfu", "lfu_aging": 3.0}
-    )
+    # expected lookups per step (``ekko.train.eviction``, its default prior and patience):
+    # aged LFU (at 3 x, its best aging here) kept items that had stopped for as long as their
+    # counts took to halve away, and lost steady tail items they pushed out (README)
+    eviction: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "rate"})
     # every new id takes a row: with ids this short-lived, count >= 2 with idle rows cost
     # 0.0007 more AUC (seed 0, trainers alone) (README)
     admission: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "all"})

@@ -39,9 +39,11 @@ class EvictionSection(Strict):
     """``models[].eviction``: which rows of a dynamic table leave
     (``ekko.train.eviction.EvictionConfig``); ``ttl_s`` in seconds since the last update."""
 
-    kind: Literal["none", "lru", "lfu", "ttl"] = "lru"
+    kind: Literal["none", "lru", "lfu", "rate", "ttl"] = "lru"
     ttl_s: float | None = Field(None, gt=0, lt=1e18)  # EvictionConfig's bound
     lfu_aging: float = Field(10.0, gt=0, le=1e6)  # x row_budget sightings between halvings
+    rate_prior_steps: float = Field(40.0, gt=0, le=1e9, strict=True)  # training steps
+    rate_patience: float = Field(3.0, gt=0, le=1e6, strict=True)  # its own gaps of silence
 
     @model_validator(mode="after")
     def _check_ttl(self) -> EvictionSection:

@@ -5,10 +5,10 @@ repeat (a user table) holds rows nobody looks up while a busy one (an item table
 drifting stream) evicts rows it still needs. The budget here is shared: when a table admits
 ids past it, the least valuable rows of ALL the model's tables leave, by the tables' policy
 (LRU: the oldest last-touched step; LFU: the lowest aged frequency, ties the least recently
-used). For that the scores must compare across tables, so the tables count steps on one
-clock (``open_step``: a step is the lookups of every table before a backward pass) and age
-their frequencies together (every ``10 x`` the tables' row budgets summed sightings of all
-of them, as one table ages after ``10 x`` its own).
+used; rate: the fewest expected lookups per step). For that the scores must compare across
+tables, so the tables count steps on one clock (``open_step``: a step is the lookups of every
+table before a backward pass) and age their frequencies together (every ``10 x`` the tables'
+row budgets summed sightings of all of them, as one table ages after ``10 x`` its own).
 
 Bytes are counted as the store counts them (``ekko.store.holding.row_bytes``: 4 B a value
 plus key, version, write time, lane, shard, dead flag and the key index's share), so the
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ekko.store.holding import row_bytes
-from ekko.train.eviction import EvictionConfig, scores
+from ekko.train.eviction import RANKED_KINDS, EvictionConfig, RowStats, scores
 
 if TYPE_CHECKING:
     from ekko.train.slots import Slots
@@ -56,7 +56,7 @@ class MemoryBudget:
 
     Args:
         max_bytes: the budget (rows x ``row_bytes(dim)``).
-        eviction: the tables' policy; ``"lru"`` / ``"lfu"`` evict across tables for new ids,
+        eviction: the tables' policy; ``RANKED_KINDS`` evict across tables for new ids,
             any other kind turns new ids away (they read the default row) while it is full.
     """
 
@@ -65,6 +65,7 @@ class MemoryBudget:
             raise ValueError(f"memory budget must be in [1, 2**60] bytes: {max_bytes}")
         self.max_bytes = int(max_bytes)
         self.kind = eviction.kind
+        self.eviction = eviction
         self.step = 0  # the shared step clock the tables' steps count on
         self.evicted = 0
         self._tables: list[Slots] = []
@@ -103,11 +104,11 @@ class MemoryBudget:
 
     def make_room(self, table: Slots, rows: int, *, evict: bool, idle_only: bool) -> int:
         """How many of ``rows`` new rows of ``table`` fit, evicting (with ``evict``, under
-        LRU / LFU) the least valuable rows of every table first; ``idle_only``: only rows
+        ``RANKED_KINDS``) the least valuable rows of every table first; ``idle_only``: only rows
         of aged frequency 0, the least recently used first."""
         free = self.max_bytes - self.used_bytes
         need = rows * table.row_bytes - free
-        if need > 0 and evict and self.kind in ("lru", "lfu"):
+        if need > 0 and evict and self.kind in RANKED_KINDS:
             self._evict(need, "lru" if idle_only else self.kind, idle_only)
             free = self.max_bytes - self.used_bytes
         return max(0, min(rows, free // table.row_bytes))
@@ -117,9 +118,8 @@ class MemoryBudget:
         parts = [(i, *t.evictable(idle_only)) for i, t in enumerate(self._tables)]
         owner = np.concatenate([np.full(p[1].size, p[0], dtype=np.int64) for p in parts])
         slots = np.concatenate([p[1] for p in parts])
-        score = scores(
-            kind, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
-        )
+        stats = RowStats.concat([p[2] for p in parts])
+        score = scores(kind, stats, self.step, self.eviction)
         order = np.argsort(score, kind="stable")
         ids = np.concatenate([self._tables[i].ids_of(s) for i, s, *_ in parts])
         return owner[order], slots[order], ids[order]

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekko.train.admission import Admission, AdmissionConfig
-from ekko.train.eviction import EVICTION_REASONS, EvictionConfig, expired, victims
+from ekko.train.eviction import (
+    EVICTION_REASONS,
+    RANKED_KINDS,
+    EvictionConfig,
+    RowStats,
+    expired,
+    victims,
+)
 from ekko.train.id_map import MISSING, IdMap
 from ekko.train.memory_budget import MemoryBudget
 
@@ -65,6 +72,8 @@ class Slots:
         self._touched_step = np.zeros(budget, dtype=np.int64)
         self._touched_at = np.zeros(budget, dtype=np.float64)
         self._freq = np.zeros(budget, dtype=np.int64)
+        self._born_step = np.zeros(budget, dtype=np.int64)  # for "rate" eviction
+        self._seen = np.zeros(budget, dtype=np.int64)  # sightings since admission, not aged
         self._sightings = 0  # since the frequencies were last halved
         self._aging = max(1, int(eviction.lfu_aging * budget))  # sightings between halvings
         self._free = np.arange(budget - 1, -1, -1, dtype=np.int64)  # a stack: pops 0, 1, …
@@ -116,6 +125,7 @@ class Slots:
         self._touched_step[held] = self._step
         self._touched_at[held] = now
         self._freq[held] += counts[hit]
+        self._seen[held] += counts[hit]
         if self._memory is not None:
             self._memory.sighted(ids.size)  # the tables sharing it age together
         else:
@@ -153,17 +163,20 @@ class Slots:
         """LFU ranks recent frequency: what an id was drifts away."""
         self._freq >>= 1
 
-    def evictable(self, idle_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(slots, last-touched steps, aged frequencies) of the rows eviction may take: all
-        rows held but those looked up in the open step (their gradients are still to come);
-        ``idle_only``: of aged frequency 0 only."""
+    def evictable(self, idle_only: bool = False) -> tuple[np.ndarray, RowStats]:
+        """(slots, their statistics) of the rows eviction may take: all rows held but those
+        looked up in the open step (their gradients are still to come); ``idle_only``: of
+        aged frequency 0 only."""
         pool = self._occupied.copy()
         if self._step_open:
             pool &= self._touched_step != self._step
         if idle_only:
             pool &= self._freq == 0
         slots = np.flatnonzero(pool)
-        return slots, self._touched_step[slots], self._freq[slots]
+        stats = RowStats(
+            self._touched_step[slots], self._freq[slots], self._born_step[slots], self._seen[slots]
+        )
+        return slots, stats
 
     def still_evictable(self, slots: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """bool [n]: whether each of ``slots`` still holds the id of ``ids`` it held when
@@ -222,6 +235,8 @@ class Slots:
         self._touched_step[slots] = self._step
         self._touched_at[slots] = now
         self._freq[slots] = counts
+        self._born_step[slots] = self._step
+        self._seen[slots] = counts
 
     def _rows_for(
         self, wanted: np.ndarray, counts: np.ndarray, *, idle_only: bool
@@ -233,14 +248,15 @@ class Slots:
         return wanted[: got.size], got
 
     def _allocate(self, k: int, *, evict: bool, idle_only: bool = False) -> np.ndarray:
-        """Up to ``k`` free slots, evicting under LRU / LFU when the free ones are too few
+        """Up to ``k`` free slots, evicting under LRU / LFU / rate when the free ones are too few
         (with ``idle_only``, only rows of aged frequency 0, least recently used first), and
         within the memory budget (which may evict rows of any table sharing it)."""
         kind = self.eviction.kind
-        if evict and k > self._n_free and kind in ("lru", "lfu"):
-            candidates = self.evictable(idle_only)[0]
+        if evict and k > self._n_free and kind in RANKED_KINDS:
+            candidates, stats = self.evictable(idle_only)
             rank = "lru" if idle_only else kind
-            out = victims(rank, candidates, self._touched_step, self._freq, k - self._n_free)
+            need = k - self._n_free
+            out = victims(rank, candidates, stats, need, self._step, self.eviction)
             self._free_slots(out, "row_budget")
         take = min(k, self._n_free)
         if self._memory is not None and take:
