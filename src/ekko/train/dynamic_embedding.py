@@ -78,6 +78,9 @@ class DynamicEmbedding(nn.Module):
         memory: a byte budget shared with other tables (a model's at its node): a lookup
             may then evict rows of any of them, the least valuable first; each row costs
             what the store spends on it (``row_bytes(D)``).
+        seed: seeds the fresh values of reused rows (its own generator; unset: drawn from
+            torch's global generator at construction, so ``torch.manual_seed`` before it, or
+            ``DLRMConfig.seed``, makes a run repeat).
 
     Call args:
         ids: int64 [...] raw ids.
@@ -94,9 +97,13 @@ class DynamicEmbedding(nn.Module):
         init_bound: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory: MemoryBudget | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        if seed is None:
+            seed = int(torch.randint(0, 1 << 62, ()).item())
+        self._generator = torch.Generator().manual_seed(seed)
         budget = config.row_budget
         self.default_slot = budget
         padding = budget if config.default_row == "zeros" else None
@@ -220,7 +227,7 @@ class DynamicEmbedding(nn.Module):
         weight = self.embedding.weight
         idx = torch.from_numpy(np.ascontiguousarray(slots))
         fresh = torch.empty(len(slots), weight.shape[1], dtype=weight.dtype)
-        nn.init.uniform_(fresh, -self.init_bound, self.init_bound)
+        fresh.uniform_(-self.init_bound, self.init_bound, generator=self._generator)
         weight.index_copy_(0, idx, fresh)
         for opt in self._optimizers:
             state = opt.state.get(weight)
