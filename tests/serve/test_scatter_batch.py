@@ -308,3 +308,32 @@ def test_a_queued_lookup_past_its_deadline_is_the_503_naming_the_partition_in_fl
     _assert_answers(first, _expected(store, *requests[0]))
     _assert_answers(patient, _expected(store, *requests[2]))  # (before: failed with the short)
     assert lookup.coalesced() == (2, 0, 1)  # the patient one went alone: the short one gave up
+
+
+@pytest.mark.xfail(strict=True, reason="merged scatter takes the batch's earliest deadline")
+def test_a_late_joiner_is_not_held_to_the_deadline_of_an_earlier_caller_in_its_batch() -> None:
+    """Through ``PartitionedLookup.lookup`` every caller gets ``now + deadline_s``, so a caller
+    queued later has a later deadline. Batched with an earlier one, it must still get its rows
+    when they come before its own deadline (as it would without coalescing); the earlier one
+    gives up at its own."""
+    store = _store()
+    lookup, fake = _lookup(store, ScatterConfig(coalesce=16, deadline_s=1.0))
+    fake.delay = dict.fromkeys(lookup.holders[1], 0.6)  # every scatter takes 0.6 s
+    requests = _requests(5, 3, store)
+
+    async def scenario() -> tuple:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(lookup.lookup(*requests[0]))  # 0 -> 0.6
+        await asyncio.sleep(0.01)
+        early = asyncio.ensure_future(lookup.lookup(*requests[1]))  # deadline 1.01
+        await asyncio.sleep(0.54)
+        late = asyncio.ensure_future(lookup.lookup(*requests[2]))  # deadline 1.55
+        outcomes = await asyncio.gather(first, early, late, return_exceptions=True)
+        return outcomes, loop.time()
+
+    (first, early, late), end = run_virtual(scenario)
+    _assert_answers(first, _expected(store, *requests[0]))
+    assert isinstance(early, PartitionUnavailable) and "partition 1" in str(early)
+    _assert_answers(late, _expected(store, *requests[2]))  # (before: failed at 1.01 with early)
+    assert end == pytest.approx(1.2, abs=1e-3)  # the merged scatter's answer: 0.6 + 0.6
+    assert lookup.coalesced() == (2, 2, 1)
