@@ -310,7 +310,6 @@ def test_a_queued_lookup_past_its_deadline_is_the_503_naming_the_partition_in_fl
     assert lookup.coalesced() == (2, 0, 1)  # the patient one went alone: the short one gave up
 
 
-@pytest.mark.xfail(strict=True, reason="merged scatter takes the batch's earliest deadline")
 def test_a_late_joiner_is_not_held_to_the_deadline_of_an_earlier_caller_in_its_batch() -> None:
     """Through ``PartitionedLookup.lookup`` every caller gets ``now + deadline_s``, so a caller
     queued later has a later deadline. Batched with an earlier one, it must still get its rows

@@ -15,7 +15,8 @@ for its own merged one, and the scatter in flight answers to its own deadline, n
 callers queued behind it. A caller gives up at its deadline with the error its own scatter
 would have raised then (``expired``; ``PartitionedLookup``'s names the partition the scatter
 in flight still waits on: HTTP 503), and is dropped from the queue, or from its batch's
-answer.
+answer. So a merged scatter runs to the LATEST deadline of its batch: with the earliest, a
+caller that queued later (a later deadline) would fail at an earlier caller's.
 
 Why per-caller ``known`` versions stay exact: the merged request carries each caller's
 versions for its own keys and ``NO_VERSION`` for callers without, so every caller gets back
@@ -119,7 +120,8 @@ class Coalescer:
                 answers = [await self.scatter(batch[0].tables, batch[0].known, batch[0].deadline)]
             else:
                 tables, known, cuts = merge(batch)
-                got = await self.scatter(tables, known, min(w.deadline for w in batch))
+                # the latest: each caller gives up at its own deadline (its timer in lookup)
+                got = await self.scatter(tables, known, max(w.deadline for w in batch))
                 answers = cut(got, known, cuts)
         except BaseException as exc:  # every caller of the batch hears how it ended
             if isinstance(exc, Exception) and not isinstance(exc, ModelNotReady | RequestError):
