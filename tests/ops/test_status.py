@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from ekko.cli import app
@@ -110,7 +109,6 @@ def test_a_node_with_a_task_down_reads_down_naming_it_not_starting() -> None:
     assert _state({"ready": False, "down": "junk"}) == "starting"  # a hostile answer
 
 
-@pytest.mark.xfail(strict=True, reason="node text is read as rich markup by render")
 def test_text_from_a_node_renders_as_is_never_as_markup(tmp_path: Path) -> None:
     """Whatever a node answers (task names in ``down``, its dc, an HTTP error body) is shown
     as text: ``[/v1/status]`` read as a closing markup tag crashed the whole table

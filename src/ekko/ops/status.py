@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from ekko.node.access import ClusterAuth
@@ -214,8 +215,11 @@ def _rate(x: float | None) -> str:
 
 
 def render(rows: list[NodeRow], title: str) -> RichTable:
-    errors = "\n".join(f"{r.node}: {r.error}" for r in rows if r.error)
-    t = RichTable(title=title, caption=errors or None, caption_justify="left")
+    """The table of ``rows``. Every text is escaped: it comes from the nodes (task names, an
+    HTTP error's body) and rich would read ``[/x]`` as markup (a closing tag without an
+    opening one raises, and the whole table is lost)."""
+    errors = "\n".join(escape(f"{r.node}: {r.error}") for r in rows if r.error)
+    t = RichTable(title=escape(title), caption=errors or None, caption_justify="left")
     heads = ("node", "role", "dc", "partitions", "upstream", "lag v", "lag s", "rows",
              "in /s", "out /s", "guard", "state")  # fmt: skip
     for h in heads:
@@ -226,11 +230,12 @@ def render(rows: list[NodeRow], title: str) -> RichTable:
         )
     for r in rows:
         down = r.error is not None
+        state = escape(r.state)
         t.add_row(
-            r.node, r.role, r.dc, r.partitions, r.upstream or "—",
+            *map(escape, (r.node, r.role, r.dc, r.partitions, r.upstream or "—")),
             _num(r.lag_versions, "d"), _num(r.lag_seconds, ".1f"), _num(r.rows, "d"),
-            _rate(r.in_bytes_per_s), _rate(r.out_bytes_per_s), r.guard or "—",
-            f"[red]{r.state}[/red]" if down else r.state,
+            _rate(r.in_bytes_per_s), _rate(r.out_bytes_per_s), escape(r.guard or "—"),
+            f"[red]{state}[/red]" if down else state,
         )  # fmt: skip
     return t
 
