@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from ekko.cli import app
@@ -107,6 +108,14 @@ def test_a_node_with_a_task_down_reads_down_naming_it_not_starting() -> None:
     )
     assert _state({"ready": False, "down": {}, "why": "starting"}) == "starting"
     assert _state({"ready": False, "down": "junk"}) == "starting"  # a hostile answer
+
+
+@pytest.mark.xfail(strict=True, reason="a stopping node reads starting")
+def test_a_stopping_node_reads_stopping_not_starting() -> None:
+    from ekko.ops.status import _state
+
+    assert _state({"ready": False, "down": {}, "why": "stopping"}) == "stopping"
+    assert _state({"ready": False, "down": {}, "why": ["stopping"]}) == "starting"  # hostile
 
 
 def test_text_from_a_node_renders_as_is_never_as_markup(tmp_path: Path) -> None:
