@@ -46,7 +46,7 @@ class NodeRow:
     in_bytes_per_s: float | None
     out_bytes_per_s: float | None
     guard: str | None
-    state: str  # ready, starting, down: TASKS, recovering, unreachable, or the HTTP status
+    state: str  # ready, starting, stopping, down: TASKS, recovering, unreachable, HTTP status
     error: str | None = None  # why a node could not be read
 
 
@@ -141,13 +141,14 @@ def _partitions(cfg: ClusterConfig, name: str, doc: dict[str, Any]) -> str:
 
 def _state(status: dict[str, Any]) -> str:
     """``ready``; ``down: NAMES`` for a node with background tasks down (one restarting
-    after an error: ``/ready`` is 503 naming them); else ``starting``."""
+    after an error: ``/ready`` is 503 naming them); ``stopping`` for one shutting down;
+    else ``starting``."""
     if status.get("ready", True):
         return "ready"
     down = status.get("down")
     if isinstance(down, dict) and down:
         return "down: " + ", ".join(sorted(str(k) for k in down))
-    return "starting"
+    return "stopping" if status.get("why") == "stopping" else "starting"
 
 
 def _answered_row(
