@@ -7,8 +7,9 @@ ids past it, the least valuable rows of ALL the model's tables leave, by the tab
 (LRU: the oldest last-touched step; LFU: the lowest aged frequency, ties the least recently
 used; rate: the fewest expected lookups per step). For that the scores must compare across
 tables, so the tables count steps on one clock (``open_step``: a step is the lookups of every
-table before a backward pass) and age their frequencies together (every ``10 x`` the tables'
-row budgets summed sightings of all of them, as one table ages after ``10 x`` its own).
+table before a backward pass) and age their frequencies together (every ``lfu_aging`` x the
+tables' row budgets summed sightings of all of them, as one table ages after ``lfu_aging`` x
+its own).
 
 Bytes are counted as the store counts them (``ekko.store.holding.row_bytes``: 4 B a value
 plus key, version, write time, lane, shard, dead flag and the key index's share), so the
@@ -95,9 +96,10 @@ class MemoryBudget:
 
     def sighted(self, n: int) -> None:
         """``n`` more sightings of ids in any table; halve every table's frequencies when
-        they pass 10 x the tables' row budgets summed."""
+        they pass ``lfu_aging`` x the tables' row budgets summed."""
         self._sightings += n
-        if self._sightings >= 10 * sum(t.budget for t in self._tables):
+        period = self.eviction.lfu_aging * sum(t.budget for t in self._tables)
+        if self._sightings >= max(1, int(period)):  # as Slots ages alone
             for t in self._tables:
                 t.halve_frequencies()
             self._sightings = 0
