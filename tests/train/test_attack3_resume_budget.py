@@ -31,7 +31,6 @@ def _emb_keys(store: Store) -> dict[str, set[int]]:
     return {n: set(t.all_rows()[0].tolist()) for n, t in store.tables.items() if "emb_" in n}
 
 
-@pytest.mark.xfail(strict=True, reason="the first tables keep all, the last lose all")
 @pytest.mark.parametrize("memory_rows", [60, 90, 7])
 def test_a_resume_under_a_lowered_memory_budget_shares_the_rows_among_tables(
     memory_rows,

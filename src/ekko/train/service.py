@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +33,25 @@ log = logging.getLogger(__name__)
 StoredRows = Callable[[str], tuple[np.ndarray, np.ndarray] | None]
 """``stored(table) -> (keys int64 [n], values float32 [n, dim])``: every row a store holds
 of ``table``, or None when it holds none."""
+
+
+LOAD_ROUNDS = 64
+
+
+def _interleaved(
+    rows: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``rows`` as ``LOAD_ROUNDS`` rounds of a slice of every table's (each table's rows in
+    equal parts). Why: dynamic tables sharing a memory budget take rows while it has room, so
+    loaded table by table, a store holding more than fits (a budget lowered since) left the
+    first tables whole and the last ones empty; loaded in rounds, each keeps its share of
+    what fits (its part of the store's rows, to a round's slice)."""
+    size = {table: -(-len(keys) // LOAD_ROUNDS) for table, (keys, _) in rows.items()}
+    for r in range(LOAD_ROUNDS):
+        for table, (keys, values) in rows.items():
+            a, b = r * size[table], (r + 1) * size[table]
+            if a < len(keys):
+                yield table, keys[a:b], values[a:b]
 
 
 class TrainerBusy(RuntimeError):
@@ -277,11 +296,10 @@ class TrainingService:
         with self._step_lock:
             for table, keys in gone.items():
                 self.publisher.forget_rows(table, keys)
-            skipped = {
-                table: n
-                for table, (keys, values) in rows.items()
-                if (n := self.publisher.load_rows(table, keys, values, gone.get(table)))
-            }
+            skipped: dict[str, int] = {}
+            for table, keys, values in _interleaved(rows):
+                if n := self.publisher.load_rows(table, keys, values, gone.get(table)):
+                    skipped[table] = skipped.get(table, 0) + n
             self.trainer.forget_momentum()
         if skipped:
             log.warning(
