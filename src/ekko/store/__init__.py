@@ -20,6 +20,7 @@ from ekko.store.index import KeyIndex, group_by_shard, shard_of
 from ekko.store.reference import ReferenceTable
 from ekko.store.store import Store
 from ekko.store.table import Table, warm
+from ekko.store.table_groups import TableShardGroups
 from ekko.store.table_records import Collected, TableStats
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "StoreError",
     "Table",
     "TableConflictError",
+    "TableShardGroups",
     "TableStats",
     "UnknownTableError",
     "WalError",

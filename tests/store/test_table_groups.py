@@ -1,0 +1,78 @@
+"""``TableShardGroups``: many tables' keys grouped by partition in one kernel call equal
+``group_by_shard`` of each table alone (the plain path), and bad input is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ekko.store import BadRowsError, TableShardGroups, group_by_shard
+from ekko.store.placement import Placement
+
+
+@given(
+    tables=st.lists(
+        st.tuples(
+            st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=40),
+            st.integers(1, 40),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    partitions=st.integers(1, 7),
+)
+@settings(deadline=None)  # the first example compiles the kernel
+def test_grouping_many_tables_equals_grouping_each_alone(
+    tables: list[tuple[list[int], int]], partitions: int
+) -> None:
+    placement = Placement(partitions)
+    parts = [placement.partitions_of(f"emb_{t}", n) for t, (_, n) in enumerate(tables)]
+    arrays = [np.array(keys, dtype=np.int64) for keys, _ in tables]
+    starts = np.concatenate(([0], np.cumsum([a.shape[0] for a in arrays]))).astype(np.int64)
+    order, grouped, counts = TableShardGroups(parts, partitions).group(
+        np.concatenate(arrays), starts
+    )
+    assert counts.shape == (len(tables), partitions)
+    for t, (keys, sg) in enumerate(zip(arrays, parts, strict=True)):
+        want_order, want_counts = group_by_shard(keys, sg, partitions)
+        a, b = starts[t], starts[t + 1]
+        np.testing.assert_array_equal(order[a:b], want_order)
+        np.testing.assert_array_equal(grouped[a:b], keys[want_order])
+        np.testing.assert_array_equal(counts[t], want_counts)
+
+
+@pytest.mark.parametrize(
+    ("groups", "shard_groups", "message"),
+    [
+        (2, [[0, 1], [0, 2]], r"shard_groups\[1\] must be in \[0, 2\), got 0..2"),
+        (2, [[-1, 0]], r"shard_groups\[0\] must be in \[0, 2\), got -1..0"),
+        (2, [[0], []], r"shard_groups\[1\] must be int64 \[num_shards >= 1\]"),
+        (2, [], r"shard_groups: expected one array per table, got none"),
+        (0, [[0]], r"groups must be >= 1, got 0"),
+    ],
+)
+def test_shard_groups_out_of_range_are_refused(
+    groups: int, shard_groups: list[list[int]], message: str
+) -> None:
+    with pytest.raises(BadRowsError, match=message):
+        TableShardGroups([np.array(g, dtype=np.int64) for g in shard_groups], groups)
+
+
+@pytest.mark.parametrize(
+    ("keys", "starts", "message"),
+    [
+        (np.arange(5), [0, 2, 4], r"starts must be int64 \[3\] rising from 0 to 5 keys"),
+        (np.arange(5), [0, 4, 2, 5], r"starts must be int64 \[3\]"),
+        (np.arange(5), [1, 2, 5], r"rising from 0 to 5"),
+        (np.arange(5), [0, 4, 2], r"rising from 0 to 5"),
+        (np.arange(5.0), [0, 2, 5], r"keys must be int64, got dtype float64"),
+    ],
+)
+def test_keys_and_starts_that_do_not_fit_are_refused(
+    keys: np.ndarray, starts: list[int], message: str
+) -> None:
+    groups = TableShardGroups([np.array([0, 1]), np.array([1])], 2)
+    with pytest.raises(BadRowsError, match=message):
+        groups.group(keys, np.array(starts, dtype=np.int64))
