@@ -40,6 +40,8 @@ async def test_concurrent_lookups_share_one_stream_in_order(node) -> None:  # no
             {"dense/w": runner.core.store.table("dense/w").lookup(np.zeros(1, np.int64))[1]},
         )
         assert two["emb"].values.shape == (3, 4) and two["dense/w"].values.shape == (0, 6)
+        with pytest.raises(ValueError, match=r"known\['emb'\]: expected 3 versions"):
+            await stream.lookup({"emb": batches[2]}, {"emb": np.zeros(2, np.int64)})
         assert (await stream.lookup({"emb": batches[1]}))["emb"].found.sum() == 2  # goes on
     finally:
         await stream.close()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scatter_fakes import FakeHolders, holders_of, run_virtual
 
+from ekko.client.wire import TableRows
 from ekko.schedule import WritePort
 from ekko.serve import ModelNotReady
 from ekko.serve.scatter import PartitionedLookup
@@ -247,3 +248,60 @@ def test_a_stalled_holder_goes_last_and_does_not_push_the_hedge_delay_to_the_dea
     assert lookup.policy.hedge_after(0) < 0.02  # the healthy holder's time, not a climbing delay
     # the stalled holder is asked first again once per suspect_s, not by every batch
     assert first_to_stalled <= took / cfg.suspect_s + 1
+
+
+@pytest.mark.parametrize("partitions", [1, 2, P])
+def test_splitting_every_table_at_once_equals_splitting_each_alone(partitions: int) -> None:
+    store = _store()
+    lookup, _ = _scatter(store, partitions=partitions)
+    rng = np.random.default_rng(partitions)
+    tables = {
+        "emb_a": rng.integers(-50, 900, 37),
+        "emb_b": np.array([7], np.int64),  # one key: one partition holds it all
+        "dense/w": np.zeros(1, np.int64),
+    }
+    where, subs, _, _ = lookup.keys.split_all(tables)
+    for name, keys in tables.items():
+        want = lookup.keys.split(name, keys)
+        assert [p for p, _ in where[name]] == [p for p, _ in want]
+        for (_, idx), (_, want_idx), sub in zip(where[name], want, subs[name], strict=True):
+            if want_idx is None:
+                assert idx is None and sub is keys
+            else:
+                np.testing.assert_array_equal(idx, want_idx)
+                np.testing.assert_array_equal(sub, keys[want_idx])
+    assert lookup.keys.split_all({}) == ({}, {}, None, None)
+
+
+def test_tables_of_several_row_lengths_merge_each_in_key_order() -> None:
+    store = _store()
+    WritePort(store).create_table(TableSpec("emb_c", 5, 8))
+    keys = np.arange(0, 600, 7, dtype=np.int64)
+    WritePort(store).write("emb_c", keys, np.ones((keys.shape[0], 5), np.float32))
+    lookup, _ = _scatter(store)
+    asked = {"emb_a": keys[::-1].copy(), "emb_c": keys, "emb_b": keys}
+    got = run_virtual(lambda: lookup.lookup(asked))
+    assert list(got) == list(asked)
+    for name, k in asked.items():
+        values, versions, found = store.table(name).lookup(k)
+        np.testing.assert_array_equal(got[name].values, values)
+        np.testing.assert_array_equal(got[name].versions, versions)
+        np.testing.assert_array_equal(got[name].found, found)
+
+
+def test_partitions_answering_a_table_in_rows_of_different_lengths_is_not_ready() -> None:
+    store = _store()
+    lookup, fake = _scatter(store)
+
+    async def wider_at_p1(holder, tables, known):
+        out = await fake(holder, tables, known)
+        if holder.startswith("p1"):
+            rows = out["emb_a"]
+            wide = np.zeros((rows.values.shape[0], 4), np.float32)
+            out["emb_a"] = TableRows("emb_a", rows.versions, rows.found, wide)
+        return out
+
+    lookup.fetch = wider_at_p1
+    keys = np.arange(0, 300, dtype=np.int64)
+    with pytest.raises(ModelNotReady, match=r"table 'emb_a': its partitions answer rows of dims"):
+        run_virtual(lambda: lookup.lookup({"emb_b": keys, "emb_a": keys}))

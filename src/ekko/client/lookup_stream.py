@@ -128,27 +128,36 @@ class LookupStream:
             raise ClientError(f"lookup stream at {self.url} is closed: {self._broken}")
         names = list(tables)
         keys = [np.ascontiguousarray(tables[n], dtype="<i8") for n in names]
+        counts = np.array([k.shape[0] for k in keys], dtype=np.int64)
+        ends = np.cumsum(counts).tolist()
         held = None
-        if known:
-            held = [
-                np.full(k.shape[0], -1, np.int64) if n not in known else known[n]
-                for n, k in zip(names, keys, strict=True)
-            ]
+        if known:  # one array of -1 (none held), the known tables' versions copied in
+            held = np.full(ends[-1], -1, np.int64)
+            at = 0
+            for n, k, end in zip(names, keys, ends, strict=True):
+                v = known.get(n)
+                if v is not None:
+                    if np.shape(v) != k.shape:
+                        raise ValueError(
+                            f"known[{n!r}]: expected {k.shape[0]} versions, one per key, got "
+                            f"shape {np.shape(v)}"
+                        )
+                    held[at:end] = v
+                at = end
         self._seq += 1
         fut = asyncio.get_running_loop().create_future()
-        counts = np.array([k.shape[0] for k in keys], dtype=np.int64)
         self._waiting.append(_Waiting(self._seq, names[0], counts, fut))
         self._writer.writelines(lookup_frame(self._seq, names, keys, held))
         dims, rows, versions, values = await fut
+        found = (versions > 0).view(np.uint8)  # once for the frame, sliced per table
         out = {}
         at = vat = 0
-        for name, k, dim, m in zip(names, keys, dims.tolist(), rows.tolist(), strict=True):
-            ver = versions[at : at + k.shape[0]]
+        for name, end, dim, m in zip(names, ends, dims.tolist(), rows.tolist(), strict=True):
+            vend = vat + m * dim
             out[name] = TableRows(
-                name, ver, (ver > 0).view(np.uint8), values[vat : vat + m * dim].reshape(m, dim)
+                name, versions[at:end], found[at:end], values[vat:vend].reshape(m, dim)
             )
-            at += k.shape[0]
-            vat += m * dim
+            at, vat = end, vend
         return out
 
     async def _read_answers(self) -> None:

@@ -159,10 +159,14 @@ def refused(seq: int, status: int, reason: str) -> bytes:
 
 
 def lookup_frame(
-    seq: int, names: list[str], keys: list[np.ndarray], known: list[np.ndarray] | None = None
+    seq: int,
+    names: list[str],
+    keys: list[np.ndarray],
+    known: list[np.ndarray] | np.ndarray | None = None,
 ) -> list[bytes | memoryview]:
     """A lookup of several tables: ``keys[i]`` int64 of table ``names[i]`` and, if given,
-    ``known[i]`` int64 (the version of each row the caller holds, -1: none)."""
+    ``known[i]`` int64 (the version of each row the caller holds, -1: none), or ``known``
+    int64 [n] for every key at once, in the keys' order."""
     name = "\n".join(names).encode()
     counts = np.array([k.shape[0] for k in keys], dtype="<i8")
     flat = np.concatenate(keys).astype("<i8", copy=False)
@@ -170,7 +174,10 @@ def lookup_frame(
     head = REQUEST.pack(KIND_LOOKUP, flags, len(name), flat.shape[0], len(names), seq)
     out = [head, name, memoryview(counts).cast("B"), memoryview(flat).cast("B")]
     if known is not None:
-        out.append(memoryview(np.concatenate(known).astype("<i8", copy=False)).cast("B"))
+        flat_known = known if isinstance(known, np.ndarray) else np.concatenate(known)
+        if flat_known.shape != flat.shape:
+            raise ValueError(f"known: {flat_known.shape[0]} versions for {flat.shape[0]} keys")
+        out.append(memoryview(np.ascontiguousarray(flat_known, dtype="<i8")).cast("B"))
     return out
 
 

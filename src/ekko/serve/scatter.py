@@ -38,7 +38,7 @@ from ekko.serve.scatter_fetch import (
     PartitionUnavailable,
     checked,
 )
-from ekko.serve.scatter_keys import PartitionKeys, Where, merge_rows
+from ekko.serve.scatter_keys import PartitionKeys, merge_all
 from ekko.serve.scatter_policy import HolderPolicy, PartitionStats, ScatterConfig
 from ekko.store.placement import Placement
 
@@ -110,13 +110,15 @@ class PartitionedLookup:
     ) -> dict[str, TableRows]:
         """One scatter of ``tables`` (validated int64 keys) to the partitions holding them."""
         parts: dict[int, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
-        where: dict[str, Where] = {}
-        for table, k in tables.items():
+        split = self.keys.split_all(tables)
+        for table in tables:
             v = known.get(table)
-            where[table] = self.keys.split(table, k)
-            for p, idx in where[table]:
-                sub_t, sub_k = parts.setdefault(p, ({}, {}))
-                sub_t[table] = k if idx is None else k[idx]
+            for (p, idx), sub in zip(split.where[table], split.subs[table], strict=True):
+                got = parts.get(p)
+                if got is None:
+                    got = parts[p] = ({}, {})
+                sub_t, sub_k = got
+                sub_t[table] = sub
                 if v is not None:
                     sub_k[table] = v if idx is None else v[idx]
         tasks = {
@@ -126,10 +128,7 @@ class PartitionedLookup:
             answers = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
         finally:
             _drop(tasks.values())
-        return {
-            table: merge_rows(table, tables[table], known.get(table), where[table], answers)
-            for table in tables
-        }
+        return merge_all(split, tables, known, answers)
 
     async def _ask(
         self,
