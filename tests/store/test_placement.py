@@ -1,9 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from ekko.store import BadRowsError, group_by_shard, shard_of
 from ekko.store.placement import Placement, PlacementError
 
 
@@ -46,37 +43,3 @@ def test_unknown_partitions_and_shards_are_refused():
         p.shards_of("t", 4, [5])
     with pytest.raises(PlacementError, match="shard must be >= 0"):
         p.partition_of("t", -1)
-
-
-@given(
-    keys=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=300),
-    num_shards=st.integers(1, 40),
-    partitions=st.integers(1, 9),
-)
-@settings(deadline=None)  # the first example compiles the kernel
-def test_group_by_shard_is_a_stable_sort_by_each_keys_partition(
-    keys: list[int], num_shards: int, partitions: int
-) -> None:
-    arr = np.array(keys, dtype=np.int64)
-    parts = Placement(partitions).partitions_of("emb_x", num_shards)
-    order, counts = group_by_shard(arr, parts, partitions)
-    of = parts[shard_of(arr, num_shards)]
-    np.testing.assert_array_equal(counts, np.bincount(of, minlength=partitions))
-    np.testing.assert_array_equal(order, np.argsort(of, kind="stable"))
-
-
-@pytest.mark.parametrize(
-    ("groups", "shard_groups", "message"),
-    [
-        (2, [0, 2], r"shard_groups must be in \[0, 2\), got 0..2"),
-        (2, [-1, 0], r"shard_groups must be in \[0, 2\), got -1..0"),
-        (2, [], r"shard_groups must be int64 \[num_shards >= 1\]"),
-        (0, [0], r"groups must be >= 1, got 0"),
-    ],
-)
-def test_group_by_shard_refuses_groups_out_of_range(
-    groups: int, shard_groups: list[int], message: str
-) -> None:
-    keys = np.arange(50, dtype=np.int64)
-    with pytest.raises(BadRowsError, match=message):
-        group_by_shard(keys, np.array(shard_groups, dtype=np.int64), groups)

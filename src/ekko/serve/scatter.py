@@ -217,7 +217,8 @@ class PartitionedLookup:
         """What a lookup queued behind a scatter in flight raises at its deadline: the 503 of
         a scatter past its deadline, naming the partition that scatter still waits on (one
         of the lookup's own if it can), as the scatter will when its own deadline passes."""
-        mine = sorted({p for t, k in tables.items() for p, _ in self.keys.split(t, k)})
+        where = self.keys.split_all(tables).where
+        mine = sorted({p for w in where.values() for p, _ in w})
         slow = [p for p in mine if self._asking[p]]
         slow = slow or [p for p, n in enumerate(self._asking) if n] or mine
         p = slow[0]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ekko.client.wire import TableRows
 from ekko.serve.errors import ModelNotReady
-from ekko.store import TableShardGroups, group_by_shard, shard_of
+from ekko.store import TableShardGroups, shard_of
 from ekko.store.placement import Placement
 
 MAX_TABLE_SETS = 64
@@ -73,29 +73,11 @@ class PartitionKeys:
         n, of = self._shard_parts(table)
         return of[shard_of(keys, n)]
 
-    def split(self, table: str, keys: np.ndarray) -> Where:
-        """Each partition holding some of ``table``'s ``keys``, in partition order, with the
-        positions of its keys (None when it holds them all)."""
-        if self.placement.partitions == 1:
-            return [(0, None)]
-        if keys.shape[0] == 1:
-            return [(int(self.partition_of_keys(table, keys)[0]), None)]
-        _, of = self._shard_parts(table)
-        order, counts = group_by_shard(keys, of, self.placement.partitions)
-        out: Where = []
-        end = 0
-        for p, c in enumerate(counts.tolist()):
-            if c:
-                out.append((p, order[end : end + c]))
-                end += c
-        if len(out) == 1:
-            return [(out[0][0], None)]
-        return out
-
     def split_all(self, tables: Mapping[str, np.ndarray]) -> Split:
-        """``split`` of every table (int64 keys [n >= 1] each) in one kernel call, with each
-        table's keys of each partition of its ``Where`` (the table's own array when one
-        partition holds them all)."""
+        """Each table's ``Where`` (int64 keys [n] each; the partitions holding some of them,
+        in partition order, with the positions of their keys, None when one holds them all)
+        and its keys of each of those partitions (the table's own array when one holds them
+        all), every table in one kernel call."""
         if self.placement.partitions == 1 or not tables:
             where = {t: [(0, None)] for t in tables}
             return Split(where, {t: [k] for t, k in tables.items()}, None, None)

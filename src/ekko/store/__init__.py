@@ -16,7 +16,7 @@ from ekko.store.errors import (
     UnknownTableError,
     WalError,
 )
-from ekko.store.index import KeyIndex, group_by_shard, shard_of
+from ekko.store.index import KeyIndex, shard_of
 from ekko.store.reference import ReferenceTable
 from ekko.store.store import Store
 from ekko.store.table import Table, warm
@@ -41,7 +41,6 @@ __all__ = [
     "check_keys",
     "check_values",
     "check_write_values",
-    "group_by_shard",
     "shard_of",
     "warm",
 ]

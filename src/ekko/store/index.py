@@ -153,55 +153,6 @@ def shard_of(keys: np.ndarray, num_shards: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True, nogil=True)
-def _group_kernel(
-    keys: np.ndarray,
-    num_shards: np.int64,
-    shard_parts: np.ndarray,
-    order: np.ndarray,
-    counts: np.ndarray,
-) -> bool:
-    groups = counts.shape[0]
-    parts = np.empty(keys.shape[0], dtype=np.int64)
-    for i in range(keys.shape[0]):
-        g = shard_parts[shard_of_key(keys[i], num_shards)]
-        if g < 0 or g >= groups:
-            return False
-        parts[i] = g
-        counts[g] += 1
-    starts = np.empty(groups, dtype=np.int64)
-    acc = 0
-    for g in range(groups):
-        starts[g] = acc
-        acc += counts[g]
-    for i in range(keys.shape[0]):
-        g = parts[i]
-        order[starts[g]] = i
-        starts[g] += 1
-    return True
-
-
-def group_by_shard(
-    keys: np.ndarray, shard_groups: np.ndarray, groups: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keys grouped by their shard's group (a partition, say): ``(order, counts)``, int64
-    ``[n]`` and ``[groups]``; ``order`` lists the positions of group 0's keys first, each
-    group's in their order in ``keys``. ``shard_groups``: int64 ``[num_shards]``, each shard's
-    group in ``[0, groups)``. One pass, where a shard hash, a gather, a count and a stable
-    argsort took five (a serving node groups every table of every predict batch)."""
-    arr = _check_keys(keys)
-    sg = np.ascontiguousarray(shard_groups, dtype=np.int64)
-    if sg.ndim != 1 or sg.shape[0] < 1:
-        raise BadRowsError(f"shard_groups must be int64 [num_shards >= 1], got {sg.shape}")
-    if groups < 1:
-        raise BadRowsError(f"groups must be >= 1, got {groups}")
-    order = np.empty(arr.shape[0], dtype=np.int64)
-    counts = np.zeros(groups, dtype=np.int64)
-    if not _group_kernel(arr, np.int64(sg.shape[0]), sg, order, counts):
-        raise BadRowsError(f"shard_groups must be in [0, {groups}), got {sg.min()}..{sg.max()}")
-    return order, counts
-
-
 def _out_buffer(out: np.ndarray | None, n: int) -> np.ndarray:
     if out is None:
         return np.empty(n, dtype=np.int64)
