@@ -21,7 +21,7 @@ with ``kind = "ttl"`` a full table admits no new id until rows expire.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
@@ -94,10 +94,8 @@ class RowStats:
 
     @classmethod
     def concat(cls, parts: list[RowStats]) -> RowStats:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _ROW_FIELDS))
-
-
-_ROW_FIELDS = ("touched_step", "freq", "born_step", "sightings")
+        names = [f.name for f in fields(cls)]
+        return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
 
 def scores(kind: str, rows: RowStats, step: int, config: EvictionConfig) -> np.ndarray:

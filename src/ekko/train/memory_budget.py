@@ -65,7 +65,6 @@ class MemoryBudget:
         if not 0 < max_bytes <= MAX_BUDGET_BYTES:
             raise ValueError(f"memory budget must be in [1, 2**60] bytes: {max_bytes}")
         self.max_bytes = int(max_bytes)
-        self.kind = eviction.kind
         self.eviction = eviction
         self.step = 0  # the shared step clock the tables' steps count on
         self.evicted = 0
@@ -76,6 +75,11 @@ class MemoryBudget:
         self._order_step = -1
         self._order = (np.empty(0, np.int64),) * 3
         self._cursor = 0
+
+    @property
+    def kind(self) -> str:
+        """The tables' eviction kind (``eviction.kind``)."""
+        return self.eviction.kind
 
     def attach(self, table: Slots) -> None:
         """Share the budget with ``table`` (done by ``Slots`` when given one)."""
