@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import ekko.store.index as index_mod
 import ekko.store.row_arrays as row_arrays_mod
 from ekko.store import BadRowsError, ReferenceTable, Table, shard_of
+from ekko.store.placement import Placement
 from ekko.store.spec import HIGH_LANE, LANES, LOW_LANE, NEW_LANE, TableSpec
 
 SPEC = TableSpec("emb", 3, 3)
@@ -101,6 +102,11 @@ def assert_same(fast: Table, ref: ReferenceTable) -> None:
     assert fast.rows == ref.rows
     assert fast.tombstones == ref.tombstones
     assert fast.digest() == ref.digest()
+    for placement in (Placement(2), Placement(3, {"other": 1})):
+        parts = placement.partitions_of(SPEC.name, SPEC.num_shards).tolist()
+        assert fast.digest_partitions(placement) == ref.digest_partitions(
+            parts, placement.partitions
+        )
     assert fast.counter.tolist() == ref.counter
     assert fast.shard_version.tolist() == ref.shard_version
     assert fast.knowledge.tolist() == ref.knowledge

@@ -291,3 +291,42 @@ def digest_rows(
             acc = _round(acc, np.uint64(words[r, j]))
         total += splitmix64(acc)
     return total
+
+
+@njit(cache=True, nogil=True)
+def digest_rows_by_group(
+    keys: np.ndarray,
+    versions: np.ndarray,
+    words: np.ndarray,
+    dead: np.ndarray,
+    n: np.int64,
+    w: np.int64,
+    shard_group: np.ndarray,
+    num_shards: np.int64,
+    out: np.ndarray,
+    groups: np.int64,
+) -> bool:
+    """``digest_rows`` split by the group (a partition) of each row's shard: ``out[g]`` is the
+    sum (mod 2**64) over the live rows among the first ``n`` whose shard (of ``num_shards``)
+    ``shard_group`` maps to ``g`` (of ``groups``), each row's ``w`` value words mixed as
+    ``digest_rows`` does, so the groups' digests sum to the table's. Every size is an argument
+    (the caller checks them against the arrays); False if a shard's group is out of range."""
+    for g in range(groups):
+        out[g] = np.uint64(0)
+    for r in range(n):
+        if dead[r] or versions[r] == 0:  # a tombstone, or a slot a purge freed
+            continue
+        g = shard_group[shard_of_key(keys[r], num_shards)]
+        if g < 0 or g >= groups:
+            return False
+        acc = splitmix64(np.uint64(keys[r]) ^ _SEED)
+        acc = splitmix64(acc ^ np.uint64(versions[r]))
+        j = 0
+        while j + 1 < w:
+            x = np.uint64(words[r, j]) | (np.uint64(words[r, j + 1]) << _W32)
+            acc = _round(acc, x)
+            j += 2
+        if j < w:
+            acc = _round(acc, np.uint64(words[r, j]))
+        out[g] += splitmix64(acc)
+    return True

@@ -274,6 +274,16 @@ class ReferenceTable:
     def dead_at(self, slots: np.ndarray) -> np.ndarray:
         return np.array([self.dead[int(x)] for x in np.asarray(slots)], dtype=np.uint8)
 
+    def digest_partitions(self, partition_of_shard: list[int], partitions: int) -> dict[int, int]:
+        """``digest`` per partition: rows grouped by ``partition_of_shard[shard of key]``."""
+        totals = dict.fromkeys(range(partitions), 0)
+        for slot, key in enumerate(self.keys):
+            if self.dead[slot] or self.versions[slot] == 0:
+                continue
+            p = partition_of_shard[shard_of_key(key, self.spec.num_shards)]
+            totals[p] += row_digest(key, self.versions[slot], self.values[slot])
+        return {p: t & _M64 for p, t in totals.items()}
+
     def digest(self) -> int:
         total = 0
         for slot, key in enumerate(self.keys):

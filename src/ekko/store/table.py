@@ -424,6 +424,7 @@ class Table(TableBulk, TablePurging):
 def warm() -> None:
     """Compile (or load from the numba cache) every table kernel once, at start-up."""
     from ekko.store import index
+    from ekko.store.placement import Placement
 
     index.warm()
     t = Table(TableSpec("_warm", 4, 2), cache_capacity=4, initial_rows=16)
@@ -440,3 +441,4 @@ def warm() -> None:
     every = np.repeat(np.arange(2), NUM_LANES), np.tile(np.array(LANES), 2)
     t.collect(*every, np.zeros(2 * NUM_LANES, np.int64), use_cache=False)
     t.digest()
+    t.digest_partitions(Placement(2))

@@ -15,6 +15,7 @@ from ekko.store import _table_kernels as K
 from ekko.store._validate import check_dead, check_int64, check_rows
 from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, shard_of
+from ekko.store.placement import Placement
 from ekko.store.row_arrays import RowArrays
 from ekko.store.spec import NUM_LANES
 
@@ -73,6 +74,28 @@ class TableBulk:
         keys, values, versions, _, _ = self._rows.view(self._used)
         dead = self._rows.dead[: self._used]
         return int(K.digest_rows(keys, versions, values.view(np.uint32), dead))
+
+    def digest_partitions(self, placement: Placement) -> dict[int, int]:
+        """``digest`` per partition of ``placement``: ``{p: digest of the live rows whose
+        shard the placement puts on p}`` for every partition (0 where it holds none). The
+        values sum (mod 2**64) to ``digest()``; a holder of partition p and p's source hold
+        the same rows there iff their p digests agree (whatever else either holds)."""
+        parts = placement.partitions
+        groups = np.ascontiguousarray(placement.partitions_of(self.name, self.num_shards))
+        keys, values, versions, _, _ = self._rows.view(self._used)
+        dead = self._rows.dead[: self._used]
+        words = values.view(np.uint32)
+        n = keys.shape[0]
+        if not (versions.shape[0] == dead.shape[0] == words.shape[0] == n):
+            raise AssertionError(f"table {self.name!r}: row arrays of unequal lengths")
+        out = np.zeros(parts, dtype=np.uint64)
+        ok = K.digest_rows_by_group(
+            keys, versions, words, dead, np.int64(n), np.int64(words.shape[1]),
+            groups, np.int64(self.num_shards), out, np.int64(parts),
+        )  # fmt: skip
+        if not ok:  # partitions_of is in range by construction: a bug if it happens
+            raise AssertionError(f"table {self.name!r}: a shard's partition out of range")
+        return {p: int(out[p]) for p in range(parts)}
 
     def restore_rows(
         self,
