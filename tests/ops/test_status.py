@@ -107,6 +107,8 @@ def test_a_node_with_a_task_down_reads_down_naming_it_not_starting() -> None:
     )
     assert _state({"ready": False, "down": {}, "why": "starting"}) == "starting"
     assert _state({"ready": False, "down": "junk"}) == "starting"  # a hostile answer
+    for not_true in ("false", "true", 1, [], None):  # only JSON true is ready
+        assert _state({"ready": not_true, "down": {}}) == "starting", not_true
 
 
 def test_a_stopping_node_reads_stopping_not_starting() -> None:

@@ -62,6 +62,13 @@ def test_every_kind_admits_nothing_of_an_empty_batch(kind) -> None:
         ("sketch_width", 0, "admission.sketch_width"),
         ("sketch_depth", 17, "admission.sketch_depth"),
         ("probability", 0.0, "admission.probability"),
+        ("threshold", "2", "admission.threshold"),  # from Python: not a bare TypeError
+        ("threshold", True, "admission.threshold"),  # a bool is not a count
+        ("sketch_width", 2.0, "admission.sketch_width"),
+        ("probability", float("nan"), "admission.probability"),
+        ("probability", "0.5", "admission.probability"),
+        ("seed", -1, "admission.seed"),
+        ("idle_rows", "yes", "admission.idle_rows"),
     ],
 )
 def test_bad_config_names_the_field(field, value, message) -> None:

@@ -416,3 +416,23 @@ def test_a_deep_copy_ends_its_own_steps() -> None:
     train(twin, 1)
     train(twin, 2)  # the copy's step ended at its backward: 2 evicts 1
     assert held(twin) == {2} and held(emb) == set()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ttl_s", "10"),
+        ("lfu_aging", True),
+        ("lfu_aging", "3"),
+        ("rate_prior_steps", float("inf")),
+        ("rate_prior_steps", 1e-300),
+        ("rate_patience", 1e-300),  # passed before and overflowed numpy in the score
+        ("rate_patience", float("nan")),
+        ("rate_patience", None),
+    ],
+)
+def test_eviction_config_from_python_names_the_bad_field(field, value) -> None:
+    """Built from Python (not the checked TOML), a hostile value is a ValueError naming its
+    field, not a bare TypeError from a comparison, and a bool is not a number."""
+    with pytest.raises(ValueError, match=f"eviction.{field}"):
+        EvictionConfig(kind="rate", **{field: value})

@@ -27,7 +27,7 @@ class AdmissionSection(Strict):
     (``ekko.train.admission.AdmissionConfig``)."""
 
     kind: Literal["all", "count", "probability"] = "all"
-    threshold: int = Field(2, ge=1)
+    threshold: int = Field(2, ge=1, le=1 << 62)
     sketch_width: int = Field(1 << 16, ge=1, le=1 << 26)
     sketch_depth: int = Field(4, ge=1, le=16)
     probability: float = Field(0.5, gt=0, le=1)
@@ -42,8 +42,8 @@ class EvictionSection(Strict):
     kind: Literal["none", "lru", "lfu", "rate", "ttl"] = "lru"
     ttl_s: float | None = Field(None, gt=0, lt=1e18)  # EvictionConfig's bound
     lfu_aging: float = Field(10.0, gt=0, le=1e6)  # x row_budget sightings between halvings
-    rate_prior_steps: float = Field(40.0, gt=0, le=1e9, strict=True)  # training steps
-    rate_patience: float = Field(3.0, gt=0, le=1e6, strict=True)  # its own gaps of silence
+    rate_prior_steps: float = Field(40.0, gt=1e-10, le=1e9, strict=True)  # training steps
+    rate_patience: float = Field(3.0, gt=1e-10, le=1e6, strict=True)  # its own gaps of silence
 
     @model_validator(mode="after")
     def _check_ttl(self) -> EvictionSection:

@@ -142,8 +142,9 @@ def _partitions(cfg: ClusterConfig, name: str, doc: dict[str, Any]) -> str:
 def _state(status: dict[str, Any]) -> str:
     """``ready``; ``down: NAMES`` for a node with background tasks down (one restarting
     after an error: ``/ready`` is 503 naming them); ``stopping`` for one shutting down;
-    else ``starting``."""
-    if status.get("ready", True):
+    else ``starting``. Only a JSON ``true`` (or no field: a node from before readiness was in
+    ``/v1/status``) is ready; a hostile ``"false"`` string is not."""
+    if status.get("ready", True) is True:
         return "ready"
     down = status.get("down")
     if isinstance(down, dict) and down:

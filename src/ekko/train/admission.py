@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from ekko.train.fields import integer, real
+
 ADMISSION_KINDS = ("all", "count", "probability")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -48,14 +50,13 @@ class AdmissionConfig:
     def __post_init__(self) -> None:
         if self.kind not in ADMISSION_KINDS:
             raise ValueError(f"admission.kind must be one of {ADMISSION_KINDS}: {self.kind!r}")
-        if self.threshold < 1:
-            raise ValueError(f"admission.threshold must be >= 1: {self.threshold}")
-        if not 1 <= self.sketch_width <= 1 << 26:
-            raise ValueError(f"admission.sketch_width must be in [1, 2**26]: {self.sketch_width}")
-        if not 1 <= self.sketch_depth <= 16:
-            raise ValueError(f"admission.sketch_depth must be in [1, 16]: {self.sketch_depth}")
-        if not 0 < self.probability <= 1:
-            raise ValueError(f"admission.probability must be in (0, 1]: {self.probability}")
+        integer("admission.threshold", self.threshold, 1, 2**62)
+        integer("admission.sketch_width", self.sketch_width, 1, 1 << 26)
+        integer("admission.sketch_depth", self.sketch_depth, 1, 16)
+        real("admission.probability", self.probability, 0, 1)
+        integer("admission.seed", self.seed, 0, 2**64 - 1)
+        if not isinstance(self.idle_rows, bool):
+            raise ValueError(f"admission.idle_rows must be true or false: {self.idle_rows!r}")
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -26,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 
+from ekko.train.fields import real
+
 EVICTION_KINDS = ("none", "lru", "lfu", "rate", "ttl")
 RANKED_KINDS = ("lru", "lfu", "rate")
 """The kinds that rank rows and evict the lowest for new ids when a table (or a memory
@@ -64,16 +66,12 @@ class EvictionConfig:
             raise ValueError(f"eviction.kind must be one of {EVICTION_KINDS}: {self.kind!r}")
         if self.kind == "ttl" and self.ttl_s is None:
             raise ValueError('eviction.ttl_s is required with kind = "ttl"')
-        if self.ttl_s is not None and not 0 < self.ttl_s < 1e18:
-            raise ValueError(f"eviction.ttl_s must be a positive finite time: {self.ttl_s}")
-        if not 0 < self.lfu_aging <= 1e6:
-            raise ValueError(f"eviction.lfu_aging must be in (0, 1e6]: {self.lfu_aging}")
-        if not 0 < self.rate_prior_steps <= 1e9:
-            raise ValueError(
-                f"eviction.rate_prior_steps must be in (0, 1e9]: {self.rate_prior_steps}"
-            )
-        if not 0 < self.rate_patience <= 1e6:
-            raise ValueError(f"eviction.rate_patience must be in (0, 1e6]: {self.rate_patience}")
+        if self.ttl_s is not None:
+            real("eviction.ttl_s", self.ttl_s, 0, 1e18)
+        real("eviction.lfu_aging", self.lfu_aging, 0, 1e6)
+        # Lower bounds keep rate * silent / patience finite (1e-300 overflowed in numpy).
+        real("eviction.rate_prior_steps", self.rate_prior_steps, 1e-10, 1e9)
+        real("eviction.rate_patience", self.rate_patience, 1e-10, 1e6)
 
     @property
     def evicts(self) -> bool:
