@@ -267,6 +267,20 @@ def _round(acc: np.uint64, x: np.uint64) -> np.uint64:
     return acc * _P1
 
 
+@njit(inline="always")
+def _row_digest(key: np.int64, version: np.int64, words: np.ndarray, r: int, w: int) -> np.uint64:
+    """The 64-bit mix of one row: its key, version and ``w`` value words (row ``r``)."""
+    acc = splitmix64(np.uint64(key) ^ _SEED)
+    acc = splitmix64(acc ^ np.uint64(version))
+    j = 0
+    while j + 1 < w:
+        acc = _round(acc, np.uint64(words[r, j]) | (np.uint64(words[r, j + 1]) << _W32))
+        j += 2
+    if j < w:
+        acc = _round(acc, np.uint64(words[r, j]))
+    return splitmix64(acc)
+
+
 @njit(cache=True, nogil=True)
 def digest_rows(
     keys: np.ndarray, versions: np.ndarray, words: np.ndarray, dead: np.ndarray
@@ -280,16 +294,7 @@ def digest_rows(
     for r in range(n):
         if dead[r] or versions[r] == 0:  # a tombstone, or a slot a purge freed
             continue
-        acc = splitmix64(np.uint64(keys[r]) ^ _SEED)
-        acc = splitmix64(acc ^ np.uint64(versions[r]))
-        j = 0
-        while j + 1 < w:
-            x = np.uint64(words[r, j]) | (np.uint64(words[r, j + 1]) << _W32)
-            acc = _round(acc, x)
-            j += 2
-        if j < w:
-            acc = _round(acc, np.uint64(words[r, j]))
-        total += splitmix64(acc)
+        total += _row_digest(keys[r], versions[r], words, r, w)
     return total
 
 
@@ -319,14 +324,5 @@ def digest_rows_by_group(
         g = shard_group[shard_of_key(keys[r], num_shards)]
         if g < 0 or g >= groups:
             return False
-        acc = splitmix64(np.uint64(keys[r]) ^ _SEED)
-        acc = splitmix64(acc ^ np.uint64(versions[r]))
-        j = 0
-        while j + 1 < w:
-            x = np.uint64(words[r, j]) | (np.uint64(words[r, j + 1]) << _W32)
-            acc = _round(acc, x)
-            j += 2
-        if j < w:
-            acc = _round(acc, np.uint64(words[r, j]))
-        out[g] += splitmix64(acc)
+        out[g] += _row_digest(keys[r], versions[r], words, r, w)
     return True
