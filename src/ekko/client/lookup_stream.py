@@ -31,6 +31,8 @@ from ekko.client.stream_frames import (
     MAX_DIM,
     MAX_REASON_BYTES,
     REFUSED,
+    VARIANT_HEADER,
+    VARIANTS,
     lookup_frame,
 )
 from ekko.client.upgrade import Resign, Upgrade
@@ -86,11 +88,16 @@ class LookupStream:
         server_name: str | None = None,
         role: str = "reader",
         resigns: int = 3,
+        variant: str = "online",
     ) -> LookupStream:
-        """Connect to ``url`` (``http(s)://host:port``) and switch to a lookup stream."""
+        """Connect to ``url`` (``http(s)://host:port``) and switch to a lookup stream that
+        reads ``variant``: ``online`` (the node's store) or ``baseline`` (the guard's lagged
+        store; ``ClientError`` of status 409 naming the node where it keeps none)."""
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ClientError(f"lookup stream at {url}: not an http(s)://host:port URL")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
         for _ in range(max(1, resigns)):
             if u.scheme == "https":
                 ctx = tls or ssl.create_default_context()
@@ -103,7 +110,9 @@ class LookupStream:
                     u.hostname, u.port or 80, limit=MAX_HEAD_BYTES
                 )
             try:
-                max_frame = await _upgrade(url, u.netloc, credentials, role, reader, writer)
+                max_frame = await _upgrade(
+                    url, u.netloc, credentials, role, reader, writer, variant
+                )
             except Resign:
                 writer.close()
                 continue
@@ -230,10 +239,13 @@ async def _upgrade(
     role: str,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    variant: str = "online",
 ) -> int:
     sign = credentials.headers(role, "POST", LOOKUP_PATH, b"", host)
     headers = {"host": host, "connection": "upgrade", "upgrade": LOOKUP_UPGRADE,
                "content-length": "0", **sign}  # fmt: skip
+    if variant != "online":  # an older node ignores the header: only sent when needed
+        headers[VARIANT_HEADER] = variant
     up = Upgrade(f"lookup stream at {url}", LOOKUP_PATH, headers)
     writer.write(up.request())
     while (limit := up.receive(await reader.read(MAX_HEAD_BYTES))) is None:

@@ -59,6 +59,11 @@ STREAM_PATH = "/v1/streams/write"
 UPGRADE = "ekko-rows/1"
 LOOKUP_PATH = "/v1/streams/lookup"
 LOOKUP_UPGRADE = "ekko-lookup/1"
+VARIANT_HEADER = "x-ekko-variant"
+"""Request header of a lookup (stream upgrade or ``POST /v1/lookup``): ``online`` (the
+default: the node's store) or ``baseline`` (the guard's lagged store, where the node keeps
+one; a node without one answers 409 naming itself, never the online rows)."""
+VARIANTS = ("online", "baseline")
 MAX_FRAME_HEADER = "ekko-max-frame-bytes"
 """Response header of the upgrade: the largest frame body the node takes (its body limit)."""
 

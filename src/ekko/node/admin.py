@@ -26,6 +26,7 @@ from ekko.net.httpkit import (
 from ekko.net.signed_requests import NonceCache
 from ekko.node.access import AccessPolicy, RequireRole
 from ekko.node.core import NodeCore, NotReadyError, NotSourceError
+from ekko.node.lookup_variant import Baseline
 from ekko.node.table_routes import table_routes
 from ekko.store import StoreError, UnknownTableError, WalError
 
@@ -46,6 +47,7 @@ def admin_routes(
     registry: CollectorRegistry,
     extra_status: Callable[[], dict] | None = None,
     max_body: int = MAX_BODY_BYTES,
+    baseline: Baseline | None = None,
 ) -> list[Route]:
     """Routes of the admin API (the table routes: ``ekko.node.table_routes``; a row write
     wakes parked pulls through the source's port); a row write's body is at most
@@ -80,7 +82,7 @@ def admin_routes(
 
     return [
         Route("/v1/status", status),
-        *table_routes(core, max_body),
+        *table_routes(core, max_body, baseline),
         Route("/v1/latency", latency),
         Route("/v1/latency/reset", reset_latency, methods=["POST"]),
         Route("/health", health),

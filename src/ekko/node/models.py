@@ -219,6 +219,10 @@ class ModelHost:
         for guard in self.replica_guards.values():
             guard.poll()
 
+    def baseline_store(self) -> Store | None:
+        """The store baseline lookups read here (the guard's lagged store), or None."""
+        return self.lagged.store if self.lagged is not None else None
+
     def advance_baseline(self, now_mono: float) -> None:
         """Apply the baseline's queued rows that came of age."""
         if self.lagged is not None:

@@ -48,6 +48,7 @@ from ekko.net.httpkit import (
     read_body,
 )
 from ekko.node.core import NodeCore, NotReadyError, NotSourceError
+from ekko.node.lookup_variant import Baseline, lookup_store
 from ekko.store import StoreError, TableConflictError, UnknownTableError, WalError
 from ekko.store.holding import MemoryBudgetError, NotHeldError
 from ekko.store.spec import TableSpec
@@ -190,8 +191,10 @@ async def _answer(
     return json_response(doc())
 
 
-def table_routes(core: NodeCore, max_body: int) -> list[Route]:
-    """The table routes of ``core``'s API; a row body is at most ``max_body`` bytes."""
+def table_routes(core: NodeCore, max_body: int, baseline: Baseline | None = None) -> list[Route]:
+    """The table routes of ``core``'s API; a row body is at most ``max_body`` bytes.
+    ``baseline()``: the store ``POST /v1/lookup`` reads with ``x-ekko-variant: baseline``
+    (``ekko.node.lookup_variant``)."""
 
     def table_of(request: Request):
         return core.store.table(request.path_params["table"])
@@ -310,8 +313,9 @@ def table_routes(core: NodeCore, max_body: int) -> list[Route]:
                 f"{request.headers.get('content-type')!r}",
                 status=415,
             )
+        store = lookup_store(core.name, core.store, baseline, request.headers)
         parts = await offload(decode_lookup_many, await read_body(request))
-        tables = [(core.store.table(name), keys, known) for name, keys, known in parts]
+        tables = [(store.table(name), keys, known) for name, keys, known in parts]
         for table, keys, _ in tables:
             held(table, keys)
         answer = sum(k.shape[0] * (4 * t.dim + 8 + 1) for t, k, _ in tables)

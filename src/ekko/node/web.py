@@ -88,7 +88,7 @@ class NodeWeb:
              stream_metrics(core.name, self.streams),
              stream_metrics(core.name, self.lookup_streams, "lookup"), *collectors],
         )  # fmt: skip
-        admin = admin_routes(core, registry, self.status, web.max_body_bytes)
+        admin = admin_routes(core, registry, self.status, web.max_body_bytes, models.baseline_store)
         policy = AccessPolicy(serve_open=web.serve_open)
         advertised = frozenset({f"{core.node.host}:{core.node.admin_port}"})
         all_routes = [
@@ -96,7 +96,9 @@ class NodeWeb:
             *admin,
             knowledge_route(core),
             write_stream_route(core, web.max_body_bytes, self.streams, self.lookup_streams),
-            lookup_stream_route(core, web.max_body_bytes, self.lookup_streams, self.streams),
+            lookup_stream_route(
+                core, web.max_body_bytes, self.lookup_streams, self.streams, models.baseline_store
+            ),
             Route("/ready", self.ready_route),
             *routes,
         ]

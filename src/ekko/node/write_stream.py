@@ -38,7 +38,9 @@ from ekko.client.stream_frames import (
 from ekko.net.httpkit import BODY_TIMEOUT_S, error_response
 from ekko.node.core import NodeCore
 from ekko.node.http_server import UPGRADE_KEY, DeadlineProtocol
+from ekko.node.lookup_variant import Baseline, lookup_store
 from ekko.node.table_routes import ROW_ERRORS, guarded
+from ekko.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +95,11 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         frame_timeout_s: float | None = None,
         *,
         lookups: bool = False,
+        store: Store | None = None,
     ):
         self.core = core
         self.lookups = lookups  # a lookup stream: lookup frames only, answered at once
+        self.store = store  # what lookups read (None: the node's; the baseline's lagged one)
         self.frame_timeout_s = FRAME_TIMEOUT_S if frame_timeout_s is None else frame_timeout_s
         self._deadline: asyncio.TimerHandle | None = None
         self.max_body = max_body
@@ -256,12 +260,13 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
             return
         keys = body[8 * f.dim : 8 * (f.dim + f.n)].view("<i8")
         known = body[8 * (f.dim + f.n) : f.body_bytes].view("<i8") if f.flags & FLAG_KNOWN else None
-        store = self.core.store
+        store = self.store if self.store is not None else self.core.store
         asked = [store.table(name) for name in tables]
-        if store.holding is not None:  # another partition's key: 421, never "not found"
+        holding = self.core.store.holding  # a baseline holds the node's partitions too
+        if holding is not None:  # another partition's key: 421, never "not found"
             at = 0
             for table, count in zip(asked, counts.tolist(), strict=True):
-                store.holding.check_held(table, keys[at : at + count])
+                holding.check_held(table, keys[at : at + count])
                 at += count
         answer = sum(c * (8 + 4 * t.dim) for t, c in zip(asked, counts.tolist(), strict=True))
         if answer > self.max_body:  # keys may repeat: a small frame must not answer without end
@@ -373,11 +378,17 @@ def write_stream_route(
 
 
 def lookup_stream_route(
-    core: NodeCore, max_body: int, stats: StreamStats, writes: StreamStats
+    core: NodeCore,
+    max_body: int,
+    stats: StreamStats,
+    writes: StreamStats,
+    baseline: Baseline | None = None,
 ) -> Route:
     """``POST /v1/streams/lookup`` with ``Upgrade: ekko-lookup/1``: the connection becomes a
-    lookup stream (reader role, on any node), under the same limit as write streams."""
-    return _stream_route(core, max_body, stats, writes, lookups=True)
+    lookup stream (reader role, on any node), under the same limit as write streams. With
+    ``x-ekko-variant: baseline`` it reads ``baseline()`` (the guard's lagged store; 409
+    naming the node, before the switch, when it keeps none)."""
+    return _stream_route(core, max_body, stats, writes, lookups=True, baseline=baseline)
 
 
 def _stream_route(
@@ -387,6 +398,7 @@ def _stream_route(
     others: StreamStats | None,
     *,
     lookups: bool,
+    baseline: Baseline | None = None,
 ) -> Route:
     connections = core.config.http.max_connections
     most = max(1, connections // 2)
@@ -402,6 +414,9 @@ def _stream_route(
             core.require_source("open write streams to")
         if request.headers.get("upgrade", "").lower() != token:
             return error_response(f"upgrade: expected {token!r} (a {kind} stream)", 426)
+        store = core.store
+        if lookups:
+            store = lookup_store(core.name, core.store, baseline, request.headers)
         open_now = stats.open + (others.open if others is not None else 0)
         if open_now >= most:
             return error_response(
@@ -412,7 +427,9 @@ def _stream_route(
         conn: DeadlineProtocol | None = request.scope.get("state", {}).get(UPGRADE_KEY)
         if conn is None:
             return error_response("this server cannot switch protocols", 501)
-        protocol = WriteStreamProtocol(core, max_body, stats, lookups=lookups)
+        protocol = WriteStreamProtocol(
+            core, max_body, stats, lookups=lookups, store=None if store is core.store else store
+        )
         conn.switch(protocol, token, {MAX_FRAME_HEADER: str(max_body)})
         stats.opened += 1
         stats.open += 1

@@ -35,6 +35,7 @@ from ekko.client.base import MAX_RESIGNS
 from ekko.client.credentials import Credentials
 from ekko.client.errors import ClientError
 from ekko.client.lookup_stream import LookupStream
+from ekko.client.stream_frames import VARIANT_HEADER, VARIANTS
 from ekko.client.wire import TableRows, WireError
 from ekko.net.signed_requests import RESIGN_HEADER
 from ekko.serve.scatter_fetch import Fetch, HolderFailed
@@ -96,6 +97,9 @@ class HttpHolders:
         idle: idle connections kept per holder.
         streams: look up over one lookup stream per holder (pipelined: batches share it);
             False: one ``POST /v1/lookup`` per lookup.
+        variant: what the holders read: ``online`` (their store) or ``baseline`` (the
+            guard's lagged store: a holder keeping none refuses, 409, and the scatter fails
+            over to the partition's next holder).
     """
 
     def __init__(
@@ -106,7 +110,11 @@ class HttpHolders:
         server_name: Callable[[str], str | None] | None = None,
         idle: int = 16,
         streams: bool = True,
+        variant: str = "online",
     ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"HttpHolders.variant: expected one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
         self.streams = streams
         self._streams: dict[str, asyncio.Task[LookupStream]] = {}
         self.credentials = credentials
@@ -147,6 +155,8 @@ class HttpHolders:
             f"content-type: {call.content_type}\r\naccept: {call.accept}\r\n"
             f"content-length: {len(call.body)}\r\n"
         )
+        if self.variant != "online":
+            fixed += f"{VARIANT_HEADER}: {self.variant}\r\n"
         for _ in range(MAX_RESIGNS):
             sig = self.credentials.headers(call.role, call.method, call.path, call.body, host)
             head = fixed + "".join(f"{k}: {v}\r\n" for k, v in sig.items()) + "\r\n"
@@ -173,7 +183,11 @@ class HttpHolders:
                 raise HolderFailed(holder, "not an http(s)://host:port URL")
             opening = asyncio.ensure_future(
                 LookupStream.open(
-                    holder, self.credentials, tls=self.tls, server_name=self.server_name(holder)
+                    holder,
+                    self.credentials,
+                    tls=self.tls,
+                    server_name=self.server_name(holder),
+                    variant=self.variant,
                 )
             )
             self._streams[holder] = opening
