@@ -103,7 +103,8 @@ def guarded_by(
 ) -> Callable[[Handler], Handler]:
     """A decorator mapping ``RequestError`` (its own status) and each of ``errors`` (the
     first that matches, in order) to its status with the reason, after the prefix if one is
-    given (503 also says ``retry-after``); the server keeps serving."""
+    given (503 also says ``retry-after``; an error with ``http_headers`` adds those); the
+    server keeps serving."""
     kinds = tuple(errors)
     table = {t: (v, "") if isinstance(v, int) else v for t, v in errors.items()}
 
@@ -118,6 +119,9 @@ def guarded_by(
             except kinds as exc:
                 status, prefix = next(v for t, v in table.items() if isinstance(exc, t))
                 headers = {"retry-after": "1"} if status == 503 else None
+                extra = getattr(exc, "http_headers", None)  # fields a client reads (a 409's)
+                if extra:
+                    headers = {**(headers or {}), **extra}
                 message = str(exc)
                 if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__:
                     message = str(exc.args[0]) if exc.args else message  # not its repr

@@ -49,6 +49,7 @@ from ekko.net.httpkit import (
 )
 from ekko.node.core import NodeCore, NotReadyError, NotSourceError
 from ekko.node.lookup_variant import Baseline, lookup_store
+from ekko.schedule.quarantine import QuarantinedError
 from ekko.store import StoreError, TableConflictError, UnknownTableError, WalError
 from ekko.store.holding import MemoryBudgetError, NotHeldError
 from ekko.store.spec import TableSpec
@@ -69,6 +70,7 @@ ROW_ERRORS: dict[type[BaseException], int | tuple[int, str]] = {
     UnknownTableError: 404,
     TableConflictError: 409,
     NotSourceError: 409,
+    QuarantinedError: 409,  # a rolled-back model's tables, until the time it names
     NotReadyError: 503,
     WalError: (503, "write not durable: "),  # in the store but not durable: not acknowledged
     NotHeldError: 421,  # a shard of another partition: its node takes it (issue 17)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ekko.schedule.quarantine import Quarantine, Quarantines
 from ekko.schedule.scheduler import ReleasedRows, UpdateScheduler
 from ekko.store import Store, Table, check_keys, check_values, check_write_values
 from ekko.store.clock import SYSTEM_CLOCK, Clock
@@ -51,6 +52,7 @@ class WritePort:
         self._preimage_hooks: dict[str, PreimageHook] = {}
         self._batch_depth = 0
         self._moved = False
+        self.quarantines = Quarantines()
 
     # -- the publisher's Sink ---------------------------------------------------------------
 
@@ -65,7 +67,9 @@ class WritePort:
         now_ns = self._clock.ns()
         self.write_rows(table, keys, values, now=now_ns / 1e9, now_ns=now_ns, hold=True)
 
-    def delete(self, table: str, keys: np.ndarray, now_ns: int | None = None) -> np.ndarray:
+    def delete(
+        self, table: str, keys: np.ndarray, now_ns: int | None = None, *, restoring: bool = False
+    ) -> np.ndarray:
         """Delete ``keys`` of ``table`` (stamped ``now_ns``, default the port's clock); returns
         the versions their tombstones took. A key the table does not hold is no error: it
         gets a tombstone too (a replica may hold an older row of it).
@@ -73,8 +77,12 @@ class WritePort:
         Past the scheduler, in the high lane: a delete is never held. Rows the scheduler
         holds for these keys are dropped (released later, they would bring the keys back).
         The pre-image hook sees the rows deleted, so a rollback restores them as new
-        versions. Bad keys or an unknown table raise before anything is recorded."""
+        versions. Bad keys or an unknown table raise before anything is recorded; so does a
+        quarantined table (``QuarantinedError``), unless ``restoring`` (a rollback's own
+        deletes of rows created since its restore point)."""
         t = self.store.table(table)
+        if not restoring:
+            self.quarantines.check(table, self._clock.wall())
         k = check_keys(keys)
         if now_ns is None:
             now_ns = self._clock.ns()
@@ -116,8 +124,12 @@ class WritePort:
         ``hold``: the scheduler may hold rows (not written yet, no version returned). A held
         row is in no write-ahead log until released, so a write someone is told is durable
         (the HTTP route answers after the log's fsync) must not be held: by default every
-        row is written now, in its lane, and an earlier hold of its keys ends."""
+        row is written now, in its lane, and an earlier hold of its keys ends.
+
+        A quarantined table (``quarantine``) refuses every write (``QuarantinedError``)
+        until its wall time, before anything is recorded."""
         t = self.store.table(table)
+        self.quarantines.check(table, self._clock.wall())
         hook = self._preimage_hooks.get(table)
         lanes: np.ndarray | int = HIGH_LANE
         k, v = keys, values  # unplanned and unrecorded: Table.write checks them in full
@@ -166,6 +178,12 @@ class WritePort:
         """When ``release`` should next be called (the scheduler's seconds; None: nothing
         held)."""
         return None if self.scheduler is None else self.scheduler.next_due()
+
+    def quarantine(self, tables: Iterable[str], q: Quarantine) -> None:
+        """Refuse every write and delete of ``tables`` (``write``, ``write_rows``,
+        ``delete``) until ``q.until`` by this port's wall clock: a rolled-back model's
+        trainers may still send poisoned steps. ``restore`` and a restore's deletes pass."""
+        self.quarantines.set(list(tables), q)
 
     # -- hooks ------------------------------------------------------------------------------
 
