@@ -70,7 +70,7 @@ def test_sync_predict_on_a_scattered_service_says_to_await() -> None:
     with pytest.raises(TypeError, match="await apredict"):
         remote.predict(dense, sparse, now=0.0)
     assert remote.not_ready() is not None and "first predict" in remote.not_ready()
-    with pytest.raises(ValueError, match="split needs a local online replica"):
+    with pytest.raises(ValueError, match="split needs a 'baseline' variant"):
         remote.set_split(lambda seq: np.zeros(len(seq), bool), 0.1)
 
 

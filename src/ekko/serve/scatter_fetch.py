@@ -32,9 +32,12 @@ class HolderFailed(Exception):
     @property
     def retriable(self) -> bool:
         """Whether another holder may answer: the network, a holder not ready or not holding
-        the table yet (5xx, 404, 401/403 after its restart, 408, 429). A 400, 413 or 415 is
-        our request's fault and every holder would refuse it."""
-        return self.status is None or self.status >= 500 or self.status in (401, 403, 404, 408, 429)
+        the table yet (5xx, 404, 401/403 after its restart, 408, 429), one keeping no
+        baseline for a baseline lookup (409). A 400, 413 or 415 is our request's fault and
+        every holder would refuse it."""
+        return self.status is None or self.status >= 500 or self.status in (
+            401, 403, 404, 408, 409, 429
+        )  # fmt: skip
 
 
 class PartitionUnavailable(ModelNotReady):

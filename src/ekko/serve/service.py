@@ -19,6 +19,7 @@ import numpy as np
 
 from ekko.quality.windowed import WindowedQuality
 from ekko.serve.errors import ModelNotReady, NonFiniteRows, ServeError, UnknownVariant
+from ekko.serve.guarded_split import split_async, split_sync
 from ekko.serve.pending import PendingPredictions
 from ekko.serve.replica import ReplicaModel
 from ekko.serve.scatter import PartitionedLookup
@@ -160,22 +161,27 @@ class InferenceService:
 
     def set_split(self, route: Callable[[np.ndarray], np.ndarray], shadow_share: float) -> None:
         """Serve through the guard's split from now on (see ``predict_guarded``)."""
-        if self.scattered:
+        if BASELINE not in self._variants:
             raise ValueError(
-                f"model {self.name}: the guard's split needs a local online replica; this one "
-                f"reads from the partition holders"
+                f"model {self.name}: the guard's split needs a {BASELINE!r} variant; add it first"
             )
         self._split = (route, shadow_share)
 
     # -- variants ----------------------------------------------------------------------------
 
-    def add_variant(self, name: str, store: Store) -> None:
-        """Serve ``name`` from ``store`` too (the guard's baseline reads a lagged store)."""
+    def add_variant(self, name: str, store: Store, rows: PartitionedLookup | None = None) -> None:
+        """Serve ``name`` from ``store`` too (the guard's baseline reads a lagged store), or
+        by scatter-gather through ``rows`` (the holders' lagged stores)."""
         if name in self._variants:
             raise ValueError(f"model {self.name}: variant {name!r} exists already")
         if len(self._variant_names) >= 255:
             raise ValueError(f"model {self.name}: at most 255 variants")
-        replica = ReplicaModel(store, self.config, f"{self.name}/{name}")
+        label = f"{self.name}/{name}"
+        replica: ReplicaModel | ScatterReplica = (
+            ReplicaModel(store, self.config, label)
+            if rows is None
+            else ScatterReplica(rows, self.config, label)
+        )
         self._variants[name] = _Variant(name, replica, self.window_s)
         self._variant_names.append(name)
 
@@ -259,6 +265,8 @@ class InferenceService:
         v = self._variant(variant)
         if not isinstance(v.replica, ScatterReplica):
             return self.predict(dense, sparse, now, variant=variant)
+        if self._split is not None and variant == ONLINE:
+            return await self.apredict_guarded(dense, sparse, now, *self._split)
         start = time.perf_counter()
         d, s = self._check(dense, sparse)
         try:
@@ -311,26 +319,52 @@ class InferenceService:
         store has no model yet)."""
         start = time.perf_counter()
         d, s = self._check(dense, sparse)
-        n = d.shape[0]
-        to_base = np.asarray(route(self._pending.issued + np.arange(n, dtype=np.int64)), bool)
-        sampled = np.random.default_rng().random(n) < shadow_share
-        online, base = self._variants[ONLINE], self._variants[BASELINE]
-        run_base = to_base | sampled
-        full_base = np.full(n, np.nan, dtype=np.float32)
+        to_base, sampled = self._plan(d.shape[0], route, shadow_share)
         try:
-            if run_base.any():
-                full_base[run_base] = base.replica.predict(d[run_base], s[run_base])
-        except ModelNotReady:
-            to_base[:] = False
-            run_base[:] = False
-        run_online = ~to_base | sampled
-        full_online = np.full(n, np.nan, dtype=np.float32)
-        if run_online.any():
-            try:
-                full_online[run_online] = online.replica.predict(d[run_online], s[run_online])
-            except ModelNotReady as exc:
-                self._count_refusal(exc)
-                raise
+            online, base = self._variants[ONLINE].replica, self._variants[BASELINE].replica
+            split = split_sync(online, base, d, s, to_base, sampled)
+        except ModelNotReady as exc:
+            self._count_refusal(exc)
+            raise
+        return self._split_served(*split, sampled, start)
+
+    async def apredict_guarded(
+        self,
+        dense: np.ndarray,
+        sparse: np.ndarray,
+        now: float,
+        route: Callable[[np.ndarray], np.ndarray],
+        shadow_share: float,
+    ) -> PredictResult:
+        """``predict_guarded`` with a variant read by scatter-gather (a partitioned cluster's
+        serving node: online from the holders' stores, baseline from their lagged stores)."""
+        start = time.perf_counter()
+        d, s = self._check(dense, sparse)
+        to_base, sampled = self._plan(d.shape[0], route, shadow_share)
+        try:
+            online, base = self._variants[ONLINE].replica, self._variants[BASELINE].replica
+            split = await split_async(online, base, d, s, to_base, sampled)
+        except ModelNotReady as exc:
+            self._count_refusal(exc)
+            raise
+        return self._split_served(*split, sampled, start)
+
+    def _plan(
+        self, n: int, route: Callable[[np.ndarray], np.ndarray], shadow_share: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        to_base = np.asarray(route(self._pending.issued + np.arange(n, dtype=np.int64)), bool)
+        return to_base, np.random.default_rng().random(n) < shadow_share
+
+    def _split_served(
+        self,
+        to_base: np.ndarray,
+        full_online: np.ndarray,
+        full_base: np.ndarray,
+        sampled: np.ndarray,
+        start: float,
+    ) -> PredictResult:
+        n = to_base.shape[0]
+        online, base = self._variants[ONLINE], self._variants[BASELINE]
         ctr = np.where(to_base, full_base, full_online).astype(np.float32)
         shadow = np.where(to_base, full_online, full_base).astype(np.float32)
         shadow[~sampled] = np.nan
