@@ -11,21 +11,30 @@ At the source::
     GET  /v1/models/{model}/health              state, every replica's state, incidents
     POST /v1/models/{model}/rollback            operator: {"to": unix seconds?, "why": str?}
     POST /v1/models/{model}/guard/report        (from replicas) periodic state
-    POST /v1/models/{model}/guard/restored      (from replicas) the rollback is applied here
+    POST /v1/models/{model}/guard/restored      (from replicas, holders) the rollback is applied
+
+At every other partition source of a partitioned cluster (the coordinator commands them)::
+
+    POST /v1/models/{model}/guard/checkpoint    {"at"}: a healthy restore point
+    POST /v1/models/{model}/guard/restore       {"to_wall", "epoch", "why", "quarantine_until"}:
+                                                quarantine, restore, answer digests per partition
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ekko.guard.coordinator import HolderReportError
 from ekko.guard.errors import PreimageError
 from ekko.guard.replica_guard import ReplicaGuard
+from ekko.guard.restore import SourceRestore
 from ekko.guard.source_guard import SourceGuard
 from ekko.net.httpkit import (
     CONTROL_BODY_BYTES,
@@ -42,6 +51,8 @@ from ekko.net.httpkit import (
 from ekko.serve.routes import guarded
 
 B = TypeVar("B", bound=msgspec.Struct)
+Wall = Annotated[float, msgspec.Meta(ge=0.0, le=sys.float_info.max)]
+"""A unix time: finite and not negative."""
 
 
 class RedirectBody(msgspec.Struct):
@@ -81,11 +92,28 @@ class ReportBody(msgspec.Struct):
 
 
 class RestoredBody(msgspec.Struct):
-    """A replica has the restored rows (``ReplicaGuard`` sends it with its digests)."""
+    """A replica has the restored rows (``ReplicaGuard`` sends it with its digests: per table
+    a hex16, or on a partitioned cluster a holder's ``{partition: hex16}`` and the epoch)."""
 
     node: str
     at: Finite | None = None
+    epoch: Count | None = None
     digests: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class CheckpointBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The coordinator marked a healthy checkpoint at ``at``: every source marks it too."""
+
+    at: Wall
+
+
+class RestoreBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The coordinator's restore command to a partition source (message 4 of the design)."""
+
+    to_wall: Wall
+    epoch: Count
+    why: str = "rollback"
+    quarantine_until: Wall | None = None
 
 
 def _post(path: str, endpoint: Callable[[Request], Awaitable[Response]], body: type) -> Route:
@@ -165,7 +193,10 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
     async def restored(request: Request) -> Response:
         g = by_model(guards, request)
         body, _ = await _body(request, RestoredBody)
-        g.restored(msgspec.structs.asdict(body))
+        try:
+            g.restored(msgspec.structs.asdict(body))
+        except HolderReportError as exc:
+            return json_response({"error": str(exc)}, 400)
         return json_response({"ok": True})
 
     return [
@@ -173,4 +204,35 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
         _post("/v1/models/{model}/rollback", rollback, RollbackBody),
         _post("/v1/models/{model}/guard/report", report, ReportBody),
         _post("/v1/models/{model}/guard/restored", restored, RestoredBody),
+    ]
+
+
+def partition_source_routes(restorers: Mapping[str, SourceRestore]) -> list[Route]:
+    """A partition source's guard routes (not the coordinator's: it runs ``SourceGuard``)."""
+
+    @guarded
+    async def checkpoint(request: Request) -> Response:
+        r = by_model(restorers, request)
+        body, _ = await _body(request, CheckpointBody)
+        return json_response({"model": r.model, "marked": r.checkpoint(body.at)})
+
+    @guarded
+    async def restore(request: Request) -> Response:
+        r = by_model(restorers, request)
+        body, _ = await _body(request, RestoreBody)
+        try:
+            done = r.restore(body.to_wall, body.epoch, body.why, body.quarantine_until)
+        except PreimageError as exc:
+            return json_response({"error": str(exc)}, 409)
+        return json_response(done.answer)
+
+    @guarded
+    async def health(request: Request) -> Response:
+        r = by_model(restorers, request)
+        return json_response(r.status())
+
+    return [
+        Route("/v1/models/{model}/health", health, methods=["GET"]),
+        _post("/v1/models/{model}/guard/checkpoint", checkpoint, CheckpointBody),
+        _post("/v1/models/{model}/guard/restore", restore, RestoreBody),
     ]

@@ -1,13 +1,13 @@
-"""The guard at the source: pre-images, the rollback decision, and recovery for every DC.
+"""The guard at the source: the rollback decision, and recovery for every DC.
 
 Replicas detect; the source decides. On the first ``corrupted`` report (or an operator's
 rollback) it (1) tells every replica to serve from the baseline, (2) quarantines the trainer's
-input, (3) writes the last healthy values back as new versions, which the ordinary sync
-carries to every DC, and into the trainer's model, (4) resumes training once every replica
-holds the restored state, checking their digests against its own. No I/O here: messages to
-replicas go through ``broadcast(path, body)``, supplied by the node; rows go through the
-source's ``WritePort``, which hands the guard the pre-images of the model's tables and writes
-the restore.
+input (no trainer in the node: the model's tables at every source's write port), (3) writes
+the last healthy values back as new versions (``SourceRestore``; on a partitioned cluster
+every partition source does, on this coordinator's command: ``PartitionPlan``), which the
+ordinary sync carries to every DC, (4) resumes once every replica (holder) holds the restored
+state, checking their digests against the sources'. No I/O here: messages go through
+``broadcast(path, body)`` and the plan's ``send``, supplied by the node.
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-
+from ekko.guard.coordinator import (
+    HolderReportError,
+    PartitionPlan,
+    SourceResults,
+    collect_answers,
+    failure_text,
+    holder_mismatches,
+    merge_watermarks,
+    rows_lost,
+    summary,
+)
 from ekko.guard.errors import PreimageError
 from ekko.guard.log import TransitionLog
-from ekko.guard.preimages import PreimageLog
+from ekko.guard.restore import Restored, SourceRestore
 from ekko.guard.state import Event, ModelHealth, State
 from ekko.schedule.write_port import WritePort
 from ekko.store.clock import SYSTEM_CLOCK, Clock
@@ -53,6 +62,10 @@ class SourceGuard:
         clock: wall and monotonic time (a fake clock in tests; the node passes its own).
         flush_writes: lands the trainer's writes still queued for the store (the node's
             loop sink), called before a rollback restores.
+        node: this node's name (the restore answers name it).
+        plan: on a partitioned cluster, the other partition sources this coordinator
+            commands and the holders it checks (``PartitionPlan``); None: one partition,
+            whose replicas report ``restored`` themselves.
     """
 
     def __init__(
@@ -72,6 +85,8 @@ class SourceGuard:
         report_max_age_s: float = 5.0,
         clock: Clock = SYSTEM_CLOCK,
         flush_writes: Callable[[], None] | None = None,
+        node: str = "source",
+        plan: PartitionPlan | None = None,
     ) -> None:
         self.model = model
         self.port = port
@@ -83,8 +98,14 @@ class SourceGuard:
         self.margin_s = margin_s
         self.quarantine_s = quarantine_s
         self.resume_at: float | None = None
-        self.preimages = PreimageLog(window_s=window_s)
-        port.record_preimages(tables, self.preimages.record)
+        self.node = node
+        self.plan = plan
+        self.local = SourceRestore(
+            model, node, port, tables, window_s=window_s, clock=clock,
+            partitions=plan.partitions if plan else (0,), placement=plan and plan.placement,
+        )  # fmt: skip
+        self.preimages = self.local.preimages
+        self._unfreeze_epoch: int | None = None  # holders to unfreeze once healthy again
         self.health = ModelHealth(model, probation, wall_clock=clock.wall)
         self.reports: dict[str, dict[str, Any]] = {}
         self.last_all_healthy: float | None = None
@@ -124,10 +145,16 @@ class SourceGuard:
                 )
         elif self.health.state is State.HEALTHY and all_healthy:
             self._stepped_back_at = None
-            self.preimages.mark_healthy(now_wall)
+            self.local.checkpoint(now_wall)
             self.last_all_healthy = now_wall
+            if self.plan is not None:  # every other source marks the same restore point
+                self._post(self.plan.sources, "guard/checkpoint", {"at": now_wall})
         elif self.health.state is State.RECOVERING and all_healthy and self.incident is None:
             self._transition(Event.SCORE_NORMAL, "every replica healthy after the rollback")
+            if self.health.state is State.HEALTHY and self._unfreeze_epoch is not None:
+                if self.plan is not None:  # the holders' baselines follow again
+                    self._post(self.plan.holders, "guard/healthy", {"epoch": self._unfreeze_epoch})
+                self._unfreeze_epoch = None
         elif self.health.state is State.UNCERTAIN and all_healthy:
             self._transition(Event.SCORE_NORMAL, "every replica healthy")
         elif self.health.state is State.HEALTHY and "uncertain" in states:
@@ -191,8 +218,22 @@ class SourceGuard:
                 self._transition(Event.AUTOMATIC_ROLLBACK, f"{why}; cannot roll back: {exc}")
 
     def restored(self, body: dict[str, Any]) -> None:
+        """A replica (one partition) or a holder (a partitioned cluster: its digests per
+        table and partition, checked against each partition's source) holds the restore.
+        ``HolderReportError`` for a holder's report that cannot be compared."""
         node = body.get("node")
         inc = self.incident
+        if self.plan is not None:
+            if inc is None or inc.get("sources_pending"):
+                raise HolderReportError(f"node {node}: no rollback awaits holders' reports")
+            bad = holder_mismatches(
+                self.plan, str(node), body.get("epoch"), inc["epoch"],
+                body.get("digests", {}), inc["source_digests"],
+            )  # fmt: skip
+            inc["restored"][node] = {"at": _at(body, self._clock.wall()), "mismatches": bad}
+            if set(inc["restored"]) >= set(self.plan.holders):
+                self._complete(inc)
+            return
         if inc is None or node not in self.replicas:
             return
         inc["restored"][node] = {
@@ -230,10 +271,9 @@ class SourceGuard:
                 f"model {self.model}: cannot roll back to {to_wall:.3f}; the earliest "
                 f"restorable point is {earliest}"
             )
-        self.broadcast(
-            "guard/redirect",
-            {"why": why, "at": decided, "epoch": len(self.incidents), "automatic": automatic},
-        )
+        epoch = len(self.incidents)
+        redirect = {"why": why, "at": decided, "epoch": epoch, "automatic": automatic}
+        self._tell_all("guard/redirect", redirect)
         dropped = self.trainer.quarantine(f"rollback: {why}") if self.trainer else 0
         if self.flush_writes is not None:
             # Steps published before the quarantine may still wait to reach the store; they
@@ -241,89 +281,122 @@ class SourceGuard:
             # after it, they overwrote restored rows with poisoned values for good).
             self.flush_writes()
         self._transition(Event.AUTOMATIC_ROLLBACK if automatic else Event.OPERATOR_ROLLBACK, why)
-        start = self._clock.mono()
-        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        gone: dict[str, np.ndarray] = {}  # created since the checkpoint: deleted again
-        nbytes = 0
-        with self.port.batch():  # replicas' parked pulls wake once, for every table
-            for table in self.preimages.tables():
-                if table not in self.store.tables:
-                    continue
-                rs = self.preimages.restore_set(table, to_wall)
-                if rs.keys.size == 0:
-                    continue
-                values = np.where(rs.existed[:, None], rs.values, 0.0).astype(np.float32)
-                back = rs.existed.astype(bool)
-                if back.any():
-                    self.port.restore(table, rs.keys[back], values[back], now_ns=self._clock.ns())
-                if not back.all():  # created since the checkpoint: gone again, everywhere
-                    gone[table] = rs.keys[~back]
-                    self.port.delete(table, gone[table], self._clock.ns())
-                rows[table] = (rs.keys, values)
-                nbytes += rs.keys.nbytes + values.nbytes
-        checkpoint = (
-            self.preimages.restore_plan(self.preimages.tables()[0], to_wall).checkpoint_at
-            if rows
-            else to_wall
-        )
-        self.preimages.rolled_back(to_wall)
-        write_s = self._clock.mono() - start
-        if self.trainer is not None and rows:
-            self.trainer.load_rows(rows, gone)
-        lost = sum(
-            int((self.store.table(t).lookup(k)[0] != v).any(axis=1).sum())
-            for t, (k, v) in rows.items()
-        )
-        watermark = {t: self.store.table(t).knowledge.tolist() for t in rows}
-        n_rows = sum(len(k) for k, _ in rows.values())
-        self.rows_restored += n_rows
+        # With a trainer in the node, the trainer is quarantined; without (a partitioned
+        # cluster's ranks), every source's write port is.
+        until = decided + self.quarantine_s if self.trainer is None else None
+        res = self.local.restore(to_wall, epoch, why, until)
+        if self.trainer is not None and res.rows:
+            self.trainer.load_rows(res.rows, res.gone)
+        self.rows_restored += res.answer["rows_restored"]
         inc = self.incident = {
             "model": self.model,
             "why": why,
+            "epoch": epoch,
             "detected_by": detected_by,
             "automatic": automatic,
             "detected_at": detected_at,
             "decided_at": decided,
             "to_wall": to_wall,
-            "checkpoint_at": checkpoint,
-            "rows_restored": n_rows,
-            "bytes_restored": nbytes,
-            "write_s": write_s,
-            "restore_mb_per_s": nbytes / 1e6 / max(write_s, 1e-9),
+            "quarantine_until": until,
+            "checkpoint_at": res.checkpoint_at,
+            "rows_restored": res.answer["rows_restored"],
+            "bytes_restored": res.nbytes,
+            "write_s": res.write_s,
+            "restore_mb_per_s": res.nbytes / 1e6 / max(res.write_s, 1e-9),
             "events_dropped": dropped,
-            "source_mismatches": lost,
-            "digests": {t: f"{self.store.table(t).digest():016x}" for t in rows},
+            "source_mismatches": res.mismatches,
+            "digests": {t: f"{self.store.table(t).digest():016x}" for t in res.rows},
+            "sources": {self.node: summary(res.answer)},
             "restored": {},
         }
-        self._transition(Event.ROLLBACK_DONE, f"{n_rows} rows restored to {checkpoint:.3f}")
-        self.broadcast(
-            "guard/rolled_back",
-            {"healthy_wall": checkpoint, "watermark": watermark, "automatic": automatic},
-        )
-        if self.log is not None:
-            self.log.append(
-                {k: v for k, v in self.incident.items() if k != "restored"} | {"event": "rollback"}
-            )
-        if not self.replicas:
-            self._complete(inc)
+        if self.plan is None or not self.plan.sources:
+            self._sources_answered(inc, res, {})
+            return inc
+        inc["sources_pending"] = sorted(self.plan.sources)
+        body = {"to_wall": to_wall, "epoch": epoch, "why": why, "quarantine_until": until}
+        self.plan.restore_remote(body, lambda results: self._sources_answered(inc, res, results))
         return inc
 
-    def _complete(self, inc: dict[str, Any]) -> None:
-        """Every replica holds the restored state: compare digests, resume training."""
-        mismatched = {
-            n: [t for t, d in r["digests"].items() if inc["digests"].get(t) != d]
-            for n, r in inc["restored"].items()
-        }
-        inc["replica_table_mismatches"] = {n: m for n, m in mismatched.items() if m}
-        inc["good_rows_lost"] = inc["source_mismatches"] + sum(
-            self.store.table(t).rows for m in mismatched.values() for t in m
+    def _sources_answered(self, inc: dict[str, Any], res: Restored, results: SourceResults) -> None:
+        """Every source restored (or failed to): tell every replica and holder, or, when a
+        source did not restore, say so and keep traffic on the baseline."""
+        if self.incident is not inc:  # answers after the incident ended: nothing to do
+            return
+        answers = [res.answer]
+        if self.plan is not None:
+            answers, failed = collect_answers(self.plan, inc, res.answer, results)
+            if failed:
+                self._restore_failed(inc, failed)
+                return
+        n_rows = inc["rows_restored"]
+        self._transition(
+            Event.ROLLBACK_DONE, f"{n_rows} rows restored to {inc['checkpoint_at']:.3f}"
         )
+        rolled = {
+            "healthy_wall": inc["checkpoint_at"],
+            "watermark": merge_watermarks(answers),
+            "automatic": inc["automatic"],
+            "epoch": inc["epoch"],
+        }
+        if self.plan is not None:
+            rolled["partitions"] = self.plan.source_map(self.node)
+        self._tell_all("guard/rolled_back", rolled)
+        if self.log is not None:
+            self.log.append(
+                {k: v for k, v in inc.items() if k != "restored"} | {"event": "rollback"}
+            )
+        waits_for = self.replicas if self.plan is None else list(self.plan.holders)
+        if not waits_for:
+            self._complete(inc)
+
+    def _restore_failed(self, inc: dict[str, Any], failed: dict[str, dict[str, Any]]) -> None:
+        """A source did not restore: its partitions may still hold the poisoned rows. The
+        model stays corrupted (traffic on the baseline, holders frozen) and the incident
+        ends naming the sources; an operator's rollback retries every source."""
+        self.rollback_error = failure_text(inc["epoch"], failed)
+        inc["failed_sources"] = failed
+        inc["completed_at"] = self._clock.wall()
+        self.incidents.append(inc)
+        self.incident = None
+        log.error("guard %s: %s", self.model, self.rollback_error)
+        if self.log is not None:
+            doc = {k: v for k, v in inc.items() if k != "restored"}
+            self.log.append(doc | {"event": "rollback_failed"})
+
+    def _tell_all(self, path: str, body: dict[str, Any]) -> None:
+        """Every serving replica (``broadcast``) and, partitioned, every other holder."""
+        self.broadcast(path, body)
+        if self.plan is not None:
+            self._post([h for h in self.plan.holders if h not in self.replicas], path, body)
+
+    def _post(self, nodes: Iterable[str], path: str, body: dict[str, Any]) -> None:
+        assert self.plan is not None
+        for n in nodes:
+            self.plan.send(n, f"/v1/models/{self.model}/{path}", body)
+
+    def _complete(self, inc: dict[str, Any]) -> None:
+        """Every replica (holder) holds the restored state: compare digests, resume."""
+        if self.plan is None:
+            mismatched = {
+                n: [t for t, d in r["digests"].items() if inc["digests"].get(t) != d]
+                for n, r in inc["restored"].items()
+            }
+            lost = sum(self.store.table(t).rows for m in mismatched.values() for t in m)
+        else:
+            mismatched = {n: r["mismatches"] for n, r in inc["restored"].items()}
+            lost = rows_lost(mismatched, inc["source_rows"])
+        inc["replica_table_mismatches"] = {n: m for n, m in mismatched.items() if m}
+        inc["good_rows_lost"] = inc["source_mismatches"] + lost
         times = [r["at"] for r in inc["restored"].values()]
         inc["restore_all_replicas_s"] = (max(times) - inc["decided_at"]) if times else 0.0
         inc["completed_at"] = self._clock.wall()
         self.resume_at = inc["decided_at"] + self.quarantine_s
         self.incidents.append(inc)
         self.incident = None
+        if self.plan is not None:  # serving nodes return traffic to online
+            body = {"epoch": inc["epoch"], "at": inc["completed_at"]}
+            self._post(self.replicas, "guard/holders_restored", body)
+            self._unfreeze_epoch = inc["epoch"]
         if self.log is not None:
             self.log.append(
                 {k: v for k, v in inc.items() if k != "restored"} | {"event": "restored_everywhere"}
@@ -357,6 +430,7 @@ class SourceGuard:
             },
             "rows_restored": self.rows_restored,
             "rollback_error": self.rollback_error,
+            "partitioned": self.plan and self.plan.describe(self.node),
             "incident": _public(self.incident),
             "incidents": [_public(i) for i in self.incidents[-10:]],
             "transitions": [t.to_dict() for t in self.health.history[-20:]],
