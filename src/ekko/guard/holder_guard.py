@@ -140,6 +140,7 @@ class HolderGuard:
         self.healthy_early: int | None = None  # a "healthy" that overtook its restore
         self.restores: deque[dict[str, Any]] = deque(maxlen=20)
         self.stale = 0  # messages ignored as about an older incident
+        self.reported = 0  # rollbacks reported with digests
         self.last_event = ""
 
     # -- the coordinator's messages ---------------------------------------------------------
@@ -226,6 +227,7 @@ class HolderGuard:
             digests[table] = {str(q): f"{parts[q]:016x}" for q in self.held}
         report = {"node": self.node, "at": now, "epoch": p["epoch"], "digests": digests}
         self.restores.append({**report, "waited_s": now - p["since"], "dropped": p["dropped"]})
+        self.reported += 1
         self._record("restored", f"incident {p['epoch']}: holds the rollback; reported")
         self.send("guard/restored", report)
         if self.healthy_early is not None and self.healthy_early >= p["epoch"]:

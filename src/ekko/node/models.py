@@ -158,6 +158,7 @@ class ModelHost:
         self._send = send or (lambda target, path, body: None)
         self.guard_log = None
         self.rows: PartitionedLookup | None = None
+        self.holders = None  # the partitioned guard's parts here (ekko.node.guard_holders)
         guard = core.config.guard
         if models and core.node.serve:
             import torch
@@ -180,6 +181,10 @@ class ModelHost:
             self.services = build_services(core.store, served, rows=self.rows)
             if guard.enabled and core.role != "checkpoint" and self.rows is None:
                 self._build_replica_guards()
+        if core.config.partitioned:
+            from ekko.node.guard_holders import GuardHolders
+
+            self.holders = GuardHolders.build(self, http, secret)
 
     def predictions(self) -> dict[str, int]:
         """Predictions served so far per model (cumulative), for the traffic report."""
@@ -218,6 +223,8 @@ class ModelHost:
             self.lagged.offer(applied, self.clock.mono())
         for guard in self.replica_guards.values():
             guard.poll()
+        if self.holders is not None:
+            self.holders.poll()
 
     def baseline_store(self) -> Store | None:
         """The store baseline lookups read here (the guard's lagged store), or None."""
@@ -308,6 +315,8 @@ class ModelHost:
         node on its loop."""
         if self.rows is not None:
             await self.rows.close()
+        if self.holders is not None:
+            await self.holders.close()
 
     def down(self) -> dict[str, str]:
         """Trainers whose worker thread died, as ``trainer/{model}`` -> the exception: what
@@ -345,6 +354,8 @@ class ModelHost:
 
             if self.core.is_source:
                 routes += source_guard_routes(self.source_guards)
+            elif self.holders is not None:
+                routes += self.holders.routes(self.replica_guards)
             elif self.replica_guards:
                 routes += replica_guard_routes(self.replica_guards)
         return routes
@@ -377,6 +388,8 @@ class ModelHost:
             from ekko.node.model_metrics import guard_metrics
 
             out.append(guard_metrics(self.replica_guards, self.source_guards))
+        if self.holders is not None:
+            out.append(self.holders.collector())
         return out
 
     def status(self) -> dict:

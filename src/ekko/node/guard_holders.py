@@ -1,0 +1,183 @@
+"""The guard at a non-source node of a partitioned cluster: its lagged baseline, a
+``HolderGuard`` per model (it holds partitions) and, on a serving node, a
+``ScatterReplicaGuard`` per model whose baseline variant reads the holders' lagged stores.
+
+Apart from ``ModelHost`` so the partitioned guard's wiring is one module; the host calls
+``GuardHolders.build`` once and hands over the applied rows (``poll``), routes, metrics and
+the close. Partition sources (the coordinator among them) are ``ekko.node.guard_sources``'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ekko.client.credentials import Credentials
+from ekko.guard.baseline import LaggedStore
+from ekko.guard.holder_guard import HolderGuard
+from ekko.node import config_partitions
+from ekko.node.core import NodeCore
+from ekko.node.http_client import ClusterHttp
+from ekko.store.errors import UnknownTableError
+
+if TYPE_CHECKING:
+    from ekko.node.models import ModelHost
+    from ekko.serve.scatter import PartitionedLookup
+
+
+def baseline_rows(
+    core: NodeCore, http: ClusterHttp, secret: bytes, lagged: LaggedStore
+) -> PartitionedLookup:
+    """The baseline's scatter: each partition from this node's own lagged store when it
+    holds it (``LOCAL`` first), then from the partition's other holders in the node's DC
+    over baseline lookup streams. Sources are left out: they keep no lagged store (every one
+    would answer 409)."""
+    from ekko.serve.errors import ModelNotReady
+    from ekko.serve.scatter import PartitionedLookup
+    from ekko.serve.scatter_http import LOCAL, HttpHolders, LocalFirst
+
+    cfg = core.config
+    mine = set(cfg.held(core.name))
+    sources = {cfg.source_of(p).name for p in range(cfg.cluster.partitions)}
+    holders = {
+        p: [LOCAL] * (p in mine)
+        + [http.url(n.name) for n in config_partitions.holders(cfg, core.dc, p)
+           if n.name != core.name and n.name not in sources]
+        for p in range(cfg.cluster.partitions)
+    }  # fmt: skip
+    empty = [p for p, h in holders.items() if not h]
+    if empty:
+        raise ValueError(
+            f"node {core.name}: no holder of partitions {empty} in DC {core.dc} keeps a "
+            f"baseline (only their sources hold them there); the guard's baseline needs a "
+            f"replica of every partition in the serving node's DC"
+        )
+    names = {http.url(n.name): n.name for n in cfg.nodes}
+    tls = http.verify if http.tls else None
+    remote = HttpHolders(
+        Credentials(secret=secret), tls=tls, server_name=names.get, variant="baseline"
+    )
+
+    def num_shards(table: str) -> int:
+        try:
+            return core.store.table(table).spec.num_shards
+        except UnknownTableError:
+            raise ModelNotReady(
+                f"table {table!r} is not in node {core.name}'s catalog yet (still syncing)"
+            ) from None
+
+    return PartitionedLookup(cfg.placement(), holders, LocalFirst(lagged.store, remote), num_shards)
+
+
+class GuardHolders:
+    """The partitioned guard's parts at one non-source node.
+
+    Why one object: the host has one thing to poll after each applied response, one set of
+    routes and one collector to add, and one scatter to close.
+
+    Args:
+        lagged: the node's lagged store (fed by the host's ``follow``).
+        holders: model -> its holder guard (every model: the node holds partitions).
+        rows: the baseline's scatter when the node serves (its connections close with it).
+    """
+
+    def __init__(
+        self,
+        lagged: LaggedStore,
+        holders: Mapping[str, HolderGuard],
+        rows: PartitionedLookup | None,
+    ) -> None:
+        self.lagged = lagged
+        self.holders = dict(holders)
+        self.rows = rows
+
+    @classmethod
+    def build(
+        cls, host: ModelHost, http: ClusterHttp | None, secret: bytes | None
+    ) -> GuardHolders | None:
+        """The parts for ``host``'s node, or None where none run (guard off, no models, one
+        partition, a partition source). The serving guards go into ``host.replica_guards``
+        (ticked, shown and exported as a replica's are); ``host.lagged`` is the baseline's."""
+        from ekko.guard.scatter_guard import ScatterReplicaGuard
+
+        core = host.core
+        cfg = core.config
+        g = cfg.guard
+        if not (g.enabled and cfg.models and cfg.partitioned) or core.is_source:
+            return None
+        lagged = host.lagged = LaggedStore(max(m.baseline_lag_s for m in cfg.models))
+        coordinator = cfg.source_of(0).name
+        log_ = host._open_log()
+
+        def sender(model: str) -> Callable[[str, dict], None]:
+            return lambda path, body: host._send(coordinator, f"/v1/models/{model}/{path}", body)
+
+        held = cfg.held(core.name)
+        holders = {
+            m.name: HolderGuard(core.name, m.name, lagged, core.store, cfg.placement(), held,
+                                log_, sender(m.name), host.clock)
+            for m in cfg.models
+        }  # fmt: skip
+        rows = None
+        if host.services:
+            if http is None or secret is None:
+                raise ValueError(f"node {core.name}: the baseline's scatter needs http and secret")
+            rows = baseline_rows(core, http, secret, lagged)
+            for name, svc in host.services.items():
+                host.replica_guards[name] = ScatterReplicaGuard.build_scattered(
+                    core.name, svc, lagged, rows, g.detector(), g.probation, log_,
+                    sender(name), g.shadow_share, g.recovery_auc_tolerance, host.clock,
+                )  # fmt: skip
+        return cls(lagged, holders, rows)
+
+    def poll(self) -> None:
+        """After each applied response: has a rollback reached the held partitions?"""
+        for h in self.holders.values():
+            h.poll()
+
+    def routes(self, replicas: Mapping) -> list:
+        from ekko.guard.holder_routes import holder_guard_routes
+
+        return holder_guard_routes(replicas, self.holders)
+
+    def collector(self) -> Callable[[], Iterator[Metric]]:
+        return holder_metrics(self.holders)
+
+    async def close(self) -> None:
+        if self.rows is not None:
+            await self.rows.close()
+
+
+def holder_metrics(holders: Mapping[str, HolderGuard]) -> Callable[[], Iterator[Metric]]:
+    """``ekko_holder_*`` families: each model's baseline at this holder (frozen, rows queued,
+    applied and dropped), its restore waiting, restores reported and stale messages."""
+
+    def collect() -> Iterator[Metric]:
+        fams = [
+            (GaugeMetricFamily, "ekko_holder_baseline_frozen",
+             "1 while the holder's baseline is frozen (an incident)",
+             lambda h: float(h.lagged.frozen)),
+            (GaugeMetricFamily, "ekko_holder_baseline_queued_rows",
+             "Rows waiting to reach the holder's baseline", lambda h: h.lagged.rows_queued),
+            (CounterMetricFamily, "ekko_holder_baseline_applied_rows",
+             "Rows applied to the holder's baseline", lambda h: h.lagged.rows_applied),
+            (CounterMetricFamily, "ekko_holder_baseline_dropped_rows",
+             "Queued baseline rows dropped as written after a rollback's healthy point",
+             lambda h: h.lagged.rows_dropped),
+            (GaugeMetricFamily, "ekko_holder_restore_pending",
+             "1 while a rollback has not reached the held partitions",
+             lambda h: float(h.pending is not None)),
+            (CounterMetricFamily, "ekko_holder_restores_reported",
+             "Rollbacks this holder reported with its digests", lambda h: h.reported),
+            (CounterMetricFamily, "ekko_holder_stale_messages",
+             "Guard messages ignored as about an older incident", lambda h: h.stale),
+        ]  # fmt: skip
+        for family, name, doc, value in fams:
+            m = family(name, doc, labels=["model"])
+            for model, h in holders.items():
+                m.add_metric([model], value(h))
+            yield m
+
+    return collect
