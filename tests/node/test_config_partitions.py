@@ -125,10 +125,6 @@ def _drop(doc, names):
             ),
             "nodes[ck].refresh: a checkpoint replica copies one source's store",
         ),
-        (
-            lambda d: d.update(guard={"enabled": True}, models=[{"name": "ctr"}]),
-            "guard.enabled: the guard's source half runs beside the in-node trainer",
-        ),
         (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=0), "max_memory_mb"),
         (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=float("nan")), "max_memory_mb"),
     ],
@@ -144,3 +140,30 @@ def test_partition_configs_that_cannot_run_are_refused_by_name(mutate, needle):
 def test_cluster_init_refuses_partitions_with_a_checkpoint_replica():
     with pytest.raises(ValueError, match="not with --partitions 2"):
         _doc(checkpoint_every_s=5.0)
+
+
+def test_the_guard_runs_on_a_partitioned_cluster(tmp_path):
+    """It was refused (the guard's source half ran beside an in-node trainer): the source of
+    partition 0 now coordinates every partition source's restore, each other source restores
+    its own partitions on command, and every syncing non-source node is a holder."""
+    from ekko.node.core import NodeCore
+    from ekko.node.guard_sources import model_tables, topology
+    from ekko.node.models import ModelHost
+
+    doc = _doc()
+    doc.update(guard={"enabled": True}, models=[{"name": "ctr"}])
+    cfg = ClusterConfig.model_validate(doc)
+    sources, holders = topology(cfg)
+    assert sources == {"source-p0": (0,), "source-p1": (1,)}
+    assert holders["dc1-p1-r0"] == (1,) and "source-p1" not in holders
+    tables = model_tables(cfg.models[0])
+    assert "emb_0" in tables and any(t.startswith("dense/") for t in tables)
+    coord = ModelHost(NodeCore(cfg, "source-p0", tmp_path / "p0"))
+    other = ModelHost(NodeCore(cfg, "source-p1", tmp_path / "p1"))
+    guard = coord.source_guards["ctr"]
+    assert guard.plan is not None and guard.plan.sources == {"source-p1": (1,)}
+    assert guard.plan.holders == holders and guard.trainer is None
+    assert other.source_guards == {} and other.guard_sources.restorers["ctr"].partitions == (1,)
+    paths = {r.path for r in other.routes(1 << 20)}
+    assert "/v1/models/{model}/guard/restore" in paths
+    assert "/v1/models/{model}/rollback" in {r.path for r in coord.routes(1 << 20)}

@@ -87,12 +87,6 @@ def check(config: ClusterConfig) -> None:
                 f"nodes[{n.name}].refresh: a checkpoint replica copies one source's store; "
                 f"with cluster.partitions = {parts} there is one source per partition"
             )
-    if parts > 1 and config.guard.enabled and config.models:
-        raise ValueError(
-            f"guard.enabled: the guard's source half runs beside the in-node trainer, which a "
-            f"cluster of {parts} partitions does not start (its ranks train outside the "
-            "nodes: ekko.train.sharded); turn the guard off or use one partition"
-        )
     for d in config.dcs:
         if not config.dc_nodes(d.name):
             continue  # a DC of checkpoint replicas only (refused above when partitioned)

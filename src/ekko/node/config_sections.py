@@ -116,6 +116,8 @@ class GuardSection(Strict):
     rollback_margin_s: float = Field(10.0, ge=0)
     quarantine_s: float = Field(30.0, ge=0)  # training input dropped after a rollback
     preimage_window_s: float = Field(600.0, gt=0)
+    # partitioned: how long the coordinator waits for each other source's restore answer
+    restore_timeout_s: float = Field(10.0, gt=0)
     # from the first interval: online AUC this far (and floor_z standard errors) under the
     # baseline's, log loss worse too, two intervals running, is corrupted (no warm-up needed)
     floor_auc_drop: float = 0.05

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import httpx
@@ -74,6 +75,37 @@ class GuardLink:
         self.dropped += 1
         log.error("guard message to %s dropped after %d attempts", url, ATTEMPTS)
         return False
+
+    async def ask(self, target: str, path: str, body: dict, timeout_s: float) -> dict | str:
+        """Post ``body`` to ``path`` on node ``target`` and return its JSON answer, or why
+        there is none (a refusal's status and reason, a network error, no answer within
+        ``timeout_s``): a command whose answer the guard needs (a partition's restore)."""
+        url = self.http.url(target, path)
+        deadline = self.clock.mono() + timeout_s
+        why = "no attempt"
+        for _ in range(ATTEMPTS):
+            left = deadline - self.clock.mono()
+            if left <= 0:
+                break
+            try:
+                content, headers = signed_json(self.secret, url, body)
+                r = await asyncio.wait_for(
+                    self.client.post(url, content=content, headers=headers), left
+                )
+            except (TimeoutError, httpx.HTTPError) as exc:
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                await self.clock.sleep(min(RETRY_S, max(deadline - self.clock.mono(), 0)))
+                continue
+            if needs_resign(r):
+                continue
+            if r.status_code != 200:
+                return f"{r.status_code}: {r.text[:300]}"
+            try:
+                doc = r.json()
+            except ValueError:
+                return f"answer not JSON: {r.text[:100]!r}"
+            return doc if isinstance(doc, dict) else f"answer not a JSON object: {doc!r:.100}"
+        return f"no answer within {timeout_s:g} s ({why})"
 
     async def close(self) -> None:
         await self.client.aclose()

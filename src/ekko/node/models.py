@@ -142,11 +142,13 @@ class ModelHost:
         *,
         http: ClusterHttp | None = None,
         secret: bytes | None = None,
+        link: Any = None,
     ) -> None:
         """``send(target, path, body)`` posts to another node's admin API (the node's
         ``GuardLink``); ``clock`` is the guards' and the baseline's. ``http`` and
         ``secret``: how a serving node of a partitioned cluster reaches the holders of the
-        partitions it lacks (required then)."""
+        partitions it lacks (required then). ``link``: the node's ``GuardLink`` (a
+        partitioned cluster's sources command each other's restores through it)."""
         self.core = core
         self.clock = clock
         models = core.config.models
@@ -160,6 +162,12 @@ class ModelHost:
         self.rows: PartitionedLookup | None = None
         self.holders = None  # the partitioned guard's parts here (ekko.node.guard_holders)
         guard = core.config.guard
+        self.guard_sources = None  # a partitioned cluster's sources: node/guard_sources.py
+        if guard.enabled and models and core.is_source and core.config.partitioned:
+            from ekko.node.guard_sources import GuardSources
+
+            self.guard_sources = GuardSources(core, link, clock, self._open_log)
+            self.source_guards.update(self.guard_sources.guards)
         if models and core.node.serve:
             import torch
 
@@ -352,7 +360,9 @@ class ModelHost:
         if self.core.config.guard.enabled and self.core.config.models:
             from ekko.guard.routes import replica_guard_routes, source_guard_routes
 
-            if self.core.is_source:
+            if self.guard_sources is not None:
+                routes += self.guard_sources.routes()
+            elif self.core.is_source:
                 routes += source_guard_routes(self.source_guards)
             elif self.holders is not None:
                 routes += self.holders.routes(self.replica_guards)

@@ -101,7 +101,9 @@ class NodeRunner:
         if config.guard.enabled and config.models:
             self.guard_link = GuardLink(self.http, self.secret, self.supervisor, clock=clock)
         send = self.guard_link.send if self.guard_link is not None else None
-        self.models = ModelHost(core, send, clock, http=self.http, secret=self.secret)
+        self.models = ModelHost(
+            core, send, clock, http=self.http, secret=self.secret, link=self.guard_link
+        )
         self.apply = ApplyFanout(core.latency, [self.models.follow], self.notify_written)
         self.upstream_ready = asyncio.Event()
         self._links_up: list[asyncio.Event] = []  # partitioned: one per upstream link
