@@ -10,6 +10,7 @@ import pytest
 
 from ekko.guard.baseline import LaggedStore
 from ekko.guard.holder_guard import HolderGuard, WatermarkError
+from ekko.guard.log import TransitionLog
 from ekko.protocol.messages import Chunk
 from ekko.protocol.ready import Applied
 from ekko.store import Store, shard_of
@@ -139,3 +140,38 @@ def test_messages_of_an_older_incident_are_ignored():
 def test_a_holder_of_no_partition_is_refused():
     with pytest.raises(ValueError, match="at least one partition"):
         _setup(held=())
+
+
+def _logged(tmp_path, lagged: LaggedStore, store: Store, sent: list) -> HolderGuard:
+    log_ = TransitionLog(tmp_path / "guard.log")
+    return HolderGuard("h1", "m", lagged, store, PLACEMENT, (0,), log_,
+                       lambda path, body: sent.append((path, body)), FakeClock())  # fmt: skip
+
+
+def test_a_holder_killed_while_redirected_comes_back_frozen_and_asks_the_coordinator(tmp_path):
+    store, sent = Store(), []
+    store.create_table(SPEC)
+    g = _logged(tmp_path, LaggedStore(10.0), store, sent)
+    g.redirect("poison", 0)
+    g.rolled_back(0, HEALTHY_NS / 1e9, _watermark(store, 3, 0))
+    assert not sent  # killed -9 before the restore arrived
+    # restarted with its data dir: an empty store and lagged store, the log read back
+    store2, lagged2 = Store(), LaggedStore(10.0)
+    store2.create_table(SPEC)
+    g2 = _logged(tmp_path, lagged2, store2, sent)
+    g2.resume(TransitionLog.read(tmp_path / "guard.log"))
+    assert lagged2.frozen and g2.frozen_for == 0 and g2.epoch == 1 and g2.ask_coordinator
+    _queue_poison(lagged2)  # the catch-up pull brings the current rows
+    assert lagged2.advance(100.0) == 0
+    g2.coordinator_says({"state": "corrupted", "incident": {"epoch": 0}})
+    assert lagged2.frozen and g2.ask_coordinator
+    _catch_up(store2, 3)
+    g2.poll()
+    assert [b["epoch"] for _, b in sent] == [0]  # reported again once covered
+    g2.coordinator_says({"state": "healthy", "incident": None})  # its healthy came meanwhile
+    assert not lagged2.frozen and not g2.ask_coordinator
+    # released before the next restart: it comes back live, asking nothing
+    lagged3 = LaggedStore(10.0)
+    g3 = _logged(tmp_path, lagged3, store2, sent)
+    g3.resume(TransitionLog.read(tmp_path / "guard.log"))
+    assert not lagged3.frozen and g3.epoch == 1 and g3.pending is None and not g3.ask_coordinator

@@ -141,6 +141,9 @@ class HolderGuard:
         self.restores: deque[dict[str, Any]] = deque(maxlen=20)
         self.stale = 0  # messages ignored as about an older incident
         self.reported = 0  # rollbacks reported with digests
+        # resumed frozen after a restart: the coordinator's "healthy" may have been sent
+        # while this node was down; the node asks its health page (``coordinator_says``)
+        self.ask_coordinator = False
         self.last_event = ""
 
     # -- the coordinator's messages ---------------------------------------------------------
@@ -153,7 +156,7 @@ class HolderGuard:
         if self.frozen_for is None or k > self.frozen_for:
             self.frozen_for = k
         self.lagged.freeze()
-        self._record("redirect", f"baseline frozen for incident {k}: {why}")
+        self._record("redirect", f"baseline frozen for incident {k}: {why}", epoch=k)
         return True
 
     def rolled_back(self, epoch: int, healthy_wall: float, watermark: dict[str, Any]) -> bool:
@@ -182,6 +185,9 @@ class HolderGuard:
             f"incident {epoch}: restored to {healthy_wall:.3f}; dropped {dropped} queued "
             f"baseline rows written since; waiting for the restore on partitions "
             f"{list(self.held)}",
+            epoch=epoch,
+            healthy_wall=healthy_wall,
+            watermark={t: m.tolist() for t, m in marks.items()},
         )
         self.poll()
         return True
@@ -201,6 +207,17 @@ class HolderGuard:
             return True
         self._unfreeze(epoch)
         return True
+
+    def coordinator_says(self, health: dict[str, Any]) -> None:
+        """The coordinator's health page, asked by a holder that resumed frozen: healthy
+        with no incident in progress means the incident this holder froze for is over (its
+        ``healthy`` message came while this node was down)."""
+        if self.frozen_for is None:
+            self.ask_coordinator = False
+            return
+        if health.get("state") == "healthy" and health.get("incident") is None:
+            self.ask_coordinator = False
+            self.healthy(self.frozen_for)
 
     def poll(self) -> None:
         """Cheap and frequent (after every applied response): is the rollback here?"""
@@ -228,7 +245,9 @@ class HolderGuard:
         report = {"node": self.node, "at": now, "epoch": p["epoch"], "digests": digests}
         self.restores.append({**report, "waited_s": now - p["since"], "dropped": p["dropped"]})
         self.reported += 1
-        self._record("restored", f"incident {p['epoch']}: holds the rollback; reported")
+        self._record(
+            "restored", f"incident {p['epoch']}: holds the rollback; reported", epoch=p["epoch"]
+        )
         self.send("guard/restored", report)
         if self.healthy_early is not None and self.healthy_early >= p["epoch"]:
             self._unfreeze(p["epoch"])
@@ -240,7 +259,7 @@ class HolderGuard:
         self.frozen_for = None
         self.healthy_early = None
         self.lagged.unfreeze()
-        self._record("healthy", f"incident {epoch} over: baseline released")
+        self._record("released", f"incident {epoch} over: baseline released", epoch=epoch)
 
     def _stale(self, what: str, epoch: int) -> bool:
         self.stale += 1
@@ -252,14 +271,55 @@ class HolderGuard:
         self.last_event = f"ignored a stale {what} of incident {epoch}"
         return False
 
-    def _record(self, event: str, why: str) -> None:
+    def _record(self, event: str, why: str, **state: Any) -> None:
+        """Log ``event``; ``state`` (the incident's epoch, a rollback's watermark) is what
+        ``resume`` reads back after a restart."""
         self.last_event = why
         log.warning("guard %s on holder %s: %s: %s", self.model, self.node, event, why)
         if self.log is not None:
             self.log.append(
                 {"event": f"holder_{event}", "at": self.clock.wall(), "model": self.model,
-                 "node": self.node, "why": why}
+                 "node": self.node, "why": why, **state}
             )  # fmt: skip
+
+    def resume(self, records: Sequence[dict[str, Any]]) -> None:
+        """Take up where this holder's log (``TransitionLog.read``, oldest first) left off
+        before a restart: the rollbacks taken, a baseline frozen by an incident not over yet
+        (frozen again now: the catch-up pull is bringing the current, maybe poisoned, rows)
+        and a rollback not reported yet (reported once the store covers it again).
+
+        Why: the coordinator sent its redirect once; a holder killed while redirected would
+        otherwise come back with a live baseline and apply the poison it pulls."""
+        for r in records:
+            if r.get("model") != self.model or r.get("node") != self.node:
+                continue
+            event, k = r.get("event"), r.get("epoch")
+            if not isinstance(k, int):
+                continue
+            if event == "holder_redirect":
+                self.frozen_for = max(k, self.frozen_for if self.frozen_for is not None else k)
+            elif event == "holder_rolled_back":
+                self.epoch = max(self.epoch, k + 1)
+                self.frozen_for = max(k, self.frozen_for if self.frozen_for is not None else k)
+                marks = {t: np.asarray(m, np.int64) for t, m in r.get("watermark", {}).items()}
+                self.pending = {"epoch": k, "healthy_wall": r.get("healthy_wall"),
+                                "marks": marks, "since": self.clock.wall(), "dropped": 0,
+                                "error": None}  # fmt: skip
+            elif event == "holder_restored" and self.pending and self.pending["epoch"] == k:
+                self.pending = None
+            elif event == "holder_released" and k >= (self.frozen_for or 0):
+                self.frozen_for = None
+        if self.frozen_for is not None:
+            self.lagged.freeze()
+            self.ask_coordinator = True
+            self._record(
+                "resumed",
+                f"restarted during incident {self.frozen_for}: baseline frozen (empty until "
+                f"released: baseline lookups here answer 404 and the scatter asks another "
+                f"holder); rollback "
+                + ("reported" if self.pending is None else "to report once covered again"),
+                epoch=self.frozen_for,
+            )
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -9,15 +9,20 @@ the close. Partition sources (the coordinator among them) are ``ekko.node.guard_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ekko.client.credentials import Credentials
 from ekko.guard.baseline import LaggedStore
 from ekko.guard.holder_guard import HolderGuard
+from ekko.guard.log import TransitionLog
 from ekko.node import config_partitions
+from ekko.node.access import ClusterAuth
 from ekko.node.core import NodeCore
 from ekko.node.http_client import ClusterHttp
 from ekko.store.errors import UnknownTableError
@@ -25,6 +30,8 @@ from ekko.store.errors import UnknownTableError
 if TYPE_CHECKING:
     from ekko.node.models import ModelHost
     from ekko.serve.scatter import PartitionedLookup
+
+log = logging.getLogger(__name__)
 
 
 def baseline_rows(
@@ -88,10 +95,13 @@ class GuardHolders:
         lagged: LaggedStore,
         holders: Mapping[str, HolderGuard],
         rows: PartitionedLookup | None,
+        ask: Callable[[str], Awaitable[dict]] | None = None,
     ) -> None:
         self.lagged = lagged
         self.holders = dict(holders)
         self.rows = rows
+        self.ask = ask  # ask(model) -> the coordinator's health page of the model
+        self._asking: asyncio.Task | None = None
 
     @classmethod
     def build(
@@ -120,6 +130,9 @@ class GuardHolders:
                                 log_, sender(m.name), host.clock)
             for m in cfg.models
         }  # fmt: skip
+        before = TransitionLog.read(core.data_dir / "guard.log")  # a restart: where it was
+        for h in holders.values():
+            h.resume(before)
         rows = None
         if host.services:
             if http is None or secret is None:
@@ -130,7 +143,36 @@ class GuardHolders:
                     core.name, svc, lagged, rows, g.detector(), g.probation, log_,
                     sender(name), g.shadow_share, g.recovery_auc_tolerance, host.clock,
                 )  # fmt: skip
-        return cls(lagged, holders, rows)
+        ask = None
+        if http is not None and secret is not None:
+
+            async def ask(model: str) -> dict:
+                url = http.url(coordinator, f"/v1/models/{model}/health")
+                async with http.async_client(auth=ClusterAuth(secret), timeout=5.0) as c:
+                    r = await c.get(url)
+                    r.raise_for_status()
+                    return r.json()
+
+        return cls(lagged, holders, rows, ask)
+
+    def tick(self) -> None:
+        """Each guard interval, on the loop: a holder that resumed frozen after a restart
+        asks the coordinator whether its incident is over (one question in flight)."""
+        if self.ask is None or (self._asking is not None and not self._asking.done()):
+            return
+        waiting = [m for m, h in self.holders.items() if h.ask_coordinator]
+        if waiting:
+            self._asking = asyncio.get_running_loop().create_task(self._ask_all(waiting))
+
+    async def _ask_all(self, models: list[str]) -> None:
+        assert self.ask is not None
+        for m in models:
+            try:
+                health = await self.ask(m)
+            except (httpx.HTTPError, ValueError) as exc:  # asked again next interval
+                log.info("guard %s: the coordinator's health page did not answer: %s", m, exc)
+                continue
+            self.holders[m].coordinator_says(health)
 
     def poll(self) -> None:
         """After each applied response: has a rollback reached the held partitions?"""
@@ -146,6 +188,8 @@ class GuardHolders:
         return holder_metrics(self.holders)
 
     async def close(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
         if self.rows is not None:
             await self.rows.close()
 

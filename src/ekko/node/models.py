@@ -248,6 +248,8 @@ class ModelHost:
             guard.tick(now_mono)
         for guard in self.source_guards.values():
             guard.tick(now_wall)
+        if self.holders is not None:
+            self.holders.tick()
 
     def start_training(self, loop: asyncio.AbstractEventLoop) -> None:
         """At the source, once it holds everything it acknowledged (after recovery): one
