@@ -27,10 +27,8 @@ MODEL = {"name": "ctr", "rows_per_table": 1000, "embedding_dim": 4, "baseline_la
 
 def _config(tmp_path: Path):
     doc = cluster_doc(dcs=1, replicas=1, partitions=2, serve=True, models=[MODEL], tables=[])
-    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
-    # config_partitions.check still refuses the guard with partitions until the sources'
-    # half lands; the holders' half is built from a config that has it on
-    return cfg.model_copy(update={"guard": cfg.guard.model_copy(update={"enabled": True})})
+    doc["guard"] = {"enabled": True}
+    return load_config(write_cluster(doc, tmp_path / "cluster.toml"))
 
 
 def _host(cfg, name: str, tmp_path: Path, sent: list) -> ModelHost:
