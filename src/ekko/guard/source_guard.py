@@ -151,9 +151,9 @@ class SourceGuard:
                 self._post(self.plan.sources, "guard/checkpoint", {"at": now_wall})
         elif self.health.state is State.RECOVERING and all_healthy and self.incident is None:
             self._transition(Event.SCORE_NORMAL, "every replica healthy after the rollback")
-            if self.health.state is State.HEALTHY and self._unfreeze_epoch is not None:
-                if self.plan is not None:  # the holders' baselines follow again
-                    self._post(self.plan.holders, "guard/healthy", {"epoch": self._unfreeze_epoch})
+            back = self.health.state is State.HEALTHY and self._unfreeze_epoch is not None
+            if back and self.plan is not None:  # the holders' baselines follow again
+                self._post(self.plan.holders, "guard/healthy", {"epoch": self._unfreeze_epoch})
                 self._unfreeze_epoch = None
         elif self.health.state is State.UNCERTAIN and all_healthy:
             self._transition(Event.SCORE_NORMAL, "every replica healthy")
@@ -226,10 +226,8 @@ class SourceGuard:
         if self.plan is not None:
             if inc is None or inc.get("sources_pending"):
                 raise HolderReportError(f"node {node}: no rollback awaits holders' reports")
-            bad = holder_mismatches(
-                self.plan, str(node), body.get("epoch"), inc["epoch"],
-                body.get("digests", {}), inc["source_digests"],
-            )  # fmt: skip
+            bad = holder_mismatches(self.plan, str(node), body.get("epoch"), inc["epoch"],
+                                    body.get("digests", {}), inc["source_digests"])  # fmt: skip
             inc["restored"][node] = {"at": _at(body, self._clock.wall()), "mismatches": bad}
             if set(inc["restored"]) >= set(self.plan.holders):
                 self._complete(inc)
@@ -320,11 +318,12 @@ class SourceGuard:
     def _sources_answered(self, inc: dict[str, Any], res: Restored, results: SourceResults) -> None:
         """Every source restored (or failed to): tell every replica and holder, or, when a
         source did not restore, say so and keep traffic on the baseline."""
-        if self.incident is not inc:  # answers after the incident ended: nothing to do
-            return
+        if self.incident is not inc:
+            return  # answers after the incident ended: nothing to do
         answers = [res.answer]
         if self.plan is not None:
             answers, failed = collect_answers(self.plan, inc, res.answer, results)
+            self.rows_restored += sum(a["rows_restored"] for a in answers[1:])
             if failed:
                 self._restore_failed(inc, failed)
                 return
