@@ -211,13 +211,21 @@ class HolderGuard:
     def coordinator_says(self, health: dict[str, Any]) -> None:
         """The coordinator's health page, asked by a holder that resumed frozen: healthy
         with no incident in progress means the incident this holder froze for is over (its
-        ``healthy`` message came while this node was down)."""
-        if self.frozen_for is None:
+        ``healthy`` message came while this node was down, or it never rolled back). The
+        baseline is released at once, or once a rollback still pending here is covered."""
+        k = self.frozen_for
+        if k is None:
             self.ask_coordinator = False
             return
-        if health.get("state") == "healthy" and health.get("incident") is None:
-            self.ask_coordinator = False
-            self.healthy(self.frozen_for)
+        if health.get("state") != "healthy" or health.get("incident") is not None:
+            return
+        self.ask_coordinator = False
+        if self.pending is not None:
+            self.healthy_early = max(k, self.healthy_early or 0)
+            self._record("healthy", f"the coordinator has no incident in progress: the "
+                         f"baseline is released once incident {k}'s restore is here")  # fmt: skip
+            return
+        self._unfreeze(k)
 
     def poll(self) -> None:
         """Cheap and frequent (after every applied response): is the rollback here?"""
