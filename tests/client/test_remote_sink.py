@@ -68,6 +68,8 @@ class GatedStream:
         self.client = client
         self.acked_rows = 0
         self.acked_frames = 0
+        self.refused_rows = 0
+        self.unanswered = 0
 
     def rows_per_frame(self, dim: int) -> int:
         return 1 << 20

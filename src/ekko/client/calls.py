@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ekko.client.errors import ClientError
+from ekko.client.errors import ClientError, Quarantined
 from ekko.client.wire import (
     JSON_MEDIA_TYPE,
     ROWS_MEDIA_TYPE,
@@ -227,19 +227,32 @@ def status(at: Literal["writes", "reads"] = "reads") -> Call:
     return Call("GET", "/v1/status", "reader", at, b"", None, JSON_MEDIA_TYPE, _json)
 
 
-def refusal(call: Call, node: str, status: int, body: bytes) -> ClientError:
-    """The error of a non-2xx answer, naming the request, the node and its reason."""
+def refusal(
+    call: Call, node: str, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> ClientError:
+    """The error of a non-2xx answer, naming the request, the node and its reason: a
+    ``Quarantined`` for a write refused during a rollback's quarantine (409 with its
+    headers)."""
     try:
         why = json.loads(body)["error"]
     except (ValueError, KeyError, TypeError):
         why = body[:200].decode("utf-8", "replace") or "(no reason given)"
-    return ClientError(f"{call.method} {call.path} at {node}: {status} {why}", status)
+    message = f"{call.method} {call.path} at {node}: {status} {why}"
+    return Quarantined.parse(status, message, headers) or ClientError(message, status)
 
 
-def answer(call: Call, node: str, status: int, media: str, body: bytes) -> Any:
-    """A 2xx answer read; ``ClientError`` for a refusal or an answer that does not parse."""
+def answer(
+    call: Call,
+    node: str,
+    status: int,
+    media: str,
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """A 2xx answer read; ``ClientError`` for a refusal (``Quarantined`` for a rollback's)
+    or an answer that does not parse."""
     if status >= 300:
-        raise refusal(call, node, status, body)
+        raise refusal(call, node, status, body, headers)
     try:
         return call.read(body, media)
     except (WireError, ValueError, KeyError, TypeError) as exc:

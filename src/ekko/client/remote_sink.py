@@ -11,7 +11,7 @@ from types import TracebackType
 
 import numpy as np
 
-from ekko.client.errors import ClientError, SinkFailed
+from ekko.client.errors import ClientError, Quarantined, SinkFailed
 from ekko.client.stream import DEFAULT_WINDOW, WriteStream
 from ekko.client.sync import Client
 from ekko.store.spec import TableSpec
@@ -24,11 +24,17 @@ _DRAIN = object()  # a stream lane reads every answer due
 
 @dataclass(frozen=True)
 class SinkStatistics:
-    """Counters since construction: rows and requests the source acknowledged."""
+    """Counters since construction: rows and requests the source acknowledged; rows and
+    batches dropped because the source refused them or the writes before them as
+    quarantined (a rollback), and the highest rollback epoch the sink was held by (-1:
+    none)."""
 
     rows_acked: int
     requests: int
     queued_batches: int
+    rows_dropped: int = 0
+    batches_dropped: int = 0
+    quarantine_epoch: int = -1
 
 
 class _Lane:
@@ -49,13 +55,17 @@ class _Lane:
                 return
             taken = [item]
             try:
+                if self.sink.dropping(item):
+                    continue
                 if item[2] is None:  # a delete: alone, in its place among the writes
                     if self.sink.failure is None:
-                        self.sink.client.delete(item[0], item[1])
+                        self.sink.send_delete(item[0], item[1])
                     continue
                 taken += self._more(item[0])
                 if self.sink.failure is None:
                     self.sink.send(item[0], *_merge(taken))
+            except Quarantined as q:  # its rows are counted; the ones queued behind dropped
+                self.sink.hold(q)
             except BaseException as exc:  # handed to the caller's next write or flush
                 self.sink.fail(exc)
             finally:
@@ -88,6 +98,7 @@ class _StreamLane:
         self.sink = sink
         self.stream = stream
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._refused_counted = 0  # the stream's refused rows already counted as dropped
         self.thread = threading.Thread(target=self.run, name="remote-sink-stream", daemon=True)
         self.thread.start()
 
@@ -95,22 +106,32 @@ class _StreamLane:
         try:
             while True:
                 item = self.queue.get()
+                unsent = 0  # rows of the item not yet handed to the stream
                 try:
                     if item is _STOP:
                         return
                     if self.sink.failure is not None:
                         continue
-                    if item is _DRAIN:
+                    if item is _DRAIN and self.sink.quarantine is not None:
+                        self._settle()
+                    elif item is _DRAIN:
                         self.stream.drain()
+                    elif self.sink.dropping(item):
+                        continue
                     elif item[2] is None:
+                        unsent = item[1].shape[0]
                         self.stream.send_delete(item[0], item[1])
                     else:
                         table, keys, values = item
                         step = self.sink.rows_per_request(table)
                         for start in range(0, keys.shape[0], step):
+                            unsent = keys.shape[0] - start
                             end = start + step
                             self.stream.send(table, keys[start:end], values[start:end])
                     self._acked()
+                except Quarantined as q:  # the frames behind it are read and dropped
+                    self.sink.hold(q, unsent)
+                    self._settle_or_fail()
                 except BaseException as exc:  # handed to the caller's next write or flush
                     self.sink.fail(exc)
                 finally:
@@ -118,7 +139,26 @@ class _StreamLane:
         finally:
             self.stream.close()
 
+    def _settle_or_fail(self) -> None:
+        try:
+            self._settle()
+        except BaseException as exc:
+            self.sink.fail(exc)
+
+    def _settle(self) -> None:
+        """Read the answers of every frame sent: those refused as quarantined count as
+        dropped (another refusal fails the sink)."""
+        while self.stream.unanswered:
+            try:
+                self.stream.receive()
+            except Quarantined as q:
+                self.sink.hold(q)
+        self._acked()
+
     def _acked(self) -> None:
+        refused = self.stream.refused_rows
+        self.sink.drop(refused - self._refused_counted, 0)
+        self._refused_counted = refused
         with self.sink._lock:
             self.sink._rows_acked = self.stream.acked_rows
             self.sink._requests = self.stream.acked_frames
@@ -154,6 +194,13 @@ class RemoteSink:
     ``create_table`` or ``flush`` raises ``SinkFailed`` with it as the cause, and so does
     every later one — the caller decides (rows of that write and any after it were not
     acknowledged).
+
+    A write refused because the model was rolled back (``Quarantined``: 409, its rollback
+    epoch and the end of the quarantine) does not fail the sink: it holds it. The rows
+    queued behind the refusal are dropped, never retried (they are the poisoned steps'),
+    and counted (``statistics``); ``write``, ``delete``, ``flush`` raise ``Quarantined``
+    until the caller, having reloaded the restored rows, calls ``resume``. ``hold`` does the
+    same when the caller learned of the rollback elsewhere (another rank's refusal).
     """
 
     def __init__(
@@ -175,6 +222,10 @@ class RemoteSink:
         self._binary = client.target.fmt == "binary"
         self._cut: dict[str, int] = {}  # rows per request a node's body limit allowed (413)
         self.failure: BaseException | None = None
+        self.quarantine: Quarantined | None = None
+        self._rows_dropped = 0
+        self._batches_dropped = 0
+        self._epoch = -1
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
         self._rows_acked = 0
@@ -272,7 +323,56 @@ class RemoteSink:
     def statistics(self) -> SinkStatistics:
         with self._lock:
             rows, requests = self._rows_acked, self._requests
-        return SinkStatistics(rows, requests, sum(q.qsize() for q in self._queues()))
+            dropped = (self._rows_dropped, self._batches_dropped, self._epoch)
+        return SinkStatistics(rows, requests, sum(q.qsize() for q in self._queues()), *dropped)
+
+    # -- a rollback's quarantine ------------------------------------------------------------
+
+    def hold(self, quarantine: Quarantined, unsent_rows: int = 0) -> None:
+        """Hold the sink for ``quarantine`` (a refusal, or a rollback the caller learned of
+        elsewhere): writes queued now are dropped, and later calls raise it, until
+        ``resume``. ``unsent_rows``: rows of a refused write, counted as dropped. An
+        older epoch than the one held changes nothing but the count."""
+        with self._lock:
+            self._rows_dropped += unsent_rows
+            if self.quarantine is None or quarantine.epoch >= self.quarantine.epoch:
+                if self.quarantine is None or quarantine.epoch > self.quarantine.epoch:
+                    log.warning("remote sink: %s; dropping the writes queued behind it", quarantine)
+                self.quarantine = quarantine
+                self._epoch = max(self._epoch, quarantine.epoch)
+
+    def resume(self, epoch: int) -> None:
+        """Accept writes again once every write queued before is dropped or answered, if
+        the sink is held by rollback ``epoch`` or an older one (a newer one keeps it
+        held: the caller has not reloaded its rows)."""
+        if self._stream is not None:
+            self._stream.queue.put(_DRAIN)
+        for q in self._queues():
+            q.join()
+        with self._lock:
+            if self.quarantine is not None and self.quarantine.epoch <= epoch:
+                self.quarantine = None
+
+    def dropping(self, item: tuple) -> bool:
+        """A sender thread's check before it sends ``item``: True (and counted) while the
+        sink is held."""
+        if self.quarantine is None:
+            return False
+        self.drop(item[1].shape[0], 1)
+        return True
+
+    def drop(self, rows: int, batches: int) -> None:
+        with self._lock:
+            self._rows_dropped += rows
+            self._batches_dropped += batches
+
+    def send_delete(self, table: str, keys: np.ndarray) -> None:
+        """Delete ``keys`` (a sender thread); a quarantine refusal counts them dropped."""
+        try:
+            self.client.delete(table, keys)
+        except Quarantined as q:
+            self.hold(q, keys.shape[0])
+            raise
 
     def _queues(self) -> list[queue.Queue]:
         return [lane.queue for lane in self._lanes] + (
@@ -301,6 +401,9 @@ class RemoteSink:
             k, v = keys[start : start + step], values[start : start + step]
             try:
                 self.client.write(table, k, v)
+            except Quarantined as q:
+                self.hold(q, keys.shape[0] - start)
+                raise
             except ClientError as exc:
                 if exc.status != 413 or k.shape[0] == 1:
                     raise
@@ -323,6 +426,9 @@ class RemoteSink:
             raise SinkFailed("the remote sink is closed")
         if self.failure is not None:
             raise SinkFailed(f"an earlier write failed: {self.failure}") from self.failure
+        held = self.quarantine
+        if held is not None:
+            raise Quarantined(held.epoch, held.until, str(held))
 
     def __enter__(self) -> RemoteSink:
         return self

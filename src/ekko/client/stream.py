@@ -13,7 +13,7 @@ import numpy as np
 
 from ekko.client.base import MAX_RESIGNS, Target
 from ekko.client.calls import _keys, _values
-from ekko.client.errors import ClientError
+from ekko.client.errors import ClientError, Quarantined
 from ekko.client.stream_frames import (
     ANSWER,
     STREAM_PATH,
@@ -58,7 +58,8 @@ class WriteStream:
         self._seq = 0
         self.acked_rows = 0  # rows of the answers read so far
         self.acked_frames = 0
-        self._unanswered: deque[int] = deque()
+        self.refused_rows = 0  # rows of the frames the source refused
+        self._unanswered: deque[tuple[int, int]] = deque()  # (frame number, its rows)
         self._names: dict[str, bytes] = {}
         self._head = bytearray(ANSWER.size)
         self._early = b""  # bytes that came with the upgrade's answer
@@ -90,7 +91,8 @@ class WriteStream:
         step = self.rows_per_frame(v.shape[1])
         for start in range(0, k.shape[0], step):
             end = start + step
-            self._frame(write_frame(self._seq + 1, name, k[start:end], v[start:end]))
+            part = k[start:end]
+            self._frame(write_frame(self._seq + 1, name, part, v[start:end]), part.shape[0])
         return self._seq
 
     def _name(self, table: str) -> bytes:
@@ -99,13 +101,14 @@ class WriteStream:
             name = self._names[table] = table.encode("utf-8")
         return name
 
-    def _frame(self, buffers: list[bytes | memoryview]) -> None:
-        """Send the frame numbered ``self._seq + 1`` once the window has room for it."""
+    def _frame(self, buffers: list[bytes | memoryview], rows: int) -> None:
+        """Send the frame numbered ``self._seq + 1`` (of ``rows`` rows) once the window has
+        room for it."""
         while len(self._unanswered) >= self.window:
             self.receive()
         self._send(buffers)
         self._seq += 1
-        self._unanswered.append(self._seq)
+        self._unanswered.append((self._seq, rows))
 
     def send_delete(self, table: str, keys: Any) -> int:
         """Send a delete of ``keys`` (in frames the source takes), in order with the writes
@@ -116,7 +119,8 @@ class WriteStream:
         name = self._name(table)
         step = max(1, self.max_body // 8)
         for start in range(0, k.shape[0], step):
-            self._frame(delete_frame(self._seq + 1, name, k[start : start + step]))
+            part = k[start : start + step]
+            self._frame(delete_frame(self._seq + 1, name, part), part.shape[0])
         return self._seq
 
     def delete(self, table: str, keys: Any) -> np.ndarray:
@@ -148,12 +152,13 @@ class WriteStream:
 
     def receive(self) -> tuple[int, np.ndarray]:
         """The next answer: (frame number, versions of its rows); ``ClientError`` naming the
-        source's reason if it refused the frame."""
+        source's reason if it refused the frame (``Quarantined`` if it refused it because
+        the model was rolled back: read on, the later frames' answers follow)."""
         if not self._unanswered:
             raise RuntimeError("receive: no frame is waiting for its answer")
         self._recv_into(memoryview(self._head))
         kind, _flags, status, n, seq = ANSWER.unpack(self._head)
-        expected = self._unanswered.popleft()
+        expected, rows = self._unanswered.popleft()
         if seq != expected:
             raise ClientError(f"write stream at {self.node}: answer to {seq}, expected {expected}")
         if kind == WRITTEN:
@@ -165,7 +170,9 @@ class WriteStream:
         reason = bytearray(n)
         self._recv_into(memoryview(reason))
         why = reason.decode("utf-8", "replace")
-        raise ClientError(f"write stream at {self.node}: write {seq}: {status} {why}", status)
+        self.refused_rows += rows
+        message = f"write stream at {self.node}: write {seq}: {status} {why}"
+        raise Quarantined.parse(status, message) or ClientError(message, status)
 
     def drain(self) -> int:
         """Read every answer due: returns how many rows they acknowledged."""

@@ -93,7 +93,9 @@ class Client(Opening):
                 raise ClientError(f"{call.method} {call.path} at {node}: {exc!r}") from exc
             if not needs_resign(r):
                 break
-        return calls.answer(call, node, r.status_code, r.headers.get("content-type", ""), r.content)
+        return calls.answer(
+            call, node, r.status_code, r.headers.get("content-type", ""), r.content, r.headers
+        )
 
     def close(self) -> None:
         self._http.close()
