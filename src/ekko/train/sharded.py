@@ -18,6 +18,10 @@ rank owns the rows of the partitions co-located with it (partition ``p`` is rank
 and publishes each row to its partition's source through a ``PartitionRouter``
 (``ekko.train.sharded_publish``), rank 0 the dense tensors to the partitions holding them.
 
+When the guard rolls the model back, the sources refuse the ranks' writes for a while; every
+step starts with the ranks' agreement on it (``ekko.train.sharded_quarantine``), so all drop
+their batches together, reload the restored rows and train on (``ekko.train.sharded_reload``).
+
 Launch W ranks with ``ShardedRun(train_rank, W, (ShardedRunSpec(...),))``.
 """
 
@@ -34,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ekko.client.errors import Quarantined
 from ekko.store.placement import Placement
 from ekko.store.spec import Sink, TableSpec
 from ekko.train.dlrm import DLRM, DLRMConfig, _DLRMHead, dense_table_name, embedding_table_name
@@ -41,6 +46,14 @@ from ekko.train.publisher import EmbeddingPublisher, PublisherConfig
 from ekko.train.sharded_exchange import RowPlacement, StepRoute
 from ekko.train.sharded_launch import RankContext
 from ekko.train.sharded_publish import OWNED_ROWS, OwnedRowsSink, PartitionRouter
+from ekko.train.sharded_quarantine import (
+    QuarantineConfig,
+    QuarantineGate,
+    QuarantineStats,
+    SourceReader,
+    reader_for,
+)
+from ekko.train.sharded_reload import drop_step, share_dense
 from ekko.train.streams import Events, StreamConfig, SyntheticStream
 from ekko.train.trainer import StepResult, TrainerConfig, _all_finite, publish_or_discard
 
@@ -133,6 +146,9 @@ class ShardedTrainer:
             set from ``model``).
         partitions: the cluster's placement: the rank owns the rows of its partitions
             (``RowPlacement``); None deals (table, shard) pairs round-robin over the ranks.
+        quarantine: how the rank waits out a rollback (``ekko.train.sharded_quarantine``):
+            every step starts with the ranks' agreement on it; a dropped batch's result is
+            ``rejected="quarantined"``.
     """
 
     def __init__(
@@ -143,8 +159,12 @@ class ShardedTrainer:
         sink: Sink | None = None,
         publisher: PublisherConfig | None = None,
         partitions: Placement | None = None,
+        quarantine: QuarantineConfig | None = None,
     ) -> None:
         self.ctx = ctx
+        self.gate = QuarantineGate(ctx.rank, quarantine or QuarantineConfig())
+        self.sink: Sink | None = None
+        self.reader: SourceReader | None = None
         self.config = config or TrainerConfig(optimizer="adagrad")
         if self.config.optimizer != "adagrad":
             raise ValueError(
@@ -197,6 +217,10 @@ class ShardedTrainer:
             for spec in self.dense_specs():
                 sink.create_table(spec)
         self.publisher = self._publisher(sink, self.pub_config)
+        self.sink = sink
+        dims = {name: self.model.config.embedding_dim for name in self.table_names}
+        dims.update({spec.name: spec.dim for spec in self.dense_specs()})
+        self.reader = reader_for(sink, dims, self.gate.config.max_request_bytes)
 
     def _publisher(self, sink: Sink, config: PublisherConfig) -> EmbeddingPublisher:
         model = self.model
@@ -222,6 +246,19 @@ class ShardedTrainer:
         self.ctx.mark_step(step)
         cfg = self.model.config
         part = self.slice_of(len(events))
+        held = getattr(self.sink, "quarantine", None)
+        if held is not None:
+            self.gate.saw(held)
+        try:
+            decision = self.gate.agree()
+            if decision.resumed:
+                share_dense(self)
+        except RuntimeError as e:
+            raise self.ctx.lost(e, "the rollback agreement", step) from e
+        if not decision.train:
+            return drop_step(self, len(events), part.stop - part.start, decision, start)
+        if decision.resumed or held is not None:  # held: a late refusal of a handled rollback
+            getattr(self.sink, "resume", lambda epoch: None)(self.gate.handled[0])
         dense = torch.from_numpy(np.ascontiguousarray(events.dense[part], dtype=np.float32))
         ids = np.asarray(events.sparse[part], dtype=np.int64) % cfg.rows_per_table
         labels = torch.from_numpy(np.ascontiguousarray(events.labels[part], dtype=np.float32))
@@ -253,7 +290,10 @@ class ShardedTrainer:
             raise self.ctx.lost(e, "the gradient exchange", step) from e
         rejected = self._apply(bucket, local, owned_grads)
         publish_start = time.perf_counter()
-        publish_or_discard(self.publisher, rejected)
+        try:
+            publish_or_discard(self.publisher, rejected)
+        except Quarantined as q:  # every rank learns of it at the next step
+            self.gate.saw(q)
         self.steps += 1
         end = time.perf_counter()
         return StepResult(
@@ -286,8 +326,15 @@ class ShardedTrainer:
 
     def flush(self) -> None:
         """Publish pending rows and the dense tensors now (the end of a run)."""
-        if self.publisher is not None:
-            self.publisher.flush()
+        if self.publisher is not None and not self.gate.paused:
+            try:
+                self.publisher.flush()
+            except Quarantined as q:
+                self.gate.saw(q)
+
+    def quarantine_statistics(self) -> QuarantineStats:
+        """The rank's rollbacks: batches dropped, reloads, rows reloaded."""
+        return self.gate.statistics()
 
 
 @dataclass(frozen=True)
@@ -320,6 +367,7 @@ class ShardedRunSpec:
     pregenerate: bool = False
     placement: Placement | None = None
     partition_sink: Callable[[int], Sink] | None = None
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
 
     def __post_init__(self) -> None:
         if (self.placement is None) != (self.partition_sink is None):
@@ -343,6 +391,7 @@ class RankReport:
     owned_rows: list[np.ndarray]
     dense: dict[str, np.ndarray]
     sink: Sink | None
+    quarantine: QuarantineStats
     steps: int
     events_after_first: int
     seconds_after_first: float
@@ -354,7 +403,9 @@ def train_rank(ctx: RankContext, spec: ShardedRunSpec) -> RankReport:
     sink: Sink | None = None
     if spec.placement is None:
         sink = spec.sink(ctx.rank) if spec.sink is not None else None
-    trainer = ShardedTrainer(ctx, spec.model, spec.trainer, sink, spec.publisher, spec.placement)
+    trainer = ShardedTrainer(
+        ctx, spec.model, spec.trainer, sink, spec.publisher, spec.placement, spec.quarantine
+    )
     if spec.placement is not None and spec.partition_sink is not None:
         parts = trainer.publish_partitions()
         sink = PartitionRouter(spec.placement, {p: spec.partition_sink(p) for p in parts})
@@ -379,7 +430,10 @@ def train_rank(ctx: RankContext, spec: ShardedRunSpec) -> RankReport:
     for end in ("flush", "close"):  # a RemoteSink: every row acknowledged, its threads ended
         call = getattr(sink, end, None)
         if callable(call) and not spec.return_sink:
-            call()
+            try:
+                call()
+            except Quarantined as q:  # a run ending paused: its dropped rows are counted
+                trainer.gate.saw(q)
     model = trainer.model
     return RankReport(
         rank=ctx.rank,
@@ -393,6 +447,7 @@ def train_rank(ctx: RankContext, spec: ShardedRunSpec) -> RankReport:
         ],
         dense={k: v.numpy().copy() for k, v in model.state_dict().items() if k != "rows.weight"},
         sink=sink if spec.return_sink else None,
+        quarantine=trainer.quarantine_statistics(),
         steps=steps,
         events_after_first=(steps - 1) * spec.batch_size,
         seconds_after_first=elapsed,

@@ -19,6 +19,7 @@ picklable so the spawned ranks can call it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,15 @@ import numpy as np
 from ekko.client.base import Target
 from ekko.client.cluster import ClusterFile
 from ekko.client.credentials import Credentials
+from ekko.client.errors import Quarantined
 from ekko.client.remote_sink import RemoteSink
 from ekko.client.stream import DEFAULT_WINDOW
 from ekko.client.sync import Client
 from ekko.store import shard_of
 from ekko.store.placement import Placement
 from ekko.store.spec import Sink, TableSpec
+
+log = logging.getLogger(__name__)
 
 OWNED_ROWS = "sharded/owned_rows"
 """The publisher's name for a rank's one local table; ``OwnedRowsSink`` never creates it."""
@@ -116,7 +120,7 @@ class PartitionRouter:
             sink.create_table(spec)
         self._shards[spec.name] = spec.num_shards
 
-    def _split(self, table: str, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    def split(self, table: str, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(partition, positions of ``keys`` in it), for each partition ``keys`` touch."""
         shards_n = self._shards.get(table)
         if shards_n is None:
@@ -137,12 +141,12 @@ class PartitionRouter:
 
     def write(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        for p, where in self._split(table, keys):
+        for p, where in self.split(table, keys):
             self.sinks[p].write(table, keys[where], values[where])
 
     def delete(self, table: str, keys: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        for p, where in self._split(table, keys):
+        for p, where in self.split(table, keys):
             self.sinks[p].delete(table, keys[where])  # type: ignore[attr-defined]
 
     def flush(self) -> None:
@@ -153,11 +157,37 @@ class PartitionRouter:
                 call()
 
     def close(self) -> None:
-        """Close every partition's sink (flushing first, when it does)."""
-        for sink in self.sinks.values():
+        """Close every partition's sink (flushing first, when it does). A sink held by a
+        rollback's quarantine closes without its dropped rows (they were counted)."""
+        for p, sink in self.sinks.items():
             call = getattr(sink, "close", None)
             if callable(call):
-                call()
+                try:
+                    call()
+                except Quarantined as q:
+                    log.warning("partition %d's sink closed while quarantined: %s", p, q)
+
+    # -- a rollback's quarantine (``RemoteSink.hold``; sinks without it have nothing queued)
+
+    @property
+    def quarantine(self) -> Quarantined | None:
+        """The refusal of the highest epoch any partition's sink is held by, or None."""
+        held = [q for s in self.sinks.values() if (q := getattr(s, "quarantine", None))]
+        return max(held, key=lambda q: (q.epoch, q.until)) if held else None
+
+    def hold(self, quarantine: Quarantined) -> None:
+        """Hold every partition's sink (their queued writes dropped) until ``resume``."""
+        for sink in self.sinks.values():
+            call = getattr(sink, "hold", None)
+            if callable(call):
+                call(quarantine)
+
+    def resume(self, epoch: int) -> None:
+        """Release every partition's sink held by ``epoch`` or an older one."""
+        for sink in self.sinks.values():
+            call = getattr(sink, "resume", None)
+            if callable(call):
+                call(epoch)
 
 
 class _ClosingSink(RemoteSink):
