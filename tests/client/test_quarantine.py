@@ -10,39 +10,43 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from client_node import Source
 
 from ekko.client import ClientError, Credentials, RemoteSink, SinkFailed, calls
 from ekko.client.errors import Quarantined
 from ekko.client.stream_frames import REQUEST, refused, written
 from ekko.client.sync import Client
+from ekko.schedule.quarantine import Quarantine, QuarantinedError
+from ekko.train.sharded_quarantine import SourceReader
 
 UNTIL = 1_900_000_000.25
-ISO = datetime.fromtimestamp(UNTIL, UTC).isoformat()
-REASON = f"quarantined: model ctr rolled back (epoch 3); writes refused until {ISO}"
+# the source's own refusal text (the write port's), fields and all
+REASON = str(QuarantinedError("emb", Quarantine("ctr", 3, UNTIL)))
 
 
-def test_a_quarantine_is_read_from_headers_from_fields_or_from_its_text() -> None:
-    head = {"X-Ekko-Quarantine-Until": str(UNTIL), "x-ekko-rollback-epoch": "4"}
-    q = Quarantined.parse(409, REASON, head)
-    assert q is not None and (q.epoch, q.until, q.status) == (4, UNTIL, 409)
-    fields = f"{REASON}; x-ekko-quarantine-until: {UNTIL + 1}; x-ekko-rollback-epoch: 5"
-    q = Quarantined.parse(409, fields)
-    assert q is not None and (q.epoch, q.until) == (5, UNTIL + 1)
+def test_a_quarantine_is_read_from_headers_or_from_the_reason_the_source_wrote() -> None:
+    head = {"X-Ekko-Quarantine-Until": str(UNTIL + 1), "x-ekko-rollback-epoch": "4"}
+    q = Quarantined.parse(409, REASON, head)  # the headers first
+    assert q is not None and (q.epoch, q.until, q.status) == (4, UNTIL + 1, 409)
     q = Quarantined.parse(409, "write stream at x: write 2: 409 " + REASON)
     assert q is not None and (q.epoch, q.until) == (3, UNTIL)
+    assert str(q).startswith("write stream at x: write 2: 409 quarantined: model ctr rolled")
     # other refusals are not quarantines
     assert Quarantined.parse(503, REASON) is None
     assert Quarantined.parse(409, "table t exists with another spec") is None
     # a quarantine whose end cannot be read is an error naming it, never a guessed pause
     with pytest.raises(ClientError, match="cannot read"):
-        Quarantined.parse(409, "quarantined: model ctr rolled back; writes refused")
+        Quarantined.parse(409, "quarantined: model ctr rolled back (epoch 2); writes refused")
     with pytest.raises(ClientError, match="cannot read"):
-        Quarantined.parse(409, "quarantined: x (epoch 2); writes refused until tomorrow")
+        Quarantined.parse(409, REASON, {"x-ekko-rollback-epoch": "2"})  # no until
+    with pytest.raises(ClientError, match="cannot read"):
+        Quarantined.parse(409, REASON, {"x-ekko-rollback-epoch": "2",
+                                        "x-ekko-quarantine-until": "nan"})  # fmt: skip
 
 
 def test_an_http_refusal_with_the_headers_raises_quarantined() -> None:
@@ -219,3 +223,53 @@ def test_hold_from_outside_drops_writes_until_resumed() -> None:
     sink.close()
     assert sorted(client.written) == [0, 1]
     assert sink.statistics().quarantine_epoch == 2
+
+
+@pytest.mark.parametrize("fmt", ["binary", "json"])
+def test_a_real_source_quarantined_at_its_write_port(source: Source, fmt: str) -> None:
+    """The source's own refusal (its write port quarantined as a rollback does) reaches the
+    sink as ``Quarantined``: over a write stream (the reason's fields) and over HTTP (the
+    409's headers); lifted, ``resume`` writes again."""
+    port = source.runner.core.port
+    table = "emb"
+    client = source.client(fmt=fmt)
+    sink = RemoteSink(client, lanes=1)
+    port.quarantine([table], Quarantine("ctr", 6, time.time() + 3600))
+    try:
+        sink.write(table, *_rows(0, 3))
+        with pytest.raises(Quarantined) as err:
+            sink.flush()
+        assert err.value.epoch == 6 and err.value.until > time.time()
+        assert "quarantined: model ctr rolled back (epoch 6)" in str(err.value)
+        assert sink.statistics().rows_dropped == 3
+    finally:
+        port.quarantine([table], Quarantine("ctr", 6, 0.0))  # over: lifted at the next write
+    sink.resume(6)
+    sink.write(table, *_rows(0, 3))
+    sink.close()
+    assert sink.statistics().rows_acked == 3
+    values, _, found = client.lookup(table, np.arange(3))
+    assert found.all() and (values == 1).all()
+    client.close()
+
+
+def test_a_rank_reads_its_rows_back_from_a_real_source_in_chunks(source: Source) -> None:
+    """``SourceReader`` (a rank's reload) over the source's multi-table lookup: answers cut
+    under ``max_bytes`` (here 40 rows of ``emb`` each), every row in its key's place, rows
+    the source lacks not found."""
+    client = source.client()
+    keys = np.arange(5_000, 5_300, dtype=np.int64)
+    values = np.arange(keys.size * 4, dtype=np.float32).reshape(-1, 4)
+    client.write("emb", keys[::2], values[::2])  # the odd keys were never written
+    client.write("dense/bottom.0.weight", np.zeros(1, np.int64), np.full((1, 6), 7, np.float32))
+    dims = {"emb": 4, "dense/bottom.0.weight": 6}
+    reader = SourceReader({0: client}, None, dims, max_bytes=1024)
+    got = reader.read({"emb": keys[::-1], "dense/bottom.0.weight": np.zeros(1, np.int64)})
+    v, found = got["emb"]
+    np.testing.assert_array_equal(found, (keys[::-1] % 2) == 0)
+    np.testing.assert_array_equal(v[found], values[::-1][found])
+    assert (v[~found] == 0).all()
+    assert got["dense/bottom.0.weight"][1].all() and (got["dense/bottom.0.weight"][0] == 7).all()
+    # 40 rows of 25 bytes in a 1 KiB answer: 8 lookups, the dense row in the last one's room
+    assert reader.requests == 8
+    client.close()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
-from datetime import datetime
+
+from ekko.schedule.quarantine import EPOCH_HEADER, UNTIL_HEADER, Quarantine, parse_quarantine
+
+QUARANTINE_PREFIX = "quarantined: model "
 
 
 class ClientError(RuntimeError):
@@ -26,20 +27,6 @@ class SinkFailed(ClientError):
     the first failure as its cause, until the sink is closed."""
 
 
-QUARANTINE_UNTIL_HEADER = "x-ekko-quarantine-until"
-ROLLBACK_EPOCH_HEADER = "x-ekko-rollback-epoch"
-QUARANTINE_PREFIX = "quarantined:"
-
-_EPOCH_IN_TEXT = re.compile(r"\(epoch (\d+)\)")
-_UNTIL_IN_TEXT = re.compile(r"refused until (\S+)")
-
-
-def _field(text: str, name: str) -> str | None:
-    """``name: value`` written in a stream refusal's text (a frame has no headers)."""
-    found = re.search(re.escape(name) + r"\s*[:=]\s*([^\s;,]+)", text, re.IGNORECASE)
-    return found.group(1) if found else None
-
-
 class Quarantined(ClientError):
     """The source refused a write (409) because the model was rolled back: its tables take
     no writes until ``until`` (a wall-clock time, seconds since the epoch), and ``epoch``
@@ -58,33 +45,30 @@ class Quarantined(ClientError):
     def parse(
         cls, status: int | None, message: str, headers: Mapping[str, str] | None = None
     ) -> Quarantined | None:
-        """The quarantine a refusal says (None: the refusal is another one). ``headers``
-        (HTTP) carry ``x-ekko-quarantine-until`` and ``x-ekko-rollback-epoch``; a stream
-        frame's text may carry them as ``name: value``, else its text's ``(epoch E)`` and
-        ``refused until <iso time>`` are read. A 409 that says it is a quarantine but
-        names no epoch or time raises ``ClientError`` naming the text: a rank must not
-        guess how long to pause."""
-        headers = {k.lower(): v for k, v in (headers or {}).items()}
-        until_s = headers.get(QUARANTINE_UNTIL_HEADER) or _field(message, QUARANTINE_UNTIL_HEADER)
-        epoch_s = headers.get(ROLLBACK_EPOCH_HEADER) or _field(message, ROLLBACK_EPOCH_HEADER)
-        if status != 409 or (QUARANTINE_PREFIX not in message and until_s is None):
+        """The quarantine a refusal says (None: the refusal is another one): from the HTTP
+        headers ``x-ekko-rollback-epoch`` and ``x-ekko-quarantine-until``, else from the
+        fields the reason ends with (``ekko.schedule.quarantine``: a stream frame has no
+        headers). A 409 that says it is a quarantine but names no epoch or end raises
+        ``ClientError`` naming the text: a rank must not guess how long to pause."""
+        if status != 409:
             return None
-        try:
-            if epoch_s is None:
-                found = _EPOCH_IN_TEXT.search(message)
-                epoch_s = found.group(1) if found else None
-            if until_s is None:
-                found = _UNTIL_IN_TEXT.search(message)
-                iso = found.group(1).rstrip(";,.") if found else None
-                until_s = str(datetime.fromisoformat(iso).timestamp()) if iso else None
-            if epoch_s is None or until_s is None:
-                raise ValueError("no rollback epoch or quarantine end")
-            epoch, until = int(epoch_s), float(until_s)
-            if epoch < 0 or not math.isfinite(until):
-                raise ValueError(f"epoch {epoch} or until {until} out of range")
-        except ValueError as exc:
+        head = {k.lower(): v for k, v in (headers or {}).items()}
+        if UNTIL_HEADER in head or EPOCH_HEADER in head:
+            try:
+                epoch, until = int(head[EPOCH_HEADER]), float(head[UNTIL_HEADER])
+                Quarantine("", epoch, until)  # checks: epoch >= 0, until finite
+            except (KeyError, ValueError) as exc:
+                raise ClientError(
+                    f"a quarantine refusal (409) this client cannot read ({exc!r}): "
+                    f"{message[:300]}", 409,
+                ) from exc  # fmt: skip
+            return cls(epoch, until, message)
+        found = parse_quarantine(message)
+        if found is not None:
+            return cls(found[0], found[1], message)
+        if QUARANTINE_PREFIX in message:
             raise ClientError(
-                f"a quarantine refusal (409) this client cannot read ({exc}): {message[:300]}",
-                409,
-            ) from exc
-        return cls(epoch, until, message)
+                f"a quarantine refusal (409) this client cannot read (no epoch or end): "
+                f"{message[:300]}", 409,
+            )  # fmt: skip
+        return None
