@@ -180,8 +180,9 @@ class QuarantineConfig:
 
 @dataclass(frozen=True)
 class QuarantineStats:
-    """A rank's rollbacks so far: the last epoch handled (-1: none) and its end, the
-    batches and events it dropped, reloads done and failed, rows the reloads changed."""
+    """A rank's rollbacks so far: the highest epoch and the latest end handled (-1, 0:
+    none), the batches and events it dropped, reloads done and failed, rows the reloads
+    changed."""
 
     epoch: int
     until: float
