@@ -150,15 +150,29 @@ def test_demo_refuses_absurd_options_before_starting(bad: list[str], tmp_path: P
 def test_cluster_init_refuses_a_config_its_nodes_would_refuse_and_writes_nothing(
     tmp_path: Path,
 ) -> None:
-    """``--partitions 2 --serve --guard``: the config's own check refuses the guard on a
-    partitioned cluster. ``cluster init`` wrote the config and its secret first, then died
-    on that check with a traceback (exit 1), leaving a config no node could load."""
+    """A table of rows of length 0: refused naming the field, exit 2, nothing written (``cluster
+    init`` once wrote the config and its secret first, then died on the nodes' check with a
+    traceback, leaving a config no node could load)."""
+    out = tmp_path / "c" / "cluster.toml"
+    res = runner.invoke(
+        app, ["cluster", "init", "--tables", "emb:0:4", "--out", str(out)], terminal_width=300
+    )
+    assert res.exit_code == 2, res.output
+    assert "tables.0.dim" in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists() and not (out.parent / "cluster.secret").exists()
+
+
+def test_cluster_init_writes_a_partitioned_guarded_cluster_its_nodes_load(tmp_path: Path) -> None:
+    """``--partitions 2 --serve --guard`` was refused (the guard's source half ran beside an
+    in-node trainer); the guard now coordinates every partition's source, so it is written."""
+    from ekko.node.config import load_config
+
     out = tmp_path / "c" / "cluster.toml"
     res = runner.invoke(
         app, ["cluster", "init", "--partitions", "2", "--serve", "--guard", "--out", str(out)],
         terminal_width=300,
     )  # fmt: skip
-    assert res.exit_code == 2, res.output
-    assert "guard.enabled" in res.output and "partitions" in res.output
-    assert "Traceback" not in res.output
-    assert not out.exists() and not (out.parent / "cluster.secret").exists()
+    assert res.exit_code == 0, res.output
+    cfg = load_config(out)
+    assert cfg.guard.enabled and cfg.cluster.partitions == 2 and cfg.models
