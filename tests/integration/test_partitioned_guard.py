@@ -1,9 +1,13 @@
-"""The guard on a partitioned cluster of real processes (2 partitions, 2 inference DCs): the
-coordinator (source of partition 0) rolls back every partition — each source restores its
-own rows and refuses writes for the quarantine with the 409 contract a rank reads — every
-holder reports digests equal per (table, partition) to its source's, and the incident
-completes; a partition source killed with -9 cannot restore, and the coordinator says so by
-name (never a silent "healthy") while the restarted source serves again."""
+"""The guard on a partitioned cluster of real processes (2 partitions, 2 inference DCs).
+
+Poisoned ranks: 2 sharded ranks train while serving nodes predict and get true labels back,
+then train on flipped labels; a serving node detects, the coordinator (source of partition 0)
+rolls every partition back, every holder reports digests equal per (table, partition) to its
+source's, traffic returns to online, the ranks wait out the quarantine's 409s, reload and
+train on, and no process dies. Operator rollbacks: each source restores its own rows and
+refuses writes with the 409 contract; a partition source killed with -9 cannot restore, and
+the coordinator says so by name (never a silent "healthy") while the restarted source serves.
+"""
 
 from __future__ import annotations
 
@@ -136,5 +140,80 @@ def test_the_coordinator_rolls_back_every_partition_and_names_a_dead_source(tmp_
         assert (_values(cluster, creds, "source-p1", 1) == 2.0).all()  # its data, serving
         time.sleep(1.0)  # several guard intervals: it must not turn healthy by itself
         assert cluster.get("source-p0", f"{M}/health")["state"] == "corrupted"
+        for name in cluster.procs:
+            assert cluster.procs[name].alive, f"{name} died"
+
+
+POISON_MODEL = {"name": "ctr", "rows_per_table": 2_000, "embedding_dim": 8,
+                "bottom_mlp": [16, 8], "top_mlp": [16, 1], "optimizer": "adagrad",
+                "sparse_lr": 0.05, "dense_lr": 0.01, "dense_interval_s": 0.5,
+                "baseline_lag_s": 6.0}  # fmt: skip
+POISON_GUARD = {"enabled": True, "interval_s": 0.5, "min_samples": 60, "probation": 2,
+                "rollback_margin_s": 6.0, "quarantine_s": 6.0,
+                "restore_timeout_s": 5.0}  # fmt: skip
+SERVING = {"dc1-p0-r0": None, "dc2-p1-r0": None}
+
+
+def test_poisoned_ranks_are_detected_rolled_back_everywhere_and_train_on(tmp_path: Path):
+    """The design's acceptance run: 2 sharded ranks train while two serving nodes (one per DC)
+    predict and get true labels back; the ranks then train on flipped labels; a serving node
+    detects, the coordinator rolls every partition back, every holder reports equal digests
+    per (table, partition), the ranks (refused with the quarantine's 409) reload and train on
+    after it, and no process dies."""
+    import asyncio
+    import itertools
+
+    import httpx
+
+    from ekko.demo.loop import OnlineLoop
+    from ekko.demo.partitioned import ShardedFeed
+    from ekko.train.streams import StreamConfig, SyntheticStream
+
+    doc = cluster_doc(dcs=2, replicas=1, partitions=2, wan_delay_ms=[5, 10],
+                      models=[POISON_MODEL], serve=True,
+                      sync={"snapshot_interval_s": 0})  # fmt: skip
+    doc["guard"] = POISON_GUARD
+    path = write_cluster(doc, tmp_path / "cluster.toml")
+    with LocalCluster(path) as cluster:
+        cluster.start()
+        feed = ShardedFeed(cluster.config, path, cluster.config.model("ctr"), ranks=2)
+        try:
+            stream = SyntheticStream(StreamConfig(seed=3, max_vocab=4_000, initial_items=1_500))
+            batches = stream.batches(256)
+
+            async def drive() -> OnlineLoop:
+                auth = cluster.auth
+                async with httpx.AsyncClient(auth=auth, timeout=10.0) as client:
+                    replicas = {n: cluster.url(n, "") for n in SERVING}
+                    loop = OnlineLoop(client, replicas, "", "ctr", rate=1_500.0,
+                                      poison=lambda t: 9.0 <= t < 15.0,
+                                      train=feed.submit)  # fmt: skip
+                    for events in itertools.islice(batches, 20):  # a model worth guarding
+                        await loop.train_only(events)
+                    await loop.run(batches, asyncio.Event(), 30.0)
+                    return loop
+
+            loop = asyncio.run(drive())
+            assert loop.poisoned_events > 0
+            health = cluster.get("source-p0", f"{M}/health")
+            incidents = [i for i in health["incidents"] if i["automatic"]]
+            assert incidents, health["transitions"]
+            first = incidents[0]
+            assert "failed_sources" not in first and first["rows_restored"] > 0, first
+            assert set(first["restored"]) == set(HOLDERS), first
+            assert first["replica_table_mismatches"] == {} and first["good_rows_lost"] == 0
+            assert first["checkpoint_at"] < loop.poison_started_at
+            docs = {name: cluster.get(name, f"{M}/health") for name in SERVING}
+            assert any(d["redirects"] for d in docs.values()), docs  # served the baseline
+            for name, d in docs.items():  # and traffic is back on the online model
+                assert d["redirected"] is False, (name, d)
+            report = feed.report()
+            assert report["failed"] is None, report
+            assert report["rejected_steps"] > 0  # the ranks waited out the quarantine
+        finally:
+            for q in feed.queues:  # a dead rank leaves its queue full: exit must not wait on it
+                q.cancel_join_thread()
+            reports = feed.close()
+        assert len(reports) == 2 and all(r.steps > 30 for r in reports)
         for name in cluster.procs:
             assert cluster.procs[name].alive, f"{name} died"
