@@ -103,3 +103,18 @@ async def test_the_coordinators_messages_reach_the_holder_and_the_serving_guard(
     assert families["ekko_holder_restores_reported"].samples[0].value == 1
     assert families["ekko_holder_stale_messages"].samples[0].value == 2
     await host.close()
+
+
+def test_a_holder_that_does_not_serve_shows_its_baseline_in_the_guard_view(
+    tmp_path: Path,
+) -> None:
+    doc = cluster_doc(dcs=1, replicas=1, partitions=2, serve=True, models=[MODEL], tables=[])
+    doc["guard"] = {"enabled": True}
+    for node in doc["nodes"]:
+        node["serve"] = node["name"] != "dc1-p0-r0"
+    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
+    host = _host(cfg, "dc1-p0-r0", tmp_path, [])
+    assert not host.replica_guards and host.holders is not None and host.holders.rows is None
+    assert host.guard_view() == {"ctr": {"state": "holder live", "incidents": []}}
+    host.holders.holders["ctr"].redirect("poison", 0)
+    assert host.guard_view()["ctr"]["state"] == "holder frozen"

@@ -331,6 +331,13 @@ class HolderGuard:
 
     # -- reading ----------------------------------------------------------------------------
 
+    def summary(self) -> str:
+        """One word for ``ekko status``: ``restoring`` (a rollback not covered here yet),
+        ``frozen`` (an incident holds the baseline) or ``live``."""
+        if self.pending is not None:
+            return "restoring"
+        return "frozen" if self.frozen_for is not None else "live"
+
     def status(self) -> dict[str, Any]:
         p = self.pending
         return {

@@ -179,6 +179,13 @@ class GuardHolders:
         for h in self.holders.values():
             h.poll()
 
+    def view(self) -> dict[str, dict]:
+        """Each model's holder state (``HolderGuard.summary``) as ``ModelHost.guard_view``
+        shows a guard's, for a node that holds but does not serve (a serving node shows its
+        serving guard's state)."""
+        return {m: {"state": f"holder {h.summary()}", "incidents": []}
+                for m, h in self.holders.items()}  # fmt: skip
+
     def routes(self, replicas: Mapping) -> list:
         from ekko.guard.holder_routes import holder_guard_routes
 

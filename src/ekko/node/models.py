@@ -418,7 +418,7 @@ class ModelHost:
     def guard_view(self) -> dict[str, dict]:
         """Each guarded model's health state here and, at the source, its last incidents
         (when, why, automatic or not); the details are ``/v1/models/{m}/health``'s."""
-        out: dict[str, dict] = {}
+        out: dict[str, dict] = self.holders.view() if self.holders is not None else {}
         for m, g in {**self.replica_guards, **self.source_guards}.items():
             incidents = [
                 {k: i.get(k) for k in ("at", "why", "automatic", "epoch")}
