@@ -1,7 +1,9 @@
 """The guard's holder side on a real partitioned cluster (processes, sockets): a holder's
 baseline lookups answer its lagged rows, a redirect freezes them while online moves on, and
 a holder killed -9 while redirected comes back frozen (its guard.log), then asks the
-coordinator and is released once the coordinator has no incident in progress."""
+coordinator and is released once the coordinator has no incident in progress; a serving node
+redirected starts a real incident, and the coordinator's holders_restored returns its
+traffic to online once both holders reported their digests."""
 
 from __future__ import annotations
 
@@ -98,3 +100,21 @@ def test_a_holders_baseline_freezes_and_a_killed_holder_comes_back_frozen(tmp_pa
         # the coordinator knows no incident (the redirect was ours): it is released
         _until("the release", lambda: events()[-1] == "holder_released")
         assert not cluster.get(HOLDER, "/v1/models/ctr/health")["holder"]["baseline"]["frozen"]
+
+        # A serving node redirected reports corrupted: the coordinator rolls back every
+        # partition, both holders report, and holders_restored returns its traffic online.
+        serving = "dc1-p1-r0"
+        r = cluster.post(serving, "/v1/models/ctr/guard/redirect", {"why": "test", "epoch": 0})
+        assert r.status_code == 200, r.text
+
+        def incident() -> dict | None:
+            done = cluster.get("source-p0", "/v1/models/ctr/health")["incidents"]
+            return done[-1] if done else None
+
+        inc = _until("the incident to complete", incident)
+        assert set(inc["restored"]) == {HOLDER, serving}, inc
+        assert inc["replica_table_mismatches"] == {}, inc
+        _until("traffic back online", lambda: not cluster.get(
+            serving, "/v1/models/ctr/health")["redirected"])  # fmt: skip
+        holder = cluster.get(HOLDER, "/v1/models/ctr/health")["holder"]
+        assert holder["frozen_for"] == 0 and holder["restores"][-1]["epoch"] == 0
