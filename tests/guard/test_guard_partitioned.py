@@ -25,6 +25,7 @@ from ekko.store.spec import TableSpec
 PLACEMENT = Placement(2)
 SHARDS = 4
 DIM = 3
+M = "/v1/models/ctr"
 
 
 def keys_of(partition: int, n: int = 40) -> np.ndarray:
@@ -242,3 +243,26 @@ async def test_a_hostile_restore_command_is_400_naming_the_field_and_nothing_is_
         assert old.json() == ok.json()  # a retried command: the same answer
         early = await http.post("/v1/models/ctr/guard/restore", json={"to_wall": 5.0, "epoch": 1})
         assert early.status_code == 409 and "earliest restorable" in early.json()["error"]
+
+
+async def test_the_coordinators_routes_refuse_a_bad_holder_report_and_a_second_rollback() -> None:
+    import httpx
+    from starlette.applications import Starlette
+
+    from ekko.guard.routes import source_guard_routes
+
+    c = Cluster(answer="later")
+    c.healthy_stretch()
+    c.write(50.0)
+    app = Starlette(routes=source_guard_routes({"ctr": c.guard}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        first = await http.post(f"{M}/rollback", json={"why": "first"})
+        assert first.status_code == 200 and first.json()["sources_pending"] == ["s1"]
+        again = await http.post(f"{M}/rollback", json={"why": "again"})
+        assert again.status_code == 409 and "already in progress" in again.json()["error"]
+        body, done = c.pending.pop()
+        done({"s1": c.s1.restore(**body).answer})
+        bad = {"node": "h", "epoch": 0, "digests": {"emb": {"7": "0" * 16}}}
+        r = await http.post(f"{M}/guard/restored", json=bad)
+        assert r.status_code == 400 and "partition 7, which it does not hold" in r.json()["error"]
+        assert c.guard.incident is not None and c.guard.incident["restored"] == {}
