@@ -98,3 +98,29 @@ def test_a_store_without_holding_takes_every_row():
     keys = np.arange(1000, dtype=np.int64)
     t.write(keys, _rows(keys), now_ns=1)
     assert t.rows == 1000 and t.admit is None
+
+
+def test_checking_a_lookups_tables_at_once_refuses_as_checking_each_in_turn():
+    store = _store()
+    a = store.create_table(SPEC, initial_rows=64)
+    b = store.create_table(TableSpec("emb_b", 4, 5), initial_rows=64)
+    holding = store.holding
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        ka, kb = rng.integers(0, 200, rng.integers(1, 6)), rng.integers(0, 200, 3)
+        keys = np.concatenate([ka, kb])
+        starts = np.array([0, ka.size, keys.size], np.int64)
+        want = None
+        try:
+            holding.check_held(a, ka)
+            holding.check_held(b, kb)
+        except NotHeldError as exc:
+            want = str(exc)
+        if want is None:
+            holding.check_held_many([a, b], keys, starts)
+        else:
+            with pytest.raises(NotHeldError) as err:
+                holding.check_held_many([a, b], keys, starts)
+            assert str(err.value) == want
+    unscoped = _store(partitions=(0, 1)).holding
+    unscoped.check_held_many([a, b], np.arange(9, dtype=np.int64), np.array([0, 4, 9]))
