@@ -41,6 +41,7 @@ from ekko.node.http_server import UPGRADE_KEY, DeadlineProtocol
 from ekko.node.lookup_variant import Baseline, lookup_store
 from ekko.node.table_routes import ROW_ERRORS, guarded
 from ekko.store import Store
+from ekko.store.table_frames import lookup_tables
 
 log = logging.getLogger(__name__)
 
@@ -262,32 +263,21 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         known = body[8 * (f.dim + f.n) : f.body_bytes].view("<i8") if f.flags & FLAG_KNOWN else None
         store = self.store if self.store is not None else self.core.store
         asked = [store.table(name) for name in tables]
+        starts = np.zeros(f.dim + 1, np.int64)
+        np.cumsum(counts, out=starts[1:])
         holding = self.core.store.holding  # a baseline holds the node's partitions too
         if holding is not None:  # another partition's key: 421, never "not found"
-            starts = np.zeros(f.dim + 1, np.int64)
-            np.cumsum(counts, out=starts[1:])
             holding.check_held_many(asked, keys, starts)
-        answer = sum(c * (8 + 4 * t.dim) for t, c in zip(asked, counts.tolist(), strict=True))
+        dims = np.array([t.dim for t in asked], np.int64)
+        answer = int((counts * (8 + 4 * dims)).sum())
         if answer > self.max_body:  # keys may repeat: a small frame must not answer without end
             self._refuse(f.seq, 413, f"tables: {f.n} keys would answer {answer} bytes; the "
                                      f"limit is {self.max_body}: split the lookup")  # fmt: skip
             return
-        dims = np.empty(f.dim, np.int64)
-        rows = np.empty(f.dim, np.int64)
-        versions = np.empty(f.n, np.int64)
-        values = []
-        at = 0
-        for i, (table, count) in enumerate(zip(asked, counts.tolist(), strict=True)):
-            vals, ver, _found = table.lookup(keys[at : at + count])
-            if known is not None:
-                vals = vals[ver != known[at : at + count]]
-            versions[at : at + count] = ver
-            dims[i], rows[i] = vals.shape[1], vals.shape[0]
-            values.append(vals)
-            at += count
+        got = lookup_tables(asked, keys, starts, known)
         self.stats.frames += 1
         self.stats.rows += f.n
-        self._answer(f.seq, None, found(f.seq, dims, rows, versions, values))
+        self._answer(f.seq, None, found(f.seq, dims, got.rows, got.versions, [got.values]))
 
     def _refuse(self, seq: int, status: int, reason: str) -> None:
         self.stats.refused += 1

@@ -54,6 +54,13 @@ def _probe_free(table: np.ndarray, mask: np.uint64, key: np.int64) -> tuple[np.i
     return h, first
 
 
+@njit(inline="always")
+def probe_slot(table: np.ndarray, mask: np.uint64, key: np.int64) -> np.int64:
+    """The slot of ``key`` in bucket array ``table`` (``KeyIndex.probe_args``), -1 if
+    absent: for a kernel that looks keys up and uses their rows in one pass."""
+    return table[2 * _probe(table, mask, key) + 1]
+
+
 @njit(cache=True, nogil=True)
 def _lookup_kernel(table: np.ndarray, mask: np.uint64, keys: np.ndarray, out: np.ndarray) -> None:
     # table is flat [2 * cap]: table[2h] = key, table[2h + 1] = slot (-1 when empty).
@@ -212,6 +219,11 @@ class KeyIndex:
 
     def _mask(self) -> np.uint64:
         return np.uint64(self.capacity - 1)
+
+    def probe_args(self) -> tuple[np.ndarray, np.uint64]:
+        """(bucket array, mask) for ``probe_slot`` in a kernel; valid until the next insert
+        or remove (either may rehash into a new array)."""
+        return self._table, np.uint64(self._table.shape[0] // 2 - 1)
 
     def reserve(self, entries: int) -> None:
         """Grow (rehash) now so that ``entries`` keys fit without a rehash later."""

@@ -425,6 +425,7 @@ def warm() -> None:
     """Compile (or load from the numba cache) every table kernel once, at start-up."""
     from ekko.store import index
     from ekko.store.placement import Placement
+    from ekko.store.table_frames import lookup_tables
 
     index.warm()
     t = Table(TableSpec("_warm", 4, 2), cache_capacity=4, initial_rows=16)
@@ -433,6 +434,7 @@ def warm() -> None:
     ver = t.write(keys, vals, now_ns=1)
     t.apply(keys, vals, ver + 1, np.zeros(10, dtype=np.int64), 1)
     t.lookup(keys)
+    lookup_tables([t], keys, np.array([0, 10]), keys)  # a lookup stream's frame
     t.delete(keys[:3], now_ns=2)
     t.purge(t.counter)
     t.write(keys[:1] + 100, vals[:1], now_ns=3)

@@ -1,0 +1,84 @@
+"""``lookup_tables``: a lookup frame's tables answered in one buffer equal ``Table.lookup``
+of each table with the rows the caller holds left out (the plain path), tombstones and
+missing keys included; bad input is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ekko.store import BadRowsError, Table
+from ekko.store.spec import TableSpec
+from ekko.store.table_frames import lookup_tables
+
+
+def _table(t: int, dim: int, written: list[int], deleted: list[int]) -> Table:
+    # small initial rows: the writes grow the index and the row arrays
+    table = Table(TableSpec(f"emb_{t}", dim, 4), initial_rows=4)
+    if written:
+        keys = np.array(written, np.int64)
+        values = np.arange(keys.size * dim, dtype=np.float32).reshape(-1, dim) + t
+        table.write(keys, values, now_ns=1)
+    if deleted:
+        table.delete(np.array(deleted, np.int64), now_ns=2)
+    return table
+
+
+ids = st.integers(0, 30)
+
+
+@given(
+    tables=st.lists(
+        st.tuples(
+            st.integers(1, 5),  # dim
+            st.lists(ids, max_size=25),  # written
+            st.lists(ids, max_size=5),  # deleted
+            st.lists(ids, max_size=12),  # asked
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    known_mode=st.sampled_from(["none", "held", "random"]),
+    seed=st.integers(0, 2**16),
+)
+@settings(deadline=None)  # the first example compiles the kernel
+def test_a_frames_tables_answer_as_each_tables_lookup_minus_the_rows_held(
+    tables: list[tuple[int, list[int], list[int], list[int]]], known_mode: str, seed: int
+) -> None:
+    made = [_table(t, d, w, x) for t, (d, w, x, _) in enumerate(tables)]
+    asked = [np.array(a, np.int64) for *_, a in tables]
+    keys = np.concatenate(asked)
+    starts = np.concatenate(([0], np.cumsum([a.size for a in asked]))).astype(np.int64)
+    plain = [table.lookup(a) for table, a in zip(made, asked, strict=True)]
+    versions = np.concatenate([ver for _, ver, _ in plain])
+    rng = np.random.default_rng(seed)
+    known = None
+    if known_mode == "held":  # the caller holds some rows at their version, some not
+        known = np.where(rng.random(keys.size) < 0.5, versions, -1)
+    elif known_mode == "random":
+        known = rng.integers(-1, 4, keys.size)
+    got = lookup_tables(made, keys, starts, known)
+    assert np.array_equal(got.versions, versions)
+    want_rows, want_values = [], []
+    for t, (vals, ver, _) in enumerate(plain):
+        if known is not None:
+            vals = vals[ver != known[starts[t] : starts[t + 1]]]
+        want_rows.append(vals.shape[0])
+        want_values.append(vals.reshape(-1))
+    assert got.rows.tolist() == want_rows
+    assert np.array_equal(got.values, np.concatenate(want_values))
+
+
+def test_a_frame_of_bad_keys_starts_or_known_is_refused_by_name() -> None:
+    table = _table(0, 2, [1, 2], [])
+    keys = np.array([1, 2, 3], np.int64)
+    with pytest.raises(BadRowsError, match="keys must be int64"):
+        lookup_tables([table], keys.astype(np.int32), np.array([0, 3]), None)
+    with pytest.raises(BadRowsError, match="starts must be int64"):
+        lookup_tables([table], keys, np.array([0, 2]), None)
+    with pytest.raises(BadRowsError, match="starts must be int64"):
+        lookup_tables([table, table], keys, np.array([0, 3, 2]), None)
+    with pytest.raises(BadRowsError, match="known: 2 versions for 3 keys"):
+        lookup_tables([table], keys, np.array([0, 3]), np.array([1, 1]))
