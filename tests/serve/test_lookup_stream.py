@@ -6,6 +6,7 @@ the next lookup."""
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -14,8 +15,16 @@ from test_scatter_route import node  # noqa: F401  (the fixture: a source with e
 
 from ekko.client import ClientError
 from ekko.client.credentials import Credentials
-from ekko.client.lookup_stream import LookupStream, _Waiting
-from ekko.client.stream_frames import ANSWER, FOUND_TAIL, LOOKUP_PATH, REQUEST, write_frame
+from ekko.client.lookup_stream import LookupStream, _upgrade, _Waiting
+from ekko.client.stream_frames import (
+    ANSWER,
+    FOUND,
+    FOUND_TAIL,
+    LOOKUP_PATH,
+    REQUEST,
+    lookup_frame,
+    write_frame,
+)
 from ekko.node.access import ClusterAuth
 from ekko.serve.scatter_fetch import HolderFailed
 from ekko.serve.scatter_http import HttpHolders
@@ -243,3 +252,42 @@ async def test_a_lookup_whose_answer_would_pass_the_frame_limit_is_refused(node)
         assert (await stream.lookup({"emb": np.arange(3, dtype=np.int64)}))["emb"].found.all()
     finally:
         await stream.close()
+
+
+async def test_a_client_that_sends_without_reading_is_held_back_then_answered_in_order(
+    node,  # noqa: F811
+) -> None:
+    """A lookup stream answers a frame as soon as it is read, unless answers are queued or
+    its transport is paused: a client that sends without reading fills the socket buffers,
+    the node queues answers up to its window and stops reading; every answer then comes,
+    in order, and the stream goes on."""
+    runner, url = node
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    await _upgrade(url, u.netloc, Credentials(secret=runner.secret), "reader", reader, writer)
+    keys = np.arange(4000, dtype=np.int64) % 12  # 2 of 12 missing; 96 kB an answer
+    want = runner.core.store.table("emb").lookup(keys)
+    sent, held_back = 0, False
+    try:
+        while sent < 3000:
+            sent += 1
+            writer.writelines(lookup_frame(sent, ["emb"], [keys]))
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:  # the node stopped reading
+                held_back = True
+                break
+        assert held_back, f"{sent} frames sent, none held back"
+        for seq in [*range(1, sent + 1), sent + 1]:
+            if seq > sent:  # the stream goes on
+                writer.writelines(lookup_frame(seq, ["emb"], [keys]))
+            kind, _, _, n, got_seq = ANSWER.unpack(await reader.readexactly(ANSWER.size))
+            assert (kind, got_seq, n) == (FOUND, seq, keys.size)
+            tables, _ = FOUND_TAIL.unpack(await reader.readexactly(FOUND_TAIL.size))
+            dims, rows = np.frombuffer(await reader.readexactly(16 * tables), "<i8").reshape(2, 1)
+            versions = np.frombuffer(await reader.readexactly(8 * n), "<i8")
+            values = np.frombuffer(await reader.readexactly(4 * int(dims[0] * rows[0])), "<f4")
+            np.testing.assert_array_equal(versions, want[1])
+            np.testing.assert_array_equal(values.reshape(-1, 4), want[0])
+    finally:
+        writer.close()

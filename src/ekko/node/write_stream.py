@@ -174,9 +174,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self._deadline = None
         self.stats.broken += 1
         log.warning("write stream closed: a frame took over %.0f s to arrive", self.frame_timeout_s)
-        self._last = True
-        self._wake.set()
-        self._pause_reading()
+        self._end()
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -197,8 +195,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         except FrameError as exc:
             self.stats.broken += 1
             self._answer(seq, None, refused(seq, 400, str(exc)))
-            self._last = True  # what follows cannot be found: answer, then close
-            self._pause_reading()
+            self._end()  # what follows cannot be found: answer, then close
             return
         self._phase, self._need = _NAME, self._frame.name_len
         loop = asyncio.get_running_loop()
@@ -240,8 +237,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
                 log.exception("write stream: frame %d failed", f.seq)
                 self.stats.broken += 1
                 self._refuse(f.seq, 500, f"internal error: {exc!r}")
-                self._last = True
-                self._pause_reading()
+                self._end()
                 return
             self._refuse(f.seq, status, str(exc))
             return
@@ -283,7 +279,23 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self.stats.refused += 1
         self._answer(seq, None, refused(seq, status, reason))
 
+    def _end(self) -> None:
+        """Take no more frames: ``run`` sends what is queued, then closes the stream."""
+        self._last = True
+        self._wake.set()
+        self._pause_reading()
+
     def _answer(self, seq: int, versions: np.ndarray | None, refusal: bytes | list) -> None:
+        if (
+            self.lookups
+            and not self._answers
+            and self._writing.is_set()
+            and not self.closed.done()
+            and self.transport is not None
+        ):  # a lookup stream's answer waits for no write: with none queued before it, it
+            # goes now, in order, without waking ``run`` (a task step a frame cost CPU)
+            self._send(refusal)
+            return
         self._answers.append((seq, versions, refusal))
         self._wake.set()
         if len(self._answers) >= self.window:
@@ -300,6 +312,12 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     # -- answers --------------------------------------------------------------------------
+
+    def _send(self, answer: bytes | list) -> None:
+        if isinstance(answer, list):
+            self.transport.writelines(answer)  # type: ignore[union-attr]
+        else:
+            self.transport.write(answer)  # type: ignore[union-attr]
 
     async def run(self) -> None:
         """Answer frames as their writes become durable, until the stream ends."""
@@ -332,15 +350,11 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         if self.closed.done():
             return  # the client went while the batch became durable
         for seq, versions, refusal in batch:
-            if versions is None and isinstance(refusal, list):
-                self.transport.writelines(refusal)  # type: ignore[union-attr]
-            elif versions is None:
-                self.transport.write(refusal)  # type: ignore[union-attr]
-            elif failure is not None:
+            if versions is not None and failure is not None:
                 self.stats.refused += 1
-                self.transport.write(refused(seq, 503, failure))  # type: ignore[union-attr]
+                self._send(refused(seq, 503, failure))
             else:
-                self.transport.writelines(written(seq, versions))  # type: ignore[union-attr]
+                self._send(refusal if versions is None else written(seq, versions))
         await self._writing.wait()  # a client that reads no answers gets no more frames in
 
 
