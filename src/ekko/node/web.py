@@ -20,13 +20,9 @@ from ekko.node.http_server import EmbeddedServer, http_server
 from ekko.node.metrics import node_registry, task_metrics
 from ekko.node.models import ModelHost
 from ekko.node.replica_lag import knowledge_route
+from ekko.node.stream_routes import lookup_stream_route, stream_metrics, write_stream_route
 from ekko.node.supervisor import Supervisor
-from ekko.node.write_stream import (
-    StreamStats,
-    lookup_stream_route,
-    stream_metrics,
-    write_stream_route,
-)
+from ekko.node.write_stream import StreamStats
 
 
 def _version() -> str:

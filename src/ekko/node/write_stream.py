@@ -8,26 +8,17 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from ekko.client.stream_frames import (
     FLAG_KNOWN,
     KIND_DELETE,
     KIND_LOOKUP,
     LOOKUP_PATH,
-    LOOKUP_UPGRADE,
-    MAX_FRAME_HEADER,
     MAX_NAME_BYTES,
     REQUEST,
-    STREAM_PATH,
-    UPGRADE,
     FrameError,
     WriteHead,
     found,
@@ -35,17 +26,18 @@ from ekko.client.stream_frames import (
     refused,
     written,
 )
-from ekko.net.httpkit import BODY_TIMEOUT_S, error_response
+from ekko.net.httpkit import BODY_TIMEOUT_S
 from ekko.node.core import NodeCore
-from ekko.node.http_server import UPGRADE_KEY, DeadlineProtocol
-from ekko.node.lookup_variant import Baseline, lookup_store
-from ekko.node.table_routes import ROW_ERRORS, guarded
+from ekko.node.table_routes import ROW_ERRORS
 from ekko.store import Store
 from ekko.store.table_frames import lookup_tables
 
 log = logging.getLogger(__name__)
 
 _HEAD, _NAME, _BODY = range(3)
+STAGE_BYTES = 16 * 1024
+"""Bytes a stream reads at once between frames: a small frame (a lookup's) arrives whole in
+one read, where its head, names and body took one read and one turn of the loop each."""
 FRAME_TIMEOUT_S = BODY_TIMEOUT_S
 """A frame begun must be complete within this long (as a body on the HTTP port)."""
 KEEPALIVE_IDLE_S = 60
@@ -107,7 +99,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self.stats = stats
         self.window = window
         self.transport: asyncio.Transport | None = None
-        self._head = bytearray(REQUEST.size)
+        self._stage = bytearray(STAGE_BYTES)  # read into between frames (``_staged``)
         self._name = bytearray(MAX_NAME_BYTES)
         self._body = np.empty(0, dtype=np.uint8)
         self._phase, self._need, self._got = _HEAD, REQUEST.size, 0
@@ -147,7 +139,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         if self._last:  # the stream takes no more frames: what still arrives is dropped
             return memoryview(self._name)
         if self._phase == _HEAD:
-            return memoryview(self._head)[self._got :]
+            return memoryview(self._stage)[self._got :]
         if self._phase == _NAME:
             return memoryview(self._name)[self._got : self._need]
         return memoryview(self._body)[self._got : self._need]
@@ -156,19 +148,58 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         if self._last:
             return
         self._got += nbytes
+        if self._phase == _HEAD:
+            self._staged()
+            return
         if self._got < self._need:
             return
         self._got = 0
-        if self._phase == _HEAD:
-            self._read_head()
-        elif self._phase == _NAME:
-            self._phase, self._need = _BODY, self._frame.body_bytes  # type: ignore[union-attr]
-            if self._body.shape[0] < self._need:
-                self._body = np.empty(self._need, dtype=np.uint8)
+        if self._phase == _NAME:
+            self._to_body()
         else:
             self._disarm()
             self._write_frame()
             self._phase, self._need = _HEAD, REQUEST.size
+
+    def _to_body(self) -> None:
+        self._phase, self._need = _BODY, self._frame.body_bytes  # type: ignore[union-attr]
+        if self._body.shape[0] < self._need:
+            self._body = np.empty(self._need, dtype=np.uint8)
+
+    def _staged(self) -> None:
+        """The frames in the bytes read between frames (``_stage[:_got]``): each whole one
+        written, in order; of one cut short, its names and body so far copied where the rest
+        is read to (``_deadline`` armed from here). Stops while reading is paused (the
+        window is full): ``_resume_reading`` goes on from what is left."""
+        stage, end, at = self._stage, self._got, 0
+        while end - at >= REQUEST.size and not self._last and not self._reading_paused:
+            if not self._read_head(memoryview(stage)[at : at + REQUEST.size]):
+                return
+            at += REQUEST.size
+            f = self._frame
+            assert f is not None
+            m = min(f.name_len, end - at)
+            self._name[:m] = stage[at : at + m]
+            at += m
+            if m < f.name_len:
+                self._got = m
+                self._arm()
+                return
+            self._to_body()
+            m = min(f.body_bytes, end - at)
+            self._body[:m] = np.frombuffer(stage, np.uint8, m, at)
+            at += m
+            if m < f.body_bytes:
+                self._got = m
+                self._arm()
+                return
+            self._phase, self._need = _HEAD, REQUEST.size
+            self._write_frame()
+        stage[: end - at] = stage[at:end]  # a head cut short, or frames held back
+        self._got = end - at
+
+    def _arm(self) -> None:
+        self._deadline = asyncio.get_running_loop().call_later(self.frame_timeout_s, self._expire)
 
     def _expire(self) -> None:
         self._deadline = None
@@ -188,18 +219,19 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
 
     # -- frames ---------------------------------------------------------------------------
 
-    def _read_head(self) -> None:
-        seq = REQUEST.unpack(self._head)[-1]
+    def _read_head(self, head: memoryview) -> bool:
+        """Whether ``head`` begins a frame (``_frame``); if not, it is refused and the
+        stream ends."""
+        seq = REQUEST.unpack(head)[-1]
         try:
-            self._frame = parse_head(self._head, self.max_body)
+            self._frame = parse_head(head, self.max_body)
         except FrameError as exc:
             self.stats.broken += 1
             self._answer(seq, None, refused(seq, 400, str(exc)))
             self._end()  # what follows cannot be found: answer, then close
-            return
+            return False
         self._phase, self._need = _NAME, self._frame.name_len
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self.frame_timeout_s, self._expire)
+        return True
 
     def _write_frame(self) -> None:
         f = self._frame
@@ -309,7 +341,10 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
     def _resume_reading(self) -> None:
         if self._reading_paused and not self._last and self.transport is not None:
             self._reading_paused = False
-            self.transport.resume_reading()
+            if self._phase == _HEAD:
+                self._staged()  # the frames read and held back first
+            if not self._reading_paused and not self._last:
+                self.transport.resume_reading()
 
     # -- answers --------------------------------------------------------------------------
 
@@ -366,110 +401,3 @@ def _probe_when_silent(sock: socket.socket) -> None:
                         ("TCP_KEEPCNT", 6)):  # fmt: skip
         if hasattr(socket, name):  # Linux; elsewhere the system's defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
-def write_stream_route(
-    core: NodeCore, max_body: int, stats: StreamStats, lookups: StreamStats | None = None
-) -> Route:
-    """``POST /v1/streams/write`` with ``Upgrade: ekko-rows/1``: the connection becomes a
-    write stream (writer role, checked like every route before this runs; only at the
-    source). Streams of both kinds together take at most half ``http.max_connections``: a
-    stream holds its connection as long as its client likes, and with every connection a
-    stream the node answered 503 to everything else, ``/ready`` and the guard's routes
-    included."""
-    return _stream_route(core, max_body, stats, lookups, lookups=False)
-
-
-def lookup_stream_route(
-    core: NodeCore,
-    max_body: int,
-    stats: StreamStats,
-    writes: StreamStats,
-    baseline: Baseline | None = None,
-) -> Route:
-    """``POST /v1/streams/lookup`` with ``Upgrade: ekko-lookup/1``: the connection becomes a
-    lookup stream (reader role, on any node), under the same limit as write streams. With
-    ``x-ekko-variant: baseline`` it reads ``baseline()`` (the guard's lagged store; 409
-    naming the node, before the switch, when it keeps none)."""
-    return _stream_route(core, max_body, stats, writes, lookups=True, baseline=baseline)
-
-
-def _stream_route(
-    core: NodeCore,
-    max_body: int,
-    stats: StreamStats,
-    others: StreamStats | None,
-    *,
-    lookups: bool,
-    baseline: Baseline | None = None,
-) -> Route:
-    connections = core.config.http.max_connections
-    most = max(1, connections // 2)
-    path, token, kind = (
-        (LOOKUP_PATH, LOOKUP_UPGRADE, "lookup") if lookups else (STREAM_PATH, UPGRADE, "write")
-    )
-
-    @guarded
-    async def upgrade(request: Request) -> Response:
-        """Open a stream: answered ``101 Switching Protocols``, then frames
-        (``ekko.client.stream_frames``): of rows at the source, or of lookups at any node."""
-        if not lookups:
-            core.require_source("open write streams to")
-        if request.headers.get("upgrade", "").lower() != token:
-            return error_response(f"upgrade: expected {token!r} (a {kind} stream)", 426)
-        store = core.store
-        if lookups:
-            store = lookup_store(core.name, core.store, baseline, request.headers)
-        open_now = stats.open + (others.open if others is not None else 0)
-        if open_now >= most:
-            return error_response(
-                f"{open_now} streams are open, the most this node takes (half its "
-                f"http.max_connections, {connections}): close one, or raise the limit",
-                503,
-            )
-        conn: DeadlineProtocol | None = request.scope.get("state", {}).get(UPGRADE_KEY)
-        if conn is None:
-            return error_response("this server cannot switch protocols", 501)
-        protocol = WriteStreamProtocol(
-            core, max_body, stats, lookups=lookups, store=None if store is core.store else store
-        )
-        conn.switch(protocol, token, {MAX_FRAME_HEADER: str(max_body)})
-        stats.opened += 1
-        stats.open += 1
-        try:
-            await protocol.run()
-        finally:
-            stats.open -= 1
-        return Response(status_code=101)  # never sent: the connection is the stream's now
-
-    return Route(path, upgrade, methods=["POST"])
-
-
-def stream_metrics(
-    node: str, stats: StreamStats, kind: str = "write"
-) -> Callable[[], Iterator[Metric]]:
-    """A collector of the node's streams of ``kind`` (``write`` or ``lookup``): opened and
-    open, frames answered and rows (keys) in them, frames refused, streams broken by a
-    frame that could not be read."""
-    what = "written (acknowledged once durable)" if kind == "write" else "answered"
-
-    def collect() -> Iterator[Metric]:
-        for name, family, doc, value in (
-            (f"ekko_{kind}_streams_opened", CounterMetricFamily, f"{kind} streams opened",
-             stats.opened),
-            (f"ekko_{kind}_streams_open", GaugeMetricFamily, f"{kind} streams open now",
-             stats.open),
-            (f"ekko_{kind}_stream_frames", CounterMetricFamily, f"{kind}-stream frames {what}",
-             stats.frames),
-            (f"ekko_{kind}_stream_rows", CounterMetricFamily,
-             f"Rows (keys) in {kind}-stream frames", stats.rows),
-            (f"ekko_{kind}_stream_refusals", CounterMetricFamily,
-             f"{kind}-stream frames refused (the reason went to the client)", stats.refused),
-            (f"ekko_{kind}_streams_broken", CounterMetricFamily,
-             f"{kind} streams closed on a frame whose head could not be read", stats.broken),
-        ):  # fmt: skip
-            m = family(name, doc, labels=["node"])
-            m.add_metric([node], value)
-            yield m
-
-    return collect
