@@ -125,6 +125,13 @@ def _drop(doc, names):
             ),
             "nodes[ck].refresh: a checkpoint replica copies one source's store",
         ),
+        (
+            lambda d: (
+                d.update(guard={"enabled": True}, models=[{"name": "ctr"}])
+                or _node(d, "source-p1").update(serve=True)
+            ),
+            "nodes[source-p1].serve: a partition source does not serve a guarded model",
+        ),
         (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=0), "max_memory_mb"),
         (lambda d: _node(d, "dc1-p0-r0").update(max_memory_mb=float("nan")), "max_memory_mb"),
     ],
@@ -140,6 +147,13 @@ def test_partition_configs_that_cannot_run_are_refused_by_name(mutate, needle):
 def test_cluster_init_refuses_partitions_with_a_checkpoint_replica():
     with pytest.raises(ValueError, match="not with --partitions 2"):
         _doc(checkpoint_every_s=5.0)
+
+
+def test_a_serving_source_is_fine_without_the_guard():
+    doc = _doc()
+    doc.update(models=[{"name": "ctr"}])
+    _node(doc, "source-p1")["serve"] = True
+    assert ClusterConfig.model_validate(doc).node("source-p1").serve
 
 
 def test_the_guard_runs_on_a_partitioned_cluster(tmp_path):

@@ -97,6 +97,16 @@ def check(config: ClusterConfig) -> None:
                 f"(every DC holds every partition; missing {missing})"
             )
     sources = {p: source_of(config, p).name for p in range(parts)}
+    origins = set(sources.values())
+    if parts > 1 and config.guard.enabled and config.models:
+        origin = next((n.name for n in config.nodes if n.serve and n.name in origins), None)
+        if origin is not None:
+            raise ValueError(
+                f"nodes[{origin}].serve: a partition source does not serve a guarded model on "
+                f"a cluster of {parts} partitions (its baseline would have no lagged rows: a "
+                "source pulls nothing, and the guard's coordinator would wait for its reports "
+                "for ever); serve from the holders, or turn the guard off"
+            )
     for n in config.nodes:
         if n.refresh != "sync":
             continue
