@@ -41,3 +41,12 @@ class PreimageError(LookupError):
     Why: the log is bounded in time and rows; asking for an older point must fail loudly with
     the earliest restorable time, never return a partial restore set.
     """
+
+
+class QuarantineFileError(RuntimeError):
+    """A source's quarantine file (its data dir's ``quarantine.json``) cannot be read.
+
+    Why not start without it: the file says which tables a rollback still shields from the
+    poisoned trainers' writes; a source that shrugged it off would take those writes at once.
+    The message names the file and the entry; an operator removes the file to start anyway.
+    """

@@ -19,6 +19,7 @@ import numpy as np
 
 from ekko.guard.errors import PreimageError
 from ekko.guard.preimages import PreimageLog
+from ekko.guard.quarantine_file import QuarantineFile
 from ekko.schedule.quarantine import Quarantine
 from ekko.schedule.write_port import WritePort
 from ekko.store.clock import SYSTEM_CLOCK, Clock
@@ -57,6 +58,8 @@ class SourceRestore:
         placement: the cluster's placement (None: one partition; digests are whole tables).
         window_s: how long pre-images are kept.
         clock: wall and monotonic time, and the restore's version stamps.
+        quarantine_file: where the quarantine is kept across a restart (the node's data dir;
+            None: in memory only). ``resume`` reapplies it at start.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class SourceRestore:
         placement: Placement | None = None,
         window_s: float = 600.0,
         clock: Clock = SYSTEM_CLOCK,
+        quarantine_file: QuarantineFile | None = None,
     ) -> None:
         self.model = model
         self.node = node
@@ -84,6 +88,32 @@ class SourceRestore:
         self.answers: dict[int, dict[str, Any]] = {}  # by epoch: a repeated command's answer
         self.last_epoch: int | None = None
         self.rows_restored = 0
+        self.quarantine_file = quarantine_file
+
+    def resume(self) -> dict[str, float]:
+        """At start: reapply this model's quarantine from ``quarantine_file`` if it has not
+        ended (its epoch becomes the last one: an older command is refused); ``{table: until}``
+        of what was reapplied. The pre-images of the restore are gone with the process, so a
+        coordinator's repeated command for that epoch finds nothing to restore here."""
+        if self.quarantine_file is None:
+            return {}
+        entry = self.quarantine_file.load(self._clock.wall()).get(self.model)
+        if entry is None:
+            return {}
+        q, tables = entry
+        tables = [t for t in tables if t in self.tables]
+        self.port.quarantine(tables, q)
+        self.last_epoch = q.epoch if self.last_epoch is None else max(self.last_epoch, q.epoch)
+        log.warning(
+            "guard %s at %s: restarted inside the quarantine of epoch %d: writes to %s refused "
+            "until %.3f",
+            self.model,
+            self.node,
+            q.epoch,
+            tables,
+            q.until,
+        )
+        return {t: q.until for t in tables}
 
     def checkpoint(self, at: float) -> bool:
         """The coordinator saw every replica healthy at ``at``: a restore point here too.
@@ -122,7 +152,10 @@ class SourceRestore:
                 f"earliest restorable point is {earliest}"
             )
         if quarantine_until is not None:
-            self.port.quarantine(self.tables, Quarantine(self.model, epoch, quarantine_until))
+            q = Quarantine(self.model, epoch, quarantine_until)
+            if self.quarantine_file is not None:  # on disk first: a kill -9 cannot lift it
+                self.quarantine_file.save(q, self.tables, self._clock.wall())
+            self.port.quarantine(self.tables, q)
         out = self._write_back(to_wall)
         self.preimages.rolled_back(to_wall)
         self.last_epoch = epoch

@@ -29,6 +29,7 @@ from ekko.guard.coordinator import (
 )
 from ekko.guard.errors import PreimageError
 from ekko.guard.log import TransitionLog
+from ekko.guard.quarantine_file import QuarantineFile
 from ekko.guard.restore import Restored, SourceRestore
 from ekko.guard.state import Event, ModelHealth, State
 from ekko.schedule.write_port import WritePort
@@ -66,6 +67,7 @@ class SourceGuard:
         plan: on a partitioned cluster, the other partition sources this coordinator
             commands and the holders it checks (``PartitionPlan``); None: one partition,
             whose replicas report ``restored`` themselves.
+        quarantine_file: where its own write quarantine survives a restart (``SourceRestore``).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class SourceGuard:
         flush_writes: Callable[[], None] | None = None,
         node: str = "source",
         plan: PartitionPlan | None = None,
+        quarantine_file: QuarantineFile | None = None,
     ) -> None:
         self.model = model
         self.port = port
@@ -103,6 +106,7 @@ class SourceGuard:
         self.local = SourceRestore(
             model, node, port, tables, window_s=window_s, clock=clock,
             partitions=plan.partitions if plan else (0,), placement=plan and plan.placement,
+            quarantine_file=quarantine_file,
         )  # fmt: skip
         self.preimages = self.local.preimages
         self._unfreeze_epoch: int | None = None  # holders to unfreeze once healthy again

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ekko.guard.coordinator import PartitionPlan, SourceResults
+from ekko.guard.quarantine_file import QuarantineFile
 from ekko.guard.restore import SourceRestore
 from ekko.guard.source_guard import SourceGuard
 from ekko.node import config_partitions
@@ -88,13 +89,16 @@ class GuardSources:
         g = cfg.guard
         serving = [n.name for n in cfg.nodes if n.serve and n.refresh == "sync"]
         others = {n: p for n, p in sources.items() if n != core.name}
+        kept = QuarantineFile(core.data_dir / "quarantine.json")  # a restart keeps refusing
         for m in cfg.models:
             tables = model_tables(m)
             if not self.coordinator:
                 self.restorers[m.name] = SourceRestore(
                     m.name, core.name, core.port, tables, partitions=mine,
                     placement=cfg.placement(), window_s=g.preimage_window_s, clock=clock,
+                    quarantine_file=kept,
                 )  # fmt: skip
+                self.restorers[m.name].resume()
                 continue
             plan = PartitionPlan(
                 cfg.placement(), mine, others, self.holders, self._send,
@@ -110,8 +114,9 @@ class GuardSources:
                 margin_s=g.rollback_margin_s, window_s=g.preimage_window_s,
                 probation=g.probation, quarantine_s=g.quarantine_s,
                 report_max_age_s=max(3.0, 5 * g.interval_s), clock=clock, node=core.name,
-                plan=plan,
+                plan=plan, quarantine_file=kept,
             )  # fmt: skip
+            self.guards[m.name].local.resume()
 
     def _send(self, target: str, path: str, body: dict[str, Any]) -> None:
         if self.link is not None:
