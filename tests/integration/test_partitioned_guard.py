@@ -149,7 +149,7 @@ POISON_MODEL = {"name": "ctr", "rows_per_table": 2_000, "embedding_dim": 8,
                 "sparse_lr": 0.05, "dense_lr": 0.01, "dense_interval_s": 0.5,
                 "baseline_lag_s": 6.0}  # fmt: skip
 POISON_GUARD = {"enabled": True, "interval_s": 0.5, "min_samples": 60, "probation": 2,
-                "rollback_margin_s": 6.0, "quarantine_s": 6.0,
+                "rollback_margin_s": 9.0, "quarantine_s": 6.0,
                 "restore_timeout_s": 5.0}  # fmt: skip
 SERVING = {"dc1-p0-r0": None, "dc2-p1-r0": None}
 
