@@ -111,7 +111,7 @@ def test_a_holder_that_does_not_serve_shows_its_baseline_in_the_guard_view(
     doc = cluster_doc(dcs=1, replicas=1, partitions=2, serve=True, models=[MODEL], tables=[])
     doc["guard"] = {"enabled": True}
     for node in doc["nodes"]:
-        node["serve"] = node["name"] != "dc1-p0-r0"
+        node["serve"] = node["name"] == "dc1-p1-r0"  # a source may not serve guarded
     cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
     host = _host(cfg, "dc1-p0-r0", tmp_path, [])
     assert not host.replica_guards and host.holders is not None and host.holders.rows is None

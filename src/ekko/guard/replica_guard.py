@@ -13,7 +13,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,11 @@ from ekko.guard.state import Event, ModelHealth, State, Transition, event_for_le
 from ekko.serve.service import BASELINE, ONLINE, InferenceService
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ekko.serve.scatter import PartitionedLookup
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +134,12 @@ class ReplicaGuard:
         shadow_share: float,
         recovery_tolerance: float = 0.02,
         clock: Clock = SYSTEM_CLOCK,
-    ) -> ReplicaGuard:
-        service.add_variant(BASELINE, lagged.store)
+        *,
+        baseline_rows: PartitionedLookup | None = None,
+    ) -> Self:
+        """The guard of ``service`` with its baseline variant over ``lagged``: read from its
+        store, or by ``baseline_rows`` (a partitioned cluster: the holders' lagged stores)."""
+        service.add_variant(BASELINE, lagged.store, rows=baseline_rows)
         guard = cls(
             node, service, lagged, TrafficRouter(service.model.baseline_share),
             Detector(detector_config), ModelHealth(service.name, probation, clock.wall), log_, send,

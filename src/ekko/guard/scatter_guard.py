@@ -12,15 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ekko.guard.baseline import LaggedStore
-from ekko.guard.detector import Detector, DetectorConfig
-from ekko.guard.log import TransitionLog
-from ekko.guard.replica_guard import ReplicaGuard, Send
-from ekko.guard.router import TrafficRouter
-from ekko.guard.state import ModelHealth
-from ekko.serve.scatter import PartitionedLookup
-from ekko.serve.service import BASELINE, InferenceService
-from ekko.store.clock import SYSTEM_CLOCK, Clock
+from ekko.guard.replica_guard import ReplicaGuard
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +33,6 @@ class ScatterReplicaGuard(ReplicaGuard):
         super().__init__(*args, **kwargs)
         self.restored_early: int | None = None  # holders_restored ahead of its rolled_back
         self.stale = 0  # messages ignored as about an older incident
-
-    @classmethod
-    def build_scattered(
-        cls,
-        node: str,
-        service: InferenceService,
-        lagged: LaggedStore,
-        baseline_rows: PartitionedLookup,
-        detector_config: DetectorConfig,
-        probation: int,
-        log_: TransitionLog | None,
-        send: Send,
-        shadow_share: float,
-        recovery_tolerance: float = 0.02,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> ScatterReplicaGuard:
-        """The guard of ``service`` (scattered online) with a baseline variant read by
-        ``baseline_rows`` (the holders' lagged stores)."""
-        service.add_variant(BASELINE, lagged.store, rows=baseline_rows)
-        guard = cls(
-            node, service, lagged, TrafficRouter(service.model.baseline_share),
-            Detector(detector_config), ModelHealth(service.name, probation, clock.wall), log_, send,
-            shadow_share, recovery_tolerance, clock,
-        )  # fmt: skip
-        service.set_split(guard.router.baseline_mask, shadow_share)
-        return guard
 
     def poll(self) -> None:
         """Nothing to check here: the coordinator's ``holders_restored`` ends the wait."""

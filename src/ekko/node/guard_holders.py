@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING
 import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ekko.client.credentials import Credentials
 from ekko.guard.baseline import LaggedStore
 from ekko.guard.holder_guard import HolderGuard
 from ekko.guard.log import TransitionLog
-from ekko.node import config_partitions
 from ekko.node.access import ClusterAuth
 from ekko.node.core import NodeCore
 from ekko.node.http_client import ClusterHttp
-from ekko.store.errors import UnknownTableError
+from ekko.node.scatter_rows import scatter_rows
 
 if TYPE_CHECKING:
     from ekko.node.models import ModelHost
@@ -38,44 +36,11 @@ def baseline_rows(
     core: NodeCore, http: ClusterHttp, secret: bytes, lagged: LaggedStore
 ) -> PartitionedLookup:
     """The baseline's scatter: each partition from this node's own lagged store when it
-    holds it (``LOCAL`` first), then from the partition's other holders in the node's DC
-    over baseline lookup streams. Sources are left out: they keep no lagged store (every one
-    would answer 409)."""
-    from ekko.serve.errors import ModelNotReady
-    from ekko.serve.scatter import PartitionedLookup
-    from ekko.serve.scatter_http import LOCAL, HttpHolders, LocalFirst
-
+    holds it, then from the partition's other holders in the node's DC over baseline lookup
+    streams. Sources are left out: they keep no lagged store (every one would answer 409)."""
     cfg = core.config
-    mine = set(cfg.held(core.name))
     sources = {cfg.source_of(p).name for p in range(cfg.cluster.partitions)}
-    holders = {
-        p: [LOCAL] * (p in mine)
-        + [http.url(n.name) for n in config_partitions.holders(cfg, core.dc, p)
-           if n.name != core.name and n.name not in sources]
-        for p in range(cfg.cluster.partitions)
-    }  # fmt: skip
-    empty = [p for p, h in holders.items() if not h]
-    if empty:
-        raise ValueError(
-            f"node {core.name}: no holder of partitions {empty} in DC {core.dc} keeps a "
-            f"baseline (only their sources hold them there); the guard's baseline needs a "
-            f"replica of every partition in the serving node's DC"
-        )
-    names = {http.url(n.name): n.name for n in cfg.nodes}
-    tls = http.verify if http.tls else None
-    remote = HttpHolders(
-        Credentials(secret=secret), tls=tls, server_name=names.get, variant="baseline"
-    )
-
-    def num_shards(table: str) -> int:
-        try:
-            return core.store.table(table).spec.num_shards
-        except UnknownTableError:
-            raise ModelNotReady(
-                f"table {table!r} is not in node {core.name}'s catalog yet (still syncing)"
-            ) from None
-
-    return PartitionedLookup(cfg.placement(), holders, LocalFirst(lagged.store, remote), num_shards)
+    return scatter_rows(core, http, secret, local=lagged.store, variant="baseline", skip=sources)
 
 
 class GuardHolders:
@@ -139,9 +104,10 @@ class GuardHolders:
                 raise ValueError(f"node {core.name}: the baseline's scatter needs http and secret")
             rows = baseline_rows(core, http, secret, lagged)
             for name, svc in host.services.items():
-                host.replica_guards[name] = ScatterReplicaGuard.build_scattered(
-                    core.name, svc, lagged, rows, g.detector(), g.probation, log_,
+                host.replica_guards[name] = ScatterReplicaGuard.build(
+                    core.name, svc, lagged, g.detector(), g.probation, log_,
                     sender(name), g.shadow_share, g.recovery_auc_tolerance, host.clock,
+                    baseline_rows=rows,
                 )  # fmt: skip
         ask = None
         if http is not None and secret is not None:

@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ekko.client.credentials import Credentials
-from ekko.node import config_partitions
 from ekko.node.core import NodeCore
 from ekko.node.http_client import ClusterHttp
+from ekko.node.scatter_rows import scatter_rows
 from ekko.protocol.ready import Applied
 from ekko.schedule.write_port import WritePort
 from ekko.store import Store
 from ekko.store.clock import SYSTEM_CLOCK, Clock
-from ekko.store.errors import UnknownTableError
 from ekko.store.spec import TableSpec
 
 if TYPE_CHECKING:
@@ -33,41 +31,6 @@ if TYPE_CHECKING:
     from ekko.serve.scatter import PartitionedLookup
 
 log = logging.getLogger(__name__)
-
-
-def scatter_rows(core: NodeCore, http: ClusterHttp, secret: bytes) -> PartitionedLookup:
-    """The rows a serving node of a partitioned cluster predicts from: each partition from
-    this node's own store when it holds it (``LOCAL`` first), then from the partition's
-    holders in the node's DC in config order (its leader first), over signed HTTP.
-
-    Why the DC only: the issue's serving reads within a DC; a partition whose DC holders
-    are all down is a 503 naming it, not a WAN read. A table's shard count is the node's own
-    catalog's (every holder has every table's spec; it lacks only other partitions' rows)."""
-    from ekko.serve.errors import ModelNotReady
-    from ekko.serve.scatter import PartitionedLookup
-    from ekko.serve.scatter_http import LOCAL, HttpHolders, LocalFirst
-
-    cfg = core.config
-    mine = set(cfg.held(core.name))
-    holders = {
-        p: [LOCAL] * (p in mine)
-        + [http.url(n.name) for n in config_partitions.holders(cfg, core.dc, p)
-           if n.name != core.name]
-        for p in range(cfg.cluster.partitions)
-    }  # fmt: skip
-    names = {http.url(n.name): n.name for n in cfg.nodes}
-    tls = http.verify if http.tls else None
-    remote = HttpHolders(Credentials(secret=secret), tls=tls, server_name=names.get)
-
-    def num_shards(table: str) -> int:
-        try:
-            return core.store.table(table).spec.num_shards
-        except UnknownTableError:
-            raise ModelNotReady(
-                f"table {table!r} is not in node {core.name}'s catalog yet (still syncing)"
-            ) from None
-
-    return PartitionedLookup(cfg.placement(), holders, LocalFirst(core.store, remote), num_shards)
 
 
 class LoopSink:
