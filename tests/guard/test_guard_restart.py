@@ -1,7 +1,10 @@
-"""A partition source restarted (kill -9, then its data dir) inside a rollback's quarantine:
-the quarantine is in its data dir (fsynced when the restore starts), reapplied at start until
-its end, and dropped once expired. Without it the restarted source accepted the poisoned
-ranks' in-flight writes at once, over the rows it had just restored."""
+"""Sources of a partitioned cluster restarted (kill -9) around a rollback.
+
+A partition source restarted inside a rollback's quarantine keeps it: it is in its data dir
+(fsynced when the restore starts), reapplied at start until its end, dropped once expired
+(without it the restarted source took the poisoned ranks' in-flight writes at once). The
+coordinator restarted from its guard log numbers its incidents on, releases holders it had
+not, and says so when it was killed inside a rollback; a source refuses a reused epoch."""
 
 from __future__ import annotations
 
@@ -10,10 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_guard_partitioned import PLACEMENT, Cluster
 
+from ekko.guard.coordinator import PartitionPlan
 from ekko.guard.errors import PreimageError
+from ekko.guard.log import TransitionLog
 from ekko.guard.quarantine_file import QuarantineFile, QuarantineFileError
 from ekko.guard.restore import SourceRestore
+from ekko.guard.source_guard import SourceGuard
+from ekko.guard.state import State
 from ekko.schedule import WritePort
 from ekko.schedule.quarantine import QuarantinedError
 from ekko.store import Store
@@ -75,3 +83,95 @@ def test_a_damaged_quarantine_file_is_an_error_naming_it(tmp_path: Path):
     path.write_text("{not json")
     with pytest.raises(QuarantineFileError, match=r"quarantine\.json: not JSON"):
         QuarantineFile(path).load(0.0)
+
+
+# -- the coordinator restarted (kill -9) with its data dir, or without ------------------------
+
+
+def restarted(c, path: Path):
+    """The coordinator ``s0`` of ``c`` after a kill -9: a new ``SourceGuard`` over the same
+    store (its pre-images are gone), resumed from its guard log."""
+    plan = PartitionPlan(PLACEMENT, (0,), {"s1": (1,)}, {"h": (0, 1)}, c.send, c.restore_remote)
+    g = SourceGuard(
+        "ctr", c.ports["s0"], ["emb"], None, ["serve"],
+        lambda path, body: c.send("serve", f"/v1/models/ctr/{path}", body), TransitionLog(path),
+        margin_s=0.0, quarantine_s=30.0, probation=1, clock=c.clock, node="s0", plan=plan,
+    )  # fmt: skip
+    g.resume(TransitionLog.read(path))
+    return g
+
+
+def logged_cluster(path: Path, answer: str = "now"):
+
+    c = Cluster(answer)
+    c.guard.log = TransitionLog(path)
+    c.healthy_stretch()
+    c.write(50.0)
+    c.guard.report({"node": "serve", "state": "corrupted", "reason": "auc", "epoch": 0})
+    return c
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a restarted coordinator numbers from 0 and forgets unreleased holders",
+)
+def test_a_restarted_coordinator_numbers_on_and_releases_the_holders_it_had_not(tmp_path: Path):
+    """Incident 0 complete, the holders' release (message 8) not sent yet: the restarted
+    coordinator's next incident is 1 (a second 0 was ignored by every holder as stale and
+    answered from cache by every source that had restored 0), and it releases the holders
+    once every serving node is healthy again."""
+    path = tmp_path / "guard.log"
+    c = logged_cluster(path)
+    c.guard.restored({"node": "h", "at": 1_004.0, "epoch": 0, "digests": c.holder_digests()})
+    assert c.guard.health.state is State.RECOVERING and "healthy" not in c.kinds("h")
+    g = restarted(c, path)  # kill -9 before every serving node was healthy again
+    assert g.next_epoch == 1 and g.status()["rollback_error"] is None
+    g.report({"node": "serve", "state": "healthy", "epoch": 1})
+    g.tick(c.clock.wall())
+    assert c.sent[-1] == ("h", "healthy", {"epoch": 0})
+    g.tick(c.clock.wall())
+    assert c.kinds("h").count("healthy") == 1
+    c.write(60.0)
+    g.report({"node": "serve", "state": "corrupted", "reason": "auc", "epoch": 1})
+    assert g.incident is not None and g.incident["epoch"] == 1, g.rollback_error
+    assert c.restore_bodies[-1]["epoch"] == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a coordinator restarted inside a rollback says healthy, with no incident",
+)
+def test_a_coordinator_restarted_inside_a_rollback_says_so_and_stays_corrupted(tmp_path: Path):
+    """Killed while the other sources restore: the restarted coordinator does not know if
+    they did, and its pre-images are gone. It says so (corrupted, the incident named as
+    interrupted), never a silent 'healthy' while serving nodes are on the baseline."""
+    path = tmp_path / "guard.log"
+    c = logged_cluster(path, answer="later")
+    assert c.guard.incident is not None and c.pending
+    g = restarted(c, path)
+    st = g.status()
+    assert st["state"] == "corrupted" and g.next_epoch == 1
+    assert "restarted during the rollback of incident 0" in st["rollback_error"]
+    assert st["incidents"][-1]["epoch"] == 0 and st["incidents"][-1]["interrupted"]
+    g.report({"node": "serve", "state": "healthy", "epoch": 1})
+    g.tick(c.clock.wall())
+    assert g.status()["state"] == "corrupted" and "healthy" not in c.kinds("h")
+
+
+@pytest.mark.xfail(
+    strict=True, reason="defect: a source answers a reused epoch from cache, restoring nothing"
+)
+def test_a_restarted_coordinator_without_its_data_reusing_an_epoch_is_refused(tmp_path: Path):
+    """``--fresh``: the coordinator numbers from 0 again. A source that restored epoch 0 to
+    another point refuses the new command naming both (it answered the old restore from
+    cache, restoring nothing, and the coordinator counted the partition as restored)."""
+
+    c = Cluster()
+    c.healthy_stretch()
+    c.write(50.0)
+    c.s1.restore(1_002.0, 0, "first coordinator")
+    c.clock.advance(1.0)
+    c.s1.checkpoint(c.clock.wall())
+    with pytest.raises(PreimageError, match=r"epoch 0 was restored here to 1002\.000"):
+        c.s1.restore(c.clock.wall(), 0, "restarted coordinator")
+    assert c.s1.restore(1_002.0, 0, "retried post").answer["epoch"] == 0  # a retry: as before
