@@ -91,6 +91,7 @@ def test_a_damaged_quarantine_file_is_an_error_naming_it(tmp_path: Path):
 def restarted(c, path: Path):
     """The coordinator ``s0`` of ``c`` after a kill -9: a new ``SourceGuard`` over the same
     store (its pre-images are gone), resumed from its guard log."""
+    c.ports["s0"] = WritePort(c.ports["s0"].store, clock=c.clock)  # a new process's port
     plan = PartitionPlan(PLACEMENT, (0,), {"s1": (1,)}, {"h": (0, 1)}, c.send, c.restore_remote)
     g = SourceGuard(
         "ctr", c.ports["s0"], ["emb"], None, ["serve"],
@@ -111,10 +112,6 @@ def logged_cluster(path: Path, answer: str = "now"):
     return c
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a restarted coordinator numbers from 0 and forgets unreleased holders",
-)
 def test_a_restarted_coordinator_numbers_on_and_releases_the_holders_it_had_not(tmp_path: Path):
     """Incident 0 complete, the holders' release (message 8) not sent yet: the restarted
     coordinator's next incident is 1 (a second 0 was ignored by every holder as stale and
@@ -131,16 +128,15 @@ def test_a_restarted_coordinator_numbers_on_and_releases_the_holders_it_had_not(
     assert c.sent[-1] == ("h", "healthy", {"epoch": 0})
     g.tick(c.clock.wall())
     assert c.kinds("h").count("healthy") == 1
+    c.clock.advance(30.0)  # past the quarantine
+    g.report({"node": "serve", "state": "healthy", "epoch": 1})
+    g.tick(c.clock.wall())  # a restore point of the restarted coordinator
     c.write(60.0)
     g.report({"node": "serve", "state": "corrupted", "reason": "auc", "epoch": 1})
     assert g.incident is not None and g.incident["epoch"] == 1, g.rollback_error
     assert c.restore_bodies[-1]["epoch"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a coordinator restarted inside a rollback says healthy, with no incident",
-)
 def test_a_coordinator_restarted_inside_a_rollback_says_so_and_stays_corrupted(tmp_path: Path):
     """Killed while the other sources restore: the restarted coordinator does not know if
     they did, and its pre-images are gone. It says so (corrupted, the incident named as
@@ -153,14 +149,29 @@ def test_a_coordinator_restarted_inside_a_rollback_says_so_and_stays_corrupted(t
     assert st["state"] == "corrupted" and g.next_epoch == 1
     assert "restarted during the rollback of incident 0" in st["rollback_error"]
     assert st["incidents"][-1]["epoch"] == 0 and st["incidents"][-1]["interrupted"]
+    sent = len(c.sent)
     g.report({"node": "serve", "state": "healthy", "epoch": 1})
+    g.tick(c.clock.wall())  # every serving node and holder back to (or kept on) the baseline
+    assert {(n, k, b["epoch"]) for n, k, b in c.sent[sent:]} == {
+        ("serve", "redirect", 0),
+        ("h", "redirect", 0),
+    }
     g.tick(c.clock.wall())
+    assert len(c.sent) == sent + 2
     assert g.status()["state"] == "corrupted" and "healthy" not in c.kinds("h")
+    with pytest.raises(PreimageError):  # before the restart: its pre-images are gone
+        g.rollback(1_002.0, "operator")
+    restart_at = c.clock.wall()
+    c.s1.checkpoint(restart_at)  # the other source (alive) has restore points of its own
+    inc = g.rollback(restart_at, "operator: the state at the restart")
+    assert inc["epoch"] == 1 and c.restore_bodies[-1]["epoch"] == 1
+    body, done = c.pending.pop()
+    done({"s1": c.s1.restore(**body).answer})
+    g.restored({"node": "h", "at": c.clock.wall(), "epoch": 1, "digests": c.holder_digests()})
+    assert g.incidents[-1]["good_rows_lost"] == 0 and c.kinds("serve")[-1] == "holders_restored"
+    assert g.health.state is State.RECOVERING
 
 
-@pytest.mark.xfail(
-    strict=True, reason="defect: a source answers a reused epoch from cache, restoring nothing"
-)
 def test_a_restarted_coordinator_without_its_data_reusing_an_epoch_is_refused(tmp_path: Path):
     """``--fresh``: the coordinator numbers from 0 again. A source that restored epoch 0 to
     another point refuses the new command naming both (it answered the old restore from

@@ -137,9 +137,17 @@ class SourceRestore:
         and write back the pre-images since the checkpoint at or before ``to_wall``.
 
         A repeated command for an epoch already restored here answers as the first did and
-        restores nothing (a retried post); an older epoch than the last is refused
-        (``PreimageError``), as is a ``to_wall`` before the earliest restorable point."""
+        restores nothing (a retried post); the same epoch to another point, an older epoch
+        than the last and a ``to_wall`` before the earliest restorable point are refused
+        (``PreimageError``)."""
         if epoch in self.answers:
+            first = self.answers[epoch]["to_wall"]
+            if first != to_wall:  # not a retry: a coordinator numbering from 0 again
+                raise PreimageError(
+                    f"model {self.model} at {self.node}: epoch {epoch} was restored here to "
+                    f"{first:.3f}; this command restores it to {to_wall:.3f} (a coordinator "
+                    "restarted without its guard log?)"
+                )
             return Restored(answer=self.answers[epoch])
         if self.last_epoch is not None and epoch < self.last_epoch:
             raise PreimageError(

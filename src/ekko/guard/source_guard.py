@@ -27,6 +27,7 @@ from ekko.guard.coordinator import (
     rows_lost,
     summary,
 )
+from ekko.guard.coordinator_resume import resumed
 from ekko.guard.errors import PreimageError
 from ekko.guard.log import TransitionLog
 from ekko.guard.quarantine_file import QuarantineFile
@@ -110,6 +111,8 @@ class SourceGuard:
         )  # fmt: skip
         self.preimages = self.local.preimages
         self._unfreeze_epoch: int | None = None  # holders to unfreeze once healthy again
+        self.next_epoch = 0  # the next incident's (``resume`` goes on from the log's)
+        self._redirect_again: dict[str, Any] | None = None  # a cut incident's, at next tick
         self.health = ModelHealth(model, probation, wall_clock=clock.wall)
         self.reports: dict[str, dict[str, Any]] = {}
         self.last_all_healthy: float | None = None
@@ -126,6 +129,9 @@ class SourceGuard:
 
     def tick(self, now_wall: float) -> None:
         """Mark a healthy checkpoint while every replica says healthy; move probation on."""
+        if self._redirect_again is not None:  # resumed inside a rollback: to the baseline
+            body, self._redirect_again = self._redirect_again, None
+            self._tell_all("guard/redirect", body)
         if self.resume_at is not None and self.incident is None and now_wall >= self.resume_at:
             self.resume_at = None
             if self.trainer is not None:
@@ -153,12 +159,11 @@ class SourceGuard:
             self.last_all_healthy = now_wall
             if self.plan is not None:  # every other source marks the same restore point
                 self._post(self.plan.sources, "guard/checkpoint", {"at": now_wall})
+            self._release_holders()  # a restart's: its incident was over, unreleased
         elif self.health.state is State.RECOVERING and all_healthy and self.incident is None:
             self._transition(Event.SCORE_NORMAL, "every replica healthy after the rollback")
-            back = self.health.state is State.HEALTHY and self._unfreeze_epoch is not None
-            if back and self.plan is not None:  # the holders' baselines follow again
-                self._post(self.plan.holders, "guard/healthy", {"epoch": self._unfreeze_epoch})
-                self._unfreeze_epoch = None
+            if self.health.state is State.HEALTHY:  # the holders' baselines follow again
+                self._release_holders()
         elif self.health.state is State.UNCERTAIN and all_healthy:
             self._transition(Event.SCORE_NORMAL, "every replica healthy")
         elif self.health.state is State.HEALTHY and "uncertain" in states:
@@ -199,7 +204,7 @@ class SourceGuard:
         if node not in self.replicas:
             raise ValueError(f"node: {node!r} does not serve model {self.model}")
         self.reports[node] = {**body, "received_at": self._clock.wall()}
-        current = int(body.get("epoch", 0)) >= len(self.incidents)  # not about a past incident
+        current = int(body.get("epoch", 0)) >= self.next_epoch  # not about a past incident
         if (
             body.get("state") == "corrupted"
             and current
@@ -273,8 +278,15 @@ class SourceGuard:
                 f"model {self.model}: cannot roll back to {to_wall:.3f}; the earliest "
                 f"restorable point is {earliest}"
             )
-        epoch = len(self.incidents)
+        epoch = self.next_epoch
+        self.next_epoch += 1
         redirect = {"why": why, "at": decided, "epoch": epoch, "automatic": automatic}
+        if self.log is not None:  # before anyone hears of it: a restart knows it began
+            started = {"decided_at": decided, "to_wall": to_wall, "automatic": automatic}
+            self.log.append(
+                {"event": "rollback_started", "model": self.model, "epoch": epoch, "why": why}
+                | started
+            )
         self._tell_all("guard/redirect", redirect)
         dropped = self.trainer.quarantine(f"rollback: {why}") if self.trainer else 0
         if self.flush_writes is not None:
@@ -366,6 +378,31 @@ class SourceGuard:
             doc = {k: v for k, v in inc.items() if k != "restored"}
             self.log.append(doc | {"event": "rollback_failed"})
 
+    def resume(self, records: Iterable[dict[str, Any]]) -> None:
+        """After a restart: number on from the incidents of the log (``TransitionLog.read``),
+        release the holders of an incident that was over, and say corrupted, naming it, when
+        the last rollback failed or was cut by the restart (``coordinator_resume``)."""
+        r = resumed(records, self.model, self.node)
+        self.next_epoch = max(self.next_epoch, r.next_epoch)
+        self._unfreeze_epoch = r.unreleased
+        if r.broken is not None:
+            self.incidents.append(r.broken)
+            self.rollback_error = r.why
+            at = self._clock.wall()
+            self._redirect_again = {"why": r.why, "at": at, "epoch": r.broken["epoch"]}
+            self.local.checkpoint(at)  # the operator's way out: a restore point, not healthy
+            self._transition(Event.AUTOMATIC_ROLLBACK, f"resumed: {r.why}")
+            log.error("guard %s: %s", self.model, r.why)
+
+    def _release_holders(self) -> None:
+        """Message 8: the incident is over at the coordinator; holders unfreeze."""
+        if self.plan is None or self._unfreeze_epoch is None:
+            return
+        epoch, self._unfreeze_epoch = self._unfreeze_epoch, None
+        self._post(self.plan.holders, "guard/healthy", {"epoch": epoch})
+        if self.log is not None:
+            self.log.append({"event": "holders_released", "model": self.model, "epoch": epoch})
+
     def _tell_all(self, path: str, body: dict[str, Any]) -> None:
         """Every serving replica (``broadcast``) and, partitioned, every other holder."""
         self.broadcast(path, body)
@@ -433,6 +470,7 @@ class SourceGuard:
             },
             "rows_restored": self.rows_restored,
             "rollback_error": self.rollback_error,
+            "next_epoch": self.next_epoch,
             "partitioned": self.plan and self.plan.describe(self.node),
             "incident": _public(self.incident),
             "incidents": [_public(i) for i in self.incidents[-10:]],

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ekko.guard.coordinator import PartitionPlan, SourceResults
+from ekko.guard.log import TransitionLog
 from ekko.guard.quarantine_file import QuarantineFile
 from ekko.guard.restore import SourceRestore
 from ekko.guard.source_guard import SourceGuard
@@ -27,7 +28,6 @@ from ekko.store.clock import Clock
 from ekko.train.dlrm import dense_table_name, embedding_table_name
 
 if TYPE_CHECKING:
-    from ekko.guard.log import TransitionLog
     from ekko.node.config import ClusterConfig, ModelConfig
     from ekko.node.guard_link import GuardLink
 
@@ -117,6 +117,7 @@ class GuardSources:
                 plan=plan, quarantine_file=kept,
             )  # fmt: skip
             self.guards[m.name].local.resume()
+            self.guards[m.name].resume(TransitionLog.read(core.data_dir / "guard.log"))
 
     def _send(self, target: str, path: str, body: dict[str, Any]) -> None:
         if self.link is not None:
