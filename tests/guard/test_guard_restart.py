@@ -186,3 +186,26 @@ def test_a_restarted_coordinator_without_its_data_reusing_an_epoch_is_refused(tm
     with pytest.raises(PreimageError, match=r"epoch 0 was restored here to 1002\.000"):
         c.s1.restore(c.clock.wall(), 0, "restarted coordinator")
     assert c.s1.restore(1_002.0, 0, "retried post").answer["epoch"] == 0  # a retry: as before
+
+
+async def test_a_checkpoint_far_ahead_of_the_sources_clock_is_refused_and_keeps_its_points():
+    """A checkpoint at 1e308 (a coordinator's clock gone wrong, a hostile signed post) was
+    marked: it expired every pre-image (the window counts back from it) and every later
+    checkpoint was 'before the last one', so the source could never restore again."""
+    import httpx
+    from starlette.applications import Starlette
+
+    from ekko.guard.routes import partition_source_routes
+
+    c = Cluster()
+    c.healthy_stretch()
+    c.write(50.0)
+    app = Starlette(routes=partition_source_routes({"ctr": c.s1}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        for at in (1e308, c.clock.wall() + 3_600.0):
+            r = await http.post("/v1/models/ctr/guard/checkpoint", json={"at": at})
+            assert r.status_code == 400 and "ahead of this source's clock" in r.json()["error"]
+        assert c.s1.preimages.checkpoints == [1_002.0]
+        ok = await http.post("/v1/models/ctr/guard/checkpoint", json={"at": c.clock.wall() + 5})
+        assert ok.status_code == 200 and ok.json()["marked"]  # a few seconds of skew pass
+    assert c.s1.restore(1_002.0, 0, "poison").answer["rows_restored"] == 40

@@ -28,6 +28,9 @@ from ekko.store.placement import Placement
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_SKEW_S = 60.0
+"""How far ahead of a source's clock the coordinator's checkpoint may be (clock skew)."""
+
 
 @dataclass
 class Restored:
@@ -117,7 +120,16 @@ class SourceRestore:
 
     def checkpoint(self, at: float) -> bool:
         """The coordinator saw every replica healthy at ``at``: a restore point here too.
-        False (nothing marked) when ``at`` is before the last one (a clock stepped back)."""
+        False (nothing marked) when ``at`` is before the last one (a clock stepped back);
+        ``ValueError`` naming it when ``at`` is more than ``CHECKPOINT_SKEW_S`` ahead of
+        this source's clock (marked, it expired every pre-image and kept every later
+        checkpoint out: the source could never restore again)."""
+        ahead = at - self._clock.wall()
+        if ahead > CHECKPOINT_SKEW_S:
+            raise ValueError(
+                f"at: checkpoint {at!r} is {ahead:.0f} s ahead of this source's clock "
+                f"(at most {CHECKPOINT_SKEW_S:.0f} s of skew); not marked"
+            )
         marks = self.preimages.checkpoints
         if marks and at < marks[-1]:
             log.warning(

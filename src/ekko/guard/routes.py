@@ -214,7 +214,11 @@ def partition_source_routes(restorers: Mapping[str, SourceRestore]) -> list[Rout
     async def checkpoint(request: Request) -> Response:
         r = by_model(restorers, request)
         body, _ = await _body(request, CheckpointBody)
-        return json_response({"model": r.model, "marked": r.checkpoint(body.at)})
+        try:
+            marked = r.checkpoint(body.at)
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
+        return json_response({"model": r.model, "marked": marked})
 
     @guarded
     async def restore(request: Request) -> Response:
