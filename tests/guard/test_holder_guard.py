@@ -175,3 +175,31 @@ def test_a_holder_killed_while_redirected_comes_back_frozen_and_asks_the_coordin
     g3 = _logged(tmp_path, lagged3, store2, sent)
     g3.resume(TransitionLog.read(tmp_path / "guard.log"))
     assert not lagged3.frozen and g3.epoch == 1 and g3.pending is None and not g3.ask_coordinator
+
+
+@pytest.mark.xfail(strict=True, reason="defect: a holder restarted without its data asks nothing")
+def test_a_holder_restarted_without_its_data_during_an_incident_freezes_when_told(tmp_path):
+    """``--fresh`` (or a log that says live) while the coordinator is in an incident: the
+    holder asks the coordinator once at start and freezes its (empty) baseline, or its
+    catch-up pull would put the current, maybe poisoned, rows in it ``lag_s`` later; it
+    takes the incident's rolled_back, and is released when the coordinator says healthy."""
+    store, sent = Store(), []
+    store.create_table(SPEC)
+    lagged = LaggedStore(10.0)
+    g = _logged(tmp_path, lagged, store, sent)
+    g.resume([])
+    assert not lagged.frozen and g.ask_coordinator
+    g.coordinator_says({"state": "corrupted", "incident": {"epoch": 2}})
+    assert lagged.frozen and g.frozen_for == 2 and g.ask_coordinator
+    _queue_poison(lagged)
+    assert lagged.advance(100.0) == 0
+    assert g.rolled_back(2, HEALTHY_NS / 1e9, _watermark(store, 0, 0))
+    assert [b["epoch"] for _, b in sent] == [2]
+    g.coordinator_says({"state": "healthy", "incident": None})
+    assert not lagged.frozen and not g.ask_coordinator
+    # a coordinator that is healthy: nothing frozen, asked once
+    (tmp_path / "x").mkdir()
+    g2 = _logged(tmp_path / "x", LaggedStore(10.0), store, sent)
+    g2.resume([])
+    g2.coordinator_says({"state": "healthy", "incident": None, "incidents": [{"epoch": 0}]})
+    assert not g2.lagged.frozen and not g2.ask_coordinator
