@@ -141,8 +141,8 @@ class HolderGuard:
         self.restores: deque[dict[str, Any]] = deque(maxlen=20)
         self.stale = 0  # messages ignored as about an older incident
         self.reported = 0  # rollbacks reported with digests
-        # resumed frozen after a restart: the coordinator's "healthy" may have been sent
-        # while this node was down; the node asks its health page (``coordinator_says``)
+        # after a restart the node asks the coordinator's health page (``coordinator_says``):
+        # its "healthy" or its redirect may have been sent while this node was down
         self.ask_coordinator = False
         self.last_event = ""
 
@@ -209,13 +209,23 @@ class HolderGuard:
         return True
 
     def coordinator_says(self, health: dict[str, Any]) -> None:
-        """The coordinator's health page, asked by a holder that resumed frozen: healthy
+        """The coordinator's health page, asked after a restart. Resumed frozen: healthy
         with no incident in progress means the incident this holder froze for is over (its
-        ``healthy`` message came while this node was down, or it never rolled back). The
-        baseline is released at once, or once a rollback still pending here is covered."""
+        ``healthy`` message came while this node was down, or it never rolled back); the
+        baseline is released at once, or once a rollback still pending here is covered.
+        Started live (no data dir, or released before): an incident in progress (corrupted,
+        recovering, an incident) freezes the baseline as its redirect would have."""
         k = self.frozen_for
         if k is None:
             self.ask_coordinator = False
+            inc = health.get("incident") or {}
+            if health.get("state") in ("corrupted", "recovering") or inc:
+                # started live (no data, or released before) inside an incident: freeze
+                done = health.get("incidents") or [{}]
+                epoch = inc.get("epoch", done[-1].get("epoch", 0))
+                why = f"started live while the coordinator is {health.get('state')}"
+                self.redirect(why, epoch if isinstance(epoch, int) else 0)
+                self.ask_coordinator = True
             return
         if health.get("state") != "healthy" or health.get("incident") is not None:
             return
@@ -317,9 +327,9 @@ class HolderGuard:
                 self.pending = None
             elif event == "holder_released" and k >= (self.frozen_for or 0):
                 self.frozen_for = None
+        self.ask_coordinator = True  # live: is an incident in progress? frozen: is it over?
         if self.frozen_for is not None:
             self.lagged.freeze()
-            self.ask_coordinator = True
             self._record(
                 "resumed",
                 f"restarted during incident {self.frozen_for}: baseline frozen (empty until "

@@ -122,8 +122,8 @@ class GuardHolders:
         return cls(lagged, holders, rows, ask)
 
     def tick(self) -> None:
-        """Each guard interval, on the loop: a holder that resumed frozen after a restart
-        asks the coordinator whether its incident is over (one question in flight)."""
+        """Each guard interval, on the loop: a holder started after a restart asks the
+        coordinator whether an incident is in progress or over (one question in flight)."""
         if self.ask is None or (self._asking is not None and not self._asking.done()):
             return
         waiting = [m for m, h in self.holders.items() if h.ask_coordinator]
