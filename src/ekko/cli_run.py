@@ -165,7 +165,7 @@ def demo(
     partitions: int = typer.Option(
         1,
         help="Partitions per DC (> 1: a source per partition, serving by scatter-gather, "
-        "trained by the sharded trainer's ranks; no checkpoint replica, no guard).",
+        "trained by the sharded trainer's ranks; no checkpoint replica).",
     ),
 ) -> None:
     """Online DLRM training served fresh in 3 DCs (WAN 25/50/100 ms) vs a checkpoint replica.

@@ -93,7 +93,8 @@ def live_table(demo: Any, snap: dict[str, Any], events: int, poisoned: int) -> R
     tr, g = snap["trainer"], snap.get("guard")
     guard = "-"
     if g:
-        guard = f"{g['state']}{' paused' if g['training_paused'] else ''}"
+        paused = g["training_paused"] if tr.get("paused") is None else tr["paused"]
+        guard = f"{g['state']}{' paused' if paused else ''}"
         guard += f" · {poisoned} poisoned" if poisoned else ""
     t.add_row(
         f"trainer ({tr['ranks']} ranks)" if tr.get("ranks") else "trainer",
@@ -178,6 +179,23 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     )
     incident = summary.get("incident_line") or "incidents: none"
     console.print(incident, highlight=False, soft_wrap=True)
+    phases = summary.get("auc_phases")
+    if phases:
+        console.print(
+            "replicas' online AUC before the poison / until every replica is restored / "
+            f"after: {_auc(phases['before'])} / {_auc(phases['during'])} / "
+            f"{_auc(phases['after'])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for rank, q in sorted((summary.get("trainer_quarantine") or {}).items()):
+        console.print(
+            f"rank {rank}: {q['batches_dropped']} batches dropped through the rollback, "
+            f"{q['reloads']} reloads ({q['rows_reloaded']} rows changed), "
+            f"{q['reload_failures']} failed",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _ms(x: float | None) -> str:

@@ -30,6 +30,7 @@ from ekko.train.publisher import PublisherConfig
 from ekko.train.sharded_feed import FeedReport, FeedSpec, StepReport, feed_rank
 from ekko.train.sharded_launch import ShardedRun
 from ekko.train.sharded_publish import PartitionSources
+from ekko.train.sharded_quarantine import QuarantineStats
 from ekko.train.streams import Events
 from ekko.train.trainer import TrainerConfig
 
@@ -80,6 +81,10 @@ class ShardedFeed:
         self.submitted = 0
         self._step_s = self._publish_s = 0.0
         self.rejected = 0
+        self.quarantine: dict[int, QuarantineStats] = {}  # each rank's latest
+        self.batches = 0  # submitted; a rank's step number is its batch's place
+        self._first_flipped: int | None = None  # the first batch with labels not the stream's
+        self.flipped_trained_at: float | None = None  # wall time rank 0 stepped on it
         self.run = ShardedRun(feed_rank, ranks, (spec, self.queues, self.results), timeout_s=120)
         self._drainer = threading.Thread(target=self._drain, name="sharded-feed", daemon=True)
         self._drainer.start()
@@ -94,6 +99,10 @@ class ShardedFeed:
         with self._lock:
             if r.rejected is None:
                 self.quality.update(r.predictions[finite], r.labels[finite], now)
+            if r.quarantine is not None:
+                self.quarantine[r.rank] = r.quarantine
+            if r.rank == 0 and r.step == self._first_flipped and self.flipped_trained_at is None:
+                self.flipped_trained_at = time.time()
             if r.rank == 0:
                 self.events += r.events
                 self._step_s += r.step_time_s
@@ -102,8 +111,15 @@ class ShardedFeed:
 
     async def submit(self, events: Events, labels: np.ndarray) -> bool:
         """Queue ``events`` with ``labels`` on every rank (waits while the ranks are
-        behind); False once a rank died (the loop counts the batch refused)."""
-        batch = dataclasses.replace(events, labels=np.asarray(labels, dtype=events.labels.dtype))
+        behind); False once a rank died (the loop counts the batch refused). The first
+        batch whose labels are not the stream's (a poison) is noted: ``flipped_trained_at``
+        says when the ranks trained on it, seconds after the loop queued it when they are
+        behind."""
+        labels = np.asarray(labels, dtype=events.labels.dtype)
+        if self._first_flipped is None and not np.array_equal(labels, events.labels):
+            self._first_flipped = self.batches
+        self.batches += 1
+        batch = dataclasses.replace(events, labels=labels)
         for q in self.queues:
             if not await asyncio.to_thread(self._put, q, batch):
                 return False
@@ -127,8 +143,13 @@ class ShardedFeed:
             self.quality = WindowedQuality(QUALITY_WINDOW_S)
 
     def report(self) -> dict[str, Any]:
+        """The trainer's counters as the demo reads them; ``paused`` (a rank waits out a
+        rollback's quarantine or reloads) is what the source's ``training_paused`` is to the
+        single-partition form, ``quarantine`` each rank's rollbacks (batches dropped,
+        reloads, rows reloaded)."""
         now = time.monotonic()
         with self._lock:
+            ranks = self.quarantine
             return {
                 "ranks": self.ranks,
                 "events": self.events,
@@ -138,6 +159,9 @@ class ShardedFeed:
                 "window": self.quality.compute(now).as_json(),
                 "lifetime": self.quality.lifetime(now).as_json(),
                 "failed": "; ".join(f"rank {r} {t}" for r, t in self.run.dead.items()) or None,
+                "paused": any(q.paused for q in ranks.values()),
+                "flipped_labels_trained_at": self.flipped_trained_at,
+                "quarantine": {str(r): dataclasses.asdict(q) for r, q in sorted(ranks.items())},
             }
 
     def close(self, timeout_s: float = 60.0) -> list[FeedReport]:

@@ -23,7 +23,8 @@ def write_png(
     marks: dict[str, Any] | None = None,
 ) -> Path:
     """``marks`` (seconds of the run): ``checkpoint_loads``, ``poison`` ([from, to]),
-    ``detected`` and ``rolled_back``, drawn on the AUC plot."""
+    ``detected``, ``rolled_back``, ``restored`` (every replica or holder holds the restore)
+    and ``training_resumes`` (a quarantine's end), drawn on the AUC plot."""
     marks = marks or {}
     fig = Figure(figsize=(13, 5))
     ax = fig.add_subplot(1, 2, 1)
@@ -55,6 +56,8 @@ def write_png(
     for key, color, what in (
         ("detected", "orange", "guard detects"),
         ("rolled_back", "red", "rollback"),
+        ("restored", "green", "every replica restored"),
+        ("training_resumes", "purple", "quarantine ends: training resumes"),
     ):
         for i, at in enumerate(marks.get(key, [])):
             ax.axvline(at, color=color, lw=1.2, label=what if i == 0 else None)
@@ -88,3 +91,25 @@ def write_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def auc_phases(
+    timeline: list[dict[str, Any]], marks: dict[str, Any], replicas: list[str]
+) -> dict[str, float | None] | None:
+    """The serving replicas' online AUC before the poison, from its start until every
+    replica holds the first rollback, and after: the mean over those intervals (each the
+    mean of ``replicas``' interval AUCs), by each interval's end. None without a poison."""
+    if not marks.get("poison"):
+        return None
+    start = marks["poison"][0]
+    restored = [t for t in marks.get("restored", []) if t >= start]
+    end = restored[0] if restored else float("inf")
+    phases: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    for point in timeline:
+        aucs = [point["auc"][n] for n in replicas if point["auc"].get(n) is not None]
+        if not aucs:
+            continue
+        t = point["t"]
+        key = "before" if t <= start else "during" if t <= end else "after"
+        phases[key].append(float(np.mean(aucs)))
+    return {k: float(np.mean(v)) if v else None for k, v in phases.items()}

@@ -2,7 +2,8 @@
 
 ``--partitions P`` runs the partitioned form (``ekko.demo.partitioned``): P sources, a
 holder of each partition per DC serving by scatter-gather, the sharded trainer's ranks
-(``ShardedFeed``) in place of the source's trainer, no checkpoint replica and no guard.
+(``ShardedFeed``) in place of the source's trainer, no checkpoint replica; the guard's
+coordinator is the source of partition 0 (``cfg.source``), so the same polls read it.
 
 A generated cluster: the training DC (source + trainer), three inference DCs with emulated
 one-way WAN delays of 25/50/100 ms (one serving replica each), and one "checkpoint" replica
@@ -41,7 +42,7 @@ from ekko.demo.dashboard import (
 )
 from ekko.demo.loop import OnlineLoop
 from ekko.demo.partitioned import ShardedFeed
-from ekko.demo.report import write_png
+from ekko.demo.report import auc_phases, write_png
 from ekko.demo.setup import MODEL, DemoSpec, cluster_config, previous_run
 from ekko.ops.launcher import LocalCluster
 from ekko.quality.latency import LatencyHistogram
@@ -60,11 +61,11 @@ class Demo:
     ) -> None:
         self.spec = spec
         self.feed = feed  # the partitioned form's sharded trainer; None: the source's
-        self.guarded = spec.guard and feed is None
+        self.guarded = spec.guard
         self.cluster = cluster
         self.console = console
         cfg = cluster.config
-        self.source = cfg.source.name
+        self.source = cfg.source.name  # partitioned: partition 0's, the guard's coordinator
         self.checkpoint = [n.name for n in cfg.nodes if n.refresh == "checkpoint"]
         self.replicas = [n.name for n in cfg.nodes if n.serve]
         self.synced = [n for n in self.replicas if n not in self.checkpoint]
@@ -291,6 +292,7 @@ class Demo:
         ck = [final["replicas"][n] for n in self.checkpoint]
         trainer = final["trainer"]
         incident = self.incident(final, loop)
+        marks = self._marks(final, loop)
         return {
             "per_dc": per_dc,
             "checkpoint_auc": ck[0]["auc_lifetime"] if ck else None,
@@ -308,11 +310,16 @@ class Demo:
             "not_ready_predicts": {n: t.not_ready for n, t in loop.tracks.items()},
             "duration_s": elapsed,
             "poisoned_events": loop.poisoned_events,
-            "poison_started_at": loop.poison_started_at,
+            "poison_started_at": loop.poison_started_at,  # the loop flipped the labels
+            # the ranks stepped on the first flipped batch (partitioned: behind their queues)
+            "poison_trained_at": trainer.get("flipped_labels_trained_at"),
             "guard": final.get("guard"),
             "replica_guards": {n: final["replicas"][n].get("guard_doc") for n in self.synced},
             "incident_line": incident,
-            "marks": self._marks(final, loop),
+            "marks": marks,
+            "auc_phases": auc_phases(self.timeline, marks, self.synced),
+            "trainer_quarantine": trainer.get("quarantine"),
+            "trainer_failed": trainer.get("failed"),
         }
 
     def _marks(self, final: dict[str, Any], loop: OnlineLoop) -> dict[str, Any]:
@@ -333,6 +340,8 @@ class Demo:
             "poison": poison,
             "detected": rel("detected_at"),
             "rolled_back": rel("decided_at"),
+            "restored": rel("completed_at"),
+            "training_resumes": rel("quarantine_until"),  # the ranks' (partitioned form)
         }
 
 

@@ -75,12 +75,6 @@ class DemoSpec:
 
     def _check_partitioned(self) -> None:
         """What the partitioned form does not have, refused by name."""
-        if self.poison_at_s is not None:
-            raise ValueError(
-                f"--poison-at shows the guard's rollback, which acts through the in-node "
-                f"trainer; with --partitions {self.partitions} the sharded trainer trains "
-                "(no guard): run the poison demo without --partitions"
-            )
         if self.checkpoint_every_s is not None:
             raise ValueError(
                 f"--checkpoint-every: the checkpoint replica copies one source; with "
@@ -143,8 +137,11 @@ def previous_run(workdir: Path, console: Console) -> bool:
 def partitioned_config(spec: DemoSpec, workdir: Path) -> Path:
     """The partitioned form: ``spec.partitions`` sources in the training DC, a serving holder
     of each partition in every inference DC (it predicts by scatter-gather), no checkpoint
-    replica and no guard; the model's tables hashed (the sharded trainer's: dynamic tables
-    are not sharded yet) and trained with Adagrad (the sharded trainer's optimizer)."""
+    replica; the model's tables hashed (the sharded trainer's: dynamic tables are not sharded
+    yet) and trained with Adagrad (the sharded trainer's optimizer). The guard as in the
+    single-partition form: the source of partition 0 coordinates, every source restores and
+    quarantines its partitions, the holders keep the baseline (README "Partitioned parameter
+    servers")."""
     model = {
         "name": MODEL,
         "rows_per_table": spec.rows_per_table,
@@ -153,6 +150,7 @@ def partitioned_config(spec: DemoSpec, workdir: Path) -> Path:
         "optimizer": "adagrad",
         "sparse_lr": 0.05,  # Adagrad's steps shrink as they add up: larger than Adam's
         "dense_lr": 0.01,
+        "baseline_lag_s": spec.baseline_lag_s,
     }
     doc = cluster_doc(
         dcs=len(spec.wan_delay_ms),
@@ -165,4 +163,6 @@ def partitioned_config(spec: DemoSpec, workdir: Path) -> Path:
         cluster_id=new_cluster_id(),
         partitions=spec.partitions,
     )
+    if spec.guard:
+        doc["guard"] = {"enabled": True}
     return write_cluster(doc, workdir / "cluster.toml")

@@ -28,6 +28,7 @@ from ekko.train.publisher import PublisherConfig
 from ekko.train.sharded import ShardedTrainer
 from ekko.train.sharded_launch import RankContext
 from ekko.train.sharded_publish import PartitionRouter
+from ekko.train.sharded_quarantine import QuarantineStats
 from ekko.train.trainer import TrainerConfig
 
 
@@ -47,7 +48,8 @@ class FeedSpec:
 @dataclass(frozen=True)
 class StepReport:
     """One rank's part of one step: its slice's pre-update predictions and labels, the batch
-    size, and the step's and its publish's wall time."""
+    size, the step's and its publish's wall time, and the rank's rollbacks so far (a
+    dropped batch is ``rejected="quarantined"``)."""
 
     rank: int
     step: int
@@ -57,12 +59,13 @@ class StepReport:
     step_time_s: float
     publish_time_s: float
     rejected: str | None
+    quarantine: QuarantineStats | None = None
 
 
 @dataclass
 class FeedReport:
-    """What one rank of a fed run ends with: its steps, its partitions, and its rows (keys
-    and weights per table, as ``RankReport``) and dense tensors at the end."""
+    """What one rank of a fed run ends with: its steps, its partitions, its rows (keys and
+    weights per table, as ``RankReport``) and dense tensors at the end, and its rollbacks."""
 
     rank: int
     steps: int
@@ -70,6 +73,7 @@ class FeedReport:
     owned_keys: list[np.ndarray]
     owned_rows: list[np.ndarray]
     dense: dict[str, np.ndarray]
+    quarantine: QuarantineStats | None = None
 
 
 def feed_rank(ctx: RankContext, spec: FeedSpec, batches: Sequence[Any], results: Any) -> FeedReport:
@@ -100,6 +104,7 @@ def feed_rank(ctx: RankContext, spec: FeedSpec, batches: Sequence[Any], results:
                     step_time_s=time.perf_counter() - start,
                     publish_time_s=result.publish_time_s,
                     rejected=result.rejected,
+                    quarantine=trainer.quarantine_statistics(),
                 )
             )
             steps += 1
@@ -117,4 +122,5 @@ def feed_rank(ctx: RankContext, spec: FeedSpec, batches: Sequence[Any], results:
             for i in range(model.config.num_sparse)
         ],
         dense={k: v.numpy().copy() for k, v in model.state_dict().items() if k != "rows.weight"},
+        quarantine=trainer.quarantine_statistics(),
     )
