@@ -64,11 +64,12 @@ def test_the_feed_stops_waiting_on_a_full_queue_once_a_rank_died() -> None:
 
 
 def test_the_auc_phases_of_a_poison_run_split_at_its_start_and_the_restore() -> None:
-    points = [(5, 0.8, 0.9), (10, 0.7, None), (15, 0.6, 0.6), (20, 0.5, 0.7)]
+    points = [(5, 0.8, 0.9), (10, 0.7, None), (15, 0.6, 0.6), (20, 0.5, 0.7), (25, 0.4, 0.4)]
     timeline = [{"t": t, "auc": {"a": a, "b": b, "ckpt": 0.1}} for t, a, b in points]
-    marks = {"poison": [6.0, 9.0], "restored": [1.0, 15.0, 18.0]}
+    marks = {"poison": [6.0, 9.0], "restored": [1.0, 14.0, 18.0]}  # 1.0: an earlier incident
     phases = auc_phases(timeline, marks, ["a", "b"])
-    assert phases == pytest.approx({"before": 0.85, "during": (0.7 + 0.6) / 2, "after": 0.6})
+    # (10, 15] overlaps the incident (6 to 14): during; (15, 20] and (20, 25] after
+    assert phases == pytest.approx({"before": 0.85, "during": 0.65, "after": 0.5})
     assert auc_phases(timeline, {"poison": None}, ["a"]) is None  # no poison, no phases
     never = auc_phases(timeline, {"poison": [6.0, 9.0], "restored": []}, ["a"])
-    assert never == pytest.approx({"before": 0.8, "during": 0.6, "after": None})
+    assert never == pytest.approx({"before": 0.8, "during": 0.55, "after": None})

@@ -96,20 +96,20 @@ def write_png(
 def auc_phases(
     timeline: list[dict[str, Any]], marks: dict[str, Any], replicas: list[str]
 ) -> dict[str, float | None] | None:
-    """The serving replicas' online AUC before the poison, from its start until every
-    replica holds the first rollback, and after: the mean over those intervals (each the
-    mean of ``replicas``' interval AUCs), by each interval's end. None without a poison."""
+    """The serving replicas' online AUC before the poison, while the incident lasts (from
+    the poison's start until every replica holds the first rollback after it) and after: the
+    mean over the intervals of each phase (each the mean of ``replicas``' interval AUCs). An
+    interval that overlaps the incident at all counts as during it. None without a poison."""
     if not marks.get("poison"):
         return None
     start = marks["poison"][0]
     restored = [t for t in marks.get("restored", []) if t >= start]
     end = restored[0] if restored else float("inf")
     phases: dict[str, list[float]] = {"before": [], "during": [], "after": []}
-    for point in timeline:
+    ends = [p["t"] for p in timeline]
+    for point, began, t in zip(timeline, [0.0, *ends], ends, strict=False):
         aucs = [point["auc"][n] for n in replicas if point["auc"].get(n) is not None]
-        if not aucs:
-            continue
-        t = point["t"]
-        key = "before" if t <= start else "during" if t <= end else "after"
-        phases[key].append(float(np.mean(aucs)))
+        if aucs:
+            key = "before" if t <= start else "after" if began >= end else "during"
+            phases[key].append(float(np.mean(aucs)))
     return {k: float(np.mean(v)) if v else None for k, v in phases.items()}
