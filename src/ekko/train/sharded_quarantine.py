@@ -159,14 +159,21 @@ class QuarantineConfig:
     """How a rank waits out a failed reload: the first retry after ``retry_s``, doubling up
     to ``max_retry_s``; lookups of at most ``max_request_bytes`` of answer; ``clock`` the
     wall clock a quarantine's end is read by (seconds since the epoch; a picklable fake in
-    tests: the ranks are spawned)."""
+    tests: the ranks are spawned); ``max_quarantine_s``: the longest pause a refusal can
+    impose from now (its headers are not signed: a later end is capped, and said)."""
 
     retry_s: float = 0.5
     max_retry_s: float = 30.0
     max_request_bytes: int = 8 << 20
     clock: Callable[[], float] = time.time
+    max_quarantine_s: float = 3600.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.max_quarantine_s < 1e9:  # NaN and inf fail too
+            raise ValueError(
+                f"QuarantineConfig.max_quarantine_s: 0 < s < 1e9 expected, got "
+                f"{self.max_quarantine_s}"
+            )
         if not 0 < self.retry_s <= self.max_retry_s or not math.isfinite(self.max_retry_s):
             raise ValueError(
                 f"QuarantineConfig: 0 < retry_s <= max_retry_s (finite) expected, got "
@@ -204,6 +211,10 @@ class Decision:
     reload_due: bool  # the quarantine is over: reload if not done
 
 
+MAX_EPOCH = 2**62
+"""A refusal's epoch (and end in ms) is capped here: the ranks all-reduce it in int64."""
+
+
 class QuarantineGate:
     """One rank's part of the agreement: what it saw (``saw``), what all agree (``agree``,
     a collective: every rank calls it once per step), and its counters.
@@ -227,18 +238,27 @@ class QuarantineGate:
 
     def saw(self, q: Quarantined) -> None:
         """A refusal this rank's sinks raised."""
-        until_ms = int(q.until * 1000)
-        if q.epoch < self.seen[0]:
+        until_ms = int(min(q.until, MAX_EPOCH / 1000) * 1000)  # capped by ``agree`` too
+        epoch = min(q.epoch, MAX_EPOCH)  # the agreement's tensor is int64
+        if epoch < self.seen[0]:
             log.warning(
                 "rank %d: refused as quarantined with epoch %d, below epoch %d seen before "
                 "(a late answer, or a restarted coordinator): pausing by its end only",
-                self.rank, q.epoch, self.seen[0],
+                self.rank, epoch, self.seen[0],
             )  # fmt: skip
-        self.seen = (max(self.seen[0], q.epoch), max(self.seen[1], until_ms))
+        self.seen = (max(self.seen[0], epoch), max(self.seen[1], until_ms))
 
     def agree(self) -> Decision:
         """One ``all_reduce(MAX)``; the decision every rank takes from its result."""
         now_ms = int(self.clock() * 1000)
+        latest = now_ms + int(self.config.max_quarantine_s * 1000)
+        if self.seen[1] > latest:
+            log.error(
+                "rank %d: refused as quarantined until %.3f, more than max_quarantine_s %.0f s "
+                "from now: pausing until %.3f only (a spoofed or misconfigured answer?)",
+                self.rank, self.seen[1] / 1000, self.config.max_quarantine_s, latest / 1000,
+            )  # fmt: skip
+            self.seen = (self.seen[0], latest)
         mine = [self.seen[0], self.seen[1], -now_ms, 0 if self.reloaded else 1]
         t = torch.tensor(mine, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
