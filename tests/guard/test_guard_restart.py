@@ -211,7 +211,6 @@ async def test_a_checkpoint_far_ahead_of_the_sources_clock_is_refused_and_keeps_
     assert c.s1.restore(1_002.0, 0, "poison").answer["rows_restored"] == 40
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a lossy codec's digests count as good rows lost")
 def test_a_holder_behind_a_lossy_codec_is_not_counted_as_losing_good_rows():
     """wan_codec int4 / lan_codec int8 (a real cluster: every holder's digest differed and
     the incident said all 800 good rows lost): a holder whose rows come through a lossy

@@ -11,7 +11,7 @@ that partition (message 6). These rules are pure functions of the messages, test
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,8 @@ class PartitionPlan:
             reports ``restored`` after a rollback.
         send: posts a message to one node (checkpoints, redirects, the end of an incident).
         restore_remote: commands every other source's restore and reports their answers.
+        inexact: holders whose rows may come through a lossy row codec, and that codec:
+            their digests cannot match the sources' bit for bit (``split_lossy``).
     """
 
     placement: Placement
@@ -54,6 +56,7 @@ class PartitionPlan:
     holders: dict[str, tuple[int, ...]]
     send: Send
     restore_remote: RestoreRemote
+    inexact: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         covered = set(self.partitions).union(*self.sources.values())
@@ -177,6 +180,21 @@ def failure_text(epoch: int, failed: Mapping[str, Mapping[str, Any]]) -> str:
         f"rollback epoch {epoch}: not restored at {names}; traffic stays on the baseline "
         "until a rollback restores every source"
     )
+
+
+def split_lossy(
+    plan: PartitionPlan, mismatched: Mapping[str, list[str]]
+) -> tuple[dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """``(exact, lossy)``: the holders' mismatched (table, partition) pairs, those of holders
+    behind a lossy codec apart (``{node: {"codec", "pairs"}}``): a quantized row differs from
+    its source's by design, so their digests say nothing about rows lost."""
+    exact = {n: m for n, m in mismatched.items() if n not in plan.inexact}
+    lossy = {
+        n: {"codec": plan.inexact[n], "pairs": m}
+        for n, m in mismatched.items()
+        if n in plan.inexact and m
+    }
+    return exact, lossy
 
 
 def rows_lost(mismatched: Mapping[str, list[str]], source_rows: Mapping[str, Any]) -> int:

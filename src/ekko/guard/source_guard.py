@@ -25,6 +25,7 @@ from ekko.guard.coordinator import (
     holder_mismatches,
     merge_watermarks,
     rows_lost,
+    split_lossy,
     summary,
 )
 from ekko.guard.coordinator_resume import resumed
@@ -424,6 +425,9 @@ class SourceGuard:
             lost = sum(self.store.table(t).rows for m in mismatched.values() for t in m)
         else:
             mismatched = {n: r["mismatches"] for n, r in inc["restored"].items()}
+            mismatched, lossy = split_lossy(self.plan, mismatched)
+            if lossy:
+                inc["mismatches_through_lossy_codecs"] = lossy
             lost = rows_lost(mismatched, inc["source_rows"])
         inc["replica_table_mismatches"] = {n: m for n, m in mismatched.items() if m}
         inc["good_rows_lost"] = inc["source_mismatches"] + lost

@@ -59,6 +59,21 @@ def topology(config: ClusterConfig) -> tuple[dict[str, tuple[int, ...]], dict[st
     return sources, holders
 
 
+def inexact_holders(config: ClusterConfig, holders: dict[str, tuple]) -> dict[str, str]:
+    """Each holder whose rows may come through a lossy row codec, and that codec: a lossy
+    ``lan_codec`` reaches every holder; a lossy ``wan_codec`` every holder outside the DC
+    of one of its partitions' sources (relayed rows keep the WAN's quantization)."""
+    lan, wan = config.sync.lan_codec, config.sync.wan_codec
+    out: dict[str, str] = {}
+    for name, parts in holders.items():
+        dc = config.node(name).dc
+        far = any(config_partitions.source_of(config, p).dc != dc for p in parts)
+        lossy = [c for c in (lan, wan if far else None) if c not in (None, "fp32")]
+        if lossy:
+            out[name] = "/".join(dict.fromkeys(lossy))
+    return out
+
+
 class GuardSources:
     """This source's part of the guard on a partitioned cluster, per model: the coordinator's
     ``SourceGuard`` (``guards``) at the source of partition 0, a ``SourceRestore``
@@ -103,6 +118,7 @@ class GuardSources:
             plan = PartitionPlan(
                 cfg.placement(), mine, others, self.holders, self._send,
                 self._restore_remote(m.name, others, g.restore_timeout_s),
+                inexact=inexact_holders(cfg, self.holders),
             )  # fmt: skip
 
             def broadcast(path: str, body: dict, _m: str = m.name) -> None:
