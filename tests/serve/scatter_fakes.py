@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ekko.client.wire import TableRows
-from ekko.serve.scatter_fetch import HolderFailed
+from ekko.serve.scatter_fetch import FlatAsk, FlatRows, HolderFailed, PerTable
 from ekko.store import Store, shard_of
 from ekko.store.placement import Placement
 
@@ -93,6 +93,10 @@ class FakeHolders:
         self.fail: dict[str, int | None] = {}
         self.calls: list[tuple[str, float, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self.values_sent = 0
+
+    async def lookup(self, holder: str, ask: FlatAsk) -> FlatRows:
+        """The scatter's ``Fetch``: ``ask`` per table, answered as ``__call__`` does."""
+        return await PerTable(self).lookup(holder, ask)
 
     def asked(self, holder: str) -> list[float]:
         return [t for h, t, _, _ in self.calls if h == holder]

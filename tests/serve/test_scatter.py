@@ -13,7 +13,7 @@ from ekko.client.wire import TableRows
 from ekko.schedule import WritePort
 from ekko.serve import ModelNotReady
 from ekko.serve.scatter import PartitionedLookup
-from ekko.serve.scatter_fetch import LookupRefused, PartitionUnavailable
+from ekko.serve.scatter_fetch import LookupRefused, PartitionUnavailable, PerTable
 from ekko.serve.scatter_policy import ScatterConfig
 from ekko.store import Store
 from ekko.store.placement import Placement
@@ -260,18 +260,24 @@ def test_splitting_every_table_at_once_equals_splitting_each_alone(partitions: i
         "emb_b": np.array([7], np.int64),  # one key: one partition holds it all
         "dense/w": np.zeros(1, np.int64),
     }
-    where, subs, _, _ = lookup.keys.split_all(tables)
+    split = lookup.keys.split(tables)
     for name, keys in tables.items():
         of = lookup.keys.partition_of_keys(name, keys)
         held = sorted(set(of.tolist()))
-        assert [p for p, _ in where[name]] == held
-        for (p, idx), sub in zip(where[name], subs[name], strict=True):
-            if len(held) == 1:  # one partition holds them all: the table's own array
-                assert idx is None and sub is keys
-            else:
-                np.testing.assert_array_equal(idx, np.flatnonzero(of == p))
-                np.testing.assert_array_equal(sub, keys[of == p])
-    assert lookup.keys.split_all({}) == ({}, {}, None, None)
+        assert [p for p, ask in split.asks.items() if name in ask.names] == held
+        for p in held:  # each partition is asked its keys of the table, in their order
+            ask = split.asks[p]
+            t = ask.names.index(name)
+            a = int(ask.counts[:t].sum())
+            np.testing.assert_array_equal(ask.keys[a : a + ask.counts[t]], keys[of == p])
+    # and where each key asked came from: the keys' own order, or a permutation of it
+    flat = np.concatenate(list(tables.values()))
+    asked = np.concatenate([ask.keys for ask in split.asks.values()])
+    if split.order.shape[0]:
+        np.testing.assert_array_equal(flat[split.order], asked)
+    else:
+        np.testing.assert_array_equal(flat, asked)
+    assert lookup.keys.held_by({}) == {}
 
 
 def test_tables_of_several_row_lengths_merge_each_in_key_order() -> None:
@@ -302,7 +308,7 @@ def test_partitions_answering_a_table_in_rows_of_different_lengths_is_not_ready(
             out["emb_a"] = TableRows("emb_a", rows.versions, rows.found, wide)
         return out
 
-    lookup.fetch = wider_at_p1
+    lookup.fetch = PerTable(wider_at_p1)
     keys = np.arange(0, 300, dtype=np.int64)
     with pytest.raises(ModelNotReady, match=r"table 'emb_a': its partitions answer rows of dims"):
         run_virtual(lambda: lookup.lookup({"emb_b": keys, "emb_a": keys}))

@@ -79,3 +79,36 @@ def test_keys_and_starts_that_do_not_fit_are_refused(
     groups = TableShardGroups([np.array([0, 1]), np.array([1])], 2)
     with pytest.raises(BadRowsError, match=message):
         groups.group(keys, np.array(starts, dtype=np.int64))
+
+
+@given(
+    tables=st.lists(
+        st.tuples(
+            st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=30),
+            st.integers(1, 40),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    partitions=st.integers(1, 5),
+)
+@settings(deadline=None)  # the first example compiles the kernel
+def test_grouping_partition_by_partition_holds_each_tables_keys_of_it_in_order(
+    tables: list[tuple[list[int], int]], partitions: int
+) -> None:
+    placement = Placement(partitions)
+    parts = [placement.partitions_of(f"emb_{t}", n) for t, (_, n) in enumerate(tables)]
+    arrays = [np.array(keys, dtype=np.int64) for keys, _ in tables]
+    starts = np.concatenate(([0], np.cumsum([a.shape[0] for a in arrays]))).astype(np.int64)
+    flat = np.concatenate(arrays)
+    order, grouped, counts = TableShardGroups(parts, partitions).group_parts(flat, starts)
+    assert counts.shape == (partitions, len(tables))
+    np.testing.assert_array_equal(flat[order], grouped)
+    at = 0
+    for g in range(partitions):
+        for t, (keys, sg) in enumerate(zip(arrays, parts, strict=True)):
+            mine = np.flatnonzero(sg[shard_of(keys, sg.shape[0])] == g)
+            assert counts[g, t] == mine.shape[0]
+            np.testing.assert_array_equal(order[at : at + mine.shape[0]], starts[t] + mine)
+            at += mine.shape[0]
+    assert at == flat.shape[0]

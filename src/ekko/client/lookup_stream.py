@@ -33,7 +33,7 @@ from ekko.client.stream_frames import (
     REFUSED,
     VARIANT_HEADER,
     VARIANTS,
-    lookup_frame,
+    flat_lookup_frame,
 )
 from ekko.client.upgrade import Resign, Upgrade
 from ekko.client.wire import TableRows
@@ -133,8 +133,6 @@ class LookupStream:
         the versions the caller holds) leaves the values of rows at that version out.
         ``ClientError`` naming the node's reason for a refused frame, or why the stream
         broke."""
-        if self._broken is not None:
-            raise ClientError(f"lookup stream at {self.url} is closed: {self._broken}")
         names = list(tables)
         keys = [np.ascontiguousarray(tables[n], dtype="<i8") for n in names]
         counts = np.array([k.shape[0] for k in keys], dtype=np.int64)
@@ -153,11 +151,8 @@ class LookupStream:
                         )
                     held[at:end] = v
                 at = end
-        self._seq += 1
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(self._seq, names[0], counts, fut))
-        self._writer.writelines(lookup_frame(self._seq, names, keys, held))
-        dims, rows, versions, values = await fut
+        flat = keys[0] if len(keys) == 1 else np.concatenate(keys)
+        dims, rows, versions, values = await self.lookup_flat(names, counts, flat, held)
         found = (versions > 0).view(np.uint8)  # once for the frame, sliced per table
         out = {}
         at = vat = 0
@@ -168,6 +163,23 @@ class LookupStream:
             )
             at, vat = end, vend
         return out
+
+    async def lookup_flat(
+        self, names: list[str], counts: np.ndarray, keys: np.ndarray, known: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One frame's lookup as it goes out and comes back: tables ``names``, ``counts``
+        (int64, each >= 1) of the ``keys`` (int64 [n], table after table) each, ``known``
+        (int64 [n], -1: none held) if given; returns each table's row length and rows of
+        values sent (int64 [tables] each), each key's version (int64 [n]) and the values
+        (float32, table after table, row after row). Errors as :meth:`lookup`'s."""
+        if self._broken is not None:
+            raise ClientError(f"lookup stream at {self.url} is closed: {self._broken}")
+        frame = flat_lookup_frame(self._seq + 1, names, counts, keys, known)
+        self._seq += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(self._seq, names[0], counts, fut))
+        self._writer.writelines(frame)
+        return await fut
 
     async def _read_answers(self) -> None:
         try:

@@ -172,17 +172,34 @@ def lookup_frame(
     """A lookup of several tables: ``keys[i]`` int64 of table ``names[i]`` and, if given,
     ``known[i]`` int64 (the version of each row the caller holds, -1: none), or ``known``
     int64 [n] for every key at once, in the keys' order."""
-    name = "\n".join(names).encode()
     counts = np.array([k.shape[0] for k in keys], dtype="<i8")
-    flat = np.concatenate(keys).astype("<i8", copy=False)
-    flags = 0 if known is None else FLAG_KNOWN
-    head = REQUEST.pack(KIND_LOOKUP, flags, len(name), flat.shape[0], len(names), seq)
-    out = [head, name, memoryview(counts).cast("B"), memoryview(flat).cast("B")]
+    flat = np.concatenate(keys)
+    flat_known = None
     if known is not None:
         flat_known = known if isinstance(known, np.ndarray) else np.concatenate(known)
-        if flat_known.shape != flat.shape:
-            raise ValueError(f"known: {flat_known.shape[0]} versions for {flat.shape[0]} keys")
-        out.append(memoryview(np.ascontiguousarray(flat_known, dtype="<i8")).cast("B"))
+    return flat_lookup_frame(seq, names, counts, flat, flat_known)
+
+
+def flat_lookup_frame(
+    seq: int, names: list[str], counts: np.ndarray, keys: np.ndarray, known: np.ndarray | None
+) -> list[bytes | memoryview]:
+    """A lookup of several tables as it goes out: ``keys`` int64 [n] of every table, table
+    ``names[i]``'s ``counts[i]`` of them after the table before it's, and if given ``known``
+    int64 [n] (the version of each row the caller holds, -1: none)."""
+    name = "\n".join(names).encode()
+    c = np.ascontiguousarray(counts, dtype="<i8")
+    flat = np.ascontiguousarray(keys, dtype="<i8")
+    if c.shape != (len(names),) or int(c.sum()) != flat.shape[0]:
+        raise ValueError(
+            f"counts: {c.tolist()[:8]} for {len(names)} tables of {flat.shape[0]} keys"
+        )
+    flags = 0 if known is None else FLAG_KNOWN
+    head = REQUEST.pack(KIND_LOOKUP, flags, len(name), flat.shape[0], len(names), seq)
+    out = [head, name, memoryview(c).cast("B"), memoryview(flat).cast("B")]
+    if known is not None:
+        if known.shape != flat.shape:
+            raise ValueError(f"known: {known.shape[0]} versions for {flat.shape[0]} keys")
+        out.append(memoryview(np.ascontiguousarray(known, dtype="<i8")).cast("B"))
     return out
 
 

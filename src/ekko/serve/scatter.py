@@ -9,8 +9,9 @@ same request goes to the next holder, the first answer wins), a holder that fail
 on the next one at once, and a partition none of whose holders answers is a
 ``PartitionUnavailable`` (HTTP 503) naming it, the tables asked and every holder tried.
 
-The parts: ``scatter_fetch`` (how one holder is asked and how that fails), ``scatter_keys``
-(keys split by partition, answers merged back), ``scatter_policy`` (the config, hedge delays,
+The parts: ``scatter_fetch`` (how one holder is asked and how that fails: one ``FlatAsk``
+of every table's keys per partition, one ``FlatRows`` back), ``scatter_keys`` (keys split
+by partition, answers merged back in one kernel call), ``scatter_policy`` (the config, hedge delays,
 the order holders are asked in, counters), ``scatter_batch`` (lookups queued behind a
 scatter in flight merged into the next). This module asks and waits.
 
@@ -33,12 +34,14 @@ from ekko.client.wire import TableRows
 from ekko.serve.scatter_batch import Coalescer
 from ekko.serve.scatter_fetch import (
     Fetch,
+    FlatAsk,
+    FlatRows,
     HolderFailed,
     LookupRefused,
     PartitionUnavailable,
     checked,
 )
-from ekko.serve.scatter_keys import PartitionKeys, merge_all
+from ekko.serve.scatter_keys import PartitionKeys, merge
 from ekko.serve.scatter_policy import HolderPolicy, PartitionStats, ScatterConfig
 from ekko.store.placement import Placement
 
@@ -100,6 +103,12 @@ class PartitionedLookup:
             if k.ndim != 1 or k.shape[0] == 0:
                 raise ValueError(f"tables[{table!r}]: expected int64 keys [n >= 1], got {k.shape}")
             asked[table] = k
+            v = known.get(table)
+            if v is not None and np.shape(v) != k.shape:
+                raise ValueError(
+                    f"known[{table!r}]: expected {k.shape[0]} versions, one per key, got "
+                    f"shape {np.shape(v)}"
+                )
         deadline = asyncio.get_running_loop().time() + self.config.deadline_s
         if self.coalescer is not None:
             return dict(await self.coalescer.lookup(asked, known, deadline))
@@ -109,48 +118,27 @@ class PartitionedLookup:
         self, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray], deadline: float
     ) -> dict[str, TableRows]:
         """One scatter of ``tables`` (validated int64 keys) to the partitions holding them."""
-        parts: dict[int, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
-        split = self.keys.split_all(tables)
-        for table in tables:
-            v = known.get(table)
-            for (p, idx), sub in zip(split.where[table], split.subs[table], strict=True):
-                got = parts.get(p)
-                if got is None:
-                    got = parts[p] = ({}, {})
-                sub_t, sub_k = got
-                sub_t[table] = sub
-                if v is not None:
-                    sub_k[table] = v if idx is None else v[idx]
+        if not tables:
+            return {}
+        split = self.keys.split(tables, known)
         tasks = {
-            p: asyncio.ensure_future(self._ask(p, t, k, deadline)) for p, (t, k) in parts.items()
+            p: asyncio.ensure_future(self._ask(p, ask, deadline)) for p, ask in split.asks.items()
         }
         try:
             answers = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
         finally:
             _drop(tasks.values())
-        return merge_all(split, tables, known, answers)
+        return merge(split, answers)
 
-    async def _ask(
-        self,
-        p: int,
-        tables: dict[str, np.ndarray],
-        known: dict[str, np.ndarray],
-        deadline: float,
-    ) -> Mapping[str, TableRows]:
+    async def _ask(self, p: int, ask: FlatAsk, deadline: float) -> FlatRows:
         """One partition's rows: hedged after its p95, retried on error, until the deadline."""
         self._asking[p] += 1
         try:
-            return await self._ask_holders(p, tables, known, deadline)
+            return await self._ask_holders(p, ask, deadline)
         finally:
             self._asking[p] -= 1
 
-    async def _ask_holders(
-        self,
-        p: int,
-        tables: dict[str, np.ndarray],
-        known: dict[str, np.ndarray],
-        deadline: float,
-    ) -> Mapping[str, TableRows]:
+    async def _ask_holders(self, p: int, ask: FlatAsk, deadline: float) -> FlatRows:
         loop = asyncio.get_running_loop()
         policy = self.policy
         counters = policy.counters[p]
@@ -167,7 +155,7 @@ class PartitionedLookup:
             nonlocal sent, next_hedge
             holder = order[sent]
             sent += 1
-            running[asyncio.ensure_future(self.fetch(holder, tables, known))] = holder
+            running[asyncio.ensure_future(self.fetch.lookup(holder, ask))] = holder
             next_hedge = loop.time() + hedge_after if sent < len(order) else math.inf
 
         launch()
@@ -190,7 +178,7 @@ class PartitionedLookup:
                     exc = task.exception()
                     if exc is None:
                         try:
-                            answer = checked(holder, tables, known, task.result())
+                            answer = checked(holder, ask, task.result())
                         except HolderFailed as bad:
                             exc = bad
                         else:
@@ -211,18 +199,18 @@ class PartitionedLookup:
         tried += [(h, f"no answer within the deadline ({self.config.deadline_s:g} s)")
                   for h in running.values()]  # fmt: skip
         counters.unavailable += 1
-        raise PartitionUnavailable(p, list(tables), tried)
+        raise PartitionUnavailable(p, ask.names, tried)
 
     def _expired(self, tables: Mapping[str, np.ndarray]) -> PartitionUnavailable:
         """What a lookup queued behind a scatter in flight raises at its deadline: the 503 of
         a scatter past its deadline, naming the partition that scatter still waits on (one
         of the lookup's own if it can), as the scatter will when its own deadline passes."""
-        where = self.keys.split_all(tables).where
-        mine = sorted({p for w in where.values() for p, _ in w})
+        held = self.keys.held_by(tables)
+        mine = list(held)
         slow = [p for p in mine if self._asking[p]]
         slow = slow or [p for p, n in enumerate(self._asking) if n] or mine
         p = slow[0]
-        asked = [t for t, k in tables.items() if (self.keys.partition_of_keys(t, k) == p).any()]
+        asked = held.get(p, [])
         why = (
             f"no answer within the deadline ({self.config.deadline_s:g} s) to the scatter "
             "this lookup waited for"

@@ -38,8 +38,9 @@ from ekko.client.lookup_stream import LookupStream
 from ekko.client.stream_frames import VARIANT_HEADER, VARIANTS
 from ekko.client.wire import TableRows, WireError
 from ekko.net.signed_requests import RESIGN_HEADER
-from ekko.serve.scatter_fetch import Fetch, HolderFailed
+from ekko.serve.scatter_fetch import Fetch, FlatAsk, FlatRows, HolderFailed, flat_rows, tables_of
 from ekko.store import Store, UnknownTableError
+from ekko.store.table_frames import lookup_tables
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -140,13 +141,34 @@ class HttpHolders:
             )
         return _Conn(reader, writer)
 
-    async def __call__(
-        self, holder: str, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray]
-    ) -> Mapping[str, TableRows]:
+    async def lookup(self, holder: str, ask: FlatAsk) -> FlatRows:
+        """The scatter's ``Fetch``: ``ask`` as one frame on ``holder``'s stream (its answer
+        as it comes), or as one ``POST /v1/lookup`` (its tables' rows then packed)."""
         if self.closed:  # a predict still in flight as the node stops: open nothing new
             raise HolderFailed(holder, "this node's scatter client is closed (it is stopping)")
         if self.streams:
-            return await self._over_stream(holder, tables, known)
+            stream = await self._stream(holder)
+            try:
+                dims, rows, versions, values = await stream.lookup_flat(*ask)
+            except (ClientError, OSError, ssl.SSLError) as exc:
+                raise _failed(holder, exc) from exc
+            return FlatRows(dims, rows, versions, values)
+        tables, known = tables_of(ask)
+        return flat_rows(holder, ask, await self(holder, tables, known))
+
+    async def __call__(
+        self, holder: str, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray]
+    ) -> Mapping[str, TableRows]:
+        """The rows of each of ``tables`` at ``holder`` (``known``: the versions held of
+        some), in one request; ``HolderFailed`` for anything but an answer."""
+        if self.closed:  # a predict still in flight as the node stops: open nothing new
+            raise HolderFailed(holder, "this node's scatter client is closed (it is stopping)")
+        if self.streams:
+            stream = await self._stream(holder)
+            try:
+                return await stream.lookup(tables, known)
+            except (ClientError, OSError, ssl.SSLError) as exc:
+                raise _failed(holder, exc) from exc
         call = calls.lookup_many(tables, known)
         host = urlsplit(holder).netloc
         assert call.content_type is not None
@@ -171,11 +193,9 @@ class HttpHolders:
         except (WireError, ValueError, KeyError, TypeError) as exc:
             raise HolderFailed(holder, f"unreadable answer: {exc}") from exc
 
-    async def _over_stream(
-        self, holder: str, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray]
-    ) -> Mapping[str, TableRows]:
-        """The lookup on ``holder``'s stream (opened once, by the first caller; a broken
-        one is opened again by the next)."""
+    async def _stream(self, holder: str) -> LookupStream:
+        """``holder``'s stream (opened once, by the first caller; a broken one is opened
+        again by the next)."""
         opening = self._streams.get(holder)
         if opening is None or (opening.done() and _broken(opening)):
             u = urlsplit(holder)
@@ -192,12 +212,9 @@ class HttpHolders:
             )
             self._streams[holder] = opening
         try:
-            stream = await asyncio.shield(opening)
-            return await stream.lookup(tables, known)
+            return await asyncio.shield(opening)
         except (ClientError, OSError, ssl.SSLError) as exc:
-            status = getattr(exc, "status", None)
-            why = str(exc).partition(f"at {holder}: ")[2] or str(exc)
-            raise HolderFailed(holder, why, status) from exc
+            raise _failed(holder, exc) from exc
 
     async def _send(self, holder: str, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         """``raw`` on an idle connection (a fresh one when it was closed under us)."""
@@ -248,6 +265,13 @@ class HttpHolders:
         self._idle.clear()
 
 
+def _failed(holder: str, exc: Exception) -> HolderFailed:
+    """A stream's failure as the holder's (its status, if the holder answered one)."""
+    status = getattr(exc, "status", None)
+    why = str(exc).partition(f"at {holder}: ")[2] or str(exc)
+    return HolderFailed(holder, why, status)
+
+
 def _broken(opening: asyncio.Task[LookupStream]) -> bool:
     """An opening that failed, or a stream that broke since."""
     if opening.cancelled() or opening.exception() is not None:
@@ -275,25 +299,22 @@ class LocalFirst:
         self.store = store
         self.remote = remote
 
-    async def __call__(
-        self, holder: str, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray]
-    ) -> Mapping[str, TableRows]:
+    async def lookup(self, holder: str, ask: FlatAsk) -> FlatRows:
         if holder != LOCAL:
-            return await self.remote(holder, tables, known)
-        out = {}
-        for name, keys in tables.items():
+            return await self.remote.lookup(holder, ask)
+        tables = []
+        for name in ask.names:
             try:
-                table = self.store.table(name)
+                tables.append(self.store.table(name))
             except UnknownTableError as exc:
                 raise HolderFailed(
                     holder, f"table {name!r} is not in this node's store", 404
                 ) from exc
-            values, versions, found = table.lookup(keys)
-            v = known.get(name)
-            if v is not None:
-                values = values[versions != v]
-            out[name] = TableRows(name, versions, found.view(np.uint8), values)
-        return out
+        starts = np.zeros(len(tables) + 1, np.int64)
+        np.cumsum(ask.counts, out=starts[1:])
+        got = lookup_tables(tables, ask.keys, starts, ask.known)
+        dims = np.array([t.dim for t in tables], np.int64)
+        return FlatRows(dims, got.rows, got.versions, got.values)
 
     async def close(self) -> None:
         """Close ``remote``'s connections, if it keeps any."""

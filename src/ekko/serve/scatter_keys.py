@@ -1,12 +1,11 @@
-"""Which partition holds each key of a lookup, and one table's rows put back together from
-its partitions' answers.
+"""Which partition holds each key of a lookup: a scatter's keys split into one ``FlatAsk``
+per partition, and the partitions' ``FlatRows`` put back together as each table's rows.
 
-Pure array work over the cluster's ``Placement`` (no holders, no time): a scatter splits
-every table's keys by partition with ``PartitionKeys.split_all`` and merges the answers with
-``merge_all``, in the keys' order. Both work on all the tables at once: a predict batch asks
-26 tables of about 8 keys per partition, and array calls per table and partition were most
-of a serving node's CPU per batch beyond one partition's (``split`` and ``merge_rows`` are
-the one-table forms).
+Pure array work over the cluster's ``Placement`` (no holders, no time), one kernel call each
+way for all the tables at once: a predict batch asks 26 tables of about 8 keys per
+partition, and array calls and Python objects per table and partition (a ``TableRows`` to
+check, slice and merge again) were most of a serving node's CPU per batch beyond one
+partition's.
 """
 
 from __future__ import annotations
@@ -15,29 +14,33 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 from ekko.client.wire import TableRows
 from ekko.serve.errors import ModelNotReady
+from ekko.serve.scatter_fetch import NO_KNOWN, FlatAsk, FlatRows
 from ekko.store import TableShardGroups, shard_of
 from ekko.store.placement import Placement
 
 MAX_TABLE_SETS = 64
 """Sets of tables whose grouping ``PartitionKeys`` keeps (a model's tables are one set)."""
 
-Where = list[tuple[int, np.ndarray | None]]
-"""(partition, positions of its keys in a table's keys; None: all of them), per partition."""
+NO_ORDER = np.zeros(0, np.int64)
 
 
 class Split(NamedTuple):
-    """Every table of a scatter split by partition (``PartitionKeys.split_all``): each
-    table's ``Where`` and keys per partition of it; ``order``, int64 [keys of all tables],
-    the positions of its ``Where``, table after table, each table's from ``starts[t]`` (int64
-    [tables + 1]); both None when one partition holds everything."""
+    """A scatter's tables split by partition (``PartitionKeys.split``): the tables' names,
+    where each table's keys start in their concatenation (int64 [tables + 1]), each
+    partition's count of keys of each table (int64 [partitions, tables]), the position in
+    the concatenation of each key asked, partition after partition (int64 [n]; empty: the
+    keys' own order) and the ``FlatAsk`` of each partition asked, in partition order."""
 
-    where: dict[str, Where]
-    subs: dict[str, list[np.ndarray]]
-    order: np.ndarray | None
-    starts: np.ndarray | None
+    names: list[str]
+    starts: np.ndarray
+    counts: np.ndarray
+    order: np.ndarray
+    known: np.ndarray | None
+    asks: dict[int, FlatAsk]
 
 
 class PartitionKeys:
@@ -73,16 +76,29 @@ class PartitionKeys:
         n, of = self._shard_parts(table)
         return of[shard_of(keys, n)]
 
-    def split_all(self, tables: Mapping[str, np.ndarray]) -> Split:
-        """Each table's ``Where`` (int64 keys [n] each; the partitions holding some of them,
-        in partition order, with the positions of their keys, None when one holds them all)
-        and its keys of each of those partitions (the table's own array when one holds them
-        all), every table in one kernel call."""
-        if self.placement.partitions == 1 or not tables:
-            where = {t: [(0, None)] for t in tables}
-            return Split(where, {t: [k] for t, k in tables.items()}, None, None)
+    def split(
+        self, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray] | None = None
+    ) -> Split:
+        """``tables`` (int64 keys [n >= 1] each) and their ``known`` versions (int64 [n] of
+        some tables; -1 where a table has none) as one ``FlatAsk`` per partition holding
+        some of the keys, each with its keys of every table, every table in one kernel
+        call."""
         names = list(tables)
         arrays = list(tables.values())
+        sizes = np.fromiter((k.shape[0] for k in arrays), np.int64, len(arrays))
+        starts = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        keys = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        flat_known = None
+        if known:
+            flat_known = np.full(keys.shape[0], -1, np.int64)
+            for name, a, b in zip(names, starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+                v = known.get(name)
+                if v is not None:
+                    flat_known[a:b] = v
+        if self.placement.partitions == 1:
+            ask = FlatAsk(names, sizes, keys, flat_known)
+            return Split(names, starts, sizes[None, :], NO_ORDER, flat_known, {0: ask})
         shards = tuple((t, self.num_shards(t)) for t in names)
         groups = self._groups_of.get(shards)
         if groups is None:
@@ -91,120 +107,143 @@ class PartitionKeys:
             groups = self._groups_of[shards] = TableShardGroups(
                 [self._shard_parts(t)[1] for t in names], self.placement.partitions
             )
-        starts = np.zeros(len(arrays) + 1, dtype=np.int64)
-        np.cumsum([k.shape[0] for k in arrays], out=starts[1:])
-        order, grouped, counts = groups.group(np.concatenate(arrays), starts)
-        where: dict[str, Where] = {}
-        subs: dict[str, list[np.ndarray]] = {}
-        for name, k, at, row in zip(names, arrays, starts.tolist(), counts.tolist(), strict=False):
-            held = [(p, c) for p, c in enumerate(row) if c]
-            if len(held) == 1:
-                where[name], subs[name] = [(held[0][0], None)], [k]
+        order, grouped, counts = groups.group_parts(keys, starts)
+        held = flat_known[order] if flat_known is not None else None
+        totals = counts.sum(axis=1).tolist()
+        every = (counts > 0).all(axis=1).tolist()
+        asks: dict[int, FlatAsk] = {}
+        at = 0
+        for p, (n, full) in enumerate(zip(totals, every, strict=True)):
+            if not n:
                 continue
-            w, sub = where[name], subs[name] = [], []
-            for p, c in held:
-                w.append((p, order[at : at + c]))
-                sub.append(grouped[at : at + c])
-                at += c
-        return Split(where, subs, order, starts)
+            row = counts[p]
+            if full:
+                mine, c = names, row
+            else:
+                some = np.flatnonzero(row)
+                mine, c = [names[t] for t in some.tolist()], row[some]
+            sub = None if held is None else held[at : at + n]
+            asks[p] = FlatAsk(mine, c, grouped[at : at + n], sub)
+            at += n
+        return Split(names, starts, counts, order, flat_known, asks)
+
+    def held_by(self, tables: Mapping[str, np.ndarray]) -> dict[int, list[str]]:
+        """The partitions holding some of ``tables``' keys, each with the tables it holds
+        keys of, in partition order."""
+        if not tables:
+            return {}
+        split = self.split(tables)
+        return {p: ask.names for p, ask in split.asks.items()}
 
 
-def merge_rows(
-    table: str,
-    keys: np.ndarray,
-    known: np.ndarray | None,
-    where: Where,
-    answers: Mapping[int, Mapping[str, TableRows]],
-) -> TableRows:
-    """One table's ``TableRows`` over all its keys from the partitions' answers."""
-    if len(where) == 1 and where[0][1] is None:
-        return answers[where[0][0]][table]
-    n = keys.shape[0]
-    dims = {answers[p][table].values.shape[1] for p, _ in where}
-    if len(dims) > 1:
-        raise ModelNotReady(f"table {table!r}: its partitions answer rows of dims {sorted(dims)}")
-    dim = dims.pop()
-    versions = np.empty(n, dtype=np.int64)
-    found = np.empty(n, dtype=np.uint8)
-    for p, idx in where:
-        rows = answers[p][table]
-        versions[idx] = rows.versions
-        found[idx] = rows.found
-    if known is None:  # every row came with its values
-        values = np.empty((n, dim), dtype=np.float32)
-        for p, idx in where:
-            values[idx] = answers[p][table].values
-        return TableRows(table, versions, found, values)
-    changed = versions != known
-    rank = np.cumsum(changed) - 1
-    values = np.empty((int(rank[-1]) + 1 if n else 0, dim), dtype=np.float32)
-    for p, idx in where:
-        rows = answers[p][table]
-        values[rank[idx[changed[idx]]]] = rows.values
-    return TableRows(table, versions, found, values)
+@njit(cache=True, nogil=True)
+def _merge_kernel(
+    counts: np.ndarray,
+    order: np.ndarray,
+    starts: np.ndarray,
+    known: np.ndarray,
+    dims: np.ndarray,
+    versions: np.ndarray,
+    values: np.ndarray,
+    out_versions: np.ndarray,
+    out_found: np.ndarray,
+    out_dims: np.ndarray,
+    out_rows: np.ndarray,
+    out_offsets: np.ndarray,
+) -> tuple[np.int64, np.ndarray]:
+    """Every partition's answer (``dims``, ``versions`` and ``values`` of the partitions
+    asked, concatenated in partition order; answers checked) scattered into the tables'
+    rows in their keys' order: returns (-1, values), or (t, empty) when table t's
+    partitions answer rows of different lengths."""
+    parts, tables = counts.shape
+    out_dims[:] = -1
+    k = 0
+    for p in range(parts):
+        for t in range(tables):
+            if counts[p, t]:
+                d = dims[k]
+                if out_dims[t] < 0:
+                    out_dims[t] = d
+                elif out_dims[t] != d:
+                    return np.int64(t), np.zeros(0, np.float32)
+                k += 1
+    same = order.shape[0] == 0
+    for j in range(versions.shape[0]):
+        i = j if same else order[j]
+        out_versions[i] = versions[j]
+        out_found[i] = 1 if versions[j] > 0 else 0
+    check = known.shape[0] > 0
+    rank = np.empty(versions.shape[0], np.int64)  # a key's row of values in its table's
+    out_offsets[0] = 0
+    for t in range(tables):
+        m = 0
+        for i in range(starts[t], starts[t + 1]):
+            if check and out_versions[i] == known[i]:
+                rank[i] = -1
+            else:
+                rank[i] = m
+                m += 1
+        out_rows[t] = m
+        out_offsets[t + 1] = out_offsets[t] + m * out_dims[t]
+    out = np.empty(out_offsets[tables], np.float32)
+    j = 0
+    v = 0
+    for p in range(parts):
+        for t in range(tables):
+            d = out_dims[t]
+            for _ in range(counts[p, t]):
+                i = j if same else order[j]
+                r = rank[i]
+                if r >= 0:
+                    at = out_offsets[t] + r * d
+                    for x in range(d):
+                        out[at + x] = values[v + x]
+                    v += d
+                j += 1
+    if v != values.shape[0]:  # the answers were checked: a bug
+        return np.int64(tables), out
+    return np.int64(-1), out
 
 
-def merge_all(
-    split: Split,
-    tables: Mapping[str, np.ndarray],
-    known: Mapping[str, np.ndarray],
-    answers: Mapping[int, Mapping[str, TableRows]],
-) -> dict[str, TableRows]:
-    """``merge_rows`` of every table of ``split``, in the order of ``tables``. The tables
-    asked without known versions whose keys several partitions hold (an embedding table of a
-    predict batch, typically) are merged together, a few array operations per row length,
-    where one table at a time cost three per table and partition."""
-    out: dict[str, TableRows] = {}
-    flat: dict[int, list[int]] = {}  # row length -> positions (in ``tables``) merged at once
-    for i, (table, keys) in enumerate(tables.items()):
-        where = split.where[table]
-        v = known.get(table)
-        if v is not None or where[0][1] is None:
-            out[table] = merge_rows(table, keys, v, where, answers)
-            continue
-        # grouped by the first partition's row length; another's that differs fails the
-        # group's concatenation, and the table is merged alone to say so
-        flat.setdefault(answers[where[0][0]][table].values.shape[1], []).append(i)
-    if flat:
-        names = list(tables)
-        for dim, chosen in flat.items():
-            mine = [names[i] for i in chosen]
-            try:
-                out.update(_merge_together(split, mine, chosen, dim, answers))
-            except ValueError:
-                for t in mine:
-                    out[t] = merge_rows(t, tables[t], None, split.where[t], answers)
-    return {t: out[t] for t in tables}
-
-
-def _merge_together(
-    split: Split,
-    names: list[str],
-    chosen: list[int],
-    dim: int,
-    answers: Mapping[int, Mapping[str, TableRows]],
-) -> dict[str, TableRows]:
-    """Tables ``names`` (at positions ``chosen`` of the split, rows of ``dim``) merged into
-    one array each of versions, found flags and values, each table's rows a slice of them."""
-    assert split.order is not None and split.starts is not None
-    starts = split.starts
-    sizes = np.diff(starts)
-    pick = np.zeros(sizes.shape[0], dtype=bool)
-    pick[chosen] = True
-    mine = sizes[pick]
-    begins = np.zeros(mine.shape[0] + 1, dtype=np.int64)
-    np.cumsum(mine, out=begins[1:])
-    # where each answered row goes: its position in its table plus its table's start
-    dest = split.order[np.repeat(pick, sizes)] + np.repeat(begins[:-1], mine)
-    rows = [answers[p][t] for t in names for p, _ in split.where[t]]
-    n = int(begins[-1])
-    versions = np.empty(n, dtype=np.int64)
-    versions[dest] = np.concatenate([r.versions for r in rows])
-    found = np.empty(n, dtype=np.uint8)
-    found[dest] = np.concatenate([r.found for r in rows])
-    values = np.empty((n, dim), dtype=np.float32)
-    values[dest] = np.concatenate([r.values for r in rows])
-    out = {}
-    for t, a, b in zip(names, begins[:-1].tolist(), begins[1:].tolist(), strict=True):
-        out[t] = TableRows(t, versions[a:b], found[a:b], values[a:b])
-    return out
+def merge(split: Split, answers: Mapping[int, FlatRows]) -> dict[str, TableRows]:
+    """Each table's ``TableRows`` over all its keys, in their order, from the checked
+    answers of every partition of ``split``; ``ModelNotReady`` naming a table whose
+    partitions answer rows of different lengths."""
+    got = [answers[p] for p in split.asks]
+    if len(got) == 1:
+        dims, _, versions, values = got[0]
+    else:
+        dims = np.concatenate([a.dims for a in got])
+        versions = np.concatenate([a.versions for a in got])
+        values = np.concatenate([a.values for a in got])
+    tables = len(split.names)
+    n = versions.shape[0]
+    out_versions = np.empty(n, np.int64)
+    out_found = np.empty(n, np.uint8)
+    out_dims = np.empty(tables, np.int64)
+    out_rows = np.empty(tables, np.int64)
+    offsets = np.empty(tables + 1, np.int64)
+    known = NO_KNOWN if split.known is None else split.known
+    bad, out = _merge_kernel(
+        split.counts, split.order, split.starts, known, dims, versions, values,
+        out_versions, out_found, out_dims, out_rows, offsets,
+    )  # fmt: skip
+    if bad >= 0:
+        if bad == tables:
+            raise AssertionError("checked answers whose values do not fill the tables' rows")
+        name = split.names[bad]
+        seen = sorted({int(a.dims[a_names.index(name)]) for a, a_names in
+                       ((answers[p], ask.names) for p, ask in split.asks.items())
+                       if name in a_names})  # fmt: skip
+        raise ModelNotReady(f"table {name!r}: its partitions answer rows of dims {seen}")
+    result = {}
+    bounds = split.starts.tolist()
+    offs = offsets.tolist()
+    for t, (name, dim, rows) in enumerate(
+        zip(split.names, out_dims.tolist(), out_rows.tolist(), strict=True)
+    ):
+        a, b = bounds[t], bounds[t + 1]
+        result[name] = TableRows(
+            name, out_versions[a:b], out_found[a:b], out[offs[t] : offs[t + 1]].reshape(rows, dim)
+        )
+    return result

@@ -49,6 +49,44 @@ def _group_tables_kernel(
     return True
 
 
+@njit(cache=True, nogil=True)
+def _group_parts_kernel(
+    keys: np.ndarray,
+    starts: np.ndarray,
+    num_shards: np.ndarray,
+    shard_groups: np.ndarray,
+    sg_starts: np.ndarray,
+    order: np.ndarray,
+    grouped: np.ndarray,
+    counts: np.ndarray,
+) -> bool:
+    groups = counts.shape[0]
+    tables = num_shards.shape[0]
+    parts = np.empty(keys.shape[0], dtype=np.int64)
+    for t in range(tables):
+        ns, base = num_shards[t], sg_starts[t]
+        for i in range(starts[t], starts[t + 1]):
+            g = shard_groups[base + shard_of_key(keys[i], ns)]
+            if g < 0 or g >= groups:
+                return False
+            parts[i] = g
+            counts[g, t] += 1
+    at = np.empty((groups, tables), dtype=np.int64)
+    acc = 0
+    for g in range(groups):
+        for t in range(tables):
+            at[g, t] = acc
+            acc += counts[g, t]
+    for t in range(tables):
+        for i in range(starts[t], starts[t + 1]):
+            g = parts[i]
+            j = at[g, t]
+            order[j] = i
+            grouped[j] = keys[i]
+            at[g, t] = j + 1
+    return True
+
+
 class TableShardGroups:
     """The keys of every table of a lookup, concatenated, grouped by their shard's group (a
     partition, say) in one call: per table, a stable sort of its keys by group.
@@ -83,6 +121,25 @@ class TableShardGroups:
         self._sg_starts = np.concatenate(([0], np.cumsum(self._num_shards)[:-1]))
         self._shard_groups = np.concatenate(sgs)
 
+    def group_parts(
+        self, keys: np.ndarray, starts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(order, grouped, counts)`` of ``keys`` as ``group``'s, group by group: group 0's
+        keys of table 0, then its keys of table 1, ..., then group 1's; ``order`` (int64
+        ``[n]``) the position of each in ``keys`` itself, ``grouped`` the keys in that order
+        and ``counts`` each group's count per table (int64 ``[groups, tables]``). What a
+        scatter sends each partition: one array of its keys of every table."""
+        arr, st = self._checked(keys, starts)
+        order = np.empty(arr.shape[0], dtype=np.int64)
+        grouped = np.empty(arr.shape[0], dtype=np.int64)
+        counts = np.zeros((self.groups, self.tables), dtype=np.int64)
+        ok = _group_parts_kernel(
+            arr, st, self._num_shards, self._shard_groups, self._sg_starts, order, grouped, counts
+        )
+        if not ok:  # checked at construction: a bug if it happens
+            raise AssertionError("a shard group out of range after construction")
+        return order, grouped, counts
+
     def group(
         self, keys: np.ndarray, starts: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,6 +149,18 @@ class TableShardGroups:
         group's in their order (int64 ``[n]``: a stable argsort by group, table by table),
         the keys in that order (``grouped``) and each table's count per group (int64
         ``[tables, groups]``)."""
+        arr, st = self._checked(keys, starts)
+        order = np.empty(arr.shape[0], dtype=np.int64)
+        grouped = np.empty(arr.shape[0], dtype=np.int64)
+        counts = np.zeros((self.tables, self.groups), dtype=np.int64)
+        ok = _group_tables_kernel(
+            arr, st, self._num_shards, self._shard_groups, self._sg_starts, order, grouped, counts
+        )
+        if not ok:  # checked at construction: a bug if it happens
+            raise AssertionError("a shard group out of range after construction")
+        return order, grouped, counts
+
+    def _checked(self, keys: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         arr = _check_keys(keys)
         st = np.asarray(starts)
         if (
@@ -105,13 +174,4 @@ class TableShardGroups:
                 f"starts must be int64 [{self.tables + 1}] rising from 0 to {arr.shape[0]} "
                 f"keys, got {st.dtype} {st.tolist()[:8]}"
             )
-        st = np.ascontiguousarray(st)
-        order = np.empty(arr.shape[0], dtype=np.int64)
-        grouped = np.empty(arr.shape[0], dtype=np.int64)
-        counts = np.zeros((self.tables, self.groups), dtype=np.int64)
-        ok = _group_tables_kernel(
-            arr, st, self._num_shards, self._shard_groups, self._sg_starts, order, grouped, counts
-        )
-        if not ok:  # checked at construction: a bug if it happens
-            raise AssertionError("a shard group out of range after construction")
-        return order, grouped, counts
+        return arr, np.ascontiguousarray(st)
