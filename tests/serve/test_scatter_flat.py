@@ -10,7 +10,14 @@ from scatter_fakes import FakeHolders, holders_of, run_virtual
 
 from ekko.schedule import WritePort
 from ekko.serve.scatter import PartitionedLookup
-from ekko.serve.scatter_fetch import FlatAsk, FlatRows, HolderFailed, PartitionUnavailable, checked
+from ekko.serve.scatter_fetch import (
+    FlatAsk,
+    FlatRows,
+    HolderFailed,
+    LookupRefused,
+    PartitionUnavailable,
+    checked,
+)
 from ekko.store import Store
 from ekko.store.placement import Placement
 from ekko.store.spec import TableSpec
@@ -113,3 +120,46 @@ def test_checked_names_arrays_of_the_wrong_shape_or_type() -> None:
         checked("h", ask, good._replace(versions=np.array([1], np.int64)))
     with pytest.raises(HolderFailed, match="do not fit"):
         checked("h", ask, good._replace(values=np.zeros(2, np.float64)))
+
+
+def test_a_cancelled_scatter_cancels_its_requests_and_asks_nothing_more() -> None:
+    import asyncio
+    import math
+
+    _, lookup, fake = _setup()
+    for p in range(P):
+        fake.delay[f"p{p}h0"] = math.inf  # never answers: the hedge would come at 0.05 s
+    keys = np.arange(0, 300, dtype=np.int64)
+
+    async def cancelled() -> int:
+        task = asyncio.ensure_future(lookup.lookup({"emb_a": keys}))
+        await asyncio.sleep(0.001)
+        assert lookup.asking == [1] * P
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # past any hedge and the deadline: nothing more is sent
+        return len(fake.calls)
+
+    assert run_virtual(cancelled) == P
+    assert lookup.asking == [0] * P
+    assert all(s.hedges == 0 and s.unavailable == 0 for s in lookup.statistics())
+
+
+def test_a_refused_partition_ends_the_others_requests() -> None:
+    import asyncio
+    import math
+
+    _, lookup, fake = _setup()
+    fake.fail["p1h0"] = 400
+    fake.delay["p1h0"] = 0.01
+    fake.delay["p3h0"] = math.inf
+
+    async def refused() -> None:
+        with pytest.raises(LookupRefused, match="refused the lookup"):
+            await lookup.lookup({"emb_a": np.arange(0, 300, dtype=np.int64)})
+        await asyncio.sleep(1.0)  # past the hedge delay and the deadline
+
+    run_virtual(refused)
+    assert lookup.asking == [0] * P
+    assert "p3h1" not in [h for h, *_ in fake.calls]  # its hedge was never sent

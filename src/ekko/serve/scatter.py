@@ -11,9 +11,10 @@ on the next one at once, and a partition none of whose holders answers is a
 
 The parts: ``scatter_fetch`` (how one holder is asked and how that fails: one ``FlatAsk``
 of every table's keys per partition, one ``FlatRows`` back), ``scatter_keys`` (keys split
-by partition, answers merged back in one kernel call), ``scatter_policy`` (the config, hedge delays,
-the order holders are asked in, counters), ``scatter_batch`` (lookups queued behind a
-scatter in flight merged into the next). This module asks and waits.
+by partition, answers merged back in one kernel call), ``scatter_ask`` (one partition's
+holders asked, hedged and retried, by callbacks), ``scatter_policy`` (the config, hedge
+delays, the order holders are asked in, counters), ``scatter_batch`` (lookups queued behind
+a scatter in flight merged into the next). This module splits, gathers and merges.
 
 Why no I/O here: the node owns how to reach its peers (URLs, TLS, credentials), tests own
 time; this module gets a ``Fetch`` (``ekko.serve.scatter_http.HttpHolders`` over HTTP, fakes
@@ -25,22 +26,14 @@ than the holder's (the issue allows a cache only if the sync stream invalidates 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ekko.client.wire import TableRows
+from ekko.serve.scatter_ask import PartitionAsk
 from ekko.serve.scatter_batch import Coalescer
-from ekko.serve.scatter_fetch import (
-    Fetch,
-    FlatAsk,
-    FlatRows,
-    HolderFailed,
-    LookupRefused,
-    PartitionUnavailable,
-    checked,
-)
+from ekko.serve.scatter_fetch import Fetch, PartitionUnavailable
 from ekko.serve.scatter_keys import PartitionKeys, merge
 from ekko.serve.scatter_policy import HolderPolicy, PartitionStats, ScatterConfig
 from ekko.store.placement import Placement
@@ -81,7 +74,7 @@ class PartitionedLookup:
         self.config = cfg = config or ScatterConfig()
         self.keys = PartitionKeys(placement, num_shards)
         self.policy = HolderPolicy(self.holders, cfg)
-        self._asking = [0] * placement.partitions  # scatters waiting on each partition now
+        self.asking = [0] * placement.partitions  # scatters waiting on each partition now
         self.coalescer = (
             Coalescer(self._scatter, cfg.coalesce, expired=self._expired) if cfg.coalesce else None
         )
@@ -121,85 +114,13 @@ class PartitionedLookup:
         if not tables:
             return {}
         split = self.keys.split(tables, known)
-        tasks = {
-            p: asyncio.ensure_future(self._ask(p, ask, deadline)) for p, ask in split.asks.items()
-        }
+        asks = [PartitionAsk(self, p, ask, deadline) for p, ask in split.asks.items()]
         try:
-            answers = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
+            answers = await asyncio.gather(*(a.future for a in asks))
         finally:
-            _drop(tasks.values())
-        return merge(split, answers)
-
-    async def _ask(self, p: int, ask: FlatAsk, deadline: float) -> FlatRows:
-        """One partition's rows: hedged after its p95, retried on error, until the deadline."""
-        self._asking[p] += 1
-        try:
-            return await self._ask_holders(p, ask, deadline)
-        finally:
-            self._asking[p] -= 1
-
-    async def _ask_holders(self, p: int, ask: FlatAsk, deadline: float) -> FlatRows:
-        loop = asyncio.get_running_loop()
-        policy = self.policy
-        counters = policy.counters[p]
-        counters.requests += 1
-        start = loop.time()
-        order = policy.order(p, start)
-        hedge_after = policy.hedge_after(p)
-        running: dict[asyncio.Future, str] = {}
-        tried: list[tuple[str, str]] = []
-        sent = 0
-        next_hedge = math.inf
-
-        def launch() -> None:
-            nonlocal sent, next_hedge
-            holder = order[sent]
-            sent += 1
-            running[asyncio.ensure_future(self.fetch.lookup(holder, ask))] = holder
-            next_hedge = loop.time() + hedge_after if sent < len(order) else math.inf
-
-        launch()
-        try:
-            while running:
-                now = loop.time()
-                if now >= deadline:
-                    break
-                done, _ = await asyncio.wait(
-                    running, timeout=min(deadline, next_hedge) - now,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )  # fmt: skip
-                if not done:
-                    if loop.time() >= next_hedge:
-                        counters.hedges += 1
-                        launch()
-                    continue
-                for task in done:
-                    holder = running.pop(task)
-                    exc = task.exception()
-                    if exc is None:
-                        try:
-                            answer = checked(holder, ask, task.result())
-                        except HolderFailed as bad:
-                            exc = bad
-                        else:
-                            now = loop.time()
-                            policy.answered(p, holder, now - start, running.values(), now)
-                            return answer
-                    if not isinstance(exc, HolderFailed):
-                        raise exc
-                    if not exc.retriable:
-                        raise LookupRefused(p, exc) from exc
-                    tried.append((holder, exc.reason))
-                    policy.failed(holder, loop.time())
-                if sent < len(order):
-                    counters.retries += 1
-                    launch()
-        finally:
-            _drop(running)
-        tried += [(h, f"no answer within the deadline ({self.config.deadline_s:g} s)")
-                  for h in running.values()]  # fmt: skip
-        counters.unavailable += 1
-        raise PartitionUnavailable(p, ask.names, tried)
+            for a in asks:
+                a.future.cancel()  # the others, when one failed (or this was cancelled)
+        return merge(split, dict(zip(split.asks, answers, strict=True)))
 
     def _expired(self, tables: Mapping[str, np.ndarray]) -> PartitionUnavailable:
         """What a lookup queued behind a scatter in flight raises at its deadline: the 503 of
@@ -207,8 +128,8 @@ class PartitionedLookup:
         of the lookup's own if it can), as the scatter will when its own deadline passes."""
         held = self.keys.held_by(tables)
         mine = list(held)
-        slow = [p for p in mine if self._asking[p]]
-        slow = slow or [p for p, n in enumerate(self._asking) if n] or mine
+        slow = [p for p in mine if self.asking[p]]
+        slow = slow or [p for p, n in enumerate(self.asking) if n] or mine
         p = slow[0]
         asked = held.get(p, [])
         why = (
@@ -234,13 +155,3 @@ class PartitionedLookup:
 
     def statistics(self) -> list[PartitionStats]:
         return self.policy.statistics()
-
-
-def _drop(tasks: Iterable[asyncio.Future]) -> None:
-    """Cancel the tasks still running; read the outcome of those done (a lost hedge's error
-    is no "exception never retrieved")."""
-    for task in tasks:
-        if not task.done():
-            task.cancel()
-        elif not task.cancelled():
-            task.exception()
