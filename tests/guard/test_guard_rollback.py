@@ -282,3 +282,65 @@ def test_a_deferring_source_rolled_back_never_releases_pre_rollback_rows_over_re
     assert port.release(clock.wall(), clock.ns()) == 0
     np.testing.assert_array_equal(store.table("emb").lookup(keys)[0], healthy)
     assert scheduler.statistics().rows_held == 0
+
+
+def test_worse_since_is_when_the_online_model_began_to_do_worse_than_the_baseline():
+    from ekko.guard.detector import CORRUPTED, HEALTHY, DetectorConfig, Verdict
+    from ekko.guard.replica_guard import ReplicaGuard
+    from ekko.node.config import ModelConfig
+    from ekko.quality.windowed import QualitySnapshot
+    from ekko.serve import InferenceService
+
+    clock = FakeClock(wall=1000.0)
+    svc = InferenceService(
+        Store(), ModelConfig(name="ctr", embedding_dim=8, rows_per_table=100).served()
+    )
+    guard = ReplicaGuard.build(
+        "r1", svc, LaggedStore(1.0), DetectorConfig(), 3, None, lambda p, b: None, 0.3,
+        clock=clock,
+    )  # fmt: skip
+    calm = Verdict(0.0, HEALTHY, "normal", 0.0, 0.0, False, 0.0)
+    critical = Verdict(13.0, CORRUPTED, "corrupted", 5.0, 5.0, False, 0.0)
+
+    def snap(ll: float, auc: float) -> QualitySnapshot:
+        return QualitySnapshot(500, 100, auc, ll, 1.0, 0.2, 1.0, 0.0, 0.0)
+
+    better, worse_, base = snap(0.50, 0.80), snap(0.70, 0.60), snap(0.55, 0.75)
+    for _ in range(3):  # intervals end at 1000, 1001, 1002
+        guard._gate(calm, better, base)
+        clock.advance(1.0)
+    assert guard.report_body()["worse_since"] is None
+    for _ in range(4):  # the interval that began at 1002 (ended 1003) was the first worse one
+        guard._gate(critical, worse_, base)
+        clock.advance(1.0)
+    assert guard.report_body()["worse_since"] == 1002.0
+    guard._gate(calm, better, base)  # online ahead again: nothing to look back for
+    assert guard.worse_since is None
+
+
+def test_an_automatic_rollback_goes_back_before_the_online_model_did_worse():
+    """A detector slowed by load reports healthy for intervals after the poison began, so the
+    last all-healthy moment minus the margin falls after the poison; the replica's
+    ``worse_since`` puts the restore point back before it."""
+    clock = FakeClock(wall=100.0)
+    store, guard, sink, _trainer, _sent = setup(["r1"], clock)
+    guard.margin_s = 2.0
+    keys = np.arange(4, dtype=np.int64)
+    sink.write("emb", keys, np.full((4, DIM), 1.0, np.float32))  # the healthy model
+    for _ in range(10):  # healthy checkpoints up to 110
+        clock.advance(1.0)
+        guard.report({"node": "r1", "state": "healthy", "epoch": 0})
+        guard.tick(clock.wall())
+    sink.write("emb", keys, np.full((4, DIM), 9.0, np.float32))  # the poison, at 110
+    for _ in range(5):  # a slow detector: still "healthy" until 115
+        clock.advance(1.0)
+        guard.report({"node": "r1", "state": "healthy", "epoch": 0})
+        guard.tick(clock.wall())
+    assert guard.last_all_healthy == 115.0  # minus the 2 s margin: 113, after the poison
+    clock.advance(1.0)
+    guard.report({"node": "r1", "state": "corrupted", "reason": "auc", "epoch": 0,
+                  "worse_since": 110.5})  # fmt: skip
+    inc = guard.incidents[-1] if guard.incident is None else guard.incident
+    assert inc["worse_since"] == 110.5 and inc["to_wall"] == 108.5
+    values, _, _ = store.table("emb").lookup(keys)
+    assert (values == 1.0).all()  # the poison is undone
