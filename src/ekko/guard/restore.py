@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SKEW_S = 60.0
 """How far ahead of a source's clock the coordinator's checkpoint may be (clock skew)."""
 
+MAX_QUARANTINE_S = 86_400.0
+"""The longest write quarantine a restore command may set (``[guard] quarantine_s``'s bound)."""
+
 
 @dataclass
 class Restored:
@@ -151,7 +154,8 @@ class SourceRestore:
         A repeated command for an epoch already restored here answers as the first did and
         restores nothing (a retried post); the same epoch to another point, an older epoch
         than the last and a ``to_wall`` before the earliest restorable point are refused
-        (``PreimageError``)."""
+        (``PreimageError``), a quarantine longer than ``MAX_QUARANTINE_S`` too (``ValueError``
+        naming it), before anything moves."""
         if epoch in self.answers:
             first = self.answers[epoch]["to_wall"]
             if first != to_wall:  # not a retry: a coordinator numbering from 0 again
@@ -172,6 +176,12 @@ class SourceRestore:
                 f"earliest restorable point is {earliest}"
             )
         if quarantine_until is not None:
+            ahead = quarantine_until - self._clock.wall()
+            if ahead > MAX_QUARANTINE_S + CHECKPOINT_SKEW_S:
+                raise ValueError(
+                    f"quarantine_until: {quarantine_until!r} is {ahead:.0f} s ahead of this "
+                    f"source's clock; a quarantine lasts at most {MAX_QUARANTINE_S:.0f} s"
+                )
             q = Quarantine(self.model, epoch, quarantine_until)
             if self.quarantine_file is not None:  # on disk first: a kill -9 cannot lift it
                 self.quarantine_file.save(q, self.tables, self._clock.wall())

@@ -229,6 +229,8 @@ def partition_source_routes(restorers: Mapping[str, SourceRestore]) -> list[Rout
             done = r.restore(body.to_wall, body.epoch, body.why, body.quarantine_until)
         except PreimageError as exc:
             return json_response({"error": str(exc)}, 409)
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
         return json_response(done.answer)
 
     @guarded

@@ -19,20 +19,15 @@ from typing import Any
 from ekko.guard.coordinator import (
     HolderReportError,
     PartitionPlan,
-    SourceResults,
-    collect_answers,
-    failure_text,
     holder_mismatches,
-    merge_watermarks,
-    rows_lost,
-    split_lossy,
     summary,
 )
 from ekko.guard.coordinator_resume import resumed
 from ekko.guard.errors import PreimageError
+from ekko.guard.incident_end import IncidentEnd
 from ekko.guard.log import TransitionLog
 from ekko.guard.quarantine_file import QuarantineFile
-from ekko.guard.restore import Restored, SourceRestore
+from ekko.guard.restore import SourceRestore
 from ekko.guard.state import Event, ModelHealth, State
 from ekko.schedule.write_port import WritePort
 from ekko.store.clock import SYSTEM_CLOCK, Clock
@@ -42,7 +37,7 @@ log = logging.getLogger(__name__)
 Broadcast = Callable[[str, dict[str, Any]], None]
 
 
-class SourceGuard:
+class SourceGuard(IncidentEnd):
     """Rollback coordinator of one model at the source.
 
     Args:
@@ -342,53 +337,6 @@ class SourceGuard:
         self.plan.restore_remote(body, lambda results: self._sources_answered(inc, res, results))
         return inc
 
-    def _sources_answered(self, inc: dict[str, Any], res: Restored, results: SourceResults) -> None:
-        """Every source restored (or failed to): tell every replica and holder, or, when a
-        source did not restore, say so and keep traffic on the baseline."""
-        if self.incident is not inc:
-            return  # answers after the incident ended: nothing to do
-        answers = [res.answer]
-        if self.plan is not None:
-            answers, failed = collect_answers(self.plan, inc, res.answer, results)
-            self.rows_restored += sum(a["rows_restored"] for a in answers[1:])
-            if failed:
-                self._restore_failed(inc, failed)
-                return
-        n_rows = inc["rows_restored"]
-        self._transition(
-            Event.ROLLBACK_DONE, f"{n_rows} rows restored to {inc['checkpoint_at']:.3f}"
-        )
-        rolled = {
-            "healthy_wall": inc["checkpoint_at"],
-            "watermark": merge_watermarks(answers),
-            "automatic": inc["automatic"],
-            "epoch": inc["epoch"],
-        }
-        if self.plan is not None:
-            rolled["partitions"] = self.plan.source_map(self.node)
-        self._tell_all("guard/rolled_back", rolled)
-        if self.log is not None:
-            self.log.append(
-                {k: v for k, v in inc.items() if k != "restored"} | {"event": "rollback"}
-            )
-        waits_for = self.replicas if self.plan is None else list(self.plan.holders)
-        if not waits_for:
-            self._complete(inc)
-
-    def _restore_failed(self, inc: dict[str, Any], failed: dict[str, dict[str, Any]]) -> None:
-        """A source did not restore: its partitions may still hold the poisoned rows. The
-        model stays corrupted (traffic on the baseline, holders frozen) and the incident
-        ends naming the sources; an operator's rollback retries every source."""
-        self.rollback_error = failure_text(inc["epoch"], failed)
-        inc["failed_sources"] = failed
-        inc["completed_at"] = self._clock.wall()
-        self.incidents.append(inc)
-        self.incident = None
-        log.error("guard %s: %s", self.model, self.rollback_error)
-        if self.log is not None:
-            doc = {k: v for k, v in inc.items() if k != "restored"}
-            self.log.append(doc | {"event": "rollback_failed"})
-
     def resume(self, records: Iterable[dict[str, Any]]) -> None:
         """After a restart: number on from the incidents of the log (``TransitionLog.read``),
         release the holders of an incident that was over, and say corrupted, naming it, when
@@ -424,43 +372,6 @@ class SourceGuard:
         assert self.plan is not None
         for n in nodes:
             self.plan.send(n, f"/v1/models/{self.model}/{path}", body)
-
-    def _complete(self, inc: dict[str, Any]) -> None:
-        """Every replica (holder) holds the restored state: compare digests, resume."""
-        if self.plan is None:
-            mismatched = {
-                n: [t for t, d in r["digests"].items() if inc["digests"].get(t) != d]
-                for n, r in inc["restored"].items()
-            }
-            lost = sum(self.store.table(t).rows for m in mismatched.values() for t in m)
-        else:
-            mismatched = {n: r["mismatches"] for n, r in inc["restored"].items()}
-            mismatched, lossy = split_lossy(self.plan, mismatched)
-            if lossy:
-                inc["mismatches_through_lossy_codecs"] = lossy
-            lost = rows_lost(mismatched, inc["source_rows"])
-        inc["replica_table_mismatches"] = {n: m for n, m in mismatched.items() if m}
-        inc["good_rows_lost"] = inc["source_mismatches"] + lost
-        times = [r["at"] for r in inc["restored"].values()]
-        inc["restore_all_replicas_s"] = (max(times) - inc["decided_at"]) if times else 0.0
-        inc["completed_at"] = self._clock.wall()
-        self.resume_at = inc["decided_at"] + self.quarantine_s
-        self.incidents.append(inc)
-        self.incident = None
-        if self.plan is not None:  # serving nodes return traffic to online
-            body = {"epoch": inc["epoch"], "at": inc["completed_at"]}
-            self._post(self.replicas, "guard/holders_restored", body)
-            self._unfreeze_epoch = inc["epoch"]
-        if self.log is not None:
-            self.log.append(
-                {k: v for k, v in inc.items() if k != "restored"} | {"event": "restored_everywhere"}
-            )
-        log.warning(
-            "guard %s: rollback complete at every replica in %.2f s; good rows lost %d",
-            self.model,
-            inc["restore_all_replicas_s"],
-            inc["good_rows_lost"],
-        )
 
     def status(self) -> dict[str, Any]:
         now = self._clock.wall()

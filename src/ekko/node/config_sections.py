@@ -114,7 +114,7 @@ class GuardSection(Strict):
     corrupted_threshold: float = 12.0
     probation: int = Field(5, ge=1)
     rollback_margin_s: float = Field(10.0, ge=0)
-    quarantine_s: float = Field(30.0, ge=0)  # training input dropped after a rollback
+    quarantine_s: float = Field(30.0, ge=0, le=86_400)  # training input dropped after a rollback
     preimage_window_s: float = Field(600.0, gt=0)
     # partitioned: how long the coordinator waits for each other source's restore answer
     restore_timeout_s: float = Field(10.0, gt=0)
