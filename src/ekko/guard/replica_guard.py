@@ -112,10 +112,6 @@ class ReplicaGuard:
         self.epoch = 0  # rollbacks announced to this replica; reports carry it
         self.redirects: list[float] = []  # wall times traffic was moved to the baseline
         self._worse_streak = 0  # consecutive intervals with online worse than the baseline
-        # wall time the first interval of that streak began (None: online is not worse): how
-        # far back the source must look, however long the detector took to be sure
-        self.worse_since: float | None = None
-        self._interval_began: float | None = None  # wall time of the last judged tick
         self.recovery_tolerance = recovery_tolerance
         self._skipped = 0  # consecutive intervals without enough samples to judge
         self._judged = 0  # intervals judged so far
@@ -196,12 +192,6 @@ class ReplicaGuard:
         """
         worse = online.log_loss > baseline.log_loss or baseline.auc > online.auc
         self._worse_streak = self._worse_streak + 1 if worse else 0
-        wall = self.clock.wall()
-        if not worse:
-            self.worse_since = None
-        elif self.worse_since is None:  # this interval began when the last judged one ended
-            self.worse_since = wall if self._interval_began is None else self._interval_began
-        self._interval_began = wall
         event = event_for_level(verdict.level)
         if event is Event.SCORE_NORMAL:
             return event, verdict.reason
@@ -400,7 +390,6 @@ class ReplicaGuard:
             "reason": v.reason if v else None,
             "why": self.last_why,
             "epoch": self.epoch,
-            "worse_since": self.worse_since,
             "at": self.clock.wall(),
         }
 

@@ -89,7 +89,6 @@ class ReportBody(msgspec.Struct):
     reason: str | None = None
     epoch: Count = 0
     at: Finite | None = None
-    worse_since: Wall | None = None
 
 
 class RestoredBody(msgspec.Struct):

@@ -214,7 +214,6 @@ class SourceGuard(IncidentEnd):
                     why,
                     detected_by=node,
                     detected_at=_at(body, self._clock.wall()),
-                    worse_since=_worse_since(body),
                 )
             except PreimageError as exc:
                 # No healthy point to return to: say so at the source (corrupted, with the
@@ -256,14 +255,8 @@ class SourceGuard(IncidentEnd):
         *,
         detected_by: str = "operator",
         detected_at: float | None = None,
-        worse_since: float | None = None,
     ) -> dict[str, Any]:
-        """Redirect every replica, quarantine training, write the healthy values back.
-
-        ``to_wall`` None: ``margin_s`` before the last moment every replica was healthy, or
-        before ``worse_since`` (when the detecting replica's online model began to do worse
-        than its baseline) if that is earlier: a detector slowed by load keeps saying healthy
-        while the poison's first intervals pass, and the restore point must not follow it."""
+        """Redirect every replica, quarantine training, write the healthy values back."""
         decided = self._clock.wall()
         automatic = detected_by != "operator"
         if self.incident is not None:
@@ -271,8 +264,6 @@ class SourceGuard(IncidentEnd):
         earliest = self.preimages.earliest_restorable
         if to_wall is None:
             base = self.last_all_healthy if self.last_all_healthy is not None else decided
-            if worse_since is not None:
-                base = min(base, worse_since)
             # The margin must not reach past the oldest healthy checkpoint (a poison in the
             # first minute): that checkpoint is then the best healthy point there is.
             to_wall = base - self.margin_s
@@ -314,7 +305,6 @@ class SourceGuard(IncidentEnd):
             "detected_by": detected_by,
             "automatic": automatic,
             "detected_at": detected_at,
-            "worse_since": worse_since,
             "decided_at": decided,
             "to_wall": to_wall,
             "quarantine_until": until,
@@ -401,12 +391,6 @@ class SourceGuard(IncidentEnd):
             "incidents": [_public(i) for i in self.incidents[-10:]],
             "transitions": [t.to_dict() for t in self.health.history[-20:]],
         }
-
-
-def _worse_since(body: dict[str, Any]) -> float | None:
-    """A report's ``worse_since`` (the route checked it is a finite unix time), or None."""
-    at = body.get("worse_since")
-    return None if at is None else float(at)
 
 
 def _at(body: dict[str, Any], default: float) -> float:
