@@ -216,7 +216,7 @@ def test_watermarks_of_different_shapes_are_refused_by_name():
         ('{"to_wall": 1e999, "epoch": 0}', "to_wall: expected a finite number"),
         ('{"to_wall": 1002, "epoch": -1}', "epoch: expected `int` >= 0"),
         ('{"to_wall": 1002, "epoch": 0, "quarantine_until": NaN}', "quarantine_until"),
-        ('{"to_wall": 1002, "epoch": 0, "quarantine_until": 1e12}', "quarantine_until: 1000000000000.0 is"),
+        ('{"to_wall": 1002, "epoch": 0, "quarantine_until": 1e12}', "quarantine lasts at most"),
         ('{"epoch": 0}', "missing required field `to_wall`"),
     ],
 )

@@ -189,8 +189,8 @@ class Holding:
                 self._frames.clear()
             groups = TableShardGroups([(~m).astype(np.int64) for m in masks], 2)
             got = self._frames[sig] = (masks, groups)
-        _, _, counts = got[1].group(keys, starts)
-        elsewhere = np.flatnonzero(counts[:, 1])
+        _, _, counts = got[1].group_parts(keys, starts)
+        elsewhere = np.flatnonzero(counts[1])  # group 1: keys of shards held elsewhere
         if elsewhere.size:  # the first such table's refusal, as checking each in turn says
             t = int(elsewhere[0])
             self.check_held(tables[t], keys[starts[t] : starts[t + 1]])

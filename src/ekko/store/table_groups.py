@@ -16,40 +16,6 @@ from ekko.store.errors import BadRowsError
 
 
 @njit(cache=True, nogil=True)
-def _group_tables_kernel(
-    keys: np.ndarray,
-    starts: np.ndarray,
-    num_shards: np.ndarray,
-    shard_groups: np.ndarray,
-    sg_starts: np.ndarray,
-    order: np.ndarray,
-    grouped: np.ndarray,
-    counts: np.ndarray,
-) -> bool:
-    groups = counts.shape[1]
-    parts = np.empty(keys.shape[0], dtype=np.int64)
-    at = np.empty(groups, dtype=np.int64)
-    for t in range(num_shards.shape[0]):
-        a, b, ns, base = starts[t], starts[t + 1], num_shards[t], sg_starts[t]
-        for i in range(a, b):
-            g = shard_groups[base + shard_of_key(keys[i], ns)]
-            if g < 0 or g >= groups:
-                return False
-            parts[i] = g
-            counts[t, g] += 1
-        acc = a
-        for g in range(groups):
-            at[g] = acc
-            acc += counts[t, g]
-        for i in range(a, b):
-            g = parts[i]
-            order[at[g]] = i - a
-            grouped[at[g]] = keys[i]
-            at[g] += 1
-    return True
-
-
-@njit(cache=True, nogil=True)
 def _group_parts_kernel(
     keys: np.ndarray,
     starts: np.ndarray,
@@ -89,7 +55,7 @@ def _group_parts_kernel(
 
 class TableShardGroups:
     """The keys of every table of a lookup, concatenated, grouped by their shard's group (a
-    partition, say) in one call: per table, a stable sort of its keys by group.
+    partition, say) in one call: group by group, each table's keys of the group in order.
 
     Why: a serving node splits every table of every predict batch by partition; one call
     per table cost a validation and a kernel call each, 26 times a batch. Built once per
@@ -124,36 +90,18 @@ class TableShardGroups:
     def group_parts(
         self, keys: np.ndarray, starts: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(order, grouped, counts)`` of ``keys`` as ``group``'s, group by group: group 0's
-        keys of table 0, then its keys of table 1, ..., then group 1's; ``order`` (int64
-        ``[n]``) the position of each in ``keys`` itself, ``grouped`` the keys in that order
-        and ``counts`` each group's count per table (int64 ``[groups, tables]``). What a
-        scatter sends each partition: one array of its keys of every table."""
+        """``(order, grouped, counts)`` of ``keys`` int64 ``[n]``, table ``t``'s keys at
+        ``keys[starts[t]:starts[t + 1]]`` (``starts`` int64 ``[tables + 1]``, from 0 to n),
+        group by group: group 0's keys of table 0 (in their order), then its keys of table
+        1, ..., then group 1's; ``order`` (int64 ``[n]``) the position of each in ``keys``,
+        ``grouped`` the keys in that order and ``counts`` each group's count per table (int64
+        ``[groups, tables]``). What a scatter sends each partition: one array of its keys of
+        every table."""
         arr, st = self._checked(keys, starts)
         order = np.empty(arr.shape[0], dtype=np.int64)
         grouped = np.empty(arr.shape[0], dtype=np.int64)
         counts = np.zeros((self.groups, self.tables), dtype=np.int64)
         ok = _group_parts_kernel(
-            arr, st, self._num_shards, self._shard_groups, self._sg_starts, order, grouped, counts
-        )
-        if not ok:  # checked at construction: a bug if it happens
-            raise AssertionError("a shard group out of range after construction")
-        return order, grouped, counts
-
-    def group(
-        self, keys: np.ndarray, starts: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(order, grouped, counts)`` of ``keys`` int64 ``[n]``, table ``t``'s keys at
-        ``keys[starts[t]:starts[t + 1]]`` (``starts`` int64 ``[tables + 1]``, from 0 to n):
-        table by table, the positions in the table's own keys of group 0's keys first, each
-        group's in their order (int64 ``[n]``: a stable argsort by group, table by table),
-        the keys in that order (``grouped``) and each table's count per group (int64
-        ``[tables, groups]``)."""
-        arr, st = self._checked(keys, starts)
-        order = np.empty(arr.shape[0], dtype=np.int64)
-        grouped = np.empty(arr.shape[0], dtype=np.int64)
-        counts = np.zeros((self.tables, self.groups), dtype=np.int64)
-        ok = _group_tables_kernel(
             arr, st, self._num_shards, self._shard_groups, self._sg_starts, order, grouped, counts
         )
         if not ok:  # checked at construction: a bug if it happens
