@@ -282,3 +282,33 @@ def test_a_deferring_source_rolled_back_never_releases_pre_rollback_rows_over_re
     assert port.release(clock.wall(), clock.ns()) == 0
     np.testing.assert_array_equal(store.table("emb").lookup(keys)[0], healthy)
     assert scheduler.statistics().rows_held == 0
+
+
+def test_no_second_rollback_within_the_quarantine_of_the_first():
+    """Nothing is written while a rollback's quarantine holds, so a corrupted report then
+    would only restore to the same point again: it is declined (counted, logged once), and
+    after the quarantine a corrupted report rolls back again. Without the rule a replica
+    judging the restored model below its newer frozen baseline started an incident a second
+    (the partitioned acceptance run, with the restore point 1.5 s earlier)."""
+    clock = FakeClock(wall=100.0)
+    _store, guard, sink, _trainer, _sent = setup(["r1"], clock)
+    guard.quarantine_s = 10.0
+    keys = np.arange(4, dtype=np.int64)
+    sink.write("emb", keys, np.full((4, DIM), 1.0, np.float32))
+    for _ in range(5):
+        clock.advance(1.0)
+        guard.report({"node": "r1", "state": "healthy", "epoch": 0})
+        guard.tick(clock.wall())
+    sink.write("emb", keys, np.full((4, DIM), 9.0, np.float32))  # the poison
+    clock.advance(1.0)
+    guard.report({"node": "r1", "state": "corrupted", "reason": "auc", "epoch": 0})
+    guard.restored({"node": "r1", "at": clock.wall(), "digests": {}})
+    assert len(guard.incidents) == 1 and guard.incident is None
+    for _ in range(3):  # the restored model judged corrupted again, inside the quarantine
+        clock.advance(1.0)
+        guard.report({"node": "r1", "state": "corrupted", "reason": "auc", "epoch": 1})
+    assert len(guard.incidents) == 1 and guard.incident is None
+    assert guard.rollbacks_declined == 3 and guard.status()["rollbacks_declined"] == 3
+    clock.advance(10.0)  # the quarantine is over: new writes may have landed
+    guard.report({"node": "r1", "state": "corrupted", "reason": "auc", "epoch": 1})
+    assert guard.incident is not None or len(guard.incidents) == 2

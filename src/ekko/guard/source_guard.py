@@ -98,6 +98,8 @@ class SourceGuard(IncidentEnd):
         self.margin_s = margin_s
         self.quarantine_s = quarantine_s
         self.resume_at: float | None = None
+        self._storm_noted: int | None = None  # the incident whose quarantine a report hit
+        self.rollbacks_declined = 0  # corrupted reports within a rollback's quarantine
         self.node = node
         self.plan = plan
         self.local = SourceRestore(
@@ -208,6 +210,8 @@ class SourceGuard(IncidentEnd):
             and (self.health.state is not State.CORRUPTED)
         ):
             why = f"automatic rollback: {node} reports corrupted: {body.get('reason')}"
+            if self._nothing_new_to_undo(why):
+                return
             try:
                 self.rollback(
                     None,
@@ -221,6 +225,30 @@ class SourceGuard(IncidentEnd):
                 self.rollback_error = str(exc)
                 log.error("guard %s: %s; cannot roll back: %s", self.model, why, exc)
                 self._transition(Event.AUTOMATIC_ROLLBACK, f"{why}; cannot roll back: {exc}")
+
+    def _nothing_new_to_undo(self, why: str) -> bool:
+        """Whether the last rollback's quarantine still holds: no training write has landed
+        since it (the trainer's input, or every source's write port, refuses them), so
+        another rollback would find nothing new to undo and only restore to the same point
+        again. Found as a storm: a rollback to a point older than the replicas' frozen
+        baseline made a fresh detector judge the restored model below the floor, and every
+        report started a new incident restoring 0 rows (17 in 30 s). The model stays
+        recovering (traffic stays on the baseline where a replica judged it corrupted);
+        going further back is an operator's rollback."""
+        last = self.incidents[-1] if self.incidents else None
+        if last is None or last.get("failed_sources") or "completed_at" not in last:
+            return False
+        until = last["decided_at"] + self.quarantine_s
+        if self._clock.wall() >= until:
+            return False
+        self.rollbacks_declined += 1
+        if self._storm_noted != last["epoch"]:  # once per incident in the log
+            self._storm_noted = last["epoch"]
+            log.warning(
+                "guard %s: %s, within rollback %d's quarantine (until %.3f): nothing written "
+                "since, so no new rollback", self.model, why, last["epoch"], until,
+            )  # fmt: skip
+        return True
 
     def restored(self, body: dict[str, Any]) -> None:
         """A replica (one partition) or a holder (a partitioned cluster: its digests per
@@ -384,6 +412,7 @@ class SourceGuard(IncidentEnd):
                 "earliest_restorable": self.preimages.earliest_restorable,
             },
             "rows_restored": self.rows_restored,
+            "rollbacks_declined": self.rollbacks_declined,
             "rollback_error": self.rollback_error,
             "next_epoch": self.next_epoch,
             "partitioned": self.plan and self.plan.describe(self.node),
