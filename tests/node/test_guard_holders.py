@@ -6,10 +6,12 @@ or malformed, and only the right ones move anything. Sources get none of it."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from ekko.guard.scatter_guard import ScatterReplicaGuard
 from ekko.net.httpkit import bounded_app
@@ -118,3 +120,40 @@ def test_a_holder_that_does_not_serve_shows_its_baseline_in_the_guard_view(
     assert host.guard_view() == {"ctr": {"state": "holder live", "incidents": []}}
     host.holders.holders["ctr"].redirect("poison", 0)
     assert host.guard_view()["ctr"]["state"] == "holder frozen"
+
+
+async def test_a_failed_question_to_the_coordinator_is_logged_and_counted_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restarted holder asks the coordinator's health page under the node's supervisor: an
+    answer it cannot read (here a KeyError from the holder) is a logged, counted failure of
+    ``guard_holder_ask`` (it was a bare task whose exception nobody retrieved), and the next
+    interval asks again."""
+    from ekko.guard.baseline import LaggedStore
+    from ekko.node.guard_holders import GuardHolders
+    from ekko.node.supervisor import Supervisor
+
+    class Restarted:
+        ask_coordinator = True
+
+        def coordinator_says(self, health: dict) -> None:
+            raise KeyError("incident")
+
+    asked: list[str] = []
+
+    async def ask(model: str) -> dict:
+        asked.append(model)
+        return {"state": "healthy"}
+
+    sup = Supervisor()
+    parts = GuardHolders(LaggedStore(1.0), {"ctr": Restarted()}, None, ask, sup.spawn)
+    with caplog.at_level("ERROR"):
+        parts.tick()
+        assert parts._asking is not None
+        await asyncio.gather(parts._asking, return_exceptions=True)
+    assert sup.tasks["guard_holder_ask"].failures == 1
+    assert "KeyError" in str(sup.tasks["guard_holder_ask"].last_error)
+    assert "task guard_holder_ask failed" in caplog.text
+    parts.tick()  # asked again
+    await asyncio.gather(parts._asking, return_exceptions=True)
+    assert asked == ["ctr", "ctr"] and sup.tasks["guard_holder_ask"].failures == 2

@@ -61,11 +61,15 @@ class GuardHolders:
         holders: Mapping[str, HolderGuard],
         rows: PartitionedLookup | None,
         ask: Callable[[str], Awaitable[dict]] | None = None,
+        spawn: Callable[[str, Awaitable[None]], asyncio.Task] | None = None,
     ) -> None:
         self.lagged = lagged
         self.holders = dict(holders)
         self.rows = rows
         self.ask = ask  # ask(model) -> the coordinator's health page of the model
+        # runs the asking as a supervised one-shot (the node's ``Supervisor.spawn``): a
+        # failure is logged with its traceback and counted in /ready and /metrics
+        self.spawn = spawn
         self._asking: asyncio.Task | None = None
 
     @classmethod
@@ -110,7 +114,8 @@ class GuardHolders:
                     baseline_rows=rows,
                 )  # fmt: skip
         ask = None
-        if http is not None and secret is not None:
+        spawn = None if host.link is None else host.link.supervisor.spawn
+        if http is not None and secret is not None and spawn is not None:
 
             async def ask(model: str) -> dict:
                 url = http.url(coordinator, f"/v1/models/{model}/health")
@@ -119,16 +124,18 @@ class GuardHolders:
                     r.raise_for_status()
                     return r.json()
 
-        return cls(lagged, holders, rows, ask)
+        return cls(lagged, holders, rows, ask, spawn)
 
     def tick(self) -> None:
         """Each guard interval, on the loop: a holder started after a restart asks the
         coordinator whether an incident is in progress or over (one question in flight)."""
-        if self.ask is None or (self._asking is not None and not self._asking.done()):
+        if self.ask is None or self.spawn is None:
+            return
+        if self._asking is not None and not self._asking.done():
             return
         waiting = [m for m, h in self.holders.items() if h.ask_coordinator]
         if waiting:
-            self._asking = asyncio.get_running_loop().create_task(self._ask_all(waiting))
+            self._asking = self.spawn("guard_holder_ask", self._ask_all(waiting))
 
     async def _ask_all(self, models: list[str]) -> None:
         assert self.ask is not None

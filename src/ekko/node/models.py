@@ -114,6 +114,7 @@ class ModelHost:
         partitioned cluster's sources command each other's restores through it)."""
         self.core = core
         self.clock = clock
+        self.link = link
         models = core.config.models
         self.services: dict = {}
         self.trainers: dict = {}
