@@ -5,12 +5,12 @@ store lacks yet is a 404 (the scatter fails over to the partition's next holder)
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from partition_node import keys_of, lone_source
 
 from ekko.client import ClientError
 from ekko.client.credentials import Credentials
@@ -18,19 +18,10 @@ from ekko.client.lookup_stream import LookupStream
 from ekko.client.wire import ROWS_MEDIA_TYPE, LookupManyFrame, encode
 from ekko.guard.baseline import LaggedStore
 from ekko.node.access import ClusterAuth
-from ekko.node.config import load_config
-from ekko.node.runner import NodeRunner
-from ekko.ops.cluster_init import cluster_doc, write_cluster
 from ekko.protocol.messages import Chunk
 from ekko.protocol.ready import Applied
 from ekko.serve.scatter_fetch import HolderFailed
 from ekko.serve.scatter_http import HttpHolders
-from ekko.store import shard_of
-
-
-def _keys(cfg, partition: int, n: int) -> np.ndarray:
-    keys = np.arange(2000, dtype=np.int64)
-    return keys[cfg.placement().partitions_of("emb", 8)[shard_of(keys, 8)] == partition][:n]
 
 
 def _applied(store, keys: np.ndarray, at: float) -> Applied:
@@ -44,18 +35,11 @@ def _applied(store, keys: np.ndarray, at: float) -> Applied:
 async def test_baseline_lookups_read_the_lagged_store_and_refuse_where_there_is_none(
     tmp_path: Path,
 ) -> None:
-    doc = cluster_doc(dcs=1, replicas=1, partitions=2, tables=[("emb", 4, 8)],
-                      sync={"snapshot_interval_s": 0})  # fmt: skip
-    doc["durability"] = {"recovery_timeout_s": 0.2}  # run alone: no replica to recover from
-    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
-    runner = NodeRunner(cfg, "source-p0", tmp_path)
-    task = asyncio.create_task(runner.run())
-    try:
-        await asyncio.wait_for(runner.ready.wait(), 30)
+    async with lone_source(tmp_path) as (cfg, runner):
         name = runner.core.name
         url = f"http://127.0.0.1:{runner.core.node.admin_port}"
         creds = Credentials(secret=runner.secret)
-        keys = _keys(cfg, 0, 4)
+        keys = keys_of(cfg, 0, 4)
         runner.core.write("emb", keys, np.ones((4, 4), np.float32))
 
         # No lagged store here: refused by name, before the stream opens and on the route.
@@ -100,7 +84,7 @@ async def test_baseline_lookups_read_the_lagged_store_and_refuse_where_there_is_
             finally:
                 await online.close()
             with pytest.raises(ClientError, match="partition 1") as caught:  # still 421
-                await stream.lookup({"emb": _keys(cfg, 1, 2)})
+                await stream.lookup({"emb": keys_of(cfg, 1, 2)})
             assert caught.value.status == 421
         finally:
             await stream.close()
@@ -110,6 +94,3 @@ async def test_baseline_lookups_read_the_lagged_store_and_refuse_where_there_is_
             np.testing.assert_array_equal(rows.values, np.ones((4, 4), np.float32))
         finally:
             await posted.close()
-    finally:
-        runner.stop()
-        await asyncio.wait_for(task, 30)

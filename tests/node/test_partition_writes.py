@@ -5,37 +5,19 @@ keeps every row it had."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
-import numpy as np
+from partition_node import keys_of, lone_source
 
 from ekko.node.access import ClusterAuth
-from ekko.node.config import load_config
-from ekko.node.runner import NodeRunner
-from ekko.ops.cluster_init import cluster_doc, write_cluster
-from ekko.store import shard_of
 from ekko.store.holding import row_bytes
-
-
-def _keys(cfg, partition: int, n: int) -> list[int]:
-    keys = np.arange(20_000, dtype=np.int64)
-    parts = cfg.placement().partitions_of("emb", 8)[shard_of(keys, 8)]
-    return keys[parts == partition][:n].tolist()
 
 
 async def test_a_partition_source_refuses_other_shards_and_growth_past_its_budget(tmp_path: Path):
     budget_rows = 1300
-    doc = cluster_doc(dcs=1, replicas=1, partitions=2, tables=[("emb", 4, 8)],
-                      max_memory_mb=budget_rows * row_bytes(4) / (1 << 20),
-                      sync={"snapshot_interval_s": 0})  # fmt: skip
-    doc["durability"] = {"recovery_timeout_s": 0.2}  # run alone: no replica to recover from
-    cfg = load_config(write_cluster(doc, tmp_path / "cluster.toml"))
-    runner = NodeRunner(cfg, "source-p0", tmp_path)
-    task = asyncio.create_task(runner.run())
-    try:
-        await asyncio.wait_for(runner.ready.wait(), 30)
+    budget_mb = budget_rows * row_bytes(4) / (1 << 20)
+    async with lone_source(tmp_path, max_memory_mb=budget_mb) as (cfg, runner):
         table = runner.core.store.table("emb")
         assert table.capacity == 512  # of 1 024 initial rows, its half of the shards hold half
         url = f"http://127.0.0.1:{runner.core.node.admin_port}"
@@ -45,7 +27,7 @@ async def test_a_partition_source_refuses_other_shards_and_growth_past_its_budge
                 body = {"keys": keys, "values": [[0.5] * 4] * len(keys)}
                 return await client.post("/v1/tables/emb/rows", json=body)
 
-            mine, theirs = _keys(cfg, 0, 1400), _keys(cfg, 1, 1)
+            mine, theirs = keys_of(cfg, 0, 1400).tolist(), keys_of(cfg, 1, 1).tolist()
             assert (await write(mine[:1200])).status_code == 200
             r = await write([mine[0], theirs[0]])
             assert r.status_code == 421, r.text
@@ -59,6 +41,3 @@ async def test_a_partition_source_refuses_other_shards_and_growth_past_its_budge
             assert table.rows == 1200 and table.digest() == digest
             assert (await write(mine[1200:1300])).status_code == 200  # up to the budget
             assert (await client.get("/ready")).status_code == 200
-    finally:
-        runner.stop()
-        await asyncio.wait_for(task, 30)
