@@ -82,3 +82,29 @@ def test_a_frame_of_bad_keys_starts_or_known_is_refused_by_name() -> None:
         lookup_tables([table, table], keys, np.array([0, 3, 2]), None)
     with pytest.raises(BadRowsError, match="known: 2 versions for 3 keys"):
         lookup_tables([table], keys, np.array([0, 3]), np.array([1, 1]))
+
+
+def _plain(tables: list[Table], asked: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    got = [t.lookup(a) for t, a in zip(tables, asked, strict=True)]
+    versions = np.concatenate([v for _, v, _ in got])
+    return versions, np.concatenate([r.reshape(-1) for r, _, _ in got])
+
+
+def test_the_tables_arrays_kept_between_frames_follow_a_table_that_grew() -> None:
+    """A frame's tables' arrays are kept between lookups; a write that rehashes the index
+    and grows the row columns replaces them, and the next frame reads the new ones (a kept
+    old array would answer the new keys as missing)."""
+    tables = [_table(t, 3, [1, 2, 3], []) for t in range(3)]
+    asked = [np.array([1, 2, 500], np.int64) for _ in tables]
+    keys = np.concatenate(asked)
+    starts = np.array([0, 3, 6, 9], np.int64)
+    first = lookup_tables(tables, keys, starts, None)
+    assert first.versions.tolist().count(0) == 3  # key 500 missing in each
+    grown = np.arange(100, 1100, dtype=np.int64)  # from 4 rows: several rehashes, growths
+    tables[1].write(grown, np.ones((grown.size, 3), np.float32), now_ns=5)
+    tables[1].write(np.array([500], np.int64), np.full((1, 3), 7, np.float32), now_ns=6)
+    again = lookup_tables(tables, keys, starts, None)
+    versions, values = _plain(tables, asked)
+    assert np.array_equal(again.versions, versions)
+    assert np.array_equal(again.values, values)
+    assert again.values[3 * 3 + 2 * 3 :][:3].tolist() == [7.0, 7.0, 7.0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ekko.store import layout
 from ekko.store._native import PREFETCH_DISTANCE, prefetch, shard_of_key, splitmix64
 from ekko.store._validate import check_keys as _check_keys
 from ekko.store.errors import BadRowsError
@@ -194,6 +195,7 @@ class KeyIndex:
         self._next: np.ndarray | None = None  # see _prefault
         self._next_done = 0
         self._growing = False  # rehashed on the insert path: expect to rehash again
+        layout.bump()
 
     def __len__(self) -> int:
         return int(self._state[0])
@@ -241,6 +243,7 @@ class KeyIndex:
         _rehash_kernel(self._table, new, np.uint64(cap - 1))
         self._table = new
         self._state[2] = 0  # the markers were swept
+        layout.bump()
 
     def remove(self, keys: np.ndarray) -> np.ndarray:
         """Remove ``keys``; returns the slot each held (-1: absent), now free for a later

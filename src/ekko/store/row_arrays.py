@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ekko.store import layout
 from ekko.store._validate import check_int64
 from ekko.store.errors import BadRowsError
 
@@ -59,6 +60,7 @@ class RowArrays:
         self.next: Columns | None = None  # see prefault
         self._next_done = 0
         self._growing = False  # grew on the write/apply path: expect to grow again
+        layout.bump()
 
     def columns(self) -> Columns:
         return (
@@ -87,6 +89,7 @@ class RowArrays:
         )
         self.cap = cap
         self._growing = not touch
+        layout.bump()
 
     def prefault(self, rows: int) -> None:
         """Fault in the next capacity's arrays a slice per call, from half full on, so the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ekko.store import _table_kernels as K
+from ekko.store import layout
 from ekko.store._validate import check_dead, check_int64, check_rows
 from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, shard_of
@@ -139,6 +140,7 @@ class TableBulk:
         if len(index) != n:
             raise BadRowsError(f"table {self.name!r}: duplicate keys in restored rows")
         self._index = index
+        layout.bump()
         self._rows.grow_to(n, 0)
         for column, rows in zip(self._rows.columns(), (k, v, ver, wt, ln, shards, dd), strict=True):
             column[slots] = rows
