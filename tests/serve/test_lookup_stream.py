@@ -103,7 +103,7 @@ async def test_no_stream_without_a_credential_and_a_broken_one_reopens(node) -> 
         first = fetch._streams[url].result()
         pending = asyncio.ensure_future(first.lookup(keys))
         first._writer.transport.abort()  # the connection drops under a lookup in flight
-        with pytest.raises(ClientError, match=r"broke|closed"):
+        with pytest.raises(HolderFailed, match=r"broke|closed"):  # the fetch's streams' error
             await pending
         assert first.closed
         assert (await fetch(url, keys, {}))["emb"].found.all()  # on a new stream
@@ -291,3 +291,45 @@ async def test_a_client_that_sends_without_reading_is_held_back_then_answered_in
             np.testing.assert_array_equal(values.reshape(-1, 4), want[0])
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("cut", [1, 7, 1 << 20], ids=["byte-by-byte", "7-byte-pieces", "whole"])
+async def test_answers_read_in_any_pieces_resolve_their_lookups_in_order(cut: int) -> None:
+    """Answers are parsed as their bytes arrive: two answers (one found, one refused) sent
+    in pieces of any size — an answer cut anywhere, or two in one piece — each resolve
+    their own lookup, whole."""
+    found = _found(1, [2], [2], [5, 0], 4)
+    why = b"no such table"
+    refused = ANSWER.pack(2, 0, 404, len(why), 2) + why
+    wire = found + refused
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+            b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
+        )
+        await reader.read(1)
+        for at in range(0, len(wire), cut):
+            writer.write(wire[at : at + cut])
+            await writer.drain()
+            await asyncio.sleep(0)
+        while await reader.read(65536):  # until the client closes
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    stream = await LookupStream.open(url, Credentials(secret=b"s"))
+    try:
+        first = asyncio.ensure_future(stream.lookup({"emb": np.arange(2, dtype=np.int64)}))
+        second = asyncio.ensure_future(stream.lookup({"nope": np.arange(1, dtype=np.int64)}))
+        rows = (await asyncio.wait_for(first, 5))["emb"]
+        assert rows.versions.tolist() == [5, 0] and rows.values.tolist() == [[1, 1], [1, 1]]
+        with pytest.raises(ClientError, match="404 no such table"):
+            await asyncio.wait_for(second, 5)
+        assert not stream.closed
+    finally:
+        await stream.close()
+        server.close()
+        await server.wait_closed()

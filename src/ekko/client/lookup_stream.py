@@ -14,7 +14,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -63,20 +63,30 @@ class LookupStream:
     """Lookups of several tables at a node over one stream (the reader role).
 
     Open with :meth:`open`; :meth:`lookup` may be called concurrently. A broken stream fails
-    every lookup waiting on it with ``ClientError`` and stays broken (``closed``): open a
-    new one."""
+    every lookup waiting on it with ``ClientError`` (or what ``failure`` makes of it) and
+    stays broken (``closed``): open a new one.
+
+    Why answers are read by a protocol and not a task: an answer is parsed as its bytes
+    arrive and resolves its lookup's future there; a reader task cost, per answer, a wake-up
+    of its own and an ``await`` per part of the answer, on every partition of every predict
+    batch a serving node scatters."""
 
     def __init__(
-        self, url: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int
+        self,
+        url: str,
+        writer: asyncio.StreamWriter,
+        max_frame: int,
+        failure: Callable[[ClientError], Exception] | None = None,
     ) -> None:
         self.url = url
         self.max_frame = max_frame
-        self._reader = reader
         self._writer = writer
+        self._failure = failure
         self._seq = 0
         self._waiting: deque[_Waiting] = deque()
         self._broken: str | None = None
-        self._task = asyncio.get_running_loop().create_task(self._read_answers())
+        self._buf = bytearray()
+        writer.transport.set_protocol(_Answers(self))
 
     @classmethod
     async def open(
@@ -89,10 +99,13 @@ class LookupStream:
         role: str = "reader",
         resigns: int = 3,
         variant: str = "online",
+        failure: Callable[[ClientError], Exception] | None = None,
     ) -> LookupStream:
         """Connect to ``url`` (``http(s)://host:port``) and switch to a lookup stream that
         reads ``variant``: ``online`` (the node's store) or ``baseline`` (the guard's lagged
-        store; ``ClientError`` of status 409 naming the node where it keeps none)."""
+        store; ``ClientError`` of status 409 naming the node where it keeps none).
+        ``failure``: what a lookup raises instead of a ``ClientError`` (a caller's own
+        error naming the node, say), once the stream is open."""
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ClientError(f"lookup stream at {url}: not an http(s)://host:port URL")
@@ -119,7 +132,7 @@ class LookupStream:
             except BaseException:
                 writer.close()
                 raise
-            return cls(url, reader, writer, max_frame)
+            return cls(url, writer, max_frame, failure)
         raise ClientError(f"lookup stream at {url}: its signature was refused {resigns} times")
 
     @property
@@ -172,76 +185,130 @@ class LookupStream:
         (int64 [n], -1: none held) if given; returns each table's row length and rows of
         values sent (int64 [tables] each), each key's version (int64 [n]) and the values
         (float32, table after table, row after row). Errors as :meth:`lookup`'s."""
+        return await self.send_flat(names, counts, keys, known)
+
+    def send_flat(
+        self, names: list[str], counts: np.ndarray, keys: np.ndarray, known: np.ndarray | None
+    ) -> asyncio.Future[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`lookup_flat` without a coroutine: the frame goes out now, the future
+        resolves as its answer is read."""
         if self._broken is not None:
-            raise ClientError(f"lookup stream at {self.url} is closed: {self._broken}")
+            raise self._error(ClientError(f"lookup stream at {self.url} is closed: {self._broken}"))
         frame = flat_lookup_frame(self._seq + 1, names, counts, keys, known)
         self._seq += 1
         fut = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(self._seq, names[0], counts, fut))
         self._writer.writelines(frame)
-        return await fut
+        return fut
 
-    async def _read_answers(self) -> None:
+    def _error(self, exc: ClientError) -> Exception:
+        return exc if self._failure is None else self._failure(exc)
+
+    def _received(self, data: bytes) -> None:
+        """Bytes of answers: each answer read whole resolves its lookup; a broken one breaks
+        the stream."""
+        if self._broken is not None:
+            return
+        buf = self._buf
+        buf += data
+        at = 0
         try:
-            while True:
-                head = await self._reader.readexactly(ANSWER.size)
-                kind, _flags, status, n, seq = ANSWER.unpack(head)
-                if not self._waiting or self._waiting[0].seq != seq:
-                    raise ClientError(f"an answer to frame {seq}, none such was waiting")
-                asked = self._waiting[0]  # popped once its answer is read whole
-                name, fut = asked.name, asked.fut
-                if kind == FOUND:
-                    t, _ = FOUND_TAIL.unpack(await self._reader.readexactly(FOUND_TAIL.size))
-                    if t != asked.counts.shape[0] or n != asked.keys:
-                        raise ClientError(
-                            f"an answer to frame {seq} of {t} tables and {n} keys; it asked "
-                            f"{asked.counts.shape[0]} tables and {asked.keys} keys"
-                        )
-                    meta = np.frombuffer(await self._reader.readexactly(16 * t), "<i8")
-                    dims, rows = meta[:t], meta[t:]
-                    bad = (dims < 0) | (dims > MAX_DIM) | (rows < 0) | (rows > asked.counts)
-                    if bad.any():  # bounded dims: dims * rows cannot overflow
-                        raise ClientError(f"an answer to frame {seq} of sizes out of bounds")
-                    total = int((dims * rows).sum())
-                    if total > MAX_VALUES:
-                        raise ClientError(f"an answer to frame {seq} of {total} values")
-                    versions = np.frombuffer(await self._reader.readexactly(8 * n), "<i8")
-                    values = np.frombuffer(await self._reader.readexactly(4 * total), "<f4")
-                    self._waiting.popleft()
-                    if not fut.done():
-                        fut.set_result((dims, rows, versions, values))
-                    continue
-                if kind != REFUSED or n > MAX_REASON_BYTES:
-                    raise ClientError(f"an answer to frame {seq} of kind {kind}, {n} bytes")
-                why = (await self._reader.readexactly(n)).decode("utf-8", "replace")
-                self._waiting.popleft()
-                if not fut.done():
-                    fut.set_exception(
-                        ClientError(f"lookup of {name!r}... at {self.url}: {status} {why}", status)
-                    )
-        except (OSError, asyncio.IncompleteReadError, ClientError) as exc:
+            while used := self._answer(buf, at):
+                at += used
+        except ClientError as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
-        except asyncio.CancelledError:
-            self._fail("closed")
-            raise
+            return
         except Exception as exc:  # ours: the stream is unusable, and says so
             log.exception("lookup stream at %s: reading an answer failed", self.url)
             self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        if at:
+            del buf[:at]
+
+    def _answer(self, buf: bytearray, at: int) -> int:
+        """The answer at ``buf[at:]`` given to its lookup: its size in bytes, 0 while it is
+        not all there."""
+        have = len(buf) - at
+        if have < ANSWER.size:
+            return 0
+        kind, _flags, status, n, seq = ANSWER.unpack_from(buf, at)
+        if not self._waiting or self._waiting[0].seq != seq:
+            raise ClientError(f"an answer to frame {seq}, none such was waiting")
+        asked = self._waiting[0]  # popped once its answer is read whole
+        if kind == FOUND:
+            head = ANSWER.size + FOUND_TAIL.size
+            if have < head:
+                return 0
+            t, _ = FOUND_TAIL.unpack_from(buf, at + ANSWER.size)
+            if t != asked.counts.shape[0] or n != asked.keys:
+                raise ClientError(
+                    f"an answer to frame {seq} of {t} tables and {n} keys; it asked "
+                    f"{asked.counts.shape[0]} tables and {asked.keys} keys"
+                )
+            if have < head + 16 * t:
+                return 0
+            meta = np.frombuffer(buf, "<i8", 2 * t, at + head).copy()
+            dims, rows = meta[:t], meta[t:]
+            bad = (dims < 0) | (dims > MAX_DIM) | (rows < 0) | (rows > asked.counts)
+            if bad.any():  # bounded dims: dims * rows cannot overflow
+                raise ClientError(f"an answer to frame {seq} of sizes out of bounds")
+            total = int((dims * rows).sum())
+            if total > MAX_VALUES:
+                raise ClientError(f"an answer to frame {seq} of {total} values")
+            size = head + 16 * t + 8 * n + 4 * total
+            if have < size:
+                return 0
+            at += head + 16 * t
+            versions = np.frombuffer(buf, "<i8", n, at).copy()
+            values = np.frombuffer(buf, "<f4", total, at + 8 * n).copy()
+            self._waiting.popleft()
+            if not asked.fut.done():
+                asked.fut.set_result((dims, rows, versions, values))
+            return size
+        if kind != REFUSED or n > MAX_REASON_BYTES:
+            raise ClientError(f"an answer to frame {seq} of kind {kind}, {n} bytes")
+        if have < ANSWER.size + n:
+            return 0
+        why = bytes(buf[at + ANSWER.size : at + ANSWER.size + n]).decode("utf-8", "replace")
+        self._waiting.popleft()
+        if not asked.fut.done():
+            what = f"lookup of {asked.name!r}... at {self.url}: {status} {why}"
+            asked.fut.set_exception(self._error(ClientError(what, status)))
+        return ANSWER.size + n
 
     def _fail(self, why: str) -> None:
-        self._broken = why
+        if self._broken is None:
+            self._broken = why
         while self._waiting:
             fut = self._waiting.popleft().fut
             if not fut.done():
-                fut.set_exception(ClientError(f"lookup stream at {self.url} broke: {why}"))
+                fut.set_exception(
+                    self._error(ClientError(f"lookup stream at {self.url} broke: {why}"))
+                )
+        self._buf.clear()
         with contextlib.suppress(Exception):
             self._writer.close()
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
         self._fail("closed")
+
+
+class _Answers(asyncio.Protocol):
+    """The stream's transport after the switch: its bytes to the stream's answers."""
+
+    def __init__(self, stream: LookupStream) -> None:
+        self.stream = stream
+
+    def data_received(self, data: bytes) -> None:
+        self.stream._received(data)
+
+    def eof_received(self) -> bool:
+        self.stream._fail("the node closed the stream")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "the connection closed"
+        self.stream._fail(why)
 
 
 async def _upgrade(

@@ -22,6 +22,7 @@ from ekko.serve.scatter_fetch import (
     LookupRefused,
     PartitionUnavailable,
     checked,
+    start,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class PartitionAsk:
     def _launch(self) -> None:
         holder = self.order[self.sent]
         self.sent += 1
-        task = asyncio.ensure_future(self.lookup.fetch.lookup(holder, self.ask))
+        task = start(self.lookup.fetch, holder, self.ask)
         self.running[task] = holder
         task.add_done_callback(self._answered)
         now = self.loop.time()

@@ -18,6 +18,7 @@ request every holder would refuse is ``LookupRefused`` (HTTP 502).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
@@ -101,9 +102,25 @@ class FlatRows(NamedTuple):
 
 class Fetch(Protocol):
     """Looks up ``ask`` at one holder, in one request; raises ``HolderFailed`` for anything
-    but an answer (which ``checked`` then holds to the request)."""
+    but an answer (which ``checked`` then holds to the request).
+
+    A fetch may also have ``send(holder, ask)``: the request sent at once and a future of
+    its answer (failing with ``HolderFailed``), or None when it cannot send without waiting
+    (no connection yet); ``start`` uses it first."""
 
     async def lookup(self, holder: str, ask: FlatAsk) -> FlatRows: ...
+
+
+def start(fetch: Fetch, holder: str, ask: FlatAsk) -> asyncio.Future:
+    """``fetch``'s lookup of ``ask`` at ``holder`` in flight: its ``send``'s future when it
+    has one and sends at once (no task: a task per partition and batch cost a serving node
+    a wake-up per answer), else a task of its ``lookup``."""
+    send = getattr(fetch, "send", None)
+    if send is not None:
+        fut = send(holder, ask)
+        if fut is not None:
+            return fut
+    return asyncio.ensure_future(fetch.lookup(holder, ask))
 
 
 @njit(cache=True, nogil=True)
@@ -141,10 +158,10 @@ def _misfit(
 NO_KNOWN = np.zeros(0, np.int64)
 
 
-def checked(holder: str, ask: FlatAsk, answer: FlatRows) -> FlatRows:
-    """``answer`` if it answers every table of ``ask`` with rows of values for exactly its
-    keys not held at ``known``, else ``HolderFailed`` (the holder is tried as a failed
-    one)."""
+def checked(holder: str, ask: FlatAsk, answer: tuple) -> FlatRows:
+    """``answer`` (a ``FlatRows``, or its 4 arrays as a ``send`` resolves them) if it answers
+    every table of ``ask`` with rows of values for exactly its keys not held at ``known``,
+    else ``HolderFailed`` (the holder is tried as a failed one)."""
     t, n = len(ask.names), ask.keys.shape[0]
     dims, rows, versions, values = answer
     if (
@@ -156,7 +173,7 @@ def checked(holder: str, ask: FlatAsk, answer: FlatRows) -> FlatRows:
     known = NO_KNOWN if ask.known is None else ask.known
     bad = int(_misfit(ask.counts, known, versions, dims, rows, values.shape[0]))
     if bad < 0:
-        return answer
+        return answer if isinstance(answer, FlatRows) else FlatRows(dims, rows, versions, values)
     if bad == t:
         raise HolderFailed(holder, f"{values.shape[0]} values, not the rows' {int(rows @ dims)}")
     a = int(ask.counts[:bad].sum())

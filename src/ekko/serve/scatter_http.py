@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
@@ -156,6 +157,19 @@ class HttpHolders:
         tables, known = tables_of(ask)
         return flat_rows(holder, ask, await self(holder, tables, known))
 
+    def send(self, holder: str, ask: FlatAsk) -> asyncio.Future | None:
+        """``ask`` as one frame on ``holder``'s open stream, now, and the future of its
+        answer (``Fetch.send``); None without an open stream (``lookup`` opens one)."""
+        if self.closed or not self.streams:
+            return None
+        opening = self._streams.get(holder)
+        if opening is None or not opening.done() or _broken(opening):
+            return None
+        try:
+            return opening.result().send_flat(*ask)
+        except HolderFailed:  # broke since _broken looked: lookup opens a new one
+            return None
+
     async def __call__(
         self, holder: str, tables: Mapping[str, np.ndarray], known: Mapping[str, np.ndarray]
     ) -> Mapping[str, TableRows]:
@@ -208,6 +222,7 @@ class HttpHolders:
                     tls=self.tls,
                     server_name=self.server_name(holder),
                     variant=self.variant,
+                    failure=functools.partial(_failed, holder),
                 )
             )
             self._streams[holder] = opening
@@ -298,6 +313,11 @@ class LocalFirst:
     def __init__(self, store: Store, remote: Fetch) -> None:
         self.store = store
         self.remote = remote
+
+    def send(self, holder: str, ask: FlatAsk) -> asyncio.Future | None:
+        """``remote``'s ``send`` for a remote holder (``Fetch.send``); None for ``LOCAL``."""
+        send = getattr(self.remote, "send", None)
+        return None if holder == LOCAL or send is None else send(holder, ask)
 
     async def lookup(self, holder: str, ask: FlatAsk) -> FlatRows:
         if holder != LOCAL:
