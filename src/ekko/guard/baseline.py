@@ -5,20 +5,22 @@ each pulled response applied (the puller's ``Ready.applied``, the one apply port
 with their arrival time and applied to a second ``Store`` once
 they are ``lag_s`` old, so the baseline is the online state of ``lag_s`` ago without any
 extra WAN traffic. Apply is last-version-wins, so a rollback's restore rows (new versions of
-old values) supersede the poisoned rows in the baseline too.
+old values) supersede the poisoned rows in the baseline too. Once a rollback is complete the
+guard re-anchors the baseline on the restored state (``reanchor``): see there why.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from ekko.protocol.messages import Chunk, ShardKeys
 from ekko.protocol.ready import Applied
-from ekko.store import Store
+from ekko.store import Store, shard_of
 from ekko.store.spec import TableSpec
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class LaggedStore:
         self.rows_queued = 0
         self.rows_applied = 0
         self.rows_dropped = 0
+        self.rows_reanchored = 0
         self.applied_until = float("-inf")  # arrival time of the newest applied response
 
     def offer(self, applied: Applied, now: float) -> None:
@@ -115,6 +118,51 @@ class LaggedStore:
             t = self.store.tables.get(name)
             if t is not None and bar.shape == t.purge_bar.shape:
                 t.purge(bar)
+
+    def reanchor(self, restored: Store, watermark: Mapping[str, np.ndarray | list]) -> int:
+        """The baseline of ``watermark``'s tables becomes the restored state now: every row
+        of ``restored`` (the replica's store, holding the rollback) at or below the
+        watermark (table -> the sources' knowledge after the restore, shards x lanes) is
+        applied here at once, frozen or not; returns the rows that changed.
+
+        Why: after a rollback the online model is the restore point's, and the frozen
+        baseline is the online state of ``lag_s`` before the redirect, which is newer than
+        the restore point whenever the rollback goes back further than the lag (the margin,
+        a slow detection). Judged against that newer baseline, the restored model looked
+        worse than it (below the floor, or a CUSUM alarm) and every report after the
+        quarantine started another rollback restoring nothing (17 in 30 s, c230f60). The
+        restored state is what the sources vouch for, so it is the reference a relapse is
+        measured against until the model is healthy again.
+
+        Only versions the watermark covers are taken: a replica whose restore arrived after
+        the quarantine already holds newer training rows, and those must not reach the
+        baseline unjudged (a key rewritten since keeps its frozen baseline row). Other
+        tables (other models sharing this store) are left to lag. The queue is kept: what
+        it holds is older than what was applied here (last version wins, it changes
+        nothing) or newer than the restore (applied ``lag_s`` after its arrival once the
+        baseline is released)."""
+        changed = 0
+        for name, marks in watermark.items():
+            src = restored.tables.get(name)
+            if src is None:
+                continue
+            m = np.asarray(marks, np.int64)
+            if m.shape != src.knowledge.shape:
+                raise ValueError(
+                    f"LaggedStore.reanchor: watermark[{name!r}] has shape {m.shape}, table "
+                    f"{name!r} has knowledge {src.knowledge.shape}"
+                )
+            keys, values, versions, wtimes, lanes, dead = src.all_slots()
+            bar = m[shard_of(keys, src.num_shards), lanes.astype(np.int64)]
+            mine = (versions > 0) & (versions <= bar)
+            if not mine.any():
+                continue
+            table = self.store.create_table(src.spec)
+            changed += table.apply(
+                keys[mine], values[mine], versions[mine], wtimes[mine], lanes[mine], dead[mine]
+            )
+        self.rows_reanchored += changed
+        return changed
 
     def freeze(self) -> None:
         self.frozen = True

@@ -5,10 +5,11 @@ A holder (a syncing replica that is no partition's source) serves its partitions
 the serving nodes' scatters: online rows from its store, baseline rows from a ``LaggedStore``
 fed by its own apply port. During an incident the coordinator tells it, in order:
 ``redirect`` (freeze the baseline: poisoned rows still queued must never reach it),
-``rolled_back`` (drop queued rows written after the healthy point; report once the store
-covers the sources' watermark on the shards of the partitions held here) and ``healthy``
-(release the baseline). Every message carries the incident's epoch; one about an incident
-older than the one in hand is stale and ignored (said in the log), never acted on.
+``rolled_back`` (drop queued rows written after the healthy point; once the store covers
+the sources' watermark on the shards of the partitions held here, re-anchor the baseline on
+the restored state and report) and ``healthy`` (release the baseline). Every message
+carries the incident's epoch; one about an incident older than the one in hand is stale and
+ignored (said in the log), never acted on.
 
 No I/O here: ``send(path, body)`` posts to the coordinator, the node supplies it; time is
 the injected clock's.
@@ -255,6 +256,10 @@ class HolderGuard:
 
     def _restored(self, p: dict[str, Any]) -> None:
         self.pending = None
+        # The baseline becomes the restored state before the report: once every holder has
+        # reported, the serving nodes judge the restored model against it, never against a
+        # baseline newer than the restore point (``LaggedStore.reanchor`` says why).
+        rows = self.lagged.reanchor(self.store, p["marks"])
         now = self.clock.wall()
         digests = {}
         for table in p["marks"]:
@@ -264,7 +269,10 @@ class HolderGuard:
         self.restores.append({**report, "waited_s": now - p["since"], "dropped": p["dropped"]})
         self.reported += 1
         self._record(
-            "restored", f"incident {p['epoch']}: holds the rollback; reported", epoch=p["epoch"]
+            "restored",
+            f"incident {p['epoch']}: holds the rollback; baseline re-anchored on it ({rows} "
+            f"rows); reported",
+            epoch=p["epoch"],
         )
         self.send("guard/restored", report)
         if self.healthy_early is not None and self.healthy_early >= p["epoch"]:

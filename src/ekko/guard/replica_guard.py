@@ -58,8 +58,20 @@ class ReplicaGuard:
     The baseline stays frozen from the redirect until the model is healthy again: while
     recovering it is the known-good reference that a relapse is measured against. Traffic
     returns to the online model as soon as the restore is here (the restored state is the
-    healthy checkpoint, fresher than the frozen baseline: measured in the demo, the baseline
-    served 0.69-0.70 AUC while the restored model scored 0.73-0.79); a relapse redirects again.
+    healthy checkpoint, usually fresher than the frozen baseline: measured in the demo, the
+    baseline served 0.69-0.70 AUC while the restored model scored 0.73-0.79); a relapse
+    redirects again.
+
+    Why the baseline is re-anchored on the restored state when the restore is here
+    (``LaggedStore.reanchor``, and a fresh detector): the frozen baseline is the online
+    state ``lag_s`` before the redirect, so a rollback that goes back further (the margin, a
+    slow detection) leaves a baseline NEWER than the restored model. Judged against it, the
+    restored model looked worse (below the floor) and every report after the quarantine
+    started another rollback restoring nothing (17 in 30 s with c230f60). No guard judges a
+    restored model against a baseline newer than the restore point: a serving replica
+    re-anchors its own lagged store here, a partition holder its own when it reports
+    ``restored`` (``HolderGuard``), so a serving node's scattered baseline is re-anchored
+    on every partition by the time ``holders_restored`` arrives (``ScatterReplicaGuard``).
 
     Why the replica acts before the source answers: redirecting to the baseline is the one
     step that protects users, and it needs nothing but the local verdict; the rollback needs
@@ -342,6 +354,8 @@ class ReplicaGuard:
         assert pending is not None
         self.router.restore()
         store = self.service.replica_store(ONLINE)
+        rows = self.lagged.reanchor(store, pending["watermark"])
+        self._judge_afresh()
         digests = {t: f"{store.table(t).digest():016x}" for t in pending["watermark"]}
         self._record(
             {
@@ -349,12 +363,19 @@ class ReplicaGuard:
                 "at": self.clock.wall(),
                 "model": self.model,
                 "why": f"holds the rollback (dropped {pending['dropped']} queued rows "
-                f"from the baseline)",
+                f"from the baseline; re-anchored it on the restored state: {rows} rows)",
             }
         )
         self.send(
             "guard/restored", {"node": self.node, "at": self.clock.wall(), "digests": digests}
         )
+
+    def _judge_afresh(self) -> None:
+        """The baseline is the restored state now: a fresh detector (its reference, and any
+        floor breach counted while the restore was on its way, compared online with the
+        baseline before it)."""
+        self.detector = Detector(self.detector.config)
+        self._worse_streak = 0
 
     # -- reading ----------------------------------------------------------------------------
 

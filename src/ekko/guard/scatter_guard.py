@@ -3,8 +3,10 @@
 The node reads the online rows from the partitions' holders and the baseline rows from their
 lagged stores, so its own store cannot tell it when a rollback is complete: it holds no or
 only some partitions. The coordinator says so instead (``holders_restored``, once every
-holder reported its digests); everything else — judging, redirecting, reporting, the
-post-rollback check — is ``ReplicaGuard``'s.
+holder reported its digests, each after re-anchoring its lagged store on the restored state:
+the baseline this node reads is then the restored model, never one newer than it);
+everything else — judging, redirecting, reporting, the post-rollback check — is
+``ReplicaGuard``'s.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class ScatterReplicaGuard(ReplicaGuard):
         self.restore_pending = None
         self.restored_early = None
         self.router.restore()
+        self._judge_afresh()  # every holder re-anchored its baseline before it reported
         self._record(
             {
                 "event": "restored",
