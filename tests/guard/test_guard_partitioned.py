@@ -267,3 +267,13 @@ async def test_the_coordinators_routes_refuse_a_bad_holder_report_and_a_second_r
         r = await http.post(f"{M}/guard/restored", json=bad)
         assert r.status_code == 400 and "partition 7, which it does not hold" in r.json()["error"]
         assert c.guard.incident is not None and c.guard.incident["restored"] == {}
+        for digest in ("zz", "0" * 15, "A" * 16, 7):  # not a digest: refused, not a mismatch
+            bad = {"node": "h", "epoch": 0, "digests": c.holder_digests()}
+            bad["digests"]["emb"]["1"] = digest
+            r = await http.post(f"{M}/guard/restored", json=bad)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"].startswith(f"digests.emb.1: {digest!r} is not a digest")
+            assert c.guard.incident is not None and c.guard.incident["restored"] == {}
+        good = {"node": "h", "epoch": 0, "digests": c.holder_digests()}
+        assert (await http.post(f"{M}/guard/restored", json=good)).status_code == 200
+        assert c.guard.incidents[-1]["good_rows_lost"] == 0

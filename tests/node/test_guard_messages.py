@@ -29,6 +29,16 @@ SOURCE_CASES = [
     ("/guard/report", '{"node": ["dc1-r0"]}', "node: expected `str`"),
     ("/guard/report", "[]", "body: expected a JSON object"),
     ("/guard/report", "{}", 'missing required field `node` (expected {"node", '),
+    (
+        "/guard/report",
+        '{"node": "dc1-r0", "state": "corupted"}',
+        "state: 'corupted' is not a guard state (one of healthy, uncertain, corrupted, recovering)",
+    ),
+    (
+        "/guard/restored",
+        '{"node": "dc1-r0", "digests": {"t": "nothex"}}',
+        "digests.t: 'nothex' is not a digest (16 lowercase hex digits",
+    ),
     ("/guard/restored", '{"node": "dc1-r0", "at": "x"}', "at: expected"),
     ("/guard/restored", '{"node": {}}', "node: expected `str`"),
     ("/rollback", '{"to": NaN}', "to: expected a finite number"),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ekko.guard.reports import ReportError
 from ekko.store.placement import Placement
 
 Send = Callable[[str, str, dict[str, Any]], None]
@@ -29,7 +30,7 @@ RestoreRemote = Callable[[dict[str, Any], Callable[[SourceResults], None]], None
 call ``done(results)`` once each has answered or timed out (on the node's loop)."""
 
 
-class HolderReportError(ValueError):
+class HolderReportError(ReportError):
     """A holder's ``restored`` report the coordinator cannot use: not a holder, another
     partition's digest, or another epoch's. The message names the node and the problem."""
 

@@ -31,9 +31,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ekko.guard.coordinator import HolderReportError
 from ekko.guard.errors import PreimageError
 from ekko.guard.replica_guard import ReplicaGuard
+from ekko.guard.reports import ReportError
 from ekko.guard.restore import SourceRestore
 from ekko.guard.source_guard import SourceGuard
 from ekko.net.httpkit import (
@@ -82,7 +82,8 @@ class RollbackBody(msgspec.Struct, forbid_unknown_fields=True):
 
 class ReportBody(msgspec.Struct):
     """A replica's periodic report (``ReplicaGuard.report_body``): the fields the source
-    reads are checked; the rest is kept as sent, for its health page."""
+    reads are checked (``state``: one of the guard's states, ``guard.reports.check_state``);
+    the rest is kept as sent, for its health page."""
 
     node: str
     state: str | None = None
@@ -93,7 +94,8 @@ class ReportBody(msgspec.Struct):
 
 class RestoredBody(msgspec.Struct):
     """A replica has the restored rows (``ReplicaGuard`` sends it with its digests: per table
-    a hex16, or on a partitioned cluster a holder's ``{partition: hex16}`` and the epoch)."""
+    a hex16, or on a partitioned cluster a holder's ``{partition: hex16}`` and the epoch;
+    anything else is a 400 naming it: ``guard.reports.check_digests``)."""
 
     node: str
     at: Finite | None = None
@@ -195,7 +197,7 @@ def source_guard_routes(guards: Mapping[str, SourceGuard]) -> list[Route]:
         body, _ = await _body(request, RestoredBody)
         try:
             g.restored(msgspec.structs.asdict(body))
-        except HolderReportError as exc:
+        except ReportError as exc:  # a holder's report that cannot be compared, a bad digest
             return json_response({"error": str(exc)}, 400)
         return json_response({"ok": True})
 

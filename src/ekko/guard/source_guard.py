@@ -27,6 +27,7 @@ from ekko.guard.errors import PreimageError
 from ekko.guard.incident_end import IncidentEnd
 from ekko.guard.log import TransitionLog
 from ekko.guard.quarantine_file import QuarantineFile
+from ekko.guard.reports import check_digests, check_state
 from ekko.guard.restore import SourceRestore
 from ekko.guard.state import Event, ModelHealth, State
 from ekko.schedule.write_port import WritePort
@@ -201,6 +202,7 @@ class SourceGuard(IncidentEnd):
         node = body.get("node")
         if node not in self.replicas:
             raise ValueError(f"node: {node!r} does not serve model {self.model}")
+        check_state(body)  # before anything is kept: ``ReportError`` naming the states
         self.reports[node] = {**body, "received_at": self._clock.wall()}
         current = int(body.get("epoch", 0)) >= self.next_epoch  # not about a past incident
         if (
@@ -253,9 +255,11 @@ class SourceGuard(IncidentEnd):
     def restored(self, body: dict[str, Any]) -> None:
         """A replica (one partition) or a holder (a partitioned cluster: its digests per
         table and partition, checked against each partition's source) holds the restore.
-        ``HolderReportError`` for a holder's report that cannot be compared."""
+        ``HolderReportError`` for a holder's report that cannot be compared, ``ReportError``
+        for a digest that is not one (before anything is kept)."""
         node = body.get("node")
         inc = self.incident
+        check_digests(body.get("digests", {}), partitioned=self.plan is not None)
         if self.plan is not None:
             if inc is None or inc.get("sources_pending"):
                 raise HolderReportError(f"node {node}: no rollback awaits holders' reports")
