@@ -87,7 +87,7 @@ class Holding:
         self._held: dict[tuple[str, int], np.ndarray] = {}  # (table, shards) -> bool [shards]
         # a lookup's tables -> the masks of ``_held`` grouped from, their shards grouped by
         # held (0) or not (1)
-        self._frames: dict[tuple[tuple[str, int], ...], tuple[list, TableShardGroups]] = {}
+        self._frames: dict[tuple[tuple[str, int], ...], TableShardGroups] = {}
 
     @property
     def scoped(self) -> bool:
@@ -182,14 +182,14 @@ class Holding:
         if not self.scoped or keys.shape[0] == 0:
             return
         sig = tuple((t.name, t.num_shards) for t in tables)
-        masks = [self.held_shards(name, n) for name, n in sig]
-        got = self._frames.get(sig)
-        if got is None or any(a is not b for a, b in zip(got[0], masks, strict=True)):
+        groups = self._frames.get(sig)
+        if groups is None:  # a (table, shard count)'s held shards never change: kept by sig
             if len(self._frames) >= MAX_LOOKUP_SETS:
                 self._frames.clear()
+            masks = [self.held_shards(name, n) for name, n in sig]
             groups = TableShardGroups([(~m).astype(np.int64) for m in masks], 2)
-            got = self._frames[sig] = (masks, groups)
-        _, _, counts = got[1].group_parts(keys, starts)
+            self._frames[sig] = groups
+        _, _, counts = groups.group_parts(keys, starts)
         elsewhere = np.flatnonzero(counts[1])  # group 1: keys of shards held elsewhere
         if elsewhere.size:  # the first such table's refusal, as checking each in turn says
             t = int(elsewhere[0])
