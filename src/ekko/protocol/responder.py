@@ -318,6 +318,9 @@ class Responder(ResponderScope):
         send them twice.)"""
         if sess.rows_at is not None and now - sess.rows_at < HOLDS_QUIET_S:
             return None
+        if sess.holds_at is not None and now - sess.holds_at < HOLDS_QUIET_S:
+            return None
+        sess.holds_at = now
         return {name: sent.copy() for name, sent in sess.sent.items()}
 
     def _catalog(self, sess: Session) -> list | None:

@@ -44,6 +44,7 @@ class Session:
     paced_until: float | None = None  # rows wait for the pacer's tokens until then
     turn: int = 0  # which table a truncated answer starts with, round robin
     rows_at: float | None = None  # when the session was last answered with rows
+    holds_at: float | None = None  # when an empty answer last said what the session holds
     max_unframed: int | None = None  # answers with rows the host may hold before framing
     unframed: int = 0  # answers with rows handed out, not yet reported ``framed``
     absorb: bool = False  # a recovering source: rows above our knowledge go too
