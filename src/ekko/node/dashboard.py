@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from ekko.net.httpkit import error_response
 from ekko.node.access import ClusterAuth
+from ekko.node.config import ClusterConfig
 from ekko.node.core import NodeCore
 from ekko.node.driver import Driver
 from ekko.node.http_client import ClusterHttp
@@ -57,12 +58,21 @@ def _ms(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 3)
 
 
+def latency_peers(config: ClusterConfig, name: str) -> list[str]:
+    """The nodes whose latency node ``name`` (a source) reads for its dashboard: those
+    holding one of its partitions (every replica, in a cluster of one partition)."""
+    mine = set(config.held(name))
+    return [n.name for n in config.nodes if n.name != name and mine & set(config.held(n.name))]
+
+
 class SeriesRecorder(Driver):
     """Samples the node once per ``interval_s`` into a ring the dashboard reads.
 
     Args:
         core: the node.
-        http: the cluster's HTTP ports (the source reads its replicas' latency).
+        http: the cluster's HTTP ports (the source reads the latency of the replicas holding
+            its partitions: in a partitioned cluster every source reading every node cost
+            each holder a request per source a second).
         secret: signs those reads (as a reader).
         guards: each model's guard state and incidents here (``ModelHost.guard_view``).
         lag: this replica's lag per table (None at the source).
@@ -96,7 +106,7 @@ class SeriesRecorder(Driver):
         self._t: float | None = None
 
     async def run(self) -> None:
-        peers = [n.name for n in self.core.config.nodes if n.name != self.core.name]
+        peers = latency_peers(self.core.config, self.core.name)
         auth = ClusterAuth(self.secret)
         async with self.http.async_client(auth=auth, timeout=max(2.0, self.interval_s)) as c:
             while True:
