@@ -3,7 +3,7 @@ mode in every block, the order reversed each block, medians per mode and load.""
 
 from __future__ import annotations
 
-from ekko.bench.scale_serve import MODES, order, summarize
+from ekko.bench.scale_serve import MODES, holder_urls, order, summarize
 
 
 def test_blocks_alternate_the_order_of_the_modes() -> None:
@@ -26,3 +26,16 @@ def test_the_headline_is_the_lightest_loads_median_over_blocks() -> None:
     assert s["by_load"]["4"]["p99_ratio_4_to_1"] == 2.5 and s["errors"] == 1
     assert s["by_load"]["4"]["p99_ratio_4_unmerged_to_1"] == 4.0
     assert not s["bar_p99_ratio_le_1_3_at_every_load"]
+
+
+def test_one_partition_is_the_node_holding_the_whole_model_four_are_its_holders() -> None:
+    """``p1`` asks ``dc1-all`` (every partition, one frame a batch); ``p4`` asks each
+    partition's own holder first and hedges or retries on ``dc1-all``."""
+
+    class Http:
+        def url(self, name: str, path: str = "") -> str:
+            return f"http://{name}{path}"
+
+    urls = holder_urls(Http(), 4)
+    assert urls["1"] == {0: ["http://dc1-all"]}
+    assert urls["4"] == {p: [f"http://dc1-p{p}-r0", "http://dc1-all"] for p in range(4)}

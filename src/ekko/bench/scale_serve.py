@@ -1,12 +1,15 @@
 """Predict latency with the model's rows on 4 partitions vs 1 (issue 17's serving bar).
 
-One cluster: a source and ``partitions`` replicas in one DC, each a full copy (every node
-holding every shard can stand for the holder of any partition). A *frontend* process (this
-module run as ``python -m ekko.bench.scale_serve frontend``) serves the same model twice by
-scatter-gather: ``p1`` reads every row from one holder (partition 0 = the whole model on
-``dc1-r0``), ``p4`` from 4 partitions (partition p on ``dc1-r{p}``, hedged/retried on
-``dc1-r{p+1}``). Replica ``dc1-r0`` also serves the model from its own store (``local``:
-today's single-partition serving node, no scatter).
+One partitioned cluster (``cluster_doc(partitions=4)``): a source per partition and, in DC
+``dc1``, a holder of each partition (``dc1-p{p}-r0``, holding that partition only) and one
+node holding every partition (``dc1-all``: the single-partition layout, the whole model on
+one node). A client writes the model's rows to the sources (``scale_cluster.publish``); the
+holders pull their partitions. A *frontend* process (this module run as ``python -m
+ekko.bench.scale_serve frontend``) serves the same model twice by scatter-gather: ``p1``
+reads every row from ``dc1-all`` (one partition: the whole model, one frame a batch), ``p4``
+from the 4 partition holders (partition p on ``dc1-p{p}-r0``, hedged/retried on
+``dc1-all``). ``dc1-all`` also serves the model itself (``local``: a node holding every
+partition reads its rows from its own store, no scatter hop).
 
 The load generator (``ekko.bench.serve``'s closed loop: pre-encoded JSON bodies, keep-alive
 connections, one request in flight each) runs here and posts to each mode in turn, blocks
@@ -16,7 +19,8 @@ side on the same model, load and processes: ``predict_p99_ms`` {"1": p1, "4": p4
 replica's p99 is reported beside it (``predict_p99_ms_local``), so the cost of the scatter hop
 itself is visible too; ``p4-unmerged`` is ``p4`` with ``ScatterConfig.coalesce = 0`` (every
 lookup its own scatter, none merged behind one in flight): what the merging buys, in the same
-run (``predict_p99_ms_unmerged``).
+run (``predict_p99_ms_unmerged``). Before measuring, ``p1`` and ``p4`` must predict the same
+CTRs for the same bodies: every holder has synced the rows written.
 
 ``measure(spec)`` is what ``ekko bench scale`` calls; ``run`` writes the JSON and plot.
 """
@@ -36,15 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 from matplotlib.figure import Figure
 from rich.console import Console
 
 from ekko.bench.report import median, write_result
-from ekko.bench.serve import _bodies, _load, model_tables
+from ekko.bench.scale_cluster import partitioned_doc, publish, write_configs
+from ekko.bench.serve import _bodies, _load
 from ekko.node.access import ClusterAuth
 from ekko.node.config import ModelConfig, load_config
 from ekko.node.http_client import ClusterHttp
-from ekko.ops.cluster_init import cluster_doc, free_ports, write_cluster
+from ekko.ops.cluster_init import free_ports
 from ekko.ops.launcher import LocalCluster
 
 console = Console(stderr=True)
@@ -63,7 +69,7 @@ class ScaleServeSpec:
     rows_per_table: int = 20_000
     embedding_dim: int = 16
     shards: int = 16
-    blocks: int = 4
+    blocks: int = 6
     warm_s: float = 2.0
     measure_s: float = 8.0
     max_requests: int = 200_000
@@ -79,8 +85,18 @@ class ScaleServeSpec:
         )
 
 
-def _holder(p: int, partitions: int) -> str:
-    return f"dc1-r{p % partitions}"
+WHOLE = "dc1-all"
+"""The node holding every partition: ``p1``'s one holder, ``local``'s server."""
+
+
+def holder_urls(http: Any, partitions: int) -> dict[str, dict[int, list[str]]]:
+    """Each lookup's holders per partition: ``p1`` the whole model on ``WHOLE``; ``p4``
+    partition p on its holder, then ``WHOLE`` (hedges and retries)."""
+    whole = http.url(WHOLE)
+    return {
+        "1": {0: [whole]},
+        "4": {p: [http.url(f"dc1-p{p}-r0"), whole] for p in range(partitions)},
+    }
 
 
 # -- the frontend process ---------------------------------------------------------------------
@@ -110,19 +126,19 @@ def frontend(
     http = ClusterHttp(cfg, base)
     secret = cfg.path(cfg.cluster.secret_file, base).read_bytes().strip()
     with http.client(auth=ClusterAuth(secret), timeout=10.0) as c:
-        listing = c.get(http.url("dc1-r0", "/v1/tables")).json()["tables"]
+        listing = c.get(http.url(WHOLE, "/v1/tables")).json()["tables"]
     shards = {t["name"]: t["shards"] for t in listing}
     model = next(m for m in cfg.models)
     fetch = HttpHolders(Credentials(secret=secret), streams=streams)
+    urls = holder_urls(http, partitions)
     lookups = {}
     services = {}
-    for label, n, coalesce in ((1, 1, 16), (partitions, partitions, 16), ("u", partitions, 0)):
-        holders = {  # partition p on dc1-r{p}, then dc1-r{p+1}; 1 partition: dc1-r0 alone
-            p: [http.url(_holder(q, partitions)) for q in ((p,) if n == 1 else (p, p + 1))]
-            for p in range(n)
-        }
+    for label, layout, coalesce in (("1", "1", 16), (str(partitions), "4", 16), ("u", "4", 0)):
+        placement = Placement(1) if layout == "1" else cfg.placement()
         config = ScatterConfig(deadline_s=deadline_s, coalesce=coalesce)
-        lookups[label] = PartitionedLookup(Placement(n), holders, fetch, shards.__getitem__, config)
+        lookups[label] = PartitionedLookup(
+            placement, urls[layout], fetch, shards.__getitem__, config
+        )
         served = dataclasses.replace(model.served(), name=f"p{label}")
         services[f"p{label}"] = InferenceService(Store(), served, rows=lookups[label])
 
@@ -190,29 +206,34 @@ def measure(spec: ScaleServeSpec | None = None) -> dict[str, Any]:
     model = spec.model()
     bodies = _bodies(spec, model)  # type: ignore[arg-type]  # batch and seed are all it reads
     with tempfile.TemporaryDirectory(prefix="ekko-bench-scale-serve-") as tmp:
-        doc = cluster_doc(
-            dcs=1, replicas=spec.partitions, serve=False,
-            tables=model_tables(model, spec.shards), sync={"snapshot_interval_s": 0},
+        doc = partitioned_doc(
+            model, partitions=spec.partitions, dcs=1, replicas=1, shards=spec.shards,
+            sync={"snapshot_interval_s": 0},
         )  # fmt: skip
-        doc["models"] = [
-            {k: list(v) if isinstance(v, tuple) else v for k, v in model.model_dump().items()}
-        ]
         for node in doc["nodes"]:
-            node["serve"] = node["name"] == "dc1-r0"
-        path = write_cluster(doc, Path(tmp) / "cluster.toml")
-        cluster = LocalCluster(path)
+            node["serve"] = False
+        sync_port, admin_port = free_ports(2)
+        doc["nodes"].append({
+            "name": WHOLE, "dc": "dc1", "sync_port": sync_port, "admin_port": admin_port,
+            "serve": True, "partitions": list(range(spec.partitions)),
+        })  # fmt: skip
+        path, configs = write_configs(doc, model, Path(tmp))
+        cluster = LocalCluster(path, node_configs=configs)
         proc: subprocess.Popen | None = None
         try:
             cluster.start(timeout=spec.ready_timeout_s)
+            publish(cluster, model, seed=spec.seed)
             predict = f"/v1/models/{model.name}/predict"
-            urls = {"local": cluster.url("dc1-r0", predict)}
+            urls = {"local": cluster.url(WHOLE, predict)}
             _wait_200(urls["local"], bodies[0], spec.ready_timeout_s, cluster.auth)
-            proc, front = _start_frontend(path, spec, Path(tmp) / "frontend.log")
+            proc, front = _start_frontend(configs[WHOLE], spec, Path(tmp) / "frontend.log")
             urls["p1"] = f"{front}/v1/models/p1/predict"
             urls["p4"] = f"{front}/v1/models/p{spec.partitions}/predict"
             urls["p4-unmerged"] = f"{front}/v1/models/pu/predict"
             for mode in ("p1", "p4", "p4-unmerged"):
                 _wait_200(urls[mode], bodies[0], spec.ready_timeout_s)
+            synced = _wait_same(urls["p1"], urls["p4"], bodies[:8], spec.ready_timeout_s)
+            console.print(f"[scale_serve] p1 and p4 predict alike after {synced:.1f} s")
             runs = []
             plan = [(c, mode) for mode in order(spec.blocks) for c in spec.loads]
             for i, (c, mode) in enumerate(plan):
@@ -227,8 +248,7 @@ def measure(spec: ScaleServeSpec | None = None) -> dict[str, Any]:
                 )
                 runs.append(r)
             scatter = httpx.get(f"{front}/scatter", timeout=10.0).json()
-            holders = [cluster.url(f"dc1-r{p}", "") for p in range(spec.partitions)]
-            fan = asyncio.run(fanout(holders, cluster.secret, spec))
+            fan = asyncio.run(fanout(configs[WHOLE], spec, bodies[0]))
         finally:
             if proc is not None:
                 proc.kill()
@@ -238,39 +258,72 @@ def measure(spec: ScaleServeSpec | None = None) -> dict[str, Any]:
     return {"summary": summary, "runs": runs, "scatter": scatter}
 
 
-async def fanout(holders: list[str], secret: bytes, spec: ScaleServeSpec, n: int = 300) -> dict:
-    """p50/p99 ms of one batch's lookups alone (no predict): all 26 tables' keys from one
-    holder, vs a quarter of them from each of 4 holders in parallel — what the fan-out
-    itself costs on this machine."""
+async def fanout(config: Path, spec: ScaleServeSpec, body: bytes, n: int = 300) -> dict:
+    """p50/p99 ms of one batch's lookups alone (no predict): every table's ids of ``body``
+    from the node holding the whole model (one frame), vs from the 4 partition holders in
+    parallel (a frame each) — what the fan-out itself costs on this machine."""
     import numpy as np
 
     from ekko.client.credentials import Credentials
+    from ekko.serve.scatter import PartitionedLookup
     from ekko.serve.scatter_http import HttpHolders
+    from ekko.store.placement import Placement
 
+    cfg = load_config(config)
+    http = ClusterHttp(cfg, config.parent)
+    secret = cfg.path(cfg.cluster.secret_file, config.parent).read_bytes().strip()
+    shards = {t.name: t.shards for t in cfg.tables}
+    sparse = np.array([e["sparse"] for e in msgspec.json.decode(body)["events"]], np.int64)
+    tables = {f"emb_{i}": np.unique(sparse[:, i] % spec.rows_per_table) for i in range(26)}
     fetch = HttpHolders(Credentials(secret=secret), streams=spec.streams)
-    k = spec.batch
-    whole = {f"emb_{i}": np.arange(k, dtype=np.int64) for i in range(26)}
-    part = {f"emb_{i}": np.arange(k // len(holders) or 1, dtype=np.int64) for i in range(26)}
+    urls = holder_urls(http, spec.partitions)
     cases = {
-        "1_holder": lambda: fetch(holders[0], whole, {}),
-        f"{len(holders)}_holders_parallel": lambda: asyncio.gather(
-            *(fetch(h, part, {}) for h in holders)
+        "1_holder": PartitionedLookup(Placement(1), urls["1"], fetch, shards.__getitem__),
+        f"{spec.partitions}_holders_parallel": PartitionedLookup(
+            cfg.placement(), urls["4"], fetch, shards.__getitem__
         ),
     }
     out = {}
     try:
-        for name, case in cases.items():
+        for name, lookup in cases.items():
             for _ in range(20):
-                await case()
+                await lookup.lookup(tables)
             lat = []
             for _ in range(n):
                 t0 = time.perf_counter()
-                await case()
+                await lookup.lookup(tables)
                 lat.append((time.perf_counter() - t0) * 1e3)
             out[name] = {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
     finally:
         await fetch.close()
     return out
+
+
+def _wait_same(a: str, b: str, bodies: list[bytes], timeout: float) -> float:
+    """Seconds until ``a`` and ``b`` predict the same CTRs for every body (to 1e-6): both
+    read rows every holder has synced."""
+    # Benches pace wall-clock phases on purpose: the holders sync while we poll.
+    start = time.monotonic()
+    last = ""
+    while time.monotonic() - start < timeout:
+        got = [[httpx.post(u, content=body, timeout=5.0,
+                           headers={"content-type": "application/json"}) for u in (a, b)]
+               for body in bodies]  # fmt: skip
+        if all(x.status_code == y.status_code == 200 for x, y in got):
+            diff = max(
+                max(abs(p - q) for p, q in zip(_ctr(x), _ctr(y), strict=True)) for x, y in got
+            )
+            if diff <= 1e-6:
+                return time.monotonic() - start
+            last = f"CTRs differ by up to {diff:.3g}"
+        else:
+            last = "; ".join(f"{r.status_code} {r.text[:120]}" for x in got for r in x)
+        time.sleep(0.5)
+    raise RuntimeError(f"{a} and {b} still predict differently after {timeout}s: {last}")
+
+
+def _ctr(r: httpx.Response) -> list[float]:
+    return [float(p["ctr"]) for p in r.json()["predictions"]]
 
 
 def summarize(runs: list[dict[str, Any]], loads: tuple[int, ...]) -> dict[str, Any]:
