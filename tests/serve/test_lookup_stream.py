@@ -30,6 +30,17 @@ from ekko.serve.scatter_fetch import HolderFailed
 from ekko.serve.scatter_http import HttpHolders
 
 
+async def _switched(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A fake holder's end of the opening: the request read, ``101`` sent, then the first
+    byte of the first frame read (the client asked something)."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+        b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
+    )
+    await reader.read(1)
+
+
 async def test_concurrent_lookups_share_one_stream_in_order(node) -> None:  # noqa: F811
     runner, url = node
     stream = await LookupStream.open(url, Credentials(secret=runner.secret))
@@ -153,12 +164,7 @@ async def test_a_hostile_answer_breaks_the_stream_and_every_waiting_lookup_hears
     answer: bytes,
 ) -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
-            b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
-        )
-        await reader.read(1)  # the first frame arrived: answer it badly
+        await _switched(reader, writer)  # the first frame arrived: answer it badly
         writer.write(answer + bytes(64))
         await writer.drain()
         await asyncio.sleep(1)
@@ -212,12 +218,7 @@ async def test_an_answer_that_does_not_fit_its_lookup_is_a_holder_failure(answer
     serving node, no retry), and a key count that did not was returned as it came."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
-            b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
-        )
-        await reader.read(1)
+        await _switched(reader, writer)
         writer.write(answer)
         await writer.drain()
         await asyncio.sleep(1)
@@ -304,12 +305,7 @@ async def test_answers_read_in_any_pieces_resolve_their_lookups_in_order(cut: in
     wire = found + refused
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
-            b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
-        )
-        await reader.read(1)
+        await _switched(reader, writer)
         for at in range(0, len(wire), cut):
             writer.write(wire[at : at + cut])
             await writer.drain()
