@@ -12,6 +12,7 @@ Beside it: ``responder_session`` (what it remembers of a session) and ``responde
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,10 +220,17 @@ class Responder(ResponderScope):
             if sess.paced_until is not None and sess.paced_until <= now:
                 sess.paced_until = None
                 self._drain(sid, sess, now, ready)
-            while sess.parked and sess.parked[0].expires_at <= now:
-                parked = sess.parked.popleft()
-                self._expired += 1
-                ready.sends.append((sid, self._empty(sess, parked.request, now)))
+            if sess.parked and min(p.expires_at for p in sess.parked) <= now:
+                # Pulls wait for different times (the puller spreads them): any may be due,
+                # not only the oldest; the rest stay parked in their order.
+                waiting: deque[Parked] = deque()
+                for parked in sess.parked:
+                    if parked.expires_at <= now:
+                        self._expired += 1
+                        ready.sends.append((sid, self._empty(sess, parked.request, now)))
+                    else:
+                        waiting.append(parked)
+                sess.parked = waiting
         ready.wake_at = self._next_expiry()
         return ready
 
@@ -279,7 +287,7 @@ class Responder(ResponderScope):
         return ready
 
     def _next_expiry(self) -> float | None:
-        times = [s.parked[0].expires_at for s in self._sessions.values() if s.parked]
+        times = [min(p.expires_at for p in s.parked) for s in self._sessions.values() if s.parked]
         times += [s.paced_until for s in self._sessions.values() if s.paced_until is not None]
         return min(times) if times else None
 
