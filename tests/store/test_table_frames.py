@@ -108,3 +108,61 @@ def test_the_tables_arrays_kept_between_frames_follow_a_table_that_grew() -> Non
     assert np.array_equal(again.versions, versions)
     assert np.array_equal(again.values, values)
     assert again.values[3 * 3 + 2 * 3 :][:3].tolist() == [7.0, 7.0, 7.0]
+
+
+def _restore_in_place(tables: list[Table], t: int, keys: np.ndarray, starts: np.ndarray) -> None:
+    """Replace table ``t`` by an empty table of its spec, look the set up (its arrays are
+    kept), then fill that table by ``restore_rows`` from the old one's rows."""
+    src = tables[t]
+    keys_, values, versions, wtimes, lanes = (a.copy() for a in src.all_rows())
+    back = tables[t] = Table(src.spec, initial_rows=4)
+    lookup_tables(tables, keys, starts, None)
+    counter, knowledge, shard_version = src.counter, src.knowledge, src.shard_version
+    back.restore_rows(keys_, values, versions, wtimes, lanes, counter=counter.copy(),
+                      knowledge=knowledge.copy(), shard_version=shard_version.copy())  # fmt: skip
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["write", "delete", "purge", "restore", "recreate", "same"]),
+            st.integers(0, 2),  # which table
+            st.integers(0, 300),  # first key
+            st.integers(0, 150),  # keys (a run: enough to grow the table)
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    asked=st.lists(st.integers(0, 450), max_size=12),
+)
+@settings(deadline=None, max_examples=60)
+def test_frames_between_writes_deletes_purges_restores_and_new_tables_read_current_rows(
+    ops: list[tuple[str, int, int, int]], asked: list[int]
+) -> None:
+    """Between two frames over the same set of tables, a table grows, loses keys (deleted,
+        then purged: the index removes them and may rehash), is replaced by its restored copy
+        or by a new empty table of the same name, or by one the set was looked up with empty and
+    then filled by ``restore_rows``: every frame answers as ``Table.lookup``."""
+    tables = [_table(t, 2, [1, 2, 3], []) for t in range(3)]
+    ask = [np.array([1, 2, 3, *asked], np.int64)] * 3
+    keys, starts = np.concatenate(ask), np.arange(4, dtype=np.int64) * ask[0].size
+    now = 10
+    for op, t, first, n in ops:
+        lookup_tables(tables, keys, starts, None)  # the set's arrays are kept
+        now += 1
+        k = np.arange(first, first + n, dtype=np.int64)
+        if op == "write" and k.size:
+            vals = np.full((k.size, 2), now, np.float32)
+            tables[t].write(k, vals, now_ns=now)
+        elif op == "delete" and k.size:
+            tables[t].delete(k, now_ns=now)
+        elif op == "purge":
+            tables[t].purge(tables[t].counter.copy())
+        elif op == "restore":
+            _restore_in_place(tables, t, keys, starts)
+        elif op == "recreate":
+            tables[t] = Table(tables[t].spec, initial_rows=4)
+        got = lookup_tables(tables, keys, starts, None)
+        versions, values = _plain(tables, ask)
+        assert np.array_equal(got.versions, versions), (op, t)
+        assert np.array_equal(got.values, values), (op, t)
