@@ -6,6 +6,7 @@ the next lookup."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,7 +27,7 @@ from ekko.client.stream_frames import (
     write_frame,
 )
 from ekko.node.access import ClusterAuth
-from ekko.serve.scatter_fetch import HolderFailed
+from ekko.serve.scatter_fetch import FlatAsk, HolderFailed, start
 from ekko.serve.scatter_http import HttpHolders
 
 
@@ -329,3 +330,61 @@ async def test_answers_read_in_any_pieces_resolve_their_lookups_in_order(cut: in
         await stream.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("mode", ["silent", "half-an-answer"])
+async def test_a_holder_that_stops_answering_gets_a_new_stream_after_stall_s(mode: str) -> None:
+    """A holder answers its stream's first frame, then keeps the stream open and answers
+    nothing more (or half an answer): its lookups lose to other holders (here: time out),
+    and once they waited ``stall_s`` without a byte the next lookup breaks that stream —
+    every lookup waiting on it fails, none is left behind — and goes out on a new one,
+    which this holder answers. Before, the stream was kept for good: each lookup of the
+    holder waited there until its deadline, and stayed waiting."""
+    conns: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(len(conns))
+        first = len(conns) == 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+            b"upgrade: ekko-lookup/1\r\nekko-max-frame-bytes: 65536\r\n\r\n"
+        )
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readexactly(REQUEST.size)
+                _, _, name_len, n, tables, seq = REQUEST.unpack(head)
+                await reader.readexactly(name_len + 8 * tables + 8 * n)
+                answer = _found(seq, [2], [1], [7], 2)
+                if first and seq > 1:  # the first stream goes quiet after one answer
+                    if mode == "half-an-answer" and seq == 2:
+                        writer.write(answer[:20])
+                    continue
+                writer.write(answer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    fetch = HttpHolders(Credentials(secret=b"s"), stall_s=0.2)
+    ask = FlatAsk(["emb"], np.array([1], np.int64), np.array([3], np.int64), None)
+    try:
+        assert (await asyncio.wait_for(fetch.lookup(url, ask), 5)).versions.tolist() == [7]
+        old = fetch._streams[url].result()
+        for _ in range(2):  # lost: the holder is silent
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(start(fetch, url, ask), 0.15)
+        assert len(old._waiting) == 2 and not old.closed
+        await asyncio.sleep(0.1)  # 0.25 s without a byte since the first lost lookup
+        got = await asyncio.wait_for(start(fetch, url, ask), 5)
+        assert got[2].tolist() == [7] and len(conns) == 2
+        assert old.closed and not old._waiting
+    finally:
+        await fetch.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_stall_s_is_checked() -> None:
+    with pytest.raises(ValueError, match="stall_s"):
+        HttpHolders(Credentials(secret=b"s"), stall_s=0)
+    with pytest.raises(ValueError, match="stall_s"):
+        HttpHolders(Credentials(secret=b"s"), stall_s=float("nan"))

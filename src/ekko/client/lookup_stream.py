@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -69,7 +70,15 @@ class LookupStream:
     Why answers are read by a protocol and not a task: an answer is parsed as its bytes
     arrive and resolves its lookup's future there; a reader task cost, per answer, a wake-up
     of its own and an ``await`` per part of the answer, on every partition of every predict
-    batch a serving node scatters."""
+    batch a serving node scatters.
+
+    ``stall_s``: a lookup sent while lookups have waited that long without a byte of answer
+    breaks the stream instead (the caller opens a new one). Why: a node that stopped
+    answering on a stream it keeps open (hung, or a half answer and nothing more) never
+    breaks it; its lookups lost to hedges to other holders, but their entries stayed here
+    for good, one more each time the node was asked, and the stream was never opened again
+    (found by an attack of session 16: a fake holder that answers 3 frames then hangs).
+    None: never."""
 
     def __init__(
         self,
@@ -77,11 +86,15 @@ class LookupStream:
         writer: asyncio.StreamWriter,
         max_frame: int,
         failure: Callable[[ClientError], Exception] | None = None,
+        stall_s: float | None = None,
     ) -> None:
         self.url = url
         self.max_frame = max_frame
+        self.stall_s = stall_s
         self._writer = writer
         self._failure = failure
+        self._loop = asyncio.get_running_loop()
+        self._heard = 0.0  # loop time of the last answer's bytes, or of a send none waited on
         self._seq = 0
         self._waiting: deque[_Waiting] = deque()
         self._broken: str | None = None
@@ -100,12 +113,15 @@ class LookupStream:
         resigns: int = 3,
         variant: str = "online",
         failure: Callable[[ClientError], Exception] | None = None,
+        stall_s: float | None = None,
     ) -> LookupStream:
         """Connect to ``url`` (``http(s)://host:port``) and switch to a lookup stream that
         reads ``variant``: ``online`` (the node's store) or ``baseline`` (the guard's lagged
         store; ``ClientError`` of status 409 naming the node where it keeps none).
         ``failure``: what a lookup raises instead of a ``ClientError`` (a caller's own
-        error naming the node, say), once the stream is open."""
+        error naming the node, say), once the stream is open. ``stall_s``: see the class."""
+        if stall_s is not None and not (math.isfinite(stall_s) and stall_s > 0):
+            raise ValueError(f"stall_s: expected a finite number > 0 or None, got {stall_s!r}")
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ClientError(f"lookup stream at {url}: not an http(s)://host:port URL")
@@ -132,7 +148,7 @@ class LookupStream:
             except BaseException:
                 writer.close()
                 raise
-            return cls(url, writer, max_frame, failure)
+            return cls(url, writer, max_frame, failure, stall_s)
         raise ClientError(f"lookup stream at {url}: its signature was refused {resigns} times")
 
     @property
@@ -192,6 +208,15 @@ class LookupStream:
     ) -> asyncio.Future[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """:meth:`lookup_flat` without a coroutine: the frame goes out now, the future
         resolves as its answer is read."""
+        if self.stall_s is not None:
+            now = self._loop.time()
+            if not self._waiting:
+                self._heard = now
+            elif now - self._heard > self.stall_s:
+                self._fail(
+                    f"no answer for {now - self._heard:.1f} s (stall_s {self.stall_s:g}) with "
+                    f"{len(self._waiting)} lookups waiting"
+                )
         if self._broken is not None:
             raise self._error(ClientError(f"lookup stream at {self.url} is closed: {self._broken}"))
         frame = flat_lookup_frame(self._seq + 1, names, counts, keys, known)
@@ -209,6 +234,8 @@ class LookupStream:
         the stream."""
         if self._broken is not None:
             return
+        if self.stall_s is not None:
+            self._heard = self._loop.time()
         buf = self._buf
         buf += data
         at = 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import ssl
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
@@ -44,6 +45,10 @@ from ekko.store import Store, UnknownTableError
 from ekko.store.table_frames import lookup_tables
 
 MAX_HEAD_BYTES = 64 * 1024
+STALL_S = 5.0
+"""Seconds a holder's stream may keep lookups waiting without a byte of answer before the
+next lookup opens a new one: several scatter deadlines (1 s by default), so a holder that is
+merely slow keeps its stream; a hung one is dropped after a few lookups lost to hedges."""
 
 
 class _BadAnswer(Exception):
@@ -102,6 +107,9 @@ class HttpHolders:
         variant: what the holders read: ``online`` (their store) or ``baseline`` (the
             guard's lagged store: a holder keeping none refuses, 409, and the scatter fails
             over to the partition's next holder).
+        stall_s: a holder's stream is opened again once its lookups waited that long
+            without a byte of answer (``LookupStream``): a hung holder is asked on a new
+            stream after it, not on its old one for good.
     """
 
     def __init__(
@@ -113,10 +121,14 @@ class HttpHolders:
         idle: int = 16,
         streams: bool = True,
         variant: str = "online",
+        stall_s: float = STALL_S,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"HttpHolders.variant: expected one of {VARIANTS}, got {variant!r}")
+        if not (isinstance(stall_s, int | float) and math.isfinite(stall_s) and stall_s > 0):
+            raise ValueError(f"HttpHolders.stall_s: expected a finite number > 0, got {stall_s!r}")
         self.variant = variant
+        self.stall_s = stall_s
         self.streams = streams
         self._streams: dict[str, asyncio.Task[LookupStream]] = {}
         self.credentials = credentials
@@ -223,6 +235,7 @@ class HttpHolders:
                     server_name=self.server_name(holder),
                     variant=self.variant,
                     failure=functools.partial(_failed, holder),
+                    stall_s=self.stall_s,
                 )
             )
             self._streams[holder] = opening
