@@ -108,3 +108,36 @@ def test_a_lost_answer_is_still_found_by_the_next_holds() -> None:
             break
     rows, versions, _ = replica.table("emb_1").lookup(key)
     assert versions[0] > 0 and rows[0].tolist() == [9.0] * 4
+
+
+def test_an_idle_link_dropping_answers_still_converges() -> None:
+    """A lost answer with rows, then an idle link that drops a third of its answers —
+    the empty answers carrying the holds among them (a lost holds answer is not resent:
+    ``holds_at`` moved when it was built): a later one gets through, the puller resyncs
+    and converges."""
+    source, replica = _store(50), _store(0)
+    responder = Responder(source)
+    puller = Puller(replica, PullerConfig(wait_ms=1000, window=8))
+    start = [m for _, m in puller.start(1.0).sends]
+    _deliver(
+        responder, puller, [m for p in start for _, m in responder.receive(7, p, 1.0).sends], 1.0
+    )
+    key = np.array([3], np.int64)
+    source.table("emb_2").write(key, np.full((1, 4), 5, np.float32), now_ns=2)
+    lost = [m for _, m in responder.store_changed(1.1).sends]
+    assert any(isinstance(m, PullResponse) and m.chunks for m in lost)  # dropped
+    rng = np.random.default_rng(11)
+    now, rounds = 1.1, 0
+    while replica.table("emb_2").lookup(key)[1][0] == 0:
+        rounds += 1
+        assert rounds <= 20, "an idle link losing a third of its answers never resynced"
+        now += 1.0 + HOLDS_QUIET_S / 10
+        expired = [m for _, m in responder.tick(now).sends]
+        holds_first = [i for i, m in enumerate(expired) if getattr(m, "holds", None) is not None]
+        kept = [m for m in expired if rng.random() >= 1 / 3]
+        if rounds <= 2 and holds_first:  # the answers carrying the holds: lost, twice
+            kept = [m for i, m in enumerate(expired) if i not in holds_first and m in kept]
+        _deliver(responder, puller, kept, now)
+    assert rounds >= 3
+    rows, versions, _ = replica.table("emb_2").lookup(key)
+    assert versions[0] > 0 and rows[0].tolist() == [5.0] * 4
