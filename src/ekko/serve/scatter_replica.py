@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from numba import njit
 
 from ekko.serve.errors import ModelNotReady, NonFiniteRows
 from ekko.serve.replica import _finite, dense_shapes, refusal
@@ -20,6 +21,32 @@ from ekko.train.dlrm import DLRMConfig, DLRMServingModel, dense_table_name, embe
 
 _KEY0 = np.zeros(1, dtype=np.int64)
 log = logging.getLogger(__name__)
+
+
+@njit(cache=True, nogil=True)
+def unique_columns(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each column's distinct ids of ``ids`` (int64 [B, F]), ascending, column after column
+    (int64 [n]); where column ``j``'s start and end (int64 [F + 1]); and for each id its
+    place among its column's (int64 [B, F]): ``np.unique(ids[:, j], return_inverse=True)``
+    of every column in one call (26 calls of it cost a serving node ~0.2 ms a predict)."""
+    b, f = ids.shape
+    keys = np.empty(b * f, np.int64)
+    bounds = np.zeros(f + 1, np.int64)
+    inverse = np.empty((b, f), np.int64)
+    at = 0
+    for j in range(f):
+        col = ids[:, j].copy()
+        order = np.argsort(col, kind="mergesort")
+        last = 0
+        for r in range(b):
+            v = col[order[r]]
+            if r == 0 or v != last:
+                keys[at] = v
+                at += 1
+                last = v
+            inverse[order[r], j] = at - 1 - bounds[j]
+        bounds[j + 1] = at
+    return keys[:at], bounds, inverse
 
 
 class ScatterReplica:
@@ -117,10 +144,9 @@ class ScatterReplica:
         ids = np.asarray(sparse, dtype=np.int64)
         if cfg.dynamic is None:
             ids = ids % cfg.rows_per_table
-        tables: dict[str, np.ndarray] = {}
-        inverse: dict[str, np.ndarray] = {}
-        for i, name in enumerate(self._emb_names):
-            tables[name], inverse[name] = np.unique(ids[:, i], return_inverse=True)
+        keys, bounds, inverse = unique_columns(np.ascontiguousarray(ids))
+        ends = bounds.tolist()
+        tables = {name: keys[ends[i] : ends[i + 1]] for i, name in enumerate(self._emb_names)}
         known = {}
         for name in self._dense_names:
             tables[name] = _KEY0
@@ -129,7 +155,7 @@ class ScatterReplica:
         got = await self.rows.lookup(tables, known)
         self._load_dense(got)
         batch: dict[str, np.ndarray] = {}
-        for name in self._emb_names:
+        for i, name in enumerate(self._emb_names):
             r = got[name]
             if r.values.shape[1] != cfg.embedding_dim:
                 raise ModelNotReady(
@@ -139,7 +165,7 @@ class ScatterReplica:
             if not _finite(r.values):
                 bad = int(tables[name][np.flatnonzero(~np.isfinite(r.values).all(axis=1))[0]])
                 raise self._refuse(name, f"NaN or infinite row of key {bad} in table {name!r}")
-            batch[name] = r.values[inverse[name]]
+            batch[name] = r.values[inverse[:, i]]
         model = self.ensure_ready()
         self._batch = batch
         try:
