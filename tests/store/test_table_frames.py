@@ -4,12 +4,15 @@ missing keys included; bad input is refused by name."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.store import BadRowsError, Table
+from ekko.store import BadRowsError, Table, layout
 from ekko.store.spec import TableSpec
 from ekko.store.table_frames import lookup_tables
 
@@ -166,3 +169,16 @@ def test_frames_between_writes_deletes_purges_restores_and_new_tables_read_curre
         versions, values = _plain(tables, ask)
         assert np.array_equal(got.versions, versions), (op, t)
         assert np.array_equal(got.values, values), (op, t)
+
+
+def test_a_grown_tables_old_arrays_are_not_kept_until_the_next_frame() -> None:
+    """The kept arrays go when a table's arrays are replaced, not at the next lookup: a
+    holder asked nothing more would otherwise keep a grown table's old columns alive."""
+    table = _table(0, 3, [1, 2, 3], [])
+    lookup_tables([table], np.array([1], np.int64), np.array([0, 1], np.int64), None)
+    old = weakref.ref(table._rows.values)
+    assert layout.kept
+    table.write(np.arange(100, 1100, dtype=np.int64), np.ones((1000, 3), np.float32), now_ns=5)
+    assert not layout.kept
+    gc.collect()
+    assert old() is None

@@ -98,20 +98,16 @@ class _Arrays(NamedTuple):
 MAX_KEPT = 64
 """Sets of tables whose arrays are kept between lookups (a model's tables are one set)."""
 
-_kept: dict[tuple[int, ...], _Arrays] = {}
-_kept_generation = [-1]
-
 
 def _arrays(tables: Sequence[Table]) -> _Arrays:
-    """The tables' arrays in typed lists, kept while no table's arrays were replaced
-    (``ekko.store.layout``): building them costs a frame of 26 tables ~170 us, a lookup
+    """The tables' arrays in typed lists, kept (``ekko.store.layout.kept``) until some
+    table's arrays are replaced: building them costs a frame of 26 tables ~170 us, a lookup
     through them ~10 us."""
-    gen = layout.generation()
-    if _kept_generation[0] != gen or len(_kept) >= MAX_KEPT:
-        _kept.clear()
-        _kept_generation[0] = gen
-    key = tuple(map(id, tables))  # ids stay unique: a table made since bumped the count
-    got = _kept.get(key)
+    kept = layout.kept
+    if len(kept) >= MAX_KEPT:
+        kept.clear()
+    key = tuple(map(id, tables))
+    got = kept.get(key)
     if got is None:
         buckets, values = typed.List.empty_list(_BUCKETS), typed.List.empty_list(_VALUES)
         versions, dead = typed.List.empty_list(_VERSIONS), typed.List.empty_list(_DEAD)
@@ -119,13 +115,13 @@ def _arrays(tables: Sequence[Table]) -> _Arrays:
         for t, table in enumerate(tables):
             ix: KeyIndex = table._index
             r: RowArrays = table._rows
-            buckets.append(ix.probe_args()[0])
-            masks[t] = ix.probe_args()[1]
+            bucket, masks[t] = ix.probe_args()
+            buckets.append(bucket)
             values.append(r.values)
             versions.append(r.versions)
             dead.append(r.dead)
         dims = np.array([table.dim for table in tables], np.int64)
-        got = _kept[key] = _Arrays(buckets, masks, values, versions, dead, dims)
+        got = kept[key] = _Arrays(buckets, masks, values, versions, dead, dims)
     return got
 
 
