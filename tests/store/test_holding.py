@@ -10,6 +10,7 @@ from ekko.store import Store, shard_of
 from ekko.store.holding import Holding, MemoryBudgetError, NotHeldError, row_bytes
 from ekko.store.placement import Placement
 from ekko.store.spec import TableSpec
+from ekko.store.table_frames import FRAME_NOT_HELD, FRAME_OK, frame_plan
 
 SPEC = TableSpec("emb", 4, 8)
 PLACEMENT = Placement(2)
@@ -100,27 +101,33 @@ def test_a_store_without_holding_takes_every_row():
     assert t.rows == 1000 and t.admit is None
 
 
-def test_checking_a_lookups_tables_at_once_refuses_as_checking_each_in_turn():
+def test_a_lookup_frames_check_finds_the_table_checking_each_in_turn_refuses_first():
+    """A holder checks a lookup frame's keys in its answer's kernel (``FramePlan``): the
+    table it flags is the first ``check_held`` refuses, whose error the node sends."""
     store = _store()
     a = store.create_table(SPEC, initial_rows=64)
     b = store.create_table(TableSpec("emb_b", 4, 5), initial_rows=64)
     holding = store.holding
+    plan = frame_plan(store, f"{a.name}\n{b.name}".encode(), holding)
     rng = np.random.default_rng(3)
     for _ in range(40):
         ka, kb = rng.integers(0, 200, rng.integers(1, 6)), rng.integers(0, 200, 3)
         keys = np.concatenate([ka, kb])
-        starts = np.array([0, ka.size, keys.size], np.int64)
-        want = None
-        try:
-            holding.check_held(a, ka)
-            holding.check_held(b, kb)
-        except NotHeldError as exc:
-            want = str(exc)
-        if want is None:
-            holding.check_held_many([a, b], keys, starts)
-        else:
-            with pytest.raises(NotHeldError) as err:
-                holding.check_held_many([a, b], keys, starts)
-            assert str(err.value) == want
-    unscoped = _store(partitions=(0, 1)).holding
-    unscoped.check_held_many([a, b], np.arange(9, dtype=np.int64), np.array([0, 4, 9]))
+        first = None
+        for t, (table, k) in enumerate(((a, ka), (b, kb))):
+            try:
+                holding.check_held(table, k)
+            except NotHeldError:
+                first = t
+                break
+        body = np.concatenate(([ka.size, kb.size], keys)).astype("<i8").view(np.uint8)
+        _, status, detail = plan.answer(body, keys.size, False, 0, 1 << 20)
+        assert (status, detail if first is not None else None) == (
+            (FRAME_OK, None) if first is None else (FRAME_NOT_HELD, first)
+        )
+    unscoped = _store(partitions=(0, 1))
+    for table in (a, b):
+        unscoped.create_table(table.spec, initial_rows=64)
+    every = frame_plan(unscoped, f"{a.name}\n{b.name}".encode(), unscoped.holding)
+    body = np.concatenate(([4, 5], np.arange(9))).astype("<i8").view(np.uint8)
+    assert every.answer(body, 9, False, 0, 1 << 20)[1] == FRAME_OK

@@ -12,9 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.store import BadRowsError, Table, layout
+from ekko.store import BadRowsError, Store, Table, layout
+from ekko.store.holding import Holding
+from ekko.store.index import shard_of
+from ekko.store.placement import Placement
 from ekko.store.spec import TableSpec
-from ekko.store.table_frames import lookup_tables
+from ekko.store.table_frames import (
+    FRAME_BAD_COUNTS,
+    FRAME_NOT_HELD,
+    FRAME_OK,
+    FRAME_TOO_BIG,
+    frame_plan,
+    lookup_tables,
+)
 
 
 def _table(t: int, dim: int, written: list[int], deleted: list[int]) -> Table:
@@ -182,3 +192,125 @@ def test_a_grown_tables_old_arrays_are_not_kept_until_the_next_frame() -> None:
     assert not layout.kept
     gc.collect()
     assert old() is None
+
+
+# -- FramePlan: a lookup frame answered whole, as a holder's lookup stream sends it ----------
+
+
+HEAD = 24
+
+
+def _store_of(tables: list[Table], holding: Holding | None = None) -> Store:
+    """A store with tables of ``tables``' specs and rows (a holding's: those tables empty)."""
+    store = Store()
+    if holding is not None:
+        store.set_holding(holding)
+    for table in tables:
+        made = store.create_table(table.spec)
+        keys, values, _, _, _ = table.all_rows()
+        if keys.size:
+            made.write(keys.copy(), values.copy(), now_ns=1)
+    return store
+
+
+def _body(asked: list[np.ndarray], known: np.ndarray | None) -> np.ndarray:
+    parts = [np.array([a.size for a in asked], np.int64), *asked]
+    if known is not None:
+        parts.append(known)
+    return np.concatenate(parts).astype("<i8").view(np.uint8)
+
+
+def _names(tables: list[Table]) -> bytes:
+    return "\n".join(t.name for t in tables).encode()
+
+
+def _parse(out: np.ndarray, used: int, tables: int, n: int) -> tuple[np.ndarray, ...]:
+    at = HEAD + 16 * tables + 8 * n
+    dims = out[HEAD : HEAD + 8 * tables].view(np.int64)
+    rows = out[HEAD + 8 * tables : HEAD + 16 * tables].view(np.int64)
+    return dims, rows, out[HEAD + 16 * tables : at].view(np.int64), out[at:used].view("<f4")
+
+
+@given(
+    tables=st.lists(
+        st.tuples(
+            st.integers(1, 5),  # dim
+            st.lists(ids, min_size=1, max_size=25),  # written
+            st.lists(ids, min_size=1, max_size=12),  # asked: a frame asks each table a key
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    known_mode=st.sampled_from(["none", "held", "random"]),
+    seed=st.integers(0, 2**16),
+)
+@settings(deadline=None)
+def test_a_frame_plan_answers_what_lookup_tables_finds_after_its_head(
+    tables: list[tuple[int, list[int], list[int]]], known_mode: str, seed: int
+) -> None:
+    made = [_table(t, d, w, []) for t, (d, w, _) in enumerate(tables)]
+    store = _store_of(made)
+    asked = [np.array(a, np.int64) for *_, a in tables]
+    keys = np.concatenate(asked)
+    starts = np.concatenate(([0], np.cumsum([a.size for a in asked]))).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    known = None
+    if known_mode != "none":
+        known = rng.integers(-1, 3, keys.size).astype(np.int64)
+    want = lookup_tables([store.table(t.name) for t in made], keys, starts, known)
+    plan = frame_plan(store, _names(made), None)
+    out, status, used = plan.answer(_body(asked, known), keys.size, known is not None, HEAD,
+                                    1 << 30)  # fmt: skip
+    assert status == FRAME_OK
+    dims, rows, versions, values = _parse(out, used, len(made), keys.size)
+    assert dims.tolist() == [d for d, *_ in tables]
+    assert np.array_equal(rows, want.rows) and np.array_equal(versions, want.versions)
+    assert np.array_equal(values, want.values) and used == out.size - 4 * (
+        int((np.diff(starts) * dims).sum()) - want.values.size
+    )
+
+
+def test_a_frame_plan_refuses_bad_counts_an_answer_too_big_and_a_key_held_elsewhere() -> None:
+    placement = Placement(2)
+    made = [_table(t, 2, [], []) for t in range(3)]
+    store = _store_of(made, Holding("h", placement, (0,)))
+    plan = frame_plan(store, _names(made), store.holding)
+    held = [k for k in range(200) if all(
+        placement.partitions_of(t.name, 4)[shard_of(np.array([k]), 4)[0]] == 0 for t in made
+    )][:3]  # fmt: skip
+    for t in made:
+        store.table(t.name).write(np.array(held), np.ones((3, 2), np.float32), now_ns=1)
+    asked = [np.array(held, np.int64)] * 3
+    ok = _body(asked, None)
+    assert plan.answer(ok, 9, False, HEAD, 1 << 20)[1] == FRAME_OK
+    zero = _body([asked[0], asked[1][:0], asked[2]], None)
+    assert plan.answer(zero, 6, False, HEAD, 1 << 20)[1] == FRAME_BAD_COUNTS
+    assert plan.answer(ok, 8, False, HEAD, 1 << 20)[1] == FRAME_BAD_COUNTS  # sum is not n
+    _, status, need = plan.answer(ok, 9, False, HEAD, 100)
+    assert (status, need) == (FRAME_TOO_BIG, 9 * (8 + 4 * 2))
+    elsewhere = next(k for k in range(200) if placement.partitions_of(made[1].name, 4)[
+        shard_of(np.array([k]), 4)[0]] == 1)  # fmt: skip
+    bad = [asked[0], np.array([held[0], elsewhere], np.int64), asked[2]]
+    assert plan.answer(_body(bad, None), 8, False, HEAD, 1 << 20)[1:] == (FRAME_NOT_HELD, 1)
+
+
+def test_a_frame_plan_follows_its_store_grown_given_a_table_or_another_store() -> None:
+    """A plan is kept per store and names: a table's arrays replaced (grown) drop it, a
+    table made (the catalog moved) makes a new one, and another store with the same
+    tables has its own."""
+    made = [_table(t, 2, [1, 2, 3], []) for t in range(2)]
+    store, other = _store_of(made), _store_of(made)
+    names = _names(made)
+    asked = [np.array([1, 500], np.int64)] * 2
+    first = frame_plan(store, names, None)
+    assert frame_plan(store, names, None) is first
+    assert frame_plan(other, names, None) is not first
+    grown = np.arange(100, 5100, dtype=np.int64)  # past the 1 024 rows a table starts with
+    store.table("emb_1").write(grown, np.ones((grown.size, 2), np.float32), now_ns=5)
+    store.table("emb_1").write(np.array([500], np.int64), np.full((1, 2), 7, np.float32), now_ns=6)
+    plan = frame_plan(store, names, None)
+    assert plan is not first
+    out, _, used = plan.answer(_body(asked, None), 4, False, HEAD, 1 << 20)
+    assert _parse(out, used, 2, 4)[3][-2:].tolist() == [7.0, 7.0]
+    store.create_table(TableSpec("emb_9", 2, 4))
+    assert frame_plan(store, names, None) is not plan

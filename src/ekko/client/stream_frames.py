@@ -203,15 +203,15 @@ def flat_lookup_frame(
     return out
 
 
-def found(
-    seq: int, dims: np.ndarray, rows: np.ndarray, versions: np.ndarray, values: list[np.ndarray]
-) -> list[bytes | memoryview]:
-    """The answer to lookup ``seq``: each table's row length and rows of values sent, each
-    key's version, then each table's values (float32, C-contiguous)."""
-    d = np.ascontiguousarray(dims, dtype="<i8")
-    r = np.ascontiguousarray(rows, dtype="<i8")
-    v = np.ascontiguousarray(versions, dtype="<i8")
-    out = [ANSWER.pack(FOUND, 0, 0, v.shape[0], seq) + FOUND_TAIL.pack(d.shape[0], 0)]
-    out += [memoryview(d).cast("B"), memoryview(r).cast("B"), memoryview(v).cast("B")]
-    out += [memoryview(x).cast("B") for x in values if x.size]  # no bytes: cannot be cast
-    return out
+FOUND_HEAD = ANSWER.size + FOUND_TAIL.size
+"""Bytes before a found answer's arrays."""
+
+
+def found_head(out: np.ndarray, seq: int, n: int, tables: int) -> None:
+    """Write the head of the answer to lookup ``seq`` (``n`` keys of ``tables`` tables)
+    into the first ``FOUND_HEAD`` bytes of ``out`` (uint8); the arrays follow it: each
+    table's row length and rows of values sent (int64 [tables] each), each key's version
+    (int64 [n]), then each table's values (float32), as ``ekko.store.table_frames``'s
+    ``FramePlan.answer`` writes them."""
+    ANSWER.pack_into(out, 0, FOUND, 0, 0, n, seq)
+    FOUND_TAIL.pack_into(out, ANSWER.size, tables, 0)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ekko.client.stream_frames import (
     FLAG_KNOWN,
+    FOUND_HEAD,
     KIND_DELETE,
     KIND_LOOKUP,
     LOOKUP_PATH,
@@ -21,7 +22,7 @@ from ekko.client.stream_frames import (
     REQUEST,
     FrameError,
     WriteHead,
-    found,
+    found_head,
     parse_head,
     refused,
     written,
@@ -30,7 +31,12 @@ from ekko.net.httpkit import BODY_TIMEOUT_S
 from ekko.node.core import NodeCore
 from ekko.node.table_routes import ROW_ERRORS
 from ekko.store import Store
-from ekko.store.table_frames import lookup_tables
+from ekko.store.table_frames import (
+    FRAME_BAD_COUNTS,
+    FRAME_NOT_HELD,
+    FRAME_TOO_BIG,
+    frame_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,10 @@ vanished without closing (its machine gone, a NAT's state dropped) frees its pla
 MAX_UNANSWERED = 256
 """Frames a stream holds unanswered before it stops reading (a client that sends without
 reading answers is held there, by TCP, not in memory)."""
+
+
+Answer = bytes | memoryview | list
+"""An answer as it is sent: one buffer, or several (``writelines``)."""
 
 
 @dataclass
@@ -104,7 +114,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self._body = np.empty(0, dtype=np.uint8)
         self._phase, self._need, self._got = _HEAD, REQUEST.size, 0
         self._frame: WriteHead | None = None
-        self._answers: deque[tuple[int, np.ndarray | None, bytes | list]] = deque()
+        self._answers: deque[tuple[int, np.ndarray | None, Answer]] = deque()
         self._wake = asyncio.Event()
         self._reading_paused = False
         self._writing = asyncio.Event()
@@ -246,10 +256,10 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
             self._refuse(f.seq, 400, f"frame kind {f.kind}: {why}")
             return
         try:
-            name = self._name[: f.name_len].decode("utf-8")
             if f.kind == KIND_LOOKUP:
-                self._lookup(f, name)
+                self._lookup(f, bytes(self._name[: f.name_len]))
                 return
+            name = self._name[: f.name_len].decode("utf-8")
             if f.kind == KIND_DELETE:
                 versions = self.core.delete(name, keys)
             else:
@@ -277,35 +287,42 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self.stats.rows += f.n
         self._answer(f.seq, versions, b"")
 
-    def _lookup(self, f: WriteHead, names: str) -> None:
+    def _lookup(self, f: WriteHead, names: bytes) -> None:
         """Answer a lookup frame now (its answer still waits for any write before it)."""
-        tables = names.split("\n")
-        body = self._body
-        counts = body[: 8 * f.dim].view("<i8")
-        if len(tables) != f.dim or int(counts.min()) < 1 or int(counts.sum()) != f.n:
-            self._refuse(f.seq, 400, f"a lookup of {f.dim} tables needs as many names "
-                                     f"(got {len(tables)}) and counts of at least 1 key "
-                                     f"summing to n = {f.n}")  # fmt: skip
-            return
-        keys = body[8 * f.dim : 8 * (f.dim + f.n)].view("<i8")
-        known = body[8 * (f.dim + f.n) : f.body_bytes].view("<i8") if f.flags & FLAG_KNOWN else None
         store = self.store if self.store is not None else self.core.store
-        asked = [store.table(name) for name in tables]
-        starts = np.zeros(f.dim + 1, np.int64)
-        np.cumsum(counts, out=starts[1:])
         holding = self.core.store.holding  # a baseline holds the node's partitions too
-        if holding is not None:  # another partition's key: 421, never "not found"
-            holding.check_held_many(asked, keys, starts)
-        dims = np.array([t.dim for t in asked], np.int64)
-        answer = int((counts * (8 + 4 * dims)).sum())
-        if answer > self.max_body:  # keys may repeat: a small frame must not answer without end
-            self._refuse(f.seq, 413, f"tables: {f.n} keys would answer {answer} bytes; the "
+        plan = frame_plan(store, names, holding)
+        if len(plan.tables) != f.dim:
+            self._bad_counts(f, len(plan.tables))
+            return
+        out, status, detail = plan.answer(
+            self._body[: f.body_bytes], f.n, bool(f.flags & FLAG_KNOWN), FOUND_HEAD,
+            self.max_body,
+        )  # fmt: skip
+        if status == FRAME_BAD_COUNTS:
+            self._bad_counts(f, f.dim)
+            return
+        if status == FRAME_TOO_BIG:  # keys may repeat: a small frame must not answer without end
+            self._refuse(f.seq, 413, f"tables: {f.n} keys would answer {detail} bytes; the "
                                      f"limit is {self.max_body}: split the lookup")  # fmt: skip
             return
-        got = lookup_tables(asked, keys, starts, known)
+        if status == FRAME_NOT_HELD:  # another partition's key: 421, never "not found"
+            t = plan.tables[detail]
+            keys = self._body[8 * f.dim : 8 * (f.dim + f.n)].view("<i8")
+            counts = self._body[: 8 * f.dim].view("<i8")
+            start = int(counts[:detail].sum())
+            assert holding is not None
+            holding.check_held(t, keys[start : start + int(counts[detail])])
+            raise AssertionError(f"table {t.name!r}: a key held elsewhere passed")
+        found_head(out, f.seq, f.n, f.dim)
         self.stats.frames += 1
         self.stats.rows += f.n
-        self._answer(f.seq, None, found(f.seq, dims, got.rows, got.versions, [got.values]))
+        self._answer(f.seq, None, memoryview(out)[:detail])
+
+    def _bad_counts(self, f: WriteHead, names: int) -> None:
+        self._refuse(f.seq, 400, f"a lookup of {f.dim} tables needs as many names "
+                                 f"(got {names}) and counts of at least 1 key "
+                                 f"summing to n = {f.n}")  # fmt: skip
 
     def _refuse(self, seq: int, status: int, reason: str) -> None:
         self.stats.refused += 1
@@ -317,7 +334,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self._wake.set()
         self._pause_reading()
 
-    def _answer(self, seq: int, versions: np.ndarray | None, refusal: bytes | list) -> None:
+    def _answer(self, seq: int, versions: np.ndarray | None, refusal: Answer) -> None:
         if (
             self.lookups
             and not self._answers
@@ -348,7 +365,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
 
     # -- answers --------------------------------------------------------------------------
 
-    def _send(self, answer: bytes | list) -> None:
+    def _send(self, answer: Answer) -> None:
         if isinstance(answer, list):
             self.transport.writelines(answer)  # type: ignore[union-attr]
         else:

@@ -10,7 +10,7 @@ down with it. ``Store.set_holding`` has every table ask ``Holding.admit`` first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +19,6 @@ from ekko.store.errors import StoreError
 from ekko.store.index import shard_of
 from ekko.store.placement import Placement
 from ekko.store.spec import TableSpec
-from ekko.store.table_groups import TableShardGroups
 
 if TYPE_CHECKING:
     from ekko.store.table import Table
@@ -33,10 +32,6 @@ highest load, 50 %)."""
 def row_bytes(dim: int) -> int:
     """What one row of a ``dim``-wide table costs the budget."""
     return 4 * dim + ROW_OVERHEAD_BYTES
-
-
-MAX_LOOKUP_SETS = 64
-"""Sets of tables ``Holding.check_held_many`` keeps grouped (a model's tables are one)."""
 
 
 class NotHeldError(StoreError):
@@ -87,7 +82,6 @@ class Holding:
         self._held: dict[tuple[str, int], np.ndarray] = {}  # (table, shards) -> bool [shards]
         # a lookup's tables -> the masks of ``_held`` grouped from, their shards grouped by
         # held (0) or not (1)
-        self._frames: dict[tuple[tuple[str, int], ...], TableShardGroups] = {}
 
     @property
     def scoped(self) -> bool:
@@ -172,29 +166,6 @@ class Holding:
                 f"which this node does not hold (it holds {list(self.partitions or ())})"
                 f"{owner}; {int(out.sum())} of {keys.shape[0]} keys refused"
             )
-
-    def check_held_many(
-        self, tables: Sequence[Table], keys: np.ndarray, starts: np.ndarray
-    ) -> None:
-        """``check_held`` of each table's keys, ``keys[starts[t]:starts[t + 1]]`` (int64;
-        ``starts`` int64 [tables + 1]), in one kernel call: a lookup frame's tables at a
-        holder, where one check per table cost a quarter of the frame's CPU."""
-        if not self.scoped or keys.shape[0] == 0:
-            return
-        sig = tuple((t.name, t.num_shards) for t in tables)
-        groups = self._frames.get(sig)
-        if groups is None:  # a (table, shard count)'s held shards never change: kept by sig
-            if len(self._frames) >= MAX_LOOKUP_SETS:
-                self._frames.clear()
-            masks = [self.held_shards(name, n) for name, n in sig]
-            groups = TableShardGroups([(~m).astype(np.int64) for m in masks], 2)
-            self._frames[sig] = groups
-        _, _, counts = groups.group_parts(keys, starts)
-        elsewhere = np.flatnonzero(counts[1])  # group 1: keys of shards held elsewhere
-        if elsewhere.size:  # the first such table's refusal, as checking each in turn says
-            t = int(elsewhere[0])
-            self.check_held(tables[t], keys[starts[t] : starts[t + 1]])
-            raise AssertionError(f"table {tables[t].name!r}: a key held elsewhere passed")
 
     def _growth(self, table: Table, new_rows: int) -> int:
         """Bytes ``new_rows`` more rows add to what the budget counts of ``table`` (rows

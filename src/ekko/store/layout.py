@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-kept: dict[tuple[int, ...], Any] = {}
-"""Set of tables (their ids) -> its kept arrays; a table made since the last ``bump`` cannot
-reuse a dropped table's id here, since making it bumped."""
+kept: dict[tuple[Any, ...], Any] = {}
+"""Set of tables (their ids) -> its kept arrays, and a lookup frame's tables at a store ->
+its plan (``table_frames.FramePlan``, holding those arrays); a table made since the last
+``bump`` cannot reuse a dropped table's id here, since making it bumped."""
 
 
 def bump() -> None:

@@ -424,8 +424,10 @@ class Table(TableBulk, TablePurging):
 def warm() -> None:
     """Compile (or load from the numba cache) every table kernel once, at start-up."""
     from ekko.store import index
+    from ekko.store.holding import Holding
     from ekko.store.placement import Placement
-    from ekko.store.table_frames import lookup_tables
+    from ekko.store.store import Store
+    from ekko.store.table_frames import frame_plan, lookup_tables
 
     index.warm()
     t = Table(TableSpec("_warm", 4, 2), cache_capacity=4, initial_rows=16)
@@ -444,3 +446,8 @@ def warm() -> None:
     t.collect(*every, np.zeros(2 * NUM_LANES, np.int64), use_cache=False)
     t.digest()
     t.digest_partitions(Placement(2))
+    s = Store()  # a lookup stream's frame at a holder of one of 2 partitions
+    s.set_holding(Holding("_warm", Placement(2), (0,)))
+    s.create_table(TableSpec("_warm", 4, 2))
+    body = np.concatenate(([1], keys[:1], keys[:1])).astype(np.int64).view(np.uint8)
+    frame_plan(s, b"_warm", s.holding).answer(body, 1, True, 24, 1 << 20)

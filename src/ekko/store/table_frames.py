@@ -21,12 +21,15 @@ import numpy as np
 from numba import njit, typed, types
 
 from ekko.store import layout
+from ekko.store._native import shard_of_key
 from ekko.store._validate import check_keys
 from ekko.store.errors import BadRowsError
 from ekko.store.index import KeyIndex, probe_slot
 from ekko.store.row_arrays import RowArrays
 
 if TYPE_CHECKING:
+    from ekko.store.holding import Holding
+    from ekko.store.store import Store
     from ekko.store.table import Table
 
 _BUCKETS = types.int64[::1]
@@ -47,22 +50,44 @@ def _lookup_all(
     t_dead: typed.List,
     dims: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Table ``t``'s keys ``keys[starts[t]:starts[t + 1]]`` looked up in its arrays
-    (``buckets[t]``, ``masks[t]``, ``t_values[t]``, ...): each key's version (0: missing or
-    a tombstone), each table's count of rows with values, and the values of each row whose
-    version is not ``known[i]`` (all rows if ``known`` is empty; a missing row's values are
-    zeros), table after table."""
-    n = keys.shape[0]
-    tables = dims.shape[0]
+    """``lookup_into`` into arrays of its own: (versions, rows, values)."""
     floats = 0
-    for t in range(tables):
+    for t in range(dims.shape[0]):
         floats += (starts[t + 1] - starts[t]) * dims[t]
-    out_ver = np.empty(n, np.int64)
+    out_ver = np.empty(keys.shape[0], np.int64)
     out_values = np.empty(floats, np.float32)
-    rows = np.empty(tables, np.int64)
+    rows = np.empty(dims.shape[0], np.int64)
+    at = lookup_into(
+        buckets, masks, keys, starts, known, t_values, t_ver, t_dead, dims, out_ver, rows,
+        out_values,
+    )  # fmt: skip
+    return out_ver, rows, out_values[:at]
+
+
+@njit(cache=True, nogil=True)
+def lookup_into(
+    buckets: typed.List,
+    masks: np.ndarray,
+    keys: np.ndarray,
+    starts: np.ndarray,
+    known: np.ndarray,
+    t_values: typed.List,
+    t_ver: typed.List,
+    t_dead: typed.List,
+    dims: np.ndarray,
+    out_ver: np.ndarray,
+    rows: np.ndarray,
+    out_values: np.ndarray,
+) -> int:
+    """Table ``t``'s keys ``keys[starts[t]:starts[t + 1]]`` looked up in its arrays
+    (``buckets[t]``, ``masks[t]``, ``t_values[t]``, ...), written to ``out_ver`` (each key's
+    version, 0: missing or a tombstone), ``rows`` (each table's count of rows with values)
+    and ``out_values`` (the values of each row whose version is not ``known[i]``, all rows
+    if ``known`` is empty; a missing row's values are zeros, table after table). Returns the
+    floats written; ``out_values`` has room for every key's row."""
     check = known.shape[0] > 0
     at = 0
-    for t in range(tables):
+    for t in range(dims.shape[0]):
         bucket, mask, values, ver_of, dead = buckets[t], masks[t], t_values[t], t_ver[t], t_dead[t]
         dim = dims[t]
         first = at
@@ -81,7 +106,7 @@ def _lookup_all(
                     out_values[at + j] = 0.0
             at += dim
         rows[t] = (at - first) // dim if dim else 0
-    return out_ver, rows, out_values[:at]
+    return at
 
 
 class _Arrays(NamedTuple):
@@ -168,3 +193,128 @@ def lookup_tables(
         a.buckets, a.masks, k, st, kn, a.values, a.versions, a.dead, a.dims
     )
     return FrameRows(versions, rows, values)
+
+
+FRAME_OK, FRAME_BAD_COUNTS, FRAME_TOO_BIG, FRAME_NOT_HELD = range(4)
+"""What ``FramePlan.answer`` found: the answer written, or why not."""
+
+
+@njit(cache=True, nogil=True)
+def _answer_frame(
+    buckets: typed.List,
+    masks: np.ndarray,
+    t_values: typed.List,
+    t_ver: typed.List,
+    t_dead: typed.List,
+    dims: np.ndarray,
+    num_shards: np.ndarray,
+    elsewhere: np.ndarray,
+    shard_at: np.ndarray,
+    body: np.ndarray,
+    n: int,
+    with_known: bool,
+    head: int,
+    max_answer: int,
+) -> tuple[np.ndarray, int, int]:
+    """A lookup frame's body (uint8: each table's count of keys, the keys, then if
+    ``with_known`` each key's known version) answered into one buffer after ``head`` bytes
+    left for the caller: the tables' dims, their counts of rows with values, each key's
+    version, the values (``lookup_into``). Returns (buffer, status, detail): ``FRAME_OK``
+    and the bytes written; ``FRAME_BAD_COUNTS``; ``FRAME_TOO_BIG`` and the bytes the keys
+    could answer (over ``max_answer``); ``FRAME_NOT_HELD`` and the first table with a key of
+    a shard flagged in ``elsewhere`` (table t's shard s at ``shard_at[t] + s``)."""
+    tables = dims.shape[0]
+    none = np.empty(0, np.uint8)
+    counts = body[: 8 * tables].view(np.int64)
+    starts = np.empty(tables + 1, np.int64)
+    starts[0] = 0
+    need = 0
+    floats = 0
+    for t in range(tables):
+        c = counts[t]
+        if c < 1:
+            return none, FRAME_BAD_COUNTS, 0
+        starts[t + 1] = starts[t] + c
+        need += c * (8 + 4 * dims[t])
+        floats += c * dims[t]
+    if starts[tables] != n:
+        return none, FRAME_BAD_COUNTS, 0
+    if need > max_answer:
+        return none, FRAME_TOO_BIG, need
+    keys = body[8 * tables : 8 * (tables + n)].view(np.int64)
+    known = (
+        body[8 * (tables + n) : 8 * (tables + 2 * n)].view(np.int64)
+        if with_known
+        else (np.empty(0, np.int64))
+    )
+    if elsewhere.shape[0]:
+        for t in range(tables):
+            for i in range(starts[t], starts[t + 1]):
+                if elsewhere[shard_at[t] + shard_of_key(keys[i], num_shards[t])]:
+                    return none, FRAME_NOT_HELD, t
+    at = head + 16 * tables + 8 * n
+    out = np.empty(at + 4 * floats, np.uint8)
+    out[head : head + 8 * tables].view(np.int64)[:] = dims
+    rows = out[head + 8 * tables : head + 16 * tables].view(np.int64)
+    versions = out[head + 16 * tables : at].view(np.int64)
+    values = out[at:].view(np.float32)
+    used = lookup_into(
+        buckets, masks, keys, starts, known, t_values, t_ver, t_dead, dims, versions, rows,
+        values,
+    )  # fmt: skip
+    return out, FRAME_OK, at + 4 * used
+
+
+class FramePlan:
+    """A lookup frame's tables at one store, resolved once: their arrays (``_arrays``), and
+    the shards of each held elsewhere (``holding``; none flagged without one).
+
+    Why: a serving node asks a holder the same tables in every frame, and resolving the
+    names, building the checks and validating the parts each frame cost a holder more CPU
+    than the lookup; on 2 cores, 4 holders' per-frame cost is what a scatter waits for.
+    Kept in ``ekko.store.layout.kept`` (``frame_plan``): dropped with the arrays it holds.
+    """
+
+    def __init__(self, store: Store, names: bytes, holding: Holding | None) -> None:
+        self.store, self.names, self.holding = store, names, holding
+        self.catalog = store.catalog_version
+        self.tables = [store.table(name) for name in names.decode("utf-8").split("\n")]
+        self.arrays = _arrays(self.tables)
+        self.num_shards = np.array([t.num_shards for t in self.tables], np.int64)
+        self.shard_at = np.zeros(len(self.tables), np.int64)
+        np.cumsum(self.num_shards[:-1], out=self.shard_at[1:])
+        self.elsewhere = np.zeros(0, np.uint8)
+        if holding is not None and holding.scoped:
+            self.elsewhere = np.concatenate(
+                [~holding.held_shards(t.name, t.num_shards) for t in self.tables]
+            ).view(np.uint8)
+
+    def valid_for(self, store: Store, holding: Holding | None) -> bool:
+        return (
+            self.store is store
+            and self.holding is holding
+            and self.catalog == store.catalog_version
+        )
+
+    def answer(
+        self, body: np.ndarray, n: int, with_known: bool, head: int, max_answer: int
+    ) -> tuple[np.ndarray, int, int]:
+        """``_answer_frame`` of ``body`` (uint8, C-contiguous) over these tables."""
+        a = self.arrays
+        return _answer_frame(
+            a.buckets, a.masks, a.values, a.versions, a.dead, a.dims, self.num_shards,
+            self.elsewhere, self.shard_at, body, n, with_known, head, max_answer,
+        )  # fmt: skip
+
+
+def frame_plan(store: Store, names: bytes, holding: Holding | None) -> FramePlan:
+    """The plan of a frame naming ``names`` (utf-8, one table a line) at ``store``, kept
+    until a table's arrays are replaced (``layout.bump``) or the catalog changes."""
+    key = ("frame", id(store), names)
+    plan = layout.kept.get(key)
+    if plan is None or not plan.valid_for(store, holding):
+        if len(layout.kept) >= MAX_KEPT:
+            layout.kept.clear()
+        plan = FramePlan(store, names, holding)
+        layout.kept[key] = plan
+    return plan
