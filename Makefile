@@ -17,10 +17,15 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/ekko demo
 
-# numba does not check array bounds: the store and protocol tests run once more with checks
+# numba does not check array bounds: the tests of every kernel run once more with checks
 # on, in a fresh kernel cache (kernels cached without checks would be reused otherwise), so
-# an out-of-bounds index fails a test instead of corrupting memory.
-BOUNDSCHECK_TESTS := tests/store tests/protocol
+# an out-of-bounds index fails a test instead of corrupting memory: the store's and the
+# protocol's, the codecs', the serving node's (a scatter's split, merge and answer checks,
+# its distinct ids) and a holder's lookup frames read from the wire.
+BOUNDSCHECK_TESTS := tests/store tests/protocol tests/codec tests/serve/test_unique_columns.py \
+	tests/serve/test_scatter_flat.py tests/serve/test_scatter.py tests/serve/test_scatter_batch.py \
+	tests/serve/test_scatter_replica.py tests/serve/test_lookup_stream.py \
+	tests/node/test_stream_reads.py
 
 test: venv
 	$(BIN)/ruff check src tests
