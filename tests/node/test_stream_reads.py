@@ -11,7 +11,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ekko.client.stream_frames import REQUEST, lookup_frame
+from ekko.client.stream_frames import ANSWER, FOUND, KIND_LOOKUP, REFUSED, REQUEST, lookup_frame
 from ekko.node.write_stream import STAGE_BYTES, StreamStats, WriteStreamProtocol
 from ekko.store import Store
 from ekko.store.spec import TableSpec
@@ -156,3 +156,36 @@ async def test_a_frame_cut_short_arms_its_deadline_and_a_whole_one_does_not() ->
     _feed(p, frame[REQUEST.size + 2 :], [])
     assert p._deadline is None and p.stats.frames == 2
     await asyncio.sleep(0)
+
+
+def _raw(seq: int, names: bytes, tables: int, counts: list[int], keys: list[int]) -> bytes:
+    body = np.array([*counts, *keys], "<i8").tobytes()
+    return REQUEST.pack(KIND_LOOKUP, 0, len(names), len(keys), tables, seq) + names + body
+
+
+@pytest.mark.parametrize(
+    ("names", "tables", "counts", "status", "why"),
+    [
+        (b"emb\nwide", 3, [1, 1, 1], 400, "a lookup of 3 tables needs as many names (got 2)"),
+        (b"emb\nwide", 2, [0, 2], 400, "counts of at least 1 key summing to n = 2"),
+        (b"emb\nwide", 2, [1, 2], 400, "counts of at least 1 key summing to n = 2"),
+        (b"emb\nwide", 2, [-1, 3], 400, "counts of at least 1 key summing to n = 2"),
+        (b"emb\nnope", 2, [1, 1], 404, "nope"),
+        (b"emb\n\xff", 2, [1, 1], 400, "table name: not utf-8"),
+    ],
+)
+async def test_a_bad_lookup_frame_is_refused_by_name_and_the_stream_goes_on(
+    names: bytes, tables: int, counts: list[int], status: int, why: str
+) -> None:
+    """Counts, names and tables that do not agree, an unknown table, names not utf-8: the
+    frame is refused with its reason, nothing else, and the next frame is answered."""
+    store = _store()
+    p, t = _protocol(store)
+    _feed(p, _raw(1, names, tables, counts, [1, 2]), [])
+    good = _frames(np.random.default_rng(2), 1)[0]
+    _feed(p, REQUEST.pack(*REQUEST.unpack(good[: REQUEST.size])[:-1], 2) + good[REQUEST.size :], [])
+    out = _answers(p, t)
+    kind, _, got, n, seq = ANSWER.unpack_from(out)
+    assert (kind, got, seq) == (REFUSED, status, 1), out[:80]
+    assert why in out[ANSWER.size : ANSWER.size + n].decode()
+    assert ANSWER.unpack_from(out, ANSWER.size + n)[0] == FOUND and p.stats.frames == 1

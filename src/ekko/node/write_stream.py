@@ -289,12 +289,12 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
 
     def _lookup(self, f: WriteHead, names: bytes) -> None:
         """Answer a lookup frame now (its answer still waits for any write before it)."""
+        if names.count(b"\n") + 1 != f.dim:
+            self._bad_counts(f, names.count(b"\n") + 1)
+            return
         store = self.store if self.store is not None else self.core.store
         holding = self.core.store.holding  # a baseline holds the node's partitions too
         plan = frame_plan(store, names, holding)
-        if len(plan.tables) != f.dim:
-            self._bad_counts(f, len(plan.tables))
-            return
         out, status, detail = plan.answer(
             self._body[: f.body_bytes], f.n, bool(f.flags & FLAG_KNOWN), FOUND_HEAD,
             self.max_body,
