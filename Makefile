@@ -25,7 +25,7 @@ demo: venv
 BOUNDSCHECK_TESTS := tests/store tests/protocol tests/codec tests/serve/test_unique_columns.py \
 	tests/serve/test_scatter_flat.py tests/serve/test_scatter.py tests/serve/test_scatter_batch.py \
 	tests/serve/test_scatter_replica.py tests/serve/test_lookup_stream.py \
-	tests/node/test_stream_reads.py
+	tests/node/test_stream_reads.py tests/node/test_stream_hostile.py
 
 test: venv
 	$(BIN)/ruff check src tests

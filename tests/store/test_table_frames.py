@@ -294,6 +294,21 @@ def test_a_frame_plan_refuses_bad_counts_an_answer_too_big_and_a_key_held_elsewh
     assert plan.answer(_body(bad, None), 8, False, HEAD, 1 << 20)[1:] == (FRAME_NOT_HELD, 1)
 
 
+def test_counts_whose_sum_wraps_around_to_n_are_refused_not_read_past_the_keys() -> None:
+    """Counts of 2**63 - 1 twice and n + 2 sum to n modulo 2**64 (and so does the answer
+    size, for tables of one dim): each count must be within the keys left, or the kernel
+    reads and writes 2**63 keys past the body (a holder's segfault without boundscheck)."""
+    made = [_table(t, 2, [1, 2], []) for t in range(3)]
+    store = _store_of(made)
+    plan = frame_plan(store, _names(made), None)
+    big = (1 << 63) - 1
+    for counts in ([big, big, 4], [3, big, big], [big, 1, 1]):
+        body = np.array([*counts, 1, 2], "<i8").view(np.uint8)
+        assert plan.answer(body, 2, False, HEAD, 1 << 20)[1:] == (FRAME_BAD_COUNTS, 0), counts
+    body = np.array([1, 1, 3, 1, 2, 1, 2, 1], "<i8").view(np.uint8)
+    assert plan.answer(body, 5, False, HEAD, 1 << 20)[1] == FRAME_OK
+
+
 def test_a_frame_plan_follows_its_store_grown_given_a_table_or_another_store() -> None:
     """A plan is kept per store and names: a table's arrays replaced (grown) drop it, a
     table made (the catalog moved) makes a new one, and another store with the same

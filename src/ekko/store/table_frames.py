@@ -232,7 +232,7 @@ def _answer_frame(
     floats = 0
     for t in range(tables):
         c = counts[t]
-        if c < 1:
+        if c < 1 or c > n - starts[t]:  # so the sum cannot wrap past n, back to it
             return none, FRAME_BAD_COUNTS, 0
         starts[t + 1] = starts[t] + c
         need += c * (8 + 4 * dims[t])
