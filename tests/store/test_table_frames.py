@@ -329,3 +329,58 @@ def test_a_frame_plan_follows_its_store_grown_given_a_table_or_another_store() -
     assert _parse(out, used, 2, 4)[3][-2:].tolist() == [7.0, 7.0]
     store.create_table(TableSpec("emb_9", 2, 4))
     assert frame_plan(store, names, None) is not plan
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["write", "delete", "purge", "new table", "same"]),
+            st.integers(0, 1),  # which table
+            st.integers(0, 300),  # first key
+            st.integers(0, 150),  # keys (a run: enough to grow the table)
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    asked=st.lists(st.integers(0, 450), max_size=10),
+    known=st.booleans(),
+)
+@settings(deadline=None, max_examples=60)
+def test_a_kept_frame_plan_answers_current_rows_between_writes_deletes_and_purges(
+    ops: list[tuple[str, int, int, int]], asked: list[int], known: bool
+) -> None:
+    """A store's plan is kept between frames while its tables grow, lose keys (deleted,
+    then purged) or a table is made: every frame answers as ``Table.lookup`` (a stale plan
+    would answer the new keys missing, or read a grown table's old arrays)."""
+    store = Store()
+    for t in range(2):  # 4 rows: the writes grow the index and the row arrays
+        made = store.create_table(TableSpec(f"emb_{t}", 2, 4), initial_rows=4)
+        made.write(np.array([1, 2, 3]), np.ones((3, 2), np.float32), now_ns=1)
+    names, now = b"emb_0\nemb_1", 10
+    ask = [np.array([1, 2, 3, *asked], np.int64)] * 2
+    n = 2 * ask[0].size
+    for op, t, first, count in ops:
+        frame_plan(store, names, None)  # kept, built over the arrays as they are now
+        now += 1
+        table, k = store.table(f"emb_{t}"), np.arange(first, first + count, dtype=np.int64)
+        if op == "write" and k.size:
+            table.write(k, np.full((k.size, 2), now, np.float32), now_ns=now)
+        elif op == "delete" and k.size:
+            table.delete(k, now_ns=now)
+        elif op == "purge":
+            table.purge(table.counter.copy())
+        elif op == "new table":
+            store.create_table(TableSpec(f"new_{now}", 3, 2))
+        tables = [store.table("emb_0"), store.table("emb_1")]
+        versions, values = _plain(tables, ask)
+        held = versions if known else None  # every row held: no values come back
+        out, status, used = frame_plan(store, names, None).answer(
+            _body(ask, held), n, known, HEAD, 1 << 20
+        )
+        assert status == FRAME_OK
+        _, rows, got_versions, got_values = _parse(out, used, 2, n)
+        assert np.array_equal(got_versions, versions), (op, t)
+        if known:
+            assert rows.tolist() == [0, 0] and got_values.size == 0, (op, t)
+        else:
+            assert np.array_equal(got_values, values), (op, t)
