@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_stream_reads import _feed, _protocol, _store
 
@@ -116,35 +116,49 @@ def test_a_key_of_another_partition_is_refused_421_naming_its_partition() -> Non
     assert got[1] == (10, "found", "[0]") and not ended
 
 
-_names = st.lists(
-    st.sampled_from(["emb", "wide", "", "nope", "em\udcff"]), min_size=1, max_size=4
-).map(lambda ns: "\n".join(ns).encode("utf-8", "surrogateescape"))
+_NAMES = ["emb", "wide", "emb", "wide", "", "nope", "em\udcff"]
 _count = st.one_of(st.integers(-3, 6), st.sampled_from([BIG, -BIG - 1, 1 << 62, 1 << 32]))
+_big = st.sampled_from([1, 3, BIG, BIG - 1, 1 << 62, 1 << 61])
+_key = st.one_of(st.integers(0, 60), st.integers(-(1 << 63), BIG))
+_off = st.sampled_from([0, 0, 0, -1, 1])  # the head's tables or n: mostly right
 
 
-@given(
-    names=_names,
-    counts=st.lists(_count, min_size=1, max_size=4),
-    keys=st.lists(st.integers(-(1 << 63), BIG), min_size=1, max_size=8),
-    known=st.booleans(),
-    tables=st.integers(-1, 1),
-    n=st.integers(-1, 1),
-    tail=st.binary(max_size=24),
-)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), known=st.booleans(), tail=st.binary(max_size=24))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_lookup_frames_get_an_answer_or_a_refusal_never_an_internal_error(
-    names: bytes, counts: list[int], keys: list[int], known: bool, tables: int, n: int,
-    tail: bytes,
-) -> None:  # fmt: skip
-    """Counts, names and keys at random, the head's tables and n off by one and trailing
-    bytes (the next frame's head) at random: every answer parses, none is a 500, and a
-    frame whole in its bytes is answered."""
+    data: st.DataObject, known: bool, tail: bytes
+) -> None:
+    """Names (some empty, unknown, not utf-8), counts that fit the keys or not (0, negative,
+    near 2**63, summing to n only modulo 2**64), keys, the head's tables and n off by one,
+    trailing bytes (the next frame's head): every answer parses, none is a 500, a frame
+    whole in its bytes is answered, and nothing stored changes."""
+    mode = data.draw(st.sampled_from(["fit", "wild", "wrap"]))
+    if mode == "wrap":  # tables that exist, 3 or more: counts >= 1 that wrap to n
+        names = data.draw(st.lists(st.sampled_from(_NAMES[:2]), min_size=3, max_size=4))
+    else:
+        names = data.draw(st.lists(st.sampled_from(_NAMES), min_size=1, max_size=4))
+    if mode == "fit":  # counts that fit the keys: the kernel answers
+        counts = data.draw(st.lists(st.integers(1, 4), min_size=len(names), max_size=len(names)))
+        n = sum(counts)
+    else:
+        big = _big if mode == "wrap" else _count
+        counts = data.draw(st.lists(big, min_size=len(names), max_size=len(names)))
+        n = data.draw(st.integers(1, 8))
+        if mode == "wrap":  # the last count makes the sum n modulo 2**64
+            last = (n - sum(counts[:-1])) % (1 << 64)
+            counts[-1] = last - (1 << 64) if last > BIG else last
+    keys = data.draw(st.lists(_key, min_size=n, max_size=n))
+    tables, more = data.draw(_off), data.draw(_off)
     store = _store()
     before = _rows(store)
-    frame = bytearray(_raw(names, counts, keys, keys if known else None))
+    raw = "\n".join(names).encode("utf-8", "surrogateescape")
+    frame = bytearray(_raw(raw, counts, keys, keys if known else None))
     kind, flags, name_len, n0, t0, seq = REQUEST.unpack_from(frame)
-    REQUEST.pack_into(frame, 0, kind, flags, name_len, max(n0 + n, 0), max(t0 + tables, 0), seq)
+    REQUEST.pack_into(frame, 0, kind, flags, name_len, max(n0 + more, 0), max(t0 + tables, 0),
+                      seq)  # fmt: skip
     got, _ = _run(store, bytes(frame) + tail)
+    for _, status, _ in got[:1]:
+        event(f"answer: {status}")
     assert all(status != 500 for _, status, _ in got), got
-    assert got or n > 0 or tables > 0  # only a frame longer than its bytes waits for more
+    assert got or more > 0 or tables > 0  # only a frame longer than its bytes waits for more
     assert _rows(store) == before
