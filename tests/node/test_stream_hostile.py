@@ -92,6 +92,15 @@ COUNTS = "counts of at least 1 key summing to n"
         (_raw(b"emb\nemb", [1, 1], [1, 2]), "found", "[1, 1]"),
         (_raw(b"emb\nwide", [1, 1], [1, 2], known=[1, -1]), "found", "[1, 1]"),
     ],
+    ids=[
+        "sum-under-n",
+        "sum-wraps-to-n",
+        "empty-name",
+        "trailing-newline",
+        "answer-too-big",
+        "duplicate-names",
+        "known",
+    ],
 )
 def test_a_hostile_frame_is_refused_by_name_and_the_stream_goes_on(
     frame: bytes, status: int | str, says: str
