@@ -135,17 +135,17 @@ def _restore_in_place(tables: list[Table], t: int, keys: np.ndarray, starts: np.
                       knowledge=knowledge.copy(), shard_version=shard_version.copy())  # fmt: skip
 
 
+def _ops(kinds: list[str], tables: int, most: int) -> st.SearchStrategy:
+    """Changes to a set of tables between frames: (kind, which table, first key, keys — a run
+    long enough to grow the table)."""
+    change = st.tuples(
+        st.sampled_from(kinds), st.integers(0, tables - 1), st.integers(0, 300), st.integers(0, 150)
+    )
+    return st.lists(change, min_size=1, max_size=most)
+
+
 @given(
-    ops=st.lists(
-        st.tuples(
-            st.sampled_from(["write", "delete", "purge", "restore", "recreate", "same"]),
-            st.integers(0, 2),  # which table
-            st.integers(0, 300),  # first key
-            st.integers(0, 150),  # keys (a run: enough to grow the table)
-        ),
-        min_size=1,
-        max_size=12,
-    ),
+    ops=_ops(["write", "delete", "purge", "restore", "recreate", "same"], 3, 12),
     asked=st.lists(st.integers(0, 450), max_size=12),
 )
 @settings(deadline=None, max_examples=60)
@@ -332,16 +332,7 @@ def test_a_frame_plan_follows_its_store_grown_given_a_table_or_another_store() -
 
 
 @given(
-    ops=st.lists(
-        st.tuples(
-            st.sampled_from(["write", "delete", "purge", "new table", "same"]),
-            st.integers(0, 1),  # which table
-            st.integers(0, 300),  # first key
-            st.integers(0, 150),  # keys (a run: enough to grow the table)
-        ),
-        min_size=1,
-        max_size=10,
-    ),
+    ops=_ops(["write", "delete", "purge", "new table", "same"], 2, 10),
     asked=st.lists(st.integers(0, 450), max_size=10),
     known=st.booleans(),
 )

@@ -9,6 +9,11 @@ caller does not hold already and writes them where the answer wants them; the fr
 are checked once. One call per table still cost 37 us for that frame, most of it numba's
 dispatch of 12 arguments 26 times; one call over the tables' arrays kept in typed lists
 (``_arrays``) costs 10 us (``/tmp/s16/mb/lk.py``, best of 5 runs of 2 000).
+
+A holder answers a frame through its ``FramePlan`` (the frame's tables resolved once, the
+answer checked and written whole in the kernel, 18 us for that frame, ``/tmp/s17/hold_mb.py``);
+``lookup_tables`` is the same lookup for a caller with the keys in arrays (a serving node
+reading the partitions it holds itself).
 """
 
 from __future__ import annotations
@@ -36,32 +41,6 @@ _BUCKETS = types.int64[::1]
 _VALUES = types.float32[:, ::1]
 _VERSIONS = types.int64[::1]
 _DEAD = types.uint8[::1]
-
-
-@njit(cache=True, nogil=True)
-def _lookup_all(
-    buckets: typed.List,
-    masks: np.ndarray,
-    keys: np.ndarray,
-    starts: np.ndarray,
-    known: np.ndarray,
-    t_values: typed.List,
-    t_ver: typed.List,
-    t_dead: typed.List,
-    dims: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``lookup_into`` into arrays of its own: (versions, rows, values)."""
-    floats = 0
-    for t in range(dims.shape[0]):
-        floats += (starts[t + 1] - starts[t]) * dims[t]
-    out_ver = np.empty(keys.shape[0], np.int64)
-    out_values = np.empty(floats, np.float32)
-    rows = np.empty(dims.shape[0], np.int64)
-    at = lookup_into(
-        buckets, masks, keys, starts, known, t_values, t_ver, t_dead, dims, out_ver, rows,
-        out_values,
-    )  # fmt: skip
-    return out_ver, rows, out_values[:at]
 
 
 @njit(cache=True, nogil=True)
@@ -110,7 +89,7 @@ def lookup_into(
 
 
 class _Arrays(NamedTuple):
-    """The arrays of a set of tables as ``_lookup_all`` takes them."""
+    """The arrays of a set of tables as ``lookup_into`` takes them."""
 
     buckets: typed.List
     masks: np.ndarray
@@ -189,10 +168,14 @@ def lookup_tables(
         if kn.shape[0] != n:
             raise BadRowsError(f"known: {kn.shape[0]} versions for {n} keys")
     a = _arrays(tables)
-    versions, rows, values = _lookup_all(
-        a.buckets, a.masks, k, st, kn, a.values, a.versions, a.dead, a.dims
-    )
-    return FrameRows(versions, rows, values)
+    versions = np.empty(n, np.int64)
+    rows = np.empty(len(tables), np.int64)
+    values = np.empty(int((np.diff(st) * a.dims).sum()), np.float32)
+    at = lookup_into(
+        a.buckets, a.masks, k, st, kn, a.values, a.versions, a.dead, a.dims, versions, rows,
+        values,
+    )  # fmt: skip
+    return FrameRows(versions, rows, values[:at])
 
 
 FRAME_OK, FRAME_BAD_COUNTS, FRAME_TOO_BIG, FRAME_NOT_HELD = range(4)
