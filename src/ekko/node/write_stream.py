@@ -300,7 +300,7 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
             self.max_body,
         )  # fmt: skip
         if status == FRAME_BAD_COUNTS:
-            self._bad_counts(f, f.dim)
+            self._bad_counts(f, f.dim, plan.tables, detail)
             return
         if status == FRAME_TOO_BIG:  # keys may repeat: a small frame must not answer without end
             self._refuse(f.seq, 413, f"tables: {f.n} keys would answer {detail} bytes; the "
@@ -319,10 +319,22 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
         self.stats.rows += f.n
         self._answer(f.seq, None, memoryview(out)[:detail])
 
-    def _bad_counts(self, f: WriteHead, names: int) -> None:
+    def _bad_counts(
+        self, f: WriteHead, names: int, tables: list | None = None, bad: int = -1
+    ) -> None:
+        """Refuse the frame, naming the count at fault (``bad``, of ``tables``) when known."""
+        why = ""
+        if tables is not None:
+            counts = self._body[: 8 * f.dim].view("<i8")
+            if bad < len(tables):
+                left = f.n - int(counts[:bad].sum())  # each of them was 1..the keys left
+                why = (f": count {bad} (table {tables[bad].name!r}) is {int(counts[bad])}, "
+                       f"expected 1..{left}, the keys left")  # fmt: skip
+            else:
+                why = f": they sum to {int(counts.sum())}"
         self._refuse(f.seq, 400, f"a lookup of {f.dim} tables needs as many names "
                                  f"(got {names}) and counts of at least 1 key "
-                                 f"summing to n = {f.n}")  # fmt: skip
+                                 f"summing to n = {f.n}{why}")  # fmt: skip
 
     def _refuse(self, seq: int, status: int, reason: str) -> None:
         self.stats.refused += 1

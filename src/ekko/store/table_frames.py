@@ -203,9 +203,11 @@ def _answer_frame(
     ``with_known`` each key's known version) answered into one buffer after ``head`` bytes
     left for the caller: the tables' dims, their counts of rows with values, each key's
     version, the values (``lookup_into``). Returns (buffer, status, detail): ``FRAME_OK``
-    and the bytes written; ``FRAME_BAD_COUNTS``; ``FRAME_TOO_BIG`` and the bytes the keys
-    could answer (over ``max_answer``); ``FRAME_NOT_HELD`` and the first table with a key of
-    a shard flagged in ``elsewhere`` (table t's shard s at ``shard_at[t] + s``)."""
+    and the bytes written; ``FRAME_BAD_COUNTS`` and the first table whose count is not
+    1..the keys left (the count of tables if they sum to less than n); ``FRAME_TOO_BIG`` and
+    the bytes the keys could answer (over ``max_answer``); ``FRAME_NOT_HELD`` and the first
+    table with a key of a shard flagged in ``elsewhere`` (table t's shard s at
+    ``shard_at[t] + s``)."""
     tables = dims.shape[0]
     none = np.empty(0, np.uint8)
     counts = body[: 8 * tables].view(np.int64)
@@ -216,12 +218,12 @@ def _answer_frame(
     for t in range(tables):
         c = counts[t]
         if c < 1 or c > n - starts[t]:  # so the sum cannot wrap past n, back to it
-            return none, FRAME_BAD_COUNTS, 0
+            return none, FRAME_BAD_COUNTS, t
         starts[t + 1] = starts[t] + c
         need += c * (8 + 4 * dims[t])
         floats += c * dims[t]
     if starts[tables] != n:
-        return none, FRAME_BAD_COUNTS, 0
+        return none, FRAME_BAD_COUNTS, tables
     if need > max_answer:
         return none, FRAME_TOO_BIG, need
     keys = body[8 * tables : 8 * (tables + n)].view(np.int64)
