@@ -77,7 +77,7 @@ class LookupStream:
     answering on a stream it keeps open (hung, or a half answer and nothing more) never
     breaks it; its lookups lost to hedges to other holders, but their entries stayed here
     for good, one more each time the node was asked, and the stream was never opened again
-    (found by an attack of session 16: a fake holder that answers 3 frames then hangs).
+    (a fake holder that answers 3 frames, then hangs).
     None: never."""
 
     def __init__(

@@ -289,8 +289,9 @@ class WriteStreamProtocol(asyncio.BufferedProtocol):
 
     def _lookup(self, f: WriteHead, names: bytes) -> None:
         """Answer a lookup frame now (its answer still waits for any write before it)."""
-        if names.count(b"\n") + 1 != f.dim:
-            self._bad_counts(f, names.count(b"\n") + 1)
+        named = names.count(b"\n") + 1
+        if named != f.dim:
+            self._bad_counts(f, named)
             return
         store = self.store if self.store is not None else self.core.store
         holding = self.core.store.holding  # a baseline holds the node's partitions too

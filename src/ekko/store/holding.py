@@ -80,8 +80,6 @@ class Holding:
         self.owner_of = owner_of
         self._reserved: dict[str, int] = {}  # table -> rows promised at its creation
         self._held: dict[tuple[str, int], np.ndarray] = {}  # (table, shards) -> bool [shards]
-        # a lookup's tables -> the masks of ``_held`` grouped from, their shards grouped by
-        # held (0) or not (1)
 
     @property
     def scoped(self) -> bool:
